@@ -1,0 +1,107 @@
+"""Generate the Envoy configuration for a local gateway from the reference file envoy/llm-gateway.yaml.
+
+The reference file is the one template: we load it and set ports, body modes and the failure mode,
+and with fail-open add a route to a cluster of the pool's own endpoints (Envoy's
+`failure_mode_allow` alone does not fail open with an ORIGINAL_DST cluster: SPEC section 2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from extproc.errors import ConfigError
+
+REFERENCE = Path(__file__).resolve().parent.parent / "envoy" / "llm-gateway.yaml"
+BODY_MODES = ("FULL_DUPLEX_STREAMED", "BUFFERED")
+RESPONSE_BODY_MODES = ("FULL_DUPLEX_STREAMED", "STREAMED", "BUFFERED", "NONE")
+
+
+@dataclass(slots=True)
+class GatewaySettings:
+    listen_port: int
+    epp_port: int
+    admin_port: int
+    listen_address: str = "127.0.0.1"
+    epp_host: str = "127.0.0.1"
+    request_body_mode: str = "FULL_DUPLEX_STREAMED"
+    response_body_mode: str = "FULL_DUPLEX_STREAMED"
+    failure_mode_allow: bool = False
+    message_timeout: str = "10s"
+    # With failure_mode_allow: where to send requests when the EPP cannot answer.
+    fallback_endpoints: Sequence[tuple[str, int]] = field(default_factory=tuple)
+
+
+def render(settings: GatewaySettings, reference: Path = REFERENCE) -> dict[str, Any]:
+    if settings.request_body_mode not in BODY_MODES:
+        raise ConfigError(f"expected one of {', '.join(BODY_MODES)}, got {settings.request_body_mode!r}", field="request body mode")
+    if settings.response_body_mode not in RESPONSE_BODY_MODES:
+        raise ConfigError(
+            f"expected one of {', '.join(RESPONSE_BODY_MODES)}, got {settings.response_body_mode!r}", field="response body mode"
+        )
+    cfg = yaml.safe_load(reference.read_text())
+    cfg["admin"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": settings.admin_port}
+    listener = cfg["static_resources"]["listeners"][0]
+    listener["address"]["socket_address"] = {"address": settings.listen_address, "port_value": settings.listen_port}
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    ext_proc = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc")["typed_config"]
+    ext_proc["failure_mode_allow"] = settings.failure_mode_allow
+    ext_proc["message_timeout"] = settings.message_timeout
+    mode = ext_proc["processing_mode"]
+    mode["request_body_mode"] = settings.request_body_mode
+    mode["response_body_mode"] = settings.response_body_mode
+    clusters = cfg["static_resources"]["clusters"]
+    epp = next(c for c in clusters if c["name"] == "llm-epp")
+    epp["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"] = {
+        "address": settings.epp_host,
+        "port_value": settings.epp_port,
+    }
+    if settings.failure_mode_allow and settings.fallback_endpoints:
+        clusters.append(_fallback_cluster(settings.fallback_endpoints))
+        routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+        routes.append({"name": "fail-open", "match": {"prefix": "/"}, "route": {"cluster": "llm-pool-fallback", "timeout": "0s"}})
+    return cfg
+
+
+def _fallback_cluster(endpoints: Sequence[tuple[str, int]]) -> dict[str, Any]:
+    return {
+        "name": "llm-pool-fallback",
+        "type": "STATIC",
+        "lb_policy": "LEAST_REQUEST",
+        "connect_timeout": "5s",
+        "load_assignment": {
+            "cluster_name": "llm-pool-fallback",
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
+                        for host, port in endpoints
+                    ]
+                }
+            ],
+        },
+    }
+
+
+def write(settings: GatewaySettings, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(render(settings), sort_keys=False))
+    return path
+
+
+def render_direct(listen_port: int, admin_port: int, endpoints: Sequence[tuple[str, int]]) -> dict[str, Any]:
+    """The same gateway without ext_proc: Envoy round-robins over the pool. The benchmarks' baseline."""
+    cfg = render(GatewaySettings(listen_port=listen_port, epp_port=1, admin_port=admin_port))
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"]
+    hcm["route_config"]["virtual_hosts"][0]["routes"] = [
+        {"name": "round-robin", "match": {"prefix": "/"}, "route": {"cluster": "llm-pool-rr", "timeout": "0s"}}
+    ]
+    rr = _fallback_cluster(endpoints)
+    rr["name"] = rr["load_assignment"]["cluster_name"] = "llm-pool-rr"
+    rr["lb_policy"] = "ROUND_ROBIN"
+    cfg["static_resources"]["clusters"] = [rr]
+    return cfg

@@ -1,0 +1,129 @@
+"""Parse an OpenAI-style request body into what scheduling needs, decoded once at the edge.
+
+The API is chosen by path suffix (SPEC section 1). Paths we do not know pass through unparsed.
+The prompt text is what the approximate prefix index hashes; ~4 characters make a token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from extproc.errors import BAD_REQUEST, RequestError
+
+CHARS_PER_TOKEN = 4
+
+# path suffix -> (api name, field that must be present)
+_APIS: tuple[tuple[str, str, str], ...] = (
+    ("/chat/completions", "chat", "messages"),
+    ("/completions", "completions", "prompt"),
+    ("/responses", "responses", "input"),
+    ("/embeddings", "embeddings", "input"),
+    ("/conversations", "conversations", "items"),
+)
+
+_json_decoder = msgspec.json.Decoder()
+
+
+@dataclass(slots=True)
+class InferenceRequest:
+    """One request as the scheduler sees it."""
+
+    request_id: str
+    path: str
+    headers: Mapping[str, str]
+    api: str | None = None  # None: a path we pass through unparsed
+    model: str = ""
+    prompt_text: str = ""
+    stream: bool = False
+    include_usage: bool = False
+    max_tokens: int | None = None
+    body: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_text) // CHARS_PER_TOKEN
+
+
+def api_for_path(path: str) -> tuple[str, str] | None:
+    """(api name, required field) for an OpenAI path, else None. Query strings are ignored."""
+    path = path.split("?", 1)[0].rstrip("/")
+    for suffix, api, required in _APIS:
+        if path.endswith(suffix):
+            return api, required
+    return None
+
+
+def parse_body(req: InferenceRequest, raw: bytes, required_field: str) -> None:
+    """Fill `req` from the JSON body. Raises RequestError(400) with a message a person understands."""
+    try:
+        body = _json_decoder.decode(raw)
+    except msgspec.DecodeError as e:
+        raise RequestError(BAD_REQUEST, f"request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise RequestError(BAD_REQUEST, "request body must be a JSON object")
+    model = body.get("model")
+    if model is None or model == "":
+        raise RequestError(BAD_REQUEST, "model not found in request body")
+    if not isinstance(model, str):
+        raise RequestError(BAD_REQUEST, "field 'model' must be a string")
+    if required_field not in body:
+        raise RequestError(BAD_REQUEST, f"field '{required_field}' is required for {req.api}")
+    req.body = body
+    req.model = model
+    req.prompt_text = _prompt_text(req.api, body[required_field], required_field)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError(BAD_REQUEST, "field 'stream' must be a boolean")
+    req.stream = stream
+    opts = body.get("stream_options")
+    if isinstance(opts, dict):
+        req.include_usage = bool(opts.get("include_usage", False))
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
+            raise RequestError(BAD_REQUEST, "field 'max_tokens' must be a non-negative integer")
+        req.max_tokens = max_tokens
+
+
+def _prompt_text(api: str | None, value: Any, name: str) -> str:
+    if api == "chat":
+        if not isinstance(value, list):
+            raise RequestError(BAD_REQUEST, "field 'messages' must be a list")
+        parts: list[str] = []
+        for i, msg in enumerate(value):
+            if not isinstance(msg, dict):
+                raise RequestError(BAD_REQUEST, f"messages[{i}] must be an object")
+            role = msg.get("role", "")
+            parts.append(f"<|{role}|>\n{_content_text(msg.get('content'))}\n")
+        return "".join(parts)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        # list of strings, token ids, or structured items: hash their text form in order
+        return "".join(v if isinstance(v, str) else _content_text(v) for v in value)
+    if value is None:
+        raise RequestError(BAD_REQUEST, f"field '{name}' must not be null")
+    return str(value)
+
+
+def _content_text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        out = []
+        for part in content:
+            if isinstance(part, dict):
+                text = part.get("text")
+                out.append(text if isinstance(text, str) else msgspec.json.encode(part).decode())
+            else:
+                out.append(str(part))
+        return "".join(out)
+    if isinstance(content, dict):
+        return msgspec.json.encode(content).decode()
+    return str(content)

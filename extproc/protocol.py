@@ -1,0 +1,428 @@
+"""The life of one HTTP request through the EPP, as a state machine with no gRPC in it.
+
+Everything that affects the state of a request stream lives in this file. `RequestStream.handle`
+takes one ext_proc ProcessingRequest and returns the ProcessingResponses to send back; `close`
+runs the completion bookkeeping whatever happened (abort included), exactly once.
+
+States and the messages each accepts (anything else is a ProtocolError naming both):
+
+    START          request_headers
+    REQUEST_BODY   request_body, request_trailers          (buffering a body to parse)
+    PASSTHROUGH    request_body, request_trailers, response_headers   (routed, body streams through)
+    ROUTED         request_trailers, response_headers
+    RESPONSE_BODY  response_body, response_trailers
+    DONE           response_trailers
+    REJECTED       (anything: ignored, an ImmediateResponse was sent)
+
+Body modes: FULL_DUPLEX_STREAMED (the body comes back to Envoy as `streamed_response` chunks of
+at most 62,000 bytes) and BUFFERED (one BodyResponse carries the header mutation), read from the
+`protocol_config` Envoy sends in the first message.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+
+from extproc.datastore import Endpoint
+from extproc.errors import NO_ENDPOINTS, PAYLOAD_TOO_LARGE, PROTOCOL, RequestError
+from extproc.inference_request import InferenceRequest, api_for_path, parse_body
+from extproc.usage import UsageReader
+
+DESTINATION_HEADER = "x-gateway-destination-endpoint"
+SUBSET_NAMESPACE = "envoy.lb.subset_hint"
+SUBSET_KEY = "x-gateway-destination-endpoint-subset"
+LB_NAMESPACE = "envoy.lb"
+SERVED_KEY = "x-gateway-destination-endpoint-served"
+SCORES_KEY = "x-gateway-destination-endpoint-scores"
+REQUEST_ID_HEADER = "x-request-id"
+DROPPED_REASON_HEADER = "x-llm-d-request-dropped-reason"
+# Headers a client must never set: they would choose where the request goes.
+STEERING_HEADERS = (DESTINATION_HEADER, "x-prefiller-host-port")
+
+STREAM_CHUNK = 62_000
+DEFAULT_MAX_BODY = 64 * 1024 * 1024
+
+BodyMode = processing_mode_pb2.ProcessingMode.BodySendMode
+FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
+BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
+BUFFERED_PARTIAL = processing_mode_pb2.ProcessingMode.BUFFERED_PARTIAL
+NONE = processing_mode_pb2.ProcessingMode.NONE
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+class State(enum.Enum):
+    START = "start"
+    REQUEST_BODY = "request_body"
+    PASSTHROUGH = "passthrough"
+    ROUTED = "routed"
+    RESPONSE_BODY = "response_body"
+    DONE = "done"
+    REJECTED = "rejected"
+
+
+_ALLOWED: dict[State, frozenset[str]] = {
+    State.START: frozenset({"request_headers"}),
+    State.REQUEST_BODY: frozenset({"request_body", "request_trailers"}),
+    State.PASSTHROUGH: frozenset({"request_body", "request_trailers", "response_headers"}),
+    State.ROUTED: frozenset({"request_trailers", "response_headers"}),
+    State.RESPONSE_BODY: frozenset({"response_body", "response_trailers"}),
+    State.DONE: frozenset({"response_trailers"}),
+}
+
+
+class ProtocolError(Exception):
+    def __init__(self, state: State, event: str):
+        self.state = state
+        self.event = event
+        super().__init__(f"ext_proc message {event!r} is not allowed in state {state.value!r}")
+
+
+@dataclass(slots=True)
+class Routing:
+    """A routing decision the Director made; handed back to it on completion."""
+
+    request: InferenceRequest
+    destination: str  # "ip:port[,ip:port...]"
+    primary: Endpoint  # gets the in-flight count
+    tokens: int
+    scores: str | None = None  # JSON of per-scorer scores when explaining is on
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How a routed request ended, for the Director's bookkeeping."""
+
+    status: int | None  # upstream HTTP status; None if no response headers came
+    streaming: bool
+    usage: object | None  # extproc.usage.Usage
+    aborted: bool
+    served: str | None  # what Envoy reported as served, if it did
+
+
+class Director(Protocol):
+    """What the state machine needs from the rest of the EPP (scheduler + datastore)."""
+
+    def route(self, request: InferenceRequest, subset: list[str] | None) -> Routing: ...
+
+    def finish(self, routing: Routing, outcome: Outcome) -> None: ...
+
+    def rejected(self, request: InferenceRequest | None, error: RequestError) -> None: ...
+
+
+class RequestStream:
+    def __init__(
+        self,
+        director: Director,
+        *,
+        max_body_bytes: int = DEFAULT_MAX_BODY,
+        default_request_mode: int = FULL_DUPLEX,
+        default_response_mode: int = FULL_DUPLEX,
+        new_request_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+    ) -> None:
+        self.director = director
+        self.max_body_bytes = max_body_bytes
+        self.request_mode = default_request_mode
+        self.response_mode = default_response_mode
+        self._new_request_id = new_request_id
+        self.state = State.START
+        self.request: InferenceRequest | None = None
+        self.routing: Routing | None = None
+        self.error: RequestError | None = None
+        self._required_field = ""
+        self._chunks: list[bytes] = []
+        self._body_size = 0
+        self._subset: list[str] | None = None
+        self._generated_id = False
+        self._status: int | None = None
+        self._usage: UsageReader | None = None
+        self._served: str | None = None
+        self._finished = False
+
+    # -- entry points ------------------------------------------------------------------------
+    def handle(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        event = msg.WhichOneof("request")
+        if self.state is State.REJECTED:
+            return []
+        if event is None or event not in _ALLOWED[self.state]:
+            raise ProtocolError(self.state, event or "empty")
+        try:
+            if event == "request_headers":
+                return self._on_request_headers(msg)
+            if event == "request_body":
+                return self._on_request_body(msg.request_body)
+            if event == "request_trailers":
+                return self._on_request_trailers()
+            if event == "response_headers":
+                return self._on_response_headers(msg)
+            if event == "response_body":
+                return self._on_response_body(msg.response_body)
+            return self._on_response_trailers()
+        except RequestError as e:
+            return [self._reject(e)]
+
+    def close(self) -> None:
+        """The stream ended (normally, by client abort or error): settle the books once."""
+        self._finish(aborted=self.state is not State.DONE)
+
+    def protocol_error_response(self, err: ProtocolError) -> pb.ProcessingResponse:
+        """The answer to an out-of-order message: a 500 the client can read."""
+        return self._reject(RequestError(PROTOCOL, str(err)))
+
+    # -- request phase ------------------------------------------------------------------------
+    def _on_request_headers(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        if msg.HasField("protocol_config"):
+            pc = msg.protocol_config
+            self.request_mode = pc.request_body_mode
+            self.response_mode = pc.response_body_mode
+        hdrs = msg.request_headers
+        headers = {h.key: (h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value) for h in hdrs.headers.headers}
+        request_id = headers.get(REQUEST_ID_HEADER)
+        if not request_id:
+            request_id = self._new_request_id()
+            self._generated_id = True
+        path = headers.get(":path", "/")
+        self.request = req = InferenceRequest(request_id=request_id, path=path, headers=headers)
+        self._subset = _subset_hint(msg)
+        api = api_for_path(path) if not hdrs.end_of_stream else None
+        if api is None:
+            # Nothing to parse: route on load alone, and let any body stream through.
+            self.routing = self.director.route(req, self._subset)
+            if hdrs.end_of_stream:
+                self.state = State.ROUTED
+                return [self._headers_response(content_length=None)]
+            self.state = State.PASSTHROUGH
+            return [self._headers_response(content_length=None)]
+        req.api, self._required_field = api
+        self.state = State.REQUEST_BODY
+        if self.request_mode == FULL_DUPLEX:
+            return []  # the headers answer waits for the pick
+        if self.request_mode in (BUFFERED, BUFFERED_PARTIAL):
+            return [pb.ProcessingResponse(request_headers=pb.HeadersResponse())]
+        raise RequestError(
+            PROTOCOL, f"request body mode {BodyMode.Name(self.request_mode)} is not supported; use FULL_DUPLEX_STREAMED or BUFFERED"
+        )
+
+    def _on_request_body(self, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
+        if self.state is State.PASSTHROUGH:
+            if self.request_mode == FULL_DUPLEX:
+                return [_streamed_request_body(body.body, body.end_of_stream)]
+            return [pb.ProcessingResponse(request_body=pb.BodyResponse())]
+        chunk = body.body
+        if chunk:
+            self._body_size += len(chunk)
+            if self._body_size > self.max_body_bytes:
+                raise RequestError(PAYLOAD_TOO_LARGE, f"request body is larger than {self.max_body_bytes} bytes")
+            self._chunks.append(chunk)
+        if not body.end_of_stream:
+            return []
+        return self._route_body(trailers_follow=False)
+
+    def _on_request_trailers(self) -> list[pb.ProcessingResponse]:
+        out: list[pb.ProcessingResponse] = []
+        if self.state is State.REQUEST_BODY:  # the body ended with trailers instead of end_of_stream
+            out = self._route_body(trailers_follow=True)
+            if self.state is State.REJECTED:
+                return out
+        elif self.state is State.PASSTHROUGH:
+            self.state = State.ROUTED
+        out.append(pb.ProcessingResponse(request_trailers=pb.TrailersResponse()))
+        return out
+
+    def _route_body(self, *, trailers_follow: bool) -> list[pb.ProcessingResponse]:
+        raw = b"".join(self._chunks)
+        self._chunks = []
+        req = self.request
+        assert req is not None
+        parse_body(req, raw, self._required_field)
+        self.routing = self.director.route(req, self._subset)
+        self.state = State.ROUTED
+        if self.request_mode == FULL_DUPLEX:
+            out = [self._headers_response(content_length=len(raw))]
+            out.extend(_streamed_chunks(raw, end=not trailers_follow))
+            return out
+        # BUFFERED: headers are still held by Envoy, so the body answer carries their mutation.
+        common = self._routing_common(content_length=None)
+        return [self._with_metadata(pb.ProcessingResponse(request_body=pb.BodyResponse(response=common)))]
+
+    # -- response phase -----------------------------------------------------------------------
+    def _on_response_headers(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        hdrs = msg.response_headers
+        streaming = False
+        for h in hdrs.headers.headers:
+            key = h.key
+            if key == ":status":
+                try:
+                    self._status = int(h.raw_value or h.value)
+                except ValueError:
+                    self._status = None
+            elif key == "content-type":
+                streaming = b"text/event-stream" in (h.raw_value or h.value.encode())
+        served = msg.metadata_context.filter_metadata.get(LB_NAMESPACE)
+        if served is not None and SERVED_KEY in served.fields:
+            self._served = served.fields[SERVED_KEY].string_value
+        self._usage = UsageReader(streaming=streaming) if self._status == 200 else None
+        self.state = State.RESPONSE_BODY
+        if hdrs.end_of_stream:
+            self.state = State.DONE
+            self._finish(aborted=False)
+        return [pb.ProcessingResponse(response_headers=pb.HeadersResponse())]
+
+    def _on_response_body(self, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
+        if self._usage is not None:
+            self._usage.feed(body.body, body.end_of_stream)
+        if body.end_of_stream:
+            self.state = State.DONE
+            self._finish(aborted=False)
+        if self.response_mode == FULL_DUPLEX:
+            return [
+                pb.ProcessingResponse(
+                    response_body=pb.BodyResponse(
+                        response=pb.CommonResponse(
+                            body_mutation=pb.BodyMutation(
+                                streamed_response=pb.StreamedBodyResponse(body=body.body, end_of_stream=body.end_of_stream)
+                            )
+                        )
+                    )
+                )
+            ]
+        return [pb.ProcessingResponse(response_body=pb.BodyResponse())]
+
+    def _on_response_trailers(self) -> list[pb.ProcessingResponse]:
+        self.state = State.DONE
+        self._finish(aborted=False)
+        return [pb.ProcessingResponse(response_trailers=pb.TrailersResponse())]
+
+    def _finish(self, *, aborted: bool) -> None:
+        if self._finished or self.routing is None:
+            return
+        self._finished = True
+        reader = self._usage
+        self.director.finish(
+            self.routing,
+            Outcome(
+                status=self._status,
+                streaming=bool(reader and reader.streaming),
+                usage=reader.usage if reader else None,
+                aborted=aborted,
+                served=self._served,
+            ),
+        )
+
+    # -- building answers ---------------------------------------------------------------------
+    def _routing_common(self, content_length: int | None) -> pb.CommonResponse:
+        routing = self.routing
+        assert routing is not None
+        set_headers = [
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=DESTINATION_HEADER, raw_value=routing.destination.encode()),
+                append_action=_OVERWRITE,
+            )
+        ]
+        if self._generated_id and self.request is not None:
+            set_headers.append(
+                base_pb2.HeaderValueOption(
+                    header=base_pb2.HeaderValue(key=REQUEST_ID_HEADER, raw_value=self.request.request_id.encode()),
+                    append_action=_OVERWRITE,
+                )
+            )
+        if content_length is not None:
+            set_headers.append(
+                base_pb2.HeaderValueOption(
+                    header=base_pb2.HeaderValue(key="content-length", raw_value=str(content_length).encode()),
+                    append_action=_OVERWRITE,
+                )
+            )
+        remove = [h for h in STEERING_HEADERS[1:] if self.request is not None and h in self.request.headers]
+        return pb.CommonResponse(
+            header_mutation=pb.HeaderMutation(set_headers=set_headers, remove_headers=remove),
+            clear_route_cache=True,
+        )
+
+    def _headers_response(self, content_length: int | None) -> pb.ProcessingResponse:
+        common = self._routing_common(content_length)
+        return self._with_metadata(pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common)))
+
+    def _with_metadata(self, resp: pb.ProcessingResponse) -> pb.ProcessingResponse:
+        routing = self.routing
+        assert routing is not None
+        lb = struct_pb2.Struct()
+        lb.fields[DESTINATION_HEADER].string_value = routing.destination
+        if routing.scores is not None:
+            lb.fields[SCORES_KEY].string_value = routing.scores
+        resp.dynamic_metadata.fields[LB_NAMESPACE].struct_value.CopyFrom(lb)
+        return resp
+
+    def _reject(self, err: RequestError) -> pb.ProcessingResponse:
+        self.error = err
+        self.state = State.REJECTED
+        self._chunks = []
+        self._finish(aborted=True)
+        self.director.rejected(self.request, err)
+        headers = [
+            base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key="content-type", raw_value=b"text/plain; charset=utf-8"))
+        ]
+        if err.kind.dropped_reason:
+            headers.append(
+                base_pb2.HeaderValueOption(
+                    header=base_pb2.HeaderValue(key=DROPPED_REASON_HEADER, raw_value=err.kind.dropped_reason.encode())
+                )
+            )
+        return pb.ProcessingResponse(
+            immediate_response=pb.ImmediateResponse(
+                status=http_status_pb2.HttpStatus(code=err.kind.status),  # type: ignore[arg-type]
+                headers=pb.HeaderMutation(set_headers=headers),
+                body=err.body,
+                details=f"llm_epp_{err.kind.code}",
+            )
+        )
+
+
+def _subset_hint(msg: pb.ProcessingRequest) -> list[str] | None:
+    ns = msg.metadata_context.filter_metadata.get(SUBSET_NAMESPACE)
+    if ns is None or SUBSET_KEY not in ns.fields:
+        return None
+    value = ns.fields[SUBSET_KEY]
+    kind = value.WhichOneof("kind")
+    if kind == "list_value":
+        return [v.string_value.strip() for v in value.list_value.values if v.string_value.strip()]
+    if kind == "string_value":
+        return [p.strip() for p in value.string_value.split(",") if p.strip()]
+    return []
+
+
+def filter_by_subset(candidates: Sequence[Endpoint], subset: list[str] | None) -> Sequence[Endpoint]:
+    """Keep the candidates named by the subset hint (`ip` or `ip:port`); empty -> 503."""
+    if subset is None:
+        return candidates
+    wanted = set(subset)
+    kept = [ep for ep in candidates if ep.address in wanted or ep.spec.host in wanted]
+    if not kept:
+        raise RequestError(NO_ENDPOINTS, "no endpoint in the pool matches the destination subset hint")
+    return kept
+
+
+def _streamed_request_body(chunk: bytes, end: bool) -> pb.ProcessingResponse:
+    return pb.ProcessingResponse(
+        request_body=pb.BodyResponse(
+            response=pb.CommonResponse(
+                body_mutation=pb.BodyMutation(streamed_response=pb.StreamedBodyResponse(body=chunk, end_of_stream=end))
+            )
+        )
+    )
+
+
+def _streamed_chunks(raw: bytes, *, end: bool) -> list[pb.ProcessingResponse]:
+    if not raw:
+        return [_streamed_request_body(b"", end)]
+    n = len(raw)
+    return [_streamed_request_body(raw[i : i + STREAM_CHUNK], end and i + STREAM_CHUNK >= n) for i in range(0, n, STREAM_CHUNK)]

@@ -1,0 +1,186 @@
+"""The EPP process: the ext_proc gRPC server, gRPC health, the metrics endpoint and the background
+tasks (discovery, scraping), assembled from the datastore, the scheduler and the Director.
+
+The servicer only moves messages between gRPC and `RequestStream`; all protocol logic is there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from aiohttp import web
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+
+from extproc.datastore import Datastore
+from extproc.director import Director
+from extproc.discovery.static import StaticFileDiscovery, load_endpoints_file
+from extproc.metrics import EppMetrics
+from extproc.protocol import DEFAULT_MAX_BODY, ProtocolError, RequestStream
+from extproc.scraper import MetricsScraper
+from extproc.supervisor import Supervisor
+from pickers.prefix_index import ApproxPrefixIndex
+from pickers.scheduler import Scheduler
+from pickers.strategies import build_profile
+
+log = logging.getLogger(__name__)
+
+EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+_GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+    ("grpc.max_send_message_length", 256 * 1024 * 1024),
+    ("grpc.so_reuseport", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+@dataclass(slots=True)
+class ServeOptions:
+    grpc_port: int = 9002
+    grpc_health_port: int = 9003
+    metrics_port: int = 9090
+    bind_address: str = "0.0.0.0"
+    endpoints_file: str | None = None
+    strategy: str = "default"
+    max_endpoints: int = 1
+    refresh_metrics_interval: float = 0.05
+    metrics_staleness_threshold: float = 2.0
+    max_body_bytes: int = DEFAULT_MAX_BODY
+    explain_scores: bool = False
+    grace_period: float = 30.0
+    pool_name: str = ""
+
+
+class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
+    def __init__(self, director: Director, max_body_bytes: int) -> None:
+        self.director = director
+        self.max_body_bytes = max_body_bytes
+        self.active_streams = 0
+
+    async def Process(  # noqa: N802 (gRPC method name)
+        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        stream = RequestStream(self.director, max_body_bytes=self.max_body_bytes)
+        self.active_streams += 1
+        try:
+            async for msg in request_iterator:
+                try:
+                    out = stream.handle(msg)
+                except ProtocolError as e:
+                    log.warning("request %s: %s", stream.request.request_id if stream.request else "?", e)
+                    yield stream.protocol_error_response(e)
+                    return
+                except Exception as e:  # a bug must cost one request, not the stream's bookkeeping
+                    log.exception("request %s: internal error", stream.request.request_id if stream.request else "?")
+                    yield stream.protocol_error_response(ProtocolError(stream.state, f"internal error: {e}"))
+                    return
+                for resp in out:
+                    yield resp
+        finally:
+            stream.close()
+            self.active_streams -= 1
+
+
+class EppServer:
+    """Owns every part of one EPP process; `start`/`stop` bring them up and down in order."""
+
+    def __init__(self, opts: ServeOptions) -> None:
+        self.opts = opts
+        self.datastore = Datastore(metrics_stale_after=opts.metrics_staleness_threshold)
+        self.metrics = EppMetrics(pool_name=opts.pool_name)
+        self.prefix_index = ApproxPrefixIndex()
+        self.datastore.on_membership_change(self._on_membership_change)
+        profile = build_profile(opts.strategy, self.prefix_index, max_endpoints=opts.max_endpoints)
+        self.scheduler = Scheduler(profile, self.datastore, explain=opts.explain_scores)
+        self.director = Director(self.datastore, self.scheduler, self.metrics)
+        self.servicer = ExtProcServicer(self.director, opts.max_body_bytes)
+        self.health = HealthServicer()
+        self.supervisor = Supervisor()
+        self._grpc: grpc.aio.Server | None = None
+        self._health_grpc: grpc.aio.Server | None = None
+        self._metrics_runner: web.AppRunner | None = None
+        self.grpc_port = 0
+        self.health_port = 0
+        self.metrics_port = 0
+
+    def _on_membership_change(self, added: tuple, removed: tuple) -> None:  # type: ignore[type-arg]
+        for ep in removed:
+            self.prefix_index.remove_endpoint(ep.address)
+        self.metrics.set_ready_pods(len(self.datastore))
+        if added or removed:
+            log.info(
+                "endpoints: %d in pool (+%s -%s)",
+                len(self.datastore),
+                ",".join(e.address for e in added) or "0",
+                ",".join(e.address for e in removed) or "0",
+            )
+
+    async def start(self) -> None:
+        opts = self.opts
+        if opts.endpoints_file:
+            # Load once up front so a bad file stops start-up with its error, then watch it.
+            self.datastore.set_endpoints(load_endpoints_file(opts.endpoints_file))
+            discovery = StaticFileDiscovery(opts.endpoints_file, self.datastore)
+            self.supervisor.start("static-discovery", discovery.run)
+        scraper = MetricsScraper(
+            self.datastore, interval=opts.refresh_metrics_interval, timeout=max(0.5, opts.metrics_staleness_threshold / 2)
+        )
+        self.supervisor.start("metrics-scraper", scraper.run)
+
+        self._grpc = grpc.aio.server(options=_GRPC_OPTIONS)
+        pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, self._grpc)
+        self.grpc_port = self._grpc.add_insecure_port(f"{opts.bind_address}:{opts.grpc_port}")
+        await self._grpc.start()
+
+        self._health_grpc = grpc.aio.server(options=_GRPC_OPTIONS)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_grpc)
+        self.health_port = self._health_grpc.add_insecure_port(f"{opts.bind_address}:{opts.grpc_health_port}")
+        await self._health_grpc.start()
+        serving = health_pb2.HealthCheckResponse.SERVING
+        for service in ("", "liveness", "readiness", EXT_PROC_SERVICE):
+            await self.health.set(service, serving)
+
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics_handler)
+        self._metrics_runner = web.AppRunner(app, access_log=None)
+        await self._metrics_runner.setup()
+        site = web.TCPSite(self._metrics_runner, opts.bind_address, opts.metrics_port)
+        await site.start()
+        self.metrics_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        log.info(
+            "llm-epp serving ext_proc on :%d, health on :%d, metrics on :%d (strategy %s, %d endpoints)",
+            self.grpc_port, self.health_port, self.metrics_port, opts.strategy, len(self.datastore),
+        )
+
+    async def _metrics_handler(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.exposition(), content_type="text/plain", charset="utf-8")
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop taking new streams, let open ones finish (up to `grace` seconds), then stop tasks."""
+        grace = self.opts.grace_period if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+        await self.supervisor.stop()
+        if self._health_grpc is not None:
+            await self._health_grpc.stop(0)
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down: draining %d open streams (up to %.0fs)", self.servicer.active_streams, self.opts.grace_period)
+        await self.stop()

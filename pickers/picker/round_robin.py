@@ -1,0 +1,28 @@
+"""round-robin-picker: each endpoint in turn (by address order), scores ignored. A baseline."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from extproc.datastore import Endpoint
+from extproc.inference_request import InferenceRequest
+from pickers.types import ScoredEndpoint
+
+
+class RoundRobinPicker:
+    type = "round-robin-picker"
+
+    def __init__(self, max_endpoints: int = 1, name: str = "round-robin-picker"):
+        self.name = name
+        self.max_endpoints = max_endpoints
+        self._next = 0
+
+    def pick(self, request: InferenceRequest, scored: Sequence[ScoredEndpoint]) -> list[Endpoint]:
+        if not scored:
+            return []
+        ordered = sorted((s.endpoint for s in scored), key=lambda ep: ep.address)
+        n = len(ordered)
+        start = self._next % n
+        self._next = start + 1
+        k = min(self.max_endpoints, n)
+        return [ordered[(start + i) % n] for i in range(k)]

@@ -1,0 +1,107 @@
+"""The approximate prefix index (SPEC section 4): which endpoint probably holds which prompt blocks.
+
+A block is 64 bytes of prompt text (~16 tokens). Hashes chain so a block's key depends on every
+block before it. Each endpoint keeps an LRU of the blocks routed to it, sized like its KV cache, so
+memory is bounded by the pool's total cache size in blocks.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import xxhash
+
+BLOCK_CHARS = 64
+BLOCK_TOKENS = 16
+MAX_BLOCKS = 256
+DEFAULT_CAPACITY = 31_250  # blocks per endpoint when the server does not report its cache size
+
+_xxh64 = xxhash.xxh64_intdigest
+
+
+def block_hashes(model: str, prompt: str, cache_salt: str = "", max_blocks: int = MAX_BLOCKS) -> list[int]:
+    """Hashes of the prompt's full blocks, in order: h0 = xxh64(model + salt), h_i = xxh64(b_i + le64(h_{i-1}))."""
+    data = prompt.encode()
+    n = min(len(data) // BLOCK_CHARS, max_blocks)
+    prev = _xxh64((model + cache_salt).encode())
+    out = []
+    for i in range(n):
+        start = i * BLOCK_CHARS
+        prev = _xxh64(data[start : start + BLOCK_CHARS] + prev.to_bytes(8, "little"))
+        out.append(prev)
+    return out
+
+
+class ApproxPrefixIndex:
+    """block hash -> endpoints that hold it, plus one LRU of hashes per endpoint."""
+
+    def __init__(self, default_capacity: int = DEFAULT_CAPACITY) -> None:
+        self.default_capacity = default_capacity
+        self._holders: dict[int, set[str]] = {}
+        self._lru: dict[str, OrderedDict[int, None]] = {}
+        self._capacity: dict[str, int] = {}
+
+    def match(self, hashes: list[int]) -> dict[str, int]:
+        """Leading blocks held per endpoint; the walk stops at the first block nobody holds."""
+        counts: dict[str, int] = {}
+        if not hashes:
+            return counts
+        active = self._holders.get(hashes[0])
+        if not active:
+            return counts
+        active = set(active)
+        for i, h in enumerate(hashes):
+            holders = self._holders.get(h)
+            if not holders:
+                break
+            active &= holders
+            if not active:
+                break
+            for addr in active:
+                counts[addr] = i + 1
+        return counts
+
+    def record(self, address: str, hashes: list[int], capacity: int | None = None) -> None:
+        """The endpoint now holds these blocks (most recent use last)."""
+        lru = self._lru.get(address)
+        if lru is None:
+            lru = self._lru[address] = OrderedDict()
+        if capacity:
+            self._capacity[address] = capacity
+        cap = self._capacity.get(address, self.default_capacity)
+        holders = self._holders
+        for h in hashes:
+            if h in lru:
+                lru.move_to_end(h)
+            else:
+                lru[h] = None
+                s = holders.get(h)
+                if s is None:
+                    holders[h] = {address}
+                else:
+                    s.add(address)
+        while len(lru) > cap:
+            old, _ = lru.popitem(last=False)
+            self._drop(old, address)
+
+    def remove_endpoint(self, address: str) -> None:
+        lru = self._lru.pop(address, None)
+        self._capacity.pop(address, None)
+        if lru:
+            for h in lru:
+                self._drop(h, address)
+
+    def _drop(self, h: int, address: str) -> None:
+        s = self._holders.get(h)
+        if s is not None:
+            s.discard(address)
+            if not s:
+                del self._holders[h]
+
+    def size(self) -> int:
+        """Total (endpoint, block) entries held: the bound is the sum of the capacities."""
+        return sum(len(lru) for lru in self._lru.values())
+
+    def blocks_of(self, address: str) -> int:
+        lru = self._lru.get(address)
+        return len(lru) if lru else 0

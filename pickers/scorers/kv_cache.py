@@ -1,0 +1,20 @@
+"""kv-cache-utilization-scorer: 1 - KV cache usage, so emptier caches score higher."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from extproc.datastore import Endpoint
+from extproc.inference_request import InferenceRequest
+from pickers.types import CycleState
+
+
+class KVCacheUtilizationScorer:
+    type = "kv-cache-utilization-scorer"
+    category = "distribution"
+
+    def __init__(self, name: str = "kv-cache-utilization-scorer") -> None:
+        self.name = name
+
+    def score(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> list[float]:
+        return [1.0 - ep.metrics.kv_usage for ep in endpoints]
