@@ -32,6 +32,7 @@ class GatewaySettings:
     response_body_mode: str = "FULL_DUPLEX_STREAMED"
     failure_mode_allow: bool = False
     message_timeout: str = "10s"
+    access_log_path: str | None = None  # None: stdout, as in the reference file
     # With failure_mode_allow: where to send requests when the EPP cannot answer.
     fallback_endpoints: Sequence[tuple[str, int]] = field(default_factory=tuple)
 
@@ -48,6 +49,14 @@ def render(settings: GatewaySettings, reference: Path = REFERENCE) -> dict[str, 
     listener = cfg["static_resources"]["listeners"][0]
     listener["address"]["socket_address"] = {"address": settings.listen_address, "port_value": settings.listen_port}
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    if settings.access_log_path:
+        log = hcm["access_log"][0]
+        log["name"] = "envoy.access_loggers.file"
+        log["typed_config"] = {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": settings.access_log_path,
+            "log_format": log["typed_config"]["log_format"],
+        }
     ext_proc = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc")["typed_config"]
     ext_proc["failure_mode_allow"] = settings.failure_mode_allow
     ext_proc["message_timeout"] = settings.message_timeout
@@ -92,9 +101,11 @@ def write(settings: GatewaySettings, path: Path) -> Path:
     return path
 
 
-def render_direct(listen_port: int, admin_port: int, endpoints: Sequence[tuple[str, int]]) -> dict[str, Any]:
+def render_direct(
+    listen_port: int, admin_port: int, endpoints: Sequence[tuple[str, int]], access_log_path: str | None = None
+) -> dict[str, Any]:
     """The same gateway without ext_proc: Envoy round-robins over the pool. The benchmarks' baseline."""
-    cfg = render(GatewaySettings(listen_port=listen_port, epp_port=1, admin_port=admin_port))
+    cfg = render(GatewaySettings(listen_port=listen_port, epp_port=1, admin_port=admin_port, access_log_path=access_log_path))
     hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"]
     hcm["route_config"]["virtual_hosts"][0]["routes"] = [

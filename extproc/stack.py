@@ -6,6 +6,7 @@ Every process is started in its own session and stopped (TERM, then KILL) by `st
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -103,6 +104,16 @@ class LocalStack:
         self.envoy_proc: ManagedProcess | None = None
 
     @property
+    def access_log_path(self) -> Path:
+        return self.opts.workdir / "access.log"
+
+    def access_log(self) -> list[dict[str, str]]:
+        """Envoy's access log so far, one dict per request."""
+        if not self.access_log_path.exists():
+            return []
+        return [json.loads(line) for line in self.access_log_path.read_text().splitlines() if line.strip()]
+
+    @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.listen_port}/v1"
 
@@ -194,10 +205,11 @@ class LocalStack:
                 response_body_mode=o.response_body_mode,
                 failure_mode_allow=o.failure_mode_allow,
                 fallback_endpoints=self.endpoints,
+                access_log_path=str(self.access_log_path),
             )
             envoy_config.write(settings, path)
         else:
-            path.write_text(yaml.safe_dump(envoy_config.render_direct(self.listen_port, self.admin_port, self.endpoints), sort_keys=False))
+            path.write_text(yaml.safe_dump(envoy_config.render_direct(self.listen_port, self.admin_port, self.endpoints, str(self.access_log_path)), sort_keys=False))
         argv = [
             envoy_binary(), "-c", str(path), "--base-id", str(self.listen_port),
             "--concurrency", str(o.envoy_concurrency), "-l", o.envoy_log_level,

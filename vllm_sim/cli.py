@@ -1,0 +1,97 @@
+"""`vllm-sim` command line: flags -> SimConfig -> a SimServer that runs until SIGINT/SIGTERM.
+
+build_parser()/run() are public so the main `epp` CLI can offer `epp sim` by delegating.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from vllm_sim.config import DEFAULT_MODEL, ConfigError, SimConfig
+from vllm_sim.profiles import PROFILES
+from vllm_sim.server import SimServer
+
+log = logging.getLogger("vllm_sim")
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Add the simulator's flags to parser (e.g. an `epp sim` subparser) or a new one."""
+    p = parser or argparse.ArgumentParser(prog="vllm-sim", description="Simulated vLLM endpoint.")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port to bind, 0 = any free (default %(default)s)")
+    p.add_argument("--model", dest="models", action="append", metavar="NAME",
+                   help=f"served model name, repeatable; first one labels metrics (default {DEFAULT_MODEL})")
+    p.add_argument("--profile", choices=sorted(PROFILES), default="gpu", help="timing profile (default %(default)s)")
+    p.add_argument("--time-scale", type=float, default=1.0,
+                   help="multiply simulated durations, 0.1 = 10x faster (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed for output text (default %(default)s)")
+    p.add_argument("--max-num-seqs", type=int, help="running batch size limit (profile default)")
+    p.add_argument("--num-gpu-blocks", type=int, help="KV cache capacity in blocks (profile default)")
+    p.add_argument("--block-size", type=int, help="tokens per KV block (profile default)")
+    p.add_argument("--max-model-len", type=int, help="max prompt + output tokens (profile default)")
+    p.add_argument("--name", help="x-served-by value (default host:port as bound)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> SimConfig:
+    return SimConfig.from_profile(
+        args.profile,
+        host=args.host,
+        port=args.port,
+        models=tuple(args.models) if args.models else None,
+        name=args.name,
+        time_scale=args.time_scale,
+        seed=args.seed,
+        max_num_seqs=args.max_num_seqs,
+        num_gpu_blocks=args.num_gpu_blocks,
+        block_size=args.block_size,
+        max_model_len=args.max_model_len,
+    )
+
+
+async def serve(config: SimConfig) -> None:
+    """Run one simulator until SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass  # not on this platform; Ctrl-C still raises KeyboardInterrupt
+    server = SimServer(config)
+    await server.start()
+    log.info("vllm-sim %s serving %s on %s (profile %s, time-scale %g)",
+             server.name, ",".join(config.models), server.url, config.profile, config.time_scale)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = config_from_args(args)
+    except ConfigError as e:
+        print(f"vllm-sim: {e}", file=sys.stderr)
+        return 2
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(config))
+    else:
+        uvloop.run(serve(config))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

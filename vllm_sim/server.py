@@ -1,0 +1,256 @@
+"""HTTP face of the simulator (aiohttp) and SimServer, the in-process start/stop handle.
+
+Handlers only translate: parse with openai_api, submit to the engine, relay its token outputs as
+JSON or SSE. Whatever ends a handler (done, client gone, cancelled) aborts unfinished requests so
+the engine frees their slots and blocks, as vLLM does on disconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import Any
+
+import msgspec
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from vllm_sim import openai_api as api
+from vllm_sim.config import SimConfig
+from vllm_sim.engine import Engine, EngineRequest, RequestTooLarge, TokenOutput
+from vllm_sim.metrics import CONTENT_TYPE, SimMetrics
+from vllm_sim.tokens import FillerText
+
+log = logging.getLogger(__name__)
+
+SERVED_BY_HEADER = "x-served-by"
+REQUEST_ID_HEADER = "x-request-id"
+REQUEST_ID_HISTORY = 1000
+_SSE_DONE = b"data: [DONE]\n\n"
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=msgspec.json.encode(body), status=status, content_type="application/json")
+
+
+def _sse(body: Any) -> bytes:
+    return b"data: " + msgspec.json.encode(body) + b"\n\n"
+
+
+class SimServer:
+    """One simulated vLLM endpoint. `port = await start()`; `await stop()` always."""
+
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.metrics = SimMetrics(config)
+        self.engine = Engine(config, observer=self.metrics)
+        self.metrics.watch(self.engine)
+        self.request_ids: deque[str] = deque(maxlen=REQUEST_ID_HISTORY)
+        self._name = config.name or ""
+        self._port = 0
+        self._runner: web.AppRunner | None = None
+        self._created = int(time.time())
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def name(self) -> str:
+        """The x-served-by value: --name, else host:port as bound."""
+        return self._name
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        return f"http://{host}:{self._port}"
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """This simulator's own Prometheus registry (several simulators can share a process)."""
+        return self.metrics.registry
+
+    def build_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._errors], client_max_size=64 * 1024 * 1024)
+        app.on_response_prepare.append(self._stamp)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/sim/stats", self._stats)
+        app.router.add_post("/sim/reset", self._reset)
+        return app
+
+    async def start(self) -> int:
+        await self.engine.start()
+        # handler_cancellation: a client that goes away cancels its handler, which aborts its request.
+        runner = web.AppRunner(self.build_app(), handler_cancellation=True, access_log=None,
+                               shutdown_timeout=1.0)
+        await runner.setup()
+        site = web.TCPSite(runner, self.config.host, self.config.port)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            await self.engine.stop()
+            raise
+        self._runner = runner
+        self._port = runner.addresses[0][1]
+        if not self._name:
+            host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+            self._name = f"{host}:{self._port}"
+        return self._port
+
+    async def stop(self) -> None:
+        # Engine first: it unblocks handlers still waiting on tokens so cleanup is quick.
+        await self.engine.stop()
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def __aenter__(self) -> SimServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ---- plumbing ------------------------------------------------------------------------
+
+    async def _stamp(self, request: web.Request, response: web.StreamResponse) -> None:
+        response.headers[SERVED_BY_HEADER] = self._name
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except api.ApiError as e:
+            return _json(e.body(), status=e.status)
+        except web.HTTPException:
+            raise
+        except (asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception:
+            log.exception("unhandled error in %s %s", request.method, request.path)
+            return _json(api.ApiError("internal error in simulator").body(), status=500)
+
+    # ---- OpenAI API ----------------------------------------------------------------------
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        request_id = request.headers.get(REQUEST_ID_HEADER)
+        if request_id is not None:
+            self.request_ids.append(request_id)
+        body = await request.read()
+        parsed = api.parse_chat(body, self.config) if chat else api.parse_completion(body, self.config)
+        head = api.ResponseHeader.new(parsed)
+        outputs: asyncio.Queue[TokenOutput] = asyncio.Queue()
+        reqs = [
+            EngineRequest(
+                request_id=f"{head.id}-{i}",
+                prompt_token_ids=list(prompt),
+                max_tokens=parsed.max_tokens,
+                filler=FillerText(self.config.seed, prompt, parsed.seed),
+                output=outputs,
+                index=i,
+            )
+            for i, prompt in enumerate(parsed.prompts)
+        ]
+        try:
+            for r in reqs:
+                try:
+                    self.engine.submit(r)
+                except RequestTooLarge as e:
+                    raise api.BadRequest(str(e)) from None
+            if parsed.stream:
+                return await self._stream(request, parsed, head, reqs, outputs)
+            return await self._collect(parsed, head, reqs, outputs)
+        finally:
+            for r in reqs:
+                if not r.done:
+                    self.engine.abort(r)
+
+    async def _collect(self, parsed: api.ParsedRequest, head: api.ResponseHeader,
+                       reqs: list[EngineRequest], outputs: asyncio.Queue[TokenOutput]) -> web.Response:
+        texts: list[list[str]] = [[] for _ in reqs]
+        pending = len(reqs)
+        while pending:
+            out = await outputs.get()
+            if out.error is not None:
+                raise api.Unavailable(str(out.error))
+            texts[out.request.index].append(out.text)
+            pending -= out.finished
+        body = api.full_response(head, ["".join(t) for t in texts], self._usage(reqs))
+        return _json(body)
+
+    async def _stream(self, request: web.Request, parsed: api.ParsedRequest, head: api.ResponseHeader,
+                      reqs: list[EngineRequest], outputs: asyncio.Queue[TokenOutput]) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                               "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        pending = len(reqs)
+        try:
+            while pending:
+                out = await outputs.get()
+                if out.error is not None:
+                    return response  # engine stopped: end the stream without [DONE], as a crash would
+                index = out.request.index
+                if parsed.chat and out.request.num_generated == 1:
+                    await response.write(_sse(api.chunk(head, index, "", False, role=True)))
+                await response.write(_sse(api.chunk(head, index, out.text, out.finished)))
+                pending -= out.finished
+            if parsed.include_usage:
+                await response.write(_sse(api.usage_chunk(head, self._usage(reqs))))
+            await response.write(_SSE_DONE)
+            await response.write_eof()
+        except ConnectionError:
+            pass  # client went away mid-stream; the caller aborts what is left
+        return response
+
+    @staticmethod
+    def _usage(reqs: list[EngineRequest]) -> dict[str, Any]:
+        return api.usage(
+            prompt_tokens=sum(len(r.prompt_token_ids) for r in reqs),
+            completion_tokens=sum(r.num_generated for r in reqs),
+            cached_tokens=sum(r.num_cached_tokens for r in reqs),
+        )
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return _json(api.models_list(self.config, self._created))
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    # ---- simulator control -----------------------------------------------------------------
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        s = self.engine.stats
+        return _json({
+            "name": self._name,
+            "requests_total": s.requests_total,
+            "prompt_tokens_total": s.prompt_tokens_total,
+            "cached_prompt_tokens_total": s.cached_prompt_tokens_total,
+            "generation_tokens_total": s.generation_tokens_total,
+            "running": self.engine.num_running,
+            "waiting": self.engine.num_waiting,
+            "kv_cache_usage_perc": self.engine.cache.usage,
+            "cached_blocks": self.engine.cache.cached_blocks,
+            "request_ids": list(self.request_ids),
+        })
+
+    async def _reset(self, request: web.Request) -> web.Response:
+        """Clear the prefix cache and /sim/stats counters; Prometheus counters stay monotonic."""
+        self.engine.reset()
+        self.request_ids.clear()
+        return _json({"status": "ok"})
