@@ -142,6 +142,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     from extproc.stack import LocalStack, StackOptions
 
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="llm-epp-"))
+    body_mode = args.request_body_mode
+    if args.fail_open and body_mode == "FULL_DUPLEX_STREAMED":
+        # Envoy 1.40 fails open only part of the time in full-duplex mode (a 500 once the body has
+        # started streaming to a dead EPP); BUFFERED fails open every time. See README.
+        print("--fail-open: using BUFFERED request body mode (Envoy fails open reliably only there)")
+        body_mode = "BUFFERED"
     opts = StackOptions(
         workdir=workdir,
         sims=args.sims,
@@ -150,7 +156,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         endpoints_file=Path(args.endpoints) if args.endpoints else None,
         epp_args=("--strategy", args.strategy),
         listen_port=args.port,
-        request_body_mode=args.request_body_mode,
+        request_body_mode=body_mode,
         failure_mode_allow=args.fail_open,
         envoy_concurrency=2,
     )

@@ -1,0 +1,32 @@
+# Two entry points (see README): `make up` runs the local stack, `make test` runs the tests.
+# Both create .venv with the pinned versions in constraints.txt on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: up test test-all bench setup clean
+
+$(BIN)/epp: pyproject.toml constraints.txt
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "llm-epp needs Python >= 3.11"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	@touch $(BIN)/epp
+
+setup: $(BIN)/epp
+
+up: setup
+	$(BIN)/epp up $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-all: setup
+	$(BIN)/python -m pytest -q -m '' $(ARGS)
+
+bench: setup
+	$(BIN)/python -m bench.routing
+	$(BIN)/python -m bench.overhead
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
