@@ -240,3 +240,31 @@ def test_round_robin_strategy_spreads_evenly(tmp_path):
 
 def test_free_port_helper_gives_distinct_ports():
     assert len({free_port() for _ in range(5)}) == 5
+
+
+def test_grpc_health_reports_every_service(stack):
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{stack.epp_health_port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("liveness", "readiness", "envoy.service.ext_proc.v3.ExternalProcessor"):
+            resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_sigterm_drains_open_streams(tmp_path):
+    import signal
+
+    with make_stack(tmp_path, sims=1, sim_args=("--time-scale", "0.3")) as s:
+        client = openai.OpenAI(base_url=s.base_url, api_key="unused")
+        stream = client.completions.create(model=MODEL, prompt="drain me", max_tokens=600, stream=True)
+        first = next(iter(stream))  # ~1.5 s of tokens still to come
+        assert first.choices
+        s.epp_proc.popen.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert s.epp_proc.popen.poll() is None  # still draining
+        rest = [c for c in stream if c.choices]
+        assert len(rest) == 599  # every token arrived although the EPP was told to stop
+        assert s.epp_proc.popen.wait(15) == 0
+        assert "draining 1 open streams" in s.epp_proc.log_path.read_text()
