@@ -92,7 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_argument("--epp-port", type=int, default=9002)
     cfg.add_argument("--admin-port", type=int, default=19000)
     cfg.add_argument("--request-body-mode", choices=("FULL_DUPLEX_STREAMED", "BUFFERED"), default="FULL_DUPLEX_STREAMED")
-    cfg.add_argument("--fail-open", action="store_true")
+    cfg.add_argument("--fail-open", action="store_true", help="with --pool-endpoints: serve from the pool when the EPP is down")
+    cfg.add_argument(
+        "--pool-endpoints", metavar="FILE",
+        help="endpoints file of the pool: route with Envoy's override-host policy over these endpoints, "
+        "which follows the EPP's fallback list and retries on the next endpoint",
+    )  # fmt: skip
     return parser
 
 
@@ -190,7 +195,9 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
 def cmd_envoy_config(args: argparse.Namespace) -> int:
     from extproc import envoy_config
+    from extproc.discovery.static import load_endpoints_file
 
+    pool = [(e.host, e.port) for e in load_endpoints_file(args.pool_endpoints)] if args.pool_endpoints else []
     settings = envoy_config.GatewaySettings(
         listen_port=args.port,
         epp_port=args.epp_port,
@@ -199,6 +206,8 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
         listen_address="0.0.0.0",
         request_body_mode=args.request_body_mode,
         failure_mode_allow=args.fail_open,
+        fallback_endpoints=pool,
+        override_host_endpoints=pool,
     )
     print(yaml.safe_dump(envoy_config.render(settings), sort_keys=False), end="")
     return 0

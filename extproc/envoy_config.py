@@ -33,6 +33,10 @@ class GatewaySettings:
     failure_mode_allow: bool = False
     message_timeout: str = "10s"
     access_log_path: str | None = None  # None: stdout, as in the reference file
+    # Route with Envoy's override-host policy over a cluster of these endpoints instead of
+    # ORIGINAL_DST: it understands the EPP's ordered list and retries on the next endpoint.
+    override_host_endpoints: Sequence[tuple[str, int]] = field(default_factory=tuple)
+    retries: int = 2
     # With failure_mode_allow: where to send requests when the EPP cannot answer.
     fallback_endpoints: Sequence[tuple[str, int]] = field(default_factory=tuple)
 
@@ -69,11 +73,53 @@ def render(settings: GatewaySettings, reference: Path = REFERENCE) -> dict[str, 
         "address": settings.epp_host,
         "port_value": settings.epp_port,
     }
+    if settings.override_host_endpoints:
+        pool = next(c for c in clusters if c["name"] == "llm-pool")
+        pool.clear()
+        pool.update(_override_host_cluster(settings.override_host_endpoints))
+        route = hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
+        route["retry_policy"] = {
+            "retry_on": "connect-failure,refused-stream,reset,retriable-status-codes",
+            "retriable_status_codes": [502, 503, 504],
+            "num_retries": settings.retries,
+        }
     if settings.failure_mode_allow and settings.fallback_endpoints:
         clusters.append(_fallback_cluster(settings.fallback_endpoints))
         routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
         routes.append({"name": "fail-open", "match": {"prefix": "/"}, "route": {"cluster": "llm-pool-fallback", "timeout": "0s"}})
     return cfg
+
+
+def _override_host_cluster(endpoints: Sequence[tuple[str, int]]) -> dict[str, Any]:
+    cluster = _fallback_cluster(endpoints)
+    cluster["name"] = cluster["load_assignment"]["cluster_name"] = "llm-pool"
+    del cluster["lb_policy"]
+    cluster["load_balancing_policy"] = {
+        "policies": [
+            {
+                "typed_extension_config": {
+                    "name": "envoy.load_balancing_policies.override_host",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost",
+                        "override_host_sources": [{"header": "x-gateway-destination-endpoint"}],
+                        "fallback_policy": {
+                            "policies": [
+                                {
+                                    "typed_extension_config": {
+                                        "name": "envoy.load_balancing_policies.least_request",
+                                        "typed_config": {
+                                            "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest"
+                                        },
+                                    }
+                                }
+                            ]
+                        },
+                    },
+                }
+            }
+        ]
+    }
+    return cluster
 
 
 def _fallback_cluster(endpoints: Sequence[tuple[str, int]]) -> dict[str, Any]:

@@ -83,6 +83,7 @@ class StackOptions:
     request_body_mode: str = "FULL_DUPLEX_STREAMED"
     response_body_mode: str = "FULL_DUPLEX_STREAMED"
     failure_mode_allow: bool = False
+    override_host: bool = False  # Envoy's override-host policy (fallback lists + retries) instead of ORIGINAL_DST
     envoy_concurrency: int = 1
     envoy_log_level: str = "warning"
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -206,6 +207,7 @@ class LocalStack:
                 failure_mode_allow=o.failure_mode_allow,
                 fallback_endpoints=self.endpoints,
                 access_log_path=str(self.access_log_path),
+                override_host_endpoints=self.endpoints if o.override_host else (),
             )
             envoy_config.write(settings, path)
         else:
@@ -213,7 +215,7 @@ class LocalStack:
         argv = [
             envoy_binary(), "-c", str(path), "--base-id", str(self.listen_port),
             "--concurrency", str(o.envoy_concurrency), "-l", o.envoy_log_level,
-            "--disable-hot-restart",
+            "--disable-hot-restart", "--file-flush-interval-msec", "100",
         ]  # fmt: skip
         self.envoy_proc = proc = self._spawn("envoy", argv)
         self._wait_http(proc, f"http://127.0.0.1:{self.admin_port}/ready")

@@ -268,3 +268,26 @@ def test_sigterm_drains_open_streams(tmp_path):
         assert len(rest) == 599  # every token arrived although the EPP was told to stop
         assert s.epp_proc.popen.wait(15) == 0
         assert "draining 1 open streams" in s.epp_proc.log_path.read_text()
+
+
+def test_fallback_list_lets_envoy_retry_past_a_dead_endpoint(tmp_path):
+    # Envoy's override-host policy reads the EPP's ordered list; round-robin makes the dead
+    # endpoint the primary for every third request, before the scraper has noticed it is gone.
+    with make_stack(tmp_path, epp_args=("--strategy", "round-robin", "--max-num-endpoints", "2"), override_host=True) as s:
+        dead = s.procs[0]
+        dead_addr = f"127.0.0.1:{s.sim_ports[0]}"
+        dead.stop()
+        ids = [f"fb-{i}" for i in range(6)]
+        for rid in ids:
+            r = httpx.post(
+                f"{s.base_url}/completions",
+                json={"model": MODEL, "prompt": "x", "max_tokens": 1},
+                headers={"x-request-id": rid},
+                timeout=10,
+            )
+            assert r.status_code == 200
+            assert r.headers["x-served-by"] != dead_addr
+        entries = [log_for(s, rid) for rid in ids]
+        retried = [e for e in entries if e["destination"].split(",")[0] == dead_addr]
+        assert retried, "the dead endpoint was never primary"
+        assert all(e["upstream"] == e["destination"].split(",")[1] for e in retried)

@@ -1,0 +1,58 @@
+"""The generated Envoy configurations are accepted by the real Envoy (`--mode validate`)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import yaml
+
+from extproc import envoy_config
+from extproc.errors import ConfigError
+from extproc.stack import envoy_binary
+
+POOL = [("127.0.0.1", 8001), ("127.0.0.1", 8002)]
+
+
+def validate(cfg: dict, tmp_path) -> None:
+    path = tmp_path / "envoy.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path), "-l", "error"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        envoy_config.GatewaySettings(listen_port=8081, epp_port=9002, admin_port=19000),
+        envoy_config.GatewaySettings(listen_port=8081, epp_port=9002, admin_port=19000, request_body_mode="BUFFERED"),
+        envoy_config.GatewaySettings(
+            listen_port=8081, epp_port=9002, admin_port=19000, failure_mode_allow=True, fallback_endpoints=POOL, access_log_path="/tmp/a.log"
+        ),
+        envoy_config.GatewaySettings(listen_port=8081, epp_port=9002, admin_port=19000, override_host_endpoints=POOL),
+    ],
+    ids=["full-duplex", "buffered", "fail-open", "override-host"],
+)
+def test_generated_config_is_valid_for_envoy(settings, tmp_path):
+    validate(envoy_config.render(settings), tmp_path)
+
+
+def test_reference_file_is_valid_as_shipped(tmp_path):
+    validate(yaml.safe_load(envoy_config.REFERENCE.read_text()), tmp_path)
+
+
+def test_direct_baseline_is_valid(tmp_path):
+    validate(envoy_config.render_direct(8081, 19000, POOL), tmp_path)
+
+
+def test_failure_mode_is_a_setting():
+    for allow in (True, False):
+        cfg = envoy_config.render(envoy_config.GatewaySettings(listen_port=1, epp_port=2, admin_port=3, failure_mode_allow=allow))
+        hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        ext = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc")
+        assert ext["typed_config"]["failure_mode_allow"] is allow
+
+
+def test_unknown_body_mode_is_refused():
+    with pytest.raises(ConfigError, match="FULL_DUPLEX_STREAMED"):
+        envoy_config.render(envoy_config.GatewaySettings(listen_port=1, epp_port=2, admin_port=3, request_body_mode="STREAMED"))
