@@ -61,8 +61,10 @@ def parse_body(req: InferenceRequest, raw: bytes, required_field: str) -> None:
     """Fill `req` from the JSON body. Raises RequestError(400) with a message a person understands."""
     try:
         body = _json_decoder.decode(raw)
-    except msgspec.DecodeError as e:
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:
         raise RequestError(BAD_REQUEST, f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise RequestError(BAD_REQUEST, "request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise RequestError(BAD_REQUEST, "request body must be a JSON object")
     model = body.get("model")

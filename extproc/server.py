@@ -17,7 +17,7 @@ from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
+from grpc_health.v1.health import aio as health_aio
 
 from extproc.datastore import Datastore
 from extproc.director import Director
@@ -102,7 +102,7 @@ class EppServer:
         self.scheduler = Scheduler(profile, self.datastore, explain=opts.explain_scores)
         self.director = Director(self.datastore, self.scheduler, self.metrics)
         self.servicer = ExtProcServicer(self.director, opts.max_body_bytes)
-        self.health = HealthServicer()
+        self.health = health_aio.HealthServicer()
         self.supervisor = Supervisor()
         self._grpc: grpc.aio.Server | None = None
         self._health_grpc: grpc.aio.Server | None = None

@@ -21,7 +21,7 @@ _xxh64 = xxhash.xxh64_intdigest
 
 def block_hashes(model: str, prompt: str, cache_salt: str = "", max_blocks: int = MAX_BLOCKS) -> list[int]:
     """Hashes of the prompt's full blocks, in order: h0 = xxh64(model + salt), h_i = xxh64(b_i + le64(h_{i-1}))."""
-    data = prompt.encode()
+    data = prompt.encode("utf-8", "surrogatepass")  # JSON may carry lone surrogates
     n = min(len(data) // BLOCK_CHARS, max_blocks)
     prev = _xxh64((model + cache_salt).encode())
     out = []
