@@ -19,15 +19,17 @@ DEFAULT_CAPACITY = 31_250  # blocks per endpoint when the server does not report
 _xxh64 = xxhash.xxh64_intdigest
 
 
-def block_hashes(model: str, prompt: str, cache_salt: str = "", max_blocks: int = MAX_BLOCKS) -> list[int]:
+def block_hashes(
+    model: str, prompt: str, cache_salt: str = "", max_blocks: int = MAX_BLOCKS, block_chars: int = BLOCK_CHARS
+) -> list[int]:
     """Hashes of the prompt's full blocks, in order: h0 = xxh64(model + salt), h_i = xxh64(b_i + le64(h_{i-1}))."""
     data = prompt.encode("utf-8", "surrogatepass")  # JSON may carry lone surrogates
-    n = min(len(data) // BLOCK_CHARS, max_blocks)
+    n = min(len(data) // block_chars, max_blocks)
     prev = _xxh64((model + cache_salt).encode())
     out = []
     for i in range(n):
-        start = i * BLOCK_CHARS
-        prev = _xxh64(data[start : start + BLOCK_CHARS] + prev.to_bytes(8, "little"))
+        start = i * block_chars
+        prev = _xxh64(data[start : start + block_chars] + prev.to_bytes(8, "little"))
         out.append(prev)
     return out
 

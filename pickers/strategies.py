@@ -1,47 +1,39 @@
-"""Built-in scheduling strategies selectable by name (`epp serve --strategy`).
+"""Built-in scheduling strategies selectable by name (`epp serve --strategy`), each an EndpointPickerConfig.
 
-`default` is the reference picker's default profile: queue 2, kv-cache 2, prefix-cache 3, max-score.
-The others are baselines for comparison.
+`default` is the reference picker's default config (`pickers.config.DEFAULT_CONFIG_TEXT`): queue 2,
+kv-cache 2, prefix-cache 3, max-score. The others are baselines for comparison.
 """
 
 from __future__ import annotations
 
 import random
+from types import MappingProxyType
 
 from extproc.errors import ConfigError
-from pickers.picker.max_score import MaxScorePicker
-from pickers.picker.random import RandomPicker
-from pickers.picker.round_robin import RoundRobinPicker
+from pickers.config import DEFAULT_CONFIG_TEXT, load_config
 from pickers.prefix_index import ApproxPrefixIndex
-from pickers.scheduler import SchedulingProfile, WeightedScorer
-from pickers.scorers.kv_cache import KVCacheUtilizationScorer
-from pickers.scorers.prefix import PrefixCacheScorer
-from pickers.scorers.queue import QueueScorer
+from pickers.scheduler import SchedulingProfile
+from pickers.types import PluginContext
 
-STRATEGIES = ("default", "load", "random", "round-robin")
+_HEADER = "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n"
+
+STRATEGY_CONFIGS = MappingProxyType(
+    {
+        "default": DEFAULT_CONFIG_TEXT,
+        # no schedulingProfiles: one `default`-style profile with every plugin, weight 1
+        "load": _HEADER + "plugins:\n- type: queue-scorer\n- type: kv-cache-utilization-scorer\n",
+        "random": _HEADER + "plugins:\n- type: random-picker\n",
+        "round-robin": _HEADER + "plugins:\n- type: round-robin-picker\n",
+    }
+)
+STRATEGIES = tuple(STRATEGY_CONFIGS)
 
 
 def build_profile(
     strategy: str, index: ApproxPrefixIndex, *, max_endpoints: int = 1, rng: random.Random | None = None
 ) -> SchedulingProfile:
-    if strategy == "default":
-        return SchedulingProfile(
-            "default",
-            MaxScorePicker(max_endpoints, rng),
-            [
-                WeightedScorer(QueueScorer(), 2),
-                WeightedScorer(KVCacheUtilizationScorer(), 2),
-                WeightedScorer(PrefixCacheScorer(index), 3),
-            ],
-        )
-    if strategy == "load":
-        return SchedulingProfile(
-            "load",
-            MaxScorePicker(max_endpoints, rng),
-            [WeightedScorer(QueueScorer(), 1), WeightedScorer(KVCacheUtilizationScorer(), 1)],
-        )
-    if strategy == "random":
-        return SchedulingProfile("random", RandomPicker(max_endpoints, rng))
-    if strategy == "round-robin":
-        return SchedulingProfile("round-robin", RoundRobinPicker(max_endpoints))
-    raise ConfigError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}", field="--strategy")
+    text = STRATEGY_CONFIGS.get(strategy)
+    if text is None:
+        raise ConfigError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}", field="--strategy")
+    ctx = PluginContext(prefix_index=index, rng=rng or random.Random(), max_endpoints=max_endpoints)
+    return load_config(text, f"--strategy {strategy}", ctx).profile

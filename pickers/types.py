@@ -9,12 +9,24 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from extproc.datastore import Endpoint
+from extproc.datastore import Datastore, Endpoint
 from extproc.inference_request import InferenceRequest
+from pickers.prefix_index import ApproxPrefixIndex
+
+
+@dataclass(slots=True)
+class PluginContext:
+    """What plugins share, handed to every plugin factory: the live state and one random source."""
+
+    prefix_index: ApproxPrefixIndex = field(default_factory=ApproxPrefixIndex)
+    datastore: Datastore | None = None
+    rng: random.Random = field(default_factory=random.Random)
+    max_endpoints: int = 1  # pickers' maxNumOfEndpoints when the config leaves it out (--max-num-endpoints)
 
 
 @dataclass(slots=True)

@@ -7,7 +7,9 @@ from collections.abc import Sequence
 
 from extproc.datastore import Endpoint
 from extproc.inference_request import InferenceRequest
-from pickers.types import ScoredEndpoint
+from pickers.params import Params
+from pickers.picker import max_endpoints_param
+from pickers.types import PluginContext, ScoredEndpoint
 
 
 class RandomPicker:
@@ -17,6 +19,10 @@ class RandomPicker:
         self.name = name
         self.max_endpoints = max_endpoints
         self.rng = rng or random.Random()
+
+    @classmethod
+    def from_config(cls, name: str, p: Params, ctx: PluginContext) -> RandomPicker:
+        return cls(max_endpoints_param(p, ctx), ctx.rng, name)
 
     def pick(self, request: InferenceRequest, scored: Sequence[ScoredEndpoint]) -> list[Endpoint]:
         if not scored:

@@ -6,7 +6,9 @@ from collections.abc import Sequence
 
 from extproc.datastore import Endpoint
 from extproc.inference_request import InferenceRequest
-from pickers.types import ScoredEndpoint
+from pickers.params import Params
+from pickers.picker import max_endpoints_param
+from pickers.types import PluginContext, ScoredEndpoint
 
 
 class RoundRobinPicker:
@@ -16,6 +18,10 @@ class RoundRobinPicker:
         self.name = name
         self.max_endpoints = max_endpoints
         self._next = 0
+
+    @classmethod
+    def from_config(cls, name: str, p: Params, ctx: PluginContext) -> RoundRobinPicker:
+        return cls(max_endpoints_param(p, ctx), name)
 
     def pick(self, request: InferenceRequest, scored: Sequence[ScoredEndpoint]) -> list[Endpoint]:
         if not scored:

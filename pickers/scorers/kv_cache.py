@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 from extproc.datastore import Endpoint
 from extproc.inference_request import InferenceRequest
-from pickers.types import CycleState
+from pickers.params import Params
+from pickers.types import CycleState, PluginContext
 
 
 class KVCacheUtilizationScorer:
@@ -15,6 +16,10 @@ class KVCacheUtilizationScorer:
 
     def __init__(self, name: str = "kv-cache-utilization-scorer") -> None:
         self.name = name
+
+    @classmethod
+    def from_config(cls, name: str, p: Params, ctx: PluginContext) -> KVCacheUtilizationScorer:
+        return cls(name)
 
     def score(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> list[float]:
         return [1.0 - ep.metrics.kv_usage for ep in endpoints]

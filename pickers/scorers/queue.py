@@ -6,7 +6,17 @@ from collections.abc import Sequence
 
 from extproc.datastore import Endpoint
 from extproc.inference_request import InferenceRequest
-from pickers.types import CycleState
+from pickers.params import Params
+from pickers.types import CycleState, PluginContext
+
+
+def min_max_low_is_best(values: Sequence[float]) -> list[float]:
+    """(max - v) / (max - min): the lowest value scores 1, the highest 0; 1 for all when they are equal."""
+    lo, hi = min(values, default=0), max(values, default=0)
+    if hi == lo:
+        return [1.0] * len(values)
+    span = hi - lo
+    return [(hi - v) / span for v in values]
 
 
 class QueueScorer:
@@ -16,10 +26,9 @@ class QueueScorer:
     def __init__(self, name: str = "queue-scorer") -> None:
         self.name = name
 
+    @classmethod
+    def from_config(cls, name: str, p: Params, ctx: PluginContext) -> QueueScorer:
+        return cls(name)
+
     def score(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> list[float]:
-        queues = [ep.metrics.waiting for ep in endpoints]
-        lo, hi = min(queues, default=0), max(queues, default=0)
-        if hi == lo:
-            return [1.0] * len(endpoints)
-        span = hi - lo
-        return [(hi - q) / span for q in queues]
+        return min_max_low_is_best([ep.metrics.waiting for ep in endpoints])

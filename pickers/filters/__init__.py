@@ -1,0 +1,1 @@
+"""Filters: candidates in, the candidates that may serve out (order kept)."""

@@ -1,0 +1,26 @@
+"""running-requests-size-scorer: fewer running requests (as the server reports) scores higher, min-max."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from extproc.datastore import Endpoint
+from extproc.inference_request import InferenceRequest
+from pickers.params import Params
+from pickers.scorers.queue import min_max_low_is_best
+from pickers.types import CycleState, PluginContext
+
+
+class RunningRequestsSizeScorer:
+    type = "running-requests-size-scorer"
+    category = "distribution"
+
+    def __init__(self, name: str = "running-requests-size-scorer") -> None:
+        self.name = name
+
+    @classmethod
+    def from_config(cls, name: str, p: Params, ctx: PluginContext) -> RunningRequestsSizeScorer:
+        return cls(name)
+
+    def score(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> list[float]:
+        return min_max_low_is_best([ep.metrics.running for ep in endpoints])
