@@ -33,7 +33,7 @@ class Director:
         destination = primary.address if len(result.endpoints) == 1 else ",".join(ep.address for ep in result.endpoints)
         scores = msgspec.json.encode(result.scores).decode() if result.scores is not None else None
         self.metrics.scheduled(model, time.perf_counter() - start)
-        return Routing(request, destination, primary, tokens, scores)
+        return Routing(request, destination, primary, tokens, scores, result.request_headers, result.response_headers)
 
     def rejected(self, request: InferenceRequest | None, error: RequestError) -> None:
         self.metrics.request_error(request.model if request else "", error.kind.code)

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import enum
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from envoy.config.core.v3 import base_pb2
@@ -96,6 +96,8 @@ class Routing:
     primary: Endpoint  # gets the in-flight count
     tokens: int
     scores: str | None = None  # JSON of per-scorer scores when explaining is on
+    request_headers: Mapping[str, str] = field(default_factory=dict)  # set on the upstream request
+    response_headers: Mapping[str, str] = field(default_factory=dict)  # set on the client's response
 
 
 @dataclass(slots=True)
@@ -275,7 +277,11 @@ class RequestStream:
         if hdrs.end_of_stream:
             self.state = State.DONE
             self._finish(aborted=False)
-        return [pb.ProcessingResponse(response_headers=pb.HeadersResponse())]
+        extra = self.routing.response_headers if self.routing is not None else None
+        if not extra:
+            return [pb.ProcessingResponse(response_headers=pb.HeadersResponse())]
+        mutation = pb.HeaderMutation(set_headers=[_header(k, v) for k, v in extra.items()])
+        return [pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=pb.CommonResponse(header_mutation=mutation)))]
 
     def _on_response_body(self, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
         if self._usage is not None:
@@ -336,13 +342,13 @@ class RequestStream:
                 )
             )
         if content_length is not None:
-            set_headers.append(
-                base_pb2.HeaderValueOption(
-                    header=base_pb2.HeaderValue(key="content-length", raw_value=str(content_length).encode()),
-                    append_action=_OVERWRITE,
-                )
-            )
-        remove = [h for h in STEERING_HEADERS[1:] if self.request is not None and h in self.request.headers]
+            set_headers.append(_header("content-length", str(content_length)))
+        for key, value in routing.request_headers.items():
+            set_headers.append(_header(key, value))
+        remove = [
+            h for h in STEERING_HEADERS[1:]
+            if self.request is not None and h in self.request.headers and h not in routing.request_headers
+        ]  # fmt: skip
         return pb.CommonResponse(
             header_mutation=pb.HeaderMutation(set_headers=set_headers, remove_headers=remove),
             clear_route_cache=True,
@@ -385,6 +391,10 @@ class RequestStream:
                 details=f"llm_epp_{err.kind.code}",
             )
         )
+
+
+def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=key, raw_value=value.encode()), append_action=_OVERWRITE)
 
 
 def _subset_hint(msg: pb.ProcessingRequest) -> list[str] | None:

@@ -70,6 +70,23 @@ class ManagedProcess:
             p.wait(5)
 
 
+ROLE_LABEL = "llm-d.ai/role"
+
+
+@dataclass
+class PdPool:
+    """A disaggregated pool: prefill simulators, and decode simulators each behind a pd-sidecar.
+
+    A decode endpoint's address is its sidecar's; its metrics are scraped from the simulator itself.
+    """
+
+    prefill: int = 1
+    decode: int = 1
+    prefill_sim_args: Sequence[str] = ()  # e.g. ("--profile", "cpu") for CPU prefill + GPU decode
+    decode_sim_args: Sequence[str] = ()
+    sidecar_args: Sequence[str] = ()  # extra pd-sidecar flags
+
+
 @dataclass
 class StackOptions:
     workdir: Path
@@ -87,6 +104,7 @@ class StackOptions:
     envoy_concurrency: int = 1
     envoy_log_level: str = "warning"
     extra_env: dict[str, str] = field(default_factory=dict)
+    pd: PdPool | None = None  # instead of `sims` aggregated simulators
 
 
 class LocalStack:
@@ -94,6 +112,7 @@ class LocalStack:
         self.opts = opts
         self.procs: list[ManagedProcess] = []
         self.sim_ports: list[int] = []
+        self.sidecar_ports: list[int] = []
         self.endpoints: list[tuple[str, int]] = []
         self.listen_port = 0
         self.epp_port = 0
@@ -148,6 +167,8 @@ class LocalStack:
         if o.endpoints_file is not None:
             self.endpoints_path = Path(o.endpoints_file)
             self.endpoints = [(s.host, s.port) for s in load_endpoints_file(self.endpoints_path)]
+        elif o.pd is not None:
+            self.start_pd_pool(o.pd)
         else:
             self.start_sims()
         if o.epp:
@@ -167,6 +188,37 @@ class LocalStack:
         self.endpoints_path.write_text(
             yaml.safe_dump({"endpoints": [{"address": h, "port": p, "name": f"sim-{i}"} for i, (h, p) in enumerate(self.endpoints)]})
         )
+
+    def start_pd_pool(self, pool: PdPool) -> None:
+        o = self.opts
+        entries: list[dict[str, object]] = []
+        for i in range(pool.prefill):
+            port = self._start_sim(f"prefill-{i}", i, [*o.sim_args, *pool.prefill_sim_args])
+            self.endpoints.append(("127.0.0.1", port))
+            entries.append({"address": "127.0.0.1", "port": port, "name": f"prefill-{i}",
+                            "labels": {ROLE_LABEL: "prefill"}})
+        for i in range(pool.decode):
+            sim_port = self._start_sim(f"decode-{i}", pool.prefill + i, [*o.sim_args, *pool.decode_sim_args])
+            port = free_port()
+            argv = [sys.executable, "-m", "pd_sidecar", "--host", "127.0.0.1", "--port", str(port),
+                    "--decoder", f"http://127.0.0.1:{sim_port}", *pool.sidecar_args]
+            proc = self._spawn(f"sidecar-{i}", argv)
+            self._wait_http(proc, f"http://127.0.0.1:{port}/health")
+            self.sidecar_ports.append(port)
+            self.endpoints.append(("127.0.0.1", port))
+            entries.append({"address": "127.0.0.1", "port": port, "name": f"decode-{i}",
+                            "labels": {ROLE_LABEL: "decode"}, "metricsPort": sim_port})
+        self.endpoints_path = o.workdir / "endpoints.yaml"
+        self.endpoints_path.write_text(yaml.safe_dump({"endpoints": entries}))
+
+    def _start_sim(self, name: str, seed: int, args: Sequence[str]) -> int:
+        port = free_port()
+        argv = [sys.executable, "-m", "vllm_sim", "--host", "127.0.0.1", "--port", str(port),
+                "--model", self.opts.model, "--seed", str(seed), *args]
+        proc = self._spawn(name, argv)
+        self.sim_ports.append(port)
+        self._wait_http(proc, f"http://127.0.0.1:{port}/health")
+        return port
 
     def start_epp(self, extra_args: Sequence[str] = ()) -> ManagedProcess:
         o = self.opts

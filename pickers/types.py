@@ -77,6 +77,10 @@ class SchedulingResult:
     profile: str = "default"
     # per-scorer scores of every candidate, kept only when explaining decisions
     scores: dict[str, dict[str, float]] | None = None
+    # headers plugins add to the upstream request (e.g. x-prefiller-host-port) and to the response
+    # the client gets (e.g. x-session-token)
+    request_headers: dict[str, str] = field(default_factory=dict)
+    response_headers: dict[str, str] = field(default_factory=dict)
 
 
 @runtime_checkable

@@ -34,6 +34,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--num-gpu-blocks", type=int, help="KV cache capacity in blocks (profile default)")
     p.add_argument("--block-size", type=int, help="tokens per KV block (profile default)")
     p.add_argument("--max-model-len", type=int, help="max prompt + output tokens (profile default)")
+    p.add_argument("--kv-transfer-s-per-token", type=float,
+                   help="P/D: seconds a decode leg waits per remotely prefilled token (profile default)")
+    p.add_argument("--kv-transfer-s-overhead", type=float,
+                   help="P/D: fixed seconds per KV transfer (profile default)")
     p.add_argument("--name", help="x-served-by value (default host:port as bound)")
     return p
 
@@ -51,6 +55,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         num_gpu_blocks=args.num_gpu_blocks,
         block_size=args.block_size,
         max_model_len=args.max_model_len,
+        kv_transfer_s_per_token=args.kv_transfer_s_per_token,
+        kv_transfer_s_overhead=args.kv_transfer_s_overhead,
     )
 
 

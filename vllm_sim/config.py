@@ -30,6 +30,8 @@ class SimConfig:
     num_gpu_blocks: int = PROFILES["gpu"].num_gpu_blocks
     block_size: int = PROFILES["gpu"].block_size
     max_model_len: int = PROFILES["gpu"].max_model_len
+    kv_transfer_s_per_token: float = PROFILES["gpu"].kv_transfer_s_per_token
+    kv_transfer_s_overhead: float = PROFILES["gpu"].kv_transfer_s_overhead
 
     @classmethod
     def from_profile(cls, profile: str | Profile = "gpu", **overrides: object) -> SimConfig:
@@ -48,6 +50,8 @@ class SimConfig:
             num_gpu_blocks=profile.num_gpu_blocks,
             block_size=profile.block_size,
             max_model_len=profile.max_model_len,
+            kv_transfer_s_per_token=profile.kv_transfer_s_per_token,
+            kv_transfer_s_overhead=profile.kv_transfer_s_overhead,
         )
         given = {k: v for k, v in overrides.items() if v is not None}
         if "models" in given:
@@ -67,6 +71,9 @@ class SimConfig:
         for field in ("max_num_seqs", "num_gpu_blocks", "block_size", "max_model_len"):
             if getattr(self, field) < 1:
                 raise ConfigError(f"{field}: must be >= 1, got {getattr(self, field)}")
+        for field in ("kv_transfer_s_per_token", "kv_transfer_s_overhead"):
+            if getattr(self, field) < 0:
+                raise ConfigError(f"{field}: must be >= 0, got {getattr(self, field)}")
         if self.time_scale < 0:
             raise ConfigError(f"time_scale: must be >= 0, got {self.time_scale}")
         if not 0 <= self.port <= 65535:

@@ -4,6 +4,10 @@ Pure asyncio, no HTTP. Each step admits what fits (a batch slot and KV blocks), 
 simulated step time (prefill of the newly admitted + one decode step of the whole batch) and
 then gives every running request one token. A request's first token therefore arrives at the
 end of the step that prefilled it, which is what makes TTFT grow with queueing and prompt length.
+
+Prefill/decode disaggregation as vLLM's KV connectors do it: a prefill leg is an ordinary request
+whose prompt blocks the caller will pull; a decode leg holds a slot and its blocks but, instead of
+being prefilled, waits off the step loop for the KV transfer, then joins the batch.
 """
 
 from __future__ import annotations
@@ -29,9 +33,18 @@ class EngineStopped(RuntimeError):
 
 class RequestState(enum.Enum):
     WAITING = "waiting"
+    TRANSFERRING = "transferring"  # a decode leg pulling its prompt's KV (vLLM: WAITING_FOR_REMOTE_KVS)
     RUNNING = "running"
     FINISHED = "finished"
     ABORTED = "aborted"
+
+
+class PdLeg(enum.Enum):
+    """Which part of a disaggregated request this is, from its kv_transfer_params."""
+
+    NONE = "none"  # aggregated: prefill and decode here
+    PREFILL = "prefill"  # do_remote_decode: prefill here, someone else decodes
+    DECODE = "decode"  # do_remote_prefill: prompt KV comes from a remote prefill
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,13 +66,16 @@ class EngineRequest:
     # Shared by all prompts of one HTTP request so the handler waits on a single queue.
     output: asyncio.Queue[TokenOutput]
     index: int = 0  # choice index within its HTTP request
+    pd_leg: PdLeg = PdLeg.NONE
     state: RequestState = RequestState.WAITING
     arrival_time: float = 0.0
     scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
     num_generated: int = 0
-    num_cached_tokens: int = 0
+    num_cached_tokens: int = 0  # local prefix hits plus, for a decode leg, the transferred tokens
+    num_external_tokens: int = 0  # decode leg: prompt tokens whose KV came from the prefill server
+    kv_block_ids: list[int] = field(default_factory=list)  # prefill leg: "block ids" to hand over
     allocation: Allocation | None = None
     block_hashes: list[int] = field(default_factory=list)
 
@@ -84,6 +100,9 @@ class EngineStats:
     prompt_tokens_total: int = 0
     cached_prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
+    prefill_legs_total: int = 0
+    decode_legs_total: int = 0
+    kv_transfer_tokens_total: int = 0  # prompt tokens decode legs pulled instead of computing
 
 
 class Engine:
@@ -94,6 +113,10 @@ class Engine:
         self._observer = observer
         self._waiting: deque[EngineRequest] = deque()
         self._running: dict[EngineRequest, None] = {}  # insertion-ordered set
+        # Decode legs: pulling KV (each with the timer that ends its transfer), then ready to run.
+        self._transferring: dict[EngineRequest, asyncio.TimerHandle] = {}
+        self._ready: list[EngineRequest] = []
+        self._next_block_id = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -103,7 +126,13 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting)
+        """Queued plus decode legs still waiting for their KV, as vLLM counts them."""
+        return len(self._waiting) + len(self._transferring) + len(self._ready)
+
+    @property
+    def _slots_used(self) -> int:
+        # A decode leg keeps its slot while it waits for KV (vLLM frees it; simpler and conservative).
+        return len(self._running) + len(self._transferring) + len(self._ready)
 
     async def start(self) -> None:
         if self._task is None:
@@ -118,8 +147,8 @@ class Engine:
             except asyncio.CancelledError:
                 pass
         # Unblock every handler still waiting on a request.
-        for request in [*self._waiting, *self._running]:
-            self._release(request, RequestState.ABORTED)
+        for request in [*self._waiting, *self._transferring, *self._ready, *self._running]:
+            self.abort(request)
             request.output.put_nowait(TokenOutput(request, error=EngineStopped("engine stopped")))
 
     def submit(self, request: EngineRequest) -> None:
@@ -133,6 +162,10 @@ class Engine:
         request.arrival_time = asyncio.get_running_loop().time()
         request.state = RequestState.WAITING
         self.stats.requests_total += 1
+        if request.pd_leg is PdLeg.PREFILL:
+            self.stats.prefill_legs_total += 1
+        elif request.pd_leg is PdLeg.DECODE:
+            self.stats.decode_legs_total += 1
         self._waiting.append(request)
         self._wake.set()
 
@@ -143,6 +176,11 @@ class Engine:
                 self._waiting.remove(request)
             except ValueError:
                 pass
+        timer = self._transferring.pop(request, None)
+        if timer is not None:
+            timer.cancel()
+        if request in self._ready:
+            self._ready.remove(request)
         self._release(request, RequestState.ABORTED)
 
     def reset(self) -> None:
@@ -153,27 +191,32 @@ class Engine:
         loop = asyncio.get_running_loop()
         cfg = self.config
         while True:
+            # Decode legs whose KV arrived join here, so each still pays one full step for its token.
+            for request in self._ready:
+                request.state = RequestState.RUNNING
+                self._running[request] = None
+            self._ready.clear()
             if not self._waiting and not self._running:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            prefill_tokens, admitted = self._admit(loop.time())
+            prefill_tokens, prefilled = self._admit(loop.time())
             if not self._running:
-                # Nothing runs and the head of the queue does not fit. submit() rejects requests
-                # larger than the cache, so this should not happen; wait rather than spin.
+                # Nothing runs: the admitted are all still pulling KV (their timers wake us), or the
+                # head of the queue does not fit (submit() rejects requests larger than the cache).
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             duration = cfg.decode_s_base + cfg.decode_s_per_seq * len(self._running)
-            if admitted:
+            if prefilled:
                 duration += cfg.prefill_s_overhead + cfg.prefill_s_per_token * prefill_tokens
             await asyncio.sleep(duration * cfg.time_scale)
             self._emit_tokens(loop.time())
 
     def _admit(self, now: float) -> tuple[int, int]:
         """FCFS: stop at the first request that does not fit, as vLLM's default policy does."""
-        prefill_tokens = admitted = 0
-        while self._waiting and len(self._running) < self.config.max_num_seqs:
+        prefill_tokens = prefilled = 0
+        while self._waiting and self._slots_used < self.config.max_num_seqs:
             request = self._waiting[0]
             total = len(request.prompt_token_ids) + request.max_tokens
             allocation = self.cache.allocate(request.prompt_token_ids, request.block_hashes, total)
@@ -183,15 +226,44 @@ class Engine:
             request.allocation = allocation
             request.state = RequestState.RUNNING
             request.scheduled_time = now
-            request.num_cached_tokens = allocation.hit_blocks * self.cache.block_size
-            self._running[request] = None
-            self.stats.prompt_tokens_total += len(request.prompt_token_ids)
-            self.stats.cached_prompt_tokens_total += request.num_cached_tokens
-            prefill_tokens += len(request.prompt_token_ids) - request.num_cached_tokens
-            admitted += 1
+            local_hits = allocation.hit_blocks * self.cache.block_size
+            num_prompt = len(request.prompt_token_ids)
+            self.stats.prompt_tokens_total += num_prompt
+            self.stats.cached_prompt_tokens_total += local_hits
+            if request.pd_leg is PdLeg.DECODE:
+                # Everything not cached here comes over the wire; nothing is prefilled locally.
+                request.num_external_tokens = num_prompt - local_hits
+                request.num_cached_tokens = num_prompt
+                self.stats.kv_transfer_tokens_total += request.num_external_tokens
+                self._start_transfer(request)
+            else:
+                request.num_cached_tokens = local_hits
+                self._running[request] = None
+                prefill_tokens += num_prompt - local_hits
+                prefilled += 1
+                if request.pd_leg is PdLeg.PREFILL:
+                    request.kv_block_ids = self._block_ids(self.cache.blocks_needed(num_prompt))
             if self._observer is not None:
                 self._observer.on_scheduled(request, now)
-        return prefill_tokens, admitted
+        return prefill_tokens, prefilled
+
+    def _start_transfer(self, request: EngineRequest) -> None:
+        cfg = self.config
+        seconds = cfg.kv_transfer_s_overhead + cfg.kv_transfer_s_per_token * request.num_external_tokens
+        request.state = RequestState.TRANSFERRING
+        loop = asyncio.get_running_loop()
+        self._transferring[request] = loop.call_later(seconds * cfg.time_scale, self._transfer_done, request)
+
+    def _transfer_done(self, request: EngineRequest) -> None:
+        if self._transferring.pop(request, None) is None:
+            return  # aborted meanwhile
+        self._ready.append(request)
+        self._wake.set()
+
+    def _block_ids(self, n: int) -> list[int]:
+        """Stand-ins for the physical block ids a connector reports; only their count means anything."""
+        first, self._next_block_id = self._next_block_id, (self._next_block_id + n) % self.cache.num_blocks
+        return [(first + i) % self.cache.num_blocks for i in range(n)]
 
     def _emit_tokens(self, now: float) -> None:
         for request in list(self._running):

@@ -47,6 +47,11 @@ class SimMetrics:
                                       _LABELS, registry=r).labels(**labels)
         self.prefix_hits = Counter("vllm:prefix_cache_hits", "Prefix-cache hits, in tokens.",
                                    _LABELS, registry=r).labels(**labels)
+        # vLLM's names for tokens a KV connector supplied (P/D decode legs here).
+        self.external_queries = Counter("vllm:external_prefix_cache_queries",
+                                        "External prefix-cache queries, in tokens.", _LABELS, registry=r).labels(**labels)
+        self.external_hits = Counter("vllm:external_prefix_cache_hits",
+                                     "External prefix-cache hits, in tokens.", _LABELS, registry=r).labels(**labels)
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefill tokens processed.",
                                      _LABELS, registry=r).labels(**labels)
         self.generation_tokens = Counter("vllm:generation_tokens", "Generation tokens processed.",
@@ -74,7 +79,10 @@ class SimMetrics:
     def on_scheduled(self, request: EngineRequest, now: float) -> None:
         prompt = len(request.prompt_token_ids)
         self.prefix_queries.inc(prompt)
-        self.prefix_hits.inc(request.num_cached_tokens)
+        self.prefix_hits.inc(request.num_cached_tokens - request.num_external_tokens)
+        if request.num_external_tokens:
+            self.external_queries.inc(request.num_external_tokens)
+            self.external_hits.inc(request.num_external_tokens)
         self.prompt_tokens.inc(prompt)
 
     def on_token(self, request: EngineRequest, now: float, previous: float | None) -> None:

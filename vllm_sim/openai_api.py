@@ -16,6 +16,7 @@ import msgspec
 
 from vllm_sim import tokens
 from vllm_sim.config import SimConfig
+from vllm_sim.engine import PdLeg
 
 DEFAULT_MAX_TOKENS = 16
 
@@ -55,6 +56,34 @@ class StreamOptions(msgspec.Struct):
     continuous_usage_stats: bool | None = False
 
 
+class KvTransferParams(msgspec.Struct, kw_only=True):
+    """vLLM's `kv_transfer_params` as NixlConnector reads them; unknown keys are ignored."""
+
+    do_remote_decode: bool | None = False
+    do_remote_prefill: bool | None = False
+    remote_engine_id: str | None = None
+    remote_block_ids: list[int] | None = None
+    remote_host: str | None = None
+    remote_port: int | None = None
+
+
+def pd_leg(params: KvTransferParams | None) -> PdLeg:
+    """do_remote_decode -> prefill leg; do_remote_prefill with a source -> decode leg.
+
+    Like NixlConnector, a decode leg that does not say where the KV is (engine id, host, port)
+    is served with a local prefill instead of failing.
+    """
+    if params is None:
+        return PdLeg.NONE
+    if params.do_remote_decode and params.do_remote_prefill:
+        raise BadRequest("kv_transfer_params: do_remote_decode and do_remote_prefill cannot both be true")
+    if params.do_remote_decode:
+        return PdLeg.PREFILL
+    if params.do_remote_prefill and None not in (params.remote_engine_id, params.remote_host, params.remote_port):
+        return PdLeg.DECODE
+    return PdLeg.NONE
+
+
 class _Common(msgspec.Struct, kw_only=True):
     model: str | None = None
     max_tokens: int | None = None
@@ -63,6 +92,7 @@ class _Common(msgspec.Struct, kw_only=True):
     n: int | None = 1  # accepted; only one choice per prompt is produced
     ignore_eos: bool | None = False  # output always runs to max_tokens anyway
     seed: int | None = None
+    kv_transfer_params: KvTransferParams | None = None
 
 
 class CompletionRequest(_Common, kw_only=True):
@@ -95,6 +125,7 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     seed: int | None
+    pd_leg: PdLeg = PdLeg.NONE
 
 
 def _decode(body: bytes, kind: type[msgspec.Struct]) -> Any:
@@ -191,6 +222,9 @@ def parse_chat(body: bytes, config: SimConfig) -> ParsedRequest:
 
 def _parsed(chat: bool, model: str, prompts: list[tuple[int, ...]], limit: int | None,
             request: _Common, config: SimConfig) -> ParsedRequest:
+    leg = pd_leg(request.kv_transfer_params)
+    if leg is not PdLeg.NONE and len(prompts) != 1:
+        raise BadRequest("kv_transfer_params: a disaggregated request must have exactly one prompt")
     return ParsedRequest(
         chat=chat,
         model=model,
@@ -199,6 +233,7 @@ def _parsed(chat: bool, model: str, prompts: list[tuple[int, ...]], limit: int |
         stream=bool(request.stream),
         include_usage=bool(request.stream and request.stream_options and request.stream_options.include_usage),
         seed=request.seed,
+        pd_leg=leg,
     )
 
 
@@ -226,6 +261,14 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
         "completion_tokens": completion_tokens,
         "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
+
+
+def produced_kv_transfer_params(block_ids: Sequence[int], engine_id: str, host: str, port: int,
+                                request_id: str) -> dict[str, Any]:
+    """What a prefill leg's response carries for the decode leg, shaped like NixlConnector's."""
+    return {"do_remote_prefill": True, "do_remote_decode": False, "remote_block_ids": list(block_ids),
+            "remote_engine_id": engine_id, "remote_request_id": request_id, "remote_host": host,
+            "remote_port": port, "tp_size": 1}
 
 
 def full_response(head: ResponseHeader, texts: Sequence[str], usage_: dict[str, Any]) -> dict[str, Any]:

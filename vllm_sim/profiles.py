@@ -21,6 +21,10 @@ class Profile:
     num_gpu_blocks: int
     block_size: int
     max_model_len: int
+    # P/D: what a decode leg pays to pull a remotely prefilled prompt's KV instead of computing it.
+    # The decode server's profile decides, since it is the one that waits for the transfer.
+    kv_transfer_s_per_token: float
+    kv_transfer_s_overhead: float  # per transfer (handshake, metadata round trip)
 
 
 # An H100 serving an ~8B model: ~20k prefill tokens/s, ~8 ms per decode step.
@@ -34,6 +38,9 @@ GPU = Profile(
     num_gpu_blocks=8000,
     block_size=16,
     max_model_len=32768,
+    # ~128 KiB of KV per token for an 8B model over RDMA at ~25 GB/s.
+    kv_transfer_s_per_token=1 / 200000,
+    kv_transfer_s_overhead=0.001,
 )
 
 # A CPU box serving a small model: everything ~10-50x slower and much less KV room.
@@ -47,6 +54,9 @@ CPU = Profile(
     num_gpu_blocks=2000,
     block_size=16,
     max_model_len=8192,
+    # A small model's KV over TCP: a few times slower per token than RDMA, more fixed latency.
+    kv_transfer_s_per_token=1 / 50000,
+    kv_transfer_s_overhead=0.005,
 )
 
 # Read-only so no caller can change a profile for every other simulator in the process.

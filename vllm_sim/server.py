@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from vllm_sim import openai_api as api
 from vllm_sim.config import SimConfig
-from vllm_sim.engine import Engine, EngineRequest, RequestTooLarge, TokenOutput
+from vllm_sim.engine import Engine, EngineRequest, PdLeg, RequestTooLarge, TokenOutput
 from vllm_sim.metrics import CONTENT_TYPE, SimMetrics
 from vllm_sim.tokens import FillerText
 
@@ -161,6 +161,7 @@ class SimServer:
                 filler=FillerText(self.config.seed, prompt, parsed.seed),
                 output=outputs,
                 index=i,
+                pd_leg=parsed.pd_leg,
             )
             for i, prompt in enumerate(parsed.prompts)
         ]
@@ -189,6 +190,10 @@ class SimServer:
             texts[out.request.index].append(out.text)
             pending -= out.finished
         body = api.full_response(head, ["".join(t) for t in texts], self._usage(reqs))
+        if parsed.pd_leg is PdLeg.PREFILL:
+            # vLLM hands these over only in a non-streamed response; so does the simulator.
+            body["kv_transfer_params"] = api.produced_kv_transfer_params(
+                reqs[0].kv_block_ids, self._name, self.config.host, self._port, reqs[0].request_id)
         return _json(body)
 
     async def _stream(self, request: web.Request, parsed: api.ParsedRequest, head: api.ResponseHeader,
@@ -242,6 +247,9 @@ class SimServer:
             "prompt_tokens_total": s.prompt_tokens_total,
             "cached_prompt_tokens_total": s.cached_prompt_tokens_total,
             "generation_tokens_total": s.generation_tokens_total,
+            "prefill_legs_total": s.prefill_legs_total,
+            "decode_legs_total": s.decode_legs_total,
+            "kv_transfer_tokens_total": s.kv_transfer_tokens_total,
             "running": self.engine.num_running,
             "waiting": self.engine.num_waiting,
             "kv_cache_usage_perc": self.engine.cache.usage,

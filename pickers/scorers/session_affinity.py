@@ -1,7 +1,7 @@
 """session-affinity-scorer: 1 for the endpoint named in the request's `x-session-token` header (base64 of
 its `ip:port`), 0 for the others. A missing or unreadable token scores every endpoint 0.
 
-Handing the token out (on the response headers) is the response path's job; see `session_token`.
+After the pick it hands the client the token of the chosen endpoint on the response headers.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from extproc.datastore import Endpoint
 from extproc.inference_request import InferenceRequest
 from pickers.params import Params
-from pickers.types import CycleState, PluginContext
+from pickers.types import CycleState, PluginContext, SchedulingResult
 
 SESSION_HEADER = "x-session-token"
 
@@ -45,3 +45,7 @@ class SessionAffinityScorer:
         token = request.headers.get(SESSION_HEADER)
         address = session_address(token) if token else None
         return [1.0 if address is not None and ep.address == address else 0.0 for ep in endpoints]
+
+    def pre_request(self, request: InferenceRequest, cycle: CycleState, result: SchedulingResult) -> None:
+        if result.endpoints:
+            result.response_headers[SESSION_HEADER] = session_token(result.endpoints[0].address)

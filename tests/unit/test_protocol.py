@@ -335,3 +335,34 @@ def test_explained_scores_go_into_lb_metadata():
     scores = json.loads(out[0].dynamic_metadata.fields["envoy.lb"].struct_value.fields["x-gateway-destination-endpoint-scores"].string_value)
     assert set(scores) == {"queue-scorer", "kv-cache-utilization-scorer", "prefix-cache-scorer", "total"}
     assert set(scores["total"]) == set(ADDRS)
+
+
+def test_plugin_headers_reach_the_upstream_request_and_the_client_response():
+    from pickers.scorers.session_affinity import session_address
+
+    config = """
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: session-affinity-scorer
+- type: queue-scorer
+"""
+    from pickers.config import load_config
+    from pickers.types import PluginContext
+
+    ds = Datastore()
+    ds.set_endpoints(EndpointSpec(a, a.split(":")[0], 8000) for a in ADDRS)
+    cfg = load_config(config, "test", PluginContext(ApproxPrefixIndex(), ds, random.Random(0), 1))
+    director = Director(ds, Scheduler(cfg.profile, ds), EppMetrics())
+    stream = RequestStream(director)
+    out = send_request(stream, completion_body(), extra={"x-session-token": "bm90LWFuLWFkZHJlc3M="})
+    chosen = set_headers(out[0])["x-gateway-destination-endpoint"]
+    resp = stream.handle(response_headers_msg())
+    token = {h.header.key: h.header.raw_value.decode() for h in resp[0].response_headers.response.header_mutation.set_headers}[
+        "x-session-token"
+    ]
+    assert session_address(token) == chosen
+    # the next request of the session sticks to that endpoint
+    for _ in range(5):
+        again = send_request(RequestStream(director), completion_body(), extra={"x-session-token": token})
+        assert set_headers(again[0])["x-gateway-destination-endpoint"] == chosen

@@ -1,0 +1,33 @@
+"""The sidecar's Prometheus metrics, in a registry of its own (tests run several in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+# Which way a request went: straight to the decoder, disaggregated, or disaggregation attempted
+# and abandoned for a local prefill.
+PATHS = ("proxy", "disaggregated", "fallback")
+# Why a prefill leg was abandoned.
+FALLBACK_REASONS = ("bad_header", "unreachable", "timeout", "error_status", "no_kv_transfer_params")
+
+
+class SidecarMetrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("pd_sidecar_requests", "Requests handled, by the path they took.",
+                                ("path",), registry=r)
+        self.fallbacks = Counter("pd_sidecar_prefill_fallback",
+                                 "Prefill legs abandoned for a local prefill on the decoder.",
+                                 ("reason",), registry=r)
+        self.retries = Counter("pd_sidecar_prefill_retries", "Prefill legs sent again after 502/503/504 "
+                               "or a connection error.", registry=r)
+        self.prefill_seconds = Histogram(
+            "pd_sidecar_prefill_duration_seconds", "Time from sending a prefill leg to its kv_transfer_params.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0), registry=r)
+        for path in PATHS:  # export zeros so dashboards and tests see every series from the start
+            self.requests.labels(path=path)
+        for reason in FALLBACK_REASONS:
+            self.fallbacks.labels(reason=reason)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
