@@ -1,12 +1,14 @@
 """Built-in scheduling strategies selectable by name (`epp serve --strategy`), each an EndpointPickerConfig.
 
 `default` is the reference picker's default config (`pickers.config.DEFAULT_CONFIG_TEXT`): queue 2,
-kv-cache 2, prefix-cache 3, max-score. The others are baselines for comparison.
+kv-cache 2, prefix-cache 3, max-score. `best` is ours (pickers/configs/best.yaml: the default plus
+the EPP's own in-flight load). The others are baselines for comparison.
 """
 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from types import MappingProxyType
 
 from extproc.errors import ConfigError
@@ -20,6 +22,7 @@ _HEADER = "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPic
 STRATEGY_CONFIGS = MappingProxyType(
     {
         "default": DEFAULT_CONFIG_TEXT,
+        "best": (Path(__file__).parent / "configs" / "best.yaml").read_text(),
         # no schedulingProfiles: one `default`-style profile with every plugin, weight 1
         "load": _HEADER + "plugins:\n- type: queue-scorer\n- type: kv-cache-utilization-scorer\n",
         "random": _HEADER + "plugins:\n- type: random-picker\n",
