@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 import tempfile
 import time
@@ -45,8 +46,19 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus metrics port (default 9090)")
     p.add_argument("--bind-address", default="0.0.0.0", help="address the servers listen on (default all)")
     p.add_argument("--endpoints", metavar="FILE", help="YAML file listing the pool's endpoints; reloaded when it changes")
-    p.add_argument("--pool-name", default="", help="InferencePool name (labels the pool metrics)")
-    p.add_argument("--strategy", choices=STRATEGIES, default="default", help="scheduling strategy (default: queue+kv+prefix)")
+    p.add_argument(
+        "--pool-name", default="",
+        help="the InferencePool to serve: without --endpoints its pods are discovered from the Kubernetes API; "
+        "also labels the pool metrics",
+    )  # fmt: skip
+    _add_kubernetes_flags(p)
+    scheduling = p.add_mutually_exclusive_group()
+    scheduling.add_argument(
+        "--strategy", choices=STRATEGIES, default=None,
+        help="a built-in scheduling strategy (default: `default`, the reference picker's queue 2 + kv 2 + prefix 3)",
+    )  # fmt: skip
+    scheduling.add_argument("--config-file", metavar="FILE", help="an EndpointPickerConfig YAML file")
+    scheduling.add_argument("--config-text", metavar="YAML", help="an EndpointPickerConfig given inline")
     p.add_argument(
         "--max-num-endpoints", type=int, default=1, metavar="N",
         help="endpoints to return per request: the first is primary, the rest ordered fallbacks (default 1)",
@@ -64,6 +76,63 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--v", dest="verbosity", type=int, default=0, help="log verbosity: 0 info, 1+ debug")
 
 
+def _bool_flag(text: str) -> bool:
+    """Go-style booleans, so `--flag`, `--flag=true` and `--flag=false` all work as in the reference."""
+    value = text.strip().lower()
+    if value in ("1", "t", "true", "yes", "on"):
+        return True
+    if value in ("0", "f", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _add_kubernetes_flags(p: argparse.ArgumentParser) -> None:
+    k = p.add_argument_group("Kubernetes (pod discovery from the API server and leader election)")
+    k.add_argument("--pool-namespace", default="", help="namespace of the InferencePool (default: $NAMESPACE, else the pod's own)")
+    k.add_argument("--pool-group", default="inference.networking.k8s.io", help="API group of the InferencePool")
+    k.add_argument(
+        "--endpoint-selector", default="", metavar="K=V,...",
+        help="select model-server pods by labels instead of an InferencePool (needs --endpoint-target-ports)",
+    )  # fmt: skip
+    k.add_argument("--endpoint-target-ports", default="", metavar="PORT,...", help="ports of each selected pod (1-8)")
+    k.add_argument("--kubeconfig", metavar="FILE", help="kubeconfig to reach the API server (default: in-cluster service account)")
+    k.add_argument(
+        "--ha-enable-leader-election", type=_bool_flag, nargs="?", const=True, default=False, metavar="BOOL",
+        help="run several replicas of which only the leader (holding a Lease) reports ready",
+    )  # fmt: skip
+    k.add_argument("--leader-election-lease-name", default="", help="Lease name (default: the reference picker's for the pool)")
+    k.add_argument("--leader-election-namespace", default="", help="namespace of the Lease (default: the pool's)")
+    k.add_argument("--leader-election-lease-duration", type=_duration, default=15.0, help="lease duration (default 15s)")
+    k.add_argument("--leader-election-renew-deadline", type=_duration, default=10.0, help="leader steps down if not renewed within this (default 10s)")
+    k.add_argument("--leader-election-retry-period", type=_duration, default=2.0, help="how often to renew or retry (default 2s)")
+
+
+def _kubernetes_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    if args.endpoints and args.endpoint_selector:
+        raise ConfigError("give either --endpoints or --endpoint-selector, not both", field="--endpoint-selector")
+    wanted = (args.pool_name and not args.endpoints) or args.endpoint_selector or args.endpoint_target_ports
+    if not (wanted or args.ha_enable_leader_election):
+        return None  # no Kubernetes: do not import its client (half a second)
+    from extproc.k8s.runtime import KubernetesOptions
+
+    opts = KubernetesOptions(
+        kubeconfig=args.kubeconfig,
+        pool_name="" if args.endpoints else args.pool_name,  # with a file, --pool-name only labels metrics
+        pool_namespace=args.pool_namespace,
+        pool_group=args.pool_group,
+        endpoint_selector=args.endpoint_selector,
+        endpoint_target_ports=args.endpoint_target_ports,
+        leader_election=args.ha_enable_leader_election,
+        lease_name=args.leader_election_lease_name,
+        lease_namespace=args.leader_election_namespace,
+        lease_duration=args.leader_election_lease_duration,
+        renew_deadline=args.leader_election_renew_deadline,
+        retry_period=args.leader_election_retry_period,
+    )
+    opts.validate()
+    return opts if opts.discovers or opts.leader_election else None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="epp", description="llm-epp: an endpoint picker for LLM inference behind Envoy")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,8 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--time-scale", type=float, default=1.0, help="simulator time scale (0.1 = 10x faster)")
     up.add_argument("--model", default="sim-model", help="model name the simulators serve (default sim-model)")
     up.add_argument("--endpoints", metavar="FILE", help="use these real vLLM servers instead of simulators")
-    up.add_argument("--strategy", choices=STRATEGIES, default="default")
+    up_sched = up.add_mutually_exclusive_group()
+    up_sched.add_argument("--strategy", choices=STRATEGIES, default="best", help="scheduling strategy (default: best)")
+    up_sched.add_argument("--config-file", metavar="FILE", help="an EndpointPickerConfig YAML file for the EPP")
     up.add_argument("--fail-open", action="store_true", help="Envoy serves from the pool directly when the EPP is down")
+    pd = up.add_argument_group("prefill/decode disaggregation (uses pickers/configs/pd.yaml unless --config-file)")
+    pd.add_argument("--pd", action="store_true", help="prefill simulators + decode simulators each behind a pd-sidecar")
+    pd.add_argument("--prefill", type=int, default=None, metavar="N", help="prefill simulators (default 2; implies --pd)")
+    pd.add_argument("--decode", type=int, default=None, metavar="M", help="decode simulators (default 2; implies --pd)")
+    pd.add_argument("--prefill-profile", default=None, help="timing profile of the prefill simulators (default --profile)")
+    pd.add_argument("--decode-profile", default=None, help="timing profile of the decode simulators (default --profile)")
     up.add_argument("--request-body-mode", choices=("FULL_DUPLEX_STREAMED", "BUFFERED"), default="FULL_DUPLEX_STREAMED")
     up.add_argument("--workdir", help="where configs and logs go (default: a temporary folder)")
 
@@ -128,7 +205,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         bind_address=args.bind_address,
         endpoints_file=args.endpoints,
-        strategy=args.strategy,
+        strategy=args.strategy or "default",
+        config_file=args.config_file,
+        config_text=args.config_text,
         max_endpoints=args.max_num_endpoints,
         refresh_metrics_interval=args.refresh_metrics_interval,
         metrics_staleness_threshold=args.metrics_staleness_threshold,
@@ -136,6 +215,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         explain_scores=args.explain_scores,
         grace_period=args.grace_period,
         pool_name=args.pool_name,
+        kubernetes=_kubernetes_options(args),
     )
     if opts.max_endpoints < 1:
         raise ConfigError("expected at least 1", field="--max-num-endpoints")
@@ -159,14 +239,26 @@ def cmd_up(args: argparse.Namespace) -> int:
         sim_args=("--profile", args.profile, "--time-scale", str(args.time_scale)),
         model=args.model,
         endpoints_file=Path(args.endpoints) if args.endpoints else None,
-        epp_args=("--strategy", args.strategy),
+        epp_args=("--config-file", str(Path(args.config_file).resolve())) if args.config_file else ("--strategy", args.strategy),
         listen_port=args.port,
         request_body_mode=body_mode,
         failure_mode_allow=args.fail_open,
         envoy_concurrency=2,
     )
+    opts.pd = _pd_pool(args)
+    if opts.pd is not None and not args.config_file:
+        opts.epp_args = ("--config-file", str(PD_CONFIG))
     stack = LocalStack(opts)
-    print(f"starting Envoy, the EPP and {'your endpoints' if args.endpoints else f'{args.sims} simulated vLLM servers'} ...")
+
+    def _stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM/SIGHUP stop the stack like Ctrl-C: every process is stopped
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGHUP, _stop)
+    what = f"{args.sims} simulated vLLM servers"
+    if opts.pd is not None:
+        what = f"{opts.pd.prefill} prefill + {opts.pd.decode} decode simulators (decode behind pd-sidecars)"
+    print(f"starting Envoy, the EPP and {'your endpoints' if args.endpoints else what} ...")
     stack.start()
     try:
         print(f"\nOpenAI endpoint: {stack.base_url}   (model: {args.model})")
@@ -185,6 +277,29 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 0
     finally:
         stack.stop()
+
+
+PD_CONFIG = Path(__file__).resolve().parents[1] / "pickers" / "configs" / "pd.yaml"
+
+
+def _pd_pool(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """`epp up --pd` (or --prefill/--decode): the P/D pool to start, else None."""
+    from extproc.stack import PdPool
+
+    if not (args.pd or args.prefill is not None or args.decode is not None):
+        return None
+    if args.endpoints:
+        raise ConfigError("--pd starts simulators; it cannot be combined with --endpoints", field="--pd")
+    prefill = 2 if args.prefill is None else args.prefill
+    decode = 2 if args.decode is None else args.decode
+    if prefill < 0 or decode < 1:
+        raise ConfigError(f"expected --prefill >= 0 and --decode >= 1, got {prefill} and {decode}", field="--decode")
+    return PdPool(
+        prefill=prefill,
+        decode=decode,
+        prefill_sim_args=("--profile", args.prefill_profile or args.profile),
+        decode_sim_args=("--profile", args.decode_profile or args.profile),
+    )
 
 
 def cmd_sim(args: argparse.Namespace) -> int:

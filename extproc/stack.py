@@ -126,6 +126,7 @@ class LocalStack:
         self.sim_ports: list[int] = []
         self.sidecar_ports: list[int] = []
         self.endpoints: list[tuple[str, int]] = []
+        self.prefill_endpoints: list[tuple[str, int]] = []  # P/D: reached only through a sidecar
         self.listen_port = 0
         self.epp_port = 0
         self.epp_health_port = 0
@@ -144,6 +145,12 @@ class LocalStack:
         if not self.access_log_path.exists():
             return []
         return [json.loads(line) for line in self.access_log_path.read_text().splitlines() if line.strip()]
+
+    @property
+    def serving_endpoints(self) -> list[tuple[str, int]]:
+        """Endpoints a client request may land on: all but the P/D prefill servers (so Envoy's fail-open
+        and fallback routes go to decode sidecars, never straight to a prefill-only server)."""
+        return [e for e in self.endpoints if e not in self.prefill_endpoints]
 
     @property
     def base_url(self) -> str:
@@ -211,6 +218,7 @@ class LocalStack:
         for i in range(pool.prefill):
             port = self._start_sim(f"prefill-{i}", i, [*o.sim_args, *pool.prefill_sim_args])
             self.endpoints.append(("127.0.0.1", port))
+            self.prefill_endpoints.append(("127.0.0.1", port))
             entries.append({"address": "127.0.0.1", "port": port, "name": f"prefill-{i}",
                             "labels": {ROLE_LABEL: "prefill"}})
         for i in range(pool.decode):
@@ -273,13 +281,13 @@ class LocalStack:
                 request_body_mode=o.request_body_mode,
                 response_body_mode=o.response_body_mode,
                 failure_mode_allow=o.failure_mode_allow,
-                fallback_endpoints=self.endpoints,
+                fallback_endpoints=self.serving_endpoints,
                 access_log_path=str(self.access_log_path),
-                override_host_endpoints=self.endpoints if o.override_host else (),
+                override_host_endpoints=self.serving_endpoints if o.override_host else (),
             )
             envoy_config.write(settings, path)
         else:
-            path.write_text(yaml.safe_dump(envoy_config.render_direct(self.listen_port, self.admin_port, self.endpoints, str(self.access_log_path)), sort_keys=False))
+            path.write_text(yaml.safe_dump(envoy_config.render_direct(self.listen_port, self.admin_port, self.serving_endpoints, str(self.access_log_path)), sort_keys=False))
         argv = [
             envoy_binary(), "-c", str(path), "--base-id", str(self.listen_port),
             "--concurrency", str(o.envoy_concurrency), "-l", o.envoy_log_level,

@@ -1,0 +1,276 @@
+"""The manifests in manifests/: they parse, use the kinds and API versions they should, match the
+Kubernetes object shapes field by field, ask for no more RBAC than the EPP uses, give the EPP flags
+`epp serve` accepts, and the InferencePool validates against the CRD we ship."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes_asyncio.client import models as k8s_models
+
+from extproc.cli import _kubernetes_options, build_parser
+from pickers.config import load_config_file
+
+ROOT = Path(__file__).resolve().parents[2] / "manifests"
+FILES = sorted(ROOT.rglob("*.yaml"))
+
+KINDS = {
+    "CustomResourceDefinition": "apiextensions.k8s.io/v1",
+    "ServiceAccount": "v1",
+    "Role": "rbac.authorization.k8s.io/v1",
+    "RoleBinding": "rbac.authorization.k8s.io/v1",
+    "Deployment": "apps/v1",
+    "Service": "v1",
+    "InferencePool": "inference.networking.k8s.io/v1",
+    "Gateway": "gateway.networking.k8s.io/v1",
+    "GatewayClass": "gateway.networking.k8s.io/v1",
+    "HTTPRoute": "gateway.networking.k8s.io/v1",
+    "DestinationRule": "networking.istio.io/v1",
+    "BackendTrafficPolicy": "gateway.envoyproxy.io/v1alpha1",
+    "Kustomization": "kustomize.config.k8s.io/v1beta1",
+    "Component": "kustomize.config.k8s.io/v1alpha1",
+    "EndpointPickerConfig": "inference.networking.x-k8s.io/v1alpha1",
+}
+# Core kinds checked against the client's models: every field must be one the API knows.
+MODELS = {
+    "CustomResourceDefinition": "V1CustomResourceDefinition",
+    "ServiceAccount": "V1ServiceAccount",
+    "Role": "V1Role",
+    "RoleBinding": "V1RoleBinding",
+    "Deployment": "V1Deployment",
+    "Service": "V1Service",
+}
+# What the EPP does with the API, and nothing more (SPEC section 3).
+ALLOWED_RBAC = {
+    ("", "pods"): {"get", "list", "watch"},
+    ("inference.networking.k8s.io", "inferencepools"): {"get", "list", "watch"},
+    ("coordination.k8s.io", "leases"): {"get", "create", "update"},
+    ("", "events"): {"create"},
+}
+
+
+def docs(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def all_docs() -> list[tuple[Path, dict[str, Any]]]:
+    return [(p, d) for p in FILES for d in docs(p)]
+
+
+def of_kind(kind: str) -> list[dict[str, Any]]:
+    return [d for _, d in all_docs() if d.get("kind") == kind]
+
+
+def test_there_are_manifests() -> None:
+    assert len(FILES) >= 20
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_document_has_a_known_kind_and_api_version(path: Path) -> None:
+    for doc in docs(path):
+        assert doc.get("kind") in KINDS, f"{path}: unexpected kind {doc.get('kind')}"
+        assert doc["apiVersion"] == KINDS[doc["kind"]], path
+        if doc["kind"] not in ("Kustomization", "Component", "EndpointPickerConfig"):
+            assert re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", doc["metadata"]["name"]), path
+
+
+def _check_shape(value: Any, type_name: str, where: str) -> None:
+    if value is None:
+        return
+    if type_name.startswith("list["):
+        assert isinstance(value, list), f"{where}: expected a list"
+        for i, item in enumerate(value):
+            _check_shape(item, type_name[5:-1], f"{where}[{i}]")
+        return
+    if type_name.startswith("dict("):
+        assert isinstance(value, dict), f"{where}: expected a mapping"
+        inner = type_name[5:-1].split(", ", 1)[1]
+        for k, v in value.items():
+            _check_shape(v, inner, f"{where}.{k}")
+        return
+    model = getattr(k8s_models, type_name, None)
+    if model is None:
+        return  # a primitive or free-form object
+    assert isinstance(value, dict), f"{where}: expected a {type_name} mapping, got {value!r}"
+    by_json = {json: attr for attr, json in model.attribute_map.items()}
+    for key, item in value.items():
+        assert key in by_json, f"{where}: {type_name} has no field {key!r}"
+        _check_shape(item, model.openapi_types[by_json[key]], f"{where}.{key}")
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_core_objects_have_only_fields_the_api_knows(kind: str) -> None:
+    found = [(p, d) for p, d in all_docs() if d.get("kind") == kind]
+    assert found, kind
+    for path, doc in found:
+        _check_shape(doc, MODELS[kind], f"{path.relative_to(ROOT)}:{kind}")
+
+
+def test_rbac_is_no_wider_than_the_epp_needs() -> None:
+    (role,) = of_kind("Role")
+    granted: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        assert "resourceNames" not in rule or rule["resourceNames"]
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                assert "*" not in (group, resource) and "*" not in rule["verbs"]
+                granted.setdefault((group, resource), set()).update(rule["verbs"])
+    for key, verbs in granted.items():
+        assert key in ALLOWED_RBAC, f"RBAC grants {key} which the EPP does not use"
+        assert verbs <= ALLOWED_RBAC[key], f"{key}: {sorted(verbs - ALLOWED_RBAC[key])} not needed"
+    assert granted[("", "pods")] == {"get", "list", "watch"}
+    assert granted[("coordination.k8s.io", "leases")] == {"get", "create", "update"}
+    assert not of_kind("ClusterRole") and not of_kind("ClusterRoleBinding")
+    (binding,) = of_kind("RoleBinding")
+    (account,) = of_kind("ServiceAccount")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"][0]["name"] == account["metadata"]["name"]
+
+
+def _epp_container() -> dict[str, Any]:
+    (deploy,) = [d for d in of_kind("Deployment") if d["metadata"]["name"] == "llm-pool-epp"]
+    return deploy["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_the_epp_deployment_args_are_flags_epp_serve_accepts() -> None:
+    container = _epp_container()
+    assert container["command"] == ["epp"]
+    args = build_parser().parse_args(container["args"])
+    opts = _kubernetes_options(args)
+    assert args.command == "serve" and opts is not None and opts.pool_name == "llm-pool"
+    ha = docs(ROOT / "components/ha/kustomization.yaml")[0]
+    extra = [op["value"] for p in ha["patches"] for op in yaml.safe_load(p["patch"]) if op["path"].endswith("/args/-")]
+    ha_opts = _kubernetes_options(build_parser().parse_args(container["args"] + extra))
+    assert ha_opts is not None and ha_opts.leader_election
+
+
+def test_the_epp_probes_and_ports_match_its_flags() -> None:
+    container = _epp_container()
+    args = build_parser().parse_args(container["args"])
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": args.grpc_port, "grpc-health": args.grpc_health_port, "metrics": args.metrics_port}
+    assert container["readinessProbe"]["grpc"] == {"port": args.grpc_health_port, "service": "readiness"}
+    assert container["livenessProbe"]["grpc"] == {"port": args.grpc_health_port, "service": "liveness"}
+    env = {e["name"] for e in container["env"]}
+    assert {"NAMESPACE", "POD_NAME"} <= env
+
+
+def test_the_shipped_config_loads() -> None:
+    load_config_file(ROOT / "epp/config.yaml")
+
+
+def test_pool_service_routes_and_model_servers_fit_together() -> None:
+    (pool,) = of_kind("InferencePool")
+    (service,) = of_kind("Service")
+    ref = pool["spec"]["endpointPickerRef"]
+    assert ref["name"] == service["metadata"]["name"]
+    assert ref["port"]["number"] in [p["port"] for p in service["spec"]["ports"]]
+    assert service["spec"]["selector"].items() <= _deployment("llm-pool-epp")["spec"]["template"]["metadata"]["labels"].items()
+    selector = pool["spec"]["selector"]["matchLabels"]
+    ports = {p["number"] for p in pool["spec"]["targetPorts"]}
+    model_servers = [d for d in of_kind("Deployment") if d["metadata"]["name"].startswith("vllm-")]
+    assert len(model_servers) == 3
+    for d in model_servers:
+        template = d["spec"]["template"]
+        assert selector.items() <= template["metadata"]["labels"].items(), d["metadata"]["name"]
+        served = {p["containerPort"] for c in template["spec"]["containers"] for p in c.get("ports", [])}
+        assert ports <= served, d["metadata"]["name"]
+    routes = of_kind("HTTPRoute")
+    assert len(routes) == 3
+    for route in routes:
+        (backend,) = route["spec"]["rules"][0]["backendRefs"]
+        assert backend == {"group": "inference.networking.k8s.io", "kind": "InferencePool", "name": pool["metadata"]["name"]}
+
+
+def _deployment(name: str) -> dict[str, Any]:
+    (d,) = [d for d in of_kind("Deployment") if d["metadata"]["name"] == name]
+    return d
+
+
+def test_each_gateway_overlay_has_a_gateway_and_route_and_includes_the_base() -> None:
+    for gw in ("istio", "kgateway", "envoy-gateway"):
+        k = docs(ROOT / "gateways" / gw / "kustomization.yaml")[0]
+        assert "../.." in k["resources"]
+        kinds = {d["kind"] for r in k["resources"] if r != "../.." for d in docs(ROOT / "gateways" / gw / r)}
+        assert {"Gateway", "HTTPRoute"} <= kinds, gw
+    (rule,) = of_kind("DestinationRule")
+    assert rule["spec"]["host"] == "llm-pool-epp" and rule["spec"]["trafficPolicy"]["tls"]["mode"] == "DISABLE"
+
+
+@pytest.mark.parametrize("path", sorted(ROOT.rglob("kustomization.yaml")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_kustomizations_name_files_that_exist(path: Path) -> None:
+    k = docs(path)[0]
+    for res in k.get("resources", []):
+        assert (path.parent / res).exists(), f"{path}: {res}"
+    for gen in k.get("configMapGenerator", []):
+        for f in gen.get("files", []):
+            assert (path.parent / f.split("=", 1)[-1]).exists(), f"{path}: {f}"
+
+
+# -- the InferencePool against the CRD's openAPI schema ---------------------------------------------
+
+
+def validate(value: Any, schema: dict[str, Any], where: str = "") -> list[str]:
+    """A small structural openAPI v3 check: types, required, enums, bounds, unknown fields."""
+    errors: list[str] = []
+    t = schema.get("type")
+    types = {"object": dict, "array": list, "string": str, "integer": int, "boolean": bool, "number": (int, float)}
+    if t and not isinstance(value, types[t]) or (t == "integer" and isinstance(value, bool)):
+        return [f"{where}: expected {t}, got {value!r}"]
+    if "enum" in schema and value not in schema["enum"]:
+        errors.append(f"{where}: {value!r} not in {schema['enum']}")
+    for key, check in (("minimum", lambda v, b: v >= b), ("maximum", lambda v, b: v <= b)):
+        if key in schema and not check(value, schema[key]):
+            errors.append(f"{where}: {value} breaks {key} {schema[key]}")
+    for key, check in (("minLength", lambda v, b: len(v) >= b), ("maxLength", lambda v, b: len(v) <= b),
+                       ("minItems", lambda v, b: len(v) >= b), ("maxItems", lambda v, b: len(v) <= b),
+                       ("minProperties", lambda v, b: len(v) >= b), ("maxProperties", lambda v, b: len(v) <= b)):  # fmt: skip
+        if key in schema and not check(value, schema[key]):
+            errors.append(f"{where}: breaks {key} {schema[key]}")
+    if isinstance(value, dict) and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        props = schema.get("properties")
+        for req in schema.get("required", []):
+            if req not in value:
+                errors.append(f"{where}: missing {req}")
+        for k, v in value.items():
+            if props is not None and k in props:
+                errors += validate(v, props[k], f"{where}.{k}")
+            elif "additionalProperties" in schema:
+                errors += validate(v, schema["additionalProperties"], f"{where}.{k}")
+            elif props is not None:
+                errors.append(f"{where}: unknown field {k}")
+    if isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            errors += validate(item, schema["items"], f"{where}[{i}]")
+    return errors
+
+
+def _pool_schema() -> dict[str, Any]:
+    (crd,) = [d for d in of_kind("CustomResourceDefinition") if d["spec"]["names"]["kind"] == "InferencePool"]
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return version["schema"]["openAPIV3Schema"]
+
+
+def test_the_inference_pool_validates_against_the_crd_schema() -> None:
+    (pool,) = of_kind("InferencePool")
+    assert validate(pool, _pool_schema()) == []
+
+
+@pytest.mark.parametrize(
+    "mutate, problem",
+    [
+        (lambda s: s.pop("selector"), "missing selector"),
+        (lambda s: s.update(targetPorts=[{"number": 70000}]), "maximum"),
+        (lambda s: s.update(targetPorts=[{"number": p} for p in range(8000, 8009)]), "maxItems"),
+        (lambda s: s["endpointPickerRef"].update(failureMode="Sometimes"), "not in"),
+        (lambda s: s.update(selectr={}), "unknown field selectr"),
+    ],
+)  # fmt: skip
+def test_the_schema_check_catches_broken_pools(mutate, problem: str) -> None:
+    (pool,) = of_kind("InferencePool")
+    mutate(pool["spec"])
+    assert any(problem in e for e in validate(pool, _pool_schema()))
