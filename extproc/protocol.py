@@ -22,6 +22,7 @@ at most 62,000 bytes) and BUFFERED (one BodyResponse carries the header mutation
 from __future__ import annotations
 
 import enum
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -109,6 +110,10 @@ class Outcome:
     usage: object | None  # extproc.usage.Usage
     aborted: bool
     served: str | None  # what Envoy reported as served, if it did
+    # gateway-side timings (seconds, from the request headers reaching the EPP)
+    duration: float = 0.0  # to the end of the response (or the abort)
+    first_byte: float | None = None  # to the first response body chunk: TTFT for streamed replies
+    body_chunks: int = 0  # response body chunks seen
 
 
 class Director(Protocol):
@@ -130,7 +135,9 @@ class RequestStream:
         default_request_mode: int = FULL_DUPLEX,
         default_response_mode: int = FULL_DUPLEX,
         new_request_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
+        self.clock = clock
         self.director = director
         self.max_body_bytes = max_body_bytes
         self.request_mode = default_request_mode
@@ -149,6 +156,8 @@ class RequestStream:
         self._usage: UsageReader | None = None
         self._served: str | None = None
         self._finished = False
+        self._started = 0.0
+        self._first_byte_at: float | None = None
 
     # -- entry points ------------------------------------------------------------------------
     def handle(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
@@ -182,6 +191,7 @@ class RequestStream:
 
     # -- request phase ------------------------------------------------------------------------
     def _on_request_headers(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        self._started = self.clock()
         if msg.HasField("protocol_config"):
             pc = msg.protocol_config
             self.request_mode = pc.request_body_mode
@@ -284,6 +294,8 @@ class RequestStream:
         return [pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=pb.CommonResponse(header_mutation=mutation)))]
 
     def _on_response_body(self, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
+        if self._first_byte_at is None and body.body:
+            self._first_byte_at = self.clock()
         if self._usage is not None:
             self._usage.feed(body.body, body.end_of_stream)
         if body.end_of_stream:
@@ -313,6 +325,8 @@ class RequestStream:
             return
         self._finished = True
         reader = self._usage
+        started = self._started
+        first = self._first_byte_at
         self.director.finish(
             self.routing,
             Outcome(
@@ -321,6 +335,9 @@ class RequestStream:
                 usage=reader.usage if reader else None,
                 aborted=aborted,
                 served=self._served,
+                duration=self.clock() - started,
+                first_byte=None if first is None else first - started,
+                body_chunks=reader.chunks_seen if reader else 0,
             ),
         )
 

@@ -366,3 +366,16 @@ plugins:
     for _ in range(5):
         again = send_request(RequestStream(director), completion_body(), extra={"x-session-token": token})
         assert set_headers(again[0])["x-gateway-destination-endpoint"] == chosen
+
+
+def test_outcome_carries_gateway_timings():
+    ticks = iter([10.0, 10.5, 12.0])  # headers, first response byte, end
+    director = RecordingDirector(make_director())
+    stream = RequestStream(director, clock=lambda: next(ticks))
+    send_request(stream, completion_body(stream=True))
+    stream.handle(response_headers_msg(ctype="text/event-stream"))
+    stream.handle(response_body_msg(b"", False))  # empty chunks do not count as the first byte
+    stream.handle(response_body_msg(b'data: {"x":1}\n\n', False))
+    stream.handle(response_body_msg(b"data: [DONE]\n\n", True))
+    (outcome,) = director.outcomes
+    assert (outcome.first_byte, outcome.duration, outcome.body_chunks) == (0.5, 2.0, 2)
