@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: up test test-all bench setup clean
+.PHONY: up test test-all test-vllm bench setup clean
 
 $(BIN)/epp: pyproject.toml constraints.txt
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "llm-epp needs Python >= 3.11"'
@@ -23,6 +23,11 @@ test: setup
 
 test-all: setup
 	$(BIN)/python -m pytest -q -m '' $(ARGS)
+
+# Real vLLM (CPU) in the loop: builds the vLLM venv and tiny model once (~2.5 min), then the tier.
+test-vllm: setup
+	scripts/vllm-cpu-setup
+	$(BIN)/python -m pytest -q -m vllm tests/vllm $(ARGS)
 
 bench: setup
 	$(BIN)/python -m bench.routing

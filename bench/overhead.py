@@ -25,6 +25,7 @@ import yaml
 
 from bench.common import cpu_seconds, machine_cpu_seconds, percentile, ratio, table
 from bench.http1 import LoadResult, closed_loop, request_bytes
+from bench.plots import latency_and_throughput_png, report
 from extproc.stack import LocalStack, ManagedProcess, StackOptions, free_port
 
 MODEL = "sim-model"
@@ -162,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="short phases (a smoke test, under a minute)")
     ap.add_argument("--concurrency", type=int, default=d.concurrency)
     ap.add_argument("--seconds", type=float, help=f"throughput phase length (default {d.seconds:g})")
+    ap.add_argument("--png", default="bench-overhead.png", help="picture of the results (default %(default)s; '' for none)")
     args = ap.parse_args(argv)
     if args.quick:
         s = Settings(concurrency=args.concurrency, seconds=args.seconds or 4.0, latency_seconds=3.0, warmup_seconds=1.0)
@@ -184,6 +186,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             backend.stop()
     print(summarize(results, s))
+    if args.png:
+        path = latency_and_throughput_png(
+            args.png, f"the EPP hop: no-op backend, non-streaming, {s.seconds:g}s at concurrency {s.concurrency}",
+            {m.name: m.single.latencies for m in results}, {m.name: m.load.rate for m in results},
+            latency_label="latency at concurrency 1", throughput_label=f"requests / s at concurrency {s.concurrency}",
+        )  # fmt: skip
+        print(report(path))
     return 0
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.common import machine_cpu_seconds, mean, percentile, ratio, table
+from bench.plots import latency_and_throughput_png, report
 from extproc.stack import LocalStack, StackOptions
 
 MODEL = "sim-model"
@@ -272,6 +273,13 @@ def diagnostics(results: Sequence[RunResult]) -> str:
     return "\n".join(lines)
 
 
+def picture(results: Sequence[RunResult], w: Workload, path: str) -> Path | None:
+    ttft = {r.name: [o.ttft for o in r.outcomes if o.error is None and o.ttft is not None] for r in results}
+    tps = {r.name: sum(o.output_tokens for o in r.outcomes if o.error is None) / r.wall_s for r in results}
+    title = f"routing: {w.requests} streamed chats, {w.groups} shared system prompts, Poisson {w.rate:g}/s"
+    return latency_and_throughput_png(path, title, ttft, tps)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     dw, dp = Workload(), Pool()
     ap = argparse.ArgumentParser(prog="python -m bench.routing", description=__doc__.split("\n\n")[0])
@@ -283,6 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=dw.seed)
     ap.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, seconds")
     ap.add_argument("--only", help="comma-separated config letters to run, e.g. a,c (default all)")
+    ap.add_argument("--png", default="bench-routing.png", help="picture of the results (default %(default)s; '' for none)")
     args = ap.parse_args(argv)
 
     n = args.requests or (90 if args.quick else dw.requests)
@@ -305,6 +314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {name}: done in {time.monotonic() - started:.0f}s", file=sys.stderr, flush=True)
     print(summarize(results))
     print(diagnostics(results))
+    if args.png:
+        print(report(picture(results, w, args.png)))
     return 0
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import signal
 import sys
 import tempfile
@@ -73,7 +72,28 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
         help="put every candidate's scores in envoy.lb metadata x-gateway-destination-endpoint-scores",
     )  # fmt: skip
     p.add_argument("--grace-period", type=float, default=30.0, help="seconds to drain open streams on SIGTERM")
-    p.add_argument("-v", "--v", dest="verbosity", type=int, default=0, help="log verbosity: 0 info, 1+ debug")
+    p.add_argument(
+        "--shutdown-delay", type=_duration, default=0.0,
+        help="on SIGTERM, report NOT_SERVING and keep serving this long before closing the port (set it above "
+        "the gateway's health-check interval; default 0)",
+    )  # fmt: skip
+    p.add_argument(
+        "--secure-serving", type=_bool_flag, nargs="?", const=True, default=False, metavar="BOOL",
+        help="serve ext_proc over TLS (the certificate from --cert-path, else a self-signed one generated at start)",
+    )  # fmt: skip
+    p.add_argument("--cert-path", metavar="DIR", help="directory holding tls.crt and tls.key for --secure-serving")
+    p.add_argument(
+        "-v", "--v", dest="verbosity", type=int, default=0,
+        help="log verbosity: 0 info; 1+ debug, which also logs every request with its candidates' scores",
+    )  # fmt: skip
+    obs = p.add_argument_group("logs and live views")
+    obs.add_argument("--log-format", choices=("text", "json"), default="text", help="text lines or one JSON object per line")
+    obs.add_argument(
+        "--log-requests", action="store_true",
+        help="one INFO line per request: id, model, endpoint(s), profile, status, aborted, durations, tokens",
+    )  # fmt: skip
+    obs.add_argument("--admin-port", type=int, default=9091, help="HTTP port of the /debug/ live views (default 9091; 0: off)")
+    obs.add_argument("--admin-address", default="127.0.0.1", help="address of the live views (default 127.0.0.1)")
 
 
 def _bool_flag(text: str) -> bool:
@@ -151,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     up_sched.add_argument("--strategy", choices=STRATEGIES, default="best", help="scheduling strategy (default: best)")
     up_sched.add_argument("--config-file", metavar="FILE", help="an EndpointPickerConfig YAML file for the EPP")
     up.add_argument("--fail-open", action="store_true", help="Envoy serves from the pool directly when the EPP is down")
+    up.add_argument("--secure", action="store_true", help="Envoy talks to the EPP over TLS (a certificate generated for the run)")
     pd = up.add_argument_group("prefill/decode disaggregation (uses pickers/configs/pd.yaml unless --config-file)")
     pd.add_argument("--pd", action="store_true", help="prefill simulators + decode simulators each behind a pd-sidecar")
     pd.add_argument("--prefill", type=int, default=None, metavar="N", help="prefill simulators (default 2; implies --pd)")
@@ -163,10 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("sim", help="run one simulated vLLM server (same flags as vllm-sim)", add_help=False)
     sim.add_argument("sim_args", nargs=argparse.REMAINDER)
 
+    status = sub.add_parser("status", help="print a running EPP's endpoint table and recent decisions (its /debug/ views)")
+    status.add_argument("--url", default="http://127.0.0.1:9091", help="the EPP's admin address (default http://127.0.0.1:9091)")
+    status.add_argument("--decisions", type=int, default=10, metavar="N", help="recent decisions to show (default 10)")
+    status.add_argument("--json", action="store_true", help="print the raw JSON instead of tables")
+
     cfg = sub.add_parser("envoy-config", help="print the Envoy configuration for a gateway in front of the EPP")
     cfg.add_argument("--port", type=int, default=8081)
     cfg.add_argument("--epp-host", default="127.0.0.1")
     cfg.add_argument("--epp-port", type=int, default=9002)
+    cfg.add_argument("--epp-health-port", type=int, default=9003, help="the EPP's gRPC health port Envoy checks (0: no health check)")
+    cfg.add_argument("--secure", action="store_true", help="reach the EPP over TLS (epp serve --secure-serving)")
+    cfg.add_argument("--epp-ca", metavar="PEM", help="with --secure: verify the EPP's certificate against this CA")
     cfg.add_argument("--admin-port", type=int, default=19000)
     cfg.add_argument("--request-body-mode", choices=("FULL_DUPLEX_STREAMED", "BUFFERED"), default="FULL_DUPLEX_STREAMED")
     cfg.add_argument("--fail-open", action="store_true", help="with --pool-endpoints: serve from the pool when the EPP is down")
@@ -176,14 +205,6 @@ def build_parser() -> argparse.ArgumentParser:
         "which follows the EPP's fallback list and retries on the next endpoint",
     )  # fmt: skip
     return parser
-
-
-def _setup_logging(verbosity: int) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbosity > 0 else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def _run(coro) -> None:  # type: ignore[no-untyped-def]
@@ -198,7 +219,9 @@ def _run(coro) -> None:  # type: ignore[no-untyped-def]
 def cmd_serve(args: argparse.Namespace) -> int:
     from extproc.server import EppServer, ServeOptions
 
-    _setup_logging(args.verbosity)
+    from extproc.logs import setup_logging
+
+    setup_logging(args.verbosity, args.log_format)
     opts = ServeOptions(
         grpc_port=args.grpc_port,
         grpc_health_port=args.grpc_health_port,
@@ -212,13 +235,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         refresh_metrics_interval=args.refresh_metrics_interval,
         metrics_staleness_threshold=args.metrics_staleness_threshold,
         max_body_bytes=args.max_body_bytes,
-        explain_scores=args.explain_scores,
+        explain_scores=args.explain_scores or args.verbosity > 0,
+        log_requests=args.log_requests or args.verbosity > 0,
+        admin_port=args.admin_port,
+        admin_address=args.admin_address,
         grace_period=args.grace_period,
+        shutdown_delay=args.shutdown_delay,
         pool_name=args.pool_name,
+        secure_serving=args.secure_serving,
+        cert_path=args.cert_path,
         kubernetes=_kubernetes_options(args),
     )
     if opts.max_endpoints < 1:
         raise ConfigError("expected at least 1", field="--max-num-endpoints")
+    if opts.cert_path and not opts.secure_serving:
+        raise ConfigError("--cert-path needs --secure-serving", field="--cert-path")
+    if opts.secure_serving and opts.cert_path:
+        from extproc.tls import load_certificate
+
+        load_certificate(opts.cert_path)  # a missing or unreadable file stops start-up with its name
     _run(EppServer(opts).serve_forever())
     return 0
 
@@ -229,8 +264,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="llm-epp-"))
     body_mode = args.request_body_mode
     if args.fail_open and body_mode == "FULL_DUPLEX_STREAMED":
-        # Envoy 1.40 fails open only part of the time in full-duplex mode (a 500 once the body has
-        # started streaming to a dead EPP); BUFFERED fails open every time. See README.
+        # A body already streamed to an EPP that dies cannot be failed open (Envoy answers 500);
+        # BUFFERED keeps the body in Envoy until the EPP answers, so no request is lost. See README.
         print("--fail-open: using BUFFERED request body mode (Envoy fails open reliably only there)")
         body_mode = "BUFFERED"
     opts = StackOptions(
@@ -244,6 +279,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         request_body_mode=body_mode,
         failure_mode_allow=args.fail_open,
         envoy_concurrency=2,
+        epp_tls="verified" if args.secure else "",
     )
     opts.pd = _pd_pool(args)
     if opts.pd is not None and not args.config_file:
@@ -265,6 +301,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"  curl {stack.base_url}/completions -H 'content-type: application/json' \\")
         print(f"       -d '{{\"model\": \"{args.model}\", \"prompt\": \"Hello\", \"max_tokens\": 8}}'")
         print(f"EPP metrics: http://127.0.0.1:{stack.epp_metrics_port}/metrics   logs: {workdir}")
+        print(f"EPP live views: epp status --url http://127.0.0.1:{stack.epp_admin_port}")
         print("Ctrl-C stops everything.")
         while True:
             for proc in stack.procs:
@@ -317,6 +354,9 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
         listen_port=args.port,
         epp_port=args.epp_port,
         epp_host=args.epp_host,
+        epp_health_port=args.epp_health_port,
+        epp_tls=args.secure,
+        epp_tls_ca=args.epp_ca,
         admin_port=args.admin_port,
         listen_address="0.0.0.0",
         request_body_mode=args.request_body_mode,
@@ -328,9 +368,15 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from extproc.status import show_status
+
+    return show_status(args.url, decisions=args.decisions, raw=args.json)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"serve": cmd_serve, "up": cmd_up, "sim": cmd_sim, "envoy-config": cmd_envoy_config}
+    handlers = {"serve": cmd_serve, "up": cmd_up, "sim": cmd_sim, "envoy-config": cmd_envoy_config, "status": cmd_status}
     try:
         return handlers[args.command](args)
     except ConfigError as e:

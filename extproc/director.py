@@ -1,26 +1,42 @@
 """The Director joins the protocol to the scheduler and the datastore: it routes a parsed request
-(subset hint, schedule, in-flight accounting) and settles the books when the response ends."""
+(subset hint, schedule, in-flight accounting) and settles the books when the response ends.
+
+It also keeps the last `DECISIONS_KEPT` decisions for /debug/decisions (a tuple appended to a
+bounded deque per request) and, only with `log_requests`, writes one log line per request.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 import time
+from collections import deque
 
 import msgspec
 
 from extproc.datastore import Datastore
 from extproc.errors import RequestError
 from extproc.inference_request import InferenceRequest
+from extproc.logs import REQUEST_LOGGER
 from extproc.metrics import EppMetrics
 from extproc.protocol import Outcome, Routing, filter_by_subset
 from extproc.usage import Usage
 from pickers.scheduler import Scheduler
 
+DECISIONS_KEPT = 200
+# (unix time, request id, model, destination, profile, scores or None, error code or None)
+Decision = tuple[float, str, str, str, str, "dict[str, dict[str, float]] | None", "str | None"]
+
+request_log = logging.getLogger(REQUEST_LOGGER)
+
 
 class Director:
-    def __init__(self, datastore: Datastore, scheduler: Scheduler, metrics: EppMetrics) -> None:
+    def __init__(self, datastore: Datastore, scheduler: Scheduler, metrics: EppMetrics, *, log_requests: bool = False) -> None:
         self.datastore = datastore
         self.scheduler = scheduler
         self.metrics = metrics
+        self.log_requests = log_requests
+        self.decisions: deque[Decision] = deque(maxlen=DECISIONS_KEPT)
 
     def route(self, request: InferenceRequest, subset: list[str] | None) -> Routing:
         start = time.perf_counter()
@@ -33,10 +49,20 @@ class Director:
         destination = primary.address if len(result.endpoints) == 1 else ",".join(ep.address for ep in result.endpoints)
         scores = msgspec.json.encode(result.scores).decode() if result.scores is not None else None
         self.metrics.scheduled(model, time.perf_counter() - start)
-        return Routing(request, destination, primary, tokens, scores, result.request_headers, result.response_headers)
+        self.decisions.append((time.time(), request.request_id, model, destination, result.profile, result.scores, None))
+        return Routing(request, destination, primary, tokens, scores, result.request_headers, result.response_headers, result.profile)
 
     def rejected(self, request: InferenceRequest | None, error: RequestError) -> None:
-        self.metrics.request_error(request.model if request else "", error.kind.code)
+        model = request.model if request else ""
+        code = error.kind.code
+        self.metrics.request_error(model, code)
+        self.decisions.append((time.time(), request.request_id if request else "", model, "", "", None, code))
+        if self.log_requests:
+            request_log.info(
+                "request rejected",
+                extra={"fields": {"request_id": request.request_id if request else "", "model": model, "status": error.kind.status,
+                                  "error_code": code, "error": error.message}},
+            )  # fmt: skip
 
     def finish(self, routing: Routing, outcome: Outcome) -> None:
         self.datastore.release(routing.primary, routing.tokens)
@@ -48,4 +74,27 @@ class Director:
             usage.prompt_tokens if usage else None,
             usage.completion_tokens if usage else None,
         )
-        self.metrics.completed(request.model, outcome.status, usage, outcome.aborted)
+        self.metrics.completed(request.model, outcome, usage)
+        if self.log_requests:
+            request_log.info("request", extra={"fields": request_fields(routing, outcome, usage)})
+
+
+def request_fields(routing: Routing, outcome: Outcome, usage: Usage | None) -> dict[str, object]:
+    """What one request log line says. Never headers or bodies: they may carry credentials."""
+    fields: dict[str, object] = {
+        "request_id": routing.request.request_id,
+        "model": routing.request.model,
+        "endpoint": routing.destination,
+        "served": outcome.served,
+        "profile": routing.profile,
+        "status": outcome.status,
+        "aborted": outcome.aborted,
+        "streaming": outcome.streaming,
+        "duration_ms": round(outcome.duration * 1000, 3),
+        "first_byte_ms": None if outcome.first_byte is None else round(outcome.first_byte * 1000, 3),  # TTFT when streaming
+    }
+    if usage is not None:
+        fields.update(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, cached_tokens=usage.cached_tokens)
+    if routing.scores is not None and request_log.isEnabledFor(logging.DEBUG):
+        fields["scores"] = json.loads(routing.scores)
+    return fields

@@ -28,6 +28,14 @@ class GatewaySettings:
     admin_port: int
     listen_address: str = "127.0.0.1"
     epp_host: str = "127.0.0.1"
+    # The EPP's gRPC health port: Envoy health-checks the EPP there so it knows at once when the EPP
+    # is down or draining (see the llm-epp cluster in the reference file). 0: no active health check.
+    epp_health_port: int = 9003
+    # ext_proc over TLS (`epp serve --secure-serving`). Without a CA the EPP's certificate is not
+    # verified (the reference picker's self-signed default); with one, it must chain to it.
+    epp_tls: bool = False
+    epp_tls_ca: str | None = None  # PEM file
+    epp_tls_sni: str = ""
     request_body_mode: str = "FULL_DUPLEX_STREAMED"
     response_body_mode: str = "FULL_DUPLEX_STREAMED"
     failure_mode_allow: bool = False
@@ -69,10 +77,15 @@ def render(settings: GatewaySettings, reference: Path = REFERENCE) -> dict[str, 
     mode["response_body_mode"] = settings.response_body_mode
     clusters = cfg["static_resources"]["clusters"]
     epp = next(c for c in clusters if c["name"] == "llm-epp")
-    epp["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"] = {
-        "address": settings.epp_host,
-        "port_value": settings.epp_port,
-    }
+    epp_endpoint = epp["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    epp_endpoint["address"]["socket_address"] = {"address": settings.epp_host, "port_value": settings.epp_port}
+    if settings.epp_health_port:
+        epp_endpoint["health_check_config"] = {"port_value": settings.epp_health_port}
+    else:
+        del epp["health_checks"]
+        epp_endpoint.pop("health_check_config", None)
+    if settings.epp_tls:
+        _epp_tls(epp, settings)
     if settings.override_host_endpoints:
         pool = next(c for c in clusters if c["name"] == "llm-pool")
         pool.clear()
@@ -88,6 +101,34 @@ def render(settings: GatewaySettings, reference: Path = REFERENCE) -> dict[str, 
         routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
         routes.append({"name": "fail-open", "match": {"prefix": "/"}, "route": {"cluster": "llm-pool-fallback", "timeout": "0s"}})
     return cfg
+
+
+def _epp_tls(epp: dict[str, Any], settings: GatewaySettings) -> None:
+    tls: dict[str, Any] = {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        # gRPC over TLS negotiates HTTP/2 with ALPN
+        "common_tls_context": {"alpn_protocols": ["h2"]},
+    }
+    if settings.epp_tls_sni:
+        tls["sni"] = settings.epp_tls_sni
+    if settings.epp_tls_ca:
+        tls["common_tls_context"]["validation_context"] = {"trusted_ca": {"filename": settings.epp_tls_ca}}
+    epp["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": tls}
+    if "health_checks" in epp:
+        # The health port stays plaintext (Kubernetes gRPC probes cannot speak TLS): health checks
+        # pick the plain transport socket through a match that no endpoint carries.
+        epp["transport_socket_matches"] = [
+            {
+                "name": "plaintext-health",
+                "match": {"llm-epp.health": "plaintext"},
+                "transport_socket": {
+                    "name": "envoy.transport_sockets.raw_buffer",
+                    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"},
+                },
+            }
+        ]
+        for hc in epp["health_checks"]:
+            hc["transport_socket_match_criteria"] = {"llm-epp.health": "plaintext"}
 
 
 def _override_host_cluster(endpoints: Sequence[tuple[str, int]]) -> dict[str, Any]:

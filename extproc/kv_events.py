@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -78,7 +78,15 @@ KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
 
 _map_event = msgspec.msgpack.Decoder(BlockStored | BlockRemoved | AllBlocksCleared)
 _array_event = msgspec.msgpack.Decoder(_ArrayBlockStored | _ArrayBlockRemoved | _ArrayAllBlocksCleared)
-_batch = msgspec.msgpack.Decoder(tuple[float, list[msgspec.Raw], int | None] | tuple[float, list[msgspec.Raw]])
+
+
+class _Batch(msgspec.Struct, array_like=True):
+    ts: float
+    events: list[msgspec.Raw]
+    dp_rank: int | None = None
+
+
+_batch = msgspec.msgpack.Decoder(_Batch)
 
 
 class KVEventDecodeError(ValueError):
@@ -116,34 +124,24 @@ def decode_batch(payload: bytes) -> EventBatch:
         decoded = _batch.decode(payload)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
         raise KVEventDecodeError(f"not a KV event batch: {e}") from None
-    ts, raws = decoded[0], decoded[1]
-    dp_rank = decoded[2] if len(decoded) > 2 else None
     events: list[KVEvent] = []
     skipped = 0
-    for raw in raws:
+    for raw in decoded.events:
         try:
             events.append(decode_event(bytes(raw)))
         except (msgspec.DecodeError, msgspec.ValidationError):
             skipped += 1
-    return EventBatch(ts, events, dp_rank, skipped)
+    return EventBatch(decoded.ts, events, decoded.dp_rank, skipped)
 
 
 def apply_events(index: KVBlockIndex, address: str, events: Sequence[KVEvent]) -> None:
     for e in events:
         if isinstance(e, BlockStored):
-            index.block_stored(address, _keys(e.block_hashes), _key(e.parent_block_hash), e.token_ids, e.block_size, e.lora_name)
+            index.block_stored(address, e.block_hashes, e.parent_block_hash, e.token_ids, e.block_size, e.lora_name)
         elif isinstance(e, BlockRemoved):
-            index.block_removed(address, _keys(e.block_hashes))
+            index.block_removed(address, e.block_hashes)
         else:
             index.clear_endpoint(address)
-
-
-def _key(h: BlockHash | None) -> Hashable | None:
-    return h
-
-
-def _keys(hs: list[BlockHash]) -> list[Hashable]:
-    return hs  # type: ignore[return-value]
 
 
 class SequenceTracker:
@@ -248,9 +246,10 @@ class KVEventSubscriber:
     async def _follow(self, address: str, zmq_address: str) -> None:
         """Subscribe to one endpoint's events until it leaves; reconnect with backoff after errors."""
         backoff = Backoff(0.1, 5.0)
+        seq = SequenceTracker()  # kept across reconnects: what was lost meanwhile shows as a gap
         while self.datastore.get(address) is not None:
             try:
-                await self._stream(address, zmq_address, backoff)
+                await self._stream(address, zmq_address, backoff, seq)
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -258,7 +257,7 @@ class KVEventSubscriber:
                 log.warning("kv events from %s (%s): %s; reconnecting in %.1fs", address, zmq_address, e, delay)
                 await asyncio.sleep(delay)
 
-    async def _stream(self, address: str, zmq_address: str, backoff: Backoff) -> None:
+    async def _stream(self, address: str, zmq_address: str, backoff: Backoff, seq: SequenceTracker) -> None:
         import zmq
 
         ctx = self._ctx
@@ -268,7 +267,6 @@ class KVEventSubscriber:
         sock.setsockopt(zmq.RCVHWM, 100_000)
         sock.setsockopt(zmq.SUBSCRIBE, b"")  # one publisher per socket: every topic is this endpoint's
         sock.connect(zmq_address)
-        seq = SequenceTracker()
         log.info("kv events: subscribed to %s for %s", zmq_address, address)
         try:
             while True:

@@ -1,78 +1,312 @@
 """The EPP's own Prometheus metrics, with the Gateway API Inference Extension names (SPEC section 6).
 
-One registry per EPP instance (no process globals), served on `--metrics-port`. Model names come
-from clients, so the label set is capped: past `MAX_MODELS` distinct names they count as "other".
+One registry per EPP instance (no process globals), served on `--metrics-port`. The request path
+only bumps plain counters and lock-free histograms (extproc.histogram) kept per model; one
+collector turns them into Prometheus families at scrape time, and computes the pool gauges from
+the datastore and the prefix index then, so they cost nothing per request. Model names come from
+clients, so the label set is capped: past `MAX_MODELS` distinct names they count as "other".
+Everything here runs on the event loop's thread (requests and scrapes alike).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from importlib import metadata
+from typing import TYPE_CHECKING
 
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
+
+from extproc.histogram import Histogram
 from extproc.usage import Usage
 
+if TYPE_CHECKING:
+    from extproc.datastore import Datastore
+    from extproc.protocol import Outcome
+    from pickers.prefix_index import ApproxPrefixIndex
+    from pickers.scheduler import SchedulingProfile
+
 MAX_MODELS = 200
-_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
-_SCHED_BUCKETS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+SCHED_BUCKETS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+PLUGIN_BUCKETS = (0.00001, 0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
+# the reference picker's buckets for request latencies
+DURATION_BUCKETS = (0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 45, 60,
+                    120, 180, 240, 300, 360, 480, 600, 900, 1200, 1800, 2700, 3600)  # fmt: skip
+TTFT_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10, 20, 40, 80, 160, 640)
+TPOT_BUCKETS = (0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                5.0, 7.5, 10.0)  # fmt: skip
+RATIO_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+MODEL_SERVER_ERROR = "ModelServerError"  # the reference picker's code for an upstream status >= 400
+
+
+def llm_epp_version() -> str:
+    try:
+        return metadata.version("llm-epp")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return "dev"
+
+
+class _ModelSeries:
+    """Everything counted for one model name."""
+
+    __slots__ = ("requests", "running", "errors", "duration", "ttft", "tpot", "input_tokens", "output_tokens", "cached_tokens")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.running = 0
+        self.errors: dict[str, int] = {}
+        self.duration = Histogram(DURATION_BUCKETS)
+        self.ttft = Histogram(TTFT_BUCKETS)
+        self.tpot = Histogram(TPOT_BUCKETS)
+        self.input_tokens = Histogram(TOKEN_BUCKETS)
+        self.output_tokens = Histogram(TOKEN_BUCKETS)
+        self.cached_tokens = Histogram(TOKEN_BUCKETS)
 
 
 class EppMetrics:
-    def __init__(self, pool_name: str = "", version: str = "") -> None:
-        self.registry = r = CollectorRegistry(auto_describe=True)
+    def __init__(
+        self,
+        pool_name: str = "",
+        version: str | None = None,
+        *,
+        datastore: Datastore | None = None,
+        prefix_index: ApproxPrefixIndex | None = None,
+    ) -> None:
         self.pool_name = pool_name
-        self._models: set[str] = set()
-        labels = ["model_name", "target_model_name"]
-        self.requests = Counter("inference_objective_request", "Requests scheduled, by model", labels, registry=r)
-        self.errors = Counter(
-            "inference_objective_request_error", "Requests refused or failed, by error code", [*labels, "error_code"], registry=r
-        )
-        self.running = Gauge("inference_objective_running_requests", "Requests in flight through the EPP", ["model_name"], registry=r)
-        self.input_tokens = Histogram(
-            "inference_objective_input_tokens", "Prompt tokens per request (from usage)", labels, buckets=_TOKEN_BUCKETS, registry=r
-        )
-        self.output_tokens = Histogram(
-            "inference_objective_output_tokens", "Completion tokens per request (from usage)", labels, buckets=_TOKEN_BUCKETS, registry=r
-        )
-        self.cached_tokens = Histogram(
-            "inference_objective_prompt_cached_tokens", "Prompt tokens served from the prefix cache (from usage)", labels,
-            buckets=_TOKEN_BUCKETS, registry=r,
-        )
-        self.scheduler_duration = Histogram(
-            "inference_extension_scheduler_e2e_duration_seconds", "Time to schedule one request", buckets=_SCHED_BUCKETS, registry=r
-        )
-        self.ready_pods = Gauge("inference_pool_ready_pods", "Endpoints in the pool", ["name"], registry=r)
-        self.info = Gauge("inference_extension_info", "llm-epp build info", ["commit", "build_ref"], registry=r)
-        self.info.labels(commit="", build_ref=version).set(1)
+        self.version = llm_epp_version() if version is None else version
+        self.datastore = datastore
+        self.prefix_index = prefix_index
+        self._series: dict[str, _ModelSeries] = {}
+        self.scheduler_e2e = Histogram(SCHED_BUCKETS)
+        self.plugin_durations: dict[tuple[str, str, str], Histogram] = {}
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Collector(self))
 
-    def _model(self, model: str) -> str:
-        if model in self._models:
-            return model
-        if len(self._models) >= MAX_MODELS:
-            return "other"
-        self._models.add(model)
-        return model
+    def attach(self, datastore: Datastore, prefix_index: ApproxPrefixIndex | None = None) -> None:
+        """Read the pool gauges from this datastore (and the prefix gauges from this index) at scrape time."""
+        self.datastore = datastore
+        self.prefix_index = prefix_index
 
+    def _model(self, model: str) -> _ModelSeries:
+        s = self._series.get(model)
+        if s is None:
+            if len(self._series) >= MAX_MODELS:
+                model = "other"
+                s = self._series.get(model)
+            if s is None:
+                s = self._series[model] = _ModelSeries()
+        return s
+
+    # -- the request path ----------------------------------------------------------------------
     def scheduled(self, model: str, seconds: float) -> None:
-        m = self._model(model)
-        self.requests.labels(m, m).inc()
-        self.running.labels(m).inc()
-        self.scheduler_duration.observe(seconds)
+        s = self._model(model)
+        s.requests += 1
+        s.running += 1
+        self.scheduler_e2e.observe(seconds)
 
     def request_error(self, model: str, code: str) -> None:
-        m = self._model(model)
-        self.errors.labels(m, m, code).inc()
+        errors = self._model(model).errors
+        errors[code] = errors.get(code, 0) + 1
 
-    def completed(self, model: str, status: int | None, usage: Usage | None, aborted: bool) -> None:
-        m = self._model(model)
-        self.running.labels(m).dec()
+    def completed(self, model: str, outcome: Outcome, usage: Usage | None) -> None:
+        s = self._model(model)
+        s.running -= 1
+        status = outcome.status
         if status is not None and status >= 400:
-            self.errors.labels(m, m, "ModelServerError").inc()
+            s.errors[MODEL_SERVER_ERROR] = s.errors.get(MODEL_SERVER_ERROR, 0) + 1
+        elif status is not None and not outcome.aborted:
+            s.duration.observe(outcome.duration)
+        first = outcome.first_byte
+        if outcome.streaming and first is not None:
+            s.ttft.observe(first)
+            if usage is not None and usage.completion_tokens > 1 and not outcome.aborted:
+                s.tpot.observe((outcome.duration - first) / (usage.completion_tokens - 1))
         if usage is not None:
-            self.input_tokens.labels(m, m).observe(usage.prompt_tokens)
-            self.output_tokens.labels(m, m).observe(usage.completion_tokens)
-            self.cached_tokens.labels(m, m).observe(usage.cached_tokens)
+            s.input_tokens.observe(usage.prompt_tokens)
+            s.output_tokens.observe(usage.completion_tokens)
+            s.cached_tokens.observe(usage.cached_tokens)
 
-    def set_ready_pods(self, n: int) -> None:
-        self.ready_pods.labels(self.pool_name).set(n)
+    # -- per-plugin latency --------------------------------------------------------------------
+    def time_plugins(self, profiles: Iterable[SchedulingProfile]) -> None:
+        """Wrap each profile's filters, scorers and picker so their calls are timed (about 0.5 us a
+        call). The wrappers pass every other attribute through to the plugin."""
+        wrappers: dict[int, _Timed] = {}  # a plugin in several profiles gets one wrapper
+
+        def wrap(kind: type[_Timed], point: str, plugin: object) -> _Timed:
+            if isinstance(plugin, _Timed):
+                return plugin
+            w = wrappers.get(id(plugin))
+            if w is None:
+                w = wrappers[id(plugin)] = kind(plugin, self._plugin_histogram(point, plugin))
+            return w
+
+        for prof in profiles:
+            prof.filters = [wrap(_TimedFilter, "Filter", f) for f in prof.filters]  # type: ignore[misc]
+            for ws in prof.scorers:
+                ws.scorer = wrap(_TimedScorer, "Scorer", ws.scorer)  # type: ignore[assignment]
+            prof.picker = wrap(_TimedPicker, "Picker", prof.picker)  # type: ignore[assignment]
+
+    def _plugin_histogram(self, point: str, plugin: object) -> Histogram:
+        key = (point, str(getattr(plugin, "type", type(plugin).__name__)), str(getattr(plugin, "name", "")))
+        h = self.plugin_durations.get(key)
+        if h is None:
+            h = self.plugin_durations[key] = Histogram(PLUGIN_BUCKETS)
+        return h
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+    def names(self) -> set[str]:
+        """Every sample name the registry exposes now (e.g. ..._bucket, ..._total), for checks."""
+        return {s.name for fam in self.registry.collect() for s in fam.samples}
+
+
+class _Timed:
+    __slots__ = ("plugin", "histogram", "type", "name", "category")
+
+    def __init__(self, plugin: object, histogram: Histogram) -> None:
+        self.plugin = plugin
+        self.histogram = histogram
+        self.type = getattr(plugin, "type", "")
+        self.name = getattr(plugin, "name", "")
+        self.category = getattr(plugin, "category", "")
+
+    def __getattr__(self, attr: str) -> object:
+        return getattr(self.plugin, attr)
+
+
+class _TimedFilter(_Timed):
+    __slots__ = ()
+
+    def filter(self, request, cycle, endpoints):  # type: ignore[no-untyped-def]
+        t = time.perf_counter()
+        out = self.plugin.filter(request, cycle, endpoints)  # type: ignore[attr-defined]
+        self.histogram.observe(time.perf_counter() - t)
+        return out
+
+
+class _TimedScorer(_Timed):
+    __slots__ = ()
+
+    def score(self, request, cycle, endpoints):  # type: ignore[no-untyped-def]
+        t = time.perf_counter()
+        out = self.plugin.score(request, cycle, endpoints)  # type: ignore[attr-defined]
+        self.histogram.observe(time.perf_counter() - t)
+        return out
+
+
+class _TimedPicker(_Timed):
+    __slots__ = ()
+
+    def pick(self, request, scored):  # type: ignore[no-untyped-def]
+        t = time.perf_counter()
+        out = self.plugin.pick(request, scored)  # type: ignore[attr-defined]
+        self.histogram.observe(time.perf_counter() - t)
+        return out
+
+
+def _histogram_family(name: str, doc: str, labels: Sequence[str]) -> HistogramMetricFamily:
+    return HistogramMetricFamily(name, doc, labels=list(labels))
+
+
+def _add(family: HistogramMetricFamily, labels: Sequence[str], h: Histogram) -> None:
+    family.add_metric(list(labels), [(floatToGoString(b), float(n)) for b, n in h.cumulative()], h.sum)
+
+
+class _Collector:
+    """Builds every family from the counters at scrape time."""
+
+    def __init__(self, m: EppMetrics) -> None:
+        self.m = m
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.m
+        mt = ["model_name", "target_model_name"]
+        requests = CounterMetricFamily("inference_objective_request", "Requests scheduled, by model", labels=mt)
+        errors = CounterMetricFamily(
+            "inference_objective_request_error", "Requests refused by the EPP or failed upstream, by error code", labels=[*mt, "error_code"]
+        )
+        running = GaugeMetricFamily("inference_objective_running_requests", "Requests in flight through the EPP", labels=["model_name"])
+        hists = {
+            "duration": _histogram_family(
+                "inference_objective_request_duration_seconds", "End-to-end time of successful requests, at the gateway", mt
+            ),
+            "ttft": _histogram_family(
+                "inference_objective_request_ttft_seconds", "Streamed requests: request at the EPP to the first response byte", mt
+            ),
+            "tpot": _histogram_family(
+                "inference_objective_request_tpot_seconds", "Streamed requests: time per output token after the first", mt
+            ),
+            "input_tokens": _histogram_family("inference_objective_input_tokens", "Prompt tokens per request (from usage)", mt),
+            "output_tokens": _histogram_family("inference_objective_output_tokens", "Completion tokens per request (from usage)", mt),
+            "cached_tokens": _histogram_family(
+                "inference_objective_prompt_cached_tokens", "Prompt tokens served from the prefix cache (from usage)", mt
+            ),
+        }
+        for model, s in m._series.items():
+            labels = [model, model]
+            requests.add_metric(labels, s.requests)
+            running.add_metric([model], s.running)
+            for code, n in s.errors.items():
+                errors.add_metric([*labels, code], n)
+            for attr, fam in hists.items():
+                _add(fam, labels, getattr(s, attr))
+        yield requests
+        yield errors
+        yield running
+        yield from hists.values()
+
+        sched = _histogram_family("inference_extension_scheduler_e2e_duration_seconds", "Time to schedule one request", ())
+        _add(sched, (), m.scheduler_e2e)
+        yield sched
+        plugins = _histogram_family(
+            "inference_extension_plugin_duration_seconds", "Time in each scheduling plugin per call",
+            ("extension_point", "plugin_type", "plugin_name"),
+        )  # fmt: skip
+        for key, h in m.plugin_durations.items():
+            _add(plugins, key, h)
+        yield plugins
+        info = GaugeMetricFamily("inference_extension_info", "llm-epp build info", labels=["commit", "build_ref"])
+        info.add_metric(["", m.version], 1)
+        yield info
+        yield from self._pool()
+        yield from self._prefix()
+
+    def _pool(self) -> Iterator[Metric]:
+        ds = self.m.datastore
+        if ds is None:
+            return
+        name = self.m.pool_name
+        endpoints = ds.candidates()
+        n = len(endpoints)
+        ready = GaugeMetricFamily("inference_pool_ready_pods", "Endpoints in the pool", labels=["name"])
+        ready.add_metric([name], n)
+        kv = GaugeMetricFamily(
+            "inference_pool_average_kv_cache_utilization", "Mean KV-cache use (0-1) over the pool's endpoints", labels=["name"]
+        )
+        kv.add_metric([name], sum(ep.metrics.kv_usage for ep in endpoints) / n if n else 0.0)
+        queue = GaugeMetricFamily("inference_pool_average_queue_size", "Mean waiting requests over the pool's endpoints", labels=["name"])
+        queue.add_metric([name], sum(ep.metrics.waiting for ep in endpoints) / n if n else 0.0)
+        per_pod = GaugeMetricFamily(
+            "inference_pool_per_pod_queue_size", "Waiting requests on each endpoint", labels=["name", "model_server_pod"]
+        )
+        for ep in endpoints:
+            per_pod.add_metric([name, ep.name or ep.address], ep.metrics.waiting)
+        yield from (ready, kv, queue, per_pod)
+
+    def _prefix(self) -> Iterator[Metric]:
+        index = self.m.prefix_index
+        if index is None:
+            return
+        size = GaugeMetricFamily("inference_extension_prefix_indexer_size", "(endpoint, block) entries in the prefix index")
+        size.add_metric([], index.size())
+        yield size
+        ratio = _histogram_family(
+            "inference_extension_prefix_indexer_hit_ratio", "Per lookup: the share of the prompt's blocks the best endpoint holds", ()
+        )
+        _add(ratio, (), index.hit_ratio)
+        yield ratio

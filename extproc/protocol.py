@@ -99,6 +99,7 @@ class Routing:
     scores: str | None = None  # JSON of per-scorer scores when explaining is on
     request_headers: Mapping[str, str] = field(default_factory=dict)  # set on the upstream request
     response_headers: Mapping[str, str] = field(default_factory=dict)  # set on the client's response
+    profile: str = ""  # the scheduling profile (or profile handler's result) that chose
 
 
 @dataclass(slots=True)

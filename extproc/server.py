@@ -65,8 +65,16 @@ class ServeOptions:
     metrics_staleness_threshold: float = 2.0
     max_body_bytes: int = DEFAULT_MAX_BODY
     explain_scores: bool = False
+    log_requests: bool = False  # one log line per request (INFO); off: nothing per request at INFO
+    admin_port: int = 9091  # /debug/endpoints, /debug/config, /debug/decisions; 0: off
+    admin_address: str = "127.0.0.1"  # the live views show the pool: loopback unless asked
     grace_period: float = 30.0
+    # On SIGTERM, report NOT_SERVING but keep taking streams this long, so Envoy's health check
+    # (1 s in envoy/llm-gateway.yaml) stops sending before the port closes: no request meets a closed port.
+    shutdown_delay: float = 0.0
     pool_name: str = ""
+    secure_serving: bool = False  # ext_proc over TLS (the health and metrics ports stay plaintext for probes)
+    cert_path: str | None = None  # directory with tls.crt and tls.key; None: a self-signed certificate
     kubernetes: KubernetesOptions | None = None  # discovery from the API server, leader election
 
 
@@ -112,8 +120,11 @@ class EppServer:
         self.prefix_index = ApproxPrefixIndex()
         self.datastore.on_membership_change(self._on_membership_change)
         profiles, handler = self._build_profiles()
+        self._profiles = profiles
         self.scheduler = Scheduler(profiles, self.datastore, handler=handler, explain=opts.explain_scores)
-        self.director = Director(self.datastore, self.scheduler, self.metrics)
+        self.metrics.attach(self.datastore, self.prefix_index)
+        self.metrics.time_plugins(self.scheduler.profiles.values())
+        self.director = Director(self.datastore, self.scheduler, self.metrics, log_requests=opts.log_requests)
         self.servicer = ExtProcServicer(self.director, opts.max_body_bytes)
         self.health = health_aio.HealthServicer()
         self.supervisor = Supervisor()
@@ -122,6 +133,8 @@ class EppServer:
         self._grpc: grpc.aio.Server | None = None
         self._health_grpc: grpc.aio.Server | None = None
         self._metrics_runner: web.AppRunner | None = None
+        self._admin_runner: web.AppRunner | None = None
+        self.admin_port = 0
         self.grpc_port = 0
         self.health_port = 0
         self.metrics_port = 0
@@ -149,7 +162,6 @@ class EppServer:
     def _on_membership_change(self, added: tuple, removed: tuple) -> None:  # type: ignore[type-arg]
         for ep in removed:
             self.prefix_index.remove_endpoint(ep.address)
-        self.metrics.set_ready_pods(len(self.datastore))
         if added or removed:
             log.info(
                 "endpoints: %d in pool (+%s -%s)",
@@ -174,10 +186,20 @@ class EppServer:
             self.datastore, interval=opts.refresh_metrics_interval, timeout=max(0.5, opts.metrics_staleness_threshold / 2)
         )
         self.supervisor.start("metrics-scraper", scraper.run)
+        # Plugins with long-running tasks of their own (precise-prefix-cache-scorer's KV-event
+        # subscriber) hand them to the supervisor; a plugin in several profiles starts once.
+        started: set[int] = set()
+        for profile in self._profiles:
+            for plugin in profile.plugins():
+                tasks = getattr(plugin, "background_tasks", None)
+                if tasks is not None and id(plugin) not in started:
+                    started.add(id(plugin))
+                    for name, factory in tasks().items():
+                        self.supervisor.start(name, factory)
 
         self._grpc = grpc.aio.server(options=_GRPC_OPTIONS)
         pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, self._grpc)
-        self.grpc_port = self._grpc.add_insecure_port(f"{opts.bind_address}:{opts.grpc_port}")
+        self.grpc_port = self._add_ext_proc_port(self._grpc)
         await self._grpc.start()
 
         self._health_grpc = grpc.aio.server(options=_GRPC_OPTIONS)
@@ -197,10 +219,43 @@ class EppServer:
         site = web.TCPSite(self._metrics_runner, opts.bind_address, opts.metrics_port)
         await site.start()
         self.metrics_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        await self._start_admin()
         log.info(
             "llm-epp serving ext_proc on :%d, health on :%d, metrics on :%d (%s, %d endpoints)",
             self.grpc_port, self.health_port, self.metrics_port, self.scheduling_source, len(self.datastore),
         )
+
+    def _add_ext_proc_port(self, server: grpc.aio.Server) -> int:
+        opts = self.opts
+        address = f"{opts.bind_address}:{opts.grpc_port}"
+        if not opts.secure_serving:
+            return server.add_insecure_port(address)
+        from extproc.tls import load_certificate, self_signed
+
+        cert = load_certificate(opts.cert_path) if opts.cert_path else self_signed()
+        log.info("ext_proc serves TLS with the %s certificate", "self-signed" if not opts.cert_path else f"{cert.source}/tls.crt")
+        return server.add_secure_port(address, grpc.ssl_server_credentials([(cert.key_pem, cert.cert_pem)]))
+
+    async def _start_admin(self) -> None:
+        """The live views; a port already taken costs the views, not the EPP."""
+        opts = self.opts
+        if not opts.admin_port:
+            return
+        from extproc.admin import admin_app, options_view
+
+        config = {"version": self.metrics.version, "scheduling_source": self.scheduling_source, "options": options_view(opts)}
+        runner = web.AppRunner(admin_app(self.datastore, self.prefix_index, self.director, config), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, opts.admin_address, opts.admin_port)
+        try:
+            await site.start()
+        except OSError as e:
+            log.warning("admin views off: cannot listen on %s:%d (%s)", opts.admin_address, opts.admin_port, e)
+            await runner.cleanup()
+            return
+        self._admin_runner = runner
+        self.admin_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        log.info("admin views on http://%s:%d/debug/", opts.admin_address, self.admin_port)
 
     async def _metrics_handler(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.exposition(), content_type="text/plain", charset="utf-8")
@@ -230,6 +285,8 @@ class EppServer:
         """Stop taking new streams, let open ones finish (up to `grace` seconds), then stop tasks."""
         grace = self.opts.grace_period if grace is None else grace
         await self.health.enter_graceful_shutdown()
+        if self.opts.shutdown_delay > 0:
+            await asyncio.sleep(self.opts.shutdown_delay)
         if self._grpc is not None:
             await self._grpc.stop(grace)
         await self.supervisor.stop()
@@ -239,6 +296,8 @@ class EppServer:
             await self._health_grpc.stop(0)
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
 
     async def serve_forever(self) -> None:
         await self.start()

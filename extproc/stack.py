@@ -117,6 +117,12 @@ class StackOptions:
     envoy_log_level: str = "warning"
     extra_env: dict[str, str] = field(default_factory=dict)
     pd: PdPool | None = None  # instead of `sims` aggregated simulators
+    message_timeout: str = "10s"  # Envoy's ext_proc message_timeout
+    # ext_proc over TLS: "" plaintext; "self-signed": the EPP generates a certificate, Envoy does not
+    # verify it (the reference picker's default); "verified": the stack writes a certificate, the EPP
+    # serves it (--cert-path) and Envoy verifies it.
+    epp_tls: str = ""
+    kv_events: bool = False  # simulators publish KV events, each on its own port (label llm-epp/kv-events-port)
 
 
 class LocalStack:
@@ -131,6 +137,7 @@ class LocalStack:
         self.epp_port = 0
         self.epp_health_port = 0
         self.epp_metrics_port = 0
+        self.epp_admin_port = 0  # the EPP's /debug/ live views
         self.admin_port = 0
         self.endpoints_path: Path | None = None
         self.epp_proc: ManagedProcess | None = None
@@ -200,17 +207,22 @@ class LocalStack:
 
     def start_sims(self) -> None:
         o = self.opts
+        entries: list[dict[str, object]] = []
         for i in range(o.sims):
             port = free_port()
             argv = [sys.executable, "-m", "vllm_sim", "--host", "127.0.0.1", "--port", str(port), "--model", o.model, "--seed", str(i), *o.sim_args]
+            entry: dict[str, object] = {"address": "127.0.0.1", "port": port, "name": f"sim-{i}"}
+            if o.kv_events:
+                kv_port = free_port()
+                argv += ["--kv-events-port", str(kv_port)]
+                entry["labels"] = {"llm-epp/kv-events-port": str(kv_port)}
             proc = self._spawn(f"sim-{i}", argv)
             self.sim_ports.append(port)
             self.endpoints.append(("127.0.0.1", port))
+            entries.append(entry)
             self._wait_http(proc, f"http://127.0.0.1:{port}/health")
         self.endpoints_path = o.workdir / "endpoints.yaml"
-        self.endpoints_path.write_text(
-            yaml.safe_dump({"endpoints": [{"address": h, "port": p, "name": f"sim-{i}"} for i, (h, p) in enumerate(self.endpoints)]})
-        )
+        self.endpoints_path.write_text(yaml.safe_dump({"endpoints": entries}))
 
     def start_pd_pool(self, pool: PdPool) -> None:
         o = self.opts
@@ -249,18 +261,35 @@ class LocalStack:
         self.epp_port = self.epp_port or free_port()
         self.epp_health_port = self.epp_health_port or free_port()
         self.epp_metrics_port = self.epp_metrics_port or free_port()
+        self.epp_admin_port = self.epp_admin_port or free_port()
         argv = [
             sys.executable, "-m", "extproc.cli", "serve",
             "--grpc-port", str(self.epp_port),
             "--grpc-health-port", str(self.epp_health_port),
             "--metrics-port", str(self.epp_metrics_port),
+            "--admin-port", str(self.epp_admin_port),
             "--bind-address", "127.0.0.1",
             "--endpoints", str(self.endpoints_path),
-            *o.epp_args, *extra_args,
+            *o.epp_args, *self._epp_tls_args(), *extra_args,
         ]  # fmt: skip
         self.epp_proc = proc = self._spawn("epp", argv)
         self._wait_http(proc, f"http://127.0.0.1:{self.epp_metrics_port}/metrics")
         return proc
+
+    @property
+    def epp_cert_dir(self) -> Path:
+        return self.opts.workdir / "epp-tls"
+
+    def _epp_tls_args(self) -> list[str]:
+        if not self.opts.epp_tls:
+            return []
+        if self.opts.epp_tls == "self-signed":
+            return ["--secure-serving"]
+        if not (self.epp_cert_dir / "tls.crt").exists():
+            from extproc.tls import self_signed, write_certificate
+
+            write_certificate(self_signed(), self.epp_cert_dir)
+        return ["--secure-serving", "--cert-path", str(self.epp_cert_dir)]
 
     def stop_epp(self) -> None:
         if self.epp_proc is not None:
@@ -277,6 +306,11 @@ class LocalStack:
             settings = envoy_config.GatewaySettings(
                 listen_port=self.listen_port,
                 epp_port=self.epp_port,
+                epp_health_port=self.epp_health_port,
+                epp_tls=bool(o.epp_tls),
+                epp_tls_ca=str(self.epp_cert_dir / "tls.crt") if o.epp_tls == "verified" else None,
+                epp_tls_sni="localhost" if o.epp_tls == "verified" else "",
+                message_timeout=o.message_timeout,
                 admin_port=self.admin_port,
                 request_body_mode=o.request_body_mode,
                 response_body_mode=o.response_body_mode,

@@ -3,7 +3,8 @@
 Errors name the source (a file path or `--config-text`), the field path (`schedulingProfiles[0].
 plugins[1].pluginRef`) and what was expected. Defaults follow the reference picker: no profiles -> one
 `default` profile with every filter, scorer and picker; one profile -> `single-profile-handler`; no
-picker -> `max-score-picker`; weight 1. Several profiles (P/D) are refused until they are supported.
+picker -> `max-score-picker`; weight 1. Several profiles need a profile handler (`disagg-profile-handler`
+for P/D), which is bound to its profiles and decider by name once everything is built.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import yaml
 
 from extproc.errors import ConfigError
 from pickers.params import ParameterError
-from pickers.profile_handler import SingleProfileHandler
+from pickers.profile_handler import ProfileHandler, SingleProfileHandler
 from pickers.registry import create_plugin
 from pickers.scheduler import SchedulingProfile, WeightedScorer
 from pickers.types import Filter, Picker, PluginContext, Scorer
@@ -59,14 +60,14 @@ class EndpointPickerConfig:
     api_version: str
     plugins: Mapping[str, object]  # by name, in config order
     profiles: tuple[SchedulingProfile, ...]
-    profile_handler: object
+    profile_handler: ProfileHandler
     feature_gates: tuple[str, ...] = ()
     saturation_detector: Mapping[str, Any] = field(default_factory=dict)  # stored, not yet acted on
     flow_control: Mapping[str, Any] = field(default_factory=dict)  # stored, not yet acted on
 
     @property
     def profile(self) -> SchedulingProfile:
-        """The one profile (several are refused at load time for now)."""
+        """The first profile: the only one unless a handler such as disagg-profile-handler runs several."""
         return self.profiles[0]
 
 
@@ -133,11 +134,25 @@ class _Loader:
             raise self.error("kind", f"expected {KIND}, got {doc.get('kind')!r}")
 
         plugins = self.build_plugins(doc.get("plugins"))
-        handlers = {n: p for n, p in plugins.items() if isinstance(p, SingleProfileHandler)}
+        handlers = {n: p for n, p in plugins.items() if isinstance(p, ProfileHandler)}
         if len(handlers) > 1:
             raise self.error("plugins", f"expected at most one profile handler, got {', '.join(handlers)}")
         profiles = self.build_profiles(doc.get("schedulingProfiles"), plugins)
-        handler = next(iter(handlers.values()), None) or SingleProfileHandler()
+        handler = next(iter(handlers.values()), None)
+        if handler is None:
+            if len(profiles) > 1:
+                raise self.error(
+                    "schedulingProfiles",
+                    f"{len(profiles)} profiles need a profile handler plugin such as disagg-profile-handler "
+                    "(prefill/decode); only single-profile-handler is implied, and it runs one profile",
+                )
+            handler = SingleProfileHandler()
+        try:
+            handler.bind(plugins, {p.name: p for p in profiles})
+        except ParameterError as e:
+            i = list(plugins).index(handler.name) if handler.name in plugins else 0
+            param = f"plugins[{i}].parameters.{e.param}" if e.param else f"plugins[{i}]"
+            raise self.error(param, f"{handler.type}: {e.detail}") from None
 
         gates = self.expect_list(doc.get("featureGates"), "featureGates")
         for i, g in enumerate(gates):
@@ -193,17 +208,16 @@ class _Loader:
             # every filter, scorer and picker, in config order, weight 1
             refs = [(f"plugins[{i}]", {"pluginRef": n}) for i, (n, p) in enumerate(plugins.items()) if _role(p) is not None]
             return (self.build_profile("default", refs, plugins, implicit=True),)
-        if len(items) > 1:
-            raise self.error(
-                "schedulingProfiles",
-                f"expected one profile, got {len(items)}: several profiles need a profile handler such as "
-                "disagg-profile-handler, which llm-epp does not support yet",
-            )
-        path = "schedulingProfiles[0]"
-        spec = self.expect_mapping(items[0], path, _PROFILE_KEYS)
-        name = self.expect_name(spec.get("name"), f"{path}.name")
-        refs = self.expect_list(spec.get("plugins"), f"{path}.plugins")
-        return (self.build_profile(name, [(f"{path}.plugins[{j}]", r) for j, r in enumerate(refs)], plugins),)
+        profiles: list[SchedulingProfile] = []
+        for i, item in enumerate(items):
+            path = f"schedulingProfiles[{i}]"
+            spec = self.expect_mapping(item, path, _PROFILE_KEYS)
+            name = self.expect_name(spec.get("name"), f"{path}.name")
+            if any(p.name == name for p in profiles):
+                raise self.error(f"{path}.name", f"duplicate profile name {name!r}")
+            refs = self.expect_list(spec.get("plugins"), f"{path}.plugins")
+            profiles.append(self.build_profile(name, [(f"{path}.plugins[{j}]", r) for j, r in enumerate(refs)], plugins))
+        return tuple(profiles)
 
     def build_profile(
         self, name: str, refs: list[tuple[str, Any]], plugins: dict[str, object], *, implicit: bool = False
@@ -258,6 +272,8 @@ class _Loader:
 
 
 def _role(plugin: object) -> str | None:
+    if isinstance(plugin, ProfileHandler):
+        return None  # it has a `pick` too, but picks profiles, not endpoints
     if isinstance(plugin, Picker):
         return "picker"
     if isinstance(plugin, Scorer):

@@ -2,7 +2,8 @@
 
 A block is 64 bytes of prompt text (~16 tokens). Hashes chain so a block's key depends on every
 block before it. Each endpoint keeps an LRU of the blocks routed to it, sized like its KV cache, so
-memory is bounded by the pool's total cache size in blocks.
+memory is bounded by the pool's total cache size in blocks. Each lookup's hit ratio (the share of
+the prompt's blocks the best endpoint holds) goes into a histogram the EPP's metrics expose.
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ from collections import OrderedDict
 
 import xxhash
 
+from extproc.histogram import Histogram
+
 BLOCK_CHARS = 64
 BLOCK_TOKENS = 16
 MAX_BLOCKS = 256
 DEFAULT_CAPACITY = 31_250  # blocks per endpoint when the server does not report its cache size
+HIT_RATIO_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 _xxh64 = xxhash.xxh64_intdigest
 
@@ -42,6 +46,7 @@ class ApproxPrefixIndex:
         self._holders: dict[int, set[str]] = {}
         self._lru: dict[str, OrderedDict[int, None]] = {}
         self._capacity: dict[str, int] = {}
+        self.hit_ratio = Histogram(HIT_RATIO_BUCKETS)  # one observation per lookup of a prompt of >= 1 block
 
     def match(self, hashes: list[int]) -> dict[str, int]:
         """Leading blocks held per endpoint; the walk stops at the first block nobody holds."""
@@ -50,8 +55,10 @@ class ApproxPrefixIndex:
             return counts
         active = self._holders.get(hashes[0])
         if not active:
+            self.hit_ratio.observe(0.0)
             return counts
         active = set(active)
+        best = 0
         for i, h in enumerate(hashes):
             holders = self._holders.get(h)
             if not holders:
@@ -59,8 +66,10 @@ class ApproxPrefixIndex:
             active &= holders
             if not active:
                 break
+            best = i + 1
             for addr in active:
-                counts[addr] = i + 1
+                counts[addr] = best
+        self.hit_ratio.observe(best / len(hashes))
         return counts
 
     def record(self, address: str, hashes: list[int], capacity: int | None = None) -> None:

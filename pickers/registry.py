@@ -18,13 +18,21 @@ from pickers.picker.max_score import MaxScorePicker
 from pickers.picker.random import RandomPicker
 from pickers.picker.round_robin import RoundRobinPicker
 from pickers.picker.weighted_random import WeightedRandomPicker
-from pickers.profile_handler import SingleProfileHandler
+from pickers.pd_decider import AlwaysDisaggPDDecider, PrefixBasedPDDecider
+from pickers.profile_handler import (
+    DisaggHeadersHandler,
+    DisaggProfileHandler,
+    PdProfileHandler,
+    PrefillHeaderHandler,
+    SingleProfileHandler,
+)
 from pickers.scorers.active_request import ActiveRequestScorer
 from pickers.scorers.kv_cache import KVCacheUtilizationScorer
 from pickers.scorers.load_aware import LoadAwareScorer
 from pickers.scorers.lora_affinity import LoraAffinityScorer
 from pickers.scorers.no_hit_lru import NoHitLRUScorer
-from pickers.scorers.prefix import PrefixCacheScorer
+from pickers.scorers.precise_prefix import PrecisePrefixCacheScorer
+from pickers.scorers.prefix import ApproxPrefixCacheProducer, PrefixCacheScorer
 from pickers.scorers.queue import QueueScorer
 from pickers.scorers.running_requests import RunningRequestsSizeScorer
 from pickers.scorers.session_affinity import SessionAffinityScorer
@@ -46,6 +54,7 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     QueueScorer,
     KVCacheUtilizationScorer,
     PrefixCacheScorer,
+    PrecisePrefixCacheScorer,
     RunningRequestsSizeScorer,
     LoadAwareScorer,
     ActiveRequestScorer,
@@ -65,15 +74,19 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     RoundRobinPicker,  # llm-epp's baseline; not a reference-picker type
     # profile handlers
     SingleProfileHandler,
+    DisaggProfileHandler,
+    PdProfileHandler,  # llm-d's older name for the P/D handler
+    # P/D deciders
+    PrefixBasedPDDecider,
+    AlwaysDisaggPDDecider,
+    # llm-d plugins that load for compatibility and do nothing here (see their docstrings)
+    DisaggHeadersHandler,
+    PrefillHeaderHandler,
+    ApproxPrefixCacheProducer,
 )
 
 # Types the reference pickers know that llm-epp refuses for now, with the reason.
-NOT_YET: Mapping[str, str] = MappingProxyType(
-    {
-        "disagg-profile-handler": "P/D disaggregation (several profiles) is not supported by llm-epp yet",
-        "prefix-based-pd-decider": "P/D disaggregation (several profiles) is not supported by llm-epp yet",
-    }
-)
+NOT_YET: Mapping[str, str] = MappingProxyType({})
 
 
 def _factory(cls: type[_Configurable]) -> Factory:

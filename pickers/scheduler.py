@@ -1,7 +1,9 @@
 """One scheduling cycle: filter, score (sum of weight * clamp(score, 0, 1)), pick.
 
-A profile is filters + weighted scorers + one picker. Plugins that also implement PreRequest or
-ResponseComplete are told about the pick and the finished response.
+A profile is filters + weighted scorers + one picker. With one profile the scheduler runs it inline;
+with several, a ProfileHandler picks which run (sharing one cycle state) and combines their results
+(P/D: decode, then maybe prefill). Plugins that also implement PreRequest or ResponseComplete are told
+about the combined result and the finished response, once per request whatever profiles they are in.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 from extproc.datastore import Datastore, Endpoint
 from extproc.errors import ALL_FILTERED, NO_ENDPOINTS, RequestError
 from extproc.inference_request import InferenceRequest
+from pickers.profile_handler import ProfileHandler, ProfileOutcome, SingleProfileHandler
 from pickers.types import CycleState, Filter, Picker, PreRequest, ResponseComplete, SchedulingResult, ScoredEndpoint, Scorer
 
 log = logging.getLogger(__name__)
@@ -36,11 +39,26 @@ class SchedulingProfile:
 
 
 class Scheduler:
-    def __init__(self, profile: SchedulingProfile, datastore: Datastore, *, explain: bool = False) -> None:
-        self.profile = profile
+    def __init__(
+        self,
+        profiles: SchedulingProfile | Sequence[SchedulingProfile],
+        datastore: Datastore,
+        *,
+        handler: ProfileHandler | None = None,
+        explain: bool = False,
+    ) -> None:
+        """One profile (handler None or single-profile-handler) or several run by `handler`."""
+        all_profiles = (profiles,) if isinstance(profiles, SchedulingProfile) else tuple(profiles)
+        if not all_profiles:
+            raise ValueError("a scheduler needs at least one profile")
+        self.profiles = {p.name: p for p in all_profiles}
+        self.profile = all_profiles[0]
+        self.handler = None if handler is None or isinstance(handler, SingleProfileHandler) else handler
+        if self.handler is None and len(all_profiles) != 1:
+            raise ValueError(f"{len(all_profiles)} profiles need a profile handler")
         self.datastore = datastore
         self.explain = explain
-        plugins = profile.plugins()
+        plugins = list({id(p): p for prof in all_profiles for p in prof.plugins()}.values())
         self._pre_request = [p for p in plugins if isinstance(p, PreRequest)]
         self._complete = [p for p in plugins if isinstance(p, ResponseComplete)]
 
@@ -50,30 +68,69 @@ class Scheduler:
             raise RequestError(NO_ENDPOINTS, "no endpoints available to serve the request")
         candidates = self._drop_unreachable(candidates)
         cycle = CycleState()
-        profile = self.profile
+        explained: dict[str, dict[str, float]] | None = {} if self.explain else None
+        if self.handler is not None:
+            result = self._schedule_profiles(self.handler, request, cycle, candidates, explained)
+        else:
+            profile = self.profile
+            result = SchedulingResult(self._run_profile(profile, request, cycle, candidates, explained), profile.name, explained)
+        for p in self._pre_request:
+            p.pre_request(request, cycle, result)
+        return result
+
+    def _run_profile(
+        self,
+        profile: SchedulingProfile,
+        request: InferenceRequest,
+        cycle: CycleState,
+        candidates: Sequence[Endpoint],
+        explained: dict[str, dict[str, float]] | None,
+    ) -> list[Endpoint]:
         for f in profile.filters:
             candidates = f.filter(request, cycle, candidates)
             if not candidates:
                 raise RequestError(ALL_FILTERED, f"every endpoint was filtered out by {f.name}")
         totals = [0.0] * len(candidates)
-        explained: dict[str, dict[str, float]] | None = {} if self.explain else None
         for ws in profile.scorers:
             scores = ws.scorer.score(request, cycle, candidates)
             w = ws.weight
             for i, s in enumerate(scores):
                 totals[i] += w * (0.0 if s < 0.0 else 1.0 if s > 1.0 else s)
             if explained is not None:
-                explained[ws.scorer.name] = {ep.address: float(s) for ep, s in zip(candidates, scores)}
+                explained[self._explain_key(profile, ws.scorer.name)] = {ep.address: float(s) for ep, s in zip(candidates, scores)}
         scored = [ScoredEndpoint(ep, t) for ep, t in zip(candidates, totals)]
         chosen = profile.picker.pick(request, scored)
         if not chosen:
             raise RequestError(NO_ENDPOINTS, "the picker chose no endpoint")
-        result = SchedulingResult(chosen, profile.name, explained)
         if explained is not None:
-            explained["total"] = {s.endpoint.address: s.score for s in scored}
-            log.debug("request %s -> %s scores=%s", request.request_id, chosen[0].address, explained)
-        for p in self._pre_request:
-            p.pre_request(request, cycle, result)
+            explained[self._explain_key(profile, "total")] = {s.endpoint.address: s.score for s in scored}
+            log.debug("request %s [%s] -> %s scores=%s", request.request_id, profile.name, chosen[0].address, explained)
+        return chosen
+
+    def _explain_key(self, profile: SchedulingProfile, key: str) -> str:
+        # one profile keeps the plain scorer names; several prefix them with the profile's name
+        return key if self.handler is None else f"{profile.name}/{key}"
+
+    def _schedule_profiles(
+        self,
+        handler: ProfileHandler,
+        request: InferenceRequest,
+        cycle: CycleState,
+        candidates: Sequence[Endpoint],
+        explained: dict[str, dict[str, float]] | None,
+    ) -> SchedulingResult:
+        results: dict[str, ProfileOutcome] = {}
+        for _ in range(len(self.profiles) + 1):  # a handler that never stops is a bug; bound it
+            todo = handler.pick(request, cycle, self.profiles, results)
+            if not todo:
+                break
+            for profile in todo:
+                try:
+                    results[profile.name] = self._run_profile(profile, request, cycle, candidates, explained)
+                except RequestError as e:
+                    results[profile.name] = e
+        result = handler.process_results(request, results)
+        result.scores = explained
         return result
 
     def response_complete(

@@ -81,6 +81,8 @@ class SchedulingResult:
     # the client gets (e.g. x-session-token)
     request_headers: dict[str, str] = field(default_factory=dict)
     response_headers: dict[str, str] = field(default_factory=dict)
+    # several profiles ran (P/D): each one's chosen endpoints, by profile name; None for one profile
+    profile_results: dict[str, list[Endpoint]] | None = None
 
 
 @runtime_checkable

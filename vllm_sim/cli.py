@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from vllm_sim.config import DEFAULT_MODEL, ConfigError, SimConfig
+from vllm_sim.kv_events import KVEventsConfig
 from vllm_sim.profiles import PROFILES
 from vllm_sim.server import SimServer
 
@@ -39,6 +40,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--kv-transfer-s-overhead", type=float,
                    help="P/D: fixed seconds per KV transfer (profile default)")
     p.add_argument("--name", help="x-served-by value (default host:port as bound)")
+    p.add_argument("--kv-events-port", type=int, metavar="PORT",
+                   help="publish KV events (vLLM's ZMQ format) on tcp://*:PORT, 0 = any free port; "
+                        "topic kv@<host:port>@<model>")
+    p.add_argument("--kv-events-config", metavar="JSON",
+                   help="vLLM's --kv-events-config: {enable_kv_cache_events, publisher: zmq, endpoint, topic}, "
+                        "plus encoding: map (vLLM 0.32, default) | array (older vLLM)")
     return p
 
 
@@ -57,7 +64,21 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         max_model_len=args.max_model_len,
         kv_transfer_s_per_token=args.kv_transfer_s_per_token,
         kv_transfer_s_overhead=args.kv_transfer_s_overhead,
+        kv_events=_kv_events(args),
     )
+
+
+def _kv_events(args: argparse.Namespace) -> KVEventsConfig | None:
+    if args.kv_events_config and args.kv_events_port is not None:
+        raise ConfigError("kv-events: give --kv-events-port or --kv-events-config, not both")
+    if args.kv_events_config:
+        try:
+            return KVEventsConfig.from_json(args.kv_events_config)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if args.kv_events_port is not None:
+        return KVEventsConfig(f"tcp://*:{args.kv_events_port}")
+    return None
 
 
 async def serve(config: SimConfig) -> None:
@@ -73,6 +94,8 @@ async def serve(config: SimConfig) -> None:
     await server.start()
     log.info("vllm-sim %s serving %s on %s (profile %s, time-scale %g)",
              server.name, ",".join(config.models), server.url, config.profile, config.time_scale)
+    if server.kv_events is not None:
+        log.info("publishing KV events on tcp://*:%d, topic %s", server.kv_events.port, server.kv_events.topic.decode())
     try:
         await stop.wait()
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from vllm_sim.kv_events import KVEventsConfig
 from vllm_sim.profiles import PROFILES, Profile
 
 DEFAULT_MODEL = "sim-model"
@@ -32,6 +33,7 @@ class SimConfig:
     max_model_len: int = PROFILES["gpu"].max_model_len
     kv_transfer_s_per_token: float = PROFILES["gpu"].kv_transfer_s_per_token
     kv_transfer_s_overhead: float = PROFILES["gpu"].kv_transfer_s_overhead
+    kv_events: KVEventsConfig | None = None  # publish the prefix cache's KV events over ZMQ, as vLLM
 
     @classmethod
     def from_profile(cls, profile: str | Profile = "gpu", **overrides: object) -> SimConfig:

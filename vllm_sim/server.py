@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from vllm_sim import openai_api as api
 from vllm_sim.config import SimConfig
 from vllm_sim.engine import Engine, EngineRequest, PdLeg, RequestTooLarge, TokenOutput
+from vllm_sim.kv_events import KVEventPublisher
 from vllm_sim.metrics import CONTENT_TYPE, SimMetrics
 from vllm_sim.tokens import FillerText
 
@@ -52,6 +53,8 @@ class SimServer:
         self._port = 0
         self._runner: web.AppRunner | None = None
         self._created = int(time.time())
+        self.kv_events: KVEventPublisher | None = None
+        self.fault = "none"  # injected by POST /sim/fault: see _inject_fault
 
     @property
     def port(self) -> int:
@@ -73,7 +76,7 @@ class SimServer:
         return self.metrics.registry
 
     def build_app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors], client_max_size=64 * 1024 * 1024)
+        app = web.Application(middlewares=[self._inject_fault, self._errors], client_max_size=64 * 1024 * 1024)
         app.on_response_prepare.append(self._stamp)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat)
@@ -82,6 +85,7 @@ class SimServer:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/sim/stats", self._stats)
         app.router.add_post("/sim/reset", self._reset)
+        app.router.add_post("/sim/fault", self._set_fault)
         return app
 
     async def start(self) -> int:
@@ -102,6 +106,16 @@ class SimServer:
         if not self._name:
             host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
             self._name = f"{host}:{self._port}"
+        if self.config.kv_events is not None:
+            publisher = KVEventPublisher(self.config.kv_events)
+            try:
+                publisher.bind()
+            except BaseException:
+                await self.stop()
+                raise
+            publisher.set_topic(self.config.kv_events.topic or f"kv@{self.config.host}:{self._port}@{self.config.served_model}")
+            self.engine.cache.subscribe(publisher.on_event)
+            self.kv_events = publisher
         return self._port
 
     async def stop(self) -> None:
@@ -110,6 +124,9 @@ class SimServer:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+        if self.kv_events is not None:
+            self.kv_events.close()
+            self.kv_events = None
 
     async def __aenter__(self) -> SimServer:
         await self.start()
@@ -122,6 +139,31 @@ class SimServer:
 
     async def _stamp(self, request: web.Request, response: web.StreamResponse) -> None:
         response.headers[SERVED_BY_HEADER] = self._name
+
+    FAULTS = ("none", "error", "hang", "garbage-metrics")
+
+    @web.middleware
+    async def _inject_fault(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Faults for reliability tests; /sim/* always works so a test can heal the server.
+        error: every request (metrics too) gets 503. hang: requests are accepted and never answered.
+        garbage-metrics: /metrics serves text without vLLM's gauges, the API keeps working."""
+        fault = self.fault
+        if fault == "none" or request.path.startswith("/sim/"):
+            return await handler(request)
+        if fault == "error":
+            return _json(api.ApiError("injected fault").body(), status=503)
+        if fault == "hang":
+            await asyncio.Event().wait()  # until the client goes away (handler cancellation)
+        if fault == "garbage-metrics" and request.path == "/metrics":
+            return web.Response(text="\x00\x01 not prometheus {{{\nvllm:num_requests_waiting{ oops\n")
+        return await handler(request)
+
+    async def _set_fault(self, request: web.Request) -> web.Response:
+        fault = (await request.json()).get("mode", "none")
+        if fault not in self.FAULTS:
+            return _json({"error": f"mode must be one of {', '.join(self.FAULTS)}"}, status=400)
+        self.fault = fault
+        return _json({"status": "ok", "mode": fault})
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:

@@ -92,6 +92,11 @@ class PrefixCacheScorer:
         if m.hashes:
             ep = result.endpoints[0]
             self.index.record(ep.address, m.hashes, self._capacity(ep))
+            if result.profile_results is not None:
+                # P/D: the prefill endpoint computed the prompt's KV and keeps it in its cache too
+                for chosen in result.profile_results.values():
+                    if chosen and chosen[0] is not ep:
+                        self.index.record(chosen[0].address, m.hashes, self._capacity(chosen[0]))
 
     def _capacity(self, ep: Endpoint) -> int:
         m = ep.metrics
@@ -105,3 +110,19 @@ class PrefixCacheScorer:
 def _cache_salt(request: InferenceRequest) -> str:
     salt = request.body.get("cache_salt") if request.body else None
     return salt if isinstance(salt, str) else ""
+
+
+class ApproxPrefixCacheProducer:
+    """llm-d's `approx-prefix-cache-producer` feeds its prefix scorer and P/D decider. Here the
+    prefix-cache-scorer keeps the shared index itself, so this loads (for llm-d configs) and does nothing."""
+
+    type = "approx-prefix-cache-producer"
+
+    def __init__(self, name: str = "approx-prefix-cache-producer") -> None:
+        self.name = name
+
+    @classmethod
+    def from_config(cls, name: str, p: Params, ctx: PluginContext) -> ApproxPrefixCacheProducer:
+        p.ignore("blockSize", "blockSizeTokens", "maxPrefixBlocksToMatch", "maxPrefixTokensToMatch",
+                 "lruCapacityPerServer", "autoTune")
+        return cls(name)

@@ -196,8 +196,7 @@ def test_buffered_body_mode_routes_too(tmp_path):
 
 
 def test_fail_open_serves_from_the_pool_when_the_epp_is_down(tmp_path):
-    # BUFFERED: Envoy 1.40 in FULL_DUPLEX_STREAMED mode answers some requests 500 instead of failing
-    # open (seen here: 1 in 3); the README says so and `epp up --fail-open` picks BUFFERED.
+    # BUFFERED: what `epp up --fail-open` uses; full-duplex and faults under load are in test_reliability.py.
     with make_stack(tmp_path, sims=2, failure_mode_allow=True, request_body_mode="BUFFERED") as s:
         s.stop_epp()
         for _ in range(5):

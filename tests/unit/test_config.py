@@ -211,18 +211,14 @@ def test_negative_weight():
     assert "schedulingProfiles[0].plugins[0].weight: expected a finite number >= 0" in msg
 
 
-def test_several_profiles_are_refused_for_now():
-    msg = error_of(
-        "plugins:\n- type: prefill-filter\n- type: decode-filter\nschedulingProfiles:\n"
-        "- name: prefill\n  plugins:\n  - pluginRef: prefill-filter\n"
+def test_several_profiles_load_with_the_disagg_profile_handler():
+    cfg = load(
+        "plugins:\n- type: prefill-filter\n- type: decode-filter\n- type: disagg-profile-handler\n"
+        "schedulingProfiles:\n- name: prefill\n  plugins:\n  - pluginRef: prefill-filter\n"
         "- name: decode\n  plugins:\n  - pluginRef: decode-filter\n"
     )
-    assert "schedulingProfiles: expected one profile, got 2" in msg and "not support" in msg
-
-
-def test_disagg_profile_handler_is_refused_for_now():
-    msg = error_of("plugins:\n- type: disagg-profile-handler\n- type: queue-scorer\n")
-    assert "plugins[0].type" in msg and "not supported by llm-epp yet" in msg
+    assert [p.name for p in cfg.profiles] == ["prefill", "decode"]
+    assert cfg.profile_handler.type == "disagg-profile-handler"
 
 
 def test_unknown_top_level_key():

@@ -1,0 +1,249 @@
+"""P/D benchmark: does splitting prefill and decode pay on the same hardware, and does CPU prefill help GPUs?
+
+Four simulated pools, each behind real Envoy + the EPP, each driven with the same two traffic mixes:
+  agg-4gpu      4 GPU-profile servers, aggregated (EPP `best`)          baseline of pd-2p2d
+  pd-2p2d       2 GPU prefill + 2 GPU decode behind pd-sidecars (pickers/configs/pd.yaml)
+  agg-2gpu      2 GPU-profile servers, aggregated                        baseline of pd-cpu2p-gpu2d
+  pd-cpu2p-gpu2d  2 CPU-profile prefill + 2 GPU decode (CPU boxes added to the two GPUs)
+Mixes: long prompt / short output (prefill-heavy) and short prompt / long output (decode-heavy).
+Each run is a closed loop: `concurrency` clients send streamed completions back to back for `duration`
+seconds; tokens received in that window count towards throughput. Requests still open `grace` seconds
+after the window are dropped and counted as unfinished; latencies are those of finished requests.
+Run: python -m bench.pd [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from bench.common import mean, percentile, ratio, table
+from extproc.stack import LocalStack, PdPool, StackOptions
+
+MODEL = "sim-model"
+PD_CONFIG = Path(__file__).resolve().parents[1] / "pickers" / "configs" / "pd.yaml"
+_WORDS = "shipment invoice delay port customs carrier route freight quarter forecast margin supplier".split()
+
+
+@dataclass(frozen=True, slots=True)
+class Mix:
+    name: str
+    prompt_tokens: tuple[int, int]
+    max_tokens: tuple[int, int]
+
+
+MIXES = (
+    Mix("long prompt / short output", (1500, 2500), (16, 32)),
+    Mix("short prompt / long output", (50, 150), (150, 250)),
+)
+QUICK_MIXES = (MIXES[0], Mix(MIXES[1].name, (50, 150), (50, 80)))
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    name: str
+    baseline: str | None  # the row this one is compared with
+    sims: int = 0
+    pd: PdPool | None = None
+
+
+CONFIGS = (
+    Config("agg-4gpu", None, sims=4),
+    Config("pd-2p2d", "agg-4gpu", pd=PdPool(prefill=2, decode=2)),
+    Config("agg-2gpu", None, sims=2),
+    Config("pd-cpu2p-gpu2d", "agg-2gpu", pd=PdPool(prefill=2, decode=2, prefill_sim_args=("--profile", "cpu"))),
+)
+
+
+@dataclass(slots=True)
+class Sample:
+    ttft: float | None = None
+    itl: float | None = None  # mean gap between tokens after the first
+    e2e: float | None = None
+    tokens_in_window: int = 0
+    error: str | None = None
+    unfinished: bool = False
+
+
+@dataclass(slots=True)
+class Run:
+    config: Config
+    mix: Mix
+    samples: list[Sample] = field(default_factory=list)
+    duration: float = 0.0
+
+    @property
+    def done(self) -> list[Sample]:
+        return [s for s in self.samples if s.e2e is not None and s.error is None]
+
+    def row(self) -> dict[str, float]:
+        done = self.done
+        ttft = [s.ttft for s in done if s.ttft is not None]
+        itl = [s.itl for s in done if s.itl is not None]
+        return {
+            "done": len(done),
+            "errors": sum(1 for s in self.samples if s.error),
+            "unfinished": sum(1 for s in self.samples if s.unfinished),
+            "ttft50": percentile(ttft, 50),
+            "ttft90": percentile(ttft, 90),
+            "itl": mean(itl),
+            "e2e50": percentile([s.e2e for s in done if s.e2e is not None], 50),
+            "tok_s": sum(s.tokens_in_window for s in self.samples) / self.duration,
+            "req_s": len(done) / self.duration,
+        }
+
+
+def _prompt(rng: random.Random, tokens: int) -> str:
+    words: list[str] = [f"[{rng.random():.12f}]"]  # unique head: no run shares a prefix with another
+    n = len(words[0]) + 1
+    while n < tokens * 4:  # the simulator and the EPP count ~4 characters per token
+        w = rng.choice(_WORDS)
+        words.append(w)
+        n += len(w) + 1
+    return " ".join(words)[: tokens * 4]
+
+
+async def _one(session: aiohttp.ClientSession, url: str, body: bytes, end: float, sample: Sample) -> None:
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    times: list[float] = []
+    async with session.post(url, data=body, headers={"content-type": "application/json"}) as resp:
+        if resp.status != 200:
+            sample.error = f"HTTP {resp.status}"
+            await resp.read()
+            return
+        async for line in resp.content:
+            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                continue
+            chunk = json.loads(line[6:])
+            choices = chunk.get("choices")
+            if choices and choices[0].get("text"):
+                now = loop.time()
+                times.append(now)
+                if now <= end:
+                    sample.tokens_in_window += 1
+    if not times:
+        sample.error = "no tokens"
+        return
+    sample.ttft = times[0] - start
+    sample.e2e = loop.time() - start
+    if len(times) > 1:
+        sample.itl = (times[-1] - times[0]) / (len(times) - 1)
+
+
+async def drive(stack: LocalStack, config: Config, mix: Mix, concurrency: int, duration: float, grace: float,
+                seed: int) -> Run:
+    url = f"{stack.base_url}/completions"
+    rng = random.Random(seed)
+    run = Run(config, mix, duration=duration)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency * 2),
+                                     timeout=aiohttp.ClientTimeout(total=duration + 120)) as session:
+        warm = json.dumps({"model": MODEL, "prompt": "warm up", "max_tokens": 1}).encode()
+        for _ in range(4):
+            async with session.post(url, data=warm, headers={"content-type": "application/json"}) as r:
+                await r.read()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + duration
+
+        async def client() -> None:
+            while loop.time() < end:
+                body = json.dumps({
+                    "model": MODEL, "prompt": _prompt(rng, rng.randint(*mix.prompt_tokens)),
+                    "max_tokens": rng.randint(*mix.max_tokens), "stream": True,
+                }).encode()
+                sample = Sample()
+                run.samples.append(sample)
+                try:
+                    await asyncio.wait_for(_one(session, url, body, end, sample), timeout=end + grace - loop.time())
+                except asyncio.TimeoutError:
+                    sample.unfinished = True
+                except aiohttp.ClientError as e:
+                    sample.error = f"{type(e).__name__}: {e}"[:120]
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+    return run
+
+
+def start_stack(config: Config, workdir: Path, time_scale: float) -> LocalStack:
+    sim_args = ("--time-scale", str(time_scale))
+    if config.pd is not None:
+        opts = StackOptions(workdir=workdir, pd=config.pd, sim_args=sim_args, model=MODEL,
+                            epp_args=("--config-file", str(PD_CONFIG)), envoy_concurrency=1)
+    else:
+        opts = StackOptions(workdir=workdir, sims=config.sims, sim_args=sim_args, model=MODEL,
+                            epp_args=("--strategy", "best"), envoy_concurrency=1)
+    stack = LocalStack(opts)
+    stack.start()
+    return stack
+
+
+def _ms(v: float) -> str:
+    return "-" if v != v else f"{v * 1000:.0f}"
+
+
+def report(mix: Mix, runs: list[Run], concurrency: int, duration: float, time_scale: float) -> str:
+    rows = {r.config.name: r.row() for r in runs}
+    header = ["config", "done", "unfinished", "err", "TTFT p50 ms", "TTFT p90 ms", "ITL ms", "E2E p50 ms", "out tok/s",
+              "tok/s vs base", "TTFT vs base", "ITL vs base", "E2E vs base"]
+    lines = []
+    for r in runs:
+        m, base = rows[r.config.name], rows.get(r.config.baseline or "", None)
+        vs = ["", "", "", ""] if base is None else [
+            ratio(m["tok_s"], base["tok_s"]), ratio(m["ttft50"], base["ttft50"]),
+            ratio(m["itl"], base["itl"]), ratio(m["e2e50"], base["e2e50"])]
+        name = r.config.name + ("" if base is None else f" (vs {r.config.baseline})")
+        lines.append([name, str(int(m["done"])), str(int(m["unfinished"])), str(int(m["errors"])), _ms(m["ttft50"]), _ms(m["ttft90"]),
+                      _ms(m["itl"]), _ms(m["e2e50"]), f"{m['tok_s']:.0f}", *vs])
+    title = (f"{mix.name}: prompts {mix.prompt_tokens[0]}-{mix.prompt_tokens[1]} tokens, outputs "
+             f"{mix.max_tokens[0]}-{mix.max_tokens[1]} tokens; {concurrency} clients x {duration:g}s per config; "
+             f"simulator time x{time_scale}")
+    return title + "\n" + table(header, lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.pd", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="shorter runs (under a minute)")
+    p.add_argument("--duration", type=float, default=None, help="seconds of traffic per config and mix (default 9, quick 2.5)")
+    p.add_argument("--concurrency", type=int, default=12, help="closed-loop clients (default 12)")
+    p.add_argument("--time-scale", type=float, default=2.0,
+                   help="simulator time scale; >1 keeps our own CPU cost small next to simulated time (default 2)")
+    p.add_argument("--seed", type=int, default=1)
+    args = p.parse_args(argv)
+    duration = args.duration or (2.5 if args.quick else 9.0)
+    grace = 1.5 if args.quick else 5.0
+    mixes = QUICK_MIXES if args.quick else MIXES
+    runs: dict[str, list[Run]] = {m.name: [] for m in mixes}
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="bench-pd-") as tmp:
+        for config in CONFIGS:
+            stack = start_stack(config, Path(tmp) / config.name, args.time_scale)
+            try:
+                for i, mix in enumerate(mixes):
+                    print(f"{config.name}: {mix.name} ...", file=sys.stderr)
+                    run = asyncio.run(drive(stack, config, mix, args.concurrency, duration, grace, args.seed + i))
+                    runs[mix.name].append(run)
+            finally:
+                stack.stop()
+    errors = Counter(s.error for rs in runs.values() for r in rs for s in r.samples if s.error)
+    if errors:
+        print(f"errors: {dict(errors)}", file=sys.stderr)
+    for mix in mixes:
+        print()
+        print(report(mix, runs[mix.name], args.concurrency, duration, args.time_scale))
+    print(f"\n(ratios: a config over its baseline; TTFT, ITL and E2E lower is better, tok/s higher is better; "
+          f"total {time.monotonic() - t0:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

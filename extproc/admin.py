@@ -1,0 +1,129 @@
+"""Live views of a running EPP, as JSON over HTTP (`--admin-port`, on 127.0.0.1 unless configured):
+
+    /debug/endpoints   each endpoint's state: role, health, scraped load, in-flight, prefix blocks held
+    /debug/config      the effective scheduling profiles and the serve options
+    /debug/decisions   the most recent routing decisions (newest last), with scores when explaining
+
+`epp status` reads them. Built on demand from the datastore, the prefix index and the Director.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+
+from extproc.datastore import ROLE_LABEL, Datastore
+from extproc.director import Director
+from pickers.prefix_index import ApproxPrefixIndex
+from pickers.scheduler import Scheduler
+
+
+def endpoints_view(datastore: Datastore, prefix_index: ApproxPrefixIndex | None) -> list[dict[str, Any]]:
+    now = time.monotonic()
+    out = []
+    for ep in datastore.candidates():
+        m = ep.metrics
+        age = ep.metrics_age(now)
+        stale = datastore.is_stale(ep, now)
+        out.append({
+            "name": ep.name,
+            "address": ep.address,
+            "role": ep.labels.get(ROLE_LABEL, ""),
+            "healthy": ep.scrape_error is None and not stale,
+            "stale": stale,
+            "scrape_error": ep.scrape_error,
+            "last_scrape_age_s": None if math.isinf(age) else round(age, 3),
+            "waiting": m.waiting,
+            "running": m.running,
+            "kv_usage": m.kv_usage,
+            "in_flight": ep.in_flight,
+            "in_flight_tokens": ep.in_flight_tokens,
+            "prefix_blocks": prefix_index.blocks_of(ep.address) if prefix_index is not None else 0,
+            "num_gpu_blocks": m.num_gpu_blocks,
+            "running_lora_adapters": sorted(m.running_lora_adapters),
+        })  # fmt: skip
+    return out
+
+
+def _plugin(p: object, **extra: object) -> dict[str, object]:
+    return {"type": getattr(p, "type", type(p).__name__), "name": getattr(p, "name", ""), **extra}
+
+
+def scheduling_view(scheduler: Scheduler) -> dict[str, Any]:
+    handler = scheduler.handler
+    return {
+        "profile_handler": _plugin(handler) if handler is not None else None,
+        "explain_scores": scheduler.explain,
+        "profiles": [
+            {
+                "name": name,
+                "filters": [_plugin(f) for f in prof.filters],
+                "scorers": [_plugin(ws.scorer, weight=ws.weight) for ws in prof.scorers],
+                "picker": _plugin(prof.picker),
+            }
+            for name, prof in scheduler.profiles.items()
+        ],
+    }
+
+
+def decisions_view(director: Director, limit: int | None = None) -> list[dict[str, Any]]:
+    items = list(director.decisions)
+    if limit is not None:
+        items = items[-limit:] if limit > 0 else []
+    return [
+        {"time": t, "request_id": rid, "model": model, "chosen": dest.split(",") if dest else [], "profile": profile,
+         "scores": scores, "error": error}
+        for t, rid, model, dest, profile, scores, error in items
+    ]  # fmt: skip
+
+
+def options_view(opts: object) -> dict[str, Any]:
+    """The serve options as plain JSON (nested dataclasses too)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(opts):  # type: ignore[arg-type]
+        v = getattr(opts, f.name)
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            v = options_view(v)
+        elif isinstance(v, Mapping):
+            v = dict(v)
+        elif not isinstance(v, (str, int, float, bool, type(None), list, tuple)):
+            v = str(v)
+        out[f.name] = v
+    return out
+
+
+def admin_app(
+    datastore: Datastore, prefix_index: ApproxPrefixIndex | None, director: Director, config: Mapping[str, Any]
+) -> web.Application:
+    async def endpoints(request: web.Request) -> web.Response:
+        return web.json_response({"endpoints": endpoints_view(datastore, prefix_index)})
+
+    async def config_handler(request: web.Request) -> web.Response:
+        return web.json_response({**config, "scheduling": scheduling_view(director.scheduler)}, dumps=_dumps)
+
+    async def decisions(request: web.Request) -> web.Response:
+        try:
+            limit = int(request.query["limit"]) if "limit" in request.query else None
+        except ValueError:
+            raise web.HTTPBadRequest(text="limit must be an integer") from None
+        return web.json_response({"decisions": decisions_view(director, limit)})
+
+    async def index(request: web.Request) -> web.Response:
+        return web.json_response({"views": ["/debug/endpoints", "/debug/config", "/debug/decisions"]})
+
+    app = web.Application()
+    app.router.add_get("/", index)
+    app.router.add_get("/debug/endpoints", endpoints)
+    app.router.add_get("/debug/config", config_handler)
+    app.router.add_get("/debug/decisions", decisions)
+    return app
+
+
+def _dumps(obj: object) -> str:
+    return json.dumps(obj, default=str)

@@ -1,0 +1,80 @@
+"""`epp status`: a running EPP's endpoint table and recent decisions, read from its /debug/ views."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
+
+
+def fetch(url: str, path: str, timeout: float = 5.0) -> Any:
+    with urllib.request.urlopen(url.rstrip("/") + path, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def endpoint_table(endpoints: Sequence[dict[str, Any]]) -> str:
+    header = ["NAME", "ADDRESS", "ROLE", "HEALTH", "QUEUE", "RUNNING", "KV", "IN-FLIGHT", "TOKENS", "PREFIX BLOCKS", "SCRAPED"]
+    rows = []
+    for ep in endpoints:
+        health = "ok" if ep["healthy"] else ("stale" if ep["stale"] else "error")
+        if ep.get("scrape_error"):
+            health += f" ({ep['scrape_error'][:40]})"
+        age = ep.get("last_scrape_age_s")
+        rows.append([
+            ep["name"] or "-", ep["address"], ep["role"] or "-", health, str(ep["waiting"]), str(ep["running"]),
+            f"{100 * ep['kv_usage']:.0f}%", str(ep["in_flight"]), str(ep["in_flight_tokens"]), str(ep["prefix_blocks"]),
+            "never" if age is None else f"{age:.1f}s ago",
+        ])  # fmt: skip
+    return _table(header, rows)
+
+
+def decision_table(decisions: Sequence[dict[str, Any]]) -> str:
+    header = ["TIME", "REQUEST ID", "MODEL", "PROFILE", "CHOSEN", "TOP SCORES"]
+    rows = []
+    for d in decisions:
+        chosen = ",".join(d["chosen"]) if d["chosen"] else f"rejected: {d['error']}"
+        rows.append([
+            time.strftime("%H:%M:%S", time.localtime(d["time"])), d["request_id"][:36], d["model"][:30] or "-",
+            d["profile"] or "-", chosen, _top_scores(d.get("scores")),
+        ])  # fmt: skip
+    return _table(header, rows)
+
+
+def _top_scores(scores: dict[str, dict[str, float]] | None) -> str:
+    if not scores:
+        return ""
+    totals = next((v for k, v in scores.items() if k == "total" or k.endswith("/total")), None)
+    if not totals:
+        return ""
+    best = sorted(totals.items(), key=lambda kv: -kv[1])[:3]
+    return " ".join(f"{addr}={s:.2f}" for addr, s in best)
+
+
+def show_status(url: str, *, decisions: int = 10, raw: bool = False, out: Any = None) -> int:
+    out = out or sys.stdout
+    try:
+        endpoints = fetch(url, "/debug/endpoints")["endpoints"]
+        recent = fetch(url, f"/debug/decisions?limit={decisions}")["decisions"]
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        print(f"epp status: cannot read {url}/debug/: {e} (is the EPP running with --admin-port?)", file=sys.stderr)
+        return 1
+    if raw:
+        print(json.dumps({"endpoints": endpoints, "decisions": recent}, indent=2), file=out)
+        return 0
+    healthy = sum(1 for ep in endpoints if ep["healthy"])
+    print(f"endpoints: {len(endpoints)} ({healthy} healthy)", file=out)
+    print(endpoint_table(endpoints), file=out)
+    print(f"\nrecent decisions (newest last, {len(recent)} shown):", file=out)
+    print(decision_table(recent) if recent else "  none yet", file=out)
+    return 0

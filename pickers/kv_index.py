@@ -1,0 +1,192 @@
+"""The precise prefix index: which endpoint holds which KV block, learned from the engines' KV events.
+
+Keys are ours, not the engine's: a block's key chains the key of its parent with the block's token
+ids (`k_i = xxh64(tokens_i as le32, seed=k_{i-1})`, `k_{-1}` from the LoRA name, or 0). BlockStored
+carries the token ids, so the engine's hash algorithm (sha256 in vLLM 0.32, anything in others) never
+needs reproducing: we keep, per endpoint, engine hash -> our key, and resolve a stored block's
+parent through that map. A request's keys are computed the same way from its own tokens.
+
+Memory is bounded: each endpoint keeps at most `capacity` blocks in LRU order (the engine's own
+removals normally keep it far below that; the bound covers lost BlockRemoved events).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass
+
+import xxhash
+
+DEFAULT_CAPACITY = 1_000_000  # blocks per endpoint; about 200 MB for one endpoint at the bound
+ROOT_KEY = 0
+_xxh64 = xxhash.xxh64_intdigest
+
+
+def root_key(lora_name: str | None) -> int:
+    return _xxh64(lora_name.encode()) if lora_name else ROOT_KEY
+
+
+def chain_key(parent: int, token_ids: Sequence[int]) -> int:
+    return _xxh64(struct.pack(f"<{len(token_ids)}I", *(t & 0xFFFFFFFF for t in token_ids)), seed=parent)
+
+
+def request_keys(token_ids: Sequence[int], block_size: int, max_blocks: int, lora_name: str | None = None) -> list[int]:
+    """Our keys of the request's leading full blocks (a trailing partial block has none)."""
+    keys: list[int] = []
+    parent = root_key(lora_name)
+    n = min(len(token_ids) // block_size, max_blocks)
+    for i in range(n):
+        parent = chain_key(parent, token_ids[i * block_size : (i + 1) * block_size])
+        keys.append(parent)
+    return keys
+
+
+@dataclass(slots=True)
+class EndpointBlocks:
+    """One endpoint's blocks: engine hash -> our key, oldest first."""
+
+    blocks: OrderedDict[Hashable, int]
+    block_size: int | None = None
+    orphans: int = 0  # stored blocks dropped because their parent was unknown (we joined late)
+    gaps: int = 0  # times its event stream lost messages and the state was reset
+
+
+class KVBlockIndex:
+    """our key -> endpoints holding it, plus each endpoint's engine-hash map (for removals)."""
+
+    def __init__(self, capacity_per_endpoint: int = DEFAULT_CAPACITY) -> None:
+        self.capacity = capacity_per_endpoint
+        self._holders: dict[int, set[str]] = {}
+        self._endpoints: dict[str, EndpointBlocks] = {}
+        self.lora_names: set[str] = set()  # adapters seen in events: their blocks chain from their name
+
+    # -- events (the subscriber) ------------------------------------------------------------
+    def _ep(self, address: str) -> EndpointBlocks:
+        ep = self._endpoints.get(address)
+        if ep is None:
+            ep = self._endpoints[address] = EndpointBlocks(OrderedDict())
+        return ep
+
+    def block_stored(
+        self,
+        address: str,
+        block_hashes: Sequence[Hashable],
+        parent_block_hash: Hashable | None,
+        token_ids: Sequence[int],
+        block_size: int,
+        lora_name: str | None = None,
+    ) -> int:
+        """Index blocks the engine stored. Returns how many were indexed."""
+        ep = self._ep(address)
+        ep.block_size = block_size
+        if parent_block_hash is None:
+            parent = root_key(lora_name)
+            if lora_name:
+                self.lora_names.add(lora_name)
+        else:
+            found = ep.blocks.get(parent_block_hash)
+            if found is None:
+                ep.orphans += len(block_hashes)
+                return 0
+            parent = found
+        blocks, holders = ep.blocks, self._holders
+        for i, engine_hash in enumerate(block_hashes):
+            tokens = token_ids[i * block_size : (i + 1) * block_size]
+            if len(tokens) < block_size:
+                break
+            key = chain_key(parent, tokens)
+            old = blocks.get(engine_hash)
+            if old is not None and old != key:
+                self._drop(old, address)
+            blocks[engine_hash] = key
+            blocks.move_to_end(engine_hash)
+            s = holders.get(key)
+            if s is None:
+                holders[key] = {address}
+            else:
+                s.add(address)
+            parent = key
+        while len(blocks) > self.capacity:
+            _, key = blocks.popitem(last=False)
+            self._drop(key, address)
+        return len(block_hashes)
+
+    def block_removed(self, address: str, block_hashes: Iterable[Hashable]) -> None:
+        ep = self._endpoints.get(address)
+        if ep is None:
+            return
+        for engine_hash in block_hashes:
+            key = ep.blocks.pop(engine_hash, None)
+            if key is not None:
+                self._drop(key, address)
+
+    def clear_endpoint(self, address: str) -> None:
+        """AllBlocksCleared, a restarted engine or a lost stream: the endpoint holds nothing we know of."""
+        ep = self._endpoints.get(address)
+        if ep is None:
+            return
+        for key in ep.blocks.values():
+            self._drop(key, address)
+        ep.blocks.clear()
+
+    def mark_gap(self, address: str) -> None:
+        """Events were lost: what we know may be wrong both ways. Forget it all (no false hits);
+        later events rebuild the state."""
+        self.clear_endpoint(address)
+        self._ep(address).gaps += 1
+
+    def remove_endpoint(self, address: str) -> None:
+        self.clear_endpoint(address)
+        self._endpoints.pop(address, None)
+
+    def _drop(self, key: int, address: str) -> None:
+        s = self._holders.get(key)
+        if s is not None:
+            s.discard(address)
+            if not s:
+                del self._holders[key]
+
+    # -- lookups (the scorer) ----------------------------------------------------------------
+    def match(self, keys: Sequence[int]) -> dict[str, int]:
+        """Leading blocks held per endpoint; the walk stops at the first block nobody holds."""
+        counts: dict[str, int] = {}
+        if not keys:
+            return counts
+        first = self._holders.get(keys[0])
+        if not first:
+            return counts
+        active = set(first)
+        for i, key in enumerate(keys):
+            holders = self._holders.get(key)
+            if not holders:
+                break
+            active &= holders
+            if not active:
+                break
+            for address in active:
+                counts[address] = i + 1
+        return counts
+
+    def block_sizes(self) -> set[int]:
+        return {ep.block_size for ep in self._endpoints.values() if ep.block_size}
+
+    def block_size_of(self, address: str) -> int | None:
+        ep = self._endpoints.get(address)
+        return ep.block_size if ep else None
+
+    def blocks_of(self, address: str) -> int:
+        ep = self._endpoints.get(address)
+        return len(ep.blocks) if ep else 0
+
+    def stats(self, address: str) -> EndpointBlocks | None:
+        return self._endpoints.get(address)
+
+    def size(self) -> int:
+        """(endpoint, block) entries held; bounded by capacity x endpoints."""
+        return sum(len(ep.blocks) for ep in self._endpoints.values())
+
+    def memory_bytes(self) -> int:
+        """A rough estimate: ~100 bytes per map entry and ~250 per distinct key's holder set."""
+        return self.size() * 100 + len(self._holders) * 250

@@ -1,0 +1,176 @@
+"""Real vLLM CPU servers for the `vllm` test tier (shared/VLLM-CPU.md has the recipe).
+
+`scripts/vllm-cpu-setup` builds the vLLM venv and the tiny model once, in
+${LLM_EPP_CACHE:-~/.cache/llm-epp}; without them every test here is skipped with that reason.
+Servers start with prefix caching, 32-token blocks, KV events over ZMQ on a free port and
+`--enable-prompt-tokens-details`; each takes 50-130 s to start and ~1.5 GB, so the module-scoped
+fixtures start at most two and always stop them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from extproc.stack import _die_with_parent, free_port
+
+CACHE = Path(os.environ.get("LLM_EPP_CACHE", str(Path.home() / ".cache" / "llm-epp")))
+VLLM_PYTHON = CACHE / "vllm-venv" / "bin" / "python"
+MODEL_DIR = CACHE / "tiny-model"
+MODEL = "tiny"
+BLOCK_SIZE = 32
+START_TIMEOUT = 300.0
+
+
+def vllm_missing() -> str | None:
+    if not (CACHE / "vllm-venv" / ".llm-epp-vllm-0.32.0").exists():
+        return f"real vLLM is not installed in {CACHE}/vllm-venv: run scripts/vllm-cpu-setup (~3 min, 3.4 GB)"
+    if not (MODEL_DIR / ".llm-epp-tiny-model").exists():
+        return f"the tiny model is not built in {MODEL_DIR}: run scripts/vllm-cpu-setup"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reason = vllm_missing()
+    if reason is None:
+        return
+    here = Path(__file__).parent
+    for item in items:
+        if Path(str(item.fspath)).is_relative_to(here):
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@dataclass
+class VllmServer:
+    """One real vLLM OpenAI server on 127.0.0.1:port, publishing KV events on kv_port."""
+
+    port: int
+    kv_port: int
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    core: int
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def topic(self) -> str:
+        return f"kv@{self.address}@{MODEL}"
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as r:
+            return r.read().decode()
+
+    def metric(self, name: str) -> float:
+        """Sum of a metric's samples (all label sets)."""
+        total = 0.0
+        for line in self.metrics_text().splitlines():
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def stop(self) -> None:
+        if self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(30)
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+def start_vllm(workdir: Path, core: int = 0, extra_args: tuple[str, ...] = ()) -> VllmServer:
+    """Start one server and wait until it serves (or raise with its log)."""
+    port, kv_port = free_port(), free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / f"vllm-{port}.log"
+    kv_config = {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "endpoint": f"tcp://*:{kv_port}",
+        "topic": f"kv@127.0.0.1:{port}@{MODEL}",
+    }
+    argv = [
+        str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(MODEL_DIR), "--served-model-name", MODEL,
+        "--host", "127.0.0.1", "--port", str(port),
+        "--enable-prefix-caching", "--block-size", str(BLOCK_SIZE),
+        "--max-model-len", "2048", "--dtype", "float32", "--enforce-eager",
+        "--max-num-seqs", "8", "--enable-prompt-tokens-details",
+        "--kv-events-config", json.dumps(kv_config),
+        *extra_args,
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CACHE_ROOT": str(CACHE / "vllm-cache"),
+        "VLLM_CPU_OMP_THREADS_BIND": str(core),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env=env, preexec_fn=_die_with_parent)  # fmt: skip
+    server = VllmServer(port, kv_port, proc, log_path, core)
+    deadline = time.monotonic() + START_TIMEOUT
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vLLM exited with code {proc.returncode}:\n{server.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{server.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return server
+            except OSError:
+                pass
+            time.sleep(1.0)
+        raise RuntimeError(f"vLLM not ready after {START_TIMEOUT:.0f}s:\n{server.log_tail()}")
+    except BaseException:
+        server.stop()
+        raise
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+    """One real vLLM server, shared by the tier's tests that need only one."""
+    server = start_vllm(tmp_path_factory.mktemp("vllm"), core=0)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def write_endpoints(path: Path, servers: list[VllmServer]) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump({"endpoints": [
+        {"address": "127.0.0.1", "port": s.port, "name": f"vllm-{i}",
+         "labels": {"llm-epp/kv-events-port": str(s.kv_port)}}
+        for i, s in enumerate(servers)
+    ]}))  # fmt: skip
+    return path
