@@ -184,7 +184,9 @@ class RequestStream:
 
     def close(self) -> None:
         """The stream ended (normally, by client abort or error): settle the books once."""
-        self._finish(aborted=self.state is not State.DONE)
+        # A client may hang up right after `data: [DONE]`, before Envoy relays the end of stream.
+        done = self.state is State.DONE or (self._usage is not None and self._usage.done)
+        self._finish(aborted=not done)
 
     def protocol_error_response(self, err: ProtocolError) -> pb.ProcessingResponse:
         """The answer to an out-of-order message: a 500 the client can read."""

@@ -44,6 +44,7 @@ class UsageReader:
     streaming: bool
     usage: Usage | None = None
     chunks_seen: int = 0
+    done: bool = False  # an SSE `data: [DONE]` went past: the reply is complete even if the stream is cut now
     _pending: bytes = b""
     _json_parts: list[bytes] | None = None
     _json_size: int = 0
@@ -58,6 +59,8 @@ class UsageReader:
 
     def _feed_sse(self, chunk: bytes, end: bool) -> None:
         data = self._pending + chunk if self._pending else chunk
+        if b"data: [DONE]" in data:
+            self.done = True
         if b'"usage"' not in data:
             # keep only a tail long enough to hold a split `"usage"` marker and its line start
             cut = data.rfind(b"\n")

@@ -379,3 +379,15 @@ def test_outcome_carries_gateway_timings():
     stream.handle(response_body_msg(b"data: [DONE]\n\n", True))
     (outcome,) = director.outcomes
     assert (outcome.first_byte, outcome.duration, outcome.body_chunks) == (0.5, 2.0, 2)
+
+
+def test_stream_cut_after_done_marker_counts_as_complete_not_aborted():
+    director = RecordingDirector(make_director())
+    stream = RequestStream(director)
+    send_request(stream, completion_body(stream=True))
+    stream.handle(response_headers_msg(ctype="text/event-stream"))
+    stream.handle(response_body_msg(b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}\n\ndata: [DONE]\n\n', False))
+    stream.close()  # the client hung up before Envoy sent the end of stream
+    (outcome,) = director.outcomes
+    assert not outcome.aborted and outcome.usage.completion_tokens == 2
+    assert in_flight(director) == 0
