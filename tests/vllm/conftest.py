@@ -102,8 +102,17 @@ class VllmServer:
             self.proc.wait(10)
 
 
-def start_vllm(workdir: Path, core: int = 0, extra_args: tuple[str, ...] = ()) -> VllmServer:
+def start_vllm(workdir: Path, core: int = 0, extra_args: tuple[str, ...] = (),
+               extra_env: dict[str, str] | None = None) -> VllmServer:
     """Start one server and wait until it serves (or raise with its log)."""
+    server = spawn_vllm(workdir, core, extra_args, extra_env)
+    wait_ready(server)
+    return server
+
+
+def spawn_vllm(workdir: Path, core: int = 0, extra_args: tuple[str, ...] = (),
+               extra_env: dict[str, str] | None = None) -> VllmServer:
+    """Start one server without waiting for it (`wait_ready`), so two can start side by side."""
     port, kv_port = free_port(), free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"vllm-{port}.log"
@@ -132,11 +141,17 @@ def start_vllm(workdir: Path, core: int = 0, extra_args: tuple[str, ...] = ()) -
         "TRANSFORMERS_OFFLINE": "1",
         "VLLM_NO_USAGE_STATS": "1",
         "PYTHONUNBUFFERED": "1",
+        **(extra_env or {}),
     }
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, env=env, preexec_fn=_die_with_parent)  # fmt: skip
-    server = VllmServer(port, kv_port, proc, log_path, core)
+    return VllmServer(port, kv_port, proc, log_path, core)
+
+
+def wait_ready(server: VllmServer) -> None:
+    """Wait until the server answers /health; stop it and raise with its log otherwise."""
+    proc = server.proc
     deadline = time.monotonic() + START_TIMEOUT
     try:
         while time.monotonic() < deadline:
@@ -145,7 +160,7 @@ def start_vllm(workdir: Path, core: int = 0, extra_args: tuple[str, ...] = ()) -
             try:
                 with urllib.request.urlopen(f"{server.url}/health", timeout=2) as r:
                     if r.status == 200:
-                        return server
+                        return
             except OSError:
                 pass
             time.sleep(1.0)
@@ -155,9 +170,10 @@ def start_vllm(workdir: Path, core: int = 0, extra_args: tuple[str, ...] = ()) -
         raise
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
-    """One real vLLM server, shared by the tier's tests that need only one."""
+    """One real vLLM server, shared by a module's tests that need only one (module-scoped, so it is
+    stopped before another module starts its own servers: never more than two at once)."""
     server = start_vllm(tmp_path_factory.mktemp("vllm"), core=0)
     try:
         yield server
