@@ -199,12 +199,19 @@ class LocalStack:
             self.stop()
             raise
 
+    def use_endpoints_file(self, path: Path) -> None:
+        """Serve these (real) endpoints; prefill-only ones are reached through a decode sidecar,
+        never by Envoy directly, so they stay out of its fallback routes."""
+        specs = load_endpoints_file(path)
+        self.endpoints_path = path
+        self.endpoints = [(s.host, s.port) for s in specs]
+        self.prefill_endpoints = [(s.host, s.port) for s in specs if s.labels.get(ROLE_LABEL) == "prefill"]
+
     def _start(self) -> None:
         o = self.opts
         o.workdir.mkdir(parents=True, exist_ok=True)
         if o.endpoints_file is not None:
-            self.endpoints_path = Path(o.endpoints_file)
-            self.endpoints = [(s.host, s.port) for s in load_endpoints_file(self.endpoints_path)]
+            self.use_endpoints_file(Path(o.endpoints_file))
         elif o.pd is not None:
             self.start_pd_pool(o.pd)
         else:

@@ -290,3 +290,17 @@ def test_fallback_list_lets_envoy_retry_past_a_dead_endpoint(tmp_path):
         retried = [e for e in entries if e["destination"].split(",")[0] == dead_addr]
         assert retried, "the dead endpoint was never primary"
         assert all(e["upstream"] == e["destination"].split(",")[1] for e in retried)
+
+
+def test_prefill_servers_in_an_endpoints_file_stay_out_of_envoys_routes(tmp_path):
+    from extproc.stack import LocalStack, StackOptions
+
+    endpoints = tmp_path / "pd.yaml"
+    endpoints.write_text(
+        "endpoints:\n"
+        "- {address: 127.0.0.1, port: 9101, labels: {llm-d.ai/role: prefill}}\n"
+        "- {address: 127.0.0.1, port: 9102, labels: {llm-d.ai/role: decode}}\n"
+    )
+    stack = LocalStack(StackOptions(workdir=tmp_path, endpoints_file=endpoints))
+    stack.use_endpoints_file(endpoints)
+    assert stack.serving_endpoints == [("127.0.0.1", 9102)]

@@ -196,16 +196,6 @@ schedulingProfiles:
 """
 
 
-class _PdStack(LocalStack):
-    """A LocalStack over an endpoints file that keeps the prefill server out of Envoy's routes."""
-
-    def start_envoy(self) -> None:
-        self.prefill_endpoints = [("127.0.0.1", self.pd_prefill_port)]
-        super().start_envoy()
-
-    pd_prefill_port = 0
-
-
 def test_envoy_and_the_epp_send_a_long_prompt_through_the_real_pd_path(pd: PdServers, tmp_path: Path):
     (tmp_path / "pd.yaml").write_text(PD_CONFIG)
     endpoints = tmp_path / "endpoints.yaml"
@@ -216,8 +206,7 @@ def test_envoy_and_the_epp_send_a_long_prompt_through_the_real_pd_path(pd: PdSer
     ]}))  # fmt: skip
     opts = StackOptions(workdir=tmp_path, endpoints_file=endpoints,
                         epp_args=("--config-file", str(tmp_path / "pd.yaml")))
-    stack = _PdStack(opts)
-    stack.pd_prefill_port = pd.prefill.port
+    stack = LocalStack(opts)  # reads the roles: the prefill server stays out of Envoy's routes
     with stack:
         gw = OpenAI(base_url=stack.base_url, api_key="unused", max_retries=0, timeout=120)
         for stream in (False, True):
