@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -146,9 +147,13 @@ class LoadResult:
         return self.ok / self.wall_s if self.wall_s else 0.0
 
 
-async def closed_loop(host: str, port: int, request: bytes, *, concurrency: int, seconds: float, max_requests: int) -> LoadResult:
+async def closed_loop(
+    host: str, port: int, request: bytes | Callable[[], bytes], *, concurrency: int, seconds: float, max_requests: int
+) -> LoadResult:
     """`concurrency` keep-alive connections, each sending the next request when the last answers,
-    until `seconds` pass or `max_requests` are sent. Bounded both ways."""
+    until `seconds` pass or `max_requests` are sent. Bounded both ways. `request`: the bytes of
+    every request, or a function that makes each one (random prompts)."""
+    make = request if callable(request) else (lambda: request)
     loop = asyncio.get_running_loop()
     result = LoadResult()
     sent = 0
@@ -165,7 +170,7 @@ async def closed_loop(host: str, port: int, request: bytes, *, concurrency: int,
                 conn.waiter = loop.create_future()
                 start = time.perf_counter()
                 assert conn.transport is not None
-                conn.transport.write(request)
+                conn.transport.write(make())
                 msg = await asyncio.wait_for(conn.waiter, 30)
                 elapsed = time.perf_counter() - start
             except (OSError, asyncio.TimeoutError, ParseError) as e:

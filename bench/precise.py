@@ -1,11 +1,11 @@
 """Precise vs approximate prefix-cache routing: where do KV events beat a routing-history guess?
 
-Two workloads, each replayed (same seeded requests) through real Envoy + the EPP in front of a fresh
+Three workloads, each replayed (same seeded requests) through real Envoy + the EPP in front of a fresh
 pool of simulators that publish KV events, once per strategy: round-robin, load-only (queue + kv),
 approximate (the GIE default: queue 2 + kv 2 + prefix-cache 3) and precise (the same with
 `precise-prefix-cache-scorer`, fed by the simulators' KV events, in place of prefix-cache-scorer).
 
-    python -m bench.precise            # both workloads (~3.5 min)
+    python -m bench.precise            # all three workloads (~6 min)
     python -m bench.precise --quick    # shorter runs (~1.5 min)
     python -m bench.precise --workload restart
 
@@ -15,11 +15,17 @@ Workloads:
 - restart: 12 tenants that fit in the pool; halfway through, the busiest simulator so far is killed and started
   again on the same ports with an empty cache (the approximate index does not know; the KV events
   tell the precise one).
+- shared: the pool also serves traffic this EPP never sees (another gateway, direct clients): 40% of
+  the requests go straight to the simulators, by tenant to a fixed server, half of them for the
+  gateway's own tenants (the same application behind a second gateway), half for tenants of their
+  own, under cache pressure. The direct traffic evicts blocks the approximate index believes are
+  cached and warms prefixes on servers it does not know about; the KV events show both.
 
-Per strategy: client-side TTFT (mean/p50/p90/p99), the pool's prefix-cache hit rate (from
-`/sim/stats`), the prefix index's size (approximate: the EPP's `inference_extension_prefix_indexer_size`;
-precise: a copy of the index the bench keeps from the same KV events with the EPP's own code, since
-the EPP does not export the precise index's size) and the EPP's resident memory.
+Per strategy: client-side TTFT (mean/p50/p90/p99) of the requests through the gateway, the pool's
+prefix-cache hit rate (from `/sim/stats`, all traffic) and the gateway requests' own (from their
+usage), the prefix index's size (approximate: the EPP's `inference_extension_prefix_indexer_size`;
+precise: the EPP's `inference_extension_precise_prefix_indexer_size`, checked against a copy the
+bench keeps from the same KV events with the EPP's own code) and the EPP's resident memory.
 """
 
 from __future__ import annotations
@@ -93,6 +99,7 @@ class Scenario:
     sims: int = 4
     restart_at: float | None = None  # seconds after the start: kill the busiest simulator so far and start it again
     window_s: float = 8.0  # "after the restart" = requests sent in this many seconds after it
+    direct: tuple[tuple[int, Session], ...] = ()  # (simulator index, session): sent past the EPP
 
 
 @dataclass(slots=True)
@@ -110,6 +117,8 @@ class Result:
     restarted_after: dict[str, object] = field(default_factory=dict)  # its /sim/stats since the restart
     downtime_s: float = 0.0
     gaps: int = 0
+    direct: list[tuple[float, Outcome]] = field(default_factory=list)  # the traffic the EPP did not see
+    epp_precise_entries: int = 0  # the EPP's own inference_extension_precise_prefix_indexer_size
 
 
 def _zipf(rng: random.Random, n: int, s: float) -> list[float]:
@@ -160,8 +169,46 @@ def restart(quick: bool, seed: int = 12) -> Scenario:
     )
 
 
-SCENARIOS = {"churn": churn, "restart": restart}
-SEEDS = {"churn": 11, "restart": 12}
+def shared(quick: bool, seed: int = 13) -> Scenario:
+    rng = random.Random(seed)
+    tenants, own, chars, rate, blocks, share, sims = 16, 16, 9_600, 10.0, 600, 0.4, 4
+    n = 80 if quick else 250
+    systems = [f"[tenant {g}] You are the assistant of tenant {g}. " + _text(rng, chars) for g in range(tenants)]
+    others = [f"[other {g}] You are the assistant of another team, {g}. " + _text(rng, chars) for g in range(own)]
+    wg, wo = _zipf(rng, tenants, 1.0), _zipf(rng, own, 1.0)
+    gateway: list[Session] = []
+    direct: list[tuple[int, Session]] = []
+    t = 0.0
+    for i in range(n):
+        t += rng.expovariate(rate)
+        q = {"role": "user", "content": f"Question {i}: " + _text(rng, 200)}
+        if rng.random() < share:  # the other gateway: sticky by tenant, one fixed server each
+            if rng.random() < 0.5:
+                g = rng.choices(range(tenants), wg)[0]
+                group, system = g, systems[g]
+            else:
+                g = rng.choices(range(own), wo)[0]
+                group, system = 1000 + g, others[g]
+            body = _chat([{"role": "system", "content": system}, q], rng.randint(16, 32))
+            direct.append((g % sims, Session(t, group, (body,))))
+        else:
+            g = rng.choices(range(tenants), wg)[0]
+            gateway.append(Session(t, g, (_chat([{"role": "system", "content": systems[g]}, q], rng.randint(16, 32)),)))
+    return Scenario(
+        "shared",
+        tuple(gateway),
+        ("--profile", "gpu", "--time-scale", "3", "--num-gpu-blocks", str(blocks)),
+        f"{n} requests at Poisson {rate:g}/s, ~{chars // 4}-token system prompts, Zipf 1.0: {len(gateway)} through the EPP from"
+        f" {tenants} tenants, {len(direct)} ({100 * len(direct) / n:.0f}%) straight to the servers (by tenant, one fixed server each):"
+        f" half the same {tenants} tenants, half {own} others; each server caches {blocks} blocks (~{blocks * 16 * 4 // chars}"
+        f" prompts), the pool ~{sims * blocks * 16 * 4 // chars} of {tenants + own}",
+        sims=sims,
+        direct=tuple(direct),
+    )
+
+
+SCENARIOS = {"churn": churn, "restart": restart, "shared": shared}
+SEEDS = {"churn": 11, "restart": 12, "shared": 13}
 
 
 def _respawn_sim(stack: LocalStack, i: int) -> float:
@@ -238,8 +285,10 @@ async def drive(stack: LocalStack, strategy: str, sc: Scenario, timeout: float) 
             downtime[0] = await asyncio.to_thread(_respawn_sim, stack, busiest)
 
         side = asyncio.create_task(restarter()) if sc.restart_at is not None else None
+        direct = asyncio.gather(*(_timed_session(http, f"{sims[i]}/v1/chat/completions", s, t0, timeout) for i, s in sc.direct))
         nested = await asyncio.gather(*(_timed_session(http, url, s, t0, timeout) for s in sc.sessions))
         wall = loop.time() - t0
+        direct_nested = await direct
         if side is not None:
             await side
         await asyncio.sleep(0.3)  # the last events reach the subscribers
@@ -259,7 +308,8 @@ async def drive(stack: LocalStack, strategy: str, sc: Scenario, timeout: float) 
         cached_blocks=sum(int(s.get("cached_blocks", 0)) for s in stats),  # type: ignore[call-overload]
         epp_rss_mb=_rss_mb(stack.epp_proc.popen.pid),
         restarted=str(stats[restarted[0]]["name"]) if before else "", restarted_after=stats[restarted[0]] if before else {},
-        downtime_s=downtime[0], gaps=sub.gaps,
+        downtime_s=downtime[0], gaps=sub.gaps, direct=[x for group in direct_nested for x in group],
+        epp_precise_entries=_metric(metrics, "inference_extension_precise_prefix_indexer_size"),
     )  # fmt: skip
 
 
@@ -288,35 +338,44 @@ def _hit(stats: Sequence[dict[str, object]]) -> float:
     return cached / prompt if prompt else 0.0
 
 
+def _usage_hit(outcomes: Sequence[Outcome]) -> float:
+    prompt = sum(o.prompt_tokens for o in outcomes)
+    return sum(o.cached_tokens for o in outcomes) / prompt if prompt else 0.0
+
+
 def summarize(sc: Scenario, results: Sequence[Result]) -> str:
-    header = ["strategy", "ok", "err", "TTFT mean", "p50", "p90", "p99", "cache hit", "index entries", "EPP RSS MB", "share % (sorted)"]
+    header = ["strategy", "ok", "err", "TTFT mean", "p50", "p90", "p99", "pool hit", "gw hit", "index entries", "EPP RSS MB",
+              "share % (sorted)"]  # fmt: skip
     rows, figs = [], []
     for r in results:
         ok = [o for _, o in r.outcomes if o.error is None and o.ttft is not None]
         ttfts = [o.ttft for o in ok if o.ttft is not None]
-        f = {"mean": mean(ttfts), "p50": percentile(ttfts, 50), "p90": percentile(ttfts, 90), "p99": percentile(ttfts, 99), "hit": _hit(r.stats)}
+        f = {"mean": mean(ttfts), "p50": percentile(ttfts, 50), "p90": percentile(ttfts, 90), "p99": percentile(ttfts, 99), "hit": _hit(r.stats),
+             "gw": _usage_hit(ok)}  # fmt: skip
         figs.append(f)
         served = Counter(o.served_by for o in ok)
-        entries = f"{r.precise_entries:,}" if r.strategy == "precise" else f"{r.approx_entries:,}" if r.strategy.startswith("approx") else "-"
+        entries = f"{r.epp_precise_entries or r.precise_entries:,}" if r.strategy == "precise" else f"{r.approx_entries:,}" if r.strategy.startswith("approx") else "-"
         rows.append([
             r.strategy, str(len(ok)), str(len(r.outcomes) - len(ok)), _ms(f["mean"]), _ms(f["p50"]), _ms(f["p90"]), _ms(f["p99"]),
-            f"{100 * f['hit']:.0f}%", entries, f"{r.epp_rss_mb:.0f}",
+            f"{100 * f['hit']:.0f}%", f"{100 * f['gw']:.0f}%", entries, f"{r.epp_rss_mb:.0f}",
             "/".join(f"{100 * n / max(len(ok), 1):.0f}" for _, n in served.most_common()),
         ])  # fmt: skip
     base = figs[0]
     for r, f in zip(results[1:], figs[1:], strict=True):
         rows.append([
             f"  {r.strategy} vs {results[0].strategy}", "", "", ratio(f["mean"], base["mean"]), ratio(f["p50"], base["p50"]),
-            ratio(f["p90"], base["p90"]), ratio(f["p99"], base["p99"]), ratio(f["hit"], base["hit"]), "", "", "",
+            ratio(f["p90"], base["p90"]), ratio(f["p99"], base["p99"]), ratio(f["hit"], base["hit"]), ratio(f["gw"], base["gw"]), "", "", "",
         ])  # fmt: skip
     by = {r.strategy: f for r, f in zip(results, figs, strict=True)}
     lines = [f"{sc.name}: {sc.note}", f"pool: {sc.sims} x vllm-sim {' '.join(sc.sim_args)} --kv-events-port P", table(header, rows)]
-    lines.append("(TTFT in ms, client-side; cache hit = cached / prompt tokens over the pool; index entries = (endpoint, block) pairs)")
+    lines.append("(TTFT in ms, client-side, of the requests through the gateway; pool hit = cached / prompt tokens over the pool, all traffic;"
+                 " gw hit = the same for the gateway's requests, from their usage; index entries = (endpoint, block) pairs)")
     if "precise" in by and "approximate" in by:
         p, a = by["precise"], by["approximate"]
         lines.append(
             f"precise vs approximate: TTFT mean {ratio(p['mean'], a['mean'])}, p50 {ratio(p['p50'], a['p50'])},"
-            f" p90 {ratio(p['p90'], a['p90'])}, p99 {ratio(p['p99'], a['p99'])}; hit {100 * p['hit']:.0f}% vs {100 * a['hit']:.0f}%"
+            f" p90 {ratio(p['p90'], a['p90'])}, p99 {ratio(p['p99'], a['p99'])}; pool hit {100 * p['hit']:.0f}% vs {100 * a['hit']:.0f}%,"
+            f" gateway hit {100 * p['gw']:.0f}% vs {100 * a['gw']:.0f}%"
         )
     for r in results:
         ok = [(at, o) for at, o in r.outcomes if o.error is None]
@@ -326,11 +385,18 @@ def summarize(sc: Scenario, results: Sequence[Result]) -> str:
         errors = Counter(o.error for _, o in r.outcomes if o.error)
         line = f"  {r.strategy}: wall {r.wall_s:.1f}s; each tenant served by {mean([len(v) for v in spread.values()]):.1f} servers"
         if r.strategy == "precise":
-            line += (f"; precise index {r.precise_entries:,} entries (~{r.precise_bytes / 1e6:.1f} MB est.) vs {r.cached_blocks:,}"
-                     f" blocks cached in the pool; event gaps {r.gaps}")  # fmt: skip
+            line += (f"; precise index {r.epp_precise_entries:,} entries (EPP metric; the bench's copy {r.precise_entries:,},"
+                     f" ~{r.precise_bytes / 1e6:.1f} MB est.) vs {r.cached_blocks:,} blocks cached in the pool; event gaps {r.gaps}")  # fmt: skip
         if errors:
             line += f"; errors {dict(errors)}"
         lines.append(line)
+        if r.direct:
+            d_ok = [o for _, o in r.direct if o.error is None and o.ttft is not None]
+            d_ttft = [o.ttft for o in d_ok if o.ttft is not None]
+            lines.append(
+                f"    direct traffic (not through the EPP): {len(d_ok)}/{len(r.direct)} ok, TTFT p50 {_ms(percentile(d_ttft, 50))}"
+                f" p90 {_ms(percentile(d_ttft, 90))} ms, hit {100 * _usage_hit(d_ok):.0f}%"
+            )
         if sc.restart_at is not None:
             lo, hi = sc.restart_at, sc.restart_at + sc.window_s
             after = [o.ttft for at, o in ok if lo <= at < hi and o.ttft is not None]

@@ -159,6 +159,8 @@ async def _one(session: aiohttp.ClientSession, url: str, body: bytes, group: int
                     o.ttft = loop.time() - start
                 if chunk.get("usage"):
                     o.output_tokens = chunk["usage"]["completion_tokens"]
+                    o.prompt_tokens = chunk["usage"].get("prompt_tokens") or 0
+                    o.cached_tokens = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0
             o.e2e = loop.time() - start
             if o.ttft is None:
                 o.error = "no content"
@@ -202,12 +204,19 @@ async def drive(stack: LocalStack, strategy: str, sc: Scenario, timeout: float) 
     return Result(strategy, outcomes, wall, cached / prompt if prompt else 0.0, shares)
 
 
+def _epp_args(strategy: str) -> tuple[str, ...]:
+    """A built-in strategy name, or a path to an EndpointPickerConfig file."""
+    if strategy.endswith((".yaml", ".yml")):
+        return ("--config-file", str(Path(strategy).resolve()))
+    return ("--strategy", strategy)
+
+
 def run(sc: Scenario, strategies: Sequence[str], timeout: float) -> list[Result]:
     results = []
     for strategy in strategies:
         with tempfile.TemporaryDirectory(prefix=f"bench-quality-{sc.name}-") as tmp:
             opts = StackOptions(
-                workdir=Path(tmp), sims=sc.sims, sim_args=sc.sim_args, model=MODEL, epp_args=("--strategy", strategy), envoy_concurrency=2
+                workdir=Path(tmp), sims=sc.sims, sim_args=sc.sim_args, model=MODEL, epp_args=_epp_args(strategy), envoy_concurrency=2
             )
             t = time.monotonic()
             with LocalStack(opts) as stack:
@@ -259,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer requests per workload")
     ap.add_argument("--workload", choices=tuple(SCENARIOS), action="append", help="run only this workload (repeatable)")
-    ap.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated; the first is the baseline")
+    ap.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated built-in strategies or config files (.yaml); the first is the baseline")
     ap.add_argument("--timeout", type=float, default=120.0, help="per-request timeout, seconds")
     args = ap.parse_args(argv)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]

@@ -77,6 +77,8 @@ class Outcome:
     e2e: float | None = None
     output_tokens: int = 0
     error: str | None = None
+    prompt_tokens: int = 0  # from the stream's usage (bench.quality._one)
+    cached_tokens: int = 0  # usage.prompt_tokens_details.cached_tokens
 
 
 @dataclass(slots=True)

@@ -3,17 +3,20 @@
     /debug/endpoints   each endpoint's state: role, health, scraped load, in-flight, prefix blocks held
     /debug/config      the effective scheduling profiles and the serve options
     /debug/decisions   the most recent routing decisions (newest last), with scores when explaining
+    /debug/runtime     process numbers for soak checks: RSS, asyncio tasks, open ext_proc streams,
+                       in-flight requests and tokens, prefix index size and bound
 
 `epp status` reads them. Built on demand from the datastore, the prefix index and the Director.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -24,7 +27,11 @@ from pickers.prefix_index import ApproxPrefixIndex
 from pickers.scheduler import Scheduler
 
 
-def endpoints_view(datastore: Datastore, prefix_index: ApproxPrefixIndex | None) -> list[dict[str, Any]]:
+def endpoints_view(
+    datastore: Datastore, prefix_index: ApproxPrefixIndex | None, precise: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """`precise`: plugin name -> precise-prefix-cache-scorer; each endpoint then also shows the blocks
+    each precise index holds for it (`precise_prefix_blocks`, by plugin name)."""
     now = time.monotonic()
     out = []
     for ep in datastore.candidates():
@@ -48,6 +55,8 @@ def endpoints_view(datastore: Datastore, prefix_index: ApproxPrefixIndex | None)
             "num_gpu_blocks": m.num_gpu_blocks,
             "running_lora_adapters": sorted(m.running_lora_adapters),
         })  # fmt: skip
+        if precise:
+            out[-1]["precise_prefix_blocks"] = {name: p.index.blocks_of(ep.address) for name, p in precise.items()}
     return out
 
 
@@ -83,6 +92,39 @@ def decisions_view(director: Director, limit: int | None = None) -> list[dict[st
     ]  # fmt: skip
 
 
+def _status_kib(field: str) -> int | None:
+    """A `/proc/self/status` value in KiB (VmRSS, VmHWM); None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def runtime_view(
+    datastore: Datastore, prefix_index: ApproxPrefixIndex | None, extra: Callable[[], Mapping[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Cheap numbers (no walk over requests) that must return to their idle values after load."""
+    eps = datastore.candidates()
+    try:
+        tasks = len(asyncio.all_tasks())
+    except RuntimeError:  # no running loop (called outside the server)
+        tasks = 0
+    return {
+        "rss_kib": _status_kib("VmRSS"),
+        "rss_peak_kib": _status_kib("VmHWM"),
+        "asyncio_tasks": tasks,
+        "in_flight": sum(ep.in_flight for ep in eps),
+        "in_flight_tokens": sum(ep.in_flight_tokens for ep in eps),
+        "prefix_index_size": prefix_index.size() if prefix_index is not None else 0,
+        "prefix_index_bound": prefix_index.bound() if prefix_index is not None else 0,
+        **(extra() if extra is not None else {}),
+    }
+
+
 def options_view(opts: object) -> dict[str, Any]:
     """The serve options as plain JSON (nested dataclasses too)."""
     out: dict[str, Any] = {}
@@ -99,10 +141,17 @@ def options_view(opts: object) -> dict[str, Any]:
 
 
 def admin_app(
-    datastore: Datastore, prefix_index: ApproxPrefixIndex | None, director: Director, config: Mapping[str, Any]
+    datastore: Datastore,
+    prefix_index: ApproxPrefixIndex | None,
+    director: Director,
+    config: Mapping[str, Any],
+    runtime: Callable[[], Mapping[str, Any]] | None = None,
 ) -> web.Application:
     async def endpoints(request: web.Request) -> web.Response:
-        return web.json_response({"endpoints": endpoints_view(datastore, prefix_index)})
+        from pickers.scorers.precise_prefix import precise_scorers
+
+        precise = precise_scorers(director.scheduler.profiles.values())
+        return web.json_response({"endpoints": endpoints_view(datastore, prefix_index, precise)})
 
     async def config_handler(request: web.Request) -> web.Response:
         return web.json_response({**config, "scheduling": scheduling_view(director.scheduler)}, dumps=_dumps)
@@ -114,14 +163,18 @@ def admin_app(
             raise web.HTTPBadRequest(text="limit must be an integer") from None
         return web.json_response({"decisions": decisions_view(director, limit)})
 
+    async def runtime_handler(request: web.Request) -> web.Response:
+        return web.json_response(runtime_view(datastore, prefix_index, runtime))
+
     async def index(request: web.Request) -> web.Response:
-        return web.json_response({"views": ["/debug/endpoints", "/debug/config", "/debug/decisions"]})
+        return web.json_response({"views": ["/debug/endpoints", "/debug/config", "/debug/decisions", "/debug/runtime"]})
 
     app = web.Application()
     app.router.add_get("/", index)
     app.router.add_get("/debug/endpoints", endpoints)
     app.router.add_get("/debug/config", config_handler)
     app.router.add_get("/debug/decisions", decisions)
+    app.router.add_get("/debug/runtime", runtime_handler)
     return app
 
 

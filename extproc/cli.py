@@ -50,6 +50,16 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
         help="the InferencePool to serve: without --endpoints its pods are discovered from the Kubernetes API; "
         "also labels the pool metrics",
     )  # fmt: skip
+    p.add_argument(
+        "--objectives", metavar="FILE",
+        help="YAML list of {name, priority}: the priority of the objective a request names in "
+        "x-gateway-inference-objective (negative = sheddable); with Kubernetes, InferenceObjectives add to it",
+    )  # fmt: skip
+    p.add_argument(
+        "--model-rewrites", metavar="FILE",
+        help="InferenceModelRewrite rules (a YAML list of {matches, targets}); with Kubernetes, "
+        "InferenceModelRewrites add to them",
+    )  # fmt: skip
     _add_kubernetes_flags(p)
     scheduling = p.add_mutually_exclusive_group()
     scheduling.add_argument(
@@ -245,6 +255,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         secure_serving=args.secure_serving,
         cert_path=args.cert_path,
         kubernetes=_kubernetes_options(args),
+        objectives_file=args.objectives,
+        model_rewrites_file=args.model_rewrites,
     )
     if opts.max_endpoints < 1:
         raise ConfigError("expected at least 1", field="--max-num-endpoints")

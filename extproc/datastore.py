@@ -59,6 +59,7 @@ class Endpoint:
     metrics: Metrics = field(default_factory=Metrics)
     in_flight: int = 0
     in_flight_tokens: int = 0
+    in_flight_prefill_tokens: int = 0  # uncached prompt tokens of requests not past their first byte
     scrape_error: str | None = None
 
     @property
@@ -80,6 +81,7 @@ class Endpoint:
 
 
 MembershipListener = Callable[[tuple[Endpoint, ...], tuple[Endpoint, ...]], None]
+ScrapeFailureListener = Callable[[Endpoint, str], None]
 
 
 class Datastore:
@@ -90,6 +92,7 @@ class Datastore:
         self._by_address: dict[str, Endpoint] = {}
         self._candidates: tuple[Endpoint, ...] = ()
         self._listeners: list[MembershipListener] = []
+        self._scrape_failure_listeners: list[ScrapeFailureListener] = []
         self.synced = False  # True once discovery delivered a first full membership
 
     # -- membership (discovery) ------------------------------------------------------------
@@ -135,18 +138,32 @@ class Datastore:
             ep.metrics = metrics
             ep.scrape_error = None
 
+    def on_scrape_failure(self, listener: ScrapeFailureListener) -> None:
+        """`listener(endpoint, error)` runs when an endpoint's scrapes start failing (once per outage:
+        on the first failure after a success, or after it joined)."""
+        self._scrape_failure_listeners.append(listener)
+
     def record_scrape_error(self, address: str, error: str) -> None:
         ep = self._by_address.get(address)
         if ep is not None:
+            was_failing = ep.scrape_error is not None
             ep.scrape_error = error
+            if not was_failing:
+                for listener in self._scrape_failure_listeners:
+                    listener(ep, error)
 
     def is_stale(self, ep: Endpoint, now: float | None = None) -> bool:
         return ep.metrics_age(now) > self.metrics_stale_after
 
     # -- in-flight accounting (request path) ---------------------------------------------------
-    def acquire(self, endpoint: Endpoint, tokens: int) -> None:
+    def acquire(self, endpoint: Endpoint, tokens: int, prefill_tokens: int = 0) -> None:
         endpoint.in_flight += 1
         endpoint.in_flight_tokens += tokens
+        endpoint.in_flight_prefill_tokens += prefill_tokens
+
+    def prefill_done(self, endpoint: Endpoint, prefill_tokens: int) -> None:
+        """The request's first byte came back: its prompt is no longer waiting to be computed."""
+        endpoint.in_flight_prefill_tokens = max(0, endpoint.in_flight_prefill_tokens - prefill_tokens)
 
     def release(self, endpoint: Endpoint, tokens: int) -> None:
         # The endpoint object may have left the pool meanwhile; counting on it is then harmless.

@@ -163,12 +163,19 @@ def _override_host_cluster(endpoints: Sequence[tuple[str, int]]) -> dict[str, An
     return cluster
 
 
+def _pool_circuit_breakers() -> dict[str, Any]:
+    """The limits of the reference file's llm-pool cluster, not Envoy's defaults of 1024 (see there)."""
+    limits = {"max_connections": 100000, "max_pending_requests": 100000, "max_requests": 100000}
+    return {"thresholds": [{"priority": "DEFAULT", **limits}]}
+
+
 def _fallback_cluster(endpoints: Sequence[tuple[str, int]]) -> dict[str, Any]:
     return {
         "name": "llm-pool-fallback",
         "type": "STATIC",
         "lb_policy": "LEAST_REQUEST",
         "connect_timeout": "5s",
+        "circuit_breakers": _pool_circuit_breakers(),
         "load_assignment": {
             "cluster_name": "llm-pool-fallback",
             "endpoints": [

@@ -42,6 +42,13 @@ class InferenceRequest:
     include_usage: bool = False
     max_tokens: int | None = None
     body: Mapping[str, Any] = field(default_factory=dict)
+    # Set by the Director when it admits the request:
+    objective: str = ""  # from x-gateway-inference-objective
+    priority: int = 0  # the objective's; negative = sheddable
+    target_model: str = ""  # the model sent upstream (differs from `model` when rewritten)
+    # Set when scheduled: the prompt tokens the primary probably has to compute (not cached there),
+    # counted on the endpoint until the first response byte.
+    prefill_tokens: int = 0
 
     @property
     def prompt_tokens(self) -> int:

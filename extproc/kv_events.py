@@ -7,12 +7,19 @@ payload `[timestamp, [events...], data_parallel_rank?]`. Events are maps with a 
 here. The subscriber connects a SUB socket to every endpoint's publisher (its port comes from the
 endpoint label `llm-epp/kv-events-port`, else the configured default, 5557), follows membership
 changes, detects lost messages by the sequence number and reconnects after errors.
+
+An endpoint's entries are dropped whenever its state may have changed unseen, so a restarted server
+gives no false hits before its first event: a sequence gap, a publisher back at sequence 0, the
+SUB connection dropping (a ZMQ socket monitor sees the TCP disconnect at once, ZMQ reconnects by
+itself), an error on the stream, and the endpoint's metrics scrape starting to fail (a server down
+or restarting; reported by the datastore). `KVEventSubscriber.resets` counts them by reason.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -197,7 +204,11 @@ class KVEventSubscriber:
         self._ctx: object | None = None
         self.messages = 0
         self.gaps = 0
+        # times an endpoint's entries were dropped, by reason: gap, restart, disconnected,
+        # stream_error, scrape_failed (only counted when the index held that endpoint)
+        self.resets: Counter[str] = Counter()
         datastore.on_membership_change(self._on_membership)
+        datastore.on_scrape_failure(self._on_scrape_failure)
 
     @property
     def subscribed(self) -> frozenset[str]:
@@ -207,6 +218,20 @@ class KVEventSubscriber:
         for ep in removed:
             self.index.remove_endpoint(ep.address)
         self._sync()
+
+    def reset_endpoint(self, address: str, reason: str) -> None:
+        """The endpoint's cache may have changed without events we saw: drop what we know of it
+        (no false hits); the events that follow rebuild it."""
+        if self.index.stats(address) is None:
+            return
+        held = self.index.blocks_of(address)
+        self.index.clear_endpoint(address)
+        self.resets[reason] += 1
+        if held:
+            log.info("kv events from %s: %s; its %d index entries are dropped until its events rebuild them", address, reason, held)
+
+    def _on_scrape_failure(self, ep: Endpoint, error: str) -> None:
+        self.reset_endpoint(ep.address, "scrape_failed")
 
     async def run(self) -> None:
         import zmq.asyncio
@@ -253,6 +278,8 @@ class KVEventSubscriber:
             except asyncio.CancelledError:
                 raise
             except Exception as e:
+                if not isinstance(e, TimeoutError):  # an idle stream (idle_reconnect) says nothing about the cache
+                    self.reset_endpoint(address, "stream_error")
                 delay = backoff.next_delay()
                 log.warning("kv events from %s (%s): %s; reconnecting in %.1fs", address, zmq_address, e, delay)
                 await asyncio.sleep(delay)
@@ -266,6 +293,8 @@ class KVEventSubscriber:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, 100_000)
         sock.setsockopt(zmq.SUBSCRIBE, b"")  # one publisher per socket: every topic is this endpoint's
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        watch = asyncio.create_task(self._watch_disconnects(address, monitor), name=f"kv-events monitor {address}")
         sock.connect(zmq_address)
         log.info("kv events: subscribed to %s for %s", zmq_address, address)
         try:
@@ -277,7 +306,24 @@ class KVEventSubscriber:
                 backoff.reset()
                 self.handle_message(address, frames, seq)
         finally:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+            try:
+                sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            monitor.close(linger=0)
             sock.close(linger=0)
+
+    async def _watch_disconnects(self, address: str, monitor: object) -> None:
+        """The SUB socket's TCP connection dropped (the server died or restarted; ZMQ reconnects by
+        itself, so the stream goes on): whatever happened meanwhile is unseen."""
+        import zmq
+
+        while True:
+            frames = await monitor.recv_multipart()  # type: ignore[attr-defined]
+            if len(frames) >= 1 and len(frames[0]) >= 2 and int.from_bytes(frames[0][:2], "little") == zmq.EVENT_DISCONNECTED:
+                self.reset_endpoint(address, "disconnected")
 
     def handle_message(self, address: str, frames: Sequence[bytes], seq: SequenceTracker) -> None:
         """One ZMQ message of an endpoint's stream (the socket-free part, tested on its own)."""
@@ -288,10 +334,12 @@ class KVEventSubscriber:
         verdict = seq.see(int.from_bytes(frames[1], "big"))
         if verdict == "gap":
             self.gaps += 1
+            self.resets["gap"] += 1
             log.warning("kv events from %s: messages lost; its index entries are reset and rebuilt from new events", address)
             self.index.mark_gap(address)
         elif verdict == "restart":
             log.info("kv events from %s: the publisher restarted; its index entries are reset", address)
+            self.resets["restart"] += 1
             self.index.clear_endpoint(address)
         try:
             batch = decode_batch(frames[2])

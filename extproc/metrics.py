@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from importlib import metadata
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -80,40 +80,50 @@ class EppMetrics:
         self.version = llm_epp_version() if version is None else version
         self.datastore = datastore
         self.prefix_index = prefix_index
-        self._series: dict[str, _ModelSeries] = {}
+        self.precise: dict[str, Any] = {}  # plugin name -> precise-prefix-cache-scorer (attach_precise)
+        self._series: dict[tuple[str, str], _ModelSeries] = {}  # (model, target model)
         self.scheduler_e2e = Histogram(SCHED_BUCKETS)
         self.plugin_durations: dict[tuple[str, str, str], Histogram] = {}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
+
+    def attach_precise(self, profiles: Iterable[SchedulingProfile]) -> None:
+        """Export the size of each precise-prefix-cache-scorer's index in these profiles (and how often
+        an endpoint's entries were dropped), read at scrape time."""
+        from pickers.scorers.precise_prefix import precise_scorers
+
+        self.precise = precise_scorers(profiles)
 
     def attach(self, datastore: Datastore, prefix_index: ApproxPrefixIndex | None = None) -> None:
         """Read the pool gauges from this datastore (and the prefix gauges from this index) at scrape time."""
         self.datastore = datastore
         self.prefix_index = prefix_index
 
-    def _model(self, model: str) -> _ModelSeries:
-        s = self._series.get(model)
+    def _model(self, model: str, target: str) -> _ModelSeries:
+        key = (model, target or model)
+        s = self._series.get(key)
         if s is None:
             if len(self._series) >= MAX_MODELS:
-                model = "other"
-                s = self._series.get(model)
+                key = ("other", "other")
+                s = self._series.get(key)
             if s is None:
-                s = self._series[model] = _ModelSeries()
+                s = self._series[key] = _ModelSeries()
         return s
 
     # -- the request path ----------------------------------------------------------------------
-    def scheduled(self, model: str, seconds: float) -> None:
-        s = self._model(model)
+    # `target` is the model sent upstream when a rewrite changed it (label target_model_name).
+    def scheduled(self, model: str, seconds: float, target: str = "") -> None:
+        s = self._model(model, target)
         s.requests += 1
         s.running += 1
         self.scheduler_e2e.observe(seconds)
 
-    def request_error(self, model: str, code: str) -> None:
-        errors = self._model(model).errors
+    def request_error(self, model: str, code: str, target: str = "") -> None:
+        errors = self._model(model, target).errors
         errors[code] = errors.get(code, 0) + 1
 
-    def completed(self, model: str, outcome: Outcome, usage: Usage | None) -> None:
-        s = self._model(model)
+    def completed(self, model: str, outcome: Outcome, usage: Usage | None, target: str = "") -> None:
+        s = self._model(model, target)
         s.running -= 1
         status = outcome.status
         if status is not None and status >= 400:
@@ -247,14 +257,17 @@ class _Collector:
                 "inference_objective_prompt_cached_tokens", "Prompt tokens served from the prefix cache (from usage)", mt
             ),
         }
-        for model, s in m._series.items():
-            labels = [model, model]
+        running_by_model: dict[str, int] = {}
+        for (model, target), s in m._series.items():
+            labels = [model, target]
             requests.add_metric(labels, s.requests)
-            running.add_metric([model], s.running)
+            running_by_model[model] = running_by_model.get(model, 0) + s.running
             for code, n in s.errors.items():
                 errors.add_metric([*labels, code], n)
             for attr, fam in hists.items():
                 _add(fam, labels, getattr(s, attr))
+        for model, n in running_by_model.items():
+            running.add_metric([model], n)
         yield requests
         yield errors
         yield running
@@ -275,6 +288,7 @@ class _Collector:
         yield info
         yield from self._pool()
         yield from self._prefix()
+        yield from self._precise()
 
     def _pool(self) -> Iterator[Metric]:
         ds = self.m.datastore
@@ -310,3 +324,26 @@ class _Collector:
         )
         _add(ratio, (), index.hit_ratio)
         yield ratio
+
+    def _precise(self) -> Iterator[Metric]:
+        # Not a GIE series: the approximate index keeps inference_extension_prefix_indexer_size (no
+        # labels, its meaning unchanged); the precise index gets its own gauge, one series per plugin.
+        if not self.m.precise:
+            return
+        size = GaugeMetricFamily(
+            "inference_extension_precise_prefix_indexer_size",
+            "(endpoint, block) entries in the precise prefix index, learned from the servers' KV events",
+            labels=["plugin_name"],
+        )
+        resets = CounterMetricFamily(
+            "inference_extension_precise_prefix_indexer_resets",
+            "Times an endpoint's precise-index entries were dropped because its cache may have changed unseen",
+            labels=["plugin_name", "reason"],
+        )
+        for name, plugin in self.m.precise.items():
+            size.add_metric([name], plugin.index.size())
+            sub = getattr(plugin, "subscriber", None)
+            for reason, n in (getattr(sub, "resets", None) or {}).items():
+                resets.add_metric([name, reason], n)
+        yield size
+        yield resets

@@ -17,6 +17,10 @@ States and the messages each accepts (anything else is a ProtocolError naming bo
 Body modes: FULL_DUPLEX_STREAMED (the body comes back to Envoy as `streamed_response` chunks of
 at most 62,000 bytes) and BUFFERED (one BodyResponse carries the header mutation), read from the
 `protocol_config` Envoy sends in the first message.
+
+Model rewrite: when the Director sets a `target_model` other than the requested model, the body is
+re-encoded once with the new name (the only re-encoding) and `Content-Length` follows it; the response
+loses its `content-length` and gets the requested name written back into its `"model"` fields.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from google.protobuf import struct_pb2
 from extproc.datastore import Endpoint
 from extproc.errors import NO_ENDPOINTS, PAYLOAD_TOO_LARGE, PROTOCOL, RequestError
 from extproc.inference_request import InferenceRequest, api_for_path, parse_body
+from extproc.model_rewrite import ModelNameRestorer, rewrite_body
 from extproc.usage import UsageReader
 
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
@@ -124,6 +129,8 @@ class Director(Protocol):
 
     def finish(self, routing: Routing, outcome: Outcome) -> None: ...
 
+    def first_byte(self, routing: Routing) -> None: ...
+
     def rejected(self, request: InferenceRequest | None, error: RequestError) -> None: ...
 
 
@@ -156,6 +163,7 @@ class RequestStream:
         self._status: int | None = None
         self._usage: UsageReader | None = None
         self._served: str | None = None
+        self._restorer: ModelNameRestorer | None = None  # set when the model was rewritten
         self._finished = False
         self._started = 0.0
         self._first_byte_at: float | None = None
@@ -261,18 +269,24 @@ class RequestStream:
         parse_body(req, raw, self._required_field)
         self.routing = self.director.route(req, self._subset)
         self.state = State.ROUTED
+        rewritten = bool(req.target_model) and req.target_model != req.model
+        if rewritten:
+            raw = rewrite_body(req.body, req.target_model)
+            self._restorer = ModelNameRestorer(req.model, req.target_model)
         if self.request_mode == FULL_DUPLEX:
             out = [self._headers_response(content_length=len(raw))]
             out.extend(_streamed_chunks(raw, end=not trailers_follow))
             return out
         # BUFFERED: headers are still held by Envoy, so the body answer carries their mutation.
-        common = self._routing_common(content_length=None)
+        common = self._routing_common(content_length=len(raw) if rewritten else None)
+        if rewritten:
+            common.body_mutation.body = raw
         return [self._with_metadata(pb.ProcessingResponse(request_body=pb.BodyResponse(response=common)))]
 
     # -- response phase -----------------------------------------------------------------------
     def _on_response_headers(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         hdrs = msg.response_headers
-        streaming = False
+        streaming = json_body = False
         for h in hdrs.headers.headers:
             key = h.key
             if key == ":status":
@@ -281,7 +295,9 @@ class RequestStream:
                 except ValueError:
                     self._status = None
             elif key == "content-type":
-                streaming = b"text/event-stream" in (h.raw_value or h.value.encode())
+                content_type = h.raw_value or h.value.encode()
+                streaming = b"text/event-stream" in content_type
+                json_body = b"json" in content_type
         served = msg.metadata_context.filter_metadata.get(LB_NAMESPACE)
         if served is not None and SERVED_KEY in served.fields:
             self._served = served.fields[SERVED_KEY].string_value
@@ -290,38 +306,45 @@ class RequestStream:
         if hdrs.end_of_stream:
             self.state = State.DONE
             self._finish(aborted=False)
+        # Write the requested model name back only where there is a body we can change and read.
+        if self._restorer is not None and (hdrs.end_of_stream or self.response_mode == NONE or not (streaming or json_body)):
+            self._restorer = None
         extra = self.routing.response_headers if self.routing is not None else None
-        if not extra:
+        if not extra and self._restorer is None:
             return [pb.ProcessingResponse(response_headers=pb.HeadersResponse())]
-        mutation = pb.HeaderMutation(set_headers=[_header(k, v) for k, v in extra.items()])
+        mutation = pb.HeaderMutation(set_headers=[_header(k, v) for k, v in (extra or {}).items()])
+        if self._restorer is not None:
+            mutation.remove_headers.append("content-length")  # the name's length may differ
         return [pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=pb.CommonResponse(header_mutation=mutation)))]
 
     def _on_response_body(self, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
-        if self._first_byte_at is None and body.body:
+        chunk = body.body
+        if self._first_byte_at is None and chunk:
             self._first_byte_at = self.clock()
+            if self.routing is not None:
+                self.director.first_byte(self.routing)
         if self._usage is not None:
-            self._usage.feed(body.body, body.end_of_stream)
+            self._usage.feed(chunk, body.end_of_stream)
         if body.end_of_stream:
             self.state = State.DONE
             self._finish(aborted=False)
+        restorer = self._restorer
+        if restorer is not None:
+            chunk = restorer.feed(chunk, body.end_of_stream)
         if self.response_mode == FULL_DUPLEX:
-            return [
-                pb.ProcessingResponse(
-                    response_body=pb.BodyResponse(
-                        response=pb.CommonResponse(
-                            body_mutation=pb.BodyMutation(
-                                streamed_response=pb.StreamedBodyResponse(body=body.body, end_of_stream=body.end_of_stream)
-                            )
-                        )
-                    )
-                )
-            ]
+            return [_streamed_response_body(chunk, body.end_of_stream)]
+        if restorer is not None:  # STREAMED or BUFFERED: the chunk (or whole body) is replaced
+            return [pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse(body_mutation=pb.BodyMutation(body=chunk))))]
         return [pb.ProcessingResponse(response_body=pb.BodyResponse())]
 
     def _on_response_trailers(self) -> list[pb.ProcessingResponse]:
         self.state = State.DONE
         self._finish(aborted=False)
-        return [pb.ProcessingResponse(response_trailers=pb.TrailersResponse())]
+        out: list[pb.ProcessingResponse] = []
+        if self._restorer is not None and self._restorer.pending and self.response_mode == FULL_DUPLEX:
+            out.append(_streamed_response_body(self._restorer.flush(), False))  # a held-back tail, before the trailers
+        out.append(pb.ProcessingResponse(response_trailers=pb.TrailersResponse()))
+        return out
 
     def _finish(self, *, aborted: bool) -> None:
         if self._finished or self.routing is None:
@@ -444,6 +467,16 @@ def filter_by_subset(candidates: Sequence[Endpoint], subset: list[str] | None) -
 def _streamed_request_body(chunk: bytes, end: bool) -> pb.ProcessingResponse:
     return pb.ProcessingResponse(
         request_body=pb.BodyResponse(
+            response=pb.CommonResponse(
+                body_mutation=pb.BodyMutation(streamed_response=pb.StreamedBodyResponse(body=chunk, end_of_stream=end))
+            )
+        )
+    )
+
+
+def _streamed_response_body(chunk: bytes, end: bool) -> pb.ProcessingResponse:
+    return pb.ProcessingResponse(
+        response_body=pb.BodyResponse(
             response=pb.CommonResponse(
                 body_mutation=pb.BodyMutation(streamed_response=pb.StreamedBodyResponse(body=chunk, end_of_stream=end))
             )

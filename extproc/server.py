@@ -25,7 +25,10 @@ from extproc.datastore import Datastore
 from extproc.director import Director
 from extproc.discovery.static import StaticFileDiscovery, load_endpoints_file
 from extproc.metrics import EppMetrics
+from extproc.model_rewrite import RewriteStore, load_rewrites_file
+from extproc.objectives import ObjectiveStore, load_objectives_file
 from extproc.protocol import DEFAULT_MAX_BODY, ProtocolError, RequestStream
+from extproc.saturation import SaturationConfig, SaturationDetector
 from extproc.scraper import MetricsScraper
 from extproc.supervisor import Supervisor
 from pickers.config import load_config, load_config_file
@@ -47,6 +50,11 @@ _GRPC_OPTIONS = [
     ("grpc.so_reuseport", 0),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    # Streams that arrived but the event loop has not picked up yet: gRPC cancels them at random
+    # above 1,000 (hard at 3,000), which a burst of ~2,000 new requests reaches (each a 500 or a
+    # fail-open). Let bursts queue instead; Envoy's message_timeout still bounds the wait.
+    ("grpc.server.max_pending_requests", 50_000),
+    ("grpc.server.max_pending_requests_hard_limit", 100_000),
 ]
 
 
@@ -76,6 +84,8 @@ class ServeOptions:
     secure_serving: bool = False  # ext_proc over TLS (the health and metrics ports stay plaintext for probes)
     cert_path: str | None = None  # directory with tls.crt and tls.key; None: a self-signed certificate
     kubernetes: KubernetesOptions | None = None  # discovery from the API server, leader election
+    objectives_file: str | None = None  # YAML list of {name, priority}, for use without Kubernetes
+    model_rewrites_file: str | None = None  # InferenceModelRewrite rules, for use without Kubernetes
 
 
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
@@ -119,12 +129,20 @@ class EppServer:
         self.metrics = EppMetrics(pool_name=opts.pool_name)
         self.prefix_index = ApproxPrefixIndex()
         self.datastore.on_membership_change(self._on_membership_change)
+        self._saturation_config = SaturationConfig()
         profiles, handler = self._build_profiles()
         self._profiles = profiles
         self.scheduler = Scheduler(profiles, self.datastore, handler=handler, explain=opts.explain_scores)
         self.metrics.attach(self.datastore, self.prefix_index)
         self.metrics.time_plugins(self.scheduler.profiles.values())
-        self.director = Director(self.datastore, self.scheduler, self.metrics, log_requests=opts.log_requests)
+        self.metrics.attach_precise(self.scheduler.profiles.values())
+        self.objectives = ObjectiveStore(load_objectives_file(opts.objectives_file) if opts.objectives_file else None)
+        self.rewrites = RewriteStore(load_rewrites_file(opts.model_rewrites_file) if opts.model_rewrites_file else ())
+        self.saturation = SaturationDetector(self.datastore, self._saturation_config)
+        self.director = Director(
+            self.datastore, self.scheduler, self.metrics, log_requests=opts.log_requests,
+            objectives=self.objectives, rewrites=self.rewrites, saturation=self.saturation,
+        )  # fmt: skip
         self.servicer = ExtProcServicer(self.director, opts.max_body_bytes)
         self.health = health_aio.HealthServicer()
         self.supervisor = Supervisor()
@@ -150,6 +168,7 @@ class EppServer:
         else:
             assert opts.config_file is not None
             cfg = load_config_file(opts.config_file, ctx)
+        self._saturation_config = SaturationConfig.from_config(cfg.saturation_detector, cfg.source)
         return cfg.profiles, cfg.profile_handler
 
     @property
@@ -180,7 +199,7 @@ class EppServer:
         if opts.kubernetes is not None and (opts.kubernetes.discovers or opts.kubernetes.leader_election):
             from extproc.k8s.runtime import KubernetesRuntime
 
-            self.kubernetes = KubernetesRuntime(opts.kubernetes, self.datastore)
+            self.kubernetes = KubernetesRuntime(opts.kubernetes, self.datastore, objectives=self.objectives, rewrites=self.rewrites)
             await self.kubernetes.start(self.supervisor)
         scraper = MetricsScraper(
             self.datastore, interval=opts.refresh_metrics_interval, timeout=max(0.5, opts.metrics_staleness_threshold / 2)
@@ -244,7 +263,8 @@ class EppServer:
         from extproc.admin import admin_app, options_view
 
         config = {"version": self.metrics.version, "scheduling_source": self.scheduling_source, "options": options_view(opts)}
-        runner = web.AppRunner(admin_app(self.datastore, self.prefix_index, self.director, config), access_log=None)
+        runtime = lambda: {"active_streams": self.servicer.active_streams}  # noqa: E731
+        runner = web.AppRunner(admin_app(self.datastore, self.prefix_index, self.director, config, runtime), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, opts.admin_address, opts.admin_port)
         try:

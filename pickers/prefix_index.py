@@ -113,6 +113,10 @@ class ApproxPrefixIndex:
         """Total (endpoint, block) entries held: the bound is the sum of the capacities."""
         return sum(len(lru) for lru in self._lru.values())
 
+    def bound(self) -> int:
+        """The most entries `size` can reach with the endpoints known now (the sum of their capacities)."""
+        return sum(self._capacity.get(a, self.default_capacity) for a in self._lru)
+
     def blocks_of(self, address: str) -> int:
         lru = self._lru.get(address)
         return len(lru) if lru else 0

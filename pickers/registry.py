@@ -31,6 +31,7 @@ from pickers.scorers.kv_cache import KVCacheUtilizationScorer
 from pickers.scorers.load_aware import LoadAwareScorer
 from pickers.scorers.lora_affinity import LoraAffinityScorer
 from pickers.scorers.no_hit_lru import NoHitLRUScorer
+from pickers.scorers.prefill_load import PrefillLoadScorer
 from pickers.scorers.precise_prefix import PrecisePrefixCacheScorer
 from pickers.scorers.prefix import ApproxPrefixCacheProducer, PrefixCacheScorer
 from pickers.scorers.queue import QueueScorer
@@ -62,6 +63,7 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     LoraAffinityScorer,
     SessionAffinityScorer,
     NoHitLRUScorer,
+    PrefillLoadScorer,  # llm-epp's: queued + own uncached prefill work
     # filters
     ByLabelFilter,
     LabelSelectorFilter,

@@ -80,6 +80,8 @@ class SchedulingResult:
     # headers plugins add to the upstream request (e.g. x-prefiller-host-port) and to the response
     # the client gets (e.g. x-session-token)
     request_headers: dict[str, str] = field(default_factory=dict)
+    # estimated uncached prompt tokens on the primary, when a plugin (prefill-load-scorer) knows them
+    prefill_tokens: int = 0
     response_headers: dict[str, str] = field(default_factory=dict)
     # several profiles ran (P/D): each one's chosen endpoints, by profile name; None for one profile
     profile_results: dict[str, list[Endpoint]] | None = None

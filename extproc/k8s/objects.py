@@ -16,6 +16,7 @@ class ObjectMeta(msgspec.Struct, rename="camel", frozen=True):
     labels: dict[str, str] = {}
     annotations: dict[str, str] = {}
     deletion_timestamp: str | None = None
+    creation_timestamp: str = ""
 
 
 class PodCondition(msgspec.Struct, frozen=True):
@@ -58,6 +59,51 @@ class InferencePoolSpec(msgspec.Struct, rename="camel", frozen=True):
 class InferencePool(msgspec.Struct, frozen=True):
     metadata: ObjectMeta = ObjectMeta()
     spec: InferencePoolSpec = InferencePoolSpec()
+
+
+class PoolRef(msgspec.Struct, frozen=True):
+    name: str = ""
+    group: str = "inference.networking.k8s.io"
+    kind: str = "InferencePool"
+
+
+class InferenceObjectiveSpec(msgspec.Struct, rename="camel", frozen=True):
+    priority: int | None = None  # None: 0
+    pool_ref: PoolRef = PoolRef()
+
+
+class InferenceObjective(msgspec.Struct, frozen=True):
+    metadata: ObjectMeta = ObjectMeta()
+    spec: InferenceObjectiveSpec = InferenceObjectiveSpec()
+
+
+class ModelMatch(msgspec.Struct, frozen=True):
+    value: str = ""
+    type: str = "Exact"
+
+
+class RewriteMatch(msgspec.Struct, frozen=True):
+    model: ModelMatch | None = None
+
+
+class RewriteTarget(msgspec.Struct, rename="camel", frozen=True):
+    model_rewrite: str = ""
+    weight: int | None = None  # None: 1
+
+
+class RewriteRule(msgspec.Struct, frozen=True):
+    matches: list[RewriteMatch] = []
+    targets: list[RewriteTarget] = []
+
+
+class InferenceModelRewriteSpec(msgspec.Struct, rename="camel", frozen=True):
+    pool_ref: PoolRef | None = None  # None: applies to every pool in the namespace
+    rules: list[RewriteRule] = []
+
+
+class InferenceModelRewrite(msgspec.Struct, frozen=True):
+    metadata: ObjectMeta = ObjectMeta()
+    spec: InferenceModelRewriteSpec = InferenceModelRewriteSpec()
 
 
 class LeaseSpec(msgspec.Struct, rename="camel", omit_defaults=True, frozen=True):

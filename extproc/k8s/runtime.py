@@ -1,5 +1,5 @@
-"""What `epp serve` runs when it talks to Kubernetes: pool discovery from the API server and, with
-`--ha-enable-leader-election`, a Lease elector. `ready()` is the EPP's readiness: the pool is synced,
+"""What `epp serve` runs when it talks to Kubernetes: pool discovery from the API server, the pool's
+InferenceObjectives and InferenceModelRewrites and, with `--ha-enable-leader-election`, a Lease elector. `ready()` is the EPP's readiness: the pool is synced,
 and this replica is the leader when leader election is on.
 """
 
@@ -21,6 +21,9 @@ from extproc.discovery.kubernetes import (
 from extproc.errors import ConfigError
 from extproc.k8s.client import default_namespace, make_api_client
 from extproc.k8s.leader import LeaseElector, default_lease_name
+from extproc.k8s.objectives import ObjectiveWatches
+from extproc.model_rewrite import RewriteStore
+from extproc.objectives import ObjectiveStore
 from extproc.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,7 @@ class KubernetesOptions:
     lease_duration: float = 15.0
     renew_deadline: float = 10.0
     retry_period: float = 2.0
+    watch_objectives: bool = True  # InferenceObjectives and InferenceModelRewrites, when discovering
 
     @property
     def discovers(self) -> bool:
@@ -76,12 +80,22 @@ class KubernetesOptions:
 class KubernetesRuntime:
     """Owns the API client and the Kubernetes tasks of one EPP; the supervisor runs the tasks."""
 
-    def __init__(self, opts: KubernetesOptions, datastore: Datastore) -> None:
+    def __init__(
+        self,
+        opts: KubernetesOptions,
+        datastore: Datastore,
+        *,
+        objectives: ObjectiveStore | None = None,
+        rewrites: RewriteStore | None = None,
+    ) -> None:
         opts.validate()
         self.opts = opts
         self.datastore = datastore
+        self.objectives = objectives
+        self.rewrites = rewrites
         self.api: ApiClient | None = None
         self.discovery: KubernetesDiscovery | None = None
+        self.objective_watches: ObjectiveWatches | None = None
         self.elector: LeaseElector | None = None
 
     async def start(self, supervisor: Supervisor) -> None:
@@ -96,6 +110,14 @@ class KubernetesRuntime:
             )  # fmt: skip
             supervisor.start("kubernetes-discovery", self.discovery.run)
             log.info("discovering endpoints from the Kubernetes API: %s", self.discovery.what)
+            if opts.watch_objectives and self.objectives is not None and self.rewrites is not None:
+                # Optional CRDs: they never hold up readiness, and a missing one is retried quietly.
+                self.objective_watches = ObjectiveWatches(
+                    self.api, self.objectives, self.rewrites,
+                    namespace=namespace, pool_name=opts.pool_name, pool_group=opts.pool_group,
+                )  # fmt: skip
+                supervisor.start("inference-objectives", self.objective_watches.objectives)
+                supervisor.start("inference-model-rewrites", self.objective_watches.rewrites)
         if opts.leader_election:
             self.elector = LeaseElector(
                 self.api,

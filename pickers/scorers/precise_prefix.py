@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import xxhash
@@ -190,3 +190,14 @@ class PrecisePrefixCacheScorer:
     def score(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> list[float]:
         m = self.matches(request, cycle, endpoints)
         return [(held / total if total else 0.0) for held, total in (m[ep.address] for ep in endpoints)]
+
+
+def precise_scorers(profiles: Iterable[Any]) -> dict[str, Any]:
+    """plugin name -> each distinct precise-prefix-cache-scorer of these scheduling profiles (timing
+    wrappers pass `index` and `subscriber` through), for the metrics and the admin views."""
+    out: dict[str, Any] = {}
+    for prof in profiles:
+        for plugin in prof.plugins():
+            if getattr(plugin, "type", "") == PrecisePrefixCacheScorer.type and isinstance(getattr(plugin, "index", None), KVBlockIndex):
+                out.setdefault(str(plugin.name), plugin)
+    return out

@@ -77,3 +77,42 @@ def test_a_reset_cache_no_longer_attracts_requests(precise_stack: LocalStack):
     post(f"http://{h2}:{p2}/v1/completions", {"model": MODEL, "prompt": prefix + "z", "max_tokens": 1})
     time.sleep(0.3)
     assert post(f"{precise_stack.base_url}/completions", {"model": MODEL, "prompt": prefix + "w", "max_tokens": 1})[1] == f"{h2}:{p2}"
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def test_index_size_is_exported_and_a_restarted_server_leaves_the_index_at_once(precise_stack: LocalStack):
+    """Runs last: it restarts a simulator. The EPP's precise index drops the server's entries when
+    its connection drops (or its scrape fails), before the restarted server publishes anything."""
+    from bench.precise import _respawn_sim
+
+    host, port = precise_stack.endpoints[2]
+    address = f"{host}:{port}"
+    post(f"http://{host}:{port}/v1/completions",
+         {"model": MODEL, "prompt": "restart test: " + "blocks the restart must forget. " * 25, "max_tokens": 1})
+    admin = f"http://127.0.0.1:{precise_stack.epp_admin_port}/debug/endpoints"
+    metrics = f"http://127.0.0.1:{precise_stack.epp_metrics_port}/metrics"
+
+    def blocks() -> dict[str, int]:
+        return {e["address"]: e["precise_prefix_blocks"]["precise-prefix-cache-scorer"] for e in get_json(admin)["endpoints"]}
+
+    def exported() -> str:
+        with urllib.request.urlopen(metrics, timeout=10) as r:
+            return r.read().decode()
+
+    deadline = time.monotonic() + 3
+    while blocks()[address] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    held = blocks()
+    assert held[address] > 0
+    size = next(line for line in exported().splitlines() if line.startswith("inference_extension_precise_prefix_indexer_size{"))
+    assert float(size.rsplit(" ", 1)[1]) == sum(held.values())
+    _respawn_sim(precise_stack, 2)  # SIGKILL, then the same argv: same ports, empty cache
+    deadline = time.monotonic() + 5
+    while blocks()[address] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert blocks()[address] == 0  # no request reached it since: no event told this, the reset did
+    assert "inference_extension_precise_prefix_indexer_resets_total{" in exported()

@@ -1,4 +1,5 @@
-"""A small Kubernetes API server stand-in for tests: pods, InferencePools and Leases over real HTTP.
+"""A small Kubernetes API server stand-in for tests: pods, InferencePools, Leases, InferenceObjectives and
+InferenceModelRewrites over real HTTP.
 
 It keeps objects with real, increasing resourceVersions and a change log, so that lists, watches from
 a resourceVersion (chunked JSON lines, label and field selectors, ADDED/MODIFIED/DELETED as the real
@@ -24,6 +25,12 @@ RESOURCES = {
     "pods": ("/api/v1", "v1", "Pod"),
     "inferencepools": ("/apis/inference.networking.k8s.io/v1", "inference.networking.k8s.io/v1", "InferencePool"),
     "leases": ("/apis/coordination.k8s.io/v1", "coordination.k8s.io/v1", "Lease"),
+    "inferenceobjectives": (
+        "/apis/inference.networking.x-k8s.io/v1alpha2", "inference.networking.x-k8s.io/v1alpha2", "InferenceObjective"
+    ),
+    "inferencemodelrewrites": (
+        "/apis/inference.networking.x-k8s.io/v1alpha2", "inference.networking.x-k8s.io/v1alpha2", "InferenceModelRewrite"
+    ),
 }
 
 _END = "end"  # finish the watch cleanly (as a server-side timeout does)
@@ -81,6 +88,7 @@ class FakeApiServer:
         self.requests: list[tuple[str, str, dict[str, str]]] = []  # (method, path, query)
         self.fail_with: int | None = None  # answer every request with this status (e.g. 500)
         self.blocked_tokens: set[str] = set()  # clients cut off (a partition): 503 for their requests
+        self.missing: set[str] = set()  # resources whose CRD is not installed: 404
         self._runner: web.AppRunner | None = None
 
     @property
@@ -217,6 +225,8 @@ class FakeApiServer:
         if (failed := self._note(request)) is not None:
             return failed
         resource, ns = self._resource(request), request.match_info["ns"]
+        if resource in self.missing:
+            return web.json_response(_status(404, "NotFound", "the server could not find the requested resource"), status=404)
         labels = _parse_selector(request.query.get("labelSelector"))
         fields = _parse_selector(request.query.get("fieldSelector"))
         if request.query.get("watch") in ("true", "1", "True"):

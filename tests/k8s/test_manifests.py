@@ -48,6 +48,8 @@ MODELS = {
 ALLOWED_RBAC = {
     ("", "pods"): {"get", "list", "watch"},
     ("inference.networking.k8s.io", "inferencepools"): {"get", "list", "watch"},
+    ("inference.networking.x-k8s.io", "inferenceobjectives"): {"get", "list", "watch"},
+    ("inference.networking.x-k8s.io", "inferencemodelrewrites"): {"get", "list", "watch"},
     ("coordination.k8s.io", "leases"): {"get", "create", "update"},
     ("", "events"): {"create"},
 }
@@ -124,6 +126,13 @@ def test_rbac_is_no_wider_than_the_epp_needs() -> None:
         assert verbs <= ALLOWED_RBAC[key], f"{key}: {sorted(verbs - ALLOWED_RBAC[key])} not needed"
     assert granted[("", "pods")] == {"get", "list", "watch"}
     assert granted[("coordination.k8s.io", "leases")] == {"get", "create", "update"}
+    # what extproc.k8s.objectives watches, in the group its CRDs declare
+    from extproc.k8s.objectives import OBJECTIVES_GROUP, OBJECTIVES_PLURAL, REWRITES_PLURAL
+
+    crd_groups = {d["spec"]["names"]["plural"]: d["spec"]["group"] for d in of_kind("CustomResourceDefinition")}
+    for plural in (OBJECTIVES_PLURAL, REWRITES_PLURAL):
+        assert crd_groups[plural] == OBJECTIVES_GROUP
+        assert {"list", "watch"} <= granted[(OBJECTIVES_GROUP, plural)]
     assert not of_kind("ClusterRole") and not of_kind("ClusterRoleBinding")
     (binding,) = of_kind("RoleBinding")
     (account,) = of_kind("ServiceAccount")

@@ -130,3 +130,15 @@ async def test_with_leader_election_exactly_one_epp_is_ready_and_the_other_takes
     assert b.datastore.synced  # the standby keeps its table warm
     await a.stop(grace=0)  # a clean stop hands the Lease over
     await until_health(b, SERVING, timeout=2.0)
+
+
+async def test_serve_feeds_the_pools_objectives_and_rewrites_to_the_director(apiserver, epps) -> None:
+    from tests.k8s.test_objectives import objective, rewrite
+
+    apiserver.put("inferencepools", pool())
+    apiserver.put("inferenceobjectives", objective("batch", -1))
+    server = await epps()
+    apiserver.put("inferencemodelrewrites", rewrite("canary", "alias", {"sim-model": 1}))
+    await eventually(lambda: server.director.objectives.priority("batch") == -1)
+    await eventually(lambda: server.director.rewrites.target("alias") == "sim-model")
+    await until_health(server, SERVING)  # the objective watches never hold up readiness

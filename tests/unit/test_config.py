@@ -125,16 +125,18 @@ def test_plugins_share_the_context_prefix_index_and_rng():
     assert cfg.profile.picker.rng is ctx.rng
 
 
-def test_best_config_loads_and_extends_the_default():
+def test_best_config_loads_with_its_documented_weights():
     cfg = load_config_file(BEST)
     scorers = {w.scorer.type: w.weight for w in cfg.profile.scorers}
     assert scorers == {
-        "queue-scorer": 2.0,
-        "kv-cache-utilization-scorer": 2.0,
-        "prefix-cache-scorer": 3.0,
-        "active-request-scorer": 2.0,
-        "token-load-scorer": 2.0,
+        "prefix-cache-scorer": 4.0,
+        "active-request-scorer": 5.0,
+        "queue-scorer": 1.0,
+        "kv-cache-utilization-scorer": 1.0,
+        "no-hit-lru-scorer": 1.0,
     }
+    active = next(w.scorer for w in cfg.profile.scorers if w.scorer.type == "active-request-scorer")
+    assert active.max_requests == 32
 
 
 # -- errors ----------------------------------------------------------------------------------

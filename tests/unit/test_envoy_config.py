@@ -56,3 +56,19 @@ def test_failure_mode_is_a_setting():
 def test_unknown_body_mode_is_refused():
     with pytest.raises(ConfigError, match="FULL_DUPLEX_STREAMED"):
         envoy_config.render(envoy_config.GatewaySettings(listen_port=1, epp_port=2, admin_port=3, request_body_mode="STREAMED"))
+
+
+@pytest.mark.parametrize("override_host", [False, True])
+def test_no_cluster_caps_concurrent_streams_at_envoys_1024_default(override_host):
+    # Each request holds a pool connection/request and an ext_proc stream for its whole life.
+    settings = envoy_config.GatewaySettings(
+        listen_port=1, epp_port=2, admin_port=3, failure_mode_allow=True, fallback_endpoints=POOL,
+        override_host_endpoints=POOL if override_host else (),
+    )  # fmt: skip
+    clusters = envoy_config.render(settings)["static_resources"]["clusters"]
+    direct = envoy_config.render_direct(1, 3, POOL)["static_resources"]["clusters"]
+    assert {c["name"] for c in clusters} == {"llm-pool", "llm-epp", "llm-pool-fallback"}
+    for c in [*clusters, *direct]:
+        (limits,) = c["circuit_breakers"]["thresholds"]
+        for key in ("max_connections", "max_pending_requests", "max_requests"):
+            assert limits[key] >= 10_000, (c["name"], key)

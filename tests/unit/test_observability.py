@@ -318,3 +318,17 @@ def test_epp_status_says_when_it_cannot_connect(capsys):
 def test_usage_decode_matches_what_the_metrics_read():
     u = msgspec.json.decode(b'{"prompt_tokens":3,"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":1}}', type=Usage)
     assert (u.prompt_tokens, u.completion_tokens, u.cached_tokens) == (3, 2, 1)
+
+
+def test_runtime_view_reports_process_numbers():
+    from extproc.admin import runtime_view
+
+    ds = Datastore()
+    ds.set_endpoints([EndpointSpec("10.0.0.1:8000", "10.0.0.1", 8000)])
+    index = ApproxPrefixIndex(default_capacity=10)
+    index.record("10.0.0.1:8000", [1, 2, 3])
+    view = runtime_view(ds, index, lambda: {"active_streams": 0})
+    assert view["in_flight"] == view["in_flight_tokens"] == view["active_streams"] == 0
+    assert (view["prefix_index_size"], view["prefix_index_bound"]) == (3, 10)
+    assert view["asyncio_tasks"] == 0  # no running loop here
+    assert view["rss_kib"] is None or view["rss_kib"] > 0

@@ -238,6 +238,9 @@ class RecordingDirector:
         self.outcomes.append(outcome)
         self.inner.finish(routing, outcome)
 
+    def first_byte(self, routing):
+        self.inner.first_byte(routing)
+
     def rejected(self, request, error):
         self.inner.rejected(request, error)
 

@@ -90,3 +90,36 @@ def test_messages_in_any_order_are_answered_or_refused_with_one_protocol_error(k
             break
     stream.close()
     assert director.datastore.total_in_flight() == 0
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    body=bodies,
+    mode=st.sampled_from([FULL_DUPLEX, BUFFERED]),
+    reply=st.binary(max_size=300) | st.builds(lambda s: b'{"model":"target","x":' + json.dumps(s).encode() + b"}", st.text(max_size=50)),
+    cuts=st.lists(st.integers(0, 300), max_size=6),
+    ctype=st.sampled_from(["application/json", "text/event-stream", "text/plain"]),
+)
+def test_with_every_model_rewritten_any_body_and_reply_get_documented_answers(body, mode, reply, cuts, ctype):
+    from extproc.model_rewrite import RewriteStore, Rule, Target
+
+    director = make_director()
+    director.rewrites = RewriteStore([Rule((), (Target("target"),))])
+    stream = RequestStream(director)
+    check(stream.handle(headers_msg(mode=mode)))
+    check(stream.handle(body_msg(body, True)))
+    if stream.routing is not None:
+        check(stream.handle(response_headers_msg(ctype=ctype)))
+        points = sorted({c for c in cuts if c < len(reply)} | {0})
+        pieces = [reply[a:b] for a, b in zip(points, points[1:] + [len(reply)])]
+        sent = b""
+        for i, piece in enumerate(pieces):
+            out = stream.handle(response_body_msg(piece, i == len(pieces) - 1))
+            check(out)
+            sent += b"".join(r.response_body.response.body_mutation.streamed_response.body for r in out)
+        if stream.request.target_model != stream.request.model and ctype != "text/plain":
+            assert b'"model":"target"' not in sent
+        else:
+            assert sent == reply
+    stream.close()
+    assert director.datastore.total_in_flight() == 0

@@ -31,10 +31,11 @@ def request(i: int, shared: str = SHARED) -> InferenceRequest:
 
 
 def route(ds: Datastore, scheduler: Scheduler, req: InferenceRequest) -> tuple[str, int]:
-    """What Director.route does: pick, then count the request in flight on the primary."""
-    primary = scheduler.schedule(req, ds.candidates()).endpoints[0]
+    """What Director.route does: pick, then count the request (and its prefill work) in flight."""
+    result = scheduler.schedule(req, ds.candidates())
+    primary = result.endpoints[0]
     tokens = req.prompt_tokens + (req.max_tokens or 0)
-    ds.acquire(primary, tokens)
+    ds.acquire(primary, tokens, result.prefill_tokens)
     return primary.address, tokens
 
 
@@ -47,6 +48,7 @@ def release_all(ds: Datastore, routed: list[tuple[str, int]]) -> None:
         ep = ds.get(address)
         assert ep is not None
         ds.release(ep, tokens)
+        ep.in_flight_prefill_tokens = 0  # what Director.first_byte / finish settle
 
 
 def test_gie_default_piles_a_same_prefix_burst_on_one_endpoint():
@@ -77,7 +79,7 @@ def test_best_config_spreads_a_burst_of_short_same_prefix_requests_too():
 
 def test_affinity_returns_once_the_burst_completes():
     ds, scheduler = make(BEST)
-    routed = burst(ds, scheduler, n=20)
+    routed = burst(ds, scheduler, n=60)
     warm = {addr for addr, _ in routed}
     assert 1 < len(warm) < 4, routed  # spilled over, but not to every endpoint
     release_all(ds, routed)
