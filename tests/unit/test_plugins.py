@@ -249,3 +249,42 @@ def test_weighted_random_picker_all_zero_is_uniform_and_fallbacks_are_distinct()
 def test_max_num_of_endpoints_must_be_positive():
     with pytest.raises(ConfigError, match="maxNumOfEndpoints"):
         plugin("max-score-picker", maxNumOfEndpoints=0)
+
+
+def test_active_request_scorer_with_max_requests_is_absolute():
+    a, b, c = ep(1), ep(2), ep(3)
+    a.in_flight, b.in_flight, c.in_flight = 8, 40, 0
+    assert scores("active-request-scorer", [a, b, c], maxRequests=32) == [0.75, 0.0, 1.0]
+
+
+def test_prefill_load_scorer_counts_uncached_prompt_plus_queued_prefill():
+    from pickers.prefix_index import ApproxPrefixIndex, block_hashes
+
+    index = ApproxPrefixIndex()
+    ctx = PluginContext(prefix_index=index, rng=random.Random(0))
+    prompt = "x" * 6400  # 100 blocks of 64 characters = 1,600 tokens
+    r = req(prompt)
+    a, b, c = ep(1), ep(2), ep(3)
+    index.record(a.address, block_hashes("m", prompt))  # a holds the whole prompt
+    # a: nothing to compute; b: the whole prompt; c: the whole prompt + 800 tokens queued
+    c.in_flight_prefill_tokens = 800
+    assert scores("prefill-load-scorer", [a, b, c], r, ctx) == [1.0, 0.0, 0.0]
+    # a's queue of 800 tokens is still cheaper than b's full prefill of 1,600
+    a.in_flight_prefill_tokens = 800
+    assert scores("prefill-load-scorer", [a, b], r, ctx) == [1.0, 0.5]
+
+
+def test_prefill_load_scorer_ties_and_empty():
+    ctx = PluginContext(rng=random.Random(0))
+    assert scores("prefill-load-scorer", [ep(1), ep(2)], req("y" * 640), ctx) == [1.0, 1.0]
+    assert scores("prefill-load-scorer", [], req("y"), ctx) == []
+
+
+def test_prefill_load_scorer_tells_the_director_the_primarys_uncached_tokens():
+    ctx = PluginContext(rng=random.Random(0))
+    p = plugin("prefill-load-scorer", ctx)
+    cycle, r, a = CycleState(), req("z" * 640), ep(1)
+    p.score(r, cycle, [a])
+    result = SchedulingResult([a])
+    p.pre_request(r, cycle, result)
+    assert result.prefill_tokens == 160

@@ -394,3 +394,23 @@ def test_stream_cut_after_done_marker_counts_as_complete_not_aborted():
     (outcome,) = director.outcomes
     assert not outcome.aborted and outcome.usage.completion_tokens == 2
     assert in_flight(director) == 0
+
+
+def test_prefill_work_is_counted_from_pick_to_first_byte():
+    from pickers.config import load_config
+    from pickers.types import PluginContext
+
+    ds = Datastore()
+    ds.set_endpoints([EndpointSpec("a", "10.0.0.1", 8000)])
+    text = "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: prefill-load-scorer\n"
+    cfg = load_config(text, "test", PluginContext(ApproxPrefixIndex(), ds, random.Random(0), 1))
+    director = Director(ds, Scheduler(cfg.profile, ds), EppMetrics())
+    stream = RequestStream(director)
+    send_request(stream, completion_body("p" * 4000, stream=True))
+    (endpoint,) = ds.candidates()
+    assert endpoint.in_flight_prefill_tokens == 1000
+    stream.handle(response_headers_msg(ctype="text/event-stream"))
+    stream.handle(response_body_msg(b'data: {"x":1}\n\n', False))
+    assert endpoint.in_flight_prefill_tokens == 0 and endpoint.in_flight == 1
+    stream.close()
+    assert endpoint.in_flight == 0 and endpoint.in_flight_prefill_tokens == 0
