@@ -46,7 +46,8 @@ from pathlib import Path
 import aiohttp
 
 from bench.common import mean, percentile, ratio, table
-from bench.quality import Session, _chat, _one
+from bench.quality import Session, _chat
+from bench.routing import stream_chat
 from bench.routing import MODEL, Outcome, _get_json, _text
 from extproc.datastore import Datastore
 from extproc.discovery.static import load_endpoints_file
@@ -231,7 +232,7 @@ async def _timed_session(http: aiohttp.ClientSession, url: str, s: Session, t0: 
     out = []
     for body in s.bodies:
         sent = loop.time() - t0
-        out.append((sent, await _one(http, url, body, s.group, timeout)))
+        out.append((sent, await stream_chat(http, url, body, s.group, timeout)))
     return out
 
 
@@ -265,7 +266,7 @@ async def drive(stack: LocalStack, strategy: str, sc: Scenario, timeout: float) 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1024)) as http:
         warm = _chat([{"role": "user", "content": "warm up"}], 1)
         for _ in range(2 * len(sims)):
-            await _one(http, url, warm, -1, 30)
+            await stream_chat(http, url, warm, -1, 30)
         for s in sims:
             await _get_json(http, f"{s}/sim/reset", "POST")
         await asyncio.sleep(0.5)  # the EPP scrapes the empty pool; SUB sockets are connected

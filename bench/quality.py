@@ -32,7 +32,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.common import mean, percentile, ratio, table
-from bench.routing import MODEL, Outcome, _get_json, _text
+from bench.routing import MODEL, Outcome, _get_json, _text, stream_chat
 from extproc.stack import LocalStack, StackOptions
 
 STRATEGIES = ("round-robin", "random", "load", "default", "best")
@@ -136,39 +136,6 @@ def b2b(quick: bool, seed: int = 3) -> Scenario:
 SCENARIOS = {"shared_prefix": shared_prefix, "multi_turn": multi_turn, "b2b": b2b}
 
 
-async def _one(session: aiohttp.ClientSession, url: str, body: bytes, group: int, timeout: float) -> Outcome:
-    loop = asyncio.get_running_loop()
-    o = Outcome(group)
-    start = loop.time()
-    try:
-        async with session.post(url, data=body, headers={"content-type": "application/json"}, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-            o.served_by = resp.headers.get("x-served-by", "?")
-            if resp.status != 200:
-                o.error = f"HTTP {resp.status}"
-                await resp.read()
-                return o
-            async for line in resp.content:
-                if not line.startswith(b"data: "):
-                    continue
-                data = line[6:].strip()
-                if data == b"[DONE]":
-                    break
-                chunk = json.loads(data)
-                choices = chunk.get("choices")
-                if o.ttft is None and choices and choices[0].get("delta", {}).get("content"):
-                    o.ttft = loop.time() - start
-                if chunk.get("usage"):
-                    o.output_tokens = chunk["usage"]["completion_tokens"]
-                    o.prompt_tokens = chunk["usage"].get("prompt_tokens") or 0
-                    o.cached_tokens = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-            o.e2e = loop.time() - start
-            if o.ttft is None:
-                o.error = "no content"
-    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-        o.error = type(e).__name__
-    return o
-
-
 async def _run_session(http: aiohttp.ClientSession, url: str, s: Session, t0: float, timeout: float) -> list[Outcome]:
     loop = asyncio.get_running_loop()
     await asyncio.sleep(max(0.0, t0 + s.at - loop.time()))
@@ -176,7 +143,7 @@ async def _run_session(http: aiohttp.ClientSession, url: str, s: Session, t0: fl
     for i, body in enumerate(s.bodies):
         if i:
             await asyncio.sleep(s.think_s)
-        out.append(await _one(http, url, body, s.group, timeout))
+        out.append(await stream_chat(http, url, body, s.group, timeout))
     return out
 
 
@@ -186,7 +153,7 @@ async def drive(stack: LocalStack, strategy: str, sc: Scenario, timeout: float) 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1024)) as http:
         warm = _chat([{"role": "user", "content": "warm up"}], 1)
         for _ in range(2 * len(sims)):
-            await _one(http, url, warm, -1, 30)
+            await stream_chat(http, url, warm, -1, 30)
         for s in sims:
             await _get_json(http, f"{s}/sim/reset", "POST")
         await asyncio.sleep(0.3)

@@ -77,7 +77,7 @@ class Outcome:
     e2e: float | None = None
     output_tokens: int = 0
     error: str | None = None
-    prompt_tokens: int = 0  # from the stream's usage (bench.quality._one)
+    prompt_tokens: int = 0  # from the stream's usage
     cached_tokens: int = 0  # usage.prompt_tokens_details.cached_tokens
 
 
@@ -124,15 +124,13 @@ def plan(w: Workload) -> list[Planned]:
     return out
 
 
-async def _send(session: aiohttp.ClientSession, url: str, p: Planned, t0: float, timeout: float) -> Outcome:
+async def stream_chat(session: aiohttp.ClientSession, url: str, body: bytes, group: int, timeout: float) -> Outcome:
+    """One streamed chat completion: TTFT (first content), e2e, tokens and who served it."""
     loop = asyncio.get_running_loop()
-    await asyncio.sleep(max(0.0, t0 + p.at - loop.time()))
-    o = Outcome(p.group)
+    o = Outcome(group)
     start = loop.time()
     try:
-        async with session.post(
-            url, data=p.body, headers={"content-type": "application/json"}, timeout=aiohttp.ClientTimeout(total=timeout)
-        ) as resp:
+        async with session.post(url, data=body, headers={"content-type": "application/json"}, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             o.served_by = resp.headers.get("x-served-by", "?")
             if resp.status != 200:
                 o.error = f"HTTP {resp.status}"
@@ -150,12 +148,20 @@ async def _send(session: aiohttp.ClientSession, url: str, p: Planned, t0: float,
                     o.ttft = loop.time() - start
                 if chunk.get("usage"):
                     o.output_tokens = chunk["usage"]["completion_tokens"]
+                    o.prompt_tokens = chunk["usage"].get("prompt_tokens") or 0
+                    o.cached_tokens = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0
             o.e2e = loop.time() - start
             if o.ttft is None:
                 o.error = "no content"
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:
         o.error = type(e).__name__
     return o
+
+
+async def _send(session: aiohttp.ClientSession, url: str, p: Planned, t0: float, timeout: float) -> Outcome:
+    loop = asyncio.get_running_loop()
+    await asyncio.sleep(max(0.0, t0 + p.at - loop.time()))
+    return await stream_chat(session, url, p.body, p.group, timeout)
 
 
 async def _get_json(session: aiohttp.ClientSession, url: str, method: str = "GET") -> dict[str, object]:
