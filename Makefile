@@ -29,9 +29,14 @@ test-vllm: setup
 	scripts/vllm-cpu-setup
 	$(BIN)/python -m pytest -q -m vllm tests/vllm $(ARGS)
 
+# Every benchmark, one after the other (about 30 minutes; each also runs alone with --quick).
 bench: setup
 	$(BIN)/python -m bench.routing
 	$(BIN)/python -m bench.overhead
+	$(BIN)/python -m bench.quality
+	$(BIN)/python -m bench.pd
+	$(BIN)/python -m bench.precise
+	$(BIN)/python -m bench.faults
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
