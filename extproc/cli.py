@@ -104,6 +104,15 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     obs.add_argument("--admin-port", type=int, default=9091, help="HTTP port of the /debug/ live views (default 9091; 0: off)")
     obs.add_argument("--admin-address", default="127.0.0.1", help="address of the live views (default 127.0.0.1)")
+    obs.add_argument(
+        "--tracing", action="store_true",
+        help="OpenTelemetry spans per request, parented on the client's traceparent and propagated upstream; exported "
+        "over OTLP/gRPC to $OTEL_EXPORTER_OTLP_ENDPOINT as $OTEL_SERVICE_NAME (needs the `otel` extra)",
+    )  # fmt: skip
+    obs.add_argument(
+        "--tracing-sample-ratio", type=float, default=1.0, metavar="RATIO",
+        help="with --tracing: share of requests without a sampled traceparent that are traced (default 1.0)",
+    )  # fmt: skip
 
 
 def _bool_flag(text: str) -> bool:
@@ -257,6 +266,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         kubernetes=_kubernetes_options(args),
         objectives_file=args.objectives,
         model_rewrites_file=args.model_rewrites,
+        tracing=args.tracing,
+        tracing_sample_ratio=args.tracing_sample_ratio,
     )
     if opts.max_endpoints < 1:
         raise ConfigError("expected at least 1", field="--max-num-endpoints")

@@ -105,6 +105,7 @@ class Routing:
     request_headers: Mapping[str, str] = field(default_factory=dict)  # set on the upstream request
     response_headers: Mapping[str, str] = field(default_factory=dict)  # set on the client's response
     profile: str = ""  # the scheduling profile (or profile handler's result) that chose
+    trace: object | None = None  # the request's span, only with tracing on (extproc.tracing)
 
 
 @dataclass(slots=True)

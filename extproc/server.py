@@ -12,7 +12,7 @@ import random
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from aiohttp import web
@@ -40,6 +40,7 @@ from pickers.types import PluginContext
 
 if TYPE_CHECKING:  # imported when used: the Kubernetes client costs half a second to import
     from extproc.k8s.runtime import KubernetesOptions, KubernetesRuntime
+    from opentelemetry.sdk.trace import TracerProvider
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,8 @@ class ServeOptions:
     kubernetes: KubernetesOptions | None = None  # discovery from the API server, leader election
     objectives_file: str | None = None  # YAML list of {name, priority}, for use without Kubernetes
     model_rewrites_file: str | None = None  # InferenceModelRewrite rules, for use without Kubernetes
+    tracing: bool = False  # OpenTelemetry spans per request (the `otel` extra); off: OpenTelemetry is never imported
+    tracing_sample_ratio: float = 1.0  # of requests arriving without a sampled traceparent
 
 
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
@@ -139,10 +142,18 @@ class EppServer:
         self.objectives = ObjectiveStore(load_objectives_file(opts.objectives_file) if opts.objectives_file else None)
         self.rewrites = RewriteStore(load_rewrites_file(opts.model_rewrites_file) if opts.model_rewrites_file else ())
         self.saturation = SaturationDetector(self.datastore, self._saturation_config)
-        self.director = Director(
-            self.datastore, self.scheduler, self.metrics, log_requests=opts.log_requests,
-            objectives=self.objectives, rewrites=self.rewrites, saturation=self.saturation,
-        )  # fmt: skip
+        self.tracer_provider: TracerProvider | None = None
+        director_kwargs: dict[str, Any] = dict(
+            log_requests=opts.log_requests, objectives=self.objectives, rewrites=self.rewrites, saturation=self.saturation
+        )
+        if opts.tracing:
+            from extproc.tracing import TracedDirector, build_provider  # ConfigError without the `otel` extra
+
+            self.tracer_provider = build_provider(opts.tracing_sample_ratio)
+            tracer = self.tracer_provider.get_tracer("llm-epp", self.metrics.version)
+            self.director: Director = TracedDirector(self.datastore, self.scheduler, self.metrics, tracer=tracer, **director_kwargs)
+        else:
+            self.director = Director(self.datastore, self.scheduler, self.metrics, **director_kwargs)
         self.servicer = ExtProcServicer(self.director, opts.max_body_bytes)
         self.health = health_aio.HealthServicer()
         self.supervisor = Supervisor()
@@ -318,6 +329,8 @@ class EppServer:
             await self._metrics_runner.cleanup()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
+        if self.tracer_provider is not None:
+            await asyncio.to_thread(self.tracer_provider.shutdown)  # exports the spans still batched
 
     async def serve_forever(self) -> None:
         await self.start()
