@@ -11,6 +11,8 @@ $(BIN)/epp: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	# xds-protos ships an older copy of opentelemetry/proto/*; the OTLP exporter needs its own.
+	$(BIN)/pip install --quiet --no-deps --force-reinstall -c constraints.txt opentelemetry-proto
 	@touch $(BIN)/epp
 
 setup: $(BIN)/epp

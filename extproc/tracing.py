@@ -42,7 +42,16 @@ def build_provider(sample_ratio: float = 1.0, processor: SpanProcessor | None = 
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or DEFAULT_SERVICE_NAME})
     provider = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(sample_ratio)))
     if processor is None:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        except ImportError as e:
+            # xds-protos (Envoy's types) ships an older copy of opentelemetry/proto/*; whichever
+            # package was installed last owns those files.
+            raise ConfigError(
+                f"the OTLP exporter cannot load ({e}); xds-protos overwrote opentelemetry-proto's files: "
+                "pip install --no-deps --force-reinstall opentelemetry-proto",
+                field="--tracing",
+            ) from None
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
         processor = BatchSpanProcessor(OTLPSpanExporter())  # exports on its own thread, off the event loop
