@@ -14,27 +14,10 @@ import pytest
 from aiohttp import web
 
 from pd_sidecar import Sidecar, SidecarConfig
-from vllm_sim import SimConfig, SimServer
+from tests.conftest import StartSim  # noqa: F401 (the shared start_sim fixture lives there)
+from vllm_sim import SimServer
 
-StartSim = Callable[..., Awaitable[SimServer]]
 StartSidecar = Callable[..., Awaitable[Sidecar]]
-
-
-@pytest.fixture
-async def start_sim() -> AsyncIterator[StartSim]:
-    """start_sim(profile="gpu", **SimConfig overrides); time runs 10x faster unless told otherwise."""
-    servers: list[SimServer] = []
-
-    async def start(profile: str = "gpu", **overrides: object) -> SimServer:
-        overrides.setdefault("time_scale", 0.1)
-        server = SimServer(SimConfig.from_profile(profile, port=0, **overrides))
-        await server.start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        await server.stop()
 
 
 @pytest.fixture
