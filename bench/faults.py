@@ -29,8 +29,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from bench.common import table
-from bench.http1 import Parser, ParseError, request_bytes
-from extproc.stack import LocalStack, StackOptions
+from bench.http1 import ParseError, Parser, request_bytes
+from extproc.devstack.stack import LocalStack, StackOptions
 
 MODEL = "sim-model"
 FAST_SIM = ("--time-scale", "0.02")

@@ -26,7 +26,7 @@ import yaml
 from bench.common import cpu_seconds, machine_cpu_seconds, percentile, ratio, table
 from bench.http1 import LoadResult, closed_loop, request_bytes
 from bench.plots import latency_and_throughput_png, report
-from extproc.stack import LocalStack, ManagedProcess, StackOptions, free_port
+from extproc.devstack.stack import LocalStack, ManagedProcess, StackOptions, free_port
 
 MODEL = "sim-model"
 BODY = json.dumps({"model": MODEL, "prompt": "Say ok", "max_tokens": 1}).encode()

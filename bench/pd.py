@@ -28,7 +28,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.common import mean, percentile, ratio, table
-from extproc.stack import LocalStack, PdPool, StackOptions
+from extproc.devstack.stack import LocalStack, PdPool, StackOptions
 
 MODEL = "sim-model"
 PD_CONFIG = Path(__file__).resolve().parents[1] / "pickers" / "configs" / "pd.yaml"

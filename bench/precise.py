@@ -47,14 +47,13 @@ import aiohttp
 
 from bench.common import mean, percentile, ratio, table
 from bench.quality import Session, _chat
-from bench.routing import stream_chat
-from bench.routing import MODEL, Outcome, _get_json, _text
-from extproc.datastore import Datastore
-from extproc.discovery.static import load_endpoints_file
-from extproc.kv_events import KVEventSubscriber
-from extproc.stack import LocalStack, StackOptions
-from pickers.config import DEFAULT_CONFIG_TEXT
-from pickers.kv_index import KVBlockIndex
+from bench.routing import MODEL, Outcome, _get_json, _text, stream_chat
+from extproc.datalayer.datastore import Datastore
+from extproc.datalayer.endpoints_file import load_endpoints_file
+from extproc.datalayer.kv_events import KVEventSubscriber
+from extproc.devstack.stack import LocalStack, StackOptions
+from pickers.config.loader import DEFAULT_CONFIG_TEXT
+from pickers.indexes.kv_blocks import KVBlockIndex
 
 PRECISE_CONFIG = """\
 apiVersion: inference.networking.x-k8s.io/v1alpha1

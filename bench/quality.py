@@ -33,7 +33,7 @@ import aiohttp
 
 from bench.common import mean, percentile, ratio, table
 from bench.routing import MODEL, Outcome, _get_json, _text, stream_chat
-from extproc.stack import LocalStack, StackOptions
+from extproc.devstack.stack import LocalStack, StackOptions
 
 STRATEGIES = ("round-robin", "random", "load", "default", "best")
 

@@ -18,14 +18,16 @@ from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from extproc.datastore import Datastore, EndpointSpec
-from extproc.director import Director
-from extproc.histogram import Histogram
-from extproc.metrics import PLUGIN_BUCKETS, EppMetrics, _TimedScorer
-from extproc.protocol import RequestStream
-from pickers.prefix_index import ApproxPrefixIndex
-from pickers.scheduler import Scheduler
-from pickers.strategies import STRATEGIES, build_profile
+from extproc.datalayer.datastore import Datastore
+from extproc.handlers.request_stream import RequestStream
+from extproc.observability.metrics import EppMetrics
+from extproc.requestcontrol.director import Director
+from pickers.config.strategies import STRATEGIES, build_profile
+from pickers.framework.endpoint import EndpointSpec
+from pickers.framework.request import InferenceRequest
+from pickers.framework.scheduler import Scheduler
+from pickers.framework.types import SchedulingProfile, ScoredEndpoint, WeightedScorer
+from pickers.indexes.prefix import ApproxPrefixIndex
 
 FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
 
@@ -68,10 +70,8 @@ def build_director(endpoints: int, strategy: str, metrics: bool, plugin_timing: 
     m = EppMetrics(pool_name="bench")
     if hasattr(m, "attach"):
         m.attach(ds, index)
-    director = Director(ds, Scheduler(profile, ds, explain=explain), m if metrics else _NoMetrics())  # type: ignore[arg-type]
-    if plugin_timing:
-        m.time_plugins(director.scheduler.profiles.values())
-    return director
+    scheduler = Scheduler(profile, explain=explain, timer=m.plugin_timer if plugin_timing else None)
+    return Director(ds, scheduler, m if metrics else _NoMetrics())  # type: ignore[arg-type]
 
 
 def lives(chunks: int, prompt_chars: int, seed: int = 0) -> list[tuple[list[pb.ProcessingRequest], list[pb.ProcessingRequest]]]:
@@ -108,8 +108,8 @@ def _metric_calls(n: int = 100_000) -> str:
     """The metric calls of one request alone, without the rest of the path: a steadier number."""
     import timeit
 
-    from extproc.protocol import Outcome
-    from extproc.usage import Usage
+    from extproc.handlers.request_stream import Outcome
+    from extproc.handlers.usage import Usage
 
     m = EppMetrics()
     usage = msgspec.json.decode(b'{"prompt_tokens":500,"completion_tokens":16,"prompt_tokens_details":{"cached_tokens":96}}', type=Usage)
@@ -119,15 +119,26 @@ def _metric_calls(n: int = 100_000) -> str:
     class Scorer:
         type = name = category = "x"
 
-        def score(self, request: object, cycle: object, endpoints: object) -> object:
-            return endpoints
+        def score(self, request: object, cycle: object, endpoints: Sequence[object]) -> list[float]:
+            return [1.0] * len(endpoints)
 
-    plain = Scorer()
-    timed = _TimedScorer(plain, Histogram(PLUGIN_BUCKETS))
-    direct = timeit.timeit(lambda: plain.score(1, 2, 3), number=n) / n * 1e6
-    wrapped = timeit.timeit(lambda: timed.score(1, 2, 3), number=n) / n * 1e6
+    class Picker:
+        type = name = "p"
+
+        def pick(self, request: object, scored: Sequence[ScoredEndpoint]) -> list[object]:
+            return [scored[0].endpoint]
+
+    ds = Datastore()
+    ds.set_endpoints([EndpointSpec("a", "10.0.0.1", 8000)])
+    req = InferenceRequest("r", "/v1/completions", {})
+    prof = SchedulingProfile("p", Picker(), [WeightedScorer(Scorer())])  # type: ignore[arg-type]
+    plain = Scheduler(prof)
+    timed = Scheduler(prof, timer=m.plugin_timer)
+    direct = timeit.timeit(lambda: plain.schedule(req, ds.candidates()), number=n) / n * 1e6
+    wrapped = timeit.timeit(lambda: timed.schedule(req, ds.candidates()), number=n) / n * 1e6
+    wrapped = (wrapped - direct) / 2  # two plugin calls per cycle
     return (f"  the metric calls of one request alone (scheduled + completed): {us:.2f} us\n"
-            f"  timing one plugin call: {wrapped - direct:.2f} us (x the filters, scorers and picker a profile runs)")  # fmt: skip
+            f"  timing one plugin call: {wrapped:.2f} us (x the filters, scorers and picker a profile runs)")  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

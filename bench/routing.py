@@ -25,7 +25,7 @@ import aiohttp
 
 from bench.common import machine_cpu_seconds, mean, percentile, ratio, table
 from bench.plots import latency_and_throughput_png, report
-from extproc.stack import LocalStack, StackOptions
+from extproc.devstack.stack import LocalStack, StackOptions
 
 MODEL = "sim-model"
 

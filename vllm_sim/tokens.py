@@ -1,18 +1,22 @@
 """Deterministic fake tokenizer, chat template and filler output text.
 
 One token per 4 bytes of UTF-8, so token counts look like a real BPE's and, what matters for
-prefix caching, two texts with a common prefix have a common token prefix.
+prefix caching, two texts with a common prefix have a common token prefix. The tokenizer and the
+chat template are the EPP's own `sim` tokenizer (pickers.indexes.tokenization), so the precise
+prefix scorer computes exactly the tokens the simulator does.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import xxhash
 
-VOCAB_SIZE = 50000
-BYTES_PER_TOKEN = 4
+from pickers.indexes.tokenization import SIM_BYTES_PER_TOKEN, SIM_VOCAB_SIZE, sim_chat_template, sim_encode
+
+VOCAB_SIZE = SIM_VOCAB_SIZE
+BYTES_PER_TOKEN = SIM_BYTES_PER_TOKEN
 
 # Four-byte pieces so the generated text re-tokenizes to as many tokens as were generated.
 _FILLER_WORDS: tuple[str, ...] = (
@@ -23,20 +27,10 @@ _FILLER_WORDS: tuple[str, ...] = (
 
 
 def encode(text: str) -> list[int]:
-    data = text.encode("utf-8")
-    return [
-        xxhash.xxh32_intdigest(data[i : i + BYTES_PER_TOKEN]) % VOCAB_SIZE
-        for i in range(0, len(data), BYTES_PER_TOKEN)
-    ]
+    return sim_encode(text.encode("utf-8"))
 
 
-def apply_chat_template(messages: Iterable[tuple[str, str]], add_generation_prompt: bool = True) -> str:
-    """Render (role, content) pairs; each message is a self-contained chunk, so shared leading
-    messages give a shared text (and token) prefix."""
-    text = "".join(f"<|{role}|>\n{content}\n" for role, content in messages)
-    if add_generation_prompt:
-        text += "<|assistant|>\n"
-    return text
+apply_chat_template = sim_chat_template
 
 
 class FillerText:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from extproc.stack import LocalStack, StackOptions
+from extproc.devstack.stack import LocalStack, StackOptions
 
 MODEL = "sim-model"
 FAST_SIM = ("--time-scale", "0.02")

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from extproc.stack import free_port
+from extproc.devstack.stack import free_port
 from tests.integration.conftest import MODEL, epp_metric, make_stack
 
 pytestmark = pytest.mark.envoy
@@ -293,7 +293,7 @@ def test_fallback_list_lets_envoy_retry_past_a_dead_endpoint(tmp_path):
 
 
 def test_prefill_servers_in_an_endpoints_file_stay_out_of_envoys_routes(tmp_path):
-    from extproc.stack import LocalStack, StackOptions
+    from extproc.devstack.stack import LocalStack, StackOptions
 
     endpoints = tmp_path / "pd.yaml"
     endpoints.write_text(

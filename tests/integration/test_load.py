@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from bench.http1 import Parser, ParseError, closed_loop, request_bytes
+from bench.http1 import ParseError, Parser, closed_loop, request_bytes
 from tests.integration.conftest import MODEL, make_stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.envoy]

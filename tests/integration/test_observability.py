@@ -18,7 +18,7 @@ import openai
 import pytest
 import yaml
 
-from extproc.stack import LocalStack
+from extproc.devstack.stack import LocalStack
 from tests.integration.conftest import MODEL, make_stack
 
 pytestmark = pytest.mark.envoy

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from extproc.stack import LocalStack, PdPool
+from extproc.devstack.stack import LocalStack, PdPool
 from tests.integration.conftest import MODEL, make_stack
 
 pytestmark = pytest.mark.envoy

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from extproc.stack import LocalStack
+from extproc.devstack.stack import LocalStack
 from tests.integration.conftest import MODEL, make_stack
 
 CONFIG = """\

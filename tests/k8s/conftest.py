@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from kubernetes_asyncio.client import ApiClient
 
-from extproc.k8s.client import make_api_client
+from extproc.kubernetes.client import make_api_client
 from tests.k8s.apiserver import FakeApiServer
 
 

@@ -8,18 +8,17 @@ import logging
 import msgspec
 import pytest
 
-from extproc.datastore import Datastore
-from extproc.discovery.kubernetes import (
+from extproc.datalayer.datastore import Datastore
+from extproc.kubernetes.objects import Pod
+from extproc.kubernetes.pool_discovery import (
     KubernetesDiscovery,
     PoolSpec,
     endpoints_for_pod,
     parse_endpoint_selector,
     parse_target_ports,
 )
-from extproc.errors import ConfigError
-from extproc.k8s.objects import Pod
+from pickers.framework.errors import ConfigError
 from tests.k8s.conftest import eventually, pod, pool
-
 
 
 def table(ds: Datastore) -> dict[str, str]:
@@ -297,7 +296,7 @@ async def test_bookmarks_advance_the_resource_version(apiserver, ds, follow_pool
 
 
 async def test_api_down_keeps_the_last_table_and_logs_it_then_recovers(apiserver, ds, follow_pool, caplog) -> None:
-    caplog.set_level(logging.INFO, logger="extproc.k8s.watch")
+    caplog.set_level(logging.INFO, logger="extproc.kubernetes.watch")
     apiserver.put("inferencepools", pool())
     apiserver.put("pods", pod("a", "10.0.0.1"))
     follow_pool()

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 from kubernetes_asyncio.client import ApiClient
 
-from extproc.k8s.client import make_api_client
-from extproc.k8s.leader import LeaseElector, default_lease_name
+from extproc.kubernetes.client import make_api_client
+from extproc.kubernetes.leader import LeaseElector, default_lease_name
 from tests.k8s.conftest import eventually
 
 LEASE = 1.0

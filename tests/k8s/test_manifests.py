@@ -12,8 +12,8 @@ import pytest
 import yaml
 from kubernetes_asyncio.client import models as k8s_models
 
-from extproc.cli import _kubernetes_options, build_parser
-from pickers.config import load_config_file
+from extproc.cli.main import _kubernetes_options, build_parser
+from pickers.config.loader import load_config_file
 
 ROOT = Path(__file__).resolve().parents[2] / "manifests"
 FILES = sorted(ROOT.rglob("*.yaml"))
@@ -44,7 +44,7 @@ MODELS = {
     "Deployment": "V1Deployment",
     "Service": "V1Service",
 }
-# What the EPP does with the API, and nothing more (SPEC section 3).
+# What the EPP does with the API, and nothing more (the RBAC the InferencePool guides grant).
 ALLOWED_RBAC = {
     ("", "pods"): {"get", "list", "watch"},
     ("inference.networking.k8s.io", "inferencepools"): {"get", "list", "watch"},
@@ -127,7 +127,7 @@ def test_rbac_is_no_wider_than_the_epp_needs() -> None:
     assert granted[("", "pods")] == {"get", "list", "watch"}
     assert granted[("coordination.k8s.io", "leases")] == {"get", "create", "update"}
     # what extproc.k8s.objectives watches, in the group its CRDs declare
-    from extproc.k8s.objectives import OBJECTIVES_GROUP, OBJECTIVES_PLURAL, REWRITES_PLURAL
+    from extproc.kubernetes.objective_watches import OBJECTIVES_GROUP, OBJECTIVES_PLURAL, REWRITES_PLURAL
 
     crd_groups = {d["spec"]["names"]["plural"]: d["spec"]["group"] for d in of_kind("CustomResourceDefinition")}
     for plural in (OBJECTIVES_PLURAL, REWRITES_PLURAL):

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from extproc.k8s.objectives import ObjectiveWatches
-from extproc.model_rewrite import RewriteStore
-from extproc.objectives import ObjectiveStore
+from extproc.kubernetes.objective_watches import ObjectiveWatches
+from extproc.requestcontrol.objectives import ObjectiveStore
+from extproc.requestcontrol.rewrites import RewriteStore
 from tests.k8s.conftest import eventually
 
 

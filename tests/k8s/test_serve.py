@@ -10,10 +10,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from extproc.cli import _kubernetes_options, build_parser
-from extproc.errors import ConfigError
-from extproc.k8s.runtime import KubernetesOptions
-from extproc.server import EXT_PROC_SERVICE, EppServer, ServeOptions
+from extproc.cli.main import _kubernetes_options, build_parser
+from extproc.kubernetes.runtime import KubernetesOptions
+from extproc.server.runner import EXT_PROC_SERVICE, EppServer, ServeOptions
+from pickers.framework.errors import ConfigError
 from tests.k8s.conftest import eventually, pod, pool
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

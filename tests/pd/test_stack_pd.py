@@ -7,8 +7,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from extproc.discovery.static import load_endpoints_file
-from extproc.stack import LocalStack, PdPool, StackOptions
+from extproc.datalayer.endpoints_file import load_endpoints_file
+from extproc.devstack.stack import LocalStack, PdPool, StackOptions
 
 
 def get(url: str) -> Any:

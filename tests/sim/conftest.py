@@ -11,7 +11,6 @@ from tests.conftest import StartSim  # noqa: F401 (the shared start_sim fixture 
 from vllm_sim import SimServer
 
 
-
 @pytest.fixture
 async def sim(start_sim: StartSim) -> SimServer:
     return await start_sim(models=("sim-model",))

@@ -8,16 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from extproc import cli
-from extproc.errors import ConfigError
-from extproc.server import EppServer, ServeOptions
-from pickers.config import DEFAULT_CONFIG_TEXT, load_config, load_config_file
-from pickers.picker.max_score import MaxScorePicker
-from pickers.prefix_index import ApproxPrefixIndex
-from pickers.profile_handler import SingleProfileHandler
-from pickers.registry import known_types
-from pickers.strategies import STRATEGIES, build_profile
-from pickers.types import PluginContext
+from extproc.cli import main as cli
+from extproc.server.runner import EppServer, ServeOptions
+from pickers.config.loader import DEFAULT_CONFIG_TEXT, load_config, load_config_file
+from pickers.config.registry import known_types
+from pickers.config.strategies import STRATEGIES, build_profile
+from pickers.framework.errors import ConfigError
+from pickers.indexes.prefix import ApproxPrefixIndex
+from pickers.plugins.base import PluginContext
+from pickers.plugins.picker.max_score import MaxScorePicker
+from pickers.plugins.profile.handlers import SingleProfileHandler
 
 HEADER = "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n"
 BEST = Path(__file__).resolve().parents[2] / "pickers" / "configs" / "best.yaml"

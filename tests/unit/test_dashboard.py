@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from extproc.protocol import RequestStream
+from extproc.handlers.request_stream import RequestStream
 from tests.unit.test_observability import json_request, make, streamed_request
 from tests.unit.test_protocol import send_request
 

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from extproc.datastore import Datastore, EndpointSpec
-from extproc.discovery import StaticFileDiscovery, load_endpoints_file
-from extproc.errors import ConfigError
+from extproc.datalayer.datastore import Datastore
+from extproc.datalayer.endpoints_file import StaticFileDiscovery, load_endpoints_file
+from pickers.framework.endpoint import EndpointSpec
+from pickers.framework.errors import ConfigError
 
 
 def write(path: Path, text: str) -> Path:
@@ -228,7 +229,7 @@ async def test_a_bad_reload_keeps_the_last_table_and_logs_once(endpoints_file, c
     discovery = StaticFileDiscovery(path, ds)
     discovery.load()
     write(path, TWO + "  - {address: 10.0.0.3, port: abc}\n")
-    with caplog.at_level(logging.ERROR, logger="extproc.discovery.static"):
+    with caplog.at_level(logging.ERROR, logger="extproc.datalayer.endpoints_file"):
         for _ in range(3):
             assert not await discovery.poll_once()
     assert addresses(ds) == ["10.0.0.1:8000", "10.0.0.2:8000"]

@@ -7,9 +7,9 @@ import subprocess
 import pytest
 import yaml
 
-from extproc import envoy_config
-from extproc.errors import ConfigError
-from extproc.stack import envoy_binary
+from extproc.devstack import envoy_config
+from extproc.devstack.stack import envoy_binary
+from pickers.framework.errors import ConfigError
 
 POOL = [("127.0.0.1", 8001), ("127.0.0.1", 8002)]
 

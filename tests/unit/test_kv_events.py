@@ -10,8 +10,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from extproc.datastore import Datastore, EndpointSpec
-from extproc.kv_events import (
+from extproc.datalayer.datastore import Datastore
+from extproc.datalayer.kv_events import (
     KV_EVENTS_PORT_LABEL,
     AllBlocksCleared,
     BlockRemoved,
@@ -22,8 +22,9 @@ from extproc.kv_events import (
     decode_batch,
     kv_events_address,
 )
-from extproc.scraper import parse_vllm_metrics
-from pickers.kv_index import KVBlockIndex, request_keys
+from extproc.datalayer.scraper import parse_vllm_metrics
+from pickers.framework.endpoint import EndpointSpec
+from pickers.indexes.kv_blocks import KVBlockIndex, request_keys
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 A = "10.0.0.1:8000"
@@ -182,11 +183,11 @@ def test_parser_reads_real_vllm_metrics():
 
 async def test_simulator_events_reach_the_index_over_zmq():
     """A simulator publishing on a real socket, our subscriber following it through the datastore."""
-    from extproc.stack import free_port
+    from extproc.devstack.stack import free_port
+    from vllm_sim import tokens
     from vllm_sim.config import SimConfig
     from vllm_sim.kv_events import KVEventsConfig
     from vllm_sim.server import SimServer
-    from vllm_sim import tokens
 
     kv_port = free_port()
     config = SimConfig.from_profile("gpu", time_scale=0.01, block_size=4, kv_events=KVEventsConfig(f"tcp://*:{kv_port}"))
@@ -229,7 +230,7 @@ from hypothesis import strategies as st
 
 @given(st.binary(max_size=200))
 def test_any_payload_either_decodes_or_raises_the_decode_error(payload: bytes):
-    from extproc.kv_events import KVEventDecodeError
+    from extproc.datalayer.kv_events import KVEventDecodeError
 
     try:
         decode_batch(payload)

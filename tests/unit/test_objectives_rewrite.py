@@ -11,17 +11,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from extproc.datastore import Datastore, EndpointSpec, Metrics
-from extproc.director import Director
-from extproc.errors import ConfigError
-from extproc.metrics import EppMetrics
-from extproc.model_rewrite import ModelNameRestorer, RewriteStore, Rule, Target, load_rewrites_file
-from extproc.objectives import ObjectiveStore, load_objectives_file
-from extproc.protocol import RequestStream
-from extproc.saturation import SaturationConfig, SaturationDetector
-from pickers.prefix_index import ApproxPrefixIndex
-from pickers.scheduler import Scheduler
-from pickers.strategies import build_profile
+from extproc.datalayer.datastore import Datastore
+from extproc.handlers.model_name import ModelNameRestorer
+from extproc.handlers.request_stream import RequestStream
+from extproc.observability.metrics import EppMetrics
+from extproc.requestcontrol.director import Director
+from extproc.requestcontrol.objectives import ObjectiveStore, load_objectives_file
+from extproc.requestcontrol.rewrites import RewriteStore, Rule, Target, load_rewrites_file
+from extproc.requestcontrol.saturation import SaturationConfig, SaturationDetector
+from pickers.config.strategies import build_profile
+from pickers.framework.endpoint import EndpointSpec, Metrics
+from pickers.framework.errors import ConfigError
+from pickers.framework.scheduler import Scheduler
+from pickers.indexes.prefix import ApproxPrefixIndex
 from tests.unit.test_protocol import (
     ADDRS,
     BUFFERED,
@@ -47,7 +49,7 @@ def make(*, rules=(), objectives=OBJECTIVES, waiting=0, kv=0.0, fresh=True):
     profile = build_profile("default", ApproxPrefixIndex(), rng=random.Random(0))
     metrics = EppMetrics()
     director = Director(
-        ds, Scheduler(profile, ds), metrics,
+        ds, Scheduler(profile), metrics,
         objectives=ObjectiveStore(objectives), rewrites=RewriteStore(rules, rng=random.Random(0)),
         saturation=SaturationDetector(ds),
     )  # fmt: skip

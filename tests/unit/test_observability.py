@@ -12,19 +12,21 @@ import msgspec
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from extproc.admin import admin_app, endpoints_view, options_view
-from extproc.datastore import Datastore, EndpointSpec, Metrics
-from extproc.director import DECISIONS_KEPT, Director
-from extproc.histogram import Histogram
-from extproc.logs import JsonFormatter, TextFormatter, setup_logging
-from extproc.metrics import MAX_MODELS, EppMetrics
-from extproc.protocol import Outcome, RequestStream
-from extproc.server import ServeOptions
-from extproc.status import show_status
-from extproc.usage import Usage
-from pickers.prefix_index import ApproxPrefixIndex, block_hashes
-from pickers.scheduler import Scheduler
-from pickers.strategies import build_profile
+from extproc.cli.status import show_status
+from extproc.datalayer.datastore import Datastore
+from extproc.handlers.request_stream import Outcome, RequestStream
+from extproc.handlers.usage import Usage
+from extproc.observability.logs import JsonFormatter, TextFormatter, setup_logging
+from extproc.observability.metrics import MAX_MODELS, EppMetrics
+from extproc.requestcontrol.director import DECISIONS_KEPT, Director
+from extproc.server.admin import admin_app, endpoints_view, options_view
+from extproc.server.runner import ServeOptions
+from pickers.config.strategies import build_profile
+from pickers.framework.endpoint import EndpointSpec, Metrics
+from pickers.framework.histogram import Histogram
+from pickers.framework.request import InferenceRequest
+from pickers.framework.scheduler import Scheduler
+from pickers.indexes.prefix import ApproxPrefixIndex, block_hashes
 from tests.unit.test_protocol import completion_body, response_body_msg, response_headers_msg, send_request
 
 ADDRS = ["10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"]
@@ -35,8 +37,7 @@ def make(strategy="default", explain=False, log_requests=False):
     ds.set_endpoints(EndpointSpec(f"pod-{i}", a.split(":")[0], 8000, labels={"llm-d.ai/role": "decode"}) for i, a in enumerate(ADDRS))
     index = ApproxPrefixIndex()
     metrics = EppMetrics(pool_name="pool-a", datastore=ds, prefix_index=index)
-    scheduler = Scheduler(build_profile(strategy, index), ds, explain=explain)
-    metrics.time_plugins(scheduler.profiles.values())
+    scheduler = Scheduler(build_profile(strategy, index), explain=explain, timer=metrics.plugin_timer)
     return Director(ds, scheduler, metrics, log_requests=log_requests), ds, metrics, index
 
 
@@ -193,15 +194,29 @@ def test_scheduler_and_plugin_durations_are_recorded_per_plugin():
     assert s['inference_extension_info{build_ref="%s",commit=""}' % metrics.version] == 1
 
 
-def test_timing_a_plugin_keeps_its_attributes_and_one_wrapper_per_plugin():
-    _, _, metrics, _ = make()
-    director, *_ = make()
+def test_timing_leaves_the_plugins_as_they_are_and_times_a_shared_plugin_once():
+    director, _, metrics, _ = make()
     prof = director.scheduler.profile
     scorer = prof.scorers[2].scorer
-    assert (scorer.type, scorer.name, scorer.category) == ("prefix-cache-scorer", "prefix-cache-scorer", "affinity")
-    assert scorer.block_chars == 64  # passed through
-    metrics.time_plugins([prof, prof])  # wrapping twice does not nest
-    assert prof.scorers[2].scorer is scorer
+    assert type(scorer).__name__ == "PrefixCacheScorer"  # the plugin itself, no wrapper
+    twice = Scheduler([prof, type(prof)("again", prof.picker, prof.scorers, prof.filters)],
+                      handler=_RunBoth(), timer=metrics.plugin_timer)
+    twice.schedule(InferenceRequest("r", "/v1/completions", {}, "completions", "m", "hello"), director.datastore.candidates())
+    counts = {k: v for k, v in samples(metrics).items()
+              if k.startswith("inference_extension_plugin_duration_seconds_count") and "prefix-cache-scorer" in k}
+    assert list(counts.values()) == [2.0]  # one series for the shared plugin, observed once per profile run
+
+
+class _RunBoth:
+    type = name = "run-both"
+
+    def pick(self, request, cycle, profiles, results):  # type: ignore[no-untyped-def]
+        return [] if results else list(profiles.values())
+
+    def process_results(self, request, results):  # type: ignore[no-untyped-def]
+        from pickers.framework.types import SchedulingResult
+
+        return SchedulingResult(results["again"], "again")
 
 
 # -- request logs --------------------------------------------------------------------------------
@@ -321,7 +336,7 @@ def test_usage_decode_matches_what_the_metrics_read():
 
 
 def test_runtime_view_reports_process_numbers():
-    from extproc.admin import runtime_view
+    from extproc.server.admin import runtime_view
 
     ds = Datastore()
     ds.set_endpoints([EndpointSpec("10.0.0.1:8000", "10.0.0.1", 8000)])

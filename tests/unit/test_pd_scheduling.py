@@ -9,15 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from extproc.datastore import ROLE_LABEL, Datastore, EndpointSpec
-from extproc.errors import ConfigError, RequestError
-from extproc.inference_request import InferenceRequest
-from pickers.config import load_config, load_config_file
-from pickers.profile_handler import DisaggProfileHandler, PdProfileHandler
-from pickers.pd_decider import AlwaysDisaggPDDecider, PrefixBasedPDDecider
-from pickers.scheduler import Scheduler
-from pickers.prefix_index import block_hashes
-from pickers.types import CycleState, PluginContext
+from extproc.datalayer.datastore import Datastore
+from pickers.config.loader import load_config, load_config_file
+from pickers.framework.endpoint import ROLE_LABEL, EndpointSpec
+from pickers.framework.errors import ConfigError, RequestError
+from pickers.framework.request import InferenceRequest
+from pickers.framework.scheduler import Scheduler
+from pickers.framework.types import CycleState
+from pickers.indexes.prefix import block_hashes
+from pickers.plugins.base import PluginContext
+from pickers.plugins.profile.handlers import DisaggProfileHandler, PdProfileHandler
+from pickers.plugins.profile.pd_deciders import AlwaysDisaggPDDecider, PrefixBasedPDDecider
 
 ROOT = Path(__file__).resolve().parents[2]
 PD_YAML = ROOT / "pickers" / "configs" / "pd.yaml"
@@ -36,9 +38,9 @@ def pool(prefill: int = 2, decode: int = 2, roles: dict[str, str] | None = None)
 
 
 def scheduler(ds: Datastore, config: str | Path = PD_YAML) -> Scheduler:
-    ctx = PluginContext(datastore=ds, rng=random.Random(3))
+    ctx = PluginContext(rng=random.Random(3))
     cfg = load_config_file(config, ctx) if isinstance(config, Path) else load_config(HEADER + config, "test", ctx)
-    return Scheduler(cfg.profiles, ds, handler=cfg.profile_handler)
+    return Scheduler(cfg.profiles, handler=cfg.profile_handler)
 
 
 def req(prompt: str, i: int = 0) -> InferenceRequest:
@@ -210,6 +212,6 @@ def test_negative_non_cached_tokens_is_refused():
 
 def test_single_profile_result_has_no_profile_results_and_no_headers():
     ds = pool(prefill=0, decode=2)
-    cfg = load_config(HEADER + "plugins:\n- type: queue-scorer\n", "t", PluginContext(datastore=ds))
-    result = Scheduler(cfg.profiles, ds, handler=cfg.profile_handler).schedule(req(LONG), ds.candidates())
+    cfg = load_config(HEADER + "plugins:\n- type: queue-scorer\n", "t", PluginContext())
+    result = Scheduler(cfg.profiles, handler=cfg.profile_handler).schedule(req(LONG), ds.candidates())
     assert result.profile_results is None and result.request_headers == {}

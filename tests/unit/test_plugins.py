@@ -1,4 +1,4 @@
-"""Each plugin's formula (SPEC section 4), built through the registry as a config would build it."""
+"""Each plugin's formula, built through the registry as a config would build it."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ from collections import Counter
 
 import pytest
 
-from extproc.datastore import ROLE_LABEL, Endpoint, EndpointSpec, Metrics
-from extproc.errors import ConfigError
-from extproc.inference_request import InferenceRequest
-from pickers.registry import create_plugin
-from pickers.scorers.session_affinity import session_token
-from pickers.types import CycleState, PluginContext, SchedulingResult, ScoredEndpoint
+from pickers.config.registry import create_plugin
+from pickers.framework.endpoint import ROLE_LABEL, Endpoint, EndpointSpec, Metrics
+from pickers.framework.errors import ConfigError
+from pickers.framework.request import InferenceRequest
+from pickers.framework.types import CycleState, SchedulingResult, ScoredEndpoint
+from pickers.plugins.base import PluginContext
+from pickers.plugins.scorer.session_affinity import session_token
 
 
 def ep(i: int, labels: dict[str, str] | None = None, **metrics) -> Endpoint:
@@ -258,7 +259,7 @@ def test_active_request_scorer_with_max_requests_is_absolute():
 
 
 def test_prefill_load_scorer_counts_uncached_prompt_plus_queued_prefill():
-    from pickers.prefix_index import ApproxPrefixIndex, block_hashes
+    from pickers.indexes.prefix import ApproxPrefixIndex, block_hashes
 
     index = ApproxPrefixIndex()
     ctx = PluginContext(prefix_index=index, rng=random.Random(0))

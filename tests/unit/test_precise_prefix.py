@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from extproc.datastore import Endpoint, EndpointSpec
-from extproc.inference_request import InferenceRequest
-from pickers.kv_index import KVBlockIndex
-from pickers.scorers.precise_prefix import PrecisePrefixCacheScorer
-from pickers.tokenization import HFTokenizer, SimTokenizer
-from pickers.types import CycleState
+from pickers.framework.endpoint import Endpoint, EndpointSpec
+from pickers.framework.request import InferenceRequest
+from pickers.framework.types import CycleState
+from pickers.indexes.kv_blocks import KVBlockIndex
+from pickers.indexes.tokenization import HFTokenizer, SimTokenizer
+from pickers.plugins.scorer.precise_prefix import PrecisePrefixCacheScorer
 from vllm_sim import tokens as sim_tokens
 
 TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
@@ -66,7 +66,7 @@ def endpoint(host: str) -> Endpoint:
 
 
 def test_scores_are_the_share_of_leading_blocks_each_endpoint_holds():
-    from extproc.kv_events import BlockStored, apply_events
+    from extproc.datalayer.kv_events import BlockStored, apply_events
 
     index = KVBlockIndex()
     scorer = PrecisePrefixCacheScorer(SimTokenizer(), index=index, block_size=4)
@@ -79,7 +79,7 @@ def test_scores_are_the_share_of_leading_blocks_each_endpoint_holds():
 
 
 def test_the_block_size_is_each_endpoints_own(monkeypatch):
-    from extproc.kv_events import BlockStored, apply_events
+    from extproc.datalayer.kv_events import BlockStored, apply_events
 
     index = KVBlockIndex()
     scorer = PrecisePrefixCacheScorer(SimTokenizer(), index=index, block_size=16)
@@ -120,9 +120,9 @@ def test_a_slow_tokenization_is_abandoned_for_this_pick_and_cached_for_the_next(
 
 
 def test_the_config_loads_with_the_sim_tokenizer_and_refuses_a_missing_one():
-    from extproc.errors import ConfigError
-    from pickers.config import load_config
-    from pickers.types import PluginContext
+    from pickers.config.loader import load_config
+    from pickers.framework.errors import ConfigError
+    from pickers.plugins.base import PluginContext
 
     text = """
 apiVersion: inference.networking.x-k8s.io/v1alpha1

@@ -11,16 +11,17 @@ from types import SimpleNamespace
 import aiohttp
 from aiohttp.test_utils import TestClient, TestServer
 
-from extproc.admin import admin_app, endpoints_view
-from extproc.datastore import Datastore, EndpointSpec, Metrics
-from extproc.kv_events import KV_EVENTS_PORT_LABEL, BlockStored, KVEventSubscriber, apply_events
-from extproc.metrics import EppMetrics
-from extproc.stack import free_port
-from pickers.config import load_config
-from pickers.kv_index import KVBlockIndex, request_keys
-from pickers.prefix_index import ApproxPrefixIndex
-from pickers.scorers.precise_prefix import precise_scorers
-from pickers.types import PluginContext
+from extproc.datalayer.datastore import Datastore
+from extproc.datalayer.kv_events import KV_EVENTS_PORT_LABEL, BlockStored, KVEventSubscriber, apply_events
+from extproc.devstack.stack import free_port
+from extproc.observability.metrics import EppMetrics
+from extproc.server.admin import admin_app, endpoints_view
+from pickers.config.loader import load_config
+from pickers.framework.endpoint import EndpointSpec, Metrics
+from pickers.indexes.kv_blocks import KVBlockIndex, request_keys
+from pickers.indexes.prefix import ApproxPrefixIndex
+from pickers.plugins.base import PluginContext
+from pickers.plugins.scorer.precise_prefix import precise_scorers
 
 A = "10.0.0.1:8000"
 B = "10.0.0.2:8000"
@@ -165,7 +166,7 @@ async def test_a_restarted_simulator_gives_no_false_hits_before_its_first_event(
 
 
 def _precise_profiles(ds: Datastore):  # type: ignore[no-untyped-def]
-    cfg = load_config(PRECISE_CONFIG, "test", PluginContext(ApproxPrefixIndex(), ds, random.Random(0), 1))
+    cfg = load_config(PRECISE_CONFIG, "test", PluginContext(ApproxPrefixIndex(), random.Random(0), 1))
     return cfg.profiles
 
 
@@ -177,7 +178,6 @@ def test_the_precise_index_size_is_exported_beside_the_approximate_one():
     (scorer,) = precise_scorers(profiles).values()
     scorer.subscriber = sub  # subscribe: false in the config; this one follows the datastore
     m.attach(ds, approx)
-    m.time_plugins(profiles)  # wrapped plugins are still found
     m.attach_precise(profiles)
     for address in (A, B):
         apply_events(scorer.index, address, [BlockStored([1, 2, 3], None, list(range(12)), 4)])

@@ -10,13 +10,14 @@ from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from extproc.datastore import Datastore, EndpointSpec
-from extproc.director import Director
-from extproc.metrics import EppMetrics
-from extproc.protocol import STREAM_CHUNK, ProtocolError, RequestStream, State
-from pickers.prefix_index import ApproxPrefixIndex
-from pickers.scheduler import Scheduler
-from pickers.strategies import build_profile
+from extproc.datalayer.datastore import Datastore
+from extproc.handlers.request_stream import STREAM_CHUNK, ProtocolError, RequestStream, State
+from extproc.observability.metrics import EppMetrics
+from extproc.requestcontrol.director import Director
+from pickers.config.strategies import build_profile
+from pickers.framework.endpoint import EndpointSpec
+from pickers.framework.scheduler import Scheduler
+from pickers.indexes.prefix import ApproxPrefixIndex
 
 FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
 BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
@@ -27,7 +28,7 @@ def make_director(addrs=ADDRS, *, strategy="default", max_endpoints=1, explain=F
     ds = Datastore()
     ds.set_endpoints(EndpointSpec(a, a.split(":")[0], int(a.split(":")[1])) for a in addrs)
     profile = build_profile(strategy, ApproxPrefixIndex(), max_endpoints=max_endpoints, rng=random.Random(0))
-    return Director(ds, Scheduler(profile, ds, explain=explain), EppMetrics())
+    return Director(ds, Scheduler(profile, explain=explain), EppMetrics())
 
 
 def headers_msg(path="/v1/completions", method="POST", eos=False, extra=None, mode=FULL_DUPLEX, subset=None):
@@ -341,7 +342,7 @@ def test_explained_scores_go_into_lb_metadata():
 
 
 def test_plugin_headers_reach_the_upstream_request_and_the_client_response():
-    from pickers.scorers.session_affinity import session_address
+    from pickers.plugins.scorer.session_affinity import session_address
 
     config = """
 apiVersion: inference.networking.x-k8s.io/v1alpha1
@@ -350,13 +351,13 @@ plugins:
 - type: session-affinity-scorer
 - type: queue-scorer
 """
-    from pickers.config import load_config
-    from pickers.types import PluginContext
+    from pickers.config.loader import load_config
+    from pickers.plugins.base import PluginContext
 
     ds = Datastore()
     ds.set_endpoints(EndpointSpec(a, a.split(":")[0], 8000) for a in ADDRS)
-    cfg = load_config(config, "test", PluginContext(ApproxPrefixIndex(), ds, random.Random(0), 1))
-    director = Director(ds, Scheduler(cfg.profile, ds), EppMetrics())
+    cfg = load_config(config, "test", PluginContext(ApproxPrefixIndex(), random.Random(0), 1))
+    director = Director(ds, Scheduler(cfg.profile), EppMetrics())
     stream = RequestStream(director)
     out = send_request(stream, completion_body(), extra={"x-session-token": "bm90LWFuLWFkZHJlc3M="})
     chosen = set_headers(out[0])["x-gateway-destination-endpoint"]
@@ -397,14 +398,14 @@ def test_stream_cut_after_done_marker_counts_as_complete_not_aborted():
 
 
 def test_prefill_work_is_counted_from_pick_to_first_byte():
-    from pickers.config import load_config
-    from pickers.types import PluginContext
+    from pickers.config.loader import load_config
+    from pickers.plugins.base import PluginContext
 
     ds = Datastore()
     ds.set_endpoints([EndpointSpec("a", "10.0.0.1", 8000)])
     text = "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: prefill-load-scorer\n"
-    cfg = load_config(text, "test", PluginContext(ApproxPrefixIndex(), ds, random.Random(0), 1))
-    director = Director(ds, Scheduler(cfg.profile, ds), EppMetrics())
+    cfg = load_config(text, "test", PluginContext(ApproxPrefixIndex(), random.Random(0), 1))
+    director = Director(ds, Scheduler(cfg.profile), EppMetrics())
     stream = RequestStream(director)
     send_request(stream, completion_body("p" * 4000, stream=True))
     (endpoint,) = ds.candidates()

@@ -6,12 +6,20 @@ from __future__ import annotations
 
 import json
 
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from extproc.protocol import ProtocolError, RequestStream
-from tests.unit.test_protocol import BUFFERED, FULL_DUPLEX, body_msg, headers_msg, make_director, response_body_msg, response_headers_msg
+from extproc.handlers.request_stream import ProtocolError, RequestStream
+from tests.unit.test_protocol import (
+    BUFFERED,
+    FULL_DUPLEX,
+    body_msg,
+    headers_msg,
+    make_director,
+    response_body_msg,
+    response_headers_msg,
+)
 
 DOCUMENTED = {400, 413, 429, 500, 503}
 PATHS = ["/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings", "/other", "/v1/completions?x=1"]
@@ -101,7 +109,7 @@ def test_messages_in_any_order_are_answered_or_refused_with_one_protocol_error(k
     ctype=st.sampled_from(["application/json", "text/event-stream", "text/plain"]),
 )
 def test_with_every_model_rewritten_any_body_and_reply_get_documented_answers(body, mode, reply, cuts, ctype):
-    from extproc.model_rewrite import RewriteStore, Rule, Target
+    from extproc.requestcontrol.rewrites import RewriteStore, Rule, Target
 
     director = make_director()
     director.rewrites = RewriteStore([Rule((), (Target("target"),))])

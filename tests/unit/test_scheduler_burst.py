@@ -8,11 +8,12 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from extproc.datastore import Datastore, EndpointSpec
-from extproc.inference_request import InferenceRequest
-from pickers.config import DEFAULT_CONFIG_TEXT, load_config
-from pickers.scheduler import Scheduler
-from pickers.types import PluginContext
+from extproc.datalayer.datastore import Datastore
+from pickers.config.loader import DEFAULT_CONFIG_TEXT, load_config
+from pickers.framework.endpoint import EndpointSpec
+from pickers.framework.request import InferenceRequest
+from pickers.framework.scheduler import Scheduler
+from pickers.plugins.base import PluginContext
 
 BEST = (Path(__file__).resolve().parents[2] / "pickers" / "configs" / "best.yaml").read_text()
 SHARED = "You are a helpful assistant. " * 140  # ~4,000 characters, ~1,000 tokens, shared by all
@@ -22,8 +23,8 @@ MAX_TOKENS = 200
 def make(config_text: str) -> tuple[Datastore, Scheduler]:
     ds = Datastore()
     ds.set_endpoints(EndpointSpec(f"pod-{i}", f"10.0.0.{i}", 8000) for i in range(4))
-    ctx = PluginContext(datastore=ds, rng=random.Random(7))
-    return ds, Scheduler(load_config(config_text, "test", ctx).profile, ds)
+    ctx = PluginContext(rng=random.Random(7))
+    return ds, Scheduler(load_config(config_text, "test", ctx).profile)
 
 
 def request(i: int, shared: str = SHARED) -> InferenceRequest:

@@ -14,9 +14,9 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from extproc.datastore import Datastore, EndpointSpec
-from extproc.scraper import MetricsParseError, MetricsScraper, parse_vllm_metrics
-
+from extproc.datalayer.datastore import Datastore
+from extproc.datalayer.scraper import MetricsParseError, MetricsScraper, parse_vllm_metrics
+from pickers.framework.endpoint import EndpointSpec
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from extproc import envoy_config
-from extproc.cli import main
-from extproc.errors import ConfigError
-from extproc.server import ServeOptions
-from extproc.tls import load_certificate, self_signed, write_certificate
+from extproc.cli.main import main
+from extproc.devstack import envoy_config
+from extproc.server.runner import ServeOptions
+from extproc.server.tls import load_certificate, self_signed, write_certificate
+from pickers.framework.errors import ConfigError
 from tests.unit.test_envoy_config import validate
 
 

@@ -11,13 +11,14 @@ import string
 
 import pytest
 
-from extproc.datastore import Datastore, EndpointSpec
-from extproc.director import Director
-from extproc.metrics import EppMetrics
-from extproc.protocol import RequestStream
-from pickers.prefix_index import DEFAULT_CAPACITY, ApproxPrefixIndex
-from pickers.scheduler import Scheduler
-from pickers.strategies import build_profile
+from extproc.datalayer.datastore import Datastore
+from extproc.handlers.request_stream import RequestStream
+from extproc.observability.metrics import EppMetrics
+from extproc.requestcontrol.director import Director
+from pickers.config.strategies import build_profile
+from pickers.framework.endpoint import EndpointSpec
+from pickers.framework.scheduler import Scheduler
+from pickers.indexes.prefix import DEFAULT_CAPACITY, ApproxPrefixIndex
 from tests.unit.test_protocol import body_msg, headers_msg, response_body_msg, response_headers_msg
 
 pytestmark = pytest.mark.slow
@@ -35,7 +36,7 @@ def test_100k_random_prompts_keep_memory_and_state_bounded():
     ds = Datastore()
     ds.set_endpoints(EndpointSpec(a, a.split(":")[0], int(a.split(":")[1])) for a in ADDRS)
     index = ApproxPrefixIndex()
-    director = Director(ds, Scheduler(build_profile("best", index, rng=random.Random(0)), ds), EppMetrics())
+    director = Director(ds, Scheduler(build_profile("best", index, rng=random.Random(0))), EppMetrics())
     usage = json.dumps({"id": "x", "usage": {"prompt_tokens": 100, "completion_tokens": 4, "total_tokens": 104}}).encode()
     alphabet = string.ascii_letters + " "
     rss: dict[int, float] = {}

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from extproc.supervisor import Backoff, Supervisor
+from extproc.datalayer.supervisor import Backoff, Supervisor
 
 
 def test_backoff_doubles_from_a_tenth_of_a_second_to_ten() -> None:

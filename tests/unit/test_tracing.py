@@ -10,18 +10,17 @@ import pytest
 
 pytest.importorskip("opentelemetry.sdk", reason="tracing needs the `otel` extra (pip install 'llm-epp[otel]')")
 
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from extproc.errors import ConfigError
-from extproc.protocol import RequestStream, State
-from extproc.server import EppServer, ServeOptions
-from extproc.tracing import SCHEDULE_SPAN_NAME, SPAN_NAME, TracedDirector, build_provider
+from extproc.handlers.request_stream import RequestStream, State
+from extproc.requestcontrol.tracing import SCHEDULE_SPAN_NAME, SPAN_NAME, TracedDirector, build_provider
+from extproc.server.runner import EppServer, ServeOptions
+from pickers.framework.errors import ConfigError
 from tests.unit.test_protocol import ADDRS, body_msg, completion_body, headers_msg, make_director, send_request, set_headers
-
-from envoy.config.core.v3 import base_pb2
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
@@ -174,7 +173,7 @@ def test_server_with_tracing_uses_the_traced_director():
 
 
 def test_tracing_without_the_extra_is_a_clear_config_error(monkeypatch):
-    monkeypatch.delitem(sys.modules, "extproc.tracing", raising=False)
+    monkeypatch.delitem(sys.modules, "extproc.requestcontrol.tracing", raising=False)
     for name in [m for m in sys.modules if m == "opentelemetry" or m.startswith("opentelemetry.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "opentelemetry", None)  # import fails as if not installed
@@ -184,7 +183,7 @@ def test_tracing_without_the_extra_is_a_clear_config_error(monkeypatch):
 
 def test_tracing_off_never_imports_opentelemetry():
     code = (
-        "import sys; from extproc.server import EppServer, ServeOptions; EppServer(ServeOptions());"
+        "import sys; from extproc.server.runner import EppServer, ServeOptions; EppServer(ServeOptions());"
         "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)

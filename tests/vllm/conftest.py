@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from extproc.stack import _die_with_parent, free_port
+from extproc.devstack.stack import _die_with_parent, free_port
 
 CACHE = Path(os.environ.get("LLM_EPP_CACHE", str(Path.home() / ".cache" / "llm-epp")))
 VLLM_PYTHON = CACHE / "vllm-venv" / "bin" / "python"

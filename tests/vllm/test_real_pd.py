@@ -25,7 +25,7 @@ import pytest
 import yaml
 from openai import OpenAI
 
-from extproc.stack import ROLE_LABEL, LocalStack, StackOptions, _die_with_parent, free_port
+from extproc.devstack.stack import ROLE_LABEL, LocalStack, StackOptions, _die_with_parent, free_port
 from tests.vllm.conftest import BLOCK_SIZE, CACHE, MODEL, VllmServer, spawn_vllm, wait_ready
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(900)]

@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
-from extproc.datastore import Datastore, EndpointSpec
-from extproc.kv_events import KV_EVENTS_PORT_LABEL, KVEventSubscriber
-from extproc.scraper import parse_vllm_metrics
-from extproc.stack import LocalStack, StackOptions
-from pickers.kv_index import KVBlockIndex, request_keys
-from pickers.tokenization import HFTokenizer
+from extproc.datalayer.datastore import Datastore
+from extproc.datalayer.kv_events import KV_EVENTS_PORT_LABEL, KVEventSubscriber
+from extproc.datalayer.scraper import parse_vllm_metrics
+from extproc.devstack.stack import LocalStack, StackOptions
+from pickers.framework.endpoint import EndpointSpec
+from pickers.indexes.kv_blocks import KVBlockIndex, request_keys
+from pickers.indexes.tokenization import HFTokenizer
 from tests.vllm.conftest import BLOCK_SIZE, MODEL, MODEL_DIR, VllmServer, start_vllm, write_endpoints
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]

@@ -1,0 +1,5 @@
+"""`python -m extproc.cli` is `epp`."""
+
+from extproc.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,415 @@
+"""`epp`: serve (the EPP), up (the local stack), sim (a simulated vLLM server), envoy-config.
+
+Flag names follow the reference endpoint picker where one exists, so manifests carry over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import asyncio
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from extproc.handlers.request_stream import DEFAULT_MAX_BODY
+from pickers.config.strategies import CONFIGS, STRATEGIES
+from pickers.framework.errors import ConfigError
+
+
+def _positive_float(text: str) -> float:
+    v = float(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return v
+
+
+def _duration(text: str) -> float:
+    """Seconds, or a Go-style duration as the reference picker takes (50ms, 2s, 1m)."""
+    t = text.strip()
+    for suffix, scale in (("ms", 0.001), ("s", 1.0), ("m", 60.0)):
+        if t.endswith(suffix) and t[: -len(suffix)].replace(".", "", 1).isdigit():
+            return _positive_float(str(float(t[: -len(suffix)]) * scale))
+    try:
+        return _positive_float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a duration like 50ms, 2s or 0.5, got {text!r}") from None
+
+
+def _add_serve_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--grpc-port", type=int, default=9002, help="ext_proc gRPC port (default 9002)")
+    p.add_argument("--grpc-health-port", type=int, default=9003, help="gRPC health port (default 9003)")
+    p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus metrics port (default 9090)")
+    p.add_argument("--bind-address", default="0.0.0.0", help="address the servers listen on (default all)")
+    p.add_argument("--endpoints", metavar="FILE", help="YAML file listing the pool's endpoints; reloaded when it changes")
+    p.add_argument(
+        "--pool-name", default="",
+        help="the InferencePool to serve: without --endpoints its pods are discovered from the Kubernetes API; "
+        "also labels the pool metrics",
+    )  # fmt: skip
+    p.add_argument(
+        "--objectives", metavar="FILE",
+        help="YAML list of {name, priority}: the priority of the objective a request names in "
+        "x-gateway-inference-objective (negative = sheddable); with Kubernetes, InferenceObjectives add to it",
+    )  # fmt: skip
+    p.add_argument(
+        "--model-rewrites", metavar="FILE",
+        help="InferenceModelRewrite rules (a YAML list of {matches, targets}); with Kubernetes, "
+        "InferenceModelRewrites add to them",
+    )  # fmt: skip
+    _add_kubernetes_flags(p)
+    scheduling = p.add_mutually_exclusive_group()
+    scheduling.add_argument(
+        "--strategy", choices=STRATEGIES, default=None,
+        help="a built-in scheduling strategy (default: `default`, the reference picker's queue 2 + kv 2 + prefix 3)",
+    )  # fmt: skip
+    scheduling.add_argument("--config-file", metavar="FILE", help="an EndpointPickerConfig YAML file")
+    scheduling.add_argument("--config-text", metavar="YAML", help="an EndpointPickerConfig given inline")
+    p.add_argument(
+        "--max-num-endpoints", type=int, default=1, metavar="N",
+        help="endpoints to return per request: the first is primary, the rest ordered fallbacks (default 1)",
+    )  # fmt: skip
+    p.add_argument("--refresh-metrics-interval", type=_duration, default=0.05, help="metrics scrape interval (default 50ms)")
+    p.add_argument(
+        "--metrics-staleness-threshold", type=_duration, default=2.0, help="metrics older than this are stale (default 2s)"
+    )
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY, help="larger request bodies get 413")
+    p.add_argument(
+        "--explain-scores", action="store_true",
+        help="put every candidate's scores in envoy.lb metadata x-gateway-destination-endpoint-scores",
+    )  # fmt: skip
+    p.add_argument("--grace-period", type=float, default=30.0, help="seconds to drain open streams on SIGTERM")
+    p.add_argument(
+        "--shutdown-delay", type=_duration, default=0.0,
+        help="on SIGTERM, report NOT_SERVING and keep serving this long before closing the port (set it above "
+        "the gateway's health-check interval; default 0)",
+    )  # fmt: skip
+    p.add_argument(
+        "--secure-serving", type=_bool_flag, nargs="?", const=True, default=False, metavar="BOOL",
+        help="serve ext_proc over TLS (the certificate from --cert-path, else a self-signed one generated at start)",
+    )  # fmt: skip
+    p.add_argument("--cert-path", metavar="DIR", help="directory holding tls.crt and tls.key for --secure-serving")
+    p.add_argument(
+        "-v", "--v", dest="verbosity", type=int, default=0,
+        help="log verbosity: 0 info; 1+ debug, which also logs every request with its candidates' scores",
+    )  # fmt: skip
+    obs = p.add_argument_group("logs and live views")
+    obs.add_argument("--log-format", choices=("text", "json"), default="text", help="text lines or one JSON object per line")
+    obs.add_argument(
+        "--log-requests", action="store_true",
+        help="one INFO line per request: id, model, endpoint(s), profile, status, aborted, durations, tokens",
+    )  # fmt: skip
+    obs.add_argument("--admin-port", type=int, default=9091, help="HTTP port of the /debug/ live views (default 9091; 0: off)")
+    obs.add_argument("--admin-address", default="127.0.0.1", help="address of the live views (default 127.0.0.1)")
+    obs.add_argument(
+        "--tracing", action="store_true",
+        help="OpenTelemetry spans per request, parented on the client's traceparent and propagated upstream; exported "
+        "over OTLP/gRPC to $OTEL_EXPORTER_OTLP_ENDPOINT as $OTEL_SERVICE_NAME (needs the `otel` extra)",
+    )  # fmt: skip
+    obs.add_argument(
+        "--tracing-sample-ratio", type=float, default=1.0, metavar="RATIO",
+        help="with --tracing: share of requests without a sampled traceparent that are traced (default 1.0)",
+    )  # fmt: skip
+
+
+def _bool_flag(text: str) -> bool:
+    """Go-style booleans, so `--flag`, `--flag=true` and `--flag=false` all work as in the reference."""
+    value = text.strip().lower()
+    if value in ("1", "t", "true", "yes", "on"):
+        return True
+    if value in ("0", "f", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _add_kubernetes_flags(p: argparse.ArgumentParser) -> None:
+    k = p.add_argument_group("Kubernetes (pod discovery from the API server and leader election)")
+    k.add_argument("--pool-namespace", default="", help="namespace of the InferencePool (default: $NAMESPACE, else the pod's own)")
+    k.add_argument("--pool-group", default="inference.networking.k8s.io", help="API group of the InferencePool")
+    k.add_argument(
+        "--endpoint-selector", default="", metavar="K=V,...",
+        help="select model-server pods by labels instead of an InferencePool (needs --endpoint-target-ports)",
+    )  # fmt: skip
+    k.add_argument("--endpoint-target-ports", default="", metavar="PORT,...", help="ports of each selected pod (1-8)")
+    k.add_argument("--kubeconfig", metavar="FILE", help="kubeconfig to reach the API server (default: in-cluster service account)")
+    k.add_argument(
+        "--ha-enable-leader-election", type=_bool_flag, nargs="?", const=True, default=False, metavar="BOOL",
+        help="run several replicas of which only the leader (holding a Lease) reports ready",
+    )  # fmt: skip
+    k.add_argument("--leader-election-lease-name", default="", help="Lease name (default: the reference picker's for the pool)")
+    k.add_argument("--leader-election-namespace", default="", help="namespace of the Lease (default: the pool's)")
+    k.add_argument("--leader-election-lease-duration", type=_duration, default=15.0, help="lease duration (default 15s)")
+    k.add_argument("--leader-election-renew-deadline", type=_duration, default=10.0, help="leader steps down if not renewed within this (default 10s)")
+    k.add_argument("--leader-election-retry-period", type=_duration, default=2.0, help="how often to renew or retry (default 2s)")
+
+
+def _kubernetes_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    if args.endpoints and args.endpoint_selector:
+        raise ConfigError("give either --endpoints or --endpoint-selector, not both", field="--endpoint-selector")
+    wanted = (args.pool_name and not args.endpoints) or args.endpoint_selector or args.endpoint_target_ports
+    if not (wanted or args.ha_enable_leader_election):
+        return None  # no Kubernetes: do not import its client (half a second)
+    from extproc.kubernetes.runtime import KubernetesOptions
+
+    opts = KubernetesOptions(
+        kubeconfig=args.kubeconfig,
+        pool_name="" if args.endpoints else args.pool_name,  # with a file, --pool-name only labels metrics
+        pool_namespace=args.pool_namespace,
+        pool_group=args.pool_group,
+        endpoint_selector=args.endpoint_selector,
+        endpoint_target_ports=args.endpoint_target_ports,
+        leader_election=args.ha_enable_leader_election,
+        lease_name=args.leader_election_lease_name,
+        lease_namespace=args.leader_election_namespace,
+        lease_duration=args.leader_election_lease_duration,
+        renew_deadline=args.leader_election_renew_deadline,
+        retry_period=args.leader_election_retry_period,
+    )
+    opts.validate()
+    return opts if opts.discovers or opts.leader_election else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="epp", description="llm-epp: an endpoint picker for LLM inference behind Envoy")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the ext_proc endpoint picker")
+    _add_serve_flags(serve)
+
+    up = sub.add_parser("up", help="run Envoy + the EPP + a simulated vLLM pool on loopback, until Ctrl-C")
+    up.add_argument("--port", type=int, default=8081, help="the OpenAI endpoint's port (default 8081)")
+    up.add_argument("--sims", type=int, default=4, help="simulated vLLM servers (default 4)")
+    up.add_argument("--profile", default="gpu", help="simulator timing profile: gpu or cpu (default gpu)")
+    up.add_argument("--time-scale", type=float, default=1.0, help="simulator time scale (0.1 = 10x faster)")
+    up.add_argument("--model", default="sim-model", help="model name the simulators serve (default sim-model)")
+    up.add_argument("--endpoints", metavar="FILE", help="use these real vLLM servers instead of simulators")
+    up_sched = up.add_mutually_exclusive_group()
+    up_sched.add_argument("--strategy", choices=STRATEGIES, default="best", help="scheduling strategy (default: best)")
+    up_sched.add_argument("--config-file", metavar="FILE", help="an EndpointPickerConfig YAML file for the EPP")
+    up.add_argument("--fail-open", action="store_true", help="Envoy serves from the pool directly when the EPP is down")
+    up.add_argument("--secure", action="store_true", help="Envoy talks to the EPP over TLS (a certificate generated for the run)")
+    pd = up.add_argument_group("prefill/decode disaggregation (uses pickers/configs/pd.yaml unless --config-file)")
+    pd.add_argument("--pd", action="store_true", help="prefill simulators + decode simulators each behind a pd-sidecar")
+    pd.add_argument("--prefill", type=int, default=None, metavar="N", help="prefill simulators (default 2; implies --pd)")
+    pd.add_argument("--decode", type=int, default=None, metavar="M", help="decode simulators (default 2; implies --pd)")
+    pd.add_argument("--prefill-profile", default=None, help="timing profile of the prefill simulators (default --profile)")
+    pd.add_argument("--decode-profile", default=None, help="timing profile of the decode simulators (default --profile)")
+    up.add_argument("--request-body-mode", choices=("FULL_DUPLEX_STREAMED", "BUFFERED"), default="FULL_DUPLEX_STREAMED")
+    up.add_argument("--workdir", help="where configs and logs go (default: a temporary folder)")
+
+    sim = sub.add_parser("sim", help="run one simulated vLLM server (same flags as vllm-sim)", add_help=False)
+    sim.add_argument("sim_args", nargs=argparse.REMAINDER)
+
+    status = sub.add_parser("status", help="print a running EPP's endpoint table and recent decisions (its /debug/ views)")
+    status.add_argument("--url", default="http://127.0.0.1:9091", help="the EPP's admin address (default http://127.0.0.1:9091)")
+    status.add_argument("--decisions", type=int, default=10, metavar="N", help="recent decisions to show (default 10)")
+    status.add_argument("--json", action="store_true", help="print the raw JSON instead of tables")
+
+    cfg = sub.add_parser("envoy-config", help="print the Envoy configuration for a gateway in front of the EPP")
+    cfg.add_argument("--port", type=int, default=8081)
+    cfg.add_argument("--epp-host", default="127.0.0.1")
+    cfg.add_argument("--epp-port", type=int, default=9002)
+    cfg.add_argument("--epp-health-port", type=int, default=9003, help="the EPP's gRPC health port Envoy checks (0: no health check)")
+    cfg.add_argument("--secure", action="store_true", help="reach the EPP over TLS (epp serve --secure-serving)")
+    cfg.add_argument("--epp-ca", metavar="PEM", help="with --secure: verify the EPP's certificate against this CA")
+    cfg.add_argument("--admin-port", type=int, default=19000)
+    cfg.add_argument("--request-body-mode", choices=("FULL_DUPLEX_STREAMED", "BUFFERED"), default="FULL_DUPLEX_STREAMED")
+    cfg.add_argument("--fail-open", action="store_true", help="with --pool-endpoints: serve from the pool when the EPP is down")
+    cfg.add_argument(
+        "--pool-endpoints", metavar="FILE",
+        help="endpoints file of the pool: route with Envoy's override-host policy over these endpoints, "
+        "which follows the EPP's fallback list and retries on the next endpoint",
+    )  # fmt: skip
+    return parser
+
+
+def _run(coro) -> None:  # type: ignore[no-untyped-def]
+    try:
+        import uvloop
+
+        uvloop.run(coro)
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
+        asyncio.run(coro)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from extproc.observability.logs import setup_logging
+    from extproc.server.runner import EppServer, ServeOptions
+
+    setup_logging(args.verbosity, args.log_format)
+    opts = ServeOptions(
+        grpc_port=args.grpc_port,
+        grpc_health_port=args.grpc_health_port,
+        metrics_port=args.metrics_port,
+        bind_address=args.bind_address,
+        endpoints_file=args.endpoints,
+        strategy=args.strategy or "default",
+        config_file=args.config_file,
+        config_text=args.config_text,
+        max_endpoints=args.max_num_endpoints,
+        refresh_metrics_interval=args.refresh_metrics_interval,
+        metrics_staleness_threshold=args.metrics_staleness_threshold,
+        max_body_bytes=args.max_body_bytes,
+        explain_scores=args.explain_scores or args.verbosity > 0,
+        log_requests=args.log_requests or args.verbosity > 0,
+        admin_port=args.admin_port,
+        admin_address=args.admin_address,
+        grace_period=args.grace_period,
+        shutdown_delay=args.shutdown_delay,
+        pool_name=args.pool_name,
+        secure_serving=args.secure_serving,
+        cert_path=args.cert_path,
+        kubernetes=_kubernetes_options(args),
+        objectives_file=args.objectives,
+        model_rewrites_file=args.model_rewrites,
+        tracing=args.tracing,
+        tracing_sample_ratio=args.tracing_sample_ratio,
+    )
+    if opts.max_endpoints < 1:
+        raise ConfigError("expected at least 1", field="--max-num-endpoints")
+    if opts.cert_path and not opts.secure_serving:
+        raise ConfigError("--cert-path needs --secure-serving", field="--cert-path")
+    if opts.secure_serving and opts.cert_path:
+        from extproc.server.tls import load_certificate
+
+        load_certificate(opts.cert_path)  # a missing or unreadable file stops start-up with its name
+    _run(EppServer(opts).serve_forever())
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from extproc.devstack.stack import LocalStack, StackOptions
+
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="llm-epp-"))
+    body_mode = args.request_body_mode
+    if args.fail_open and body_mode == "FULL_DUPLEX_STREAMED":
+        # A body already streamed to an EPP that dies cannot be failed open (Envoy answers 500);
+        # BUFFERED keeps the body in Envoy until the EPP answers, so no request is lost. See README.
+        print("--fail-open: using BUFFERED request body mode (Envoy fails open reliably only there)")
+        body_mode = "BUFFERED"
+    opts = StackOptions(
+        workdir=workdir,
+        sims=args.sims,
+        sim_args=("--profile", args.profile, "--time-scale", str(args.time_scale)),
+        model=args.model,
+        endpoints_file=Path(args.endpoints) if args.endpoints else None,
+        epp_args=("--config-file", str(Path(args.config_file).resolve())) if args.config_file else ("--strategy", args.strategy),
+        listen_port=args.port,
+        request_body_mode=body_mode,
+        failure_mode_allow=args.fail_open,
+        envoy_concurrency=2,
+        epp_tls="verified" if args.secure else "",
+    )
+    opts.pd = _pd_pool(args)
+    if opts.pd is not None and not args.config_file:
+        opts.epp_args = ("--config-file", str(PD_CONFIG))
+    stack = LocalStack(opts)
+
+    def _stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM/SIGHUP stop the stack like Ctrl-C: every process is stopped
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGHUP, _stop)
+    what = f"{args.sims} simulated vLLM servers"
+    if opts.pd is not None:
+        what = f"{opts.pd.prefill} prefill + {opts.pd.decode} decode simulators (decode behind pd-sidecars)"
+    print(f"starting Envoy, the EPP and {'your endpoints' if args.endpoints else what} ...")
+    stack.start()
+    try:
+        print(f"\nOpenAI endpoint: {stack.base_url}   (model: {args.model})")
+        print(f"  curl {stack.base_url}/completions -H 'content-type: application/json' \\")
+        print(f"       -d '{{\"model\": \"{args.model}\", \"prompt\": \"Hello\", \"max_tokens\": 8}}'")
+        print(f"EPP metrics: http://127.0.0.1:{stack.epp_metrics_port}/metrics   logs: {workdir}")
+        print(f"EPP live views: epp status --url http://127.0.0.1:{stack.epp_admin_port}")
+        print("Ctrl-C stops everything.")
+        while True:
+            for proc in stack.procs:
+                if proc.popen.poll() is not None:
+                    print(f"{proc.name} exited with code {proc.popen.returncode}:\n{proc.log_tail()}", file=sys.stderr)
+                    return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("\nstopping ...")
+        return 0
+    finally:
+        stack.stop()
+
+
+PD_CONFIG = CONFIGS / "pd.yaml"
+
+
+def _pd_pool(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """`epp up --pd` (or --prefill/--decode): the P/D pool to start, else None."""
+    from extproc.devstack.stack import PdPool
+
+    if not (args.pd or args.prefill is not None or args.decode is not None):
+        return None
+    if args.endpoints:
+        raise ConfigError("--pd starts simulators; it cannot be combined with --endpoints", field="--pd")
+    prefill = 2 if args.prefill is None else args.prefill
+    decode = 2 if args.decode is None else args.decode
+    if prefill < 0 or decode < 1:
+        raise ConfigError(f"expected --prefill >= 0 and --decode >= 1, got {prefill} and {decode}", field="--decode")
+    return PdPool(
+        prefill=prefill,
+        decode=decode,
+        prefill_sim_args=("--profile", args.prefill_profile or args.profile),
+        decode_sim_args=("--profile", args.decode_profile or args.profile),
+    )
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    # The simulator is a program of its own (`vllm-sim`), run in this process's place: the EPP never
+    # imports it.
+    argv = [sys.executable, "-m", "vllm_sim", *args.sim_args]
+    os.execv(argv[0], argv)
+    return 0  # not reached
+
+
+def cmd_envoy_config(args: argparse.Namespace) -> int:
+    from extproc.datalayer.endpoints_file import load_endpoints_file
+    from extproc.devstack import envoy_config
+
+    pool = [(e.host, e.port) for e in load_endpoints_file(args.pool_endpoints)] if args.pool_endpoints else []
+    settings = envoy_config.GatewaySettings(
+        listen_port=args.port,
+        epp_port=args.epp_port,
+        epp_host=args.epp_host,
+        epp_health_port=args.epp_health_port,
+        epp_tls=args.secure,
+        epp_tls_ca=args.epp_ca,
+        admin_port=args.admin_port,
+        listen_address="0.0.0.0",
+        request_body_mode=args.request_body_mode,
+        failure_mode_allow=args.fail_open,
+        fallback_endpoints=pool,
+        override_host_endpoints=pool,
+    )
+    print(yaml.safe_dump(envoy_config.render(settings), sort_keys=False), end="")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from extproc.cli.status import show_status
+
+    return show_status(args.url, decisions=args.decisions, raw=args.json)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"serve": cmd_serve, "up": cmd_up, "sim": cmd_sim, "envoy-config": cmd_envoy_config, "status": cmd_status}
+    try:
+        return handlers[args.command](args)
+    except ConfigError as e:
+        print(f"epp: configuration error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""Static discovery: the pool is listed in a YAML endpoints file, re-read whenever it changes.
+
+Changes are detected by polling the file's inode, size and mtime (following symlinks), which also
+catches the atomic `..data` symlink swap Kubernetes does when a mounted ConfigMap is updated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import yaml
+
+from extproc.datalayer.datastore import Datastore
+from pickers.framework.endpoint import EndpointSpec
+from pickers.framework.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_FIELDS = ("address", "host", "port", "name", "labels", "metricsPort", "metricsPath")
+
+
+def load_endpoints_file(path: str | os.PathLike[str]) -> list[EndpointSpec]:
+    """Read and validate an endpoints file. Raises ConfigError naming the file and the field."""
+    source = os.fspath(path)
+    return parse_endpoints_yaml(_read(source), source=source)
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read the endpoints file: {e}", source=path) from e
+
+
+def parse_endpoints_yaml(text: str, *, source: str | None = None) -> list[EndpointSpec]:
+    """Validate the text of an endpoints file."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"invalid YAML{where}: {problem}", source=source) from e
+    return parse_endpoints(doc, source=source)
+
+
+def parse_endpoints(doc: Any, *, source: str | None = None) -> list[EndpointSpec]:
+    """Validate an already-decoded endpoints document: `{endpoints: [...]}` or a bare list."""
+    if isinstance(doc, Mapping):
+        extra = sorted(str(k) for k in doc if k != "endpoints")
+        if extra:
+            raise ConfigError(
+                f"unknown top-level field(s) {', '.join(extra)}; expected 'endpoints'", source=source
+            )
+        items = doc.get("endpoints")
+        prefix = "endpoints"
+        if items is None:
+            items = []
+        if not isinstance(items, list):
+            raise ConfigError(f"expected a list, got {_show(items)}", source=source, field=prefix)
+    elif isinstance(doc, list):
+        items, prefix = doc, ""
+    else:
+        raise ConfigError(
+            f"expected a mapping with an 'endpoints' list, or a list, got {_show(doc)}",
+            source=source,
+        )
+
+    specs: list[EndpointSpec] = []
+    seen_addresses: dict[str, int] = {}
+    seen_names: dict[str, int] = {}
+    for i, item in enumerate(items):
+        where = f"{prefix}[{i}]"
+        spec = _parse_endpoint(item, source=source, where=where)
+        if spec.address in seen_addresses:
+            raise ConfigError(
+                f"duplicate address {spec.address} (also {prefix}[{seen_addresses[spec.address]}])",
+                source=source,
+                field=where,
+            )
+        if spec.name in seen_names:
+            raise ConfigError(
+                f"duplicate name {spec.name!r} (also {prefix}[{seen_names[spec.name]}])",
+                source=source,
+                field=f"{where}.name",
+            )
+        seen_addresses[spec.address] = i
+        seen_names[spec.name] = i
+        specs.append(spec)
+    return specs
+
+
+def _parse_endpoint(item: Any, *, source: str | None, where: str) -> EndpointSpec:
+    def fail(field: str | None, message: str) -> ConfigError:
+        return ConfigError(message, source=source, field=f"{where}.{field}" if field else where)
+
+    if not isinstance(item, Mapping):
+        raise fail(None, f"expected a mapping with 'address' and 'port', got {_show(item)}")
+    unknown = [str(k) for k in item if k not in _FIELDS]
+    if unknown:
+        raise fail(unknown[0], f"unknown field; expected one of {', '.join(_FIELDS)}")
+
+    if "address" in item and "host" in item:
+        raise fail("host", "give either 'address' or 'host', not both")
+    key = "host" if "host" in item else "address"
+    raw = item.get(key)
+    if raw is None:
+        raise fail("address", "missing; expected a host or IP address")
+    if not isinstance(raw, str) or not raw.strip():
+        raise fail(key, f"expected a host or IP address, got {_show(raw)}")
+    raw = raw.strip()
+    host, embedded_port = (
+        (None, None) if any(c.isspace() or c in "/?#@" for c in raw) else _split_host_port(raw)
+    )
+    if host is None:
+        raise fail(key, f"expected a host, IP address or host:port, got {_show(raw)}")
+
+    port = item.get("port")
+    if port is None:
+        if embedded_port is None:
+            raise fail("port", f"missing; give 'port' or write the {key} as host:port")
+        port_value = _port(embedded_port)
+        if port_value is None:
+            raise fail(key, f"port must be an integer 1-65535, got {_show(raw)}")
+    else:
+        port_value = _port(port)
+        if port_value is None:
+            raise fail("port", f"expected an integer 1-65535, got {_show(port)}")
+        if embedded_port is not None and _port(embedded_port) != port_value:
+            raise fail("port", f"{port_value} disagrees with the port in {key} {raw!r}")
+
+    metrics_port: int | None = None
+    if item.get("metricsPort") is not None:
+        metrics_port = _port(item["metricsPort"])
+        if metrics_port is None:
+            raise fail("metricsPort", f"expected an integer 1-65535, got {_show(item['metricsPort'])}")
+
+    metrics_path = item.get("metricsPath", "/metrics")
+    if not isinstance(metrics_path, str) or not metrics_path.startswith("/"):
+        raise fail("metricsPath", f"expected a path starting with '/', got {_show(metrics_path)}")
+
+    labels_raw = item.get("labels")
+    labels: dict[str, str] = {}
+    if labels_raw is not None:
+        if not isinstance(labels_raw, Mapping):
+            raise fail("labels", f"expected a mapping of strings, got {_show(labels_raw)}")
+        for k, v in labels_raw.items():
+            if not isinstance(k, str) or not k:
+                raise fail("labels", f"label names must be non-empty strings, got {_show(k)}")
+            if not isinstance(v, str):
+                raise fail(f"labels.{k}", f"expected a string (quote it), got {_show(v)}")
+            labels[k] = v
+
+    address = f"{host}:{port_value}"
+    name = item.get("name")
+    if name is None:
+        name = address
+    elif not isinstance(name, str) or not name:
+        raise fail("name", f"expected a non-empty string, got {_show(name)}")
+
+    return EndpointSpec(
+        name=name,
+        host=host,
+        port=port_value,
+        labels=labels,
+        metrics_port=metrics_port,
+        metrics_path=metrics_path,
+    )
+
+
+def _split_host_port(raw: str) -> tuple[str | None, str | None]:
+    """`host`, `host:port`, `v6`, `[v6]`, `[v6]:port` -> (host, port text). IPv6 hosts come back
+    bracketed so that `host:port` is a valid address for Envoy and a valid URL authority."""
+    if raw.startswith("["):
+        end = raw.find("]")
+        if end < 0:
+            return None, None
+        inner, rest = raw[1:end], raw[end + 1 :]
+        if not _is_ipv6(inner):
+            return None, None
+        if not rest:
+            return f"[{inner}]", None
+        if not rest.startswith(":"):
+            return None, None
+        return f"[{inner}]", rest[1:]
+    if raw.count(":") > 1:
+        return (f"[{raw}]", None) if _is_ipv6(raw) else (None, None)
+    if ":" in raw:
+        host, _, port = raw.partition(":")
+        return (host or None), port
+    return raw, None
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _port(value: Any) -> int | None:
+    if isinstance(value, str):
+        value = int(value) if value.isascii() and value.isdigit() and len(value) <= 5 else None
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value if 1 <= value <= 65535 else None
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _file_identity(path: str) -> tuple[int, int, int, int] | None:
+    """What changes when the file (or the target of its symlinks) changes; None if it is gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+# File mtimes tick coarsely (a few ms), so a same-size rewrite in place right after a read can
+# keep the identity: while the mtime is this recent, compare the content too.
+_RECENT_NS = 2_000_000_000
+
+
+class StaticFileDiscovery:
+    """Keeps the datastore's membership equal to the endpoints file.
+
+    `load()` reads the file once and raises ConfigError (call it at start-up to fail fast); `run()`
+    loads if that has not happened, then polls. A bad file seen later keeps the last good table and
+    logs its error once.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], datastore: Datastore, *, poll_interval: float = 1.0
+    ) -> None:
+        self.path = os.fspath(path)
+        self.datastore = datastore
+        self.poll_interval = poll_interval
+        self._identity: tuple[int, int, int, int] | None = None
+        self._text: str | None = None  # last text read, good or bad
+        self._loaded = False
+        self.last_error: str | None = None  # the error of the current bad file, if any
+
+    def load(self) -> list[EndpointSpec]:
+        """Read the file and set the membership. Raises ConfigError; the table is then unchanged."""
+        identity = _file_identity(self.path)  # before reading: a write racing the read shows later
+        text = _read(self.path)
+        specs = parse_endpoints_yaml(text, source=self.path)
+        self._identity, self._text = identity, text
+        self._apply(specs)
+        return specs
+
+    async def poll_once(self) -> bool:
+        """Reload if the file changed. Returns True when a new table was applied."""
+        identity = _file_identity(self.path)
+        if identity == self._identity and not (
+            identity is not None and time.time_ns() - identity[3] < _RECENT_NS
+        ):
+            return False
+        try:
+            text = await asyncio.to_thread(_read, self.path)
+        except ConfigError as e:
+            self._identity, self._text = identity, None
+            self._report(f"{e}; keeping the last endpoints")
+            return False
+        if text == self._text:
+            self._identity = identity
+            return False
+        self._identity, self._text = identity, text
+        try:
+            specs = parse_endpoints_yaml(text, source=self.path)
+        except ConfigError as e:
+            self._report(f"{e}; keeping the last endpoints")
+            return False
+        before = {ep.address for ep in self.datastore.candidates()}
+        self._apply(specs)
+        after = {s.address for s in specs}
+        log.info(
+            "endpoints file %s reloaded: %d endpoints (+%d, -%d)",
+            self.path, len(after), len(after - before), len(before - after),
+        )
+        return True
+
+    def _apply(self, specs: list[EndpointSpec]) -> None:
+        self.datastore.set_endpoints(specs)
+        self._loaded = True
+        if self.last_error is not None:
+            log.info("endpoints file %s is valid again", self.path)
+        self.last_error = None
+
+    def _report(self, message: str) -> None:
+        if message != self.last_error:
+            log.error("%s", message)
+        self.last_error = message
+
+    async def run(self) -> None:
+        if not self._loaded:
+            self.load()
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            await self.poll_once()

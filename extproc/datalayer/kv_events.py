@@ -1,0 +1,350 @@
+"""KV-cache events from model servers (vLLM's `--kv-events-config`; docs/precise-routing.md): decode vLLM's ZMQ messages and keep the
+precise prefix index (`pickers.kv_index.KVBlockIndex`) in step with what each engine holds.
+
+Wire format: a ZMQ PUB socket per engine, 3 frames `[topic, 8-byte big-endian sequence, msgpack]`,
+payload `[timestamp, [events...], data_parallel_rank?]`. Events are maps with a `type` key (vLLM
+0.32) or tagged arrays `["BlockStored", ...]` (older vLLM); both decode to the structs below, once,
+here. The subscriber connects a SUB socket to every endpoint's publisher (its port comes from the
+endpoint label `llm-epp/kv-events-port`, else the configured default, 5557), follows membership
+changes, detects lost messages by the sequence number and reconnects after errors.
+
+An endpoint's entries are dropped whenever its state may have changed unseen, so a restarted server
+gives no false hits before its first event: a sequence gap, a publisher back at sequence 0, the
+SUB connection dropping (a ZMQ socket monitor sees the TCP disconnect at once, ZMQ reconnects by
+itself), an error on the stream, and the endpoint's metrics scrape starting to fail (a server down
+or restarting; reported by the datastore). `KVEventSubscriber.resets` counts them by reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import msgspec
+
+from extproc.datalayer.datastore import Datastore
+from extproc.datalayer.supervisor import Backoff
+from pickers.framework.endpoint import Endpoint, EndpointSpec
+from pickers.indexes.kv_blocks import KVBlockIndex
+
+log = logging.getLogger(__name__)
+
+KV_EVENTS_PORT_LABEL = "llm-epp/kv-events-port"
+DEFAULT_KV_EVENTS_PORT = 5557
+
+BlockHash = int | bytes  # uint64 in vLLM 0.32; sha256 digests (bytes) in some versions
+
+
+# -- the events as vLLM sends them: maps with `type` ----------------------------------------
+class _MapEvent(msgspec.Struct, tag_field="type"):
+    pass
+
+
+class BlockStored(_MapEvent, tag="BlockStored"):
+    block_hashes: list[BlockHash]
+    parent_block_hash: BlockHash | None
+    token_ids: list[int]
+    block_size: int
+    lora_id: int | None = None
+    medium: str | None = None
+    lora_name: str | None = None
+
+
+class BlockRemoved(_MapEvent, tag="BlockRemoved"):
+    block_hashes: list[BlockHash]
+    medium: str | None = None
+
+
+class AllBlocksCleared(_MapEvent, tag="AllBlocksCleared"):
+    pass
+
+
+# -- the same as tagged arrays (older vLLM): extra trailing fields are ignored ---------------
+class _ArrayBlockStored(msgspec.Struct, array_like=True, tag="BlockStored"):
+    block_hashes: list[BlockHash]
+    parent_block_hash: BlockHash | None
+    token_ids: list[int]
+    block_size: int
+    lora_id: int | None = None
+    medium: str | None = None
+    lora_name: str | None = None
+
+
+class _ArrayBlockRemoved(msgspec.Struct, array_like=True, tag="BlockRemoved"):
+    block_hashes: list[BlockHash]
+    medium: str | None = None
+
+
+class _ArrayAllBlocksCleared(msgspec.Struct, array_like=True, tag="AllBlocksCleared"):
+    pass
+
+
+KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
+
+_map_event = msgspec.msgpack.Decoder(BlockStored | BlockRemoved | AllBlocksCleared)
+_array_event = msgspec.msgpack.Decoder(_ArrayBlockStored | _ArrayBlockRemoved | _ArrayAllBlocksCleared)
+
+
+class _Batch(msgspec.Struct, array_like=True):
+    ts: float
+    events: list[msgspec.Raw]
+    dp_rank: int | None = None
+
+
+_batch = msgspec.msgpack.Decoder(_Batch)
+
+
+class KVEventDecodeError(ValueError):
+    """A payload that is not an event batch."""
+
+
+@dataclass(slots=True, frozen=True)
+class EventBatch:
+    timestamp: float
+    events: list[KVEvent]
+    dp_rank: int | None = None
+    skipped: int = 0  # events of a type we do not know (or malformed), left out
+
+
+def _is_array(raw: bytes) -> bool:
+    first = raw[0] if raw else 0
+    return 0x90 <= first <= 0x9F or first in (0xDC, 0xDD)
+
+
+def decode_event(raw: bytes) -> KVEvent:
+    """One event in either encoding. Raises msgspec.DecodeError/ValidationError for others."""
+    if _is_array(raw):
+        e = _array_event.decode(raw)
+        if isinstance(e, _ArrayBlockStored):
+            return BlockStored(e.block_hashes, e.parent_block_hash, e.token_ids, e.block_size, e.lora_id, e.medium, e.lora_name)
+        if isinstance(e, _ArrayBlockRemoved):
+            return BlockRemoved(e.block_hashes, e.medium)
+        return AllBlocksCleared()
+    return _map_event.decode(raw)
+
+
+def decode_batch(payload: bytes) -> EventBatch:
+    """The third frame of a message. Unknown event types are skipped, not fatal."""
+    try:
+        decoded = _batch.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise KVEventDecodeError(f"not a KV event batch: {e}") from None
+    events: list[KVEvent] = []
+    skipped = 0
+    for raw in decoded.events:
+        try:
+            events.append(decode_event(bytes(raw)))
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            skipped += 1
+    return EventBatch(decoded.ts, events, decoded.dp_rank, skipped)
+
+
+def apply_events(index: KVBlockIndex, address: str, events: Sequence[KVEvent]) -> None:
+    for e in events:
+        if isinstance(e, BlockStored):
+            index.block_stored(address, e.block_hashes, e.parent_block_hash, e.token_ids, e.block_size, e.lora_name)
+        elif isinstance(e, BlockRemoved):
+            index.block_removed(address, e.block_hashes)
+        else:
+            index.clear_endpoint(address)
+
+
+class SequenceTracker:
+    """Per-stream sequence bookkeeping. `see(seq)` says what the message means for our state:
+    "ok" (next in order, or the first one), "gap" (messages were lost), "restart" (the publisher
+    started over from 0: a restarted engine, whose cache is empty)."""
+
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last: int | None = None
+
+    def see(self, seq: int) -> str:
+        last, self.last = self.last, seq
+        if last is None or seq == last + 1:
+            return "ok"
+        if seq <= last:
+            return "restart" if seq == 0 else "gap"  # a lower non-zero seq: a new publisher mid-stream
+        return "gap"
+
+
+def kv_events_address(spec: EndpointSpec, default_port: int | None) -> str | None:
+    """Where an endpoint publishes: its `llm-epp/kv-events-port` label, else the default port."""
+    raw = spec.labels.get(KV_EVENTS_PORT_LABEL)
+    port: int | None = default_port
+    if raw:
+        try:
+            port = int(raw)
+        except ValueError:
+            log.warning("endpoint %s: label %s=%r is not a port", spec.name, KV_EVENTS_PORT_LABEL, raw)
+            return None
+    return f"tcp://{spec.host}:{port}" if port else None
+
+
+class KVEventSubscriber:
+    """One SUB socket per endpoint while `run()` runs; the index follows the pool's membership."""
+
+    def __init__(
+        self,
+        datastore: Datastore,
+        index: KVBlockIndex,
+        *,
+        default_port: int | None = DEFAULT_KV_EVENTS_PORT,
+        address_of: Callable[[EndpointSpec, int | None], str | None] = kv_events_address,
+        idle_reconnect: float = 0.0,  # >0: reconnect a stream silent this long (0: trust ZMQ's own)
+    ) -> None:
+        self.datastore = datastore
+        self.index = index
+        self.default_port = default_port
+        self._address_of = address_of
+        self.idle_reconnect = idle_reconnect
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._ctx: object | None = None
+        self.messages = 0
+        self.gaps = 0
+        # times an endpoint's entries were dropped, by reason: gap, restart, disconnected,
+        # stream_error, scrape_failed (only counted when the index held that endpoint)
+        self.resets: Counter[str] = Counter()
+        datastore.on_membership_change(self._on_membership)
+        datastore.on_scrape_failure(self._on_scrape_failure)
+
+    @property
+    def subscribed(self) -> frozenset[str]:
+        return frozenset(self._tasks)
+
+    def _on_membership(self, added: tuple[Endpoint, ...], removed: tuple[Endpoint, ...]) -> None:
+        for ep in removed:
+            self.index.remove_endpoint(ep.address)
+        self._sync()
+
+    def reset_endpoint(self, address: str, reason: str) -> None:
+        """The endpoint's cache may have changed without events we saw: drop what we know of it
+        (no false hits); the events that follow rebuild it."""
+        if self.index.stats(address) is None:
+            return
+        held = self.index.blocks_of(address)
+        self.index.clear_endpoint(address)
+        self.resets[reason] += 1
+        if held:
+            log.info("kv events from %s: %s; its %d index entries are dropped until its events rebuild them", address, reason, held)
+
+    def _on_scrape_failure(self, ep: Endpoint, error: str) -> None:
+        self.reset_endpoint(ep.address, "scrape_failed")
+
+    async def run(self) -> None:
+        import zmq.asyncio
+
+        ctx = zmq.asyncio.Context()
+        self._ctx = ctx
+        try:
+            self._sync()
+            await asyncio.Event().wait()
+        finally:
+            self._ctx = None
+            tasks = list(self._tasks.values())
+            self._tasks.clear()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            ctx.destroy(linger=0)
+
+    def _sync(self) -> None:
+        if self._ctx is None:
+            return
+        wanted = {ep.address: ep.spec for ep in self.datastore.candidates()}
+        for address in list(self._tasks):
+            if address not in wanted:
+                self._tasks.pop(address).cancel()
+        loop = asyncio.get_running_loop()
+        for address, spec in wanted.items():
+            if address in self._tasks:
+                continue
+            zmq_address = self._address_of(spec, self.default_port)
+            if zmq_address is None:
+                continue
+            task = loop.create_task(self._follow(address, zmq_address), name=f"kv-events {address}")
+            self._tasks[address] = task
+            task.add_done_callback(lambda t, a=address: self._tasks.pop(a, None) if self._tasks.get(a) is t else None)
+
+    async def _follow(self, address: str, zmq_address: str) -> None:
+        """Subscribe to one endpoint's events until it leaves; reconnect with backoff after errors."""
+        backoff = Backoff(0.1, 5.0)
+        seq = SequenceTracker()  # kept across reconnects: what was lost meanwhile shows as a gap
+        while self.datastore.get(address) is not None:
+            try:
+                await self._stream(address, zmq_address, backoff, seq)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                if not isinstance(e, TimeoutError):  # an idle stream (idle_reconnect) says nothing about the cache
+                    self.reset_endpoint(address, "stream_error")
+                delay = backoff.next_delay()
+                log.warning("kv events from %s (%s): %s; reconnecting in %.1fs", address, zmq_address, e, delay)
+                await asyncio.sleep(delay)
+
+    async def _stream(self, address: str, zmq_address: str, backoff: Backoff, seq: SequenceTracker) -> None:
+        import zmq
+
+        ctx = self._ctx
+        assert ctx is not None
+        sock = ctx.socket(zmq.SUB)  # type: ignore[attr-defined]
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.SUBSCRIBE, b"")  # one publisher per socket: every topic is this endpoint's
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        watch = asyncio.create_task(self._watch_disconnects(address, monitor), name=f"kv-events monitor {address}")
+        sock.connect(zmq_address)
+        log.info("kv events: subscribed to %s for %s", zmq_address, address)
+        try:
+            while True:
+                if self.idle_reconnect > 0:
+                    frames = await asyncio.wait_for(sock.recv_multipart(), self.idle_reconnect)
+                else:
+                    frames = await sock.recv_multipart()
+                backoff.reset()
+                self.handle_message(address, frames, seq)
+        finally:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+            try:
+                sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            monitor.close(linger=0)
+            sock.close(linger=0)
+
+    async def _watch_disconnects(self, address: str, monitor: object) -> None:
+        """The SUB socket's TCP connection dropped (the server died or restarted; ZMQ reconnects by
+        itself, so the stream goes on): whatever happened meanwhile is unseen."""
+        import zmq
+
+        while True:
+            frames = await monitor.recv_multipart()  # type: ignore[attr-defined]
+            if len(frames) >= 1 and len(frames[0]) >= 2 and int.from_bytes(frames[0][:2], "little") == zmq.EVENT_DISCONNECTED:
+                self.reset_endpoint(address, "disconnected")
+
+    def handle_message(self, address: str, frames: Sequence[bytes], seq: SequenceTracker) -> None:
+        """One ZMQ message of an endpoint's stream (the socket-free part, tested on its own)."""
+        if len(frames) != 3 or len(frames[1]) != 8:
+            log.debug("kv events from %s: ignoring a message of %d frames", address, len(frames))
+            return
+        self.messages += 1
+        verdict = seq.see(int.from_bytes(frames[1], "big"))
+        if verdict == "gap":
+            self.gaps += 1
+            self.resets["gap"] += 1
+            log.warning("kv events from %s: messages lost; its index entries are reset and rebuilt from new events", address)
+            self.index.mark_gap(address)
+        elif verdict == "restart":
+            log.info("kv events from %s: the publisher restarted; its index entries are reset", address)
+            self.resets["restart"] += 1
+            self.index.clear_endpoint(address)
+        try:
+            batch = decode_batch(frames[2])
+        except KVEventDecodeError as e:
+            log.warning("kv events from %s: %s", address, e)
+            return
+        apply_events(self.index, address, batch.events)

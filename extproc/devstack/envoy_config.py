@@ -1,0 +1,212 @@
+"""Generate the Envoy configuration for a local gateway from the reference file envoy/llm-gateway.yaml.
+
+The reference file is the one template: we load it and set ports, body modes and the failure mode,
+and with fail-open add a route to a cluster of the pool's own endpoints (Envoy's
+`failure_mode_allow` alone does not fail open with an ORIGINAL_DST cluster: docs/kubernetes.md, Failure mode).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pickers.framework.errors import ConfigError
+
+REFERENCE = Path(__file__).resolve().parents[2] / "envoy" / "llm-gateway.yaml"
+BODY_MODES = ("FULL_DUPLEX_STREAMED", "BUFFERED")
+RESPONSE_BODY_MODES = ("FULL_DUPLEX_STREAMED", "STREAMED", "BUFFERED", "NONE")
+
+
+@dataclass(slots=True)
+class GatewaySettings:
+    listen_port: int
+    epp_port: int
+    admin_port: int
+    listen_address: str = "127.0.0.1"
+    epp_host: str = "127.0.0.1"
+    # The EPP's gRPC health port: Envoy health-checks the EPP there so it knows at once when the EPP
+    # is down or draining (see the llm-epp cluster in the reference file). 0: no active health check.
+    epp_health_port: int = 9003
+    # ext_proc over TLS (`epp serve --secure-serving`). Without a CA the EPP's certificate is not
+    # verified (the reference picker's self-signed default); with one, it must chain to it.
+    epp_tls: bool = False
+    epp_tls_ca: str | None = None  # PEM file
+    epp_tls_sni: str = ""
+    request_body_mode: str = "FULL_DUPLEX_STREAMED"
+    response_body_mode: str = "FULL_DUPLEX_STREAMED"
+    failure_mode_allow: bool = False
+    message_timeout: str = "10s"
+    access_log_path: str | None = None  # None: stdout, as in the reference file
+    # Route with Envoy's override-host policy over a cluster of these endpoints instead of
+    # ORIGINAL_DST: it understands the EPP's ordered list and retries on the next endpoint.
+    override_host_endpoints: Sequence[tuple[str, int]] = field(default_factory=tuple)
+    retries: int = 2
+    # With failure_mode_allow: where to send requests when the EPP cannot answer.
+    fallback_endpoints: Sequence[tuple[str, int]] = field(default_factory=tuple)
+
+
+def render(settings: GatewaySettings, reference: Path = REFERENCE) -> dict[str, Any]:
+    if settings.request_body_mode not in BODY_MODES:
+        raise ConfigError(f"expected one of {', '.join(BODY_MODES)}, got {settings.request_body_mode!r}", field="request body mode")
+    if settings.response_body_mode not in RESPONSE_BODY_MODES:
+        raise ConfigError(
+            f"expected one of {', '.join(RESPONSE_BODY_MODES)}, got {settings.response_body_mode!r}", field="response body mode"
+        )
+    cfg = yaml.safe_load(reference.read_text())
+    cfg["admin"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": settings.admin_port}
+    listener = cfg["static_resources"]["listeners"][0]
+    listener["address"]["socket_address"] = {"address": settings.listen_address, "port_value": settings.listen_port}
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    if settings.access_log_path:
+        log = hcm["access_log"][0]
+        log["name"] = "envoy.access_loggers.file"
+        log["typed_config"] = {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": settings.access_log_path,
+            "log_format": log["typed_config"]["log_format"],
+        }
+    ext_proc = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc")["typed_config"]
+    ext_proc["failure_mode_allow"] = settings.failure_mode_allow
+    ext_proc["message_timeout"] = settings.message_timeout
+    mode = ext_proc["processing_mode"]
+    mode["request_body_mode"] = settings.request_body_mode
+    mode["response_body_mode"] = settings.response_body_mode
+    clusters = cfg["static_resources"]["clusters"]
+    epp = next(c for c in clusters if c["name"] == "llm-epp")
+    epp_endpoint = epp["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    epp_endpoint["address"]["socket_address"] = {"address": settings.epp_host, "port_value": settings.epp_port}
+    if settings.epp_health_port:
+        epp_endpoint["health_check_config"] = {"port_value": settings.epp_health_port}
+    else:
+        del epp["health_checks"]
+        epp_endpoint.pop("health_check_config", None)
+    if settings.epp_tls:
+        _epp_tls(epp, settings)
+    if settings.override_host_endpoints:
+        pool = next(c for c in clusters if c["name"] == "llm-pool")
+        pool.clear()
+        pool.update(_override_host_cluster(settings.override_host_endpoints))
+        route = hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
+        route["retry_policy"] = {
+            "retry_on": "connect-failure,refused-stream,reset,retriable-status-codes",
+            "retriable_status_codes": [502, 503, 504],
+            "num_retries": settings.retries,
+        }
+    if settings.failure_mode_allow and settings.fallback_endpoints:
+        clusters.append(_fallback_cluster(settings.fallback_endpoints))
+        routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+        routes.append({"name": "fail-open", "match": {"prefix": "/"}, "route": {"cluster": "llm-pool-fallback", "timeout": "0s"}})
+    return cfg
+
+
+def _epp_tls(epp: dict[str, Any], settings: GatewaySettings) -> None:
+    tls: dict[str, Any] = {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        # gRPC over TLS negotiates HTTP/2 with ALPN
+        "common_tls_context": {"alpn_protocols": ["h2"]},
+    }
+    if settings.epp_tls_sni:
+        tls["sni"] = settings.epp_tls_sni
+    if settings.epp_tls_ca:
+        tls["common_tls_context"]["validation_context"] = {"trusted_ca": {"filename": settings.epp_tls_ca}}
+    epp["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": tls}
+    if "health_checks" in epp:
+        # The health port stays plaintext (Kubernetes gRPC probes cannot speak TLS): health checks
+        # pick the plain transport socket through a match that no endpoint carries.
+        epp["transport_socket_matches"] = [
+            {
+                "name": "plaintext-health",
+                "match": {"llm-epp.health": "plaintext"},
+                "transport_socket": {
+                    "name": "envoy.transport_sockets.raw_buffer",
+                    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"},
+                },
+            }
+        ]
+        for hc in epp["health_checks"]:
+            hc["transport_socket_match_criteria"] = {"llm-epp.health": "plaintext"}
+
+
+def _override_host_cluster(endpoints: Sequence[tuple[str, int]]) -> dict[str, Any]:
+    cluster = _fallback_cluster(endpoints)
+    cluster["name"] = cluster["load_assignment"]["cluster_name"] = "llm-pool"
+    del cluster["lb_policy"]
+    cluster["load_balancing_policy"] = {
+        "policies": [
+            {
+                "typed_extension_config": {
+                    "name": "envoy.load_balancing_policies.override_host",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost",
+                        "override_host_sources": [{"header": "x-gateway-destination-endpoint"}],
+                        "fallback_policy": {
+                            "policies": [
+                                {
+                                    "typed_extension_config": {
+                                        "name": "envoy.load_balancing_policies.least_request",
+                                        "typed_config": {
+                                            "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest"
+                                        },
+                                    }
+                                }
+                            ]
+                        },
+                    },
+                }
+            }
+        ]
+    }
+    return cluster
+
+
+def _pool_circuit_breakers() -> dict[str, Any]:
+    """The limits of the reference file's llm-pool cluster, not Envoy's defaults of 1024 (see there)."""
+    limits = {"max_connections": 100000, "max_pending_requests": 100000, "max_requests": 100000}
+    return {"thresholds": [{"priority": "DEFAULT", **limits}]}
+
+
+def _fallback_cluster(endpoints: Sequence[tuple[str, int]]) -> dict[str, Any]:
+    return {
+        "name": "llm-pool-fallback",
+        "type": "STATIC",
+        "lb_policy": "LEAST_REQUEST",
+        "connect_timeout": "5s",
+        "circuit_breakers": _pool_circuit_breakers(),
+        "load_assignment": {
+            "cluster_name": "llm-pool-fallback",
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
+                        for host, port in endpoints
+                    ]
+                }
+            ],
+        },
+    }
+
+
+def write(settings: GatewaySettings, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(render(settings), sort_keys=False))
+    return path
+
+
+def render_direct(
+    listen_port: int, admin_port: int, endpoints: Sequence[tuple[str, int]], access_log_path: str | None = None
+) -> dict[str, Any]:
+    """The same gateway without ext_proc: Envoy round-robins over the pool. The benchmarks' baseline."""
+    cfg = render(GatewaySettings(listen_port=listen_port, epp_port=1, admin_port=admin_port, access_log_path=access_log_path))
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"]
+    hcm["route_config"]["virtual_hosts"][0]["routes"] = [
+        {"name": "round-robin", "match": {"prefix": "/"}, "route": {"cluster": "llm-pool-rr", "timeout": "0s"}}
+    ]
+    rr = _fallback_cluster(endpoints)
+    rr["name"] = rr["load_assignment"]["cluster_name"] = "llm-pool-rr"
+    rr["lb_policy"] = "ROUND_ROBIN"
+    cfg["static_resources"]["clusters"] = [rr]
+    return cfg

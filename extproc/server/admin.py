@@ -1,0 +1,183 @@
+"""Live views of a running EPP, as JSON over HTTP (`--admin-port`, on 127.0.0.1 unless configured):
+
+    /debug/endpoints   each endpoint's state: role, health, scraped load, in-flight, prefix blocks held
+    /debug/config      the effective scheduling profiles and the serve options
+    /debug/decisions   the most recent routing decisions (newest last), with scores when explaining
+    /debug/runtime     process numbers for soak checks: RSS, asyncio tasks, open ext_proc streams,
+                       in-flight requests and tokens, prefix index size and bound
+
+`epp status` reads them. Built on demand from the datastore, the prefix index and the Director.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from aiohttp import web
+
+from extproc.datalayer.datastore import Datastore
+from extproc.requestcontrol.director import Director
+from pickers.framework.endpoint import ROLE_LABEL
+from pickers.framework.scheduler import Scheduler
+from pickers.indexes.prefix import ApproxPrefixIndex
+
+
+def endpoints_view(
+    datastore: Datastore, prefix_index: ApproxPrefixIndex | None, precise: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """`precise`: plugin name -> precise-prefix-cache-scorer; each endpoint then also shows the blocks
+    each precise index holds for it (`precise_prefix_blocks`, by plugin name)."""
+    now = time.monotonic()
+    out = []
+    for ep in datastore.candidates():
+        m = ep.metrics
+        age = ep.metrics_age(now)
+        stale = datastore.is_stale(ep, now)
+        out.append({
+            "name": ep.name,
+            "address": ep.address,
+            "role": ep.labels.get(ROLE_LABEL, ""),
+            "healthy": ep.scrape_error is None and not stale,
+            "stale": stale,
+            "scrape_error": ep.scrape_error,
+            "last_scrape_age_s": None if math.isinf(age) else round(age, 3),
+            "waiting": m.waiting,
+            "running": m.running,
+            "kv_usage": m.kv_usage,
+            "in_flight": ep.in_flight,
+            "in_flight_tokens": ep.in_flight_tokens,
+            "prefix_blocks": prefix_index.blocks_of(ep.address) if prefix_index is not None else 0,
+            "num_gpu_blocks": m.num_gpu_blocks,
+            "running_lora_adapters": sorted(m.running_lora_adapters),
+        })  # fmt: skip
+        if precise:
+            out[-1]["precise_prefix_blocks"] = {name: p.index.blocks_of(ep.address) for name, p in precise.items()}
+    return out
+
+
+def _plugin(p: object, **extra: object) -> dict[str, object]:
+    return {"type": getattr(p, "type", type(p).__name__), "name": getattr(p, "name", ""), **extra}
+
+
+def scheduling_view(scheduler: Scheduler) -> dict[str, Any]:
+    handler = scheduler.handler
+    return {
+        "profile_handler": _plugin(handler) if handler is not None else None,
+        "explain_scores": scheduler.explain,
+        "profiles": [
+            {
+                "name": name,
+                "filters": [_plugin(f) for f in prof.filters],
+                "scorers": [_plugin(ws.scorer, weight=ws.weight) for ws in prof.scorers],
+                "picker": _plugin(prof.picker),
+            }
+            for name, prof in scheduler.profiles.items()
+        ],
+    }
+
+
+def decisions_view(director: Director, limit: int | None = None) -> list[dict[str, Any]]:
+    items = list(director.decisions)
+    if limit is not None:
+        items = items[-limit:] if limit > 0 else []
+    return [
+        {"time": t, "request_id": rid, "model": model, "chosen": dest.split(",") if dest else [], "profile": profile,
+         "scores": scores, "error": error}
+        for t, rid, model, dest, profile, scores, error in items
+    ]  # fmt: skip
+
+
+def _status_kib(field: str) -> int | None:
+    """A `/proc/self/status` value in KiB (VmRSS, VmHWM); None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def runtime_view(
+    datastore: Datastore, prefix_index: ApproxPrefixIndex | None, extra: Callable[[], Mapping[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Cheap numbers (no walk over requests) that must return to their idle values after load."""
+    eps = datastore.candidates()
+    try:
+        tasks = len(asyncio.all_tasks())
+    except RuntimeError:  # no running loop (called outside the server)
+        tasks = 0
+    return {
+        "rss_kib": _status_kib("VmRSS"),
+        "rss_peak_kib": _status_kib("VmHWM"),
+        "asyncio_tasks": tasks,
+        "in_flight": sum(ep.in_flight for ep in eps),
+        "in_flight_tokens": sum(ep.in_flight_tokens for ep in eps),
+        "prefix_index_size": prefix_index.size() if prefix_index is not None else 0,
+        "prefix_index_bound": prefix_index.bound() if prefix_index is not None else 0,
+        **(extra() if extra is not None else {}),
+    }
+
+
+def options_view(opts: object) -> dict[str, Any]:
+    """The serve options as plain JSON (nested dataclasses too)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(opts):  # type: ignore[arg-type]
+        v = getattr(opts, f.name)
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            v = options_view(v)
+        elif isinstance(v, Mapping):
+            v = dict(v)
+        elif not isinstance(v, (str, int, float, bool, type(None), list, tuple)):
+            v = str(v)
+        out[f.name] = v
+    return out
+
+
+def admin_app(
+    datastore: Datastore,
+    prefix_index: ApproxPrefixIndex | None,
+    director: Director,
+    config: Mapping[str, Any],
+    runtime: Callable[[], Mapping[str, Any]] | None = None,
+) -> web.Application:
+    async def endpoints(request: web.Request) -> web.Response:
+        from pickers.plugins.scorer.precise_prefix import precise_scorers
+
+        precise = precise_scorers(director.scheduler.profiles.values())
+        return web.json_response({"endpoints": endpoints_view(datastore, prefix_index, precise)})
+
+    async def config_handler(request: web.Request) -> web.Response:
+        return web.json_response({**config, "scheduling": scheduling_view(director.scheduler)}, dumps=_dumps)
+
+    async def decisions(request: web.Request) -> web.Response:
+        try:
+            limit = int(request.query["limit"]) if "limit" in request.query else None
+        except ValueError:
+            raise web.HTTPBadRequest(text="limit must be an integer") from None
+        return web.json_response({"decisions": decisions_view(director, limit)})
+
+    async def runtime_handler(request: web.Request) -> web.Response:
+        return web.json_response(runtime_view(datastore, prefix_index, runtime))
+
+    async def index(request: web.Request) -> web.Response:
+        return web.json_response({"views": ["/debug/endpoints", "/debug/config", "/debug/decisions", "/debug/runtime"]})
+
+    app = web.Application()
+    app.router.add_get("/", index)
+    app.router.add_get("/debug/endpoints", endpoints)
+    app.router.add_get("/debug/config", config_handler)
+    app.router.add_get("/debug/decisions", decisions)
+    app.router.add_get("/debug/runtime", runtime_handler)
+    return app
+
+
+def _dumps(obj: object) -> str:
+    return json.dumps(obj, default=str)

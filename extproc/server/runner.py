@@ -1,0 +1,344 @@
+"""The EPP process: the ext_proc gRPC server, gRPC health, the metrics endpoint and the background
+tasks (discovery, scraping), assembled from the datastore, the scheduler and the Director.
+
+The servicer only moves messages between gRPC and `RequestStream`; all protocol logic is there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from aiohttp import web
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from extproc.datalayer.datastore import Datastore
+from extproc.datalayer.endpoints_file import StaticFileDiscovery, load_endpoints_file
+from extproc.datalayer.kv_events import KVEventSubscriber
+from extproc.datalayer.scraper import MetricsScraper
+from extproc.datalayer.supervisor import Supervisor
+from extproc.handlers.request_stream import DEFAULT_MAX_BODY, ProtocolError, RequestStream
+from extproc.observability.metrics import EppMetrics
+from extproc.requestcontrol.director import Director
+from extproc.requestcontrol.objectives import ObjectiveStore, load_objectives_file
+from extproc.requestcontrol.rewrites import RewriteStore, load_rewrites_file
+from extproc.requestcontrol.saturation import SaturationConfig, SaturationDetector
+from pickers.config.loader import load_config, load_config_file
+from pickers.config.strategies import build_profile
+from pickers.framework.scheduler import Scheduler
+from pickers.framework.types import ProfileHandler, SchedulingProfile
+from pickers.indexes.prefix import ApproxPrefixIndex
+from pickers.plugins.base import PluginContext
+from pickers.plugins.scorer.precise_prefix import precise_scorers
+
+if TYPE_CHECKING:  # imported when used: the Kubernetes client costs half a second to import
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from extproc.kubernetes.runtime import KubernetesOptions, KubernetesRuntime
+
+log = logging.getLogger(__name__)
+
+EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+_GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+    ("grpc.max_send_message_length", 256 * 1024 * 1024),
+    ("grpc.so_reuseport", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    # Streams that arrived but the event loop has not picked up yet: gRPC cancels them at random
+    # above 1,000 (hard at 3,000), which a burst of ~2,000 new requests reaches (each a 500 or a
+    # fail-open). Let bursts queue instead; Envoy's message_timeout still bounds the wait.
+    ("grpc.server.max_pending_requests", 50_000),
+    ("grpc.server.max_pending_requests_hard_limit", 100_000),
+]
+
+
+@dataclass(slots=True)
+class ServeOptions:
+    grpc_port: int = 9002
+    grpc_health_port: int = 9003
+    metrics_port: int = 9090
+    bind_address: str = "0.0.0.0"
+    endpoints_file: str | None = None
+    strategy: str = "default"
+    config_file: str | None = None  # an EndpointPickerConfig; replaces `strategy`
+    config_text: str | None = None  # the same, inline (--config-text)
+    max_endpoints: int = 1
+    refresh_metrics_interval: float = 0.05
+    metrics_staleness_threshold: float = 2.0
+    max_body_bytes: int = DEFAULT_MAX_BODY
+    explain_scores: bool = False
+    log_requests: bool = False  # one log line per request (INFO); off: nothing per request at INFO
+    admin_port: int = 9091  # /debug/endpoints, /debug/config, /debug/decisions; 0: off
+    admin_address: str = "127.0.0.1"  # the live views show the pool: loopback unless asked
+    grace_period: float = 30.0
+    # On SIGTERM, report NOT_SERVING but keep taking streams this long, so Envoy's health check
+    # (1 s in envoy/llm-gateway.yaml) stops sending before the port closes: no request meets a closed port.
+    shutdown_delay: float = 0.0
+    pool_name: str = ""
+    secure_serving: bool = False  # ext_proc over TLS (the health and metrics ports stay plaintext for probes)
+    cert_path: str | None = None  # directory with tls.crt and tls.key; None: a self-signed certificate
+    kubernetes: KubernetesOptions | None = None  # discovery from the API server, leader election
+    objectives_file: str | None = None  # YAML list of {name, priority}, for use without Kubernetes
+    model_rewrites_file: str | None = None  # InferenceModelRewrite rules, for use without Kubernetes
+    tracing: bool = False  # OpenTelemetry spans per request (the `otel` extra); off: OpenTelemetry is never imported
+    tracing_sample_ratio: float = 1.0  # of requests arriving without a sampled traceparent
+
+
+class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
+    def __init__(self, director: Director, max_body_bytes: int) -> None:
+        self.director = director
+        self.max_body_bytes = max_body_bytes
+        self.active_streams = 0
+
+    async def Process(  # noqa: N802 (gRPC method name)
+        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
+    ) -> None:
+        # context.read/write rather than an async generator: measurably less CPU per message.
+        stream = RequestStream(self.director, max_body_bytes=self.max_body_bytes)
+        self.active_streams += 1
+        read, write, eof = context.read, context.write, grpc.aio.EOF
+        try:
+            while (msg := await read()) is not eof:
+                try:
+                    out = stream.handle(msg)
+                except ProtocolError as e:
+                    log.warning("request %s: %s", stream.request.request_id if stream.request else "?", e)
+                    await write(stream.protocol_error_response(e))
+                    return
+                except Exception as e:  # a bug must cost one request, not the stream's bookkeeping
+                    log.exception("request %s: internal error", stream.request.request_id if stream.request else "?")
+                    await write(stream.protocol_error_response(ProtocolError(stream.state, f"internal error: {e}")))
+                    return
+                for resp in out:
+                    await write(resp)
+        finally:
+            stream.close()
+            self.active_streams -= 1
+
+
+class EppServer:
+    """Owns every part of one EPP process; `start`/`stop` bring them up and down in order."""
+
+    def __init__(self, opts: ServeOptions) -> None:
+        self.opts = opts
+        self.datastore = Datastore(metrics_stale_after=opts.metrics_staleness_threshold)
+        self.metrics = EppMetrics(pool_name=opts.pool_name)
+        self.prefix_index = ApproxPrefixIndex()
+        self.datastore.on_membership_change(self._on_membership_change)
+        self._saturation_config = SaturationConfig()
+        profiles, handler = self._build_profiles()
+        self._profiles = profiles
+        self.scheduler = Scheduler(
+            profiles, metrics_stale_after=opts.metrics_staleness_threshold, handler=handler, explain=opts.explain_scores,
+            timer=self.metrics.plugin_timer,
+        )
+        self.metrics.attach(self.datastore, self.prefix_index)
+        self.metrics.attach_precise(self.scheduler.profiles.values())
+        self.objectives = ObjectiveStore(load_objectives_file(opts.objectives_file) if opts.objectives_file else None)
+        self.rewrites = RewriteStore(load_rewrites_file(opts.model_rewrites_file) if opts.model_rewrites_file else ())
+        self.saturation = SaturationDetector(self.datastore, self._saturation_config)
+        self.tracer_provider: TracerProvider | None = None
+        director_kwargs: dict[str, Any] = dict(
+            log_requests=opts.log_requests, objectives=self.objectives, rewrites=self.rewrites, saturation=self.saturation
+        )
+        if opts.tracing:
+            from extproc.requestcontrol.tracing import TracedDirector, build_provider  # ConfigError without the `otel` extra
+
+            self.tracer_provider = build_provider(opts.tracing_sample_ratio)
+            tracer = self.tracer_provider.get_tracer("llm-epp", self.metrics.version)
+            self.director: Director = TracedDirector(self.datastore, self.scheduler, self.metrics, tracer=tracer, **director_kwargs)
+        else:
+            self.director = Director(self.datastore, self.scheduler, self.metrics, **director_kwargs)
+        self.servicer = ExtProcServicer(self.director, opts.max_body_bytes)
+        self.health = health_aio.HealthServicer()
+        self.supervisor = Supervisor()
+        self.kubernetes: KubernetesRuntime | None = None
+        self._ready: bool | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._health_grpc: grpc.aio.Server | None = None
+        self._metrics_runner: web.AppRunner | None = None
+        self._admin_runner: web.AppRunner | None = None
+        self.admin_port = 0
+        self.grpc_port = 0
+        self.health_port = 0
+        self.metrics_port = 0
+
+    def _build_profiles(self) -> tuple[tuple[SchedulingProfile, ...], ProfileHandler | None]:
+        """From --config-file / --config-text, else the named strategy. Raises ConfigError."""
+        opts = self.opts
+        if opts.config_file is None and opts.config_text is None:
+            return (build_profile(opts.strategy, self.prefix_index, max_endpoints=opts.max_endpoints),), None
+        ctx = PluginContext(self.prefix_index, random.Random(), opts.max_endpoints)
+        if opts.config_text is not None:
+            cfg = load_config(opts.config_text, "--config-text", ctx)
+        else:
+            assert opts.config_file is not None
+            cfg = load_config_file(opts.config_file, ctx)
+        self._saturation_config = SaturationConfig.from_config(cfg.saturation_detector, cfg.source)
+        return cfg.profiles, cfg.profile_handler
+
+    @property
+    def scheduling_source(self) -> str:
+        opts = self.opts
+        if opts.config_text is not None:
+            return "config --config-text"
+        return f"config {opts.config_file}" if opts.config_file else f"strategy {opts.strategy}"
+
+    def _on_membership_change(self, added: tuple, removed: tuple) -> None:  # type: ignore[type-arg]
+        for ep in removed:
+            self.prefix_index.remove_endpoint(ep.address)
+        if added or removed:
+            log.info(
+                "endpoints: %d in pool (+%s -%s)",
+                len(self.datastore),
+                ",".join(e.address for e in added) or "0",
+                ",".join(e.address for e in removed) or "0",
+            )
+
+    async def start(self) -> None:
+        opts = self.opts
+        if opts.endpoints_file:
+            # Load once up front so a bad file stops start-up with its error, then watch it.
+            self.datastore.set_endpoints(load_endpoints_file(opts.endpoints_file))
+            discovery = StaticFileDiscovery(opts.endpoints_file, self.datastore)
+            self.supervisor.start("static-discovery", discovery.run)
+        if opts.kubernetes is not None and (opts.kubernetes.discovers or opts.kubernetes.leader_election):
+            from extproc.kubernetes.runtime import KubernetesRuntime
+
+            self.kubernetes = KubernetesRuntime(opts.kubernetes, self.datastore, objectives=self.objectives, rewrites=self.rewrites)
+            await self.kubernetes.start(self.supervisor)
+        scraper = MetricsScraper(
+            self.datastore, interval=opts.refresh_metrics_interval, timeout=max(0.5, opts.metrics_staleness_threshold / 2)
+        )
+        self.supervisor.start("metrics-scraper", scraper.run)
+        # Each precise-prefix-cache-scorer's index is fed by a KV-event subscriber of ours (a scorer in
+        # several profiles gets one).
+        for name, scorer in precise_scorers(self._profiles).items():
+            if scorer.subscribe:
+                scorer.subscriber = KVEventSubscriber(self.datastore, scorer.index, default_port=scorer.kv_events_port or None)
+                self.supervisor.start(f"kv-events/{name}", scorer.subscriber.run)
+
+        self._grpc = grpc.aio.server(options=_GRPC_OPTIONS)
+        pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, self._grpc)
+        self.grpc_port = self._add_ext_proc_port(self._grpc)
+        await self._grpc.start()
+
+        self._health_grpc = grpc.aio.server(options=_GRPC_OPTIONS)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_grpc)
+        self.health_port = self._health_grpc.add_insecure_port(f"{opts.bind_address}:{opts.grpc_health_port}")
+        await self._health_grpc.start()
+        serving = health_pb2.HealthCheckResponse.SERVING
+        await self.health.set("liveness", serving)
+        await self._update_readiness()
+        if self.kubernetes is not None:
+            self.supervisor.start("readiness", self._track_readiness)
+
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics_handler)
+        self._metrics_runner = web.AppRunner(app, access_log=None)
+        await self._metrics_runner.setup()
+        site = web.TCPSite(self._metrics_runner, opts.bind_address, opts.metrics_port)
+        await site.start()
+        self.metrics_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        await self._start_admin()
+        log.info(
+            "llm-epp serving ext_proc on :%d, health on :%d, metrics on :%d (%s, %d endpoints)",
+            self.grpc_port, self.health_port, self.metrics_port, self.scheduling_source, len(self.datastore),
+        )
+
+    def _add_ext_proc_port(self, server: grpc.aio.Server) -> int:
+        opts = self.opts
+        address = f"{opts.bind_address}:{opts.grpc_port}"
+        if not opts.secure_serving:
+            return server.add_insecure_port(address)
+        from extproc.server.tls import load_certificate, self_signed
+
+        cert = load_certificate(opts.cert_path) if opts.cert_path else self_signed()
+        log.info("ext_proc serves TLS with the %s certificate", "self-signed" if not opts.cert_path else f"{cert.source}/tls.crt")
+        return server.add_secure_port(address, grpc.ssl_server_credentials([(cert.key_pem, cert.cert_pem)]))
+
+    async def _start_admin(self) -> None:
+        """The live views; a port already taken costs the views, not the EPP."""
+        opts = self.opts
+        if not opts.admin_port:
+            return
+        from extproc.server.admin import admin_app, options_view
+
+        config = {"version": self.metrics.version, "scheduling_source": self.scheduling_source, "options": options_view(opts)}
+        runtime = lambda: {"active_streams": self.servicer.active_streams}  # noqa: E731
+        runner = web.AppRunner(admin_app(self.datastore, self.prefix_index, self.director, config, runtime), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, opts.admin_address, opts.admin_port)
+        try:
+            await site.start()
+        except OSError as e:
+            log.warning("admin views off: cannot listen on %s:%d (%s)", opts.admin_address, opts.admin_port, e)
+            await runner.cleanup()
+            return
+        self._admin_runner = runner
+        self.admin_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        log.info("admin views on http://%s:%d/debug/", opts.admin_address, self.admin_port)
+
+    async def _metrics_handler(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.exposition(), content_type="text/plain", charset="utf-8")
+
+    def is_ready(self) -> bool:
+        """Readiness: the pool is synced and, with leader election, this replica leads."""
+        return self.kubernetes is None or self.kubernetes.ready()
+
+    async def _update_readiness(self) -> None:
+        ready = self.is_ready()
+        if ready == self._ready:
+            return
+        self._ready = ready
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", "readiness", EXT_PROC_SERVICE):
+            await self.health.set(service, status)
+        if self.kubernetes is not None:
+            log.info("readiness: %s", "SERVING" if ready else "NOT_SERVING")
+
+    async def _track_readiness(self) -> None:
+        # Synced and leader are plain flags set by their tasks; a short poll keeps them apart.
+        while True:
+            await self._update_readiness()
+            await asyncio.sleep(0.1)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop taking new streams, let open ones finish (up to `grace` seconds), then stop tasks."""
+        grace = self.opts.grace_period if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self.opts.shutdown_delay > 0:
+            await asyncio.sleep(self.opts.shutdown_delay)
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+        await self.supervisor.stop()
+        if self.kubernetes is not None:
+            await self.kubernetes.close()
+        if self._health_grpc is not None:
+            await self._health_grpc.stop(0)
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+        if self.tracer_provider is not None:
+            await asyncio.to_thread(self.tracer_provider.shutdown)  # exports the spans still batched
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down: draining %d open streams (up to %.0fs)", self.servicer.active_streams, self.opts.grace_period)
+        await self.stop()

@@ -1,0 +1,1 @@
+"""EndpointPickerConfig: the loader, the registry of plugin types and the built-in strategies."""

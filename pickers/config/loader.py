@@ -1,0 +1,283 @@
+"""EndpointPickerConfig (docs/configuration.md): YAML in, plugins and scheduling profiles out, validated once.
+
+Errors name the source (a file path or `--config-text`), the field path (`schedulingProfiles[0].
+plugins[1].pluginRef`) and what was expected. Defaults follow the reference picker: no profiles -> one
+`default` profile with every filter, scorer and picker; one profile -> `single-profile-handler`; no
+picker -> `max-score-picker`; weight 1. Several profiles need a profile handler (`disagg-profile-handler`
+for P/D), which is bound to its profiles and decider by name once everything is built.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pickers.config.registry import create_plugin
+from pickers.framework.errors import ConfigError
+from pickers.framework.params import ParameterError
+from pickers.framework.types import Filter, Picker, ProfileHandler, SchedulingProfile, Scorer, WeightedScorer
+from pickers.plugins.base import PluginContext
+from pickers.plugins.profile.handlers import SingleProfileHandler
+
+API_VERSIONS = ("inference.networking.x-k8s.io/v1alpha1", "llm-d.ai/v1alpha1")
+KIND = "EndpointPickerConfig"
+_TOP_LEVEL = ("apiVersion", "kind", "plugins", "schedulingProfiles", "featureGates", "saturationDetector", "flowControl")
+_PLUGIN_KEYS = ("name", "type", "parameters")
+_PROFILE_KEYS = ("name", "plugins")
+_REF_KEYS = ("pluginRef", "weight")
+DEFAULT_PICKER = "max-score-picker"
+
+# The reference picker's default (GIE): `epp serve` with no config and `--strategy default` use it.
+DEFAULT_CONFIG_TEXT = """\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: prefix-cache-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 2
+  - pluginRef: prefix-cache-scorer
+    weight: 3
+  - pluginRef: max-score-picker
+"""
+
+
+@dataclass(slots=True, frozen=True)
+class EndpointPickerConfig:
+    source: str
+    api_version: str
+    plugins: Mapping[str, object]  # by name, in config order
+    profiles: tuple[SchedulingProfile, ...]
+    profile_handler: ProfileHandler
+    feature_gates: tuple[str, ...] = ()
+    saturation_detector: Mapping[str, Any] = field(default_factory=dict)  # read by extproc.saturation
+    flow_control: Mapping[str, Any] = field(default_factory=dict)  # stored, not yet acted on
+
+    @property
+    def profile(self) -> SchedulingProfile:
+        """The first profile: the only one unless a handler such as disagg-profile-handler runs several."""
+        return self.profiles[0]
+
+
+def load_config_file(path: str | Path, ctx: PluginContext | None = None) -> EndpointPickerConfig:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read the config file: {e.strerror or e}", source=str(path)) from None
+    return load_config(text, str(path), ctx)
+
+
+def load_config(text: str, source: str, ctx: PluginContext | None = None) -> EndpointPickerConfig:
+    """Parse, validate and build. `ctx` carries the shared prefix index, datastore and rng."""
+    return _Loader(source, ctx or PluginContext()).load(text)
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "nothing"
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}.get(type(value), type(value).__name__)
+
+
+class _Loader:
+    def __init__(self, source: str, ctx: PluginContext) -> None:
+        self.source = source
+        self.ctx = ctx
+
+    def error(self, field_path: str | None, message: str) -> ConfigError:
+        return ConfigError(message, source=self.source, field=field_path or None)
+
+    def expect_mapping(self, value: object, path: str, keys: tuple[str, ...]) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.error(path, f"expected a mapping, got {_kind(value)}")
+        for k in value:
+            if k not in keys:
+                where = f"{path}.{k}" if path else str(k)
+                raise self.error(where, f"unknown field; expected one of {', '.join(keys)}")
+        return value
+
+    def expect_list(self, value: object, path: str) -> list[Any]:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise self.error(path, f"expected a list, got {_kind(value)}")
+        return value
+
+    def expect_name(self, value: object, path: str) -> str:
+        if not isinstance(value, str) or not value:
+            raise self.error(path, f"expected a non-empty string, got {_kind(value)} {value!r}")
+        return value
+
+    def load(self, text: str) -> EndpointPickerConfig:
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise self.error(None, f"not valid YAML: {e}") from None
+        if doc is None:
+            raise self.error(None, f"empty; expected an {KIND} document")
+        doc = self.expect_mapping(doc, "", _TOP_LEVEL)
+        api_version = doc.get("apiVersion")
+        if api_version not in API_VERSIONS:
+            raise self.error("apiVersion", f"expected one of {', '.join(API_VERSIONS)}, got {api_version!r}")
+        if doc.get("kind") != KIND:
+            raise self.error("kind", f"expected {KIND}, got {doc.get('kind')!r}")
+
+        plugins = self.build_plugins(doc.get("plugins"))
+        handlers = {n: p for n, p in plugins.items() if isinstance(p, ProfileHandler)}
+        if len(handlers) > 1:
+            raise self.error("plugins", f"expected at most one profile handler, got {', '.join(handlers)}")
+        profiles = self.build_profiles(doc.get("schedulingProfiles"), plugins)
+        handler = next(iter(handlers.values()), None)
+        if handler is None:
+            if len(profiles) > 1:
+                raise self.error(
+                    "schedulingProfiles",
+                    f"{len(profiles)} profiles need a profile handler plugin such as disagg-profile-handler "
+                    "(prefill/decode); only single-profile-handler is implied, and it runs one profile",
+                )
+            handler = SingleProfileHandler()
+        try:
+            handler.bind(plugins, {p.name: p for p in profiles})
+        except ParameterError as e:
+            i = list(plugins).index(handler.name) if handler.name in plugins else 0
+            param = f"plugins[{i}].parameters.{e.param}" if e.param else f"plugins[{i}]"
+            raise self.error(param, f"{handler.type}: {e.detail}") from None
+
+        gates = self.expect_list(doc.get("featureGates"), "featureGates")
+        for i, g in enumerate(gates):
+            self.expect_name(g, f"featureGates[{i}]")
+        return EndpointPickerConfig(
+            source=self.source,
+            api_version=api_version,
+            plugins=plugins,
+            profiles=profiles,
+            profile_handler=handler,
+            feature_gates=tuple(gates),
+            saturation_detector=self.optional_mapping(doc, "saturationDetector"),
+            flow_control=self.optional_mapping(doc, "flowControl"),
+        )
+
+    def optional_mapping(self, doc: dict[str, Any], key: str) -> dict[str, Any]:
+        value = doc.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.error(key, f"expected a mapping, got {_kind(value)}")
+        return value
+
+    def build_plugins(self, raw: object) -> dict[str, object]:
+        items = self.expect_list(raw, "plugins")
+        if not items:
+            raise self.error("plugins", "expected a non-empty list of plugins")
+        plugins: dict[str, object] = {}
+        first_at: dict[str, int] = {}
+        for i, item in enumerate(items):
+            path = f"plugins[{i}]"
+            spec = self.expect_mapping(item, path, _PLUGIN_KEYS)
+            type_name = self.expect_name(spec.get("type"), f"{path}.type")
+            name = self.expect_name(spec.get("name", type_name), f"{path}.name")
+            if name in plugins:
+                raise self.error(
+                    f"{path}.name",
+                    f"duplicate plugin name {name!r} (also plugins[{first_at[name]}]); give each instance its own name",
+                )
+            try:
+                plugins[name] = create_plugin(type_name, name, spec.get("parameters"), self.ctx)
+            except ParameterError as e:
+                param = f"{path}.parameters.{e.param}" if e.param else f"{path}.parameters"
+                raise self.error(param, f"{type_name}: {e.detail}") from None
+            except ConfigError as e:
+                raise self.error(f"{path}.type", str(e)) from None
+            first_at[name] = i
+        return plugins
+
+    def build_profiles(self, raw: object, plugins: dict[str, object]) -> tuple[SchedulingProfile, ...]:
+        items = self.expect_list(raw, "schedulingProfiles")
+        if not items:
+            # every filter, scorer and picker, in config order, weight 1
+            refs = [(f"plugins[{i}]", {"pluginRef": n}) for i, (n, p) in enumerate(plugins.items()) if _role(p) is not None]
+            return (self.build_profile("default", refs, plugins, implicit=True),)
+        profiles: list[SchedulingProfile] = []
+        for i, item in enumerate(items):
+            path = f"schedulingProfiles[{i}]"
+            spec = self.expect_mapping(item, path, _PROFILE_KEYS)
+            name = self.expect_name(spec.get("name"), f"{path}.name")
+            if any(p.name == name for p in profiles):
+                raise self.error(f"{path}.name", f"duplicate profile name {name!r}")
+            refs = self.expect_list(spec.get("plugins"), f"{path}.plugins")
+            profiles.append(self.build_profile(name, [(f"{path}.plugins[{j}]", r) for j, r in enumerate(refs)], plugins))
+        return tuple(profiles)
+
+    def build_profile(
+        self, name: str, refs: list[tuple[str, Any]], plugins: dict[str, object], *, implicit: bool = False
+    ) -> SchedulingProfile:
+        """`refs`: (field path, {pluginRef, weight?}); implicit = the default profile made from `plugins`."""
+        filters: list[Filter] = []
+        scorers: list[WeightedScorer] = []
+        picker: Picker | None = None
+        seen: set[str] = set()
+        for rpath, ref in refs:
+            spec = self.expect_mapping(ref, rpath, _REF_KEYS)
+            ref_path = rpath if implicit else f"{rpath}.pluginRef"
+            plugin_name = self.expect_name(spec.get("pluginRef"), ref_path)
+            plugin = plugins.get(plugin_name)
+            if plugin is None:
+                raise self.error(
+                    ref_path, f"no plugin named {plugin_name!r}; defined: {', '.join(plugins) or 'none'}"
+                )
+            if plugin_name in seen:
+                raise self.error(ref_path, f"plugin {plugin_name!r} is already in profile {name!r}")
+            seen.add(plugin_name)
+            role = _role(plugin)
+            if role is None:
+                raise self.error(
+                    ref_path,
+                    f"plugin {plugin_name!r} ({getattr(plugin, 'type', '?')}) is not a filter, scorer or picker",
+                )
+            if role == "scorer":
+                weight = self.weight(spec.get("weight"), f"{rpath}.weight")
+                scorers.append(WeightedScorer(plugin, weight))  # type: ignore[arg-type]
+            elif role == "filter":
+                filters.append(plugin)  # type: ignore[arg-type]
+            else:
+                if picker is not None:
+                    raise self.error(
+                        ref_path,
+                        f"profile {name!r} already has picker {picker.name!r}; expected one picker per profile",
+                    )
+                picker = plugin  # type: ignore[assignment]
+            # a weight on a filter or picker means nothing; the reference picker ignores it too
+        if picker is None:
+            picker = create_plugin(DEFAULT_PICKER, DEFAULT_PICKER, None, self.ctx)  # type: ignore[assignment]
+        assert picker is not None
+        return SchedulingProfile(name, picker, scorers, filters)
+
+    def weight(self, value: object, path: str) -> float:
+        if value is None:
+            return 1.0
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            raise self.error(path, f"expected a finite number >= 0, got {value!r}")
+        return float(value)
+
+
+def _role(plugin: object) -> str | None:
+    if isinstance(plugin, ProfileHandler):
+        return None  # it has a `pick` too, but picks profiles, not endpoints
+    if isinstance(plugin, Picker):
+        return "picker"
+    if isinstance(plugin, Scorer):
+        return "scorer"
+    if isinstance(plugin, Filter):
+        return "filter"
+    return None

@@ -1,0 +1,118 @@
+"""Plugin types by their config `type` name (docs/configuration.md lists them), each with a factory
+`(name, parameters, ctx) -> plugin` that validates the parameters (ParameterError names the field).
+
+The names a user writes in YAML are the `type` attributes of the classes listed here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any, Protocol
+
+from pickers.framework.errors import ConfigError
+from pickers.framework.params import Params
+from pickers.plugins.base import PluginContext
+from pickers.plugins.filter.by_label import ByLabelFilter, LabelSelectorFilter
+from pickers.plugins.filter.role import DecodeFilter, PrefillFilter
+from pickers.plugins.picker.max_score import MaxScorePicker
+from pickers.plugins.picker.random import RandomPicker
+from pickers.plugins.picker.round_robin import RoundRobinPicker
+from pickers.plugins.picker.weighted_random import WeightedRandomPicker
+from pickers.plugins.profile.handlers import (
+    DisaggHeadersHandler,
+    DisaggProfileHandler,
+    PdProfileHandler,
+    PrefillHeaderHandler,
+    SingleProfileHandler,
+)
+from pickers.plugins.profile.pd_deciders import AlwaysDisaggPDDecider, PrefixBasedPDDecider
+from pickers.plugins.scorer.active_request import ActiveRequestScorer
+from pickers.plugins.scorer.kv_cache import KVCacheUtilizationScorer
+from pickers.plugins.scorer.load_aware import LoadAwareScorer
+from pickers.plugins.scorer.lora_affinity import LoraAffinityScorer
+from pickers.plugins.scorer.no_hit_lru import NoHitLRUScorer
+from pickers.plugins.scorer.precise_prefix import PrecisePrefixCacheScorer
+from pickers.plugins.scorer.prefill_load import PrefillLoadScorer
+from pickers.plugins.scorer.prefix import ApproxPrefixCacheProducer, PrefixCacheScorer
+from pickers.plugins.scorer.queue import QueueScorer
+from pickers.plugins.scorer.running_requests import RunningRequestsSizeScorer
+from pickers.plugins.scorer.session_affinity import SessionAffinityScorer
+from pickers.plugins.scorer.token_load import TokenLoadScorer
+
+Factory = Callable[[str, Mapping[str, Any] | None, PluginContext], object]
+
+
+class _Configurable(Protocol):
+    type: str
+
+    @classmethod
+    def from_config(cls, name: str, p: Params, ctx: PluginContext) -> object: ...
+
+
+_CLASSES: tuple[type[_Configurable], ...] = (
+    # scorers
+    QueueScorer,
+    KVCacheUtilizationScorer,
+    PrefixCacheScorer,
+    PrecisePrefixCacheScorer,
+    RunningRequestsSizeScorer,
+    LoadAwareScorer,
+    ActiveRequestScorer,
+    TokenLoadScorer,
+    LoraAffinityScorer,
+    SessionAffinityScorer,
+    NoHitLRUScorer,
+    PrefillLoadScorer,  # llm-epp's: queued + own uncached prefill work
+    # filters
+    ByLabelFilter,
+    LabelSelectorFilter,
+    PrefillFilter,
+    DecodeFilter,
+    # pickers
+    MaxScorePicker,
+    RandomPicker,
+    WeightedRandomPicker,
+    RoundRobinPicker,  # llm-epp's baseline; not a reference-picker type
+    # profile handlers
+    SingleProfileHandler,
+    DisaggProfileHandler,
+    PdProfileHandler,  # llm-d's older name for the P/D handler
+    # P/D deciders
+    PrefixBasedPDDecider,
+    AlwaysDisaggPDDecider,
+    # llm-d plugins that load for compatibility and do nothing here (see their docstrings)
+    DisaggHeadersHandler,
+    PrefillHeaderHandler,
+    ApproxPrefixCacheProducer,
+)
+
+# Types the reference pickers know that llm-epp refuses for now, with the reason.
+NOT_YET: Mapping[str, str] = MappingProxyType({})
+
+
+def _factory(cls: type[_Configurable]) -> Factory:
+    def make(name: str, parameters: Mapping[str, Any] | None, ctx: PluginContext) -> object:
+        p = Params(parameters)
+        plugin = cls.from_config(name, p, ctx)
+        p.done()
+        return plugin
+
+    return make
+
+
+PLUGINS: Mapping[str, Factory] = MappingProxyType({cls.type: _factory(cls) for cls in _CLASSES})
+
+
+def known_types() -> list[str]:
+    return sorted(PLUGINS)
+
+
+def create_plugin(type_name: str, name: str, parameters: Mapping[str, Any] | None, ctx: PluginContext) -> object:
+    """Build one plugin. Raises ConfigError for an unknown type, ParameterError for a bad parameter."""
+    factory = PLUGINS.get(type_name)
+    if factory is None:
+        if type_name in NOT_YET:
+            raise ConfigError(f"plugin type {type_name!r}: {NOT_YET[type_name]}")
+        raise ConfigError(f"unknown plugin type {type_name!r}; known types: {', '.join(known_types())}")
+    return factory(name, parameters, ctx)

@@ -1,0 +1,45 @@
+"""Built-in scheduling strategies selectable by name (`epp serve --strategy`), each an EndpointPickerConfig.
+
+`default` is the reference picker's default config (`pickers.config.DEFAULT_CONFIG_TEXT`): queue 2,
+kv-cache 2, prefix-cache 3, max-score. `best` is ours (pickers/configs/best.yaml: the default plus
+the EPP's own in-flight load). The others are baselines for comparison.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from types import MappingProxyType
+
+from pickers.config.loader import DEFAULT_CONFIG_TEXT, load_config
+from pickers.framework.errors import ConfigError
+from pickers.framework.types import SchedulingProfile
+from pickers.indexes.prefix import ApproxPrefixIndex
+from pickers.plugins.base import PluginContext
+
+# the built-in configs (best.yaml, pd.yaml) ship as data beside this package: pickers/configs/
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+_HEADER = "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n"
+
+STRATEGY_CONFIGS = MappingProxyType(
+    {
+        "default": DEFAULT_CONFIG_TEXT,
+        "best": (CONFIGS / "best.yaml").read_text(),
+        # no schedulingProfiles: one `default`-style profile with every plugin, weight 1
+        "load": _HEADER + "plugins:\n- type: queue-scorer\n- type: kv-cache-utilization-scorer\n",
+        "random": _HEADER + "plugins:\n- type: random-picker\n",
+        "round-robin": _HEADER + "plugins:\n- type: round-robin-picker\n",
+    }
+)
+STRATEGIES = tuple(STRATEGY_CONFIGS)
+
+
+def build_profile(
+    strategy: str, index: ApproxPrefixIndex, *, max_endpoints: int = 1, rng: random.Random | None = None
+) -> SchedulingProfile:
+    text = STRATEGY_CONFIGS.get(strategy)
+    if text is None:
+        raise ConfigError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}", field="--strategy")
+    ctx = PluginContext(prefix_index=index, rng=rng or random.Random(), max_endpoints=max_endpoints)
+    return load_config(text, f"--strategy {strategy}", ctx).profile

@@ -1,0 +1,164 @@
+"""One scheduling cycle: filter, score (sum of weight * clamp(score, 0, 1)), pick.
+
+A profile is filters + weighted scorers + one picker. With one profile the scheduler runs it inline;
+with several, a ProfileHandler picks which run (sharing one cycle state) and combines their results
+(P/D: decode, then maybe prefill). Plugins that also implement PreRequest or ResponseComplete are told
+about the combined result and the finished response, once per request whatever profiles they are in.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+from pickers.framework.endpoint import Endpoint
+from pickers.framework.errors import ALL_FILTERED, NO_ENDPOINTS, RequestError
+from pickers.framework.request import InferenceRequest
+from pickers.framework.types import (
+    SINGLE_PROFILE_HANDLER,
+    CycleState,
+    DurationObserver,
+    PluginTimer,
+    PreRequest,
+    ProfileHandler,
+    ProfileOutcome,
+    ResponseComplete,
+    SchedulingProfile,
+    SchedulingResult,
+    ScoredEndpoint,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        profiles: SchedulingProfile | Sequence[SchedulingProfile],
+        *,
+        metrics_stale_after: float = 2.0,
+        handler: ProfileHandler | None = None,
+        explain: bool = False,
+        timer: PluginTimer | None = None,
+    ) -> None:
+        """One profile (handler None or single-profile-handler) or several run by `handler`; with
+        `timer`, each filter, scorer and picker call is timed (one observer per plugin)."""
+        all_profiles = (profiles,) if isinstance(profiles, SchedulingProfile) else tuple(profiles)
+        if not all_profiles:
+            raise ValueError("a scheduler needs at least one profile")
+        self.profiles = {p.name: p for p in all_profiles}
+        self.profile = all_profiles[0]
+        self.handler = None if handler is None or handler.type == SINGLE_PROFILE_HANDLER else handler
+        if self.handler is None and len(all_profiles) != 1:
+            raise ValueError(f"{len(all_profiles)} profiles need a profile handler")
+        self.metrics_stale_after = metrics_stale_after
+        self.explain = explain
+        plugins = list({id(p): p for prof in all_profiles for p in prof.plugins()}.values())
+        self._pre_request = [p for p in plugins if isinstance(p, PreRequest)]
+        self._complete = [p for p in plugins if isinstance(p, ResponseComplete)]
+        # id(plugin) -> its observer; empty when not timing, so the loop pays one truth test per call
+        self._timers: dict[int, DurationObserver] = {}
+        if timer is not None:
+            for prof in all_profiles:
+                for point, plugin in (*(("Filter", f) for f in prof.filters),
+                                      *(("Scorer", w.scorer) for w in prof.scorers), ("Picker", prof.picker)):
+                    if id(plugin) not in self._timers:
+                        self._timers[id(plugin)] = timer(point, plugin)
+
+    def schedule(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> SchedulingResult:
+        """Choose endpoints for the request; raises RequestError (503/429) when none can serve."""
+        if not candidates:
+            raise RequestError(NO_ENDPOINTS, "no endpoints available to serve the request")
+        candidates = self._drop_unreachable(candidates)
+        cycle = CycleState()
+        explained: dict[str, dict[str, float]] | None = {} if self.explain else None
+        if self.handler is not None:
+            result = self._schedule_profiles(self.handler, request, cycle, candidates, explained)
+        else:
+            profile = self.profile
+            result = SchedulingResult(self._run_profile(profile, request, cycle, candidates, explained), profile.name, explained)
+        for p in self._pre_request:
+            p.pre_request(request, cycle, result)
+        return result
+
+    def _run_profile(
+        self,
+        profile: SchedulingProfile,
+        request: InferenceRequest,
+        cycle: CycleState,
+        candidates: Sequence[Endpoint],
+        explained: dict[str, dict[str, float]] | None,
+    ) -> list[Endpoint]:
+        timers = self._timers
+        clock = time.perf_counter
+        for f in profile.filters:
+            t = clock() if timers else 0.0
+            candidates = f.filter(request, cycle, candidates)
+            if timers:
+                timers[id(f)].observe(clock() - t)
+            if not candidates:
+                raise RequestError(ALL_FILTERED, f"every endpoint was filtered out by {f.name}")
+        totals = [0.0] * len(candidates)
+        for ws in profile.scorers:
+            t = clock() if timers else 0.0
+            scores = ws.scorer.score(request, cycle, candidates)
+            if timers:
+                timers[id(ws.scorer)].observe(clock() - t)
+            w = ws.weight
+            for i, s in enumerate(scores):
+                totals[i] += w * (0.0 if s < 0.0 else 1.0 if s > 1.0 else s)
+            if explained is not None:
+                explained[self._explain_key(profile, ws.scorer.name)] = {ep.address: float(s) for ep, s in zip(candidates, scores)}
+        scored = [ScoredEndpoint(ep, t) for ep, t in zip(candidates, totals)]
+        t = clock() if timers else 0.0
+        chosen = profile.picker.pick(request, scored)
+        if timers:
+            timers[id(profile.picker)].observe(clock() - t)
+        if not chosen:
+            raise RequestError(NO_ENDPOINTS, "the picker chose no endpoint")
+        if explained is not None:
+            explained[self._explain_key(profile, "total")] = {s.endpoint.address: s.score for s in scored}
+            log.debug("request %s [%s] -> %s scores=%s", request.request_id, profile.name, chosen[0].address, explained)
+        return chosen
+
+    def _explain_key(self, profile: SchedulingProfile, key: str) -> str:
+        # one profile keeps the plain scorer names; several prefix them with the profile's name
+        return key if self.handler is None else f"{profile.name}/{key}"
+
+    def _schedule_profiles(
+        self,
+        handler: ProfileHandler,
+        request: InferenceRequest,
+        cycle: CycleState,
+        candidates: Sequence[Endpoint],
+        explained: dict[str, dict[str, float]] | None,
+    ) -> SchedulingResult:
+        results: dict[str, ProfileOutcome] = {}
+        for _ in range(len(self.profiles) + 1):  # a handler that never stops is a bug; bound it
+            todo = handler.pick(request, cycle, self.profiles, results)
+            if not todo:
+                break
+            for profile in todo:
+                try:
+                    results[profile.name] = self._run_profile(profile, request, cycle, candidates, explained)
+                except RequestError as e:
+                    results[profile.name] = e
+        result = handler.process_results(request, results)
+        result.scores = explained
+        return result
+
+    def response_complete(
+        self, request: InferenceRequest, endpoint: Endpoint, prompt_tokens: int | None, completion_tokens: int | None
+    ) -> None:
+        for p in self._complete:
+            p.response_complete(request, endpoint, prompt_tokens, completion_tokens)
+
+    def _drop_unreachable(self, candidates: Sequence[Endpoint]) -> Sequence[Endpoint]:
+        # An endpoint whose scrapes fail and whose metrics went stale is probably down: skip it
+        # while any other endpoint remains, so one dead pod does not eat a share of the traffic.
+        if not any(ep.scrape_error is not None for ep in candidates):
+            return candidates
+        stale = self.metrics_stale_after
+        healthy = [ep for ep in candidates if ep.scrape_error is None or ep.metrics_age() <= stale]
+        return healthy or candidates

@@ -1,0 +1,147 @@
+"""The scheduling interfaces. Each fits in a few lines; plugins implement one or more of them.
+
+- Filter: candidates in, the candidates that may serve out (order kept).
+- Scorer: a score per candidate; out-of-range scores are clamped to [0, 1] by the scheduler.
+- Picker: scored candidates in, the chosen endpoints out (first = primary, rest = fallbacks).
+- PreRequest: told the result after a pick (e.g. the prefix index records the chosen endpoint).
+- ResponseComplete: told when the response finished (or aborted), with the usage if known.
+- ProfileHandler: which scheduling profiles run for a request, and how their results combine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from pickers.framework.endpoint import Endpoint
+from pickers.framework.errors import RequestError
+from pickers.framework.request import InferenceRequest
+
+
+@dataclass(slots=True)
+class CycleState:
+    """Per-request scratch space shared by the plugins of one scheduling cycle."""
+
+    data: dict[str, object] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Filter(Protocol):
+    type: str
+    name: str
+
+    def filter(
+        self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]
+    ) -> Sequence[Endpoint]: ...
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    type: str
+    name: str
+    category: str  # "affinity" (caches) or "distribution" (load)
+
+    def score(
+        self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]
+    ) -> Sequence[float]: ...
+
+
+@dataclass(slots=True)
+class ScoredEndpoint:
+    endpoint: Endpoint
+    score: float
+
+
+@runtime_checkable
+class Picker(Protocol):
+    type: str
+    name: str
+
+    def pick(self, request: InferenceRequest, scored: Sequence[ScoredEndpoint]) -> list[Endpoint]: ...
+
+
+@dataclass(slots=True)
+class SchedulingResult:
+    endpoints: list[Endpoint]  # primary first, then fallbacks
+    profile: str = "default"
+    # per-scorer scores of every candidate, kept only when explaining decisions
+    scores: dict[str, dict[str, float]] | None = None
+    # headers plugins add to the upstream request (e.g. x-prefiller-host-port) and to the response
+    # the client gets (e.g. x-session-token)
+    request_headers: dict[str, str] = field(default_factory=dict)
+    # estimated uncached prompt tokens on the primary, when a plugin (prefill-load-scorer) knows them
+    prefill_tokens: int = 0
+    response_headers: dict[str, str] = field(default_factory=dict)
+    # several profiles ran (P/D): each one's chosen endpoints, by profile name; None for one profile
+    profile_results: dict[str, list[Endpoint]] | None = None
+
+
+@runtime_checkable
+class PreRequest(Protocol):
+    def pre_request(self, request: InferenceRequest, cycle: CycleState, result: SchedulingResult) -> None: ...
+
+
+@runtime_checkable
+class ResponseComplete(Protocol):
+    def response_complete(
+        self, request: InferenceRequest, endpoint: Endpoint, prompt_tokens: int | None, completion_tokens: int | None
+    ) -> None: ...
+
+
+@dataclass(slots=True)
+class WeightedScorer:
+    scorer: Scorer
+    weight: float = 1.0
+
+
+@dataclass(slots=True)
+class SchedulingProfile:
+    """Filters + weighted scorers + one picker, run as one cycle over the candidates."""
+
+    name: str
+    picker: Picker
+    scorers: list[WeightedScorer] = field(default_factory=list)
+    filters: list[Filter] = field(default_factory=list)
+
+    def plugins(self) -> list[object]:
+        return [*self.filters, *(w.scorer for w in self.scorers), self.picker]
+
+
+# One profile's outcome: the endpoints it chose, or why it chose none.
+ProfileOutcome = list[Endpoint] | RequestError
+
+# The handler of a config with one profile; the scheduler runs that profile inline, without handler calls.
+SINGLE_PROFILE_HANDLER = "single-profile-handler"
+
+
+@runtime_checkable
+class ProfileHandler(Protocol):
+    type: str
+    name: str
+
+    def bind(self, plugins: Mapping[str, object], profiles: Mapping[str, SchedulingProfile]) -> None:
+        """Resolve plugin and profile names once the config is built; ParameterError names the parameter."""
+        ...
+
+    def pick(
+        self,
+        request: InferenceRequest,
+        cycle: CycleState,
+        profiles: Mapping[str, SchedulingProfile],
+        results: Mapping[str, ProfileOutcome],
+    ) -> list[SchedulingProfile]:
+        """The profiles to run next, given those that ran; an empty list ends the cycle."""
+        ...
+
+    def process_results(self, request: InferenceRequest, results: Mapping[str, ProfileOutcome]) -> SchedulingResult:
+        """One result from all profiles' outcomes; raises the RequestError when the request cannot be served."""
+        ...
+
+
+class DurationObserver(Protocol):
+    def observe(self, seconds: float) -> None: ...
+
+
+# (extension point "Filter" | "Scorer" | "Picker", plugin) -> where that plugin's call durations go
+PluginTimer = Callable[[str, object], DurationObserver]

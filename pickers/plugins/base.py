@@ -1,0 +1,41 @@
+"""What every plugin shares: the context its factory gets, and a small base for name, type and
+`from_config` (a plugin without parameters needs nothing more).
+
+The registry (pickers.config.registry) builds a plugin as `cls.from_config(name, params, ctx)`, then
+`params.done()` refuses any parameter the plugin did not read.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from pickers.framework.params import Params
+from pickers.indexes.prefix import ApproxPrefixIndex
+
+
+@dataclass(slots=True)
+class PluginContext:
+    """What plugins share, handed to every plugin factory: the approximate prefix index and one random source."""
+
+    prefix_index: ApproxPrefixIndex = field(default_factory=ApproxPrefixIndex)
+    rng: random.Random = field(default_factory=random.Random)
+    max_endpoints: int = 1  # pickers' maxNumOfEndpoints when the config leaves it out (--max-num-endpoints)
+
+
+class Plugin:
+    """A plugin's identity: `type` is its config type name, `name` its instance name (the type by default)."""
+
+    type: ClassVar[str]
+
+    def __init__(self, name: str | None = None) -> None:
+        self.name = name or self.type
+
+    @classmethod
+    def from_config(cls, name: str, p: Params, ctx: PluginContext) -> Plugin:
+        """Build from the config's `parameters`; plugins with parameters read them from `p` here."""
+        return cls(name)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"

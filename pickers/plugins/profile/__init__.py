@@ -1,0 +1,1 @@
+"""Profile handlers (which scheduling profiles run, how their results combine) and P/D deciders."""

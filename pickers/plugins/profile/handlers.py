@@ -1,0 +1,219 @@
+"""Profile handlers decide which scheduling profiles run for a request and how their results combine.
+
+- `single-profile-handler`: run the one profile, use its pick. The scheduler runs it inline (no
+  handler calls on the hot path).
+- `disagg-profile-handler` (llm-d P/D): run `decode`; if its prefill decider says so, run `prefill`
+  too. The decode pick is the destination, the prefill pick goes in `x-prefiller-host-port`. No
+  prefill endpoint (or a failed prefill profile) means the request is served aggregated, not failed.
+- `pd-profile-handler`: llm-d's older name and parameters for the same thing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pickers.framework.errors import RequestError
+from pickers.framework.params import ParameterError, Params
+from pickers.framework.request import InferenceRequest
+from pickers.framework.types import SINGLE_PROFILE_HANDLER, CycleState, ProfileOutcome, SchedulingProfile, SchedulingResult
+from pickers.plugins.base import PluginContext
+from pickers.plugins.profile.pd_deciders import AlwaysDisaggPDDecider, PdDecider, PrefixBasedPDDecider
+from pickers.plugins.scorer.prefix import PrefixCacheScorer
+
+PREFILLER_HEADER = "x-prefiller-host-port"
+
+class SingleProfileHandler:
+    type = SINGLE_PROFILE_HANDLER
+
+    def __init__(self, name: str = SINGLE_PROFILE_HANDLER) -> None:
+        self.name = name
+
+    @classmethod
+    def from_config(cls, name: str, p: Params, ctx: PluginContext) -> SingleProfileHandler:
+        return cls(name)
+
+    def bind(self, plugins: Mapping[str, object], profiles: Mapping[str, SchedulingProfile]) -> None:
+        if len(profiles) != 1:
+            raise ParameterError("", f"runs exactly one scheduling profile, got {len(profiles)}: {', '.join(profiles)}")
+
+    def pick(
+        self,
+        request: InferenceRequest,
+        cycle: CycleState,
+        profiles: Mapping[str, SchedulingProfile],
+        results: Mapping[str, ProfileOutcome],
+    ) -> list[SchedulingProfile]:
+        return [] if results else list(profiles.values())
+
+    def process_results(self, request: InferenceRequest, results: Mapping[str, ProfileOutcome]) -> SchedulingResult:
+        name, outcome = next(iter(results.items()))
+        if isinstance(outcome, RequestError):
+            raise outcome
+        return SchedulingResult(outcome, name)
+
+
+class DisaggProfileHandler:
+    """Decode always; prefill when the prefill decider approves and a prefill endpoint can take it."""
+
+    type = "disagg-profile-handler"
+
+    def __init__(
+        self,
+        name: str = "disagg-profile-handler",
+        *,
+        decode_profile: str = "decode",
+        prefill_profile: str = "prefill",
+        decider: PdDecider | str | None = None,
+        decider_param: str = "deciders.prefill",
+    ) -> None:
+        self.name = name
+        self.decode_profile = decode_profile
+        self.prefill_profile = prefill_profile
+        self.decider: PdDecider | None = decider if not isinstance(decider, str) else None
+        self._decider_name = decider if isinstance(decider, str) else None
+        self._decider_param = decider_param
+        self._decode: SchedulingProfile | None = None
+        self._prefill: SchedulingProfile | None = None
+
+    @classmethod
+    def from_config(cls, name: str, p: Params, ctx: PluginContext) -> DisaggProfileHandler:
+        profiles = _names(p, "profiles", ("decode", "prefill", "encode"))
+        deciders = _names(p, "deciders", ("prefill", "encode"))
+        if "encode" in deciders:
+            raise ParameterError("deciders.encode", "encode disaggregation (E/P/D) is not supported by llm-epp")
+        return cls(
+            name,
+            decode_profile=profiles.get("decode", "decode"),
+            prefill_profile=profiles.get("prefill", "prefill"),
+            decider=deciders.get("prefill"),
+        )
+
+    def bind(self, plugins: Mapping[str, object], profiles: Mapping[str, SchedulingProfile]) -> None:
+        if self._decider_name is not None:
+            plugin = plugins.get(self._decider_name)
+            if plugin is None:
+                raise ParameterError(
+                    self._decider_param, f"no plugin named {self._decider_name!r}; defined: {', '.join(plugins)}"
+                )
+            if not isinstance(plugin, PdDecider):
+                raise ParameterError(
+                    self._decider_param,
+                    f"plugin {self._decider_name!r} ({getattr(plugin, 'type', '?')}) is not a P/D decider such as "
+                    f"{PrefixBasedPDDecider.type} or {AlwaysDisaggPDDecider.type}",
+                )
+            self.decider = plugin
+        self._decode = profiles.get(self.decode_profile)
+        if self._decode is None:
+            raise ParameterError("profiles.decode", f"no scheduling profile named {self.decode_profile!r}; defined: {', '.join(profiles)}")
+        self._prefill = profiles.get(self.prefill_profile)
+        if self._prefill is None and self.decider is not None:
+            raise ParameterError(
+                "profiles.prefill", f"no scheduling profile named {self.prefill_profile!r}; defined: {', '.join(profiles)}"
+            )
+        if isinstance(self.decider, PrefixBasedPDDecider):
+            # the decider must hash prompts as the prefix scorer that fills the index does
+            for ws in self._decode.scorers:
+                if isinstance(ws.scorer, PrefixCacheScorer):
+                    self.decider.block_chars = ws.scorer.block_chars
+                    self.decider.max_blocks = ws.scorer.max_blocks
+                    break
+
+    def pick(
+        self,
+        request: InferenceRequest,
+        cycle: CycleState,
+        profiles: Mapping[str, SchedulingProfile],
+        results: Mapping[str, ProfileOutcome],
+    ) -> list[SchedulingProfile]:
+        decode = results.get(self.decode_profile)
+        if decode is None:
+            assert self._decode is not None
+            return [self._decode]
+        if isinstance(decode, RequestError) or self.prefill_profile in results or self.decider is None:
+            return []
+        if self._prefill is not None and self.decider.disaggregate(request, cycle, decode[0]):
+            return [self._prefill]
+        return []
+
+    def process_results(self, request: InferenceRequest, results: Mapping[str, ProfileOutcome]) -> SchedulingResult:
+        decode = results[self.decode_profile]
+        if isinstance(decode, RequestError):
+            raise decode
+        result = SchedulingResult(decode, self.decode_profile)
+        prefill = results.get(self.prefill_profile)
+        if isinstance(prefill, list) and prefill:
+            # No prefill endpoint (a RequestError here) just means the decode endpoint prefills itself.
+            result.request_headers[PREFILLER_HEADER] = prefill[0].address
+            result.profile_results = {self.decode_profile: decode, self.prefill_profile: prefill}
+        return result
+
+
+class PdProfileHandler(DisaggProfileHandler):
+    """llm-d's older `pd-profile-handler`: `decodeProfile`, `prefillProfile`, `deciderPluginName`.
+
+    Its oldest form had no decider plugin but `threshold` (non-cached tokens; 0 = always P/D) and
+    `hashBlockSize`; with no plugin by the decider's name, `threshold` builds that decider.
+    """
+
+    type = "pd-profile-handler"
+
+    def __init__(self, name: str, *, threshold: int | None, ctx: PluginContext, **kw: Any) -> None:
+        super().__init__(name, decider_param="deciderPluginName", **kw)
+        self._threshold = threshold
+        self._ctx = ctx
+
+    @classmethod
+    def from_config(cls, name: str, p: Params, ctx: PluginContext) -> PdProfileHandler:  # type: ignore[override]
+        port = p.integer("primaryPort", 0, minimum=0)
+        if port:
+            raise ParameterError("primaryPort", "data-parallel rank routing (primaryPort) is not supported by llm-epp; use 0")
+        p.ignore("hashBlockSize", "prefixPluginType", "prefixPluginName", "prefixMatchInfoProducerName")
+        threshold = p.integer("threshold", -1, minimum=0)  # -1: not given
+        return cls(
+            name,
+            threshold=None if threshold < 0 else threshold,
+            ctx=ctx,
+            decode_profile=p.string("decodeProfile", "decode") or "decode",
+            prefill_profile=p.string("prefillProfile", "prefill") or "prefill",
+            decider=p.string("deciderPluginName", PrefixBasedPDDecider.type),
+        )
+
+    def bind(self, plugins: Mapping[str, object], profiles: Mapping[str, SchedulingProfile]) -> None:
+        if self._threshold is not None and self._decider_name is not None and self._decider_name not in plugins:
+            self._decider_name = None
+            self.decider = (
+                AlwaysDisaggPDDecider(f"{self.name}/threshold")
+                if self._threshold == 0
+                else PrefixBasedPDDecider(self._ctx, f"{self.name}/threshold", non_cached_tokens=self._threshold)
+            )
+        super().bind(plugins, profiles)
+
+
+class DisaggHeadersHandler:
+    """llm-d's deprecated header plugins (`disagg-headers-handler`, `prefill-header-handler`): the
+    disagg profile handler sets `x-prefiller-host-port` itself, so these load and do nothing."""
+
+    type = "disagg-headers-handler"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @classmethod
+    def from_config(cls, name: str, p: Params, ctx: PluginContext) -> DisaggHeadersHandler:
+        p.ignore("prefillProfile", "encodeProfile")
+        return cls(name)
+
+
+class PrefillHeaderHandler(DisaggHeadersHandler):
+    type = "prefill-header-handler"
+
+
+def _names(p: Params, key: str, allowed: tuple[str, ...]) -> dict[str, str]:
+    names = p.string_map(key)
+    for k, v in names.items():
+        if k not in allowed:
+            raise ParameterError(f"{key}.{k}", f"unknown key; expected one of {', '.join(allowed)}")
+        if not v:
+            raise ParameterError(f"{key}.{k}", "expected a non-empty name")
+    return names

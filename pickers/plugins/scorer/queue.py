@@ -1,0 +1,35 @@
+"""queue-scorer: fewer waiting requests scores higher, min-max normalised over the candidates."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pickers.framework.endpoint import Endpoint
+from pickers.framework.params import Params
+from pickers.framework.request import InferenceRequest
+from pickers.framework.types import CycleState
+from pickers.plugins.base import PluginContext
+
+
+def min_max_low_is_best(values: Sequence[float]) -> list[float]:
+    """(max - v) / (max - min): the lowest value scores 1, the highest 0; 1 for all when they are equal."""
+    lo, hi = min(values, default=0), max(values, default=0)
+    if hi == lo:
+        return [1.0] * len(values)
+    span = hi - lo
+    return [(hi - v) / span for v in values]
+
+
+class QueueScorer:
+    type = "queue-scorer"
+    category = "distribution"
+
+    def __init__(self, name: str = "queue-scorer") -> None:
+        self.name = name
+
+    @classmethod
+    def from_config(cls, name: str, p: Params, ctx: PluginContext) -> QueueScorer:
+        return cls(name)
+
+    def score(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> list[float]:
+        return min_max_low_is_best([ep.metrics.waiting for ep in endpoints])
