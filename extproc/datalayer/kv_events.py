@@ -1,5 +1,5 @@
 """KV-cache events from model servers (vLLM's `--kv-events-config`; docs/precise-routing.md): decode vLLM's ZMQ messages and keep the
-precise prefix index (`pickers.kv_index.KVBlockIndex`) in step with what each engine holds.
+precise prefix index (`pickers.indexes.kv_blocks.KVBlockIndex`) in step with what each engine holds.
 
 Wire format: a ZMQ PUB socket per engine, 3 frames `[topic, 8-byte big-endian sequence, msgpack]`,
 payload `[timestamp, [events...], data_parallel_rank?]`. Events are maps with a `type` key (vLLM

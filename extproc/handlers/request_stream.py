@@ -106,7 +106,7 @@ class Routing:
     request_headers: Mapping[str, str] = field(default_factory=dict)  # set on the upstream request
     response_headers: Mapping[str, str] = field(default_factory=dict)  # set on the client's response
     profile: str = ""  # the scheduling profile (or profile handler's result) that chose
-    trace: object | None = None  # the request's span, only with tracing on (extproc.tracing)
+    trace: object | None = None  # the request's span, only with tracing on (extproc.requestcontrol.tracing)
 
 
 @dataclass(slots=True)
@@ -115,7 +115,7 @@ class Outcome:
 
     status: int | None  # upstream HTTP status; None if no response headers came
     streaming: bool
-    usage: object | None  # extproc.usage.Usage
+    usage: object | None  # extproc.handlers.usage.Usage
     aborted: bool
     served: str | None  # what Envoy reported as served, if it did
     # gateway-side timings (seconds, from the request headers reaching the EPP)

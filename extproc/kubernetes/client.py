@@ -1,7 +1,7 @@
 """Building an API client (a kubeconfig file, else the pod's service account) and reading answers.
 
 Every call goes through the `kubernetes_asyncio` client with `_preload_content=False`: we get the raw
-aiohttp response, check its status here, and decode the body ourselves into `extproc.k8s.objects`.
+aiohttp response, check its status here, and decode the body ourselves into `extproc.kubernetes.objects`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The EPP's own Prometheus metrics, with the Gateway API Inference Extension names (docs/operating.md lists them).
 
 One registry per EPP instance (no process globals), served on `--metrics-port`. The request path
-only bumps plain counters and lock-free histograms (extproc.histogram) kept per model; one
+only bumps plain counters and lock-free histograms (pickers.framework.histogram) kept per model; one
 collector turns them into Prometheus families at scrape time, and computes the pool gauges from
 the datastore and the prefix index then, so they cost nothing per request. Model names come from
 clients, so the label set is capped: past `MAX_MODELS` distinct names they count as "other".

@@ -42,7 +42,7 @@ class ObjectiveStore:
     def names(self) -> dict[str, int]:
         return dict(self._merged)
 
-    # -- the watch (extproc.k8s.objectives) --------------------------------------------------------
+    # -- the watch (extproc.kubernetes.objective_watches) --------------------------------------------------------
     def replace_watched(self, priorities: Mapping[str, int]) -> None:
         self._watched = dict(priorities)
         self._merge()

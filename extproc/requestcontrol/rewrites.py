@@ -82,7 +82,7 @@ class RewriteStore:
         watched = sorted(self._watched.values())
         return self._static + tuple(r for _, rules in watched for r in rules)
 
-    # -- the watch (extproc.k8s.objectives) --------------------------------------------------------
+    # -- the watch (extproc.kubernetes.objective_watches) --------------------------------------------------------
     def replace_watched(self, objects: Mapping[str, tuple[str, Sequence[Rule]]]) -> None:
         """name -> (creationTimestamp, rules), the whole set."""
         self._watched = {name: ((created, name), tuple(rules)) for name, (created, rules) in objects.items()}

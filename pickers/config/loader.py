@@ -62,7 +62,7 @@ class EndpointPickerConfig:
     profiles: tuple[SchedulingProfile, ...]
     profile_handler: ProfileHandler
     feature_gates: tuple[str, ...] = ()
-    saturation_detector: Mapping[str, Any] = field(default_factory=dict)  # read by extproc.saturation
+    saturation_detector: Mapping[str, Any] = field(default_factory=dict)  # read by extproc.requestcontrol.saturation
     flow_control: Mapping[str, Any] = field(default_factory=dict)  # stored, not yet acted on
 
     @property

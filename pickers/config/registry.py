@@ -87,10 +87,6 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     ApproxPrefixCacheProducer,
 )
 
-# Types the reference pickers know that llm-epp refuses for now, with the reason.
-NOT_YET: Mapping[str, str] = MappingProxyType({})
-
-
 def _factory(cls: type[_Configurable]) -> Factory:
     def make(name: str, parameters: Mapping[str, Any] | None, ctx: PluginContext) -> object:
         p = Params(parameters)
@@ -112,7 +108,5 @@ def create_plugin(type_name: str, name: str, parameters: Mapping[str, Any] | Non
     """Build one plugin. Raises ConfigError for an unknown type, ParameterError for a bad parameter."""
     factory = PLUGINS.get(type_name)
     if factory is None:
-        if type_name in NOT_YET:
-            raise ConfigError(f"plugin type {type_name!r}: {NOT_YET[type_name]}")
         raise ConfigError(f"unknown plugin type {type_name!r}; known types: {', '.join(known_types())}")
     return factory(name, parameters, ctx)

@@ -1,6 +1,6 @@
 """Built-in scheduling strategies selectable by name (`epp serve --strategy`), each an EndpointPickerConfig.
 
-`default` is the reference picker's default config (`pickers.config.DEFAULT_CONFIG_TEXT`): queue 2,
+`default` is the reference picker's default config (`pickers.config.loader.DEFAULT_CONFIG_TEXT`): queue 2,
 kv-cache 2, prefix-cache 3, max-score. `best` is ours (pickers/configs/best.yaml: the default plus
 the EPP's own in-flight load). The others are baselines for comparison.
 """

@@ -126,7 +126,7 @@ def test_rbac_is_no_wider_than_the_epp_needs() -> None:
         assert verbs <= ALLOWED_RBAC[key], f"{key}: {sorted(verbs - ALLOWED_RBAC[key])} not needed"
     assert granted[("", "pods")] == {"get", "list", "watch"}
     assert granted[("coordination.k8s.io", "leases")] == {"get", "create", "update"}
-    # what extproc.k8s.objectives watches, in the group its CRDs declare
+    # what extproc.kubernetes.objective_watches watches, in the group its CRDs declare
     from extproc.kubernetes.objective_watches import OBJECTIVES_GROUP, OBJECTIVES_PLURAL, REWRITES_PLURAL
 
     crd_groups = {d["spec"]["names"]["plural"]: d["spec"]["group"] for d in of_kind("CustomResourceDefinition")}

@@ -11,10 +11,10 @@ from pickers.framework.endpoint import Endpoint
 from pickers.framework.params import ParameterError, Params
 from pickers.framework.request import InferenceRequest
 from pickers.framework.types import CycleState
-from pickers.plugins.base import PluginContext
+from pickers.plugins.base import Plugin, PluginContext
 
 
-class ByLabelFilter:
+class ByLabelFilter(Plugin):
     type = "by-label"
 
     def __init__(self, label: str, valid_values: Sequence[str], allows_no_label: bool = False, name: str = "by-label"):
@@ -42,7 +42,7 @@ class ByLabelFilter:
         return out
 
 
-class LabelSelectorFilter:
+class LabelSelectorFilter(Plugin):
     type = "label-selector-filter"
 
     def __init__(self, match_labels: dict[str, str], name: str = "label-selector-filter"):

@@ -7,26 +7,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pickers.framework.endpoint import ROLE_LABEL, Endpoint
-from pickers.framework.params import Params
 from pickers.framework.request import InferenceRequest
 from pickers.framework.types import CycleState
-from pickers.plugins.base import PluginContext
+from pickers.plugins.base import Plugin
 
 PREFILL_ROLES = frozenset({"prefill", "prefill-decode", "both"})
 DECODE_ROLES = frozenset({"decode", "prefill-decode", "both"})
 
 
-class _RoleFilter:
+class _RoleFilter(Plugin):
     type = ""
     roles: frozenset[str] = frozenset()
     keeps_unlabelled = False
-
-    def __init__(self, name: str | None = None) -> None:
-        self.name = name or self.type
-
-    @classmethod
-    def from_config(cls, name: str, p: Params, ctx: PluginContext) -> _RoleFilter:
-        return cls(name)
 
     def filter(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> list[Endpoint]:
         out = []

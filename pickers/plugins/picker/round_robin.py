@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 from pickers.framework.endpoint import Endpoint
-from pickers.framework.params import Params
 from pickers.framework.request import InferenceRequest
 from pickers.framework.types import ScoredEndpoint
-from pickers.plugins.base import PluginContext
-from pickers.plugins.picker import max_endpoints_param
+from pickers.plugins.picker import EndpointPicker
 
 
-class RoundRobinPicker:
+class RoundRobinPicker(EndpointPicker):
     type = "round-robin-picker"
 
-    def __init__(self, max_endpoints: int = 1, name: str = "round-robin-picker"):
-        self.name = name
-        self.max_endpoints = max_endpoints
+    def __init__(self, max_endpoints: int = 1, rng: random.Random | None = None, name: str | None = None) -> None:
+        super().__init__(max_endpoints, rng, name)
         self._next = 0
-
-    @classmethod
-    def from_config(cls, name: str, p: Params, ctx: PluginContext) -> RoundRobinPicker:
-        return cls(max_endpoints_param(p, ctx), name)
 
     def pick(self, request: InferenceRequest, scored: Sequence[ScoredEndpoint]) -> list[Endpoint]:
         if not scored:

@@ -5,28 +5,16 @@ order; when every score is 0 the pick is uniform.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 
 from pickers.framework.endpoint import Endpoint
-from pickers.framework.params import Params
 from pickers.framework.request import InferenceRequest
 from pickers.framework.types import ScoredEndpoint
-from pickers.plugins.base import PluginContext
-from pickers.plugins.picker import max_endpoints_param
+from pickers.plugins.picker import EndpointPicker
 
 
-class WeightedRandomPicker:
+class WeightedRandomPicker(EndpointPicker):
     type = "weighted-random-picker"
-
-    def __init__(self, max_endpoints: int = 1, rng: random.Random | None = None, name: str = "weighted-random-picker"):
-        self.name = name
-        self.max_endpoints = max_endpoints
-        self.rng = rng or random.Random()
-
-    @classmethod
-    def from_config(cls, name: str, p: Params, ctx: PluginContext) -> WeightedRandomPicker:
-        return cls(max_endpoints_param(p, ctx), ctx.rng, name)
 
     def pick(self, request: InferenceRequest, scored: Sequence[ScoredEndpoint]) -> list[Endpoint]:
         rnd = self.rng.random

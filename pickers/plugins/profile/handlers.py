@@ -17,21 +17,14 @@ from pickers.framework.errors import RequestError
 from pickers.framework.params import ParameterError, Params
 from pickers.framework.request import InferenceRequest
 from pickers.framework.types import SINGLE_PROFILE_HANDLER, CycleState, ProfileOutcome, SchedulingProfile, SchedulingResult
-from pickers.plugins.base import PluginContext
+from pickers.plugins.base import Plugin, PluginContext
 from pickers.plugins.profile.pd_deciders import AlwaysDisaggPDDecider, PdDecider, PrefixBasedPDDecider
 from pickers.plugins.scorer.prefix import PrefixCacheScorer
 
 PREFILLER_HEADER = "x-prefiller-host-port"
 
-class SingleProfileHandler:
+class SingleProfileHandler(Plugin):
     type = SINGLE_PROFILE_HANDLER
-
-    def __init__(self, name: str = SINGLE_PROFILE_HANDLER) -> None:
-        self.name = name
-
-    @classmethod
-    def from_config(cls, name: str, p: Params, ctx: PluginContext) -> SingleProfileHandler:
-        return cls(name)
 
     def bind(self, plugins: Mapping[str, object], profiles: Mapping[str, SchedulingProfile]) -> None:
         if len(profiles) != 1:
@@ -53,7 +46,7 @@ class SingleProfileHandler:
         return SchedulingResult(outcome, name)
 
 
-class DisaggProfileHandler:
+class DisaggProfileHandler(Plugin):
     """Decode always; prefill when the prefill decider approves and a prefill endpoint can take it."""
 
     type = "disagg-profile-handler"
@@ -190,14 +183,11 @@ class PdProfileHandler(DisaggProfileHandler):
         super().bind(plugins, profiles)
 
 
-class DisaggHeadersHandler:
+class DisaggHeadersHandler(Plugin):
     """llm-d's deprecated header plugins (`disagg-headers-handler`, `prefill-header-handler`): the
     disagg profile handler sets `x-prefiller-host-port` itself, so these load and do nothing."""
 
     type = "disagg-headers-handler"
-
-    def __init__(self, name: str) -> None:
-        self.name = name
 
     @classmethod
     def from_config(cls, name: str, p: Params, ctx: PluginContext) -> DisaggHeadersHandler:

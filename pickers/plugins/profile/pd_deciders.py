@@ -13,7 +13,7 @@ from pickers.framework.params import Params
 from pickers.framework.request import CHARS_PER_TOKEN, InferenceRequest
 from pickers.framework.types import CycleState
 from pickers.indexes.prefix import BLOCK_CHARS, MAX_BLOCKS
-from pickers.plugins.base import PluginContext
+from pickers.plugins.base import Plugin, PluginContext
 from pickers.plugins.scorer.prefix import prefix_match
 
 
@@ -27,7 +27,7 @@ class PdDecider(Protocol):
     def disaggregate(self, request: InferenceRequest, cycle: CycleState, decode: Endpoint) -> bool: ...
 
 
-class PrefixBasedPDDecider:
+class PrefixBasedPDDecider(Plugin):
     """Prefill remotely when the part of the prompt the decode endpoint probably lacks is long enough.
 
     uncached = prompt tokens (characters / 4) - leading blocks the decode endpoint holds x 16 tokens,
@@ -75,17 +75,10 @@ class PrefixBasedPDDecider:
         return tokens - cached >= threshold
 
 
-class AlwaysDisaggPDDecider:
+class AlwaysDisaggPDDecider(Plugin):
     """Every request is prefilled remotely (when a prefill endpoint is available)."""
 
     type = "always-disagg-pd-decider"
-
-    def __init__(self, name: str = "always-disagg-pd-decider") -> None:
-        self.name = name
-
-    @classmethod
-    def from_config(cls, name: str, p: Params, ctx: PluginContext) -> AlwaysDisaggPDDecider:
-        return cls(name)
 
     def disaggregate(self, request: InferenceRequest, cycle: CycleState, decode: Endpoint) -> bool:
         return True

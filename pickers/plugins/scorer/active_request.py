@@ -14,10 +14,10 @@ from pickers.framework.endpoint import Endpoint
 from pickers.framework.params import Params
 from pickers.framework.request import InferenceRequest
 from pickers.framework.types import CycleState
-from pickers.plugins.base import PluginContext
+from pickers.plugins.base import Plugin, PluginContext
 
 
-class ActiveRequestScorer:
+class ActiveRequestScorer(Plugin):
     type = "active-request-scorer"
     category = "distribution"
 

@@ -11,12 +11,12 @@ from pickers.framework.endpoint import Endpoint
 from pickers.framework.params import Params
 from pickers.framework.request import InferenceRequest
 from pickers.framework.types import CycleState
-from pickers.plugins.base import PluginContext
+from pickers.plugins.base import Plugin, PluginContext
 
 DEFAULT_THRESHOLD = 128
 
 
-class LoadAwareScorer:
+class LoadAwareScorer(Plugin):
     type = "load-aware-scorer"
     category = "distribution"
 

@@ -8,24 +8,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pickers.framework.endpoint import Endpoint
-from pickers.framework.params import Params
 from pickers.framework.request import InferenceRequest
 from pickers.framework.types import CycleState
-from pickers.plugins.base import PluginContext
+from pickers.plugins.base import Plugin
 
 RUNNING, ROOM, WAITING = 1.0, 0.8, 0.6
 
 
-class LoraAffinityScorer:
+class LoraAffinityScorer(Plugin):
     type = "lora-affinity-scorer"
     category = "affinity"
-
-    def __init__(self, name: str = "lora-affinity-scorer") -> None:
-        self.name = name
-
-    @classmethod
-    def from_config(cls, name: str, p: Params, ctx: PluginContext) -> LoraAffinityScorer:
-        return cls(name)
 
     def score(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> list[float]:
         adapter = request.model

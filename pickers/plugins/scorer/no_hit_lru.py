@@ -13,14 +13,14 @@ from pickers.framework.params import Params
 from pickers.framework.request import InferenceRequest
 from pickers.framework.types import CycleState, SchedulingResult
 from pickers.indexes.prefix import ApproxPrefixIndex
-from pickers.plugins.base import PluginContext
+from pickers.plugins.base import Plugin, PluginContext
 from pickers.plugins.scorer.prefix import prefix_match
 
 DEFAULT_LRU_SIZE = 1024
 NEUTRAL = 0.5
 
 
-class NoHitLRUScorer:
+class NoHitLRUScorer(Plugin):
     type = "no-hit-lru-scorer"
     category = "distribution"
 

@@ -3,7 +3,7 @@ holds, from the KV events its engine publishes (not from past routing, like pref
 
 The request is tokenized with the model's tokenizer (chat template for chat requests), cut into
 the engine's blocks (its block size comes from its events), keyed like `pickers.indexes.kv_blocks`, and
-matched against the index the plugin owns. The EPP (extproc.server) feeds that index: with `subscribe`
+matched against the index the plugin owns. The EPP (extproc.server.runner) feeds that index: with `subscribe`
 on, it starts a KV-event subscriber for the plugin and attaches it as `subscriber`.
 """
 
@@ -24,7 +24,7 @@ from pickers.framework.request import InferenceRequest
 from pickers.framework.types import CycleState
 from pickers.indexes.kv_blocks import DEFAULT_CAPACITY, KVBlockIndex, request_keys
 from pickers.indexes.tokenization import Tokenizer, load_tokenizer
-from pickers.plugins.base import PluginContext
+from pickers.plugins.base import Plugin, PluginContext
 
 DEFAULT_BLOCK_SIZE = 16  # until an endpoint's events tell its real block size
 MAX_BLOCKS = 256
@@ -118,7 +118,7 @@ class PreciseTokenizer:
         return ids
 
 
-class PrecisePrefixCacheScorer:
+class PrecisePrefixCacheScorer(Plugin):
     type = "precise-prefix-cache-scorer"
     category = "affinity"
 

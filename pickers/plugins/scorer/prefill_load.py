@@ -18,13 +18,13 @@ from pickers.framework.params import Params
 from pickers.framework.request import CHARS_PER_TOKEN, InferenceRequest
 from pickers.framework.types import CycleState, SchedulingResult
 from pickers.indexes.prefix import BLOCK_CHARS, MAX_BLOCKS, ApproxPrefixIndex
-from pickers.plugins.base import PluginContext
+from pickers.plugins.base import Plugin, PluginContext
 from pickers.plugins.scorer.prefix import prefix_match
 
 _UNCACHED = "prefill-load-scorer/uncached"
 
 
-class PrefillLoadScorer:
+class PrefillLoadScorer(Plugin):
     type = "prefill-load-scorer"
     category = "distribution"
 

@@ -15,7 +15,7 @@ from pickers.framework.params import Params
 from pickers.framework.request import CHARS_PER_TOKEN, InferenceRequest
 from pickers.framework.types import CycleState, SchedulingResult
 from pickers.indexes.prefix import BLOCK_CHARS, DEFAULT_CAPACITY, MAX_BLOCKS, ApproxPrefixIndex, block_hashes
-from pickers.plugins.base import PluginContext
+from pickers.plugins.base import Plugin, PluginContext
 
 
 @dataclass(slots=True, frozen=True)
@@ -47,7 +47,7 @@ def prefix_match(
     return result
 
 
-class PrefixCacheScorer:
+class PrefixCacheScorer(Plugin):
     type = "prefix-cache-scorer"
     category = "affinity"
 
@@ -113,14 +113,11 @@ def _cache_salt(request: InferenceRequest) -> str:
     return salt if isinstance(salt, str) else ""
 
 
-class ApproxPrefixCacheProducer:
+class ApproxPrefixCacheProducer(Plugin):
     """llm-d's `approx-prefix-cache-producer` feeds its prefix scorer and P/D decider. Here the
     prefix-cache-scorer keeps the shared index itself, so this loads (for llm-d configs) and does nothing."""
 
     type = "approx-prefix-cache-producer"
-
-    def __init__(self, name: str = "approx-prefix-cache-producer") -> None:
-        self.name = name
 
     @classmethod
     def from_config(cls, name: str, p: Params, ctx: PluginContext) -> ApproxPrefixCacheProducer:

@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pickers.framework.endpoint import Endpoint
-from pickers.framework.params import Params
 from pickers.framework.request import InferenceRequest
 from pickers.framework.types import CycleState
-from pickers.plugins.base import PluginContext
+from pickers.plugins.base import Plugin
 
 
 def min_max_low_is_best(values: Sequence[float]) -> list[float]:
@@ -20,16 +19,9 @@ def min_max_low_is_best(values: Sequence[float]) -> list[float]:
     return [(hi - v) / span for v in values]
 
 
-class QueueScorer:
+class QueueScorer(Plugin):
     type = "queue-scorer"
     category = "distribution"
-
-    def __init__(self, name: str = "queue-scorer") -> None:
-        self.name = name
-
-    @classmethod
-    def from_config(cls, name: str, p: Params, ctx: PluginContext) -> QueueScorer:
-        return cls(name)
 
     def score(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> list[float]:
         return min_max_low_is_best([ep.metrics.waiting for ep in endpoints])

@@ -5,23 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pickers.framework.endpoint import Endpoint
-from pickers.framework.params import Params
 from pickers.framework.request import InferenceRequest
 from pickers.framework.types import CycleState
-from pickers.plugins.base import PluginContext
+from pickers.plugins.base import Plugin
 from pickers.plugins.scorer.queue import min_max_low_is_best
 
 
-class RunningRequestsSizeScorer:
+class RunningRequestsSizeScorer(Plugin):
     type = "running-requests-size-scorer"
     category = "distribution"
-
-    def __init__(self, name: str = "running-requests-size-scorer") -> None:
-        self.name = name
-
-    @classmethod
-    def from_config(cls, name: str, p: Params, ctx: PluginContext) -> RunningRequestsSizeScorer:
-        return cls(name)
 
     def score(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> list[float]:
         return min_max_low_is_best([ep.metrics.running for ep in endpoints])

@@ -11,10 +11,9 @@ import binascii
 from collections.abc import Sequence
 
 from pickers.framework.endpoint import Endpoint
-from pickers.framework.params import Params
 from pickers.framework.request import InferenceRequest
 from pickers.framework.types import CycleState, SchedulingResult
-from pickers.plugins.base import PluginContext
+from pickers.plugins.base import Plugin
 
 SESSION_HEADER = "x-session-token"
 
@@ -31,16 +30,9 @@ def session_address(token: str) -> str | None:
         return None
 
 
-class SessionAffinityScorer:
+class SessionAffinityScorer(Plugin):
     type = "session-affinity-scorer"
     category = "affinity"
-
-    def __init__(self, name: str = "session-affinity-scorer") -> None:
-        self.name = name
-
-    @classmethod
-    def from_config(cls, name: str, p: Params, ctx: PluginContext) -> SessionAffinityScorer:
-        return cls(name)
 
     def score(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> list[float]:
         token = request.headers.get(SESSION_HEADER)
