@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from extproc.handlers.request_stream import DEFAULT_MAX_BODY
+from extproc.observability.logs import LOG_FORMATS
 from pickers.config.strategies import CONFIGS, STRATEGIES
 from pickers.framework.errors import ConfigError
 
@@ -98,7 +99,7 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
         help="log verbosity: 0 info; 1+ debug, which also logs every request with its candidates' scores",
     )  # fmt: skip
     obs = p.add_argument_group("logs and live views")
-    obs.add_argument("--log-format", choices=("text", "json"), default="text", help="text lines or one JSON object per line")
+    obs.add_argument("--log-format", choices=LOG_FORMATS, default="text", help="text lines or one JSON object per line")
     obs.add_argument(
         "--log-requests", action="store_true",
         help="one INFO line per request: id, model, endpoint(s), profile, status, aborted, durations, tokens",

@@ -22,14 +22,16 @@ from pickers.framework.endpoint import Endpoint, Metrics
 
 log = logging.getLogger(__name__)
 
-WAITING = "vllm:num_requests_waiting"
-RUNNING = "vllm:num_requests_running"
-KV_USAGE = "vllm:kv_cache_usage_perc"
-KV_USAGE_OLD = "vllm:gpu_cache_usage_perc"  # vLLM before the V1 engine
-CACHE_CONFIG = "vllm:cache_config_info"
-LORA_INFO = "vllm:lora_requests_info"
-PREFIX_HITS = "vllm:prefix_cache_hits_total"
-PREFIX_QUERIES = "vllm:prefix_cache_queries_total"
+# vLLM's series we read, without their `vllm:` prefix
+WAITING = "num_requests_waiting"
+RUNNING = "num_requests_running"
+KV_USAGE = "kv_cache_usage_perc"
+KV_USAGE_OLD = "gpu_cache_usage_perc"  # vLLM before the V1 engine
+CACHE_CONFIG = "cache_config_info"
+LORA_INFO = "lora_requests_info"
+PREFIX_HITS = "prefix_cache_hits_total"
+PREFIX_QUERIES = "prefix_cache_queries_total"
+_WANTED = (WAITING, RUNNING, KV_USAGE, KV_USAGE_OLD, CACHE_CONFIG, LORA_INFO, PREFIX_HITS, PREFIX_QUERIES)
 
 
 class ScrapeError(Exception):
@@ -44,10 +46,7 @@ class MetricsParseError(ScrapeError, ValueError):
 # quotes, braces and commas), value, then anything (timestamp, OpenMetrics exemplar). Matched on
 # "\n" + text so the engine's literal-prefix search skips everything else (~8x faster than ^/M).
 _SAMPLE = re.compile(
-    r"\n[ \t]*vllm:("
-    r"num_requests_waiting|num_requests_running|kv_cache_usage_perc|gpu_cache_usage_perc"
-    r"|cache_config_info|lora_requests_info|prefix_cache_hits_total|prefix_cache_queries_total"
-    r")[ \t]*(?:\{((?:[^\"}\n]|\"(?:[^\"\\\n]|\\.)*\")*)\})?[ \t]*[ \t]([^ \t\r\n]+)",
+    r"\n[ \t]*vllm:(" + "|".join(_WANTED) + r")[ \t]*(?:\{((?:[^\"}\n]|\"(?:[^\"\\\n]|\\.)*\")*)\})?[ \t]*[ \t]([^ \t\r\n]+)",
 )
 _LABEL = re.compile(r"[ \t]*([A-Za-z_][A-Za-z0-9_]*)[ \t]*=[ \t]*\"((?:[^\"\\\n]|\\.)*)\"[ \t]*,?")
 _ESCAPE = re.compile(r"\\(.)")
@@ -106,32 +105,32 @@ def parse_vllm_metrics(text: str) -> Metrics:
             continue
         if not math.isfinite(value):
             continue
-        if name.startswith("num_requests"):
+        if name == WAITING or name == RUNNING:
             value = min(max(value, 0.0), 1e12)  # sums stay finite whatever the body says
-        if name == "num_requests_waiting":
+        if name == WAITING:
             waiting += value
             n_waiting += 1
-        elif name == "num_requests_running":
+        elif name == RUNNING:
             running += value
             n_running += 1
-        elif name == "kv_cache_usage_perc":
+        elif name == KV_USAGE:
             kv_sum += value
             n_kv += 1
-        elif name == "gpu_cache_usage_perc":
+        elif name == KV_USAGE_OLD:
             kv_old_sum += value
             n_kv_old += 1
-        elif name == "prefix_cache_hits_total":
+        elif name == PREFIX_HITS:
             hits += value
-        elif name == "prefix_cache_queries_total":
+        elif name == PREFIX_QUERIES:
             queries += value
-        elif name == "cache_config_info":
+        elif name == CACHE_CONFIG:
             labels = _labels(label_text)
             blocks = _int_label(labels, "num_gpu_blocks")
             if blocks is not None:  # one series per engine: the endpoint holds them all
                 num_gpu_blocks = blocks + (num_gpu_blocks or 0)
             if block_size is None:
                 block_size = _int_label(labels, "block_size")
-        elif name == "lora_requests_info":
+        elif name == LORA_INFO:
             if value > lora_newest:  # the value is a timestamp: the newest series wins
                 lora_newest = value
                 lora_labels = label_text or ""
@@ -142,7 +141,7 @@ def parse_vllm_metrics(text: str) -> Metrics:
         if count == 0
     ]
     if missing:
-        raise MetricsParseError(f"no usable sample of {', '.join(missing)}")
+        raise MetricsParseError(f"no usable sample of {', '.join('vllm:' + n for n in missing)}")
 
     kv = kv_sum / n_kv if n_kv else kv_old_sum / n_kv_old
     metrics = Metrics(

@@ -29,7 +29,6 @@ PAYLOAD_TOO_LARGE = ErrorKind("PayloadTooLarge", 413)
 NO_ENDPOINTS = ErrorKind("ServiceUnavailable", 503, "rejected-no-endpoints")
 ALL_FILTERED = ErrorKind("InferencePoolResourceExhausted", 429, "rejected-all-filtered")
 SATURATED = ErrorKind("InferencePoolResourceExhausted", 429, "rejected-saturated")
-TTL_EXPIRED = ErrorKind("InferencePoolResourceExhausted", 429, "rejected-ttl-expired")
 PROTOCOL = ErrorKind("Internal", 500)
 
 

@@ -13,9 +13,10 @@ from collections import OrderedDict
 import xxhash
 
 from pickers.framework.histogram import Histogram
+from pickers.framework.request import CHARS_PER_TOKEN
 
-BLOCK_CHARS = 64
 BLOCK_TOKENS = 16
+BLOCK_CHARS = BLOCK_TOKENS * CHARS_PER_TOKEN  # 64 characters of prompt
 MAX_BLOCKS = 256
 DEFAULT_CAPACITY = 31_250  # blocks per endpoint when the server does not report its cache size
 HIT_RATIO_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
