@@ -3,32 +3,22 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from extproc.datalayer.datastore import Datastore
 from extproc.handlers.request_stream import STREAM_CHUNK, ProtocolError, RequestStream, State
-from extproc.observability.metrics import EppMetrics
-from extproc.requestcontrol.director import Director
-from pickers.config.strategies import build_profile
-from pickers.framework.endpoint import EndpointSpec
-from pickers.framework.scheduler import Scheduler
-from pickers.indexes.prefix import ApproxPrefixIndex
+from tests.unit.fake_director import FakeDirector
 
 FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
 BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
 ADDRS = ["10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"]
 
 
-def make_director(addrs=ADDRS, *, strategy="default", max_endpoints=1, explain=False):
-    ds = Datastore()
-    ds.set_endpoints(EndpointSpec(a, a.split(":")[0], int(a.split(":")[1])) for a in addrs)
-    profile = build_profile(strategy, ApproxPrefixIndex(), max_endpoints=max_endpoints, rng=random.Random(0))
-    return Director(ds, Scheduler(profile, explain=explain), EppMetrics())
+def make_director(addrs=ADDRS, *, max_endpoints=1, scores=None) -> FakeDirector:
+    return FakeDirector(addrs, max_endpoints, scores)
 
 
 def headers_msg(path="/v1/completions", method="POST", eos=False, extra=None, mode=FULL_DUPLEX, subset=None):
@@ -225,33 +215,12 @@ def response_body_msg(data: bytes, eos: bool):
     return pb.ProcessingRequest(response_body=pb.HttpBody(body=data, end_of_stream=eos))
 
 
-class RecordingDirector:
-    """Wraps the real Director to see what it is told on completion."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.outcomes = []
-
-    def route(self, request, subset):
-        return self.inner.route(request, subset)
-
-    def finish(self, routing, outcome):
-        self.outcomes.append(outcome)
-        self.inner.finish(routing, outcome)
-
-    def first_byte(self, routing):
-        self.inner.first_byte(routing)
-
-    def rejected(self, request, error):
-        self.inner.rejected(request, error)
-
-
-def in_flight(director) -> int:
-    return director.inner.datastore.total_in_flight()
+def in_flight(director: FakeDirector) -> int:
+    return director.in_flight
 
 
 def test_streaming_response_usage_is_read_and_in_flight_released():
-    director = RecordingDirector(make_director())
+    director = make_director()
     stream = RequestStream(director)
     send_request(stream, completion_body(stream=True))
     assert in_flight(director) == 1
@@ -274,7 +243,7 @@ def test_streaming_response_usage_is_read_and_in_flight_released():
 
 
 def test_json_response_usage_is_read_at_the_end():
-    director = RecordingDirector(make_director())
+    director = make_director()
     stream = RequestStream(director)
     send_request(stream, completion_body())
     stream.handle(response_headers_msg())
@@ -286,7 +255,7 @@ def test_json_response_usage_is_read_at_the_end():
 
 
 def test_aborted_stream_releases_in_flight_once():
-    director = RecordingDirector(make_director())
+    director = make_director()
     stream = RequestStream(director)
     send_request(stream, completion_body(stream=True))
     stream.handle(response_headers_msg(ctype="text/event-stream"))
@@ -299,7 +268,7 @@ def test_aborted_stream_releases_in_flight_once():
 
 
 def test_upstream_error_status_is_reported():
-    director = RecordingDirector(make_director())
+    director = make_director()
     stream = RequestStream(director)
     send_request(stream, completion_body())
     stream.handle(response_headers_msg(status=503, eos=True))
@@ -334,47 +303,24 @@ def test_out_of_order_message_is_one_protocol_error_naming_state_and_event(msg):
 
 
 def test_explained_scores_go_into_lb_metadata():
-    stream = RequestStream(make_director(explain=True))
+    stream = RequestStream(make_director(scores='{"queue-scorer":{"10.0.0.1:8000":1.0}}'))
     out = send_request(stream, completion_body())
-    scores = json.loads(out[0].dynamic_metadata.fields["envoy.lb"].struct_value.fields["x-gateway-destination-endpoint-scores"].string_value)
-    assert set(scores) == {"queue-scorer", "kv-cache-utilization-scorer", "prefix-cache-scorer", "total"}
-    assert set(scores["total"]) == set(ADDRS)
+    scores = out[0].dynamic_metadata.fields["envoy.lb"].struct_value.fields["x-gateway-destination-endpoint-scores"].string_value
+    assert json.loads(scores) == {"queue-scorer": {"10.0.0.1:8000": 1.0}}
 
 
 def test_plugin_headers_reach_the_upstream_request_and_the_client_response():
-    from pickers.plugins.scorer.session_affinity import session_address
-
-    config = """
-apiVersion: inference.networking.x-k8s.io/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: session-affinity-scorer
-- type: queue-scorer
-"""
-    from pickers.config.loader import load_config
-    from pickers.plugins.base import PluginContext
-
-    ds = Datastore()
-    ds.set_endpoints(EndpointSpec(a, a.split(":")[0], 8000) for a in ADDRS)
-    cfg = load_config(config, "test", PluginContext(ApproxPrefixIndex(), random.Random(0), 1))
-    director = Director(ds, Scheduler(cfg.profile), EppMetrics())
+    director = FakeDirector(request_headers={"x-prefiller-host-port": "10.0.0.9:8000"}, response_headers={"x-session-token": "t"})
     stream = RequestStream(director)
-    out = send_request(stream, completion_body(), extra={"x-session-token": "bm90LWFuLWFkZHJlc3M="})
-    chosen = set_headers(out[0])["x-gateway-destination-endpoint"]
+    out = send_request(stream, completion_body())
+    assert set_headers(out[0])["x-prefiller-host-port"] == "10.0.0.9:8000"
     resp = stream.handle(response_headers_msg())
-    token = {h.header.key: h.header.raw_value.decode() for h in resp[0].response_headers.response.header_mutation.set_headers}[
-        "x-session-token"
-    ]
-    assert session_address(token) == chosen
-    # the next request of the session sticks to that endpoint
-    for _ in range(5):
-        again = send_request(RequestStream(director), completion_body(), extra={"x-session-token": token})
-        assert set_headers(again[0])["x-gateway-destination-endpoint"] == chosen
+    assert {h.header.key: h.header.raw_value for h in resp[0].response_headers.response.header_mutation.set_headers}["x-session-token"] == b"t"
 
 
 def test_outcome_carries_gateway_timings():
     ticks = iter([10.0, 10.5, 12.0])  # headers, first response byte, end
-    director = RecordingDirector(make_director())
+    director = make_director()
     stream = RequestStream(director, clock=lambda: next(ticks))
     send_request(stream, completion_body(stream=True))
     stream.handle(response_headers_msg(ctype="text/event-stream"))
@@ -386,7 +332,7 @@ def test_outcome_carries_gateway_timings():
 
 
 def test_stream_cut_after_done_marker_counts_as_complete_not_aborted():
-    director = RecordingDirector(make_director())
+    director = make_director()
     stream = RequestStream(director)
     send_request(stream, completion_body(stream=True))
     stream.handle(response_headers_msg(ctype="text/event-stream"))
@@ -395,23 +341,3 @@ def test_stream_cut_after_done_marker_counts_as_complete_not_aborted():
     (outcome,) = director.outcomes
     assert not outcome.aborted and outcome.usage.completion_tokens == 2
     assert in_flight(director) == 0
-
-
-def test_prefill_work_is_counted_from_pick_to_first_byte():
-    from pickers.config.loader import load_config
-    from pickers.plugins.base import PluginContext
-
-    ds = Datastore()
-    ds.set_endpoints([EndpointSpec("a", "10.0.0.1", 8000)])
-    text = "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: prefill-load-scorer\n"
-    cfg = load_config(text, "test", PluginContext(ApproxPrefixIndex(), random.Random(0), 1))
-    director = Director(ds, Scheduler(cfg.profile), EppMetrics())
-    stream = RequestStream(director)
-    send_request(stream, completion_body("p" * 4000, stream=True))
-    (endpoint,) = ds.candidates()
-    assert endpoint.in_flight_prefill_tokens == 1000
-    stream.handle(response_headers_msg(ctype="text/event-stream"))
-    stream.handle(response_body_msg(b'data: {"x":1}\n\n', False))
-    assert endpoint.in_flight_prefill_tokens == 0 and endpoint.in_flight == 1
-    stream.close()
-    assert endpoint.in_flight == 0 and endpoint.in_flight_prefill_tokens == 0

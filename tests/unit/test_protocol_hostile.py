@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from extproc.handlers.request_stream import ProtocolError, RequestStream
+from tests.unit.test_director import real_director
 from tests.unit.test_protocol import (
     BUFFERED,
     FULL_DUPLEX,
@@ -65,7 +66,7 @@ def test_any_body_in_any_chunking_gets_a_documented_answer(body, path, mode, cut
     for i, piece in enumerate(pieces):
         check(stream.handle(body_msg(piece, i == len(pieces) - 1)))
     stream.close()
-    assert director.datastore.total_in_flight() == 0
+    assert director.in_flight == 0
 
 
 messages = st.sampled_from(["headers", "body", "body_eos", "trailers", "resp_headers", "resp_body", "resp_body_eos", "resp_trailers", "empty"])
@@ -97,7 +98,7 @@ def test_messages_in_any_order_are_answered_or_refused_with_one_protocol_error(k
             check([stream.protocol_error_response(e)])
             break
     stream.close()
-    assert director.datastore.total_in_flight() == 0
+    assert director.in_flight == 0
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -111,7 +112,7 @@ def test_messages_in_any_order_are_answered_or_refused_with_one_protocol_error(k
 def test_with_every_model_rewritten_any_body_and_reply_get_documented_answers(body, mode, reply, cuts, ctype):
     from extproc.requestcontrol.rewrites import RewriteStore, Rule, Target
 
-    director = make_director()
+    director = real_director()
     director.rewrites = RewriteStore([Rule((), (Target("target"),))])
     stream = RequestStream(director)
     check(stream.handle(headers_msg(mode=mode)))

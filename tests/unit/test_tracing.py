@@ -20,7 +20,8 @@ from extproc.handlers.request_stream import RequestStream, State
 from extproc.requestcontrol.tracing import SCHEDULE_SPAN_NAME, SPAN_NAME, TracedDirector, build_provider
 from extproc.server.runner import EppServer, ServeOptions
 from pickers.framework.errors import ConfigError
-from tests.unit.test_protocol import ADDRS, body_msg, completion_body, headers_msg, make_director, send_request, set_headers
+from tests.unit.test_director import real_director
+from tests.unit.test_protocol import ADDRS, body_msg, completion_body, headers_msg, send_request, set_headers
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
@@ -32,7 +33,7 @@ def exporter():
 
 
 def traced_director(exporter, ratio=1.0):
-    plain = make_director()
+    plain = real_director()
     provider = build_provider(ratio, SimpleSpanProcessor(exporter))
     return TracedDirector(plain.datastore, plain.scheduler, plain.metrics, tracer=provider.get_tracer("test"))
 
