@@ -12,7 +12,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from vllm_sim.config import DEFAULT_MODEL, ConfigError, SimConfig
+from vllm_sim.config import DEFAULT_EMBEDDING_DIM, DEFAULT_MODEL, ConfigError, SimConfig
 from vllm_sim.kv_events import KVEventsConfig
 from vllm_sim.profiles import PROFILES
 from vllm_sim.server import SimServer
@@ -40,6 +40,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--kv-transfer-s-overhead", type=float,
                    help="P/D: fixed seconds per KV transfer (profile default)")
     p.add_argument("--name", help="x-served-by value (default host:port as bound)")
+    p.add_argument("--control-port", type=int, metavar="PORT",
+                   help="serve /sim/* (stats, reset, fault) only on 127.0.0.1:PORT, 0 = any free port; "
+                        "the main port then answers 404 for them (default: on the main port)")
+    p.add_argument("--embedding-dim", type=int, metavar="N",
+                   help=f"length of /v1/embeddings vectors (default {DEFAULT_EMBEDDING_DIM})")
     p.add_argument("--kv-events-port", type=int, metavar="PORT",
                    help="publish KV events (vLLM's ZMQ format) on tcp://*:PORT, 0 = any free port; "
                         "topic kv@<host:port>@<model>")
@@ -65,6 +70,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         kv_transfer_s_per_token=args.kv_transfer_s_per_token,
         kv_transfer_s_overhead=args.kv_transfer_s_overhead,
         kv_events=_kv_events(args),
+        control_port=args.control_port,
+        embedding_dim=args.embedding_dim,
     )
 
 
@@ -94,6 +101,8 @@ async def serve(config: SimConfig) -> None:
     await server.start()
     log.info("vllm-sim %s serving %s on %s (profile %s, time-scale %g)",
              server.name, ",".join(config.models), server.url, config.profile, config.time_scale)
+    if config.control_port is not None:
+        log.info("control endpoints (/sim/*) on %s only", server.control_url)
     if server.kv_events is not None:
         log.info("publishing KV events on tcp://*:%d, topic %s", server.kv_events.port, server.kv_events.topic.decode())
     try:

@@ -8,6 +8,7 @@ from vllm_sim.kv_events import KVEventsConfig
 from vllm_sim.profiles import PROFILES, Profile
 
 DEFAULT_MODEL = "sim-model"
+DEFAULT_EMBEDDING_DIM = 64
 
 
 class ConfigError(ValueError):
@@ -34,6 +35,10 @@ class SimConfig:
     kv_transfer_s_per_token: float = PROFILES["gpu"].kv_transfer_s_per_token
     kv_transfer_s_overhead: float = PROFILES["gpu"].kv_transfer_s_overhead
     kv_events: KVEventsConfig | None = None  # publish the prefix cache's KV events over ZMQ, as vLLM
+    # /sim/* (stats, reset, fault) on their own 127.0.0.1 port (0 = any free) and 404 on the main
+    # one, so a gateway that exposes the main port cannot reach them; None = on the main port.
+    control_port: int | None = None
+    embedding_dim: int = DEFAULT_EMBEDDING_DIM  # length of /v1/embeddings vectors
 
     @classmethod
     def from_profile(cls, profile: str | Profile = "gpu", **overrides: object) -> SimConfig:
@@ -70,7 +75,7 @@ class SimConfig:
     def validate(self) -> None:
         if not self.models or any(not m for m in self.models):
             raise ConfigError("models: need at least one non-empty model name")
-        for field in ("max_num_seqs", "num_gpu_blocks", "block_size", "max_model_len"):
+        for field in ("max_num_seqs", "num_gpu_blocks", "block_size", "max_model_len", "embedding_dim"):
             if getattr(self, field) < 1:
                 raise ConfigError(f"{field}: must be >= 1, got {getattr(self, field)}")
         for field in ("kv_transfer_s_per_token", "kv_transfer_s_overhead"):
@@ -80,3 +85,9 @@ class SimConfig:
             raise ConfigError(f"time_scale: must be >= 0, got {self.time_scale}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port: must be in 0..65535, got {self.port}")
+        if self.control_port is not None:
+            if not 0 <= self.control_port <= 65535:
+                raise ConfigError(f"control_port: must be in 0..65535, got {self.control_port}")
+            if self.control_port != 0 and self.control_port == self.port:
+                raise ConfigError(f"control_port: must differ from port ({self.port}); leave it unset "
+                                  "to serve /sim/* on the main port")

@@ -5,6 +5,10 @@ simulated step time (prefill of the newly admitted + one decode step of the whol
 then gives every running request one token. A request's first token therefore arrives at the
 end of the step that prefilled it, which is what makes TTFT grow with queueing and prompt length.
 
+A request with max_tokens=0 is prefill-only (an embedding, as vLLM runs a pooling request): it
+is queued, cached and prefilled like any other and finishes at the end of its prefill step with
+no token, its output a single finished event with empty text.
+
 Prefill/decode disaggregation as vLLM's KV connectors do it: a prefill leg is an ordinary request
 whose prompt blocks the caller will pull; a decode leg holds a slot and its blocks but, instead of
 being prefilled, waits off the step loop for the KV transfer, then joins the batch.
@@ -61,7 +65,7 @@ class TokenOutput:
 class EngineRequest:
     request_id: str
     prompt_token_ids: list[int]
-    max_tokens: int
+    max_tokens: int  # 0 = prefill only (pooling): finishes after its prefill step with no token
     filler: FillerText
     # Shared by all prompts of one HTTP request so the handler waits on a single queue.
     output: asyncio.Queue[TokenOutput]
@@ -267,6 +271,12 @@ class Engine:
 
     def _emit_tokens(self, now: float) -> None:
         for request in list(self._running):
+            if request.max_tokens == 0:
+                request.output.put_nowait(TokenOutput(request, "", True))
+                self._release(request, RequestState.FINISHED)
+                if self._observer is not None:
+                    self._observer.on_finished(request, now)
+                continue
             previous = request.last_token_time
             request.num_generated += 1
             if request.first_token_time is None:

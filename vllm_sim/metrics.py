@@ -56,9 +56,11 @@ class SimMetrics:
                                      _LABELS, registry=r).labels(**labels)
         self.generation_tokens = Counter("vllm:generation_tokens", "Generation tokens processed.",
                                          _LABELS, registry=r).labels(**labels)
-        self.request_success = Counter("vllm:request_success", "Successfully processed requests.",
-                                       (*_LABELS, "finished_reason"), registry=r).labels(
-            **labels, finished_reason="length")
+        success = Counter("vllm:request_success", "Successfully processed requests.",
+                          (*_LABELS, "finished_reason"), registry=r)
+        # Generation always runs to max_tokens ("length"); a pooling request (embedding) ends "stop".
+        self.request_success = success.labels(**labels, finished_reason="length")
+        self.pooling_success = success.labels(**labels, finished_reason="stop")
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token in seconds.",
                               _LABELS, buckets=TTFT_BUCKETS, registry=r).labels(**labels)
         self.itl = Histogram("vllm:inter_token_latency_seconds", "Inter-token latency in seconds.",
@@ -93,5 +95,10 @@ class SimMetrics:
             self.itl.observe(now - previous)
 
     def on_finished(self, request: EngineRequest, now: float) -> None:
-        self.request_success.inc()
+        if request.max_tokens == 0:
+            # vLLM records a pooling request's first (and only) output as its time to first token.
+            self.ttft.observe(now - request.arrival_time)
+            self.pooling_success.inc()
+        else:
+            self.request_success.inc()
         self.e2e.observe(now - request.arrival_time)

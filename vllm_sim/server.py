@@ -3,6 +3,9 @@
 Handlers only translate: parse with openai_api, submit to the engine, relay its token outputs as
 JSON or SSE. Whatever ends a handler (done, client gone, cancelled) aborts unfinished requests so
 the engine frees their slots and blocks, as vLLM does on disconnect.
+
+The control endpoints (/sim/stats, /sim/reset, /sim/fault) are served on the main port, or, with
+config.control_port set, only on 127.0.0.1:control_port (the main port then answers 404 for them).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections import deque
 from typing import Any
 
@@ -29,6 +33,7 @@ log = logging.getLogger(__name__)
 SERVED_BY_HEADER = "x-served-by"
 REQUEST_ID_HEADER = "x-request-id"
 REQUEST_ID_HISTORY = 1000
+CONTROL_HOST = "127.0.0.1"  # the control port is loopback-only, whatever --host says
 _SSE_DONE = b"data: [DONE]\n\n"
 
 
@@ -52,6 +57,8 @@ class SimServer:
         self._name = config.name or ""
         self._port = 0
         self._runner: web.AppRunner | None = None
+        self._control_port = 0
+        self._control_runner: web.AppRunner | None = None
         self._created = int(time.time())
         self.kv_events: KVEventPublisher | None = None
         self.fault = "none"  # injected by POST /sim/fault: see _inject_fault
@@ -71,22 +78,45 @@ class SimServer:
         return f"http://{host}:{self._port}"
 
     @property
+    def control_port(self) -> int:
+        """Where /sim/* is served: the control port as bound, else the main port."""
+        return self._control_port if self.config.control_port is not None else self._port
+
+    @property
+    def control_url(self) -> str:
+        """Base URL of /sim/*: http://127.0.0.1:<control port> if one is set, else url."""
+        return f"http://{CONTROL_HOST}:{self._control_port}" if self.config.control_port is not None else self.url
+
+    @property
     def registry(self) -> CollectorRegistry:
         """This simulator's own Prometheus registry (several simulators can share a process)."""
         return self.metrics.registry
 
     def build_app(self) -> web.Application:
+        """The main port's app; it carries /sim/* only when no separate control port is set."""
         app = web.Application(middlewares=[self._inject_fault, self._errors], client_max_size=64 * 1024 * 1024)
         app.on_response_prepare.append(self._stamp)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
+        if self.config.control_port is None:
+            self._add_control_routes(app)
+        return app
+
+    def build_control_app(self) -> web.Application:
+        """The control port's app: /sim/* only, never subject to injected faults."""
+        app = web.Application(middlewares=[self._errors])
+        app.on_response_prepare.append(self._stamp)
+        self._add_control_routes(app)
+        return app
+
+    def _add_control_routes(self, app: web.Application) -> None:
         app.router.add_get("/sim/stats", self._stats)
         app.router.add_post("/sim/reset", self._reset)
         app.router.add_post("/sim/fault", self._set_fault)
-        return app
 
     async def start(self) -> int:
         await self.engine.start()
@@ -103,6 +133,12 @@ class SimServer:
             raise
         self._runner = runner
         self._port = runner.addresses[0][1]
+        if self.config.control_port is not None:
+            try:
+                await self._start_control()
+            except BaseException:
+                await self.stop()
+                raise
         if not self._name:
             host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
             self._name = f"{host}:{self._port}"
@@ -118,12 +154,23 @@ class SimServer:
             self.kv_events = publisher
         return self._port
 
+    async def _start_control(self) -> None:
+        assert self.config.control_port is not None
+        runner = web.AppRunner(self.build_control_app(), access_log=None, handle_signals=False,
+                               shutdown_timeout=1.0)
+        await runner.setup()
+        self._control_runner = runner  # set first so stop() cleans it up if binding fails
+        await web.TCPSite(runner, CONTROL_HOST, self.config.control_port).start()
+        self._control_port = runner.addresses[0][1]
+
     async def stop(self) -> None:
         # Engine first: it unblocks handlers still waiting on tokens so cleanup is quick.
         await self.engine.stop()
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
+        for attr in ("_runner", "_control_runner"):
+            runner = getattr(self, attr)
+            setattr(self, attr, None)
+            if runner is not None:
+                await runner.cleanup()
         if self.kv_events is not None:
             self.kv_events.close()
             self.kv_events = None
@@ -195,17 +242,20 @@ class SimServer:
         parsed = api.parse_chat(body, self.config) if chat else api.parse_completion(body, self.config)
         head = api.ResponseHeader.new(parsed)
         outputs: asyncio.Queue[TokenOutput] = asyncio.Queue()
+        # n choices per prompt, each its own engine request; choice j of prompt p is index p*n + j, as in vLLM.
+        n = parsed.n
         reqs = [
             EngineRequest(
-                request_id=f"{head.id}-{i}",
+                request_id=f"{head.id}-{p * n + j}",
                 prompt_token_ids=list(prompt),
                 max_tokens=parsed.max_tokens,
-                filler=FillerText(self.config.seed, prompt, parsed.seed),
+                filler=FillerText(self.config.seed, prompt, parsed.seed, choice=j),
                 output=outputs,
-                index=i,
+                index=p * n + j,
                 pd_leg=parsed.pd_leg,
             )
-            for i, prompt in enumerate(parsed.prompts)
+            for p, prompt in enumerate(parsed.prompts)
+            for j in range(n)
         ]
         try:
             for r in reqs:
@@ -231,7 +281,7 @@ class SimServer:
                 raise api.Unavailable(str(out.error))
             texts[out.request.index].append(out.text)
             pending -= out.finished
-        body = api.full_response(head, ["".join(t) for t in texts], self._usage(reqs))
+        body = api.full_response(head, ["".join(t) for t in texts], self._usage(reqs, parsed.n))
         if parsed.pd_leg is PdLeg.PREFILL:
             # vLLM hands these over only in a non-streamed response; so does the simulator.
             body["kv_transfer_params"] = api.produced_kv_transfer_params(
@@ -255,7 +305,7 @@ class SimServer:
                 await response.write(_sse(api.chunk(head, index, out.text, out.finished)))
                 pending -= out.finished
             if parsed.include_usage:
-                await response.write(_sse(api.usage_chunk(head, self._usage(reqs))))
+                await response.write(_sse(api.usage_chunk(head, self._usage(reqs, parsed.n))))
             await response.write(_SSE_DONE)
             await response.write_eof()
         except ConnectionError:
@@ -263,12 +313,52 @@ class SimServer:
         return response
 
     @staticmethod
-    def _usage(reqs: list[EngineRequest]) -> dict[str, Any]:
+    def _usage(reqs: list[EngineRequest], n: int = 1) -> dict[str, Any]:
+        # Like vLLM, a prompt's tokens count once however many choices it has (the first choice's).
+        firsts = reqs[::n]
         return api.usage(
-            prompt_tokens=sum(len(r.prompt_token_ids) for r in reqs),
+            prompt_tokens=sum(len(r.prompt_token_ids) for r in firsts),
             completion_tokens=sum(r.num_generated for r in reqs),
-            cached_tokens=sum(r.num_cached_tokens for r in reqs),
+            cached_tokens=sum(r.num_cached_tokens for r in firsts),
         )
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        """Each input is a prefill-only engine request (max_tokens=0): queued, prefix-cached and
+        counted like a prompt, finishing after its prefill step, as vLLM runs a pooling request."""
+        request_id = request.headers.get(REQUEST_ID_HEADER)
+        if request_id is not None:
+            self.request_ids.append(request_id)
+        parsed = api.parse_embedding(await request.read(), self.config)
+        base_id = f"embd-{uuid.uuid4().hex}"
+        outputs: asyncio.Queue[TokenOutput] = asyncio.Queue()
+        reqs = [
+            EngineRequest(
+                request_id=f"{base_id}-{i}",
+                prompt_token_ids=list(prompt),
+                max_tokens=0,
+                filler=FillerText(self.config.seed, prompt),
+                output=outputs,
+                index=i,
+            )
+            for i, prompt in enumerate(parsed.prompts)
+        ]
+        try:
+            for r in reqs:
+                try:
+                    self.engine.submit(r)
+                except RequestTooLarge as e:
+                    raise api.BadRequest(str(e)) from None
+            pending = len(reqs)
+            while pending:
+                out = await outputs.get()
+                if out.error is not None:
+                    raise api.Unavailable(str(out.error))
+                pending -= out.finished
+        finally:
+            for r in reqs:
+                if not r.done:
+                    self.engine.abort(r)
+        return _json(api.embedding_response(parsed, self.config, base_id, int(time.time())))
 
     async def _models(self, request: web.Request) -> web.Response:
         return _json(api.models_list(self.config, self._created))

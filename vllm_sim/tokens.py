@@ -36,15 +36,18 @@ apply_chat_template = sim_chat_template
 class FillerText:
     """The output of one request: a seeded stream of words, one word per token.
 
-    Seeded by (simulator seed, request seed, prompt) so a replayed request gets the same text
-    whatever else the engine was doing at the time.
+    Seeded by (simulator seed, request seed, prompt, choice) so a replayed request gets the same
+    text whatever else the engine was doing at the time; the n choices of one request differ.
     """
 
     __slots__ = ("_rng",)
 
-    def __init__(self, seed: int, prompt_token_ids: Sequence[int], request_seed: int | None = None) -> None:
+    def __init__(self, seed: int, prompt_token_ids: Sequence[int], request_seed: int | None = None,
+                 choice: int = 0) -> None:
         h = xxhash.xxh64(seed=seed & 0xFFFFFFFFFFFFFFFF)
         h.update(repr(request_seed).encode())
+        if choice:  # choice 0 hashes as before, so single-choice texts are unchanged
+            h.update(f"#{choice}".encode())
         h.update(b"|")
         h.update(",".join(map(str, prompt_token_ids)).encode())
         self._rng = random.Random(h.intdigest())

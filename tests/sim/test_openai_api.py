@@ -10,24 +10,14 @@ import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from multidict import CIMultiDictProxy
 from openai import AsyncOpenAI
 
-from tests.sim.conftest import StartSim, metric
+from tests.sim.conftest import StartSim, metric, post
 from vllm_sim import SimConfig, SimServer
 from vllm_sim import openai_api as api
 from vllm_sim.tokens import encode
 
 LONG_PROMPT = "You are a helpful assistant. Answer briefly and cite sources. " * 20
-
-
-async def post(http: aiohttp.ClientSession, sim: SimServer, path: str, body: Any,
-               headers: dict[str, str] | None = None) -> tuple[int, Any, CIMultiDictProxy[str]]:
-    data = body if isinstance(body, bytes) else msgspec.json.encode(body)
-    async with http.post(sim.url + path, data=data, headers=headers or {}) as r:
-        if r.content_type == "text/event-stream":
-            return r.status, await r.text(), r.headers
-        return r.status, await r.json(content_type=None), r.headers
 
 
 async def test_completion_returns_exactly_max_tokens_of_filler(http: aiohttp.ClientSession, sim: SimServer) -> None:
