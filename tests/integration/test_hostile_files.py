@@ -29,7 +29,7 @@ from tests.integration.conftest import make_stack
 
 def alias_bomb() -> str:
     """The "billion laughs" as one list item: 9 levels, each repeating the one before 9 times; 9**9
-    strings from 350 bytes. As an endpoints file its item is refused, and the old error message
+    strings from 381 bytes. As an endpoints file its item is refused, and the old error message
     printed the item whole (gigabytes, on the event loop)."""
     names = "abcdefghi"
     levels = [f"&a [{', '.join(['lol'] * 9)}]"]

@@ -23,7 +23,7 @@ from pickers.framework.errors import ConfigError, shown
 
 def alias_bomb(levels: int = 9, key: str = "") -> str:
     """The "billion laughs": each level lists the previous one 9 times, so `levels` 9 expands to
-    9**9 strings from 350 bytes."""
+    9**9 strings from 414 bytes."""
     names = "abcdefghijklmnop"[:levels]
     lines = [f"{key}{names[0]}: &{names[0]} [" + ", ".join(['"lol"'] * 9) + "]"]
     for prev, name in zip(names, names[1:]):
