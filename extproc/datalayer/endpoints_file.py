@@ -1,7 +1,9 @@
 """Static discovery: the pool is listed in a YAML endpoints file, re-read whenever it changes.
 
 Changes are detected by polling the file's inode, size and mtime (following symlinks), which also
-catches the atomic `..data` symlink swap Kubernetes does when a mounted ConfigMap is updated.
+catches the atomic `..data` symlink swap Kubernetes does when a mounted ConfigMap is updated. A
+changed file is read and parsed in a worker thread (pickers.config.safe_yaml bounds the work), so
+requests keep flowing while a large or hostile file is looked at.
 """
 
 from __future__ import annotations
@@ -14,11 +16,10 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import yaml
-
 from extproc.datalayer.datastore import Datastore
+from pickers.config import safe_yaml
 from pickers.framework.endpoint import EndpointSpec
-from pickers.framework.errors import ConfigError
+from pickers.framework.errors import ConfigError, shown
 
 log = logging.getLogger(__name__)
 
@@ -32,44 +33,33 @@ def load_endpoints_file(path: str | os.PathLike[str]) -> list[EndpointSpec]:
 
 
 def _read(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read the endpoints file: {e}", source=path) from e
+    return safe_yaml.read_text(path, what="endpoints file")
 
 
 def parse_endpoints_yaml(text: str, *, source: str | None = None) -> list[EndpointSpec]:
     """Validate the text of an endpoints file."""
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(f"invalid YAML{where}: {problem}", source=source) from e
-    return parse_endpoints(doc, source=source)
+    return parse_endpoints(safe_yaml.parse(text, source=source), source=source)
 
 
 def parse_endpoints(doc: Any, *, source: str | None = None) -> list[EndpointSpec]:
     """Validate an already-decoded endpoints document: `{endpoints: [...]}` or a bare list."""
     if isinstance(doc, Mapping):
-        extra = sorted(str(k) for k in doc if k != "endpoints")
+        extra = [str(k) for k in doc if k != "endpoints"]
         if extra:
-            raise ConfigError(
-                f"unknown top-level field(s) {', '.join(extra)}; expected 'endpoints'", source=source
-            )
+            names = ", ".join(shown(k, 40) if len(k) > 40 else k for k in sorted(extra)[:5])
+            more = f" and {len(extra) - 5} more" if len(extra) > 5 else ""
+            raise ConfigError(f"unknown top-level field(s) {names}{more}; expected 'endpoints'", source=source)
         items = doc.get("endpoints")
         prefix = "endpoints"
         if items is None:
             items = []
         if not isinstance(items, list):
-            raise ConfigError(f"expected a list, got {_show(items)}", source=source, field=prefix)
+            raise ConfigError(f"expected a list, got {shown(items)}", source=source, field=prefix)
     elif isinstance(doc, list):
         items, prefix = doc, ""
     else:
         raise ConfigError(
-            f"expected a mapping with an 'endpoints' list, or a list, got {_show(doc)}",
+            f"expected a mapping with an 'endpoints' list, or a list, got {shown(doc)}",
             source=source,
         )
 
@@ -87,7 +77,7 @@ def parse_endpoints(doc: Any, *, source: str | None = None) -> list[EndpointSpec
             )
         if spec.name in seen_names:
             raise ConfigError(
-                f"duplicate name {spec.name!r} (also {prefix}[{seen_names[spec.name]}])",
+                f"duplicate name {shown(spec.name)} (also {prefix}[{seen_names[spec.name]}])",
                 source=source,
                 field=f"{where}.name",
             )
@@ -102,8 +92,8 @@ def _parse_endpoint(item: Any, *, source: str | None, where: str) -> EndpointSpe
         return ConfigError(message, source=source, field=f"{where}.{field}" if field else where)
 
     if not isinstance(item, Mapping):
-        raise fail(None, f"expected a mapping with 'address' and 'port', got {_show(item)}")
-    unknown = [str(k) for k in item if k not in _FIELDS]
+        raise fail(None, f"expected a mapping with 'address' and 'port', got {shown(item)}")
+    unknown = [str(k) for k in item if k not in _FIELDS]  # str(): YAML keys may be numbers
     if unknown:
         raise fail(unknown[0], f"unknown field; expected one of {', '.join(_FIELDS)}")
 
@@ -114,13 +104,13 @@ def _parse_endpoint(item: Any, *, source: str | None, where: str) -> EndpointSpe
     if raw is None:
         raise fail("address", "missing; expected a host or IP address")
     if not isinstance(raw, str) or not raw.strip():
-        raise fail(key, f"expected a host or IP address, got {_show(raw)}")
+        raise fail(key, f"expected a host or IP address, got {shown(raw)}")
     raw = raw.strip()
     host, embedded_port = (
         (None, None) if any(c.isspace() or c in "/?#@" for c in raw) else _split_host_port(raw)
     )
     if host is None:
-        raise fail(key, f"expected a host, IP address or host:port, got {_show(raw)}")
+        raise fail(key, f"expected a host, IP address or host:port, got {shown(raw)}")
 
     port = item.get("port")
     if port is None:
@@ -128,34 +118,34 @@ def _parse_endpoint(item: Any, *, source: str | None, where: str) -> EndpointSpe
             raise fail("port", f"missing; give 'port' or write the {key} as host:port")
         port_value = _port(embedded_port)
         if port_value is None:
-            raise fail(key, f"port must be an integer 1-65535, got {_show(raw)}")
+            raise fail(key, f"port must be an integer 1-65535, got {shown(raw)}")
     else:
         port_value = _port(port)
         if port_value is None:
-            raise fail("port", f"expected an integer 1-65535, got {_show(port)}")
+            raise fail("port", f"expected an integer 1-65535, got {shown(port)}")
         if embedded_port is not None and _port(embedded_port) != port_value:
-            raise fail("port", f"{port_value} disagrees with the port in {key} {raw!r}")
+            raise fail("port", f"{port_value} disagrees with the port in {key} {shown(raw)}")
 
     metrics_port: int | None = None
     if item.get("metricsPort") is not None:
         metrics_port = _port(item["metricsPort"])
         if metrics_port is None:
-            raise fail("metricsPort", f"expected an integer 1-65535, got {_show(item['metricsPort'])}")
+            raise fail("metricsPort", f"expected an integer 1-65535, got {shown(item['metricsPort'])}")
 
     metrics_path = item.get("metricsPath", "/metrics")
     if not isinstance(metrics_path, str) or not metrics_path.startswith("/"):
-        raise fail("metricsPath", f"expected a path starting with '/', got {_show(metrics_path)}")
+        raise fail("metricsPath", f"expected a path starting with '/', got {shown(metrics_path)}")
 
     labels_raw = item.get("labels")
     labels: dict[str, str] = {}
     if labels_raw is not None:
         if not isinstance(labels_raw, Mapping):
-            raise fail("labels", f"expected a mapping of strings, got {_show(labels_raw)}")
+            raise fail("labels", f"expected a mapping of strings, got {shown(labels_raw)}")
         for k, v in labels_raw.items():
             if not isinstance(k, str) or not k:
-                raise fail("labels", f"label names must be non-empty strings, got {_show(k)}")
+                raise fail("labels", f"label names must be non-empty strings, got {shown(k)}")
             if not isinstance(v, str):
-                raise fail(f"labels.{k}", f"expected a string (quote it), got {_show(v)}")
+                raise fail(f"labels.{k}", f"expected a string (quote it), got {shown(v)}")
             labels[k] = v
 
     address = f"{host}:{port_value}"
@@ -163,7 +153,7 @@ def _parse_endpoint(item: Any, *, source: str | None, where: str) -> EndpointSpe
     if name is None:
         name = address
     elif not isinstance(name, str) or not name:
-        raise fail("name", f"expected a non-empty string, got {_show(name)}")
+        raise fail("name", f"expected a non-empty string, got {shown(name)}")
 
     return EndpointSpec(
         name=name,
@@ -214,11 +204,6 @@ def _port(value: Any) -> int | None:
     return value if 1 <= value <= 65535 else None
 
 
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _file_identity(path: str) -> tuple[int, int, int, int] | None:
     """What changes when the file (or the target of its symlinks) changes; None if it is gone."""
     try:
@@ -233,12 +218,25 @@ def _file_identity(path: str) -> tuple[int, int, int, int] | None:
 _RECENT_NS = 2_000_000_000
 
 
+def _read_if_changed(path: str, last_text: str | None) -> tuple[str, list[EndpointSpec] | ConfigError | None]:
+    """Read the file and parse it if its text changed: (text, its endpoints or its error), or
+    (text, None) when unchanged. Runs in a worker thread: it touches nothing shared. Raises
+    ConfigError when the file cannot be read."""
+    text = _read(path)
+    if text == last_text:
+        return text, None
+    try:
+        return text, parse_endpoints_yaml(text, source=path)
+    except ConfigError as e:
+        return text, e
+
+
 class StaticFileDiscovery:
     """Keeps the datastore's membership equal to the endpoints file.
 
     `load()` reads the file once and raises ConfigError (call it at start-up to fail fast); `run()`
-    loads if that has not happened, then polls. A bad file seen later keeps the last good table and
-    logs its error once.
+    loads if that has not happened, then polls. Reloads read and parse in a worker thread. A bad file
+    seen later keeps the last good table and logs its error once per version of the file.
     """
 
     def __init__(
@@ -254,9 +252,16 @@ class StaticFileDiscovery:
 
     def load(self) -> list[EndpointSpec]:
         """Read the file and set the membership. Raises ConfigError; the table is then unchanged."""
+        return self._take(*self._read_first())
+
+    def _read_first(self) -> tuple[tuple[int, int, int, int] | None, str, list[EndpointSpec]]:
         identity = _file_identity(self.path)  # before reading: a write racing the read shows later
         text = _read(self.path)
-        specs = parse_endpoints_yaml(text, source=self.path)
+        return identity, text, parse_endpoints_yaml(text, source=self.path)
+
+    def _take(
+        self, identity: tuple[int, int, int, int] | None, text: str, specs: list[EndpointSpec]
+    ) -> list[EndpointSpec]:
         self._identity, self._text = identity, text
         self._apply(specs)
         return specs
@@ -269,23 +274,24 @@ class StaticFileDiscovery:
         ):
             return False
         try:
-            text = await asyncio.to_thread(_read, self.path)
+            text, parsed = await asyncio.to_thread(_read_if_changed, self.path, self._text)
         except ConfigError as e:
             self._identity, self._text = identity, None
-            self._report(f"{e}; keeping the last endpoints")
+            if str(e) != self.last_error:  # a missing file stays missing: say it once
+                log.error("%s; keeping the last endpoints", e)
+            self.last_error = str(e)
             return False
-        if text == self._text:
-            self._identity = identity
+        self._identity = identity
+        if parsed is None:
             return False
-        self._identity, self._text = identity, text
-        try:
-            specs = parse_endpoints_yaml(text, source=self.path)
-        except ConfigError as e:
-            self._report(f"{e}; keeping the last endpoints")
+        self._text = text
+        if isinstance(parsed, ConfigError):
+            log.error("%s; keeping the last endpoints", parsed)  # once per version: its text is remembered
+            self.last_error = str(parsed)
             return False
         before = {ep.address for ep in self.datastore.candidates()}
-        self._apply(specs)
-        after = {s.address for s in specs}
+        self._apply(parsed)
+        after = {s.address for s in parsed}
         log.info(
             "endpoints file %s reloaded: %d endpoints (+%d, -%d)",
             self.path, len(after), len(after - before), len(before - after),
@@ -299,14 +305,9 @@ class StaticFileDiscovery:
             log.info("endpoints file %s is valid again", self.path)
         self.last_error = None
 
-    def _report(self, message: str) -> None:
-        if message != self.last_error:
-            log.error("%s", message)
-        self.last_error = message
-
     async def run(self) -> None:
         if not self._loaded:
-            self.load()
+            self._take(*await asyncio.to_thread(self._read_first))
         while True:
             await asyncio.sleep(self.poll_interval)
             await self.poll_once()

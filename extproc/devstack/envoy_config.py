@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from pickers.config import safe_yaml
 from pickers.framework.errors import ConfigError
 
 REFERENCE = Path(__file__).resolve().parents[2] / "envoy" / "llm-gateway.yaml"
@@ -56,7 +57,7 @@ def render(settings: GatewaySettings, reference: Path = REFERENCE) -> dict[str, 
         raise ConfigError(
             f"expected one of {', '.join(RESPONSE_BODY_MODES)}, got {settings.response_body_mode!r}", field="response body mode"
         )
-    cfg = yaml.safe_load(reference.read_text())
+    cfg = safe_yaml.load(reference, what="Envoy reference config")
     cfg["admin"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": settings.admin_port}
     listener = cfg["static_resources"]["listeners"][0]
     listener["address"]["socket_address"] = {"address": settings.listen_address, "port_value": settings.listen_port}

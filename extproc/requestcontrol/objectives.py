@@ -12,9 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-import yaml
-
-from pickers.framework.errors import ConfigError
+from pickers.config import safe_yaml
+from pickers.framework.errors import ConfigError, shown
 
 OBJECTIVE_HEADERS = ("x-gateway-inference-objective", "x-llm-d-inference-objective")
 
@@ -62,12 +61,7 @@ class ObjectiveStore:
 def load_objectives_file(path: str | Path) -> dict[str, int]:
     """`--objectives FILE`: a YAML list of `{name, priority}` (priority defaults to 0)."""
     source = str(path)
-    try:
-        doc = yaml.safe_load(Path(path).read_text())
-    except OSError as e:
-        raise ConfigError(f"cannot read the objectives file: {e.strerror or e}", source=source) from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"not valid YAML: {e}", source=source) from None
+    doc = safe_yaml.load(path, what="objectives file")
     if doc is None:
         return {}
     if not isinstance(doc, list):
@@ -78,11 +72,11 @@ def load_objectives_file(path: str | Path) -> dict[str, int]:
             raise ConfigError("expected a mapping with `name` and optional `priority`", source=source, field=f"[{i}]")
         name = item.get("name")
         if not isinstance(name, str) or not name:
-            raise ConfigError(f"expected a non-empty string, got {name!r}", source=source, field=f"[{i}].name")
+            raise ConfigError(f"expected a non-empty string, got {shown(name)}", source=source, field=f"[{i}].name")
         priority = item.get("priority", 0)
         if not isinstance(priority, int) or isinstance(priority, bool):
-            raise ConfigError(f"expected an integer, got {priority!r}", source=source, field=f"[{i}].priority")
+            raise ConfigError(f"expected an integer, got {shown(priority)}", source=source, field=f"[{i}].priority")
         if name in out:
-            raise ConfigError(f"objective {name!r} is listed twice", source=source, field=f"[{i}].name")
+            raise ConfigError(f"objective {shown(name)} is listed twice", source=source, field=f"[{i}].name")
         out[name] = priority
     return out

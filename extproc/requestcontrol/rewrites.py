@@ -19,9 +19,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from pickers.framework.errors import ConfigError
+from pickers.config import safe_yaml
+from pickers.framework.errors import ConfigError, shown
 
 REWRITE_HEADERS = ("x-gateway-model-name-rewrite", "x-llm-d-model-name-rewrite")
 
@@ -145,10 +144,10 @@ def parse_rules(raw: object, *, source: str, path: str = "rules") -> list[Rule]:
             if not isinstance(model, dict):
                 raise fail(f"{where}.matches[{j}]", "expected a mapping with `model: {type: Exact, value}`")
             if model.get("type", "Exact") != "Exact":
-                raise fail(f"{where}.matches[{j}].model.type", f"only Exact is supported, got {model.get('type')!r}")
+                raise fail(f"{where}.matches[{j}].model.type", f"only Exact is supported, got {shown(model.get('type'))}")
             value = model.get("value")
             if not isinstance(value, str) or not value:
-                raise fail(f"{where}.matches[{j}].model.value", f"expected a non-empty string, got {value!r}")
+                raise fail(f"{where}.matches[{j}].model.value", f"expected a non-empty string, got {shown(value)}")
             models.append(value)
         targets = item.get("targets")
         if not isinstance(targets, list) or not targets:
@@ -157,10 +156,10 @@ def parse_rules(raw: object, *, source: str, path: str = "rules") -> list[Rule]:
         for j, t in enumerate(targets):
             name = t.get("modelRewrite") if isinstance(t, dict) else None
             if not isinstance(name, str) or not name:
-                raise fail(f"{where}.targets[{j}].modelRewrite", f"expected a non-empty string, got {name!r}")
+                raise fail(f"{where}.targets[{j}].modelRewrite", f"expected a non-empty string, got {shown(name)}")
             weight = t.get("weight", 1)
             if not isinstance(weight, int) or isinstance(weight, bool) or weight < 0:
-                raise fail(f"{where}.targets[{j}].weight", f"expected an integer >= 0, got {weight!r}")
+                raise fail(f"{where}.targets[{j}].weight", f"expected an integer >= 0, got {shown(weight)}")
             parsed.append(Target(name, weight))
         rules.append(Rule(tuple(models), tuple(parsed)))
     return rules
@@ -170,12 +169,7 @@ def load_rewrites_file(path: str | Path) -> list[Rule]:
     """`--model-rewrites FILE`: a list of rules as in InferenceModelRewrite `spec.rules` (or a mapping
     with `rules`, or whole InferenceModelRewrite objects, one per YAML document)."""
     source = str(path)
-    try:
-        docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d is not None]
-    except OSError as e:
-        raise ConfigError(f"cannot read the model rewrites file: {e.strerror or e}", source=source) from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"not valid YAML: {e}", source=source) from None
+    docs = safe_yaml.load_all(path, what="model rewrites file")
     rules: list[Rule] = []
     for n, doc in enumerate(docs):
         prefix = f"documents[{n}]." if len(docs) > 1 else ""

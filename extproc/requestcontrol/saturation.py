@@ -15,7 +15,7 @@ from typing import Any
 
 from extproc.datalayer.datastore import Datastore
 from pickers.framework.endpoint import Endpoint
-from pickers.framework.errors import ConfigError
+from pickers.framework.errors import ConfigError, shown
 
 DEFAULT_QUEUE_DEPTH = 5
 DEFAULT_KV_CACHE_UTIL = 0.8
@@ -43,7 +43,7 @@ class SaturationConfig:
             seconds = _seconds(value) if key == "metricsStalenessThreshold" else _number(value)
             if seconds is None or seconds <= 0:
                 what = "a duration like 200ms or 2s" if key == "metricsStalenessThreshold" else "a positive number"
-                raise ConfigError(f"expected {what}, got {value!r}", source=source, field=field)
+                raise ConfigError(f"expected {what}, got {shown(value)}", source=source, field=field)
             values[known[key]] = seconds
         return cls(**values)
 

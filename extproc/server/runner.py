@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from extproc.datalayer.datastore import Datastore
-from extproc.datalayer.endpoints_file import StaticFileDiscovery, load_endpoints_file
+from extproc.datalayer.endpoints_file import StaticFileDiscovery
 from extproc.datalayer.kv_events import KVEventSubscriber
 from extproc.datalayer.scraper import MetricsScraper
 from extproc.datalayer.supervisor import Supervisor
@@ -209,8 +209,8 @@ class EppServer:
         opts = self.opts
         if opts.endpoints_file:
             # Load once up front so a bad file stops start-up with its error, then watch it.
-            self.datastore.set_endpoints(load_endpoints_file(opts.endpoints_file))
             discovery = StaticFileDiscovery(opts.endpoints_file, self.datastore)
+            discovery.load()
             self.supervisor.start("static-discovery", discovery.run)
         if opts.kubernetes is not None and (opts.kubernetes.discovers or opts.kubernetes.leader_election):
             from extproc.kubernetes.runtime import KubernetesRuntime

@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from pickers.config import safe_yaml
 from pickers.config.registry import create_plugin
-from pickers.framework.errors import ConfigError
+from pickers.framework.errors import ConfigError, shown
 from pickers.framework.params import ParameterError
 from pickers.framework.types import Filter, Picker, ProfileHandler, SchedulingProfile, Scorer, WeightedScorer
 from pickers.plugins.base import PluginContext
@@ -72,11 +71,7 @@ class EndpointPickerConfig:
 
 
 def load_config_file(path: str | Path, ctx: PluginContext | None = None) -> EndpointPickerConfig:
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise ConfigError(f"cannot read the config file: {e.strerror or e}", source=str(path)) from None
-    return load_config(text, str(path), ctx)
+    return load_config(safe_yaml.read_text(path, what="config file"), str(path), ctx)
 
 
 def load_config(text: str, source: str, ctx: PluginContext | None = None) -> EndpointPickerConfig:
@@ -116,22 +111,19 @@ class _Loader:
 
     def expect_name(self, value: object, path: str) -> str:
         if not isinstance(value, str) or not value:
-            raise self.error(path, f"expected a non-empty string, got {_kind(value)} {value!r}")
+            raise self.error(path, f"expected a non-empty string, got {_kind(value)} {shown(value)}")
         return value
 
     def load(self, text: str) -> EndpointPickerConfig:
-        try:
-            doc = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise self.error(None, f"not valid YAML: {e}") from None
+        doc = safe_yaml.parse(text, source=self.source)
         if doc is None:
             raise self.error(None, f"empty; expected an {KIND} document")
         doc = self.expect_mapping(doc, "", _TOP_LEVEL)
         api_version = doc.get("apiVersion")
         if api_version not in API_VERSIONS:
-            raise self.error("apiVersion", f"expected one of {', '.join(API_VERSIONS)}, got {api_version!r}")
+            raise self.error("apiVersion", f"expected one of {', '.join(API_VERSIONS)}, got {shown(api_version)}")
         if doc.get("kind") != KIND:
-            raise self.error("kind", f"expected {KIND}, got {doc.get('kind')!r}")
+            raise self.error("kind", f"expected {KIND}, got {shown(doc.get('kind'))}")
 
         plugins = self.build_plugins(doc.get("plugins"))
         handlers = {n: p for n, p in plugins.items() if isinstance(p, ProfileHandler)}
@@ -190,7 +182,7 @@ class _Loader:
             if name in plugins:
                 raise self.error(
                     f"{path}.name",
-                    f"duplicate plugin name {name!r} (also plugins[{first_at[name]}]); give each instance its own name",
+                    f"duplicate plugin name {shown(name)} (also plugins[{first_at[name]}]); give each instance its own name",
                 )
             try:
                 plugins[name] = create_plugin(type_name, name, spec.get("parameters"), self.ctx)
@@ -214,7 +206,7 @@ class _Loader:
             spec = self.expect_mapping(item, path, _PROFILE_KEYS)
             name = self.expect_name(spec.get("name"), f"{path}.name")
             if any(p.name == name for p in profiles):
-                raise self.error(f"{path}.name", f"duplicate profile name {name!r}")
+                raise self.error(f"{path}.name", f"duplicate profile name {shown(name)}")
             refs = self.expect_list(spec.get("plugins"), f"{path}.plugins")
             profiles.append(self.build_profile(name, [(f"{path}.plugins[{j}]", r) for j, r in enumerate(refs)], plugins))
         return tuple(profiles)
@@ -234,16 +226,16 @@ class _Loader:
             plugin = plugins.get(plugin_name)
             if plugin is None:
                 raise self.error(
-                    ref_path, f"no plugin named {plugin_name!r}; defined: {', '.join(plugins) or 'none'}"
+                    ref_path, f"no plugin named {shown(plugin_name)}; defined: {', '.join(plugins) or 'none'}"
                 )
             if plugin_name in seen:
-                raise self.error(ref_path, f"plugin {plugin_name!r} is already in profile {name!r}")
+                raise self.error(ref_path, f"plugin {shown(plugin_name)} is already in profile {shown(name)}")
             seen.add(plugin_name)
             role = _role(plugin)
             if role is None:
                 raise self.error(
                     ref_path,
-                    f"plugin {plugin_name!r} ({getattr(plugin, 'type', '?')}) is not a filter, scorer or picker",
+                    f"plugin {shown(plugin_name)} ({getattr(plugin, 'type', '?')}) is not a filter, scorer or picker",
                 )
             if role == "scorer":
                 weight = self.weight(spec.get("weight"), f"{rpath}.weight")
@@ -254,7 +246,7 @@ class _Loader:
                 if picker is not None:
                     raise self.error(
                         ref_path,
-                        f"profile {name!r} already has picker {picker.name!r}; expected one picker per profile",
+                        f"profile {shown(name)} already has picker {shown(picker.name)}; expected one picker per profile",
                     )
                 picker = plugin  # type: ignore[assignment]
             # a weight on a filter or picker means nothing; the reference picker ignores it too
@@ -267,7 +259,7 @@ class _Loader:
         if value is None:
             return 1.0
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-            raise self.error(path, f"expected a finite number >= 0, got {value!r}")
+            raise self.error(path, f"expected a finite number >= 0, got {shown(value)}")
         return float(value)
 
 

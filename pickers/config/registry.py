@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, Protocol
 
-from pickers.framework.errors import ConfigError
+from pickers.framework.errors import ConfigError, shown
 from pickers.framework.params import Params
 from pickers.plugins.base import PluginContext
 from pickers.plugins.filter.by_label import ByLabelFilter, LabelSelectorFilter
@@ -108,5 +108,5 @@ def create_plugin(type_name: str, name: str, parameters: Mapping[str, Any] | Non
     """Build one plugin. Raises ConfigError for an unknown type, ParameterError for a bad parameter."""
     factory = PLUGINS.get(type_name)
     if factory is None:
-        raise ConfigError(f"unknown plugin type {type_name!r}; known types: {', '.join(known_types())}")
+        raise ConfigError(f"unknown plugin type {shown(type_name)}; known types: {', '.join(known_types())}")
     return factory(name, parameters, ctx)

@@ -1,9 +1,57 @@
 """Errors a user can act on: request errors map to one HTTP status each (one table), config
-errors name the file and field."""
+errors name the file and field and repeat at most a short piece of the value they refuse."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+ECHO_LIMIT = 100  # characters of a refused value an error message repeats
+_FIELD_LIMIT = 200  # a field path holds user-written keys, which can be long
+_MESSAGE_LIMIT = 1_000
+
+
+def shown(value: object, limit: int = ECHO_LIMIT) -> str:
+    """`repr(value)` for an error message, cut to `limit` characters without ever building the whole
+    repr: a value from a YAML alias bomb prints as gigabytes, and a long list as megabytes."""
+    text = _bounded_repr(value, limit, depth=3)
+    return _clip(text, limit)
+
+
+def _bounded_repr(value: object, limit: int, depth: int) -> str:
+    if isinstance(value, str):
+        return repr(value[: limit + 1])
+    if isinstance(value, (list, tuple, dict)):
+        if isinstance(value, dict):
+            opening, closing = "{", "}"
+        else:
+            opening, closing = ("[", "]") if isinstance(value, list) else ("(", ")")
+        if not value:
+            return repr(value)
+        if depth == 0:
+            return f"{opening}...{closing}"
+        parts: list[str] = []
+        size = 0
+        items = value.items() if isinstance(value, dict) else value
+        for item in items:
+            if size > limit:
+                parts.append("...")
+                break
+            if isinstance(value, dict):
+                k, v = item
+                part = f"{_bounded_repr(k, limit, depth - 1)}: {_bounded_repr(v, limit, depth - 1)}"
+            else:
+                part = _bounded_repr(item, limit, depth - 1)
+            parts.append(part)
+            size += len(part) + 2
+        return opening + ", ".join(parts) + closing
+    try:
+        return repr(value)
+    except Exception:  # a repr that raises must not replace the error being reported
+        return f"<{type(value).__name__}>"
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class ConfigError(Exception):
@@ -11,8 +59,9 @@ class ConfigError(Exception):
 
     def __init__(self, message: str, *, source: str | None = None, field: str | None = None):
         self.source = source
-        self.field = field
-        where = ": ".join(p for p in (source, field) if p)
+        self.field = _clip(field, _FIELD_LIMIT) if field else field
+        message = _clip(message, _MESSAGE_LIMIT)  # a net: values in messages go through shown()
+        where = ": ".join(p for p in (source, self.field) if p)
         super().__init__(f"{where}: {message}" if where else message)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pickers.framework.errors import ConfigError
+from pickers.framework.errors import ConfigError, shown
 
 
 class ParameterError(ConfigError):
@@ -43,7 +43,7 @@ class Params:
         if v is None:
             return default
         if isinstance(v, bool) or not isinstance(v, int):
-            raise ParameterError(key, f"expected an integer, got {_kind(v)} {v!r}")
+            raise ParameterError(key, f"expected an integer, got {_kind(v)} {shown(v)}")
         if minimum is not None and v < minimum:
             raise ParameterError(key, f"expected an integer >= {minimum}, got {v}")
         return v
@@ -53,7 +53,7 @@ class Params:
         if v is None:
             return default
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ParameterError(key, f"expected a number, got {_kind(v)} {v!r}")
+            raise ParameterError(key, f"expected a number, got {_kind(v)} {shown(v)}")
         if positive and v <= 0:
             raise ParameterError(key, f"expected a positive number, got {v}")
         if minimum is not None and v < minimum:
@@ -65,7 +65,7 @@ class Params:
         if v is None:
             return default
         if not isinstance(v, bool):
-            raise ParameterError(key, f"expected true or false, got {_kind(v)} {v!r}")
+            raise ParameterError(key, f"expected true or false, got {_kind(v)} {shown(v)}")
         return v
 
     def string(self, key: str, default: str | None = None, *, required: bool = False) -> str | None:
@@ -75,7 +75,7 @@ class Params:
                 raise ParameterError(key, "is required (a string)")
             return default
         if not isinstance(v, str) or (required and not v):
-            raise ParameterError(key, f"expected a non-empty string, got {_kind(v)} {v!r}")
+            raise ParameterError(key, f"expected a non-empty string, got {_kind(v)} {shown(v)}")
         return v
 
     def strings(self, key: str, *, required: bool = False) -> list[str]:
@@ -85,7 +85,7 @@ class Params:
                 raise ParameterError(key, "is required (a list of strings)")
             return []
         if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-            raise ParameterError(key, f"expected a list of strings, got {v!r}")
+            raise ParameterError(key, f"expected a list of strings, got {shown(v)}")
         return list(v)
 
     def string_map(self, key: str, *, required: bool = False) -> dict[str, str]:
@@ -95,7 +95,7 @@ class Params:
                 raise ParameterError(key, "is required (a mapping of string to string)")
             return {}
         if not isinstance(v, Mapping) or not all(isinstance(k, str) and isinstance(x, str) for k, x in v.items()):
-            raise ParameterError(key, f"expected a mapping of string to string, got {v!r}")
+            raise ParameterError(key, f"expected a mapping of string to string, got {shown(v)}")
         return dict(v)
 
     def ignore(self, *keys: str) -> None:

@@ -236,7 +236,7 @@ def test_wrong_api_version_and_kind():
 
 
 def test_invalid_yaml_and_empty_documents():
-    with pytest.raises(ConfigError, match=r"^x: not valid YAML"):
+    with pytest.raises(ConfigError, match=r"^x: invalid YAML at line 2, column 1: "):
         load_config("plugins: [", "x")
     with pytest.raises(ConfigError, match=r"^x: empty"):
         load_config("", "x")

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
+from extproc.datalayer import endpoints_file as endpoints_file_module
 from extproc.datalayer.datastore import Datastore
 from extproc.datalayer.endpoints_file import StaticFileDiscovery, load_endpoints_file
 from pickers.framework.endpoint import EndpointSpec
@@ -270,3 +272,50 @@ async def test_a_configmap_symlink_swap_is_reloaded(tmp_path: Path, watching) ->
     (tmp_path / "..data_tmp").symlink_to("..v2")
     os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
     await eventually(lambda: len(ds) == 3)
+
+
+async def test_a_reload_reads_and_parses_in_a_worker_thread(endpoints_file, monkeypatch) -> None:
+    # A large or hostile file must not hold the event loop (and every request on it) while it is parsed.
+    path = endpoints_file(TWO)
+    discovery = StaticFileDiscovery(path, Datastore())
+    discovery.load()
+    parsed_on: list[int] = []
+    parse = endpoints_file_module.parse_endpoints_yaml
+
+    def recording_parse(text: str, *, source: str | None = None) -> list[EndpointSpec]:
+        parsed_on.append(threading.get_ident())
+        return parse(text, source=source)
+
+    monkeypatch.setattr(endpoints_file_module, "parse_endpoints_yaml", recording_parse)
+    write(path, THREE)
+    assert await discovery.poll_once()
+    assert parsed_on and threading.get_ident() not in parsed_on
+
+
+async def test_each_bad_version_of_the_file_is_logged_once(endpoints_file, caplog) -> None:
+    path = endpoints_file(TWO)
+    discovery = StaticFileDiscovery(path, Datastore())
+    discovery.load()
+    with caplog.at_level(logging.ERROR, logger="extproc.datalayer.endpoints_file"):
+        for bad in ("endpoints: [\n", "endpoints: [\n# edited, still broken\n"):
+            write(path, bad)
+            for _ in range(3):
+                assert not await discovery.poll_once()
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 2 and all(e.startswith(f"{path}: invalid YAML at line") for e in errors)
+
+
+async def test_an_alias_bomb_written_into_the_watched_file_keeps_the_last_table(endpoints_file, caplog) -> None:
+    path = endpoints_file(TWO)
+    ds = Datastore()
+    discovery = StaticFileDiscovery(path, ds)
+    discovery.load()
+    levels = "abcdefghi"
+    bomb = "- [" + ", ".join(
+        f"&{n} [" + ", ".join([f"*{p}" if p else '"lol"'] * 9) + "]" for p, n in zip(["", *levels], levels)
+    ) + "]\n"
+    write(path, bomb)
+    with caplog.at_level(logging.ERROR, logger="extproc.datalayer.endpoints_file"):
+        assert not await discovery.poll_once()
+    assert addresses(ds) == ["10.0.0.1:8000", "10.0.0.2:8000"]
+    assert (discovery.last_error or "").startswith(f"{path}: refused: aliases repeat more than 10,000 nodes")

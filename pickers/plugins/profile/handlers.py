@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pickers.framework.errors import RequestError
+from pickers.framework.errors import RequestError, shown
 from pickers.framework.params import ParameterError, Params
 from pickers.framework.request import InferenceRequest
 from pickers.framework.types import SINGLE_PROFILE_HANDLER, CycleState, ProfileOutcome, SchedulingProfile, SchedulingResult
@@ -87,22 +87,22 @@ class DisaggProfileHandler(Plugin):
             plugin = plugins.get(self._decider_name)
             if plugin is None:
                 raise ParameterError(
-                    self._decider_param, f"no plugin named {self._decider_name!r}; defined: {', '.join(plugins)}"
+                    self._decider_param, f"no plugin named {shown(self._decider_name)}; defined: {', '.join(plugins)}"
                 )
             if not isinstance(plugin, PdDecider):
                 raise ParameterError(
                     self._decider_param,
-                    f"plugin {self._decider_name!r} ({getattr(plugin, 'type', '?')}) is not a P/D decider such as "
+                    f"plugin {shown(self._decider_name)} ({getattr(plugin, 'type', '?')}) is not a P/D decider such as "
                     f"{PrefixBasedPDDecider.type} or {AlwaysDisaggPDDecider.type}",
                 )
             self.decider = plugin
         self._decode = profiles.get(self.decode_profile)
         if self._decode is None:
-            raise ParameterError("profiles.decode", f"no scheduling profile named {self.decode_profile!r}; defined: {', '.join(profiles)}")
+            raise ParameterError("profiles.decode", f"no scheduling profile named {shown(self.decode_profile)}; defined: {', '.join(profiles)}")
         self._prefill = profiles.get(self.prefill_profile)
         if self._prefill is None and self.decider is not None:
             raise ParameterError(
-                "profiles.prefill", f"no scheduling profile named {self.prefill_profile!r}; defined: {', '.join(profiles)}"
+                "profiles.prefill", f"no scheduling profile named {shown(self.prefill_profile)}; defined: {', '.join(profiles)}"
             )
         if isinstance(self.decider, PrefixBasedPDDecider):
             # the decider must hash prompts as the prefix scorer that fills the index does
