@@ -17,8 +17,8 @@ from extproc.handlers.request_body import MAX_MODEL_CHARS
 from extproc.handlers.request_stream import Outcome, RequestStream, State
 from extproc.handlers.usage import Usage
 from extproc.observability import bounds
-from extproc.observability.bounds import CUT, MAX_MODELS, MODEL_MAX, OVERFLOW, REPLACEMENT, bounded
-from extproc.observability.logs import setup_logging
+from extproc.observability.bounds import CUT, LOG_FIELD_MAX, MAX_MODELS, MODEL_MAX, OVERFLOW, REPLACEMENT, bounded
+from extproc.observability.logs import JsonFormatter, TextFormatter, setup_logging
 from extproc.observability.metrics import EppMetrics
 from extproc.server.admin import decisions_view
 from pickers.framework import errors
@@ -235,6 +235,14 @@ def test_a_hostile_request_writes_one_bounded_log_line(log_stream, fmt):
     assert len(lines) == 3
     assert all(len(line) < 2 * (bounds.REQUEST_ID_MAX + 2 * MODEL_MAX + bounds.MESSAGE_MAX) + 600 for line in lines)
     assert not any(line.startswith("FAKE") for line in lines)
+
+
+@pytest.mark.parametrize("formatter", [TextFormatter(), JsonFormatter()], ids=["text", "json"])
+def test_a_string_log_field_is_cut_and_cannot_end_its_line(formatter):
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "hello", (), None)
+    record.fields = {"long": "FAKE line\n" * 10_000, "unquoted": "no-space\nFAKE-line"}
+    line = formatter.format(record)
+    assert "\n" not in line and len(line) < 3 * LOG_FIELD_MAX
 
 
 def test_text_log_values_with_quotes_are_quoted(log_stream):
