@@ -294,6 +294,9 @@ class _FixedFamilies:
 
 
 class _Family:
+    """One per-model histogram family: its name, the _ModelSeries attribute it reads, and its `le`
+    values and header, written once."""
+
     __slots__ = ("attr", "les", "name", "text")
 
     def __init__(self, name: str, doc: str, attr: str, buckets: Sequence[float]) -> None:
