@@ -24,6 +24,10 @@ _APIS: tuple[tuple[str, str, str], ...] = (
 
 _json_decoder = msgspec.json.Decoder()
 
+# No served model is named by more than a file path (vLLM names a model by its path unless
+# --served-model-name says otherwise; Linux's PATH_MAX is 4,096): a longer name is refused.
+MAX_MODEL_CHARS = 4096
+
 
 def api_for_path(path: str) -> tuple[str, str] | None:
     """(api name, required field) for an OpenAI path, else None. Query strings are ignored."""
@@ -49,6 +53,8 @@ def parse_body(req: InferenceRequest, raw: bytes, required_field: str) -> None:
         raise RequestError(BAD_REQUEST, "model not found in request body")
     if not isinstance(model, str):
         raise RequestError(BAD_REQUEST, "field 'model' must be a string")
+    if len(model) > MAX_MODEL_CHARS:
+        raise RequestError(BAD_REQUEST, f"field 'model' is {len(model)} characters long; at most {MAX_MODEL_CHARS} are accepted")
     if required_field not in body:
         raise RequestError(BAD_REQUEST, f"field '{required_field}' is required for {req.api}")
     req.body = body

@@ -1,8 +1,11 @@
 """Logging set-up (`--log-format text|json`, `-v`) and the one line per request (`--log-requests`).
 
 A log call may carry structured fields as `extra={"fields": {...}}`: the JSON format puts them in the
-object, the text format appends them as key=value. Per-request lines are off unless asked for, so
-the hot path logs nothing by default. Request headers are never logged: they carry credentials.
+object, the text format appends them as key=value (quoted when a value has a space, `=` or `"`).
+String fields are cut to `LOG_FIELD_MAX` characters with control characters replaced
+(extproc.observability.bounds), so no value can start a line of its own; a backstop, since callers
+bound what they take from clients. Per-request lines are off unless asked for, so the hot path logs
+nothing by default. Request headers are never logged: they carry credentials.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import sys
 import time
 from collections.abc import Mapping
 from typing import Any
+
+from extproc.observability.bounds import LOG_FIELD_MAX, bounded
 
 REQUEST_LOGGER = "llm_epp.requests"
 LOG_FORMATS = ("text", "json")
@@ -30,7 +35,7 @@ class JsonFormatter(logging.Formatter):
         }
         fields = getattr(record, "fields", None)
         if isinstance(fields, Mapping):
-            out.update(fields)
+            out.update((k, bounded(v, LOG_FIELD_MAX) if isinstance(v, str) else v) for k, v in fields.items())
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str, separators=(",", ":"))
@@ -50,7 +55,8 @@ class TextFormatter(logging.Formatter):
 
 def _text_value(v: object) -> str:
     if isinstance(v, str):
-        return v if v and " " not in v and "=" not in v else json.dumps(v)
+        v = bounded(v, LOG_FIELD_MAX)  # also replaces what could end the line
+        return v if v and not any(c in v for c in ' ="') else json.dumps(v)
     if isinstance(v, float):
         return f"{v:.4g}"
     if isinstance(v, (dict, list)):

@@ -1,24 +1,34 @@
 """The EPP's own Prometheus metrics, with the Gateway API Inference Extension names (docs/operating.md lists them).
 
-One registry per EPP instance (no process globals), served on `--metrics-port`. The request path
-only bumps plain counters and lock-free histograms (pickers.framework.histogram) kept per model; one
-collector turns them into Prometheus families at scrape time, and computes the pool gauges from
-the datastore and the prefix index then, so they cost nothing per request. Model names come from
-clients, so the label set is capped: past `MAX_MODELS` distinct names they count as "other".
-Everything here runs on the event loop's thread (requests and scrapes alike).
+One instance per EPP (no process globals), served on `--metrics-port`. The request path only bumps
+plain counters and lock-free histograms (pickers.framework.histogram) kept per model; a scrape turns
+them into the text format, and computes the pool gauges from the datastore and the prefix index
+then, so they cost nothing per request. Model names come from clients, so their labels are bounded
+(extproc.observability.bounds): cut to `MODEL_MAX` characters, and past `MAX_MODELS` distinct pairs
+they count as "other"; the text is then at most ~32 MB, whatever clients send.
+
+Requests write on the event loop's thread. `scrape()` builds the families whose size does not depend
+on clients there (prometheus_client's; they read parts that are not thread-safe), then writes the
+per-model families and joins the text on a worker thread, so the loop goes on serving requests. That
+thread only reads: the dicts it walks (the series, the error counts) are replaced whole when a key is
+added, never grown in place, so it walks the keys there were when the scrape began; counts it reads
+as they are, and a histogram's count is its +Inf bucket (a sum may lag its buckets by one observation).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import asyncio
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
 
 from extproc.handlers.usage import Usage
+from extproc.observability.bounds import MAX_MODELS, OVERFLOW, model_name
 from pickers.framework.histogram import Histogram
 
 if TYPE_CHECKING:
@@ -27,7 +37,6 @@ if TYPE_CHECKING:
     from pickers.framework.types import SchedulingProfile
     from pickers.indexes.prefix import ApproxPrefixIndex
 
-MAX_MODELS = 200
 TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 SCHED_BUCKETS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 PLUGIN_BUCKETS = (0.00001, 0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
@@ -51,12 +60,11 @@ def llm_epp_version() -> str:
 class _ModelSeries:
     """Everything counted for one model name."""
 
-    __slots__ = ("requests", "running", "errors", "duration", "ttft", "tpot", "input_tokens", "output_tokens", "cached_tokens")
+    __slots__ = ("requests", "running", "duration", "ttft", "tpot", "input_tokens", "output_tokens", "cached_tokens")
 
     def __init__(self) -> None:
         self.requests = 0
         self.running = 0
-        self.errors: dict[str, int] = {}
         self.duration = Histogram(DURATION_BUCKETS)
         self.ttft = Histogram(TTFT_BUCKETS)
         self.tpot = Histogram(TPOT_BUCKETS)
@@ -79,11 +87,12 @@ class EppMetrics:
         self.datastore = datastore
         self.prefix_index = prefix_index
         self.precise: dict[str, Any] = {}  # plugin name -> precise-prefix-cache-scorer (attach_precise)
-        self._series: dict[tuple[str, str], _ModelSeries] = {}  # (model, target model)
+        self._series: dict[tuple[str, str], _ModelSeries] = {}  # (model, target model) labels
+        self._errors: dict[tuple[str, str, str], int] = {}  # (model, target model, error code)
         self.scheduler_e2e = Histogram(SCHED_BUCKETS)
         self.plugin_durations: dict[tuple[str, str, str], Histogram] = {}
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_Collector(self))
+        self._fixed = _FixedFamilies(self)
+        self._building: asyncio.Future[bytes] | None = None
 
     def attach_precise(self, profiles: Iterable[SchedulingProfile]) -> None:
         """Export the size of each precise-prefix-cache-scorer's index in these profiles (and how often
@@ -97,35 +106,43 @@ class EppMetrics:
         self.datastore = datastore
         self.prefix_index = prefix_index
 
-    def _model(self, model: str, target: str) -> _ModelSeries:
-        key = (model, target or model)
+    def _model(self, model: str, target: str) -> tuple[tuple[str, str], _ModelSeries]:
+        label = model_name(model)
+        key = (label, model_name(target) if target else label)
         s = self._series.get(key)
         if s is None:
             if len(self._series) >= MAX_MODELS:
-                key = ("other", "other")
+                key = (OVERFLOW, OVERFLOW)
                 s = self._series.get(key)
             if s is None:
-                s = self._series[key] = _ModelSeries()
-        return s
+                s = _ModelSeries()
+                self._series = {**self._series, key: s}  # replaced whole: a scrape's thread may be reading it
+        return key, s
+
+    def _count_error(self, key: tuple[str, str], code: str) -> None:
+        ekey = (*key, code)
+        if ekey in self._errors:
+            self._errors[ekey] += 1
+        else:
+            self._errors = {**self._errors, ekey: 1}  # a new key: replaced whole, like the series
 
     # -- the request path ----------------------------------------------------------------------
     # `target` is the model sent upstream when a rewrite changed it (label target_model_name).
     def scheduled(self, model: str, seconds: float, target: str = "") -> None:
-        s = self._model(model, target)
+        _, s = self._model(model, target)
         s.requests += 1
         s.running += 1
         self.scheduler_e2e.observe(seconds)
 
     def request_error(self, model: str, code: str, target: str = "") -> None:
-        errors = self._model(model, target).errors
-        errors[code] = errors.get(code, 0) + 1
+        self._count_error(self._model(model, target)[0], code)
 
     def completed(self, model: str, outcome: Outcome, usage: Usage | None, target: str = "") -> None:
-        s = self._model(model, target)
+        key, s = self._model(model, target)
         s.running -= 1
         status = outcome.status
         if status is not None and status >= 400:
-            s.errors[MODEL_SERVER_ERROR] = s.errors.get(MODEL_SERVER_ERROR, 0) + 1
+            self._count_error(key, MODEL_SERVER_ERROR)
         elif status is not None and not outcome.aborted:
             s.duration.observe(outcome.duration)
         first = outcome.first_byte
@@ -148,11 +165,30 @@ class EppMetrics:
         return h
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        """The whole text, built here (on the caller's thread)."""
+        return _render(self._series, self._errors, list(self._fixed.collect()))
+
+    def scrape(self) -> asyncio.Future[bytes]:
+        """The whole text, built off the event loop (see the module's doc). Scrapes that arrive while
+        one is being built share it, so a flood of scrapes costs one build at a time. Await it
+        through `asyncio.shield`: a scraper that hangs up must not cancel the others' answer."""
+        building = self._building
+        if building is None:
+            fixed = list(self._fixed.collect())  # on the loop: small, and read from parts that are not thread-safe
+            building = self._building = asyncio.ensure_future(asyncio.to_thread(_render, self._series, self._errors, fixed))
+            building.add_done_callback(self._built)
+        return building
+
+    def _built(self, done: asyncio.Future[bytes]) -> None:
+        if self._building is done:
+            self._building = None
+        if not done.cancelled():
+            done.exception()  # retrieved here, raised again to each scraper that awaits it
 
     def names(self) -> set[str]:
-        """Every sample name the registry exposes now (e.g. ..._bucket, ..._total), for checks."""
-        return {s.name for fam in self.registry.collect() for s in fam.samples}
+        """Every sample name exposed now (e.g. ..._bucket, ..._total), for checks."""
+        text = self.exposition().decode()
+        return {s.name for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
 def _histogram_family(name: str, doc: str, labels: Sequence[str]) -> HistogramMetricFamily:
@@ -163,52 +199,15 @@ def _add(family: HistogramMetricFamily, labels: Sequence[str], h: Histogram) -> 
     family.add_metric(list(labels), [(floatToGoString(b), float(n)) for b, n in h.cumulative()], h.sum)
 
 
-class _Collector:
-    """Builds every family from the counters at scrape time."""
+class _FixedFamilies:
+    """The families whose size does not depend on what clients send (the scheduler's and the
+    plugins', the build info, the pool and the prefix indexes), as prometheus_client builds them."""
 
     def __init__(self, m: EppMetrics) -> None:
         self.m = m
 
     def collect(self) -> Iterator[Metric]:
         m = self.m
-        mt = ["model_name", "target_model_name"]
-        requests = CounterMetricFamily("inference_objective_request", "Requests scheduled, by model", labels=mt)
-        errors = CounterMetricFamily(
-            "inference_objective_request_error", "Requests refused by the EPP or failed upstream, by error code", labels=[*mt, "error_code"]
-        )
-        running = GaugeMetricFamily("inference_objective_running_requests", "Requests in flight through the EPP", labels=["model_name"])
-        hists = {
-            "duration": _histogram_family(
-                "inference_objective_request_duration_seconds", "End-to-end time of successful requests, at the gateway", mt
-            ),
-            "ttft": _histogram_family(
-                "inference_objective_request_ttft_seconds", "Streamed requests: request at the EPP to the first response byte", mt
-            ),
-            "tpot": _histogram_family(
-                "inference_objective_request_tpot_seconds", "Streamed requests: time per output token after the first", mt
-            ),
-            "input_tokens": _histogram_family("inference_objective_input_tokens", "Prompt tokens per request (from usage)", mt),
-            "output_tokens": _histogram_family("inference_objective_output_tokens", "Completion tokens per request (from usage)", mt),
-            "cached_tokens": _histogram_family(
-                "inference_objective_prompt_cached_tokens", "Prompt tokens served from the prefix cache (from usage)", mt
-            ),
-        }
-        running_by_model: dict[str, int] = {}
-        for (model, target), s in m._series.items():
-            labels = [model, target]
-            requests.add_metric(labels, s.requests)
-            running_by_model[model] = running_by_model.get(model, 0) + s.running
-            for code, n in s.errors.items():
-                errors.add_metric([*labels, code], n)
-            for attr, fam in hists.items():
-                _add(fam, labels, getattr(s, attr))
-        for model, n in running_by_model.items():
-            running.add_metric([model], n)
-        yield requests
-        yield errors
-        yield running
-        yield from hists.values()
-
         sched = _histogram_family("inference_extension_scheduler_e2e_duration_seconds", "Time to schedule one request", ())
         _add(sched, (), m.scheduler_e2e)
         yield sched
@@ -283,3 +282,104 @@ class _Collector:
                 resets.add_metric([name, reason], n)
         yield size
         yield resets
+
+
+
+# -- the per-model families, written as text ---------------------------------------------------------
+# prometheus_client builds a Sample with its own label dict for each of the ~140 lines of a model and
+# escapes the labels on every line; written here, a model's labels are escaped once, the whole costs
+# about a tenth, and it comes in one chunk per family and model, so the scrape's thread never holds
+# the GIL for long.
+
+
+class _Family:
+    """One per-model histogram family: its name, the _ModelSeries attribute it reads, and its `le`
+    values and header, written once."""
+
+    __slots__ = ("attr", "les", "name", "text")
+
+    def __init__(self, name: str, doc: str, attr: str, buckets: Sequence[float]) -> None:
+        self.name = name
+        self.attr = attr
+        self.les = (*(floatToGoString(b) for b in buckets), "+Inf")
+        self.text = f"# HELP {name} {doc}\n# TYPE {name} histogram\n".encode()
+
+
+_HISTOGRAMS = (
+    _Family("inference_objective_request_duration_seconds", "End-to-end time of successful requests, at the gateway", "duration",
+            DURATION_BUCKETS),
+    _Family("inference_objective_request_ttft_seconds", "Streamed requests: request at the EPP to the first response byte", "ttft",
+            TTFT_BUCKETS),
+    _Family("inference_objective_request_tpot_seconds", "Streamed requests: time per output token after the first", "tpot",
+            TPOT_BUCKETS),
+    _Family("inference_objective_input_tokens", "Prompt tokens per request (from usage)", "input_tokens", TOKEN_BUCKETS),
+    _Family("inference_objective_output_tokens", "Completion tokens per request (from usage)", "output_tokens", TOKEN_BUCKETS),
+    _Family("inference_objective_prompt_cached_tokens", "Prompt tokens served from the prefix cache (from usage)", "cached_tokens",
+            TOKEN_BUCKETS),
+)  # fmt: skip
+
+
+def _escape(value: str) -> str:
+    """A label value in the text format (bounds.py already replaced every other control character)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _header(name: str, kind: str, doc: str) -> str:
+    return f"# HELP {name} {doc}\n# TYPE {name} {kind}\n"
+
+
+def _render(
+    series: Mapping[tuple[str, str], _ModelSeries], errors: Mapping[tuple[str, str, str], int], fixed: list[Metric]
+) -> bytes:
+    """The whole exposition: the per-model families, then the `fixed` ones."""
+    chunks = list(_model_text(series, errors))
+    chunks.append(generate_latest(_Families(fixed)))  # type: ignore[arg-type]
+    return b"".join(chunks)
+
+
+class _Families:
+    """Already built families, as generate_latest reads a registry."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+def _model_text(series: Mapping[tuple[str, str], _ModelSeries], errors: Mapping[tuple[str, str, str], int]) -> Iterator[bytes]:
+    rows = [(f'model_name="{_escape(m)}",target_model_name="{_escape(t)}"', m, s) for (m, t), s in series.items()]
+    name = "inference_objective_request_total"
+    lines = [_header(name, "counter", "Requests scheduled, by model")]
+    lines += [f"{name}{{{labels}}} {float(s.requests)!r}\n" for labels, _, s in rows]
+    yield "".join(lines).encode()
+
+    name = "inference_objective_request_error_total"
+    lines = [_header(name, "counter", "Requests refused by the EPP or failed upstream, by error code")]
+    lines += [
+        f'{name}{{model_name="{_escape(m)}",target_model_name="{_escape(t)}",error_code="{code}"}} {float(n)!r}\n'
+        for (m, t, code), n in errors.items()
+    ]
+    yield "".join(lines).encode()
+
+    running: dict[str, int] = {}
+    for _, model, s in rows:
+        running[model] = running.get(model, 0) + s.running
+    name = "inference_objective_running_requests"
+    lines = [_header(name, "gauge", "Requests in flight through the EPP")]
+    lines += [f'{name}{{model_name="{_escape(model)}"}} {float(n)!r}\n' for model, n in running.items()]
+    yield "".join(lines).encode()
+
+    for fam in _HISTOGRAMS:
+        yield fam.text
+        name = fam.name
+        for labels, _, s in rows:
+            h: Histogram = getattr(s, fam.attr)
+            total = 0
+            lines = []
+            for le, n in zip(fam.les, h.counts):  # each bucket read once: the loop may be adding to them
+                total += n
+                lines.append(f'{name}_bucket{{{labels},le="{le}"}} {float(total)!r}\n')
+            lines.append(f"{name}_count{{{labels}}} {float(total)!r}\n")  # the +Inf bucket, as prometheus_client does
+            lines.append(f"{name}_sum{{{labels}}} {floatToGoString(h.sum)}\n")
+            yield "".join(lines).encode()

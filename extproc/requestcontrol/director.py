@@ -3,7 +3,9 @@
 routes it (subset hint, schedule, in-flight accounting) and settles the books when the response ends.
 
 It also keeps the last `DECISIONS_KEPT` decisions for /debug/decisions (a tuple appended to a
-bounded deque per request) and, only with `log_requests`, writes one log line per request.
+bounded deque per request) and, only with `log_requests`, writes one log line per request. What they
+keep of a client's strings (request id, model names, objective) is bounded by
+extproc.observability.bounds; the request itself goes on with its real values.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import msgspec
 from extproc.datalayer.datastore import Datastore
 from extproc.handlers.request_stream import Outcome, Routing, filter_by_subset
 from extproc.handlers.usage import Usage
+from extproc.observability import bounds
 from extproc.observability.logs import REQUEST_LOGGER
 from extproc.observability.metrics import EppMetrics
 from extproc.requestcontrol.objectives import ObjectiveStore, objective_of
@@ -57,6 +60,9 @@ class Director:
 
     def route(self, request: InferenceRequest, subset: list[str] | None) -> Routing:
         start = time.perf_counter()
+        # Ours from here on (decisions, logs, spans, the scheduler's debug line); the header itself
+        # goes upstream untouched.
+        request.request_id = bounds.request_id(request.request_id)
         model = request.model
         headers = request.headers
         request.objective = objective = objective_of(headers)
@@ -65,7 +71,9 @@ class Director:
         candidates = filter_by_subset(self.datastore.candidates(), subset)
         # Sheddable requests only: the saturation check reads every candidate's metrics.
         if priority < 0 and candidates and self.saturation.saturated(candidates):
-            raise RequestError(SATURATED, f"the pool is saturated and objective {objective!r} is sheddable (priority {priority})")
+            raise RequestError(
+                SATURATED, f"the pool is saturated and objective {bounds.objective(objective)!r} is sheddable (priority {priority})"
+            )
         result = self.scheduler.schedule(request, candidates)
         primary = result.endpoints[0]
         tokens = request.prompt_tokens + (request.max_tokens or 0)
@@ -74,19 +82,22 @@ class Director:
         destination = primary.address if len(result.endpoints) == 1 else ",".join(ep.address for ep in result.endpoints)
         scores = msgspec.json.encode(result.scores).decode() if result.scores is not None else None
         self.metrics.scheduled(model, time.perf_counter() - start, request.target_model)
-        self.decisions.append((time.time(), request.request_id, model, destination, result.profile, result.scores, None))
+        decision = (time.time(), request.request_id, bounds.model_name(model), destination, result.profile, result.scores, None)
+        self.decisions.append(decision)
         return Routing(request, destination, primary, tokens, scores, result.request_headers, result.response_headers, result.profile)
 
     def rejected(self, request: InferenceRequest | None, error: RequestError) -> None:
         model = request.model if request else ""
         code = error.kind.code
         self.metrics.request_error(model, code, request.target_model if request else "")
-        self.decisions.append((time.time(), request.request_id if request else "", model, "", "", None, code))
+        request_id = bounds.request_id(request.request_id) if request else ""  # refused before `route`, maybe
+        model = bounds.model_name(model)
+        self.decisions.append((time.time(), request_id, model, "", "", None, code))
         if self.log_requests:
             request_log.info(
                 "request rejected",
-                extra={"fields": {"request_id": request.request_id if request else "", "model": model, "status": error.kind.status,
-                                  "error_code": code, "error": error.message}},
+                extra={"fields": {"request_id": request_id, "model": model, "status": error.kind.status,
+                                  "error_code": code, "error": bounds.message(error.message)}},
             )  # fmt: skip
 
     def first_byte(self, routing: Routing) -> None:
@@ -114,8 +125,8 @@ class Director:
 def request_fields(routing: Routing, outcome: Outcome, usage: Usage | None) -> dict[str, object]:
     """What one request log line says. Never headers or bodies: they may carry credentials."""
     fields: dict[str, object] = {
-        "request_id": routing.request.request_id,
-        "model": routing.request.model,
+        "request_id": routing.request.request_id,  # bounded by `route`
+        "model": bounds.model_name(routing.request.model),
         "endpoint": routing.destination,
         "priority": routing.request.priority,
         "served": outcome.served,
@@ -127,7 +138,7 @@ def request_fields(routing: Routing, outcome: Outcome, usage: Usage | None) -> d
         "first_byte_ms": None if outcome.first_byte is None else round(outcome.first_byte * 1000, 3),  # TTFT when streaming
     }
     if routing.request.target_model != routing.request.model:
-        fields["target_model"] = routing.request.target_model
+        fields["target_model"] = bounds.model_name(routing.request.target_model)
     if usage is not None:
         fields.update(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, cached_tokens=usage.cached_tokens)
     if routing.scores is not None and request_log.isEnabledFor(logging.DEBUG):

@@ -22,6 +22,7 @@ except ImportError as e:  # pragma: no cover - exercised by a test that hides th
 
 from extproc.handlers.request_stream import Outcome, Routing
 from extproc.handlers.usage import Usage
+from extproc.observability import bounds
 from extproc.requestcontrol.director import Director
 from pickers.framework.errors import RequestError
 from pickers.framework.request import InferenceRequest
@@ -69,9 +70,10 @@ class TracedDirector(Director):
     def route(self, request: InferenceRequest, subset: list[str] | None) -> Routing:
         parent = _PROPAGATOR.extract(request.headers)  # Envoy hands header names lower-cased
         span = self.tracer.start_span(SPAN_NAME, context=parent, kind=SpanKind.SERVER)
-        span.set_attribute("llm_epp.request_id", request.request_id)
+        # Attributes carry what bounds.py allows of a client's strings: spans wait in the exporter's queue.
+        span.set_attribute("llm_epp.request_id", bounds.request_id(request.request_id))
         if request.model:
-            span.set_attribute("gen_ai.request.model", request.model)
+            span.set_attribute("gen_ai.request.model", bounds.model_name(request.model))
         ctx = set_span_in_context(span)
         schedule = self.tracer.start_span(SCHEDULE_SPAN_NAME, context=ctx, kind=SpanKind.INTERNAL)
         try:
@@ -80,7 +82,7 @@ class TracedDirector(Director):
             for s in (schedule, span):
                 s.set_attribute("http.response.status_code", e.kind.status)
                 s.set_attribute("error.type", e.kind.code)
-                s.set_status(Status(StatusCode.ERROR, e.message))
+                s.set_status(Status(StatusCode.ERROR, bounds.message(e.message)))
                 s.end()
             raise
         except Exception as e:  # a bug: the span still ends, with the exception on it
@@ -98,9 +100,9 @@ class TracedDirector(Director):
         schedule.end()
         span.set_attribute("llm_epp.endpoint", routing.primary.address)
         if request.target_model:
-            span.set_attribute("llm_epp.target_model", request.target_model)
+            span.set_attribute("llm_epp.target_model", bounds.model_name(request.target_model))
         if request.objective:
-            span.set_attribute("llm_epp.objective", request.objective)
+            span.set_attribute("llm_epp.objective", bounds.objective(request.objective))
         # The upstream request becomes a child of this span: the model server's spans join the trace.
         carrier: dict[str, str] = dict(routing.request_headers)
         _PROPAGATOR.inject(carrier, context=ctx)

@@ -27,6 +27,7 @@ from extproc.datalayer.kv_events import KVEventSubscriber
 from extproc.datalayer.scraper import MetricsScraper
 from extproc.datalayer.supervisor import Supervisor
 from extproc.handlers.request_stream import DEFAULT_MAX_BODY, ProtocolError, RequestStream
+from extproc.observability import bounds
 from extproc.observability.metrics import EppMetrics
 from extproc.requestcontrol.director import Director
 from extproc.requestcontrol.objectives import ObjectiveStore, load_objectives_file
@@ -112,11 +113,12 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                 try:
                     out = stream.handle(msg)
                 except ProtocolError as e:
-                    log.warning("request %s: %s", stream.request.request_id if stream.request else "?", e)
+                    log.warning("request %s: %s", bounds.request_id(stream.request.request_id) if stream.request else "?", e)
                     await write(stream.protocol_error_response(e))
                     return
                 except Exception as e:  # a bug must cost one request, not the stream's bookkeeping
-                    log.exception("request %s: internal error", stream.request.request_id if stream.request else "?")
+                    rid = bounds.request_id(stream.request.request_id) if stream.request else "?"
+                    log.exception("request %s: internal error", rid)
                     await write(stream.protocol_error_response(ProtocolError(stream.state, f"internal error: {e}")))
                     return
                 for resp in out:
@@ -290,7 +292,8 @@ class EppServer:
         log.info("admin views on http://%s:%d/debug/", opts.admin_address, self.admin_port)
 
     async def _metrics_handler(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.metrics.exposition(), content_type="text/plain", charset="utf-8")
+        body = await asyncio.shield(self.metrics.scrape())  # built on a worker thread: requests go on meanwhile
+        return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
     def is_ready(self) -> bool:
         """Readiness: the pool is synced and, with leader election, this replica leads."""

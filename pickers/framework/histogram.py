@@ -1,9 +1,10 @@
 """A histogram cheap enough for the request path: a bucket count and a sum, no lock.
 
 prometheus_client's Histogram.observe takes a lock per call (about 3 us here); this one costs a
-bisect and two additions (about 0.3 us). It is only touched from the event loop's thread, where
-the requests and the /metrics scrape both run, so there is nothing to lock against. The EPP's
-collector turns it into a Prometheus histogram at scrape time.
+bisect and two additions (about 0.3 us). Only the event loop's thread writes it, so there is nothing
+to lock against; the EPP's scrape may read it from a worker thread meanwhile (`cumulative` reads each
+bucket once, so the buckets it returns always rise and the last one is the count; `sum` may lag them
+by an observation) and turns it into a Prometheus histogram.
 """
 
 from __future__ import annotations

@@ -11,8 +11,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench import faults
+from extproc.observability.bounds import CUT, MODEL_MAX
 from tests.integration.conftest import MODEL, make_stack
 
 pytestmark = pytest.mark.envoy
@@ -122,6 +124,26 @@ def test_spoofed_steering_headers_are_ignored(tmp_path, options, epp_down):
         assert _Trap.hits == 0
     finally:
         trap.shutdown()
+
+
+# -- clients cannot grow the EPP's state ------------------------------------------------------------
+
+
+def test_a_1_mb_model_name_neither_bloats_the_metrics_nor_breaks_routing(tmp_path):
+    with make_stack(tmp_path, sims=2) as s:
+        huge = httpx.post(f"{s.base_url}/completions", json={"model": "x" * 1_000_000, "prompt": "x", "max_tokens": 1}, timeout=30)
+        long = httpx.post(f"{s.base_url}/completions", json={"model": "y" * 4000, "prompt": "x", "max_tokens": 1}, timeout=30)
+        scrape = httpx.get(f"http://127.0.0.1:{s.epp_metrics_port}/metrics", timeout=30)
+        after = _post(s)
+        decisions = httpx.get(f"http://127.0.0.1:{s.epp_admin_port}/debug/decisions", timeout=10).json()["decisions"]
+    # Three model pairs of ~25 KB each (the bound, whatever clients send, is 36 MB; before: 283 MB per 1 MB name).
+    assert scrape.status_code == 200 and len(scrape.content) < 1_000_000
+    labels = {v for fam in text_string_to_metric_families(scrape.text) for x in fam.samples for k, v in x.labels.items() if k == "model_name"}
+    assert "y" * 127 + CUT in labels and all(len(v) <= MODEL_MAX for v in labels)
+    assert after.status_code == 200, after.text
+    assert all(len(d["model"]) <= MODEL_MAX for d in decisions)
+    assert huge.status_code == 400 and "at most 4096 are accepted" in huge.text
+    assert long.status_code == 404  # routed with its real name: the model server knows no such model
 
 
 # -- endpoint faults ------------------------------------------------------------------------------

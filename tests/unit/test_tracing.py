@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from extproc.handlers.request_stream import RequestStream, State
+from extproc.observability.bounds import MODEL_MAX, OBJECTIVE_MAX, REQUEST_ID_MAX
 from extproc.requestcontrol.tracing import SCHEDULE_SPAN_NAME, SPAN_NAME, TracedDirector, build_provider
 from extproc.server.runner import EppServer, ServeOptions
 from pickers.framework.errors import ConfigError
@@ -109,6 +110,19 @@ def test_span_attributes_describe_the_request(exporter):
     assert attrs["gen_ai.usage.input_tokens"] == 7
     assert attrs["gen_ai.usage.output_tokens"] == 3
     assert attrs["llm_epp.ttft_ms"] >= 0
+
+
+def test_span_attributes_from_the_client_are_bounded(exporter):
+    hostile = {"x-request-id": "r\n" * 10_000, "x-gateway-model-name-rewrite": "t" * 10_000, "x-gateway-inference-objective": "o" * 10_000}
+    stream = RequestStream(traced_director(exporter))
+    out = send_request(stream, completion_body(model="m\x00" * 2000), extra=hostile)
+    assert json.loads(b"".join(r.request_body.response.body_mutation.streamed_response.body for r in out[1:]))["model"] == "t" * 10_000
+    stream.close()
+    attrs = dict(spans_by_name(exporter)[SPAN_NAME].attributes)
+    caps = {"llm_epp.request_id": REQUEST_ID_MAX, "gen_ai.request.model": MODEL_MAX, "llm_epp.target_model": MODEL_MAX,
+            "llm_epp.objective": OBJECTIVE_MAX}  # fmt: skip
+    for key, cap in caps.items():
+        assert len(attrs[key]) == cap and attrs[key].isprintable(), key
 
 
 def test_scheduling_decision_is_a_child_span(exporter):
