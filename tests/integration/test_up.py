@@ -1,6 +1,8 @@
 """`epp up` itself, run as a user runs it (bench.faults.UpRun): it survives the death of its children
 (each reported and restarted on the same ports, Envoy staying up), traffic keeps flowing with
---fail-open while the EPP is gone, and Ctrl-C or SIGTERM stops every process it started."""
+--fail-open while the EPP is gone, and Ctrl-C or SIGTERM stops every process it started. Then the
+same supervision through the LocalStack API the tests and benchmarks use: what is stopped on
+purpose stays stopped."""
 
 from __future__ import annotations
 
@@ -9,12 +11,14 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
 
 from bench import faults
 from extproc.devstack.ports import reserve_port
+from tests.integration.conftest import make_stack
 
 pytestmark = [pytest.mark.envoy, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="children found through /proc")]
 LOAD_S = 3.0
@@ -69,3 +73,39 @@ def test_a_taken_port_is_a_clear_error(tmp_path):
     assert out.returncode == 1
     assert f"epp up: port {r.port} on 127.0.0.1 is not available (already in use)" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+# -- the LocalStack API under supervision ---------------------------------------------------------
+
+
+def _until(predicate, timeout: float = 30.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_a_supervised_stack_restarts_a_killed_epp_on_its_ports(tmp_path):
+    with make_stack(tmp_path, sims=1) as s:
+        lines: list[str] = []
+        s.supervise(report=lines.append)
+        epp = s.epp_proc
+        assert epp is not None
+        old = epp.popen.pid
+        epp.kill()
+        assert _until(lambda: any(line.startswith("epp is back") for line in lines)), lines
+        assert s.epp_proc is epp and epp.popen.pid != old
+        assert _until(lambda: _post(s.listen_port).status_code == 200)  # Envoy reaches it on the same port
+
+
+def test_a_supervised_stack_leaves_an_epp_stopped_on_purpose_stopped(tmp_path):
+    with make_stack(tmp_path, sims=1) as s:
+        lines: list[str] = []
+        s.supervise(report=lines.append)
+        s.stop_epp()
+        time.sleep(1.5)  # past the first restart delays (0.2 s, 0.4 s, 0.8 s)
+        assert lines == [] and s.epp_proc is None
+        s.start_epp()
+        assert _until(lambda: _post(s.listen_port).status_code == 200)
