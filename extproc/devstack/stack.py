@@ -277,6 +277,8 @@ class LocalStack:
     def _start(self) -> None:
         o = self.opts
         o.workdir.mkdir(parents=True, exist_ok=True)
+        # The one port a user may choose: a taken one is an error before anything starts.
+        self.listen_port = self.listen_port or self.reserve_port(port=o.listen_port)
         if o.endpoints_file is not None:
             self.use_endpoints_file(Path(o.endpoints_file))
         elif o.pd is not None:
