@@ -4,6 +4,8 @@
 injects the fault part-way, heals it, and prints one row per scenario: requests sent, failed
 (an HTTP answer other than 200), lost (no answer within the client timeout), how long after the fault
 the faulty part stopped getting requests, and how long after healing it got them again.
+The `up-*` scenarios run `epp up` itself and let its supervisor do the healing: they print how long
+the dead child took to serve again and how long until requests went through it again.
 """
 
 from __future__ import annotations
@@ -13,18 +15,22 @@ import asyncio
 import json
 import math
 import os
+import re
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import yaml
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -84,6 +90,7 @@ class LoadRun:
         reader: asyncio.StreamReader | None = None
         writer: asyncio.StreamWriter | None = None
         n = 0
+        await asyncio.sleep(w * self.period / self.concurrency)  # spread the connections over the period
         while not self._stop.is_set():
             rid = f"{self.prefix}-{w}-{n}"
             n += 1
@@ -202,11 +209,8 @@ def _stack(tmp: Path, name: str, **kw) -> LocalStack:  # type: ignore[no-untyped
 
 
 def _kill_epp(stack: LocalStack) -> None:
-    assert stack.epp_proc is not None
-    os.killpg(stack.epp_proc.popen.pid, signal.SIGKILL)
-    stack.epp_proc.popen.wait(5)
-    stack.procs.remove(stack.epp_proc)
-    stack.epp_proc = None
+    """SIGKILL, as a crash; on the stack's behalf (a supervisor leaves it down until `start_epp`)."""
+    stack.stop_epp(signal.SIGKILL)
 
 
 def epp_outage(tmp: Path, *, fail_open: bool, body_mode: str, how: str, seconds: float) -> Result:
@@ -283,7 +287,216 @@ def _sim_fault(address: str, mode: str) -> None:
         assert r.status == 200
 
 
-SCENARIOS: dict[str, Callable[[Path, float], Result]] = {
+# -- under `epp up` itself -----------------------------------------------------------------------
+
+
+class UpRun:
+    """`epp up` run as a user runs it, in a process of its own, so its supervisor, its reports and its
+    shutdown are the real ones. Faults go to its children, found through /proc (Linux)."""
+
+    def __init__(self, workdir: Path, args: Sequence[str] = (), sims: int = 2) -> None:
+        self.workdir = workdir
+        self.argv = [sys.executable, "-m", "extproc.cli", "up", "--port", "0", "--workdir", str(workdir),
+                     "--sims", str(sims), "--time-scale", "0.02", "--model", MODEL, *args]  # fmt: skip
+        self.output_path = workdir / "epp-up.out"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.epp_metrics_port = 0
+
+    def __enter__(self) -> UpRun:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with open(self.output_path, "wb") as out:
+            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+        deadline = time.monotonic() + 120
+        while "Ctrl-C stops everything" not in (text := self.output()):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"epp up did not start (exit code {self.proc.returncode}):\n{text}")
+            time.sleep(0.1)
+        self.port = int(re.search(r"OpenAI endpoint: http://127\.0\.0\.1:(\d+)/v1", text).group(1))  # type: ignore[union-attr]
+        self.epp_metrics_port = int(re.search(r"EPP metrics: http://127\.0\.0\.1:(\d+)/", text).group(1))  # type: ignore[union-attr]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def output(self) -> str:
+        return self.output_path.read_text(errors="replace")
+
+    def reports(self) -> list[str]:
+        """The supervisor's lines so far (a child died, a child is back)."""
+        return [line.split(" epp up: ", 1)[1] for line in self.output().splitlines() if " epp up: " in line]
+
+    def children(self) -> dict[int, list[str]]:
+        """pid -> argv of each living child of `epp up`."""
+        assert self.proc is not None
+        found = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()  # state, ppid, ...
+            if int(fields[1]) == self.proc.pid and fields[0] != "Z":
+                found[int(entry.name)] = [a.decode() for a in argv if a]
+        return found
+
+    def pid_of(self, name: str) -> int | None:
+        """The living child called `name` (epp, envoy, sim-N), if any."""
+        for pid, argv in self.children().items():
+            if name == "epp" and argv[1:4] == ["-m", "extproc.cli", "serve"]:
+                return pid
+            if name == "envoy" and Path(argv[0]).name == "envoy":
+                return pid
+            if name.startswith("sim-") and "vllm_sim" in argv and argv[argv.index("--seed") + 1] == name[4:]:
+                return pid
+        return None
+
+    def send(self, name: str, sig: int) -> int:
+        pid = self.pid_of(name)
+        assert pid is not None, f"no {name} under epp up"
+        os.killpg(pid, sig)  # each child leads its own session
+        return pid
+
+    def ready_url(self, name: str) -> str:
+        if name == "epp":
+            return f"http://127.0.0.1:{self.epp_metrics_port}/metrics"
+        if name == "envoy":
+            admin = yaml.safe_load((self.workdir / "envoy.yaml").read_text())["admin"]["address"]["socket_address"]
+            return f"http://127.0.0.1:{admin['port_value']}/ready"
+        return f"http://127.0.0.1:{self.sim_port(int(name[4:]))}/health"
+
+    def sim_port(self, i: int) -> int:
+        entries = yaml.safe_load((self.workdir / "endpoints.yaml").read_text())["endpoints"]
+        return int(next(e["port"] for e in entries if e["name"] == f"sim-{i}"))
+
+    def wait_back(self, name: str, old_pid: int, timeout: float = 60.0) -> float:
+        """Wait until a new `name` serves; returns when (time.monotonic())."""
+        deadline = time.monotonic() + timeout
+        url = self.ready_url(name)
+        while time.monotonic() < deadline:
+            pid = self.pid_of(name)
+            if pid is not None and pid != old_pid and _http_ok(url):
+                return time.monotonic()
+            time.sleep(0.05)
+        raise AssertionError(f"{name} was not restarted within {timeout:.0f} s:\n{self.output()}")
+
+    def access_log(self) -> dict[str, dict[str, str]]:
+        time.sleep(0.3)  # Envoy flushes its access log every 100 ms
+        path = self.workdir / "access.log"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return {e["request_id"]: e for e in map(json.loads, filter(None, lines))}
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int | None:
+        """Stop `epp up` as Ctrl-C (SIGINT) or `kill` (SIGTERM) would; its exit code, or None if it
+        had to be killed. Raises if a child outlives it."""
+        if self.proc is None or self.proc.returncode is not None:
+            return None if self.proc is None else self.proc.returncode
+        children = list(self.children())
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code: int | None = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+            code = None
+        left = [pid for pid in children if _alive(pid)]
+        for pid in left:
+            os.killpg(pid, signal.SIGKILL)
+        if left:
+            raise AssertionError(f"epp up left {len(left)} children running:\n{self.output()}")
+        return code
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=0.5) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+UP_HEADER = ["scenario", "sent", "failed", "lost", "non-200", "slowest", "back after", "routed again after"]
+
+
+@dataclass(slots=True)
+class UpResult:
+    scenario: str
+    sent: int
+    failed: int
+    lost: int
+    statuses: dict[int, int] = field(default_factory=dict)
+    slowest_s: float = math.nan  # the longest wait for an answer (200 or not)
+    back_s: float = math.nan  # fault -> the restarted child serves
+    routed_s: float = math.nan  # fault (SIGSTOP: SIGCONT) -> the first request sent since then that went through it
+    reports: list[str] = field(default_factory=list)
+
+    def row(self) -> list[str]:
+        def s(v: float) -> str:
+            return "-" if math.isnan(v) else f"{v:.2f} s"
+
+        codes = ",".join(f"{k}x{v}" for k, v in sorted(self.statuses.items()) if k != 200) or "-"
+        return [self.scenario, str(self.sent), str(self.failed), str(self.lost), codes, s(self.slowest_s), s(self.back_s), s(self.routed_s)]
+
+
+def up_fault(tmp: Path, *, fault: str, fail_open: bool = False, body_mode: str = "FULL_DUPLEX_STREAMED", seconds: float) -> UpResult:
+    """Under `epp up` (2 simulators) and a paced load, a child fails: 'epp-kill', 'sim-kill' and
+    'envoy-kill' send SIGKILL and leave the restart to the supervisor; 'epp-sigstop' freezes the EPP
+    for `seconds * 0.4` (at least 3 s), then SIGCONT. `back after`: from the kill to the restarted
+    child serving; `routed again after`: from the fault (SIGSTOP: from SIGCONT) to the first request sent
+    since then that went through the part again (routed by the EPP, or served by the simulator)."""
+    what, _, how = fault.partition("-")
+    mode = body_mode.lower().replace("_streamed", "")
+    name = f"up: {what.upper() if what == 'epp' else what} {how}" + (f", {'FailOpen' if fail_open else 'FailClose'}, {mode}" if what == "epp" else "")
+    args = ["--request-body-mode", body_mode, *(["--fail-open"] if fail_open else [])]
+    victim = "sim-0" if what == "sim" else what
+    with UpRun(tmp / f"up-{fault}-{fail_open}-{mode}", args) as up:
+        sim0 = f"127.0.0.1:{up.sim_port(0)}"
+        # The usual ~100 requests/s from 200 connections: requests keep arriving while some wait on
+        # a frozen EPP, as they would from independent clients.
+        load = LoadRun(up.port, concurrency=200, period=2.0).start()
+        time.sleep(seconds * 0.2)
+        fault_at = time.monotonic()
+        back_at = math.nan
+        if how == "sigstop":
+            up.send(victim, signal.SIGSTOP)
+            time.sleep(max(seconds * 0.4, 3.0))
+            up.send(victim, signal.SIGCONT)
+            since = time.monotonic()
+        else:
+            old = up.send(victim, signal.SIGKILL)
+            fault_at = since = time.monotonic()  # finding the child took a moment: the kill is now
+            back_at = up.wait_back(victim, old)
+        time.sleep(max(seconds * 0.4, 3.0))  # Envoy's health check (1 s) and the EPP's scrapes see it back
+        sent = load.stop()
+        log = up.access_log()
+        reports = up.reports()
+    res = _summary(name, sent)
+    if what == "sim":
+        through = [r.start for r in sent if r.status == 200 and log.get(r.request_id, {}).get("upstream") == sim0]
+    elif what == "epp":
+        through = [r.start for r in sent if log.get(r.request_id, {}).get("destination")]
+    else:
+        through = [r.start for r in sent if r.status == 200]
+    slowest = max((r.end - r.start for r in sent if r.status is not None and not math.isnan(r.end)), default=math.nan)
+    return UpResult(name, res.sent, res.failed, res.lost, res.statuses, slowest_s=slowest, back_s=back_at - fault_at,
+                    routed_s=min((t for t in through if t > since), default=math.nan) - since, reports=reports)  # fmt: skip
+
+
+SCENARIOS: dict[str, Callable[[Path, float], Result | UpResult]] = {
     "epp-kill-open-buffered": lambda t, s: epp_outage(t, fail_open=True, body_mode="BUFFERED", how="kill", seconds=s),
     "epp-kill-open-duplex": lambda t, s: epp_outage(t, fail_open=True, body_mode="FULL_DUPLEX_STREAMED", how="kill", seconds=s),
     "epp-stop-open-duplex": lambda t, s: epp_outage(t, fail_open=True, body_mode="FULL_DUPLEX_STREAMED", how="stop", seconds=s),
@@ -295,6 +508,14 @@ SCENARIOS: dict[str, Callable[[Path, float], Result]] = {
     "endpoint-error-fallbacks": lambda t, s: endpoint_fault(t, fault="error", override_host=True, seconds=s),
     "endpoint-hang": lambda t, s: endpoint_fault(t, fault="hang", override_host=False, seconds=s),
     "endpoint-garbage-metrics": lambda t, s: endpoint_fault(t, fault="garbage-metrics", override_host=False, seconds=s),
+    "up-epp-kill-close-duplex": lambda t, s: up_fault(t, fault="epp-kill", seconds=s),
+    "up-epp-kill-close-buffered": lambda t, s: up_fault(t, fault="epp-kill", body_mode="BUFFERED", seconds=s),
+    "up-epp-kill-open-duplex": lambda t, s: up_fault(t, fault="epp-kill", fail_open=True, seconds=s),
+    "up-epp-kill-open-buffered": lambda t, s: up_fault(t, fault="epp-kill", fail_open=True, body_mode="BUFFERED", seconds=s),
+    "up-epp-sigstop-close-duplex": lambda t, s: up_fault(t, fault="epp-sigstop", seconds=s),
+    "up-epp-sigstop-open-buffered": lambda t, s: up_fault(t, fault="epp-sigstop", fail_open=True, body_mode="BUFFERED", seconds=s),
+    "up-sim-kill": lambda t, s: up_fault(t, fault="sim-kill", seconds=s),
+    "up-envoy-kill": lambda t, s: up_fault(t, fault="envoy-kill", seconds=s),
 }
 
 
@@ -305,16 +526,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-k", dest="only", default="", help="run only scenarios whose key contains this")
     args = p.parse_args(argv)
     seconds = args.seconds or (3.0 if args.quick else 6.0)
-    rows = []
+    rows: list[list[str]] = []
+    up_rows: list[list[str]] = []
     with tempfile.TemporaryDirectory(prefix="llm-epp-faults-") as tmp:
         for key, run in SCENARIOS.items():
             if args.only and args.only not in key:
                 continue
             res = run(Path(tmp), seconds)
             print(f"{key}: {res.row()}", flush=True)
-            rows.append(res.row())
-    print()
-    print(table(HEADER, rows))
+            (up_rows if isinstance(res, UpResult) else rows).append(res.row())
+    for header, found in ((HEADER, rows), (UP_HEADER, up_rows)):
+        if found:
+            print()
+            print(table(header, found))
     return 0
 
 

@@ -26,7 +26,8 @@ import yaml
 from bench.common import cpu_seconds, machine_cpu_seconds, percentile, ratio, table
 from bench.http1 import LoadResult, closed_loop, request_bytes
 from bench.plots import latency_and_throughput_png, report
-from extproc.devstack.stack import LocalStack, ManagedProcess, StackOptions, free_port
+from extproc.devstack.ports import ReservedPort, reserve_port
+from extproc.devstack.stack import LocalStack, ManagedProcess, StackOptions
 
 MODEL = "sim-model"
 BODY = json.dumps({"model": MODEL, "prompt": "Say ok", "max_tokens": 1}).encode()
@@ -59,10 +60,12 @@ CONFIGS: tuple[tuple[str, dict[str, object]], ...] = (
 )
 
 
-def start_backend(workdir: Path, n: int) -> tuple[ManagedProcess, Path]:
-    """The no-op backend on n free ports, and an endpoints file listing them."""
+def start_backend(workdir: Path, n: int, reserved: list[ReservedPort]) -> tuple[ManagedProcess, Path]:
+    """The no-op backend on n ports held in `reserved` until the caller closes them (ports.py), and an
+    endpoints file listing them."""
     workdir.mkdir(parents=True, exist_ok=True)
-    ports = [free_port() for _ in range(n)]
+    reserved.extend(reserve_port() for _ in range(n))
+    ports = [r.port for r in reserved]
     log = workdir / "noop.log"
     argv = [sys.executable, "-m", "bench.noop_backend", *(a for p in ports for a in ("--port", str(p)))]
     with open(log, "ab") as f:
@@ -177,7 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
-        backend, endpoints = start_backend(Path(tmp) / "noop", s.backends)
+        reserved: list[ReservedPort] = []
+        backend, endpoints = start_backend(Path(tmp) / "noop", s.backends, reserved)
         try:
             for i, (name, extra) in enumerate(CONFIGS):
                 started = time.monotonic()
@@ -185,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"  {name}: done in {time.monotonic() - started:.0f}s", file=sys.stderr, flush=True)
         finally:
             backend.stop()
+            for r in reserved:
+                r.close()
     print(summarize(results, s))
     if args.png:
         path = latency_and_throughput_png(

@@ -191,7 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     up_sched = up.add_mutually_exclusive_group()
     up_sched.add_argument("--strategy", choices=STRATEGIES, default="best", help="scheduling strategy (default: best)")
     up_sched.add_argument("--config-file", metavar="FILE", help="an EndpointPickerConfig YAML file for the EPP")
-    up.add_argument("--fail-open", action="store_true", help="Envoy serves from the pool directly when the EPP is down")
+    up.add_argument(
+        "--fail-open", action="store_true",
+        help="Envoy serves from the pool directly when the EPP is down (BUFFERED request bodies unless --request-body-mode)",
+    )  # fmt: skip
     up.add_argument("--secure", action="store_true", help="Envoy talks to the EPP over TLS (a certificate generated for the run)")
     pd = up.add_argument_group("prefill/decode disaggregation (uses pickers/configs/pd.yaml unless --config-file)")
     pd.add_argument("--pd", action="store_true", help="prefill simulators + decode simulators each behind a pd-sidecar")
@@ -199,7 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--decode", type=int, default=None, metavar="M", help="decode simulators (default 2; implies --pd)")
     pd.add_argument("--prefill-profile", default=None, help="timing profile of the prefill simulators (default --profile)")
     pd.add_argument("--decode-profile", default=None, help="timing profile of the decode simulators (default --profile)")
-    up.add_argument("--request-body-mode", choices=("FULL_DUPLEX_STREAMED", "BUFFERED"), default="FULL_DUPLEX_STREAMED")
+    up.add_argument(
+        "--request-body-mode", choices=("FULL_DUPLEX_STREAMED", "BUFFERED"), default=None,
+        help="how Envoy hands request bodies to the EPP (default FULL_DUPLEX_STREAMED; with --fail-open BUFFERED)",
+    )  # fmt: skip
     up.add_argument("--workdir", help="where configs and logs go (default: a temporary folder)")
 
     sim = sub.add_parser("sim", help="run one simulated vLLM server (same flags as vllm-sim)", add_help=False)
@@ -282,16 +288,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(line: str) -> None:
+    """What `epp up`'s supervisor has to say: a child died, a child is back."""
+    print(f"{time.strftime('%H:%M:%S')} epp up: {line}", file=sys.stderr, flush=True)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
-    from extproc.devstack.stack import LocalStack, StackOptions
+    from extproc.devstack.stack import LocalStack, StackError, StackOptions
 
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="llm-epp-"))
-    body_mode = args.request_body_mode
-    if args.fail_open and body_mode == "FULL_DUPLEX_STREAMED":
+    body_mode = args.request_body_mode or "FULL_DUPLEX_STREAMED"
+    if args.fail_open and args.request_body_mode is None:
         # A body already streamed to an EPP that dies cannot be failed open (Envoy answers 500);
-        # BUFFERED keeps the body in Envoy until the EPP answers, so no request is lost. See README.
+        # BUFFERED keeps the body in Envoy until the EPP answers, so no request is lost
+        # (docs/kubernetes.md, Failure mode). An explicit --request-body-mode is kept.
         print("--fail-open: using BUFFERED request body mode (Envoy fails open reliably only there)")
         body_mode = "BUFFERED"
+    # With buffered requests, responses go to the EPP STREAMED: Envoy keeps each chunk until the EPP
+    # answers, so a response passing through an EPP that dies fails open too. In full duplex Envoy
+    # keeps no copy of what it handed over and answers 500 (docs/reliability.md, Faults).
+    response_mode = "STREAMED" if body_mode == "BUFFERED" else "FULL_DUPLEX_STREAMED"
     opts = StackOptions(
         workdir=workdir,
         sims=args.sims,
@@ -301,6 +317,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         epp_args=("--config-file", str(Path(args.config_file).resolve())) if args.config_file else ("--strategy", args.strategy),
         listen_port=args.port,
         request_body_mode=body_mode,
+        response_body_mode=response_mode,
         failure_mode_allow=args.fail_open,
         envoy_concurrency=2,
         epp_tls="verified" if args.secure else "",
@@ -318,23 +335,26 @@ def cmd_up(args: argparse.Namespace) -> int:
     what = f"{args.sims} simulated vLLM servers"
     if opts.pd is not None:
         what = f"{opts.pd.prefill} prefill + {opts.pd.decode} decode simulators (decode behind pd-sidecars)"
-    print(f"starting Envoy, the EPP and {'your endpoints' if args.endpoints else what} ...")
-    stack.start()
+    print(f"starting Envoy, the EPP and {'your endpoints' if args.endpoints else what} ...", flush=True)
     try:
+        stack.start()
+    except StackError as e:
+        print(f"epp up: {e}", file=sys.stderr)
+        return 1
+    try:
+        # A child that dies is reported and restarted (same ports); Envoy, and with --fail-open the
+        # traffic, stay up meanwhile.
+        stack.supervise(report=_report)
         print(f"\nOpenAI endpoint: {stack.base_url}   (model: {args.model})")
         print(f"  curl {stack.base_url}/completions -H 'content-type: application/json' \\")
         print(f"       -d '{{\"model\": \"{args.model}\", \"prompt\": \"Hello\", \"max_tokens\": 8}}'")
         print(f"EPP metrics: http://127.0.0.1:{stack.epp_metrics_port}/metrics   logs: {workdir}")
         print(f"EPP live views: epp status --url http://127.0.0.1:{stack.epp_admin_port}")
-        print("Ctrl-C stops everything.")
+        print("A child that dies is restarted. Ctrl-C stops everything.", flush=True)
         while True:
-            for proc in stack.procs:
-                if proc.popen.poll() is not None:
-                    print(f"{proc.name} exited with code {proc.popen.returncode}:\n{proc.log_tail()}", file=sys.stderr)
-                    return 1
-            time.sleep(0.5)
+            time.sleep(3600)
     except KeyboardInterrupt:
-        print("\nstopping ...")
+        print("\nstopping ...", flush=True)
         return 0
     finally:
         stack.stop()

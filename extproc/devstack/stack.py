@@ -1,7 +1,10 @@
 """The local stack: real Envoy + the EPP + a pool of simulated (or real) vLLM servers on loopback.
 
 Used by `epp up`, the integration tests and the benchmarks, so all three run the same processes.
-Every process is started in its own session and stopped (TERM, then KILL) by `stop`.
+Every process is started in its own session and stopped (TERM, then KILL) by `stop`. The stack holds
+every port it hands out (`ports.ReservedPort`) until it stops, so no other socket on the machine can
+take one between its choice and its child's bind, nor while a child is down; `supervise()` restarts
+children that die (`supervisor.ProcessSupervisor`), on the same ports.
 """
 
 from __future__ import annotations
@@ -10,12 +13,12 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,28 +26,33 @@ import yaml
 
 from extproc.datalayer.endpoints_file import load_endpoints_file
 from extproc.devstack import envoy_config
+from extproc.devstack.ports import PortUnavailable, ReservedPort, reserve_port
+from extproc.devstack.supervisor import ProcessSupervisor, RestartPolicy
 
 
 class StackError(RuntimeError):
     pass
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM when the process that started the stack dies, so a
-    killed `epp up` or test run never leaves servers behind (Linux only; elsewhere a no-op)."""
+def _load_prctl() -> Callable[..., int] | None:
     try:
         import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
     except (OSError, AttributeError):
-        pass
+        return None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# Looked up once, here: the child of a process with threads (the supervisor's, a load generator's)
+# must not import or load anything between fork and exec, where a lock another thread held stays held.
+_PRCTL = _load_prctl()
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the thread that started it ends, so a killed
+    `epp up` or test run never leaves servers behind (Linux only; elsewhere a no-op)."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def envoy_binary() -> str:
@@ -55,11 +63,27 @@ def envoy_binary() -> str:
     return found
 
 
-@dataclass(slots=True)
+def _popen(argv: Sequence[str], log_path: Path, env: dict[str, str] | None) -> subprocess.Popen[bytes]:
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, env=env, preexec_fn=_die_with_parent,
+        )  # fmt: skip
+
+
+@dataclass(slots=True, eq=False)
 class ManagedProcess:
+    """One child of the stack: its log, how to tell it serves, and the process running it now
+    (`popen`, replaced when it is restarted with the same argv). `stop()` stops it on purpose: a
+    supervisor never restarts it; a child that dies any other way (`kill()`, a crash) is restarted."""
+
     name: str
     popen: subprocess.Popen[bytes]
     log_path: Path
+    ready_url: str = ""  # answers 200 once the child serves ("": as soon as it runs)
+    env: dict[str, str] | None = None
+    wanted: bool = True  # False once stopped on purpose
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def log_tail(self, n: int = 30) -> str:
         try:
@@ -67,12 +91,34 @@ class ManagedProcess:
         except OSError:
             return ""
 
-    def stop(self, timeout: float = 10.0) -> None:
-        p = self.popen
+    def respawn(self) -> bool:
+        """Start the same argv again (so on the same ports) if it has ended and was not stopped on
+        purpose; False when nothing was started."""
+        with self._lock:
+            if not self.wanted or self.popen.poll() is None:
+                return False
+            with open(self.log_path, "ab") as log:
+                log.write(f"\n--- {self.name} restarted ---\n".encode())
+            self.popen = _popen(self.popen.args, self.log_path, self.env)  # type: ignore[arg-type]
+            return True
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the child's whole session from outside, as a crash or an operator would (fault
+        injection): unlike `stop()`, a supervisor restarts it if it dies."""
+        try:
+            os.killpg(self.popen.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, timeout: float = 10.0, sig: int = signal.SIGTERM) -> None:
+        """Stop it on purpose (`sig`, then SIGKILL after `timeout`): it stays stopped."""
+        with self._lock:
+            self.wanted = False
+            p = self.popen
         if p.poll() is not None:
             return
         try:
-            os.killpg(p.pid, signal.SIGTERM)
+            os.killpg(p.pid, sig)
         except ProcessLookupError:
             return
         try:
@@ -150,6 +196,8 @@ class LocalStack:
         self.endpoints_path: Path | None = None
         self.epp_proc: ManagedProcess | None = None
         self.envoy_proc: ManagedProcess | None = None
+        self.supervisor: ProcessSupervisor | None = None
+        self._reserved: dict[int, ReservedPort] = {}
 
     @property
     def access_log_path(self) -> Path:
@@ -178,19 +226,38 @@ class LocalStack:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    # -- ports -------------------------------------------------------------------------------
+    def reserve_port(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """A port held for this stack until `stop()` (see ports.py); one asked for by number that is
+        taken raises StackError."""
+        try:
+            reserved = reserve_port(host, port)
+        except PortUnavailable as e:
+            raise StackError(str(e)) from None
+        self._reserved[reserved.port] = reserved
+        return reserved.port
+
     # -- processes ---------------------------------------------------------------------------
-    def _spawn(self, name: str, argv: Sequence[str]) -> ManagedProcess:
+    def _spawn(self, name: str, argv: Sequence[str], ready_url: str = "", ports: Sequence[int] = ()) -> ManagedProcess:
+        """Start a child that serves on `ports` (reserved by this stack) and answers `ready_url`."""
         self.opts.workdir.mkdir(parents=True, exist_ok=True)
         log_path = self.opts.workdir / f"{name}.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.opts.extra_env}
-        with open(log_path, "ab") as log:
-            popen = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, env=env, preexec_fn=_die_with_parent,
-            )  # fmt: skip
-        proc = ManagedProcess(name, popen, log_path)
+        for port in ports:
+            self._reserved[port].hand_over()
+        proc = ManagedProcess(name, _popen(argv, log_path, env), log_path, ready_url=ready_url, env=env)
         self.procs.append(proc)
         return proc
+
+    def supervise(
+        self, report: Callable[[str], None] | None = None, policy: RestartPolicy | None = None
+    ) -> ProcessSupervisor:
+        """Restart children that die (not those stopped on purpose: `stop_epp`, `ManagedProcess.stop`)
+        until `stop()`; `report` gets one line per death and per return (default: logging)."""
+        if self.supervisor is None:
+            self.supervisor = ProcessSupervisor(lambda: list(self.procs), policy=policy or RestartPolicy(), report=report)
+            self.supervisor.start()
+        return self.supervisor
 
     def start(self) -> None:
         try:
@@ -210,6 +277,8 @@ class LocalStack:
     def _start(self) -> None:
         o = self.opts
         o.workdir.mkdir(parents=True, exist_ok=True)
+        # The one port a user may choose: a taken one is an error before anything starts.
+        self.listen_port = self.listen_port or self.reserve_port(port=o.listen_port)
         if o.endpoints_file is not None:
             self.use_endpoints_file(Path(o.endpoints_file))
         elif o.pd is not None:
@@ -224,18 +293,20 @@ class LocalStack:
         o = self.opts
         entries: list[dict[str, object]] = []
         for i in range(o.sims):
-            port = free_port()
+            port = self.reserve_port()
+            ports = [port]
             argv = [sys.executable, "-m", "vllm_sim", "--host", "127.0.0.1", "--port", str(port), "--model", o.model, "--seed", str(i), *o.sim_args]
             entry: dict[str, object] = {"address": "127.0.0.1", "port": port, "name": f"sim-{i}"}
             if o.kv_events:
-                kv_port = free_port()
+                kv_port = self.reserve_port("0.0.0.0")  # the simulator publishes on tcp://*:PORT
+                ports.append(kv_port)
                 argv += ["--kv-events-port", str(kv_port)]
                 entry["labels"] = {"llm-epp/kv-events-port": str(kv_port)}
-            proc = self._spawn(f"sim-{i}", argv)
+            proc = self._spawn(f"sim-{i}", argv, f"http://127.0.0.1:{port}/health", ports)
             self.sim_ports.append(port)
             self.endpoints.append(("127.0.0.1", port))
             entries.append(entry)
-            self._wait_http(proc, f"http://127.0.0.1:{port}/health")
+            self._wait_ready(proc)
         self.endpoints_path = o.workdir / "endpoints.yaml"
         self.endpoints_path.write_text(yaml.safe_dump({"endpoints": entries}))
 
@@ -250,11 +321,11 @@ class LocalStack:
                             "labels": {ROLE_LABEL: "prefill"}})
         for i in range(pool.decode):
             sim_port = self._start_sim(f"decode-{i}", pool.prefill + i, [*o.sim_args, *pool.decode_sim_args])
-            port = free_port()
+            port = self.reserve_port()
             argv = [sys.executable, "-m", "pd_sidecar", "--host", "127.0.0.1", "--port", str(port),
                     "--decoder", f"http://127.0.0.1:{sim_port}", *pool.sidecar_args]
-            proc = self._spawn(f"sidecar-{i}", argv)
-            self._wait_http(proc, f"http://127.0.0.1:{port}/health")
+            proc = self._spawn(f"sidecar-{i}", argv, f"http://127.0.0.1:{port}/health", [port])
+            self._wait_ready(proc)
             self.sidecar_ports.append(port)
             self.endpoints.append(("127.0.0.1", port))
             entries.append({"address": "127.0.0.1", "port": port, "name": f"decode-{i}",
@@ -263,20 +334,21 @@ class LocalStack:
         self.endpoints_path.write_text(yaml.safe_dump({"endpoints": entries}))
 
     def _start_sim(self, name: str, seed: int, args: Sequence[str]) -> int:
-        port = free_port()
+        port = self.reserve_port()
         argv = [sys.executable, "-m", "vllm_sim", "--host", "127.0.0.1", "--port", str(port),
                 "--model", self.opts.model, "--seed", str(seed), *args]
-        proc = self._spawn(name, argv)
+        proc = self._spawn(name, argv, f"http://127.0.0.1:{port}/health", [port])
         self.sim_ports.append(port)
-        self._wait_http(proc, f"http://127.0.0.1:{port}/health")
+        self._wait_ready(proc)
         return port
 
     def start_epp(self, extra_args: Sequence[str] = ()) -> ManagedProcess:
+        """Start the EPP (again after `stop_epp`: on the same ports, which the stack kept)."""
         o = self.opts
-        self.epp_port = self.epp_port or free_port()
-        self.epp_health_port = self.epp_health_port or free_port()
-        self.epp_metrics_port = self.epp_metrics_port or free_port()
-        self.epp_admin_port = self.epp_admin_port or free_port()
+        self.epp_port = self.epp_port or self.reserve_port()
+        self.epp_health_port = self.epp_health_port or self.reserve_port()
+        self.epp_metrics_port = self.epp_metrics_port or self.reserve_port()
+        self.epp_admin_port = self.epp_admin_port or self.reserve_port()
         argv = [
             sys.executable, "-m", "extproc.cli", "serve",
             "--grpc-port", str(self.epp_port),
@@ -287,8 +359,9 @@ class LocalStack:
             "--endpoints", str(self.endpoints_path),
             *o.epp_args, *self._epp_tls_args(), *extra_args,
         ]  # fmt: skip
-        self.epp_proc = proc = self._spawn("epp", argv)
-        self._wait_http(proc, f"http://127.0.0.1:{self.epp_metrics_port}/metrics")
+        ports = [self.epp_port, self.epp_health_port, self.epp_metrics_port, self.epp_admin_port]
+        self.epp_proc = proc = self._spawn("epp", argv, f"http://127.0.0.1:{self.epp_metrics_port}/metrics", ports)
+        self._wait_ready(proc)
         return proc
 
     @property
@@ -306,16 +379,18 @@ class LocalStack:
             write_certificate(self_signed(), self.epp_cert_dir)
         return ["--secure-serving", "--cert-path", str(self.epp_cert_dir)]
 
-    def stop_epp(self) -> None:
+    def stop_epp(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the EPP on purpose (SIGTERM: a graceful drain; SIGKILL: a crash whose restart is
+        the caller's, with `start_epp`): a supervisor leaves it stopped."""
         if self.epp_proc is not None:
-            self.epp_proc.stop()
+            self.epp_proc.stop(sig=sig)
             self.procs.remove(self.epp_proc)
             self.epp_proc = None
 
     def start_envoy(self) -> None:
         o = self.opts
-        self.listen_port = o.listen_port or free_port()
-        self.admin_port = free_port()
+        self.listen_port = self.listen_port or self.reserve_port(port=o.listen_port)
+        self.admin_port = self.admin_port or self.reserve_port()
         path = o.workdir / "envoy.yaml"
         if o.epp:
             settings = envoy_config.GatewaySettings(
@@ -342,13 +417,23 @@ class LocalStack:
             "--concurrency", str(o.envoy_concurrency), "-l", o.envoy_log_level,
             "--disable-hot-restart", "--file-flush-interval-msec", "100",
         ]  # fmt: skip
-        self.envoy_proc = proc = self._spawn("envoy", argv)
-        self._wait_http(proc, f"http://127.0.0.1:{self.admin_port}/ready")
+        self.envoy_proc = proc = self._spawn("envoy", argv, f"http://127.0.0.1:{self.admin_port}/ready", [self.listen_port, self.admin_port])
+        self._wait_ready(proc)
 
     def stop(self) -> None:
+        """Stop the supervisor, then every child (last started first), then free the ports."""
+        if self.supervisor is not None:
+            self.supervisor.stop()
+            self.supervisor = None
         for proc in reversed(self.procs):
             proc.stop()
         self.procs.clear()
+        for reserved in self._reserved.values():
+            reserved.close()
+        self._reserved.clear()
+
+    def _wait_ready(self, proc: ManagedProcess, timeout: float = 60.0) -> None:
+        self._wait_http(proc, proc.ready_url, timeout)
 
     def _wait_http(self, proc: ManagedProcess, url: str, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout

@@ -12,7 +12,6 @@ import httpx
 import openai
 import pytest
 
-from extproc.devstack.stack import free_port
 from tests.integration.conftest import MODEL, epp_metric, make_stack
 
 pytestmark = pytest.mark.envoy
@@ -235,10 +234,6 @@ def test_round_robin_strategy_spreads_evenly(tmp_path):
             for _ in range(9)
         ]
         assert {a: served.count(a) for a in pool(s)} == {a: 3 for a in pool(s)}
-
-
-def test_free_port_helper_gives_distinct_ports():
-    assert len({free_port() for _ in range(5)}) == 5
 
 
 def test_grpc_health_reports_every_service(stack):

@@ -14,11 +14,12 @@ import asyncio
 import contextlib
 import copy
 import json
-import socket
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+from extproc.devstack.ports import reserve_port
 
 RESOURCES = {
     # plural: (path prefix before /namespaces, apiVersion, kind)
@@ -56,12 +57,6 @@ class _Watcher:
     queue: asyncio.Queue[Change | str] = field(default_factory=asyncio.Queue)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _parse_selector(text: str | None) -> dict[str, str]:
     out: dict[str, str] = {}
     for part in (text or "").split(","):
@@ -78,7 +73,10 @@ def _status(code: int, reason: str, message: str) -> dict[str, Any]:
 class FakeApiServer:
     def __init__(self, *, bookmark_interval: float | None = 0.2) -> None:
         self.bookmark_interval = bookmark_interval
-        self.port = _free_port()
+        # Held from here to `release()`, so a stop and start again (an API-server restart) always
+        # gets the same port back (extproc/devstack/ports.py).
+        self._reserved = reserve_port()
+        self.port = self._reserved.port
         self.rv = 1000
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.changes: list[Change] = []
@@ -116,6 +114,10 @@ class FakeApiServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    def release(self) -> None:
+        """Give the port back (after the last `stop()`)."""
+        self._reserved.close()
 
     def kubeconfig(self, path: str, *, token: str = "test-token") -> str:
         doc = {
@@ -363,3 +365,4 @@ async def running_apiserver(**kw: Any):  # type: ignore[no-untyped-def]
         yield server
     finally:
         await server.stop()
+        server.release()

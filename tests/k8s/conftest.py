@@ -24,6 +24,7 @@ async def apiserver() -> AsyncIterator[FakeApiServer]:
         yield server
     finally:
         await server.stop()
+        server.release()
 
 
 @pytest.fixture

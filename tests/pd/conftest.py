@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import socket
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,11 +12,13 @@ import msgspec
 import pytest
 from aiohttp import web
 
+from extproc.devstack.ports import ReservedPort, reserve_port
 from pd_sidecar import Sidecar, SidecarConfig
 from tests.conftest import StartSim  # noqa: F401 (the shared start_sim fixture lives there)
 from vllm_sim import SimServer
 
 StartSidecar = Callable[..., Awaitable[Sidecar]]
+DeadPort = Callable[[], int]
 
 
 @pytest.fixture
@@ -93,11 +94,19 @@ async def start_recorder() -> AsyncIterator[StartRecorder]:
         await runner.cleanup()
 
 
-def dead_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@pytest.fixture
+def dead_port() -> Iterator[DeadPort]:
+    """dead_port() -> a loopback port held for the test (extproc/devstack/ports.py) that nothing
+    listens on: it refuses connections and no other socket can take it, yet a child can serve on it."""
+    held: list[ReservedPort] = []
+
+    def reserve() -> int:
+        held.append(reserve_port())
+        return held[-1].port
+
+    yield reserve
+    for reserved in held:
+        reserved.close()
 
 
 def sample(text: str, name: str, labels: str = "") -> float:

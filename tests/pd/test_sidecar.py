@@ -16,7 +16,7 @@ from aiohttp import web
 
 from pd_sidecar import Sidecar
 from pd_sidecar.legs import PREFILL_KV_TRANSFER_PARAMS
-from tests.pd.conftest import StartRecorder, StartSidecar, StartSim, dead_port, sample
+from tests.pd.conftest import DeadPort, StartRecorder, StartSidecar, StartSim, sample
 from vllm_sim import SimServer
 
 PREFILLER = "x-prefiller-host-port"
@@ -91,7 +91,7 @@ async def test_upstream_errors_pass_through_with_status_and_body(
 
 
 async def test_health_is_the_decoders(
-        http: aiohttp.ClientSession, start_sim: StartSim, start_sidecar: StartSidecar) -> None:
+        http: aiohttp.ClientSession, start_sim: StartSim, start_sidecar: StartSidecar, dead_port: DeadPort) -> None:
     alive = await start_sidecar((await start_sim()).url)
     dead = await start_sidecar(f"http://127.0.0.1:{dead_port()}")
     async with http.get(alive.url + "/health") as r:
@@ -182,7 +182,7 @@ async def test_header_on_a_non_completion_path_is_stripped_and_proxied(
 # ---- prefill failures degrade to a local prefill ------------------------------------------------
 
 async def test_dead_prefill_endpoint_falls_back_to_local_prefill(
-        http: aiohttp.ClientSession, start_sim: StartSim, start_sidecar: StartSidecar) -> None:
+        http: aiohttp.ClientSession, start_sim: StartSim, start_sidecar: StartSidecar, dead_port: DeadPort) -> None:
     decoder = await start_sim()
     sidecar = await start_sidecar(decoder.url)
     status, body, _ = await post(http, sidecar, {"prompt": tokens(1, 100), "max_tokens": 4},
@@ -198,7 +198,8 @@ async def test_dead_prefill_endpoint_falls_back_to_local_prefill(
 
 
 async def test_fallback_logs_one_warning(
-        http: aiohttp.ClientSession, start_sim: StartSim, start_sidecar: StartSidecar, caplog: Any) -> None:
+        http: aiohttp.ClientSession, start_sim: StartSim, start_sidecar: StartSidecar, caplog: Any,
+        dead_port: DeadPort) -> None:
     sidecar = await start_sidecar((await start_sim()).url, prefill_retries=0)
     with caplog.at_level("WARNING", logger="pd_sidecar"):
         await post(http, sidecar, {"prompt": "hi"}, headers={PREFILLER: f"127.0.0.1:{dead_port()}"})
@@ -277,7 +278,8 @@ async def test_invalid_json_with_header_is_a_400(
         assert r.status == 200  # still serving
 
 
-async def test_decoder_down_is_a_502(http: aiohttp.ClientSession, start_sidecar: StartSidecar) -> None:
+async def test_decoder_down_is_a_502(
+        http: aiohttp.ClientSession, start_sidecar: StartSidecar, dead_port: DeadPort) -> None:
     sidecar = await start_sidecar(f"http://127.0.0.1:{dead_port()}")
     status, body, _ = await post(http, sidecar, {"prompt": "hi"})
     assert status == 502 and "unreachable" in body["message"]
@@ -304,7 +306,7 @@ async def test_client_disconnect_aborts_the_decode_request(
 # ---- the command line --------------------------------------------------------------------------
 
 async def test_cli_serves_a_disaggregated_request(
-        http: aiohttp.ClientSession, start_sim: StartSim, tmp_path: Any) -> None:
+        http: aiohttp.ClientSession, start_sim: StartSim, tmp_path: Any, dead_port: DeadPort) -> None:
     prefill, decoder = await start_sim(), await start_sim()
     port = dead_port()
     proc = subprocess.Popen([sys.executable, "-m", "pd_sidecar", "--port", str(port), "--decoder", decoder.url],

@@ -183,15 +183,15 @@ def test_parser_reads_real_vllm_metrics():
 
 async def test_simulator_events_reach_the_index_over_zmq():
     """A simulator publishing on a real socket, our subscriber following it through the datastore."""
-    from extproc.devstack.stack import free_port
     from vllm_sim import tokens
     from vllm_sim.config import SimConfig
     from vllm_sim.kv_events import KVEventsConfig
     from vllm_sim.server import SimServer
 
-    kv_port = free_port()
-    config = SimConfig.from_profile("gpu", time_scale=0.01, block_size=4, kv_events=KVEventsConfig(f"tcp://*:{kv_port}"))
+    config = SimConfig.from_profile("gpu", time_scale=0.01, block_size=4, kv_events=KVEventsConfig("tcp://*:0"))
     async with SimServer(config) as sim:
+        assert sim.kv_events is not None
+        kv_port = sim.kv_events.port  # bound by the publisher itself: nothing can take it first
         index = KVBlockIndex()
         ds = Datastore()
         sub = KVEventSubscriber(ds, index, default_port=None)

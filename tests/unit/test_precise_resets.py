@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from extproc.datalayer.datastore import Datastore
 from extproc.datalayer.kv_events import KV_EVENTS_PORT_LABEL, BlockStored, KVEventSubscriber, apply_events
-from extproc.devstack.stack import free_port
+from extproc.devstack.ports import reserve_port
 from extproc.observability.metrics import EppMetrics
 from extproc.server.admin import admin_app, endpoints_view
 from pickers.config.loader import load_config
@@ -132,7 +132,9 @@ async def test_a_restarted_simulator_gives_no_false_hits_before_its_first_event(
     from vllm_sim.kv_events import KVEventsConfig
     from vllm_sim.server import SimServer
 
-    kv_port, http_port = free_port(), free_port()
+    # Held for the whole test, so the restarted simulator finds both ports free (ports.py).
+    kv_reserved, http_reserved = reserve_port("0.0.0.0"), reserve_port()
+    kv_port, http_port = kv_reserved.port, http_reserved.port
     config = SimConfig.from_profile("gpu", time_scale=0.01, block_size=4, port=http_port, kv_events=KVEventsConfig(f"tcp://*:{kv_port}"))
     index = KVBlockIndex()
     ds = Datastore()
@@ -163,6 +165,8 @@ async def test_a_restarted_simulator_gives_no_false_hits_before_its_first_event(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+        kv_reserved.close()
+        http_reserved.close()
 
 
 def _precise_profiles(ds: Datastore):  # type: ignore[no-untyped-def]

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from extproc.datalayer.datastore import Datastore
 from extproc.datalayer.scraper import MetricsParseError, MetricsScraper, parse_vllm_metrics
+from extproc.devstack.ports import reserve_port
 from pickers.framework.endpoint import EndpointSpec
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -301,12 +302,6 @@ async def servers() -> AsyncIterator[Callable[[], asyncio.Future[FakeVllm]]]:
         await server.stop()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def eventually(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -389,13 +384,14 @@ async def test_unparsable_body_records_an_error(servers, running_scraper) -> Non
 
 async def test_connection_refused_records_an_error(running_scraper) -> None:
     ds = Datastore()
-    spec = EndpointSpec(name="dead", host="127.0.0.1", port=free_port())
-    ds.set_endpoints([spec])
-    running_scraper(ds)
-    ep = ds.get(spec.address)
-    assert ep is not None
-    await eventually(lambda: ep.scrape_error is not None)
-    assert ds.is_stale(ep)
+    with reserve_port() as dead:  # held and never listened on: it refuses, and nothing else takes it
+        spec = EndpointSpec(name="dead", host="127.0.0.1", port=dead.port)
+        ds.set_endpoints([spec])
+        running_scraper(ds)
+        ep = ds.get(spec.address)
+        assert ep is not None
+        await eventually(lambda: ep.scrape_error is not None)
+        assert ds.is_stale(ep)
 
 
 async def test_timeout_records_an_error(servers, running_scraper) -> None:

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from extproc.devstack.stack import _die_with_parent, free_port
+from extproc.devstack.ports import ReservedPort, reserve_port
+from extproc.devstack.stack import _die_with_parent
 
 CACHE = Path(os.environ.get("LLM_EPP_CACHE", str(Path.home() / ".cache" / "llm-epp")))
 VLLM_PYTHON = CACHE / "vllm-venv" / "bin" / "python"
@@ -58,6 +59,7 @@ class VllmServer:
     proc: subprocess.Popen[bytes]
     log_path: Path
     core: int
+    reserved: tuple[ReservedPort, ...] = ()  # its ports, held until `stop()` (extproc/devstack/ports.py)
 
     @property
     def address(self) -> str:
@@ -90,6 +92,13 @@ class VllmServer:
         return total
 
     def stop(self) -> None:
+        try:
+            self._stop()
+        finally:
+            for reserved in self.reserved:
+                reserved.close()
+
+    def _stop(self) -> None:
         if self.proc.poll() is not None:
             return
         try:
@@ -111,9 +120,15 @@ def start_vllm(workdir: Path, core: int = 0, extra_args: tuple[str, ...] = (),
 
 
 def spawn_vllm(workdir: Path, core: int = 0, extra_args: tuple[str, ...] = (),
-               extra_env: dict[str, str] | None = None) -> VllmServer:
-    """Start one server without waiting for it (`wait_ready`), so two can start side by side."""
-    port, kv_port = free_port(), free_port()
+               extra_env: dict[str, str] | None = None, nixl_side_channel: bool = False) -> VllmServer:
+    """Start one server without waiting for it (`wait_ready`), so two can start side by side.
+    nixl_side_channel: give it a NIXL side-channel port of its own (VLLM_NIXL_SIDE_CHANNEL_PORT)."""
+    # vLLM, its ZMQ publisher and NIXL's side channel bind with SO_REUSEADDR: they can serve on ports we hold.
+    reserved = [reserve_port(), reserve_port("0.0.0.0")]
+    if nixl_side_channel:
+        reserved.append(reserve_port())
+        extra_env = {**(extra_env or {}), "VLLM_NIXL_SIDE_CHANNEL_PORT": str(reserved[2].port)}
+    port, kv_port = reserved[0].port, reserved[1].port
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"vllm-{port}.log"
     kv_config = {
@@ -146,7 +161,7 @@ def spawn_vllm(workdir: Path, core: int = 0, extra_args: tuple[str, ...] = (),
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, env=env, preexec_fn=_die_with_parent)  # fmt: skip
-    return VllmServer(port, kv_port, proc, log_path, core)
+    return VllmServer(port, kv_port, proc, log_path, core, tuple(reserved))
 
 
 def wait_ready(server: VllmServer) -> None:

@@ -25,7 +25,8 @@ import pytest
 import yaml
 from openai import OpenAI
 
-from extproc.devstack.stack import ROLE_LABEL, LocalStack, StackOptions, _die_with_parent, free_port
+from extproc.devstack.ports import reserve_port
+from extproc.devstack.stack import ROLE_LABEL, LocalStack, StackOptions, _die_with_parent
 from tests.vllm.conftest import BLOCK_SIZE, CACHE, MODEL, VllmServer, spawn_vllm, wait_ready
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -42,7 +43,6 @@ def nixl_env() -> dict[str, str]:
     return {
         "UCX_TLS": "tcp,self,sm",
         "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
-        "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),  # each server its own
     }
 
 
@@ -71,13 +71,15 @@ def pd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PdServers]:
     args = ("--kv-transfer-config", json.dumps(KV_TRANSFER_CONFIG))
     servers: list[VllmServer] = []
     sidecar: subprocess.Popen[bytes] | None = None
+    sidecar_port = reserve_port()
     try:
-        servers.append(spawn_vllm(tmp / "prefill", core=0, extra_args=args, extra_env=nixl_env()))
-        servers.append(spawn_vllm(tmp / "decode", core=1, extra_args=args, extra_env=nixl_env()))
+        # each server its own side-channel port
+        servers.append(spawn_vllm(tmp / "prefill", core=0, extra_args=args, extra_env=nixl_env(), nixl_side_channel=True))
+        servers.append(spawn_vllm(tmp / "decode", core=1, extra_args=args, extra_env=nixl_env(), nixl_side_channel=True))
         for s in servers:
             wait_ready(s)
         prefill, decode = servers
-        port = free_port()
+        port = sidecar_port.port
         log_path = tmp / "sidecar.log"
         with open(log_path, "ab") as log:
             sidecar = subprocess.Popen(
@@ -97,6 +99,7 @@ def pd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PdServers]:
             _stop(sidecar)
         for s in servers:
             s.stop()
+        sidecar_port.close()
 
 
 def prompt(case: str) -> str:
