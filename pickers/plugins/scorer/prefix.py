@@ -232,6 +232,8 @@ class ApproxPrefixCacheProducer(Plugin):
     def from_config(cls, name: str, p: Params, ctx: PluginContext) -> ApproxPrefixCacheProducer:
         auto_tune = p.flag("autoTune", True)
         legacy = p.integer("blockSize", 0, minimum=0)
+        if not legacy:
+            del p.effective["blockSize"]  # deprecated: shown only when given
         block_tokens = p.integer("blockSizeTokens", legacy or PRODUCER_BLOCK_TOKENS, minimum=0 if auto_tune else 1)
         if legacy:
             p.warnings.append("parameter blockSize is deprecated: use blockSizeTokens (the same number, in tokens)")
