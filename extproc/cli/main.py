@@ -216,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--decisions", type=int, default=10, metavar="N", help="recent decisions to show (default 10)")
     status.add_argument("--json", action="store_true", help="print the raw JSON instead of tables")
 
+    check = sub.add_parser(
+        "check-config", help="validate EndpointPickerConfig files without serving and print what they configure"
+    )
+    check.add_argument("files", nargs="+", metavar="FILE", help="config files; - reads one from standard input")
+
     cfg = sub.add_parser("envoy-config", help="print the Envoy configuration for a gateway in front of the EPP")
     cfg.add_argument("--port", type=int, default=8081)
     cfg.add_argument("--epp-host", default="127.0.0.1")
@@ -414,6 +419,12 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from extproc.cli.check_config import check_config
+
+    return check_config(args.files)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from extproc.cli.status import show_status
 
@@ -422,7 +433,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"serve": cmd_serve, "up": cmd_up, "sim": cmd_sim, "envoy-config": cmd_envoy_config, "status": cmd_status}
+    handlers = {"serve": cmd_serve, "up": cmd_up, "sim": cmd_sim, "envoy-config": cmd_envoy_config, "status": cmd_status,
+                "check-config": cmd_check_config}
     try:
         return handlers[args.command](args)
     except ConfigError as e:

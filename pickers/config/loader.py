@@ -5,27 +5,64 @@ plugins[1].pluginRef`) and what was expected. Defaults follow the reference pick
 `default` profile with every filter, scorer and picker; one profile -> `single-profile-handler`; no
 picker -> `max-score-picker`; weight 1. Several profiles need a profile handler (`disagg-profile-handler`
 for P/D), which is bound to its profiles and decider by name once everything is built.
+
+Nothing is accepted and ignored: a section, gate or parameter llm-epp does not act on is refused with
+a message naming it and why (docs/configuration.md has the table). Deprecated forms that still mean
+something (the old apiVersion, renamed or unused parameters) load with a warning, logged once per load
+and kept in `EndpointPickerConfig.warnings` for `epp check-config`.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from pickers.config import safe_yaml
-from pickers.config.registry import create_plugin
+from pickers.config.registry import build_plugin, create_plugin
 from pickers.framework.errors import ConfigError, shown
 from pickers.framework.params import ParameterError
 from pickers.framework.types import Filter, Picker, ProfileHandler, SchedulingProfile, Scorer, WeightedScorer
 from pickers.plugins.base import PluginContext
 from pickers.plugins.profile.handlers import SingleProfileHandler
+from pickers.plugins.scorer.prefix import PrefixCacheScorer
 
-API_VERSIONS = ("inference.networking.x-k8s.io/v1alpha1", "llm-d.ai/v1alpha1")
+log = logging.getLogger(__name__)
+
+API_VERSION = "llm-d.ai/v1alpha1"
+DEPRECATED_API_VERSION = "inference.networking.x-k8s.io/v1alpha1"
+API_VERSIONS = ("llm-d.ai/v1", API_VERSION, DEPRECATED_API_VERSION)
 KIND = "EndpointPickerConfig"
 _TOP_LEVEL = ("apiVersion", "kind", "plugins", "schedulingProfiles", "featureGates", "saturationDetector", "flowControl")
+# llm-d's sections llm-epp does not implement: refused by name, with the reason
+UNSUPPORTED_SECTIONS = MappingProxyType(
+    {
+        "dataLayer": "the data layer is configured with epp serve's flags here (--endpoints, --pool-name, "
+        "--refresh-metrics-interval); dataLayer sources and discovery plugins are not implemented yet",
+        "requestHandler": "llm-epp parses OpenAI requests (and passes other paths through unparsed) itself; "
+        "requestHandler.parsers are not implemented yet",
+        "parser": "llm-epp parses OpenAI requests itself; parser plugins are not implemented yet",
+    }
+)
+# featureGates llm-d registers, and what llm-epp makes of each: None = we do that anyway (when on)
+FLOW_CONTROL_REFUSED = (
+    "flow control (queueing, fairness, priority bands) is not implemented in llm-epp yet "
+    "(see docs/configuration.md#what-llm-epp-refuses); remove it"
+)
+FEATURE_GATES = MappingProxyType(
+    {
+        "flowControl": FLOW_CONTROL_REFUSED,
+        # a replica that is not the leader keeps its endpoint table current, so it can take over at once
+        "haPopulateNonLeaderDatastore": "llm-epp always keeps a non-leader's endpoint table populated; it cannot be turned off",
+        # GIE's gate for data producers (prefix match before scheduling): llm-epp always runs them
+        "prepareDataPlugins": "llm-epp always runs its data producers; they cannot be turned off",
+    }
+)
+_GATE_ON_IS_REFUSED = frozenset({"flowControl"})  # the others: on is what we do, off is refused
 _PLUGIN_KEYS = ("name", "type", "parameters")
 _PROFILE_KEYS = ("name", "plugins")
 _REF_KEYS = ("pluginRef", "weight")
@@ -33,7 +70,7 @@ DEFAULT_PICKER = "max-score-picker"
 
 # The reference picker's default (GIE): `epp serve` with no config and `--strategy default` use it.
 DEFAULT_CONFIG_TEXT = """\
-apiVersion: inference.networking.x-k8s.io/v1alpha1
+apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
 plugins:
 - type: queue-scorer
@@ -60,9 +97,11 @@ class EndpointPickerConfig:
     plugins: Mapping[str, object]  # by name, in config order
     profiles: tuple[SchedulingProfile, ...]
     profile_handler: ProfileHandler
-    feature_gates: tuple[str, ...] = ()
+    feature_gates: tuple[str, ...] = ()  # as written; only gates that change nothing here load
     saturation_detector: Mapping[str, Any] = field(default_factory=dict)  # read by extproc.requestcontrol.saturation
-    flow_control: Mapping[str, Any] = field(default_factory=dict)  # stored, not yet acted on
+    plugin_types: Mapping[str, str] = field(default_factory=dict)  # name -> type
+    plugin_parameters: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # name -> effective parameters
+    warnings: tuple[str, ...] = ()  # deprecations and adjusted values, each logged once when loaded
 
     @property
     def profile(self) -> SchedulingProfile:
@@ -76,7 +115,10 @@ def load_config_file(path: str | Path, ctx: PluginContext | None = None) -> Endp
 
 def load_config(text: str, source: str, ctx: PluginContext | None = None) -> EndpointPickerConfig:
     """Parse, validate and build. `ctx` carries the shared prefix index, datastore and rng."""
-    return _Loader(source, ctx or PluginContext()).load(text)
+    cfg = _Loader(source, ctx or PluginContext()).load(text)
+    for w in cfg.warnings:
+        log.warning("%s: %s", source, w)
+    return cfg
 
 
 def _kind(value: object) -> str:
@@ -89,6 +131,9 @@ class _Loader:
     def __init__(self, source: str, ctx: PluginContext) -> None:
         self.source = source
         self.ctx = ctx
+        self.warnings: list[str] = []
+        self.types: dict[str, str] = {}
+        self.parameters: dict[str, Mapping[str, Any]] = {}
 
     def error(self, field_path: str | None, message: str) -> ConfigError:
         return ConfigError(message, source=self.source, field=field_path or None)
@@ -118,12 +163,20 @@ class _Loader:
         doc = safe_yaml.parse(text, source=self.source)
         if doc is None:
             raise self.error(None, f"empty; expected an {KIND} document")
+        if isinstance(doc, dict):
+            for key, why in UNSUPPORTED_SECTIONS.items():
+                if key in doc:
+                    raise self.error(key, f"not supported: {why}")
         doc = self.expect_mapping(doc, "", _TOP_LEVEL)
         api_version = doc.get("apiVersion")
         if api_version not in API_VERSIONS:
             raise self.error("apiVersion", f"expected one of {', '.join(API_VERSIONS)}, got {shown(api_version)}")
+        if api_version == DEPRECATED_API_VERSION:
+            self.warnings.append(f"DEPRECATION: apiVersion {DEPRECATED_API_VERSION} is deprecated; use {API_VERSION}")
         if doc.get("kind") != KIND:
             raise self.error("kind", f"expected {KIND}, got {shown(doc.get('kind'))}")
+        gates = self.feature_gates(doc.get("featureGates"))
+        self.flow_control(doc.get("flowControl"))
 
         plugins = self.build_plugins(doc.get("plugins"))
         handlers = {n: p for n, p in plugins.items() if isinstance(p, ProfileHandler)}
@@ -139,26 +192,69 @@ class _Loader:
                     "(prefill/decode); only single-profile-handler is implied, and it runs one profile",
                 )
             handler = SingleProfileHandler()
-        try:
-            handler.bind(plugins, {p.name: p for p in profiles})
-        except ParameterError as e:
-            i = list(plugins).index(handler.name) if handler.name in plugins else 0
-            param = f"plugins[{i}].parameters.{e.param}" if e.param else f"plugins[{i}]"
-            raise self.error(param, f"{handler.type}: {e.detail}") from None
+        by_name = {p.name: p for p in profiles}
+        # prefix scorers first: what binds to them (no-hit-lru, the P/D decider) reads their bound settings
+        ordered = sorted(plugins.values(), key=lambda q: not isinstance(q, PrefixCacheScorer))
+        for plugin in ordered:
+            bind = getattr(plugin, "bind_config", None)
+            if bind is not None:
+                self.bind_plugin(plugins, plugin, lambda b=bind: b(plugins, by_name, handler))
+        self.bind_plugin(plugins, handler, lambda: handler.bind(plugins, by_name))
+        for name, plugin in plugins.items():
+            effective = getattr(plugin, "effective_parameters", None)
+            if effective is not None:
+                self.parameters[name] = MappingProxyType(dict(effective(self.parameters[name])))
 
-        gates = self.expect_list(doc.get("featureGates"), "featureGates")
-        for i, g in enumerate(gates):
-            self.expect_name(g, f"featureGates[{i}]")
         return EndpointPickerConfig(
             source=self.source,
             api_version=api_version,
             plugins=plugins,
             profiles=profiles,
             profile_handler=handler,
-            feature_gates=tuple(gates),
+            feature_gates=gates,
             saturation_detector=self.optional_mapping(doc, "saturationDetector"),
-            flow_control=self.optional_mapping(doc, "flowControl"),
+            plugin_types=MappingProxyType(self.types),
+            plugin_parameters=MappingProxyType(self.parameters),
+            warnings=tuple(self.warnings),
         )
+
+    def bind_plugin(self, plugins: dict[str, object], plugin: object, bind: Any) -> None:
+        """Run a plugin's by-name binding; a ParameterError becomes an error at that plugin's parameter."""
+        try:
+            bind()
+        except ParameterError as e:
+            name = getattr(plugin, "name", "")
+            i = list(plugins).index(name) if name in plugins else 0
+            param = f"plugins[{i}].parameters.{e.param}" if e.param else f"plugins[{i}]"
+            raise self.error(param, f"{getattr(plugin, 'type', '?')}: {e.detail}") from None
+
+    def feature_gates(self, raw: object) -> tuple[str, ...]:
+        """llm-d's form, `name` or `name=true|false`; only gates whose setting is what llm-epp does load."""
+        gates = self.expect_list(raw, "featureGates")
+        for i, g in enumerate(gates):
+            path = f"featureGates[{i}]"
+            name, _, value = self.expect_name(g, path).partition("=")
+            why = FEATURE_GATES.get(name)
+            if why is None:
+                raise self.error(path, f"unknown feature gate {shown(name)}; known: {', '.join(FEATURE_GATES)}")
+            on = True
+            if value:
+                v = value.strip().lower()
+                if v not in ("true", "false", "1", "0", "t", "f"):
+                    raise self.error(path, f"expected {name}=true or {name}=false, got {shown(g)}")
+                on = v in ("true", "1", "t")
+            if on == (name in _GATE_ON_IS_REFUSED):
+                raise self.error(path, f"{name}={'true' if on else 'false'} is not supported: {why}")
+        return tuple(gates)
+
+    def flow_control(self, raw: object) -> None:
+        if raw is None:
+            return
+        if not isinstance(raw, dict):
+            raise self.error("flowControl", f"expected a mapping, got {_kind(raw)}")
+        if raw:
+            first = next(iter(raw))
+            raise self.error(f"flowControl.{first}", f"not supported: {FLOW_CONTROL_REFUSED} section")
 
     def optional_mapping(self, doc: dict[str, Any], key: str) -> dict[str, Any]:
         value = doc.get(key)
@@ -185,12 +281,16 @@ class _Loader:
                     f"duplicate plugin name {shown(name)} (also plugins[{first_at[name]}]); give each instance its own name",
                 )
             try:
-                plugins[name] = create_plugin(type_name, name, spec.get("parameters"), self.ctx)
+                built = build_plugin(type_name, name, spec.get("parameters"), self.ctx)
             except ParameterError as e:
                 param = f"{path}.parameters.{e.param}" if e.param else f"{path}.parameters"
                 raise self.error(param, f"{type_name}: {e.detail}") from None
             except ConfigError as e:
                 raise self.error(f"{path}.type", str(e)) from None
+            plugins[name] = built.plugin
+            self.types[name] = type_name
+            self.parameters[name] = built.parameters
+            self.warnings.extend(f"{path} ({type_name}): {w}" for w in built.warnings)
             first_at[name] = i
         return plugins
 

@@ -1,12 +1,14 @@
 """Plugin types by their config `type` name (docs/configuration.md lists them), each with a factory
 `(name, parameters, ctx) -> plugin` that validates the parameters (ParameterError names the field).
 
-The names a user writes in YAML are the `type` attributes of the classes listed here.
+The names a user writes in YAML are the `type` attributes of the classes listed here. `build_plugin`
+also returns the parameters the plugin runs with (defaults filled in) and any deprecation warnings.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Protocol
 
@@ -40,7 +42,15 @@ from pickers.plugins.scorer.running_requests import RunningRequestsSizeScorer
 from pickers.plugins.scorer.session_affinity import SessionAffinityScorer
 from pickers.plugins.scorer.token_load import TokenLoadScorer
 
-Factory = Callable[[str, Mapping[str, Any] | None, PluginContext], object]
+
+@dataclass(slots=True, frozen=True)
+class BuiltPlugin:
+    plugin: object
+    parameters: Mapping[str, Any]  # every parameter the plugin read, with the value it runs with
+    warnings: tuple[str, ...] = ()
+
+
+Factory = Callable[[str, Mapping[str, Any] | None, PluginContext], BuiltPlugin]
 
 
 class _Configurable(Protocol):
@@ -81,18 +91,19 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     # P/D deciders
     PrefixBasedPDDecider,
     AlwaysDisaggPDDecider,
-    # llm-d plugins that load for compatibility and do nothing here (see their docstrings)
+    # llm-d's approximate prefix producer: the block settings of the prefix scorers bound to it
+    ApproxPrefixCacheProducer,
+    # llm-d's deprecated header plugins: the disagg handler sets the header; their names are checked
     DisaggHeadersHandler,
     PrefillHeaderHandler,
-    ApproxPrefixCacheProducer,
 )
 
 def _factory(cls: type[_Configurable]) -> Factory:
-    def make(name: str, parameters: Mapping[str, Any] | None, ctx: PluginContext) -> object:
+    def make(name: str, parameters: Mapping[str, Any] | None, ctx: PluginContext) -> BuiltPlugin:
         p = Params(parameters)
         plugin = cls.from_config(name, p, ctx)
         p.done()
-        return plugin
+        return BuiltPlugin(plugin, MappingProxyType(p.effective), tuple(p.warnings))
 
     return make
 
@@ -104,9 +115,13 @@ def known_types() -> list[str]:
     return sorted(PLUGINS)
 
 
-def create_plugin(type_name: str, name: str, parameters: Mapping[str, Any] | None, ctx: PluginContext) -> object:
+def build_plugin(type_name: str, name: str, parameters: Mapping[str, Any] | None, ctx: PluginContext) -> BuiltPlugin:
     """Build one plugin. Raises ConfigError for an unknown type, ParameterError for a bad parameter."""
     factory = PLUGINS.get(type_name)
     if factory is None:
         raise ConfigError(f"unknown plugin type {shown(type_name)}; known types: {', '.join(known_types())}")
     return factory(name, parameters, ctx)
+
+
+def create_plugin(type_name: str, name: str, parameters: Mapping[str, Any] | None, ctx: PluginContext) -> object:
+    return build_plugin(type_name, name, parameters, ctx).plugin

@@ -58,11 +58,16 @@ def read_text(path: str | os.PathLike[str], *, what: str, max_bytes: int = MAX_F
         fd = os.open(source, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as e:
         raise ConfigError(f"cannot read the {what}: {e.strerror or e}", source=source) from None
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        os.close(fd)
+        raise ConfigError(f"cannot read the {what}: {e.strerror or e}", source=source) from None
+    if not stat.S_ISREG(st.st_mode):  # checked before open(): Python refuses to wrap a directory's fd
+        os.close(fd)
+        raise ConfigError(f"cannot read the {what}: not a regular file", source=source)
     with open(fd, "rb", closefd=True) as f:
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise ConfigError(f"cannot read the {what}: not a regular file", source=source)
             if st.st_size > max_bytes:
                 raise ConfigError(_too_big(f"{st.st_size:,} bytes", max_bytes), source=source)
             data = f.read(max_bytes + 1)  # the file may grow between fstat and read

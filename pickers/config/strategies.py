@@ -20,7 +20,7 @@ from pickers.plugins.base import PluginContext
 # the built-in configs (best.yaml, pd.yaml) ship as data beside this package: pickers/configs/
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
-_HEADER = "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n"
+_HEADER = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\n"
 
 STRATEGY_CONFIGS = MappingProxyType(
     {

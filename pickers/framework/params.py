@@ -1,7 +1,9 @@
 """Reading a plugin's `parameters` mapping: typed getters that name the field and what was expected.
 
 A plugin reads each parameter it knows, then calls `done()`, which refuses any it did not read, so a
-misspelt parameter is an error rather than a silently ignored default.
+misspelt parameter is an error rather than a silently ignored default. Every getter records the value
+it returned (the default when the parameter is absent): `effective` is what `epp check-config` prints.
+`deprecated()` accepts a parameter whose value changes nothing and records a warning that says so.
 """
 
 from __future__ import annotations
@@ -33,74 +35,87 @@ class Params:
             raise ParameterError("", f"expected a mapping of parameters, got {_kind(parameters)}")
         self._values = dict(parameters)
         self._read: set[str] = set()
+        self.effective: dict[str, Any] = {}  # parameter -> the value the plugin runs with
+        self.warnings: list[str] = []
 
     def _get(self, key: str) -> Any:
         self._read.add(key)
         return self._values.get(key)
 
+    def given(self, key: str) -> bool:
+        """Whether the config sets `key` (to anything but null)."""
+        return self._values.get(key) is not None
+
+    def _keep(self, key: str, value: Any) -> Any:
+        self.effective[key] = value
+        return value
+
     def integer(self, key: str, default: int, *, minimum: int | None = None) -> int:
         v = self._get(key)
         if v is None:
-            return default
+            return self._keep(key, default)
         if isinstance(v, bool) or not isinstance(v, int):
             raise ParameterError(key, f"expected an integer, got {_kind(v)} {shown(v)}")
         if minimum is not None and v < minimum:
             raise ParameterError(key, f"expected an integer >= {minimum}, got {v}")
-        return v
+        return self._keep(key, v)
 
     def number(self, key: str, default: float, *, minimum: float | None = None, positive: bool = False) -> float:
         v = self._get(key)
         if v is None:
-            return default
+            return self._keep(key, default)
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ParameterError(key, f"expected a number, got {_kind(v)} {shown(v)}")
         if positive and v <= 0:
             raise ParameterError(key, f"expected a positive number, got {v}")
         if minimum is not None and v < minimum:
             raise ParameterError(key, f"expected a number >= {minimum}, got {v}")
-        return float(v)
+        return self._keep(key, float(v))
 
     def flag(self, key: str, default: bool) -> bool:
         v = self._get(key)
         if v is None:
-            return default
+            return self._keep(key, default)
         if not isinstance(v, bool):
             raise ParameterError(key, f"expected true or false, got {_kind(v)} {shown(v)}")
-        return v
+        return self._keep(key, v)
 
     def string(self, key: str, default: str | None = None, *, required: bool = False) -> str | None:
         v = self._get(key)
         if v is None:
             if required:
                 raise ParameterError(key, "is required (a string)")
-            return default
+            return self._keep(key, default)
         if not isinstance(v, str) or (required and not v):
             raise ParameterError(key, f"expected a non-empty string, got {_kind(v)} {shown(v)}")
-        return v
+        return self._keep(key, v)
 
     def strings(self, key: str, *, required: bool = False) -> list[str]:
         v = self._get(key)
         if v is None:
             if required:
                 raise ParameterError(key, "is required (a list of strings)")
-            return []
+            return self._keep(key, [])
         if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
             raise ParameterError(key, f"expected a list of strings, got {shown(v)}")
-        return list(v)
+        return self._keep(key, list(v))
 
     def string_map(self, key: str, *, required: bool = False) -> dict[str, str]:
         v = self._get(key)
         if v is None:
             if required:
                 raise ParameterError(key, "is required (a mapping of string to string)")
-            return {}
+            return self._keep(key, {})
         if not isinstance(v, Mapping) or not all(isinstance(k, str) and isinstance(x, str) for k, x in v.items()):
             raise ParameterError(key, f"expected a mapping of string to string, got {shown(v)}")
-        return dict(v)
+        return self._keep(key, dict(v))
 
-    def ignore(self, *keys: str) -> None:
-        """Parameters the reference picker takes that do not apply here; accepted so its configs load."""
-        self._read.update(keys)
+    def deprecated(self, key: str, why: str) -> None:
+        """A parameter the reference picker also accepts and does nothing with (`why` says so); when given,
+        it is accepted with a warning, never silently."""
+        v = self._get(key)
+        if v is not None:
+            self.warnings.append(f"parameter {key} is deprecated and has no effect: {why}")
 
     def done(self) -> None:
         unknown = sorted(k for k in self._values if k not in self._read)

@@ -33,7 +33,7 @@ KINDS = {
     "BackendTrafficPolicy": "gateway.envoyproxy.io/v1alpha1",
     "Kustomization": "kustomize.config.k8s.io/v1beta1",
     "Component": "kustomize.config.k8s.io/v1alpha1",
-    "EndpointPickerConfig": "inference.networking.x-k8s.io/v1alpha1",
+    "EndpointPickerConfig": "llm-d.ai/v1alpha1",
 }
 # Core kinds checked against the client's models: every field must be one the API knows.
 MODELS = {

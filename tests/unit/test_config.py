@@ -3,6 +3,7 @@ source, the field path and what was expected."""
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 
@@ -95,19 +96,78 @@ def test_plugin_name_defaults_to_type_and_names_allow_two_instances():
     assert [(w.scorer.name, w.weight) for w in cfg.profile.scorers] == [("queue-scorer", 1.0), ("q2", 0.5)]
 
 
-def test_llm_d_api_version_is_accepted():
-    cfg = load_config("apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: queue-scorer\n", "x")
-    assert cfg.api_version == "llm-d.ai/v1alpha1"
+@pytest.mark.parametrize("version", ["llm-d.ai/v1", "llm-d.ai/v1alpha1"])
+def test_llm_d_api_versions_load_without_warnings(version):
+    cfg = load_config(f"apiVersion: {version}\nkind: EndpointPickerConfig\nplugins:\n- type: queue-scorer\n", "x")
+    assert cfg.api_version == version
+    assert cfg.warnings == ()
 
 
-def test_feature_gates_saturation_detector_and_flow_control_are_stored():
-    cfg = load(
-        "featureGates: [flowControl]\nsaturationDetector: {queueDepthThreshold: 5}\nflowControl: {}\n"
-        "plugins:\n- type: queue-scorer\n"
+def test_the_gie_api_version_loads_with_one_deprecation_warning_logged_once(caplog):
+    with caplog.at_level(logging.WARNING, logger="pickers.config.loader"):
+        cfg = load("plugins:\n- type: queue-scorer\n")
+    assert cfg.warnings == (
+        "DEPRECATION: apiVersion inference.networking.x-k8s.io/v1alpha1 is deprecated; use llm-d.ai/v1alpha1",
     )
-    assert cfg.feature_gates == ("flowControl",)
+    logged = [r.getMessage() for r in caplog.records]
+    assert logged == ["test.yaml: DEPRECATION: apiVersion inference.networking.x-k8s.io/v1alpha1 is deprecated; use llm-d.ai/v1alpha1"]
+
+
+def test_saturation_detector_is_stored():
+    cfg = load("saturationDetector: {queueDepthThreshold: 5}\nplugins:\n- type: queue-scorer\n")
     assert cfg.saturation_detector == {"queueDepthThreshold": 5}
-    assert cfg.flow_control == {}
+
+
+def test_feature_gate_flow_control_is_refused_with_the_reason():
+    msg = error_of("featureGates: [flowControl]\nplugins:\n- type: queue-scorer\n")
+    assert msg.startswith("test.yaml: featureGates[0]: flowControl=true is not supported: flow control")
+    assert "not implemented in llm-epp" in msg
+
+
+@pytest.mark.parametrize("gate", ["flowControl=false", "haPopulateNonLeaderDatastore", "haPopulateNonLeaderDatastore=true", "prepareDataPlugins"])
+def test_feature_gates_whose_setting_is_what_llm_epp_does_load(gate):
+    assert load(f"featureGates: ['{gate}']\nplugins:\n- type: queue-scorer\n").feature_gates == (gate,)
+
+
+def test_turning_off_a_gate_llm_epp_cannot_turn_off_is_refused():
+    msg = error_of("featureGates: [haPopulateNonLeaderDatastore=false]\nplugins:\n- type: queue-scorer\n")
+    assert "featureGates[0]: haPopulateNonLeaderDatastore=false is not supported" in msg
+
+
+def test_unknown_and_malformed_feature_gates_are_refused():
+    assert "featureGates[1]: unknown feature gate 'fastPath'" in error_of(
+        "featureGates: [prepareDataPlugins, fastPath]\nplugins:\n- type: queue-scorer\n"
+    )
+    assert "featureGates[0]: expected flowControl=true or flowControl=false" in error_of(
+        "featureGates: [flowControl=maybe]\nplugins:\n- type: queue-scorer\n"
+    )
+
+
+def test_a_flow_control_section_is_refused_naming_its_first_field():
+    msg = error_of("flowControl:\n  defaultRequestTTL: 30s\nplugins:\n- type: queue-scorer\n")
+    assert msg.startswith("test.yaml: flowControl.defaultRequestTTL: not supported: flow control")
+
+
+def test_an_empty_flow_control_section_sets_nothing_and_loads():
+    assert load("flowControl: {}\nplugins:\n- type: queue-scorer\n").plugin_types == {"queue-scorer": "queue-scorer"}
+
+
+@pytest.mark.parametrize("section", ["dataLayer", "requestHandler", "parser"])
+def test_llm_d_sections_llm_epp_lacks_are_refused_by_name(section):
+    msg = error_of(f"{section}: {{}}\nplugins:\n- type: queue-scorer\n")
+    assert msg.startswith(f"test.yaml: {section}: not supported: ")
+
+
+def test_effective_parameters_have_the_defaults_filled_in():
+    cfg = load("plugins:\n- type: prefix-cache-scorer\n  parameters: {blockSize: 32}\n- type: max-score-picker\n")
+    assert cfg.plugin_parameters["prefix-cache-scorer"] == {
+        "blockSize": 32,
+        "maxPrefixBlocksToMatch": 256,
+        "lruCapacityPerServer": 31250,
+        "autoTune": True,
+        "prefixMatchInfoProducerName": None,
+    }
+    assert cfg.plugin_parameters["max-score-picker"] == {"maxNumOfEndpoints": 1}
 
 
 def test_picker_max_num_of_endpoints_defaults_to_the_context_value():

@@ -19,7 +19,7 @@ from pickers.framework.request import InferenceRequest
 from pickers.framework.types import SINGLE_PROFILE_HANDLER, CycleState, ProfileOutcome, SchedulingProfile, SchedulingResult
 from pickers.plugins.base import Plugin, PluginContext
 from pickers.plugins.profile.pd_deciders import AlwaysDisaggPDDecider, PdDecider, PrefixBasedPDDecider
-from pickers.plugins.scorer.prefix import PrefixCacheScorer
+from pickers.plugins.scorer.prefix import ApproxPrefixCacheProducer, PrefixCacheScorer
 
 PREFILLER_HEADER = "x-prefiller-host-port"
 
@@ -147,6 +147,11 @@ class PdProfileHandler(DisaggProfileHandler):
 
     Its oldest form had no decider plugin but `threshold` (non-cached tokens; 0 = always P/D) and
     `hashBlockSize`; with no plugin by the decider's name, `threshold` builds that decider.
+    `hashBlockSize` was the prefix plugin's block size copied here: accepted when it cannot matter
+    (threshold 0: always P/D) or equals the decode profile's prefix-cache-scorer's block size (in
+    characters), refused otherwise. `prefixPluginName`/`prefixPluginType` were never used by llm-d
+    (deprecated: accepted with a warning); `prefixMatchInfoProducerName` must name an
+    approx-prefix-cache-producer.
     """
 
     type = "pd-profile-handler"
@@ -155,15 +160,19 @@ class PdProfileHandler(DisaggProfileHandler):
         super().__init__(name, decider_param="deciderPluginName", **kw)
         self._threshold = threshold
         self._ctx = ctx
+        self._hash_block_size: int | None = None
+        self._producer_name: str | None = None
 
     @classmethod
     def from_config(cls, name: str, p: Params, ctx: PluginContext) -> PdProfileHandler:  # type: ignore[override]
         port = p.integer("primaryPort", 0, minimum=0)
         if port:
             raise ParameterError("primaryPort", "data-parallel rank routing (primaryPort) is not supported by llm-epp; use 0")
-        p.ignore("hashBlockSize", "prefixPluginType", "prefixPluginName", "prefixMatchInfoProducerName")
+        unused = "llm-d never read it either"
+        p.deprecated("prefixPluginType", unused)
+        p.deprecated("prefixPluginName", unused)
         threshold = p.integer("threshold", -1, minimum=0)  # -1: not given
-        return cls(
+        handler = cls(
             name,
             threshold=None if threshold < 0 else threshold,
             ctx=ctx,
@@ -171,9 +180,18 @@ class PdProfileHandler(DisaggProfileHandler):
             prefill_profile=p.string("prefillProfile", "prefill") or "prefill",
             decider=p.string("deciderPluginName", PrefixBasedPDDecider.type),
         )
+        handler._hash_block_size = p.integer("hashBlockSize", 0, minimum=1) or None
+        handler._producer_name = p.string("prefixMatchInfoProducerName")
+        return handler
 
     def bind(self, plugins: Mapping[str, object], profiles: Mapping[str, SchedulingProfile]) -> None:
-        if self._threshold is not None and self._decider_name is not None and self._decider_name not in plugins:
+        if self._producer_name is not None:
+            found = plugins.get(self._producer_name)
+            if not isinstance(found, ApproxPrefixCacheProducer):
+                what = "no plugin" if found is None else f"{getattr(found, 'type', '?')}, not an {ApproxPrefixCacheProducer.type}"
+                raise ParameterError("prefixMatchInfoProducerName", f"{shown(self._producer_name)}: {what}")
+        built_in = self._threshold is not None and self._decider_name is not None and self._decider_name not in plugins
+        if built_in:
             self._decider_name = None
             self.decider = (
                 AlwaysDisaggPDDecider(f"{self.name}/threshold")
@@ -181,18 +199,62 @@ class PdProfileHandler(DisaggProfileHandler):
                 else PrefixBasedPDDecider(self._ctx, f"{self.name}/threshold", non_cached_tokens=self._threshold)
             )
         super().bind(plugins, profiles)
+        if self._hash_block_size is not None:
+            self._check_hash_block_size(built_in)
+
+    def _check_hash_block_size(self, built_in: bool) -> None:
+        if built_in and self._threshold == 0:
+            return  # always P/D: no block is ever counted, whatever its size (as in llm-d)
+        if not built_in:
+            raise ParameterError(
+                "hashBlockSize", "only the threshold form uses it; the decider plugin takes the prefix scorer's block size"
+            )
+        assert isinstance(self.decider, PrefixBasedPDDecider)
+        if self._hash_block_size != self.decider.block_chars:
+            raise ParameterError(
+                "hashBlockSize",
+                f"{self._hash_block_size} differs from the block size the decode profile's prefix match uses "
+                f"({self.decider.block_chars} characters); llm-epp hashes a prompt once, so they must agree",
+            )
 
 
 class DisaggHeadersHandler(Plugin):
     """llm-d's deprecated header plugins (`disagg-headers-handler`, `prefill-header-handler`): the
-    disagg profile handler sets `x-prefiller-host-port` itself, so these load and do nothing."""
+    disagg profile handler sets `x-prefiller-host-port` itself from its prefill profile's pick, which
+    is what these did. So `prefillProfile` must be that profile (checked), and `encodeProfile` may
+    only name a profile that does not exist (no encode stage: no header, as in llm-d)."""
 
     type = "disagg-headers-handler"
 
+    def __init__(self, name: str | None = None, *, prefill_profile: str = "prefill", encode_profile: str = "encode") -> None:
+        super().__init__(name)
+        self.prefill_profile = prefill_profile
+        self.encode_profile = encode_profile
+
     @classmethod
     def from_config(cls, name: str, p: Params, ctx: PluginContext) -> DisaggHeadersHandler:
-        p.ignore("prefillProfile", "encodeProfile")
-        return cls(name)
+        return cls(
+            name,
+            prefill_profile=p.string("prefillProfile", "prefill") or "prefill",
+            encode_profile=p.string("encodeProfile", "encode") or "encode",
+        )
+
+    def bind_config(self, plugins: Mapping[str, object], profiles: Mapping[str, Any], handler: object) -> None:
+        if self.encode_profile in profiles:
+            raise ParameterError(
+                "encodeProfile",
+                f"profile {shown(self.encode_profile)} exists, but encode disaggregation (E/P/D) is not supported by llm-epp",
+            )
+        if not isinstance(handler, DisaggProfileHandler):
+            raise ParameterError(
+                "", f"sets the prefill header of a {DisaggProfileHandler.type} or {PdProfileHandler.type}, and the config has none"
+            )
+        if self.prefill_profile != handler.prefill_profile:
+            raise ParameterError(
+                "prefillProfile",
+                f"{shown(self.prefill_profile)} differs from the profile handler's prefill profile "
+                f"{shown(handler.prefill_profile)}, whose pick llm-epp puts in {PREFILLER_HEADER}",
+            )
 
 
 class PrefillHeaderHandler(DisaggHeadersHandler):

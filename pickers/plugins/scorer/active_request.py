@@ -27,8 +27,10 @@ class ActiveRequestScorer(Plugin):
 
     @classmethod
     def from_config(cls, name: str, p: Params, ctx: PluginContext) -> ActiveRequestScorer:
-        # llm-d expires requests it never saw finish; ours are released when the stream ends, always.
-        p.ignore("requestTimeout")
+        p.deprecated(
+            "requestTimeout",
+            "llm-d ignores it too; a request leaves the count when its response ends, the client goes away or the upstream fails",
+        )
         max_requests = p.integer("maxRequests", 0, minimum=0)
         return cls(name, max_requests or None)
 

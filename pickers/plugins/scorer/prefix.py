@@ -3,15 +3,25 @@
 It reads the approximate index before the pick and records the prompt's blocks for the chosen
 endpoint after it (PreRequest), sizing that endpoint's LRU from its reported KV cache (autoTune)
 or `lruCapacityPerServer`. The match is kept in the cycle state so no-hit-lru-scorer reuses it.
+
+Two config shapes set the block settings:
+- GIE's: on the scorer itself (`blockSize` in characters, `maxPrefixBlocksToMatch`,
+  `lruCapacityPerServer`, `autoTune`).
+- llm-d's: on an `approx-prefix-cache-producer` (`blockSizeTokens`, `maxPrefixTokensToMatch`, ...),
+  which the scorer names in `prefixMatchInfoProducerName` (or the config's only producer). Bound to a
+  producer, the scorer takes the producer's settings; giving them on the scorer as well is refused.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pickers.framework.endpoint import Endpoint
-from pickers.framework.params import Params
+from pickers.framework.errors import shown
+from pickers.framework.params import ParameterError, Params
 from pickers.framework.request import CHARS_PER_TOKEN, InferenceRequest
 from pickers.framework.types import CycleState, SchedulingResult
 from pickers.indexes.prefix import BLOCK_CHARS, DEFAULT_CAPACITY, MAX_BLOCKS, ApproxPrefixIndex, block_hashes
@@ -67,10 +77,13 @@ class PrefixCacheScorer(Plugin):
         self.max_blocks = max_blocks
         self.lru_capacity = lru_capacity
         self.auto_tune = auto_tune
+        self.producer_name: str | None = None  # prefixMatchInfoProducerName as given
+        self.producer: ApproxPrefixCacheProducer | None = None  # bound by the loader
+        self.own_settings: tuple[str, ...] = ()  # the GIE block settings given on the scorer itself
 
     @classmethod
     def from_config(cls, name: str, p: Params, ctx: PluginContext) -> PrefixCacheScorer:
-        return cls(
+        scorer = cls(
             ctx.prefix_index,
             name,
             block_chars=p.integer("blockSize", BLOCK_CHARS, minimum=1),  # characters, as in GIE
@@ -78,6 +91,60 @@ class PrefixCacheScorer(Plugin):
             lru_capacity=p.integer("lruCapacityPerServer", DEFAULT_CAPACITY, minimum=1),
             auto_tune=p.flag("autoTune", True),
         )
+        scorer.own_settings = tuple(k for k in _GIE_SETTINGS if p.given(k))
+        scorer.producer_name = p.string("prefixMatchInfoProducerName")
+        return scorer
+
+    def bind_config(self, plugins: Mapping[str, object], profiles: Mapping[str, Any], handler: object) -> None:
+        """Bind to the approx-prefix-cache-producer named (or the config's only one) and take its settings."""
+        producers = {n: q for n, q in plugins.items() if isinstance(q, ApproxPrefixCacheProducer)}
+        if self.producer_name is not None:
+            found = plugins.get(self.producer_name)
+            if found is None:
+                raise ParameterError(
+                    "prefixMatchInfoProducerName",
+                    f"no plugin named {shown(self.producer_name)}; defined: {', '.join(plugins)}",
+                )
+            if not isinstance(found, ApproxPrefixCacheProducer):
+                raise ParameterError(
+                    "prefixMatchInfoProducerName",
+                    f"plugin {shown(self.producer_name)} ({getattr(found, 'type', '?')}) is not an "
+                    f"{ApproxPrefixCacheProducer.type}",
+                )
+            producer: ApproxPrefixCacheProducer | None = found
+        elif not producers:
+            return  # GIE's shape: the scorer's own settings
+        elif ApproxPrefixCacheProducer.type in producers:
+            producer = producers[ApproxPrefixCacheProducer.type]  # llm-d's default name
+        elif len(producers) == 1:
+            producer = next(iter(producers.values()))
+        else:
+            raise ParameterError(
+                "prefixMatchInfoProducerName",
+                f"{len(producers)} {ApproxPrefixCacheProducer.type} plugins ({', '.join(producers)}); name the one "
+                "this scorer reads",
+            )
+        assert producer is not None
+        if self.own_settings:
+            raise ParameterError(
+                self.own_settings[0],
+                f"this scorer takes its block settings from {ApproxPrefixCacheProducer.type} {shown(producer.name)} "
+                f"(as in llm-d, where the scorer only reads the producer's match); set them there "
+                f"(blockSizeTokens, maxPrefixTokensToMatch, lruCapacityPerServer, autoTune) and remove "
+                f"{', '.join(self.own_settings)} here",
+            )
+        self.producer = producer
+        self.block_chars = producer.block_chars
+        self.max_blocks = producer.max_blocks
+        self.lru_capacity = producer.lru_capacity
+        self.auto_tune = producer.auto_tune
+
+    def effective_parameters(self, given: Mapping[str, Any]) -> Mapping[str, Any]:
+        if self.producer is None:
+            return given
+        out = {k: v for k, v in given.items() if k not in _GIE_SETTINGS}
+        out["prefixMatchInfoProducerName"] = self.producer.name
+        return out
 
     def score(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> list[float]:
         m = prefix_match(request, cycle, self.index, self.block_chars, self.max_blocks)
@@ -113,14 +180,79 @@ def _cache_salt(request: InferenceRequest) -> str:
     return salt if isinstance(salt, str) else ""
 
 
+_GIE_SETTINGS = ("blockSize", "maxPrefixBlocksToMatch", "lruCapacityPerServer", "autoTune")
+
+# llm-d's approx-prefix-cache-producer defaults, and its floor on the block size (llm-d-router #1158:
+# smaller blocks make the index huge; routing matches at a coarser grain than the server caches).
+PRODUCER_BLOCK_TOKENS = 16
+MIN_BLOCK_TOKENS = 64
+PRODUCER_MAX_BLOCKS = 2048
+PRODUCER_MAX_TOKENS = 131_072
+UNLIMITED_BLOCKS = sys.maxsize  # both caps 0: the whole prompt
+
+
 class ApproxPrefixCacheProducer(Plugin):
-    """llm-d's `approx-prefix-cache-producer` feeds its prefix scorer and P/D decider. Here the
-    prefix-cache-scorer keeps the shared index itself, so this loads (for llm-d configs) and does nothing."""
+    """llm-d's `approx-prefix-cache-producer`: the block settings of the approximate prefix match.
+
+    llm-d hashes the prompt here and its prefix scorer, no-hit-lru scorer and P/D decider read the
+    match. Here the prefix-cache-scorer bound to this producer hashes (once per request, shared through
+    the cycle state) with these settings, which follow llm-d's:
+    - block = max(64, blockSizeTokens) tokens (4 characters a token, as our prompt estimate);
+    - blocks matched = maxPrefixTokensToMatch // block when > 0, else maxPrefixBlocksToMatch, 0 = all;
+    - LRU per endpoint from the server's reported KV cache (autoTune) or lruCapacityPerServer.
+    `blockSize` is llm-d's deprecated name of blockSizeTokens (used when blockSizeTokens is not given).
+    One difference: llm-d's autoTune also takes the block size from the server's metrics; that changes
+    anything only for servers whose KV blocks exceed 64 tokens (the floor), and here the block size is
+    blockSizeTokens (floored), so every request hashes alike.
+    """
 
     type = "approx-prefix-cache-producer"
 
+    def __init__(
+        self,
+        name: str = "approx-prefix-cache-producer",
+        *,
+        block_tokens: int = PRODUCER_BLOCK_TOKENS,
+        max_tokens: int = PRODUCER_MAX_TOKENS,
+        max_blocks: int = PRODUCER_MAX_BLOCKS,
+        lru_capacity: int = DEFAULT_CAPACITY,
+        auto_tune: bool = True,
+    ) -> None:
+        self.name = name
+        tokens = max(MIN_BLOCK_TOKENS, block_tokens)
+        self.block_chars = tokens * CHARS_PER_TOKEN
+        if max_tokens > 0:
+            self.max_blocks = max_tokens // tokens
+        else:
+            self.max_blocks = max_blocks or UNLIMITED_BLOCKS
+        self.lru_capacity = lru_capacity
+        self.auto_tune = auto_tune
+
     @classmethod
     def from_config(cls, name: str, p: Params, ctx: PluginContext) -> ApproxPrefixCacheProducer:
-        p.ignore("blockSize", "blockSizeTokens", "maxPrefixBlocksToMatch", "maxPrefixTokensToMatch",
-                 "lruCapacityPerServer", "autoTune")
-        return cls(name)
+        auto_tune = p.flag("autoTune", True)
+        legacy = p.integer("blockSize", 0, minimum=0)
+        if not legacy:
+            del p.effective["blockSize"]  # deprecated: shown only when given
+        block_tokens = p.integer("blockSizeTokens", legacy or PRODUCER_BLOCK_TOKENS, minimum=0 if auto_tune else 1)
+        if legacy:
+            p.warnings.append("parameter blockSize is deprecated: use blockSizeTokens (the same number, in tokens)")
+        max_tokens = p.integer("maxPrefixTokensToMatch", PRODUCER_MAX_TOKENS, minimum=0)
+        max_blocks = p.integer("maxPrefixBlocksToMatch", PRODUCER_MAX_BLOCKS, minimum=0)
+        tokens = max(MIN_BLOCK_TOKENS, block_tokens)
+        if 0 < max_tokens < tokens:
+            raise ParameterError(
+                "maxPrefixTokensToMatch",
+                f"{max_tokens} is less than one block ({tokens} tokens), so nothing would be matched; "
+                "use 0 for the whole prompt, or remove this producer to turn prefix matching off",
+            )
+        if p.given("blockSizeTokens") and block_tokens < MIN_BLOCK_TOKENS:
+            p.warnings.append(f"blockSizeTokens {block_tokens} is below the minimum {MIN_BLOCK_TOKENS}; using {MIN_BLOCK_TOKENS} (as llm-d)")
+        return cls(
+            name,
+            block_tokens=block_tokens,
+            max_tokens=max_tokens,
+            max_blocks=max_blocks,
+            lru_capacity=p.integer("lruCapacityPerServer", DEFAULT_CAPACITY, minimum=1),
+            auto_tune=auto_tune,
+        )
