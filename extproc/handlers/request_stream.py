@@ -196,8 +196,10 @@ class RequestStream:
         self._required_field = ""
         self._chunks: list[bytes] = []
         self._body_size = 0
+        self._header_map: base_pb2.HeaderMap | None = None
         self._header_count = 0
         self._header_bytes = 0
+        self._header_bytes_exact = False
         self._subset: list[str] | None = None
         self._generated_id = False
         self._status: int | None = None
@@ -269,15 +271,12 @@ class RequestStream:
             self.request_mode = pc.request_body_mode
             self.response_mode = pc.response_body_mode
         hdrs = msg.request_headers
-        headers: dict[str, str] = {}
-        size = 0
-        for h in hdrs.headers.headers:
-            key, raw = h.key, h.raw_value
-            value = raw.decode("utf-8", "replace") if raw else h.value
-            headers[key] = value
-            size += len(key) + (len(raw) if raw else len(value))
+        headers = {h.key: (h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value) for h in hdrs.headers.headers}
+        self._header_map = hdrs.headers
         self._header_count = len(hdrs.headers.headers)
-        self._header_bytes = size
+        # The encoded size: the names and values plus a few bytes each, computed in C. An upper bound
+        # that is made exact only when it comes near the limit (_check_header_room).
+        self._header_bytes = hdrs.headers.ByteSize()
         request_id = headers.get(REQUEST_ID_HEADER)
         if not request_id:
             request_id = self._new_request_id()
@@ -471,11 +470,17 @@ class RequestStream:
             h for h in STEERING_HEADERS[1:]
             if self.request is not None and h in self.request.headers and h not in routing.request_headers
         ]  # fmt: skip
-        self._check_mutation(set_headers, remove)
-        return pb.CommonResponse(
+        common = pb.CommonResponse(
             header_mutation=pb.HeaderMutation(set_headers=set_headers, remove_headers=remove),
             clear_route_cache=True,
         )
+        limits = self.limits  # upper bounds first; the exact count only near the limits
+        if (
+            self._header_count + len(set_headers) > limits.max_headers
+            or self._header_bytes + common.header_mutation.ByteSize() > limits.max_headers_bytes
+        ):
+            self._check_mutation(set_headers, remove)
+        return common
 
     def _check_mutation(self, set_headers: Sequence[base_pb2.HeaderValueOption], remove: Sequence[str]) -> None:
         """Refuse (431) a mutation that would take the request past the gateway's header limits."""
@@ -500,6 +505,10 @@ class RequestStream:
                 f"too many request headers: {count} with the gateway's own and the {added} it adds, "
                 f"over its limit of {limits.max_headers}: send fewer headers",
             )
+        if self._header_bytes + added_bytes > limits.max_headers_bytes and not self._header_bytes_exact:
+            self._header_bytes_exact = True  # what Envoy counts: names plus values
+            hs = self._header_map.headers if self._header_map is not None else ()
+            self._header_bytes = sum(len(h.key) + (len(h.raw_value) or len(h.value.encode())) for h in hs)
         if (size := self._header_bytes + added_bytes) > limits.max_headers_bytes:
             raise RequestError(
                 HEADERS_TOO_LARGE,

@@ -76,6 +76,20 @@ def test_headers_whose_size_leaves_no_room_for_the_mutation_get_431():
     assert "request headers too large" in body
 
 
+def test_header_bytes_are_counted_exactly_near_the_limit():
+    extra = padding(1, 3000)
+    have = sum(len(h.key) + len(h.raw_value) for h in headers_msg(extra=extra).request_headers.headers.headers)
+    body = completion_body()
+
+    def stream(limit: int) -> RequestStream:
+        return RequestStream(make_director(), limits=RequestLimits(max_headers_bytes=limit), new_request_id=lambda: "id-1")
+
+    added = sum(len(k) + len(v) for k, v in set_headers(send_request(stream(10**6), body, extra=extra)[0]).items())
+    fits = send_request(stream(have + added), body, extra=extra)
+    assert set_headers(fits[0])["x-gateway-destination-endpoint"] in ADDRS
+    assert refusal(send_request(stream(have + added - 1), body, extra=extra))[0] == 431
+
+
 def test_overwritten_headers_count_once():
     # x-request-id and content-length sent by the client are overwritten in place, not added
     limit = BASE_HEADERS + 2 + 1  # + the two sent + the destination
