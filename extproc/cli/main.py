@@ -6,8 +6,8 @@ Flag names follow the reference endpoint picker where one exists, so manifests c
 from __future__ import annotations
 
 import argparse
-import os
 import asyncio
+import os
 import signal
 import sys
 import tempfile
@@ -16,7 +16,12 @@ from pathlib import Path
 
 import yaml
 
-from extproc.handlers.request_stream import DEFAULT_MAX_BODY
+from extproc.handlers.request_stream import (
+    DEFAULT_BODY_IDLE_TIMEOUT,
+    DEFAULT_MAX_BODY,
+    DEFAULT_MAX_HEADERS,
+    DEFAULT_MAX_HEADERS_KB,
+)
 from extproc.observability.logs import LOG_FORMATS
 from pickers.config.strategies import CONFIGS, STRATEGIES
 from pickers.framework.errors import ConfigError
@@ -39,6 +44,11 @@ def _duration(text: str) -> float:
         return _positive_float(t)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a duration like 50ms, 2s or 0.5, got {text!r}") from None
+
+
+def _duration_or_off(text: str) -> float:
+    """A duration, or 0 for no limit."""
+    return 0.0 if text.strip() in ("0", "0s") else _duration(text)
 
 
 def _add_serve_flags(p: argparse.ArgumentParser) -> None:
@@ -79,6 +89,21 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
         "--metrics-staleness-threshold", type=_duration, default=2.0, help="metrics older than this are stale (default 2s)"
     )
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY, help="larger request bodies get 413")
+    p.add_argument(
+        "--max-request-headers", type=int, default=DEFAULT_MAX_HEADERS, metavar="N",
+        help=f"request headers allowed, the gateway's own and the EPP's included (default {DEFAULT_MAX_HEADERS}, Envoy's "
+        "max_headers_count default; never above the gateway's): more get 431",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-request-headers-kb", type=int, default=DEFAULT_MAX_HEADERS_KB, metavar="KB",
+        help=f"KiB of request header names and values allowed, likewise (default {DEFAULT_MAX_HEADERS_KB}, Envoy's "
+        "max_request_headers_kb default; never above the gateway's)",
+    )  # fmt: skip
+    p.add_argument(
+        "--request-body-idle-timeout", type=_duration_or_off, default=DEFAULT_BODY_IDLE_TIMEOUT, metavar="DURATION",
+        help=f"a client that sends no request body data this long gets 408 (full-duplex body mode; default "
+        f"{DEFAULT_BODY_IDLE_TIMEOUT:g}s; 0: no limit)",
+    )  # fmt: skip
     p.add_argument(
         "--explain-scores", action="store_true",
         help="put every candidate's scores in envoy.lb metadata x-gateway-destination-endpoint-scores",
@@ -266,6 +291,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         refresh_metrics_interval=args.refresh_metrics_interval,
         metrics_staleness_threshold=args.metrics_staleness_threshold,
         max_body_bytes=args.max_body_bytes,
+        max_request_headers=args.max_request_headers,
+        max_request_headers_kb=args.max_request_headers_kb,
+        request_body_idle_timeout=args.request_body_idle_timeout,
         explain_scores=args.explain_scores or args.verbosity > 0,
         log_requests=args.log_requests or args.verbosity > 0,
         admin_port=args.admin_port,
@@ -283,6 +311,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     if opts.max_endpoints < 1:
         raise ConfigError("expected at least 1", field="--max-num-endpoints")
+    if opts.max_request_headers < 1 or opts.max_request_headers_kb < 1:
+        raise ConfigError("expected at least 1", field="--max-request-headers" if opts.max_request_headers < 1 else "--max-request-headers-kb")
     if opts.cert_path and not opts.secure_serving:
         raise ConfigError("--cert-path needs --secure-serving", field="--cert-path")
     if opts.secure_serving and opts.cert_path:

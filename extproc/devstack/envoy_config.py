@@ -3,6 +3,8 @@
 The reference file is the one template: we load it and set ports, body modes and the failure mode,
 and with fail-open add a route to a cluster of the pool's own endpoints (Envoy's
 `failure_mode_allow` alone does not fail open with an ORIGINAL_DST cluster: docs/kubernetes.md, Failure mode).
+Paths that are not for clients (the simulators' control API in the local stack) get a 404 from
+Envoy itself, before the EPP is asked.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ class GatewaySettings:
     retries: int = 2
     # With failure_mode_allow: where to send requests when the EPP cannot answer.
     fallback_endpoints: Sequence[tuple[str, int]] = field(default_factory=tuple)
+    # Path prefixes the gateway answers with 404 itself, e.g. the simulators' /sim/ control API:
+    # reachable on each server's own port, never by a client through the gateway.
+    closed_prefixes: Sequence[str] = ()
 
 
 def render(settings: GatewaySettings, reference: Path = REFERENCE) -> dict[str, Any]:
@@ -97,11 +102,32 @@ def render(settings: GatewaySettings, reference: Path = REFERENCE) -> dict[str, 
             "retriable_status_codes": [502, 503, 504],
             "num_retries": settings.retries,
         }
+    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
     if settings.failure_mode_allow and settings.fallback_endpoints:
         clusters.append(_fallback_cluster(settings.fallback_endpoints))
-        routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
         routes.append({"name": "fail-open", "match": {"prefix": "/"}, "route": {"cluster": "llm-pool-fallback", "timeout": "0s"}})
+    routes[:0] = _closed_routes(settings.closed_prefixes, ext_proc=True)
     return cfg
+
+
+def _closed_routes(prefixes: Sequence[str], *, ext_proc: bool) -> list[dict[str, Any]]:
+    """Routes answering each prefix with Envoy's own 404; first, so no other route takes them."""
+    routes: list[dict[str, Any]] = []
+    for prefix in prefixes:
+        route: dict[str, Any] = {
+            "name": f"closed{prefix.rstrip('/').replace('/', '-')}",
+            "match": {"prefix": prefix},
+            "direct_response": {"status": 404, "body": {"inline_string": f"not found: {prefix} is not served through the gateway\n"}},
+        }
+        if ext_proc:  # the EPP is not asked: nothing to route, nothing to count
+            route["typed_per_filter_config"] = {
+                "envoy.filters.http.ext_proc": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+                    "disabled": True,
+                }
+            }
+        routes.append(route)
+    return routes
 
 
 def _epp_tls(epp: dict[str, Any], settings: GatewaySettings) -> None:
@@ -197,14 +223,16 @@ def write(settings: GatewaySettings, path: Path) -> Path:
 
 
 def render_direct(
-    listen_port: int, admin_port: int, endpoints: Sequence[tuple[str, int]], access_log_path: str | None = None
+    listen_port: int, admin_port: int, endpoints: Sequence[tuple[str, int]], access_log_path: str | None = None,
+    closed_prefixes: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The same gateway without ext_proc: Envoy round-robins over the pool. The benchmarks' baseline."""
     cfg = render(GatewaySettings(listen_port=listen_port, epp_port=1, admin_port=admin_port, access_log_path=access_log_path))
     hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"]
     hcm["route_config"]["virtual_hosts"][0]["routes"] = [
-        {"name": "round-robin", "match": {"prefix": "/"}, "route": {"cluster": "llm-pool-rr", "timeout": "0s"}}
+        *_closed_routes(closed_prefixes, ext_proc=False),
+        {"name": "round-robin", "match": {"prefix": "/"}, "route": {"cluster": "llm-pool-rr", "timeout": "0s"}},
     ]
     rr = _fallback_cluster(endpoints)
     rr["name"] = rr["load_assignment"]["cluster_name"] = "llm-pool-rr"

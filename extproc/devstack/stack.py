@@ -137,6 +137,9 @@ class ManagedProcess:
 
 
 ROLE_LABEL = "llm-d.ai/role"
+# The simulators' control API (/sim/stats, /sim/reset, /sim/fault): tests and benchmarks call each
+# simulator's own port; through the gateway a client gets 404.
+SIM_CONTROL_PREFIXES = ("/sim/",)
 
 
 @dataclass
@@ -408,10 +411,14 @@ class LocalStack:
                 fallback_endpoints=self.serving_endpoints,
                 access_log_path=str(self.access_log_path),
                 override_host_endpoints=self.serving_endpoints if o.override_host else (),
+                closed_prefixes=SIM_CONTROL_PREFIXES,
             )
             envoy_config.write(settings, path)
         else:
-            path.write_text(yaml.safe_dump(envoy_config.render_direct(self.listen_port, self.admin_port, self.serving_endpoints, str(self.access_log_path)), sort_keys=False))
+            cfg = envoy_config.render_direct(
+                self.listen_port, self.admin_port, self.serving_endpoints, str(self.access_log_path), closed_prefixes=SIM_CONTROL_PREFIXES
+            )
+            path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         argv = [
             envoy_binary(), "-c", str(path), "--base-id", str(self.listen_port),
             "--concurrency", str(o.envoy_concurrency), "-l", o.envoy_log_level,

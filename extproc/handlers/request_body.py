@@ -38,8 +38,14 @@ def api_for_path(path: str) -> tuple[str, str] | None:
     return None
 
 
-def parse_body(req: InferenceRequest, raw: bytes, required_field: str) -> None:
+def empty_body_error(api: str | None, required_field: str) -> RequestError:
+    return RequestError(BAD_REQUEST, f"request body is empty: {api} needs a JSON object with 'model' and '{required_field}'")
+
+
+def parse_body(req: InferenceRequest, raw: bytes | bytearray, required_field: str) -> None:
     """Fill `req` from the JSON body. Raises RequestError(400) with a message a person understands."""
+    if not raw or raw.isspace():  # isspace stops at the first other byte: no copy of a big body
+        raise empty_body_error(req.api, required_field)
     try:
         body = _json_decoder.decode(raw)
     except (msgspec.DecodeError, UnicodeDecodeError) as e:
@@ -74,7 +80,14 @@ def parse_body(req: InferenceRequest, raw: bytes, required_field: str) -> None:
         req.max_tokens = max_tokens
 
 
+# APIs whose required field holds the prompt itself: empty ("" or []) it asks the model for nothing,
+# which vLLM refuses with 400 too (the conversations API may create an empty conversation).
+_NOT_EMPTY = frozenset({"chat", "completions", "responses", "embeddings"})
+
+
 def _prompt_text(api: str | None, value: Any, name: str) -> str:
+    if api in _NOT_EMPTY and (value == "" or value == []):
+        raise RequestError(BAD_REQUEST, f"field '{name}' must not be empty")
     if api == "chat":
         if not isinstance(value, list):
             raise RequestError(BAD_REQUEST, "field 'messages' must be a list")
@@ -88,6 +101,10 @@ def _prompt_text(api: str | None, value: Any, name: str) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, list):
+        if api in ("completions", "embeddings"):  # a batch: each entry is a prompt of its own
+            for i, v in enumerate(value):
+                if v == "" or v == []:
+                    raise RequestError(BAD_REQUEST, f"{name}[{i}] must not be empty")
         # list of strings, token ids, or structured items: hash their text form in order
         return "".join(v if isinstance(v, str) else _content_text(v) for v in value)
     if value is None:

@@ -6,17 +6,27 @@ runs the completion bookkeeping whatever happened (abort included), exactly once
 
 States and the messages each accepts (anything else is a ProtocolError naming both):
 
-    START          request_headers
-    REQUEST_BODY   request_body, request_trailers          (buffering a body to parse)
+    START          request_headers, response_headers
+    REQUEST_BODY   request_body, request_trailers, response_headers   (buffering a body to parse)
     PASSTHROUGH    request_body, request_trailers, response_headers   (routed, body streams through)
-    ROUTED         request_trailers, response_headers
+    ROUTED         request_trailers, response_headers      (the whole request is with Envoy)
     RESPONSE_BODY  response_body, response_trailers
     DONE           response_trailers
     REJECTED       (anything: ignored, an ImmediateResponse was sent)
 
+`response_headers` before the request was routed is a reply Envoy makes itself (its stream idle
+timeout, a body over its buffer, a malformed request): it passes through unchanged, nothing to settle.
+
 Body modes: FULL_DUPLEX_STREAMED (the body comes back to Envoy as `streamed_response` chunks of
 at most 62,000 bytes) and BUFFERED (one BodyResponse carries the header mutation), read from the
 `protocol_config` Envoy sends in the first message.
+
+Limits (RequestLimits): the body is refused with 413 as soon as it is known to be too large (its
+`content-length`, else the running size), never buffered past the limit; headers are refused with 431
+when those the EPP adds would take them past the gateway's own limits, which Envoy otherwise meets
+with an empty 500 after the mutation. While a FULL_DUPLEX body is due (REQUEST_BODY, PASSTHROUGH),
+`body_idle_timeout` says how long the servicer may wait for the next message before calling
+`body_timed_out` (408): the timer lives in the servicer, the state machine stays free of I/O.
 
 Model rewrite: when the Director sets a `target_model` other than the requested model, the body is
 re-encoded once with the new name (the only re-encoding) and `Content-Length` follows it; the response
@@ -39,10 +49,19 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
 from extproc.handlers.model_name import ModelNameRestorer, rewrite_body
-from extproc.handlers.request_body import api_for_path, parse_body
+from extproc.handlers.request_body import api_for_path, empty_body_error, parse_body
 from extproc.handlers.usage import UsageReader
 from pickers.framework.endpoint import Endpoint
-from pickers.framework.errors import NO_ENDPOINTS, PAYLOAD_TOO_LARGE, PROTOCOL, RequestError
+from pickers.framework.errors import (
+    BAD_REQUEST,
+    HEADERS_TOO_LARGE,
+    NO_ENDPOINTS,
+    PAYLOAD_TOO_LARGE,
+    PROTOCOL,
+    REQUEST_TIMEOUT,
+    UNSUPPORTED_MEDIA_TYPE,
+    RequestError,
+)
 from pickers.framework.request import InferenceRequest
 
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
@@ -58,6 +77,13 @@ STEERING_HEADERS = (DESTINATION_HEADER, "x-prefiller-host-port")
 
 STREAM_CHUNK = 62_000
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
+# The gateway's request header limits (Envoy's max_headers_count and max_request_headers_kb; these are
+# Envoy's defaults, which most gateways keep). Envoy applies them again to the request after our
+# mutation, so the EPP must refuse what would not fit. envoy/llm-gateway.yaml sets Envoy's own higher
+# (128, 96 KiB): a request past these still reaches the EPP and gets its 431 with a message.
+DEFAULT_MAX_HEADERS = 100
+DEFAULT_MAX_HEADERS_KB = 60
+DEFAULT_BODY_IDLE_TIMEOUT = 30.0
 
 BodyMode = processing_mode_pb2.ProcessingMode.BodySendMode
 FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
@@ -78,13 +104,23 @@ class State(enum.Enum):
 
 
 _ALLOWED: dict[State, frozenset[str]] = {
-    State.START: frozenset({"request_headers"}),
-    State.REQUEST_BODY: frozenset({"request_body", "request_trailers"}),
+    State.START: frozenset({"request_headers", "response_headers"}),
+    State.REQUEST_BODY: frozenset({"request_body", "request_trailers", "response_headers"}),
     State.PASSTHROUGH: frozenset({"request_body", "request_trailers", "response_headers"}),
     State.ROUTED: frozenset({"request_trailers", "response_headers"}),
     State.RESPONSE_BODY: frozenset({"response_body", "response_trailers"}),
     State.DONE: frozenset({"response_trailers"}),
 }
+
+
+@dataclass(slots=True, frozen=True)
+class RequestLimits:
+    """What one request may hold. The header limits must not exceed the gateway's (see DEFAULT_MAX_HEADERS)."""
+
+    max_body_bytes: int = DEFAULT_MAX_BODY
+    max_headers: int = DEFAULT_MAX_HEADERS  # pseudo-headers and those Envoy and the EPP add included
+    max_headers_bytes: int = DEFAULT_MAX_HEADERS_KB * 1024  # names plus values
+    body_idle_timeout: float | None = DEFAULT_BODY_IDLE_TIMEOUT  # seconds between request body chunks; None: none
 
 
 class ProtocolError(Exception):
@@ -141,7 +177,7 @@ class RequestStream:
         self,
         director: Director,
         *,
-        max_body_bytes: int = DEFAULT_MAX_BODY,
+        limits: RequestLimits = RequestLimits(),
         default_request_mode: int = FULL_DUPLEX,
         default_response_mode: int = FULL_DUPLEX,
         new_request_id: Callable[[], str] = lambda: str(uuid.uuid4()),
@@ -149,7 +185,7 @@ class RequestStream:
     ) -> None:
         self.clock = clock
         self.director = director
-        self.max_body_bytes = max_body_bytes
+        self.limits = limits
         self.request_mode = default_request_mode
         self.response_mode = default_response_mode
         self._new_request_id = new_request_id
@@ -160,6 +196,10 @@ class RequestStream:
         self._required_field = ""
         self._chunks: list[bytes] = []
         self._body_size = 0
+        self._header_map: base_pb2.HeaderMap | None = None
+        self._header_count = 0
+        self._header_bytes = 0
+        self._header_bytes_exact = False
         self._subset: list[str] | None = None
         self._generated_id = False
         self._status: int | None = None
@@ -198,6 +238,27 @@ class RequestStream:
         done = self.state is State.DONE or (self._usage is not None and self._usage.done)
         self._finish(aborted=not done)
 
+    @property
+    def request_body_bytes(self) -> int:
+        """Request body bytes this stream has held: buffered to parse, or streamed back in full-duplex mode."""
+        return self._body_size
+
+    @property
+    def body_idle_timeout(self) -> float | None:
+        """How long the next message may take, in seconds, while the client's body is due; else None.
+
+        Only in FULL_DUPLEX mode, where each chunk comes as the client sends it: in BUFFERED mode Envoy
+        holds the body until it is complete, so a wait says nothing about the client (Envoy's own
+        stream idle timeout covers it)."""
+        if self.request_mode == FULL_DUPLEX and self.state in (State.REQUEST_BODY, State.PASSTHROUGH):
+            return self.limits.body_idle_timeout
+        return None
+
+    def body_timed_out(self) -> list[pb.ProcessingResponse]:
+        """No body chunk came within `body_idle_timeout`: refuse with 408; the books settle as on any refusal."""
+        seconds = self.limits.body_idle_timeout
+        return [self._reject(RequestError(REQUEST_TIMEOUT, f"no request body data for {seconds:g} s: send the body without pauses"))]
+
     def protocol_error_response(self, err: ProtocolError) -> pb.ProcessingResponse:
         """The answer to an out-of-order message: a 500 the client can read."""
         return self._reject(RequestError(PROTOCOL, str(err)))
@@ -211,6 +272,11 @@ class RequestStream:
             self.response_mode = pc.response_body_mode
         hdrs = msg.request_headers
         headers = {h.key: (h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value) for h in hdrs.headers.headers}
+        self._header_map = hdrs.headers
+        self._header_count = len(hdrs.headers.headers)
+        # The encoded size: the names and values plus a few bytes each, computed in C. An upper bound
+        # that is made exact only when it comes near the limit (_check_header_room).
+        self._header_bytes = hdrs.headers.ByteSize()
         request_id = headers.get(REQUEST_ID_HEADER)
         if not request_id:
             request_id = self._new_request_id()
@@ -218,7 +284,12 @@ class RequestStream:
         path = headers.get(":path", "/")
         self.request = req = InferenceRequest(request_id=request_id, path=path, headers=headers)
         self._subset = _subset_hint(msg)
-        api = api_for_path(path) if not hdrs.end_of_stream else None
+        self._check_header_room(1, len(DESTINATION_HEADER))  # the destination is always added
+        api = api_for_path(path)
+        if api is not None:
+            _refuse_unparsable(headers, path, hdrs.end_of_stream, api, self.limits.max_body_bytes)
+            if hdrs.end_of_stream:
+                api = None  # a GET on an inference path: nothing to parse
         if api is None:
             # Nothing to parse: route on load alone, and let any body stream through.
             self.routing = self.director.route(req, self._subset)
@@ -239,14 +310,18 @@ class RequestStream:
 
     def _on_request_body(self, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
         if self.state is State.PASSTHROUGH:
+            if body.end_of_stream:
+                self.state = State.ROUTED  # the body is all sent: no longer waiting for the client
             if self.request_mode == FULL_DUPLEX:
-                return [_streamed_request_body(body.body, body.end_of_stream)]
+                chunk = body.body
+                self._body_size += len(chunk)
+                return [_streamed_request_body(chunk, body.end_of_stream)]
             return [pb.ProcessingResponse(request_body=pb.BodyResponse())]
         chunk = body.body
         if chunk:
             self._body_size += len(chunk)
-            if self._body_size > self.max_body_bytes:
-                raise RequestError(PAYLOAD_TOO_LARGE, f"request body is larger than {self.max_body_bytes} bytes")
+            if self._body_size > self.limits.max_body_bytes:
+                raise RequestError(PAYLOAD_TOO_LARGE, f"request body is larger than {self.limits.max_body_bytes} bytes")
             self._chunks.append(chunk)
         if not body.end_of_stream:
             return []
@@ -288,6 +363,7 @@ class RequestStream:
     # -- response phase -----------------------------------------------------------------------
     def _on_response_headers(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         hdrs = msg.response_headers
+        self._chunks = []  # an Envoy reply before the routing ends the request: its body is not needed
         streaming = json_body = False
         for h in hdrs.headers.headers:
             key = h.key
@@ -394,10 +470,51 @@ class RequestStream:
             h for h in STEERING_HEADERS[1:]
             if self.request is not None and h in self.request.headers and h not in routing.request_headers
         ]  # fmt: skip
-        return pb.CommonResponse(
+        common = pb.CommonResponse(
             header_mutation=pb.HeaderMutation(set_headers=set_headers, remove_headers=remove),
             clear_route_cache=True,
         )
+        limits = self.limits  # upper bounds first; the exact count only near the limits
+        if (
+            self._header_count + len(set_headers) > limits.max_headers
+            or self._header_bytes + common.header_mutation.ByteSize() > limits.max_headers_bytes
+        ):
+            self._check_mutation(set_headers, remove)
+        return common
+
+    def _check_mutation(self, set_headers: Sequence[base_pb2.HeaderValueOption], remove: Sequence[str]) -> None:
+        """Refuse (431) a mutation that would take the request past the gateway's header limits."""
+        have = self.request.headers if self.request is not None else {}
+        added = -len(remove)
+        added_bytes = -sum(len(k) + len(have[k]) for k in remove)
+        for opt in set_headers:
+            key, value = opt.header.key, opt.header.raw_value
+            old = have.get(key)
+            if old is None:
+                added += 1
+                added_bytes += len(key) + len(value)
+            else:
+                added_bytes += len(value) - len(old)
+        self._check_header_room(added, added_bytes)
+
+    def _check_header_room(self, added: int, added_bytes: int) -> None:
+        limits = self.limits
+        if (count := self._header_count + added) > limits.max_headers:
+            raise RequestError(
+                HEADERS_TOO_LARGE,
+                f"too many request headers: {count} with the gateway's own and the {added} it adds, "
+                f"over its limit of {limits.max_headers}: send fewer headers",
+            )
+        if self._header_bytes + added_bytes > limits.max_headers_bytes and not self._header_bytes_exact:
+            self._header_bytes_exact = True  # what Envoy counts: names plus values
+            hs = self._header_map.headers if self._header_map is not None else ()
+            self._header_bytes = sum(len(h.key) + (len(h.raw_value) or len(h.value.encode())) for h in hs)
+        if (size := self._header_bytes + added_bytes) > limits.max_headers_bytes:
+            raise RequestError(
+                HEADERS_TOO_LARGE,
+                f"request headers too large: {size} bytes of names and values with the gateway's own and the "
+                f"{added_bytes} it adds, over its limit of {limits.max_headers_bytes}: send smaller headers",
+            )
 
     def _headers_response(self, content_length: int | None) -> pb.ProcessingResponse:
         common = self._routing_common(content_length)
@@ -414,7 +531,9 @@ class RequestStream:
         return resp
 
     def _reject(self, err: RequestError) -> pb.ProcessingResponse:
-        self.error = err
+        # Keep the error, not the frames it was raised in: they hold this stream and the chunk being
+        # read, a cycle that would keep a refused body in memory until the garbage collector runs.
+        self.error = err.with_traceback(None)
         self.state = State.REJECTED
         self._chunks = []
         self._finish(aborted=True)
@@ -436,6 +555,23 @@ class RequestStream:
                 details=f"llm_epp_{err.kind.code}",
             )
         )
+
+
+def _refuse_unparsable(headers: Mapping[str, str], path: str, end_of_stream: bool, api: tuple[str, str], max_body: int) -> None:
+    """Requests to an inference path whose body the EPP could never read: refused before any body comes."""
+    upgrade = headers.get("upgrade")
+    if upgrade:  # Envoy would hold the stream open as a tunnel: no body would ever end
+        raise RequestError(BAD_REQUEST, f"upgrading to {upgrade!r} is not supported on {path.split('?', 1)[0]}: send a plain HTTP request")
+    if end_of_stream:
+        if headers.get(":method", "POST") == "POST":
+            raise empty_body_error(*api)
+        return
+    encoding = headers.get("content-encoding", "").strip().lower()
+    if encoding and encoding != "identity":
+        raise RequestError(UNSUPPORTED_MEDIA_TYPE, f"request bodies with content-encoding {encoding!r} are not supported: send the JSON uncompressed")
+    length = headers.get("content-length", "")
+    if length.isdigit() and int(length) > max_body:
+        raise RequestError(PAYLOAD_TOO_LARGE, f"request body is {length} bytes, larger than the {max_body} accepted")
 
 
 def _header(key: str, value: str) -> base_pb2.HeaderValueOption:

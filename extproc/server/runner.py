@@ -26,13 +26,23 @@ from extproc.datalayer.endpoints_file import StaticFileDiscovery
 from extproc.datalayer.kv_events import KVEventSubscriber
 from extproc.datalayer.scraper import MetricsScraper
 from extproc.datalayer.supervisor import Supervisor
-from extproc.handlers.request_stream import DEFAULT_MAX_BODY, ProtocolError, RequestStream
+from extproc.handlers.request_stream import (
+    DEFAULT_BODY_IDLE_TIMEOUT,
+    DEFAULT_MAX_BODY,
+    DEFAULT_MAX_HEADERS,
+    DEFAULT_MAX_HEADERS_KB,
+    ProtocolError,
+    RequestLimits,
+    RequestStream,
+    State,
+)
 from extproc.observability import bounds
 from extproc.observability.metrics import EppMetrics
 from extproc.requestcontrol.director import Director
 from extproc.requestcontrol.objectives import ObjectiveStore, load_objectives_file
 from extproc.requestcontrol.rewrites import RewriteStore, load_rewrites_file
 from extproc.requestcontrol.saturation import SaturationConfig, SaturationDetector
+from extproc.server.memory import HeapTrimmer
 from pickers.config.loader import load_config, load_config_file
 from pickers.config.strategies import build_profile
 from pickers.framework.scheduler import Scheduler
@@ -77,6 +87,11 @@ class ServeOptions:
     refresh_metrics_interval: float = 0.05
     metrics_staleness_threshold: float = 2.0
     max_body_bytes: int = DEFAULT_MAX_BODY
+    # The gateway's request header limits (Envoy's max_headers_count, max_request_headers_kb), or lower:
+    # Envoy applies them after our header mutation too, so the EPP refuses (431) what would not fit.
+    max_request_headers: int = DEFAULT_MAX_HEADERS
+    max_request_headers_kb: int = DEFAULT_MAX_HEADERS_KB
+    request_body_idle_timeout: float = DEFAULT_BODY_IDLE_TIMEOUT  # 408 after this long without a body chunk; 0: off
     explain_scores: bool = False
     log_requests: bool = False  # one log line per request (INFO); off: nothing per request at INFO
     admin_port: int = 9091  # /debug/endpoints, /debug/config, /debug/decisions; 0: off
@@ -96,20 +111,34 @@ class ServeOptions:
 
 
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, director: Director, max_body_bytes: int) -> None:
+    def __init__(self, director: Director, limits: RequestLimits, heap: HeapTrimmer | None = None) -> None:
         self.director = director
-        self.max_body_bytes = max_body_bytes
+        self.limits = limits
+        self.heap = heap
         self.active_streams = 0
 
     async def Process(  # noqa: N802 (gRPC method name)
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> None:
         # context.read/write rather than an async generator: measurably less CPU per message.
-        stream = RequestStream(self.director, max_body_bytes=self.max_body_bytes)
+        stream = RequestStream(self.director, limits=self.limits)
         self.active_streams += 1
         read, write, eof = context.read, context.write, grpc.aio.EOF
         try:
-            while (msg := await read()) is not eof:
+            while True:
+                idle = stream.body_idle_timeout  # set only while the client's body is due
+                if idle is None:
+                    msg = await read()
+                else:
+                    try:
+                        async with asyncio.timeout(idle):
+                            msg = await read()
+                    except TimeoutError:
+                        for resp in stream.body_timed_out():
+                            await write(resp)
+                        return
+                if msg is eof:
+                    break
                 try:
                     out = stream.handle(msg)
                 except ProtocolError as e:
@@ -123,9 +152,13 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                     return
                 for resp in out:
                     await write(resp)
+                if stream.state is State.REJECTED:
+                    return  # answered: read nothing more (the rest of a refused body is not ours to parse)
         finally:
             stream.close()
             self.active_streams -= 1
+            if self.heap is not None:
+                self.heap.after_stream(stream.request_body_bytes)
 
 
 class EppServer:
@@ -161,7 +194,14 @@ class EppServer:
             self.director: Director = TracedDirector(self.datastore, self.scheduler, self.metrics, tracer=tracer, **director_kwargs)
         else:
             self.director = Director(self.datastore, self.scheduler, self.metrics, **director_kwargs)
-        self.servicer = ExtProcServicer(self.director, opts.max_body_bytes)
+        limits = RequestLimits(
+            max_body_bytes=opts.max_body_bytes,
+            max_headers=opts.max_request_headers,
+            max_headers_bytes=opts.max_request_headers_kb * 1024,
+            body_idle_timeout=opts.request_body_idle_timeout or None,
+        )
+        self.heap = HeapTrimmer()
+        self.servicer = ExtProcServicer(self.director, limits, self.heap)
         self.health = health_aio.HealthServicer()
         self.supervisor = Supervisor()
         self.kubernetes: KubernetesRuntime | None = None
@@ -277,7 +317,7 @@ class EppServer:
         from extproc.server.admin import admin_app, options_view
 
         config = {"version": self.metrics.version, "scheduling_source": self.scheduling_source, "options": options_view(opts)}
-        runtime = lambda: {"active_streams": self.servicer.active_streams}  # noqa: E731
+        runtime = lambda: {"active_streams": self.servicer.active_streams, "heap_trims": self.heap.trims}  # noqa: E731
         runner = web.AppRunner(admin_app(self.datastore, self.prefix_index, self.director, config, runtime), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, opts.admin_address, opts.admin_port)

@@ -74,7 +74,10 @@ class ErrorKind:
 
 # The one table of request errors (statuses as in GIE's endpoint-picker protocol).
 BAD_REQUEST = ErrorKind("BadRequest", 400)
+REQUEST_TIMEOUT = ErrorKind("RequestTimeout", 408)
 PAYLOAD_TOO_LARGE = ErrorKind("PayloadTooLarge", 413)
+UNSUPPORTED_MEDIA_TYPE = ErrorKind("UnsupportedMediaType", 415)
+HEADERS_TOO_LARGE = ErrorKind("RequestHeaderFieldsTooLarge", 431)
 NO_ENDPOINTS = ErrorKind("ServiceUnavailable", 503, "rejected-no-endpoints")
 ALL_FILTERED = ErrorKind("InferencePoolResourceExhausted", 429, "rejected-all-filtered")
 SATURATED = ErrorKind("InferencePoolResourceExhausted", 429, "rejected-saturated")

@@ -9,6 +9,7 @@ import yaml
 
 from extproc.devstack import envoy_config
 from extproc.devstack.stack import envoy_binary
+from extproc.handlers.request_stream import DEFAULT_MAX_HEADERS, DEFAULT_MAX_HEADERS_KB
 from pickers.framework.errors import ConfigError
 
 POOL = [("127.0.0.1", 8001), ("127.0.0.1", 8002)]
@@ -30,8 +31,11 @@ def validate(cfg: dict, tmp_path) -> None:
             listen_port=8081, epp_port=9002, admin_port=19000, failure_mode_allow=True, fallback_endpoints=POOL, access_log_path="/tmp/a.log"
         ),
         envoy_config.GatewaySettings(listen_port=8081, epp_port=9002, admin_port=19000, override_host_endpoints=POOL),
+        envoy_config.GatewaySettings(
+            listen_port=8081, epp_port=9002, admin_port=19000, failure_mode_allow=True, fallback_endpoints=POOL, closed_prefixes=("/sim/",)
+        ),
     ],
-    ids=["full-duplex", "buffered", "fail-open", "override-host"],
+    ids=["full-duplex", "buffered", "fail-open", "override-host", "closed-prefixes"],
 )
 def test_generated_config_is_valid_for_envoy(settings, tmp_path):
     validate(envoy_config.render(settings), tmp_path)
@@ -42,7 +46,30 @@ def test_reference_file_is_valid_as_shipped(tmp_path):
 
 
 def test_direct_baseline_is_valid(tmp_path):
-    validate(envoy_config.render_direct(8081, 19000, POOL), tmp_path)
+    validate(envoy_config.render_direct(8081, 19000, POOL, closed_prefixes=("/sim/",)), tmp_path)
+
+
+def hcm_of(cfg: dict) -> dict:
+    return cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def test_reference_header_limits_leave_headroom_over_the_epps():
+    # Envoy checks them again after the EPP's mutation, and closes the connection without an answer
+    # past them: the EPP's limits must be lower, so that it answers 431 first.
+    hcm = hcm_of(yaml.safe_load(envoy_config.REFERENCE.read_text()))
+    assert hcm["common_http_protocol_options"]["max_headers_count"] >= DEFAULT_MAX_HEADERS + 20
+    assert hcm["max_request_headers_kb"] >= DEFAULT_MAX_HEADERS_KB + 20
+
+
+@pytest.mark.parametrize("fail_open", [False, True])
+def test_closed_prefixes_are_answered_404_by_envoy_before_any_other_route(fail_open):
+    settings = envoy_config.GatewaySettings(
+        listen_port=1, epp_port=2, admin_port=3, failure_mode_allow=fail_open, fallback_endpoints=POOL, closed_prefixes=("/sim/",)
+    )
+    first = hcm_of(envoy_config.render(settings))["route_config"]["virtual_hosts"][0]["routes"][0]
+    assert first["match"] == {"prefix": "/sim/"}
+    assert first["direct_response"]["status"] == 404
+    assert first["typed_per_filter_config"]["envoy.filters.http.ext_proc"]["disabled"] is True  # the EPP is not asked
 
 
 def test_failure_mode_is_a_setting():

@@ -9,7 +9,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from extproc.handlers.request_stream import STREAM_CHUNK, ProtocolError, RequestStream, State
+from extproc.handlers.request_stream import STREAM_CHUNK, ProtocolError, RequestLimits, RequestStream, State
 from tests.unit.fake_director import FakeDirector
 
 FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
@@ -164,7 +164,7 @@ def test_empty_pool_is_503_with_dropped_reason():
 
 
 def test_body_over_the_limit_is_413():
-    stream = RequestStream(make_director(), max_body_bytes=100)
+    stream = RequestStream(make_director(), limits=RequestLimits(max_body_bytes=100))
     out = send_request(stream, completion_body("y" * 200), chunk=50)
     assert out[-1].immediate_response.status.code == 413
 

@@ -10,7 +10,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from extproc.handlers.request_stream import ProtocolError, RequestStream
+from extproc.handlers.request_stream import ProtocolError, RequestLimits, RequestStream
 from tests.unit.test_director import real_director
 from tests.unit.test_protocol import (
     BUFFERED,
@@ -22,7 +22,7 @@ from tests.unit.test_protocol import (
     response_headers_msg,
 )
 
-DOCUMENTED = {400, 413, 429, 500, 503}
+DOCUMENTED = {400, 408, 413, 415, 429, 431, 500, 503}
 PATHS = ["/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings", "/other", "/v1/completions?x=1"]
 
 json_values = st.recursive(
@@ -59,7 +59,7 @@ def check(out):
 )
 def test_any_body_in_any_chunking_gets_a_documented_answer(body, path, mode, cuts, limit):
     director = make_director()
-    stream = RequestStream(director, max_body_bytes=limit)
+    stream = RequestStream(director, limits=RequestLimits(max_body_bytes=limit))
     check(stream.handle(headers_msg(path=path, mode=mode)))
     points = sorted({c for c in cuts if c < len(body)} | {0})
     pieces = [body[a:b] for a, b in zip(points, points[1:] + [len(body)])]
