@@ -153,6 +153,18 @@ def test_websocket_upgrade_on_an_inference_path_is_refused_at_once(gw, method):
     normal_request_is_served(gw)
 
 
+def test_an_h2c_upgrade_offer_is_served_over_http1(gw):
+    # what `curl --http2` sends on http://: Envoy drops the offer, the EPP never sees an upgrade
+    body = json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 1}).encode()
+    request = (
+        "POST /v1/completions HTTP/1.1\r\nHost: gw\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+        f"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    status, headers, _, _ = raw_exchange(gw, request)
+    assert status == 200
+    assert "x-served-by" in headers
+
+
 # -- 4. compressed bodies ---------------------------------------------------------------------------
 
 
