@@ -110,6 +110,15 @@ class Params:
             raise ParameterError(key, f"expected a mapping of string to string, got {shown(v)}")
         return self._keep(key, dict(v))
 
+    def mappings(self, key: str) -> list[Mapping[str, Any]]:
+        """A list of mappings (e.g. `matchExpressions`), each for the plugin to check; [] when left out."""
+        v = self._get(key)
+        if v is None:
+            return self._keep(key, [])
+        if not isinstance(v, list) or not all(isinstance(x, Mapping) for x in v):
+            raise ParameterError(key, f"expected a list of mappings, got {shown(v)}")
+        return self._keep(key, [dict(x) for x in v])
+
     def deprecated(self, key: str, why: str) -> None:
         """A parameter the reference picker also accepts and does nothing with (`why` says so); when given,
         it is accepted with a warning, never silently."""

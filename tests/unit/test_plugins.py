@@ -196,6 +196,46 @@ def test_label_selector_filter_needs_every_label():
     assert _filter("label-selector-filter", eps, matchLabels={"a": "1"}) == ["pod-1", "pod-2"]
 
 
+SELECTOR_PODS = [ep(1, {"tier": "gold", "zone": "a"}), ep(2, {"tier": "silver"}), ep(3, {"zone": "b"}), ep(4)]
+
+
+@pytest.mark.parametrize(
+    ("expression", "kept"),
+    [
+        ({"key": "tier", "operator": "In", "values": ["gold", "silver"]}, ["pod-1", "pod-2"]),
+        ({"key": "tier", "operator": "NotIn", "values": ["gold"]}, ["pod-2", "pod-3", "pod-4"]),  # absent key: kept
+        ({"key": "zone", "operator": "Exists"}, ["pod-1", "pod-3"]),
+        ({"key": "zone", "operator": "DoesNotExist"}, ["pod-2", "pod-4"]),
+    ],
+)
+def test_label_selector_filter_match_expressions_follow_kubernetes(expression, kept):
+    assert _filter("label-selector-filter", SELECTOR_PODS, matchExpressions=[expression]) == kept
+
+
+def test_label_selector_filter_ands_labels_and_expressions():
+    found = _filter("label-selector-filter", SELECTOR_PODS, matchLabels={"zone": "a"},
+                    matchExpressions=[{"key": "tier", "operator": "Exists"}, {"key": "tier", "operator": "NotIn", "values": ["silver"]}])  # fmt: skip
+    assert found == ["pod-1"]
+
+
+@pytest.mark.parametrize(
+    ("parameters", "fragment"),
+    [
+        ({}, "matchLabels or matchExpressions"),
+        ({"matchExpressions": [{"key": "a", "operator": "Has"}]}, "matchExpressions[0].operator: expected one of In, NotIn"),
+        ({"matchExpressions": [{"key": "a", "operator": "In"}]}, "In needs at least one value"),
+        ({"matchExpressions": [{"key": "a", "operator": "Exists", "values": ["x"]}]}, "Exists takes no values"),
+        ({"matchExpressions": [{"operator": "Exists"}]}, "matchExpressions[0].key"),
+        ({"matchExpressions": [{"key": "a", "operator": "Exists", "value": "x"}]}, "matchExpressions[0].value: unknown field"),
+        ({"matchExpressions": {"key": "a"}}, "expected a list of mappings"),
+    ],
+)
+def test_label_selector_filter_refuses_a_bad_selector_naming_the_field(parameters, fragment):
+    with pytest.raises(ConfigError) as e:
+        plugin("label-selector-filter", **parameters)
+    assert fragment in str(e.value)
+
+
 def test_filters_on_empty_candidates():
     assert _filter("decode-filter", []) == []
 

@@ -1,13 +1,17 @@
 """Label filters: `by-label` keeps endpoints whose `label` has one of `validValues` (and, with
-`allowsNoLabel`, those without the label); `label-selector-filter` keeps endpoints carrying every
-`matchLabels` pair.
+`allowsNoLabel`, those without the label); `label-selector-filter` keeps the endpoints a Kubernetes
+label selector matches: every `matchLabels` pair and every `matchExpressions` requirement (`In`,
+`NotIn`, `Exists`, `DoesNotExist`; `NotIn` and `DoesNotExist` also match an endpoint without the key).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from pickers.framework.endpoint import Endpoint
+from pickers.framework.errors import shown
 from pickers.framework.params import ParameterError, Params
 from pickers.framework.request import InferenceRequest
 from pickers.framework.types import CycleState
@@ -42,17 +46,66 @@ class ByLabelFilter(Plugin):
         return out
 
 
+OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
+
+
+@dataclass(slots=True, frozen=True)
+class Requirement:
+    """One `matchExpressions` entry, as Kubernetes' LabelSelectorRequirement."""
+
+    key: str
+    operator: str
+    values: frozenset[str] = frozenset()
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        value = labels.get(self.key)
+        if self.operator == "In":
+            return value in self.values
+        if self.operator == "NotIn":
+            return value not in self.values
+        return (value is not None) == (self.operator == "Exists")
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any], where: str) -> Requirement:
+        unknown = sorted(set(raw) - {"key", "operator", "values"})
+        if unknown:
+            raise ParameterError(f"{where}.{unknown[0]}", "unknown field; expected key, operator, values")
+        key, op, values = raw.get("key"), raw.get("operator"), raw.get("values")
+        if not isinstance(key, str) or not key:
+            raise ParameterError(f"{where}.key", "is required (a non-empty string)")
+        if op not in OPERATORS:
+            raise ParameterError(f"{where}.operator", f"expected one of {', '.join(OPERATORS)}, got {shown(op)}")
+        if values is not None and (not isinstance(values, list) or not all(isinstance(v, str) for v in values)):
+            raise ParameterError(f"{where}.values", f"expected a list of strings, got {shown(values)}")
+        if op in ("In", "NotIn") and not values:
+            raise ParameterError(f"{where}.values", f"{op} needs at least one value")
+        if op in ("Exists", "DoesNotExist") and values:
+            raise ParameterError(f"{where}.values", f"{op} takes no values")
+        return cls(key, op, frozenset(values or ()))
+
+
 class LabelSelectorFilter(Plugin):
     type = "label-selector-filter"
 
-    def __init__(self, match_labels: dict[str, str], name: str = "label-selector-filter"):
+    def __init__(self, match_labels: Mapping[str, str], name: str = "label-selector-filter",
+                 match_expressions: Sequence[Requirement] = ()) -> None:  # fmt: skip
         self.name = name
         self.match_labels = dict(match_labels)
+        self.match_expressions = tuple(match_expressions)
 
     @classmethod
     def from_config(cls, name: str, p: Params, ctx: PluginContext) -> LabelSelectorFilter:
-        return cls(p.string_map("matchLabels", required=True), name)
+        labels = p.string_map("matchLabels")
+        expressions = [Requirement.parse(raw, f"matchExpressions[{i}]") for i, raw in enumerate(p.mappings("matchExpressions"))]
+        if not labels and not expressions:
+            # an empty selector would keep every endpoint: almost surely a mistake in a filter
+            raise ParameterError("matchLabels", "expected matchLabels or matchExpressions (a selector that selects something)")
+        return cls(labels, name, expressions)
 
     def filter(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> list[Endpoint]:
         want = self.match_labels.items()
-        return [ep for ep in endpoints if all(ep.labels.get(k) == v for k, v in want)]
+        exprs = self.match_expressions
+        return [
+            ep for ep in endpoints
+            if all(ep.labels.get(k) == v for k, v in want) and all(r.matches(ep.labels) for r in exprs)
+        ]  # fmt: skip
