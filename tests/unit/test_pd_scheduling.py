@@ -215,3 +215,38 @@ def test_single_profile_result_has_no_profile_results_and_no_headers():
     cfg = load_config(HEADER + "plugins:\n- type: queue-scorer\n", "t", PluginContext())
     result = Scheduler(cfg.profiles, handler=cfg.profile_handler).schedule(req(LONG), ds.candidates())
     assert result.profile_results is None and result.request_headers == {}
+
+
+LEGACY_DECIDER = """apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: always-disagg-pd-decider
+- type: disagg-profile-handler
+  parameters:
+    deciderPluginName: always-disagg-pd-decider{extra}
+- type: prefill-filter
+- type: decode-filter
+- type: max-score-picker
+schedulingProfiles:
+- name: prefill
+  plugins: [{{pluginRef: prefill-filter}}, {{pluginRef: max-score-picker}}]
+- name: decode
+  plugins: [{{pluginRef: decode-filter}}, {{pluginRef: max-score-picker}}]
+"""
+
+
+def test_deprecated_decider_plugin_name_binds_the_decider_with_a_warning():
+    cfg = load_config(LEGACY_DECIDER.format(extra=""), "t")
+    handler = cfg.profile_handler
+    assert isinstance(handler, DisaggProfileHandler) and isinstance(handler.decider, AlwaysDisaggPDDecider)
+    assert any("Deprecated parameter 'deciderPluginName', use 'deciders.prefill' instead" in w for w in cfg.warnings)
+
+
+def test_decider_plugin_name_and_deciders_prefill_together_are_refused():
+    with pytest.raises(ConfigError, match="deciderPluginName.*not both"):
+        load_config(LEGACY_DECIDER.format(extra="\n    deciders: {prefill: always-disagg-pd-decider}"), "t")
+
+
+def test_a_dangling_decider_plugin_name_names_the_parameter():
+    with pytest.raises(ConfigError, match=r"plugins\[1\]\.parameters\.deciderPluginName.*no plugin named 'nope'"):
+        load_config(LEGACY_DECIDER.format(extra="").replace("deciderPluginName: always-disagg-pd-decider", "deciderPluginName: nope"), "t")

@@ -75,11 +75,19 @@ class DisaggProfileHandler(Plugin):
         deciders = _names(p, "deciders", ("prefill", "encode"))
         if "encode" in deciders:
             raise ParameterError("deciders.encode", "encode disaggregation (E/P/D) is not supported by llm-epp")
+        decider_param = "deciders.prefill"
+        legacy = p.string("deciderPluginName")
+        if legacy is not None:  # llm-d 0.9/0.10 still take it, with this warning; 0.11 removed it
+            if "prefill" in deciders:
+                raise ParameterError("deciderPluginName", "set either deciderPluginName (deprecated) or deciders.prefill, not both")
+            p.warnings.append("Deprecated parameter 'deciderPluginName', use 'deciders.prefill' instead")
+            deciders["prefill"], decider_param = legacy, "deciderPluginName"
         return cls(
             name,
             decode_profile=profiles.get("decode", "decode"),
             prefill_profile=profiles.get("prefill", "prefill"),
             decider=deciders.get("prefill"),
+            decider_param=decider_param,
         )
 
     def bind(self, plugins: Mapping[str, object], profiles: Mapping[str, SchedulingProfile]) -> None:
