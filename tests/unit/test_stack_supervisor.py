@@ -4,10 +4,13 @@ The same supervisor under `epp up`, with Envoy and the EPP, is tests/integration
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +22,10 @@ from extproc.devstack.supervisor import ProcessSupervisor, RestartPolicy, descri
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX process groups")
 
 SLEEP = ["sleep", "60"]
-FAIL = ["sh", "-c", "exit 3"]
+# exits with code 3 when told (SIGUSR1), once its trap is set (it touches its ready file): a child
+# that exited before the supervisor first met it would make the reported run time a race
+FAIL_READY = Path(tempfile.gettempdir()) / f"llm-epp-fail-child-{os.getpid()}"
+FAIL = ["sh", "-c", 'trap "exit 3" USR1; touch "$0"; while :; do sleep 0.02; done', str(FAIL_READY)]
 
 
 class Clock:
@@ -52,6 +58,12 @@ class Harness:
         pid = self.proc.popen.pid
         if self.proc.popen.args == SLEEP:
             self.proc.kill()
+        else:
+            deadline = time.monotonic() + 10
+            while not FAIL_READY.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            FAIL_READY.unlink(missing_ok=True)
+            os.kill(pid, signal.SIGUSR1)
         self.proc.popen.wait(10)
         return pid
 
