@@ -210,18 +210,6 @@ def test_decisions_keep_bounded_request_ids_and_model_names():
         assert len(entry["model"]) <= MODEL_MAX
 
 
-@pytest.fixture
-def log_stream():
-    import io
-
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
-    stream = io.StringIO()
-    yield stream
-    root.handlers[:] = saved[0]
-    root.setLevel(saved[1])
-
-
 @pytest.mark.parametrize("fmt", ["text", "json"])
 def test_a_hostile_request_writes_one_bounded_log_line(log_stream, fmt):
     setup_logging(0, fmt, stream=log_stream)

@@ -220,16 +220,6 @@ class _RunBoth:
 
 
 # -- request logs --------------------------------------------------------------------------------
-@pytest.fixture
-def log_stream():
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
-    stream = io.StringIO()
-    yield stream
-    root.handlers[:] = saved[0]
-    root.setLevel(saved[1])
-
-
 def test_request_logs_are_off_by_default(log_stream):
     setup_logging(0, "json", stream=log_stream)
     director, *_ = make()
