@@ -362,6 +362,49 @@ def _parsed(chat: bool, model: str, prompts: list[tuple[int, ...]], limit: int |
     )
 
 
+class TokenizeRequest(msgspec.Struct, kw_only=True):
+    """vLLM's TokenizeCompletionRequest (`prompt`) or TokenizeChatRequest (`messages`)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = True  # the simulator's tokenizer has no special tokens
+    add_generation_prompt: bool | None = True
+    return_token_strs: bool | None = False
+
+
+def parse_tokenize(body: bytes, config: SimConfig) -> tuple[str, tuple[int, ...]]:
+    """POST /tokenize: (model, the prompt's token ids), as the engine would compute them."""
+    request: TokenizeRequest = _decode(body, TokenizeRequest)
+    model = _model(request.model, config)
+    if request.messages is not None:
+        return model, _chat_prompt(request.messages, bool(request.add_generation_prompt))
+    if request.prompt is None:
+        raise BadRequest("Either `prompt` or `messages` is required.")
+    return model, tuple(tokens.encode(request.prompt))
+
+
+def tokenize_response(ids: Sequence[int], config: SimConfig) -> dict[str, Any]:
+    """vLLM's TokenizeResponse (`token_strs` stays null: the simulator's token ids are hashes)."""
+    return {"count": len(ids), "max_model_len": config.max_model_len, "tokens": list(ids), "token_strs": None}
+
+
+def render_response(parsed: ParsedRequest, request_id: str) -> list[dict[str, Any]]:
+    """vLLM's render endpoints answer one GenerateRequest per prompt: the token ids the engine
+    would compute the prompt as, and the sampling parameters it would run with."""
+    return [
+        {
+            "request_id": f"{request_id}-{i}",
+            "token_ids": list(prompt),
+            "features": None,
+            "sampling_params": {"max_tokens": parsed.max_tokens, "n": parsed.n, "seed": parsed.seed},
+            "model": parsed.model,
+            "stream": parsed.stream,
+        }
+        for i, prompt in enumerate(parsed.prompts)
+    ]
+
+
 def parse_embedding(body: bytes, config: SimConfig) -> ParsedEmbedding:
     request: EmbeddingRequest = _decode(body, EmbeddingRequest)
     if request.messages is not None and request.input is not None:

@@ -62,6 +62,7 @@ class SimServer:
         self._created = int(time.time())
         self.kv_events: KVEventPublisher | None = None
         self.fault = "none"  # injected by POST /sim/fault: see _inject_fault
+        self.render_calls = 0  # /v1/completions/render and /v1/chat/completions/render answered
 
     @property
     def port(self) -> int:
@@ -99,6 +100,9 @@ class SimServer:
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_post("/v1/completions/render", self._render_completions)
+        app.router.add_post("/v1/chat/completions/render", self._render_chat)
+        app.router.add_post("/tokenize", self._tokenize)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
@@ -359,6 +363,23 @@ class SimServer:
                 if not r.done:
                     self.engine.abort(r)
         return _json(api.embedding_response(parsed, self.config, base_id, int(time.time())))
+
+    async def _render_completions(self, request: web.Request) -> web.Response:
+        """vLLM's /v1/completions/render: a list of GenerateRequest, one per prompt (no engine work)."""
+        self.render_calls += 1
+        parsed = api.parse_completion(await request.read(), self.config)
+        return _json(api.render_response(parsed, f"cmpl-{uuid.uuid4().hex}"))
+
+    async def _render_chat(self, request: web.Request) -> web.Response:
+        """vLLM's /v1/chat/completions/render: one GenerateRequest (the chat template applied)."""
+        self.render_calls += 1
+        parsed = api.parse_chat(await request.read(), self.config)
+        return _json(api.render_response(parsed, f"chatcmpl-{uuid.uuid4().hex}")[0])
+
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        """vLLM's /tokenize: {count, max_model_len, tokens, token_strs}."""
+        _, ids = api.parse_tokenize(await request.read(), self.config)
+        return _json(api.tokenize_response(ids, self.config))
 
     async def _models(self, request: web.Request) -> web.Response:
         return _json(api.models_list(self.config, self._created))

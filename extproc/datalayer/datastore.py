@@ -87,8 +87,8 @@ class Datastore:
         return ep.metrics_age(now) > self.metrics_stale_after
 
     # -- in-flight accounting (request path) ---------------------------------------------------
-    def acquire(self, endpoint: Endpoint, tokens: int, prefill_tokens: int = 0) -> None:
-        endpoint.in_flight += 1
+    def acquire(self, endpoint: Endpoint, tokens: int, prefill_tokens: int = 0, requests: int = 1) -> None:
+        endpoint.in_flight += requests
         endpoint.in_flight_tokens += tokens
         endpoint.in_flight_prefill_tokens += prefill_tokens
 
@@ -96,9 +96,9 @@ class Datastore:
         """The request's first byte came back: its prompt is no longer waiting to be computed."""
         endpoint.in_flight_prefill_tokens = max(0, endpoint.in_flight_prefill_tokens - prefill_tokens)
 
-    def release(self, endpoint: Endpoint, tokens: int) -> None:
+    def release(self, endpoint: Endpoint, tokens: int, requests: int = 1) -> None:
         # The endpoint object may have left the pool meanwhile; counting on it is then harmless.
-        endpoint.in_flight = max(0, endpoint.in_flight - 1)
+        endpoint.in_flight = max(0, endpoint.in_flight - requests)
         endpoint.in_flight_tokens = max(0, endpoint.in_flight_tokens - tokens)
 
     def total_in_flight(self) -> int:

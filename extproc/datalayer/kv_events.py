@@ -6,7 +6,10 @@ payload `[timestamp, [events...], data_parallel_rank?]`. Events are maps with a 
 0.32) or tagged arrays `["BlockStored", ...]` (older vLLM); both decode to the structs below, once,
 here. The subscriber connects a SUB socket to every endpoint's publisher (its port comes from the
 endpoint label `llm-epp/kv-events-port`, else the configured default, 5557), follows membership
-changes, detects lost messages by the sequence number and reconnects after errors.
+changes, detects lost messages by the sequence number and reconnects after errors. With `bind`
+(llm-d's `kvEventsConfig.zmqEndpoint`) it also binds one SUB socket that engines connect to: each
+message's topic `kv@<ip:port>@<model>` names the endpoint it belongs to (one not in the pool is
+dropped). `topic_filter` is the subscription prefix (llm-d's `topicFilter`, "kv@").
 
 An endpoint's entries are dropped whenever its state may have changed unseen, so a restarted server
 gives no false hits before its first event: a sequence gap, a publisher back at sequence 0, the
@@ -171,6 +174,12 @@ class SequenceTracker:
         return "gap"
 
 
+def topic_endpoint(topic: bytes) -> str | None:
+    """The endpoint a vLLM topic `kv@<ip:port>@<model>` names (as llm-d reads it), else None."""
+    parts = topic.decode("utf-8", "replace").split("@")
+    return parts[1] if len(parts) == 3 and parts[1] else None
+
+
 def kv_events_address(spec: EndpointSpec, default_port: int | None) -> str | None:
     """Where an endpoint publishes: its `llm-epp/kv-events-port` label, else the default port."""
     raw = spec.labels.get(KV_EVENTS_PORT_LABEL)
@@ -195,10 +204,18 @@ class KVEventSubscriber:
         default_port: int | None = DEFAULT_KV_EVENTS_PORT,
         address_of: Callable[[EndpointSpec, int | None], str | None] = kv_events_address,
         idle_reconnect: float = 0.0,  # >0: reconnect a stream silent this long (0: trust ZMQ's own)
+        per_endpoint: bool = True,  # connect to each endpoint's publisher (llm-d's discoverPods)
+        topic_filter: str = "",
+        bind: str | None = None,  # also bind here for publishers that connect (llm-d's zmqEndpoint)
     ) -> None:
         self.datastore = datastore
         self.index = index
         self.default_port = default_port
+        self.per_endpoint = per_endpoint
+        self.topic_filter = topic_filter.encode()
+        self.bind = bind
+        self._bound_seq: dict[str, SequenceTracker] = {}  # bound socket: one stream per endpoint in the topic
+        self.unknown_sources = 0  # bound-socket messages whose topic names no endpoint of the pool
         self._address_of = address_of
         self.idle_reconnect = idle_reconnect
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -218,6 +235,7 @@ class KVEventSubscriber:
     def _on_membership(self, added: tuple[Endpoint, ...], removed: tuple[Endpoint, ...]) -> None:
         for ep in removed:
             self.index.remove_endpoint(ep.address)
+            self._bound_seq.pop(ep.address, None)
         self._sync()
 
     def reset_endpoint(self, address: str, reason: str) -> None:
@@ -239,10 +257,16 @@ class KVEventSubscriber:
 
         ctx = zmq.asyncio.Context()
         self._ctx = ctx
+        bound: asyncio.Task[None] | None = None
         try:
             self._sync()
+            if self.bind:
+                bound = asyncio.get_running_loop().create_task(self._follow_bound(self.bind), name=f"kv-events bind {self.bind}")
             await asyncio.Event().wait()
         finally:
+            if bound is not None:
+                bound.cancel()
+                await asyncio.gather(bound, return_exceptions=True)
             self._ctx = None
             tasks = list(self._tasks.values())
             self._tasks.clear()
@@ -252,7 +276,7 @@ class KVEventSubscriber:
             ctx.destroy(linger=0)
 
     def _sync(self) -> None:
-        if self._ctx is None:
+        if self._ctx is None or not self.per_endpoint:
             return
         wanted = {ep.address: ep.spec for ep in self.datastore.candidates()}
         for address in list(self._tasks):
@@ -293,7 +317,7 @@ class KVEventSubscriber:
         sock = ctx.socket(zmq.SUB)  # type: ignore[attr-defined]
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, 100_000)
-        sock.setsockopt(zmq.SUBSCRIBE, b"")  # one publisher per socket: every topic is this endpoint's
+        sock.setsockopt(zmq.SUBSCRIBE, self.topic_filter)  # one publisher per socket: every topic is this endpoint's
         monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         watch = asyncio.create_task(self._watch_disconnects(address, monitor), name=f"kv-events monitor {address}")
         sock.connect(zmq_address)
@@ -315,6 +339,54 @@ class KVEventSubscriber:
                 pass
             monitor.close(linger=0)
             sock.close(linger=0)
+
+    async def _follow_bound(self, bind: str) -> None:
+        """The bound socket, until stopped; rebound with backoff after errors."""
+        backoff = Backoff(0.5, 10.0)
+        while True:
+            try:
+                await self._stream_bound(bind, backoff)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a bad address or a socket error: logged, retried
+                delay = backoff.next_delay()
+                log.warning("kv events on %s: %s; binding again in %.1fs", bind, e, delay)
+                await asyncio.sleep(delay)
+
+    async def _stream_bound(self, bind: str, backoff: Backoff) -> None:
+        import zmq
+
+        ctx = self._ctx
+        assert ctx is not None
+        sock = ctx.socket(zmq.SUB)  # type: ignore[attr-defined]
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.SUBSCRIBE, self.topic_filter)
+        try:
+            sock.bind(bind)
+            log.info("kv events: bound %s for the engines that publish to it", bind)
+            while True:
+                frames = await sock.recv_multipart()
+                backoff.reset()
+                self.handle_bound_message(frames)
+        finally:
+            sock.close(linger=0)
+
+    def handle_bound_message(self, frames: Sequence[bytes]) -> None:
+        """One message on the bound socket: its topic `kv@<ip:port>@<model>` names the endpoint."""
+        if not frames:
+            return
+        address = topic_endpoint(frames[0])
+        if address is None or self.datastore.get(address) is None:
+            self.unknown_sources += 1
+            if self.unknown_sources == 1:
+                log.warning("kv events: a message with topic %r names no endpoint of the pool (kv@<ip:port>@<model> "
+                            "expected); such messages are dropped", frames[0][:200])  # fmt: skip
+            return
+        seq = self._bound_seq.get(address)
+        if seq is None:
+            seq = self._bound_seq[address] = SequenceTracker()
+        self.handle_message(address, frames, seq)
 
     async def _watch_disconnects(self, address: str, monitor: object) -> None:
         """The SUB socket's TCP connection dropped (the server died or restarted; ZMQ reconnects by

@@ -8,11 +8,17 @@ States and the messages each accepts (anything else is a ProtocolError naming bo
 
     START          request_headers, response_headers
     REQUEST_BODY   request_body, request_trailers, response_headers   (buffering a body to parse)
+    PREPARING      (none: the servicer awaits the Director's data, then calls `resume`)
     PASSTHROUGH    request_body, request_trailers, response_headers   (routed, body streams through)
     ROUTED         request_trailers, response_headers      (the whole request is with Envoy)
     RESPONSE_BODY  response_body, response_trailers
     DONE           response_trailers
     REJECTED       (anything: ignored, an ImmediateResponse was sent)
+
+PREPARING: when the Director needs data it must wait for before the pick (a token-producer's call
+to the model server), the parsed request waits there: `handle` returns nothing, `needs_data` is
+true, the servicer awaits `Director.prepare(request)` (bounded by the producer's own timeout) and
+`resume()` returns what the pick answers. The servicer reads no message meanwhile.
 
 `response_headers` before the request was routed is a reply Envoy makes itself (its stream idle
 timeout, a body over its buffer, a malformed request): it passes through unchanged, nothing to settle.
@@ -96,6 +102,7 @@ _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 class State(enum.Enum):
     START = "start"
     REQUEST_BODY = "request_body"
+    PREPARING = "preparing"
     PASSTHROUGH = "passthrough"
     ROUTED = "routed"
     RESPONSE_BODY = "response_body"
@@ -106,6 +113,7 @@ class State(enum.Enum):
 _ALLOWED: dict[State, frozenset[str]] = {
     State.START: frozenset({"request_headers", "response_headers"}),
     State.REQUEST_BODY: frozenset({"request_body", "request_trailers", "response_headers"}),
+    State.PREPARING: frozenset(),
     State.PASSTHROUGH: frozenset({"request_body", "request_trailers", "response_headers"}),
     State.ROUTED: frozenset({"request_trailers", "response_headers"}),
     State.RESPONSE_BODY: frozenset({"response_body", "response_trailers"}),
@@ -143,6 +151,10 @@ class Routing:
     response_headers: Mapping[str, str] = field(default_factory=dict)  # set on the client's response
     profile: str = ""  # the scheduling profile (or profile handler's result) that chose
     trace: object | None = None  # the request's span, only with tracing on (extproc.requestcontrol.tracing)
+    # an inflight-load-producer's charges (pickers.framework.types.InFlightCharge), released by the
+    # Director; None: `tokens` on `primary`
+    charges: list | None = None  # type: ignore[type-arg]
+    early_released: bool = False  # the charges' first-byte parts came off
 
 
 @dataclass(slots=True)
@@ -164,6 +176,10 @@ class Director(Protocol):
     """What the state machine needs from the rest of the EPP (scheduler + datastore)."""
 
     def route(self, request: InferenceRequest, subset: list[str] | None) -> Routing: ...
+
+    def needs_data(self, request: InferenceRequest) -> bool:
+        """Whether `prepare` must run (and be awaited) before `route` for this parsed request."""
+        ...
 
     def finish(self, routing: Routing, outcome: Outcome) -> None: ...
 
@@ -207,6 +223,7 @@ class RequestStream:
         self._served: str | None = None
         self._restorer: ModelNameRestorer | None = None  # set when the model was rewritten
         self._finished = False
+        self._pending: tuple[bytes, bool, bool] | None = None  # PREPARING: (body, trailers follow, trailers came)
         self._started = 0.0
         self._first_byte_at: float | None = None
 
@@ -237,6 +254,25 @@ class RequestStream:
         # A client may hang up right after `data: [DONE]`, before Envoy relays the end of stream.
         done = self.state is State.DONE or (self._usage is not None and self._usage.done)
         self._finish(aborted=not done)
+
+    @property
+    def needs_data(self) -> bool:
+        """The parsed request waits for the Director's data: await `director.prepare(request)`, then `resume()`."""
+        return self.state is State.PREPARING
+
+    def resume(self) -> list[pb.ProcessingResponse]:
+        """After `director.prepare`: route the request that waited in PREPARING and answer Envoy."""
+        if self.state is not State.PREPARING or self._pending is None:
+            raise ProtocolError(self.state, "resume")
+        raw, trailers_follow, trailers_came = self._pending
+        self._pending = None
+        try:
+            out = self._route_parsed(raw, trailers_follow=trailers_follow)
+        except RequestError as e:
+            return [self._reject(e)]
+        if trailers_came and self.state is not State.REJECTED:
+            out.append(pb.ProcessingResponse(request_trailers=pb.TrailersResponse()))
+        return out
 
     @property
     def request_body_bytes(self) -> int:
@@ -333,6 +369,10 @@ class RequestStream:
             out = self._route_body(trailers_follow=True)
             if self.state is State.REJECTED:
                 return out
+            if self.state is State.PREPARING:  # the trailers' answer follows the pick's (`resume`)
+                assert self._pending is not None
+                self._pending = (*self._pending[:2], True)
+                return out
         elif self.state is State.PASSTHROUGH:
             self.state = State.ROUTED
         out.append(pb.ProcessingResponse(request_trailers=pb.TrailersResponse()))
@@ -344,6 +384,15 @@ class RequestStream:
         req = self.request
         assert req is not None
         parse_body(req, raw, self._required_field)
+        if self.director.needs_data(req):
+            self.state = State.PREPARING
+            self._pending = (raw, trailers_follow, False)
+            return []
+        return self._route_parsed(raw, trailers_follow=trailers_follow)
+
+    def _route_parsed(self, raw: bytes, *, trailers_follow: bool) -> list[pb.ProcessingResponse]:
+        req = self.request
+        assert req is not None
         self.routing = self.director.route(req, self._subset)
         self.state = State.ROUTED
         rewritten = bool(req.target_model) and req.target_model != req.model

@@ -34,7 +34,6 @@ from pickers.framework.histogram import Histogram
 if TYPE_CHECKING:
     from extproc.datalayer.datastore import Datastore
     from extproc.handlers.request_stream import Outcome
-    from pickers.framework.types import SchedulingProfile
     from pickers.indexes.prefix import ApproxPrefixIndex
 
 TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
@@ -86,7 +85,8 @@ class EppMetrics:
         self.version = llm_epp_version() if version is None else version
         self.datastore = datastore
         self.prefix_index = prefix_index
-        self.precise: dict[str, Any] = {}  # plugin name -> precise-prefix-cache-scorer (attach_precise)
+        self.precise: dict[str, Any] = {}  # plugin name -> precise prefix producer or scorer (attach_precise)
+        self.token_producers: tuple[Any, ...] = ()  # token-producer plugins, for their fallback counts
         self._series: dict[tuple[str, str], _ModelSeries] = {}  # (model, target model) labels
         self._errors: dict[tuple[str, str, str], int] = {}  # (model, target model, error code)
         self.scheduler_e2e = Histogram(SCHED_BUCKETS)
@@ -94,12 +94,16 @@ class EppMetrics:
         self._fixed = _FixedFamilies(self)
         self._building: asyncio.Future[bytes] | None = None
 
-    def attach_precise(self, profiles: Iterable[SchedulingProfile]) -> None:
-        """Export the size of each precise-prefix-cache-scorer's index in these profiles (and how often
-        an endpoint's entries were dropped), read at scrape time."""
-        from pickers.plugins.scorer.precise_prefix import precise_scorers
+    def attach_precise(self, plugins: Iterable[object]) -> None:
+        """Export the size of each precise prefix index among these plugins (precise-prefix-cache-
+        producer, -scorer) and how often an endpoint's entries were dropped, and each token-producer's
+        fallbacks to the estimate, read at scrape time."""
+        from pickers.plugins.producer.tokens import TokenProducer
+        from pickers.plugins.scorer.precise_prefix import precise_indexes
 
-        self.precise = precise_scorers(profiles)
+        plugins = tuple(plugins)
+        self.precise = precise_indexes(plugins)
+        self.token_producers = tuple(p for p in plugins if isinstance(p, TokenProducer))
 
     def attach(self, datastore: Datastore, prefix_index: ApproxPrefixIndex | None = None) -> None:
         """Read the pool gauges from this datastore (and the prefix gauges from this index) at scrape time."""
@@ -224,6 +228,7 @@ class _FixedFamilies:
         yield from self._pool()
         yield from self._prefix()
         yield from self._precise()
+        yield from self._token_producers()
 
     def _pool(self) -> Iterator[Metric]:
         ds = self.m.datastore
@@ -282,6 +287,19 @@ class _FixedFamilies:
                 resets.add_metric([name, reason], n)
         yield size
         yield resets
+
+    def _token_producers(self) -> Iterator[Metric]:
+        if not self.m.token_producers:
+            return
+        fallbacks = CounterMetricFamily(
+            "llm_epp_token_producer_fallbacks",
+            "Requests a token-producer could not tokenize (timeout, backend error) and that were scheduled on the estimate",
+            labels=["plugin_name", "reason"],
+        )
+        for plugin in self.m.token_producers:
+            for reason, n in plugin.fallbacks.items():
+                fallbacks.add_metric([plugin.name, reason], n)
+        yield fallbacks
 
 
 

@@ -1,6 +1,9 @@
 """The Director joins the protocol to the scheduler and the datastore: it admits a parsed request
 (objective -> priority; sheddable requests refused while the pool is saturated; the model rewrite),
 routes it (subset hint, schedule, in-flight accounting) and settles the books when the response ends.
+Before the pick it awaits the data a token-producer must fetch (`prepare`, bounded by the producer's
+timeout). In-flight counts are one request and prompt + max_tokens tokens on the primary until the
+response ends, unless an inflight-load-producer charged the result otherwise (InFlightCharge).
 
 It also keeps the last `DECISIONS_KEPT` decisions for /debug/decisions (a tuple appended to a
 bounded deque per request) and, only with `log_requests`, writes one log line per request. What they
@@ -29,6 +32,8 @@ from extproc.requestcontrol.saturation import SaturationDetector
 from pickers.framework.errors import SATURATED, RequestError
 from pickers.framework.request import InferenceRequest
 from pickers.framework.scheduler import Scheduler
+from pickers.framework.types import InFlightCharge
+from pickers.plugins.producer.tokens import TokenProducer
 
 DECISIONS_KEPT = 200
 # (unix time, request id, model, destination, profile, scores or None, error code or None)
@@ -48,6 +53,7 @@ class Director:
         objectives: ObjectiveStore | None = None,
         rewrites: RewriteStore | None = None,
         saturation: SaturationDetector | None = None,
+        token_producer: TokenProducer | None = None,
     ) -> None:
         self.datastore = datastore
         self.scheduler = scheduler
@@ -57,6 +63,17 @@ class Director:
         self.rewrites = rewrites or RewriteStore()
         self.saturation = saturation or SaturationDetector(datastore)
         self.decisions: deque[Decision] = deque(maxlen=DECISIONS_KEPT)
+        self.token_producer = token_producer
+
+    def needs_data(self, request: InferenceRequest) -> bool:
+        tp = self.token_producer
+        return tp is not None and tp.needs_io(request)
+
+    async def prepare(self, request: InferenceRequest) -> None:
+        """The token-producer's tokens for this request, awaited before `route` (never raises: a
+        failure leaves the estimate)."""
+        if self.token_producer is not None:
+            await self.token_producer.prepare(request)
 
     def route(self, request: InferenceRequest, subset: list[str] | None) -> Routing:
         start = time.perf_counter()
@@ -76,15 +93,24 @@ class Director:
             )
         result = self.scheduler.schedule(request, candidates)
         primary = result.endpoints[0]
-        tokens = request.prompt_tokens + (request.max_tokens or 0)
         request.prefill_tokens = result.prefill_tokens
-        self.datastore.acquire(primary, tokens, result.prefill_tokens)
+        charges = result.in_flight
+        if charges is None:
+            tokens = request.prompt_tokens + (request.max_tokens or 0)
+            self.datastore.acquire(primary, tokens, result.prefill_tokens)
+        else:
+            tokens = 0
+            for c in charges:
+                self.datastore.acquire(c.endpoint, c.tokens + c.early_tokens, 0, c.requests)
+            if result.prefill_tokens:
+                self.datastore.acquire(primary, 0, result.prefill_tokens, 0)
         destination = primary.address if len(result.endpoints) == 1 else ",".join(ep.address for ep in result.endpoints)
         scores = msgspec.json.encode(result.scores).decode() if result.scores is not None else None
         self.metrics.scheduled(model, time.perf_counter() - start, request.target_model)
         decision = (time.time(), request.request_id, bounds.model_name(model), destination, result.profile, result.scores, None)
         self.decisions.append(decision)
-        return Routing(request, destination, primary, tokens, scores, result.request_headers, result.response_headers, result.profile)
+        return Routing(request, destination, primary, tokens, scores, result.request_headers, result.response_headers,
+                       result.profile, charges=charges)  # fmt: skip
 
     def rejected(self, request: InferenceRequest | None, error: RequestError) -> None:
         model = request.model if request else ""
@@ -105,10 +131,19 @@ class Director:
         if request.prefill_tokens:
             self.datastore.prefill_done(routing.primary, request.prefill_tokens)
             request.prefill_tokens = 0
+        if routing.charges is not None and not routing.early_released:
+            routing.early_released = True
+            c: InFlightCharge
+            for c in routing.charges:
+                self.datastore.release(c.endpoint, c.early_tokens, c.requests if c.early_request else 0)
 
     def finish(self, routing: Routing, outcome: Outcome) -> None:
         self.first_byte(routing)  # no-op if the first byte came; settles it if it never did
-        self.datastore.release(routing.primary, routing.tokens)
+        if routing.charges is None:
+            self.datastore.release(routing.primary, routing.tokens)
+        else:
+            for c in routing.charges:
+                self.datastore.release(c.endpoint, c.tokens, 0 if c.early_request else c.requests)
         usage = outcome.usage if isinstance(outcome.usage, Usage) else None
         request = routing.request
         self.scheduler.response_complete(

@@ -149,9 +149,9 @@ def admin_app(
     runtime: Callable[[], Mapping[str, Any]] | None = None,
 ) -> web.Application:
     async def endpoints(request: web.Request) -> web.Response:
-        from pickers.plugins.scorer.precise_prefix import precise_scorers
+        from pickers.plugins.scorer.precise_prefix import precise_indexes
 
-        precise = precise_scorers(director.scheduler.profiles.values())
+        precise = precise_indexes(director.scheduler.plugins)
         return web.json_response({"endpoints": endpoints_view(datastore, prefix_index, precise)})
 
     async def config_handler(request: web.Request) -> web.Response:

@@ -49,7 +49,8 @@ from pickers.framework.scheduler import Scheduler
 from pickers.framework.types import ProfileHandler, SchedulingProfile
 from pickers.indexes.prefix import ApproxPrefixIndex
 from pickers.plugins.base import PluginContext
-from pickers.plugins.scorer.precise_prefix import precise_scorers
+from pickers.plugins.producer.tokens import TokenProducer
+from pickers.plugins.scorer.precise_prefix import precise_indexes
 
 if TYPE_CHECKING:  # imported when used: the Kubernetes client costs half a second to import
     from opentelemetry.sdk.trace import TracerProvider
@@ -141,6 +142,12 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                     break
                 try:
                     out = stream.handle(msg)
+                    if stream.needs_data:  # a token-producer's call before the pick (bounded by its timeout)
+                        for resp in out:
+                            await write(resp)
+                        assert stream.request is not None
+                        await self.director.prepare(stream.request)
+                        out = stream.resume()
                 except ProtocolError as e:
                     log.warning("request %s: %s", bounds.request_id(stream.request.request_id) if stream.request else "?", e)
                     await write(stream.protocol_error_response(e))
@@ -171,20 +178,28 @@ class EppServer:
         self.prefix_index = ApproxPrefixIndex()
         self.datastore.on_membership_change(self._on_membership_change)
         self._saturation_config = SaturationConfig()
-        profiles, handler = self._build_profiles()
+        profiles, handler, producers = self._build_profiles()
         self._profiles = profiles
         self.scheduler = Scheduler(
             profiles, metrics_stale_after=opts.metrics_staleness_threshold, handler=handler, explain=opts.explain_scores,
-            timer=self.metrics.plugin_timer,
+            timer=self.metrics.plugin_timer, producers=producers,
         )
         self.metrics.attach(self.datastore, self.prefix_index)
-        self.metrics.attach_precise(self.scheduler.profiles.values())
+        self.metrics.attach_precise(self.scheduler.plugins)
+        # The token-producer's vllm backend calls the model server's render endpoints: the client is ours.
+        self.token_producer = next((p for p in producers if isinstance(p, TokenProducer)), None)
+        self._render_client: Any = None
+        if self.token_producer is not None and self.token_producer.token_backend == "vllm":
+            from extproc.requestcontrol.render import VllmRenderClient
+
+            self._render_client = self.token_producer.renderer = VllmRenderClient(self.token_producer.url)
         self.objectives = ObjectiveStore(load_objectives_file(opts.objectives_file) if opts.objectives_file else None)
         self.rewrites = RewriteStore(load_rewrites_file(opts.model_rewrites_file) if opts.model_rewrites_file else ())
         self.saturation = SaturationDetector(self.datastore, self._saturation_config)
         self.tracer_provider: TracerProvider | None = None
         director_kwargs: dict[str, Any] = dict(
-            log_requests=opts.log_requests, objectives=self.objectives, rewrites=self.rewrites, saturation=self.saturation
+            log_requests=opts.log_requests, objectives=self.objectives, rewrites=self.rewrites, saturation=self.saturation,
+            token_producer=self.token_producer,
         )
         if opts.tracing:
             from extproc.requestcontrol.tracing import TracedDirector, build_provider  # ConfigError without the `otel` extra
@@ -215,11 +230,12 @@ class EppServer:
         self.health_port = 0
         self.metrics_port = 0
 
-    def _build_profiles(self) -> tuple[tuple[SchedulingProfile, ...], ProfileHandler | None]:
-        """From --config-file / --config-text, else the named strategy. Raises ConfigError."""
+    def _build_profiles(self) -> tuple[tuple[SchedulingProfile, ...], ProfileHandler | None, tuple[object, ...]]:
+        """From --config-file / --config-text, else the named strategy: the profiles, their handler and
+        the data producers. Raises ConfigError."""
         opts = self.opts
         if opts.config_file is None and opts.config_text is None:
-            return (build_profile(opts.strategy, self.prefix_index, max_endpoints=opts.max_endpoints),), None
+            return (build_profile(opts.strategy, self.prefix_index, max_endpoints=opts.max_endpoints),), None, ()
         ctx = PluginContext(self.prefix_index, random.Random(), opts.max_endpoints)
         if opts.config_text is not None:
             cfg = load_config(opts.config_text, "--config-text", ctx)
@@ -227,7 +243,7 @@ class EppServer:
             assert opts.config_file is not None
             cfg = load_config_file(opts.config_file, ctx)
         self._saturation_config = SaturationConfig.from_config(cfg.saturation_detector, cfg.source)
-        return cfg.profiles, cfg.profile_handler
+        return cfg.profiles, cfg.profile_handler, cfg.producers
 
     @property
     def scheduling_source(self) -> str:
@@ -263,12 +279,15 @@ class EppServer:
             self.datastore, interval=opts.refresh_metrics_interval, timeout=max(0.5, opts.metrics_staleness_threshold / 2)
         )
         self.supervisor.start("metrics-scraper", scraper.run)
-        # Each precise-prefix-cache-scorer's index is fed by a KV-event subscriber of ours (a scorer in
-        # several profiles gets one).
-        for name, scorer in precise_scorers(self._profiles).items():
-            if scorer.subscribe:
-                scorer.subscriber = KVEventSubscriber(self.datastore, scorer.index, default_port=scorer.kv_events_port or None)
-                self.supervisor.start(f"kv-events/{name}", scorer.subscriber.run)
+        # Each precise index (precise-prefix-cache-producer or -scorer) is fed by a KV-event subscriber
+        # of ours (a scorer in several profiles gets one).
+        for name, precise in precise_indexes(self.scheduler.plugins).items():
+            if precise.subscribe:
+                precise.subscriber = KVEventSubscriber(
+                    self.datastore, precise.index, default_port=precise.kv_events_port or None,
+                    per_endpoint=precise.discover_pods, topic_filter=precise.topic_filter, bind=precise.zmq_endpoint,
+                )  # fmt: skip
+                self.supervisor.start(f"kv-events/{name}", precise.subscriber.run)
 
         self._grpc = grpc.aio.server(options=_GRPC_OPTIONS)
         pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, self._grpc)
@@ -365,6 +384,10 @@ class EppServer:
         if self._grpc is not None:
             await self._grpc.stop(grace)
         await self.supervisor.stop()
+        if self._render_client is not None:
+            await self._render_client.close()
+        if self.token_producer is not None:
+            self.token_producer.close()
         if self.kubernetes is not None:
             await self.kubernetes.close()
         if self._health_grpc is not None:

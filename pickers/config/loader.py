@@ -26,8 +26,19 @@ from pickers.config import safe_yaml
 from pickers.config.registry import build_plugin, create_plugin
 from pickers.framework.errors import ConfigError, shown
 from pickers.framework.params import ParameterError
-from pickers.framework.types import Filter, Picker, ProfileHandler, SchedulingProfile, Scorer, WeightedScorer
+from pickers.framework.types import (
+    DataProducer,
+    Filter,
+    Picker,
+    PreRequest,
+    ProfileHandler,
+    ResponseComplete,
+    SchedulingProfile,
+    Scorer,
+    WeightedScorer,
+)
 from pickers.plugins.base import PluginContext
+from pickers.plugins.producer.tokens import TokenProducer
 from pickers.plugins.profile.handlers import SingleProfileHandler
 from pickers.plugins.scorer.prefix import PrefixCacheScorer
 
@@ -102,6 +113,9 @@ class EndpointPickerConfig:
     plugin_types: Mapping[str, str] = field(default_factory=dict)  # name -> type
     plugin_parameters: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # name -> effective parameters
     warnings: tuple[str, ...] = ()  # deprecations and adjusted values, each logged once when loaded
+    # the data producers: plugins outside the profiles that run for every request (token-producer
+    # first, then config order); the scheduler runs them before each cycle
+    producers: tuple[object, ...] = ()
 
     @property
     def profile(self) -> SchedulingProfile:
@@ -198,13 +212,22 @@ class _Loader:
         for plugin in ordered:
             bind = getattr(plugin, "bind_config", None)
             if bind is not None:
-                self.bind_plugin(plugins, plugin, lambda b=bind: b(plugins, by_name, handler))
+                said = self.bind_plugin(plugins, plugin, lambda b=bind: b(plugins, by_name, handler))
+                if said:  # a binding may warn (e.g. a precise producer with no real tokens)
+                    name = getattr(plugin, "name", "")
+                    i = list(plugins).index(name) if name in plugins else 0
+                    self.warnings.extend(f"plugins[{i}] ({getattr(plugin, 'type', '?')}): {w}" for w in said)
         self.bind_plugin(plugins, handler, lambda: handler.bind(plugins, by_name))
         for name, plugin in plugins.items():
             effective = getattr(plugin, "effective_parameters", None)
             if effective is not None:
                 self.parameters[name] = MappingProxyType(dict(effective(self.parameters[name])))
 
+        producers = sorted(
+            (q for q in plugins.values() if _role(q) is None and not isinstance(q, ProfileHandler)
+             and isinstance(q, (DataProducer, PreRequest, ResponseComplete))),
+            key=lambda q: not isinstance(q, TokenProducer),
+        )  # fmt: skip
         return EndpointPickerConfig(
             source=self.source,
             api_version=api_version,
@@ -216,12 +239,14 @@ class _Loader:
             plugin_types=MappingProxyType(self.types),
             plugin_parameters=MappingProxyType(self.parameters),
             warnings=tuple(self.warnings),
+            producers=tuple(producers),
         )
 
-    def bind_plugin(self, plugins: dict[str, object], plugin: object, bind: Any) -> None:
-        """Run a plugin's by-name binding; a ParameterError becomes an error at that plugin's parameter."""
+    def bind_plugin(self, plugins: dict[str, object], plugin: object, bind: Any) -> Any:
+        """Run a plugin's by-name binding (it may return warnings); a ParameterError becomes an error at
+        that plugin's parameter."""
         try:
-            bind()
+            return bind()
         except ParameterError as e:
             name = getattr(plugin, "name", "")
             i = list(plugins).index(name) if name in plugins else 0

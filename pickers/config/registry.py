@@ -21,6 +21,9 @@ from pickers.plugins.picker.max_score import MaxScorePicker
 from pickers.plugins.picker.random import RandomPicker
 from pickers.plugins.picker.round_robin import RoundRobinPicker
 from pickers.plugins.picker.weighted_random import WeightedRandomPicker
+from pickers.plugins.producer.inflight import InFlightLoadProducer
+from pickers.plugins.producer.session import SessionIDProducer
+from pickers.plugins.producer.tokens import LegacyTokenizer, TokenProducer
 from pickers.plugins.profile.handlers import (
     DisaggHeadersHandler,
     DisaggProfileHandler,
@@ -34,7 +37,7 @@ from pickers.plugins.scorer.kv_cache import KVCacheUtilizationScorer
 from pickers.plugins.scorer.load_aware import LoadAwareScorer
 from pickers.plugins.scorer.lora_affinity import LoraAffinityScorer
 from pickers.plugins.scorer.no_hit_lru import NoHitLRUScorer
-from pickers.plugins.scorer.precise_prefix import PrecisePrefixCacheScorer
+from pickers.plugins.scorer.precise_prefix import PrecisePrefixCacheProducer, PrecisePrefixCacheScorer
 from pickers.plugins.scorer.prefill_load import PrefillLoadScorer
 from pickers.plugins.scorer.prefix import ApproxPrefixCacheProducer, PrefixCacheScorer
 from pickers.plugins.scorer.queue import QueueScorer
@@ -91,8 +94,13 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     # P/D deciders
     PrefixBasedPDDecider,
     AlwaysDisaggPDDecider,
-    # llm-d's approximate prefix producer: the block settings of the prefix scorers bound to it
+    # data producers (llm-d's): the prefix matches the prefix scorers read, and request data
     ApproxPrefixCacheProducer,
+    PrecisePrefixCacheProducer,
+    TokenProducer,
+    LegacyTokenizer,  # llm-d's deprecated name of token-producer
+    InFlightLoadProducer,
+    SessionIDProducer,
     # llm-d's deprecated header plugins: the disagg handler sets the header; their names are checked
     DisaggHeadersHandler,
     PrefillHeaderHandler,

@@ -4,11 +4,14 @@ A plugin reads each parameter it knows, then calls `done()`, which refuses any i
 misspelt parameter is an error rather than a silently ignored default. Every getter records the value
 it returned (the default when the parameter is absent): `effective` is what `epp check-config` prints.
 `deprecated()` accepts a parameter whose value changes nothing and records a warning that says so.
+`section()` reads a nested mapping (llm-d's `kvEventsConfig: {...}`) with the same getters: its fields
+are named `kvEventsConfig.topicFilter` in errors, and its effective values nest under its key.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pickers.framework.errors import ConfigError, shown
@@ -23,20 +26,53 @@ class ParameterError(ConfigError):
         super().__init__(detail, field=param)
 
 
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def go_duration(text: str) -> float | None:
+    """Seconds in a Go duration string ("5s", "1m30s", "250ms"; "0" is 0), else None."""
+    if text == "0":
+        return 0.0
+    pos, total = 0, 0.0
+    for m in _DURATION_PART.finditer(text):
+        if m.start() != pos:
+            return None
+        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        pos = m.end()
+    return total if pos == len(text) and text else None
+
+
 def _kind(value: object) -> str:
     return "null" if value is None else type(value).__name__
 
 
 class Params:
-    def __init__(self, parameters: Mapping[str, Any] | None) -> None:
+    def __init__(self, parameters: Mapping[str, Any] | None, *, prefix: str = "", warnings: list[str] | None = None) -> None:
         if parameters is None:
             parameters = {}
         if not isinstance(parameters, Mapping):
-            raise ParameterError("", f"expected a mapping of parameters, got {_kind(parameters)}")
+            raise ParameterError(prefix.rstrip("."), f"expected a mapping of parameters, got {_kind(parameters)}")
+        self.prefix = prefix  # "kvEventsConfig." for a section: errors name the whole path
         self._values = dict(parameters)
         self._read: set[str] = set()
         self.effective: dict[str, Any] = {}  # parameter -> the value the plugin runs with
-        self.warnings: list[str] = []
+        self.warnings: list[str] = [] if warnings is None else warnings  # a section shares its parent's
+        self._sections: list[Params] = []
+
+    def path(self, key: str) -> str:
+        """`key` as the config names it: with the section's path in front."""
+        return self.prefix + key
+
+    def section(self, key: str) -> Params:
+        """A nested mapping of parameters (absent: an empty one, so its getters give their defaults)."""
+        v = self._get(key)
+        if v is not None and not isinstance(v, Mapping):
+            raise ParameterError(self.path(key), f"expected a mapping, got {_kind(v)} {shown(v)}")
+        child = Params(v, prefix=self.path(key) + ".", warnings=self.warnings)
+        self.effective[key] = child.effective
+        self._sections.append(child)
+        return child
 
     def _get(self, key: str) -> Any:
         self._read.add(key)
@@ -55,9 +91,9 @@ class Params:
         if v is None:
             return self._keep(key, default)
         if isinstance(v, bool) or not isinstance(v, int):
-            raise ParameterError(key, f"expected an integer, got {_kind(v)} {shown(v)}")
+            raise ParameterError(self.path(key), f"expected an integer, got {_kind(v)} {shown(v)}")
         if minimum is not None and v < minimum:
-            raise ParameterError(key, f"expected an integer >= {minimum}, got {v}")
+            raise ParameterError(self.path(key), f"expected an integer >= {minimum}, got {v}")
         return self._keep(key, v)
 
     def number(self, key: str, default: float, *, minimum: float | None = None, positive: bool = False) -> float:
@@ -65,11 +101,11 @@ class Params:
         if v is None:
             return self._keep(key, default)
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ParameterError(key, f"expected a number, got {_kind(v)} {shown(v)}")
+            raise ParameterError(self.path(key), f"expected a number, got {_kind(v)} {shown(v)}")
         if positive and v <= 0:
-            raise ParameterError(key, f"expected a positive number, got {v}")
+            raise ParameterError(self.path(key), f"expected a positive number, got {v}")
         if minimum is not None and v < minimum:
-            raise ParameterError(key, f"expected a number >= {minimum}, got {v}")
+            raise ParameterError(self.path(key), f"expected a number >= {minimum}, got {v}")
         return self._keep(key, float(v))
 
     def flag(self, key: str, default: bool) -> bool:
@@ -77,37 +113,37 @@ class Params:
         if v is None:
             return self._keep(key, default)
         if not isinstance(v, bool):
-            raise ParameterError(key, f"expected true or false, got {_kind(v)} {shown(v)}")
+            raise ParameterError(self.path(key), f"expected true or false, got {_kind(v)} {shown(v)}")
         return self._keep(key, v)
 
     def string(self, key: str, default: str | None = None, *, required: bool = False) -> str | None:
         v = self._get(key)
         if v is None:
             if required:
-                raise ParameterError(key, "is required (a string)")
+                raise ParameterError(self.path(key), "is required (a string)")
             return self._keep(key, default)
         if not isinstance(v, str) or (required and not v):
-            raise ParameterError(key, f"expected a non-empty string, got {_kind(v)} {shown(v)}")
+            raise ParameterError(self.path(key), f"expected a non-empty string, got {_kind(v)} {shown(v)}")
         return self._keep(key, v)
 
     def strings(self, key: str, *, required: bool = False) -> list[str]:
         v = self._get(key)
         if v is None:
             if required:
-                raise ParameterError(key, "is required (a list of strings)")
+                raise ParameterError(self.path(key), "is required (a list of strings)")
             return self._keep(key, [])
         if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-            raise ParameterError(key, f"expected a list of strings, got {shown(v)}")
+            raise ParameterError(self.path(key), f"expected a list of strings, got {shown(v)}")
         return self._keep(key, list(v))
 
     def string_map(self, key: str, *, required: bool = False) -> dict[str, str]:
         v = self._get(key)
         if v is None:
             if required:
-                raise ParameterError(key, "is required (a mapping of string to string)")
+                raise ParameterError(self.path(key), "is required (a mapping of string to string)")
             return self._keep(key, {})
         if not isinstance(v, Mapping) or not all(isinstance(k, str) and isinstance(x, str) for k, x in v.items()):
-            raise ParameterError(key, f"expected a mapping of string to string, got {shown(v)}")
+            raise ParameterError(self.path(key), f"expected a mapping of string to string, got {shown(v)}")
         return self._keep(key, dict(v))
 
     def mappings(self, key: str) -> list[Mapping[str, Any]]:
@@ -116,18 +152,48 @@ class Params:
         if v is None:
             return self._keep(key, [])
         if not isinstance(v, list) or not all(isinstance(x, Mapping) for x in v):
-            raise ParameterError(key, f"expected a list of mappings, got {shown(v)}")
+            raise ParameterError(self.path(key), f"expected a list of mappings, got {shown(v)}")
         return self._keep(key, [dict(x) for x in v])
+
+    def duration(self, key: str, default: str) -> float:
+        """A Go duration string (llm-d's `"5s"`), in seconds; the effective value is the string."""
+        v = self._get(key)
+        text = default if v is None else v
+        seconds = go_duration(text) if isinstance(text, str) else None
+        if seconds is None:
+            raise ParameterError(self.path(key), f"expected a duration such as \"5s\" or \"250ms\", got {_kind(v)} {shown(v)}")
+        self._keep(key, text)
+        return seconds
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        v = self.string(key, default)
+        if v not in choices:
+            raise ParameterError(self.path(key), f"expected one of {', '.join(choices)}, got {shown(v)}")
+        return v  # type: ignore[return-value]
+
+    def refused(self, key: str, why: str, *, allowed: Callable[[Any], bool] | None = None) -> None:
+        """A parameter llm-d takes and llm-epp cannot honour: given (and not `allowed`), it is refused
+        with `why`; absent (or allowed) it loads and shows as given."""
+        v = self._get(key)
+        if v is None:
+            return
+        if allowed is not None and allowed(v):
+            self._keep(key, v)
+            return
+        raise ParameterError(self.path(key), f"not supported: {why}")
 
     def deprecated(self, key: str, why: str) -> None:
         """A parameter the reference picker also accepts and does nothing with (`why` says so); when given,
         it is accepted with a warning, never silently."""
         v = self._get(key)
         if v is not None:
-            self.warnings.append(f"parameter {key} is deprecated and has no effect: {why}")
+            self.warnings.append(f"parameter {self.path(key)} is deprecated and has no effect: {why}")
 
     def done(self) -> None:
         unknown = sorted(k for k in self._values if k not in self._read)
         if unknown:
             known = ", ".join(sorted(self._read)) or "none"
-            raise ParameterError(unknown[0], f"unknown parameter; this plugin takes: {known}")
+            where = f"{self.prefix.rstrip('.')} takes" if self.prefix else "this plugin takes"
+            raise ParameterError(self.path(unknown[0]), f"unknown parameter; {where}: {known}")
+        for child in self._sections:
+            child.done()

@@ -1,6 +1,7 @@
 """One inference request as the scheduler sees it, decoded once at the edge by the EPP's body parser.
 
-The prompt text is what the approximate prefix index hashes; ~4 characters make a token.
+The prompt text is what the approximate prefix index hashes; ~4 characters make a token, unless a
+token-producer set the prompt's real token ids (`token_ids`) before scheduling.
 """
 
 from __future__ import annotations
@@ -33,7 +34,14 @@ class InferenceRequest:
     # Set when scheduled: the prompt tokens the primary probably has to compute (not cached there),
     # counted on the endpoint until the first response byte.
     prefill_tokens: int = 0
+    # Set by a token-producer before scheduling: the prompt's token ids as the model server computes
+    # them. None: not tokenized, so token counts are estimated from the characters.
+    token_ids: list[int] | None = None
+    # Set by request data producers (session-id-producer): (attribute, producer name) -> value
+    attributes: dict[tuple[str, str], str] = field(default_factory=dict)
 
     @property
     def prompt_tokens(self) -> int:
-        return len(self.prompt_text) // CHARS_PER_TOKEN
+        """The prompt's tokens: counted when a token-producer tokenized it, else estimated (4 characters each)."""
+        ids = self.token_ids
+        return len(ids) if ids is not None else len(self.prompt_text) // CHARS_PER_TOKEN

@@ -4,6 +4,8 @@ A profile is filters + weighted scorers + one picker. With one profile the sched
 with several, a ProfileHandler picks which run (sharing one cycle state) and combines their results
 (P/D: decode, then maybe prefill). Plugins that also implement PreRequest or ResponseComplete are told
 about the combined result and the finished response, once per request whatever profiles they are in.
+Data producers (token-producer, session-id-producer, ...) run first, in config order, over all the
+candidates; they are told about the result and the response the same way.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pickers.framework.request import InferenceRequest
 from pickers.framework.types import (
     SINGLE_PROFILE_HANDLER,
     CycleState,
+    DataProducer,
     DurationObserver,
     PluginTimer,
     PreRequest,
@@ -41,9 +44,11 @@ class Scheduler:
         handler: ProfileHandler | None = None,
         explain: bool = False,
         timer: PluginTimer | None = None,
+        producers: Sequence[object] = (),
     ) -> None:
         """One profile (handler None or single-profile-handler) or several run by `handler`; with
-        `timer`, each filter, scorer and picker call is timed (one observer per plugin)."""
+        `timer`, each filter, scorer and picker call is timed (one observer per plugin). `producers`:
+        the config's plugins outside the profiles (data producers), in config order."""
         all_profiles = (profiles,) if isinstance(profiles, SchedulingProfile) else tuple(profiles)
         if not all_profiles:
             raise ValueError("a scheduler needs at least one profile")
@@ -55,6 +60,9 @@ class Scheduler:
         self.metrics_stale_after = metrics_stale_after
         self.explain = explain
         plugins = list({id(p): p for prof in all_profiles for p in prof.plugins()}.values())
+        self._producers = [p for p in producers if isinstance(p, DataProducer)]
+        plugins += [p for p in producers if all(p is not q for q in plugins)]
+        self.plugins: tuple[object, ...] = tuple(plugins)  # every plugin of the cycle, producers included
         self._pre_request = [p for p in plugins if isinstance(p, PreRequest)]
         self._complete = [p for p in plugins if isinstance(p, ResponseComplete)]
         # id(plugin) -> its observer; empty when not timing, so the loop pays one truth test per call
@@ -72,6 +80,8 @@ class Scheduler:
             raise RequestError(NO_ENDPOINTS, "no endpoints available to serve the request")
         candidates = self._drop_unreachable(candidates)
         cycle = CycleState()
+        for producer in self._producers:
+            producer.produce(request, cycle, candidates)
         explained: dict[str, dict[str, float]] | None = {} if self.explain else None
         if self.handler is not None:
             result = self._schedule_profiles(self.handler, request, cycle, candidates, explained)

@@ -6,6 +6,8 @@
 - PreRequest: told the result after a pick (e.g. the prefix index records the chosen endpoint).
 - ResponseComplete: told when the response finished (or aborted), with the usage if known.
 - ProfileHandler: which scheduling profiles run for a request, and how their results combine.
+- DataProducer: runs before the filters of every cycle and puts what it knows about the request
+  on it (llm-d's PrepareRequestData: token ids, the session id).
 """
 
 from __future__ import annotations
@@ -75,6 +77,30 @@ class SchedulingResult:
     response_headers: dict[str, str] = field(default_factory=dict)
     # several profiles ran (P/D): each one's chosen endpoints, by profile name; None for one profile
     profile_results: dict[str, list[Endpoint]] | None = None
+    # set by an inflight-load-producer: what the request adds to each chosen endpoint's in-flight
+    # counts; None: the EPP's default (one request and prompt + max_tokens on the primary, to the end)
+    in_flight: list[InFlightCharge] | None = None
+
+
+@dataclass(slots=True)
+class InFlightCharge:
+    """What one request adds to one endpoint's in-flight counts, and when each part comes off:
+    `early_tokens` at the response's first byte, `tokens` and the request (when `requests`) at its end;
+    `early_request`: the request itself comes off at the first byte (a prefill endpoint's job is done)."""
+
+    endpoint: Endpoint
+    tokens: int = 0
+    early_tokens: int = 0
+    requests: int = 1
+    early_request: bool = False
+
+
+@runtime_checkable
+class DataProducer(Protocol):
+    type: str
+    name: str
+
+    def produce(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> None: ...
 
 
 @runtime_checkable

@@ -7,14 +7,17 @@ needs reproducing: we keep, per endpoint, engine hash -> our key, and resolve a 
 parent through that map. A request's keys are computed the same way from its own tokens.
 
 Memory is bounded: each endpoint keeps at most `capacity` blocks in LRU order (the engine's own
-removals normally keep it far below that; the bound covers lost BlockRemoved events).
+removals normally keep it far below that; the bound covers lost BlockRemoved events). Two bounds of
+llm-d's in-memory index apply when given (precise-prefix-cache-producer): `max_keys` distinct keys
+(the least recently stored goes first) and `pods_per_key` endpoints per key (the least recently
+stored goes first). A `hash_seed` seeds every chain, as llm-d's `hashSeed` does.
 """
 
 from __future__ import annotations
 
 import struct
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import xxhash
@@ -24,18 +27,23 @@ ROOT_KEY = 0
 _xxh64 = xxhash.xxh64_intdigest
 
 
-def root_key(lora_name: str | None) -> int:
-    return _xxh64(lora_name.encode()) if lora_name else ROOT_KEY
+def root_key(lora_name: str | None, hash_seed: str = "") -> int:
+    base = _xxh64(hash_seed.encode()) if hash_seed else ROOT_KEY
+    if not lora_name:
+        return base
+    return _xxh64(lora_name.encode(), seed=base) if hash_seed else _xxh64(lora_name.encode())
 
 
 def chain_key(parent: int, token_ids: Sequence[int]) -> int:
     return _xxh64(struct.pack(f"<{len(token_ids)}I", *(t & 0xFFFFFFFF for t in token_ids)), seed=parent)
 
 
-def request_keys(token_ids: Sequence[int], block_size: int, max_blocks: int, lora_name: str | None = None) -> list[int]:
+def request_keys(
+    token_ids: Sequence[int], block_size: int, max_blocks: int, lora_name: str | None = None, hash_seed: str = ""
+) -> list[int]:
     """Our keys of the request's leading full blocks (a trailing partial block has none)."""
     keys: list[int] = []
-    parent = root_key(lora_name)
+    parent = root_key(lora_name, hash_seed)
     n = min(len(token_ids) // block_size, max_blocks)
     for i in range(n):
         parent = chain_key(parent, token_ids[i * block_size : (i + 1) * block_size])
@@ -56,9 +64,22 @@ class EndpointBlocks:
 class KVBlockIndex:
     """our key -> endpoints holding it, plus each endpoint's engine-hash map (for removals)."""
 
-    def __init__(self, capacity_per_endpoint: int = DEFAULT_CAPACITY) -> None:
+    def __init__(
+        self,
+        capacity_per_endpoint: int = DEFAULT_CAPACITY,
+        *,
+        max_keys: int | None = None,
+        pods_per_key: int | None = None,
+        hash_seed: str = "",
+    ) -> None:
         self.capacity = capacity_per_endpoint
-        self._holders: dict[int, set[str]] = {}
+        self.max_keys = max_keys
+        self.pods_per_key = pods_per_key
+        self.hash_seed = hash_seed
+        # key -> endpoints holding it, least recently stored first (a dict used as an ordered set)
+        self._holders: dict[int, dict[str, None]] = {}
+        # keys, least recently stored first: kept only with max_keys
+        self._recent: OrderedDict[int, None] | None = OrderedDict() if max_keys is not None else None
         self._endpoints: dict[str, EndpointBlocks] = {}
         self.lora_names: set[str] = set()  # adapters seen in events: their blocks chain from their name
 
@@ -82,7 +103,7 @@ class KVBlockIndex:
         ep = self._ep(address)
         ep.block_size = block_size
         if parent_block_hash is None:
-            parent = root_key(lora_name)
+            parent = root_key(lora_name, self.hash_seed)
             if lora_name:
                 self.lora_names.add(lora_name)
         else:
@@ -91,7 +112,7 @@ class KVBlockIndex:
                 ep.orphans += len(block_hashes)
                 return 0
             parent = found
-        blocks, holders = ep.blocks, self._holders
+        blocks, holders, recent, per_key = ep.blocks, self._holders, self._recent, self.pods_per_key
         for i, engine_hash in enumerate(block_hashes):
             tokens = token_ids[i * block_size : (i + 1) * block_size]
             if len(tokens) < block_size:
@@ -104,13 +125,23 @@ class KVBlockIndex:
             blocks.move_to_end(engine_hash)
             s = holders.get(key)
             if s is None:
-                holders[key] = {address}
+                holders[key] = {address: None}
             else:
-                s.add(address)
+                s.pop(address, None)
+                s[address] = None  # most recent last
+                if per_key is not None and len(s) > per_key:
+                    del s[next(iter(s))]
+            if recent is not None:
+                recent[key] = None
+                recent.move_to_end(key)
             parent = key
         while len(blocks) > self.capacity:
             _, key = blocks.popitem(last=False)
             self._drop(key, address)
+        if recent is not None and self.max_keys is not None:
+            while len(holders) > self.max_keys:
+                old, _ = recent.popitem(last=False)
+                holders.pop(old, None)  # endpoints' maps keep the engine hash: resolving parents still works
         return len(block_hashes)
 
     def block_removed(self, address: str, block_hashes: Iterable[Hashable]) -> None:
@@ -144,25 +175,31 @@ class KVBlockIndex:
     def _drop(self, key: int, address: str) -> None:
         s = self._holders.get(key)
         if s is not None:
-            s.discard(address)
+            s.pop(address, None)
             if not s:
                 del self._holders[key]
+                if self._recent is not None:
+                    self._recent.pop(key, None)
 
     # -- lookups (the scorer) ----------------------------------------------------------------
-    def match(self, keys: Sequence[int]) -> dict[str, int]:
-        """Leading blocks held per endpoint; the walk stops at the first block nobody holds."""
+    def match(self, keys: Sequence[int], extra: Mapping[int, Mapping[str, object]] | None = None) -> dict[str, int]:
+        """Leading blocks held per endpoint; the walk stops at the first block nobody holds. `extra`:
+        more holders per key (speculative entries), counted as if stored."""
         counts: dict[str, int] = {}
         if not keys:
             return counts
-        first = self._holders.get(keys[0])
+        holders_of: Mapping[int, Mapping[str, object]] = self._holders
+        if extra:
+            holders_of = _Union(self._holders, extra)
+        first = holders_of.get(keys[0])
         if not first:
             return counts
         active = set(first)
         for i, key in enumerate(keys):
-            holders = self._holders.get(key)
+            holders = holders_of.get(key)
             if not holders:
                 break
-            active &= holders
+            active.intersection_update(holders)
             if not active:
                 break
             for address in active:
@@ -190,3 +227,18 @@ class KVBlockIndex:
     def memory_bytes(self) -> int:
         """A rough estimate: ~100 bytes per map entry and ~250 per distinct key's holder set."""
         return self.size() * 100 + len(self._holders) * 250
+
+
+class _Union:
+    """Two key -> holders maps read as one (only `get`, what `match` needs)."""
+
+    __slots__ = ("a", "b")
+
+    def __init__(self, a: Mapping[int, Mapping[str, object]], b: Mapping[int, Mapping[str, object]]) -> None:
+        self.a, self.b = a, b
+
+    def get(self, key: int) -> Mapping[str, object] | set[str] | None:
+        x, y = self.a.get(key), self.b.get(key)
+        if x and y:
+            return x.keys() | y.keys()
+        return x or y

@@ -8,19 +8,25 @@ library and renders chat templates with Jinja2 the way `transformers` does (sand
 `SimTokenizer` is the simulator's fake 4-bytes-per-token one, defined here and imported by vllm_sim.
 
 Only a bounded prefix is tokenized: the scorer never matches more than `max_tokens` tokens, so
-a long prompt costs what its first `max_tokens` tokens cost (see `encode_prefix`).
+a long prompt costs what its first `max_tokens` tokens cost (see `encode_prefix`). `RequestTokenizer`
+turns one request (completions prompt, token ids, or chat messages) into its token ids, with a cache.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any, Protocol
 
 import xxhash
 
 from pickers.framework.errors import ConfigError
+from pickers.framework.request import InferenceRequest
 
 # Characters tokenized per wanted token at first; doubled until enough stable tokens come out.
 _CHARS_PER_TOKEN_GUESS = 6
@@ -156,6 +162,97 @@ def load_tokenizer(spec: str) -> Tokenizer:
     if spec == "sim":
         return SimTokenizer()
     return HFTokenizer(spec)
+
+
+_TOKEN_CACHE = 1024  # prompts whose tokens are kept (a retried or repeated prompt is not re-tokenized)
+
+
+class RequestTokenizer:
+    """The request's token ids, as the engine will see them, at most `max_tokens` of them.
+
+    Scoring is synchronous, on the event loop. A real tokenizer runs in a worker thread (it
+    releases the GIL) and the pick waits for it at most `budget` seconds; a prompt not tokenized
+    in time gets no precise score this once (the result is cached for its next request). With
+    `budget` 0 it tokenizes inline (the token-producer calls it so from its own worker thread).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, budget: float = 0.05) -> None:
+        self.tokenizer = tokenizer
+        self.budget = budget
+        self._cache: OrderedDict[tuple[str, int, int], list[int]] = OrderedDict()
+        self._pool: ThreadPoolExecutor | None = None
+        self._running: dict[tuple[str, int, int], Future[list[int]]] = {}
+        self.last_seconds = 0.0  # time the last tokenization took (for tests and logs)
+        self.over_budget = 0  # prompts not tokenized within the budget
+
+    def tokens(self, request: InferenceRequest, max_tokens: int) -> list[int]:
+        body: Mapping[str, Any] = request.body or {}
+        if request.api == "completions":
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and prompt:
+                first = prompt[0]
+                if isinstance(first, int):
+                    return [t for t in prompt if isinstance(t, int)][:max_tokens]
+                if isinstance(first, list):
+                    return [t for t in first if isinstance(t, int)][:max_tokens]
+                prompt = first
+            if not isinstance(prompt, str):
+                return []
+            return self._encode(prompt, max_tokens, add_special_tokens=True)
+        if request.api == "chat":
+            messages = body.get("messages")
+            if not isinstance(messages, list):
+                return []
+            text = self.tokenizer.render_chat(
+                [m for m in messages if isinstance(m, dict)],
+                add_generation_prompt=bool(body.get("add_generation_prompt", True)),
+                tools=body.get("tools"),
+            )
+            return self._encode(text, max_tokens, add_special_tokens=False)
+        return self._encode(request.prompt_text, max_tokens, add_special_tokens=True)
+
+    def _encode(self, text: str, max_tokens: int, *, add_special_tokens: bool) -> list[int]:
+        key = (xxhash.xxh3_128_hexdigest(text.encode("utf-8", "surrogatepass")), max_tokens, int(add_special_tokens))
+        found = self._cache.get(key)
+        if found is not None:
+            self._cache.move_to_end(key)
+            return found
+        if self.tokenizer.cheap or self.budget <= 0:
+            return self._store(key, self._timed(text, max_tokens, add_special_tokens))
+        future = self._running.get(key)
+        if future is None:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+            future = self._pool.submit(self._timed, text, max_tokens, add_special_tokens)
+            self._running[key] = future
+            future.add_done_callback(lambda f: self._finished(key, f))
+        try:
+            return self._store(key, future.result(timeout=self.budget))
+        except FutureTimeout:
+            self.over_budget += 1
+            return []
+
+    def _timed(self, text: str, max_tokens: int, add_special_tokens: bool) -> list[int]:
+        started = time.perf_counter()
+        ids = self.tokenizer.encode_prefix(text, max_tokens, add_special_tokens=add_special_tokens)
+        self.last_seconds = time.perf_counter() - started
+        return ids
+
+    def _finished(self, key: tuple[str, int, int], future: Future[list[int]]) -> None:
+        # worker thread: only dict operations, which the GIL keeps whole
+        self._running.pop(key, None)
+        if not future.cancelled() and future.exception() is None:
+            self._store(key, future.result())
+
+    def _store(self, key: tuple[str, int, int], ids: list[int]) -> list[int]:
+        self._cache[key] = ids
+        self._cache.move_to_end(key)
+        while len(self._cache) > _TOKEN_CACHE:
+            try:
+                self._cache.popitem(last=False)
+            except KeyError:  # the other thread emptied it meanwhile
+                break
+        return ids
 
 
 def _token_text(value: Any) -> str | None:

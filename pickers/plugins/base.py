@@ -8,8 +8,9 @@ The registry (pickers.config.registry) builds a plugin as `cls.from_config(name,
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from pickers.framework.params import Params
 from pickers.indexes.prefix import ApproxPrefixIndex
@@ -39,3 +40,22 @@ class Plugin:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
+
+
+@runtime_checkable
+class PrefixMatchSource(Protocol):
+    """A prefix producer's match, as llm-d's PrefixCacheMatchInfo: per endpoint address, (blocks
+    matched, blocks in the prompt, tokens a block), computed once per cycle."""
+
+    name: str
+
+    def prefix_matches(self, request: Any, cycle: Any, endpoints: Sequence[Any]) -> dict[str, tuple[int, int, int]]: ...
+
+
+@runtime_checkable
+class TokenSource(Protocol):
+    """A plugin that sets `InferenceRequest.token_ids` before scheduling (the token-producer), as the
+    plugins that match tokens find it: `token_backend` is "estimate" (no ids), "vllm" or "local"."""
+
+    name: str
+    token_backend: str

@@ -81,3 +81,56 @@ async def test_a_body_sent_without_pauses_is_routed_past_the_idle_timeout(epp):
 def test_no_request_body_idle_timeout_when_it_is_off():
     opts = ServeOptions(grpc_port=0, grpc_health_port=0, metrics_port=0, admin_port=0, request_body_idle_timeout=0)
     assert EppServer(opts).servicer.limits.body_idle_timeout is None
+
+
+async def _epp_with_token_producer(tmp_path, url: str, timeout: str) -> EppServer:
+    endpoints = tmp_path / "endpoints.yaml"
+    endpoints.write_text("endpoints:\n- {address: 127.0.0.1, port: 9}\n")
+    config = f"""\
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: token-producer
+  parameters: {{modelName: sim-model, vllm: {{url: "{url}", timeout: {timeout}}}}}
+- type: token-load-scorer
+- type: max-score-picker
+"""
+    server = EppServer(ServeOptions(
+        grpc_port=0, grpc_health_port=0, metrics_port=0, admin_port=0, bind_address="127.0.0.1",
+        endpoints_file=str(endpoints), config_text=config,
+    ))  # fmt: skip
+    await server.start()
+    return server
+
+
+@pytest.mark.parametrize("fault", ["none", "hang"])
+async def test_the_pick_waits_for_the_model_servers_tokens_at_most_the_producers_timeout(tmp_path, fault):
+    """The token-producer's render call runs between the body and the pick, on the servicer's stream:
+    answered, the request is routed on the server's token count; hung, on the estimate after the timeout."""
+    import aiohttp
+
+    from vllm_sim.config import SimConfig
+    from vllm_sim.server import SimServer
+
+    async with SimServer(SimConfig.from_profile("gpu", time_scale=0.01)) as sim:
+        async with aiohttp.ClientSession() as http:
+            await http.post(f"{sim.control_url}/sim/fault", json={"mode": fault})
+        epp = await _epp_with_token_producer(tmp_path, sim.url, "0.5s")
+        try:
+            body = b'{"model": "sim-model", "prompt": "' + b"p" * 400 + b'", "max_tokens": 1}'
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{epp.grpc_port}") as channel:
+                call = pb_grpc.ExternalProcessorStub(channel).Process()
+                await call.write(headers_msg())
+                await call.write(body_msg(body, True))
+                reply = await asyncio.wait_for(call.read(), 10)  # never a hang: at most the 0.5 s timeout
+                assert reply.WhichOneof("response") == "request_headers"
+                (ep,) = epp.datastore.candidates()
+                assert ep.in_flight_tokens == 100 + 1  # the sim's 4-bytes-a-token count, or the estimate: 100 either way
+                await call.done_writing()
+                call.cancel()
+            assert sim.render_calls == (1 if fault == "none" else 0)
+            assert epp.token_producer is not None
+            assert dict(epp.token_producer.fallbacks) == ({} if fault == "none" else {"timeout": 1})
+            assert await until_no_stream_is_open(epp) == 0
+        finally:
+            await epp.stop(0)

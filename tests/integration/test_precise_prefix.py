@@ -27,12 +27,33 @@ schedulingProfiles:
   - {pluginRef: precise-prefix-cache-scorer, weight: 1}
   - {pluginRef: max-score-picker}
 """
+# The same routing in llm-d's shape: the request's tokens from a token-producer (the simulator's
+# tokenizer, locally), the KV-event index in a precise-prefix-cache-producer, scored by the generic
+# prefix-cache-scorer that names it (each simulator's port label overrides socketPort).
+PRODUCER_CONFIG = """\
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: token-producer
+  parameters: {local: {tokenizer: sim}}
+- type: precise-prefix-cache-producer
+  parameters:
+    kvEventsConfig: {topicFilter: "kv@"}
+- type: prefix-cache-scorer
+  parameters: {prefixMatchInfoProducerName: precise-prefix-cache-producer}
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - {pluginRef: prefix-cache-scorer, weight: 1}
+  - {pluginRef: max-score-picker}
+"""
 
 
-@pytest.fixture(scope="module")
-def precise_stack(tmp_path_factory) -> Iterator[LocalStack]:
+@pytest.fixture(scope="module", params=["scorer", "producer"])
+def precise_stack(tmp_path_factory, request) -> Iterator[LocalStack]:
     tmp = tmp_path_factory.mktemp("precise")
-    (tmp / "precise.yaml").write_text(CONFIG)
+    (tmp / "precise.yaml").write_text(CONFIG if request.param == "scorer" else PRODUCER_CONFIG)
     with make_stack(tmp, sims=3, kv_events=True, epp_args=("--config-file", str(tmp / "precise.yaml"))) as s:
         time.sleep(0.5)  # the EPP's SUB sockets connect
         yield s
@@ -97,7 +118,8 @@ def test_index_size_is_exported_and_a_restarted_server_leaves_the_index_at_once(
     metrics = f"http://127.0.0.1:{precise_stack.epp_metrics_port}/metrics"
 
     def blocks() -> dict[str, int]:
-        return {e["address"]: e["precise_prefix_blocks"]["precise-prefix-cache-scorer"] for e in get_json(admin)["endpoints"]}
+        # one precise index either way: the scorer's or the producer's
+        return {e["address"]: next(iter(e["precise_prefix_blocks"].values())) for e in get_json(admin)["endpoints"]}
 
     def exported() -> str:
         with urllib.request.urlopen(metrics, timeout=10) as r:

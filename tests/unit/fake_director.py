@@ -26,6 +26,8 @@ class FakeDirector:
     rejections: list[RequestError] = field(default_factory=list)
     first_bytes: int = 0
     in_flight: int = 0
+    prepare_first: bool = False  # parsed requests wait in PREPARING for `prepare`
+    prepared: list[InferenceRequest] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.endpoints = [Endpoint(EndpointSpec(a, *a.rsplit(":", 1)[:1], int(a.rsplit(":", 1)[1]))) for a in self.addresses]
@@ -41,6 +43,12 @@ class FakeDirector:
         destination = ",".join(ep.address for ep in chosen)
         return Routing(request, destination, chosen[0], request.prompt_tokens, self.scores,
                        self.request_headers, self.response_headers, "default")  # fmt: skip
+
+    def needs_data(self, request: InferenceRequest) -> bool:
+        return self.prepare_first
+
+    async def prepare(self, request: InferenceRequest) -> None:
+        self.prepared.append(request)
 
     def finish(self, routing: Routing, outcome: Outcome) -> None:
         self.outcomes.append(outcome)

@@ -166,6 +166,8 @@ def test_effective_parameters_have_the_defaults_filled_in():
         "lruCapacityPerServer": 31250,
         "autoTune": True,
         "prefixMatchInfoProducerName": None,
+        "matchLengthWeight": 0.0,
+        "matchLengthScaleTokens": 8192,
     }
     assert cfg.plugin_parameters["max-score-picker"] == {"maxNumOfEndpoints": 1}
 

@@ -42,7 +42,9 @@ def test_producer_block_settings_become_the_prefix_scorers():
     )
     scorer = cfg.plugins["prefix-cache-scorer"]
     assert (scorer.block_chars, scorer.max_blocks, scorer.lru_capacity, scorer.auto_tune) == (512, 10, 500, False)
-    assert cfg.plugin_parameters["prefix-cache-scorer"] == {"prefixMatchInfoProducerName": "approx-prefix-cache-producer"}
+    assert cfg.plugin_parameters["prefix-cache-scorer"] == {
+        "prefixMatchInfoProducerName": "approx-prefix-cache-producer", "matchLengthWeight": 0.0, "matchLengthScaleTokens": 8192,
+    }
 
 
 def test_producer_defaults_are_llm_ds_with_the_64_token_floor():

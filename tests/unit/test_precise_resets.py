@@ -182,7 +182,7 @@ def test_the_precise_index_size_is_exported_beside_the_approximate_one():
     (scorer,) = precise_scorers(profiles).values()
     scorer.subscriber = sub  # subscribe: false in the config; this one follows the datastore
     m.attach(ds, approx)
-    m.attach_precise(profiles)
+    m.attach_precise(p for prof in profiles for p in prof.plugins())
     for address in (A, B):
         apply_events(scorer.index, address, [BlockStored([1, 2, 3], None, list(range(12)), 4)])
     sub.index = scorer.index
@@ -209,7 +209,7 @@ async def test_debug_endpoints_shows_the_precise_blocks_per_endpoint():
     view = {e["address"]: e for e in endpoints_view(ds, None, precise_scorers(profiles))}
     assert view[A]["precise_prefix_blocks"] == {"precise": 2} and view[B]["precise_prefix_blocks"] == {"precise": 0}
     assert "precise_prefix_blocks" not in endpoints_view(ds, None)[0]
-    director = SimpleNamespace(scheduler=SimpleNamespace(profiles={p.name: p for p in profiles}))
+    director = SimpleNamespace(scheduler=SimpleNamespace(plugins=[p for prof in profiles for p in prof.plugins()]))
     async with TestClient(TestServer(admin_app(ds, None, director, {}))) as client:  # type: ignore[arg-type]
         eps = (await (await client.get("/debug/endpoints")).json())["endpoints"]
     assert [e["precise_prefix_blocks"] for e in eps] == [{"precise": 2}, {"precise": 0}]

@@ -1,130 +1,235 @@
-"""precise-prefix-cache-scorer: the share of the prompt's leading KV blocks each endpoint really
-holds, from the KV events its engine publishes (not from past routing, like prefix-cache-scorer).
+"""Precise prefix matching: the share of the prompt's leading KV blocks each endpoint really holds,
+from the KV events its engine publishes (not from past routing, like the approximate index).
 
-The request is tokenized with the model's tokenizer (chat template for chat requests), cut into
-the engine's blocks (its block size comes from its events), keyed like `pickers.indexes.kv_blocks`, and
-matched against the index the plugin owns. The EPP (extproc.server.runner) feeds that index: with `subscribe`
-on, it starts a KV-event subscriber for the plugin and attaches it as `subscriber`.
+One implementation, configured two ways:
+- `precise-prefix-cache-producer` (llm-d's shape: `tokenProcessorConfig`, `indexerConfig`,
+  `kvEventsConfig`, `speculativeIndexing`): the match for a `prefix-cache-scorer` that names it in
+  `prefixMatchInfoProducerName`; the request's tokens come from the config's `token-producer`.
+- `precise-prefix-cache-scorer` (llm-epp's shape: `tokenizer`, `kvEventsPort`, ...): the same match,
+  scored by the plugin itself, which tokenizes the request with its own tokenizer.
+
+The tokens are cut into each engine's blocks (its block size comes from its events), keyed like
+`pickers.indexes.kv_blocks`, and matched against the index the plugin owns. The EPP
+(extproc.server.runner) feeds that index: it starts a KV-event subscriber for the plugin and
+attaches it as `subscriber`.
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-import xxhash
-
 from pickers.framework.endpoint import Endpoint
+from pickers.framework.errors import shown
 from pickers.framework.params import ParameterError, Params
 from pickers.framework.request import InferenceRequest
-from pickers.framework.types import CycleState
+from pickers.framework.types import CycleState, SchedulingResult
 from pickers.indexes.kv_blocks import DEFAULT_CAPACITY, KVBlockIndex, request_keys
-from pickers.indexes.tokenization import Tokenizer, load_tokenizer
-from pickers.plugins.base import Plugin, PluginContext
+from pickers.indexes.tokenization import RequestTokenizer, Tokenizer, load_tokenizer
+from pickers.plugins.base import Plugin, PluginContext, TokenSource
 
-DEFAULT_BLOCK_SIZE = 16  # until an endpoint's events tell its real block size
+DEFAULT_BLOCK_SIZE = 16  # until an endpoint's events tell its real block size (vLLM's default, llm-d's too)
 MAX_BLOCKS = 256
-_TOKEN_CACHE = 1024  # prompts whose tokens are kept (a retried or repeated prompt is not re-tokenized)
+DEFAULT_KV_EVENTS_PORT = 5557
+# llm-d's defaults (llm-d-kv-cache): in-memory index of 1e8 keys, 10 endpoints per key, topic "kv@",
+# tier weights gpu 1.0 / cpu 0.8, speculative entries living 2 s
+LLMD_INDEX_KEYS = 100_000_000
+LLMD_PODS_PER_KEY = 10
+LLMD_TOPIC_FILTER = "kv@"
+LLMD_BACKENDS = ({"name": "gpu", "weight": 1.0}, {"name": "cpu", "weight": 0.8})
+SPECULATIVE_TTL = "2s"
+LLMD_MAX_TOKENS = DEFAULT_BLOCK_SIZE * 8192  # the producer matches the whole prompt, up to 128K tokens
+
+TOKEN_PRODUCER = "token-producer"
+_LEGACY_SHAPE = ("tokenProcessorConfig", "indexerConfig", "kvEventsConfig", "speculativeIndexing", "speculativeTTL")
 
 
-class PreciseTokenizer:
-    """The request's token ids, as the engine will see them, at most `max_tokens` of them.
+class PrecisePrefixCacheProducer(Plugin):
+    """llm-d's `precise-prefix-cache-producer`: the KV-event index and each endpoint's match in it.
 
-    Scoring is synchronous, on the event loop. A real tokenizer runs in a worker thread (it
-    releases the GIL) and the pick waits for it at most `budget` seconds; a prompt not tokenized
-    in time gets no precise score this once (the result is cached for its next request).
+    Parameters, as llm-d's (llm-d-kv-cache's configuration), and what they do here:
+    - `tokenProcessorConfig.blockSizeTokens` (16; `blockSize` is its deprecated name): the block size
+      assumed for an endpoint until its events tell its own; blocks are matched at each engine's
+      block size (llm-d re-chunks to this size; a finer grain counts the same tokens or more).
+      `hashSeed` seeds every key chain; `hashAlgorithm` (cbor-fnv, xxh64) names llm-d's key hash:
+      keys are internal to the EPP (ours are xxh64 either way), so it changes no routing.
+    - `indexerConfig.kvBlockIndexConfig.inMemoryConfig`: `size` (1e8) distinct keys at most,
+      `podCacheSize` (10) endpoints per key, the least recently stored dropped first. Redis and
+      cost-aware indexes, `metricsLoggingInterval`, other tier weights and `tokenizersPoolConfig`
+      are refused with the reason.
+    - `kvEventsConfig`: `discoverPods` (true) subscribes to every endpoint of the pool at
+      `podDiscoveryConfig.socketPort` (5557; the endpoint label `llm-epp/kv-events-port` overrides
+      it); `zmqEndpoint` binds one socket the engines connect to, the endpoint named by the topic
+      `kv@<ip:port>@<model>`; `topicFilter` ("kv@") is the subscription prefix.
+    - `speculativeIndexing` (false): after a pick, the chosen endpoints hold the request's blocks for
+      `speculativeTTL` (2s) before their engines' events confirm them.
     """
 
-    def __init__(self, tokenizer: Tokenizer, budget: float = 0.05) -> None:
-        self.tokenizer = tokenizer
-        self.budget = budget
-        self._cache: OrderedDict[tuple[str, int, int], list[int]] = OrderedDict()
-        self._pool: ThreadPoolExecutor | None = None
-        self._running: dict[tuple[str, int, int], Future[list[int]]] = {}
-        self.last_seconds = 0.0  # time the last tokenization took (for tests and logs)
-        self.over_budget = 0  # prompts not tokenized within the budget
+    type = "precise-prefix-cache-producer"
 
-    def tokens(self, request: InferenceRequest, max_tokens: int) -> list[int]:
-        body: Mapping[str, Any] = request.body or {}
-        if request.api == "completions":
-            prompt = body.get("prompt")
-            if isinstance(prompt, list) and prompt:
-                first = prompt[0]
-                if isinstance(first, int):
-                    return [t for t in prompt if isinstance(t, int)][:max_tokens]
-                if isinstance(first, list):
-                    return [t for t in first if isinstance(t, int)][:max_tokens]
-                prompt = first
-            if not isinstance(prompt, str):
-                return []
-            return self._encode(prompt, max_tokens, add_special_tokens=True)
-        if request.api == "chat":
-            messages = body.get("messages")
-            if not isinstance(messages, list):
-                return []
-            text = self.tokenizer.render_chat(
-                [m for m in messages if isinstance(m, dict)],
-                add_generation_prompt=bool(body.get("add_generation_prompt", True)),
-                tools=body.get("tools"),
-            )
-            return self._encode(text, max_tokens, add_special_tokens=False)
-        return self._encode(request.prompt_text, max_tokens, add_special_tokens=True)
+    def __init__(
+        self,
+        name: str = "precise-prefix-cache-producer",
+        *,
+        index: KVBlockIndex | None = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        max_blocks: int = LLMD_MAX_TOKENS // DEFAULT_BLOCK_SIZE,
+        discover_pods: bool = True,
+        kv_events_port: int = DEFAULT_KV_EVENTS_PORT,
+        zmq_endpoint: str | None = None,
+        topic_filter: str = LLMD_TOPIC_FILTER,
+        speculative_ttl: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self.index = index if index is not None else KVBlockIndex()
+        self.block_size = block_size
+        self.max_blocks = max_blocks
+        self.discover_pods = discover_pods  # one subscription per endpoint of the pool
+        self.kv_events_port = kv_events_port  # 0: only endpoints that name theirs in a label
+        self.zmq_endpoint = zmq_endpoint  # bind here for engines that connect (llm-d's global socket)
+        self.topic_filter = topic_filter
+        self.subscriber: Any = None  # the EPP's extproc.datalayer.kv_events.KVEventSubscriber, once started
+        self.token_source: TokenSource | None = None  # the token-producer bound (None: no real tokens)
+        self.speculative_ttl = speculative_ttl  # None: speculative indexing off
+        self._clock = clock
+        self._speculative: dict[int, dict[str, float]] = {}  # key -> endpoint -> expiry
+        self._speculative_order: deque[tuple[float, int, str]] = deque()
 
-    def _encode(self, text: str, max_tokens: int, *, add_special_tokens: bool) -> list[int]:
-        key = (xxhash.xxh3_128_hexdigest(text.encode("utf-8", "surrogatepass")), max_tokens, int(add_special_tokens))
-        found = self._cache.get(key)
-        if found is not None:
-            self._cache.move_to_end(key)
-            return found
-        if self.tokenizer.cheap or self.budget <= 0:
-            return self._store(key, self._timed(text, max_tokens, add_special_tokens))
-        future = self._running.get(key)
-        if future is None:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
-            future = self._pool.submit(self._timed, text, max_tokens, add_special_tokens)
-            self._running[key] = future
-            future.add_done_callback(lambda f: self._finished(key, f))
-        try:
-            return self._store(key, future.result(timeout=self.budget))
-        except FutureTimeout:
-            self.over_budget += 1
+    @property
+    def subscribe(self) -> bool:
+        """Whether the EPP feeds this index from KV events."""
+        return self.discover_pods or bool(self.zmq_endpoint)
+
+    @classmethod
+    def from_config(cls, name: str, p: Params, ctx: PluginContext) -> PrecisePrefixCacheProducer:
+        return cls(name, **llmd_settings(p))
+
+    def bind_config(self, plugins: Mapping[str, object], profiles: Mapping[str, Any], handler: object) -> list[str]:
+        """Read the request's tokens from the config's token-producer (llm-d requires one upstream)."""
+        sources = [q for q in plugins.values() if isinstance(q, TokenSource)]
+        if len(sources) > 1:
+            named = [q for q in sources if q.name == TOKEN_PRODUCER]
+            if not named:
+                raise ParameterError(
+                    "", f"{len(sources)} token producers ({', '.join(q.name for q in sources)}); name the one this "
+                    f"producer reads {TOKEN_PRODUCER}, llm-d's default",
+                )
+            sources = named
+        self.token_source = sources[0] if sources else None
+        if self.real_tokens:
             return []
+        return [
+            (f"no {TOKEN_PRODUCER} gives the model's token ids (its vllm or local backend): the tokens are estimated, "
+             "as in llm-d, and estimated tokens never match an engine's KV blocks")
+        ]
 
-    def _timed(self, text: str, max_tokens: int, add_special_tokens: bool) -> list[int]:
-        started = time.perf_counter()
-        ids = self.tokenizer.encode_prefix(text, max_tokens, add_special_tokens=add_special_tokens)
-        self.last_seconds = time.perf_counter() - started
-        return ids
+    @property
+    def real_tokens(self) -> bool:
+        """Whether the bound token-producer gives the engine's token ids (not an estimate)."""
+        return isinstance(self.token_source, TokenSource) and self.token_source.token_backend != "estimate"
 
-    def _finished(self, key: tuple[str, int, int], future: Future[list[int]]) -> None:
-        # worker thread: only dict operations, which the GIL keeps whole
-        self._running.pop(key, None)
-        if not future.cancelled() and future.exception() is None:
-            self._store(key, future.result())
+    def tokens(self, request: InferenceRequest, max_tokens: int) -> Sequence[int]:
+        """The request's token ids, at most `max_tokens` (none when no token-producer tokenized it)."""
+        ids = request.token_ids
+        if not ids:
+            return ()
+        return ids if len(ids) <= max_tokens else ids[:max_tokens]
 
-    def _store(self, key: tuple[str, int, int], ids: list[int]) -> list[int]:
-        self._cache[key] = ids
-        self._cache.move_to_end(key)
-        while len(self._cache) > _TOKEN_CACHE:
-            try:
-                self._cache.popitem(last=False)
-            except KeyError:  # the other thread emptied it meanwhile
-                break
-        return ids
+    def block_size_for(self, address: str) -> int:
+        return self.index.block_size_of(address) or self.block_size
+
+    def matches(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> dict[str, tuple[int, int]]:
+        """address -> (leading blocks held, blocks in the prompt); keys and lookups once per cycle
+        and block size, whichever profile asks."""
+        key = f"precise-prefix/{self.name}"
+        state = cycle.data.get(key)
+        if not isinstance(state, _CycleMatch):
+            sizes = {self.block_size_for(ep.address) for ep in endpoints} or {self.block_size}
+            ids = self.tokens(request, max(sizes) * self.max_blocks)
+            lora = request.model if request.model in self.index.lora_names else None
+            state = cycle.data[key] = _CycleMatch(ids, lora)
+        self._expire()
+        extra = self._speculative or None
+        out: dict[str, tuple[int, int]] = {}
+        for ep in endpoints:
+            size = self.block_size_for(ep.address)
+            found = state.by_size.get(size)
+            if found is None:
+                keys = request_keys(state.ids, size, self.max_blocks, state.lora, self.index.hash_seed)
+                found = state.by_size[size] = (keys, self.index.match(keys, extra))
+            keys, matched = found
+            out[ep.address] = (matched.get(ep.address, 0), len(keys))
+        return out
+
+    def prefix_matches(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> dict[str, tuple[int, int, int]]:
+        """address -> (blocks matched, blocks in the prompt, tokens a block): llm-d's PrefixCacheMatchInfo."""
+        return {a: (held, total, self.block_size_for(a)) for a, (held, total) in self.matches(request, cycle, endpoints).items()}
+
+    # -- speculative indexing ------------------------------------------------------------------
+    def pre_request(self, request: InferenceRequest, cycle: CycleState, result: SchedulingResult) -> None:
+        """With speculativeIndexing: the chosen endpoints (each profile's first) hold the request's
+        blocks until the TTL runs out, so the next request with this prefix follows before the
+        engine's own events arrive."""
+        ttl = self.speculative_ttl
+        state = cycle.data.get(f"precise-prefix/{self.name}")
+        if ttl is None or not result.endpoints or not isinstance(state, _CycleMatch) or not state.ids:
+            return
+        chosen = [result.endpoints[0]]
+        if result.profile_results is not None:
+            chosen += [eps[0] for eps in result.profile_results.values() if eps and eps[0] is not result.endpoints[0]]
+        expires = self._clock() + ttl
+        for ep in chosen:
+            size = self.block_size_for(ep.address)
+            found = state.by_size.get(size)
+            keys = found[0] if found else request_keys(state.ids, size, self.max_blocks, state.lora, self.index.hash_seed)
+            for k in keys:
+                self._speculative.setdefault(k, {})[ep.address] = expires
+                self._speculative_order.append((expires, k, ep.address))
+
+    def _expire(self) -> None:
+        order = self._speculative_order
+        if not order:
+            return
+        now = self._clock()
+        spec = self._speculative
+        while order and order[0][0] <= now:
+            expires, k, address = order.popleft()
+            holders = spec.get(k)
+            if holders is not None and holders.get(address) == expires:  # not renewed since
+                del holders[address]
+                if not holders:
+                    del spec[k]
+
+    def speculative_entries(self) -> int:
+        self._expire()
+        return sum(len(h) for h in self._speculative.values())
 
 
-class PrecisePrefixCacheScorer(Plugin):
+class _CycleMatch:
+    """One cycle's tokens and, per block size, the request's keys and who holds them."""
+
+    __slots__ = ("by_size", "ids", "lora")
+
+    def __init__(self, ids: Sequence[int], lora: str | None) -> None:
+        self.ids = ids
+        self.lora = lora
+        self.by_size: dict[int, tuple[list[int], dict[str, int]]] = {}
+
+
+class PrecisePrefixCacheScorer(PrecisePrefixCacheProducer):
+    """precise-prefix-cache-scorer: the precise match, scored (leading blocks held / blocks in the
+    prompt). llm-epp's shape tokenizes with the plugin's own `tokenizer`; llm-d's (the producer's
+    parameters, deprecated in llm-d for producer + prefix-cache-scorer) reads the token-producer's."""
+
     type = "precise-prefix-cache-scorer"
     category = "affinity"
 
     def __init__(
         self,
-        tokenizer: Tokenizer,
+        tokenizer: Tokenizer | None,
         name: str = "precise-prefix-cache-scorer",
         *,
         index: KVBlockIndex | None = None,
@@ -132,19 +237,24 @@ class PrecisePrefixCacheScorer(Plugin):
         block_size: int = DEFAULT_BLOCK_SIZE,
         max_blocks: int = MAX_BLOCKS,
         subscribe: bool = True,
-        kv_events_port: int = 5557,
+        kv_events_port: int = DEFAULT_KV_EVENTS_PORT,
+        **llmd: Any,
     ) -> None:
-        self.name = name
-        self.index = index if index is not None else KVBlockIndex()
-        self.tokenize = PreciseTokenizer(tokenizer, tokenize_budget)
-        self.block_size = block_size
-        self.max_blocks = max_blocks
-        self.subscribe = subscribe  # the EPP starts a KV-event subscriber for this index
-        self.kv_events_port = kv_events_port  # 0: only endpoints that name theirs in a label
-        self.subscriber: Any = None  # the EPP's extproc.datalayer.kv_events.KVEventSubscriber, once started
+        subscribe = llmd.pop("discover_pods", subscribe)
+        super().__init__(
+            name, index=index, block_size=block_size, max_blocks=max_blocks, discover_pods=subscribe,
+            kv_events_port=kv_events_port, topic_filter=llmd.pop("topic_filter", ""), **llmd,
+        )  # fmt: skip
+        self.tokenize = RequestTokenizer(tokenizer, tokenize_budget) if tokenizer is not None else None
 
     @classmethod
     def from_config(cls, name: str, p: Params, ctx: PluginContext) -> PrecisePrefixCacheScorer:
+        if any(p.given(k) for k in _LEGACY_SHAPE) and not p.given("tokenizer"):
+            p.warnings.append(
+                f"{cls.type} with {PrecisePrefixCacheProducer.type}'s parameters is deprecated in llm-d: configure "
+                f"a {PrecisePrefixCacheProducer.type} and a prefix-cache-scorer with prefixMatchInfoProducerName"
+            )
+            return cls(None, name, **llmd_settings(p))
         spec = p.string("tokenizer", required=True)
         assert spec is not None
         try:
@@ -152,8 +262,10 @@ class PrecisePrefixCacheScorer(Plugin):
         except Exception as e:  # a missing folder, a broken tokenizer.json
             raise ParameterError("tokenizer", f"cannot load a tokenizer from {spec!r}: {e}") from None
         index = KVBlockIndex(p.integer("capacityPerEndpoint", DEFAULT_CAPACITY, minimum=1))
-        port = p.integer("kvEventsPort", 5557, minimum=0)  # 0: only endpoints with the port label
+        port = p.integer("kvEventsPort", DEFAULT_KV_EVENTS_PORT, minimum=0)  # 0: only endpoints with the port label
         subscribe = p.flag("subscribe", True)
+        for k in _LEGACY_SHAPE:
+            p.refused(k, f"llm-d's {PrecisePrefixCacheProducer.type} parameter; with `tokenizer` this scorer takes llm-epp's")
         return cls(
             tokenizer, name, index=index,
             tokenize_budget=p.number("tokenizeBudgetMs", 50.0, minimum=0.0) / 1000.0,
@@ -162,38 +274,114 @@ class PrecisePrefixCacheScorer(Plugin):
             subscribe=subscribe, kv_events_port=port,
         )  # fmt: skip
 
-    def matches(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> dict[str, tuple[int, int]]:
-        """address -> (leading blocks held, blocks in the prompt), computed once per cycle."""
-        key = f"precise-prefix/{self.name}"
-        found = cycle.data.get(key)
-        if isinstance(found, dict):
-            return found
-        sizes = {ep.address: self.index.block_size_of(ep.address) or self.block_size for ep in endpoints}
-        max_tokens = max(sizes.values(), default=self.block_size) * self.max_blocks
-        tokens = self.tokenize.tokens(request, max_tokens)
-        lora = request.model if request.model in self.index.lora_names else None
-        by_size: dict[int, tuple[list[int], dict[str, int]]] = {}
-        out: dict[str, tuple[int, int]] = {}
-        for address, size in sizes.items():
-            if size not in by_size:
-                keys = request_keys(tokens, size, self.max_blocks, lora)
-                by_size[size] = (keys, self.index.match(keys))
-            keys, matched = by_size[size]
-            out[address] = (matched.get(address, 0), len(keys))
-        cycle.data[key] = out
-        return out
+    def bind_config(self, plugins: Mapping[str, object], profiles: Mapping[str, Any], handler: object) -> list[str]:
+        return [] if self.tokenize is not None else super().bind_config(plugins, profiles, handler)
+
+    @property
+    def real_tokens(self) -> bool:
+        return self.tokenize is not None or super().real_tokens
+
+    def tokens(self, request: InferenceRequest, max_tokens: int) -> Sequence[int]:
+        if self.tokenize is None:
+            return super().tokens(request, max_tokens)
+        return self.tokenize.tokens(request, max_tokens)
 
     def score(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> list[float]:
         m = self.matches(request, cycle, endpoints)
         return [(held / total if total else 0.0) for held, total in (m[ep.address] for ep in endpoints)]
 
 
-def precise_scorers(profiles: Iterable[Any]) -> dict[str, Any]:
-    """plugin name -> each distinct precise-prefix-cache-scorer of these scheduling profiles, for the
+def llmd_settings(p: Params) -> dict[str, Any]:
+    """llm-d's precise-prefix-cache-producer parameters, read into the producer's settings."""
+    tp = p.section("tokenProcessorConfig")
+    legacy = tp.integer("blockSize", 0, minimum=0)
+    if legacy:
+        p.warnings.append("parameter tokenProcessorConfig.blockSize is deprecated: use blockSizeTokens (the same number)")
+    else:
+        del tp.effective["blockSize"]  # deprecated: shown only when given
+    block = tp.integer("blockSizeTokens", 0, minimum=0) or legacy or DEFAULT_BLOCK_SIZE  # 0: unset, as in llm-d
+    tp.effective["blockSizeTokens"] = block
+    seed = tp.string("hashSeed", "") or ""
+    algorithm = tp.string("hashAlgorithm", "cbor-fnv") or "cbor-fnv"
+    if algorithm not in ("cbor-fnv", "xxh64"):
+        raise ParameterError("tokenProcessorConfig.hashAlgorithm", f"expected cbor-fnv or xxh64, got {shown(algorithm)}")
+    tp.effective["hashAlgorithm"] = algorithm
+
+    ix = p.section("indexerConfig")
+    ix.refused("tokenizersPoolConfig", "this producer reads the request's tokens from a token-producer (as in llm-d, "
+               "which refuses it here too); configure a token-producer")  # fmt: skip
+    kbi = ix.section("kvBlockIndexConfig")
+    kbi.refused("redisConfig", "the index is kept in memory, one per EPP replica; there is no Redis backend")
+    kbi.refused("costAwareMemoryConfig", "only the in-memory index (inMemoryConfig: size in keys) is implemented")
+    mem = kbi.section("inMemoryConfig")
+    max_keys = mem.integer("size", LLMD_INDEX_KEYS, minimum=1)
+    pods_per_key = mem.integer("podCacheSize", LLMD_PODS_PER_KEY, minimum=1)
+    if kbi.flag("enableMetrics", False):
+        p.warnings.append(
+            "indexerConfig.kvBlockIndexConfig.enableMetrics: llm-d's kvblock admission/eviction/hit metrics are not "
+            "exported; the precise index's own (inference_extension_precise_prefix_indexer_size, ..._resets_total) always are"
+        )
+    kbi.refused("metricsLoggingInterval", "index metrics are not logged periodically; scrape /metrics",
+                allowed=lambda v: v in (0, "0", "0s"))  # fmt: skip
+    backends = ix.mappings("kvCacheBackendConfigs")
+    if backends and [dict(b) for b in backends] != [dict(b) for b in LLMD_BACKENDS]:
+        raise ParameterError(
+            "indexerConfig.kvCacheBackendConfigs",
+            "not supported: KV-cache tiers are not told apart (a block stored on any medium counts as held), "
+            "so only llm-d's default weights (gpu 1.0, cpu 0.8) load",
+        )
+    if not backends:
+        ix.effective["kvCacheBackendConfigs"] = [dict(b) for b in LLMD_BACKENDS]
+
+    kv = p.section("kvEventsConfig")
+    zmq_endpoint = kv.string("zmqEndpoint", "") or None
+    topic_filter = kv.string("topicFilter", LLMD_TOPIC_FILTER) or ""
+    if kv.given("concurrency"):
+        kv.integer("concurrency", 4, minimum=1)
+        p.warnings.append("kvEventsConfig.concurrency has no effect: events are decoded on the EPP's event loop, in order per endpoint")
+    else:
+        kv.effective["concurrency"] = 4
+    engine = kv.string("engineType", "vllm") or "vllm"
+    if engine != "vllm":
+        raise ParameterError("kvEventsConfig.engineType", f"not supported: {shown(engine)}; only vLLM's KV events are decoded")
+    discover = kv.flag("discoverPods", True)
+    pod = kv.section("podDiscoveryConfig")
+    unused = "llm-d's EPP does not read it either: every endpoint of the pool is followed"
+    pod.deprecated("podLabelSelector", unused)
+    pod.deprecated("podNamespace", unused)
+    port = pod.integer("socketPort", DEFAULT_KV_EVENTS_PORT, minimum=1)
+    pod.refused("replaySocketPort", "replaying missed events is not implemented: after lost events the endpoint's "
+                "entries are dropped and rebuilt from the events that follow",
+                allowed=lambda v: isinstance(v, int) and not isinstance(v, bool) and v <= 0)  # fmt: skip
+    if not discover and not zmq_endpoint:
+        p.warnings.append("kvEventsConfig: discoverPods is false and no zmqEndpoint is set, so no KV events feed this index")
+
+    speculative = p.flag("speculativeIndexing", False)
+    ttl = p.duration("speculativeTTL", SPECULATIVE_TTL)
+    if ttl <= 0:
+        ttl = 2.0  # as llm-d: a zero or negative TTL means the default
+    return {
+        "index": KVBlockIndex(DEFAULT_CAPACITY, max_keys=max_keys, pods_per_key=pods_per_key, hash_seed=seed),
+        "block_size": block,
+        "max_blocks": max(1, LLMD_MAX_TOKENS // block),
+        "discover_pods": discover,
+        "kv_events_port": port,
+        "zmq_endpoint": zmq_endpoint,
+        "topic_filter": topic_filter,
+        "speculative_ttl": ttl if speculative else None,
+    }
+
+
+def precise_indexes(plugins: Iterable[object]) -> dict[str, PrecisePrefixCacheProducer]:
+    """plugin name -> each distinct precise index among these plugins (producers and scorers), for the
     EPP to feed and for the metrics and the admin views."""
-    out: dict[str, Any] = {}
-    for prof in profiles:
-        for plugin in prof.plugins():
-            if getattr(plugin, "type", "") == PrecisePrefixCacheScorer.type and isinstance(getattr(plugin, "index", None), KVBlockIndex):
-                out.setdefault(str(plugin.name), plugin)
+    out: dict[str, PrecisePrefixCacheProducer] = {}
+    for plugin in plugins:
+        if isinstance(plugin, PrecisePrefixCacheProducer):
+            out.setdefault(plugin.name, plugin)
     return out
+
+
+def precise_scorers(profiles: Iterable[Any]) -> dict[str, PrecisePrefixCacheProducer]:
+    """The precise indexes of these scheduling profiles' plugins (see `precise_indexes`)."""
+    return precise_indexes(p for prof in profiles for p in prof.plugins())

@@ -10,6 +10,11 @@ Two config shapes set the block settings:
 - llm-d's: on an `approx-prefix-cache-producer` (`blockSizeTokens`, `maxPrefixTokensToMatch`, ...),
   which the scorer names in `prefixMatchInfoProducerName` (or the config's only producer). Bound to a
   producer, the scorer takes the producer's settings; giving them on the scorer as well is refused.
+  Named in `prefixMatchInfoProducerName`, a `precise-prefix-cache-producer` gives the match instead
+  (the KV-event index; nothing is recorded in the approximate one).
+
+Score, as llm-d's: `matchLengthWeight * min(1, matched tokens / matchLengthScaleTokens)^2 +
+(1 - matchLengthWeight) * matched blocks / prompt blocks` (weight 0 by default: the ratio alone).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from pickers.framework.params import ParameterError, Params
 from pickers.framework.request import CHARS_PER_TOKEN, InferenceRequest
 from pickers.framework.types import CycleState, SchedulingResult
 from pickers.indexes.prefix import BLOCK_CHARS, DEFAULT_CAPACITY, MAX_BLOCKS, ApproxPrefixIndex, block_hashes
-from pickers.plugins.base import Plugin, PluginContext
+from pickers.plugins.base import Plugin, PluginContext, PrefixMatchSource
 
 
 @dataclass(slots=True, frozen=True)
@@ -79,7 +84,10 @@ class PrefixCacheScorer(Plugin):
         self.auto_tune = auto_tune
         self.producer_name: str | None = None  # prefixMatchInfoProducerName as given
         self.producer: ApproxPrefixCacheProducer | None = None  # bound by the loader
+        self.precise: PrefixMatchSource | None = None  # a precise-prefix-cache-producer, bound by the loader
         self.own_settings: tuple[str, ...] = ()  # the GIE block settings given on the scorer itself
+        self.match_length_weight = 0.0  # llm-d's matchLengthWeight: 0 = the ratio alone
+        self.match_length_scale = DEFAULT_MATCH_LENGTH_SCALE
 
     @classmethod
     def from_config(cls, name: str, p: Params, ctx: PluginContext) -> PrefixCacheScorer:
@@ -93,6 +101,13 @@ class PrefixCacheScorer(Plugin):
         )
         scorer.own_settings = tuple(k for k in _GIE_SETTINGS if p.given(k))
         scorer.producer_name = p.string("prefixMatchInfoProducerName")
+        weight = p.number("matchLengthWeight", 0.0, minimum=0.0)
+        if weight > 1.0:
+            raise ParameterError("matchLengthWeight", f"must be between 0.0 and 1.0, got {weight:g}")
+        scale = p.integer("matchLengthScaleTokens", DEFAULT_MATCH_LENGTH_SCALE)
+        if weight > 0.0 and scale <= 0:
+            raise ParameterError("matchLengthScaleTokens", f"must be > 0 when matchLengthWeight is > 0, got {scale}")
+        scorer.match_length_weight, scorer.match_length_scale = weight, scale
         return scorer
 
     def bind_config(self, plugins: Mapping[str, object], profiles: Mapping[str, Any], handler: object) -> None:
@@ -105,11 +120,20 @@ class PrefixCacheScorer(Plugin):
                     "prefixMatchInfoProducerName",
                     f"no plugin named {shown(self.producer_name)}; defined: {', '.join(plugins)}",
                 )
+            if isinstance(found, PrefixMatchSource) and not isinstance(found, (ApproxPrefixCacheProducer, PrefixCacheScorer)):
+                if self.own_settings:  # a precise producer: no approximate blocks to set
+                    raise ParameterError(
+                        self.own_settings[0],
+                        f"this scorer reads the match of {shown(found.name)} (KV events), which has no approximate "
+                        f"block settings; remove {', '.join(self.own_settings)}",
+                    )
+                self.precise = found
+                return
             if not isinstance(found, ApproxPrefixCacheProducer):
                 raise ParameterError(
                     "prefixMatchInfoProducerName",
                     f"plugin {shown(self.producer_name)} ({getattr(found, 'type', '?')}) is not an "
-                    f"{ApproxPrefixCacheProducer.type}",
+                    f"{ApproxPrefixCacheProducer.type} or a precise-prefix-cache-producer",
                 )
             producer: ApproxPrefixCacheProducer | None = found
         elif not producers:
@@ -140,21 +164,40 @@ class PrefixCacheScorer(Plugin):
         self.auto_tune = producer.auto_tune
 
     def effective_parameters(self, given: Mapping[str, Any]) -> Mapping[str, Any]:
-        if self.producer is None:
+        source = self.producer or self.precise
+        if source is None:
             return given
         out = {k: v for k, v in given.items() if k not in _GIE_SETTINGS}
-        out["prefixMatchInfoProducerName"] = self.producer.name
+        out["prefixMatchInfoProducerName"] = source.name
         return out
 
+    def prefix_matches(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> dict[str, tuple[int, int, int]]:
+        """The match this scorer scores: the precise producer's, or the approximate index's."""
+        if self.precise is not None:
+            return self.precise.prefix_matches(request, cycle, endpoints)
+        return approx_matches(request, cycle, self.index, self.block_chars, self.max_blocks, endpoints)
+
     def score(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> list[float]:
-        m = prefix_match(request, cycle, self.index, self.block_chars, self.max_blocks)
-        if not m.hashes:
-            return [0.0] * len(endpoints)
-        total = len(m.hashes)
-        return [m.matched.get(ep.address, 0) / total for ep in endpoints]
+        if self.precise is None and self.match_length_weight == 0.0:  # the common case, without per-endpoint tuples
+            m = prefix_match(request, cycle, self.index, self.block_chars, self.max_blocks)
+            if not m.hashes:
+                return [0.0] * len(endpoints)
+            total = len(m.hashes)
+            return [m.matched.get(ep.address, 0) / total for ep in endpoints]
+        matches = self.prefix_matches(request, cycle, endpoints)
+        w, scale = self.match_length_weight, self.match_length_scale
+        out: list[float] = []
+        for ep in endpoints:
+            held, total, block_tokens = matches.get(ep.address, (0, 0, 0))
+            if not total:
+                out.append(0.0)
+                continue
+            length = min(1.0, held * block_tokens / scale) ** 2 if w > 0.0 else 0.0
+            out.append(w * length + (1.0 - w) * held / total)
+        return out
 
     def pre_request(self, request: InferenceRequest, cycle: CycleState, result: SchedulingResult) -> None:
-        if not result.endpoints:
+        if not result.endpoints or self.precise is not None:  # the precise index follows KV events instead
             return
         m = prefix_match(request, cycle, self.index, self.block_chars, self.max_blocks)
         if m.hashes:
@@ -175,12 +218,27 @@ class PrefixCacheScorer(Plugin):
         return self.lru_capacity
 
 
+def approx_matches(
+    request: InferenceRequest,
+    cycle: CycleState,
+    index: ApproxPrefixIndex,
+    block_chars: int,
+    max_blocks: int,
+    endpoints: Sequence[Endpoint],
+) -> dict[str, tuple[int, int, int]]:
+    """The approximate match per endpoint as (blocks held, blocks in the prompt, tokens a block)."""
+    m = prefix_match(request, cycle, index, block_chars, max_blocks)
+    total, block_tokens = len(m.hashes), max(1, block_chars // CHARS_PER_TOKEN)
+    return {ep.address: (m.matched.get(ep.address, 0), total, block_tokens) for ep in endpoints}
+
+
 def _cache_salt(request: InferenceRequest) -> str:
     salt = request.body.get("cache_salt") if request.body else None
     return salt if isinstance(salt, str) else ""
 
 
 _GIE_SETTINGS = ("blockSize", "maxPrefixBlocksToMatch", "lruCapacityPerServer", "autoTune")
+DEFAULT_MATCH_LENGTH_SCALE = 8192  # llm-d's matchLengthScaleTokens
 
 # llm-d's approx-prefix-cache-producer defaults, and its floor on the block size (llm-d-router #1158:
 # smaller blocks make the index huge; routing matches at a coarser grain than the server caches).
@@ -212,6 +270,7 @@ class ApproxPrefixCacheProducer(Plugin):
         self,
         name: str = "approx-prefix-cache-producer",
         *,
+        index: ApproxPrefixIndex | None = None,
         block_tokens: int = PRODUCER_BLOCK_TOKENS,
         max_tokens: int = PRODUCER_MAX_TOKENS,
         max_blocks: int = PRODUCER_MAX_BLOCKS,
@@ -219,6 +278,7 @@ class ApproxPrefixCacheProducer(Plugin):
         auto_tune: bool = True,
     ) -> None:
         self.name = name
+        self.index = index if index is not None else ApproxPrefixIndex()  # the shared one (PluginContext)
         tokens = max(MIN_BLOCK_TOKENS, block_tokens)
         self.block_chars = tokens * CHARS_PER_TOKEN
         if max_tokens > 0:
@@ -250,9 +310,14 @@ class ApproxPrefixCacheProducer(Plugin):
             p.warnings.append(f"blockSizeTokens {block_tokens} is below the minimum {MIN_BLOCK_TOKENS}; using {MIN_BLOCK_TOKENS} (as llm-d)")
         return cls(
             name,
+            index=ctx.prefix_index,
             block_tokens=block_tokens,
             max_tokens=max_tokens,
             max_blocks=max_blocks,
             lru_capacity=p.integer("lruCapacityPerServer", DEFAULT_CAPACITY, minimum=1),
             auto_tune=auto_tune,
         )
+
+    def prefix_matches(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> dict[str, tuple[int, int, int]]:
+        """The approximate match with this producer's block settings (what its scorers read)."""
+        return approx_matches(request, cycle, self.index, self.block_chars, self.max_blocks, endpoints)

@@ -1,0 +1,219 @@
+"""token-producer (llm-d; its old name `tokenizer` loads with llm-d's deprecation warning): the prompt's
+token ids, set on the request (`InferenceRequest.token_ids`) before scheduling. What counts tokens
+then counts them (the P/D decider's `nonCachedTokens`, the in-flight token load, prefill work) and
+precise-prefix-cache-producer matches them against the engines' KV blocks.
+
+One backend per config, chosen as llm-d chooses it:
+- `estimate` (the default, also `estimate: {}`): no tokenizer, no ids; counts stay the 4-characters-
+  a-token estimate.
+- `vllm` (or `modelName` alone): the model server's own tokenization, from vLLM's render endpoints
+  (POST {url}/v1/completions/render, /v1/chat/completions/render; `vllm serve` and the GPU-less
+  `vllm launch render` serve them), with the body as the client sent it and `model: modelName`.
+  The call is the EPP's (extproc.requestcontrol.render attaches it as `renderer`); it is awaited
+  before the pick, at most `vllm.timeout` (5s; `vllm.mmTimeout`, 30s, when a message has content
+  parts), and a request whose call fails or times out is scheduled on the estimate.
+- `local` (llm-epp's): `local.tokenizer` is a tokenizer folder (tokenizer.json, the chat template)
+  or `sim` (the simulator's); tokenized in a worker thread, awaited at most `local.timeout` (5s).
+
+Prompts that are token ids already (completions) are taken as they are, whatever the backend.
+Failures are counted by reason in `fallbacks` (a metric) and logged once per reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+from pickers.framework.endpoint import Endpoint
+from pickers.framework.errors import shown
+from pickers.framework.params import ParameterError, Params
+from pickers.framework.request import InferenceRequest
+from pickers.framework.types import CycleState
+from pickers.indexes.tokenization import RequestTokenizer, Tokenizer, load_tokenizer
+from pickers.plugins.base import Plugin, PluginContext
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL = "http://localhost:8000"
+DEFAULT_TIMEOUT = "5s"
+DEFAULT_MM_TIMEOUT = "30s"
+_TOKENIZED_APIS = frozenset({"completions", "chat"})  # the APIs vLLM's render endpoints take
+
+
+class Renderer(Protocol):
+    """The model server's tokenization of one request (the EPP's HTTP client)."""
+
+    async def render(self, request: InferenceRequest, model: str, timeout: float) -> list[int]: ...
+
+
+class TokenProducer(Plugin):
+    type = "token-producer"
+
+    def __init__(
+        self,
+        name: str = "token-producer",
+        *,
+        backend: str = "estimate",
+        model_name: str = "",
+        url: str = DEFAULT_URL,
+        timeout: float = 5.0,
+        mm_timeout: float = 30.0,
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
+        self.name = name
+        self.token_backend = backend  # "estimate", "vllm" or "local" (pickers.plugins.base.TokenSource)
+        self.model_name = model_name
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.mm_timeout = mm_timeout
+        self.renderer: Renderer | None = None  # the EPP's render client, for the vllm backend
+        self._local = RequestTokenizer(tokenizer, 0.0) if tokenizer is not None else None
+        self._cheap = tokenizer is not None and tokenizer.cheap
+        self._pool: ThreadPoolExecutor | None = None
+        self.fallbacks: Counter[str] = Counter()  # requests scheduled on the estimate, by reason
+
+    @classmethod
+    def from_config(cls, name: str, p: Params, ctx: PluginContext) -> TokenProducer:
+        model = p.string("modelName", "") or ""
+        estimate = p.section("estimate")
+        estimate.refused("image", "multimodal placeholder estimation is not implemented; images count as their text form")
+        estimate.refused("video", "multimodal placeholder estimation is not implemented; videos count as their text form")
+        p.refused("udsTokenizerConfig", "the UDS tokenizer sidecar is deprecated in llm-d (removed after 0.10); use vllm.url")
+        vllm = p.section("vllm")
+        url = vllm.string("url", DEFAULT_URL) or DEFAULT_URL
+        timeout = vllm.duration("timeout", DEFAULT_TIMEOUT)
+        mm_timeout = vllm.duration("mmTimeout", DEFAULT_MM_TIMEOUT)
+        local = p.section("local")
+        spec = local.string("tokenizer")
+        local_timeout = local.duration("timeout", DEFAULT_TIMEOUT)
+        chosen = [k for k, on in (("estimate", p.given("estimate")), ("vllm", p.given("vllm") or bool(model)),
+                                  ("local", p.given("local"))) if on]  # fmt: skip
+        if len(chosen) > 1:
+            raise ParameterError(chosen[1], f"only one of estimate, vllm (or modelName) and local may be set, got {', '.join(chosen)}")
+        backend = chosen[0] if chosen else "estimate"
+        for section in ("estimate", "vllm", "local"):  # show the backend that runs, with its settings
+            if section != backend:
+                del p.effective[section]
+        if backend != "vllm":
+            del p.effective["modelName"]
+        if backend == "vllm":
+            if not model:
+                raise ParameterError("modelName", "is required with vllm: the model whose tokenizer the render endpoint uses")
+            if not url.startswith("http://"):
+                raise ParameterError("vllm.url", f"expected an http:// URL (TLS is not supported, as in llm-d), got {shown(url)}")
+            if timeout <= 0 or mm_timeout <= 0:
+                raise ParameterError("vllm.timeout", "timeouts must be positive: the pick waits at most this long for the tokens")
+            return cls(name, backend="vllm", model_name=model, url=url, timeout=timeout, mm_timeout=mm_timeout)
+        if backend == "local":
+            if not spec:
+                raise ParameterError("local.tokenizer", "is required: a tokenizer folder (tokenizer.json) or sim")
+            if local_timeout <= 0:
+                raise ParameterError("local.timeout", "must be positive: the pick waits at most this long for the tokens")
+            try:
+                tokenizer = load_tokenizer(spec)
+            except Exception as e:  # noqa: BLE001 - a missing folder, a broken tokenizer.json: the user's to fix
+                raise ParameterError("local.tokenizer", f"cannot load a tokenizer from {spec!r}: {e}") from None
+            return cls(name, backend="local", tokenizer=tokenizer, timeout=local_timeout, mm_timeout=local_timeout)
+        return cls(name)
+
+    # -- the request path ----------------------------------------------------------------------
+    def needs_io(self, request: InferenceRequest) -> bool:
+        """Whether this request's tokens are awaited (`prepare`) before the pick: a network call or
+        a real tokenizer's thread. The estimate and the simulator's tokenizer cost nothing to wait for."""
+        if request.token_ids is not None or request.api not in _TOKENIZED_APIS:
+            return False
+        if self.token_backend == "vllm":
+            return self.renderer is not None
+        return self.token_backend == "local" and not self._cheap
+
+    def produce(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> None:
+        """Before each cycle: token ids given in the prompt, or the simulator's tokenizer, inline."""
+        if request.token_ids is not None or request.api not in _TOKENIZED_APIS:
+            return
+        given = pretokenized(request.body)
+        if given is not None:
+            request.token_ids = given
+        elif self._cheap and self._local is not None:
+            request.token_ids = list(self._local.tokens(request, sys.maxsize))
+
+    async def prepare(self, request: InferenceRequest) -> None:
+        """Set the request's token ids from the backend, waiting at most the timeout; on a failure
+        the request goes on with the estimate (counted in `fallbacks`, logged once per reason)."""
+        if request.token_ids is not None:
+            return
+        given = pretokenized(request.body)
+        if given is not None:
+            request.token_ids = given
+            return
+        timeout = self.mm_timeout if _has_content_parts(request.body) else self.timeout
+        try:
+            if self.token_backend == "vllm" and self.renderer is not None:
+                ids = await asyncio.wait_for(self.renderer.render(request, self.model_name, timeout), timeout)
+            elif self._local is not None:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"tokenize-{self.name}")
+                local = self._local
+                future = asyncio.get_running_loop().run_in_executor(self._pool, local.tokens, request, sys.maxsize)
+                ids = list(await asyncio.wait_for(future, timeout))
+            else:
+                return
+        except TimeoutError:
+            self._fallback("timeout", f"no tokens within {timeout:g}s")
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure of the backend costs the estimate, not the request
+            self._fallback(type(e).__name__, str(e) or type(e).__name__)
+            return
+        request.token_ids = ids
+
+    def _fallback(self, reason: str, detail: str) -> None:
+        first = reason not in self.fallbacks
+        self.fallbacks[reason] += 1
+        if first:
+            where = f" from {self.url}" if self.token_backend == "vllm" else ""
+            log.warning("%s %s: %s%s; requests are scheduled on the estimated token count meanwhile "
+                        "(counted in llm_epp_token_producer_fallbacks_total, logged once per reason)",
+                        self.type, self.name, detail, where)  # fmt: skip
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+class LegacyTokenizer(TokenProducer):
+    """llm-d's old name of token-producer: the same plugin, with llm-d's deprecation warning."""
+
+    type = "tokenizer"
+
+    @classmethod
+    def from_config(cls, name: str, p: Params, ctx: PluginContext) -> TokenProducer:
+        p.warnings.append(f"plugin type {cls.type} is deprecated: use {TokenProducer.type} (the same parameters)")
+        return super().from_config(name, p, ctx)
+
+
+def pretokenized(body: Mapping[str, Any]) -> list[int] | None:
+    """A completions prompt given as token ids (one list, or a batch of lists: all their ids)."""
+    prompt = body.get("prompt") if body else None
+    if not isinstance(prompt, list) or not prompt:
+        return None
+    first = prompt[0]
+    if isinstance(first, int) and not isinstance(first, bool):
+        return [t for t in prompt if isinstance(t, int)]
+    if isinstance(first, list):
+        return [t for p in prompt if isinstance(p, list) for t in p if isinstance(t, int)]
+    return None
+
+
+def _has_content_parts(body: Mapping[str, Any]) -> bool:
+    """A chat message with content parts (images, audio) takes the multimodal timeout, as in llm-d."""
+    messages = body.get("messages") if body else None
+    if not isinstance(messages, list):
+        return False
+    return any(isinstance(m, dict) and isinstance(m.get("content"), list) and m["content"] for m in messages)
