@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Protocol
 
+from pickers.config.unsupported import UNSUPPORTED_TYPES
 from pickers.framework.errors import ConfigError, shown
 from pickers.framework.params import Params
 from pickers.plugins.base import PluginContext
@@ -119,6 +120,9 @@ def build_plugin(type_name: str, name: str, parameters: Mapping[str, Any] | None
     """Build one plugin. Raises ConfigError for an unknown type, ParameterError for a bad parameter."""
     factory = PLUGINS.get(type_name)
     if factory is None:
+        why = UNSUPPORTED_TYPES.get(type_name)
+        if why is not None:
+            raise ConfigError(f"plugin type {shown(type_name)} (llm-d router) is not supported: {why}")
         raise ConfigError(f"unknown plugin type {shown(type_name)}; known types: {', '.join(known_types())}")
     return factory(name, parameters, ctx)
 
