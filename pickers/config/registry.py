@@ -18,6 +18,7 @@ from pickers.framework.params import Params
 from pickers.plugins.base import PluginContext
 from pickers.plugins.filter.by_label import ByLabelFilter, LabelSelectorFilter
 from pickers.plugins.filter.role import DecodeFilter, PrefillFilter
+from pickers.plugins.filter.utilization import UtilizationFilter
 from pickers.plugins.picker.max_score import MaxScorePicker
 from pickers.plugins.picker.random import RandomPicker
 from pickers.plugins.picker.round_robin import RoundRobinPicker
@@ -80,6 +81,7 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     LabelSelectorFilter,
     PrefillFilter,
     DecodeFilter,
+    UtilizationFilter,
     # pickers
     MaxScorePicker,
     RandomPicker,
