@@ -7,7 +7,7 @@ import pytest
 from pickers.config.loader import load_config
 from pickers.framework.errors import ConfigError
 from pickers.framework.types import CycleState
-from tests.unit.test_plugins import ep, plugin, req, scores
+from tests.unit.test_plugins import ep, plugin, req
 
 CONFIG = """\
 apiVersion: llm-d.ai/v1alpha1
