@@ -17,6 +17,8 @@ from pickers.framework.errors import ConfigError, shown
 from pickers.framework.params import Params
 from pickers.plugins.base import PluginContext
 from pickers.plugins.filter.by_label import ByLabelFilter, LabelSelectorFilter
+from pickers.plugins.filter.context_length import ContextLengthAware
+from pickers.plugins.filter.prefix_affinity import PrefixCacheAffinityFilter
 from pickers.plugins.filter.role import DecodeFilter, PrefillFilter
 from pickers.plugins.filter.utilization import UtilizationFilter
 from pickers.plugins.picker.max_score import MaxScorePicker
@@ -30,6 +32,7 @@ from pickers.plugins.profile.handlers import (
     PrefillHeaderHandler,
     SingleProfileHandler,
 )
+from pickers.plugins.profile.header import HeaderProfileHandler
 from pickers.plugins.profile.pd_deciders import AlwaysDisaggPDDecider, PrefixBasedPDDecider
 from pickers.plugins.scorer.active_request import ActiveRequestScorer
 from pickers.plugins.scorer.kv_cache import KVCacheUtilizationScorer
@@ -42,7 +45,7 @@ from pickers.plugins.scorer.prefix import ApproxPrefixCacheProducer, PrefixCache
 from pickers.plugins.scorer.queue import QueueScorer
 from pickers.plugins.scorer.running_requests import RunningRequestsSizeScorer
 from pickers.plugins.scorer.session_affinity import SessionAffinityScorer
-from pickers.plugins.scorer.token_load import TokenLoadScorer
+from pickers.plugins.scorer.token_load import InFlightLoadProducer, TokenLoadScorer
 
 
 @dataclass(slots=True, frozen=True)
@@ -76,12 +79,14 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     SessionAffinityScorer,
     NoHitLRUScorer,
     PrefillLoadScorer,  # llm-epp's: queued + own uncached prefill work
+    ContextLengthAware,  # a scorer and, with enableFiltering, a filter
     # filters
     ByLabelFilter,
     LabelSelectorFilter,
     PrefillFilter,
     DecodeFilter,
     UtilizationFilter,
+    PrefixCacheAffinityFilter,
     # pickers
     MaxScorePicker,
     RandomPicker,
@@ -91,11 +96,14 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     SingleProfileHandler,
     DisaggProfileHandler,
     PdProfileHandler,  # llm-d's older name for the P/D handler
+    HeaderProfileHandler,
     # P/D deciders
     PrefixBasedPDDecider,
     AlwaysDisaggPDDecider,
     # llm-d's approximate prefix producer: the block settings of the prefix scorers bound to it
     ApproxPrefixCacheProducer,
+    # llm-d's in-flight load producer: how token-load-scorer and prefix-cache-affinity-filter count load
+    InFlightLoadProducer,
     # llm-d's deprecated header plugins: the disagg handler sets the header; their names are checked
     DisaggHeadersHandler,
     PrefillHeaderHandler,
