@@ -87,19 +87,22 @@ class Datastore:
         return ep.metrics_age(now) > self.metrics_stale_after
 
     # -- in-flight accounting (request path) ---------------------------------------------------
-    def acquire(self, endpoint: Endpoint, tokens: int, prefill_tokens: int = 0, requests: int = 1) -> None:
+    def acquire(self, endpoint: Endpoint, tokens: int, prefill_tokens: int = 0, requests: int = 1, output_tokens: int = 0) -> None:
         endpoint.in_flight += requests
         endpoint.in_flight_tokens += tokens
         endpoint.in_flight_prefill_tokens += prefill_tokens
+        endpoint.in_flight_output_tokens += output_tokens
 
     def prefill_done(self, endpoint: Endpoint, prefill_tokens: int) -> None:
         """The request's first byte came back: its prompt is no longer waiting to be computed."""
         endpoint.in_flight_prefill_tokens = max(0, endpoint.in_flight_prefill_tokens - prefill_tokens)
 
-    def release(self, endpoint: Endpoint, tokens: int, requests: int = 1) -> None:
+    def release(self, endpoint: Endpoint, tokens: int, requests: int = 1, output_tokens: int = 0) -> None:
         # The endpoint object may have left the pool meanwhile; counting on it is then harmless.
         endpoint.in_flight = max(0, endpoint.in_flight - requests)
         endpoint.in_flight_tokens = max(0, endpoint.in_flight_tokens - tokens)
+        if output_tokens:
+            endpoint.in_flight_output_tokens = max(0, endpoint.in_flight_output_tokens - output_tokens)
 
     def total_in_flight(self) -> int:
         return sum(ep.in_flight for ep in self._candidates)

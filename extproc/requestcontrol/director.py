@@ -3,7 +3,9 @@
 routes it (subset hint, schedule, in-flight accounting) and settles the books when the response ends.
 Before the pick it awaits the data a token-producer must fetch (`prepare`, bounded by the producer's
 timeout). In-flight counts are one request and prompt + max_tokens tokens on the primary until the
-response ends, unless an inflight-load-producer charged the result otherwise (InFlightCharge).
+response ends (and the primary's uncached prompt tokens until the first byte), unless an
+inflight-load-producer charged the result (InFlightCharge: each chosen endpoint's request, uncached
+prompt until the first byte, estimated output until the end).
 
 It also keeps the last `DECISIONS_KEPT` decisions for /debug/decisions (a tuple appended to a
 bounded deque per request) and, only with `log_requests`, writes one log line per request. What they
@@ -98,12 +100,11 @@ class Director:
         if charges is None:
             tokens = request.prompt_tokens + (request.max_tokens or 0)
             self.datastore.acquire(primary, tokens, result.prefill_tokens)
-        else:
+        else:  # the inflight-load-producer's: prompt parts until the first byte, the rest until the end
             tokens = 0
+            request.prefill_tokens = 0
             for c in charges:
-                self.datastore.acquire(c.endpoint, c.tokens + c.early_tokens, 0, c.requests)
-            if result.prefill_tokens:
-                self.datastore.acquire(primary, 0, result.prefill_tokens, 0)
+                self.datastore.acquire(c.endpoint, c.tokens + c.early_tokens, c.early_tokens, c.requests, c.tokens)
         destination = primary.address if len(result.endpoints) == 1 else ",".join(ep.address for ep in result.endpoints)
         scores = msgspec.json.encode(result.scores).decode() if result.scores is not None else None
         self.metrics.scheduled(model, time.perf_counter() - start, request.target_model)
@@ -135,6 +136,7 @@ class Director:
             routing.early_released = True
             c: InFlightCharge
             for c in routing.charges:
+                self.datastore.prefill_done(c.endpoint, c.early_tokens)
                 self.datastore.release(c.endpoint, c.early_tokens, c.requests if c.early_request else 0)
 
     def finish(self, routing: Routing, outcome: Outcome) -> None:
@@ -143,7 +145,7 @@ class Director:
             self.datastore.release(routing.primary, routing.tokens)
         else:
             for c in routing.charges:
-                self.datastore.release(c.endpoint, c.tokens, 0 if c.early_request else c.requests)
+                self.datastore.release(c.endpoint, c.tokens, 0 if c.early_request else c.requests, c.tokens)
         usage = outcome.usage if isinstance(outcome.usage, Usage) else None
         request = routing.request
         self.scheduler.response_complete(

@@ -12,16 +12,19 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Protocol
 
+from pickers.config.unsupported import UNSUPPORTED_TYPES
 from pickers.framework.errors import ConfigError, shown
 from pickers.framework.params import Params
 from pickers.plugins.base import PluginContext
 from pickers.plugins.filter.by_label import ByLabelFilter, LabelSelectorFilter
+from pickers.plugins.filter.context_length import ContextLengthAware
+from pickers.plugins.filter.prefix_affinity import PrefixCacheAffinityFilter
 from pickers.plugins.filter.role import DecodeFilter, PrefillFilter
+from pickers.plugins.filter.utilization import UtilizationFilter
 from pickers.plugins.picker.max_score import MaxScorePicker
 from pickers.plugins.picker.random import RandomPicker
 from pickers.plugins.picker.round_robin import RoundRobinPicker
 from pickers.plugins.picker.weighted_random import WeightedRandomPicker
-from pickers.plugins.producer.inflight import InFlightLoadProducer
 from pickers.plugins.producer.session import SessionIDProducer
 from pickers.plugins.producer.tokens import LegacyTokenizer, TokenProducer
 from pickers.plugins.profile.handlers import (
@@ -31,6 +34,7 @@ from pickers.plugins.profile.handlers import (
     PrefillHeaderHandler,
     SingleProfileHandler,
 )
+from pickers.plugins.profile.header import HeaderProfileHandler
 from pickers.plugins.profile.pd_deciders import AlwaysDisaggPDDecider, PrefixBasedPDDecider
 from pickers.plugins.scorer.active_request import ActiveRequestScorer
 from pickers.plugins.scorer.kv_cache import KVCacheUtilizationScorer
@@ -43,7 +47,7 @@ from pickers.plugins.scorer.prefix import ApproxPrefixCacheProducer, PrefixCache
 from pickers.plugins.scorer.queue import QueueScorer
 from pickers.plugins.scorer.running_requests import RunningRequestsSizeScorer
 from pickers.plugins.scorer.session_affinity import SessionAffinityScorer
-from pickers.plugins.scorer.token_load import TokenLoadScorer
+from pickers.plugins.scorer.token_load import InFlightLoadProducer, TokenLoadScorer
 
 
 @dataclass(slots=True, frozen=True)
@@ -77,11 +81,14 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     SessionAffinityScorer,
     NoHitLRUScorer,
     PrefillLoadScorer,  # llm-epp's: queued + own uncached prefill work
+    ContextLengthAware,  # a scorer and, with enableFiltering, a filter
     # filters
     ByLabelFilter,
     LabelSelectorFilter,
     PrefillFilter,
     DecodeFilter,
+    UtilizationFilter,
+    PrefixCacheAffinityFilter,
     # pickers
     MaxScorePicker,
     RandomPicker,
@@ -91,6 +98,7 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     SingleProfileHandler,
     DisaggProfileHandler,
     PdProfileHandler,  # llm-d's older name for the P/D handler
+    HeaderProfileHandler,
     # P/D deciders
     PrefixBasedPDDecider,
     AlwaysDisaggPDDecider,
@@ -99,6 +107,7 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     PrecisePrefixCacheProducer,
     TokenProducer,
     LegacyTokenizer,  # llm-d's deprecated name of token-producer
+    # how token-load-scorer, prefix-cache-affinity-filter and the in-flight counts count load
     InFlightLoadProducer,
     SessionIDProducer,
     # llm-d's deprecated header plugins: the disagg handler sets the header; their names are checked
@@ -127,6 +136,9 @@ def build_plugin(type_name: str, name: str, parameters: Mapping[str, Any] | None
     """Build one plugin. Raises ConfigError for an unknown type, ParameterError for a bad parameter."""
     factory = PLUGINS.get(type_name)
     if factory is None:
+        why = UNSUPPORTED_TYPES.get(type_name)
+        if why is not None:
+            raise ConfigError(f"plugin type {shown(type_name)} (llm-d router) is not supported: {why}")
         raise ConfigError(f"unknown plugin type {shown(type_name)}; known types: {', '.join(known_types())}")
     return factory(name, parameters, ctx)
 

@@ -57,6 +57,8 @@ class Endpoint:
     in_flight: int = 0
     in_flight_tokens: int = 0
     in_flight_prefill_tokens: int = 0  # uncached prompt tokens of requests not past their first byte
+    # estimated output tokens of requests in flight (inflight-load-producer's addEstimatedOutputTokens)
+    in_flight_output_tokens: int = 0
     scrape_error: str | None = None
 
     @property
@@ -70,6 +72,12 @@ class Endpoint:
     @property
     def labels(self) -> Mapping[str, str]:
         return self.spec.labels
+
+    @property
+    def in_flight_load_tokens(self) -> int:
+        """llm-d's in-flight tokens (InFlightLoad.Tokens): uncached prompts until their first byte, plus
+        estimated outputs until their end."""
+        return self.in_flight_prefill_tokens + self.in_flight_output_tokens
 
     def metrics_age(self, now: float | None = None) -> float:
         if self.metrics.updated_at == 0.0:

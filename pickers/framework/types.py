@@ -103,6 +103,23 @@ class DataProducer(Protocol):
     def produce(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> None: ...
 
 
+ENDPOINT_NOTIFICATION_SOURCE = "endpoint-notification-source"
+
+
+@runtime_checkable
+class EndpointExtractor(Protocol):
+    """llm-d's EndpointExtractor: a plugin that follows the pool's endpoints as they come and go, named
+    as an extractor of a data source in `dataLayer.sources[].extractors`. `extracts(source type)` says
+    which sources it takes (precise-prefix-cache-producer: an endpoint-notification-source, whose
+    endpoints it subscribes to for KV events). The EPP feeds it from its datastore whether or not the
+    config names it there."""
+
+    type: str
+    name: str
+
+    def extracts(self, source_type: str) -> bool: ...
+
+
 @runtime_checkable
 class PreRequest(Protocol):
     def pre_request(self, request: InferenceRequest, cycle: CycleState, result: SchedulingResult) -> None: ...

@@ -31,11 +31,11 @@ from pickers.indexes.kv_blocks import KVBlockIndex, request_keys
 from pickers.indexes.prefix import ApproxPrefixIndex
 from pickers.indexes.tokenization import sim_chat_template, sim_encode
 from pickers.plugins.base import PluginContext
-from pickers.plugins.producer.inflight import InFlightLoadProducer
 from pickers.plugins.producer.session import SessionIDProducer, cookie_value
 from pickers.plugins.producer.tokens import TokenProducer
 from pickers.plugins.scorer.precise_prefix import PrecisePrefixCacheProducer
 from pickers.plugins.scorer.session_affinity import SessionAffinityScorer
+from pickers.plugins.scorer.token_load import InFlightLoadProducer
 from tests.unit.fake_director import FakeDirector
 from tests.unit.test_protocol import (
     body_msg,
@@ -289,7 +289,8 @@ async def test_the_director_awaits_the_tokens_and_counts_them_in_flight():
     await director.prepare(stream.request)  # type: ignore[arg-type]
     stream.resume()
     assert stream.request.token_ids == list(range(37))  # type: ignore[union-attr]
-    assert sum(e.in_flight_tokens for e in director.datastore.candidates()) == 37 + 3  # tokens counted, not characters
+    # the token-load-scorer's in-flight load is the (uncached) tokens the server counted, not characters / 4
+    assert sum(e.in_flight_load_tokens for e in director.datastore.candidates()) == 37
 
 
 # -- precise-prefix-cache-producer -------------------------------------------------------------------
@@ -542,47 +543,74 @@ def test_in_flight_tokens_are_the_uncached_prompt_released_at_the_first_byte():
     cfg = load("plugins:\n- type: approx-prefix-cache-producer\n- type: prefix-cache-scorer\n- type: inflight-load-producer\n"
                "- type: token-load-scorer\n- type: max-score-picker\n")  # fmt: skip
     producer = cfg.plugins["inflight-load-producer"]
-    assert producer.source is cfg.plugins["approx-prefix-cache-producer"]
+    assert producer.source is cfg.plugins["approx-prefix-cache-producer"] and producer in cfg.producers
     director = _director(cfg, addrs=(A,))
     prompt = "p" * 4096  # 1024 tokens (estimated): 4 blocks of 256 characters (64 tokens)
-    for expected_in_flight in (1024, 0):  # the second time the whole prompt is cached there
+    for expected in (1024, 0):  # the second time the whole prompt is cached there
         stream = RequestStream(director)
         stream.handle(headers_msg())
         stream.handle(body_msg(completion_body(prompt=prompt, max_tokens=50, stream=True), True))
         (e,) = director.datastore.candidates()
-        assert (e.in_flight, e.in_flight_tokens) == (1, expected_in_flight)
+        assert (e.in_flight, e.in_flight_load_tokens) == (1, expected)
         stream.handle(response_headers_msg(ctype="text/event-stream"))
         stream.handle(response_body_msg(b"data: {}\n\n", False))
-        assert (e.in_flight, e.in_flight_tokens) == (1, 0)  # the prompt part comes off at the first byte
+        assert (e.in_flight, e.in_flight_load_tokens) == (1, 0)  # the prompt part comes off at the first byte
         stream.handle(response_body_msg(b"data: [DONE]\n\n", True))
-        assert (e.in_flight, e.in_flight_tokens) == (0, 0)
+        assert (e.in_flight, e.in_flight_load_tokens, e.in_flight_tokens) == (0, 0, 0)
 
 
-def test_estimated_output_tokens_stay_until_the_end_capped_by_max_tokens_and_the_limit():
-    producer = InFlightLoadProducer(add_output=True, output_ratio=1.5, max_output=100)
+def test_estimated_output_tokens_count_until_the_end_capped_by_max_tokens_and_the_limit():
+    producer = InFlightLoadProducer(ApproxPrefixIndex(), add_output=True, output_ratio=1.5, max_output=100)
     assert producer.estimate_output(40, None) == 60 and producer.estimate_output(40, 10) == 10
     assert producer.estimate_output(1000, None) == 100 and producer.estimate_output(0, None) == 0
-    req = completion("x" * 160, max_tokens=10)  # 40 tokens
-    result = SchedulingResult([ep(A)])
-    producer.pre_request(req, CycleState(), result)
-    (charge,) = result.in_flight  # type: ignore[misc]
-    assert (charge.endpoint.address, charge.early_tokens, charge.tokens, charge.requests) == (A, 40, 10, 1)
+    cfg = load("plugins:\n- type: inflight-load-producer\n  parameters: {addEstimatedOutputTokens: true, outputRatio: 2}\n"
+               "- type: token-load-scorer\n  parameters: {queueThresholdTokens: 1000}\n- type: max-score-picker\n")  # fmt: skip
+    assert not cfg.warnings
+    director = _director(cfg, addrs=(A,))
+    stream = RequestStream(director)
+    stream.handle(headers_msg())
+    stream.handle(body_msg(completion_body(prompt="x" * 400, stream=True, max_tokens=1000), True))  # 100 tokens, 200 out
+    (e,) = director.datastore.candidates()
+    assert (e.in_flight_prefill_tokens, e.in_flight_output_tokens) == (100, 200)
+    stream.handle(response_headers_msg(ctype="text/event-stream"))
+    stream.handle(response_body_msg(b"data: {}\n\n", False))
+    assert (e.in_flight_prefill_tokens, e.in_flight_output_tokens) == (0, 200)  # the output stays to the end
+    scorer = cfg.plugins["token-load-scorer"]
+    assert scorer.score(completion(""), CycleState(), [e]) == [1.0 - 200 / 1000]
+    stream.handle(response_body_msg(b"data: [DONE]\n\n", True))
+    assert (e.in_flight, e.in_flight_output_tokens) == (0, 0)
 
 
-def test_a_prefill_endpoint_counts_the_request_until_the_first_byte():
-    producer = InFlightLoadProducer()
+def test_a_prefill_endpoint_counts_the_request_and_its_prompt_until_the_first_byte():
+    producer = InFlightLoadProducer(ApproxPrefixIndex())
     decode, prefill = ep(A), ep(B)
     result = SchedulingResult([decode], profile_results={"decode": [decode], "prefill": [prefill]})
     producer.pre_request(completion("x" * 80), CycleState(), result)
     charges = {c.endpoint.address: c for c in result.in_flight}  # type: ignore[union-attr]
-    assert (charges[A].early_tokens, charges[A].early_request) == (20, False)
+    assert (charges[A].early_tokens, charges[A].early_request, charges[A].tokens) == (20, False, 0)
     assert (charges[B].early_tokens, charges[B].early_request, charges[B].requests) == (20, True, 1)
+    before = list(result.in_flight)  # type: ignore[arg-type]
+    producer.pre_request(completion("x" * 80), CycleState(), result)  # a second reader asks: charged once
+    assert result.in_flight == before
+
+
+def test_the_in_flight_discount_can_come_from_the_precise_match():
+    cfg = load(PRECISE_GUIDE.replace("schedulingProfiles:", "- type: inflight-load-producer\n  parameters: "
+                                     "{prefixMatchInfoProducerName: precise-prefix-cache-producer}\nschedulingProfiles:"))
+    producer, precise = cfg.plugins["inflight-load-producer"], cfg.plugins["precise-prefix-cache-producer"]
+    assert producer.precise is precise
+    assert cfg.plugin_parameters["inflight-load-producer"]["prefixMatchInfoProducerName"] == "precise-prefix-cache-producer"
+    ids = list(range(20))
+    apply_events(precise.index, A, [BlockStored([1, 2, 3], None, ids[:12], 4)])
+    req = completion("x")
+    req.token_ids = ids
+    assert producer.request_tokens(req, CycleState(), [ep(A), ep(B)]) == [20 - 12, 20]
 
 
 @pytest.mark.parametrize(
     ("params", "fragment"),
     [("{outputRatio: -1}", "expected a number >= 0"), ("{maxEstimatedOutputTokens: -5}", "expected an integer >= 0"),
-     ("{prefixMatchInfoProducerName: nope}", "'nope': no plugin"), ("{tokenLimit: 3}", "unknown parameter")],
+     ("{prefixMatchInfoProducerName: nope}", "no plugin named 'nope'"), ("{tokenLimit: 3}", "unknown parameter")],
 )
 def test_bad_inflight_settings_are_refused(params: str, fragment: str):
     assert fragment in refused(f"plugins:\n- type: inflight-load-producer\n  parameters: {params}\n- type: max-score-picker\n")
@@ -664,3 +692,80 @@ def test_session_affinity_strategy_settings_and_refusals():
     assert "unknown field" in refused(base % "{cookie: a}")
     assert "expected encoded_endpoint_header or session_id" in refused(
         "plugins:\n- type: session-affinity-scorer\n  parameters: {strategy: sticky}\n")
+
+
+# -- llm-d's current precise prefix-cache routing guide, in our own config ---------------------------------
+# (its `endpoint-notification-source` and `dataLayer` wiring are the data layer's: the EPP feeds the
+# producer from its datastore, and the producer says it extracts that source's endpoint events)
+PRECISE_ROUTING_GUIDE = """\
+plugins:
+- type: token-producer
+  parameters:
+    modelName: Qwen/Qwen3-32B
+    vllm: {url: "http://render-svc:8000"}
+- type: precise-prefix-cache-producer
+  parameters:
+    tokenProcessorConfig: {blockSizeTokens: 64}
+    speculativeIndexing: true
+    indexerConfig:
+      kvBlockIndexConfig: {enableMetrics: true}
+    kvEventsConfig:
+      topicFilter: "kv@"
+      concurrency: 8
+      discoverPods: true
+      podDiscoveryConfig: {socketPort: 5556}
+- type: inflight-load-producer
+  parameters: {prefixMatchInfoProducerName: precise-prefix-cache-producer}
+- type: prefix-cache-affinity-filter
+  parameters:
+    prefixMatchInfoProducerName: precise-prefix-cache-producer
+    peakPrefillThroughput: 2000
+- type: token-load-scorer
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: prefix-cache-affinity-filter
+  - pluginRef: token-load-scorer
+"""
+
+
+def test_the_precise_routing_guide_shape_loads_with_every_reader_on_the_precise_match():
+    from pickers.framework.types import EndpointExtractor
+
+    cfg = load(PRECISE_ROUTING_GUIDE)
+    precise = cfg.plugins["precise-prefix-cache-producer"]
+    assert isinstance(precise, EndpointExtractor) and precise.extracts("endpoint-notification-source")
+    assert precise.speculative_ttl == 2.0 and precise.kv_events_port == 5556 and precise.block_size == 64
+    assert cfg.plugins["inflight-load-producer"].precise is precise
+    assert cfg.plugins["prefix-cache-affinity-filter"].precise is precise
+    assert cfg.plugins["token-load-scorer"].producer is cfg.plugins["inflight-load-producer"]
+    params = cfg.plugin_parameters
+    assert params["prefix-cache-affinity-filter"]["prefixMatchInfoProducerName"] == "precise-prefix-cache-producer"
+    assert params["inflight-load-producer"]["prefixMatchInfoProducerName"] == "precise-prefix-cache-producer"
+    said = " | ".join(cfg.warnings)  # what changes nothing here says so; nothing else does
+    assert "concurrency has no effect" in said and "enableMetrics" in said and len(cfg.warnings) == 2
+
+
+def test_the_guide_shape_routes_a_shared_prefix_to_the_endpoint_whose_kv_events_hold_it():
+    cfg = load(PRECISE_ROUTING_GUIDE.replace("blockSizeTokens: 64", "blockSizeTokens: 4"))
+    precise = cfg.plugins["precise-prefix-cache-producer"]
+    tp = cfg.plugins["token-producer"]
+
+    class Renderer:
+        async def render(self, request: InferenceRequest, model: str, timeout: float) -> list[int]:
+            return list(range(400))  # the prompt as the server tokenizes it: 100 blocks of 4
+
+    tp.renderer = Renderer()
+    director = _director(cfg, addrs=(A, B, C))
+    apply_events(precise.index, B, [BlockStored(list(range(100)), None, list(range(400)), 4)])  # B holds it all
+
+    async def send() -> str:
+        stream = RequestStream(director)
+        stream.handle(headers_msg())
+        stream.handle(body_msg(completion_body(prompt="whatever the text", stream=True), True))
+        await director.prepare(stream.request)  # type: ignore[arg-type]
+        return stream.resume()[0].request_headers.response.header_mutation.set_headers[0].header.raw_value.decode()
+
+    assert asyncio.run(send()) == B
+    (b,) = [e for e in director.datastore.candidates() if e.address == B]
+    assert b.in_flight == 1 and b.in_flight_prefill_tokens == 0  # every block is cached there: nothing to prefill

@@ -25,7 +25,11 @@ from pickers.framework.endpoint import Endpoint
 from pickers.framework.errors import shown
 from pickers.framework.params import ParameterError, Params
 from pickers.framework.request import InferenceRequest
-from pickers.framework.types import CycleState, SchedulingResult
+from pickers.framework.types import (
+    ENDPOINT_NOTIFICATION_SOURCE,
+    CycleState,
+    SchedulingResult,
+)
 from pickers.indexes.kv_blocks import DEFAULT_CAPACITY, KVBlockIndex, request_keys
 from pickers.indexes.tokenization import RequestTokenizer, Tokenizer, load_tokenizer
 from pickers.plugins.base import Plugin, PluginContext, TokenSource
@@ -102,6 +106,11 @@ class PrecisePrefixCacheProducer(Plugin):
     def subscribe(self) -> bool:
         """Whether the EPP feeds this index from KV events."""
         return self.discover_pods or bool(self.zmq_endpoint)
+
+    def extracts(self, source_type: str) -> bool:
+        """An extractor of an endpoint-notification-source (pickers.framework.types.EndpointExtractor):
+        each endpoint that joins the pool gets a KV-event subscription, one that leaves loses it."""
+        return source_type == ENDPOINT_NOTIFICATION_SOURCE
 
     @classmethod
     def from_config(cls, name: str, p: Params, ctx: PluginContext) -> PrecisePrefixCacheProducer:
