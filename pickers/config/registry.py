@@ -15,6 +15,14 @@ from typing import Any, Protocol
 from pickers.framework.errors import ConfigError, shown
 from pickers.framework.params import Params
 from pickers.plugins.base import PluginContext
+from pickers.plugins.datalayer.discovery import FileDiscovery
+from pickers.plugins.datalayer.extractors import CoreMetricsExtractor, ModelsDataExtractor
+from pickers.plugins.datalayer.sources import (
+    EndpointNotificationSource,
+    K8sNotificationSource,
+    MetricsDataSource,
+    ModelsDataSource,
+)
 from pickers.plugins.filter.by_label import ByLabelFilter, LabelSelectorFilter
 from pickers.plugins.filter.role import DecodeFilter, PrefillFilter
 from pickers.plugins.picker.max_score import MaxScorePicker
@@ -96,6 +104,14 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     # llm-d's deprecated header plugins: the disagg handler sets the header; their names are checked
     DisaggHeadersHandler,
     PrefillHeaderHandler,
+    # data layer (dataLayer.sources and dataLayer.discovery name them; pickers.config.datalayer)
+    MetricsDataSource,
+    CoreMetricsExtractor,
+    ModelsDataSource,
+    ModelsDataExtractor,
+    K8sNotificationSource,
+    EndpointNotificationSource,
+    FileDiscovery,
 )
 
 def _factory(cls: type[_Configurable]) -> Factory:
