@@ -200,6 +200,12 @@ def build_data_layer(
         used.add(name)
 
     for name, plugin in plugins.items():
+        if getattr(plugin, "reads_served_models", False) and models is None:
+            raise fail(
+                f"{plugin_path(name)}.type",
+                f"{getattr(plugin, 'type', '?')} reads each endpoint's /v1/models list: list a models-data-source with "
+                "a models-data-extractor in dataLayer.sources",
+            )
         if _is_data_layer(plugin) and name not in used:
             warnings.append(
                 f"{plugin_path(name)} ({getattr(plugin, 'type', '?')}) is not used: list it in dataLayer."

@@ -25,6 +25,7 @@ from pickers.plugins.datalayer.sources import (
 )
 from pickers.plugins.filter.by_label import ByLabelFilter, LabelSelectorFilter
 from pickers.plugins.filter.role import DecodeFilter, PrefillFilter
+from pickers.plugins.filter.served_model import ServedModelFilter
 from pickers.plugins.picker.max_score import MaxScorePicker
 from pickers.plugins.picker.random import RandomPicker
 from pickers.plugins.picker.round_robin import RoundRobinPicker
@@ -87,6 +88,7 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     LabelSelectorFilter,
     PrefillFilter,
     DecodeFilter,
+    ServedModelFilter,  # llm-epp's: reads the models-data-source's /v1/models lists
     # pickers
     MaxScorePicker,
     RandomPicker,

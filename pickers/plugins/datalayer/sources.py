@@ -61,6 +61,8 @@ def read_http_source(name: str, p: Params, default_path: str, *, takes_port: boo
         given = [k for k in _TLS_PARAMS if p.given(k)]
         if given:
             p.warnings.append(f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect with scheme http")
+    elif ca is not None and skip:
+        p.warnings.append("caCertPath has no effect while insecureSkipVerify is true (its default); set it to false to verify")
     return HttpSource(
         name, path, scheme, port, skip, ca, cert, key, interval=p.duration("interval")
     )
