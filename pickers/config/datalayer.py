@@ -4,7 +4,8 @@ and where the pool's endpoints come from, resolved against the config's plugins 
 
 What llm-epp runs: one `metrics-data-source` + `core-metrics-extractor` (the metrics scraper), at most
 one `models-data-source` + `models-data-extractor` (the /v1/models poller), `file-discovery`, and
-`endpoint-notification-source` for plugins that follow the pool's membership. As in llm-d, the default
+`endpoint-notification-source` for the plugins llm-d feeds endpoint events (they follow the pool's
+membership here anyway). As in llm-d, the default
 metrics source and extractor are added unless `injectDefaults: false` or a metrics source is listed; a
 plugin named `metrics-data-source` / `core-metrics-extractor` is the one added. What llm-epp cannot
 honour is refused naming the field and why.
@@ -43,6 +44,11 @@ REFUSED = MappingProxyType(
         "crossReplicaSyncInterval": ACTIVE_ACTIVE_REFUSED,
     }
 )
+# llm-d's endpoint extractors: plugins that act on endpoint add/remove events (the precise producer
+# subscribes to each endpoint's KV events). In llm-epp such a plugin follows the datastore's membership
+# itself, so wiring it to endpoint-notification-source is what happens anyway. Matched by type name, so
+# this module needs none of theirs.
+ENDPOINT_EXTRACTOR_TYPES = frozenset({"precise-prefix-cache-producer"})
 K8S_NOTIFICATIONS_REFUSED = (
     "its events go to notification extractors, which in llm-d are Go plugins of your own (llm-d ships "
     "none) and llm-epp has none; llm-epp's own Kubernetes watch already follows the pool's Pods (membership, "
@@ -58,7 +64,7 @@ class DataLayerConfig:
     extraction: MetricsExtraction = DEFAULT_EXTRACTION
     models: HttpSource | None = None  # the /v1/models poller, when a models-data-source is listed
     discovery: FileDiscoveryConfig | None = None  # None: epp serve's flags say where endpoints come from
-    endpoint_listeners: tuple[str, ...] = ()  # plugins wired to endpoint-notification-source
+    endpoint_listeners: tuple[str, ...] = ()  # wired to endpoint-notification-source; they follow membership anyway
 
     def summary(self) -> list[str]:
         """One line per part, for `epp check-config`."""
@@ -148,11 +154,11 @@ def build_data_layer(
             ext = plugins[ext_name]
             ext_path = f"{path}.extractors[{j}].pluginRef"
             if source.output == "endpoint-notifications":
-                if not getattr(ext, "follows_endpoints", False):
+                if getattr(ext, "type", None) not in ENDPOINT_EXTRACTOR_TYPES:
                     raise fail(
                         ext_path,
-                        f"plugin {shown(ext_name)} ({getattr(ext, 'type', '?')}) takes no endpoint events; llm-epp's endpoint "
-                        "extractors are the plugins that follow the pool's membership (llm-d ships none of its own)",
+                        f"plugin {shown(ext_name)} ({getattr(ext, 'type', '?')}) takes no endpoint events; endpoint "
+                        f"extractors are: {', '.join(sorted(ENDPOINT_EXTRACTOR_TYPES))}",
                     )
                 listeners.append(ext_name)
             elif not isinstance(ext, DataExtractor) or ext.input != source.output:

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from pickers.config.datalayer import DEFAULT_DATA_LAYER
+from pickers.config.datalayer import DEFAULT_DATA_LAYER, build_data_layer
 from pickers.config.loader import load_config
 from pickers.framework.errors import ConfigError
 from pickers.plugins.datalayer.extractors import BUILTIN_ENGINES, MetricSpec
-from pickers.plugins.datalayer.sources import DEFAULT_METRICS_SOURCE
+from pickers.plugins.datalayer.sources import DEFAULT_METRICS_SOURCE, EndpointNotificationSource
 
 HEADER = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\n"
 SCORER = "- type: queue-scorer\n"
@@ -309,14 +309,40 @@ def test_k8s_notification_source_needs_version_and_kind():
     assert msg.startswith("t.yaml: plugins[1].parameters.kind: k8s-notification-source: is required")
 
 
-def test_endpoint_notification_source_takes_only_plugins_that_follow_the_pool():
+def test_endpoint_notification_source_takes_only_llm_ds_endpoint_extractors():
     msg = error_of(with_sources("- type: endpoint-notification-source\n", "  - pluginRef: endpoint-notification-source\n    extractors: [{pluginRef: queue-scorer}]\n"))
-    assert msg.startswith("t.yaml: dataLayer.sources[0].extractors[0].pluginRef: plugin 'queue-scorer' (queue-scorer) takes no endpoint events")
+    assert msg.startswith(
+        "t.yaml: dataLayer.sources[0].extractors[0].pluginRef: plugin 'queue-scorer' (queue-scorer) takes no endpoint events; "
+        "endpoint extractors are: precise-prefix-cache-producer"
+    )
 
 
-@pytest.mark.parametrize("type_name", ["dcgm-data-source", "dcgm-extractor", "topology-extractor", "multicluster-file-discovery"])
-def test_data_layer_plugins_llm_epp_lacks_are_unknown_types(type_name):
-    assert error_of(f"plugins:\n{SCORER}- type: {type_name}\n").startswith(f"t.yaml: plugins[1].type: unknown plugin type '{type_name}'")
+def test_the_precise_producer_as_an_endpoint_extractor_loads_as_llm_ds_guide_wires_it():
+    # llm-d's precise-prefix-cache guide: the producer follows endpoints through an endpoint-notification-source.
+    # The producer is another module's plugin; the data layer knows it by its type name only.
+    class Producer:
+        type = "precise-prefix-cache-producer"
+
+    plugins = {"endpoint-notification-source": EndpointNotificationSource(), "precise-prefix-cache-producer": Producer()}
+    raw = {"sources": [{"pluginRef": "endpoint-notification-source", "extractors": [{"pluginRef": "precise-prefix-cache-producer"}]}]}
+    warnings: list[str] = []
+    dl = build_data_layer(raw, plugins, lambda n: f"plugins[{list(plugins).index(n)}]", _fail, warnings)
+    assert dl.endpoint_listeners == ("precise-prefix-cache-producer",)
+    assert dl.metrics == DEFAULT_METRICS_SOURCE and warnings == []
+
+
+def _fail(field: str, message: str) -> ConfigError:
+    return ConfigError(message, source="t.yaml", field=field)
+
+
+@pytest.mark.parametrize(
+    ("type_name", "why"),
+    [("dcgm-data-source", "DCGM"), ("dcgm-extractor", "DCGM"), ("topology-extractor", "topology"),
+     ("multicluster-file-discovery", "multi-cluster"), ("multicluster-metrics-data-source", "multi-cluster")],
+)  # fmt: skip
+def test_data_layer_plugins_llm_epp_lacks_are_refused_with_the_reason(type_name, why):
+    msg = error_of(f"plugins:\n{SCORER}- type: {type_name}\n")
+    assert msg.startswith(f"t.yaml: plugins[1].type: plugin type '{type_name}' (llm-d router) is not supported: ") and why in msg
 
 
 # -- file-discovery -------------------------------------------------------------------------------
