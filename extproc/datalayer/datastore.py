@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from pickers.framework.endpoint import Endpoint, EndpointSpec, Metrics, ServedModel
+from pickers.framework.endpoint import Endpoint, EndpointSpec, Metrics, ServedModels
 
 MembershipListener = Callable[[tuple[Endpoint, ...], tuple[Endpoint, ...]], None]
 ScrapeFailureListener = Callable[[Endpoint, str], None]
@@ -70,9 +70,9 @@ class Datastore:
             ep.metrics = metrics
             ep.scrape_error = None
 
-    def update_served_models(self, address: str, models: tuple[ServedModel, ...]) -> None:
+    def update_served_models(self, address: str, models: ServedModels) -> None:
         ep = self._by_address.get(address)
-        if ep is not None:
+        if ep is not None and ep.served_models != models:  # an unchanged list keeps the object a pick reads
             ep.served_models = models
 
     def on_scrape_failure(self, listener: ScrapeFailureListener) -> None:

@@ -12,7 +12,7 @@ import msgspec
 
 from extproc.datalayer.datastore import Datastore
 from extproc.datalayer.scraper import EndpointPoller, ScrapeError
-from pickers.framework.endpoint import Endpoint, ServedModel
+from pickers.framework.endpoint import Endpoint, ServedModel, ServedModels
 from pickers.plugins.datalayer.sources import DEFAULT_MODELS_SOURCE, HttpSource
 
 MAX_MODELS = 10_000  # entries kept per endpoint: a server listing more is hostile or broken
@@ -31,7 +31,7 @@ class _ModelList(msgspec.Struct):
 _DECODER = msgspec.json.Decoder(_ModelList)
 
 
-def parse_models(body: bytes) -> tuple[ServedModel, ...]:
+def parse_models(body: bytes) -> ServedModels:
     """An OpenAI model list (`{"object": "list", "data": [{"id": ..., "parent": ...}, ...]}`): vLLM lists
     its served model names, then its LoRA adapters with the base model as `parent`. Raises ScrapeError."""
     try:
@@ -40,7 +40,7 @@ def parse_models(body: bytes) -> tuple[ServedModel, ...]:
         raise ScrapeError(f"not an OpenAI model list: {str(e)[:200]}") from None
     if len(listing.data) > MAX_MODELS:
         raise ScrapeError(f"{len(listing.data)} models listed; at most {MAX_MODELS} are kept")
-    return tuple(ServedModel(m.id, m.parent or None, m.owned_by) for m in listing.data if m.id)
+    return ServedModels(tuple(ServedModel(m.id, m.parent or None, m.owned_by) for m in listing.data if m.id))
 
 
 class ModelsPoller(EndpointPoller):

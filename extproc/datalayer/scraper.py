@@ -29,8 +29,8 @@ from pickers.plugins.datalayer.extractors import (
     BUILTIN_ENGINES,
     DEFAULT_EXTRACTION,
     EngineMetrics,
-    MetricSpec,
     MetricsExtraction,
+    MetricSpec,
 )
 from pickers.plugins.datalayer.sources import DEFAULT_METRICS_SOURCE, HttpSource
 

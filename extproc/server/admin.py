@@ -57,7 +57,7 @@ def endpoints_view(
             "running_lora_adapters": sorted(m.running_lora_adapters),
             # /v1/models (a models-data-source): models and LoRA adapters with their base; null: not fetched
             "served_models": None if ep.served_models is None else [
-                {"id": s.id, "parent": s.parent} for s in ep.served_models
+                {"id": s.id, "parent": s.parent} for s in ep.served_models.models
             ],
         })  # fmt: skip
         if ep.spec.namespace:

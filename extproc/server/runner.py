@@ -363,7 +363,10 @@ class EppServer:
             return
         from extproc.server.admin import admin_app, options_view
 
-        config = {"version": self.metrics.version, "scheduling_source": self.scheduling_source, "options": options_view(opts)}
+        config = {
+            "version": self.metrics.version, "scheduling_source": self.scheduling_source, "options": options_view(opts),
+            "data_layer": self.data_layer.summary(),
+        }  # fmt: skip
         runtime = lambda: {"active_streams": self.servicer.active_streams, "heap_trims": self.heap.trims}  # noqa: E731
         runner = web.AppRunner(admin_app(self.datastore, self.prefix_index, self.director, config, runtime), access_log=None)
         await runner.setup()

@@ -20,7 +20,12 @@ from typing import Any
 
 from pickers.framework.errors import ConfigError, shown
 from pickers.plugins.datalayer.discovery import FileDiscovery, FileDiscoveryConfig
-from pickers.plugins.datalayer.extractors import DEFAULT_EXTRACTION, CoreMetricsExtractor, DataExtractor, MetricsExtraction
+from pickers.plugins.datalayer.extractors import (
+    DEFAULT_EXTRACTION,
+    CoreMetricsExtractor,
+    DataExtractor,
+    MetricsExtraction,
+)
 from pickers.plugins.datalayer.sources import (
     DEFAULT_METRICS_SOURCE,
     DataSource,

@@ -42,6 +42,20 @@ class ServedModel:
     owned_by: str | None = None
 
 
+@dataclass(slots=True, frozen=True)
+class ServedModels:
+    """An endpoint's /v1/models list, in its order, with the ids as a set for a pick's lookup."""
+
+    models: tuple[ServedModel, ...] = ()
+    ids: frozenset[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ids", frozenset(m.id for m in self.models))
+
+    def __contains__(self, model_id: object) -> bool:
+        return model_id in self.ids
+
+
 @dataclass(slots=True)
 class Metrics:
     """Model-server metrics from the last successful scrape (the engine's series: vLLM's by default)."""
@@ -69,7 +83,7 @@ class Endpoint:
     in_flight_tokens: int = 0
     in_flight_prefill_tokens: int = 0  # uncached prompt tokens of requests not past their first byte
     scrape_error: str | None = None
-    served_models: tuple[ServedModel, ...] | None = None  # from /v1/models (models-data-source); None: unknown
+    served_models: ServedModels | None = None  # from /v1/models (models-data-source); None: not fetched
 
     @property
     def address(self) -> str:

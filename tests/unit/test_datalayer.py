@@ -18,15 +18,25 @@ from extproc.cli import main as cli
 from extproc.datalayer.datastore import Datastore
 from extproc.datalayer.endpoints_file import StaticFileDiscovery, parse_endpoints_yaml
 from extproc.datalayer.models import ModelsPoller, parse_models
-from extproc.datalayer.scraper import MetricsParseError, MetricsParser, MetricsScraper, ScrapeError, poll_intervals
+from extproc.datalayer.scraper import (
+    MetricsParseError,
+    MetricsParser,
+    MetricsScraper,
+    ScrapeError,
+    poll_intervals,
+)
 from extproc.server.runner import EppServer, ServeOptions
 from extproc.server.tls import self_signed
 from pickers.config.loader import load_config
-from pickers.framework.endpoint import Endpoint, EndpointSpec, ServedModel
+from pickers.framework.endpoint import Endpoint, EndpointSpec, ServedModel, ServedModels
 from pickers.framework.errors import ConfigError
 from pickers.framework.request import InferenceRequest
 from pickers.framework.types import CycleState
-from pickers.plugins.datalayer.extractors import BUILTIN_ENGINES, EngineMetrics, MetricSpec
+from pickers.plugins.datalayer.extractors import (
+    BUILTIN_ENGINES,
+    EngineMetrics,
+    MetricSpec,
+)
 from pickers.plugins.datalayer.sources import HttpSource
 from pickers.plugins.filter.served_model import ServedModelFilter
 
@@ -287,10 +297,12 @@ def test_a_vllm_model_list_with_lora_adapters_is_read():
     body = (b'{"object": "list", "data": [{"id": "meta-llama/Llama-3.1-8B", "object": "model", "owned_by": "vllm",'
             b' "root": "/models/llama", "parent": null, "max_model_len": 8192},'
             b' {"id": "sql-lora", "object": "model", "owned_by": "vllm", "root": "/adapters/sql", "parent": "meta-llama/Llama-3.1-8B"}]}')  # fmt: skip
-    assert parse_models(body) == (
+    models = parse_models(body)
+    assert models.models == (
         ServedModel("meta-llama/Llama-3.1-8B", None, "vllm"),
         ServedModel("sql-lora", "meta-llama/Llama-3.1-8B", "vllm"),
     )
+    assert "sql-lora" in models and "meta-llama/Llama-3.1-8B" in models and "other" not in models
 
 
 @pytest.mark.parametrize("body", [b"", b"<html>", b"[]", b'{"data": {}}', b'{"data": [{"name": "x"}]}', b'{"data": [{"id": 3}]}'])
@@ -311,7 +323,8 @@ async def test_the_simulator_lists_its_lora_adapters_and_the_poller_keeps_them(r
         run(ModelsPoller(ds, interval=0.05).run)
         ep = endpoint(ds, spec)
         await eventually(lambda: ep.served_models is not None)
-        assert ep.served_models == (ServedModel("base", None, "vllm"), ServedModel("sql-lora", "base", "vllm"))
+        assert ep.served_models is not None
+        assert ep.served_models.models == (ServedModel("base", None, "vllm"), ServedModel("sql-lora", "base", "vllm"))
         assert ep.scrape_error is None  # the models poller never marks metrics as failing
 
 
@@ -325,7 +338,7 @@ async def test_a_failed_models_fetch_keeps_the_last_list(servers, run):
     server.routes.clear()  # 404 from now on
     hits = server.hits["/v1/models"]
     await eventually(lambda: server.hits["/v1/models"] > hits + 2)
-    assert ep.served_models == (ServedModel("m"),) and ep.scrape_error is None
+    assert ep.served_models == ServedModels((ServedModel("m"),)) and ep.scrape_error is None
 
 
 # -- served-model-filter --------------------------------------------------------------------------------
@@ -333,7 +346,7 @@ async def test_a_failed_models_fetch_keeps_the_last_list(servers, run):
 
 def _ep(port: int, models: tuple[str, ...] | None) -> Endpoint:
     ep = Endpoint(EndpointSpec(f"e{port}", "10.0.0.1", port))
-    ep.served_models = None if models is None else tuple(ServedModel(m) for m in models)
+    ep.served_models = None if models is None else ServedModels(tuple(ServedModel(m) for m in models))
     return ep
 
 
@@ -434,7 +447,7 @@ async def test_epp_serve_with_a_data_layer_config_uses_its_discovery_sources_and
         ep = server.datastore.candidates()[0]
         await eventually(lambda: ep.metrics.updated_at > 0 and ep.served_models is not None)
         assert (ep.metrics.waiting, ep.metrics.running, ep.metrics.block_size) == (11, 7, 32)  # trtllm-serve, the default engine
-        assert [m.id for m in ep.served_models or ()] == ["m", "lora-a"]
+        assert ep.served_models is not None and [m.id for m in ep.served_models.models] == ["m", "lora-a"]
         assert model.hits.get("/metrics") is None  # only the configured path
         assert server._data_pollers["metrics-scraper"].interval == pytest.approx(0.2)  # 4 ticks of 50 ms
         started, hits = time.monotonic(), model.hits["/engine/metrics"]

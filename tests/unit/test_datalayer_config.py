@@ -10,7 +10,10 @@ from pickers.config.datalayer import DEFAULT_DATA_LAYER, build_data_layer
 from pickers.config.loader import load_config
 from pickers.framework.errors import ConfigError
 from pickers.plugins.datalayer.extractors import BUILTIN_ENGINES, MetricSpec
-from pickers.plugins.datalayer.sources import DEFAULT_METRICS_SOURCE, EndpointNotificationSource
+from pickers.plugins.datalayer.sources import (
+    DEFAULT_METRICS_SOURCE,
+    EndpointNotificationSource,
+)
 
 HEADER = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\n"
 SCORER = "- type: queue-scorer\n"

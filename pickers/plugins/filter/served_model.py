@@ -23,8 +23,5 @@ class ServedModelFilter(Plugin):
         model = request.target_model or request.model
         if not model:
             return endpoints
-        kept = [
-            ep for ep in endpoints
-            if ep.served_models is None or any(m.id == model for m in ep.served_models)
-        ]  # fmt: skip
+        kept = [ep for ep in endpoints if ep.served_models is None or model in ep.served_models]
         return kept or endpoints
