@@ -46,8 +46,8 @@ from extproc.requestcontrol.saturation import SaturationConfig, SaturationDetect
 from extproc.server.memory import HeapTrimmer
 from pickers.config.datalayer import DEFAULT_DATA_LAYER, DataLayerConfig
 from pickers.config.loader import load_config, load_config_file
-from pickers.framework.errors import ConfigError
 from pickers.config.strategies import build_profile
+from pickers.framework.errors import ConfigError
 from pickers.framework.scheduler import Scheduler
 from pickers.framework.types import ProfileHandler, SchedulingProfile
 from pickers.indexes.prefix import ApproxPrefixIndex

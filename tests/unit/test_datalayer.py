@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from extproc.cli import main as cli
 from extproc.datalayer.datastore import Datastore
@@ -111,6 +113,25 @@ def test_names_sharing_a_prefix_are_told_apart():
     engine = EngineMetrics("e", queued=MetricSpec.parse("w"), running=MetricSpec.parse("w_running"))
     m = MetricsParser(engine).parse("w_running 3\nw 1\nw_other 50\n")
     assert (m.waiting, m.running) == (1, 3)
+
+
+_TRITON_TOKENS = st.sampled_from([
+    "nv_trt_llm_request_metrics", "nv_trt_llm_kv_cache_block_metrics", "request_type", "kv_cache_block_type",
+    "waiting", "scheduled", "fraction", "tokens_per", "max", "{", "}", '"', "\\", ",", "=", " ", "\n", "#",
+    "NaN", "+Inf", "1e308", "-5", "0.5", "7", "1e999",
+])  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(), st.lists(_TRITON_TOKENS, max_size=60).map("".join)))
+def test_a_labelled_mapping_raises_only_metrics_parse_error(text: str) -> None:
+    try:
+        m = MetricsParser(BUILTIN_ENGINES["triton-tensorrt-llm"]).parse(text)
+    except MetricsParseError:
+        return
+    assert m.waiting >= 0 and m.running >= 0 and 0.0 <= m.kv_usage <= 1.0
+    assert m.block_size is None or m.block_size >= 1
+    assert m.num_gpu_blocks is None or m.num_gpu_blocks >= 0
 
 
 # -- the data layer's clock -------------------------------------------------------------------------
