@@ -24,7 +24,7 @@ from pickers.plugins.datalayer.sources import (
     MetricsDataSource,
     ModelsDataSource,
 )
-from pickers.plugins.filter.by_label import ByLabelFilter, LabelSelectorFilter
+from pickers.plugins.filter.by_label import ByLabelFilter, ByLabelSelectorFilter, LabelSelectorFilter
 from pickers.plugins.filter.context_length import ContextLengthAware
 from pickers.plugins.filter.prefix_affinity import PrefixCacheAffinityFilter
 from pickers.plugins.filter.role import DecodeFilter, PrefillFilter
@@ -92,6 +92,7 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     # filters
     ByLabelFilter,
     LabelSelectorFilter,
+    ByLabelSelectorFilter,  # llm-d's deprecated name of label-selector-filter
     PrefillFilter,
     DecodeFilter,
     UtilizationFilter,
