@@ -29,9 +29,10 @@ from pickers.config.strategies import STRATEGY_CONFIGS
 from pickers.framework.endpoint import Endpoint, EndpointSpec, Metrics
 from pickers.framework.request import CHARS_PER_TOKEN, InferenceRequest
 from pickers.framework.scheduler import Scheduler
+from pickers.framework.types import CycleState, SchedulingResult
 from pickers.indexes.prefix import ApproxPrefixIndex, block_hashes
 from pickers.plugins.base import PluginContext
-from pickers.plugins.scorer.prefix import PrefixCacheScorer
+from pickers.plugins.scorer.prefix import PrefixCacheScorer, record_pick
 
 BEST = STRATEGY_CONFIGS["best"]
 WHOLE = "maxPrefixTokensToMatch: 131072"
@@ -104,21 +105,19 @@ def setup(config: str, bodies: list[bytes], endpoints: int) -> Setup:
     candidates = ds.candidates()
     requests = [parsed(b, i) for i, b in enumerate(bodies)]
     hashes = [block_hashes(r.model, r.prompt_text, "", scorer.max_blocks, scorer.block_chars) for r in requests]
-    for i, h in enumerate(hashes):  # earlier turns: each conversation lives on its own endpoint
-        ep = candidates[i % len(candidates)]
-        index.record(ep.address, h, scorer._capacity(ep))
+    for i, r in enumerate(requests):  # earlier turns: each conversation lives on its own endpoint (LRU sized as the scorer sizes it)
+        record_pick(r, CycleState(), index, SchedulingResult([candidates[i % len(candidates)]]), scorer)
     return Setup(Scheduler(cfg.profile), scorer, index, candidates, bodies, requests, hashes)
 
 
 def stages(s: Setup) -> dict[str, Callable[[int], object]]:
     """Each stage of one request on its own (same inputs as the full path), and the full path."""
     sc, index, eps = s.scorer, s.index, s.endpoints
-    caps = [sc._capacity(eps[i % len(eps)]) for i in range(len(s.requests))]
     return {
         "decode + prompt": lambda i: parsed(s.bodies[i]),
         "hash": lambda i: block_hashes(s.requests[i].model, s.requests[i].prompt_text, "", sc.max_blocks, sc.block_chars),
         "match": lambda i: index.match(s.hashes[i]),
-        "record": lambda i: index.record(eps[i % len(eps)].address, s.hashes[i], caps[i]),
+        "record": lambda i: index.record(eps[i % len(eps)].address, s.hashes[i]),  # the LRU keeps its size
         "schedule": lambda i: s.scheduler.schedule(s.requests[i], eps),
         "total": lambda i: s.scheduler.schedule(parsed(s.bodies[i], i), eps),
     }

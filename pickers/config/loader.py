@@ -4,7 +4,8 @@ Errors name the source (a file path or `--config-text`), the field path (`schedu
 plugins[1].pluginRef`) and what was expected. Defaults follow the reference picker: no profiles -> one
 `default` profile with every filter, scorer and picker; one profile -> `single-profile-handler`; no
 picker -> `max-score-picker`; weight 1. Several profiles need a profile handler (`disagg-profile-handler`
-for P/D), which is bound to its profiles and decider by name once everything is built.
+for P/D), which is bound to its profiles and decider by name once everything is built. A plugin that is both a
+filter and a scorer (context-length-aware) runs as both in a profile that references it, as in llm-d.
 
 Nothing is accepted and ignored: a section, gate or parameter llm-epp does not act on is refused with
 a message naming it and why (docs/configuration.md has the table). Deprecated forms that still mean
@@ -200,6 +201,9 @@ class _Loader:
             if bind is not None:
                 self.bind_plugin(plugins, plugin, lambda b=bind: b(plugins, by_name, handler))
         self.bind_plugin(plugins, handler, lambda: handler.bind(plugins, by_name))
+        for i, (name, plugin) in enumerate(plugins.items()):
+            # what a plugin found wrong but loadable once names were resolved (as llm-d loads it)
+            self.warnings.extend(f"plugins[{i}] ({self.types[name]}): {w}" for w in getattr(plugin, "bind_warnings", ()))
         for name, plugin in plugins.items():
             effective = getattr(plugin, "effective_parameters", None)
             if effective is not None:
@@ -340,6 +344,8 @@ class _Loader:
             if role == "scorer":
                 weight = self.weight(spec.get("weight"), f"{rpath}.weight")
                 scorers.append(WeightedScorer(plugin, weight))  # type: ignore[arg-type]
+                if isinstance(plugin, Filter):
+                    filters.append(plugin)  # both (context-length-aware): runs as both, as in llm-d
             elif role == "filter":
                 filters.append(plugin)  # type: ignore[arg-type]
             else:
