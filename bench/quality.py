@@ -5,7 +5,7 @@ same simulated pool, once per strategy: round-robin, random, load-only (queue + 
 config and our `best`. One table per workload, ratios against round-robin.
 
     python -m bench.quality                 # all four workloads (~12 min)
-    python -m bench.quality --quick         # shorter runs (~4 min)
+    python -m bench.quality --quick         # shorter runs (~5 min)
     python -m bench.quality --workload b2b  # one workload
 
 Workloads:
