@@ -24,6 +24,7 @@ from types import MappingProxyType
 from typing import Any
 
 from pickers.config import safe_yaml
+from pickers.config.datalayer import DEFAULT_DATA_LAYER, DataLayerConfig, build_data_layer
 from pickers.config.registry import build_plugin, create_plugin
 from pickers.framework.errors import ConfigError, shown
 from pickers.framework.params import ParameterError
@@ -49,12 +50,12 @@ API_VERSION = "llm-d.ai/v1alpha1"
 DEPRECATED_API_VERSION = "inference.networking.x-k8s.io/v1alpha1"
 API_VERSIONS = ("llm-d.ai/v1", API_VERSION, DEPRECATED_API_VERSION)
 KIND = "EndpointPickerConfig"
-_TOP_LEVEL = ("apiVersion", "kind", "plugins", "schedulingProfiles", "featureGates", "saturationDetector", "flowControl")
+_TOP_LEVEL = (
+    "apiVersion", "kind", "plugins", "schedulingProfiles", "featureGates", "saturationDetector", "flowControl", "dataLayer",
+)  # fmt: skip
 # llm-d's sections llm-epp does not implement: refused by name, with the reason
 UNSUPPORTED_SECTIONS = MappingProxyType(
     {
-        "dataLayer": "the data layer is configured with epp serve's flags here (--endpoints, --pool-name, "
-        "--refresh-metrics-interval); dataLayer sources and discovery plugins are not implemented yet",
         "requestHandler": "llm-epp parses OpenAI requests (and passes other paths through unparsed) itself; "
         "requestHandler.parsers are not implemented yet",
         "parser": "llm-epp parses OpenAI requests itself; parser plugins are not implemented yet",
@@ -114,6 +115,7 @@ class EndpointPickerConfig:
     plugin_types: Mapping[str, str] = field(default_factory=dict)  # name -> type
     plugin_parameters: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # name -> effective parameters
     warnings: tuple[str, ...] = ()  # deprecations and adjusted values, each logged once when loaded
+    data_layer: DataLayerConfig = DEFAULT_DATA_LAYER  # dataLayer, defaults injected; applied by extproc.server
     # the data producers: plugins outside the profiles that run for every request (token-producer
     # first, then config order); the scheduler runs them before each cycle
     producers: tuple[object, ...] = ()
@@ -198,6 +200,7 @@ class _Loader:
         if len(handlers) > 1:
             raise self.error("plugins", f"expected at most one profile handler, got {', '.join(handlers)}")
         profiles = self.build_profiles(doc.get("schedulingProfiles"), plugins)
+        data_layer = self.data_layer(doc.get("dataLayer"), plugins)
         handler = next(iter(handlers.values()), None)
         if handler is None:
             if len(profiles) > 1:
@@ -243,6 +246,7 @@ class _Loader:
             plugin_types=MappingProxyType(self.types),
             plugin_parameters=MappingProxyType(self.parameters),
             warnings=tuple(self.warnings),
+            data_layer=data_layer,
             producers=tuple(producers),
         )
 
@@ -284,6 +288,13 @@ class _Loader:
         if raw:
             first = next(iter(raw))
             raise self.error(f"flowControl.{first}", f"not supported: {FLOW_CONTROL_REFUSED} section")
+
+    def data_layer(self, raw: object, plugins: dict[str, object]) -> DataLayerConfig:
+        """dataLayer (pickers.config.datalayer), resolved against the plugins; defaults when absent."""
+        names = list(plugins)
+        return build_data_layer(
+            raw, plugins, lambda name: f"plugins[{names.index(name)}]", self.error, self.warnings
+        )
 
     def optional_mapping(self, doc: dict[str, Any], key: str) -> dict[str, Any]:
         value = doc.get(key)

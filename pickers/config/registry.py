@@ -16,10 +16,19 @@ from pickers.config.unsupported import UNSUPPORTED_TYPES
 from pickers.framework.errors import ConfigError, shown
 from pickers.framework.params import Params
 from pickers.plugins.base import PluginContext
-from pickers.plugins.filter.by_label import ByLabelFilter, LabelSelectorFilter
+from pickers.plugins.datalayer.discovery import FileDiscovery
+from pickers.plugins.datalayer.extractors import CoreMetricsExtractor, ModelsDataExtractor
+from pickers.plugins.datalayer.sources import (
+    EndpointNotificationSource,
+    K8sNotificationSource,
+    MetricsDataSource,
+    ModelsDataSource,
+)
+from pickers.plugins.filter.by_label import ByLabelFilter, ByLabelSelectorFilter, LabelSelectorFilter
 from pickers.plugins.filter.context_length import ContextLengthAware
 from pickers.plugins.filter.prefix_affinity import PrefixCacheAffinityFilter
 from pickers.plugins.filter.role import DecodeFilter, PrefillFilter
+from pickers.plugins.filter.served_model import ServedModelFilter
 from pickers.plugins.filter.utilization import UtilizationFilter
 from pickers.plugins.picker.max_score import MaxScorePicker
 from pickers.plugins.picker.random import RandomPicker
@@ -85,10 +94,12 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     # filters
     ByLabelFilter,
     LabelSelectorFilter,
+    ByLabelSelectorFilter,  # llm-d's deprecated name of label-selector-filter
     PrefillFilter,
     DecodeFilter,
     UtilizationFilter,
     PrefixCacheAffinityFilter,
+    ServedModelFilter,  # llm-epp's: reads the models-data-source's /v1/models lists
     # pickers
     MaxScorePicker,
     RandomPicker,
@@ -113,6 +124,14 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     # llm-d's deprecated header plugins: the disagg handler sets the header; their names are checked
     DisaggHeadersHandler,
     PrefillHeaderHandler,
+    # data layer (dataLayer.sources and dataLayer.discovery name them; pickers.config.datalayer)
+    MetricsDataSource,
+    CoreMetricsExtractor,
+    ModelsDataSource,
+    ModelsDataExtractor,
+    K8sNotificationSource,
+    EndpointNotificationSource,
+    FileDiscovery,
 )
 
 def _factory(cls: type[_Configurable]) -> Factory:

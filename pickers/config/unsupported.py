@@ -79,6 +79,12 @@ UNSUPPORTED_TYPES = MappingProxyType(
         "burst-prefix-cache-producer": "joint placement of request bursts is not implemented; "
         "llm-epp's prefix index records each pick at once, so a burst's later requests follow the first",
         "p2p-source-producer": "P2P KV transfer between decode endpoints (x-kv-cache-source-host-port) is not supported",
+        "endpoint-attribute-filter": "it reads custom metrics of core-metrics-extractor (customMetrics), which llm-epp "
+        "does not collect",
+        "endpoint-attribute-scorer": "it reads custom metrics of core-metrics-extractor (customMetrics), which llm-epp "
+        "does not collect",
+        "probabilistic-admitter": "probabilistic shedding is not implemented; llm-epp refuses sheddable requests "
+        "while the pool is saturated (the top-level saturationDetector section)",
         "header-based-testing-filter": "a test-only plugin of the llm-d router",
         "destination-endpoint-served-verifier": "a test-only plugin of the llm-d router",
     }

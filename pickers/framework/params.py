@@ -26,21 +26,27 @@ class ParameterError(ConfigError):
         super().__init__(detail, field=param)
 
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_GO_DURATION = re.compile(r"([0-9]*\.?[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
+_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
-def go_duration(text: str) -> float | None:
-    """Seconds in a Go duration string ("5s", "1m30s", "250ms"; "0" is 0), else None."""
-    if text == "0":
+def parse_go_duration(text: str) -> float | None:
+    """Go's time.ParseDuration, in seconds (`0` needs no unit; a leading sign is allowed); None if malformed."""
+    t = text.strip()
+    sign = -1.0 if t.startswith("-") else 1.0
+    if t[:1] in ("+", "-"):
+        t = t[1:]
+    if t == "0":
         return 0.0
+    if not t:
+        return None
     pos, total = 0, 0.0
-    for m in _DURATION_PART.finditer(text):
+    for m in _GO_DURATION.finditer(t):
         if m.start() != pos:
             return None
-        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        total += float(m.group(1)) * _GO_UNITS[m.group(2)]
         pos = m.end()
-    return total if pos == len(text) and text else None
+    return sign * total if pos == len(t) and pos > 0 else None
 
 
 def _kind(value: object) -> str:
@@ -155,12 +161,13 @@ class Params:
             raise ParameterError(self.path(key), f"expected a list of mappings, got {shown(v)}")
         return self._keep(key, [dict(x) for x in v])
 
-    def duration(self, key: str, default: str) -> float:
-        """A Go duration string (llm-d's `"5s"`), in seconds; the effective value is the string."""
+    def duration_or(self, key: str, default: str) -> float:
+        """A Go duration string with a default (llm-d's `timeout: "5s"`), in seconds; left out or "" it
+        is the default's. The effective value is the string."""
         v = self._get(key)
-        text = default if v is None else v
-        seconds = go_duration(text) if isinstance(text, str) else None
-        if seconds is None:
+        text = default if v is None or v == "" else v
+        seconds = parse_go_duration(text) if isinstance(text, str) else None
+        if seconds is None or seconds < 0:
             raise ParameterError(self.path(key), f"expected a duration such as \"5s\" or \"250ms\", got {_kind(v)} {shown(v)}")
         self._keep(key, text)
         return seconds
@@ -181,6 +188,23 @@ class Params:
             self._keep(key, v)
             return
         raise ParameterError(self.path(key), f"not supported: {why}")
+    def port(self, key: str) -> int | None:
+        """An optional TCP port, 1-65535; None when left out."""
+        v = self._get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 65535):
+            raise ParameterError(self.path(key), f"expected a port 1-65535, got {_kind(v)} {shown(v)}")
+        return self._keep(key, v)
+
+    def duration(self, key: str) -> float | None:
+        """A Go duration string (`500ms`, `1s`, `1m30s`) in seconds; None when left out or 0."""
+        v = self._get(key)
+        if v is None or v == "":
+            return self._keep(key, None)
+        seconds = parse_go_duration(v) if isinstance(v, str) else None
+        if seconds is None or seconds < 0:
+            raise ParameterError(self.path(key), f"expected a duration like 500ms, 1s or 1m30s, got {_kind(v)} {shown(v)}")
+        self._keep(key, v if seconds else None)
+        return seconds or None
 
     def deprecated(self, key: str, why: str) -> None:
         """A parameter the reference picker also accepts and does nothing with (`why` says so); when given,

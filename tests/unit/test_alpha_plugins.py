@@ -1,4 +1,5 @@
-"""llm-d's utilization-filter: its formula, and its config refused where a value would be wrong."""
+"""llm-d's utilization-filter (its formula, its config refused where a value would be wrong) and the
+deprecated by-label-selector."""
 
 from __future__ import annotations
 
@@ -87,3 +88,18 @@ def test_utilization_filter_loads_in_a_profile():
     cfg = load_config(CONFIG.format(conditions="[{metric: waiting-queue, maxValue: 0}]"), "u.yaml")
     assert [f.name for f in cfg.profile.filters] == ["not-overloaded"]
     assert cfg.plugin_parameters["not-overloaded"]["fallbackOnEmpty"] is True
+
+
+def test_by_label_selector_is_the_deprecated_name_of_label_selector_filter():
+    text = """\
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: by-label-selector
+  name: gpus
+  parameters: {matchLabels: {accelerator: h100}}
+"""
+    cfg = load_config(text, "old.yaml")
+    gpus = cfg.plugins["gpus"]
+    assert [e.name for e in gpus.filter(req(), CycleState(), [ep(1, {"accelerator": "h100"}), ep(2)])] == ["pod-1"]
+    assert any("by-label-selector is deprecated, use label-selector-filter" in w for w in cfg.warnings)

@@ -695,14 +695,15 @@ def test_session_affinity_strategy_settings_and_refusals():
 
 
 # -- llm-d's current precise prefix-cache routing guide, in our own config ---------------------------------
-# (its `endpoint-notification-source` and `dataLayer` wiring are the data layer's: the EPP feeds the
-# producer from its datastore, and the producer says it extracts that source's endpoint events)
+# (the producer is an extractor of the endpoint-notification-source, as the guide wires it: the EPP
+# subscribes it to each endpoint of the pool as endpoints come and go)
 PRECISE_ROUTING_GUIDE = """\
 plugins:
 - type: token-producer
   parameters:
     modelName: Qwen/Qwen3-32B
     vllm: {url: "http://render-svc:8000"}
+- type: endpoint-notification-source
 - type: precise-prefix-cache-producer
   parameters:
     tokenProcessorConfig: {blockSizeTokens: 64}
@@ -726,6 +727,11 @@ schedulingProfiles:
   plugins:
   - pluginRef: prefix-cache-affinity-filter
   - pluginRef: token-load-scorer
+dataLayer:
+  sources:
+  - pluginRef: endpoint-notification-source
+    extractors:
+    - pluginRef: precise-prefix-cache-producer
 """
 
 
@@ -744,6 +750,7 @@ def test_the_precise_routing_guide_shape_loads_with_every_reader_on_the_precise_
     assert params["inflight-load-producer"]["prefixMatchInfoProducerName"] == "precise-prefix-cache-producer"
     said = " | ".join(cfg.warnings)  # what changes nothing here says so; nothing else does
     assert "concurrency has no effect" in said and "enableMetrics" in said and len(cfg.warnings) == 2
+    assert cfg.data_layer.endpoint_listeners == ("precise-prefix-cache-producer",)
 
 
 def test_the_guide_shape_routes_a_shared_prefix_to_the_endpoint_whose_kv_events_hold_it():

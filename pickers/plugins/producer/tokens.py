@@ -86,11 +86,11 @@ class TokenProducer(Plugin):
         p.refused("udsTokenizerConfig", "the UDS tokenizer sidecar is deprecated in llm-d (removed after 0.10); use vllm.url")
         vllm = p.section("vllm")
         url = vllm.string("url", DEFAULT_URL) or DEFAULT_URL
-        timeout = vllm.duration("timeout", DEFAULT_TIMEOUT)
-        mm_timeout = vllm.duration("mmTimeout", DEFAULT_MM_TIMEOUT)
+        timeout = vllm.duration_or("timeout", DEFAULT_TIMEOUT)
+        mm_timeout = vllm.duration_or("mmTimeout", DEFAULT_MM_TIMEOUT)
         local = p.section("local")
         spec = local.string("tokenizer")
-        local_timeout = local.duration("timeout", DEFAULT_TIMEOUT)
+        local_timeout = local.duration_or("timeout", DEFAULT_TIMEOUT)
         chosen = [k for k, on in (("estimate", p.given("estimate")), ("vllm", p.given("vllm") or bool(model)),
                                   ("local", p.given("local"))) if on]  # fmt: skip
         if len(chosen) > 1:

@@ -366,7 +366,7 @@ def llmd_settings(p: Params) -> dict[str, Any]:
         p.warnings.append("kvEventsConfig: discoverPods is false and no zmqEndpoint is set, so no KV events feed this index")
 
     speculative = p.flag("speculativeIndexing", False)
-    ttl = p.duration("speculativeTTL", SPECULATIVE_TTL)
+    ttl = p.duration_or("speculativeTTL", SPECULATIVE_TTL)
     if ttl <= 0:
         ttl = 2.0  # as llm-d: a zero or negative TTL means the default
     return {
