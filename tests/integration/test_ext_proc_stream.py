@@ -125,7 +125,7 @@ async def test_the_pick_waits_for_the_model_servers_tokens_at_most_the_producers
                 reply = await asyncio.wait_for(call.read(), 10)  # never a hang: at most the 0.5 s timeout
                 assert reply.WhichOneof("response") == "request_headers"
                 (ep,) = epp.datastore.candidates()
-                assert ep.in_flight_tokens == 100 + 1  # the sim's 4-bytes-a-token count, or the estimate: 100 either way
+                assert ep.in_flight_load_tokens == 100  # the sim's 4-bytes-a-token count, or the estimate: 100 either way
                 await call.done_writing()
                 call.cancel()
             assert sim.render_calls == (1 if fault == "none" else 0)
