@@ -69,6 +69,7 @@ from pickers.framework.errors import (
     RequestError,
 )
 from pickers.framework.request import InferenceRequest
+from pickers.framework.types import InFlightCharge
 
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
 SUBSET_NAMESPACE = "envoy.lb.subset_hint"
@@ -153,7 +154,7 @@ class Routing:
     trace: object | None = None  # the request's span, only with tracing on (extproc.requestcontrol.tracing)
     # an inflight-load-producer's charges (pickers.framework.types.InFlightCharge), released by the
     # Director; None: `tokens` on `primary`
-    charges: list | None = None  # type: ignore[type-arg]
+    charges: list[InFlightCharge] | None = None
     early_released: bool = False  # the charges' first-byte parts came off
 
 

@@ -37,6 +37,7 @@ from pickers.plugins.scorer.precise_prefix import PrecisePrefixCacheProducer
 from pickers.plugins.scorer.session_affinity import SessionAffinityScorer
 from pickers.plugins.scorer.token_load import InFlightLoadProducer
 from tests.unit.fake_director import FakeDirector
+from tests.unit.test_precise_prefix import hf_dir  # noqa: F401 - the fixture: a tiny trained HF tokenizer
 from tests.unit.test_protocol import (
     body_msg,
     completion_body,
@@ -776,3 +777,17 @@ def test_the_guide_shape_routes_a_shared_prefix_to_the_endpoint_whose_kv_events_
     assert asyncio.run(send()) == B
     (b,) = [e for e in director.datastore.candidates() if e.address == B]
     assert b.in_flight == 1 and b.in_flight_prefill_tokens == 0  # every block is cached there: nothing to prefill
+
+
+async def test_a_local_tokenizer_folder_tokenizes_in_a_worker_thread_before_the_pick(hf_dir):  # noqa: F811 - the fixture
+    from pickers.indexes.tokenization import HFTokenizer
+
+    cfg = load(f"plugins:\n- type: token-producer\n  parameters: {{local: {{tokenizer: {hf_dir}, timeout: 2s}}}}\n- type: max-score-picker\n")
+    tp = cfg.plugins["token-producer"]
+    req = completion("def test_something(): return 42")
+    assert tp.needs_io(req)  # a real tokenizer: awaited off the event loop
+    tp.produce(req, CycleState(), [])
+    assert req.token_ids is None  # never inline
+    await tp.prepare(req)
+    assert req.token_ids == HFTokenizer(hf_dir).encode("def test_something(): return 42", add_special_tokens=True)
+    tp.close()

@@ -44,6 +44,7 @@ LLMD_PODS_PER_KEY = 10
 LLMD_TOPIC_FILTER = "kv@"
 LLMD_BACKENDS = ({"name": "gpu", "weight": 1.0}, {"name": "cpu", "weight": 0.8})
 SPECULATIVE_TTL = "2s"
+MAX_SPECULATIVE = 1_000_000  # speculative (key, endpoint) entries at most: past it the oldest go early (ours)
 LLMD_MAX_TOKENS = DEFAULT_BLOCK_SIZE * 8192  # the producer matches the whole prompt, up to 128K tokens
 
 TOKEN_PRODUCER = "token-producer"
@@ -197,20 +198,24 @@ class PrecisePrefixCacheProducer(Plugin):
             for k in keys:
                 self._speculative.setdefault(k, {})[ep.address] = expires
                 self._speculative_order.append((expires, k, ep.address))
+        while len(self._speculative_order) > MAX_SPECULATIVE:  # a burst of long prompts: bounded all the same
+            self._drop_oldest_speculative()
 
     def _expire(self) -> None:
         order = self._speculative_order
         if not order:
             return
         now = self._clock()
-        spec = self._speculative
         while order and order[0][0] <= now:
-            expires, k, address = order.popleft()
-            holders = spec.get(k)
-            if holders is not None and holders.get(address) == expires:  # not renewed since
-                del holders[address]
-                if not holders:
-                    del spec[k]
+            self._drop_oldest_speculative()
+
+    def _drop_oldest_speculative(self) -> None:
+        expires, k, address = self._speculative_order.popleft()
+        holders = self._speculative.get(k)
+        if holders is not None and holders.get(address) == expires:  # not renewed since
+            del holders[address]
+            if not holders:
+                del self._speculative[k]
 
     def speculative_entries(self) -> int:
         self._expire()
