@@ -6,6 +6,9 @@ plugins[1].pluginRef`) and what was expected. Defaults follow the reference pick
 picker -> `max-score-picker`; weight 1. Several profiles need a profile handler (`disagg-profile-handler`
 for P/D), which is bound to its profiles and decider by name once everything is built.
 
+Request parsers (`requestHandler.parsers`, GIE's top-level `parser`) are declared under `plugins:` and
+resolved by pickers.config.parsers into `EndpointPickerConfig.parsers`; the server runs them.
+
 Nothing is accepted and ignored: a section, gate or parameter llm-epp does not act on is refused with
 a message naming it and why (docs/configuration.md has the table). Deprecated forms that still mean
 something (the old apiVersion, renamed or unused parameters) load with a warning, logged once per load
@@ -23,10 +26,24 @@ from types import MappingProxyType
 from typing import Any
 
 from pickers.config import safe_yaml
+from pickers.config.parsers import (
+    DEFAULT_PARSERS,
+    REFUSED_PARSER_TYPES,
+    ParserSpec,
+    is_parser_type,
+    resolve_parsers,
+)
 from pickers.config.registry import build_plugin, create_plugin
 from pickers.framework.errors import ConfigError, shown
 from pickers.framework.params import ParameterError
-from pickers.framework.types import Filter, Picker, ProfileHandler, SchedulingProfile, Scorer, WeightedScorer
+from pickers.framework.types import (
+    Filter,
+    Picker,
+    ProfileHandler,
+    SchedulingProfile,
+    Scorer,
+    WeightedScorer,
+)
 from pickers.plugins.base import PluginContext
 from pickers.plugins.profile.handlers import SingleProfileHandler
 from pickers.plugins.scorer.prefix import PrefixCacheScorer
@@ -37,15 +54,15 @@ API_VERSION = "llm-d.ai/v1alpha1"
 DEPRECATED_API_VERSION = "inference.networking.x-k8s.io/v1alpha1"
 API_VERSIONS = ("llm-d.ai/v1", API_VERSION, DEPRECATED_API_VERSION)
 KIND = "EndpointPickerConfig"
-_TOP_LEVEL = ("apiVersion", "kind", "plugins", "schedulingProfiles", "featureGates", "saturationDetector", "flowControl")
+_TOP_LEVEL = (
+    "apiVersion", "kind", "plugins", "schedulingProfiles", "featureGates", "saturationDetector", "flowControl",
+    "requestHandler", "parser",
+)
 # llm-d's sections llm-epp does not implement: refused by name, with the reason
 UNSUPPORTED_SECTIONS = MappingProxyType(
     {
         "dataLayer": "the data layer is configured with epp serve's flags here (--endpoints, --pool-name, "
         "--refresh-metrics-interval); dataLayer sources and discovery plugins are not implemented yet",
-        "requestHandler": "llm-epp parses OpenAI requests (and passes other paths through unparsed) itself; "
-        "requestHandler.parsers are not implemented yet",
-        "parser": "llm-epp parses OpenAI requests itself; parser plugins are not implemented yet",
     }
 )
 # featureGates llm-d registers, and what llm-epp makes of each: None = we do that anyway (when on)
@@ -102,6 +119,8 @@ class EndpointPickerConfig:
     plugin_types: Mapping[str, str] = field(default_factory=dict)  # name -> type
     plugin_parameters: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # name -> effective parameters
     warnings: tuple[str, ...] = ()  # deprecations and adjusted values, each logged once when loaded
+    parsers: tuple[ParserSpec, ...] = DEFAULT_PARSERS  # the request parsers in effect, in order (extproc.handlers.parsers)
+    default_parsers: bool = True  # no requestHandler.parsers (nor parser): llm-d's default list
 
     @property
     def profile(self) -> SchedulingProfile:
@@ -134,6 +153,7 @@ class _Loader:
         self.warnings: list[str] = []
         self.types: dict[str, str] = {}
         self.parameters: dict[str, Mapping[str, Any]] = {}
+        self.parser_plugins: dict[str, str] = {}  # name -> type, for requestHandler.parsers
 
     def error(self, field_path: str | None, message: str) -> ConfigError:
         return ConfigError(message, source=self.source, field=field_path or None)
@@ -179,6 +199,8 @@ class _Loader:
         self.flow_control(doc.get("flowControl"))
 
         plugins = self.build_plugins(doc.get("plugins"))
+        others = {n: t for n, t in self.types.items() if n not in self.parser_plugins}
+        parsers, default_parsers = resolve_parsers(doc, self.parser_plugins, others, self.error, self.warnings)
         handlers = {n: p for n, p in plugins.items() if isinstance(p, ProfileHandler)}
         if len(handlers) > 1:
             raise self.error("plugins", f"expected at most one profile handler, got {', '.join(handlers)}")
@@ -216,6 +238,8 @@ class _Loader:
             plugin_types=MappingProxyType(self.types),
             plugin_parameters=MappingProxyType(self.parameters),
             warnings=tuple(self.warnings),
+            parsers=parsers,
+            default_parsers=default_parsers,
         )
 
     def bind_plugin(self, plugins: dict[str, object], plugin: object, bind: Any) -> None:
@@ -275,11 +299,15 @@ class _Loader:
             spec = self.expect_mapping(item, path, _PLUGIN_KEYS)
             type_name = self.expect_name(spec.get("type"), f"{path}.type")
             name = self.expect_name(spec.get("name", type_name), f"{path}.name")
-            if name in plugins:
+            if name in first_at:
                 raise self.error(
                     f"{path}.name",
                     f"duplicate plugin name {shown(name)} (also plugins[{first_at[name]}]); give each instance its own name",
                 )
+            if is_parser_type(type_name):
+                self.parser_plugin(path, name, type_name, spec.get("parameters"))
+                first_at[name] = i
+                continue
             try:
                 built = build_plugin(type_name, name, spec.get("parameters"), self.ctx)
             except ParameterError as e:
@@ -293,6 +321,17 @@ class _Loader:
             self.warnings.extend(f"{path} ({type_name}): {w}" for w in built.warnings)
             first_at[name] = i
         return plugins
+
+    def parser_plugin(self, path: str, name: str, type_name: str, parameters: object) -> None:
+        """A request parser under `plugins:`: no object here, the server builds it from its ParserSpec."""
+        why = REFUSED_PARSER_TYPES.get(type_name)
+        if why is not None:
+            raise self.error(f"{path}.type", f"{type_name} is not supported: {why}")
+        if parameters is not None and parameters != {}:
+            raise self.error(f"{path}.parameters", f"{type_name} takes no parameters, got {shown(parameters)}")
+        self.parser_plugins[name] = type_name
+        self.types[name] = type_name
+        self.parameters[name] = MappingProxyType({})
 
     def build_profiles(self, raw: object, plugins: dict[str, object]) -> tuple[SchedulingProfile, ...]:
         items = self.expect_list(raw, "schedulingProfiles")
@@ -324,6 +363,12 @@ class _Loader:
             ref_path = rpath if implicit else f"{rpath}.pluginRef"
             plugin_name = self.expect_name(spec.get("pluginRef"), ref_path)
             plugin = plugins.get(plugin_name)
+            if plugin is None and plugin_name in self.parser_plugins:
+                raise self.error(
+                    ref_path,
+                    f"plugin {shown(plugin_name)} ({self.parser_plugins[plugin_name]}) is a request parser, not a "
+                    "filter, scorer or picker; list it under requestHandler.parsers",
+                )
             if plugin is None:
                 raise self.error(
                     ref_path, f"no plugin named {shown(plugin_name)}; defined: {', '.join(plugins) or 'none'}"

@@ -1,11 +1,13 @@
-"""One inference request as the scheduler sees it, decoded once at the edge by the EPP's body parser.
+"""One inference request as the scheduler sees it, decoded once at the edge by the EPP's request parser.
 
-The prompt text is what the approximate prefix index hashes; ~4 characters make a token.
+The prompt text is what the approximate prefix index hashes; ~4 characters make a token. A prompt the
+client sent as token ids (vLLM's and SGLang's generate APIs) is kept as `prompt_token_ids`, and its
+prompt text packs each id into exactly 4 characters, so blocks of text are blocks of tokens.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +24,8 @@ class InferenceRequest:
     api: str | None = None  # None: a path we pass through unparsed
     model: str = ""
     prompt_text: str = ""
+    prompt_token_ids: Sequence[int] | None = None  # the prompt as the client tokenized it, if it did
+    cache_salt: str = ""  # isolates this request's prefix-cache entries (vLLM's cache_salt, SGLang's extra_key)
     stream: bool = False
     include_usage: bool = False
     max_tokens: int | None = None
@@ -36,4 +40,5 @@ class InferenceRequest:
 
     @property
     def prompt_tokens(self) -> int:
-        return len(self.prompt_text) // CHARS_PER_TOKEN
+        ids = self.prompt_token_ids
+        return len(ids) if ids is not None else len(self.prompt_text) // CHARS_PER_TOKEN

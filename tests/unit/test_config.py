@@ -152,7 +152,7 @@ def test_an_empty_flow_control_section_sets_nothing_and_loads():
     assert load("flowControl: {}\nplugins:\n- type: queue-scorer\n").plugin_types == {"queue-scorer": "queue-scorer"}
 
 
-@pytest.mark.parametrize("section", ["dataLayer", "requestHandler", "parser"])
+@pytest.mark.parametrize("section", ["dataLayer"])
 def test_llm_d_sections_llm_epp_lacks_are_refused_by_name(section):
     msg = error_of(f"{section}: {{}}\nplugins:\n- type: queue-scorer\n")
     assert msg.startswith(f"test.yaml: {section}: not supported: ")

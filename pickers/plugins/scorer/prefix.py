@@ -51,7 +51,7 @@ def prefix_match(
     found = cycle.data.get(key)
     if isinstance(found, PrefixMatch):
         return found
-    hashes = block_hashes(request.model, request.prompt_text, _cache_salt(request), max_blocks, block_chars)
+    hashes = block_hashes(request.model, request.prompt_text, request.cache_salt, max_blocks, block_chars)
     result = PrefixMatch(hashes, index.match(hashes))
     cycle.data[key] = result
     return result
@@ -173,11 +173,6 @@ class PrefixCacheScorer(Plugin):
             block_tokens = max(1, self.block_chars // CHARS_PER_TOKEN)
             return max(1, m.num_gpu_blocks * (m.block_size or block_tokens) // block_tokens)
         return self.lru_capacity
-
-
-def _cache_salt(request: InferenceRequest) -> str:
-    salt = request.body.get("cache_salt") if request.body else None
-    return salt if isinstance(salt, str) else ""
 
 
 _GIE_SETTINGS = ("blockSize", "maxPrefixBlocksToMatch", "lruCapacityPerServer", "autoTune")

@@ -1,0 +1,89 @@
+"""vllmhttp-parser and sglanghttp-parser: the generate APIs that take a prompt the client has already
+tokenized, vLLM's `/inference/v1/generate` (`token_ids`) and SGLang's native `/generate` (`input_ids`),
+read as llm-d reads them.
+
+The token ids are kept as `prompt_token_ids` (a precise prefix scorer uses them as they are), and the
+prompt text packs each id into 4 characters, so the approximate prefix index cuts blocks on token
+boundaries and counts exactly the prompt's tokens. vLLM's responses report usage as OpenAI's do;
+SGLang's in `meta_info` (extproc.handlers.usage.SGLANG).
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Sequence
+from typing import Any
+
+from extproc.handlers.request_body import (
+    decode_object,
+    read_cache_salt,
+    read_model,
+    read_stream,
+    read_token_cap,
+)
+from pickers.framework.errors import BAD_REQUEST, RequestError
+from pickers.framework.request import CHARS_PER_TOKEN, InferenceRequest
+
+_TOKEN = "I"  # an unsigned 32-bit token id, packed into CHARS_PER_TOKEN characters
+assert array(_TOKEN).itemsize == CHARS_PER_TOKEN
+
+
+def parse_vllm_generate(req: InferenceRequest, raw: bytes | bytearray, required_field: str) -> None:
+    """vLLM's generate body: `token_ids` (required), `model`, `sampling_params.max_tokens`, `stream`,
+    `cache_salt`. Raises RequestError(400) with a message a person understands."""
+    body = decode_object(raw, req.api, required_field)
+    model = read_model(body)
+    _take_tokens(req, body, "token_ids")
+    req.body = body
+    req.model = model
+    params = body.get("sampling_params")
+    if params is not None and not isinstance(params, dict):
+        raise RequestError(BAD_REQUEST, "field 'sampling_params' must be an object")
+    req.max_tokens = read_token_cap(params.get("max_tokens") if params else None, "sampling_params.max_tokens")
+    req.stream = read_stream(body)
+    req.cache_salt = read_cache_salt(body)
+
+
+def parse_sglang_generate(req: InferenceRequest, raw: bytes | bytearray, required_field: str) -> None:
+    """SGLang's generate body: `input_ids` (required: like llm-d's, this parser reads pre-tokenized
+    prompts only, one per request), `extra_key` (the cache salt), `sampling_params.max_new_tokens`,
+    `stream`. The body names no model. Raises RequestError(400) with a message a person understands."""
+    body = decode_object(raw, req.api, required_field, model=False)
+    if body.get("input_ids") is None:
+        hint = " (a 'text' prompt is not read: send input_ids, or use SGLang's OpenAI API)" if "text" in body else ""
+        raise RequestError(BAD_REQUEST, f"field 'input_ids' is required for generate{hint}")
+    _take_tokens(req, body, "input_ids")
+    salt = body.get("extra_key")
+    if salt is not None and not isinstance(salt, str):
+        raise RequestError(BAD_REQUEST, "field 'extra_key' must be a string (one key per request)")
+    req.body = body
+    req.cache_salt = salt or ""
+    params = body.get("sampling_params")
+    cap = params.get("max_new_tokens") if isinstance(params, dict) else None
+    # as llm-d: a cap that is not a non-negative integer is left for SGLang to refuse
+    req.max_tokens = cap if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 0 else None
+    req.stream = read_stream(body)
+
+
+def _take_tokens(req: InferenceRequest, body: dict[str, Any], name: str) -> None:
+    ids = _token_ids(body.get(name), name)
+    req.prompt_token_ids = ids
+    req.prompt_text = ids.tobytes().decode("latin-1")
+
+
+def _token_ids(value: Any, name: str) -> Sequence[int]:
+    if value is None:
+        raise RequestError(BAD_REQUEST, f"field '{name}' is required for generate")
+    if not isinstance(value, list):
+        raise RequestError(BAD_REQUEST, f"field '{name}' must be a list of token ids, got {_kind(value)}")
+    if not value:
+        raise RequestError(BAD_REQUEST, f"field '{name}' must not be empty")
+    try:
+        return array(_TOKEN, value)  # checks every id in C: an integer from 0 to 2**32 - 1
+    except (TypeError, OverflowError):
+        batch = " (one prompt per request: batches are not supported)" if isinstance(value[0], list) else ""
+        raise RequestError(BAD_REQUEST, f"field '{name}' must be a list of token ids, integers from 0 to 4294967295{batch}") from None
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
