@@ -13,13 +13,7 @@ from typing import Any
 
 import msgspec
 
-from extproc.handlers.request_body import (
-    decode_object,
-    read_cache_salt,
-    read_model,
-    read_stream,
-    read_token_cap,
-)
+from extproc.handlers.request_body import decode_object, read_model, read_options
 from pickers.framework.errors import BAD_REQUEST, RequestError
 from pickers.framework.request import InferenceRequest
 
@@ -49,9 +43,7 @@ def parse_messages(req: InferenceRequest, raw: bytes | bytearray, required_field
     req.body = body
     req.model = model
     req.prompt_text = "".join(parts)
-    req.stream = read_stream(body)
-    req.max_tokens = read_token_cap(body.get("max_tokens"), "max_tokens")
-    req.cache_salt = read_cache_salt(body)
+    read_options(req, body, body.get("max_tokens"), "max_tokens")
 
 
 def _content(content: Any, name: str) -> str:

@@ -14,13 +14,7 @@ from array import array
 from collections.abc import Sequence
 from typing import Any
 
-from extproc.handlers.request_body import (
-    decode_object,
-    read_cache_salt,
-    read_model,
-    read_stream,
-    read_token_cap,
-)
+from extproc.handlers.request_body import decode_object, read_model, read_options
 from pickers.framework.errors import BAD_REQUEST, RequestError
 from pickers.framework.request import CHARS_PER_TOKEN, InferenceRequest
 
@@ -39,9 +33,7 @@ def parse_vllm_generate(req: InferenceRequest, raw: bytes | bytearray, required_
     params = body.get("sampling_params")
     if params is not None and not isinstance(params, dict):
         raise RequestError(BAD_REQUEST, "field 'sampling_params' must be an object")
-    req.max_tokens = read_token_cap(params.get("max_tokens") if params else None, "sampling_params.max_tokens")
-    req.stream = read_stream(body)
-    req.cache_salt = read_cache_salt(body)
+    read_options(req, body, params.get("max_tokens") if params else None, "sampling_params.max_tokens")
 
 
 def parse_sglang_generate(req: InferenceRequest, raw: bytes | bytearray, required_field: str) -> None:
@@ -57,12 +49,12 @@ def parse_sglang_generate(req: InferenceRequest, raw: bytes | bytearray, require
     if salt is not None and not isinstance(salt, str):
         raise RequestError(BAD_REQUEST, "field 'extra_key' must be a string (one key per request)")
     req.body = body
-    req.cache_salt = salt or ""
     params = body.get("sampling_params")
     cap = params.get("max_new_tokens") if isinstance(params, dict) else None
     # as llm-d: a cap that is not a non-negative integer is left for SGLang to refuse
     req.max_tokens = cap if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 0 else None
-    req.stream = read_stream(body)
+    read_options(req, body, None, "")
+    req.cache_salt = salt or ""  # SGLang's extra_key, not vLLM's cache_salt
 
 
 def _take_tokens(req: InferenceRequest, body: dict[str, Any], name: str) -> None:

@@ -93,7 +93,7 @@ def claimed_paths(type_name: str) -> tuple[str, ...]:
 class RequestParsers:
     """The parsers of one config, ready to pick a Route per request path. Immutable."""
 
-    __slots__ = ("_claims", "_fallback", "specs")
+    __slots__ = ("_by_segment", "_claims", "_fallback", "specs")
 
     def __init__(self, specs: Sequence[ParserSpec]) -> None:
         self.specs = tuple(specs)
@@ -107,12 +107,17 @@ class RequestParsers:
             claims.extend(found)
         # longest suffix first: the first that matches is the longest (sorted() keeps ties in list order)
         self._claims = tuple(sorted(claims, key=lambda c: -len(c[0])))
+        # a suffix is whole segments, so only those ending in the path's last segment can match it
+        by_segment: dict[str, list[tuple[str, Route]]] = {}
+        for suffix, route in self._claims:
+            by_segment.setdefault(suffix.rpartition("/")[2], []).append((suffix, route))
+        self._by_segment = {k: tuple(v) for k, v in by_segment.items()}
         self._fallback = fallback
 
     def resolve(self, path: str) -> Route | None:
         """The route for a request path; None when no parser claims it and there is no fallback."""
         clean = path.partition("?")[0].rstrip("/")
-        for suffix, route in self._claims:
+        for suffix, route in self._by_segment.get(clean.rpartition("/")[2], ()):
             if clean.endswith(suffix):
                 return route
         return self._fallback

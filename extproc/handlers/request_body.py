@@ -51,24 +51,19 @@ def read_model(body: dict[str, Any]) -> str:
     return model
 
 
-def read_stream(body: dict[str, Any]) -> bool:
+def read_options(req: InferenceRequest, body: dict[str, Any], cap: Any, cap_name: str) -> None:
+    """`stream`, the output token cap (`cap`, read from the field `cap_name`) and `cache_salt`."""
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError(BAD_REQUEST, "field 'stream' must be a boolean")
-    return stream
-
-
-def read_token_cap(value: Any, name: str) -> int | None:
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise RequestError(BAD_REQUEST, f"field '{name}' must be a non-negative integer")
-    return value
-
-
-def read_cache_salt(body: dict[str, Any]) -> str:
-    salt = body.get("cache_salt")
-    return salt if isinstance(salt, str) else ""
+    req.stream = stream
+    if cap is not None:
+        if not isinstance(cap, int) or isinstance(cap, bool) or cap < 0:
+            raise RequestError(BAD_REQUEST, f"field '{cap_name}' must be a non-negative integer")
+        req.max_tokens = cap
+    if "cache_salt" in body:
+        salt = body["cache_salt"]
+        req.cache_salt = salt if isinstance(salt, str) else ""
 
 
 def parse_body(req: InferenceRequest, raw: bytes | bytearray, required_field: str) -> None:
@@ -80,12 +75,10 @@ def parse_body(req: InferenceRequest, raw: bytes | bytearray, required_field: st
     req.body = body
     req.model = model
     req.prompt_text = _prompt_text(req.api, body[required_field], required_field)
-    req.stream = read_stream(body)
+    read_options(req, body, body.get("max_completion_tokens", body.get("max_tokens")), "max_tokens")
     opts = body.get("stream_options")
     if isinstance(opts, dict):
         req.include_usage = bool(opts.get("include_usage", False))
-    req.max_tokens = read_token_cap(body.get("max_completion_tokens", body.get("max_tokens")), "max_tokens")
-    req.cache_salt = read_cache_salt(body)
 
 
 # APIs whose required field holds the prompt itself: empty ("" or []) it asks the model for nothing,
@@ -96,8 +89,6 @@ _NOT_EMPTY = frozenset({"chat", "completions", "responses", "embeddings", "image
 def _prompt_text(api: str | None, value: Any, name: str) -> str:
     if api in _NOT_EMPTY and (value == "" or value == []):
         raise RequestError(BAD_REQUEST, f"field '{name}' must not be empty")
-    if api == "images" and not isinstance(value, str):  # the image's description: one string
-        raise RequestError(BAD_REQUEST, f"field '{name}' must be a string")
     if api == "chat":
         if not isinstance(value, list):
             raise RequestError(BAD_REQUEST, "field 'messages' must be a list")
@@ -110,6 +101,8 @@ def _prompt_text(api: str | None, value: Any, name: str) -> str:
         return "".join(parts)
     if isinstance(value, str):
         return value
+    if api == "images":  # the image's description: one string
+        raise RequestError(BAD_REQUEST, f"field '{name}' must be a string")
     if isinstance(value, list):
         if api in ("completions", "embeddings"):  # a batch: each entry is a prompt of its own
             for i, v in enumerate(value):

@@ -47,9 +47,10 @@ class UsageFormat:
 
     name: str
     marker: bytes  # an SSE data line is decoded only when it holds this
-    done: tuple[bytes, ...]  # any of these in an SSE stream: the reply is complete
+    done: bytes  # seen in an SSE stream: the reply is complete
     event: Callable[[bytes, Usage | None], Usage | None]
     body: Callable[[bytes, Usage | None], Usage | None]
+    empty: bytes | None = None  # an SSE data line holding this has no usage: not decoded
 
 
 # -- OpenAI (and vLLM's generate API, which reports usage the same way) ---------------------------
@@ -65,7 +66,9 @@ def _openai_usage(payload: bytes, seen: Usage | None) -> Usage | None:
     return found if found is not None else seen
 
 
-OPENAI = UsageFormat("openai", b'"usage"', (b"data: [DONE]",), _openai_usage, _openai_usage)
+# vLLM sends `"usage":null` in every chunk but the last when asked for usage (JSON escapes a quote in
+# a string, so those bytes are never text)
+OPENAI = UsageFormat("openai", b'"usage"', b"data: [DONE]", _openai_usage, _openai_usage, b'"usage":null')
 
 
 # -- Anthropic Messages ---------------------------------------------------------------------------
@@ -109,9 +112,8 @@ def _anthropic_stream(payload: bytes, seen: Usage | None) -> Usage | None:
     return seen
 
 
-ANTHROPIC = UsageFormat(
-    "anthropic", b'"usage"', (b"event: message_stop", b'"type":"message_stop"'), _anthropic_stream, _anthropic_body
-)
+# the last event: `event: message_stop` and its `"type":"message_stop"` both hold this
+ANTHROPIC = UsageFormat("anthropic", b'"usage"', b"message_stop", _anthropic_stream, _anthropic_body)
 
 
 # -- SGLang's native /generate ---------------------------------------------------------------------
@@ -150,7 +152,7 @@ def _sglang_stream(payload: bytes, seen: Usage | None) -> Usage | None:
     return _sglang_usage(meta, seen)
 
 
-SGLANG = UsageFormat("sglang", b'"meta_info"', (b"data: [DONE]",), _sglang_stream, _sglang_body)
+SGLANG = UsageFormat("sglang", b'"meta_info"', b"data: [DONE]", _sglang_stream, _sglang_body)
 
 
 @dataclass(slots=True)
@@ -170,16 +172,17 @@ class UsageReader:
     def feed(self, chunk: bytes, end: bool) -> None:
         if chunk:
             self.chunks_seen += 1
-        if self.format is None:
+        fmt = self.format
+        if fmt is None:
             return
         if self.streaming:
-            self._feed_sse(self.format, chunk, end)
+            self._feed_sse(fmt, chunk, end)
         else:
-            self._feed_json(self.format, chunk, end)
+            self._feed_json(fmt, chunk, end)
 
     def _feed_sse(self, fmt: UsageFormat, chunk: bytes, end: bool) -> None:
         data = self._pending + chunk if self._pending else chunk
-        if not self.done and any(d in data for d in fmt.done):
+        if fmt.done in data:
             self.done = True
         marker = fmt.marker
         if marker not in data:
@@ -189,8 +192,9 @@ class UsageReader:
             return
         lines = data.split(b"\n")
         self._pending = b"" if end else lines.pop()
+        empty = fmt.empty
         for line in lines:
-            if line.startswith(b"data:") and marker in line:
+            if line.startswith(b"data:") and marker in line and (empty is None or empty not in line):
                 self._take(fmt.event, line[5:].strip())
 
     def _feed_json(self, fmt: UsageFormat, chunk: bytes, end: bool) -> None:
