@@ -3,23 +3,25 @@ tokenized, vLLM's `/inference/v1/generate` (`token_ids`) and SGLang's native `/g
 read as llm-d reads them.
 
 The token ids are kept as `prompt_token_ids` (a precise prefix scorer uses them as they are), and the
-prompt text packs each id into 4 characters, so the approximate prefix index cuts blocks on token
-boundaries and counts exactly the prompt's tokens. vLLM's responses report usage as OpenAI's do;
+prompt text is 4 ASCII characters per token (the base64 of its low 3 bytes: vocabularies stay below
+2**24 ids), so the approximate prefix index, which hashes blocks of UTF-8 bytes, cuts them on token
+boundaries. vLLM's responses report usage as OpenAI's do;
 SGLang's in `meta_info` (extproc.handlers.usage.SGLANG).
 """
 
 from __future__ import annotations
 
+import base64
+import sys
 from array import array
-from collections.abc import Sequence
 from typing import Any
 
 from extproc.handlers.request_body import decode_object, read_model, read_options
 from pickers.framework.errors import BAD_REQUEST, RequestError
 from pickers.framework.request import CHARS_PER_TOKEN, InferenceRequest
 
-_TOKEN = "I"  # an unsigned 32-bit token id, packed into CHARS_PER_TOKEN characters
-assert array(_TOKEN).itemsize == CHARS_PER_TOKEN
+_TOKEN = "I"  # an unsigned 32-bit token id
+assert array(_TOKEN).itemsize == 4 and CHARS_PER_TOKEN == 4  # 3 bytes of base64 are 4 characters
 
 
 def parse_vllm_generate(req: InferenceRequest, raw: bytes | bytearray, required_field: str) -> None:
@@ -60,10 +62,21 @@ def parse_sglang_generate(req: InferenceRequest, raw: bytes | bytearray, require
 def _take_tokens(req: InferenceRequest, body: dict[str, Any], name: str) -> None:
     ids = _token_ids(body.get(name), name)
     req.prompt_token_ids = ids
-    req.prompt_text = ids.tobytes().decode("latin-1")
+    req.prompt_text = _packed(ids)
 
 
-def _token_ids(value: Any, name: str) -> Sequence[int]:
+def _packed(ids: array[int]) -> str:
+    """Each id as 4 ASCII characters, all in C: its 3 low bytes, then base64 (3 bytes -> 4 characters)."""
+    raw = ids.tobytes()
+    first = 0 if sys.byteorder == "little" else 1  # where the 3 low bytes of each 4 start
+    low = bytearray(len(ids) * 3)
+    low[0::3] = raw[first::4]
+    low[1::3] = raw[first + 1 :: 4]
+    low[2::3] = raw[first + 2 :: 4]
+    return base64.b64encode(low).decode("ascii")
+
+
+def _token_ids(value: Any, name: str) -> array[int]:
     if value is None:
         raise RequestError(BAD_REQUEST, f"field '{name}' is required for generate")
     if not isinstance(value, list):

@@ -36,14 +36,7 @@ from pickers.config.parsers import (
 from pickers.config.registry import build_plugin, create_plugin
 from pickers.framework.errors import ConfigError, shown
 from pickers.framework.params import ParameterError
-from pickers.framework.types import (
-    Filter,
-    Picker,
-    ProfileHandler,
-    SchedulingProfile,
-    Scorer,
-    WeightedScorer,
-)
+from pickers.framework.types import Filter, Picker, ProfileHandler, SchedulingProfile, Scorer, WeightedScorer
 from pickers.plugins.base import PluginContext
 from pickers.plugins.profile.handlers import SingleProfileHandler
 from pickers.plugins.scorer.prefix import PrefixCacheScorer

@@ -2,7 +2,7 @@
 
 The prompt text is what the approximate prefix index hashes; ~4 characters make a token. A prompt the
 client sent as token ids (vLLM's and SGLang's generate APIs) is kept as `prompt_token_ids`, and its
-prompt text packs each id into exactly 4 characters, so blocks of text are blocks of tokens.
+prompt text is exactly 4 ASCII characters per id, so blocks of text are blocks of tokens.
 """
 
 from __future__ import annotations

@@ -174,8 +174,18 @@ def test_token_ids_pack_four_characters_a_token_so_a_shared_token_prefix_is_a_sh
     a, b = request("generate"), request("generate")
     parse_vllm_generate(a, b'{"model":"m","token_ids":[5,6,7,8]}', "token_ids")
     parse_vllm_generate(b, b'{"model":"m","token_ids":[5,6,7,9]}', "token_ids")
-    assert len(a.prompt_text) == 16
+    assert len(a.prompt_text.encode()) == 16 and a.prompt_text.isascii()  # the prefix index hashes UTF-8 bytes
     assert a.prompt_text[:12] == b.prompt_text[:12] and a.prompt_text[12:] != b.prompt_text[12:]
+
+
+@given(st.lists(st.integers(0, 2**24 - 1), min_size=1, max_size=50), st.lists(st.integers(0, 2**24 - 1), min_size=1, max_size=50))
+def test_prompt_texts_share_four_characters_per_shared_leading_token(x, y):
+    a, b = request("generate"), request("generate")
+    parse_vllm_generate(a, json.dumps({"model": "m", "token_ids": x}).encode(), "token_ids")
+    parse_vllm_generate(b, json.dumps({"model": "m", "token_ids": y}).encode(), "token_ids")
+    shared = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
+    common = next((i for i, (p, q) in enumerate(zip(a.prompt_text, b.prompt_text)) if p != q), min(len(a.prompt_text), len(b.prompt_text)))
+    assert common // 4 == shared and len(a.prompt_text) == 4 * len(x)
 
 
 @pytest.mark.parametrize(
