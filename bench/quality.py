@@ -1,11 +1,11 @@
 """Routing quality: which strategy gives the best TTFT and cache hits on realistic LLM traffic.
 
-Three workloads, each replayed (same seeded requests) through real Envoy + the EPP in front of the
+Four workloads, each replayed (same seeded requests) through real Envoy + the EPP in front of the
 same simulated pool, once per strategy: round-robin, random, load-only (queue + kv), the GIE default
 config and our `best`. One table per workload, ratios against round-robin.
 
-    python -m bench.quality                 # all three workloads (~10 min)
-    python -m bench.quality --quick         # shorter runs (~4 min)
+    python -m bench.quality                 # all four workloads (~12 min)
+    python -m bench.quality --quick         # shorter runs (~5 min)
     python -m bench.quality --workload b2b  # one workload
 
 Workloads:
@@ -13,6 +13,7 @@ Workloads:
 - multi_turn: chat sessions whose every turn extends the previous conversation.
 - b2b: many customers, each with a long private context and short questions, at a load that
   saturates a round-robin pool (the published llm-d precise-routing scenario, scaled down).
+- long_system: agent sessions that all start with one 8,000-token system prompt and differ after it.
 """
 
 from __future__ import annotations
@@ -133,7 +134,32 @@ def b2b(quick: bool, seed: int = 3) -> Scenario:
     )
 
 
-SCENARIOS = {"shared_prefix": shared_prefix, "multi_turn": multi_turn, "b2b": b2b}
+def long_system(quick: bool, seed: int = 4) -> Scenario:
+    """Agent sessions: one 8,000-token system prompt for all, then each session's own long turns, so
+    sessions differ only after the first 8k tokens (a 4K-token prefix match sees them all alike)."""
+    rng = random.Random(seed)
+    convs, turns, rate = (12 if quick else 16), 4, 2.0
+    system = "[agent] Tools and instructions: " + _text(rng, 32_000)  # ~8,000 tokens
+    sessions, t = [], 0.0
+    for c in range(convs):
+        t += rng.expovariate(rate)
+        msgs = [{"role": "system", "content": system}]
+        bodies = []
+        for k in range(turns):
+            msgs.append({"role": "user", "content": f"[session {c} turn {k}] tool output: " + _text(rng, 8_000)})
+            bodies.append(_chat(list(msgs), 24))
+            msgs.append({"role": "assistant", "content": _text(rng, 1_200)})
+        sessions.append(Session(t, c, tuple(bodies), think_s=0.5))
+    return Scenario(
+        "long_system",
+        tuple(sessions),
+        4,
+        ("--profile", "gpu", "--time-scale", "3", "--num-gpu-blocks", "4000"),
+        f"{convs} agent sessions x {turns} turns sharing one ~8,000-token system prompt, ~2,300 tokens more per turn",
+    )
+
+
+SCENARIOS = {"shared_prefix": shared_prefix, "multi_turn": multi_turn, "b2b": b2b, "long_system": long_system}
 
 
 async def _run_session(http: aiohttp.ClientSession, url: str, s: Session, t0: float, timeout: float) -> list[Outcome]:

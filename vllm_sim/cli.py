@@ -27,6 +27,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--port", type=int, default=8000, help="port to bind, 0 = any free (default %(default)s)")
     p.add_argument("--model", dest="models", action="append", metavar="NAME",
                    help=f"served model name, repeatable; first one labels metrics (default {DEFAULT_MODEL})")
+    p.add_argument("--lora-modules", nargs="+", metavar="NAME=PATH", type=_lora_module,
+                   help="LoRA adapters of the first model, as vLLM's flag: listed in /v1/models with it as parent")
     p.add_argument("--profile", choices=sorted(PROFILES), default="gpu", help="timing profile (default %(default)s)")
     p.add_argument("--time-scale", type=float, default=1.0,
                    help="multiply simulated durations, 0.1 = 10x faster (default %(default)s)")
@@ -54,12 +56,20 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return p
 
 
+def _lora_module(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
+
+
 def config_from_args(args: argparse.Namespace) -> SimConfig:
     return SimConfig.from_profile(
         args.profile,
         host=args.host,
         port=args.port,
         models=tuple(args.models) if args.models else None,
+        lora_modules=tuple(args.lora_modules) if args.lora_modules else None,
         name=args.name,
         time_scale=args.time_scale,
         seed=args.seed,

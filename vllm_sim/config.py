@@ -20,6 +20,9 @@ class SimConfig:
     host: str = "127.0.0.1"
     port: int = 0  # 0 = let the OS pick a free port
     models: tuple[str, ...] = (DEFAULT_MODEL,)
+    # vLLM's --lora-modules: (name, path) of LoRA adapters on the first model; /v1/models lists them
+    # with that model as `parent`, and requests may name them
+    lora_modules: tuple[tuple[str, str], ...] = ()
     name: str | None = None  # x-served-by value; None = "host:port" as bound
     time_scale: float = 1.0  # multiplies every simulated duration (0.1 = 10x faster)
     seed: int = 0
@@ -63,9 +66,16 @@ class SimConfig:
         given = {k: v for k, v in overrides.items() if v is not None}
         if "models" in given:
             given["models"] = tuple(given["models"])  # type: ignore[arg-type]
+        if "lora_modules" in given:
+            given["lora_modules"] = tuple(given["lora_modules"])  # type: ignore[arg-type]
         config = replace(base, **given)  # type: ignore[arg-type]
         config.validate()
         return config
+
+    @property
+    def servable(self) -> tuple[str, ...]:
+        """What a request may name: the served models, then the LoRA adapters."""
+        return self.models + tuple(name for name, _ in self.lora_modules)
 
     @property
     def served_model(self) -> str:
@@ -75,6 +85,9 @@ class SimConfig:
     def validate(self) -> None:
         if not self.models or any(not m for m in self.models):
             raise ConfigError("models: need at least one non-empty model name")
+        for name, _path in self.lora_modules:
+            if not name or name in self.models:
+                raise ConfigError(f"lora_modules: {name!r} must be a non-empty name other than a served model's")
         for field in ("max_num_seqs", "num_gpu_blocks", "block_size", "max_model_len", "embedding_dim"):
             if getattr(self, field) < 1:
                 raise ConfigError(f"{field}: must be >= 1, got {getattr(self, field)}")

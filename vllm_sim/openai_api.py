@@ -204,7 +204,7 @@ def _decode(body: bytes, kind: type[msgspec.Struct]) -> Any:
 def _model(requested: str | None, config: SimConfig) -> str:
     if requested is None or requested == "":
         return config.models[0]
-    if requested not in config.models:
+    if requested not in config.servable:
         raise ModelNotFound(f"The model `{requested}` does not exist.")
     return requested
 
@@ -463,11 +463,18 @@ def usage_chunk(head: ResponseHeader, usage_: dict[str, Any]) -> dict[str, Any]:
 
 
 def models_list(config: SimConfig, created: int) -> dict[str, Any]:
-    return {"object": "list", "data": [
+    """vLLM's /v1/models: the served model names, then each LoRA adapter with its base as `parent`."""
+    models = [
         {"id": m, "object": "model", "created": created, "owned_by": "vllm", "root": m,
          "parent": None, "max_model_len": config.max_model_len, "permission": []}
         for m in config.models
-    ]}
+    ]
+    adapters = [
+        {"id": name, "object": "model", "created": created, "owned_by": "vllm", "root": path,
+         "parent": config.served_model, "max_model_len": None, "permission": []}
+        for name, path in config.lora_modules
+    ]
+    return {"object": "list", "data": models + adapters}
 
 
 def embedding_response(parsed: ParsedEmbedding, config: SimConfig, response_id: str, created: int) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """`epp check-config FILE...`: load each EndpointPickerConfig as `epp serve` would, without serving, and
-print what it means: the profile handler, each profile's filters, weighted scorers and picker, the
-request parsers and the paths each claims, every plugin with the parameters it runs with (defaults
-filled in), and any deprecation.
+print what it means: the profile handler, each profile's filters, weighted scorers and picker, the data
+layer when it is not the default one, the request parsers and the paths each claims, every plugin with
+the parameters it runs with (defaults filled in), and any deprecation.
 
 Exit 0 when every file is valid, 2 when one is not (its message on stderr, naming the file and field).
 `-` reads the config from standard input. Made for CI on the repositories that hold the configs.
@@ -17,6 +17,7 @@ from typing import Any, TextIO
 from extproc.handlers.parsers import claimed_paths
 from extproc.requestcontrol.saturation import SaturationConfig
 from pickers.config import safe_yaml
+from pickers.config.datalayer import DEFAULT_DATA_LAYER
 from pickers.config.loader import EndpointPickerConfig, load_config, load_config_file
 from pickers.framework.errors import ConfigError
 
@@ -66,6 +67,9 @@ def describe(cfg: EndpointPickerConfig) -> str:
             lines.append(f"    scorers: {', '.join(f'{w.scorer.name} x{w.weight:g}' for w in profile.scorers)}")
         implied = "" if profile.picker.name in cfg.plugins else " (implied)"
         lines.append(f"    picker: {profile.picker.name}{implied}")
+    if cfg.data_layer != DEFAULT_DATA_LAYER:
+        lines.append("  dataLayer:")
+        lines += [f"    {line}" for line in cfg.data_layer.summary()]
     default = " (the default list)" if cfg.default_parsers else ""
     lines.append(f"  request parsers{default}:")
     for spec in cfg.parsers:

@@ -1,15 +1,16 @@
 """The endpoint datastore: the one home of live endpoint state.
 
-Discovery sets the membership, the scraper writes each endpoint's model-server metrics, and the
-request path counts its own in-flight requests and tokens per endpoint (pick -> completion). A pick
-reads `candidates()`, a tuple rebuilt only when membership changes, so a request costs no copy.
+Discovery sets the membership, the scraper writes each endpoint's model-server metrics (the models
+poller its /v1/models list), and the request path counts its own in-flight requests and tokens per
+endpoint (pick -> completion). A pick reads `candidates()`, a tuple rebuilt only when membership
+changes, so a request costs no copy.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from pickers.framework.endpoint import Endpoint, EndpointSpec, Metrics
+from pickers.framework.endpoint import Endpoint, EndpointSpec, Metrics, ServedModels
 
 MembershipListener = Callable[[tuple[Endpoint, ...], tuple[Endpoint, ...]], None]
 ScrapeFailureListener = Callable[[Endpoint, str], None]
@@ -68,6 +69,11 @@ class Datastore:
         if ep is not None:
             ep.metrics = metrics
             ep.scrape_error = None
+
+    def update_served_models(self, address: str, models: ServedModels) -> None:
+        ep = self._by_address.get(address)
+        if ep is not None and ep.served_models != models:  # an unchanged list keeps the object a pick reads
+            ep.served_models = models
 
     def on_scrape_failure(self, listener: ScrapeFailureListener) -> None:
         """`listener(endpoint, error)` runs when an endpoint's scrapes start failing (once per outage:

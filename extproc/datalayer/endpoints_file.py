@@ -1,4 +1,7 @@
-"""Static discovery: the pool is listed in a YAML endpoints file, re-read whenever it changes.
+"""Static discovery: the pool is listed in a YAML (or JSON) endpoints file, re-read whenever it changes.
+
+One format for `epp serve --endpoints` and llm-d's `file-discovery` (`dataLayer.discovery`): llm-d's
+entries (`name`, `namespace`, `address`, `port` as a string, `labels`) are a subset of ours.
 
 Changes are detected by polling the file's inode, size and mtime (following symlinks), which also
 catches the atomic `..data` symlink swap Kubernetes does when a mounted ConfigMap is updated. A
@@ -23,7 +26,7 @@ from pickers.framework.errors import ConfigError, shown
 
 log = logging.getLogger(__name__)
 
-_FIELDS = ("address", "host", "port", "name", "labels", "metricsPort", "metricsPath")
+_FIELDS = ("address", "host", "port", "name", "namespace", "labels", "metricsPort", "metricsPath")
 
 
 def load_endpoints_file(path: str | os.PathLike[str]) -> list[EndpointSpec]:
@@ -65,7 +68,7 @@ def parse_endpoints(doc: Any, *, source: str | None = None) -> list[EndpointSpec
 
     specs: list[EndpointSpec] = []
     seen_addresses: dict[str, int] = {}
-    seen_names: dict[str, int] = {}
+    seen_names: dict[tuple[str, str], int] = {}
     for i, item in enumerate(items):
         where = f"{prefix}[{i}]"
         spec = _parse_endpoint(item, source=source, where=where)
@@ -75,14 +78,15 @@ def parse_endpoints(doc: Any, *, source: str | None = None) -> list[EndpointSpec
                 source=source,
                 field=where,
             )
-        if spec.name in seen_names:
+        key = (spec.namespace or "default", spec.name)  # llm-d's identity: namespace/name
+        if key in seen_names:
             raise ConfigError(
-                f"duplicate name {shown(spec.name)} (also {prefix}[{seen_names[spec.name]}])",
+                f"duplicate name {shown(spec.name)} (also {prefix}[{seen_names[key]}])",
                 source=source,
                 field=f"{where}.name",
             )
         seen_addresses[spec.address] = i
-        seen_names[spec.name] = i
+        seen_names[key] = i
         specs.append(spec)
     return specs
 
@@ -132,9 +136,13 @@ def _parse_endpoint(item: Any, *, source: str | None, where: str) -> EndpointSpe
         if metrics_port is None:
             raise fail("metricsPort", f"expected an integer 1-65535, got {shown(item['metricsPort'])}")
 
-    metrics_path = item.get("metricsPath", "/metrics")
-    if not isinstance(metrics_path, str) or not metrics_path.startswith("/"):
+    metrics_path = item.get("metricsPath")
+    if metrics_path is not None and (not isinstance(metrics_path, str) or not metrics_path.startswith("/")):
         raise fail("metricsPath", f"expected a path starting with '/', got {shown(metrics_path)}")
+
+    namespace = item.get("namespace", "")
+    if not isinstance(namespace, str):
+        raise fail("namespace", f"expected a string, got {shown(namespace)}")
 
     labels_raw = item.get("labels")
     labels: dict[str, str] = {}
@@ -162,6 +170,7 @@ def _parse_endpoint(item: Any, *, source: str | None, where: str) -> EndpointSpe
         labels=labels,
         metrics_port=metrics_port,
         metrics_path=metrics_path,
+        namespace=namespace,
     )
 
 
@@ -240,11 +249,12 @@ class StaticFileDiscovery:
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], datastore: Datastore, *, poll_interval: float = 1.0
+        self, path: str | os.PathLike[str], datastore: Datastore, *, poll_interval: float = 1.0, watch: bool = True
     ) -> None:
         self.path = os.fspath(path)
         self.datastore = datastore
         self.poll_interval = poll_interval
+        self.watch = watch  # False: read once (llm-d's file-discovery with watchFile: false)
         self._identity: tuple[int, int, int, int] | None = None
         self._text: str | None = None  # last text read, good or bad
         self._loaded = False
@@ -308,6 +318,6 @@ class StaticFileDiscovery:
     async def run(self) -> None:
         if not self._loaded:
             self._take(*await asyncio.to_thread(self._read_first))
-        while True:
+        while self.watch:
             await asyncio.sleep(self.poll_interval)
             await self.poll_once()

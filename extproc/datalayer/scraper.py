@@ -1,8 +1,11 @@
-"""Model-server metrics: scrape each endpoint's vLLM `/metrics` and write the datastore.
+"""Model-server metrics: scrape each endpoint's Prometheus `/metrics` and write the datastore.
 
 One polling task per endpoint (a slow or dead endpoint only delays itself), one shared keep-alive
 HTTP session, a timeout per scrape. Picks never wait for a scrape; they judge staleness with
-`Datastore.is_stale`. The parser looks only at the few vLLM series we use (vLLM's names: docs/operating.md).
+`Datastore.is_stale`. Which series are read is the endpoint's engine mapping (vLLM, SGLang, TensorRT-LLM,
+...: pickers.plugins.datalayer.extractors), chosen by its `llm-d.ai/engine-type` label; where to scrape
+is the `metrics-data-source` (scheme, path, port, TLS, interval). `EndpointPoller` is the polling loop
+shared with the /v1/models poller (extproc.datalayer.models).
 """
 
 from __future__ import annotations
@@ -10,47 +13,50 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import random
 import re
+import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import aiohttp
 
 from extproc.datalayer.datastore import Datastore
 from pickers.framework.endpoint import Endpoint, Metrics
+from pickers.framework.errors import ConfigError
+from pickers.plugins.datalayer.extractors import (
+    BUILTIN_ENGINES,
+    DEFAULT_EXTRACTION,
+    EngineMetrics,
+    MetricsExtraction,
+    MetricSpec,
+)
+from pickers.plugins.datalayer.sources import DEFAULT_METRICS_SOURCE, HttpSource
 
 log = logging.getLogger(__name__)
 
-# vLLM's series we read, without their `vllm:` prefix
-WAITING = "num_requests_waiting"
-RUNNING = "num_requests_running"
-KV_USAGE = "kv_cache_usage_perc"
-KV_USAGE_OLD = "gpu_cache_usage_perc"  # vLLM before the V1 engine
-CACHE_CONFIG = "cache_config_info"
-LORA_INFO = "lora_requests_info"
-PREFIX_HITS = "prefix_cache_hits_total"
-PREFIX_QUERIES = "prefix_cache_queries_total"
-_WANTED = (WAITING, RUNNING, KV_USAGE, KV_USAGE_OLD, CACHE_CONFIG, LORA_INFO, PREFIX_HITS, PREFIX_QUERIES)
-
 
 class ScrapeError(Exception):
-    """A scrape that produced no fresh metrics (bad status, unusable body)."""
+    """A scrape that produced no fresh data (bad status, unusable body)."""
 
 
 class MetricsParseError(ScrapeError, ValueError):
     """A metrics body that does not carry the gauges a pick needs."""
 
 
-# One sample line of a wanted metric: name, optional {labels} (quoted values may hold escaped
-# quotes, braces and commas), value, then anything (timestamp, OpenMetrics exemplar). Matched on
+# After a wanted metric's name: optional {labels} (quoted values may hold escaped quotes, braces and
+# commas), the value, then anything (timestamp, OpenMetrics exemplar). Each pattern is matched on
 # "\n" + text so the engine's literal-prefix search skips everything else (~8x faster than ^/M).
-_SAMPLE = re.compile(
-    r"\n[ \t]*vllm:(" + "|".join(_WANTED) + r")[ \t]*(?:\{((?:[^\"}\n]|\"(?:[^\"\\\n]|\\.)*\")*)\})?[ \t]*[ \t]([^ \t\r\n]+)",
-)
+_SAMPLE_TAIL = r"[ \t]*(?:\{((?:[^\"}\n]|\"(?:[^\"\\\n]|\\.)*\")*)\})?[ \t]*[ \t]([^ \t\r\n]+)"
 _LABEL = re.compile(r"[ \t]*([A-Za-z_][A-Za-z0-9_]*)[ \t]*=[ \t]*\"((?:[^\"\\\n]|\\.)*)\"[ \t]*,?")
 _ESCAPE = re.compile(r"\\(.)")
 _UNESCAPED = {"n": "\n", "\\": "\\", '"': '"'}
+_COUNTS = frozenset({"queued", "running"})
+_ROLES = (
+    "queued", "running", "kv_usage", "kv_usage_fallback", "lora", "cache_info", "cache_block_size",
+    "cache_num_blocks", "prefix_cache_hits", "prefix_cache_queries",
+)  # fmt: skip
 
 
 def _labels(text: str | None) -> dict[str, str]:
@@ -80,111 +86,197 @@ def _adapters(raw: str | None) -> frozenset[str]:
     return frozenset(a for a in (p.strip() for p in raw.split(",")) if a)
 
 
-def parse_vllm_metrics(text: str) -> Metrics:
-    """Read vLLM's Prometheus text into Metrics (updated_at left at 0).
+class MetricsParser:
+    """Reads one engine's series from Prometheus text into Metrics (updated_at left at 0).
 
-    Several series of one metric (data-parallel `engine` ranks, several `model_name`s) are summed
-    for counts and averaged for KV usage. NaN/Inf samples and unparsable lines are ignored.
-    Raises MetricsParseError when waiting, running or KV usage is missing.
+    Several series of one metric (data-parallel `engine` ranks, several `model_name`s) are summed for
+    counts and averaged for KV usage; a selector's labels must all match. NaN/Inf samples and
+    unparsable lines are ignored. Raises MetricsParseError when the engine's queue, running or KV
+    usage series (those it defines) has no usable sample.
     """
-    waiting = running = 0.0
-    n_waiting = n_running = 0
-    kv_sum = kv_old_sum = 0.0
-    n_kv = n_kv_old = 0
-    hits = queries = 0.0
-    block_size: int | None = None
-    num_gpu_blocks: int | None = None
-    lora_labels: str | None = None
-    lora_newest = -math.inf
 
-    for m in _SAMPLE.finditer("\n" + text):
-        name, label_text, raw_value = m.groups()
+    def __init__(self, engine: EngineMetrics) -> None:
+        self.engine = engine
+        roles: dict[str, list[tuple[str, MetricSpec]]] = {}
+        for role in _ROLES:
+            spec: MetricSpec | None = getattr(engine, role)
+            if spec is not None:
+                roles.setdefault(spec.name, []).append((role, spec))
+        names = sorted(roles, key=len, reverse=True)  # longest first: one name may prefix another
+        prefix = os.path.commonprefix(names) if names else ""
+        self._roles = {name[len(prefix) :]: tuple(r) for name, r in roles.items()}
+        alternatives = "|".join(re.escape(n[len(prefix) :]) for n in names)
+        self._sample = re.compile(r"\n[ \t]*" + re.escape(prefix) + "(" + alternatives + ")" + _SAMPLE_TAIL) if names else None
+        self._required = tuple(
+            (role, spec) for role in ("queued", "running", "kv_usage") if (spec := getattr(engine, role)) is not None
+        )
+
+    def parse(self, text: str) -> Metrics:
+        sums = dict.fromkeys(_ROLES, 0.0)
+        counts = dict.fromkeys(_ROLES, 0)
+        block_size: int | None = None
+        num_blocks: int | None = None
+        lora_labels: dict[str, str] | None = None
+        lora_newest = -math.inf
+        engine = self.engine
+        if self._sample is not None:
+            for m in self._sample.finditer("\n" + text):
+                suffix, label_text, raw_value = m.groups()
+                try:
+                    value = float(raw_value)
+                except ValueError:
+                    continue
+                if not math.isfinite(value):
+                    continue
+                labels: dict[str, str] | None = None
+                for role, spec in self._roles[suffix]:
+                    if spec.labels:
+                        if labels is None:
+                            labels = _labels(label_text)
+                        if not spec.matches(labels):
+                            continue
+                    if role == "cache_info":
+                        labels = _labels(label_text) if labels is None else labels
+                        blocks = _int_label(labels, engine.cache_num_blocks_label)
+                        if blocks is not None:  # one series per engine rank: the endpoint holds them all
+                            num_blocks = blocks + (num_blocks or 0)
+                        if block_size is None:
+                            block_size = _int_label(labels, engine.cache_block_size_label)
+                    elif role == "lora":
+                        if value > lora_newest:  # the value is a timestamp: the newest series wins
+                            lora_newest = value
+                            lora_labels = _labels(label_text) if labels is None else labels
+                    elif role == "cache_block_size":
+                        if block_size is None and value >= 1:
+                            block_size = int(min(value, 1e9))
+                    elif role == "cache_num_blocks":
+                        if value >= 0:
+                            num_blocks = int(min(value, 1e15)) + (num_blocks or 0)
+                    else:
+                        if role in _COUNTS:
+                            value = min(max(value, 0.0), 1e12)  # sums stay finite whatever the body says
+                        sums[role] += value
+                        counts[role] += 1
+
+        missing = [
+            str(spec)
+            for role, spec in self._required
+            if counts[role] == 0 and not (role == "kv_usage" and counts["kv_usage_fallback"])
+        ]
+        if missing:
+            raise MetricsParseError(f"no usable sample of {', '.join(missing)}")
+
+        if counts["kv_usage"]:
+            kv = sums["kv_usage"] / counts["kv_usage"]
+        elif counts["kv_usage_fallback"]:
+            kv = sums["kv_usage_fallback"] / counts["kv_usage_fallback"]
+        else:
+            kv = 0.0
+        metrics = Metrics(
+            waiting=max(0, round(sums["queued"])),
+            running=max(0, round(sums["running"])),
+            kv_usage=min(1.0, max(0.0, kv)),
+            block_size=block_size or None,
+            num_gpu_blocks=num_blocks,
+            prefix_cache_hits=sums["prefix_cache_hits"],
+            prefix_cache_queries=sums["prefix_cache_queries"],
+        )
+        if lora_labels is not None:
+            metrics.running_lora_adapters = _adapters(lora_labels.get("running_lora_adapters"))
+            metrics.waiting_lora_adapters = _adapters(lora_labels.get("waiting_lora_adapters"))
+            metrics.max_lora = _int_label(lora_labels, "max_lora")
+        return metrics
+
+
+VLLM_PARSER = MetricsParser(BUILTIN_ENGINES["vllm"])
+
+
+def parse_vllm_metrics(text: str) -> Metrics:
+    """vLLM's metrics (the built-in `vllm` engine mapping)."""
+    return VLLM_PARSER.parse(text)
+
+
+MIN_BASE_TICK = 0.05  # llm-d's floor for the data layer's base tick
+
+
+def poll_intervals(refresh: float, requested: Sequence[float | None]) -> list[float]:
+    """llm-d's data-layer clock: the base tick is `--refresh-metrics-interval`, lowered to the shortest
+    interval a source asks for (not below 50 ms unless the flag is); each source then polls every
+    round(interval / tick) ticks, at least one, and every tick when it asks for no interval."""
+    tick = refresh
+    for iv in requested:
+        if iv and iv < tick:
+            tick = iv
+    tick = max(tick, min(refresh, MIN_BASE_TICK))
+    return [max(1, math.floor(iv / tick + 0.5)) * tick if iv else tick for iv in requested]
+
+
+def ssl_context(source: HttpSource) -> ssl.SSLContext | None:
+    """The client TLS settings of an https source (llm-d's: verification off unless insecureSkipVerify
+    is false, then against caCertPath or the system CAs; a client certificate for mTLS). Raises ConfigError."""
+    if source.scheme != "https":
+        return None
+    where = f"{source.name} parameters"
+    try:
+        if source.insecure_skip_verify:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        else:
+            ctx = ssl.create_default_context(cafile=source.ca_cert_path)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"cannot read the CA bundle: {e}", source=where, field="caCertPath") from None
+    if source.client_cert_path:
         try:
-            value = float(raw_value)
-        except ValueError:
-            continue
-        if not math.isfinite(value):
-            continue
-        if name == WAITING or name == RUNNING:
-            value = min(max(value, 0.0), 1e12)  # sums stay finite whatever the body says
-        if name == WAITING:
-            waiting += value
-            n_waiting += 1
-        elif name == RUNNING:
-            running += value
-            n_running += 1
-        elif name == KV_USAGE:
-            kv_sum += value
-            n_kv += 1
-        elif name == KV_USAGE_OLD:
-            kv_old_sum += value
-            n_kv_old += 1
-        elif name == PREFIX_HITS:
-            hits += value
-        elif name == PREFIX_QUERIES:
-            queries += value
-        elif name == CACHE_CONFIG:
-            labels = _labels(label_text)
-            blocks = _int_label(labels, "num_gpu_blocks")
-            if blocks is not None:  # one series per engine: the endpoint holds them all
-                num_gpu_blocks = blocks + (num_gpu_blocks or 0)
-            if block_size is None:
-                block_size = _int_label(labels, "block_size")
-        elif name == LORA_INFO:
-            if value > lora_newest:  # the value is a timestamp: the newest series wins
-                lora_newest = value
-                lora_labels = label_text or ""
-
-    missing = [
-        n
-        for n, count in ((WAITING, n_waiting), (RUNNING, n_running), (KV_USAGE, n_kv + n_kv_old))
-        if count == 0
-    ]
-    if missing:
-        raise MetricsParseError(f"no usable sample of {', '.join('vllm:' + n for n in missing)}")
-
-    kv = kv_sum / n_kv if n_kv else kv_old_sum / n_kv_old
-    metrics = Metrics(
-        waiting=max(0, round(waiting)),
-        running=max(0, round(running)),
-        kv_usage=min(1.0, max(0.0, kv)),
-        block_size=block_size or None,
-        num_gpu_blocks=num_gpu_blocks,
-        prefix_cache_hits=hits,
-        prefix_cache_queries=queries,
-    )
-    if lora_labels is not None:
-        labels = _labels(lora_labels)
-        metrics.running_lora_adapters = _adapters(labels.get("running_lora_adapters"))
-        metrics.waiting_lora_adapters = _adapters(labels.get("waiting_lora_adapters"))
-        metrics.max_lora = _int_label(labels, "max_lora")
-    return metrics
+            ctx.load_cert_chain(source.client_cert_path, source.client_key_path)
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(f"cannot load the client certificate and key: {e}", source=where, field="clientCertPath") from None
+    return ctx
 
 
-def default_session() -> aiohttp.ClientSession:
+def source_url(source: HttpSource, ep: Endpoint) -> str:
+    """Where `source` fetches for `ep`: the endpoints file's metricsPort/metricsPath win over the source's."""
+    spec = ep.spec
+    port = spec.metrics_port or source.port or spec.port
+    return f"{source.scheme}://{spec.host}:{port}{spec.metrics_path or source.path}"
+
+
+def default_session(ssl_ctx: ssl.SSLContext | None = None) -> aiohttp.ClientSession:
     # No connection cap (one poller per endpoint keeps one connection alive); plain text, since
     # compressing a few kB on the model server and inflating it here costs more than it saves.
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0),
+        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0, ssl=ssl_ctx if ssl_ctx is not None else True),
         headers={"Accept": "text/plain", "Accept-Encoding": "identity"},
     )
 
 
-class MetricsScraper:
-    """Polls every endpoint in the datastore every `interval` seconds while `run()` is running."""
+class EndpointPoller:
+    """Fetches `source` from every endpoint in the datastore every `interval` seconds while `run()` runs.
+
+    Subclasses say what a body means (`take`) and what a failure does (`failed`)."""
+
+    what = "fetching"
 
     def __init__(
         self,
         datastore: Datastore,
+        source: HttpSource,
         *,
-        interval: float = 0.05,
-        timeout: float = 1.0,
-        session_factory: Callable[[], aiohttp.ClientSession] = default_session,
+        interval: float,
+        timeout: float,
+        session_factory: Callable[[], aiohttp.ClientSession] | None = None,
     ) -> None:
         self.datastore = datastore
+        self.source = source
         self.interval = interval
         self.timeout = timeout
         self._client_timeout = aiohttp.ClientTimeout(total=timeout)
+        if session_factory is None:
+            ctx = ssl_context(source)  # a bad certificate path stops start-up here
+
+            def session_factory() -> aiohttp.ClientSession:
+                return default_session(ctx)
+
         self._session_factory = session_factory
         self._session: aiohttp.ClientSession | None = None
         self._pollers: dict[str, asyncio.Task[None]] = {}
@@ -196,6 +288,9 @@ class MetricsScraper:
     def polling(self) -> frozenset[str]:
         """Addresses with a live polling task."""
         return frozenset(self._pollers)
+
+    def url(self, ep: Endpoint) -> str:
+        return source_url(self.source, ep)
 
     async def run(self) -> None:
         session = self._session_factory()
@@ -222,7 +317,7 @@ class MetricsScraper:
                 self._pollers.pop(address).cancel()
         loop = asyncio.get_running_loop()
         for address in wanted - self._pollers.keys():
-            task = loop.create_task(self._poll(address, self._session), name=f"scrape {address}")
+            task = loop.create_task(self._poll(address, self._session), name=f"{self.source.name} {address}")
             self._pollers[address] = task
             task.add_done_callback(lambda t, a=address: self._forget(a, t))
 
@@ -237,9 +332,9 @@ class MetricsScraper:
             started = time.monotonic()
             error = await self.scrape_once(ep, session)
             if error is not None and not failing:
-                log.warning("scraping %s (%s) failed: %s", ep.name, ep.spec.metrics_url, error)
+                log.warning("%s %s (%s) failed: %s", self.what, ep.name, self.url(ep), error)
             elif error is None and failing:
-                log.info("scraping %s works again", ep.name)
+                log.info("%s %s works again", self.what, ep.name)
             failing = error is not None
             delay = self.interval - (time.monotonic() - started)
             if first:  # spread endpoints that joined together over the interval
@@ -248,14 +343,14 @@ class MetricsScraper:
             await asyncio.sleep(max(0.0, delay))
 
     async def scrape_once(self, ep: Endpoint, session: aiohttp.ClientSession) -> str | None:
-        """Scrape one endpoint and record the result in the datastore. Returns the error, if any."""
-        url = ep.spec.metrics_url
+        """Fetch from one endpoint and record the result. Returns the error, if any."""
+        url = self.url(ep)
         try:
             async with session.get(url, timeout=self._client_timeout) as resp:
                 if resp.status != 200:
                     raise ScrapeError(f"HTTP {resp.status} from {url}")
                 body = await resp.read()
-            metrics = parse_vllm_metrics(body.decode("utf-8", errors="replace"))
+            self.take(ep, body)
         except asyncio.CancelledError:
             raise
         except TimeoutError:
@@ -265,8 +360,45 @@ class MetricsScraper:
         except Exception as e:  # connection refused/reset, bad HTTP, ...: all mean "no fresh data"
             error = f"{type(e).__name__}: {e}"
         else:
-            metrics.updated_at = time.monotonic()
-            self.datastore.update_metrics(ep.address, metrics)
             return None
-        self.datastore.record_scrape_error(ep.address, error)
+        self.failed(ep, error)
         return error
+
+    def take(self, ep: Endpoint, body: bytes) -> None:
+        """Record a fetched body; raises ScrapeError when it is unusable."""
+        raise NotImplementedError
+
+    def failed(self, ep: Endpoint, error: str) -> None:
+        """A fetch failed (the error is logged once per outage by the poll loop)."""
+
+
+class MetricsScraper(EndpointPoller):
+    """The `metrics-data-source` + `core-metrics-extractor` pair: each endpoint's metrics, parsed with
+    its engine's mapping. A failure marks the endpoint's metrics as failing (see Datastore)."""
+
+    what = "scraping"
+
+    def __init__(
+        self,
+        datastore: Datastore,
+        *,
+        interval: float = 0.05,
+        timeout: float = 1.0,
+        source: HttpSource = DEFAULT_METRICS_SOURCE,
+        extraction: MetricsExtraction = DEFAULT_EXTRACTION,
+        session_factory: Callable[[], aiohttp.ClientSession] | None = None,
+    ) -> None:
+        super().__init__(datastore, source, interval=interval, timeout=timeout, session_factory=session_factory)
+        self.extraction = extraction
+        self._parsers = {name: MetricsParser(engine) for name, engine in extraction.engines.items()}
+
+    def parser_for(self, ep: Endpoint) -> MetricsParser:
+        return self._parsers[self.extraction.engine_for(ep.labels).name]
+
+    def take(self, ep: Endpoint, body: bytes) -> None:
+        metrics = self.parser_for(ep).parse(body.decode("utf-8", errors="replace"))
+        metrics.updated_at = time.monotonic()
+        self.datastore.update_metrics(ep.address, metrics)
+
+    def failed(self, ep: Endpoint, error: str) -> None:
+        self.datastore.record_scrape_error(ep.address, error)

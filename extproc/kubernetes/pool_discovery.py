@@ -107,7 +107,7 @@ def endpoints_for_pod(pod: Pod, target_ports: tuple[int, ...]) -> list[EndpointS
     host = f"[{ip}]" if ":" in ip else ip
     labels = dict(pod.metadata.labels)
     return [
-        EndpointSpec(name=f"{pod.metadata.name}-rank-{i}", host=host, port=port, labels=labels)
+        EndpointSpec(name=f"{pod.metadata.name}-rank-{i}", host=host, port=port, labels=labels, namespace=pod.metadata.namespace)
         for i, port in enumerate(target_ports)
         if allowed is None or port in allowed
     ]

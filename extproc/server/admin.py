@@ -55,7 +55,13 @@ def endpoints_view(
             "prefix_blocks": prefix_index.blocks_of(ep.address) if prefix_index is not None else 0,
             "num_gpu_blocks": m.num_gpu_blocks,
             "running_lora_adapters": sorted(m.running_lora_adapters),
+            # /v1/models (a models-data-source): models and LoRA adapters with their base; null: not fetched
+            "served_models": None if ep.served_models is None else [
+                {"id": s.id, "parent": s.parent} for s in ep.served_models.models
+            ],
         })  # fmt: skip
+        if ep.spec.namespace:
+            out[-1]["namespace"] = ep.spec.namespace
         if precise:
             out[-1]["precise_prefix_blocks"] = {name: p.index.blocks_of(ep.address) for name, p in precise.items()}
     return out

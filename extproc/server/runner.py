@@ -11,7 +11,7 @@ import logging
 import random
 import signal
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -24,7 +24,8 @@ from grpc_health.v1.health import aio as health_aio
 from extproc.datalayer.datastore import Datastore
 from extproc.datalayer.endpoints_file import StaticFileDiscovery
 from extproc.datalayer.kv_events import KVEventSubscriber
-from extproc.datalayer.scraper import MetricsScraper
+from extproc.datalayer.models import ModelsPoller
+from extproc.datalayer.scraper import EndpointPoller, MetricsScraper, poll_intervals
 from extproc.datalayer.supervisor import Supervisor
 from extproc.handlers.parsers import DEFAULT as DEFAULT_PARSERS
 from extproc.handlers.parsers import RequestParsers
@@ -45,8 +46,10 @@ from extproc.requestcontrol.objectives import ObjectiveStore, load_objectives_fi
 from extproc.requestcontrol.rewrites import RewriteStore, load_rewrites_file
 from extproc.requestcontrol.saturation import SaturationConfig, SaturationDetector
 from extproc.server.memory import HeapTrimmer
+from pickers.config.datalayer import DEFAULT_DATA_LAYER, DataLayerConfig
 from pickers.config.loader import load_config, load_config_file
 from pickers.config.strategies import build_profile
+from pickers.framework.errors import ConfigError
 from pickers.framework.scheduler import Scheduler
 from pickers.framework.types import ProfileHandler, SchedulingProfile
 from pickers.indexes.prefix import ApproxPrefixIndex
@@ -176,9 +179,12 @@ class EppServer:
         self.prefix_index = ApproxPrefixIndex()
         self.datastore.on_membership_change(self._on_membership_change)
         self._saturation_config = SaturationConfig()
+        self.data_layer: DataLayerConfig = DEFAULT_DATA_LAYER
         self.parsers = DEFAULT_PARSERS  # the config's requestHandler.parsers, set by _build_profiles
         profiles, handler = self._build_profiles()
         self._profiles = profiles
+        self._endpoints_file, self._watch_endpoints, self._kubernetes = self._discovery()
+        self._data_pollers = self._pollers()  # a bad TLS file of a source stops start-up here
         self.scheduler = Scheduler(
             profiles, metrics_stale_after=opts.metrics_staleness_threshold, handler=handler, explain=opts.explain_scores,
             timer=self.metrics.plugin_timer,
@@ -233,8 +239,30 @@ class EppServer:
             assert opts.config_file is not None
             cfg = load_config_file(opts.config_file, ctx)
         self._saturation_config = SaturationConfig.from_config(cfg.saturation_detector, cfg.source)
+        self.data_layer = cfg.data_layer
         self.parsers = RequestParsers(cfg.parsers)
         return cfg.profiles, cfg.profile_handler
+
+    def _discovery(self) -> tuple[str | None, bool, KubernetesOptions | None]:
+        """Where the pool comes from: (endpoints file, re-read it?, Kubernetes options). `--endpoints` and
+        the config's `dataLayer.discovery` are one file discovery set two ways: giving both is refused, and
+        with either, `--pool-name` only names the pool (as in llm-d's file-discovery mode)."""
+        opts, found = self.opts, self.data_layer.discovery
+        if found is None:
+            return opts.endpoints_file, True, opts.kubernetes
+        where = f"{self.scheduling_source.removeprefix('config ')}: dataLayer.discovery"
+        if opts.endpoints_file:
+            raise ConfigError(
+                f"{where} names the endpoints file ({found.path}) and so does --endpoints ({opts.endpoints_file}); give one",
+                field="--endpoints",
+            )
+        k8s = opts.kubernetes
+        if k8s is not None and k8s.endpoint_selector:
+            raise ConfigError(f"{where} lists the endpoints; --endpoint-selector selects them from Kubernetes; give one", field="--endpoint-selector")
+        if k8s is not None and k8s.pool_name:
+            k8s = replace(k8s, pool_name="")
+            k8s = k8s if k8s.leader_election else None
+        return found.path, found.watch_file, k8s
 
     @property
     def scheduling_source(self) -> str:
@@ -256,20 +284,20 @@ class EppServer:
 
     async def start(self) -> None:
         opts = self.opts
-        if opts.endpoints_file:
+        if self._endpoints_file:
             # Load once up front so a bad file stops start-up with its error, then watch it.
-            discovery = StaticFileDiscovery(opts.endpoints_file, self.datastore)
+            discovery = StaticFileDiscovery(self._endpoints_file, self.datastore, watch=self._watch_endpoints)
             discovery.load()
-            self.supervisor.start("static-discovery", discovery.run)
-        if opts.kubernetes is not None and (opts.kubernetes.discovers or opts.kubernetes.leader_election):
+            if self._watch_endpoints:
+                self.supervisor.start("static-discovery", discovery.run)
+        k8s = self._kubernetes
+        if k8s is not None and (k8s.discovers or k8s.leader_election):
             from extproc.kubernetes.runtime import KubernetesRuntime
 
-            self.kubernetes = KubernetesRuntime(opts.kubernetes, self.datastore, objectives=self.objectives, rewrites=self.rewrites)
+            self.kubernetes = KubernetesRuntime(k8s, self.datastore, objectives=self.objectives, rewrites=self.rewrites)
             await self.kubernetes.start(self.supervisor)
-        scraper = MetricsScraper(
-            self.datastore, interval=opts.refresh_metrics_interval, timeout=max(0.5, opts.metrics_staleness_threshold / 2)
-        )
-        self.supervisor.start("metrics-scraper", scraper.run)
+        for name, poller in self._data_pollers.items():
+            self.supervisor.start(name, poller.run)
         # Each precise-prefix-cache-scorer's index is fed by a KV-event subscriber of ours (a scorer in
         # several profiles gets one).
         for name, scorer in precise_scorers(self._profiles).items():
@@ -305,6 +333,25 @@ class EppServer:
             self.grpc_port, self.health_port, self.metrics_port, self.scheduling_source, len(self.datastore),
         )
 
+    def _pollers(self) -> dict[str, EndpointPoller]:
+        """The data layer's HTTP sources (metrics scraper, /v1/models poller), on llm-d's clock: each
+        source's `interval` rounded to a multiple of --refresh-metrics-interval. Raises ConfigError."""
+        dl, opts = self.data_layer, self.opts
+        sources = [s for s in (dl.metrics, dl.models) if s is not None]
+        intervals = dict(zip((s.name for s in sources), poll_intervals(opts.refresh_metrics_interval, [s.interval for s in sources]), strict=True))
+        for s in sources:
+            if s.interval and abs(intervals[s.name] - s.interval) > 1e-9:
+                log.info("%s: interval %gs rounded to %gs (a multiple of the base tick)", s.name, s.interval, intervals[s.name])
+        timeout = max(0.5, opts.metrics_staleness_threshold / 2)
+        pollers: dict[str, EndpointPoller] = {}
+        if dl.metrics is not None:
+            pollers["metrics-scraper"] = MetricsScraper(
+                self.datastore, interval=intervals[dl.metrics.name], timeout=timeout, source=dl.metrics, extraction=dl.extraction
+            )
+        if dl.models is not None:
+            pollers["models-poller"] = ModelsPoller(self.datastore, interval=intervals[dl.models.name], timeout=timeout, source=dl.models)
+        return pollers
+
     def _add_ext_proc_port(self, server: grpc.aio.Server) -> int:
         opts = self.opts
         address = f"{opts.bind_address}:{opts.grpc_port}"
@@ -323,7 +370,10 @@ class EppServer:
             return
         from extproc.server.admin import admin_app, options_view
 
-        config = {"version": self.metrics.version, "scheduling_source": self.scheduling_source, "options": options_view(opts)}
+        config = {
+            "version": self.metrics.version, "scheduling_source": self.scheduling_source, "options": options_view(opts),
+            "data_layer": self.data_layer.summary(),
+        }  # fmt: skip
         runtime = lambda: {"active_streams": self.servicer.active_streams, "heap_trims": self.heap.trims}  # noqa: E731
         runner = web.AppRunner(admin_app(self.datastore, self.prefix_index, self.director, config, runtime), access_log=None)
         await runner.setup()

@@ -4,7 +4,8 @@ Errors name the source (a file path or `--config-text`), the field path (`schedu
 plugins[1].pluginRef`) and what was expected. Defaults follow the reference picker: no profiles -> one
 `default` profile with every filter, scorer and picker; one profile -> `single-profile-handler`; no
 picker -> `max-score-picker`; weight 1. Several profiles need a profile handler (`disagg-profile-handler`
-for P/D), which is bound to its profiles and decider by name once everything is built.
+for P/D), which is bound to its profiles and decider by name once everything is built. A plugin that is both a
+filter and a scorer (context-length-aware) runs as both in a profile that references it, as in llm-d.
 
 Request parsers (`requestHandler.parsers`, GIE's top-level `parser`) are declared under `plugins:` and
 resolved by pickers.config.parsers into `EndpointPickerConfig.parsers`; the server runs them.
@@ -26,6 +27,7 @@ from types import MappingProxyType
 from typing import Any
 
 from pickers.config import safe_yaml
+from pickers.config.datalayer import DEFAULT_DATA_LAYER, DataLayerConfig, build_data_layer
 from pickers.config.parsers import (
     DEFAULT_PARSERS,
     REFUSED_PARSER_TYPES,
@@ -48,14 +50,12 @@ DEPRECATED_API_VERSION = "inference.networking.x-k8s.io/v1alpha1"
 API_VERSIONS = ("llm-d.ai/v1", API_VERSION, DEPRECATED_API_VERSION)
 KIND = "EndpointPickerConfig"
 _TOP_LEVEL = (
-    "apiVersion", "kind", "plugins", "schedulingProfiles", "featureGates", "saturationDetector", "flowControl",
+    "apiVersion", "kind", "plugins", "schedulingProfiles", "featureGates", "saturationDetector", "flowControl", "dataLayer",
     "requestHandler", "parser",
-)
-# llm-d's sections llm-epp does not implement: refused by name, with the reason
-UNSUPPORTED_SECTIONS = MappingProxyType(
+)  # fmt: skip
+# llm-d's sections llm-epp does not implement: refused by name, with the reason (none at present)
+UNSUPPORTED_SECTIONS: MappingProxyType[str, str] = MappingProxyType(
     {
-        "dataLayer": "the data layer is configured with epp serve's flags here (--endpoints, --pool-name, "
-        "--refresh-metrics-interval); dataLayer sources and discovery plugins are not implemented yet",
     }
 )
 # featureGates llm-d registers, and what llm-epp makes of each: None = we do that anyway (when on)
@@ -112,6 +112,7 @@ class EndpointPickerConfig:
     plugin_types: Mapping[str, str] = field(default_factory=dict)  # name -> type
     plugin_parameters: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # name -> effective parameters
     warnings: tuple[str, ...] = ()  # deprecations and adjusted values, each logged once when loaded
+    data_layer: DataLayerConfig = DEFAULT_DATA_LAYER  # dataLayer, defaults injected; applied by extproc.server
     parsers: tuple[ParserSpec, ...] = DEFAULT_PARSERS  # the request parsers in effect, in order (extproc.handlers.parsers)
     default_parsers: bool = True  # no requestHandler.parsers (nor parser): llm-d's default list
 
@@ -147,6 +148,7 @@ class _Loader:
         self.types: dict[str, str] = {}
         self.parameters: dict[str, Mapping[str, Any]] = {}
         self.parser_plugins: dict[str, str] = {}  # name -> type, for requestHandler.parsers
+        self.index: dict[str, int] = {}  # plugin name -> its place in `plugins:` (parsers included)
 
     def error(self, field_path: str | None, message: str) -> ConfigError:
         return ConfigError(message, source=self.source, field=field_path or None)
@@ -198,6 +200,7 @@ class _Loader:
         if len(handlers) > 1:
             raise self.error("plugins", f"expected at most one profile handler, got {', '.join(handlers)}")
         profiles = self.build_profiles(doc.get("schedulingProfiles"), plugins)
+        data_layer = self.data_layer(doc.get("dataLayer"), plugins)
         handler = next(iter(handlers.values()), None)
         if handler is None:
             if len(profiles) > 1:
@@ -216,6 +219,10 @@ class _Loader:
                 self.bind_plugin(plugins, plugin, lambda b=bind: b(plugins, by_name, handler))
         self.bind_plugin(plugins, handler, lambda: handler.bind(plugins, by_name))
         for name, plugin in plugins.items():
+            # what a plugin found wrong but loadable once names were resolved (as llm-d loads it)
+            where = f"plugins[{self.index[name]}] ({self.types[name]})"
+            self.warnings.extend(f"{where}: {w}" for w in getattr(plugin, "bind_warnings", ()))
+        for name, plugin in plugins.items():
             effective = getattr(plugin, "effective_parameters", None)
             if effective is not None:
                 self.parameters[name] = MappingProxyType(dict(effective(self.parameters[name])))
@@ -231,6 +238,7 @@ class _Loader:
             plugin_types=MappingProxyType(self.types),
             plugin_parameters=MappingProxyType(self.parameters),
             warnings=tuple(self.warnings),
+            data_layer=data_layer,
             parsers=parsers,
             default_parsers=default_parsers,
         )
@@ -241,7 +249,7 @@ class _Loader:
             bind()
         except ParameterError as e:
             name = getattr(plugin, "name", "")
-            i = list(plugins).index(name) if name in plugins else 0
+            i = self.index.get(name, 0)
             param = f"plugins[{i}].parameters.{e.param}" if e.param else f"plugins[{i}]"
             raise self.error(param, f"{getattr(plugin, 'type', '?')}: {e.detail}") from None
 
@@ -273,6 +281,10 @@ class _Loader:
             first = next(iter(raw))
             raise self.error(f"flowControl.{first}", f"not supported: {FLOW_CONTROL_REFUSED} section")
 
+    def data_layer(self, raw: object, plugins: dict[str, object]) -> DataLayerConfig:
+        """dataLayer (pickers.config.datalayer), resolved against the plugins; defaults when absent."""
+        return build_data_layer(raw, plugins, lambda name: f"plugins[{self.index[name]}]", self.error, self.warnings)
+
     def optional_mapping(self, doc: dict[str, Any], key: str) -> dict[str, Any]:
         value = doc.get(key)
         if value is None:
@@ -286,7 +298,7 @@ class _Loader:
         if not items:
             raise self.error("plugins", "expected a non-empty list of plugins")
         plugins: dict[str, object] = {}
-        first_at: dict[str, int] = {}
+        first_at = self.index
         for i, item in enumerate(items):
             path = f"plugins[{i}]"
             spec = self.expect_mapping(item, path, _PLUGIN_KEYS)
@@ -330,7 +342,7 @@ class _Loader:
         items = self.expect_list(raw, "schedulingProfiles")
         if not items:
             # every filter, scorer and picker, in config order, weight 1
-            refs = [(f"plugins[{i}]", {"pluginRef": n}) for i, (n, p) in enumerate(plugins.items()) if _role(p) is not None]
+            refs = [(f"plugins[{self.index[n]}]", {"pluginRef": n}) for n, p in plugins.items() if _role(p) is not None]
             return (self.build_profile("default", refs, plugins, implicit=True),)
         profiles: list[SchedulingProfile] = []
         for i, item in enumerate(items):
@@ -378,6 +390,8 @@ class _Loader:
             if role == "scorer":
                 weight = self.weight(spec.get("weight"), f"{rpath}.weight")
                 scorers.append(WeightedScorer(plugin, weight))  # type: ignore[arg-type]
+                if isinstance(plugin, Filter):
+                    filters.append(plugin)  # both (context-length-aware): runs as both, as in llm-d
             elif role == "filter":
                 filters.append(plugin)  # type: ignore[arg-type]
             else:

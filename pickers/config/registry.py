@@ -12,11 +12,24 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Protocol
 
+from pickers.config.unsupported import UNSUPPORTED_TYPES
 from pickers.framework.errors import ConfigError, shown
 from pickers.framework.params import Params
 from pickers.plugins.base import PluginContext
-from pickers.plugins.filter.by_label import ByLabelFilter, LabelSelectorFilter
+from pickers.plugins.datalayer.discovery import FileDiscovery
+from pickers.plugins.datalayer.extractors import CoreMetricsExtractor, ModelsDataExtractor
+from pickers.plugins.datalayer.sources import (
+    EndpointNotificationSource,
+    K8sNotificationSource,
+    MetricsDataSource,
+    ModelsDataSource,
+)
+from pickers.plugins.filter.by_label import ByLabelFilter, ByLabelSelectorFilter, LabelSelectorFilter
+from pickers.plugins.filter.context_length import ContextLengthAware
+from pickers.plugins.filter.prefix_affinity import PrefixCacheAffinityFilter
 from pickers.plugins.filter.role import DecodeFilter, PrefillFilter
+from pickers.plugins.filter.served_model import ServedModelFilter
+from pickers.plugins.filter.utilization import UtilizationFilter
 from pickers.plugins.picker.max_score import MaxScorePicker
 from pickers.plugins.picker.random import RandomPicker
 from pickers.plugins.picker.round_robin import RoundRobinPicker
@@ -28,6 +41,7 @@ from pickers.plugins.profile.handlers import (
     PrefillHeaderHandler,
     SingleProfileHandler,
 )
+from pickers.plugins.profile.header import HeaderProfileHandler
 from pickers.plugins.profile.pd_deciders import AlwaysDisaggPDDecider, PrefixBasedPDDecider
 from pickers.plugins.scorer.active_request import ActiveRequestScorer
 from pickers.plugins.scorer.kv_cache import KVCacheUtilizationScorer
@@ -40,7 +54,7 @@ from pickers.plugins.scorer.prefix import ApproxPrefixCacheProducer, PrefixCache
 from pickers.plugins.scorer.queue import QueueScorer
 from pickers.plugins.scorer.running_requests import RunningRequestsSizeScorer
 from pickers.plugins.scorer.session_affinity import SessionAffinityScorer
-from pickers.plugins.scorer.token_load import TokenLoadScorer
+from pickers.plugins.scorer.token_load import InFlightLoadProducer, TokenLoadScorer
 
 
 @dataclass(slots=True, frozen=True)
@@ -74,11 +88,16 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     SessionAffinityScorer,
     NoHitLRUScorer,
     PrefillLoadScorer,  # llm-epp's: queued + own uncached prefill work
+    ContextLengthAware,  # a scorer and, with enableFiltering, a filter
     # filters
     ByLabelFilter,
     LabelSelectorFilter,
+    ByLabelSelectorFilter,  # llm-d's deprecated name of label-selector-filter
     PrefillFilter,
     DecodeFilter,
+    UtilizationFilter,
+    PrefixCacheAffinityFilter,
+    ServedModelFilter,  # llm-epp's: reads the models-data-source's /v1/models lists
     # pickers
     MaxScorePicker,
     RandomPicker,
@@ -88,14 +107,25 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     SingleProfileHandler,
     DisaggProfileHandler,
     PdProfileHandler,  # llm-d's older name for the P/D handler
+    HeaderProfileHandler,
     # P/D deciders
     PrefixBasedPDDecider,
     AlwaysDisaggPDDecider,
     # llm-d's approximate prefix producer: the block settings of the prefix scorers bound to it
     ApproxPrefixCacheProducer,
+    # llm-d's in-flight load producer: how token-load-scorer and prefix-cache-affinity-filter count load
+    InFlightLoadProducer,
     # llm-d's deprecated header plugins: the disagg handler sets the header; their names are checked
     DisaggHeadersHandler,
     PrefillHeaderHandler,
+    # data layer (dataLayer.sources and dataLayer.discovery name them; pickers.config.datalayer)
+    MetricsDataSource,
+    CoreMetricsExtractor,
+    ModelsDataSource,
+    ModelsDataExtractor,
+    K8sNotificationSource,
+    EndpointNotificationSource,
+    FileDiscovery,
 )
 
 def _factory(cls: type[_Configurable]) -> Factory:
@@ -119,6 +149,9 @@ def build_plugin(type_name: str, name: str, parameters: Mapping[str, Any] | None
     """Build one plugin. Raises ConfigError for an unknown type, ParameterError for a bad parameter."""
     factory = PLUGINS.get(type_name)
     if factory is None:
+        why = UNSUPPORTED_TYPES.get(type_name)
+        if why is not None:
+            raise ConfigError(f"plugin type {shown(type_name)} (llm-d router) is not supported: {why}")
         raise ConfigError(f"unknown plugin type {shown(type_name)}; known types: {', '.join(known_types())}")
     return factory(name, parameters, ctx)
 

@@ -19,8 +19,9 @@ class EndpointSpec:
     host: str
     port: int
     labels: Mapping[str, str] = field(default_factory=dict)
-    metrics_port: int | None = None  # default: the serving port
-    metrics_path: str = "/metrics"
+    metrics_port: int | None = None  # default: the metrics source's port, else the serving port
+    metrics_path: str | None = None  # default: the metrics source's path (/metrics)
+    namespace: str = ""  # the pod's, or the endpoints file's (llm-d's format); names are unique within one
 
     @property
     def address(self) -> str:
@@ -28,12 +29,36 @@ class EndpointSpec:
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{self.host}:{self.metrics_port or self.port}{self.metrics_path}"
+        """Where the default metrics source scrapes (the configured one: extproc.datalayer.scraper)."""
+        return f"http://{self.host}:{self.metrics_port or self.port}{self.metrics_path or '/metrics'}"
+
+
+@dataclass(slots=True, frozen=True)
+class ServedModel:
+    """One entry of an endpoint's OpenAI `/v1/models`: a model, or a LoRA adapter with its base `parent`."""
+
+    id: str
+    parent: str | None = None
+    owned_by: str | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class ServedModels:
+    """An endpoint's /v1/models list, in its order, with the ids as a set for a pick's lookup."""
+
+    models: tuple[ServedModel, ...] = ()
+    ids: frozenset[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ids", frozenset(m.id for m in self.models))
+
+    def __contains__(self, model_id: object) -> bool:
+        return model_id in self.ids
 
 
 @dataclass(slots=True)
 class Metrics:
-    """Model-server metrics from the last successful scrape (vLLM's metric names)."""
+    """Model-server metrics from the last successful scrape (the engine's series: vLLM's by default)."""
 
     waiting: int = 0
     running: int = 0
@@ -58,6 +83,7 @@ class Endpoint:
     in_flight_tokens: int = 0
     in_flight_prefill_tokens: int = 0  # uncached prompt tokens of requests not past their first byte
     scrape_error: str | None = None
+    served_models: ServedModels | None = None  # from /v1/models (models-data-source); None: not fetched
 
     @property
     def address(self) -> str:

@@ -8,6 +8,7 @@ it returned (the default when the parameter is absent): `effective` is what `epp
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,6 +22,29 @@ class ParameterError(ConfigError):
         self.param = param
         self.detail = detail
         super().__init__(detail, field=param)
+
+
+_GO_DURATION = re.compile(r"([0-9]*\.?[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
+_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_go_duration(text: str) -> float | None:
+    """Go's time.ParseDuration, in seconds (`0` needs no unit; a leading sign is allowed); None if malformed."""
+    t = text.strip()
+    sign = -1.0 if t.startswith("-") else 1.0
+    if t[:1] in ("+", "-"):
+        t = t[1:]
+    if t == "0":
+        return 0.0
+    if not t:
+        return None
+    pos, total = 0, 0.0
+    for m in _GO_DURATION.finditer(t):
+        if m.start() != pos:
+            return None
+        total += float(m.group(1)) * _GO_UNITS[m.group(2)]
+        pos = m.end()
+    return sign * total if pos == len(t) and pos > 0 else None
 
 
 def _kind(value: object) -> str:
@@ -118,6 +142,24 @@ class Params:
         if not isinstance(v, list) or not all(isinstance(x, Mapping) for x in v):
             raise ParameterError(key, f"expected a list of mappings, got {shown(v)}")
         return self._keep(key, [dict(x) for x in v])
+
+    def port(self, key: str) -> int | None:
+        """An optional TCP port, 1-65535; None when left out."""
+        v = self._get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 65535):
+            raise ParameterError(key, f"expected a port 1-65535, got {_kind(v)} {shown(v)}")
+        return self._keep(key, v)
+
+    def duration(self, key: str) -> float | None:
+        """A Go duration string (`500ms`, `1s`, `1m30s`) in seconds; None when left out or 0."""
+        v = self._get(key)
+        if v is None or v == "":
+            return self._keep(key, None)
+        seconds = parse_go_duration(v) if isinstance(v, str) else None
+        if seconds is None or seconds < 0:
+            raise ParameterError(key, f"expected a duration like 500ms, 1s or 1m30s, got {_kind(v)} {shown(v)}")
+        self._keep(key, v if seconds else None)
+        return seconds or None
 
     def deprecated(self, key: str, why: str) -> None:
         """A parameter the reference picker also accepts and does nothing with (`why` says so); when given,

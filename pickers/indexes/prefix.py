@@ -1,9 +1,12 @@
 """The approximate prefix index (as GIE's prefix-cache-scorer keeps it): which endpoint probably holds which prompt blocks.
 
-A block is 64 bytes of prompt text (~16 tokens). Hashes chain so a block's key depends on every
-block before it. Each endpoint keeps an LRU of the blocks routed to it, sized like its KV cache, so
-memory is bounded by the pool's total cache size in blocks. Each lookup's hit ratio (the share of
-the prompt's blocks the best endpoint holds) goes into a histogram the EPP's metrics expose.
+A block is 64 bytes of prompt text (~16 tokens) unless the config says otherwise. Hashes chain so a
+block's key depends on every block before it. Each endpoint keeps an LRU of the blocks routed to it,
+sized like its KV cache, so memory is bounded by the pool's total cache size in blocks. Each lookup's
+hit ratio (the share of the prompt's blocks the best endpoint holds) goes into a histogram the EPP's
+metrics expose. A whole 100k-token prompt costs about a millisecond here (bench/prompt_cost.py), so
+hashing, matching and recording stay tight loops: one encoded buffer hashed through memoryview slices,
+a match that follows one endpoint without set arithmetic, a record that reuses the match's hashes.
 """
 
 from __future__ import annotations
@@ -27,15 +30,15 @@ _xxh64 = xxhash.xxh64_intdigest
 def block_hashes(
     model: str, prompt: str, cache_salt: str = "", max_blocks: int = MAX_BLOCKS, block_chars: int = BLOCK_CHARS
 ) -> list[int]:
-    """Hashes of the prompt's full blocks, in order: h0 = xxh64(model + salt), h_i = xxh64(b_i + le64(h_{i-1}))."""
-    data = prompt.encode("utf-8", "surrogatepass")  # JSON may carry lone surrogates
-    n = min(len(data) // block_chars, max_blocks)
+    """Hashes of the prompt's full blocks, in order: h0 = xxh64(model + salt), h_i = xxh64(b_i, seed=h_{i-1})."""
+    data = memoryview(prompt.encode("utf-8", "surrogatepass"))  # JSON may carry lone surrogates
+    end = min(len(data) // block_chars, max_blocks) * block_chars
     prev = _xxh64((model + cache_salt).encode())
     out = []
-    for i in range(n):
-        start = i * block_chars
-        prev = _xxh64(data[start : start + block_chars] + prev.to_bytes(8, "little"))
-        out.append(prev)
+    append = out.append
+    for start in range(0, end, block_chars):  # a memoryview slice copies nothing; the seed chains the blocks
+        prev = _xxh64(data[start : start + block_chars], prev)
+        append(prev)
     return out
 
 
@@ -50,31 +53,43 @@ class ApproxPrefixIndex:
         self.hit_ratio = Histogram(HIT_RATIO_BUCKETS)  # one observation per lookup of a prompt of >= 1 block
 
     def match(self, hashes: list[int]) -> dict[str, int]:
-        """Leading blocks held per endpoint; the walk stops at the first block nobody holds."""
+        """Leading blocks held per endpoint; the walk stops at the first block none of the leaders holds."""
         counts: dict[str, int] = {}
-        if not hashes:
+        n = len(hashes)
+        if not n:
             return counts
-        active = self._holders.get(hashes[0])
-        if not active:
+        get = self._holders.get
+        first = get(hashes[0])
+        if not first:
             self.hit_ratio.observe(0.0)
             return counts
-        active = set(active)
-        best = 0
-        for i, h in enumerate(hashes):
-            holders = self._holders.get(h)
+        active = set(first)  # the endpoints holding every block so far
+        i = 1
+        while i < n and len(active) > 1:
+            holders = get(hashes[i])
             if not holders:
                 break
-            active &= holders
-            if not active:
-                break
-            best = i + 1
-            for addr in active:
-                counts[addr] = best
-        self.hit_ratio.observe(best / len(hashes))
+            if not active <= holders:
+                for addr in active - holders:  # they held blocks 0..i-1
+                    counts[addr] = i
+                active &= holders
+                if not active:
+                    break
+            i += 1
+        if len(active) == 1 and i < n:  # one endpoint left: follow it, a membership test per block
+            (addr,) = active
+            empty: frozenset[str] = frozenset()
+            while i < n and addr in get(hashes[i], empty):
+                i += 1
+        for addr in active:
+            counts[addr] = i
+        self.hit_ratio.observe(i / n)
         return counts
 
     def record(self, address: str, hashes: list[int], capacity: int | None = None) -> None:
-        """The endpoint now holds these blocks (most recent use last)."""
+        """The endpoint now holds these blocks. The first block is made the most recent, as vLLM frees a
+        request's blocks tail first: a full LRU evicts a prompt's tail before its head, so what stays
+        still matches as a prefix."""
         lru = self._lru.get(address)
         if lru is None:
             lru = self._lru[address] = OrderedDict()
@@ -82,9 +97,10 @@ class ApproxPrefixIndex:
             self._capacity[address] = capacity
         cap = self._capacity.get(address, self.default_capacity)
         holders = self._holders
-        for h in hashes:
+        move = lru.move_to_end
+        for h in reversed(hashes):
             if h in lru:
-                lru.move_to_end(h)
+                move(h)
             else:
                 lru[h] = None
                 s = holders.get(h)
@@ -92,9 +108,15 @@ class ApproxPrefixIndex:
                     holders[h] = {address}
                 else:
                     s.add(address)
-        while len(lru) > cap:
-            old, _ = lru.popitem(last=False)
-            self._drop(old, address)
+        over = len(lru) - cap
+        if over > 0:
+            pop = lru.popitem
+            for _ in range(over):
+                old, _ = pop(last=False)
+                s = holders[old]
+                s.discard(address)
+                if not s:
+                    del holders[old]
 
     def remove_endpoint(self, address: str) -> None:
         lru = self._lru.pop(address, None)

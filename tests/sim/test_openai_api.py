@@ -189,6 +189,20 @@ async def test_health_and_models(http: aiohttp.ClientSession, start_sim: StartSi
     assert status == 200 and body["model"] == "b"
 
 
+async def test_lora_adapters_are_listed_with_their_base_as_parent_and_can_be_requested(
+        http: aiohttp.ClientSession, start_sim: StartSim) -> None:
+    from vllm_sim.cli import build_parser, config_from_args
+
+    assert config_from_args(build_parser().parse_args(["--lora-modules", "sql=/a/sql", "chat=/a/chat"])).lora_modules == (
+        ("sql", "/a/sql"), ("chat", "/a/chat"))
+    sim = await start_sim(models=("base",), lora_modules=(("sql", "/a/sql"),))
+    async with http.get(sim.url + "/v1/models") as r:
+        models = (await r.json())["data"]
+    assert [(m["id"], m["parent"], m["root"]) for m in models] == [("base", None, "base"), ("sql", "base", "/a/sql")]
+    status, body, _ = await post(http, sim, "/v1/completions", {"model": "sql", "prompt": "x", "max_tokens": 1})
+    assert status == 200 and body["model"] == "sql"
+
+
 async def test_same_seed_gives_same_text_and_another_seed_differs(
         http: aiohttp.ClientSession, start_sim: StartSim) -> None:
     req = {"prompt": "tell me a story", "max_tokens": 20}

@@ -152,12 +152,6 @@ def test_an_empty_flow_control_section_sets_nothing_and_loads():
     assert load("flowControl: {}\nplugins:\n- type: queue-scorer\n").plugin_types == {"queue-scorer": "queue-scorer"}
 
 
-@pytest.mark.parametrize("section", ["dataLayer"])
-def test_llm_d_sections_llm_epp_lacks_are_refused_by_name(section):
-    msg = error_of(f"{section}: {{}}\nplugins:\n- type: queue-scorer\n")
-    assert msg.startswith(f"test.yaml: {section}: not supported: ")
-
-
 def test_effective_parameters_have_the_defaults_filled_in():
     cfg = load("plugins:\n- type: prefix-cache-scorer\n  parameters: {blockSize: 32}\n- type: max-score-picker\n")
     assert cfg.plugin_parameters["prefix-cache-scorer"] == {
@@ -346,3 +340,22 @@ def test_cli_scheduling_flags_are_mutually_exclusive(flags, capsys):
         cli.main(["serve", *flags])
     assert e.value.code == 2
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_llm_d_types_not_implemented_are_refused_with_the_reason():
+    from pickers.config.registry import PLUGINS
+    from pickers.config.unsupported import UNSUPPORTED_TYPES
+
+    assert not PLUGINS.keys() & UNSUPPORTED_TYPES.keys(), "implemented types must leave UNSUPPORTED_TYPES"
+    text = """\
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: encode-filter
+"""
+    with pytest.raises(ConfigError) as e:
+        load_config(text, "epd.yaml")
+    msg = str(e.value)
+    assert msg.startswith("epd.yaml: plugins[1].type: plugin type 'encode-filter' (llm-d router) is not supported:")
+    assert "encode stage" in msg and "known types" not in msg

@@ -166,3 +166,8 @@ def test_the_server_runs_the_configs_parsers():
     server = EppServer(ServeOptions(config_text=text, admin_port=0))
     assert server.servicer.parsers.specs == (ParserSpec("anthropic-parser", "anthropic-parser"),)
     assert server.servicer.parsers.resolve("/v1/chat/completions") is None
+
+
+def test_errors_after_a_parser_plugin_name_the_plugins_place_in_the_list():
+    body = "plugins:\n- type: openai-parser\n- type: prefix-cache-scorer\n  parameters: {prefixMatchInfoProducerName: ghost}\n"
+    assert error_of(body).startswith("test.yaml: plugins[1].parameters.prefixMatchInfoProducerName: ")

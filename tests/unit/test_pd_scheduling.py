@@ -77,10 +77,12 @@ def test_prefix_index_records_the_prompt_on_the_prefill_and_the_decode_endpoint(
     ds = pool()
     s = scheduler(ds)
     result = s.schedule(req(LONG), ds.candidates())
-    index = s.profile.scorers[0].scorer.index  # type: ignore[attr-defined]
+    scorer = s.profile.scorers[0].scorer
+    index, block = scorer.index, scorer.block_chars  # type: ignore[attr-defined]
+    assert block == 64 * 4  # pd.yaml's producer: llm-d's 64-token blocks
     prefill_addr = result.request_headers["x-prefiller-host-port"]
-    assert index.blocks_of(result.endpoints[0].address) == len(LONG) // 64
-    assert index.blocks_of(prefill_addr) == len(LONG) // 64
+    assert index.blocks_of(result.endpoints[0].address) == len(LONG) // block
+    assert index.blocks_of(prefill_addr) == len(LONG) // block
 
 
 def test_no_prefill_endpoint_serves_aggregated_and_never_fails():

@@ -76,10 +76,11 @@ def test_active_request_scorer_all_idle_is_a_tie_at_one():
 
 
 def test_token_load_scorer():
+    # in-flight load: the uncached prompt tokens not past their first byte (the request's own: none here)
     a, b, c = ep(1), ep(2), ep(3)
-    a.in_flight_tokens, b.in_flight_tokens, c.in_flight_tokens = 0, 2_097_152, 10_000_000
-    assert scores("token-load-scorer", [a, b, c]) == [1.0, 0.5, 0.0]
-    assert scores("token-load-scorer", [b], queueThresholdTokens=4_194_304 // 4) == [0.0]
+    a.in_flight_prefill_tokens, b.in_flight_prefill_tokens, c.in_flight_prefill_tokens = 0, 2_097_152, 10_000_000
+    assert scores("token-load-scorer", [a, b, c], req("")) == [1.0, 0.5, 0.0]
+    assert scores("token-load-scorer", [b], req(""), queueThresholdTokens=4_194_304 // 4) == [0.0]
 
 
 def test_lora_affinity_scorer():

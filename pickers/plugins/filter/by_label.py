@@ -109,3 +109,16 @@ class LabelSelectorFilter(Plugin):
             ep for ep in endpoints
             if all(ep.labels.get(k) == v for k, v in want) and all(r.matches(ep.labels) for r in exprs)
         ]  # fmt: skip
+
+
+class ByLabelSelectorFilter(LabelSelectorFilter):
+    """`by-label-selector`: llm-d's deprecated name of label-selector-filter (deprecated in v0.9, removed in
+    v0.11); the same selector, loaded with llm-d's deprecation warning."""
+
+    type = "by-label-selector"
+
+    @classmethod
+    def from_config(cls, name: str, p: Params, ctx: PluginContext) -> LabelSelectorFilter:
+        built = super().from_config(name, p, ctx)
+        p.warnings.append(f"plugin type {cls.type} is deprecated, use {LabelSelectorFilter.type} instead")
+        return built

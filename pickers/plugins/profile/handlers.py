@@ -6,6 +6,7 @@
   too. The decode pick is the destination, the prefill pick goes in `x-prefiller-host-port`. No
   prefill endpoint (or a failed prefill profile) means the request is served aggregated, not failed.
 - `pd-profile-handler`: llm-d's older name and parameters for the same thing.
+- `header-profile-handler` (profile/header.py): the one profile a request header names.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from pickers.framework.endpoint import Endpoint
 from pickers.framework.errors import shown
@@ -97,34 +97,9 @@ class PrefixCacheScorer(Plugin):
 
     def bind_config(self, plugins: Mapping[str, object], profiles: Mapping[str, Any], handler: object) -> None:
         """Bind to the approx-prefix-cache-producer named (or the config's only one) and take its settings."""
-        producers = {n: q for n, q in plugins.items() if isinstance(q, ApproxPrefixCacheProducer)}
-        if self.producer_name is not None:
-            found = plugins.get(self.producer_name)
-            if found is None:
-                raise ParameterError(
-                    "prefixMatchInfoProducerName",
-                    f"no plugin named {shown(self.producer_name)}; defined: {', '.join(plugins)}",
-                )
-            if not isinstance(found, ApproxPrefixCacheProducer):
-                raise ParameterError(
-                    "prefixMatchInfoProducerName",
-                    f"plugin {shown(self.producer_name)} ({getattr(found, 'type', '?')}) is not an "
-                    f"{ApproxPrefixCacheProducer.type}",
-                )
-            producer: ApproxPrefixCacheProducer | None = found
-        elif not producers:
+        producer = find_producer(plugins, self.producer_name)
+        if producer is None:
             return  # GIE's shape: the scorer's own settings
-        elif ApproxPrefixCacheProducer.type in producers:
-            producer = producers[ApproxPrefixCacheProducer.type]  # llm-d's default name
-        elif len(producers) == 1:
-            producer = next(iter(producers.values()))
-        else:
-            raise ParameterError(
-                "prefixMatchInfoProducerName",
-                f"{len(producers)} {ApproxPrefixCacheProducer.type} plugins ({', '.join(producers)}); name the one "
-                "this scorer reads",
-            )
-        assert producer is not None
         if self.own_settings:
             raise ParameterError(
                 self.own_settings[0],
@@ -154,25 +129,7 @@ class PrefixCacheScorer(Plugin):
         return [m.matched.get(ep.address, 0) / total for ep in endpoints]
 
     def pre_request(self, request: InferenceRequest, cycle: CycleState, result: SchedulingResult) -> None:
-        if not result.endpoints:
-            return
-        m = prefix_match(request, cycle, self.index, self.block_chars, self.max_blocks)
-        if m.hashes:
-            ep = result.endpoints[0]
-            self.index.record(ep.address, m.hashes, self._capacity(ep))
-            if result.profile_results is not None:
-                # P/D: the prefill endpoint computed the prompt's KV and keeps it in its cache too
-                for chosen in result.profile_results.values():
-                    if chosen and chosen[0] is not ep:
-                        self.index.record(chosen[0].address, m.hashes, self._capacity(chosen[0]))
-
-    def _capacity(self, ep: Endpoint) -> int:
-        m = ep.metrics
-        if self.auto_tune and m.num_gpu_blocks:
-            # the server's cache in tokens, over our block size in (estimated) tokens
-            block_tokens = max(1, self.block_chars // CHARS_PER_TOKEN)
-            return max(1, m.num_gpu_blocks * (m.block_size or block_tokens) // block_tokens)
-        return self.lru_capacity
+        record_pick(request, cycle, self.index, result, self)
 
 
 _GIE_SETTINGS = ("blockSize", "maxPrefixBlocksToMatch", "lruCapacityPerServer", "autoTune")
@@ -251,3 +208,88 @@ class ApproxPrefixCacheProducer(Plugin):
             lru_capacity=p.integer("lruCapacityPerServer", DEFAULT_CAPACITY, minimum=1),
             auto_tune=auto_tune,
         )
+
+
+class MatchSettings(Protocol):
+    """What a prefix match and its recording take: a prefix scorer's or an approx-prefix-cache-producer's."""
+
+    block_chars: int
+    max_blocks: int
+    lru_capacity: int
+    auto_tune: bool
+
+
+def find_producer(plugins: Mapping[str, object], name: str | None) -> ApproxPrefixCacheProducer | None:
+    """The approx-prefix-cache-producer `prefixMatchInfoProducerName` names; without a name, the one named
+    like its type (llm-d's default) or the config's only one; None when the config has none."""
+    if name is not None:
+        found = plugins.get(name)
+        if found is None:
+            raise ParameterError("prefixMatchInfoProducerName", f"no plugin named {shown(name)}; defined: {', '.join(plugins)}")
+        if not isinstance(found, ApproxPrefixCacheProducer):
+            raise ParameterError(
+                "prefixMatchInfoProducerName",
+                f"plugin {shown(name)} ({getattr(found, 'type', '?')}) is not an {ApproxPrefixCacheProducer.type}",
+            )
+        return found
+    producers = {n: q for n, q in plugins.items() if isinstance(q, ApproxPrefixCacheProducer)}
+    if not producers:
+        return None
+    if ApproxPrefixCacheProducer.type in producers:
+        return producers[ApproxPrefixCacheProducer.type]
+    if len(producers) == 1:
+        return next(iter(producers.values()))
+    raise ParameterError(
+        "prefixMatchInfoProducerName",
+        f"{len(producers)} {ApproxPrefixCacheProducer.type} plugins ({', '.join(producers)}); name the one this plugin reads",
+    )
+
+
+def match_source(plugins: Mapping[str, object], name: str | None) -> MatchSettings:
+    """Where a plugin that reads the approximate prefix match takes its block settings from: the producer
+    (see find_producer), else the config's prefix-cache-scorer (so both share one match), else the
+    defaults of the approx-prefix-cache-producer llm-d creates when a config lists none."""
+    producer = find_producer(plugins, name)
+    if producer is not None:
+        return producer
+    scorer = next((q for q in plugins.values() if isinstance(q, PrefixCacheScorer)), None)
+    return scorer if scorer is not None else ApproxPrefixCacheProducer()
+
+
+def uncached_tokens(prompt_tokens: int, matched_blocks: int, total_blocks: int, block_tokens: int) -> int:
+    """The prompt tokens an endpoint still has to compute, counted as llm-d's in-flight load counts them:
+    the matched part's blocks it lacks, plus the prompt past the matched part (past the match cap)."""
+    indexed = total_blocks * block_tokens
+    return max(0, indexed - matched_blocks * block_tokens) + max(0, prompt_tokens - indexed)
+
+
+def record_pick(
+    request: InferenceRequest, cycle: CycleState, index: ApproxPrefixIndex, result: SchedulingResult, settings: MatchSettings
+) -> None:
+    """After the pick, the chosen endpoint (and a P/D prefill endpoint) holds the prompt's blocks. Done
+    once per request for given block settings, however many plugins reading that match ask."""
+    if not result.endpoints:
+        return
+    key = f"prefix-recorded/{settings.block_chars}/{settings.max_blocks}"
+    if key in cycle.data:
+        return
+    cycle.data[key] = True
+    m = prefix_match(request, cycle, index, settings.block_chars, settings.max_blocks)
+    if not m.hashes:
+        return
+    ep = result.endpoints[0]
+    index.record(ep.address, m.hashes, _capacity(ep, settings))
+    if result.profile_results is not None:
+        # P/D: the prefill endpoint computed the prompt's KV and keeps it in its cache too
+        for chosen in result.profile_results.values():
+            if chosen and chosen[0] is not ep:
+                index.record(chosen[0].address, m.hashes, _capacity(chosen[0], settings))
+
+
+def _capacity(ep: Endpoint, settings: MatchSettings) -> int:
+    m = ep.metrics
+    if settings.auto_tune and m.num_gpu_blocks:
+        # the server's cache in tokens, over our block size in (estimated) tokens
+        block_tokens = max(1, settings.block_chars // CHARS_PER_TOKEN)
+        return max(1, m.num_gpu_blocks * (m.block_size or block_tokens) // block_tokens)
+    return settings.lru_capacity

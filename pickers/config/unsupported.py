@@ -1,0 +1,91 @@
+"""The llm-d router's plugin types that llm-epp does not implement, each with the reason.
+
+A config naming one is refused with that reason (not just "unknown plugin type"), so a user moving a
+config over learns what is missing and why; docs/configuration.md#what-llm-epp-refuses lists them.
+A type leaves this table when it is implemented (the registry refuses a type in both places).
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+
+_ENCODE = (
+    "the encode stage of E/P/D disaggregation (multimodal encoders as their own pool) is not supported; "
+    "llm-epp schedules prefill and decode"
+)
+_MULTICLUSTER = "multi-cluster routing (endpoints and metrics from several clusters) is not supported"
+_TOPOLOGY = "topology-aware routing needs the topology attributes llm-d reads from nodes; llm-epp does not collect them"
+_DCGM = "llm-epp does not scrape DCGM GPU telemetry"
+_MULTIMODAL = "llm-epp does not track multimodal (image) embedding caches; multimodal parts of a prompt are hashed as text"
+_LATENCY = (
+    "llm-d's latency predictor (a trained TTFT/TPOT model served beside the EPP) is not supported; "
+    "llm-epp has no predicted-latency data"
+)
+_FLOW_CONTROL = (
+    "flow control (queueing, fairness, priority bands, usage limits, eviction) is not implemented in llm-epp yet"
+)
+
+UNSUPPORTED_TYPES = MappingProxyType(
+    {
+        # the encode stage
+        "encode-filter": _ENCODE,
+        "always-disagg-multimodal-decider": _ENCODE,
+        # several clusters
+        "multicluster-approx-prefix-cache-producer": _MULTICLUSTER,
+        "multicluster-file-discovery": _MULTICLUSTER,
+        "multicluster-kv-cache-utilization-scorer": _MULTICLUSTER,
+        "multicluster-metrics-data-source": _MULTICLUSTER,
+        "multicluster-metrics-extractor": _MULTICLUSTER,
+        "multicluster-prefix-cache-scorer": _MULTICLUSTER,
+        "multicluster-queue-scorer": _MULTICLUSTER,
+        "multicluster-session-affinity-filter": _MULTICLUSTER,
+        # topology and GPU telemetry
+        "topology-extractor": _TOPOLOGY,
+        "topology-affinity-filter": _TOPOLOGY,
+        "topology-affinity-scorer": _TOPOLOGY,
+        "dcgm-data-source": _DCGM,
+        "dcgm-extractor": _DCGM,
+        # multimodal
+        "mm-embeddings-cache-producer": _MULTIMODAL,
+        "mm-embeddings-cache-scorer": _MULTIMODAL,
+        # the latency predictor
+        "predicted-latency-producer": _LATENCY,
+        "latency-scorer": _LATENCY,
+        "latency-slo-admitter": _LATENCY,
+        "slo-headroom-tier-filter": _LATENCY,
+        "slo-deadline-ordering-policy": _LATENCY,
+        # flow control
+        "global-strict-fairness-policy": _FLOW_CONTROL,
+        "round-robin-fairness-policy": _FLOW_CONTROL,
+        "program-aware-fairness": _FLOW_CONTROL,
+        "fcfs-ordering-policy": _FLOW_CONTROL,
+        "edf-ordering-policy": _FLOW_CONTROL,
+        "static-usage-limit-policy": _FLOW_CONTROL,
+        "priority-holdback-policy": _FLOW_CONTROL,
+        "soft-reflective-ceiling-policy": _FLOW_CONTROL,
+        "sheddable-eviction-filter": _FLOW_CONTROL,
+        "priority-then-time-eviction-order-policy": _FLOW_CONTROL,
+        "concurrency-detector": _FLOW_CONTROL + "; GIE's thresholds go in the top-level saturationDetector section",
+        "utilization-detector": _FLOW_CONTROL + "; GIE's thresholds go in the top-level saturationDetector section",
+        "agent-identity": "it only feeds flow control's fairness queues (the fairness id), and "
+        + _FLOW_CONTROL,
+        # others
+        "data-parallel-profile-handler": "deprecated in llm-d (one endpoint per data-parallel rank replaces it); "
+        "list each rank as its own endpoint and use single-profile-handler or disagg-profile-handler",
+        "request-attribute-reporter": "llm-epp does not evaluate CEL expressions over response usage; "
+        "it reports usage in its own metrics (docs/operating.md)",
+        "disaggregatedset-rollout-screener": "rollouts of llm-d's DisaggregatedSet are not supported",
+        "disaggregatedset-rollout-pod-extractor": "rollouts of llm-d's DisaggregatedSet are not supported",
+        "burst-prefix-cache-producer": "joint placement of request bursts is not implemented; "
+        "llm-epp's prefix index records each pick at once, so a burst's later requests follow the first",
+        "p2p-source-producer": "P2P KV transfer between decode endpoints (x-kv-cache-source-host-port) is not supported",
+        "endpoint-attribute-filter": "it reads custom metrics of core-metrics-extractor (customMetrics), which llm-epp "
+        "does not collect",
+        "endpoint-attribute-scorer": "it reads custom metrics of core-metrics-extractor (customMetrics), which llm-epp "
+        "does not collect",
+        "probabilistic-admitter": "probabilistic shedding is not implemented; llm-epp refuses sheddable requests "
+        "while the pool is saturated (the top-level saturationDetector section)",
+        "header-based-testing-filter": "a test-only plugin of the llm-d router",
+        "destination-endpoint-served-verifier": "a test-only plugin of the llm-d router",
+    }
+)

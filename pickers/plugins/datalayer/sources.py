@@ -1,0 +1,125 @@
+"""Data-layer sources: what is fetched from each endpoint, or which events are listened to.
+
+`metrics-data-source` (Prometheus `/metrics`) and `models-data-source` (OpenAI `/v1/models`) poll each
+endpoint over HTTP(S) with llm-d's parameters; the scraper in extproc.datalayer runs them. The two
+notification sources take llm-d's parameters; what llm-epp does with them is the dataLayer loader's
+call (pickers.config.datalayer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from pickers.framework.params import ParameterError, Params
+from pickers.plugins.base import Plugin, PluginContext
+
+SCHEMES = ("http", "https")
+_TLS_PARAMS = ("insecureSkipVerify", "caCertPath", "clientCertPath", "clientKeyPath")
+
+
+@dataclass(slots=True, frozen=True)
+class HttpSource:
+    """Where and how often one HTTP source fetches, per endpoint: `scheme://host:port/path`."""
+
+    name: str
+    path: str
+    scheme: str = "http"
+    port: int | None = None  # None: the endpoint's own port (or its metricsPort from the endpoints file)
+    insecure_skip_verify: bool = True  # llm-d's default: model servers' certificates are rarely verifiable
+    ca_cert_path: str | None = None
+    client_cert_path: str | None = None  # with client_key_path: mTLS
+    client_key_path: str | None = None
+    interval: float | None = None  # seconds; None: every base tick (--refresh-metrics-interval)
+
+
+DEFAULT_METRICS_SOURCE = HttpSource("metrics-data-source", "/metrics")
+DEFAULT_MODELS_SOURCE = HttpSource("models-data-source", "/v1/models")
+
+
+class DataSource(Plugin):
+    """A `dataLayer.sources` entry; `output` names what it hands its extractors."""
+
+    output: ClassVar[str]
+
+
+def read_http_source(name: str, p: Params, default_path: str, *, takes_port: bool) -> HttpSource:
+    scheme = p.string("scheme", "http")
+    if scheme not in SCHEMES:
+        raise ParameterError("scheme", f"expected http or https, got {scheme!r}")
+    path = p.string("path", default_path) or default_path
+    if not path.startswith("/"):
+        raise ParameterError("path", f"expected a path starting with '/', got {path!r}")
+    port = p.port("port") if takes_port else None
+    skip = p.flag("insecureSkipVerify", True)
+    ca = p.string("caCertPath") or None
+    cert = p.string("clientCertPath") or None
+    key = p.string("clientKeyPath") or None
+    if (cert is None) != (key is None):
+        raise ParameterError("clientCertPath" if cert is None else "clientKeyPath", "clientCertPath and clientKeyPath go together")
+    if scheme == "http":
+        given = [k for k in _TLS_PARAMS if p.given(k)]
+        if given:
+            p.warnings.append(f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect with scheme http")
+    elif ca is not None and skip:
+        p.warnings.append("caCertPath has no effect while insecureSkipVerify is true (its default); set it to false to verify")
+    return HttpSource(
+        name, path, scheme, port, skip, ca, cert, key, interval=p.duration("interval")
+    )
+
+
+class MetricsDataSource(DataSource):
+    """Scrapes each endpoint's Prometheus metrics; its extractor is a `core-metrics-extractor`."""
+
+    type = "metrics-data-source"
+    output = "prometheus"
+
+    def __init__(self, name: str | None = None, source: HttpSource = DEFAULT_METRICS_SOURCE) -> None:
+        super().__init__(name)
+        self.source = source
+
+    @classmethod
+    def from_config(cls, name: str, p: Params, ctx: PluginContext) -> MetricsDataSource:
+        return cls(name, read_http_source(name, p, DEFAULT_METRICS_SOURCE.path, takes_port=True))
+
+
+class ModelsDataSource(DataSource):
+    """Fetches each endpoint's OpenAI model list; its extractor is a `models-data-extractor`."""
+
+    type = "models-data-source"
+    output = "models"
+
+    def __init__(self, name: str | None = None, source: HttpSource = DEFAULT_MODELS_SOURCE) -> None:
+        super().__init__(name)
+        self.source = source
+
+    @classmethod
+    def from_config(cls, name: str, p: Params, ctx: PluginContext) -> ModelsDataSource:
+        return cls(name, read_http_source(name, p, DEFAULT_MODELS_SOURCE.path, takes_port=False))
+
+
+class K8sNotificationSource(DataSource):
+    """llm-d's watch of one Kubernetes kind (group, version, kind) whose events go to notification
+    extractors: Go plugins of the user's own in llm-d, which ships none."""
+
+    type = "k8s-notification-source"
+    output = "k8s-notifications"
+
+    def __init__(self, name: str | None = None, gvk: tuple[str, str, str] = ("", "v1", "Pod")) -> None:
+        super().__init__(name)
+        self.gvk = gvk
+
+    @classmethod
+    def from_config(cls, name: str, p: Params, ctx: PluginContext) -> K8sNotificationSource:
+        group = p.string("group", "") or ""
+        version = p.string("version", required=True)
+        kind = p.string("kind", required=True)
+        assert version is not None and kind is not None
+        return cls(name, (group, version, kind))
+
+
+class EndpointNotificationSource(DataSource):
+    """llm-d's endpoint add/remove events, for the extractors wired to it."""
+
+    type = "endpoint-notification-source"
+    output = "endpoint-notifications"

@@ -1,0 +1,61 @@
+"""Our configs in the shapes of llm-d's guides serving through Envoy -> llm-epp -> simulated vLLM: each
+guide shape (tests/unit/configs/guides/) answers, and optimized-baseline keeps a shared prefix in place."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+
+from extproc.devstack.stack import PdPool
+from tests.integration.conftest import MODEL, make_stack
+from tests.unit.test_llmd_plugins import OPTIMIZED_BASELINE
+
+pytestmark = pytest.mark.envoy
+
+
+def test_optimized_baseline_keeps_a_shared_prefix_on_the_endpoint_that_cached_it(tmp_path):
+    config = tmp_path / "optimized-baseline.yaml"
+    config.write_text(OPTIMIZED_BASELINE)
+    with make_stack(tmp_path, epp_args=("--config-file", str(config))) as stack:
+        client = openai.OpenAI(base_url=stack.base_url, api_key="unused")
+        system = "You are a careful assistant. " * 60  # ~1,800 characters: 7 blocks of 64 tokens
+        served, cached = set(), []
+        for i in range(6):
+            raw = client.chat.completions.with_raw_response.create(
+                model=MODEL, messages=[{"role": "system", "content": system}, {"role": "user", "content": f"question {i}"}], max_tokens=2
+            )
+            served.add(raw.headers["x-served-by"])
+            cached.append(raw.parse().usage.prompt_tokens_details.cached_tokens)
+        assert len(served) == 1
+        assert all(c > 0 for c in cached[1:])
+
+
+GUIDES = sorted((Path(__file__).resolve().parents[1] / "unit" / "configs" / "guides").glob("*.yaml"))
+
+
+def _disaggregated(path: Path) -> bool:
+    return "disagg-profile-handler" in path.read_text()
+
+
+@pytest.mark.parametrize("path", GUIDES, ids=lambda p: p.stem)
+def test_guide_config_serves_through_envoy(path, tmp_path):
+    """`epp serve --config-file` with each guide-shaped config answers a chat completion and a stream;
+    P/D shapes run on a prefill/decode pool and must take the disaggregated path."""
+    pd = PdPool(prefill=1, decode=2) if _disaggregated(path) else None
+    with make_stack(tmp_path, sims=2, pd=pd, epp_args=("--config-file", str(path))) as stack:
+        client = openai.OpenAI(base_url=stack.base_url, api_key="unused")
+        prompt = "Plan the migration of the billing service, step by step. " * 40
+        reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=4)
+        assert reply.choices[0].message.content
+        chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3, stream=True))
+        assert any(c.choices and c.choices[0].delta.content for c in chunks)
+        if pd is not None:
+            prefilled = 0
+            for port in stack.sim_ports[: len(stack.prefill_endpoints)]:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/sim/stats", timeout=5) as r:
+                    prefilled += json.load(r)["prefill_legs_total"]
+            assert prefilled >= 1, "the long uncached prompt must have been prefilled on the prefill pool"
