@@ -14,6 +14,10 @@ States and the messages each accepts (anything else is a ProtocolError naming bo
     DONE           response_trailers
     REJECTED       (anything: ignored, an ImmediateResponse was sent)
 
+Which bodies are read, and how, is the config's request parsers' (extproc.handlers.parsers): a path
+they do not read (passthrough-parser's) is routed on its headers and its body streams through
+(PASSTHROUGH); a path none claims is refused with 400 before its body, when it has one.
+
 `response_headers` before the request was routed is a reply Envoy makes itself (its stream idle
 timeout, a body over its buffer, a malformed request): it passes through unchanged, nothing to settle.
 
