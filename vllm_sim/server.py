@@ -1,7 +1,7 @@
 """HTTP face of the simulator (aiohttp) and SimServer, the in-process start/stop handle.
 
-Handlers only translate: parse with openai_api, submit to the engine, relay its token outputs as
-JSON or SSE. Whatever ends a handler (done, client gone, cancelled) aborts unfinished requests so
+Handlers only translate: parse with openai_api (anthropic_api for /v1/messages), submit to the
+engine, relay its token outputs as JSON or SSE. Whatever ends a handler (done, client gone, cancelled) aborts unfinished requests so
 the engine frees their slots and blocks, as vLLM does on disconnect.
 
 The control endpoints (/sim/stats, /sim/reset, /sim/fault) are served on the main port, or, with
@@ -21,6 +21,7 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from vllm_sim import anthropic_api
 from vllm_sim import openai_api as api
 from vllm_sim.config import SimConfig
 from vllm_sim.engine import Engine, EngineRequest, PdLeg, RequestTooLarge, TokenOutput
@@ -100,6 +101,7 @@ class SimServer:
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_post("/v1/messages", self._messages)
         app.router.add_post("/v1/completions/render", self._render_completions)
         app.router.add_post("/v1/chat/completions/render", self._render_chat)
         app.router.add_post("/tokenize", self._tokenize)
@@ -245,6 +247,17 @@ class SimServer:
         body = await request.read()
         parsed = api.parse_chat(body, self.config) if chat else api.parse_completion(body, self.config)
         head = api.ResponseHeader.new(parsed)
+        reqs, outputs = self._engine_requests(parsed, head)
+        try:
+            self._submit(reqs)
+            if parsed.stream:
+                return await self._stream(request, parsed, head, reqs, outputs)
+            return await self._collect(parsed, head, reqs, outputs)
+        finally:
+            self._abort_unfinished(reqs)
+
+    def _engine_requests(self, parsed: api.ParsedRequest, head: api.ResponseHeader
+                         ) -> tuple[list[EngineRequest], asyncio.Queue[TokenOutput]]:
         outputs: asyncio.Queue[TokenOutput] = asyncio.Queue()
         # n choices per prompt, each its own engine request; choice j of prompt p is index p*n + j, as in vLLM.
         n = parsed.n
@@ -261,19 +274,19 @@ class SimServer:
             for p, prompt in enumerate(parsed.prompts)
             for j in range(n)
         ]
-        try:
-            for r in reqs:
-                try:
-                    self.engine.submit(r)
-                except RequestTooLarge as e:
-                    raise api.BadRequest(str(e)) from None
-            if parsed.stream:
-                return await self._stream(request, parsed, head, reqs, outputs)
-            return await self._collect(parsed, head, reqs, outputs)
-        finally:
-            for r in reqs:
-                if not r.done:
-                    self.engine.abort(r)
+        return reqs, outputs
+
+    def _submit(self, reqs: list[EngineRequest]) -> None:
+        for r in reqs:
+            try:
+                self.engine.submit(r)
+            except RequestTooLarge as e:
+                raise api.BadRequest(str(e)) from None
+
+    def _abort_unfinished(self, reqs: list[EngineRequest]) -> None:
+        for r in reqs:
+            if not r.done:
+                self.engine.abort(r)
 
     async def _collect(self, parsed: api.ParsedRequest, head: api.ResponseHeader,
                        reqs: list[EngineRequest], outputs: asyncio.Queue[TokenOutput]) -> web.Response:
@@ -311,6 +324,57 @@ class SimServer:
             if parsed.include_usage:
                 await response.write(_sse(api.usage_chunk(head, self._usage(reqs, parsed.n))))
             await response.write(_SSE_DONE)
+            await response.write_eof()
+        except ConnectionError:
+            pass  # client went away mid-stream; the caller aborts what is left
+        return response
+
+    async def _messages(self, request: web.Request) -> web.StreamResponse:
+        """Anthropic's Messages API: one prompt, one choice; errors in Anthropic's shape."""
+        request_id = request.headers.get(REQUEST_ID_HEADER)
+        if request_id is not None:
+            self.request_ids.append(request_id)
+        try:
+            parsed = anthropic_api.parse_messages(await request.read(), self.config)
+            head = anthropic_api.new_header(parsed)
+            reqs, outputs = self._engine_requests(parsed, head)
+            try:
+                self._submit(reqs)
+                if parsed.stream:
+                    return await self._stream_messages(request, head, reqs[0], outputs)
+                text: list[str] = []
+                while True:
+                    out = await outputs.get()
+                    if out.error is not None:
+                        raise api.Unavailable(str(out.error))
+                    text.append(out.text)
+                    if out.finished:
+                        break
+            finally:
+                self._abort_unfinished(reqs)
+        except api.ApiError as e:
+            return _json(anthropic_api.error_body(e), status=e.status)
+        r = reqs[0]
+        usage = anthropic_api.usage(len(r.prompt_token_ids), r.num_generated, r.num_cached_tokens)
+        return _json(anthropic_api.message(head, "".join(text), usage))
+
+    async def _stream_messages(self, request: web.Request, head: api.ResponseHeader, req: EngineRequest,
+                               outputs: asyncio.Queue[TokenOutput]) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        started = False
+        try:
+            while True:
+                out = await outputs.get()
+                if out.error is not None:
+                    return response  # engine stopped: end the stream without message_stop, as a crash would
+                if not started:  # the prompt is computed: its cached part is known now
+                    started = True
+                    await response.write(anthropic_api.stream_start(head, len(req.prompt_token_ids), req.num_cached_tokens))
+                await response.write(anthropic_api.stream_delta(out.text))
+                if out.finished:
+                    break
+            await response.write(anthropic_api.stream_end(req.num_generated))
             await response.write_eof()
         except ConnectionError:
             pass  # client went away mid-stream; the caller aborts what is left

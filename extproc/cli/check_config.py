@@ -1,7 +1,7 @@
 """`epp check-config FILE...`: load each EndpointPickerConfig as `epp serve` would, without serving, and
 print what it means: the profile handler, each profile's filters, weighted scorers and picker, the data
-layer when it is not the default one, every plugin with the parameters it runs with (defaults filled
-in), and any deprecation.
+layer when it is not the default one, the request parsers and the paths each claims, every plugin with
+the parameters it runs with (defaults filled in), and any deprecation.
 
 Exit 0 when every file is valid, 2 when one is not (its message on stderr, naming the file and field).
 `-` reads the config from standard input. Made for CI on the repositories that hold the configs.
@@ -14,6 +14,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any, TextIO
 
+from extproc.handlers.parsers import claimed_paths
 from extproc.requestcontrol.saturation import SaturationConfig
 from pickers.config import safe_yaml
 from pickers.config.datalayer import DEFAULT_DATA_LAYER
@@ -69,6 +70,12 @@ def describe(cfg: EndpointPickerConfig) -> str:
     if cfg.data_layer != DEFAULT_DATA_LAYER:
         lines.append("  dataLayer:")
         lines += [f"    {line}" for line in cfg.data_layer.summary()]
+    default = " (the default list)" if cfg.default_parsers else ""
+    lines.append(f"  request parsers{default}:")
+    for spec in cfg.parsers:
+        label = spec.name if spec.name == spec.type else f"{spec.name} ({spec.type})"
+        paths = claimed_paths(spec.type)
+        lines.append(f"    {label}: " + (", ".join(paths) if paths else "every path no other parser claims, unread"))
     lines.append("  plugins:")
     for name, type_name in cfg.plugin_types.items():
         label = name if name == type_name else f"{name} ({type_name})"

@@ -1,7 +1,7 @@
-"""Parse an OpenAI-style request body into the InferenceRequest scheduling reads, decoded once here.
+"""openai-parser: an OpenAI-style request body into the InferenceRequest scheduling reads, decoded once
+here, and the checks every JSON body parser shares (an object, a model, `stream`, a token cap).
 
-The API is chosen by path suffix, as the Gateway API Inference Extension's endpoint-picker protocol
-does it (docs/configuration.md). Paths we do not know pass through unparsed.
+Which API a path is, and which parser reads it, is extproc.handlers.parsers' (docs/configuration.md).
 """
 
 from __future__ import annotations
@@ -13,15 +13,6 @@ import msgspec
 from pickers.framework.errors import BAD_REQUEST, RequestError
 from pickers.framework.request import InferenceRequest
 
-# path suffix -> (api name, field that must be present)
-_APIS: tuple[tuple[str, str, str], ...] = (
-    ("/chat/completions", "chat", "messages"),
-    ("/completions", "completions", "prompt"),
-    ("/responses", "responses", "input"),
-    ("/embeddings", "embeddings", "input"),
-    ("/conversations", "conversations", "items"),
-)
-
 _json_decoder = msgspec.json.Decoder()
 
 # No served model is named by more than a file path (vLLM names a model by its path unless
@@ -29,23 +20,15 @@ _json_decoder = msgspec.json.Decoder()
 MAX_MODEL_CHARS = 4096
 
 
-def api_for_path(path: str) -> tuple[str, str] | None:
-    """(api name, required field) for an OpenAI path, else None. Query strings are ignored."""
-    path = path.split("?", 1)[0].rstrip("/")
-    for suffix, api, required in _APIS:
-        if path.endswith(suffix):
-            return api, required
-    return None
+def empty_body_error(api: str | None, required_field: str, *, model: bool = True) -> RequestError:
+    needs = f"'model' and '{required_field}'" if model else f"'{required_field}'"
+    return RequestError(BAD_REQUEST, f"request body is empty: {api} needs a JSON object with {needs}")
 
 
-def empty_body_error(api: str | None, required_field: str) -> RequestError:
-    return RequestError(BAD_REQUEST, f"request body is empty: {api} needs a JSON object with 'model' and '{required_field}'")
-
-
-def parse_body(req: InferenceRequest, raw: bytes | bytearray, required_field: str) -> None:
-    """Fill `req` from the JSON body. Raises RequestError(400) with a message a person understands."""
+def decode_object(raw: bytes | bytearray, api: str | None, required_field: str, *, model: bool = True) -> dict[str, Any]:
+    """The body as a JSON object, or RequestError(400) saying what is wrong with it."""
     if not raw or raw.isspace():  # isspace stops at the first other byte: no copy of a big body
-        raise empty_body_error(req.api, required_field)
+        raise empty_body_error(api, required_field, model=model)
     try:
         body = _json_decoder.decode(raw)
     except (msgspec.DecodeError, UnicodeDecodeError) as e:
@@ -54,6 +37,10 @@ def parse_body(req: InferenceRequest, raw: bytes | bytearray, required_field: st
         raise RequestError(BAD_REQUEST, "request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise RequestError(BAD_REQUEST, "request body must be a JSON object")
+    return body
+
+
+def read_model(body: dict[str, Any]) -> str:
     model = body.get("model")
     if model is None or model == "":
         raise RequestError(BAD_REQUEST, "model not found in request body")
@@ -61,28 +48,42 @@ def parse_body(req: InferenceRequest, raw: bytes | bytearray, required_field: st
         raise RequestError(BAD_REQUEST, "field 'model' must be a string")
     if len(model) > MAX_MODEL_CHARS:
         raise RequestError(BAD_REQUEST, f"field 'model' is {len(model)} characters long; at most {MAX_MODEL_CHARS} are accepted")
+    return model
+
+
+def read_options(req: InferenceRequest, body: dict[str, Any], cap: Any, cap_name: str) -> None:
+    """`stream`, the output token cap (`cap`, read from the field `cap_name`) and `cache_salt`."""
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError(BAD_REQUEST, "field 'stream' must be a boolean")
+    req.stream = stream
+    if cap is not None:
+        if not isinstance(cap, int) or isinstance(cap, bool) or cap < 0:
+            raise RequestError(BAD_REQUEST, f"field '{cap_name}' must be a non-negative integer")
+        req.max_tokens = cap
+    if "cache_salt" in body:
+        salt = body["cache_salt"]
+        req.cache_salt = salt if isinstance(salt, str) else ""
+
+
+def parse_body(req: InferenceRequest, raw: bytes | bytearray, required_field: str) -> None:
+    """Fill `req` from the JSON body. Raises RequestError(400) with a message a person understands."""
+    body = decode_object(raw, req.api, required_field)
+    model = read_model(body)
     if required_field not in body:
         raise RequestError(BAD_REQUEST, f"field '{required_field}' is required for {req.api}")
     req.body = body
     req.model = model
     req.prompt_text = _prompt_text(req.api, body[required_field], required_field)
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise RequestError(BAD_REQUEST, "field 'stream' must be a boolean")
-    req.stream = stream
+    read_options(req, body, body.get("max_completion_tokens", body.get("max_tokens")), "max_tokens")
     opts = body.get("stream_options")
     if isinstance(opts, dict):
         req.include_usage = bool(opts.get("include_usage", False))
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None:
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
-            raise RequestError(BAD_REQUEST, "field 'max_tokens' must be a non-negative integer")
-        req.max_tokens = max_tokens
 
 
 # APIs whose required field holds the prompt itself: empty ("" or []) it asks the model for nothing,
 # which vLLM refuses with 400 too (the conversations API may create an empty conversation).
-_NOT_EMPTY = frozenset({"chat", "completions", "responses", "embeddings"})
+_NOT_EMPTY = frozenset({"chat", "completions", "responses", "embeddings", "images"})
 
 
 def _prompt_text(api: str | None, value: Any, name: str) -> str:
@@ -96,23 +97,25 @@ def _prompt_text(api: str | None, value: Any, name: str) -> str:
             if not isinstance(msg, dict):
                 raise RequestError(BAD_REQUEST, f"messages[{i}] must be an object")
             role = msg.get("role", "")
-            parts.append(f"<|{role}|>\n{_content_text(msg.get('content'))}\n")
+            parts.append(f"<|{role}|>\n{content_text(msg.get('content'))}\n")
         return "".join(parts)
     if isinstance(value, str):
         return value
+    if api == "images":  # the image's description: one string
+        raise RequestError(BAD_REQUEST, f"field '{name}' must be a string")
     if isinstance(value, list):
         if api in ("completions", "embeddings"):  # a batch: each entry is a prompt of its own
             for i, v in enumerate(value):
                 if v == "" or v == []:
                     raise RequestError(BAD_REQUEST, f"{name}[{i}] must not be empty")
         # list of strings, token ids, or structured items: hash their text form in order
-        return "".join(v if isinstance(v, str) else _content_text(v) for v in value)
+        return "".join(v if isinstance(v, str) else content_text(v) for v in value)
     if value is None:
         raise RequestError(BAD_REQUEST, f"field '{name}' must not be null")
     return str(value)
 
 
-def _content_text(content: Any) -> str:
+def content_text(content: Any) -> str:
     if content is None:
         return ""
     if isinstance(content, str):

@@ -15,6 +15,10 @@ States and the messages each accepts (anything else is a ProtocolError naming bo
     DONE           response_trailers
     REJECTED       (anything: ignored, an ImmediateResponse was sent)
 
+Which bodies are read, and how, is the config's request parsers' (extproc.handlers.parsers): a path
+they do not read (passthrough-parser's) is routed on its headers and its body streams through
+(PASSTHROUGH); a path none claims is refused with 400 before its body, when it has one.
+
 PREPARING: when the Director needs data it must wait for before the pick (a token-producer's call
 to the model server), the parsed request waits there: `handle` returns nothing, `needs_data` is
 true, the servicer awaits `Director.prepare(request)` (bounded by the producer's own timeout) and
@@ -55,7 +59,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
 from extproc.handlers.model_name import ModelNameRestorer, rewrite_body
-from extproc.handlers.request_body import api_for_path, empty_body_error, parse_body
+from extproc.handlers.parsers import DEFAULT, RequestParsers, Route
 from extproc.handlers.usage import UsageReader
 from pickers.framework.endpoint import Endpoint
 from pickers.framework.errors import (
@@ -194,6 +198,7 @@ class RequestStream:
         self,
         director: Director,
         *,
+        parsers: RequestParsers = DEFAULT,
         limits: RequestLimits = RequestLimits(),
         default_request_mode: int = FULL_DUPLEX,
         default_response_mode: int = FULL_DUPLEX,
@@ -202,6 +207,7 @@ class RequestStream:
     ) -> None:
         self.clock = clock
         self.director = director
+        self.parsers = parsers
         self.limits = limits
         self.request_mode = default_request_mode
         self.response_mode = default_response_mode
@@ -210,7 +216,7 @@ class RequestStream:
         self.request: InferenceRequest | None = None
         self.routing: Routing | None = None
         self.error: RequestError | None = None
-        self._required_field = ""
+        self._route: Route | None = None  # the parser's reading of this path; None: no parser claims it
         self._chunks: list[bytes] = []
         self._body_size = 0
         self._header_map: base_pb2.HeaderMap | None = None
@@ -322,12 +328,14 @@ class RequestStream:
         self.request = req = InferenceRequest(request_id=request_id, path=path, headers=headers)
         self._subset = _subset_hint(msg)
         self._check_header_room(1, len(DESTINATION_HEADER))  # the destination is always added
-        api = api_for_path(path)
-        if api is not None:
-            _refuse_unparsable(headers, path, hdrs.end_of_stream, api, self.limits.max_body_bytes)
+        self._route = route = self.parsers.resolve(path)
+        if route is None and not hdrs.end_of_stream:
+            raise self.parsers.unclaimed_error(path)
+        if route is not None and route.parse is not None:
+            _refuse_unparsable(headers, path, hdrs.end_of_stream, route, self.limits.max_body_bytes)
             if hdrs.end_of_stream:
-                api = None  # a GET on an inference path: nothing to parse
-        if api is None:
+                route = None  # a GET on an inference path: nothing to parse
+        if route is None or route.parse is None:
             # Nothing to parse: route on load alone, and let any body stream through.
             self.routing = self.director.route(req, self._subset)
             if hdrs.end_of_stream:
@@ -335,7 +343,7 @@ class RequestStream:
                 return [self._headers_response(content_length=None)]
             self.state = State.PASSTHROUGH
             return [self._headers_response(content_length=None)]
-        req.api, self._required_field = api
+        req.api = route.api
         self.state = State.REQUEST_BODY
         if self.request_mode == FULL_DUPLEX:
             return []  # the headers answer waits for the pick
@@ -384,7 +392,9 @@ class RequestStream:
         self._chunks = []
         req = self.request
         assert req is not None
-        parse_body(req, raw, self._required_field)
+        route = self._route
+        assert route is not None and route.parse is not None
+        route.parse(req, raw, route.required)
         if self.director.needs_data(req):
             self.state = State.PREPARING
             self._pending = (raw, trailers_follow, False)
@@ -429,7 +439,11 @@ class RequestStream:
         served = msg.metadata_context.filter_metadata.get(LB_NAMESPACE)
         if served is not None and SERVED_KEY in served.fields:
             self._served = served.fields[SERVED_KEY].string_value
-        self._usage = UsageReader(streaming=streaming) if self._status == 200 else None
+        if self._status == 200:
+            route = self._route
+            self._usage = UsageReader(streaming, route.usage if route is not None else None)
+        else:
+            self._usage = None
         self.state = State.RESPONSE_BODY
         if hdrs.end_of_stream:
             self.state = State.DONE
@@ -607,15 +621,16 @@ class RequestStream:
         )
 
 
-def _refuse_unparsable(headers: Mapping[str, str], path: str, end_of_stream: bool, api: tuple[str, str], max_body: int) -> None:
+def _refuse_unparsable(headers: Mapping[str, str], path: str, end_of_stream: bool, route: Route, max_body: int) -> None:
     """Requests to an inference path whose body the EPP could never read: refused before any body comes."""
     upgrade = headers.get("upgrade")
     if upgrade:  # Envoy would hold the stream open as a tunnel: no body would ever end
         raise RequestError(BAD_REQUEST, f"upgrading to {upgrade!r} is not supported on {path.split('?', 1)[0]}: send a plain HTTP request")
     if end_of_stream:
         if headers.get(":method", "POST") == "POST":
-            raise empty_body_error(*api)
+            raise route.empty_body_error()
         return
+    route.check_path(path)
     encoding = headers.get("content-encoding", "").strip().lower()
     if encoding and encoding != "identity":
         raise RequestError(UNSUPPORTED_MEDIA_TYPE, f"request bodies with content-encoding {encoding!r} are not supported: send the JSON uncompressed")

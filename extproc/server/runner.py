@@ -27,6 +27,8 @@ from extproc.datalayer.kv_events import KVEventSubscriber
 from extproc.datalayer.models import ModelsPoller
 from extproc.datalayer.scraper import EndpointPoller, MetricsScraper, poll_intervals
 from extproc.datalayer.supervisor import Supervisor
+from extproc.handlers.parsers import DEFAULT as DEFAULT_PARSERS
+from extproc.handlers.parsers import RequestParsers
 from extproc.handlers.request_stream import (
     DEFAULT_BODY_IDLE_TIMEOUT,
     DEFAULT_MAX_BODY,
@@ -115,9 +117,12 @@ class ServeOptions:
 
 
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, director: Director, limits: RequestLimits, heap: HeapTrimmer | None = None) -> None:
+    def __init__(
+        self, director: Director, limits: RequestLimits, heap: HeapTrimmer | None = None, parsers: RequestParsers = DEFAULT_PARSERS
+    ) -> None:
         self.director = director
         self.limits = limits
+        self.parsers = parsers
         self.heap = heap
         self.active_streams = 0
 
@@ -125,7 +130,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> None:
         # context.read/write rather than an async generator: measurably less CPU per message.
-        stream = RequestStream(self.director, limits=self.limits)
+        stream = RequestStream(self.director, parsers=self.parsers, limits=self.limits)
         self.active_streams += 1
         read, write, eof = context.read, context.write, grpc.aio.EOF
         try:
@@ -182,6 +187,7 @@ class EppServer:
         self.datastore.on_membership_change(self._on_membership_change)
         self._saturation_config = SaturationConfig()
         self.data_layer: DataLayerConfig = DEFAULT_DATA_LAYER
+        self.parsers = DEFAULT_PARSERS  # the config's requestHandler.parsers, set by _build_profiles
         profiles, handler, producers = self._build_profiles()
         self._profiles = profiles
         self._endpoints_file, self._watch_endpoints, self._kubernetes = self._discovery()
@@ -222,7 +228,7 @@ class EppServer:
             body_idle_timeout=opts.request_body_idle_timeout or None,
         )
         self.heap = HeapTrimmer()
-        self.servicer = ExtProcServicer(self.director, limits, self.heap)
+        self.servicer = ExtProcServicer(self.director, limits, self.heap, self.parsers)
         self.health = health_aio.HealthServicer()
         self.supervisor = Supervisor()
         self.kubernetes: KubernetesRuntime | None = None
@@ -250,6 +256,7 @@ class EppServer:
             cfg = load_config_file(opts.config_file, ctx)
         self._saturation_config = SaturationConfig.from_config(cfg.saturation_detector, cfg.source)
         self.data_layer = cfg.data_layer
+        self.parsers = RequestParsers(cfg.parsers)
         return cfg.profiles, cfg.profile_handler, cfg.producers
 
     def _discovery(self) -> tuple[str | None, bool, KubernetesOptions | None]:

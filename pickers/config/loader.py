@@ -7,6 +7,9 @@ picker -> `max-score-picker`; weight 1. Several profiles need a profile handler 
 for P/D), which is bound to its profiles and decider by name once everything is built. A plugin that is both a
 filter and a scorer (context-length-aware) runs as both in a profile that references it, as in llm-d.
 
+Request parsers (`requestHandler.parsers`, GIE's top-level `parser`) are declared under `plugins:` and
+resolved by pickers.config.parsers into `EndpointPickerConfig.parsers`; the server runs them.
+
 Nothing is accepted and ignored: a section, gate or parameter llm-epp does not act on is refused with
 a message naming it and why (docs/configuration.md has the table). Deprecated forms that still mean
 something (the old apiVersion, renamed or unused parameters) load with a warning, logged once per load
@@ -25,6 +28,13 @@ from typing import Any
 
 from pickers.config import safe_yaml
 from pickers.config.datalayer import DEFAULT_DATA_LAYER, DataLayerConfig, build_data_layer
+from pickers.config.parsers import (
+    DEFAULT_PARSERS,
+    REFUSED_PARSER_TYPES,
+    ParserSpec,
+    is_parser_type,
+    resolve_parsers,
+)
 from pickers.config.registry import build_plugin, create_plugin
 from pickers.framework.errors import ConfigError, shown
 from pickers.framework.params import ParameterError
@@ -52,13 +62,11 @@ API_VERSIONS = ("llm-d.ai/v1", API_VERSION, DEPRECATED_API_VERSION)
 KIND = "EndpointPickerConfig"
 _TOP_LEVEL = (
     "apiVersion", "kind", "plugins", "schedulingProfiles", "featureGates", "saturationDetector", "flowControl", "dataLayer",
+    "requestHandler", "parser",
 )  # fmt: skip
-# llm-d's sections llm-epp does not implement: refused by name, with the reason
-UNSUPPORTED_SECTIONS = MappingProxyType(
+# llm-d's sections llm-epp does not implement: refused by name, with the reason (none at present)
+UNSUPPORTED_SECTIONS: MappingProxyType[str, str] = MappingProxyType(
     {
-        "requestHandler": "llm-epp parses OpenAI requests (and passes other paths through unparsed) itself; "
-        "requestHandler.parsers are not implemented yet",
-        "parser": "llm-epp parses OpenAI requests itself; parser plugins are not implemented yet",
     }
 )
 # featureGates llm-d registers, and what llm-epp makes of each: None = we do that anyway (when on)
@@ -116,6 +124,8 @@ class EndpointPickerConfig:
     plugin_parameters: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # name -> effective parameters
     warnings: tuple[str, ...] = ()  # deprecations and adjusted values, each logged once when loaded
     data_layer: DataLayerConfig = DEFAULT_DATA_LAYER  # dataLayer, defaults injected; applied by extproc.server
+    parsers: tuple[ParserSpec, ...] = DEFAULT_PARSERS  # the request parsers in effect, in order (extproc.handlers.parsers)
+    default_parsers: bool = True  # no requestHandler.parsers (nor parser): llm-d's default list
     # the data producers: plugins outside the profiles that run for every request (token-producer
     # first, then config order); the scheduler runs them before each cycle
     producers: tuple[object, ...] = ()
@@ -151,6 +161,8 @@ class _Loader:
         self.warnings: list[str] = []
         self.types: dict[str, str] = {}
         self.parameters: dict[str, Mapping[str, Any]] = {}
+        self.parser_plugins: dict[str, str] = {}  # name -> type, for requestHandler.parsers
+        self.index: dict[str, int] = {}  # plugin name -> its place in `plugins:` (parsers included)
 
     def error(self, field_path: str | None, message: str) -> ConfigError:
         return ConfigError(message, source=self.source, field=field_path or None)
@@ -196,6 +208,8 @@ class _Loader:
         self.flow_control(doc.get("flowControl"))
 
         plugins = self.build_plugins(doc.get("plugins"))
+        others = {n: t for n, t in self.types.items() if n not in self.parser_plugins}
+        parsers, default_parsers = resolve_parsers(doc, self.parser_plugins, others, self.error, self.warnings)
         handlers = {n: p for n, p in plugins.items() if isinstance(p, ProfileHandler)}
         if len(handlers) > 1:
             raise self.error("plugins", f"expected at most one profile handler, got {', '.join(handlers)}")
@@ -216,15 +230,12 @@ class _Loader:
         for plugin in ordered:
             bind = getattr(plugin, "bind_config", None)
             if bind is not None:
-                said = self.bind_plugin(plugins, plugin, lambda b=bind: b(plugins, by_name, handler))
-                if said:  # a binding may warn (e.g. a precise producer with no real tokens)
-                    name = getattr(plugin, "name", "")
-                    i = list(plugins).index(name) if name in plugins else 0
-                    self.warnings.extend(f"plugins[{i}] ({getattr(plugin, 'type', '?')}): {w}" for w in said)
+                self.bind_plugin(plugins, plugin, lambda b=bind: b(plugins, by_name, handler))
         self.bind_plugin(plugins, handler, lambda: handler.bind(plugins, by_name))
-        for i, (name, plugin) in enumerate(plugins.items()):
+        for name, plugin in plugins.items():
             # what a plugin found wrong but loadable once names were resolved (as llm-d loads it)
-            self.warnings.extend(f"plugins[{i}] ({self.types[name]}): {w}" for w in getattr(plugin, "bind_warnings", ()))
+            where = f"plugins[{self.index[name]}] ({self.types[name]})"
+            self.warnings.extend(f"{where}: {w}" for w in getattr(plugin, "bind_warnings", ()))
         for name, plugin in plugins.items():
             effective = getattr(plugin, "effective_parameters", None)
             if effective is not None:
@@ -247,17 +258,18 @@ class _Loader:
             plugin_parameters=MappingProxyType(self.parameters),
             warnings=tuple(self.warnings),
             data_layer=data_layer,
+            parsers=parsers,
+            default_parsers=default_parsers,
             producers=tuple(producers),
         )
 
-    def bind_plugin(self, plugins: dict[str, object], plugin: object, bind: Any) -> Any:
-        """Run a plugin's by-name binding (it may return warnings); a ParameterError becomes an error at
-        that plugin's parameter."""
+    def bind_plugin(self, plugins: dict[str, object], plugin: object, bind: Any) -> None:
+        """Run a plugin's by-name binding; a ParameterError becomes an error at that plugin's parameter."""
         try:
-            return bind()
+            bind()
         except ParameterError as e:
             name = getattr(plugin, "name", "")
-            i = list(plugins).index(name) if name in plugins else 0
+            i = self.index.get(name, 0)
             param = f"plugins[{i}].parameters.{e.param}" if e.param else f"plugins[{i}]"
             raise self.error(param, f"{getattr(plugin, 'type', '?')}: {e.detail}") from None
 
@@ -291,10 +303,7 @@ class _Loader:
 
     def data_layer(self, raw: object, plugins: dict[str, object]) -> DataLayerConfig:
         """dataLayer (pickers.config.datalayer), resolved against the plugins; defaults when absent."""
-        names = list(plugins)
-        return build_data_layer(
-            raw, plugins, lambda name: f"plugins[{names.index(name)}]", self.error, self.warnings
-        )
+        return build_data_layer(raw, plugins, lambda name: f"plugins[{self.index[name]}]", self.error, self.warnings)
 
     def optional_mapping(self, doc: dict[str, Any], key: str) -> dict[str, Any]:
         value = doc.get(key)
@@ -309,17 +318,21 @@ class _Loader:
         if not items:
             raise self.error("plugins", "expected a non-empty list of plugins")
         plugins: dict[str, object] = {}
-        first_at: dict[str, int] = {}
+        first_at = self.index
         for i, item in enumerate(items):
             path = f"plugins[{i}]"
             spec = self.expect_mapping(item, path, _PLUGIN_KEYS)
             type_name = self.expect_name(spec.get("type"), f"{path}.type")
             name = self.expect_name(spec.get("name", type_name), f"{path}.name")
-            if name in plugins:
+            if name in first_at:
                 raise self.error(
                     f"{path}.name",
                     f"duplicate plugin name {shown(name)} (also plugins[{first_at[name]}]); give each instance its own name",
                 )
+            if is_parser_type(type_name):
+                self.parser_plugin(path, name, type_name, spec.get("parameters"))
+                first_at[name] = i
+                continue
             try:
                 built = build_plugin(type_name, name, spec.get("parameters"), self.ctx)
             except ParameterError as e:
@@ -334,11 +347,22 @@ class _Loader:
             first_at[name] = i
         return plugins
 
+    def parser_plugin(self, path: str, name: str, type_name: str, parameters: object) -> None:
+        """A request parser under `plugins:`: no object here, the server builds it from its ParserSpec."""
+        why = REFUSED_PARSER_TYPES.get(type_name)
+        if why is not None:
+            raise self.error(f"{path}.type", f"{type_name} is not supported: {why}")
+        if parameters is not None and parameters != {}:
+            raise self.error(f"{path}.parameters", f"{type_name} takes no parameters, got {shown(parameters)}")
+        self.parser_plugins[name] = type_name
+        self.types[name] = type_name
+        self.parameters[name] = MappingProxyType({})
+
     def build_profiles(self, raw: object, plugins: dict[str, object]) -> tuple[SchedulingProfile, ...]:
         items = self.expect_list(raw, "schedulingProfiles")
         if not items:
             # every filter, scorer and picker, in config order, weight 1
-            refs = [(f"plugins[{i}]", {"pluginRef": n}) for i, (n, p) in enumerate(plugins.items()) if _role(p) is not None]
+            refs = [(f"plugins[{self.index[n]}]", {"pluginRef": n}) for n, p in plugins.items() if _role(p) is not None]
             return (self.build_profile("default", refs, plugins, implicit=True),)
         profiles: list[SchedulingProfile] = []
         for i, item in enumerate(items):
@@ -364,6 +388,12 @@ class _Loader:
             ref_path = rpath if implicit else f"{rpath}.pluginRef"
             plugin_name = self.expect_name(spec.get("pluginRef"), ref_path)
             plugin = plugins.get(plugin_name)
+            if plugin is None and plugin_name in self.parser_plugins:
+                raise self.error(
+                    ref_path,
+                    f"plugin {shown(plugin_name)} ({self.parser_plugins[plugin_name]}) is a request parser, not a "
+                    "filter, scorer or picker; list it under requestHandler.parsers",
+                )
             if plugin is None:
                 raise self.error(
                     ref_path, f"no plugin named {shown(plugin_name)}; defined: {', '.join(plugins) or 'none'}"

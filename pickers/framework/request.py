@@ -1,12 +1,15 @@
-"""One inference request as the scheduler sees it, decoded once at the edge by the EPP's body parser.
+"""One inference request as the scheduler sees it, decoded once at the edge by the EPP's request parser.
 
-The prompt text is what the approximate prefix index hashes; ~4 characters make a token, unless a
-token-producer set the prompt's real token ids (`token_ids`) before scheduling.
+The prompt text is what the approximate prefix index hashes; ~4 characters make a token. A prompt the
+client sent as token ids (vLLM's and SGLang's generate APIs) is kept as `prompt_token_ids`, and its
+prompt text is exactly 4 ASCII characters per id, so blocks of text are blocks of tokens. A
+token-producer sets `prompt_token_ids` too, before scheduling: the prompt as the model server tokenizes
+it (the text stays the text).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +26,10 @@ class InferenceRequest:
     api: str | None = None  # None: a path we pass through unparsed
     model: str = ""
     prompt_text: str = ""
+    # the prompt as the client tokenized it, or (before scheduling) as a token-producer had the model
+    # server tokenize it; None: counts are estimated from the characters
+    prompt_token_ids: Sequence[int] | None = None
+    cache_salt: str = ""  # isolates this request's prefix-cache entries (vLLM's cache_salt, SGLang's extra_key)
     stream: bool = False
     include_usage: bool = False
     max_tokens: int | None = None
@@ -34,14 +41,12 @@ class InferenceRequest:
     # Set when scheduled: the prompt tokens the primary probably has to compute (not cached there),
     # counted on the endpoint until the first response byte.
     prefill_tokens: int = 0
-    # Set by a token-producer before scheduling: the prompt's token ids as the model server computes
-    # them. None: not tokenized, so token counts are estimated from the characters.
-    token_ids: list[int] | None = None
     # Set by request data producers (session-id-producer): (attribute, producer name) -> value
     attributes: dict[tuple[str, str], str] = field(default_factory=dict)
 
     @property
     def prompt_tokens(self) -> int:
-        """The prompt's tokens: counted when a token-producer tokenized it, else estimated (4 characters each)."""
-        ids = self.token_ids
+        """The prompt's tokens: counted when the client or a token-producer gave its ids, else estimated
+        (4 characters each)."""
+        ids = self.prompt_token_ids
         return len(ids) if ids is not None else len(self.prompt_text) // CHARS_PER_TOKEN

@@ -186,6 +186,8 @@ class RequestTokenizer:
         self.over_budget = 0  # prompts not tokenized within the budget
 
     def tokens(self, request: InferenceRequest, max_tokens: int) -> list[int]:
+        if request.prompt_token_ids is not None:  # the client tokenized it (vLLM's and SGLang's generate)
+            return list(request.prompt_token_ids[:max_tokens])
         body: Mapping[str, Any] = request.body or {}
         if request.api == "completions":
             prompt = body.get("prompt")
@@ -208,6 +210,16 @@ class RequestTokenizer:
                 add_generation_prompt=bool(body.get("add_generation_prompt", True)),
                 tools=body.get("tools"),
             )
+            return self._encode(text, max_tokens, add_special_tokens=False)
+        if request.api == "messages":  # Anthropic's: vLLM renders it as a chat, its system prompt first
+            messages = body.get("messages")
+            if not isinstance(messages, list):
+                return []
+            chat = [m for m in messages if isinstance(m, dict)]
+            system = body.get("system")
+            if system:
+                chat.insert(0, {"role": "system", "content": system})
+            text = self.tokenizer.render_chat(chat, add_generation_prompt=True)
             return self._encode(text, max_tokens, add_special_tokens=False)
         return self._encode(request.prompt_text, max_tokens, add_special_tokens=True)
 

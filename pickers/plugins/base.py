@@ -54,7 +54,7 @@ class PrefixMatchSource(Protocol):
 
 @runtime_checkable
 class TokenSource(Protocol):
-    """A plugin that sets `InferenceRequest.token_ids` before scheduling (the token-producer), as the
+    """A plugin that sets `InferenceRequest.prompt_token_ids` before scheduling (the token-producer), as the
     plugins that match tokens find it: `token_backend` is "estimate" (no ids), "vllm" or "local"."""
 
     name: str

@@ -152,12 +152,6 @@ def test_an_empty_flow_control_section_sets_nothing_and_loads():
     assert load("flowControl: {}\nplugins:\n- type: queue-scorer\n").plugin_types == {"queue-scorer": "queue-scorer"}
 
 
-@pytest.mark.parametrize("section", ["requestHandler", "parser"])
-def test_llm_d_sections_llm_epp_lacks_are_refused_by_name(section):
-    msg = error_of(f"{section}: {{}}\nplugins:\n- type: queue-scorer\n")
-    assert msg.startswith(f"test.yaml: {section}: not supported: ")
-
-
 def test_effective_parameters_have_the_defaults_filled_in():
     cfg = load("plugins:\n- type: prefix-cache-scorer\n  parameters: {blockSize: 32}\n- type: max-score-picker\n")
     assert cfg.plugin_parameters["prefix-cache-scorer"] == {

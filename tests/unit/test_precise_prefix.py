@@ -12,7 +12,7 @@ from pickers.framework.endpoint import Endpoint, EndpointSpec
 from pickers.framework.request import InferenceRequest
 from pickers.framework.types import CycleState
 from pickers.indexes.kv_blocks import KVBlockIndex
-from pickers.indexes.tokenization import HFTokenizer, SimTokenizer
+from pickers.indexes.tokenization import HFTokenizer, RequestTokenizer, SimTokenizer
 from pickers.plugins.scorer.precise_prefix import PrecisePrefixCacheScorer
 from vllm_sim import tokens as sim_tokens
 
@@ -135,3 +135,17 @@ plugins:
     assert cfg.plugins["precise-prefix-cache-scorer"].type == "precise-prefix-cache-scorer"
     with pytest.raises(ConfigError, match="tokenizer"):
         load_config(text % "/nonexistent/tok", "t", PluginContext())
+
+
+def test_a_prompt_sent_as_token_ids_is_matched_as_it_is():
+    from array import array
+
+    req = InferenceRequest("r", "/inference/v1/generate", {}, api="generate", model="m", prompt_token_ids=array("I", [7, 8, 9]))
+    assert RequestTokenizer(SimTokenizer()).tokens(req, 2) == [7, 8]
+
+
+def test_an_anthropic_messages_request_is_tokenized_as_vllm_renders_it_a_chat_system_first():
+    body = {"model": "m", "system": [{"type": "text", "text": "Be brief."}], "messages": [{"role": "user", "content": "hi"}]}
+    req = InferenceRequest("r", "/v1/messages", {}, api="messages", model="m", body=body)
+    expected = sim_tokens.encode(sim_tokens.apply_chat_template([("system", "Be brief."), ("user", "hi")], True))
+    assert RequestTokenizer(SimTokenizer()).tokens(req, 1024) == expected

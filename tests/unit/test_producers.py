@@ -85,17 +85,17 @@ def test_the_default_token_producer_estimates_and_sets_no_ids():
     assert cfg.plugin_parameters["token-producer"] == {"estimate": {}}
     req = completion("x" * 400)
     tp.produce(req, CycleState(), [])
-    assert req.token_ids is None and req.prompt_tokens == 100 and not tp.needs_io(req)
+    assert req.prompt_token_ids is None and req.prompt_tokens == 100 and not tp.needs_io(req)
 
 
 def test_token_ids_given_in_the_prompt_are_taken_as_they_are():
     tp = TokenProducer()
     req = completion([5, 6, 7])
     tp.produce(req, CycleState(), [])
-    assert req.token_ids == [5, 6, 7] and req.prompt_tokens == 3
+    assert req.prompt_token_ids == [5, 6, 7] and req.prompt_tokens == 3
     batch = completion([[1, 2], [3]])
     tp.produce(batch, CycleState(), [])
-    assert batch.token_ids == [1, 2, 3]
+    assert batch.prompt_token_ids == [1, 2, 3]
 
 
 def test_the_local_sim_tokenizer_tokenizes_inline_like_the_simulator():
@@ -105,8 +105,8 @@ def test_the_local_sim_tokenizer_tokenizes_inline_like_the_simulator():
     req = chat("hello there, a chat")
     assert not tp.needs_io(req)  # the simulator's tokenizer costs nothing to wait for
     tp.produce(req, CycleState(), [])
-    assert req.token_ids == sim_encode(sim_chat_template([("user", "hello there, a chat")]).encode())
-    assert req.prompt_tokens == len(req.token_ids)
+    assert req.prompt_token_ids == sim_encode(sim_chat_template([("user", "hello there, a chat")]).encode())
+    assert req.prompt_tokens == len(req.prompt_token_ids)
 
 
 @pytest.mark.parametrize(
@@ -152,10 +152,10 @@ async def test_the_vllm_backend_gets_the_servers_own_token_ids_from_its_render_e
             req = completion("the prompt the server tokenizes")
             assert tp.needs_io(req)
             await tp.prepare(req)
-            assert req.token_ids == tokens.encode("the prompt the server tokenizes")
+            assert req.prompt_token_ids == tokens.encode("the prompt the server tokenizes")
             conversation = chat("and a chat, with its template")
             await tp.prepare(conversation)
-            assert conversation.token_ids == tokens.encode(tokens.apply_chat_template([("user", "and a chat, with its template")], True))
+            assert conversation.prompt_token_ids == tokens.encode(tokens.apply_chat_template([("user", "and a chat, with its template")], True))
             assert sim.render_calls == 2 and not tp.fallbacks
         finally:
             await client.close()
@@ -174,7 +174,7 @@ async def test_a_render_call_that_hangs_costs_the_timeout_once_then_the_estimate
                 for _ in range(2):
                     req = completion("y" * 40)
                     await asyncio.wait_for(tp.prepare(req), 5.0)  # never a hang: the producer's own timeout
-                    assert req.token_ids is None and req.prompt_tokens == 10  # the estimate
+                    assert req.prompt_token_ids is None and req.prompt_tokens == 10  # the estimate
             assert tp.fallbacks == {"timeout": 2}
             assert len([r for r in caplog.records if "timeout" in r.getMessage() or "no tokens" in r.getMessage()]) == 1
         finally:
@@ -192,14 +192,14 @@ async def test_a_render_error_or_an_unreachable_server_falls_back_to_the_estimat
         try:
             req = completion("z" * 40)
             await tp.prepare(req)
-            assert req.token_ids is None and tp.fallbacks == {"RenderError": 1}
+            assert req.prompt_token_ids is None and tp.fallbacks == {"RenderError": 1}
         finally:
             await client.close()
     gone = TokenProducer(backend="vllm", model_name="m", url="http://127.0.0.1:9")
     gone.renderer = VllmRenderClient("http://127.0.0.1:9")
     req = completion("w" * 40)
     await gone.prepare(req)
-    assert req.token_ids is None and gone.fallbacks == {"RenderError": 1}
+    assert req.prompt_token_ids is None and gone.fallbacks == {"RenderError": 1}
     await gone.renderer.close()  # type: ignore[attr-defined]
 
 
@@ -289,7 +289,7 @@ async def test_the_director_awaits_the_tokens_and_counts_them_in_flight():
     assert stream.needs_data
     await director.prepare(stream.request)  # type: ignore[arg-type]
     stream.resume()
-    assert stream.request.token_ids == list(range(37))  # type: ignore[union-attr]
+    assert stream.request.prompt_token_ids == list(range(37))  # type: ignore[union-attr]
     # the token-load-scorer's in-flight load is the (uncached) tokens the server counted, not characters / 4
     assert sum(e.in_flight_load_tokens for e in director.datastore.candidates()) == 37
 
@@ -344,7 +344,7 @@ def test_the_precise_guide_shape_loads_and_the_prefix_scorer_reads_the_precise_m
     apply_events(producer.index, A, [BlockStored([1, 2, 3, 4], None, ids, 4)])
     apply_events(producer.index, B, [BlockStored([9], None, ids[:4], 4)])
     req = completion("ignored: the tokens come from the token-producer")
-    req.token_ids = ids
+    req.prompt_token_ids = ids
     assert scorer.score(req, CycleState(), [ep(A), ep(B), ep(C)]) == [1.0, 0.25, 0.0]
     result = SchedulingResult([ep(A)])
     scorer.pre_request(req, CycleState(), result)
@@ -443,7 +443,7 @@ def test_speculative_entries_route_the_next_request_until_the_ttl_runs_out():
     producer._clock = lambda: now[0]
     scorer = cfg.plugins["prefix-cache-scorer"]
     req = completion("q" * 64)
-    req.token_ids = list(range(16))
+    req.prompt_token_ids = list(range(16))
     cycle = CycleState()
     assert scorer.score(req, cycle, [ep(A), ep(B)]) == [0.0, 0.0]
     producer.pre_request(req, cycle, SchedulingResult([ep(B)]))
@@ -461,7 +461,7 @@ def test_match_length_weight_follows_llm_ds_formula():
     ids = list(range(16))
     apply_events(producer.index, A, [BlockStored([1], None, ids[:4], 4)])
     req = completion("x")
-    req.token_ids = ids
+    req.prompt_token_ids = ids
     (score,) = scorer.score(req, CycleState(), [ep(A)])
     assert score == pytest.approx(0.5 * min(1.0, 4 / 8) ** 2 + 0.5 * 1 / 4)
     assert "must be between 0.0 and 1.0" in refused("plugins:\n- type: prefix-cache-scorer\n  parameters: {matchLengthWeight: 2}\n")
@@ -473,7 +473,7 @@ def test_no_hit_lru_reads_the_precise_match_when_it_names_the_producer():
     producer, lru = cfg.plugins["precise-prefix-cache-producer"], cfg.plugins["no-hit-lru-scorer"]
     assert lru.precise is producer
     req = completion("x")
-    req.token_ids = list(range(8))
+    req.prompt_token_ids = list(range(8))
     assert lru.score(req, CycleState(), [ep(A), ep(B)]) == [1.0, 1.0]  # cold: nobody holds the first block
     apply_events(producer.index, B, [BlockStored([1], None, list(range(4)), 4)])
     assert lru.score(req, CycleState(), [ep(A), ep(B)]) == [0.5, 0.5]  # warm: no opinion
@@ -604,7 +604,7 @@ def test_the_in_flight_discount_can_come_from_the_precise_match():
     ids = list(range(20))
     apply_events(precise.index, A, [BlockStored([1, 2, 3], None, ids[:12], 4)])
     req = completion("x")
-    req.token_ids = ids
+    req.prompt_token_ids = ids
     assert producer.request_tokens(req, CycleState(), [ep(A), ep(B)]) == [20 - 12, 20]
 
 
@@ -787,7 +787,7 @@ async def test_a_local_tokenizer_folder_tokenizes_in_a_worker_thread_before_the_
     req = completion("def test_something(): return 42")
     assert tp.needs_io(req)  # a real tokenizer: awaited off the event loop
     tp.produce(req, CycleState(), [])
-    assert req.token_ids is None  # never inline
+    assert req.prompt_token_ids is None  # never inline
     await tp.prepare(req)
-    assert req.token_ids == HFTokenizer(hf_dir).encode("def test_something(): return 42", add_special_tokens=True)
+    assert req.prompt_token_ids == HFTokenizer(hf_dir).encode("def test_something(): return 42", add_special_tokens=True)
     tp.close()

@@ -1,5 +1,5 @@
 """token-producer (llm-d; its old name `tokenizer` loads with llm-d's deprecation warning): the prompt's
-token ids, set on the request (`InferenceRequest.token_ids`) before scheduling. What counts tokens
+token ids, set on the request (`InferenceRequest.prompt_token_ids`) before scheduling. What counts tokens
 then counts them (the P/D decider's `nonCachedTokens`, the in-flight token load, prefill work) and
 precise-prefix-cache-producer matches them against the engines' KV blocks.
 
@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 DEFAULT_URL = "http://localhost:8000"
 DEFAULT_TIMEOUT = "5s"
 DEFAULT_MM_TIMEOUT = "30s"
-_TOKENIZED_APIS = frozenset({"completions", "chat"})  # the APIs vLLM's render endpoints take
+_RENDERED_APIS = frozenset({"completions", "chat"})  # the APIs vLLM's render endpoints take
+_LOCAL_APIS = frozenset({"completions", "chat", "messages"})  # and what a local tokenizer renders itself
 
 
 class Renderer(Protocol):
@@ -76,6 +77,7 @@ class TokenProducer(Plugin):
         self._cheap = tokenizer is not None and tokenizer.cheap
         self._pool: ThreadPoolExecutor | None = None
         self.fallbacks: Counter[str] = Counter()  # requests scheduled on the estimate, by reason
+        self._apis = _LOCAL_APIS if tokenizer is not None else _RENDERED_APIS
 
     @classmethod
     def from_config(cls, name: str, p: Params, ctx: PluginContext) -> TokenProducer:
@@ -125,7 +127,7 @@ class TokenProducer(Plugin):
     def needs_io(self, request: InferenceRequest) -> bool:
         """Whether this request's tokens are awaited (`prepare`) before the pick: a network call or
         a real tokenizer's thread. The estimate and the simulator's tokenizer cost nothing to wait for."""
-        if request.token_ids is not None or request.api not in _TOKENIZED_APIS:
+        if request.prompt_token_ids is not None or request.api not in self._apis:
             return False
         if self.token_backend == "vllm":
             return self.renderer is not None
@@ -133,22 +135,22 @@ class TokenProducer(Plugin):
 
     def produce(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> None:
         """Before each cycle: token ids given in the prompt, or the simulator's tokenizer, inline."""
-        if request.token_ids is not None or request.api not in _TOKENIZED_APIS:
+        if request.prompt_token_ids is not None or request.api not in self._apis:
             return
         given = pretokenized(request.body)
         if given is not None:
-            request.token_ids = given
+            request.prompt_token_ids = given
         elif self._cheap and self._local is not None:
-            request.token_ids = list(self._local.tokens(request, sys.maxsize))
+            request.prompt_token_ids = list(self._local.tokens(request, sys.maxsize))
 
     async def prepare(self, request: InferenceRequest) -> None:
         """Set the request's token ids from the backend, waiting at most the timeout; on a failure
         the request goes on with the estimate (counted in `fallbacks`, logged once per reason)."""
-        if request.token_ids is not None:
+        if request.prompt_token_ids is not None:
             return
         given = pretokenized(request.body)
         if given is not None:
-            request.token_ids = given
+            request.prompt_token_ids = given
             return
         timeout = self.mm_timeout if _has_content_parts(request.body) else self.timeout
         try:
@@ -170,7 +172,7 @@ class TokenProducer(Plugin):
         except Exception as e:  # noqa: BLE001 - any failure of the backend costs the estimate, not the request
             self._fallback(type(e).__name__, str(e) or type(e).__name__)
             return
-        request.token_ids = ids
+        request.prompt_token_ids = ids
 
     def _fallback(self, reason: str, detail: str) -> None:
         first = reason not in self.fallbacks

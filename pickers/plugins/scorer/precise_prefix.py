@@ -98,6 +98,7 @@ class PrecisePrefixCacheProducer(Plugin):
         self.topic_filter = topic_filter
         self.subscriber: Any = None  # the EPP's extproc.datalayer.kv_events.KVEventSubscriber, once started
         self.token_source: TokenSource | None = None  # the token-producer bound (None: no real tokens)
+        self.bind_warnings: list[str] = []  # for the loader: no real tokens to match
         self.speculative_ttl = speculative_ttl  # None: speculative indexing off
         self._clock = clock
         self._speculative: dict[int, dict[str, float]] = {}  # key -> endpoint -> expiry
@@ -117,7 +118,7 @@ class PrecisePrefixCacheProducer(Plugin):
     def from_config(cls, name: str, p: Params, ctx: PluginContext) -> PrecisePrefixCacheProducer:
         return cls(name, **llmd_settings(p))
 
-    def bind_config(self, plugins: Mapping[str, object], profiles: Mapping[str, Any], handler: object) -> list[str]:
+    def bind_config(self, plugins: Mapping[str, object], profiles: Mapping[str, Any], handler: object) -> None:
         """Read the request's tokens from the config's token-producer (llm-d requires one upstream)."""
         sources = [q for q in plugins.values() if isinstance(q, TokenSource)]
         if len(sources) > 1:
@@ -129,12 +130,10 @@ class PrecisePrefixCacheProducer(Plugin):
                 )
             sources = named
         self.token_source = sources[0] if sources else None
-        if self.real_tokens:
-            return []
-        return [
-            (f"no {TOKEN_PRODUCER} gives the model's token ids (its vllm or local backend): the tokens are estimated, "
-             "as in llm-d, and estimated tokens never match an engine's KV blocks")
-        ]
+        self.bind_warnings = [] if self.real_tokens else [
+            f"no {TOKEN_PRODUCER} gives the model's token ids (its vllm or local backend): the tokens are estimated, "
+            "as in llm-d, and estimated tokens never match an engine's KV blocks"
+        ]  # fmt: skip
 
     @property
     def real_tokens(self) -> bool:
@@ -143,7 +142,7 @@ class PrecisePrefixCacheProducer(Plugin):
 
     def tokens(self, request: InferenceRequest, max_tokens: int) -> Sequence[int]:
         """The request's token ids, at most `max_tokens` (none when no token-producer tokenized it)."""
-        ids = request.token_ids
+        ids = request.prompt_token_ids
         if not ids:
             return ()
         return ids if len(ids) <= max_tokens else ids[:max_tokens]
@@ -288,8 +287,9 @@ class PrecisePrefixCacheScorer(PrecisePrefixCacheProducer):
             subscribe=subscribe, kv_events_port=port,
         )  # fmt: skip
 
-    def bind_config(self, plugins: Mapping[str, object], profiles: Mapping[str, Any], handler: object) -> list[str]:
-        return [] if self.tokenize is not None else super().bind_config(plugins, profiles, handler)
+    def bind_config(self, plugins: Mapping[str, object], profiles: Mapping[str, Any], handler: object) -> None:
+        if self.tokenize is None:
+            super().bind_config(plugins, profiles, handler)
 
     @property
     def real_tokens(self) -> bool:

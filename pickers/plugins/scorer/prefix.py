@@ -56,7 +56,7 @@ def prefix_match(
     found = cycle.data.get(key)
     if isinstance(found, PrefixMatch):
         return found
-    hashes = block_hashes(request.model, request.prompt_text, _cache_salt(request), max_blocks, block_chars)
+    hashes = block_hashes(request.model, request.prompt_text, request.cache_salt, max_blocks, block_chars)
     result = PrefixMatch(hashes, index.match(hashes))
     cycle.data[key] = result
     return result
@@ -191,11 +191,6 @@ def approx_matches(
     m = prefix_match(request, cycle, index, block_chars, max_blocks)
     total, block_tokens = len(m.hashes), max(1, block_chars // CHARS_PER_TOKEN)
     return {ep.address: (m.matched.get(ep.address, 0), total, block_tokens) for ep in endpoints}
-
-
-def _cache_salt(request: InferenceRequest) -> str:
-    salt = request.body.get("cache_salt") if request.body else None
-    return salt if isinstance(salt, str) else ""
 
 
 _GIE_SETTINGS = ("blockSize", "maxPrefixBlocksToMatch", "lruCapacityPerServer", "autoTune")
