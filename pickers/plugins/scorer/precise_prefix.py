@@ -130,10 +130,11 @@ class PrecisePrefixCacheProducer(Plugin):
                 )
             sources = named
         self.token_source = sources[0] if sources else None
-        self.bind_warnings = [] if self.real_tokens else [
+        no_tokens = (
             f"no {TOKEN_PRODUCER} gives the model's token ids (its vllm or local backend): the tokens are estimated, "
             "as in llm-d, and estimated tokens never match an engine's KV blocks"
-        ]  # fmt: skip
+        )
+        self.bind_warnings = [] if self.real_tokens else [no_tokens]
 
     @property
     def real_tokens(self) -> bool:
