@@ -148,9 +148,9 @@ def decode_batch(payload: bytes) -> EventBatch:
 def apply_events(index: KVBlockIndex, address: str, events: Sequence[KVEvent]) -> None:
     for e in events:
         if isinstance(e, BlockStored):
-            index.block_stored(address, e.block_hashes, e.parent_block_hash, e.token_ids, e.block_size, e.lora_name)
+            index.block_stored(address, e.block_hashes, e.parent_block_hash, e.token_ids, e.block_size, e.lora_name, e.medium)
         elif isinstance(e, BlockRemoved):
-            index.block_removed(address, e.block_hashes)
+            index.block_removed(address, e.block_hashes, e.medium)
         else:
             index.clear_endpoint(address)
 

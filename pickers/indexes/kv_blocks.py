@@ -11,6 +11,13 @@ removals normally keep it far below that; the bound covers lost BlockRemoved eve
 llm-d's in-memory index apply when given (precise-prefix-cache-producer): `max_keys` distinct keys
 (the least recently stored goes first) and `pods_per_key` endpoints per key (the least recently
 stored goes first). A `hash_seed` seeds every chain, as llm-d's `hashSeed` does.
+
+KV-cache tiers: each (key, endpoint) keeps the media holding the block (vLLM's `medium`, lower-cased;
+none is "gpu", as in llm-d) as a bit mask. A BlockStored without token ids (an offloading connector's:
+blocks the endpoint already has, now also on another medium) adds that medium to the blocks it
+resolves; a BlockRemoved takes its medium away, and the block goes when no medium holds it.
+`weighted_match` scores as llm-d-kv-cache's LongestPrefixScorer: per leading block the largest weight
+among the media holding it (`TierWeights`).
 """
 
 from __future__ import annotations
@@ -24,6 +31,10 @@ import xxhash
 
 DEFAULT_CAPACITY = 1_000_000  # blocks per endpoint; about 200 MB for one endpoint at the bound
 ROOT_KEY = 0
+GPU = "gpu"  # the medium of an event that names none (llm-d's default tier)
+GPU_BIT = 1
+UNNAMED_BIT = 2  # speculative entries (no medium, as llm-d's) and media past MAX_MEDIA: weight 1.0
+MAX_MEDIA = 16  # distinct medium names given bits of their own (events name a handful: GPU, CPU, ...)
 _xxh64 = xxhash.xxh64_intdigest
 
 
@@ -77,11 +88,31 @@ class KVBlockIndex:
         self.pods_per_key = pods_per_key
         self.hash_seed = hash_seed
         # key -> endpoints holding it, least recently stored first (a dict used as an ordered set)
-        self._holders: dict[int, dict[str, None]] = {}
+        self._holders: dict[int, dict[str, int]] = {}  # ... -> the mask of media holding it there
         # keys, least recently stored first: kept only with max_keys
         self._recent: OrderedDict[int, None] | None = OrderedDict() if max_keys is not None else None
         self._endpoints: dict[str, EndpointBlocks] = {}
         self.lora_names: set[str] = set()  # adapters seen in events: their blocks chain from their name
+        self._media: dict[str, int] = {GPU: GPU_BIT, "": UNNAMED_BIT}  # medium name -> its bit
+
+    def medium_bit(self, medium: str | None, *, register: bool = True) -> int:
+        """The bit of an event's medium (lower-cased; none is gpu). A new name gets the next bit, past
+        MAX_MEDIA names the unnamed one; unless `register`, a new name is 0 (nothing is stored there)."""
+        name = medium.lower() if medium else GPU
+        bit = self._media.get(name)
+        if bit is not None:
+            return bit
+        full = len(self._media) >= MAX_MEDIA + 2
+        if not register:
+            return UNNAMED_BIT if full else 0
+        if full:
+            return UNNAMED_BIT
+        bit = self._media[name] = 1 << len(self._media)
+        return bit
+
+    def media_of(self, mask: int) -> list[str]:
+        """The medium names of a mask ("" for speculative entries and unnamed media)."""
+        return [name for name, bit in self._media.items() if mask & bit]
 
     # -- events (the subscriber) ------------------------------------------------------------
     def _ep(self, address: str) -> EndpointBlocks:
@@ -98,9 +129,21 @@ class KVBlockIndex:
         token_ids: Sequence[int],
         block_size: int,
         lora_name: str | None = None,
+        medium: str | None = None,
     ) -> int:
-        """Index blocks the engine stored. Returns how many were indexed."""
+        """Index blocks the engine stored on `medium`. Returns how many were indexed."""
         ep = self._ep(address)
+        bit = self.medium_bit(medium)
+        if not token_ids:  # the blocks are known by their hashes: now (also) on this medium
+            known = 0
+            for engine_hash in block_hashes:
+                key = ep.blocks.get(engine_hash)
+                if key is not None:
+                    ep.blocks.move_to_end(engine_hash)
+                    self._hold(key, address, bit)
+                    known += 1
+            self._trim(ep, address)
+            return known
         ep.block_size = block_size
         if parent_block_hash is None:
             parent = root_key(lora_name, self.hash_seed)
@@ -112,7 +155,7 @@ class KVBlockIndex:
                 ep.orphans += len(block_hashes)
                 return 0
             parent = found
-        blocks, holders, recent, per_key = ep.blocks, self._holders, self._recent, self.pods_per_key
+        blocks = ep.blocks
         for i, engine_hash in enumerate(block_hashes):
             tokens = token_ids[i * block_size : (i + 1) * block_size]
             if len(tokens) < block_size:
@@ -123,18 +166,14 @@ class KVBlockIndex:
                 self._drop(old, address)
             blocks[engine_hash] = key
             blocks.move_to_end(engine_hash)
-            s = holders.get(key)
-            if s is None:
-                holders[key] = {address: None}
-            else:
-                s.pop(address, None)
-                s[address] = None  # most recent last
-                if per_key is not None and len(s) > per_key:
-                    del s[next(iter(s))]
-            if recent is not None:
-                recent[key] = None
-                recent.move_to_end(key)
+            self._hold(key, address, bit)
             parent = key
+        self._trim(ep, address)
+        return len(block_hashes)
+
+    def _trim(self, ep: EndpointBlocks, address: str) -> None:
+        """The bounds: `capacity` blocks per endpoint, `max_keys` keys (the least recently stored go)."""
+        blocks, holders, recent = ep.blocks, self._holders, self._recent
         while len(blocks) > self.capacity:
             _, key = blocks.popitem(last=False)
             self._drop(key, address)
@@ -142,16 +181,40 @@ class KVBlockIndex:
             while len(holders) > self.max_keys:
                 old, _ = recent.popitem(last=False)
                 holders.pop(old, None)  # endpoints' maps keep the engine hash: resolving parents still works
-        return len(block_hashes)
 
-    def block_removed(self, address: str, block_hashes: Iterable[Hashable]) -> None:
+    def _hold(self, key: int, address: str, bit: int) -> None:
+        """`address` holds `key` on the medium of `bit` (too), most recently stored."""
+        s = self._holders.get(key)
+        if s is None:
+            self._holders[key] = {address: bit}
+        else:
+            mask = s.pop(address, 0)
+            s[address] = mask | bit  # most recent last
+            if self.pods_per_key is not None and len(s) > self.pods_per_key:
+                del s[next(iter(s))]
+        if self._recent is not None:
+            self._recent[key] = None
+            self._recent.move_to_end(key)
+
+    def block_removed(self, address: str, block_hashes: Iterable[Hashable], medium: str | None = None) -> None:
+        """The engine dropped these blocks from `medium`; a block another medium still holds stays."""
         ep = self._endpoints.get(address)
         if ep is None:
             return
+        bit = self.medium_bit(medium, register=False)
+        if not bit:  # a medium no block was stored on
+            return
         for engine_hash in block_hashes:
-            key = ep.blocks.pop(engine_hash, None)
-            if key is not None:
-                self._drop(key, address)
+            key = ep.blocks.get(engine_hash)
+            if key is None:
+                continue
+            s = self._holders.get(key)
+            mask = s.get(address) if s is not None else None
+            if s is not None and mask is not None and mask & ~bit:
+                s[address] = mask & ~bit
+                continue
+            del ep.blocks[engine_hash]
+            self._drop(key, address)
 
     def clear_endpoint(self, address: str) -> None:
         """AllBlocksCleared, a restarted engine or a lost stream: the endpoint holds nothing we know of."""
@@ -206,6 +269,41 @@ class KVBlockIndex:
                 counts[address] = i + 1
         return counts
 
+    def weighted_match(
+        self, keys: Sequence[int], weights: Mapping[int, float], extra: Mapping[int, Mapping[str, object]] | None = None
+    ) -> dict[str, float]:
+        """llm-d's longest-prefix score per endpoint: over its leading blocks (up to the first it holds
+        on no medium), the sum of `weights[mask of the media holding the block]`. `extra`: speculative
+        holders, with no medium (UNNAMED_BIT)."""
+        scores: dict[str, float] = {}
+        if not keys:
+            return scores
+        holders_of: Mapping[int, Mapping[str, int]] = self._holders
+        if extra:
+            holders_of = _MaskUnion(self._holders, extra)
+        first = holders_of.get(keys[0])
+        if not first:
+            return scores
+        for address, mask in first.items():
+            scores[address] = weights[mask]
+        active = list(scores)
+        for i in range(1, len(keys)):
+            holders = holders_of.get(keys[i])
+            if not holders:
+                break
+            left = False
+            for address in active:
+                mask = holders.get(address)
+                if mask:
+                    scores[address] += weights[mask]
+                else:
+                    left = True
+            if left:  # allocates only when an endpoint's match ends
+                active = [a for a in active if holders.get(a)]
+                if not active:
+                    break
+        return scores
+
     def block_sizes(self) -> set[int]:
         return {ep.block_size for ep in self._endpoints.values() if ep.block_size}
 
@@ -227,6 +325,39 @@ class KVBlockIndex:
     def memory_bytes(self) -> int:
         """A rough estimate: ~100 bytes per map entry and ~250 per distinct key's holder set."""
         return self.size() * 100 + len(self._holders) * 250
+
+
+class TierWeights(dict[int, float]):
+    """mask of media -> what a block held on them counts: the largest weight among its media, a medium
+    not configured (and a speculative entry) counting 1.0, as in llm-d-kv-cache. Filled on first use."""
+
+    def __init__(self, index: KVBlockIndex, by_name: Mapping[str, float]) -> None:
+        super().__init__()
+        self.index = index
+        self.by_name = dict(by_name)
+
+    def __missing__(self, mask: int) -> float:
+        w = self[mask] = max((self.by_name.get(name, 1.0) for name in self.index.media_of(mask)), default=1.0)
+        return w
+
+
+class _MaskUnion:
+    """The index's key -> {endpoint: media} and the speculative key -> endpoints read as one."""
+
+    __slots__ = ("a", "b")
+
+    def __init__(self, a: Mapping[int, Mapping[str, int]], b: Mapping[int, Mapping[str, object]]) -> None:
+        self.a, self.b = a, b
+
+    def get(self, key: int) -> Mapping[str, int] | None:
+        x, y = self.a.get(key), self.b.get(key)
+        if not y:
+            return x
+        out = dict.fromkeys(y, UNNAMED_BIT)
+        if x:
+            for address, mask in x.items():
+                out[address] = mask | out.get(address, 0)
+        return out
 
 
 class _Union:

@@ -387,7 +387,7 @@ def test_a_precise_producer_without_real_tokens_warns_that_it_cannot_match():
         ("{indexerConfig: {kvBlockIndexConfig: {redisConfig: {address: 'r:6379'}}}}", "indexerConfig.kvBlockIndexConfig.redisConfig", "no Redis"),
         ("{indexerConfig: {kvBlockIndexConfig: {costAwareMemoryConfig: {size: 2GiB}}}}", "costAwareMemoryConfig", "in-memory index"),
         ("{indexerConfig: {kvBlockIndexConfig: {metricsLoggingInterval: 1000000000}}}", "metricsLoggingInterval", "not logged"),
-        ("{indexerConfig: {kvCacheBackendConfigs: [{name: gpu, weight: 1.0}]}}", "indexerConfig.kvCacheBackendConfigs", "tiers are not told apart"),
+        ("{indexerConfig: {kvCacheBackendConfigs: [{name: gpu, weight: 2}]}}", "indexerConfig.kvCacheBackendConfigs[0].weight", "from 0.0 to 1.0"),
         ("{kvEventsConfig: {engineType: sglang}}", "kvEventsConfig.engineType", "only vLLM"),
         ("{kvEventsConfig: {podDiscoveryConfig: {replaySocketPort: 5558}}}", "replaySocketPort", "replaying missed events"),
         ("{tokenProcessorConfig: {hashAlgorithm: sha256}}", "tokenProcessorConfig.hashAlgorithm", "cbor-fnv or xxh64"),

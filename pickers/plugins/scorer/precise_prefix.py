@@ -30,7 +30,7 @@ from pickers.framework.types import (
     CycleState,
     SchedulingResult,
 )
-from pickers.indexes.kv_blocks import DEFAULT_CAPACITY, KVBlockIndex, request_keys
+from pickers.indexes.kv_blocks import DEFAULT_CAPACITY, KVBlockIndex, TierWeights, request_keys
 from pickers.indexes.tokenization import RequestTokenizer, Tokenizer, load_tokenizer
 from pickers.plugins.base import Plugin, PluginContext, TokenSource
 
@@ -42,7 +42,7 @@ DEFAULT_KV_EVENTS_PORT = 5557
 LLMD_INDEX_KEYS = 100_000_000
 LLMD_PODS_PER_KEY = 10
 LLMD_TOPIC_FILTER = "kv@"
-LLMD_BACKENDS = ({"name": "gpu", "weight": 1.0}, {"name": "cpu", "weight": 0.8})
+LLMD_TIER_WEIGHTS = {"gpu": 1.0, "cpu": 0.8}
 SPECULATIVE_TTL = "2s"
 MAX_SPECULATIVE = 1_000_000  # speculative (key, endpoint) entries at most: past it the oldest go early (ours)
 LLMD_MAX_TOKENS = DEFAULT_BLOCK_SIZE * 8192  # the producer matches the whole prompt, up to 128K tokens
@@ -62,8 +62,12 @@ class PrecisePrefixCacheProducer(Plugin):
       keys are internal to the EPP (ours are xxh64 either way), so it changes no routing.
     - `indexerConfig.kvBlockIndexConfig.inMemoryConfig`: `size` (1e8) distinct keys at most,
       `podCacheSize` (10) endpoints per key, the least recently stored dropped first. Redis and
-      cost-aware indexes, `metricsLoggingInterval`, other tier weights and `tokenizersPoolConfig`
-      are refused with the reason.
+      cost-aware indexes, `metricsLoggingInterval` and `tokenizersPoolConfig` are refused with the
+      reason.
+    - `indexerConfig.kvCacheBackendConfigs` ([gpu 1.0, cpu 0.8]): each medium's weight. An endpoint's
+      match is llm-d's longest-prefix score: over its leading blocks (up to the first it holds on no
+      medium), the sum of the largest weight among the media holding each block (a medium not
+      listed, or a speculative entry, 1.0), truncated to whole blocks (llm-d's `matchBlocks`).
     - `kvEventsConfig`: `discoverPods` (true) subscribes to every endpoint of the pool at
       `podDiscoveryConfig.socketPort` (5557; the endpoint label `llm-epp/kv-events-port` overrides
       it); `zmqEndpoint` binds one socket the engines connect to, the endpoint named by the topic
@@ -86,10 +90,13 @@ class PrecisePrefixCacheProducer(Plugin):
         zmq_endpoint: str | None = None,
         topic_filter: str = LLMD_TOPIC_FILTER,
         speculative_ttl: float | None = None,
+        tier_weights: Mapping[str, float] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
         self.index = index if index is not None else KVBlockIndex()
+        # medium -> weight (llm-d's kvCacheBackendConfigs); None: a block on any medium counts 1
+        self.tier_weights = TierWeights(self.index, tier_weights) if tier_weights is not None else None
         self.block_size = block_size
         self.max_blocks = max_blocks
         self.discover_pods = discover_pods  # one subscription per endpoint of the pool
@@ -152,8 +159,8 @@ class PrecisePrefixCacheProducer(Plugin):
         return self.index.block_size_of(address) or self.block_size
 
     def matches(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> dict[str, tuple[int, int]]:
-        """address -> (leading blocks held, blocks in the prompt); keys and lookups once per cycle
-        and block size, whichever profile asks."""
+        """address -> (leading blocks held, tier-weighted and truncated as llm-d's matchBlocks; blocks
+        in the prompt); keys and lookups once per cycle and block size, whichever profile asks."""
         key = f"precise-prefix/{self.name}"
         state = cycle.data.get(key)
         if not isinstance(state, _CycleMatch):
@@ -169,10 +176,17 @@ class PrecisePrefixCacheProducer(Plugin):
             found = state.by_size.get(size)
             if found is None:
                 keys = request_keys(state.ids, size, self.max_blocks, state.lora, self.index.hash_seed)
-                found = state.by_size[size] = (keys, self.index.match(keys, extra))
+                found = state.by_size[size] = (keys, self.held(keys, extra))
             keys, matched = found
             out[ep.address] = (matched.get(ep.address, 0), len(keys))
         return out
+
+    def held(self, keys: Sequence[int], extra: Mapping[int, Mapping[str, object]] | None = None) -> dict[str, int]:
+        """Leading blocks each endpoint holds, weighted by the media holding them (see the class)."""
+        weights = self.tier_weights
+        if weights is None:
+            return self.index.match(keys, extra)
+        return {a: int(score) for a, score in self.index.weighted_match(keys, weights, extra).items()}
 
     def prefix_matches(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> dict[str, tuple[int, int, int]]:
         """address -> (blocks matched, blocks in the prompt, tokens a block): llm-d's PrefixCacheMatchInfo."""
@@ -338,15 +352,7 @@ def llmd_settings(p: Params) -> dict[str, Any]:
         )
     kbi.refused("metricsLoggingInterval", "index metrics are not logged periodically; scrape /metrics",
                 allowed=lambda v: v in (0, "0", "0s"))  # fmt: skip
-    backends = ix.mappings("kvCacheBackendConfigs")
-    if backends and [dict(b) for b in backends] != [dict(b) for b in LLMD_BACKENDS]:
-        raise ParameterError(
-            "indexerConfig.kvCacheBackendConfigs",
-            "not supported: KV-cache tiers are not told apart (a block stored on any medium counts as held), "
-            "so only llm-d's default weights (gpu 1.0, cpu 0.8) load",
-        )
-    if not backends:
-        ix.effective["kvCacheBackendConfigs"] = [dict(b) for b in LLMD_BACKENDS]
+    tier_weights = _tier_weights(ix)
 
     kv = p.section("kvEventsConfig")
     zmq_endpoint = kv.string("zmqEndpoint", "") or None
@@ -384,7 +390,36 @@ def llmd_settings(p: Params) -> dict[str, Any]:
         "zmq_endpoint": zmq_endpoint,
         "topic_filter": topic_filter,
         "speculative_ttl": ttl if speculative else None,
+        "tier_weights": tier_weights,
     }
+
+
+def _tier_weights(ix: Params) -> dict[str, float]:
+    """`indexerConfig.kvCacheBackendConfigs`: medium name -> weight (llm-d's default when left out;
+    an empty list weighs every medium 1.0, as in llm-d)."""
+    field = "kvCacheBackendConfigs"
+    if not ix.given(field):
+        ix.mappings(field)  # read (and shown) as llm-d's default
+        ix.effective[field] = [{"name": n, "weight": w} for n, w in LLMD_TIER_WEIGHTS.items()]
+        return dict(LLMD_TIER_WEIGHTS)
+    weights: dict[str, float] = {}
+    for i, backend in enumerate(ix.mappings(field)):
+        where = ix.path(f"{field}[{i}]")
+        extra = sorted(set(backend) - {"name", "weight"})
+        if extra:
+            raise ParameterError(f"{where}.{extra[0]}", "unknown field; a KV-cache backend takes name and weight")
+        name, weight = backend.get("name"), backend.get("weight")
+        if not isinstance(name, str) or not name:
+            raise ParameterError(f"{where}.name", f"expected a medium name such as gpu or cpu, got {shown(name)}")
+        if name != name.lower():
+            raise ParameterError(f"{where}.name", f"{shown(name)}: media are matched lower-case (an event's CPU is cpu); write {name.lower()}")
+        if name in weights:
+            raise ParameterError(f"{where}.name", f"duplicate medium {shown(name)}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
+            raise ParameterError(f"{where}.weight", f"expected a number from 0.0 to 1.0 (a block's share of a GPU block), got {shown(weight)}")
+        weights[name] = float(weight)
+    ix.effective[field] = [{"name": n, "weight": w} for n, w in weights.items()]
+    return weights
 
 
 def precise_indexes(plugins: Iterable[object]) -> dict[str, PrecisePrefixCacheProducer]:
