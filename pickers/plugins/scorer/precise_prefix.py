@@ -30,7 +30,12 @@ from pickers.framework.types import (
     CycleState,
     SchedulingResult,
 )
-from pickers.indexes.kv_blocks import DEFAULT_CAPACITY, KVBlockIndex, TierWeights, request_keys
+from pickers.indexes.kv_blocks import (
+    DEFAULT_CAPACITY,
+    KVBlockIndex,
+    TierWeights,
+    request_keys,
+)
 from pickers.indexes.tokenization import RequestTokenizer, Tokenizer, load_tokenizer
 from pickers.plugins.base import Plugin, PluginContext, TokenSource
 
