@@ -207,3 +207,16 @@ def test_the_tiered_guide_shape_passes_check_config(tmp_path, capsys):
     path.write_text(HEADER + TIERED_GUIDE)
     assert cli.main(["check-config", str(path)]) == 0
     assert '"kvCacheBackendConfigs":[{"name":"gpu","weight":1.0},{"name":"cpu","weight":0.4}]' in capsys.readouterr().out
+
+
+def test_the_medium_travels_from_the_wire_event_to_the_index():
+    import msgspec
+
+    from extproc.datalayer.kv_events import decode_event
+
+    stored = decode_event(msgspec.msgpack.encode(BlockStored([1, 2, 3, 4], None, IDS, 4, medium="CPU")))
+    removed = decode_event(msgspec.msgpack.encode(["BlockRemoved", [1], "CPU"]))  # the older array shape
+    index = index_with((A, stored))
+    assert scores(index, W) == pytest.approx({A: 1.6})
+    apply_events(index, A, [removed])
+    assert index.match(KEYS) == {}
