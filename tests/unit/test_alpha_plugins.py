@@ -1,5 +1,5 @@
-"""llm-d's utilization-filter (its formula, its config refused where a value would be wrong) and the
-deprecated by-label-selector."""
+"""llm-d's utilization-filter (its formula, its config refused where a value would be wrong), the
+deprecated by-label-selector and header-label-affinity-scorer."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from pickers.config.loader import load_config
 from pickers.framework.errors import ConfigError
 from pickers.framework.types import CycleState
-from tests.unit.test_plugins import ep, plugin, req
+from tests.unit.test_plugins import ep, plugin, req, scores
 
 CONFIG = """\
 apiVersion: llm-d.ai/v1alpha1
@@ -103,3 +103,14 @@ plugins:
     gpus = cfg.plugins["gpus"]
     assert [e.name for e in gpus.filter(req(), CycleState(), [ep(1, {"accelerator": "h100"}), ep(2)])] == ["pod-1"]
     assert any("by-label-selector is deprecated, use label-selector-filter" in w for w in cfg.warnings)
+def test_header_label_affinity_scores_the_matching_label():
+    pool = [ep(1, {"zone": "a"}), ep(2, {"zone": "b"}), ep(3)]
+    params = {"headerName": "X-Preferred-Zone", "labelKey": "zone"}
+    assert scores("header-label-affinity-scorer", pool, req(headers={"x-preferred-zone": "b"}), **params) == [0.0, 1.0, 0.0]
+    assert scores("header-label-affinity-scorer", pool, req(), **params) == [0.0, 0.0, 0.0]
+    assert scores("header-label-affinity-scorer", pool, req(headers={"x-preferred-zone": ""}), **params) == [0.0, 0.0, 0.0]
+
+
+def test_header_label_affinity_needs_both_names():
+    with pytest.raises(ConfigError, match="labelKey"):
+        plugin("header-label-affinity-scorer", headerName="x-zone")
