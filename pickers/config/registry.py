@@ -56,7 +56,7 @@ from pickers.plugins.scorer.load.prefill_load import PrefillLoadScorer
 from pickers.plugins.scorer.affinity.prefix import ApproxPrefixCacheProducer, PrefixCacheScorer
 from pickers.plugins.scorer.load.queue import QueueScorer
 from pickers.plugins.scorer.load.running_requests import RunningRequestsSizeScorer
-from pickers.plugins.scorer.affinity.session_affinity import SessionAffinityScorer
+from pickers.plugins.scorer.affinity.session_affinity import SessionAffinityFilter, SessionAffinityScorer
 from pickers.plugins.scorer.load.token_load import InFlightLoadProducer, TokenLoadScorer
 
 
@@ -100,6 +100,7 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     PrefillFilter,
     DecodeFilter,
     UtilizationFilter,
+    SessionAffinityFilter,
     PrefixCacheAffinityFilter,
     ServedModelFilter,  # llm-epp's: reads the models-data-source's /v1/models lists
     # pickers

@@ -1,5 +1,5 @@
 """llm-d's utilization-filter (its formula, its config refused where a value would be wrong), the
-deprecated by-label-selector and header-label-affinity-scorer."""
+deprecated by-label-selector, header-label-affinity-scorer and session-affinity-filter."""
 
 from __future__ import annotations
 
@@ -114,3 +114,34 @@ def test_header_label_affinity_scores_the_matching_label():
 def test_header_label_affinity_needs_both_names():
     with pytest.raises(ConfigError, match="labelKey"):
         plugin("header-label-affinity-scorer", headerName="x-zone")
+
+
+def test_session_affinity_filter_keeps_only_the_sessions_endpoint():
+    from pickers.framework.types import SchedulingResult
+    from pickers.plugins.scorer.affinity.session_affinity import session_token
+
+    f = plugin("session-affinity-filter")
+    pool = [ep(1), ep(2), ep(3)]
+    pinned = req(headers={"x-session-token": session_token(pool[1].address)})
+    assert [e.name for e in f.filter(pinned, CycleState(), pool)] == ["pod-2"]
+    for other in (req(), req(headers={"x-session-token": "%%%"}), pinned):
+        pool_without = [pool[0], pool[2]] if other is pinned else pool
+        assert f.filter(other, CycleState(), pool_without) == pool_without  # no preference: all pass
+    result = SchedulingResult(endpoints=[pool[2]])
+    f.pre_request(req(), CycleState(), result)
+    assert result.response_headers["x-session-token"] == session_token(pool[2].address)
+
+
+def test_session_affinity_filter_session_id_binds_then_pins_then_moves():
+    from pickers.framework.types import SchedulingResult
+
+    f = plugin("session-affinity-filter", strategy="session_id")
+    pool = [ep(1), ep(2), ep(3)]
+    r = req(headers={"x-session-id": "conv-7"})
+    assert f.filter(r, CycleState(), pool) == pool  # unbound: all pass
+    f.pre_request(r, CycleState(), SchedulingResult(endpoints=[pool[0]]))
+    assert f.filter(r, CycleState(), pool) == [pool[0]]
+    cycle = CycleState()
+    assert f.filter(r, cycle, pool[1:]) == pool[1:]  # its endpoint left: all pass, and the session moves
+    f.pre_request(r, cycle, SchedulingResult(endpoints=[pool[2]]))
+    assert f.filter(r, CycleState(), pool) == [pool[2]]
