@@ -32,7 +32,7 @@ from pickers.framework.scheduler import Scheduler
 from pickers.framework.types import CycleState, SchedulingResult
 from pickers.indexes.prefix import ApproxPrefixIndex, block_hashes
 from pickers.plugins.base import PluginContext
-from pickers.plugins.scorer.prefix import PrefixCacheScorer, record_pick
+from pickers.plugins.scorer.affinity.prefix import PrefixCacheScorer, record_pick
 
 BEST = STRATEGY_CONFIGS["best"]
 WHOLE = "maxPrefixTokensToMatch: 131072"

@@ -99,7 +99,7 @@ class EppMetrics:
         producer, -scorer) and how often an endpoint's entries were dropped, and each token-producer's
         fallbacks to the estimate, read at scrape time."""
         from pickers.plugins.producer.tokens import TokenProducer
-        from pickers.plugins.scorer.precise_prefix import precise_indexes
+        from pickers.plugins.scorer.affinity.precise_prefix import precise_indexes
 
         plugins = tuple(plugins)
         self.precise = precise_indexes(plugins)

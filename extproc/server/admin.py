@@ -155,7 +155,7 @@ def admin_app(
     runtime: Callable[[], Mapping[str, Any]] | None = None,
 ) -> web.Application:
     async def endpoints(request: web.Request) -> web.Response:
-        from pickers.plugins.scorer.precise_prefix import precise_indexes
+        from pickers.plugins.scorer.affinity.precise_prefix import precise_indexes
 
         precise = precise_indexes(director.scheduler.plugins)
         return web.json_response({"endpoints": endpoints_view(datastore, prefix_index, precise)})

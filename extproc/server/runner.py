@@ -55,7 +55,7 @@ from pickers.framework.types import ProfileHandler, SchedulingProfile
 from pickers.indexes.prefix import ApproxPrefixIndex
 from pickers.plugins.base import PluginContext
 from pickers.plugins.producer.tokens import TokenProducer
-from pickers.plugins.scorer.precise_prefix import precise_indexes
+from pickers.plugins.scorer.affinity.precise_prefix import precise_indexes
 
 if TYPE_CHECKING:  # imported when used: the Kubernetes client costs half a second to import
     from opentelemetry.sdk.trace import TracerProvider

@@ -52,7 +52,7 @@ from pickers.framework.types import (
 from pickers.plugins.base import PluginContext
 from pickers.plugins.producer.tokens import TokenProducer
 from pickers.plugins.profile.handlers import SingleProfileHandler
-from pickers.plugins.scorer.prefix import PrefixCacheScorer
+from pickers.plugins.scorer.affinity.prefix import PrefixCacheScorer
 
 log = logging.getLogger(__name__)
 

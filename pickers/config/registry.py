@@ -45,18 +45,19 @@ from pickers.plugins.profile.handlers import (
 )
 from pickers.plugins.profile.header import HeaderProfileHandler
 from pickers.plugins.profile.pd_deciders import AlwaysDisaggPDDecider, PrefixBasedPDDecider
-from pickers.plugins.scorer.active_request import ActiveRequestScorer
-from pickers.plugins.scorer.kv_cache import KVCacheUtilizationScorer
-from pickers.plugins.scorer.load_aware import LoadAwareScorer
-from pickers.plugins.scorer.lora_affinity import LoraAffinityScorer
-from pickers.plugins.scorer.no_hit_lru import NoHitLRUScorer
-from pickers.plugins.scorer.precise_prefix import PrecisePrefixCacheProducer, PrecisePrefixCacheScorer
-from pickers.plugins.scorer.prefill_load import PrefillLoadScorer
-from pickers.plugins.scorer.prefix import ApproxPrefixCacheProducer, PrefixCacheScorer
-from pickers.plugins.scorer.queue import QueueScorer
-from pickers.plugins.scorer.running_requests import RunningRequestsSizeScorer
-from pickers.plugins.scorer.session_affinity import SessionAffinityScorer
-from pickers.plugins.scorer.token_load import InFlightLoadProducer, TokenLoadScorer
+from pickers.plugins.scorer.load.active_request import ActiveRequestScorer
+from pickers.plugins.scorer.load.kv_cache import KVCacheUtilizationScorer
+from pickers.plugins.scorer.load.load_aware import LoadAwareScorer
+from pickers.plugins.scorer.affinity.header_label import HeaderLabelAffinityScorer
+from pickers.plugins.scorer.affinity.lora_affinity import LoraAffinityScorer
+from pickers.plugins.scorer.affinity.no_hit_lru import NoHitLRUScorer
+from pickers.plugins.scorer.affinity.precise_prefix import PrecisePrefixCacheProducer, PrecisePrefixCacheScorer
+from pickers.plugins.scorer.load.prefill_load import PrefillLoadScorer
+from pickers.plugins.scorer.affinity.prefix import ApproxPrefixCacheProducer, PrefixCacheScorer
+from pickers.plugins.scorer.load.queue import QueueScorer
+from pickers.plugins.scorer.load.running_requests import RunningRequestsSizeScorer
+from pickers.plugins.scorer.affinity.session_affinity import SessionAffinityFilter, SessionAffinityScorer
+from pickers.plugins.scorer.load.token_load import InFlightLoadProducer, TokenLoadScorer
 
 
 @dataclass(slots=True, frozen=True)
@@ -90,6 +91,7 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     SessionAffinityScorer,
     NoHitLRUScorer,
     PrefillLoadScorer,  # llm-epp's: queued + own uncached prefill work
+    HeaderLabelAffinityScorer,
     ContextLengthAware,  # a scorer and, with enableFiltering, a filter
     # filters
     ByLabelFilter,
@@ -98,6 +100,7 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     PrefillFilter,
     DecodeFilter,
     UtilizationFilter,
+    SessionAffinityFilter,
     PrefixCacheAffinityFilter,
     ServedModelFilter,  # llm-epp's: reads the models-data-source's /v1/models lists
     # pickers

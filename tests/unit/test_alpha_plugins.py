@@ -1,5 +1,5 @@
-"""llm-d's utilization-filter (its formula, its config refused where a value would be wrong) and the
-deprecated by-label-selector."""
+"""llm-d's utilization-filter (its formula, its config refused where a value would be wrong), the
+deprecated by-label-selector, header-label-affinity-scorer and session-affinity-filter."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from pickers.config.loader import load_config
 from pickers.framework.errors import ConfigError
 from pickers.framework.types import CycleState
-from tests.unit.test_plugins import ep, plugin, req
+from tests.unit.test_plugins import ep, plugin, req, scores
 
 CONFIG = """\
 apiVersion: llm-d.ai/v1alpha1
@@ -103,3 +103,45 @@ plugins:
     gpus = cfg.plugins["gpus"]
     assert [e.name for e in gpus.filter(req(), CycleState(), [ep(1, {"accelerator": "h100"}), ep(2)])] == ["pod-1"]
     assert any("by-label-selector is deprecated, use label-selector-filter" in w for w in cfg.warnings)
+def test_header_label_affinity_scores_the_matching_label():
+    pool = [ep(1, {"zone": "a"}), ep(2, {"zone": "b"}), ep(3)]
+    params = {"headerName": "X-Preferred-Zone", "labelKey": "zone"}
+    assert scores("header-label-affinity-scorer", pool, req(headers={"x-preferred-zone": "b"}), **params) == [0.0, 1.0, 0.0]
+    assert scores("header-label-affinity-scorer", pool, req(), **params) == [0.0, 0.0, 0.0]
+    assert scores("header-label-affinity-scorer", pool, req(headers={"x-preferred-zone": ""}), **params) == [0.0, 0.0, 0.0]
+
+
+def test_header_label_affinity_needs_both_names():
+    with pytest.raises(ConfigError, match="labelKey"):
+        plugin("header-label-affinity-scorer", headerName="x-zone")
+
+
+def test_session_affinity_filter_keeps_only_the_sessions_endpoint():
+    from pickers.framework.types import SchedulingResult
+    from pickers.plugins.scorer.affinity.session_affinity import session_token
+
+    f = plugin("session-affinity-filter")
+    pool = [ep(1), ep(2), ep(3)]
+    pinned = req(headers={"x-session-token": session_token(pool[1].address)})
+    assert [e.name for e in f.filter(pinned, CycleState(), pool)] == ["pod-2"]
+    for other in (req(), req(headers={"x-session-token": "%%%"}), pinned):
+        pool_without = [pool[0], pool[2]] if other is pinned else pool
+        assert f.filter(other, CycleState(), pool_without) == pool_without  # no preference: all pass
+    result = SchedulingResult(endpoints=[pool[2]])
+    f.pre_request(req(), CycleState(), result)
+    assert result.response_headers["x-session-token"] == session_token(pool[2].address)
+
+
+def test_session_affinity_filter_session_id_binds_then_pins_then_moves():
+    from pickers.framework.types import SchedulingResult
+
+    f = plugin("session-affinity-filter", strategy="session_id")
+    pool = [ep(1), ep(2), ep(3)]
+    r = req(headers={"x-session-id": "conv-7"})
+    assert f.filter(r, CycleState(), pool) == pool  # unbound: all pass
+    f.pre_request(r, CycleState(), SchedulingResult(endpoints=[pool[0]]))
+    assert f.filter(r, CycleState(), pool) == [pool[0]]
+    cycle = CycleState()
+    assert f.filter(r, cycle, pool[1:]) == pool[1:]  # its endpoint left: all pass, and the session moves
+    f.pre_request(r, cycle, SchedulingResult(endpoints=[pool[2]]))
+    assert f.filter(r, CycleState(), pool) == [pool[2]]

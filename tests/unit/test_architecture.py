@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PRODUCT = ("extproc", "pickers", "pd_sidecar")
 NOT_FOR_PRODUCT = ("vllm_sim", "bench", "tests")
-MAX_MODULES = 12  # "about ten": pickers/plugins/scorer holds one module per scorer
+MAX_MODULES = 12  # "about ten": pickers/plugins/scorer/{affinity,load} hold one module per scorer
 
 
 def modules(root: Path, packages: Iterable[str]) -> dict[str, Path]:

@@ -94,6 +94,15 @@ def test_a_directory_exits_2(tmp_path, capsys):
     assert err == f"epp: configuration error: {tmp_path}: cannot read the config file: not a regular file\n"
 
 
+def test_a_100_mb_file_exits_2_without_reading_it(tmp_path, capsys):
+    path = tmp_path / "huge.yaml"
+    with path.open("wb") as f:
+        f.truncate(100 * 1024 * 1024)  # sparse: the size is what is refused
+    rc, _, err = check(capsys, str(path))
+    assert rc == 2
+    assert err == f"epp: configuration error: {path}: refused: 104,857,600 bytes; the limit is 4,194,304 bytes (4 MiB)\n"
+
+
 def test_a_missing_file_exits_2(tmp_path, capsys):
     rc, _, err = check(capsys, str(tmp_path / "nope.yaml"))
     assert rc == 2

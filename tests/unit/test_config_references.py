@@ -9,7 +9,7 @@ from pickers.config.loader import load_config
 from pickers.framework.errors import ConfigError
 from pickers.framework.request import InferenceRequest
 from pickers.framework.types import CycleState
-from pickers.plugins.scorer.prefix import UNLIMITED_BLOCKS, prefix_match
+from pickers.plugins.scorer.affinity.prefix import UNLIMITED_BLOCKS, prefix_match
 
 HEADER = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\n"
 PD_PROFILES = (

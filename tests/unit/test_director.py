@@ -45,7 +45,7 @@ def test_explained_scores_name_every_scorer_and_candidate():
 
 
 def test_plugin_headers_reach_the_upstream_request_and_the_client_response():
-    from pickers.plugins.scorer.session_affinity import session_address
+    from pickers.plugins.scorer.affinity.session_affinity import session_address
 
     config = """
 apiVersion: inference.networking.x-k8s.io/v1alpha1

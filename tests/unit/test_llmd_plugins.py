@@ -23,7 +23,7 @@ from pickers.framework.types import CycleState
 from pickers.indexes.prefix import ApproxPrefixIndex, block_hashes
 from pickers.plugins.base import PluginContext
 from pickers.plugins.filter.context_length import parse_range, range_score
-from pickers.plugins.scorer.prefix import uncached_tokens
+from pickers.plugins.scorer.affinity.prefix import uncached_tokens
 from tests.unit.test_protocol import (
     completion_body,
     response_body_msg,

@@ -13,7 +13,7 @@ from pickers.framework.errors import ConfigError
 from pickers.framework.request import InferenceRequest
 from pickers.framework.types import CycleState, SchedulingResult, ScoredEndpoint
 from pickers.plugins.base import PluginContext
-from pickers.plugins.scorer.session_affinity import session_token
+from pickers.plugins.scorer.affinity.session_affinity import session_token
 
 
 def ep(i: int, labels: dict[str, str] | None = None, **metrics) -> Endpoint:

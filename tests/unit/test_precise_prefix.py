@@ -13,7 +13,7 @@ from pickers.framework.request import InferenceRequest
 from pickers.framework.types import CycleState
 from pickers.indexes.kv_blocks import KVBlockIndex
 from pickers.indexes.tokenization import HFTokenizer, RequestTokenizer, SimTokenizer
-from pickers.plugins.scorer.precise_prefix import PrecisePrefixCacheScorer
+from pickers.plugins.scorer.affinity.precise_prefix import PrecisePrefixCacheScorer
 from vllm_sim import tokens as sim_tokens
 
 TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"

@@ -21,7 +21,7 @@ from pickers.framework.endpoint import EndpointSpec, Metrics
 from pickers.indexes.kv_blocks import KVBlockIndex, request_keys
 from pickers.indexes.prefix import ApproxPrefixIndex
 from pickers.plugins.base import PluginContext
-from pickers.plugins.scorer.precise_prefix import precise_scorers
+from pickers.plugins.scorer.affinity.precise_prefix import precise_scorers
 
 A = "10.0.0.1:8000"
 B = "10.0.0.2:8000"

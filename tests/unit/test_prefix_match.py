@@ -20,7 +20,7 @@ from pickers.framework.scheduler import Scheduler
 from pickers.framework.types import CycleState
 from pickers.indexes.prefix import ApproxPrefixIndex, block_hashes
 from pickers.plugins.base import PluginContext
-from pickers.plugins.scorer.prefix import PrefixCacheScorer, prefix_match
+from pickers.plugins.scorer.affinity.prefix import PrefixCacheScorer, prefix_match
 
 CONFIGS = Path(__file__).resolve().parents[2] / "pickers" / "configs"
 HEADER = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\n"

@@ -33,9 +33,9 @@ from pickers.indexes.tokenization import sim_chat_template, sim_encode
 from pickers.plugins.base import PluginContext
 from pickers.plugins.producer.session import SessionIDProducer, cookie_value
 from pickers.plugins.producer.tokens import TokenProducer
-from pickers.plugins.scorer.precise_prefix import PrecisePrefixCacheProducer
-from pickers.plugins.scorer.session_affinity import SessionAffinityScorer
-from pickers.plugins.scorer.token_load import InFlightLoadProducer
+from pickers.plugins.scorer.affinity.precise_prefix import PrecisePrefixCacheProducer
+from pickers.plugins.scorer.affinity.session_affinity import SessionAffinityScorer
+from pickers.plugins.scorer.load.token_load import InFlightLoadProducer
 from tests.unit.fake_director import FakeDirector
 from tests.unit.test_precise_prefix import hf_dir  # noqa: F401 - the fixture: a tiny trained HF tokenizer
 from tests.unit.test_protocol import (

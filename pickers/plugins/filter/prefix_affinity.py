@@ -6,7 +6,7 @@ total blocks, 0 for a prompt shorter than a block) is at least `affinityThreshol
 endpoint, or one candidate, or `affinityThreshold` <= 0, every candidate is kept; with probability
 `explorationProbability` too (so other endpoints warm up). The TTFT gate: each endpoint's TTFT is
 estimated as in-flight tokens / `peakPrefillThroughput` * 1000 ms (in-flight tokens as
-inflight-load-producer counts them, see scorer/token_load.py); when the best warm endpoint's estimate
+inflight-load-producer counts them, see scorer/load/token_load.py); when the best warm endpoint's estimate
 exceeds the best cold one's by more than `maxTTFTPenaltyMs` (0 = never), every candidate is kept.
 
 The match comes from the approx-prefix-cache-producer `prefixMatchInfoProducerName` names (else the
@@ -31,7 +31,7 @@ from pickers.framework.request import InferenceRequest
 from pickers.framework.types import CycleState, SchedulingResult
 from pickers.indexes.prefix import ApproxPrefixIndex
 from pickers.plugins.base import Plugin, PluginContext, PrefixMatchSource
-from pickers.plugins.scorer.prefix import (
+from pickers.plugins.scorer.affinity.prefix import (
     ApproxPrefixCacheProducer,
     MatchSettings,
     PrefixCacheScorer,
@@ -39,7 +39,7 @@ from pickers.plugins.scorer.prefix import (
     prefix_match,
     record_pick,
 )
-from pickers.plugins.scorer.token_load import (
+from pickers.plugins.scorer.load.token_load import (
     InFlightLoadProducer,
     bound_names,
     find_load_producer,

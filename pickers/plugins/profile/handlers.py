@@ -20,7 +20,7 @@ from pickers.framework.request import InferenceRequest
 from pickers.framework.types import SINGLE_PROFILE_HANDLER, CycleState, ProfileOutcome, SchedulingProfile, SchedulingResult
 from pickers.plugins.base import Plugin, PluginContext
 from pickers.plugins.profile.pd_deciders import AlwaysDisaggPDDecider, PdDecider, PrefixBasedPDDecider
-from pickers.plugins.scorer.prefix import ApproxPrefixCacheProducer, PrefixCacheScorer
+from pickers.plugins.scorer.affinity.prefix import ApproxPrefixCacheProducer, PrefixCacheScorer
 
 PREFILLER_HEADER = "x-prefiller-host-port"
 

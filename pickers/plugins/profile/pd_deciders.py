@@ -14,7 +14,7 @@ from pickers.framework.request import CHARS_PER_TOKEN, InferenceRequest
 from pickers.framework.types import CycleState
 from pickers.indexes.prefix import BLOCK_CHARS, MAX_BLOCKS
 from pickers.plugins.base import Plugin, PluginContext
-from pickers.plugins.scorer.prefix import prefix_match
+from pickers.plugins.scorer.affinity.prefix import prefix_match
 
 
 @runtime_checkable

@@ -19,7 +19,7 @@ from pickers.framework.request import CHARS_PER_TOKEN, InferenceRequest
 from pickers.framework.types import CycleState, SchedulingResult
 from pickers.indexes.prefix import BLOCK_CHARS, MAX_BLOCKS, ApproxPrefixIndex
 from pickers.plugins.base import Plugin, PluginContext
-from pickers.plugins.scorer.prefix import prefix_match
+from pickers.plugins.scorer.affinity.prefix import prefix_match
 
 _UNCACHED = "prefill-load-scorer/uncached"
 

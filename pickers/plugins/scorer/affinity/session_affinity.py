@@ -188,3 +188,29 @@ class SessionAffinityScorer(Plugin):
 
     def sessions(self) -> Mapping[str, Any]:
         return {s: a for s, (a, _) in self._bindings.items()}
+
+
+class SessionAffinityFilter(Plugin):
+    """session-affinity-filter (llm-d): the hard form of session-affinity-scorer, with the same parameters
+    and strategies. When the session's endpoint is a candidate it is the only one kept; with no session,
+    an unreadable token, an unbound session or an endpoint that is no candidate, every candidate passes
+    (and a session_id binding moves to where the request went). After the pick it hands out the token or
+    records the binding exactly as the scorer does."""
+
+    type = "session-affinity-filter"
+
+    def __init__(self, pin: SessionAffinityScorer) -> None:
+        self.name = pin.name
+        self.pin = pin
+
+    @classmethod
+    def from_config(cls, name: str, p: Params, ctx: PluginContext) -> SessionAffinityFilter:
+        return cls(SessionAffinityScorer.from_config(name, p, ctx))
+
+    def filter(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> list[Endpoint]:
+        scores = self.pin.score(request, cycle, endpoints)
+        kept = [ep for ep, s in zip(endpoints, scores, strict=True) if s]
+        return kept or list(endpoints)
+
+    def pre_request(self, request: InferenceRequest, cycle: CycleState, result: SchedulingResult) -> None:
+        self.pin.pre_request(request, cycle, result)

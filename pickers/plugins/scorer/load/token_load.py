@@ -33,7 +33,7 @@ from pickers.framework.types import (
 )
 from pickers.indexes.prefix import ApproxPrefixIndex
 from pickers.plugins.base import Plugin, PluginContext, PrefixMatchSource
-from pickers.plugins.scorer.prefix import (
+from pickers.plugins.scorer.affinity.prefix import (
     ApproxPrefixCacheProducer,
     MatchSettings,
     PrefixCacheScorer,

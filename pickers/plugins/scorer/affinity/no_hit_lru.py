@@ -23,7 +23,7 @@ from pickers.framework.request import InferenceRequest
 from pickers.framework.types import CycleState, SchedulingResult
 from pickers.indexes.prefix import BLOCK_CHARS, MAX_BLOCKS, ApproxPrefixIndex
 from pickers.plugins.base import Plugin, PluginContext, PrefixMatchSource
-from pickers.plugins.scorer.prefix import ApproxPrefixCacheProducer, PrefixCacheScorer, prefix_match
+from pickers.plugins.scorer.affinity.prefix import ApproxPrefixCacheProducer, PrefixCacheScorer, prefix_match
 
 DEFAULT_LRU_SIZE = 1024
 NEUTRAL = 0.5

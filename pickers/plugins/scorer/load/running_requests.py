@@ -8,7 +8,7 @@ from pickers.framework.endpoint import Endpoint
 from pickers.framework.request import InferenceRequest
 from pickers.framework.types import CycleState
 from pickers.plugins.base import Plugin
-from pickers.plugins.scorer.queue import min_max_low_is_best
+from pickers.plugins.scorer.load.queue import min_max_low_is_best
 
 
 class RunningRequestsSizeScorer(Plugin):

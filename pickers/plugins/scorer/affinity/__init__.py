@@ -1,0 +1,1 @@
+"""Affinity scorers: prefer endpoints that hold the request's prompt, its session, its adapter or a label it asks for."""

@@ -1,0 +1,1 @@
+"""Load scorers: prefer endpoints with less work queued, running or in flight."""
