@@ -11,6 +11,10 @@ It also keeps the last `DECISIONS_KEPT` decisions for /debug/decisions (a tuple 
 bounded deque per request) and, only with `log_requests`, writes one log line per request. What they
 keep of a client's strings (request id, model names, objective) is bounded by
 extproc.observability.bounds; the request itself goes on with its real values.
+
+A config reload (extproc.server.reload) swaps `scheduler`, `token_producer` and the saturation
+detector's config between requests; each Routing keeps the scheduler that chose it, whose plugins
+are told of the response.
 """
 
 from __future__ import annotations
