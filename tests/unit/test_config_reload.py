@@ -265,3 +265,28 @@ async def test_a_reloader_never_raises_into_its_task(tmp_path, text):
     server = serve(path)
     path.write_text(text)
     assert not await server.reloader.poll_once()  # type: ignore[union-attr]
+
+
+async def test_debug_config_and_epp_status_show_the_config_serving_and_the_last_error(tmp_path):
+    import asyncio
+    import io
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from extproc.cli.status import show_status
+    from extproc.server.admin import admin_app
+
+    path = tmp_path / "epp.yaml"
+    path.write_text(weighted(3, 1))
+    server = serve(path)
+    path.write_text("kind: nope\n")
+    await server.reloader.poll_once()  # type: ignore[union-attr]
+    app = admin_app(server.datastore, server.prefix_index, server.director, {"version": "t"}, None, server.config_status)
+    async with TestClient(TestServer(app)) as client:
+        state = (await (await client.get("/debug/config")).json())["config_reload"]
+        out = io.StringIO()
+        assert await asyncio.to_thread(show_status, str(client.make_url("")).rstrip("/"), out=out) == 0
+    assert state["source"] == str(path) and len(state["sha256"]) == 64 and "apiVersion" in state["last_error"]
+    first, second = out.getvalue().splitlines()[:2]
+    assert first.startswith(f"config: {path} (sha256 {state['sha256'][:12]}, loaded ") and "0 applied, 1 failed" in first
+    assert second.startswith("last reload error (") and "the config above still serves" in second
