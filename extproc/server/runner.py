@@ -310,7 +310,8 @@ class EppServer:
         must be carried over unchanged (same name, type and parameters)."""
         why = []
         tokens_old, tokens_new = _token_producer(old), _token_producer(new)
-        if tokens_old is not tokens_new and (tokens_old is None or tokens_new is None or tokens_new.name not in new.kept):
+        carried = tokens_old is not None and tokens_new is not None and tokens_new.name == tokens_old.name and tokens_new.name in new.kept
+        if (tokens_old is not None or tokens_new is not None) and not carried:
             why.append("the token-producer (its tokenizer and backend are set up at start-up)")
         subscribed_old, subscribed_new = _subscribed(self.scheduler.plugins), _subscribed(_scheduled(new))
         if {n: id(p.index) for n, p in subscribed_old.items()} != {n: id(p.index) for n, p in subscribed_new.items()}:

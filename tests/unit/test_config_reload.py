@@ -290,3 +290,33 @@ async def test_debug_config_and_epp_status_show_the_config_serving_and_the_last_
     first, second = out.getvalue().splitlines()[:2]
     assert first.startswith(f"config: {path} (sha256 {state['sha256'][:12]}, loaded ") and "0 applied, 1 failed" in first
     assert second.startswith("last reload error (") and "the config above still serves" in second
+
+
+async def test_an_unchanged_token_producer_is_carried_over_and_a_changed_one_refused(tmp_path):
+    path = tmp_path / "epp.yaml"
+    tokens = "- {type: token-producer, parameters: {modelName: m}}\n"
+    path.write_text(weighted(3, 1, extra=tokens))
+    server = serve(path)
+    assert server.director.token_producer is not None
+    path.write_text(weighted(1, 3, extra=tokens))
+    assert await server.reloader.poll_once()  # type: ignore[union-attr]
+    carried = server.director.token_producer
+    assert carried is not None and "token-producer" in server.reloader.current.kept  # type: ignore[union-attr]
+    path.write_text(weighted(1, 3, extra=tokens.replace("modelName: m", "modelName: other")))
+    assert not await server.reloader.poll_once()  # type: ignore[union-attr]
+    assert "token-producer" in server.config_status()["last_error"] and server.director.token_producer is carried
+
+
+async def test_a_precise_index_fed_by_kv_events_is_kept_whole_or_the_edit_refused(tmp_path):
+    path = tmp_path / "epp.yaml"
+    precise = "- type: precise-prefix-cache-producer\n"
+    path.write_text(weighted(3, 1, extra=precise))
+    server = serve(path)
+    index = server.reloader.current.plugins["precise-prefix-cache-producer"].index  # type: ignore[union-attr,attr-defined]
+    path.write_text(weighted(1, 3, extra=precise))
+    assert await server.reloader.poll_once()  # type: ignore[union-attr]
+    assert server.reloader.current.plugins["precise-prefix-cache-producer"].index is index  # type: ignore[union-attr,attr-defined]
+    scheduler = server.scheduler
+    path.write_text(weighted(3, 1, extra="- {type: precise-prefix-cache-producer, parameters: {kvEventsConfig: {topicFilter: x}}}\n"))
+    assert not await server.reloader.poll_once()  # type: ignore[union-attr]
+    assert "KV events" in server.config_status()["last_error"] and server.scheduler is scheduler
