@@ -126,7 +126,7 @@ class ConfigReloader:
         # Phase two, on the loop with no await: requests see the old config or the new, never a mixture.
         for hook in self.hooks:
             hook.apply(new)
-        old, self.current = self.current, new
+        self.current = new  # the old config lives on in what routed requests hold, until they finish
         self._hash, self._failed_hash = digest, None
         self.loaded_at = self._clock()
         self._metrics.config_reload(True)
@@ -139,7 +139,6 @@ class ConfigReloader:
             "config file %s reloaded (sha256 %s): profiles %s; plugins kept with their state: %s",
             self.path, digest[:12], ", ".join(p.name for p in new.profiles), kept,
         )  # fmt: skip
-        del old  # in-flight requests hold what they need of it
         return True
 
     def _refusals(self, new: EndpointPickerConfig) -> list[str]:

@@ -60,7 +60,7 @@ from pickers.framework.types import ProfileHandler, SchedulingProfile
 from pickers.indexes.prefix import ApproxPrefixIndex
 from pickers.plugins.base import PluginContext
 from pickers.plugins.producer.tokens import TokenProducer
-from pickers.plugins.scorer.affinity.precise_prefix import PrecisePrefixCacheProducer, precise_indexes
+from pickers.plugins.scorer.affinity.precise_prefix import precise_indexes
 
 if TYPE_CHECKING:  # imported when used: the Kubernetes client costs half a second to import
     from opentelemetry.sdk.trace import TracerProvider
@@ -191,7 +191,8 @@ def _scheduled(cfg: EndpointPickerConfig) -> list[object]:
     return [*(p for prof in cfg.profiles for p in prof.plugins()), *cfg.producers]
 
 
-def _subscribed(plugins: Any) -> dict[str, PrecisePrefixCacheProducer]:
+def _subscribed(plugins: Any) -> dict[str, Any]:
+    """The precise indexes among these plugins that KV events feed (subscriptions made at start-up)."""
     return {n: p for n, p in precise_indexes(plugins).items() if p.subscribe}
 
 
