@@ -91,6 +91,8 @@ class EppMetrics:
         self._errors: dict[tuple[str, str, str], int] = {}  # (model, target model, error code)
         self.scheduler_e2e = Histogram(SCHED_BUCKETS)
         self.plugin_durations: dict[tuple[str, str, str], Histogram] = {}
+        self.config_reloads = {"success": 0, "error": 0}  # reloads of --config-file (extproc.server.reload)
+        self.config_loaded: tuple[str, str, float] | None = None  # (source, sha256, unix time) of the config serving
         self._fixed = _FixedFamilies(self)
         self._building: asyncio.Future[bytes] | None = None
 
@@ -160,6 +162,9 @@ class EppMetrics:
             s.cached_tokens.observe(usage.cached_tokens)
 
     # -- per-plugin latency --------------------------------------------------------------------
+    def config_reload(self, ok: bool) -> None:
+        self.config_reloads["success" if ok else "error"] += 1
+
     def plugin_timer(self, point: str, plugin: object) -> Histogram:
         """The histogram of one plugin's call durations (a `PluginTimer` for the Scheduler)."""
         key = (point, str(getattr(plugin, "type", type(plugin).__name__)), str(getattr(plugin, "name", "")))
@@ -229,6 +234,23 @@ class _FixedFamilies:
         yield from self._prefix()
         yield from self._precise()
         yield from self._token_producers()
+        yield from self._config()
+
+    def _config(self) -> Iterator[Metric]:
+        loaded = self.m.config_loaded
+        if loaded is None:
+            return
+        reloads = CounterMetricFamily(
+            "llm_epp_config_reloads", "Reloads of the config file: applied (success) or kept the last good config (error)",
+            labels=["result"],
+        )  # fmt: skip
+        for result, n in self.m.config_reloads.items():
+            reloads.add_metric([result], n)
+        info = GaugeMetricFamily("llm_epp_config_info", "The config serving: its source and the sha256 of its text", labels=["source", "hash"])
+        info.add_metric([loaded[0], loaded[1]], 1)
+        at = GaugeMetricFamily("llm_epp_config_last_load_timestamp_seconds", "When the config serving was loaded (unix time)")
+        at.add_metric([], loaded[2])
+        yield from (reloads, info, at)
 
     def _pool(self) -> Iterator[Metric]:
         ds = self.m.datastore

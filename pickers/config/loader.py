@@ -14,10 +14,18 @@ Nothing is accepted and ignored: a section, gate or parameter llm-epp does not a
 a message naming it and why (docs/configuration.md has the table). Deprecated forms that still mean
 something (the old apiVersion, renamed or unused parameters) load with a warning, logged once per load
 and kept in `EndpointPickerConfig.warnings` for `epp check-config`.
+
+A reload (`load_config(..., previous=cfg)`, extproc.server.reload) keeps the state of each plugin it
+finds unchanged (same name, type and parameters as written): the new config gets a shallow copy of
+the previous instance, which shares its learned state (session bindings, LRUs, a precise index and
+its KV-event feed, a tokenizer) and is bound afresh to the new config's plugins, while the previous
+instance, still serving requests that started on it, is left as it was. Profile handlers are always
+built anew: they hold no learned state, and their binding appends to what they hold.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Mapping
@@ -35,7 +43,7 @@ from pickers.config.parsers import (
     is_parser_type,
     resolve_parsers,
 )
-from pickers.config.registry import build_plugin, create_plugin
+from pickers.config.registry import BuiltPlugin, build_plugin, create_plugin
 from pickers.framework.errors import ConfigError, shown
 from pickers.framework.params import ParameterError
 from pickers.framework.types import (
@@ -112,6 +120,15 @@ schedulingProfiles:
 
 
 @dataclass(slots=True, frozen=True)
+class PluginBuild:
+    """How one plugin of a config was built: what a reload compares to decide whether to keep it."""
+
+    type: str
+    written: object  # its parameters as written, in a form that compares exactly (see `_written`)
+    built: BuiltPlugin
+
+
+@dataclass(slots=True, frozen=True)
 class EndpointPickerConfig:
     source: str
     api_version: str
@@ -129,6 +146,8 @@ class EndpointPickerConfig:
     # the data producers: plugins outside the profiles that run for every request (token-producer
     # first, then config order); the scheduler runs them before each cycle
     producers: tuple[object, ...] = ()
+    builds: Mapping[str, PluginBuild] = field(default_factory=dict)  # name -> how it was built (reloads compare)
+    kept: tuple[str, ...] = ()  # loaded as a reload: the plugins carried over from the previous config, state kept
 
     @property
     def profile(self) -> SchedulingProfile:
@@ -140,9 +159,13 @@ def load_config_file(path: str | Path, ctx: PluginContext | None = None) -> Endp
     return load_config(safe_yaml.read_text(path, what="config file"), str(path), ctx)
 
 
-def load_config(text: str, source: str, ctx: PluginContext | None = None) -> EndpointPickerConfig:
-    """Parse, validate and build. `ctx` carries the shared prefix index, datastore and rng."""
-    cfg = _Loader(source, ctx or PluginContext()).load(text)
+def load_config(
+    text: str, source: str, ctx: PluginContext | None = None, *, previous: EndpointPickerConfig | None = None
+) -> EndpointPickerConfig:
+    """Parse, validate and build. `ctx` carries the shared prefix index, datastore and rng. With
+    `previous` (a reload; give it the same `ctx`), unchanged plugins keep their state (see the module
+    doc); `previous` itself is not modified."""
+    cfg = _Loader(source, ctx or PluginContext(), previous).load(text)
     for w in cfg.warnings:
         log.warning("%s: %s", source, w)
     return cfg
@@ -155,9 +178,12 @@ def _kind(value: object) -> str:
 
 
 class _Loader:
-    def __init__(self, source: str, ctx: PluginContext) -> None:
+    def __init__(self, source: str, ctx: PluginContext, previous: EndpointPickerConfig | None = None) -> None:
         self.source = source
         self.ctx = ctx
+        self.previous = previous.builds if previous is not None else {}
+        self.builds: dict[str, PluginBuild] = {}
+        self.kept: list[str] = []
         self.warnings: list[str] = []
         self.types: dict[str, str] = {}
         self.parameters: dict[str, Mapping[str, Any]] = {}
@@ -261,6 +287,8 @@ class _Loader:
             parsers=parsers,
             default_parsers=default_parsers,
             producers=tuple(producers),
+            builds=MappingProxyType(self.builds),
+            kept=tuple(self.kept),
         )
 
     def bind_plugin(self, plugins: dict[str, object], plugin: object, bind: Any) -> None:
@@ -333,13 +361,22 @@ class _Loader:
                 self.parser_plugin(path, name, type_name, spec.get("parameters"))
                 first_at[name] = i
                 continue
-            try:
-                built = build_plugin(type_name, name, spec.get("parameters"), self.ctx)
-            except ParameterError as e:
-                param = f"{path}.parameters.{e.param}" if e.param else f"{path}.parameters"
-                raise self.error(param, f"{type_name}: {e.detail}") from None
-            except ConfigError as e:
-                raise self.error(f"{path}.type", str(e)) from None
+            written = _written(spec.get("parameters"))
+            before = self.previous.get(name)
+            if before is not None and (before.type, before.written) == (type_name, written) and not isinstance(
+                before.built.plugin, ProfileHandler
+            ):
+                built = BuiltPlugin(copy.copy(before.built.plugin), before.built.parameters, before.built.warnings)
+                self.kept.append(name)
+            else:
+                try:
+                    built = build_plugin(type_name, name, spec.get("parameters"), self.ctx)
+                except ParameterError as e:
+                    param = f"{path}.parameters.{e.param}" if e.param else f"{path}.parameters"
+                    raise self.error(param, f"{type_name}: {e.detail}") from None
+                except ConfigError as e:
+                    raise self.error(f"{path}.type", str(e)) from None
+            self.builds[name] = PluginBuild(type_name, written, built)
             plugins[name] = built.plugin
             self.types[name] = type_name
             self.parameters[name] = built.parameters
@@ -433,6 +470,16 @@ class _Loader:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
             raise self.error(path, f"expected a finite number >= 0, got {shown(value)}")
         return float(value)
+
+
+def _written(value: object) -> object:
+    """Parameters as written, tagged with their types: `1`, `1.0` and `true` are equal in Python but
+    not the same parameter; mapping order does not matter."""
+    if isinstance(value, dict):
+        return ("map", tuple(sorted(((repr(k), _written(v)) for k, v in value.items()), key=lambda kv: kv[0])))
+    if isinstance(value, list):
+        return ("list", tuple(_written(v) for v in value))
+    return (type(value).__name__, value)
 
 
 def _role(plugin: object) -> str | None:
