@@ -28,12 +28,25 @@ from pickers.framework.request import InferenceRequest
 from pickers.framework.types import CycleState, SchedulingResult
 from pickers.plugins.base import PluginContext
 from pickers.plugins.flowcontrol.agent_identity import AgentIdentity
-from pickers.plugins.flowcontrol.detectors import ConcurrencyDetector, UtilizationDetector
-from pickers.plugins.flowcontrol.eviction import PriorityThenTimeEvictionOrder, SheddableEvictionFilter
-from pickers.plugins.flowcontrol.fairness import GlobalStrictFairness, RoundRobinFairness
+from pickers.plugins.flowcontrol.detectors import (
+    ConcurrencyDetector,
+    UtilizationDetector,
+)
+from pickers.plugins.flowcontrol.eviction import (
+    PriorityThenTimeEvictionOrder,
+    SheddableEvictionFilter,
+)
+from pickers.plugins.flowcontrol.fairness import (
+    GlobalStrictFairness,
+    RoundRobinFairness,
+)
 from pickers.plugins.flowcontrol.ordering import EdfOrdering, FcfsOrdering
 from pickers.plugins.flowcontrol.program_aware import ProgramAwareFairness, jain_index
-from pickers.plugins.flowcontrol.usage_limits import PriorityHoldback, SoftReflectiveCeiling, StaticUsageLimit
+from pickers.plugins.flowcontrol.usage_limits import (
+    PriorityHoldback,
+    SoftReflectiveCeiling,
+    StaticUsageLimit,
+)
 
 
 def request(rid: str = "r", headers: dict[str, str] | None = None) -> InferenceRequest:
