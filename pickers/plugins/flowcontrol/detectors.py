@@ -148,12 +148,6 @@ class UtilizationDetector(Plugin):
         d.given = given
         return d
 
-    def endpoint_saturation(self, ep: Endpoint, now: float) -> float:
-        if ep.metrics_age(now) > self.staleness:
-            return 1.0
-        m = ep.metrics
-        return max(m.waiting / self.queue_depth, m.kv_usage / self.kv_cache_util)
-
     def saturation(self, endpoints: Sequence[Endpoint]) -> float:
         if not endpoints:
             self.stale_endpoints = 0
