@@ -35,7 +35,12 @@ from types import MappingProxyType
 from typing import Any
 
 from pickers.config import safe_yaml
-from pickers.config.datalayer import DEFAULT_DATA_LAYER, DataLayerConfig, build_data_layer
+from pickers.config.datalayer import (
+    DEFAULT_DATA_LAYER,
+    DataLayerConfig,
+    build_data_layer,
+)
+from pickers.config.flowcontrol import FlowControlLoader
 from pickers.config.parsers import (
     DEFAULT_PARSERS,
     REFUSED_PARSER_TYPES,
@@ -45,6 +50,7 @@ from pickers.config.parsers import (
 )
 from pickers.config.registry import BuiltPlugin, build_plugin, create_plugin
 from pickers.framework.errors import ConfigError, shown
+from pickers.framework.flowcontrol import FairnessPolicy, FlowControlConfig
 from pickers.framework.params import ParameterError
 from pickers.framework.types import (
     DataProducer,
@@ -77,21 +83,18 @@ UNSUPPORTED_SECTIONS: MappingProxyType[str, str] = MappingProxyType(
     {
     }
 )
-# featureGates llm-d registers, and what llm-epp makes of each: None = we do that anyway (when on)
-FLOW_CONTROL_REFUSED = (
-    "flow control (queueing, fairness, priority bands) is not implemented in llm-epp yet "
-    "(see docs/configuration.md#what-llm-epp-refuses); remove it"
-)
+# featureGates llm-d registers, and what llm-epp makes of each
 FEATURE_GATES = MappingProxyType(
     {
-        "flowControl": FLOW_CONTROL_REFUSED,
+        # on: the flowControl section holds requests in priority bands (pickers.config.flowcontrol)
+        "flowControl": "flow control",
         # a replica that is not the leader keeps its endpoint table current, so it can take over at once
         "haPopulateNonLeaderDatastore": "llm-epp always keeps a non-leader's endpoint table populated; it cannot be turned off",
         # GIE's gate for data producers (prefix match before scheduling): llm-epp always runs them
         "prepareDataPlugins": "llm-epp always runs its data producers; they cannot be turned off",
     }
 )
-_GATE_ON_IS_REFUSED = frozenset({"flowControl"})  # the others: on is what we do, off is refused
+_GATE_EITHER_WAY = frozenset({"flowControl"})  # the others: on is what we do, off is refused
 _PLUGIN_KEYS = ("name", "type", "parameters")
 _PROFILE_KEYS = ("name", "plugins")
 _REF_KEYS = ("pluginRef", "weight")
@@ -141,6 +144,8 @@ class EndpointPickerConfig:
     plugin_parameters: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # name -> effective parameters
     warnings: tuple[str, ...] = ()  # deprecations and adjusted values, each logged once when loaded
     data_layer: DataLayerConfig = DEFAULT_DATA_LAYER  # dataLayer, defaults injected; applied by extproc.server
+    # flowControl with its defaults and references resolved; None while the flowControl gate is off
+    flow_control: FlowControlConfig | None = None
     parsers: tuple[ParserSpec, ...] = DEFAULT_PARSERS  # the request parsers in effect, in order (extproc.handlers.parsers)
     default_parsers: bool = True  # no requestHandler.parsers (nor parser): llm-d's default list
     # the data producers: plugins outside the profiles that run for every request (token-producer
@@ -231,7 +236,6 @@ class _Loader:
         if doc.get("kind") != KIND:
             raise self.error("kind", f"expected {KIND}, got {shown(doc.get('kind'))}")
         gates = self.feature_gates(doc.get("featureGates"))
-        self.flow_control(doc.get("flowControl"))
 
         plugins = self.build_plugins(doc.get("plugins"))
         others = {n: t for n, t in self.types.items() if n not in self.parser_plugins}
@@ -262,6 +266,8 @@ class _Loader:
             # what a plugin found wrong but loadable once names were resolved (as llm-d loads it)
             where = f"plugins[{self.index[name]}] ({self.types[name]})"
             self.warnings.extend(f"{where}: {w}" for w in getattr(plugin, "bind_warnings", ()))
+        saturation = self.optional_mapping(doc, "saturationDetector")
+        flow_control = self.flow_control(doc.get("flowControl"), _gate_on(gates, "flowControl"), saturation, plugins, profiles)
         for name, plugin in plugins.items():
             effective = getattr(plugin, "effective_parameters", None)
             if effective is not None:
@@ -279,7 +285,8 @@ class _Loader:
             profiles=profiles,
             profile_handler=handler,
             feature_gates=gates,
-            saturation_detector=self.optional_mapping(doc, "saturationDetector"),
+            saturation_detector={k: v for k, v in saturation.items() if k != "pluginRef"},
+            flow_control=flow_control,
             plugin_types=MappingProxyType(self.types),
             plugin_parameters=MappingProxyType(self.parameters),
             warnings=tuple(self.warnings),
@@ -316,18 +323,22 @@ class _Loader:
                 if v not in ("true", "false", "1", "0", "t", "f"):
                     raise self.error(path, f"expected {name}=true or {name}=false, got {shown(g)}")
                 on = v in ("true", "1", "t")
-            if on == (name in _GATE_ON_IS_REFUSED):
+            if not on and name not in _GATE_EITHER_WAY:
                 raise self.error(path, f"{name}={'true' if on else 'false'} is not supported: {why}")
         return tuple(gates)
 
-    def flow_control(self, raw: object) -> None:
-        if raw is None:
-            return
-        if not isinstance(raw, dict):
-            raise self.error("flowControl", f"expected a mapping, got {_kind(raw)}")
-        if raw:
-            first = next(iter(raw))
-            raise self.error(f"flowControl.{first}", f"not supported: {FLOW_CONTROL_REFUSED} section")
+    def flow_control(
+        self, raw: object, enabled: bool, saturation: dict[str, Any], plugins: dict[str, object],
+        profiles: tuple[SchedulingProfile, ...],
+    ) -> FlowControlConfig | None:  # fmt: skip
+        """flowControl (pickers.config.flowcontrol): None unless the flowControl gate is on; the defaults
+        it makes join `plugins`."""
+        listed = frozenset(id(q) for prof in profiles for q in prof.plugins())
+        fc = FlowControlLoader(
+            plugins, self.types, self.parameters, lambda name: f"plugins[{self.index[name]}]", self.ctx,
+            self.error, self.warnings, listed,
+        )  # fmt: skip
+        return fc.build(raw, enabled, saturation)
 
     def data_layer(self, raw: object, plugins: dict[str, object]) -> DataLayerConfig:
         """dataLayer (pickers.config.datalayer), resolved against the plugins; defaults when absent."""
@@ -482,9 +493,19 @@ def _written(value: object) -> object:
     return (type(value).__name__, value)
 
 
+def _gate_on(gates: tuple[str, ...], gate: str) -> bool:
+    """Whether `gate` is on: its last setting (a bare name is on), as llm-d reads them."""
+    on = False
+    for g in gates:
+        name, _, value = g.partition("=")
+        if name == gate:
+            on = not value or value.strip().lower() in ("true", "1", "t")
+    return on
+
+
 def _role(plugin: object) -> str | None:
-    if isinstance(plugin, ProfileHandler):
-        return None  # it has a `pick` too, but picks profiles, not endpoints
+    if isinstance(plugin, (ProfileHandler, FairnessPolicy)):
+        return None  # they have a `pick` too, but pick profiles or flows, not endpoints
     if isinstance(plugin, Picker):
         return "picker"
     if isinstance(plugin, Scorer):
