@@ -530,7 +530,7 @@ def summarize(results: Sequence[RunResult], tenants: Sequence[str]) -> str:
     rows: list[list[str]] = []
     for r in results:
         if not r.available:
-            rows.append([r.config, "flow control: not available in this build (below)", *[""] * (len(HEADER) - 2)])
+            rows.append([r.config, "not available", *["-"] * (len(HEADER) - 2)])
             continue
         for obj in OBJECTIVES:
             outs = [o for o in r.outcomes if o.objective == obj]
@@ -634,12 +634,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-outstanding", type=int, default=2000, help="the client's bound on requests in flight")
     ap.add_argument("--only", choices=("off", "on"), help="run one config")
     ap.add_argument("--json", metavar="FILE", help="also write every outcome and sample as JSON")
+    ap.add_argument("--print-config", action="store_true", help="print the 'on' EndpointPickerConfig and the objectives file, and exit")
     args = ap.parse_args(argv)
 
     pool = Pool(args.sims, args.max_num_seqs, args.time_scale)
     ttl = args.ttl if args.ttl is not None else (10.0 if args.quick else 30.0)
     w = Workload(duration_s=args.duration or (25.0 if args.quick else 120.0), overload=args.overload, seed=args.seed)
     tenants = [t for t, _ in w.tenants]
+    if args.print_config:
+        print(f"# flow-control.yaml\n{flow_control_config(pool, ttl, not args.no_eviction, args.detector)}\n# objectives.yaml\n{objectives_file()}", end="")
+        return 0
     timeout = ttl + 30.0  # above the TTL plus a whole answer: a request without an answer by then is lost
     calm = 12 if args.quick else 24
     results: list[RunResult] = []
