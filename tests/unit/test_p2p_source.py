@@ -167,3 +167,48 @@ def test_the_type_loads_and_shows_its_effective_parameters():
         "minCachedTokenDelta": 1, "prefillProfileName": "prefill", "prefixMatchInfoProducerName": "approx-prefix-cache-producer"}  # fmt: skip
     with pytest.raises(ConfigError):
         load(config("{minCachedTokenDelta: -1}"))
+
+
+# Our config in the shape of llm-d's p2p-kv-cache-sharing guide (written by us): the precise KV-event match
+# on 64-token blocks with a CPU tier, its scorer, and the P2P source read from the same producer.
+P2P_GUIDE = """\
+plugins:
+- type: token-producer
+  parameters: {local: {tokenizer: sim}}
+- type: precise-prefix-cache-producer
+  parameters:
+    tokenProcessorConfig: {blockSizeTokens: 64}
+    indexerConfig:
+      kvCacheBackendConfigs: [{name: gpu, weight: 1.0}, {name: cpu, weight: 0.8}]
+    kvEventsConfig: {topicFilter: "kv@"}
+- type: prefix-cache-scorer
+  parameters: {prefixMatchInfoProducerName: precise-prefix-cache-producer}
+- type: queue-scorer
+- type: max-score-picker
+- type: p2p-source-producer
+  parameters:
+    prefixMatchInfoProducerName: precise-prefix-cache-producer
+    prefillProfileName: prefill
+    minCachedTokenDelta: 64
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: prefix-cache-scorer
+    weight: 3
+  - pluginRef: queue-scorer
+  - pluginRef: max-score-picker
+"""
+
+
+def test_the_p2p_guide_shape_passes_check_config(tmp_path, capsys):
+    from extproc.cli import main as cli
+
+    from tests.unit.test_producers import HEADER
+
+    cfg = load(P2P_GUIDE)
+    assert not cfg.warnings and cfg.plugins["p2p-source-producer"].min_delta == 64
+    path = tmp_path / "p2p-kv-cache-sharing.yaml"
+    path.write_text(HEADER + P2P_GUIDE)
+    assert cli.main(["check-config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "p2p-source-producer" in out and "minCachedTokenDelta" in out
