@@ -11,7 +11,11 @@ from pickers.framework.endpoint import Endpoint
 from pickers.framework.errors import ConfigError
 from pickers.framework.request import InferenceRequest
 from pickers.framework.types import CycleState, SchedulingResult
-from pickers.plugins.producer.p2p_source import KV_CACHE_SOURCE_HEADER, P2PSourceProducer, spread_fraction
+from pickers.plugins.producer.p2p_source import (
+    KV_CACHE_SOURCE_HEADER,
+    P2PSourceProducer,
+    spread_fraction,
+)
 from pickers.plugins.scorer.affinity.prefix import prefix_match
 from tests.unit.test_producers import A, B, C, ep, load, refused
 
@@ -202,7 +206,6 @@ schedulingProfiles:
 
 def test_the_p2p_guide_shape_passes_check_config(tmp_path, capsys):
     from extproc.cli import main as cli
-
     from tests.unit.test_producers import HEADER
 
     cfg = load(P2P_GUIDE)
