@@ -15,6 +15,9 @@ from typing import Any
 import msgspec
 
 PREFILLER_HEADER = "x-prefiller-host-port"
+# llm-d's routing sidecar pulls the prompt's KV blocks from this peer over vLLM's P2P connector; this
+# sidecar does not (it counts and logs the header, and passes it on unchanged)
+KV_CACHE_SOURCE_HEADER = "x-kv-cache-source-host-port"
 REQUEST_ID_HEADER = "x-request-id"
 
 # Sent on a prefill leg: "prefill this and keep the KV for a remote decoder" (vLLM NixlConnector).

@@ -21,6 +21,9 @@ class SidecarMetrics:
                                  ("reason",), registry=r)
         self.retries = Counter("pd_sidecar_prefill_retries", "Prefill legs sent again after 502/503/504 "
                                "or a connection error.", registry=r)
+        self.kv_source_ignored = Counter(
+            "pd_sidecar_kv_cache_source_ignored", "Requests carrying x-kv-cache-source-host-port (an EPP's "
+            "p2p-source-producer), which this sidecar does not act on: it pulls no KV blocks over P2P.", registry=r)
         self.prefill_seconds = Histogram(
             "pd_sidecar_prefill_duration_seconds", "Time from sending a prefill leg to its kv_transfer_params.",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0), registry=r)

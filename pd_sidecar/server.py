@@ -70,6 +70,7 @@ class Sidecar:
         config.validate()
         self.config = config
         self.metrics = SidecarMetrics()
+        self._kv_source_logged = False  # x-kv-cache-source-host-port is logged once, then only counted
         self._decoder = config.decoder.rstrip("/")
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
@@ -138,6 +139,8 @@ class Sidecar:
         body = await request.read()
         headers = legs.request_headers(request.headers.items())
         prefillers = request.headers.getall(legs.PREFILLER_HEADER, None)
+        if legs.KV_CACHE_SOURCE_HEADER in request.headers:
+            self._kv_source_ignored(request.headers[legs.KV_CACHE_SOURCE_HEADER])
         if not prefillers or request.method != "POST" or not legs.is_generation_path(request.path):
             self.metrics.requests.labels(path="proxy").inc()
             return await self._forward(request, body, headers)
@@ -154,6 +157,14 @@ class Sidecar:
             return await self._forward(request, body, headers)
         self.metrics.requests.labels(path="disaggregated").inc()
         return await self._forward(request, legs.decode_body(doc, kv), headers)
+
+    def _kv_source_ignored(self, value: str) -> None:
+        self.metrics.kv_source_ignored.inc()
+        if not self._kv_source_logged:
+            self._kv_source_logged = True
+            log.warning("request names a KV cache source in %s (%s): this sidecar pulls no KV blocks over P2P, "
+                        "so the decoder computes the prompt itself (counted in pd_sidecar_kv_cache_source_ignored; "
+                        "logged once)", legs.KV_CACHE_SOURCE_HEADER, value)
 
     async def _prefill(self, request: web.Request, doc: dict[str, Any], headers: list[tuple[str, str]],
                        header_value: str) -> dict[str, Any]:

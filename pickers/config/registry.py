@@ -41,6 +41,7 @@ from pickers.plugins.picker.max_score import MaxScorePicker
 from pickers.plugins.picker.random import RandomPicker
 from pickers.plugins.picker.round_robin import RoundRobinPicker
 from pickers.plugins.picker.weighted_random import WeightedRandomPicker
+from pickers.plugins.producer.p2p_source import P2PSourceProducer
 from pickers.plugins.producer.session import SessionIDProducer
 from pickers.plugins.producer.tokens import LegacyTokenizer, TokenProducer
 from pickers.plugins.profile.handlers import (
@@ -131,6 +132,7 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     # how token-load-scorer, prefix-cache-affinity-filter and the in-flight counts count load
     InFlightLoadProducer,
     SessionIDProducer,
+    P2PSourceProducer,
     # llm-d's deprecated header plugins: the disagg handler sets the header; their names are checked
     DisaggHeadersHandler,
     PrefillHeaderHandler,

@@ -60,7 +60,6 @@ UNSUPPORTED_TYPES = MappingProxyType(
         "disaggregatedset-rollout-pod-extractor": "rollouts of llm-d's DisaggregatedSet are not supported",
         "burst-prefix-cache-producer": "joint placement of request bursts is not implemented; "
         "llm-epp's prefix index records each pick at once, so a burst's later requests follow the first",
-        "p2p-source-producer": "P2P KV transfer between decode endpoints (x-kv-cache-source-host-port) is not supported",
         "endpoint-attribute-filter": "it reads custom metrics of core-metrics-extractor (customMetrics), which llm-epp "
         "does not collect",
         "endpoint-attribute-scorer": "it reads custom metrics of core-metrics-extractor (customMetrics), which llm-epp "

@@ -269,6 +269,26 @@ class KVBlockIndex:
                 counts[address] = i + 1
         return counts
 
+    def medium_match(self, keys: Sequence[int], medium: str) -> dict[str, int]:
+        """Leading blocks each endpoint holds on `medium` (lower-cased), up to the first it lacks there;
+        speculative entries hold no medium, so they never count."""
+        bit = self._media.get(medium.lower())
+        counts: dict[str, int] = {}
+        if not bit or not keys:
+            return counts
+        holders_of = self._holders
+        active = [a for a, mask in holders_of.get(keys[0], {}).items() if mask & bit]
+        for i, key in enumerate(keys):
+            holders = holders_of.get(key)
+            if not holders:
+                break
+            active = [a for a in active if holders.get(a, 0) & bit]
+            if not active:
+                break
+            for address in active:
+                counts[address] = i + 1
+        return counts
+
     def weighted_match(
         self, keys: Sequence[int], weights: Mapping[int, float], extra: Mapping[int, Mapping[str, object]] | None = None
     ) -> dict[str, float]:

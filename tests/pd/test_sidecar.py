@@ -206,6 +206,18 @@ async def test_fallback_logs_one_warning(
     assert [r.levelname for r in caplog.records] == ["WARNING"] and "unreachable" in caplog.records[0].message
 
 
+async def test_a_kv_cache_source_header_is_counted_and_logged_once_not_dropped_silently(
+        http: aiohttp.ClientSession, start_sim: StartSim, start_sidecar: StartSidecar, caplog: Any) -> None:
+    sidecar = await start_sidecar((await start_sim()).url)
+    with caplog.at_level("WARNING", logger="pd_sidecar"):
+        for _ in range(2):
+            status, _, _ = await post(http, sidecar, {"prompt": "hi", "max_tokens": 1},
+                                      headers={"x-kv-cache-source-host-port": "10.0.0.7:8000"})
+            assert status == 200  # served by the decoder, which computes the prompt itself
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and "P2P" in caplog.records[0].message
+    assert sample(await own_metrics(http, sidecar), "pd_sidecar_kv_cache_source_ignored_total") == 2
+
+
 async def test_prefill_503_is_retried(
         http: aiohttp.ClientSession, start_recorder: StartRecorder, start_sim: StartSim,
         start_sidecar: StartSidecar) -> None:

@@ -34,8 +34,7 @@ from pickers.plugins.base import Plugin, PluginContext, PrefixMatchSource
 from pickers.plugins.scorer.affinity.prefix import (
     ApproxPrefixCacheProducer,
     MatchSettings,
-    PrefixCacheScorer,
-    match_source,
+    bind_match,
     prefix_match,
     record_pick,
 )
@@ -130,11 +129,9 @@ class PrefixCacheAffinityFilter(Plugin):
         return f
 
     def bind_config(self, plugins: Mapping[str, object], profiles: Mapping[str, Any], handler: object) -> None:
-        named = plugins.get(self.prefix_producer_name) if self.prefix_producer_name is not None else None
-        if isinstance(named, PrefixMatchSource) and not isinstance(named, (ApproxPrefixCacheProducer, PrefixCacheScorer)):
-            self.precise = named
-        else:
-            self.source = match_source(plugins, self.prefix_producer_name)
+        self.precise, source = bind_match(plugins, self.prefix_producer_name)
+        if self.precise is None:
+            self.source = source
         self.load = find_load_producer(plugins, self.load_producer_name, self.index)
         match: object = self.precise if self.precise is not None else self.source
         self.bound = bound_names(plugins, {"prefixMatchInfoProducerName": match, "inFlightLoadProducerName": self.load})

@@ -52,6 +52,7 @@ SPECULATIVE_TTL = "2s"
 MAX_SPECULATIVE = 1_000_000  # speculative (key, endpoint) entries at most: past it the oldest go early (ours)
 LLMD_MAX_TOKENS = DEFAULT_BLOCK_SIZE * 8192  # the producer matches the whole prompt, up to 128K tokens
 
+CPU_TIER = "cpu"  # the medium a P2P pull is served from (vLLM's OffloadingConnector CPU tier)
 TOKEN_PRODUCER = "token-producer"
 _LEGACY_SHAPE = ("tokenProcessorConfig", "indexerConfig", "kvEventsConfig", "speculativeIndexing", "speculativeTTL")
 
@@ -196,6 +197,26 @@ class PrecisePrefixCacheProducer(Plugin):
     def prefix_matches(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> dict[str, tuple[int, int, int]]:
         """address -> (blocks matched, blocks in the prompt, tokens a block): llm-d's PrefixCacheMatchInfo."""
         return {a: (held, total, self.block_size_for(a)) for a, (held, total) in self.matches(request, cycle, endpoints).items()}
+
+    def pull_matches(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> dict[str, tuple[int, int, int]]:
+        """address -> (tokens of its leading blocks on the CPU tier, which a P2P pull is served from;
+        tokens of its leading blocks on any tier, speculative ones too; tokens a block), as llm-d's
+        PrefixCacheMatchInfo gives p2p-source-producer (CachedBlocksByTier["cpu"], CachedBlockCount)."""
+        self.matches(request, cycle, endpoints)  # the keys of each block size, once per cycle
+        state = cycle.data[f"precise-prefix/{self.name}"]
+        assert isinstance(state, _CycleMatch)
+        extra = self._speculative or None
+        out: dict[str, tuple[int, int, int]] = {}
+        per_size: dict[int, tuple[dict[str, int], dict[str, int]]] = {}
+        for ep in endpoints:
+            size = self.block_size_for(ep.address)
+            found = per_size.get(size)
+            if found is None:
+                keys = state.by_size[size][0]
+                found = per_size[size] = (self.index.medium_match(keys, CPU_TIER), self.index.match(keys, extra))
+            cpu, held = found
+            out[ep.address] = (cpu.get(ep.address, 0) * size, held.get(ep.address, 0) * size, size)
+        return out
 
     # -- speculative indexing ------------------------------------------------------------------
     def pre_request(self, request: InferenceRequest, cycle: CycleState, result: SchedulingResult) -> None:

@@ -324,6 +324,15 @@ def match_source(plugins: Mapping[str, object], name: str | None) -> MatchSettin
     return scorer if scorer is not None else ApproxPrefixCacheProducer()
 
 
+def bind_match(plugins: Mapping[str, object], name: str | None) -> tuple[PrefixMatchSource | None, MatchSettings]:
+    """What a plugin reading `prefixMatchInfoProducerName` reads: the precise-prefix-cache-producer it
+    names (the KV-event match; the settings returned are then unused), else (None, match_source)."""
+    found = plugins.get(name) if name is not None else None
+    if isinstance(found, PrefixMatchSource) and not isinstance(found, (ApproxPrefixCacheProducer, PrefixCacheScorer)):
+        return found, ApproxPrefixCacheProducer()
+    return None, match_source(plugins, name)
+
+
 def uncached_tokens(prompt_tokens: int, matched_blocks: int, total_blocks: int, block_tokens: int) -> int:
     """The prompt tokens an endpoint still has to compute, counted as llm-d's in-flight load counts them:
     the matched part's blocks it lacks, plus the prompt past the matched part (past the match cap)."""

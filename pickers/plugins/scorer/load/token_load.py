@@ -36,8 +36,7 @@ from pickers.plugins.base import Plugin, PluginContext, PrefixMatchSource
 from pickers.plugins.scorer.affinity.prefix import (
     ApproxPrefixCacheProducer,
     MatchSettings,
-    PrefixCacheScorer,
-    match_source,
+    bind_match,
     prefix_match,
     record_pick,
     uncached_tokens,
@@ -91,13 +90,11 @@ class InFlightLoadProducer(Plugin):
         return producer
 
     def bind_config(self, plugins: Mapping[str, object], profiles: Mapping[str, Any], handler: object) -> None:
-        name = self.prefix_producer_name
-        found = plugins.get(name) if name is not None else None
-        if isinstance(found, PrefixMatchSource) and not isinstance(found, (ApproxPrefixCacheProducer, PrefixCacheScorer)):
-            self.precise = found  # the KV-event match
-            self.bound = {"prefixMatchInfoProducerName": found.name}
+        self.precise, source = bind_match(plugins, self.prefix_producer_name)
+        if self.precise is not None:  # the KV-event match
+            self.bound = {"prefixMatchInfoProducerName": self.precise.name}
             return
-        self.source = match_source(plugins, name)
+        self.source = source
         self.bound = bound_names(plugins, {"prefixMatchInfoProducerName": self.source})
 
     def effective_parameters(self, given: Mapping[str, Any]) -> Mapping[str, Any]:
