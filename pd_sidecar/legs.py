@@ -15,6 +15,9 @@ from typing import Any
 import msgspec
 
 PREFILLER_HEADER = "x-prefiller-host-port"
+# llm-d's E/P/D: the encoders the EPP chose for a multimodal request. This sidecar runs no encode leg
+# (the decoder, or the prefill leg's server, encodes the media itself); it counts and drops the header.
+ENCODERS_HEADER = "x-encoder-hosts-ports"
 REQUEST_ID_HEADER = "x-request-id"
 
 # Sent on a prefill leg: "prefill this and keep the KV for a remote decoder" (vLLM NixlConnector).
@@ -33,7 +36,7 @@ _HOP_BY_HOP = frozenset({
     "te", "trailer", "transfer-encoding", "upgrade",
 })
 # The server decompresses request bodies and the client recomputes the length and host.
-_REQUEST_DROP = _HOP_BY_HOP | {"host", "content-length", "content-encoding", PREFILLER_HEADER}
+_REQUEST_DROP = _HOP_BY_HOP | {"host", "content-length", "content-encoding", PREFILLER_HEADER, ENCODERS_HEADER}
 _RESPONSE_DROP = _HOP_BY_HOP
 
 
