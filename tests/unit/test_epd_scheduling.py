@@ -227,3 +227,15 @@ def test_the_deprecated_headers_handler_accepts_the_handlers_encode_profile():
         "epd.yaml",
     )
     assert cfg.profile_handler is not None
+
+
+def test_a_client_sent_encoder_header_is_removed_unless_the_epp_set_it():
+    ds = pool(encode=1)
+    s = scheduler(GUIDES / "e-pd.yaml")
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "text only"}]}).encode()
+    out = send_request(RequestStream(Director(ds, s, EppMetrics())), body, path="/v1/chat/completions",
+                       extra={"x-encoder-hosts-ports": "169.254.169.254:80"})
+    mutations = [getattr(r, r.WhichOneof("response")).response.header_mutation for r in out
+                 if r.WhichOneof("response") in ("request_headers", "request_body")]
+    assert any("x-encoder-hosts-ports" in m.remove_headers for m in mutations)
+    assert all(h.header.key != "x-encoder-hosts-ports" for m in mutations for h in m.set_headers)
