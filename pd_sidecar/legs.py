@@ -18,6 +18,9 @@ PREFILLER_HEADER = "x-prefiller-host-port"
 # llm-d's routing sidecar pulls the prompt's KV blocks from this peer over vLLM's P2P connector; this
 # sidecar does not (it counts and logs the header, and passes it on unchanged)
 KV_CACHE_SOURCE_HEADER = "x-kv-cache-source-host-port"
+# llm-d's E/P/D: the encoders the EPP chose for a multimodal request. This sidecar runs no encode leg
+# (the decoder, or the prefill leg's server, encodes the media itself); it counts and drops the header.
+ENCODERS_HEADER = "x-encoder-hosts-ports"
 REQUEST_ID_HEADER = "x-request-id"
 
 # Sent on a prefill leg: "prefill this and keep the KV for a remote decoder" (vLLM NixlConnector).
@@ -36,7 +39,7 @@ _HOP_BY_HOP = frozenset({
     "te", "trailer", "transfer-encoding", "upgrade",
 })
 # The server decompresses request bodies and the client recomputes the length and host.
-_REQUEST_DROP = _HOP_BY_HOP | {"host", "content-length", "content-encoding", PREFILLER_HEADER}
+_REQUEST_DROP = _HOP_BY_HOP | {"host", "content-length", "content-encoding", PREFILLER_HEADER, ENCODERS_HEADER}
 _RESPONSE_DROP = _HOP_BY_HOP
 
 

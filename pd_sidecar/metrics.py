@@ -19,6 +19,10 @@ class SidecarMetrics:
         self.fallbacks = Counter("pd_sidecar_prefill_fallback",
                                  "Prefill legs abandoned for a local prefill on the decoder.",
                                  ("reason",), registry=r)
+        self.encoders_ignored = Counter(
+            "pd_sidecar_encode_leg_skipped", "Requests that named encoders (x-encoder-hosts-ports) and were "
+            "sent on without an encode leg: the decoder (or the prefill leg's server) encodes the media itself.",
+            registry=r)
         self.retries = Counter("pd_sidecar_prefill_retries", "Prefill legs sent again after 502/503/504 "
                                "or a connection error.", registry=r)
         self.kv_source_ignored = Counter(

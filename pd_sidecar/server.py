@@ -75,6 +75,7 @@ class Sidecar:
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self._port = 0
+        self._warned_encoders = False
 
     @property
     def port(self) -> int:
@@ -138,6 +139,8 @@ class Sidecar:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         headers = legs.request_headers(request.headers.items())
+        if legs.ENCODERS_HEADER in request.headers:
+            self._skip_encode_leg(request.headers[legs.ENCODERS_HEADER])
         prefillers = request.headers.getall(legs.PREFILLER_HEADER, None)
         if legs.KV_CACHE_SOURCE_HEADER in request.headers:
             self._kv_source_ignored(request.headers[legs.KV_CACHE_SOURCE_HEADER])
@@ -165,6 +168,16 @@ class Sidecar:
             log.warning("request names a KV cache source in %s (%s): this sidecar pulls no KV blocks over P2P, "
                         "so the decoder computes the prompt itself (counted in pd_sidecar_kv_cache_source_ignored; "
                         "logged once)", legs.KV_CACHE_SOURCE_HEADER, value)
+
+    def _skip_encode_leg(self, encoders: str) -> None:
+        self.metrics.encoders_ignored.inc()
+        if not self._warned_encoders:  # once: every multimodal request of an E/P/D config carries it
+            self._warned_encoders = True
+            log.warning(
+                "%s names encoders (%s), but this sidecar runs no encode leg: the media is encoded where the "
+                "request is prefilled; use llm-d's routing sidecar for E/P/D (counted in "
+                "pd_sidecar_encode_leg_skipped_total; logged once)", legs.ENCODERS_HEADER, encoders,
+            )
 
     async def _prefill(self, request: web.Request, doc: dict[str, Any], headers: list[tuple[str, str]],
                        header_value: str) -> dict[str, Any]:

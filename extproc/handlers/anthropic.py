@@ -32,21 +32,22 @@ def parse_messages(req: InferenceRequest, raw: bytes | bytearray, required_field
     parts: list[str] = []
     system = body.get("system")
     if system is not None and system != "":
-        parts.append(f"<|system|>\n{_content(system, 'system')}\n")
+        parts.append(f"<|system|>\n{_content(system, 'system', req)}\n")
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict):
             raise RequestError(BAD_REQUEST, f"messages[{i}] must be an object")
         role = msg.get("role", "")
         if not isinstance(role, str):
             raise RequestError(BAD_REQUEST, f"messages[{i}].role must be a string")
-        parts.append(f"<|{role}|>\n{_content(msg.get('content'), f'messages[{i}].content')}\n")
+        parts.append(f"<|{role}|>\n{_content(msg.get('content'), f'messages[{i}].content', req)}\n")
     req.body = body
     req.model = model
     req.prompt_text = "".join(parts)
     read_options(req, body, body.get("max_tokens"), "max_tokens")
 
 
-def _content(content: Any, name: str) -> str:
+def _content(content: Any, name: str, req: InferenceRequest) -> str:
+    """The text form of content blocks; an image block (also one inside a tool_result) sets `req.multimodal`."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -59,5 +60,14 @@ def _content(content: Any, name: str) -> str:
             raise RequestError(BAD_REQUEST, f"{name}[{i}] must be a content block (an object with a 'type')")
         kind = block.get("type")
         text = block.get("thinking") if kind == "thinking" else block.get("text") if kind == "text" else None
-        out.append(text if isinstance(text, str) else msgspec.json.encode(block).decode())
+        if isinstance(text, str):
+            out.append(text)
+            continue
+        if kind == "image" or (kind == "tool_result" and _has_image(block.get("content"))):
+            req.multimodal = True
+        out.append(msgspec.json.encode(block).decode())
     return "".join(out)
+
+
+def _has_image(content: Any) -> bool:
+    return isinstance(content, list) and any(isinstance(b, dict) and b.get("type") == "image" for b in content)

@@ -74,7 +74,7 @@ def parse_body(req: InferenceRequest, raw: bytes | bytearray, required_field: st
         raise RequestError(BAD_REQUEST, f"field '{required_field}' is required for {req.api}")
     req.body = body
     req.model = model
-    req.prompt_text = _prompt_text(req.api, body[required_field], required_field)
+    req.prompt_text = _prompt_text(req, body[required_field], required_field)
     read_options(req, body, body.get("max_completion_tokens", body.get("max_tokens")), "max_tokens")
     opts = body.get("stream_options")
     if isinstance(opts, dict):
@@ -86,7 +86,12 @@ def parse_body(req: InferenceRequest, raw: bytes | bytearray, required_field: st
 _NOT_EMPTY = frozenset({"chat", "completions", "responses", "embeddings", "images"})
 
 
-def _prompt_text(api: str | None, value: Any, name: str) -> str:
+# Chat content parts an encoder works on (llm-d's: its token estimate and its sidecar's encoder legs).
+MULTIMODAL_PARTS = frozenset({"image_url", "video_url", "input_audio", "audio_url"})
+
+
+def _prompt_text(req: InferenceRequest, value: Any, name: str) -> str:
+    api = req.api
     if api in _NOT_EMPTY and (value == "" or value == []):
         raise RequestError(BAD_REQUEST, f"field '{name}' must not be empty")
     if api == "chat":
@@ -97,7 +102,7 @@ def _prompt_text(api: str | None, value: Any, name: str) -> str:
             if not isinstance(msg, dict):
                 raise RequestError(BAD_REQUEST, f"messages[{i}] must be an object")
             role = msg.get("role", "")
-            parts.append(f"<|{role}|>\n{content_text(msg.get('content'))}\n")
+            parts.append(f"<|{role}|>\n{content_text(msg.get('content'), req)}\n")
         return "".join(parts)
     if isinstance(value, str):
         return value
@@ -115,7 +120,8 @@ def _prompt_text(api: str | None, value: Any, name: str) -> str:
     return str(value)
 
 
-def content_text(content: Any) -> str:
+def content_text(content: Any, req: InferenceRequest | None = None) -> str:
+    """The text form of message content; with `req`, a multimodal part sets `req.multimodal` on the way."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -125,10 +131,17 @@ def content_text(content: Any) -> str:
         for part in content:
             if isinstance(part, dict):
                 text = part.get("text")
-                out.append(text if isinstance(text, str) else msgspec.json.encode(part).decode())
+                if isinstance(text, str):
+                    out.append(text)
+                    continue
+                if req is not None and part.get("type") in MULTIMODAL_PARTS:
+                    req.multimodal = True
+                out.append(msgspec.json.encode(part).decode())
             else:
                 out.append(str(part))
         return "".join(out)
     if isinstance(content, dict):
+        if req is not None and content.get("type") in MULTIMODAL_PARTS:
+            req.multimodal = True
         return msgspec.json.encode(content).decode()
     return str(content)

@@ -27,7 +27,7 @@ from pickers.plugins.datalayer.sources import (
 from pickers.plugins.filter.by_label import ByLabelFilter, ByLabelSelectorFilter, LabelSelectorFilter
 from pickers.plugins.filter.context_length import ContextLengthAware
 from pickers.plugins.filter.prefix_affinity import PrefixCacheAffinityFilter
-from pickers.plugins.filter.role import DecodeFilter, PrefillFilter
+from pickers.plugins.filter.role import DecodeFilter, EncodeFilter, PrefillFilter
 from pickers.plugins.filter.served_model import ServedModelFilter
 from pickers.plugins.filter.utilization import UtilizationFilter
 from pickers.plugins.flowcontrol.agent_identity import AgentIdentity
@@ -52,7 +52,7 @@ from pickers.plugins.profile.handlers import (
     SingleProfileHandler,
 )
 from pickers.plugins.profile.header import HeaderProfileHandler
-from pickers.plugins.profile.pd_deciders import AlwaysDisaggPDDecider, PrefixBasedPDDecider
+from pickers.plugins.profile.pd_deciders import AlwaysDisaggMultimodalDecider, AlwaysDisaggPDDecider, PrefixBasedPDDecider
 from pickers.plugins.scorer.load.active_request import ActiveRequestScorer
 from pickers.plugins.scorer.load.kv_cache import KVCacheUtilizationScorer
 from pickers.plugins.scorer.load.load_aware import LoadAwareScorer
@@ -107,6 +107,7 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     ByLabelSelectorFilter,  # llm-d's deprecated name of label-selector-filter
     PrefillFilter,
     DecodeFilter,
+    EncodeFilter,
     UtilizationFilter,
     SessionAffinityFilter,
     PrefixCacheAffinityFilter,
@@ -121,9 +122,10 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     DisaggProfileHandler,
     PdProfileHandler,  # llm-d's older name for the P/D handler
     HeaderProfileHandler,
-    # P/D deciders
+    # disaggregation deciders (disagg-profile-handler's deciders.prefill / deciders.encode)
     PrefixBasedPDDecider,
     AlwaysDisaggPDDecider,
+    AlwaysDisaggMultimodalDecider,
     # data producers (llm-d's): the prefix matches the prefix scorers read, and request data
     ApproxPrefixCacheProducer,
     PrecisePrefixCacheProducer,

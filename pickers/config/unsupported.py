@@ -9,10 +9,6 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-_ENCODE = (
-    "the encode stage of E/P/D disaggregation (multimodal encoders as their own pool) is not supported; "
-    "llm-epp schedules prefill and decode"
-)
 _MULTICLUSTER = "multi-cluster routing (endpoints and metrics from several clusters) is not supported"
 _TOPOLOGY = "topology-aware routing needs the topology attributes llm-d reads from nodes; llm-epp does not collect them"
 _DCGM = "llm-epp does not scrape DCGM GPU telemetry"
@@ -24,9 +20,6 @@ _LATENCY = (
 
 UNSUPPORTED_TYPES = MappingProxyType(
     {
-        # the encode stage
-        "encode-filter": _ENCODE,
-        "always-disagg-multimodal-decider": _ENCODE,
         # several clusters
         "multicluster-approx-prefix-cache-producer": _MULTICLUSTER,
         "multicluster-file-discovery": _MULTICLUSTER,

@@ -33,6 +33,9 @@ class InferenceRequest:
     stream: bool = False
     include_usage: bool = False
     max_tokens: int | None = None
+    # the prompt has an image, audio or video part (set by the body parser while it builds prompt_text);
+    # always-disagg-multimodal-decider sends such a request to an encoder first
+    multimodal: bool = False
     body: Mapping[str, Any] = field(default_factory=dict)
     # Set by the Director when it admits the request:
     objective: str = ""  # from x-gateway-inference-objective

@@ -41,10 +41,21 @@ def _disaggregated(path: Path) -> bool:
     return "disagg-profile-handler" in path.read_text()
 
 
+def _prefills_remotely(path: Path) -> bool:
+    return "-pd-decider" in path.read_text()  # a prefill decider: prefix-based or always
+
+
+def _encodes_remotely(path: Path) -> bool:
+    return "always-disagg-multimodal-decider" in path.read_text()
+
+
 @pytest.mark.parametrize("path", GUIDES, ids=lambda p: p.stem)
 def test_guide_config_serves_through_envoy(path, tmp_path):
     """`epp serve --config-file` with each guide-shaped config answers a chat completion and a stream;
-    P/D shapes run on a prefill/decode pool and must take the disaggregated path."""
+    P/D shapes run on a prefill/decode pool and must take the disaggregated path. E/P/D shapes route a
+    request with an image too: the pool has no encoders (the encode profile finds none) and our sidecar
+    runs no encode leg, so it reaches the decoder, which (a text-only simulator) refuses the image part
+    as vLLM does for a text model. The encoder header itself: tests/unit/test_epd_scheduling.py."""
     pd = PdPool(prefill=1, decode=2) if _disaggregated(path) else None
     with make_stack(tmp_path, sims=2, pd=pd, epp_args=("--config-file", str(path))) as stack:
         client = openai.OpenAI(base_url=stack.base_url, api_key="unused")
@@ -53,7 +64,12 @@ def test_guide_config_serves_through_envoy(path, tmp_path):
         assert reply.choices[0].message.content
         chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3, stream=True))
         assert any(c.choices and c.choices[0].delta.content for c in chunks)
-        if pd is not None:
+        if _encodes_remotely(path):
+            image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+            content = [{"type": "text", "text": "What is in this picture?"}, image]
+            with pytest.raises(openai.BadRequestError, match="content part type 'image_url'"):
+                client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=3)
+        if pd is not None and _prefills_remotely(path):
             prefilled = 0
             for port in stack.sim_ports[: len(stack.prefill_endpoints)]:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/sim/stats", timeout=5) as r:

@@ -20,6 +20,7 @@ from tests.pd.conftest import DeadPort, StartRecorder, StartSidecar, StartSim, s
 from vllm_sim import SimServer
 
 PREFILLER = "x-prefiller-host-port"
+ENCODERS = "x-encoder-hosts-ports"
 KV_FROM_FAKE_PREFILL = {"do_remote_prefill": True, "do_remote_decode": False, "remote_block_ids": [1, 2],
                         "remote_engine_id": "fake-prefill", "remote_host": "127.0.0.1", "remote_port": 1}
 
@@ -177,6 +178,25 @@ async def test_header_on_a_non_completion_path_is_stripped_and_proxied(
     async with http.get(sidecar.url + "/v1/models", headers={PREFILLER: "127.0.0.1:1"}) as r:
         assert r.status == 200
     assert [s.path for s in decoder.seen] == ["/v1/models"] and PREFILLER not in decoder.seen[0].headers
+
+
+async def test_encoders_header_is_counted_logged_once_and_dropped_the_request_served_locally(
+        http: aiohttp.ClientSession, start_recorder: StartRecorder, start_sidecar: StartSidecar, caplog: Any) -> None:
+    """No encode leg here (docs/prefill-decode.md): an E/P/D pick is served with the media encoded on the
+    decoder, counted and logged once, and the header goes no further."""
+    decoder = await start_recorder()
+    sidecar = await start_sidecar(decoder.url)
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+    body = {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "what?"}, image]}]}
+    with caplog.at_level("WARNING", logger="pd_sidecar"):
+        for _ in range(2):
+            status, _, _ = await post(http, sidecar, body, path="/v1/chat/completions",
+                                      headers={ENCODERS: "10.0.3.0:8000,10.0.3.1:8000"})
+            assert status == 200
+    assert [d.body for d in decoder.seen] == [body, body]
+    assert all(ENCODERS not in d.headers for d in decoder.seen)
+    assert len(caplog.records) == 1 and ENCODERS in caplog.records[0].message
+    assert sample(await own_metrics(http, sidecar), "pd_sidecar_encode_leg_skipped_total") == 2
 
 
 # ---- prefill failures degrade to a local prefill ------------------------------------------------

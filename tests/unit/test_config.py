@@ -354,10 +354,10 @@ apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
 plugins:
 - type: queue-scorer
-- type: encode-filter
+- type: dcgm-extractor
 """
     with pytest.raises(ConfigError) as e:
-        load_config(text, "epd.yaml")
+        load_config(text, "dcgm.yaml")
     msg = str(e.value)
-    assert msg.startswith("epd.yaml: plugins[1].type: plugin type 'encode-filter' (llm-d router) is not supported:")
-    assert "encode stage" in msg and "known types" not in msg
+    assert msg.startswith("dcgm.yaml: plugins[1].type: plugin type 'dcgm-extractor' (llm-d router) is not supported:")
+    assert "DCGM" in msg and "known types" not in msg

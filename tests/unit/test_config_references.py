@@ -192,11 +192,12 @@ def test_headers_handler_prefill_profile_must_be_the_handlers():
     assert "plugins[3].parameters.prefillProfile: disagg-headers-handler: 'other' differs" in msg
 
 
-def test_headers_handler_naming_an_existing_encode_profile_is_refused():
+def test_headers_handler_naming_another_existing_profile_as_encode_is_refused():
     msg = error_of(
         PD + "- type: disagg-headers-handler\n  parameters: {encodeProfile: decode}\n- type: disagg-profile-handler\n" + PD_PROFILES
     )
-    assert "plugins[3].parameters.encodeProfile" in msg and "E/P/D" in msg
+    assert "plugins[3].parameters.encodeProfile: disagg-headers-handler: 'decode' differs" in msg
+    assert "x-encoder-hosts-ports" in msg
 
 
 def test_headers_handler_without_a_disagg_handler_is_refused():

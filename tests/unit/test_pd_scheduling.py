@@ -190,7 +190,7 @@ def test_decider_that_is_not_a_decider_is_refused():
         "plugins:\n- type: prefill-filter\n- type: decode-filter\n- type: disagg-profile-handler\n"
         "  parameters:\n    deciders:\n      prefill: decode-filter\n" + TWO_PROFILES
     )
-    assert "deciders.prefill" in msg and "is not a P/D decider" in msg
+    assert "deciders.prefill" in msg and "is not a disaggregation decider" in msg
 
 
 def test_missing_decode_profile_names_the_parameter():
@@ -200,11 +200,6 @@ def test_missing_decode_profile_names_the_parameter():
         "    deciders:\n      prefill: always-disagg-pd-decider\n" + TWO_PROFILES
     )
     assert "plugins[3].parameters.profiles.decode" in msg and "no scheduling profile named 'dec'" in msg
-
-
-def test_encode_disaggregation_is_refused():
-    msg = error_of("plugins:\n- type: disagg-profile-handler\n  parameters:\n    deciders:\n      encode: x\n")
-    assert "deciders.encode" in msg and "not supported" in msg
 
 
 def test_negative_non_cached_tokens_is_refused():

@@ -1,5 +1,9 @@
-"""prefill-filter / decode-filter: P/D roles from the `llm-d.ai/role` label. Decode keeps `decode`,
-`prefill-decode`, `both` and unlabelled endpoints; prefill keeps `prefill`, `prefill-decode`, `both`.
+"""prefill-filter / decode-filter / encode-filter: disaggregation roles from the `llm-d.ai/role` label,
+as llm-d reads them. A role names the stages an endpoint runs (`encode-prefill-decode`: all three).
+Decode keeps `decode`, `prefill-decode`, `both` (llm-d's deprecated `prefill-decode`),
+`encode-prefill-decode` and unlabelled endpoints; prefill keeps `prefill`, `encode-prefill`,
+`prefill-decode`, `both`, `encode-prefill-decode`; encode keeps `encode`, `encode-prefill`,
+`encode-prefill-decode`. Only decode keeps an unlabelled endpoint.
 """
 
 from __future__ import annotations
@@ -11,8 +15,9 @@ from pickers.framework.request import InferenceRequest
 from pickers.framework.types import CycleState
 from pickers.plugins.base import Plugin
 
-PREFILL_ROLES = frozenset({"prefill", "prefill-decode", "both"})
-DECODE_ROLES = frozenset({"decode", "prefill-decode", "both"})
+PREFILL_ROLES = frozenset({"prefill", "encode-prefill", "prefill-decode", "both", "encode-prefill-decode"})
+DECODE_ROLES = frozenset({"decode", "prefill-decode", "both", "encode-prefill-decode"})
+ENCODE_ROLES = frozenset({"encode", "encode-prefill", "encode-prefill-decode"})
 
 
 class _RoleFilter(Plugin):
@@ -38,3 +43,8 @@ class DecodeFilter(_RoleFilter):
     type = "decode-filter"
     roles = DECODE_ROLES
     keeps_unlabelled = True
+
+
+class EncodeFilter(_RoleFilter):
+    type = "encode-filter"
+    roles = ENCODE_ROLES

@@ -2,9 +2,12 @@
 
 - `single-profile-handler`: run the one profile, use its pick. The scheduler runs it inline (no
   handler calls on the hot path).
-- `disagg-profile-handler` (llm-d P/D): run `decode`; if its prefill decider says so, run `prefill`
-  too. The decode pick is the destination, the prefill pick goes in `x-prefiller-host-port`. No
-  prefill endpoint (or a failed prefill profile) means the request is served aggregated, not failed.
+- `disagg-profile-handler` (llm-d P/D, E/PD, E/P/D): run `decode`; then, if its encode decider says
+  so, `encode`; then, if its prefill decider says so, `prefill` (llm-d's decode-first order: both
+  deciders see the decode pick). The decode pick is the destination, the prefill pick goes in
+  `x-prefiller-host-port`, the encode picks (as many as the encode profile's picker returns) in
+  `x-encoder-hosts-ports`, comma-separated. No prefill or encode endpoint (or a failed profile) means
+  that stage runs on the decode endpoint, not that the request fails.
 - `pd-profile-handler`: llm-d's older name and parameters for the same thing.
 - `header-profile-handler` (profile/header.py): the one profile a request header names.
 """
@@ -19,10 +22,16 @@ from pickers.framework.params import ParameterError, Params
 from pickers.framework.request import InferenceRequest
 from pickers.framework.types import SINGLE_PROFILE_HANDLER, CycleState, ProfileOutcome, SchedulingProfile, SchedulingResult
 from pickers.plugins.base import Plugin, PluginContext
-from pickers.plugins.profile.pd_deciders import AlwaysDisaggPDDecider, PdDecider, PrefixBasedPDDecider
+from pickers.plugins.profile.pd_deciders import (
+    AlwaysDisaggMultimodalDecider,
+    AlwaysDisaggPDDecider,
+    PdDecider,
+    PrefixBasedPDDecider,
+)
 from pickers.plugins.scorer.affinity.prefix import ApproxPrefixCacheProducer, PrefixCacheScorer
 
 PREFILLER_HEADER = "x-prefiller-host-port"
+ENCODERS_HEADER = "x-encoder-hosts-ports"
 
 class SingleProfileHandler(Plugin):
     type = SINGLE_PROFILE_HANDLER
@@ -48,7 +57,7 @@ class SingleProfileHandler(Plugin):
 
 
 class DisaggProfileHandler(Plugin):
-    """Decode always; prefill when the prefill decider approves and a prefill endpoint can take it."""
+    """Decode always; encode, then prefill, when their deciders approve and an endpoint can take it."""
 
     type = "disagg-profile-handler"
 
@@ -60,22 +69,26 @@ class DisaggProfileHandler(Plugin):
         prefill_profile: str = "prefill",
         decider: PdDecider | str | None = None,
         decider_param: str = "deciders.prefill",
+        encode_profile: str = "encode",
+        encode_decider: PdDecider | str | None = None,
     ) -> None:
         self.name = name
         self.decode_profile = decode_profile
         self.prefill_profile = prefill_profile
+        self.encode_profile = encode_profile
         self.decider: PdDecider | None = decider if not isinstance(decider, str) else None
         self._decider_name = decider if isinstance(decider, str) else None
         self._decider_param = decider_param
+        self.encode_decider: PdDecider | None = encode_decider if not isinstance(encode_decider, str) else None
+        self._encode_decider_name = encode_decider if isinstance(encode_decider, str) else None
         self._decode: SchedulingProfile | None = None
         self._prefill: SchedulingProfile | None = None
+        self._encode: SchedulingProfile | None = None
 
     @classmethod
     def from_config(cls, name: str, p: Params, ctx: PluginContext) -> DisaggProfileHandler:
         profiles = _names(p, "profiles", ("decode", "prefill", "encode"))
         deciders = _names(p, "deciders", ("prefill", "encode"))
-        if "encode" in deciders:
-            raise ParameterError("deciders.encode", "encode disaggregation (E/P/D) is not supported by llm-epp")
         decider_param = "deciders.prefill"
         legacy = p.string("deciderPluginName")
         if legacy is not None:  # llm-d 0.9/0.10 still take it, with this warning; 0.11 removed it
@@ -89,22 +102,23 @@ class DisaggProfileHandler(Plugin):
             prefill_profile=profiles.get("prefill", "prefill"),
             decider=deciders.get("prefill"),
             decider_param=decider_param,
+            encode_profile=profiles.get("encode", "encode"),
+            encode_decider=deciders.get("encode"),
         )
 
     def bind(self, plugins: Mapping[str, object], profiles: Mapping[str, SchedulingProfile]) -> None:
         if self._decider_name is not None:
-            plugin = plugins.get(self._decider_name)
-            if plugin is None:
+            self.decider = _decider(
+                plugins, self._decider_name, self._decider_param, f"{PrefixBasedPDDecider.type} or {AlwaysDisaggPDDecider.type}"
+            )
+        if self._encode_decider_name is not None:
+            self.encode_decider = _decider(plugins, self._encode_decider_name, "deciders.encode", AlwaysDisaggMultimodalDecider.type)
+        if self.encode_decider is not None:
+            self._encode = profiles.get(self.encode_profile)
+            if self._encode is None:
                 raise ParameterError(
-                    self._decider_param, f"no plugin named {shown(self._decider_name)}; defined: {', '.join(plugins)}"
+                    "profiles.encode", f"no scheduling profile named {shown(self.encode_profile)}; defined: {', '.join(profiles)}"
                 )
-            if not isinstance(plugin, PdDecider):
-                raise ParameterError(
-                    self._decider_param,
-                    f"plugin {shown(self._decider_name)} ({getattr(plugin, 'type', '?')}) is not a P/D decider such as "
-                    f"{PrefixBasedPDDecider.type} or {AlwaysDisaggPDDecider.type}",
-                )
-            self.decider = plugin
         self._decode = profiles.get(self.decode_profile)
         if self._decode is None:
             raise ParameterError("profiles.decode", f"no scheduling profile named {shown(self.decode_profile)}; defined: {', '.join(profiles)}")
@@ -132,9 +146,14 @@ class DisaggProfileHandler(Plugin):
         if decode is None:
             assert self._decode is not None
             return [self._decode]
-        if isinstance(decode, RequestError) or self.prefill_profile in results or self.decider is None:
-            return []
-        if self._prefill is not None and self.decider.disaggregate(request, cycle, decode[0]):
+        if isinstance(decode, RequestError) or self.prefill_profile in results:
+            return []  # decode failed, or prefill (the last stage) ran
+        # encode, asked once: it either ran or the decider said no in the call that went on to prefill
+        if self._encode is not None and self.encode_profile not in results:
+            assert self.encode_decider is not None
+            if self.encode_decider.disaggregate(request, cycle, decode[0]):
+                return [self._encode]
+        if self._prefill is not None and self.decider is not None and self.decider.disaggregate(request, cycle, decode[0]):
             return [self._prefill]
         return []
 
@@ -148,6 +167,12 @@ class DisaggProfileHandler(Plugin):
             # No prefill endpoint (a RequestError here) just means the decode endpoint prefills itself.
             result.request_headers[PREFILLER_HEADER] = prefill[0].address
             result.profile_results = {self.decode_profile: decode, self.prefill_profile: prefill}
+        encoders = results.get(self.encode_profile) if self._encode is not None else None
+        if isinstance(encoders, list) and encoders:
+            # Likewise no encoder: the decode (or prefill) endpoint encodes the media itself. Encoders
+            # hold none of the prompt's KV, so they stay out of profile_results (which the prefix index
+            # and the in-flight counts read).
+            result.request_headers[ENCODERS_HEADER] = ",".join(ep.address for ep in encoders)
         return result
 
 
@@ -229,9 +254,10 @@ class PdProfileHandler(DisaggProfileHandler):
 
 class DisaggHeadersHandler(Plugin):
     """llm-d's deprecated header plugins (`disagg-headers-handler`, `prefill-header-handler`): the
-    disagg profile handler sets `x-prefiller-host-port` itself from its prefill profile's pick, which
-    is what these did. So `prefillProfile` must be that profile (checked), and `encodeProfile` may
-    only name a profile that does not exist (no encode stage: no header, as in llm-d)."""
+    disagg profile handler sets `x-prefiller-host-port` and `x-encoder-hosts-ports` itself from its
+    prefill and encode profiles' picks, which is what these did. So `prefillProfile` must be the
+    handler's prefill profile, and `encodeProfile` its encode profile or one that does not exist (no
+    encode stage: no header, as in llm-d); both checked."""
 
     type = "disagg-headers-handler"
 
@@ -249,14 +275,15 @@ class DisaggHeadersHandler(Plugin):
         )
 
     def bind_config(self, plugins: Mapping[str, object], profiles: Mapping[str, Any], handler: object) -> None:
-        if self.encode_profile in profiles:
-            raise ParameterError(
-                "encodeProfile",
-                f"profile {shown(self.encode_profile)} exists, but encode disaggregation (E/P/D) is not supported by llm-epp",
-            )
         if not isinstance(handler, DisaggProfileHandler):
             raise ParameterError(
                 "", f"sets the prefill header of a {DisaggProfileHandler.type} or {PdProfileHandler.type}, and the config has none"
+            )
+        if self.encode_profile in profiles and self.encode_profile != handler.encode_profile:
+            raise ParameterError(
+                "encodeProfile",
+                f"{shown(self.encode_profile)} differs from the profile handler's encode profile "
+                f"{shown(handler.encode_profile)}, whose picks llm-epp puts in {ENCODERS_HEADER}",
             )
         if self.prefill_profile != handler.prefill_profile:
             raise ParameterError(
@@ -268,6 +295,17 @@ class DisaggHeadersHandler(Plugin):
 
 class PrefillHeaderHandler(DisaggHeadersHandler):
     type = "prefill-header-handler"
+
+
+def _decider(plugins: Mapping[str, object], name: str, param: str, examples: str) -> PdDecider:
+    plugin = plugins.get(name)
+    if plugin is None:
+        raise ParameterError(param, f"no plugin named {shown(name)}; defined: {', '.join(plugins)}")
+    if not isinstance(plugin, PdDecider):
+        raise ParameterError(
+            param, f"plugin {shown(name)} ({getattr(plugin, 'type', '?')}) is not a disaggregation decider such as {examples}"
+        )
+    return plugin
 
 
 def _names(p: Params, key: str, allowed: tuple[str, ...]) -> dict[str, str]:

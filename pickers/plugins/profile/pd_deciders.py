@@ -1,7 +1,8 @@
-"""P/D deciders: given the decode pick, is a separate prefill worth it for this request?
+"""Disaggregation deciders: given the decode pick, is a separate stage worth it for this request?
 
-`disagg-profile-handler` asks its prefill decider after the decode profile ran; yes runs the prefill
-profile, no serves the request aggregated on the decode endpoint. Names and parameters are llm-d's.
+`disagg-profile-handler` asks its deciders after the decode profile ran: the encode decider (yes runs
+the encode profile) and then the prefill decider (yes runs the prefill profile; no serves the request
+aggregated on the decode endpoint). Names and parameters are llm-d's.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from pickers.plugins.scorer.affinity.prefix import prefix_match
 
 @runtime_checkable
 class PdDecider(Protocol):
-    """True: prefill elsewhere, then decode on `decode` (which the decode profile chose)."""
+    """True: run this decider's stage (prefill, or encode) elsewhere, then decode on `decode` (which
+    the decode profile chose)."""
 
     type: str
     name: str
@@ -82,3 +84,14 @@ class AlwaysDisaggPDDecider(Plugin):
 
     def disaggregate(self, request: InferenceRequest, cycle: CycleState, decode: Endpoint) -> bool:
         return True
+
+
+class AlwaysDisaggMultimodalDecider(Plugin):
+    """Encode remotely every request with an image, audio or video part (the body parser flags them:
+    chat's image_url, video_url, input_audio, audio_url parts, Anthropic's image blocks); text-only
+    requests skip the encode stage."""
+
+    type = "always-disagg-multimodal-decider"
+
+    def disaggregate(self, request: InferenceRequest, cycle: CycleState, decode: Endpoint) -> bool:
+        return request.multimodal
