@@ -10,7 +10,7 @@ import asyncio
 import logging
 import random
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +50,7 @@ from pickers.config.datalayer import DEFAULT_DATA_LAYER, DataLayerConfig
 from pickers.config.loader import load_config, load_config_file
 from pickers.config.strategies import build_profile
 from pickers.framework.errors import ConfigError
+from pickers.framework.flowcontrol import FlowControlConfig
 from pickers.framework.scheduler import Scheduler
 from pickers.framework.types import ProfileHandler, SchedulingProfile
 from pickers.indexes.prefix import ApproxPrefixIndex
@@ -60,6 +61,7 @@ from pickers.plugins.scorer.affinity.precise_prefix import precise_indexes
 if TYPE_CHECKING:  # imported when used: the Kubernetes client costs half a second to import
     from opentelemetry.sdk.trace import TracerProvider
 
+    from extproc.flowcontrol.controller import FlowController
     from extproc.kubernetes.runtime import KubernetesOptions, KubernetesRuntime
 
 log = logging.getLogger(__name__)
@@ -133,47 +135,67 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         stream = RequestStream(self.director, parsers=self.parsers, limits=self.limits)
         self.active_streams += 1
         read, write, eof = context.read, context.write, grpc.aio.EOF
+        task = asyncio.current_task()
+        evicted = False
+
+        def evict() -> None:  # flow control ends this in-flight request: the loop below answers it
+            nonlocal evicted
+            if stream.evictable and not evicted and task is not None:
+                evicted = True
+                task.cancel()
+
         try:
-            while True:
-                idle = stream.body_idle_timeout  # set only while the client's body is due
-                if idle is None:
-                    msg = await read()
-                else:
-                    try:
-                        async with asyncio.timeout(idle):
-                            msg = await read()
-                    except TimeoutError:
-                        for resp in stream.body_timed_out():
-                            await write(resp)
-                        return
-                if msg is eof:
-                    break
-                try:
-                    out = stream.handle(msg)
-                    if stream.needs_data:  # a token-producer's call before the pick (bounded by its timeout)
-                        for resp in out:
-                            await write(resp)
-                        assert stream.request is not None
-                        await self.director.prepare(stream.request)
-                        out = stream.resume()
-                except ProtocolError as e:
-                    log.warning("request %s: %s", bounds.request_id(stream.request.request_id) if stream.request else "?", e)
-                    await write(stream.protocol_error_response(e))
-                    return
-                except Exception as e:  # a bug must cost one request, not the stream's bookkeeping
-                    rid = bounds.request_id(stream.request.request_id) if stream.request else "?"
-                    log.exception("request %s: internal error", rid)
-                    await write(stream.protocol_error_response(ProtocolError(stream.state, f"internal error: {e}")))
-                    return
-                for resp in out:
+            await self._serve(stream, read, write, eof, evict)
+        except asyncio.CancelledError:
+            if not evicted or task is None:
+                raise  # the client or Envoy went away
+            task.uncancel()
+            if stream.evictable:
+                for resp in stream.evict():
                     await write(resp)
-                if stream.state is State.REJECTED:
-                    return  # answered: read nothing more (the rest of a refused body is not ours to parse)
         finally:
             stream.close()
             self.active_streams -= 1
             if self.heap is not None:
                 self.heap.after_stream(stream.request_body_bytes)
+
+    async def _serve(self, stream: RequestStream, read: Any, write: Any, eof: object, evict: Callable[[], None]) -> None:
+        """Messages in, the stream's answers out, until the stream is answered or ends."""
+        while True:
+            idle = stream.body_idle_timeout  # set only while the client's body is due
+            if idle is None:
+                msg = await read()
+            else:
+                try:
+                    async with asyncio.timeout(idle):
+                        msg = await read()
+                except TimeoutError:
+                    for resp in stream.body_timed_out():
+                        await write(resp)
+                    return
+            if msg is eof:
+                break
+            try:
+                out = stream.handle(msg)
+                if stream.needs_data:  # a token-producer's call, then flow control's queue, before the pick
+                    for resp in out:
+                        await write(resp)
+                    assert stream.request is not None
+                    await self.director.prepare(stream.request)
+                    out = await self.director.admit(stream, evict)
+            except ProtocolError as e:
+                log.warning("request %s: %s", bounds.request_id(stream.request.request_id) if stream.request else "?", e)
+                await write(stream.protocol_error_response(e))
+                return
+            except Exception as e:  # a bug must cost one request, not the stream's bookkeeping
+                rid = bounds.request_id(stream.request.request_id) if stream.request else "?"
+                log.exception("request %s: internal error", rid)
+                await write(stream.protocol_error_response(ProtocolError(stream.state, f"internal error: {e}")))
+                return
+            for resp in out:
+                await write(resp)
+            if stream.state is State.REJECTED:
+                return  # answered: read nothing more (the rest of a refused body is not ours to parse)
 
 
 class EppServer:
@@ -188,6 +210,7 @@ class EppServer:
         self._saturation_config = SaturationConfig()
         self.data_layer: DataLayerConfig = DEFAULT_DATA_LAYER
         self.parsers = DEFAULT_PARSERS  # the config's requestHandler.parsers, set by _build_profiles
+        self.flow_control_config: FlowControlConfig | None = None  # the config's flowControl, set by _build_profiles
         profiles, handler, producers = self._build_profiles()
         self._profiles = profiles
         self._endpoints_file, self._watch_endpoints, self._kubernetes = self._discovery()
@@ -209,12 +232,16 @@ class EppServer:
         self.rewrites = RewriteStore(load_rewrites_file(opts.model_rewrites_file) if opts.model_rewrites_file else ())
         self.saturation = SaturationDetector(self.datastore, self._saturation_config)
         self.tracer_provider: TracerProvider | None = None
+        self.flow_control = self._flow_controller()
         director_kwargs: dict[str, Any] = dict(
             log_requests=opts.log_requests, objectives=self.objectives, rewrites=self.rewrites, saturation=self.saturation,
-            token_producer=self.token_producer,
+            token_producer=self.token_producer, flow_control=self.flow_control,
         )
         if opts.tracing:
-            from extproc.requestcontrol.tracing import TracedDirector, build_provider  # ConfigError without the `otel` extra
+            from extproc.requestcontrol.tracing import (  # ConfigError without the `otel` extra
+                TracedDirector,
+                build_provider,
+            )
 
             self.tracer_provider = build_provider(opts.tracing_sample_ratio)
             tracer = self.tracer_provider.get_tracer("llm-epp", self.metrics.version)
@@ -257,7 +284,25 @@ class EppServer:
         self._saturation_config = SaturationConfig.from_config(cfg.saturation_detector, cfg.source)
         self.data_layer = cfg.data_layer
         self.parsers = RequestParsers(cfg.parsers)
+        self.flow_control_config = cfg.flow_control
         return cfg.profiles, cfg.profile_handler, cfg.producers
+
+    def _flow_controller(self) -> FlowController | None:
+        """The flow controller when the config turns flow control on (imported only then); the dispatch
+        passes run when room may have freed: an endpoint's new metrics, a change of membership, and
+        (from the Director) a request's first byte or end."""
+        fcc = self.flow_control_config
+        if fcc is None or not fcc.enabled:
+            return None
+        from extproc.flowcontrol.controller import FlowController
+        from extproc.observability.metrics import FlowControlMetrics
+
+        fc = FlowController(fcc, self.datastore.candidates, metrics=FlowControlMetrics())
+        fc.metrics.queues = fc.queue_stats
+        self.metrics.flow_control = fc.metrics
+        self.datastore.on_metrics_update(fc.kick)
+        self.datastore.on_membership_change(lambda added, removed: fc.kick())
+        return fc
 
     def _discovery(self) -> tuple[str | None, bool, KubernetesOptions | None]:
         """Where the pool comes from: (endpoints file, re-read it?, Kubernetes options). `--endpoints` and
@@ -394,7 +439,11 @@ class EppServer:
             "data_layer": self.data_layer.summary(),
         }  # fmt: skip
         runtime = lambda: {"active_streams": self.servicer.active_streams, "heap_trims": self.heap.trims}  # noqa: E731
-        runner = web.AppRunner(admin_app(self.datastore, self.prefix_index, self.director, config, runtime), access_log=None)
+        fc = self.flow_control
+        runner = web.AppRunner(
+            admin_app(self.datastore, self.prefix_index, self.director, config, runtime, fc.view if fc is not None else None),
+            access_log=None,
+        )
         await runner.setup()
         site = web.TCPSite(runner, opts.admin_address, opts.admin_port)
         try:
@@ -438,6 +487,8 @@ class EppServer:
         await self.health.enter_graceful_shutdown()
         if self.opts.shutdown_delay > 0:
             await asyncio.sleep(self.opts.shutdown_delay)
+        if self.flow_control is not None:
+            self.flow_control.shutdown()  # queued requests get 503 now, not at the end of the grace period
         if self._grpc is not None:
             await self._grpc.stop(grace)
         await self.supervisor.stop()

@@ -27,7 +27,11 @@ from types import MappingProxyType
 from typing import Any
 
 from pickers.config import safe_yaml
-from pickers.config.datalayer import DEFAULT_DATA_LAYER, DataLayerConfig, build_data_layer
+from pickers.config.datalayer import (
+    DEFAULT_DATA_LAYER,
+    DataLayerConfig,
+    build_data_layer,
+)
 from pickers.config.parsers import (
     DEFAULT_PARSERS,
     REFUSED_PARSER_TYPES,
@@ -37,6 +41,7 @@ from pickers.config.parsers import (
 )
 from pickers.config.registry import build_plugin, create_plugin
 from pickers.framework.errors import ConfigError, shown
+from pickers.framework.flowcontrol import FlowControlConfig
 from pickers.framework.params import ParameterError
 from pickers.framework.types import (
     DataProducer,
@@ -129,6 +134,8 @@ class EndpointPickerConfig:
     # the data producers: plugins outside the profiles that run for every request (token-producer
     # first, then config order); the scheduler runs them before each cycle
     producers: tuple[object, ...] = ()
+    # the flowControl section, resolved (None: not configured); the runtime is extproc.flowcontrol's
+    flow_control: FlowControlConfig | None = None
 
     @property
     def profile(self) -> SchedulingProfile:
