@@ -490,6 +490,7 @@ async def test_nothing_leaks_after_a_mixed_storm():
     h.timers.advance(10)
     await settle()
     assert all(t.done() for t in tasks)
+    await asyncio.gather(*tasks, return_exceptions=True)  # every outcome read: none left for the garbage collector
     h.assert_books_empty()
     assert sum(h.fc.metrics.totals.values()) == 60
     assert h.fc.queue_stats() == []
@@ -590,3 +591,27 @@ async def test_the_view_and_the_gauges_show_bands_and_flows():
     assert by_priority[0]["largest_flows"][0]["fairness_id"] == "tenant-a" and by_priority[0]["largest_flows"][0]["requests"] == 2
     assert sorted(h.fc.queue_stats()) == [("default-flow", -1, 1, 1), ("tenant-a", 0, 2, 10)]
     assert [b["priority"] for b in view["bands"]] == [0, -1]  # descending
+
+
+async def test_the_metrics_use_llm_ds_names_and_bound_the_fairness_ids():
+    from extproc.observability.metrics import EppMetrics
+
+    h = Harness(capacity=1)
+    h.fc.metrics.queues = h.fc.queue_stats
+    m = EppMetrics()
+    m.flow_control = h.fc.metrics
+    h.submit("running")
+    for i in range(150):
+        h.submit(f"r{i}", flow=f"tenant-{i}")
+    await settle()
+    names = m.names()
+    for name in ("llm_d_epp_flow_control_queue_size", "llm_d_epp_flow_control_queue_bytes", "llm_d_epp_flow_control_requests_total",
+                 "llm_d_epp_flow_control_request_queue_duration_seconds_bucket", "llm_d_epp_flow_control_pool_saturation"):  # fmt: skip
+        assert name in names
+    text = m.exposition().decode()
+    sizes = [line for line in text.splitlines() if line.startswith("llm_d_epp_flow_control_queue_size{")]
+    assert len(sizes) <= 101 and any('fairness_id="other"' in line for line in sizes)
+    h.fc.shutdown()
+    await settle()
+    for t in h.tasks.values():
+        t.cancelled() or t.exception()
