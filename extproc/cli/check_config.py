@@ -20,6 +20,7 @@ from pickers.config import safe_yaml
 from pickers.config.datalayer import DEFAULT_DATA_LAYER
 from pickers.config.loader import EndpointPickerConfig, load_config, load_config_file
 from pickers.framework.errors import ConfigError
+from pickers.framework.flowcontrol import BandConfig, FlowControlConfig
 
 STDIN = "-"
 
@@ -58,6 +59,8 @@ def describe(cfg: EndpointPickerConfig) -> str:
         lines.append(f"  featureGates: {', '.join(cfg.feature_gates)}")
     if cfg.saturation_detector:
         lines.append(f"  saturationDetector: {_value(cfg.saturation_detector)}")
+    if cfg.flow_control is not None:
+        lines += _flow_control(cfg.flow_control)
     lines.append(f"  profile handler: {cfg.profile_handler.type}")
     for profile in cfg.profiles:
         lines.append(f"  profile {profile.name}:")
@@ -82,6 +85,37 @@ def describe(cfg: EndpointPickerConfig) -> str:
         params = cfg.plugin_parameters.get(name, {})
         lines.append(f"    {label}" + (f": {_params(params)}" if params else ""))
     return "\n".join(lines) + "\n"
+
+
+def _flow_control(fc: FlowControlConfig) -> list[str]:
+    def band(b: BandConfig) -> str:
+        return (f"maxRequests={b.max_requests}, maxBytes={b.max_bytes}, fairness={b.fairness.name}, "
+                f"ordering={b.ordering.name}")  # fmt: skip
+
+    def limit(n: int) -> str:
+        return str(n) if n else "unlimited"
+
+    resolver = getattr(fc.fairness_id, "__self__", None)  # agent-identity's bound method, else the header function
+    lines = [
+        "  flowControl:",
+        f"    maxRequests: {limit(fc.max_requests)}, maxBytes: {limit(fc.max_bytes)}",
+        f"    defaultRequestTTL: {_seconds(fc.default_request_ttl)}, noEndpointRequestTTL: {_seconds(fc.no_endpoint_request_ttl)}",
+        f"    saturationDetector: {fc.saturation_detector.name} ({fc.saturation_detector.type})",
+        f"    usageLimitPolicy: {fc.usage_limit.name} ({fc.usage_limit.type})",
+        f"    enableEviction: {_value(fc.enable_eviction)}"
+        + (f" (filter {fc.eviction_filter.name}, order {fc.eviction_order.name})" if fc.eviction_filter and fc.eviction_order else ""),
+        "    fairness id: explicit header" + (f", then {resolver.name} session headers" if resolver is not None else "")
+        + ", then default-flow",
+    ]
+    lines += [f"    band {b.priority}: {band(b)}" for b in fc.bands]
+    lines.append(f"    defaultPriorityBand: {band(fc.default_band)}")
+    if fc.default_negative_band is not fc.default_band:
+        lines.append(f"    defaultNegativePriorityBand: {band(fc.default_negative_band)}")
+    return lines
+
+
+def _seconds(s: float) -> str:
+    return "no limit" if s == 0 else f"{s:g}s"
 
 
 def _params(params: Mapping[str, Any]) -> str:

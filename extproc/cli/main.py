@@ -81,6 +81,11 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     scheduling.add_argument("--config-file", metavar="FILE", help="an EndpointPickerConfig YAML file")
     scheduling.add_argument("--config-text", metavar="YAML", help="an EndpointPickerConfig given inline")
     p.add_argument(
+        "--config-reload-interval", type=_duration_or_off, default=5.0, metavar="DURATION",  # reload.DEFAULT_INTERVAL
+        help="how often to look at --config-file for changes, applied while serving (default 5s; 0: never reload; "
+        "docs/operating.md#config-reload)",
+    )  # fmt: skip
+    p.add_argument(
         "--max-num-endpoints", type=int, default=1, metavar="N",
         help="endpoints to return per request: the first is primary, the rest ordered fallbacks (default 1)",
     )  # fmt: skip
@@ -287,6 +292,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         strategy=args.strategy or "default",
         config_file=args.config_file,
         config_text=args.config_text,
+        config_reload_interval=args.config_reload_interval,
         max_endpoints=args.max_num_endpoints,
         refresh_metrics_interval=args.refresh_metrics_interval,
         metrics_staleness_threshold=args.metrics_staleness_threshold,

@@ -1,5 +1,5 @@
-"""`epp status`: a running EPP's endpoint table, flow control's queues (when on) and recent decisions,
-read from its /debug/ views."""
+"""`epp status`: a running EPP's config, endpoint table, flow control's queues (when on) and recent
+decisions, read from its /debug/ views."""
 
 from __future__ import annotations
 
@@ -75,11 +75,30 @@ def _top_scores(scores: dict[str, dict[str, float]] | None) -> str:
     return " ".join(f"{addr}={s:.2f}" for addr, s in best)
 
 
+def config_line(state: dict[str, Any] | None) -> str:
+    """The config serving and its last reload error (/debug/config's `config_reload`)."""
+    if not state:
+        return "config: unknown (an EPP without /debug/config's config_reload)"
+    if "loaded_at" not in state:
+        return f"config: {state.get('source', '?')} (reload: {state.get('watch', 'off')})"
+    loaded = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(state["loaded_at"]))
+    reloads = state.get("reloads") or {}
+    line = (
+        f"config: {state['source']} (sha256 {str(state.get('sha256', ''))[:12]}, loaded {loaded}, watched every "
+        f"{state.get('watch_interval_s', 0):g}s; reloads: {reloads.get('success', 0)} applied, {reloads.get('error', 0)} failed)"
+    )
+    if state.get("last_error"):
+        at = time.strftime("%H:%M:%S", time.localtime(state["last_error_at"])) if state.get("last_error_at") else "?"
+        line += f"\nlast reload error ({at}; the config above still serves): {state['last_error']}"
+    return line
+
+
 def show_status(url: str, *, decisions: int = 10, raw: bool = False, out: Any = None) -> int:
     out = out or sys.stdout
     try:
         endpoints = fetch(url, "/debug/endpoints")["endpoints"]
         recent = fetch(url, f"/debug/decisions?limit={decisions}")["decisions"]
+        config = fetch(url, "/debug/config").get("config_reload")
     except (urllib.error.URLError, OSError, ValueError) as e:
         print(f"epp status: cannot read {url}/debug/: {e} (is the EPP running with --admin-port?)", file=sys.stderr)
         return 1
@@ -88,8 +107,9 @@ def show_status(url: str, *, decisions: int = 10, raw: bool = False, out: Any = 
     except (urllib.error.URLError, OSError, ValueError):  # an EPP from before flow control
         fc = {"enabled": False}
     if raw:
-        print(json.dumps({"endpoints": endpoints, "flow_control": fc, "decisions": recent}, indent=2), file=out)
+        print(json.dumps({"config": config, "endpoints": endpoints, "flow_control": fc, "decisions": recent}, indent=2), file=out)
         return 0
+    print(config_line(config), file=out)
     healthy = sum(1 for ep in endpoints if ep["healthy"])
     print(f"endpoints: {len(endpoints)} ({healthy} healthy)", file=out)
     print(endpoint_table(endpoints), file=out)

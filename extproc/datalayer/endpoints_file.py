@@ -3,7 +3,7 @@
 One format for `epp serve --endpoints` and llm-d's `file-discovery` (`dataLayer.discovery`): llm-d's
 entries (`name`, `namespace`, `address`, `port` as a string, `labels`) are a subset of ours.
 
-Changes are detected by polling the file's inode, size and mtime (following symlinks), which also
+Changes are detected by polling the file (extproc.datalayer.file_watch: inode, size, mtime through symlinks), which also
 catches the atomic `..data` symlink swap Kubernetes does when a mounted ConfigMap is updated. A
 changed file is read and parsed in a worker thread (pickers.config.safe_yaml bounds the work), so
 requests keep flowing while a large or hostile file is looked at.
@@ -15,11 +15,11 @@ import asyncio
 import ipaddress
 import logging
 import os
-import time
 from collections.abc import Mapping
 from typing import Any
 
 from extproc.datalayer.datastore import Datastore
+from extproc.datalayer.file_watch import FileIdentity, file_identity, may_have_changed
 from pickers.config import safe_yaml
 from pickers.framework.endpoint import EndpointSpec
 from pickers.framework.errors import ConfigError, shown
@@ -213,20 +213,6 @@ def _port(value: Any) -> int | None:
     return value if 1 <= value <= 65535 else None
 
 
-def _file_identity(path: str) -> tuple[int, int, int, int] | None:
-    """What changes when the file (or the target of its symlinks) changes; None if it is gone."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-# File mtimes tick coarsely (a few ms), so a same-size rewrite in place right after a read can
-# keep the identity: while the mtime is this recent, compare the content too.
-_RECENT_NS = 2_000_000_000
-
-
 def _read_if_changed(path: str, last_text: str | None) -> tuple[str, list[EndpointSpec] | ConfigError | None]:
     """Read the file and parse it if its text changed: (text, its endpoints or its error), or
     (text, None) when unchanged. Runs in a worker thread: it touches nothing shared. Raises
@@ -255,7 +241,7 @@ class StaticFileDiscovery:
         self.datastore = datastore
         self.poll_interval = poll_interval
         self.watch = watch  # False: read once (llm-d's file-discovery with watchFile: false)
-        self._identity: tuple[int, int, int, int] | None = None
+        self._identity: FileIdentity | None = None
         self._text: str | None = None  # last text read, good or bad
         self._loaded = False
         self.last_error: str | None = None  # the error of the current bad file, if any
@@ -264,13 +250,13 @@ class StaticFileDiscovery:
         """Read the file and set the membership. Raises ConfigError; the table is then unchanged."""
         return self._take(*self._read_first())
 
-    def _read_first(self) -> tuple[tuple[int, int, int, int] | None, str, list[EndpointSpec]]:
-        identity = _file_identity(self.path)  # before reading: a write racing the read shows later
+    def _read_first(self) -> tuple[FileIdentity | None, str, list[EndpointSpec]]:
+        identity = file_identity(self.path)  # before reading: a write racing the read shows later
         text = _read(self.path)
         return identity, text, parse_endpoints_yaml(text, source=self.path)
 
     def _take(
-        self, identity: tuple[int, int, int, int] | None, text: str, specs: list[EndpointSpec]
+        self, identity: FileIdentity | None, text: str, specs: list[EndpointSpec]
     ) -> list[EndpointSpec]:
         self._identity, self._text = identity, text
         self._apply(specs)
@@ -278,10 +264,8 @@ class StaticFileDiscovery:
 
     async def poll_once(self) -> bool:
         """Reload if the file changed. Returns True when a new table was applied."""
-        identity = _file_identity(self.path)
-        if identity == self._identity and not (
-            identity is not None and time.time_ns() - identity[3] < _RECENT_NS
-        ):
+        identity = file_identity(self.path)
+        if not may_have_changed(identity, self._identity):
             return False
         try:
             text, parsed = await asyncio.to_thread(_read_if_changed, self.path, self._text)

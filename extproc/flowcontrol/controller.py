@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from extproc.flowcontrol.eviction import Reclaimer
@@ -40,8 +40,6 @@ from pickers.framework.errors import (
     RequestError,
 )
 from pickers.framework.flowcontrol import (
-    DEFAULT_FLOW_ID,
-    FAIRNESS_ID_HEADERS,
     BandConfig,
     EvictionItem,
     FlowControlConfig,
@@ -61,24 +59,6 @@ EVICTED_TTL = "EvictedTTL"
 EVICTED_NO_ENDPOINTS = "EvictedNoEndpoints"
 EVICTED_CANCELLED = "EvictedContextCancelled"
 EVICTED_OTHER = "EvictedOther"
-
-
-def fairness_id(headers: Mapping[str, str]) -> str:
-    """The request's flow within its band: the first fairness header set, else `default-flow`."""
-    for name in FAIRNESS_ID_HEADERS:
-        value = headers.get(name)
-        if value:
-            return bounds.fairness_id(value.strip()) or DEFAULT_FLOW_ID
-    return DEFAULT_FLOW_ID
-
-
-def band_for(config: FlowControlConfig, priority: int) -> BandConfig:
-    """The configured band of this priority, else one from the default template (negative: sheddable)."""
-    for b in config.bands:
-        if b.priority == priority:
-            return b
-    template = config.default_negative_band if priority < 0 else config.default_band
-    return BandConfig(priority, template.max_requests, template.max_bytes, template.fairness, template.ordering)
 
 
 class FlowController:
@@ -124,11 +104,13 @@ class FlowController:
         """Hold `request` until its band may dispatch, then return what `dispatch()` (the pick) returns.
         Raises RequestError (429/503 with a dropped reason) when refused or dropped; cancelling the
         caller (the client went away) removes the request at once."""
-        flow = FlowKey(request.priority, fairness_id(request.headers))
+        # the fairness id as the config resolves it (header, agent-identity, default-flow): the same the
+        # fairness policies (program-aware-fairness) see; bounded where it is shown (labels, views)
+        flow = FlowKey(request.priority, self.config.fairness_id(request))
         if self.closed:
             self.metrics.outcome(flow, REJECTED_OTHER, 0.0)
             raise RequestError(SHUTTING_DOWN, "the EPP is shutting down: retry on another replica")
-        band = self.bands.get(flow.priority) or self._add_band(band_for(self.config, flow.priority))
+        band = self.bands.get(flow.priority) or self._add_band(self.config.band(flow.priority))  # cached per priority
         now = self.clock()
         self._look_at_pool(self.endpoints(), now)
         c = self.config
@@ -311,7 +293,7 @@ class FlowController:
             flows = []
             for q in queues[:flows_shown]:
                 head = q.head()
-                flows.append({"fairness_id": q.flow.id, "requests": q.count, "bytes": q.byte_size,
+                flows.append({"fairness_id": bounds.fairness_id(q.flow.id), "requests": q.count, "bytes": q.byte_size,
                               "head_wait_s": round(now - head.enqueued_at, 3) if head is not None else None})  # fmt: skip
             bands.append({
                 "priority": p, "requests": band.count, "bytes": band.byte_size, "max_requests": band.config.max_requests,

@@ -89,6 +89,7 @@ class Band:
     def __init__(self, config: BandConfig) -> None:
         self.config = config
         self.priority = config.priority
+        self.ordering = config.ordering  # the OrderingPolicy (global-strict-fairness compares heads with it)
         self.policy_state = config.fairness.new_state()
         self._queues: dict[str, Queue] = {}  # by fairness id, in the order flows arrived
         self._flows: tuple[FlowKey, ...] | None = ()
@@ -113,8 +114,7 @@ class Band:
     def push(self, item: Item) -> None:
         q = self._queues.get(item.flow.id)
         if q is None:
-            ordering = self.config.ordering
-            q = self._queues[item.flow.id] = Queue(item.flow, ordering.key)
+            q = self._queues[item.flow.id] = Queue(item.flow, self.ordering.key)
             self._flows = None
         q.push(item)
         self.count += 1

@@ -52,7 +52,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
@@ -77,6 +77,9 @@ from pickers.framework.errors import (
 )
 from pickers.framework.request import InferenceRequest
 from pickers.framework.types import InFlightCharge
+
+if TYPE_CHECKING:
+    from pickers.framework.scheduler import Scheduler
 
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
 SUBSET_NAMESPACE = "envoy.lb.subset_hint"
@@ -163,6 +166,9 @@ class Routing:
     # Director; None: `tokens` on `primary`
     charges: list[InFlightCharge] | None = None
     early_released: bool = False  # the charges' first-byte parts came off
+    # the scheduler that chose, told of the response: a config reload may have swapped the Director's
+    # since, and the plugins that saw the pick are the ones to see its end (None: the Director's)
+    scheduler: Scheduler | None = None
 
 
 @dataclass(slots=True)

@@ -34,6 +34,7 @@ from prometheus_client.utils import floatToGoString
 
 from extproc.handlers.usage import Usage
 from extproc.observability.bounds import MAX_FLOWS, MAX_MODELS, OVERFLOW, model_name
+from extproc.observability.bounds import fairness_id as bounded_fairness_id
 from pickers.framework.flowcontrol import FlowKey
 from pickers.framework.histogram import Histogram
 
@@ -96,12 +97,13 @@ class FlowControlMetrics:
         self.queues: Any = None  # () -> [(fairness id, priority, requests, bytes)]
 
     def flow_label(self, flow: FlowKey) -> str:
-        pair = (flow.id, flow.priority)
+        fid = bounded_fairness_id(flow.id)
+        pair = (fid, flow.priority)
         if pair in self._labels:
-            return flow.id
+            return fid
         if len(self._labels) < MAX_FLOWS:
             self._labels.add(pair)
-            return flow.id
+            return fid
         return OVERFLOW
 
     def outcome(self, flow: FlowKey, outcome: str, waited: float) -> None:
@@ -178,6 +180,8 @@ class EppMetrics:
         self._errors: dict[tuple[str, str, str], int] = {}  # (model, target model, error code)
         self.scheduler_e2e = Histogram(SCHED_BUCKETS)
         self.plugin_durations: dict[tuple[str, str, str], Histogram] = {}
+        self.config_reloads = {"success": 0, "error": 0}  # reloads of --config-file (extproc.server.reload)
+        self.config_loaded: tuple[str, str, float] | None = None  # (source, sha256, unix time) of the config serving
         self._fixed = _FixedFamilies(self)
         self._building: asyncio.Future[bytes] | None = None
 
@@ -247,6 +251,9 @@ class EppMetrics:
             s.cached_tokens.observe(usage.cached_tokens)
 
     # -- per-plugin latency --------------------------------------------------------------------
+    def config_reload(self, ok: bool) -> None:
+        self.config_reloads["success" if ok else "error"] += 1
+
     def plugin_timer(self, point: str, plugin: object) -> Histogram:
         """The histogram of one plugin's call durations (a `PluginTimer` for the Scheduler)."""
         key = (point, str(getattr(plugin, "type", type(plugin).__name__)), str(getattr(plugin, "name", "")))
@@ -318,6 +325,23 @@ class _FixedFamilies:
         yield from self._token_producers()
         if m.flow_control is not None:
             yield from m.flow_control.collect(m.pool_name)
+        yield from self._config()
+
+    def _config(self) -> Iterator[Metric]:
+        loaded = self.m.config_loaded
+        if loaded is None:
+            return
+        reloads = CounterMetricFamily(
+            "llm_epp_config_reloads", "Reloads of the config file: applied (success) or kept the last good config (error)",
+            labels=["result"],
+        )  # fmt: skip
+        for result, n in self.m.config_reloads.items():
+            reloads.add_metric([result], n)
+        info = GaugeMetricFamily("llm_epp_config_info", "The config serving: its source and the sha256 of its text", labels=["source", "hash"])
+        info.add_metric([loaded[0], loaded[1]], 1)
+        at = GaugeMetricFamily("llm_epp_config_last_load_timestamp_seconds", "When the config serving was loaded (unix time)")
+        at.add_metric([], loaded[2])
+        yield from (reloads, info, at)
 
     def _pool(self) -> Iterator[Metric]:
         ds = self.m.datastore

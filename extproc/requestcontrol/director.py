@@ -11,6 +11,10 @@ It also keeps the last `DECISIONS_KEPT` decisions for /debug/decisions (a tuple 
 bounded deque per request) and, only with `log_requests`, writes one log line per request. What they
 keep of a client's strings (request id, model names, objective) is bounded by
 extproc.observability.bounds; the request itself goes on with its real values.
+
+A config reload (extproc.server.reload) swaps `scheduler`, `token_producer` and the saturation
+detector's config between requests; each Routing keeps the scheduler that chose it, whose plugins
+are told of the response.
 """
 
 from __future__ import annotations
@@ -132,7 +136,8 @@ class Director:
             raise RequestError(
                 SATURATED, f"the pool is saturated and objective {bounds.objective(objective)!r} is sheddable (priority {priority})"
             )
-        result = self.scheduler.schedule(request, candidates)
+        scheduler = self.scheduler  # read once: a config reload swaps it between requests
+        result = scheduler.schedule(request, candidates)
         primary = result.endpoints[0]
         request.prefill_tokens = result.prefill_tokens
         charges = result.in_flight
@@ -150,7 +155,7 @@ class Director:
         decision = (time.time(), request.request_id, bounds.model_name(model), destination, result.profile, result.scores, None)
         self.decisions.append(decision)
         return Routing(request, destination, primary, tokens, scores, result.request_headers, result.response_headers,
-                       result.profile, charges=charges)  # fmt: skip
+                       result.profile, charges=charges, scheduler=scheduler)  # fmt: skip
 
     def rejected(self, request: InferenceRequest | None, error: RequestError) -> None:
         model = request.model if request else ""
@@ -189,7 +194,7 @@ class Director:
                 self.datastore.release(c.endpoint, c.tokens, 0 if c.early_request else c.requests, c.tokens)
         usage = outcome.usage if isinstance(outcome.usage, Usage) else None
         request = routing.request
-        self.scheduler.response_complete(
+        (routing.scheduler or self.scheduler).response_complete(
             request,
             routing.primary,
             usage.prompt_tokens if usage else None,

@@ -1,7 +1,8 @@
 """Live views of a running EPP, as JSON over HTTP (`--admin-port`, on 127.0.0.1 unless configured):
 
     /debug/endpoints   each endpoint's state: role, health, scraped load, in-flight, prefix blocks held
-    /debug/config      the effective scheduling profiles and the serve options
+    /debug/config      the effective scheduling profiles, the serve options and the config serving
+                       (`config_reload`: its source, sha256, load time and the last reload error)
     /debug/decisions   the most recent routing decisions (newest last), with scores when explaining
     /debug/runtime     process numbers for soak checks: RSS, asyncio tasks, open ext_proc streams,
                        in-flight requests and tokens, prefix index size and bound
@@ -155,6 +156,7 @@ def admin_app(
     director: Director,
     config: Mapping[str, Any],
     runtime: Callable[[], Mapping[str, Any]] | None = None,
+    config_state: Callable[[], Mapping[str, Any]] | None = None,
     flow_control: Callable[[], Mapping[str, Any]] | None = None,
 ) -> web.Application:
     async def endpoints(request: web.Request) -> web.Response:
@@ -164,7 +166,8 @@ def admin_app(
         return web.json_response({"endpoints": endpoints_view(datastore, prefix_index, precise)})
 
     async def config_handler(request: web.Request) -> web.Response:
-        return web.json_response({**config, "scheduling": scheduling_view(director.scheduler)}, dumps=_dumps)
+        state = {"config_reload": config_state()} if config_state is not None else {}
+        return web.json_response({**config, **state, "scheduling": scheduling_view(director.scheduler)}, dumps=_dumps)
 
     async def decisions(request: web.Request) -> web.Response:
         try:

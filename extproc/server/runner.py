@@ -2,6 +2,8 @@
 tasks (discovery, scraping), assembled from the datastore, the scheduler and the Director.
 
 The servicer only moves messages between gRPC and `RequestStream`; all protocol logic is there.
+With `--config-file`, a changed file is applied while serving (extproc.server.reload): each part that
+takes config registers a reload hook here (`_watch_config`).
 """
 
 from __future__ import annotations
@@ -46,8 +48,11 @@ from extproc.requestcontrol.objectives import ObjectiveStore, load_objectives_fi
 from extproc.requestcontrol.rewrites import RewriteStore, load_rewrites_file
 from extproc.requestcontrol.saturation import SaturationConfig, SaturationDetector
 from extproc.server.memory import HeapTrimmer
+from extproc.server.reload import DEFAULT_INTERVAL as RELOAD_INTERVAL
+from extproc.server.reload import ConfigReloader
+from pickers.config import safe_yaml
 from pickers.config.datalayer import DEFAULT_DATA_LAYER, DataLayerConfig
-from pickers.config.loader import load_config, load_config_file
+from pickers.config.loader import EndpointPickerConfig, load_config
 from pickers.config.strategies import build_profile
 from pickers.framework.errors import ConfigError
 from pickers.framework.flowcontrol import FlowControlConfig
@@ -91,6 +96,7 @@ class ServeOptions:
     strategy: str = "default"
     config_file: str | None = None  # an EndpointPickerConfig; replaces `strategy`
     config_text: str | None = None  # the same, inline (--config-text)
+    config_reload_interval: float = RELOAD_INTERVAL  # seconds between looks at config_file for changes; 0: never reload
     max_endpoints: int = 1
     refresh_metrics_interval: float = 0.05
     metrics_staleness_threshold: float = 2.0
@@ -198,6 +204,20 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                 return  # answered: read nothing more (the rest of a refused body is not ours to parse)
 
 
+def _token_producer(cfg: EndpointPickerConfig) -> TokenProducer | None:
+    return next((p for p in cfg.producers if isinstance(p, TokenProducer)), None)
+
+
+def _scheduled(cfg: EndpointPickerConfig) -> list[object]:
+    """The plugins a Scheduler of this config runs (its profiles' and the producers), as Scheduler.plugins."""
+    return [*(p for prof in cfg.profiles for p in prof.plugins()), *cfg.producers]
+
+
+def _subscribed(plugins: Any) -> dict[str, Any]:
+    """The precise indexes among these plugins that KV events feed (subscriptions made at start-up)."""
+    return {n: p for n, p in precise_indexes(plugins).items() if p.subscribe}
+
+
 class EppServer:
     """Owns every part of one EPP process; `start`/`stop` bring them up and down in order."""
 
@@ -211,6 +231,9 @@ class EppServer:
         self.data_layer: DataLayerConfig = DEFAULT_DATA_LAYER
         self.parsers = DEFAULT_PARSERS  # the config's requestHandler.parsers, set by _build_profiles
         self.flow_control_config: FlowControlConfig | None = None  # the config's flowControl, set by _build_profiles
+        self._plugin_ctx = PluginContext(self.prefix_index, random.Random(), opts.max_endpoints)  # kept across reloads
+        self.config: EndpointPickerConfig | None = None  # from --config-file / --config-text
+        self._config_text = ""
         profiles, handler, producers = self._build_profiles()
         self._profiles = profiles
         self._endpoints_file, self._watch_endpoints, self._kubernetes = self._discovery()
@@ -256,6 +279,7 @@ class EppServer:
         )
         self.heap = HeapTrimmer()
         self.servicer = ExtProcServicer(self.director, limits, self.heap, self.parsers)
+        self.reloader = self._watch_config()
         self.health = health_aio.HealthServicer()
         self.supervisor = Supervisor()
         self.kubernetes: KubernetesRuntime | None = None
@@ -275,12 +299,14 @@ class EppServer:
         opts = self.opts
         if opts.config_file is None and opts.config_text is None:
             return (build_profile(opts.strategy, self.prefix_index, max_endpoints=opts.max_endpoints),), None, ()
-        ctx = PluginContext(self.prefix_index, random.Random(), opts.max_endpoints)
+        ctx = self._plugin_ctx
         if opts.config_text is not None:
             cfg = load_config(opts.config_text, "--config-text", ctx)
         else:
             assert opts.config_file is not None
-            cfg = load_config_file(opts.config_file, ctx)
+            self._config_text = safe_yaml.read_text(opts.config_file, what="config file")
+            cfg = load_config(self._config_text, opts.config_file, ctx)
+        self.config = cfg
         self._saturation_config = SaturationConfig.from_config(cfg.saturation_detector, cfg.source)
         self.data_layer = cfg.data_layer
         self.parsers = RequestParsers(cfg.parsers)
@@ -303,6 +329,65 @@ class EppServer:
         self.datastore.on_metrics_update(fc.kick)
         self.datastore.on_membership_change(lambda added, removed: fc.kick())
         return fc
+
+    # -- config reload: one hook per part that takes config (extproc.server.reload) -----------------
+
+    def _watch_config(self) -> ConfigReloader | None:
+        opts = self.opts
+        if self.config is None or opts.config_file is None or opts.config_reload_interval <= 0:
+            return None
+        reloader = ConfigReloader(
+            opts.config_file, self.config, self._config_text, self._load_again, self.metrics, interval=opts.config_reload_interval
+        )
+        reloader.register("scheduling", self._apply_scheduling, self._check_scheduling)
+        reloader.register("saturationDetector", self._apply_saturation, self._check_saturation)
+        reloader.register("requestHandler.parsers", self._apply_parsers)
+        reloader.register("dataLayer", lambda new: None, self._check_data_layer)
+        return reloader
+
+    def _load_again(self, text: str, source: str, previous: EndpointPickerConfig) -> EndpointPickerConfig:
+        """On a worker thread: the same PluginContext (the shared prefix index), and the config serving
+        so that unchanged plugins keep their state."""
+        return load_config(text, source, self._plugin_ctx, previous=previous)
+
+    def _check_scheduling(self, old: EndpointPickerConfig, new: EndpointPickerConfig) -> str | None:
+        """The profiles and plugins swap freely, but for what start-up wired to the outside: the
+        token-producer (its backend client) and the KV-event subscriptions of precise indexes. Those
+        must be carried over unchanged (same name, type and parameters)."""
+        why = []
+        tokens_old, tokens_new = _token_producer(old), _token_producer(new)
+        carried = tokens_old is not None and tokens_new is not None and tokens_new.name == tokens_old.name and tokens_new.name in new.kept
+        if (tokens_old is not None or tokens_new is not None) and not carried:
+            why.append("the token-producer (its tokenizer and backend are set up at start-up)")
+        subscribed_old, subscribed_new = _subscribed(self.scheduler.plugins), _subscribed(_scheduled(new))
+        if {n: id(p.index) for n, p in subscribed_old.items()} != {n: id(p.index) for n, p in subscribed_new.items()}:
+            names = ", ".join(sorted({*subscribed_old, *subscribed_new}))
+            why.append(f"the precise prefix-cache plugins fed by KV events ({names}: their subscriptions start with the EPP)")
+        return "; ".join(why) or None
+
+    def _apply_scheduling(self, new: EndpointPickerConfig) -> None:
+        # Routed requests keep the scheduler that chose them (Routing.scheduler), told of their end.
+        self.scheduler = self.director.scheduler = Scheduler(
+            new.profiles, metrics_stale_after=self.opts.metrics_staleness_threshold, handler=new.profile_handler,
+            explain=self.opts.explain_scores, timer=self.metrics.plugin_timer, producers=new.producers,
+        )  # fmt: skip
+        self.metrics.attach_precise(self.scheduler.plugins)
+        self.director.token_producer = _token_producer(new)  # the start-up one's copy (checked)
+
+    def _check_saturation(self, old: EndpointPickerConfig, new: EndpointPickerConfig) -> str | None:
+        SaturationConfig.from_config(new.saturation_detector, new.source)  # raises ConfigError
+        return None
+
+    def _apply_saturation(self, new: EndpointPickerConfig) -> None:
+        self.saturation.config = self._saturation_config = SaturationConfig.from_config(new.saturation_detector, new.source)
+
+    def _apply_parsers(self, new: EndpointPickerConfig) -> None:
+        self.parsers = self.servicer.parsers = RequestParsers(new.parsers)  # streams opened from now on
+
+    def _check_data_layer(self, old: EndpointPickerConfig, new: EndpointPickerConfig) -> str | None:
+        if new.data_layer != old.data_layer:
+            return "dataLayer (discovery and the data sources are started with the EPP)"
+        return None
 
     def _discovery(self) -> tuple[str | None, bool, KubernetesOptions | None]:
         """Where the pool comes from: (endpoints file, re-read it?, Kubernetes options). `--endpoints` and
@@ -359,6 +444,8 @@ class EppServer:
             await self.kubernetes.start(self.supervisor)
         for name, poller in self._data_pollers.items():
             self.supervisor.start(name, poller.run)
+        if self.reloader is not None:
+            self.supervisor.start("config-reload", self.reloader.run)
         # Each precise index (precise-prefix-cache-producer or -scorer) is fed by a KV-event subscriber
         # of ours (a scorer in several profiles gets one).
         for name, precise in precise_indexes(self.scheduler.plugins).items():
@@ -440,10 +527,11 @@ class EppServer:
         }  # fmt: skip
         runtime = lambda: {"active_streams": self.servicer.active_streams, "heap_trims": self.heap.trims}  # noqa: E731
         fc = self.flow_control
-        runner = web.AppRunner(
-            admin_app(self.datastore, self.prefix_index, self.director, config, runtime, fc.view if fc is not None else None),
-            access_log=None,
-        )
+        app = admin_app(
+            self.datastore, self.prefix_index, self.director, config, runtime,
+            flow_control=fc.view if fc is not None else None, config_state=self.config_status,
+        )  # fmt: skip
+        runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, opts.admin_address, opts.admin_port)
         try:
@@ -455,6 +543,13 @@ class EppServer:
         self._admin_runner = runner
         self.admin_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         log.info("admin views on http://%s:%d/debug/", opts.admin_address, self.admin_port)
+
+    def config_status(self) -> dict[str, Any]:
+        """What /debug/config and `epp status` say about the config serving."""
+        if self.reloader is not None:
+            return self.reloader.status()
+        watch = "off" if self.opts.config_file else "n/a"
+        return {"source": self.scheduling_source.removeprefix("config "), "watch": watch}
 
     async def _metrics_handler(self, request: web.Request) -> web.Response:
         body = await asyncio.shield(self.metrics.scrape())  # built on a worker thread: requests go on meanwhile

@@ -14,10 +14,18 @@ Nothing is accepted and ignored: a section, gate or parameter llm-epp does not a
 a message naming it and why (docs/configuration.md has the table). Deprecated forms that still mean
 something (the old apiVersion, renamed or unused parameters) load with a warning, logged once per load
 and kept in `EndpointPickerConfig.warnings` for `epp check-config`.
+
+A reload (`load_config(..., previous=cfg)`, extproc.server.reload) keeps the state of each plugin it
+finds unchanged (same name, type and parameters as written): the new config gets a shallow copy of
+the previous instance, which shares its learned state (session bindings, LRUs, a precise index and
+its KV-event feed, a tokenizer) and is bound afresh to the new config's plugins, while the previous
+instance, still serving requests that started on it, is left as it was. Profile handlers are always
+built anew: they hold no learned state, and their binding appends to what they hold.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Mapping
@@ -32,6 +40,7 @@ from pickers.config.datalayer import (
     DataLayerConfig,
     build_data_layer,
 )
+from pickers.config.flowcontrol import FlowControlLoader
 from pickers.config.parsers import (
     DEFAULT_PARSERS,
     REFUSED_PARSER_TYPES,
@@ -39,9 +48,9 @@ from pickers.config.parsers import (
     is_parser_type,
     resolve_parsers,
 )
-from pickers.config.registry import build_plugin, create_plugin
+from pickers.config.registry import BuiltPlugin, build_plugin, create_plugin
 from pickers.framework.errors import ConfigError, shown
-from pickers.framework.flowcontrol import FlowControlConfig
+from pickers.framework.flowcontrol import FairnessPolicy, FlowControlConfig
 from pickers.framework.params import ParameterError
 from pickers.framework.types import (
     DataProducer,
@@ -74,21 +83,18 @@ UNSUPPORTED_SECTIONS: MappingProxyType[str, str] = MappingProxyType(
     {
     }
 )
-# featureGates llm-d registers, and what llm-epp makes of each: None = we do that anyway (when on)
-FLOW_CONTROL_REFUSED = (
-    "flow control (queueing, fairness, priority bands) is not implemented in llm-epp yet "
-    "(see docs/configuration.md#what-llm-epp-refuses); remove it"
-)
+# featureGates llm-d registers, and what llm-epp makes of each
 FEATURE_GATES = MappingProxyType(
     {
-        "flowControl": FLOW_CONTROL_REFUSED,
+        # on: the flowControl section holds requests in priority bands (pickers.config.flowcontrol)
+        "flowControl": "flow control",
         # a replica that is not the leader keeps its endpoint table current, so it can take over at once
         "haPopulateNonLeaderDatastore": "llm-epp always keeps a non-leader's endpoint table populated; it cannot be turned off",
         # GIE's gate for data producers (prefix match before scheduling): llm-epp always runs them
         "prepareDataPlugins": "llm-epp always runs its data producers; they cannot be turned off",
     }
 )
-_GATE_ON_IS_REFUSED = frozenset({"flowControl"})  # the others: on is what we do, off is refused
+_GATE_EITHER_WAY = frozenset({"flowControl"})  # the others: on is what we do, off is refused
 _PLUGIN_KEYS = ("name", "type", "parameters")
 _PROFILE_KEYS = ("name", "plugins")
 _REF_KEYS = ("pluginRef", "weight")
@@ -117,6 +123,15 @@ schedulingProfiles:
 
 
 @dataclass(slots=True, frozen=True)
+class PluginBuild:
+    """How one plugin of a config was built: what a reload compares to decide whether to keep it."""
+
+    type: str
+    written: object  # its parameters as written, in a form that compares exactly (see `_written`)
+    built: BuiltPlugin
+
+
+@dataclass(slots=True, frozen=True)
 class EndpointPickerConfig:
     source: str
     api_version: str
@@ -129,13 +144,15 @@ class EndpointPickerConfig:
     plugin_parameters: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # name -> effective parameters
     warnings: tuple[str, ...] = ()  # deprecations and adjusted values, each logged once when loaded
     data_layer: DataLayerConfig = DEFAULT_DATA_LAYER  # dataLayer, defaults injected; applied by extproc.server
+    # flowControl with its defaults and references resolved; None while the flowControl gate is off
+    flow_control: FlowControlConfig | None = None
     parsers: tuple[ParserSpec, ...] = DEFAULT_PARSERS  # the request parsers in effect, in order (extproc.handlers.parsers)
     default_parsers: bool = True  # no requestHandler.parsers (nor parser): llm-d's default list
     # the data producers: plugins outside the profiles that run for every request (token-producer
     # first, then config order); the scheduler runs them before each cycle
     producers: tuple[object, ...] = ()
-    # the flowControl section, resolved (None: not configured); the runtime is extproc.flowcontrol's
-    flow_control: FlowControlConfig | None = None
+    builds: Mapping[str, PluginBuild] = field(default_factory=dict)  # name -> how it was built (reloads compare)
+    kept: tuple[str, ...] = ()  # loaded as a reload: the plugins carried over from the previous config, state kept
 
     @property
     def profile(self) -> SchedulingProfile:
@@ -147,9 +164,13 @@ def load_config_file(path: str | Path, ctx: PluginContext | None = None) -> Endp
     return load_config(safe_yaml.read_text(path, what="config file"), str(path), ctx)
 
 
-def load_config(text: str, source: str, ctx: PluginContext | None = None) -> EndpointPickerConfig:
-    """Parse, validate and build. `ctx` carries the shared prefix index, datastore and rng."""
-    cfg = _Loader(source, ctx or PluginContext()).load(text)
+def load_config(
+    text: str, source: str, ctx: PluginContext | None = None, *, previous: EndpointPickerConfig | None = None
+) -> EndpointPickerConfig:
+    """Parse, validate and build. `ctx` carries the shared prefix index, datastore and rng. With
+    `previous` (a reload; give it the same `ctx`), unchanged plugins keep their state (see the module
+    doc); `previous` itself is not modified."""
+    cfg = _Loader(source, ctx or PluginContext(), previous).load(text)
     for w in cfg.warnings:
         log.warning("%s: %s", source, w)
     return cfg
@@ -162,9 +183,12 @@ def _kind(value: object) -> str:
 
 
 class _Loader:
-    def __init__(self, source: str, ctx: PluginContext) -> None:
+    def __init__(self, source: str, ctx: PluginContext, previous: EndpointPickerConfig | None = None) -> None:
         self.source = source
         self.ctx = ctx
+        self.previous = previous.builds if previous is not None else {}
+        self.builds: dict[str, PluginBuild] = {}
+        self.kept: list[str] = []
         self.warnings: list[str] = []
         self.types: dict[str, str] = {}
         self.parameters: dict[str, Mapping[str, Any]] = {}
@@ -212,7 +236,6 @@ class _Loader:
         if doc.get("kind") != KIND:
             raise self.error("kind", f"expected {KIND}, got {shown(doc.get('kind'))}")
         gates = self.feature_gates(doc.get("featureGates"))
-        self.flow_control(doc.get("flowControl"))
 
         plugins = self.build_plugins(doc.get("plugins"))
         others = {n: t for n, t in self.types.items() if n not in self.parser_plugins}
@@ -243,6 +266,8 @@ class _Loader:
             # what a plugin found wrong but loadable once names were resolved (as llm-d loads it)
             where = f"plugins[{self.index[name]}] ({self.types[name]})"
             self.warnings.extend(f"{where}: {w}" for w in getattr(plugin, "bind_warnings", ()))
+        saturation = self.optional_mapping(doc, "saturationDetector")
+        flow_control = self.flow_control(doc.get("flowControl"), _gate_on(gates, "flowControl"), saturation, plugins, profiles)
         for name, plugin in plugins.items():
             effective = getattr(plugin, "effective_parameters", None)
             if effective is not None:
@@ -260,7 +285,8 @@ class _Loader:
             profiles=profiles,
             profile_handler=handler,
             feature_gates=gates,
-            saturation_detector=self.optional_mapping(doc, "saturationDetector"),
+            saturation_detector={k: v for k, v in saturation.items() if k != "pluginRef"},
+            flow_control=flow_control,
             plugin_types=MappingProxyType(self.types),
             plugin_parameters=MappingProxyType(self.parameters),
             warnings=tuple(self.warnings),
@@ -268,6 +294,8 @@ class _Loader:
             parsers=parsers,
             default_parsers=default_parsers,
             producers=tuple(producers),
+            builds=MappingProxyType(self.builds),
+            kept=tuple(self.kept),
         )
 
     def bind_plugin(self, plugins: dict[str, object], plugin: object, bind: Any) -> None:
@@ -295,18 +323,22 @@ class _Loader:
                 if v not in ("true", "false", "1", "0", "t", "f"):
                     raise self.error(path, f"expected {name}=true or {name}=false, got {shown(g)}")
                 on = v in ("true", "1", "t")
-            if on == (name in _GATE_ON_IS_REFUSED):
+            if not on and name not in _GATE_EITHER_WAY:
                 raise self.error(path, f"{name}={'true' if on else 'false'} is not supported: {why}")
         return tuple(gates)
 
-    def flow_control(self, raw: object) -> None:
-        if raw is None:
-            return
-        if not isinstance(raw, dict):
-            raise self.error("flowControl", f"expected a mapping, got {_kind(raw)}")
-        if raw:
-            first = next(iter(raw))
-            raise self.error(f"flowControl.{first}", f"not supported: {FLOW_CONTROL_REFUSED} section")
+    def flow_control(
+        self, raw: object, enabled: bool, saturation: dict[str, Any], plugins: dict[str, object],
+        profiles: tuple[SchedulingProfile, ...],
+    ) -> FlowControlConfig | None:  # fmt: skip
+        """flowControl (pickers.config.flowcontrol): None unless the flowControl gate is on; the defaults
+        it makes join `plugins`."""
+        listed = frozenset(id(q) for prof in profiles for q in prof.plugins())
+        fc = FlowControlLoader(
+            plugins, self.types, self.parameters, lambda name: f"plugins[{self.index[name]}]", self.ctx,
+            self.error, self.warnings, listed,
+        )  # fmt: skip
+        return fc.build(raw, enabled, saturation)
 
     def data_layer(self, raw: object, plugins: dict[str, object]) -> DataLayerConfig:
         """dataLayer (pickers.config.datalayer), resolved against the plugins; defaults when absent."""
@@ -340,13 +372,22 @@ class _Loader:
                 self.parser_plugin(path, name, type_name, spec.get("parameters"))
                 first_at[name] = i
                 continue
-            try:
-                built = build_plugin(type_name, name, spec.get("parameters"), self.ctx)
-            except ParameterError as e:
-                param = f"{path}.parameters.{e.param}" if e.param else f"{path}.parameters"
-                raise self.error(param, f"{type_name}: {e.detail}") from None
-            except ConfigError as e:
-                raise self.error(f"{path}.type", str(e)) from None
+            written = _written(spec.get("parameters"))
+            before = self.previous.get(name)
+            if before is not None and (before.type, before.written) == (type_name, written) and not isinstance(
+                before.built.plugin, ProfileHandler
+            ):
+                built = BuiltPlugin(copy.copy(before.built.plugin), before.built.parameters, before.built.warnings)
+                self.kept.append(name)
+            else:
+                try:
+                    built = build_plugin(type_name, name, spec.get("parameters"), self.ctx)
+                except ParameterError as e:
+                    param = f"{path}.parameters.{e.param}" if e.param else f"{path}.parameters"
+                    raise self.error(param, f"{type_name}: {e.detail}") from None
+                except ConfigError as e:
+                    raise self.error(f"{path}.type", str(e)) from None
+            self.builds[name] = PluginBuild(type_name, written, built)
             plugins[name] = built.plugin
             self.types[name] = type_name
             self.parameters[name] = built.parameters
@@ -442,9 +483,29 @@ class _Loader:
         return float(value)
 
 
+def _written(value: object) -> object:
+    """Parameters as written, tagged with their types: `1`, `1.0` and `true` are equal in Python but
+    not the same parameter; mapping order does not matter."""
+    if isinstance(value, dict):
+        return ("map", tuple(sorted(((repr(k), _written(v)) for k, v in value.items()), key=lambda kv: kv[0])))
+    if isinstance(value, list):
+        return ("list", tuple(_written(v) for v in value))
+    return (type(value).__name__, value)
+
+
+def _gate_on(gates: tuple[str, ...], gate: str) -> bool:
+    """Whether `gate` is on: its last setting (a bare name is on), as llm-d reads them."""
+    on = False
+    for g in gates:
+        name, _, value = g.partition("=")
+        if name == gate:
+            on = not value or value.strip().lower() in ("true", "1", "t")
+    return on
+
+
 def _role(plugin: object) -> str | None:
-    if isinstance(plugin, ProfileHandler):
-        return None  # it has a `pick` too, but picks profiles, not endpoints
+    if isinstance(plugin, (ProfileHandler, FairnessPolicy)):
+        return None  # they have a `pick` too, but pick profiles or flows, not endpoints
     if isinstance(plugin, Picker):
         return "picker"
     if isinstance(plugin, Scorer):

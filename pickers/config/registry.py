@@ -30,6 +30,13 @@ from pickers.plugins.filter.prefix_affinity import PrefixCacheAffinityFilter
 from pickers.plugins.filter.role import DecodeFilter, PrefillFilter
 from pickers.plugins.filter.served_model import ServedModelFilter
 from pickers.plugins.filter.utilization import UtilizationFilter
+from pickers.plugins.flowcontrol.agent_identity import AgentIdentity
+from pickers.plugins.flowcontrol.detectors import ConcurrencyDetector, UtilizationDetector
+from pickers.plugins.flowcontrol.eviction import PriorityThenTimeEvictionOrder, SheddableEvictionFilter
+from pickers.plugins.flowcontrol.fairness import GlobalStrictFairness, RoundRobinFairness
+from pickers.plugins.flowcontrol.ordering import EdfOrdering, FcfsOrdering
+from pickers.plugins.flowcontrol.program_aware import ProgramAwareFairness
+from pickers.plugins.flowcontrol.usage_limits import PriorityHoldback, SoftReflectiveCeiling, StaticUsageLimit
 from pickers.plugins.picker.max_score import MaxScorePicker
 from pickers.plugins.picker.random import RandomPicker
 from pickers.plugins.picker.round_robin import RoundRobinPicker
@@ -135,6 +142,20 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     K8sNotificationSource,
     EndpointNotificationSource,
     FileDiscovery,
+    # flow control (flowControl names them; pickers.config.flowcontrol)
+    GlobalStrictFairness,
+    RoundRobinFairness,
+    ProgramAwareFairness,
+    FcfsOrdering,
+    EdfOrdering,
+    StaticUsageLimit,
+    PriorityHoldback,
+    SoftReflectiveCeiling,
+    ConcurrencyDetector,  # a filter too, in a profile that lists it
+    UtilizationDetector,  # a filter too
+    SheddableEvictionFilter,
+    PriorityThenTimeEvictionOrder,
+    AgentIdentity,
 )
 
 def _factory(cls: type[_Configurable]) -> Factory:

@@ -21,9 +21,6 @@ _LATENCY = (
     "llm-d's latency predictor (a trained TTFT/TPOT model served beside the EPP) is not supported; "
     "llm-epp has no predicted-latency data"
 )
-_FLOW_CONTROL = (
-    "flow control (queueing, fairness, priority bands, usage limits, eviction) is not implemented in llm-epp yet"
-)
 
 UNSUPPORTED_TYPES = MappingProxyType(
     {
@@ -53,22 +50,7 @@ UNSUPPORTED_TYPES = MappingProxyType(
         "latency-scorer": _LATENCY,
         "latency-slo-admitter": _LATENCY,
         "slo-headroom-tier-filter": _LATENCY,
-        "slo-deadline-ordering-policy": _LATENCY,
-        # flow control
-        "global-strict-fairness-policy": _FLOW_CONTROL,
-        "round-robin-fairness-policy": _FLOW_CONTROL,
-        "program-aware-fairness": _FLOW_CONTROL,
-        "fcfs-ordering-policy": _FLOW_CONTROL,
-        "edf-ordering-policy": _FLOW_CONTROL,
-        "static-usage-limit-policy": _FLOW_CONTROL,
-        "priority-holdback-policy": _FLOW_CONTROL,
-        "soft-reflective-ceiling-policy": _FLOW_CONTROL,
-        "sheddable-eviction-filter": _FLOW_CONTROL,
-        "priority-then-time-eviction-order-policy": _FLOW_CONTROL,
-        "concurrency-detector": _FLOW_CONTROL + "; GIE's thresholds go in the top-level saturationDetector section",
-        "utilization-detector": _FLOW_CONTROL + "; GIE's thresholds go in the top-level saturationDetector section",
-        "agent-identity": "it only feeds flow control's fairness queues (the fairness id), and "
-        + _FLOW_CONTROL,
+        "slo-deadline-ordering-policy": _LATENCY + " (it orders a flow's queue by predicted SLO deadline)",
         # others
         "data-parallel-profile-handler": "deprecated in llm-d (one endpoint per data-parallel rank replaces it); "
         "list each rank as its own endpoint and use single-profile-handler or disagg-profile-handler",

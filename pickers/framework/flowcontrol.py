@@ -10,14 +10,15 @@ Higher priority numbers dispatch first; negative priorities are sheddable.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
 from pickers.framework.endpoint import Endpoint
 from pickers.framework.request import InferenceRequest
 
 DEFAULT_FLOW_ID = "default-flow"
-FAIRNESS_ID_HEADERS = ("x-gateway-inference-fairness-id", "x-llm-d-inference-fairness-id")
+# llm-d reads the current name first, then its deprecated alias (metadata.headerAliases)
+FAIRNESS_ID_HEADERS = ("x-llm-d-inference-fairness-id", "x-gateway-inference-fairness-id")
 DROPPED_REASON_HEADER = "x-llm-d-request-dropped-reason"
 
 
@@ -75,6 +76,8 @@ class PriorityBand(Protocol):
     def queues(self) -> Iterator[FlowQueue]: ...
     @property
     def policy_state(self) -> Any: ...  # what the band's fairness policy's new_state() returned
+    @property
+    def ordering(self) -> OrderingPolicy: ...  # the band's ordering policy (global-strict compares heads with it)
 
 
 # -- policies (plugins) ----------------------------------------------------------------------------
@@ -154,6 +157,21 @@ class EvictionOrderingPolicy(Protocol):
     def key(self, item: EvictionItem) -> Any: ...
 
 
+def explicit_fairness_id(request: InferenceRequest) -> str:
+    """The fairness id a client names (FAIRNESS_ID_HEADERS, first present wins), else "" (not named)."""
+    headers = request.headers
+    for name in FAIRNESS_ID_HEADERS:
+        value = headers.get(name)
+        if value is not None:
+            return value
+    return ""
+
+
+def fairness_id_from_headers(request: InferenceRequest) -> str:
+    """The request's flow id without agent-identity: the explicit header, else DEFAULT_FLOW_ID."""
+    return explicit_fairness_id(request) or DEFAULT_FLOW_ID
+
+
 # -- the configuration the loader builds -------------------------------------------------------------
 
 DEFAULT_REQUEST_TTL = 60.0  # seconds
@@ -191,3 +209,15 @@ class FlowControlConfig:
     enable_eviction: bool
     eviction_filter: EvictionFilterPolicy | None = None
     eviction_order: EvictionOrderingPolicy | None = None
+    # the request's flow id: explicit header, then agent-identity's session headers (when the config
+    # declares one), then DEFAULT_FLOW_ID; the runtime calls it once per request
+    fairness_id: Callable[[InferenceRequest], str] = fairness_id_from_headers
+
+    def band(self, priority: int) -> BandConfig:
+        """The band a request of `priority` joins: the configured one, else the default template
+        (the negative one below 0) with `priority` filled in. O(bands); the runtime caches per priority."""
+        for b in self.bands:
+            if b.priority == priority:
+                return b
+        template = self.default_negative_band if priority < 0 else self.default_band
+        return replace(template, priority=priority)

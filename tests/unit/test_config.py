@@ -118,10 +118,9 @@ def test_saturation_detector_is_stored():
     assert cfg.saturation_detector == {"queueDepthThreshold": 5}
 
 
-def test_feature_gate_flow_control_is_refused_with_the_reason():
-    msg = error_of("featureGates: [flowControl]\nplugins:\n- type: queue-scorer\n")
-    assert msg.startswith("test.yaml: featureGates[0]: flowControl=true is not supported: flow control")
-    assert "not implemented in llm-epp" in msg
+def test_feature_gate_flow_control_loads_and_turns_flow_control_on():
+    cfg = load("featureGates: [flowControl]\nplugins:\n- type: queue-scorer\n")
+    assert cfg.flow_control is not None and cfg.flow_control.enabled
 
 
 @pytest.mark.parametrize("gate", ["flowControl=false", "haPopulateNonLeaderDatastore", "haPopulateNonLeaderDatastore=true", "prepareDataPlugins"])
@@ -143,9 +142,10 @@ def test_unknown_and_malformed_feature_gates_are_refused():
     )
 
 
-def test_a_flow_control_section_is_refused_naming_its_first_field():
-    msg = error_of("flowControl:\n  defaultRequestTTL: 30s\nplugins:\n- type: queue-scorer\n")
-    assert msg.startswith("test.yaml: flowControl.defaultRequestTTL: not supported: flow control")
+def test_a_flow_control_section_without_the_gate_loads_with_a_warning():
+    cfg = load("flowControl:\n  defaultRequestTTL: 30s\nplugins:\n- type: queue-scorer\n")
+    assert cfg.flow_control is None
+    assert any(w.startswith("flowControl.defaultRequestTTL: the flowControl section is set but the flowControl feature gate is off") for w in cfg.warnings)
 
 
 def test_an_empty_flow_control_section_sets_nothing_and_loads():

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from extproc.flowcontrol.controller import FlowController, fairness_id
+from extproc.flowcontrol.controller import FlowController
 from extproc.flowcontrol.eviction import CONFIRMATION_GRACE
 from pickers.framework.endpoint import Endpoint, EndpointSpec
 from pickers.framework.errors import (
@@ -284,11 +284,23 @@ async def test_fairness_between_flows_of_a_band_follows_the_fairness_policy():
     assert h.order == ["running", "heavy-0", "light-0", "heavy-1", "heavy-2"]
 
 
-def test_the_fairness_id_comes_from_either_header_and_defaults_to_default_flow():
-    assert fairness_id({}) == "default-flow"
-    assert fairness_id({"x-gateway-inference-fairness-id": "tenant-a"}) == "tenant-a"
-    assert fairness_id({"x-llm-d-inference-fairness-id": "tenant-b"}) == "tenant-b"
-    assert len(fairness_id({"x-gateway-inference-fairness-id": "x" * 10_000})) == 128  # bounded
+async def test_the_flow_is_the_configs_fairness_id_and_views_and_labels_bound_it():
+    h = Harness(capacity=1)
+    h.submit("running")
+    h.submit("a", flow="tenant-a")
+    h.submit("long", flow="x" * 10_000)
+    h.submit("none")
+    await settle()
+    flows = {q.flow.id for b in h.fc.bands.values() for q in b.queues()}
+    assert flows == {"tenant-a", "x" * 10_000, "default-flow"}  # the resolver's id, as the policies see it
+    shown = [f["fairness_id"] for b in h.fc.view()["bands"] for f in b["largest_flows"]]
+    assert max(len(f) for f in shown) == 128  # bounded where it is shown
+    assert {len(fid) for fid, *_ in h.fc.queue_stats()} >= {10_000}
+    assert len(h.fc.metrics.flow_label(next(q.flow for b in h.fc.bands.values() for q in b.queues() if len(q.flow.id) > 128))) == 128
+    h.fc.shutdown()
+    await settle()
+    for t in h.tasks.values():
+        t.cancelled() or t.exception()
 
 
 async def test_an_empty_pool_holds_requests_until_an_endpoint_comes():
