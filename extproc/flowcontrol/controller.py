@@ -268,6 +268,33 @@ class FlowController:
         self._priorities = sorted(self.bands, reverse=True)
         return band
 
+    # -- config reload --------------------------------------------------------------------------
+    def reconfigure(self, config: FlowControlConfig) -> None:
+        """A reloaded flowControl section (extproc.server.runner's hook). Bounds, policies, the detector,
+        the usage limit, eviction and the fairness-id resolver apply from the next arrival and the next
+        dispatch pass. Queued requests keep their place: their flow, their band, and the order within
+        their flow (a flow's queue keeps the ordering it was made with until it empties; flows made
+        after the reload use the new one). Bounds that shrink below what is held refuse new arrivals
+        until it drains; nothing queued is dropped. The TTLs are section-wide: a new defaultRequestTTL
+        applies to the requests already queued too, measured from when each was queued."""
+        self.config = config
+        for priority, band in self.bands.items():
+            band.reconfigure(config.band(priority))
+        for b in config.bands:
+            if b.priority not in self.bands:
+                self._add_band(b)
+        for item in self._waiting.values():
+            item.ttl = config.default_request_ttl
+        if not config.enable_eviction:
+            self.reclaimer = None  # requests in flight are no longer evicted
+        elif self.reclaimer is None:
+            self.reclaimer = Reclaimer(config, clock=self.clock, wake=self._wake_at, metrics=self.metrics)  # tracks from now on
+        else:
+            self.reclaimer.filter, self.reclaimer.order = config.eviction_filter, config.eviction_order
+        if self.count:
+            self._arm_timer(force=True)
+            self.kick()  # a higher ceiling or a larger pool may let some go now
+
     # -- shutdown and views ---------------------------------------------------------------------
     def shutdown(self) -> None:
         """Refuse new requests and answer every waiting one with 503 `rejected-shutting-down`."""

@@ -96,6 +96,13 @@ class Band:
         self.count = 0
         self.byte_size = 0
 
+    def reconfigure(self, config: BandConfig) -> None:
+        """New bounds and policies for this priority (a reload); the queues held keep their ordering."""
+        if type(config.fairness) is not type(self.config.fairness):
+            self.policy_state = config.fairness.new_state()
+        self.config = config
+        self.ordering = config.ordering
+
     def flows(self) -> Sequence[FlowKey]:
         if self._flows is None:
             self._flows = tuple(q.flow for q in self._queues.values())

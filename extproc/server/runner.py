@@ -213,6 +213,10 @@ def _scheduled(cfg: EndpointPickerConfig) -> list[object]:
     return [*(p for prof in cfg.profiles for p in prof.plugins()), *cfg.producers]
 
 
+def _flow_control_on(fcc: FlowControlConfig | None) -> bool:
+    return fcc is not None and fcc.enabled
+
+
 def _subscribed(plugins: Any) -> dict[str, Any]:
     """The precise indexes among these plugins that KV events feed (subscriptions made at start-up)."""
     return {n: p for n, p in precise_indexes(plugins).items() if p.subscribe}
@@ -318,7 +322,7 @@ class EppServer:
         passes run when room may have freed: an endpoint's new metrics, a change of membership, and
         (from the Director) a request's first byte or end."""
         fcc = self.flow_control_config
-        if fcc is None or not fcc.enabled:
+        if fcc is None or not _flow_control_on(fcc):
             return None
         from extproc.flowcontrol.controller import FlowController
         from extproc.observability.metrics import FlowControlMetrics
@@ -343,6 +347,7 @@ class EppServer:
         reloader.register("saturationDetector", self._apply_saturation, self._check_saturation)
         reloader.register("requestHandler.parsers", self._apply_parsers)
         reloader.register("dataLayer", lambda new: None, self._check_data_layer)
+        reloader.register("flowControl", self._apply_flow_control, self._check_flow_control)
         return reloader
 
     def _load_again(self, text: str, source: str, previous: EndpointPickerConfig) -> EndpointPickerConfig:
@@ -383,6 +388,19 @@ class EppServer:
 
     def _apply_parsers(self, new: EndpointPickerConfig) -> None:
         self.parsers = self.servicer.parsers = RequestParsers(new.parsers)  # streams opened from now on
+
+    def _check_flow_control(self, old: EndpointPickerConfig, new: EndpointPickerConfig) -> str | None:
+        """Bounds, TTLs and policies change while serving (FlowController.reconfigure); turning flow
+        control on or off does not: the queue, its metrics and the gateway's timeouts are set up with the EPP."""
+        was, now = _flow_control_on(old.flow_control), _flow_control_on(new.flow_control)
+        if was != now:
+            return f"flowControl turned {'on' if now else 'off'} (the flowControl gate and section; the queue and the gateway's timeouts are set up at start-up)"
+        return None
+
+    def _apply_flow_control(self, new: EndpointPickerConfig) -> None:
+        self.flow_control_config = new.flow_control
+        if self.flow_control is not None and new.flow_control is not None:
+            self.flow_control.reconfigure(new.flow_control)
 
     def _check_data_layer(self, old: EndpointPickerConfig, new: EndpointPickerConfig) -> str | None:
         if new.data_layer != old.data_layer:
