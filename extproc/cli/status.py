@@ -1,4 +1,5 @@
-"""`epp status`: a running EPP's config, endpoint table and recent decisions, read from its /debug/ views."""
+"""`epp status`: a running EPP's config, endpoint table, flow control's queues (when on) and recent
+decisions, read from its /debug/ views."""
 
 from __future__ import annotations
 
@@ -51,6 +52,19 @@ def decision_table(decisions: Sequence[dict[str, Any]]) -> str:
     return _table(header, rows)
 
 
+def flow_control_table(fc: dict[str, Any]) -> str:
+    """One line per band (highest priority first), then the totals."""
+    header = ["PRIORITY", "QUEUED", "BYTES", "MAX", "FLOWS", "FAIRNESS", "ORDERING", "LARGEST FLOWS"]
+    rows = []
+    for b in fc.get("bands", []):
+        largest = " ".join(f"{f['fairness_id'][:24]}={f['requests']}" for f in b.get("largest_flows", [])[:3])
+        rows.append([
+            str(b["priority"]), str(b["requests"]), str(b["bytes"]), str(b["max_requests"]), str(b["flows"]),
+            b["fairness"]["type"], b["ordering"]["type"], largest,
+        ])  # fmt: skip
+    return _table(header, rows)
+
+
 def _top_scores(scores: dict[str, dict[str, float]] | None) -> str:
     if not scores:
         return ""
@@ -88,13 +102,21 @@ def show_status(url: str, *, decisions: int = 10, raw: bool = False, out: Any = 
     except (urllib.error.URLError, OSError, ValueError) as e:
         print(f"epp status: cannot read {url}/debug/: {e} (is the EPP running with --admin-port?)", file=sys.stderr)
         return 1
+    try:
+        fc = fetch(url, "/debug/flowcontrol")
+    except (urllib.error.URLError, OSError, ValueError):  # an EPP from before flow control
+        fc = {"enabled": False}
     if raw:
-        print(json.dumps({"config": config, "endpoints": endpoints, "decisions": recent}, indent=2), file=out)
+        print(json.dumps({"config": config, "endpoints": endpoints, "flow_control": fc, "decisions": recent}, indent=2), file=out)
         return 0
     print(config_line(config), file=out)
     healthy = sum(1 for ep in endpoints if ep["healthy"])
     print(f"endpoints: {len(endpoints)} ({healthy} healthy)", file=out)
     print(endpoint_table(endpoints), file=out)
+    if fc.get("enabled"):
+        print(f"\nflow control: {fc['requests']} queued ({fc['bytes']} bytes), saturation {fc['saturation']:.2f}"
+              f"{', pool empty' if fc.get('pool_empty') else ''}{', shutting down' if fc.get('closed') else ''}", file=out)  # fmt: skip
+        print(flow_control_table(fc), file=out)
     print(f"\nrecent decisions (newest last, {len(recent)} shown):", file=out)
     print(decision_table(recent) if recent else "  none yet", file=out)
     return 0

@@ -25,6 +25,7 @@ class Datastore:
         self._candidates: tuple[Endpoint, ...] = ()
         self._listeners: list[MembershipListener] = []
         self._scrape_failure_listeners: list[ScrapeFailureListener] = []
+        self._metrics_listeners: list[Callable[[], None]] = []
         self.synced = False  # True once discovery delivered a first full membership
 
     # -- membership (discovery) ------------------------------------------------------------
@@ -64,11 +65,17 @@ class Datastore:
         return len(self._candidates)
 
     # -- metrics (scraper) ------------------------------------------------------------------
+    def on_metrics_update(self, listener: Callable[[], None]) -> None:
+        """`listener()` runs after each endpoint's new metrics (flow control: room may have freed)."""
+        self._metrics_listeners.append(listener)
+
     def update_metrics(self, address: str, metrics: Metrics) -> None:
         ep = self._by_address.get(address)
         if ep is not None:
             ep.metrics = metrics
             ep.scrape_error = None
+            for listener in self._metrics_listeners:
+                listener()
 
     def update_served_models(self, address: str, models: ServedModels) -> None:
         ep = self._by_address.get(address)

@@ -43,6 +43,10 @@ class GatewaySettings:
     response_body_mode: str = "FULL_DUPLEX_STREAMED"
     failure_mode_allow: bool = False
     message_timeout: str = "10s"
+    # Flow control's longest queue wait in seconds (the largest of defaultRequestTTL and the no-endpoint
+    # TTL; 0: no limit); None: flow control off. A queued request's ext_proc stream gets no answer while
+    # it waits, so message_timeout (and the stream idle timeout, 5 min by default) must outlast it.
+    flow_control_ttl: float | None = None
     access_log_path: str | None = None  # None: stdout, as in the reference file
     # Route with Envoy's override-host policy over a cluster of these endpoints instead of
     # ORIGINAL_DST: it understands the EPP's ordered list and retries on the next endpoint.
@@ -53,6 +57,20 @@ class GatewaySettings:
     # Path prefixes the gateway answers with 404 itself, e.g. the simulators' /sim/ control API:
     # reachable on each server's own port, never by a client through the gateway.
     closed_prefixes: Sequence[str] = ()
+
+
+UNBOUNDED_QUEUE_WAIT = 3600.0  # seconds allowed when flow control's TTL is 0 (wait until the client goes)
+PICK_MARGIN = 10.0  # seconds past the queue wait for the pick and the answer
+ENVOY_STREAM_IDLE_TIMEOUT = 300.0  # Envoy's default, which the reference file keeps
+
+
+def _duration(text: str) -> float:
+    """An Envoy duration as seconds ("10s", "1.5s", "500ms"); unreadable: 0, so it is replaced."""
+    t = text.strip()
+    try:
+        return float(t[:-2]) / 1000 if t.endswith("ms") else float(t.rstrip("s"))
+    except ValueError:
+        return 0.0
 
 
 def render(settings: GatewaySettings, reference: Path = REFERENCE) -> dict[str, Any]:
@@ -78,6 +96,12 @@ def render(settings: GatewaySettings, reference: Path = REFERENCE) -> dict[str, 
     ext_proc = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc")["typed_config"]
     ext_proc["failure_mode_allow"] = settings.failure_mode_allow
     ext_proc["message_timeout"] = settings.message_timeout
+    if settings.flow_control_ttl is not None:
+        wait = (settings.flow_control_ttl or UNBOUNDED_QUEUE_WAIT) + PICK_MARGIN
+        if _duration(settings.message_timeout) < wait:
+            ext_proc["message_timeout"] = f"{wait:g}s"
+        if wait > ENVOY_STREAM_IDLE_TIMEOUT:
+            hcm["stream_idle_timeout"] = f"{wait:g}s"
     mode = ext_proc["processing_mode"]
     mode["request_body_mode"] = settings.request_body_mode
     mode["response_body_mode"] = settings.response_body_mode

@@ -175,6 +175,7 @@ class StackOptions:
     extra_env: dict[str, str] = field(default_factory=dict)
     pd: PdPool | None = None  # instead of `sims` aggregated simulators
     message_timeout: str = "10s"  # Envoy's ext_proc message_timeout
+    flow_control_ttl: float | None = None  # flow control's longest queue wait (0: none); Envoy's timeouts outlast it
     # ext_proc over TLS: "" plaintext; "self-signed": the EPP generates a certificate, Envoy does not
     # verify it (the reference picker's default); "verified": the stack writes a certificate, the EPP
     # serves it (--cert-path) and Envoy verifies it.
@@ -404,6 +405,7 @@ class LocalStack:
                 epp_tls_ca=str(self.epp_cert_dir / "tls.crt") if o.epp_tls == "verified" else None,
                 epp_tls_sni="localhost" if o.epp_tls == "verified" else "",
                 message_timeout=o.message_timeout,
+                flow_control_ttl=o.flow_control_ttl,
                 admin_port=self.admin_port,
                 request_body_mode=o.request_body_mode,
                 response_body_mode=o.response_body_mode,

@@ -20,9 +20,11 @@ they do not read (passthrough-parser's) is routed on its headers and its body st
 (PASSTHROUGH); a path none claims is refused with 400 before its body, when it has one.
 
 PREPARING: when the Director needs data it must wait for before the pick (a token-producer's call
-to the model server), the parsed request waits there: `handle` returns nothing, `needs_data` is
-true, the servicer awaits `Director.prepare(request)` (bounded by the producer's own timeout) and
-`resume()` returns what the pick answers. The servicer reads no message meanwhile.
+to the model server) or flow control holds requests, the parsed request waits there: `handle`
+returns nothing, `needs_data` is true, the servicer awaits `Director.prepare(request)` (bounded by
+the producer's own timeout) then `Director.admit(stream)`, which returns `resume()`'s answer (the
+pick's) once flow control lets the request go, or `refuse(error)`'s (429/503). The servicer reads no
+message meanwhile. A routed request flow control evicts is answered by `evict()` (429 `evicted`).
 
 `response_headers` before the request was routed is a reply Envoy makes itself (its stream idle
 timeout, a body over its buffer, a malformed request): it passes through unchanged, nothing to settle.
@@ -64,6 +66,7 @@ from extproc.handlers.usage import UsageReader
 from pickers.framework.endpoint import Endpoint
 from pickers.framework.errors import (
     BAD_REQUEST,
+    EVICTED,
     HEADERS_TOO_LARGE,
     NO_ENDPOINTS,
     PAYLOAD_TOO_LARGE,
@@ -286,6 +289,23 @@ class RequestStream:
         if trailers_came and self.state is not State.REJECTED:
             out.append(pb.ProcessingResponse(request_trailers=pb.TrailersResponse()))
         return out
+
+    def refuse(self, err: RequestError) -> list[pb.ProcessingResponse]:
+        """The request is refused while it waits in PREPARING (flow control's 429/503): answer with `err`."""
+        if self.state is not State.PREPARING:
+            raise ProtocolError(self.state, "refuse")
+        self._pending = None
+        return [self._reject(err)]
+
+    @property
+    def evictable(self) -> bool:
+        """Routed and not answered yet: flow control may still end it (`evict`)."""
+        return self.routing is not None and self.state in (State.ROUTED, State.PASSTHROUGH, State.RESPONSE_BODY)
+
+    def evict(self) -> list[pb.ProcessingResponse]:
+        """Flow control ended this in-flight request for a higher priority: 429 `evicted` (an ImmediateResponse,
+        which makes Envoy reset the upstream request); the books settle as on any refusal."""
+        return [self._reject(RequestError(EVICTED, "request evicted by flow control to make room for a higher priority"))]
 
     @property
     def request_body_bytes(self) -> int:

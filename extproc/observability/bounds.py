@@ -11,11 +11,13 @@ from __future__ import annotations
 
 MODEL_MAX = 128  # model names, requested and rewritten: labels, decisions, logs, spans
 REQUEST_ID_MAX = 128  # x-request-id (a UUID is 36)
+FAIRNESS_ID_MAX = 128  # x-gateway-inference-fairness-id: the flow-control queue it names, labels, views
 OBJECTIVE_MAX = 253  # x-gateway-inference-objective (a Kubernetes object name's limit)
 MESSAGE_MAX = 512  # an error message in a log line or a span status
 LOG_FIELD_MAX = 1024  # any string field of a log line (a backstop: fields are bounded where they are made)
 
 MAX_MODELS = 200  # distinct (model_name, target_model_name) pairs in the metrics; the rest count as OVERFLOW
+MAX_FLOWS = 100  # distinct (fairness_id, priority) pairs in the flow-control metrics; the rest count as OVERFLOW
 OVERFLOW = "other"  # as llm-d's EPP names its overflow label
 
 CUT = "\u2026"  # `…`: this string was longer
@@ -41,6 +43,10 @@ def model_name(value: str) -> str:
 
 def request_id(value: str) -> str:
     return bounded(value, REQUEST_ID_MAX)
+
+
+def fairness_id(value: str) -> str:
+    return bounded(value, FAIRNESS_ID_MAX)
 
 
 def objective(value: str) -> str:

@@ -23,12 +23,19 @@ from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
 
 from extproc.handlers.usage import Usage
-from extproc.observability.bounds import MAX_MODELS, OVERFLOW, model_name
+from extproc.observability.bounds import MAX_FLOWS, MAX_MODELS, OVERFLOW, model_name
+from extproc.observability.bounds import fairness_id as bounded_fairness_id
+from pickers.framework.flowcontrol import FlowKey
 from pickers.framework.histogram import Histogram
 
 if TYPE_CHECKING:
@@ -46,6 +53,9 @@ TTFT_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.
 TPOT_BUCKETS = (0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
                 5.0, 7.5, 10.0)  # fmt: skip
 
+# llm-d's buckets for the time in flow control
+QUEUE_WAIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
 MODEL_SERVER_ERROR = "ModelServerError"  # the reference picker's code for an upstream status >= 400
 
 
@@ -59,7 +69,7 @@ def llm_epp_version() -> str:
 class _ModelSeries:
     """Everything counted for one model name."""
 
-    __slots__ = ("requests", "running", "duration", "ttft", "tpot", "input_tokens", "output_tokens", "cached_tokens")
+    __slots__ = ("cached_tokens", "duration", "input_tokens", "output_tokens", "requests", "running", "tpot", "ttft")
 
     def __init__(self) -> None:
         self.requests = 0
@@ -70,6 +80,84 @@ class _ModelSeries:
         self.input_tokens = Histogram(TOKEN_BUCKETS)
         self.output_tokens = Histogram(TOKEN_BUCKETS)
         self.cached_tokens = Histogram(TOKEN_BUCKETS)
+
+
+class FlowControlMetrics:
+    """What flow control counts, under llm-d's llm_d_epp_flow_control_* names. Fairness ids come from
+    clients: past `MAX_FLOWS` distinct (fairness id, priority) pairs they count as "other". The queue
+    gauges are read from `queues` (the controller's queue_stats) when Prometheus scrapes."""
+
+    def __init__(self) -> None:
+        self.totals: dict[tuple[str, int], int] = {}  # (outcome, priority) -> requests
+        self.waits: dict[tuple[str, int, str], Histogram] = {}  # (fairness id label, priority, outcome)
+        self._labels: set[tuple[str, int]] = set()
+        self.revocations_by_priority: dict[int, int] = {}
+        self.revocations: dict[str, int] = {}  # confirmed / timed_out
+        self.pool_saturation = 0.0
+        self.queues: Any = None  # () -> [(fairness id, priority, requests, bytes)]
+
+    def flow_label(self, flow: FlowKey) -> str:
+        fid = bounded_fairness_id(flow.id)
+        pair = (fid, flow.priority)
+        if pair in self._labels:
+            return fid
+        if len(self._labels) < MAX_FLOWS:
+            self._labels.add(pair)
+            return fid
+        return OVERFLOW
+
+    def outcome(self, flow: FlowKey, outcome: str, waited: float) -> None:
+        key = (outcome, flow.priority)
+        self.totals[key] = self.totals.get(key, 0) + 1
+        wkey = (self.flow_label(flow), flow.priority, outcome)
+        h = self.waits.get(wkey)
+        if h is None:
+            h = self.waits[wkey] = Histogram(QUEUE_WAIT_BUCKETS)
+        h.observe(waited)
+
+    def revocations_issued(self, priority: int, n: int) -> None:
+        self.revocations_by_priority[priority] = self.revocations_by_priority.get(priority, 0) + n
+
+    def revocation_done(self, outcome: str) -> None:
+        self.revocations[outcome] = self.revocations.get(outcome, 0) + 1
+
+    def collect(self, pool: str) -> Iterator[Metric]:
+        p = "llm_d_epp_flow_control_"
+        size = GaugeMetricFamily(p + "queue_size", "Requests held in the flow-control queues", labels=["fairness_id", "priority", "inference_pool"])
+        nbytes = GaugeMetricFamily(p + "queue_bytes", "Bytes of the requests held in the flow-control queues",
+                                   labels=["fairness_id", "priority", "inference_pool"])  # fmt: skip
+        per: dict[tuple[str, int], list[int]] = {}
+        for fid, priority, count, byte_size in self.queues() if self.queues is not None else ():
+            row = per.setdefault((self.flow_label(FlowKey(priority, fid)), priority), [0, 0])
+            row[0] += count
+            row[1] += byte_size
+        for (label, priority), (count, byte_size) in per.items():
+            size.add_metric([label, str(priority), pool], count)
+            nbytes.add_metric([label, str(priority), pool], byte_size)
+        yield size
+        yield nbytes
+        total = CounterMetricFamily(p + "requests", "Requests through flow control, by outcome", labels=["outcome", "priority", "inference_pool"])
+        for (outcome, priority), n in self.totals.items():
+            total.add_metric([outcome, str(priority), pool], n)
+        yield total
+        waits = _histogram_family(p + "request_queue_duration_seconds", "Time in flow control, from enqueue to the outcome",
+                                  ("fairness_id", "priority", "outcome", "inference_pool"))  # fmt: skip
+        for (label, priority, outcome), h in self.waits.items():
+            _add(waits, (label, str(priority), outcome, pool), h)
+        yield waits
+        sat = GaugeMetricFamily(p + "pool_saturation", "Pool saturation gating dispatch, at the last dispatch pass",
+                                labels=["inference_pool", "stage"])  # fmt: skip
+        sat.add_metric([pool, "effective"], self.pool_saturation)
+        yield sat
+        issued = CounterMetricFamily(p + "revocations_issued", "In-flight requests evicted, by the blocked band's priority",
+                                     labels=["priority", "inference_pool"])  # fmt: skip
+        for priority, n in self.revocations_by_priority.items():
+            issued.add_metric([str(priority), pool], n)
+        yield issued
+        done = CounterMetricFamily(p + "revocations", "Evictions by how they ended (confirmed, timed_out)", labels=["outcome", "inference_pool"])
+        for outcome, n in self.revocations.items():
+            done.add_metric([outcome, pool], n)
+        yield done
 
 
 class EppMetrics:
@@ -87,6 +175,7 @@ class EppMetrics:
         self.prefix_index = prefix_index
         self.precise: dict[str, Any] = {}  # plugin name -> precise prefix producer or scorer (attach_precise)
         self.token_producers: tuple[Any, ...] = ()  # token-producer plugins, for their fallback counts
+        self.flow_control: FlowControlMetrics | None = None  # set when flow control is on
         self._series: dict[tuple[str, str], _ModelSeries] = {}  # (model, target model) labels
         self._errors: dict[tuple[str, str, str], int] = {}  # (model, target model, error code)
         self.scheduler_e2e = Histogram(SCHED_BUCKETS)
@@ -234,6 +323,8 @@ class _FixedFamilies:
         yield from self._prefix()
         yield from self._precise()
         yield from self._token_producers()
+        if m.flow_control is not None:
+            yield from m.flow_control.collect(m.pool_name)
         yield from self._config()
 
     def _config(self) -> Iterator[Metric]:

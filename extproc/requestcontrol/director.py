@@ -23,6 +23,8 @@ import json
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -36,10 +38,17 @@ from extproc.requestcontrol.objectives import ObjectiveStore, objective_of
 from extproc.requestcontrol.rewrites import RewriteStore, rewrite_header
 from extproc.requestcontrol.saturation import SaturationDetector
 from pickers.framework.errors import SATURATED, RequestError
+from pickers.framework.flowcontrol import EvictionItem
 from pickers.framework.request import InferenceRequest
 from pickers.framework.scheduler import Scheduler
 from pickers.framework.types import InFlightCharge
 from pickers.plugins.producer.tokens import TokenProducer
+
+if TYPE_CHECKING:
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+    from extproc.flowcontrol.controller import FlowController
+    from extproc.handlers.request_stream import RequestStream
 
 DECISIONS_KEPT = 200
 # (unix time, request id, model, destination, profile, scores or None, error code or None)
@@ -60,6 +69,7 @@ class Director:
         rewrites: RewriteStore | None = None,
         saturation: SaturationDetector | None = None,
         token_producer: TokenProducer | None = None,
+        flow_control: FlowController | None = None,
     ) -> None:
         self.datastore = datastore
         self.scheduler = scheduler
@@ -70,10 +80,38 @@ class Director:
         self.saturation = saturation or SaturationDetector(datastore)
         self.decisions: deque[Decision] = deque(maxlen=DECISIONS_KEPT)
         self.token_producer = token_producer
+        self.flow_control = flow_control
 
     def needs_data(self, request: InferenceRequest) -> bool:
+        if self.flow_control is not None:
+            return True  # every parsed request passes through the queues (`admit`)
         tp = self.token_producer
         return tp is not None and tp.needs_io(request)
+
+    async def admit(self, stream: RequestStream, evict: Callable[[], None] | None = None) -> list[pb.ProcessingResponse]:
+        """After `prepare`: the stream's answer, once flow control lets its request go (at once without
+        it). The pick runs inside the dispatch (`stream.resume`), so the in-flight counts it adds are
+        seen before the next request is let go. A refusal or drop (429/503) is the stream's answer too;
+        `evict` ends the stream if the request is later evicted for a higher priority."""
+        fc = self.flow_control
+        if fc is None:
+            return stream.resume()
+        request = stream.request
+        assert request is not None
+        request.objective = objective_of(request.headers)
+        request.priority = self.objectives.priority(request.objective)  # the band; `route` reads it again
+
+        def dispatch() -> list[pb.ProcessingResponse]:
+            out = stream.resume()
+            routing = stream.routing
+            if routing is not None and evict is not None and fc.reclaimer is not None:
+                fc.track(EvictionItem(request.request_id, request.priority, time.monotonic(), routing.destination, request, evict), id(request))
+            return out
+
+        try:
+            return await fc.enqueue_and_wait(request, stream.request_body_bytes, dispatch)
+        except RequestError as e:
+            return stream.refuse(e)
 
     async def prepare(self, request: InferenceRequest) -> None:
         """The token-producer's tokens for this request, awaited before `route` (never raises: a
@@ -92,8 +130,9 @@ class Director:
         request.priority = priority = self.objectives.priority(objective)
         request.target_model = self.rewrites.target(model, rewrite_header(headers)) if model else model
         candidates = filter_by_subset(self.datastore.candidates(), subset)
-        # Sheddable requests only: the saturation check reads every candidate's metrics.
-        if priority < 0 and candidates and self.saturation.saturated(candidates):
+        # Sheddable requests only: the saturation check reads every candidate's metrics. With flow
+        # control, saturation is its queues' business instead.
+        if priority < 0 and candidates and self.flow_control is None and self.saturation.saturated(candidates):
             raise RequestError(
                 SATURATED, f"the pool is saturated and objective {bounds.objective(objective)!r} is sheddable (priority {priority})"
             )
@@ -134,6 +173,8 @@ class Director:
 
     def first_byte(self, routing: Routing) -> None:
         request = routing.request
+        if self.flow_control is not None:
+            self.flow_control.kick()  # the prefill's tokens come off: room may have freed
         if request.prefill_tokens:
             self.datastore.prefill_done(routing.primary, request.prefill_tokens)
             request.prefill_tokens = 0
@@ -160,6 +201,8 @@ class Director:
             usage.completion_tokens if usage else None,
         )
         self.metrics.completed(request.model, outcome, usage, request.target_model)
+        if self.flow_control is not None:
+            self.flow_control.finished(id(request))  # tracked under this key while it lives
         if self.log_requests:
             request_log.info("request", extra={"fields": request_fields(routing, outcome, usage)})
 

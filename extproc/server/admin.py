@@ -6,6 +6,8 @@
     /debug/decisions   the most recent routing decisions (newest last), with scores when explaining
     /debug/runtime     process numbers for soak checks: RSS, asyncio tasks, open ext_proc streams,
                        in-flight requests and tokens, prefix index size and bound
+    /debug/flowcontrol flow control's queues: per band its requests, bytes, bounds, policies and
+                       largest flows; saturation, outcome counts, eviction ({"enabled": false} when off)
 
 `epp status` reads them. Built on demand from the datastore, the prefix index and the Director.
 """
@@ -155,6 +157,7 @@ def admin_app(
     config: Mapping[str, Any],
     runtime: Callable[[], Mapping[str, Any]] | None = None,
     config_state: Callable[[], Mapping[str, Any]] | None = None,
+    flow_control: Callable[[], Mapping[str, Any]] | None = None,
 ) -> web.Application:
     async def endpoints(request: web.Request) -> web.Response:
         from pickers.plugins.scorer.affinity.precise_prefix import precise_indexes
@@ -176,8 +179,11 @@ def admin_app(
     async def runtime_handler(request: web.Request) -> web.Response:
         return web.json_response(runtime_view(datastore, prefix_index, runtime))
 
+    async def flow_control_handler(request: web.Request) -> web.Response:
+        return web.json_response(flow_control() if flow_control is not None else {"enabled": False}, dumps=_dumps)
+
     async def index(request: web.Request) -> web.Response:
-        return web.json_response({"views": ["/debug/endpoints", "/debug/config", "/debug/decisions", "/debug/runtime"]})
+        return web.json_response({"views": ["/debug/endpoints", "/debug/config", "/debug/decisions", "/debug/runtime", "/debug/flowcontrol"]})
 
     app = web.Application()
     app.router.add_get("/", index)
@@ -185,6 +191,7 @@ def admin_app(
     app.router.add_get("/debug/config", config_handler)
     app.router.add_get("/debug/decisions", decisions)
     app.router.add_get("/debug/runtime", runtime_handler)
+    app.router.add_get("/debug/flowcontrol", flow_control_handler)
     return app
 
 

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import random
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +55,7 @@ from pickers.config.datalayer import DEFAULT_DATA_LAYER, DataLayerConfig
 from pickers.config.loader import EndpointPickerConfig, load_config
 from pickers.config.strategies import build_profile
 from pickers.framework.errors import ConfigError
+from pickers.framework.flowcontrol import FlowControlConfig
 from pickers.framework.scheduler import Scheduler
 from pickers.framework.types import ProfileHandler, SchedulingProfile
 from pickers.indexes.prefix import ApproxPrefixIndex
@@ -65,6 +66,7 @@ from pickers.plugins.scorer.affinity.precise_prefix import precise_indexes
 if TYPE_CHECKING:  # imported when used: the Kubernetes client costs half a second to import
     from opentelemetry.sdk.trace import TracerProvider
 
+    from extproc.flowcontrol.controller import FlowController
     from extproc.kubernetes.runtime import KubernetesOptions, KubernetesRuntime
 
 log = logging.getLogger(__name__)
@@ -139,47 +141,67 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         stream = RequestStream(self.director, parsers=self.parsers, limits=self.limits)
         self.active_streams += 1
         read, write, eof = context.read, context.write, grpc.aio.EOF
+        task = asyncio.current_task()
+        evicted = False
+
+        def evict() -> None:  # flow control ends this in-flight request: the loop below answers it
+            nonlocal evicted
+            if stream.evictable and not evicted and task is not None:
+                evicted = True
+                task.cancel()
+
         try:
-            while True:
-                idle = stream.body_idle_timeout  # set only while the client's body is due
-                if idle is None:
-                    msg = await read()
-                else:
-                    try:
-                        async with asyncio.timeout(idle):
-                            msg = await read()
-                    except TimeoutError:
-                        for resp in stream.body_timed_out():
-                            await write(resp)
-                        return
-                if msg is eof:
-                    break
-                try:
-                    out = stream.handle(msg)
-                    if stream.needs_data:  # a token-producer's call before the pick (bounded by its timeout)
-                        for resp in out:
-                            await write(resp)
-                        assert stream.request is not None
-                        await self.director.prepare(stream.request)
-                        out = stream.resume()
-                except ProtocolError as e:
-                    log.warning("request %s: %s", bounds.request_id(stream.request.request_id) if stream.request else "?", e)
-                    await write(stream.protocol_error_response(e))
-                    return
-                except Exception as e:  # a bug must cost one request, not the stream's bookkeeping
-                    rid = bounds.request_id(stream.request.request_id) if stream.request else "?"
-                    log.exception("request %s: internal error", rid)
-                    await write(stream.protocol_error_response(ProtocolError(stream.state, f"internal error: {e}")))
-                    return
-                for resp in out:
+            await self._serve(stream, read, write, eof, evict)
+        except asyncio.CancelledError:
+            if not evicted or task is None:
+                raise  # the client or Envoy went away
+            task.uncancel()
+            if stream.evictable:
+                for resp in stream.evict():
                     await write(resp)
-                if stream.state is State.REJECTED:
-                    return  # answered: read nothing more (the rest of a refused body is not ours to parse)
         finally:
             stream.close()
             self.active_streams -= 1
             if self.heap is not None:
                 self.heap.after_stream(stream.request_body_bytes)
+
+    async def _serve(self, stream: RequestStream, read: Any, write: Any, eof: object, evict: Callable[[], None]) -> None:
+        """Messages in, the stream's answers out, until the stream is answered or ends."""
+        while True:
+            idle = stream.body_idle_timeout  # set only while the client's body is due
+            if idle is None:
+                msg = await read()
+            else:
+                try:
+                    async with asyncio.timeout(idle):
+                        msg = await read()
+                except TimeoutError:
+                    for resp in stream.body_timed_out():
+                        await write(resp)
+                    return
+            if msg is eof:
+                break
+            try:
+                out = stream.handle(msg)
+                if stream.needs_data:  # a token-producer's call, then flow control's queue, before the pick
+                    for resp in out:
+                        await write(resp)
+                    assert stream.request is not None
+                    await self.director.prepare(stream.request)
+                    out = await self.director.admit(stream, evict)
+            except ProtocolError as e:
+                log.warning("request %s: %s", bounds.request_id(stream.request.request_id) if stream.request else "?", e)
+                await write(stream.protocol_error_response(e))
+                return
+            except Exception as e:  # a bug must cost one request, not the stream's bookkeeping
+                rid = bounds.request_id(stream.request.request_id) if stream.request else "?"
+                log.exception("request %s: internal error", rid)
+                await write(stream.protocol_error_response(ProtocolError(stream.state, f"internal error: {e}")))
+                return
+            for resp in out:
+                await write(resp)
+            if stream.state is State.REJECTED:
+                return  # answered: read nothing more (the rest of a refused body is not ours to parse)
 
 
 def _token_producer(cfg: EndpointPickerConfig) -> TokenProducer | None:
@@ -189,6 +211,10 @@ def _token_producer(cfg: EndpointPickerConfig) -> TokenProducer | None:
 def _scheduled(cfg: EndpointPickerConfig) -> list[object]:
     """The plugins a Scheduler of this config runs (its profiles' and the producers), as Scheduler.plugins."""
     return [*(p for prof in cfg.profiles for p in prof.plugins()), *cfg.producers]
+
+
+def _flow_control_on(fcc: FlowControlConfig | None) -> bool:
+    return fcc is not None and fcc.enabled
 
 
 def _subscribed(plugins: Any) -> dict[str, Any]:
@@ -208,6 +234,7 @@ class EppServer:
         self._saturation_config = SaturationConfig()
         self.data_layer: DataLayerConfig = DEFAULT_DATA_LAYER
         self.parsers = DEFAULT_PARSERS  # the config's requestHandler.parsers, set by _build_profiles
+        self.flow_control_config: FlowControlConfig | None = None  # the config's flowControl, set by _build_profiles
         self._plugin_ctx = PluginContext(self.prefix_index, random.Random(), opts.max_endpoints)  # kept across reloads
         self.config: EndpointPickerConfig | None = None  # from --config-file / --config-text
         self._config_text = ""
@@ -232,12 +259,16 @@ class EppServer:
         self.rewrites = RewriteStore(load_rewrites_file(opts.model_rewrites_file) if opts.model_rewrites_file else ())
         self.saturation = SaturationDetector(self.datastore, self._saturation_config)
         self.tracer_provider: TracerProvider | None = None
+        self.flow_control = self._flow_controller()
         director_kwargs: dict[str, Any] = dict(
             log_requests=opts.log_requests, objectives=self.objectives, rewrites=self.rewrites, saturation=self.saturation,
-            token_producer=self.token_producer,
+            token_producer=self.token_producer, flow_control=self.flow_control,
         )
         if opts.tracing:
-            from extproc.requestcontrol.tracing import TracedDirector, build_provider  # ConfigError without the `otel` extra
+            from extproc.requestcontrol.tracing import (  # ConfigError without the `otel` extra
+                TracedDirector,
+                build_provider,
+            )
 
             self.tracer_provider = build_provider(opts.tracing_sample_ratio)
             tracer = self.tracer_provider.get_tracer("llm-epp", self.metrics.version)
@@ -283,7 +314,25 @@ class EppServer:
         self._saturation_config = SaturationConfig.from_config(cfg.saturation_detector, cfg.source)
         self.data_layer = cfg.data_layer
         self.parsers = RequestParsers(cfg.parsers)
+        self.flow_control_config = cfg.flow_control
         return cfg.profiles, cfg.profile_handler, cfg.producers
+
+    def _flow_controller(self) -> FlowController | None:
+        """The flow controller when the config turns flow control on (imported only then); the dispatch
+        passes run when room may have freed: an endpoint's new metrics, a change of membership, and
+        (from the Director) a request's first byte or end."""
+        fcc = self.flow_control_config
+        if fcc is None or not _flow_control_on(fcc):
+            return None
+        from extproc.flowcontrol.controller import FlowController
+        from extproc.observability.metrics import FlowControlMetrics
+
+        fc = FlowController(fcc, self.datastore.candidates, metrics=FlowControlMetrics())
+        fc.metrics.queues = fc.queue_stats
+        self.metrics.flow_control = fc.metrics
+        self.datastore.on_metrics_update(fc.kick)
+        self.datastore.on_membership_change(lambda added, removed: fc.kick())
+        return fc
 
     # -- config reload: one hook per part that takes config (extproc.server.reload) -----------------
 
@@ -298,6 +347,7 @@ class EppServer:
         reloader.register("saturationDetector", self._apply_saturation, self._check_saturation)
         reloader.register("requestHandler.parsers", self._apply_parsers)
         reloader.register("dataLayer", lambda new: None, self._check_data_layer)
+        reloader.register("flowControl", self._apply_flow_control, self._check_flow_control)
         return reloader
 
     def _load_again(self, text: str, source: str, previous: EndpointPickerConfig) -> EndpointPickerConfig:
@@ -338,6 +388,19 @@ class EppServer:
 
     def _apply_parsers(self, new: EndpointPickerConfig) -> None:
         self.parsers = self.servicer.parsers = RequestParsers(new.parsers)  # streams opened from now on
+
+    def _check_flow_control(self, old: EndpointPickerConfig, new: EndpointPickerConfig) -> str | None:
+        """Bounds, TTLs and policies change while serving (FlowController.reconfigure); turning flow
+        control on or off does not: the queue, its metrics and the gateway's timeouts are set up with the EPP."""
+        was, now = _flow_control_on(old.flow_control), _flow_control_on(new.flow_control)
+        if was != now:
+            return f"flowControl turned {'on' if now else 'off'} (the flowControl gate and section; the queue and the gateway's timeouts are set up at start-up)"
+        return None
+
+    def _apply_flow_control(self, new: EndpointPickerConfig) -> None:
+        self.flow_control_config = new.flow_control
+        if self.flow_control is not None and new.flow_control is not None:
+            self.flow_control.reconfigure(new.flow_control)
 
     def _check_data_layer(self, old: EndpointPickerConfig, new: EndpointPickerConfig) -> str | None:
         if new.data_layer != old.data_layer:
@@ -481,7 +544,11 @@ class EppServer:
             "data_layer": self.data_layer.summary(),
         }  # fmt: skip
         runtime = lambda: {"active_streams": self.servicer.active_streams, "heap_trims": self.heap.trims}  # noqa: E731
-        app = admin_app(self.datastore, self.prefix_index, self.director, config, runtime, self.config_status)
+        fc = self.flow_control
+        app = admin_app(
+            self.datastore, self.prefix_index, self.director, config, runtime,
+            flow_control=fc.view if fc is not None else None, config_state=self.config_status,
+        )  # fmt: skip
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, opts.admin_address, opts.admin_port)
@@ -533,6 +600,8 @@ class EppServer:
         await self.health.enter_graceful_shutdown()
         if self.opts.shutdown_delay > 0:
             await asyncio.sleep(self.opts.shutdown_delay)
+        if self.flow_control is not None:
+            self.flow_control.shutdown()  # queued requests get 503 now, not at the end of the grace period
         if self._grpc is not None:
             await self._grpc.stop(grace)
         await self.supervisor.stop()

@@ -82,6 +82,11 @@ NO_ENDPOINTS = ErrorKind("ServiceUnavailable", 503, "rejected-no-endpoints")
 ALL_FILTERED = ErrorKind("InferencePoolResourceExhausted", 429, "rejected-all-filtered")
 SATURATED = ErrorKind("InferencePoolResourceExhausted", 429, "rejected-saturated")
 PROTOCOL = ErrorKind("Internal", 500)
+# Flow control's outcomes (llm-d's admission mapping): 429 while the pool has capacity but is
+# contended, 503 while it has none. A full queue is SATURATED (429, rejected-saturated).
+TTL_EXPIRED = ErrorKind("InferencePoolResourceExhausted", 429, "rejected-ttl-expired")
+SHUTTING_DOWN = ErrorKind("ServiceUnavailable", 503, "rejected-shutting-down")
+EVICTED = ErrorKind("InferencePoolResourceExhausted", 429, "evicted")  # in flight, ended for a higher priority
 
 
 class RequestError(Exception):

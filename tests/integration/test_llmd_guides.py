@@ -64,6 +64,13 @@ def test_guide_config_serves_through_envoy(path, tmp_path):
         assert reply.choices[0].message.content
         chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3, stream=True))
         assert any(c.choices and c.choices[0].delta.content for c in chunks)
+        with urllib.request.urlopen(f"http://127.0.0.1:{stack.epp_admin_port}/debug/flowcontrol", timeout=5) as r:
+            fc = json.load(r)
+        if "flowControl" in path.read_text():  # the gate on: both requests went through the controller
+            assert fc["enabled"] and sum(n for k, n in fc["outcomes"].items() if k.startswith("Dispatched:")) == 2, fc
+            assert fc["requests"] == 0 and fc["saturation_detector"]["name"] == "pool-saturation"
+        else:
+            assert fc == {"enabled": False}
         if _encodes_remotely(path):
             image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
             content = [{"type": "text", "text": "What is in this picture?"}, image]

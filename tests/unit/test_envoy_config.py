@@ -99,3 +99,22 @@ def test_no_cluster_caps_concurrent_streams_at_envoys_1024_default(override_host
         (limits,) = c["circuit_breakers"]["thresholds"]
         for key in ("max_connections", "max_pending_requests", "max_requests"):
             assert limits[key] >= 10_000, (c["name"], key)
+
+
+def _ext_proc_of(cfg: dict) -> dict:
+    return next(f for f in hcm_of(cfg)["http_filters"] if f["name"] == "envoy.filters.http.ext_proc")["typed_config"]
+
+
+def test_flow_control_raises_message_timeout_above_the_longest_queue_wait(tmp_path):
+    base = {"listen_port": 1, "epp_port": 2, "admin_port": 3}
+    off = envoy_config.render(envoy_config.GatewaySettings(**base))
+    assert _ext_proc_of(off)["message_timeout"] == "10s" and "stream_idle_timeout" not in hcm_of(off)
+    on = envoy_config.render(envoy_config.GatewaySettings(**base, flow_control_ttl=60.0))
+    assert _ext_proc_of(on)["message_timeout"] == "70s" and "stream_idle_timeout" not in hcm_of(on)
+    long = envoy_config.render(envoy_config.GatewaySettings(**base, flow_control_ttl=600.0))
+    assert _ext_proc_of(long)["message_timeout"] == "610s" and hcm_of(long)["stream_idle_timeout"] == "610s"
+    unbounded = envoy_config.render(envoy_config.GatewaySettings(**base, flow_control_ttl=0.0))
+    assert _ext_proc_of(unbounded)["message_timeout"] == "3610s"
+    kept = envoy_config.render(envoy_config.GatewaySettings(**base, flow_control_ttl=5.0, message_timeout="120s"))
+    assert _ext_proc_of(kept)["message_timeout"] == "120s"  # already longer: kept
+    validate(long, tmp_path)

@@ -187,7 +187,7 @@ def test_round_robin_cycles_flows_by_id_and_skips_empty_ones():
     assert drain(policy, band, 10) == ["a0", "b0", "c0", "b1", "c1", "c2", "c3"]
 
 
-def test_round_robin_starts_over_when_the_last_served_flow_is_gone():
+def test_round_robin_goes_on_after_the_last_served_flow_when_it_is_gone():
     band = Band(0, FcfsOrdering())
     band.add("a", 1.0, rid="a0")
     band.add("b", 1.0, rid="b0")
@@ -196,7 +196,10 @@ def test_round_robin_starts_over_when_the_last_served_flow_is_gone():
     assert policy.pick(band).flow.id == "a"
     del band.by_id["a"]
     band.add("c", 2.0, rid="c0")
-    assert policy.pick(band).flow.id == "b"  # "a" left: start from the first flow again
+    assert policy.pick(band).flow.id == "b"  # "a" left: the next id after it
+    del band.by_id["b"]
+    band.add("a", 3.0, rid="a1")
+    assert policy.pick(band).flow.id == "c"  # "b" left: "c" is next, not the first flow ("a")
 
 
 def test_round_robin_state_is_per_band():

@@ -3,11 +3,14 @@
 global-strict-fairness-policy (the default): the flow whose head is best by the band's ordering
 policy, across all flows, as if the band were one queue (no fairness; ties: the first flow seen).
 round-robin-fairness-policy: the next non-empty flow after the one served last, flows sorted by id;
-the cursor is per band (new_state), so a flow that leaves resets it to the first flow.
+the cursor is per band (new_state). The runtime removes a flow whose queue empties (llm-d keeps it,
+empty, until its GC), so when the flow served last is gone the turn goes on from the next id after
+it, as it would past llm-d's empty flow (llm-d restarts from the first only when its flow was GC'd).
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 from pickers.framework.flowcontrol import FlowKey, FlowQueue, PriorityBand
@@ -51,13 +54,9 @@ class RoundRobinFairness(Plugin):
         if not keys:
             cursor.last = None
             return None
-        start = 0
-        if cursor.last is not None:
-            try:
-                start = (keys.index(cursor.last) + 1) % len(keys)
-            except ValueError:
-                start = 0  # the flow served last has gone: start over
         n = len(keys)
+        # the first flow after the one served last (present or gone: the turn goes on past it)
+        start = bisect.bisect_right(keys, cursor.last) % n if cursor.last is not None else 0
         for i in range(n):
             k = keys[(start + i) % n]
             queue = band.queue(k.id)
