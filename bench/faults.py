@@ -341,8 +341,10 @@ class UpRun:
             except OSError:
                 continue
             fields = stat[stat.rindex(")") + 2 :].split()  # state, ppid, ...
-            if int(fields[1]) == self.proc.pid and fields[0] != "Z":
-                found[int(entry.name)] = [a.decode() for a in argv if a]
+            args = [a.decode() for a in argv if a]
+            # a child between fork and exec, or exiting, can show an empty command line for a moment
+            if int(fields[1]) == self.proc.pid and fields[0] != "Z" and args:
+                found[int(entry.name)] = args
         return found
 
     def pid_of(self, name: str) -> int | None:
