@@ -13,7 +13,12 @@ from typing import Any
 
 import msgspec
 
-from extproc.handlers.request_body import decode_object, note_media, read_model, read_options
+from extproc.handlers.request_body import (
+    decode_object,
+    note_media,
+    read_model,
+    read_options,
+)
 from pickers.framework.errors import BAD_REQUEST, RequestError
 from pickers.framework.request import InferenceRequest, MediaPart
 

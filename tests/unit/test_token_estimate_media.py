@@ -20,7 +20,13 @@ from pickers.framework.request import InferenceRequest, MediaPart
 from pickers.framework.types import CycleState
 from pickers.indexes.prefix import ApproxPrefixIndex
 from pickers.plugins.base import PluginContext
-from pickers.plugins.producer.media import HEADER_BYTES, ImageEstimate, MediaEstimate, VideoEstimate, image_size
+from pickers.plugins.producer.media import (
+    HEADER_BYTES,
+    ImageEstimate,
+    MediaEstimate,
+    VideoEstimate,
+    image_size,
+)
 from pickers.plugins.producer.tokens import TokenProducer
 
 HEADER = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\n"
