@@ -13,9 +13,14 @@ from typing import Any
 
 import msgspec
 
-from extproc.handlers.request_body import decode_object, read_model, read_options
+from extproc.handlers.request_body import (
+    decode_object,
+    note_media,
+    read_model,
+    read_options,
+)
 from pickers.framework.errors import BAD_REQUEST, RequestError
-from pickers.framework.request import InferenceRequest
+from pickers.framework.request import InferenceRequest, MediaPart
 
 
 def parse_messages(req: InferenceRequest, raw: bytes | bytearray, required_field: str) -> None:
@@ -47,7 +52,7 @@ def parse_messages(req: InferenceRequest, raw: bytes | bytearray, required_field
 
 
 def _content(content: Any, name: str, req: InferenceRequest) -> str:
-    """The text form of content blocks; an image block (also one inside a tool_result) sets `req.multimodal`."""
+    """The text form of content blocks; an image block (also one inside a tool_result) is noted on `req`."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -63,11 +68,29 @@ def _content(content: Any, name: str, req: InferenceRequest) -> str:
         if isinstance(text, str):
             out.append(text)
             continue
-        if kind == "image" or (kind == "tool_result" and _has_image(block.get("content"))):
-            req.multimodal = True
-        out.append(msgspec.json.encode(block).decode())
+        encoded = msgspec.json.encode(block).decode()
+        if kind == "image":
+            _image(req, block.get("source"), len(encoded))
+        elif kind == "tool_result" and isinstance(inner := block.get("content"), list):
+            for b in inner:
+                if isinstance(b, dict) and b.get("type") == "image":
+                    _image(req, b.get("source"), None)
+        out.append(encoded)
     return "".join(out)
 
 
-def _has_image(content: Any) -> bool:
-    return isinstance(content, list) and any(isinstance(b, dict) and b.get("type") == "image" for b in content)
+def _image(req: InferenceRequest, source: Any, text_chars: int | None) -> None:
+    """An image block: the request is multimodal; an image with a URL or base64 data is a media part
+    (llm-d's estimate weighs no other). Inside a tool_result (`text_chars` None) the block's JSON is not
+    measured on its own: its URL or data, the bulk of it, stands for it."""
+    req.multimodal = True
+    if not isinstance(source, dict):
+        return
+    url, data = source.get("url"), source.get("data")
+    if isinstance(url, str) and url:
+        part = MediaPart("image", url, text_chars=len(url) if text_chars is None else text_chars)
+    elif isinstance(data, str) and data and source.get("type") != "url":
+        part = MediaPart("image", data, inline=True, text_chars=len(data) if text_chars is None else text_chars)
+    else:
+        return
+    note_media(req, part)

@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 
 from pickers.framework.errors import BAD_REQUEST, RequestError
-from pickers.framework.request import InferenceRequest
+from pickers.framework.request import InferenceRequest, MediaPart
 
 _json_decoder = msgspec.json.Decoder()
 
@@ -120,8 +120,32 @@ def _prompt_text(req: InferenceRequest, value: Any, name: str) -> str:
     return str(value)
 
 
+def note_media(req: InferenceRequest, part: MediaPart) -> None:
+    """A media part met while building the prompt text: the request is multimodal, and the part is kept
+    for a token-producer's estimate."""
+    req.multimodal = True
+    if req.media is None:
+        req.media = [part]
+    else:
+        req.media.append(part)
+
+
+def chat_media(part: dict[str, Any], text_chars: int) -> MediaPart:
+    """An OpenAI chat content part (`image_url`, `video_url`, `input_audio`, `audio_url`) as a MediaPart."""
+    kind = part.get("type")
+    if kind == "input_audio" or kind == "audio_url":
+        audio = part.get("input_audio")  # llm-d reads input_audio's data and format, for audio_url too
+        size = 0
+        if isinstance(audio, dict):
+            size = sum(len(v) for v in (audio.get("data"), audio.get("format")) if isinstance(v, str))
+        return MediaPart("audio", size=size, text_chars=text_chars)
+    ref = part.get(kind)  # type: ignore[arg-type]
+    url = ref.get("url") if isinstance(ref, dict) else ref
+    return MediaPart("image" if kind == "image_url" else "video", url if isinstance(url, str) else "", text_chars=text_chars)
+
+
 def content_text(content: Any, req: InferenceRequest | None = None) -> str:
-    """The text form of message content; with `req`, a multimodal part sets `req.multimodal` on the way."""
+    """The text form of message content; with `req`, a media part is noted on it (`note_media`)."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -134,14 +158,16 @@ def content_text(content: Any, req: InferenceRequest | None = None) -> str:
                 if isinstance(text, str):
                     out.append(text)
                     continue
+                encoded = msgspec.json.encode(part).decode()
                 if req is not None and part.get("type") in MULTIMODAL_PARTS:
-                    req.multimodal = True
-                out.append(msgspec.json.encode(part).decode())
+                    note_media(req, chat_media(part, len(encoded)))
+                out.append(encoded)
             else:
                 out.append(str(part))
         return "".join(out)
     if isinstance(content, dict):
+        encoded = msgspec.json.encode(content).decode()
         if req is not None and content.get("type") in MULTIMODAL_PARTS:
-            req.multimodal = True
-        return msgspec.json.encode(content).decode()
+            note_media(req, chat_media(content, len(encoded)))
+        return encoded
     return str(content)

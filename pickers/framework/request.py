@@ -16,6 +16,18 @@ from typing import Any
 CHARS_PER_TOKEN = 4
 
 
+@dataclass(slots=True, frozen=True)
+class MediaPart:
+    """An image, video or audio part of a prompt, as the body parser met it while building the prompt
+    text: what a token-producer's estimate needs to weigh it, with no second walk of the body."""
+
+    kind: str  # "image", "video" or "audio"
+    source: str = ""  # an image's URL (a data: URL when inline), or its bare base64 data when `inline`
+    inline: bool = False
+    size: int = 0  # audio: the characters of its data and format
+    text_chars: int = 0  # the characters the part added to the prompt text (its JSON)
+
+
 @dataclass(slots=True)
 class InferenceRequest:
     """One request as the scheduler sees it."""
@@ -36,6 +48,10 @@ class InferenceRequest:
     # the prompt has an image, audio or video part (set by the body parser while it builds prompt_text);
     # always-disagg-multimodal-decider sends such a request to an encoder first
     multimodal: bool = False
+    media: list[MediaPart] | None = None  # those parts, in prompt order (None: none)
+    # a token-producer's estimate of those parts' placeholder tokens; they then count instead of the
+    # parts' text form
+    media_tokens: int | None = None
     body: Mapping[str, Any] = field(default_factory=dict)
     # Set by the Director when it admits the request:
     objective: str = ""  # from x-gateway-inference-objective
@@ -50,6 +66,11 @@ class InferenceRequest:
     @property
     def prompt_tokens(self) -> int:
         """The prompt's tokens: counted when the client or a token-producer gave its ids, else estimated
-        (4 characters each)."""
+        (4 characters each, plus the media parts' placeholder tokens where a token-producer estimated them)."""
         ids = self.prompt_token_ids
-        return len(ids) if ids is not None else len(self.prompt_text) // CHARS_PER_TOKEN
+        if ids is not None:
+            return len(ids)
+        if self.media_tokens is None or not self.media:
+            return len(self.prompt_text) // CHARS_PER_TOKEN
+        media_chars = sum(m.text_chars for m in self.media)
+        return max(0, len(self.prompt_text) - media_chars) // CHARS_PER_TOKEN + self.media_tokens

@@ -82,7 +82,8 @@ def test_the_default_token_producer_estimates_and_sets_no_ids():
     cfg = load("plugins:\n- type: token-producer\n- type: max-score-picker\n")
     tp = cfg.plugins["token-producer"]
     assert isinstance(tp, TokenProducer) and tp.token_backend == "estimate"
-    assert cfg.plugin_parameters["token-producer"] == {"estimate": {}}
+    shown = cfg.plugin_parameters["token-producer"]
+    assert list(shown) == ["estimate"] and shown["estimate"]["image"]["dynamic"] == {"factor": 1024}  # llm-d's defaults
     req = completion("x" * 400)
     tp.produce(req, CycleState(), [])
     assert req.prompt_token_ids is None and req.prompt_tokens == 100 and not tp.needs_io(req)
@@ -116,7 +117,7 @@ def test_the_local_sim_tokenizer_tokenizes_inline_like_the_simulator():
         ("{modelName: m, vllm: {url: 'https://x'}}", "vllm.url", "TLS is not supported"),
         ("{modelName: m, vllm: {timeout: soon}}", "vllm.timeout", "expected a duration"),
         ("{modelName: m, estimate: {}}", "vllm", "only one of estimate, vllm"),
-        ("{estimate: {image: {mode: static}}}", "estimate.image", "multimodal placeholder estimation"),
+        ("{estimate: {image: {mode: fixed}}}", "estimate.image.mode", "expected one of dynamic, static"),
         ("{udsTokenizerConfig: {socketFile: /tmp/s}}", "udsTokenizerConfig", "deprecated in llm-d"),
         ("{local: {}}", "local.tokenizer", "is required"),
         ("{local: {tokenizer: /nonexistent/tok}}", "local.tokenizer", "cannot load a tokenizer"),

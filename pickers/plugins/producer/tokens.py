@@ -5,7 +5,8 @@ precise-prefix-cache-producer matches them against the engines' KV blocks.
 
 One backend per config, chosen as llm-d chooses it:
 - `estimate` (the default, also `estimate: {}`): no tokenizer, no ids; counts stay the 4-characters-
-  a-token estimate.
+  a-token estimate, an image, video or audio part counting its placeholder tokens instead of its text
+  (`estimate.image`, `estimate.video`: pickers.plugins.producer.media).
 - `vllm` (or `modelName` alone): the model server's own tokenization, from vLLM's render endpoints
   (POST {url}/v1/completions/render, /v1/chat/completions/render; `vllm serve` and the GPU-less
   `vllm launch render` serve them), with the body as the client sent it and `model: modelName`.
@@ -36,6 +37,7 @@ from pickers.framework.request import InferenceRequest
 from pickers.framework.types import CycleState
 from pickers.indexes.tokenization import RequestTokenizer, Tokenizer, load_tokenizer
 from pickers.plugins.base import Plugin, PluginContext
+from pickers.plugins.producer.media import MediaEstimate, media_estimate
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,7 @@ class TokenProducer(Plugin):
         timeout: float = 5.0,
         mm_timeout: float = 30.0,
         tokenizer: Tokenizer | None = None,
+        media: MediaEstimate | None = None,
     ) -> None:
         self.name = name
         self.token_backend = backend  # "estimate", "vllm" or "local" (pickers.plugins.base.TokenSource)
@@ -78,13 +81,13 @@ class TokenProducer(Plugin):
         self._pool: ThreadPoolExecutor | None = None
         self.fallbacks: Counter[str] = Counter()  # requests scheduled on the estimate, by reason
         self._apis = _LOCAL_APIS if tokenizer is not None else _RENDERED_APIS
+        # the estimate's placeholder tokens for images and videos (llm-d's estimate backend only)
+        self.media = media if media is not None else (MediaEstimate() if backend == "estimate" else None)
 
     @classmethod
     def from_config(cls, name: str, p: Params, ctx: PluginContext) -> TokenProducer:
         model = p.string("modelName", "") or ""
-        estimate = p.section("estimate")
-        estimate.refused("image", "multimodal placeholder estimation is not implemented; images count as their text form")
-        estimate.refused("video", "multimodal placeholder estimation is not implemented; videos count as their text form")
+        media = media_estimate(p.section("estimate"))
         p.refused("udsTokenizerConfig", "the UDS tokenizer sidecar is deprecated in llm-d (removed after 0.10); use vllm.url")
         vllm = p.section("vllm")
         url = vllm.string("url", DEFAULT_URL) or DEFAULT_URL
@@ -121,7 +124,7 @@ class TokenProducer(Plugin):
             except Exception as e:  # noqa: BLE001 - a missing folder, a broken tokenizer.json: the user's to fix
                 raise ParameterError("local.tokenizer", f"cannot load a tokenizer from {spec!r}: {e}") from None
             return cls(name, backend="local", tokenizer=tokenizer, timeout=local_timeout, mm_timeout=local_timeout)
-        return cls(name)
+        return cls(name, media=media)
 
     # -- the request path ----------------------------------------------------------------------
     def needs_io(self, request: InferenceRequest) -> bool:
@@ -134,8 +137,13 @@ class TokenProducer(Plugin):
         return self.token_backend == "local" and not self._cheap
 
     def produce(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> None:
-        """Before each cycle: token ids given in the prompt, or the simulator's tokenizer, inline."""
-        if request.prompt_token_ids is not None or request.api not in self._apis:
+        """Before each cycle: token ids given in the prompt, or the simulator's tokenizer, inline; the
+        estimate's placeholder tokens for the prompt's media parts."""
+        if request.prompt_token_ids is not None:
+            return
+        if request.media and self.media is not None and request.media_tokens is None:
+            request.media_tokens = self.media.tokens(request.media, request.headers)
+        if request.api not in self._apis:
             return
         given = pretokenized(request.body)
         if given is not None:
