@@ -15,8 +15,8 @@ policy out gets that default (not the default band's).
 Gate off: llm-d ignores the section (it logs a warning); here it is still checked and loads with a
 warning, `flow_control` is None, and the flow-control plugins load with a warning that they do
 nothing. The one field llm-d honours without the gate, `saturationDetector`, picks the detector of
-llm-d's legacy admission; llm-epp's admission without flow control reads the top-level
-`saturationDetector` thresholds instead, so that field is refused with the gate off.
+llm-d's legacy admission, and here too: named, it is `admission_detector` (sheddable requests are refused
+while it reads saturated); unnamed, admission reads the top-level `saturationDetector` thresholds.
 
 The top-level `saturationDetector` holds GIE's thresholds (queueDepthThreshold, kvCacheUtilThreshold,
 metricsStalenessThreshold), read by extproc.requestcontrol.saturation. With the gate on they are the
