@@ -100,6 +100,10 @@ class Director:
         assert request is not None
         request.objective = objective_of(request.headers)
         request.priority = self.objectives.priority(request.objective)  # the band; `route` reads it again
+        try:
+            self.scheduler.admit(request, self.datastore.candidates())  # admitters run before the queues
+        except RequestError as e:
+            return stream.refuse(e)
 
         def dispatch() -> list[pb.ProcessingResponse]:
             out = stream.resume()
@@ -137,6 +141,8 @@ class Director:
                 SATURATED, f"the pool is saturated and objective {bounds.objective(objective)!r} is sheddable (priority {priority})"
             )
         scheduler = self.scheduler  # read once: a config reload swaps it between requests
+        if self.flow_control is None:
+            scheduler.admit(request, candidates)  # with flow control, `admit` ran them before the queues
         result = scheduler.schedule(request, candidates)
         primary = result.endpoints[0]
         request.prefill_tokens = result.prefill_tokens

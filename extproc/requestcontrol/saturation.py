@@ -70,9 +70,11 @@ def _seconds(value: object) -> float | None:
 class SaturationDetector:
     """Reads the datastore; holds no state of its own. O(endpoints), asked only for sheddable requests."""
 
-    def __init__(self, datastore: Datastore, config: SaturationConfig | None = None) -> None:
+    def __init__(self, datastore: Datastore, config: SaturationConfig | None = None, plugin: object | None = None) -> None:
         self.datastore = datastore
         self.config = config or SaturationConfig()
+        # a detector plugin (flowControl.saturationDetector with the flowControl gate off) decides instead
+        self.plugin = plugin
 
     @property
     def staleness(self) -> float:
@@ -90,6 +92,8 @@ class SaturationDetector:
         eps = self.datastore.candidates() if endpoints is None else endpoints
         if not eps:
             return 0.0
+        if self.plugin is not None:
+            return float(self.plugin.saturation(eps))  # type: ignore[attr-defined]
         now = time.monotonic()
         return sum(self.endpoint_saturation(ep, now) for ep in eps) / len(eps)
 

@@ -232,6 +232,7 @@ class EppServer:
         self.prefix_index = ApproxPrefixIndex()
         self.datastore.on_membership_change(self._on_membership_change)
         self._saturation_config = SaturationConfig()
+        self._admission_detector: object | None = None  # flowControl.saturationDetector, gate off
         self.data_layer: DataLayerConfig = DEFAULT_DATA_LAYER
         self.parsers = DEFAULT_PARSERS  # the config's requestHandler.parsers, set by _build_profiles
         self.flow_control_config: FlowControlConfig | None = None  # the config's flowControl, set by _build_profiles
@@ -257,7 +258,7 @@ class EppServer:
             self._render_client = self.token_producer.renderer = VllmRenderClient(self.token_producer.url)
         self.objectives = ObjectiveStore(load_objectives_file(opts.objectives_file) if opts.objectives_file else None)
         self.rewrites = RewriteStore(load_rewrites_file(opts.model_rewrites_file) if opts.model_rewrites_file else ())
-        self.saturation = SaturationDetector(self.datastore, self._saturation_config)
+        self.saturation = SaturationDetector(self.datastore, self._saturation_config, self._admission_detector)
         self.tracer_provider: TracerProvider | None = None
         self.flow_control = self._flow_controller()
         director_kwargs: dict[str, Any] = dict(
@@ -312,6 +313,7 @@ class EppServer:
             cfg = load_config(self._config_text, opts.config_file, ctx)
         self.config = cfg
         self._saturation_config = SaturationConfig.from_config(cfg.saturation_detector, cfg.source)
+        self._admission_detector = cfg.admission_detector
         self.data_layer = cfg.data_layer
         self.parsers = RequestParsers(cfg.parsers)
         self.flow_control_config = cfg.flow_control
@@ -385,6 +387,7 @@ class EppServer:
 
     def _apply_saturation(self, new: EndpointPickerConfig) -> None:
         self.saturation.config = self._saturation_config = SaturationConfig.from_config(new.saturation_detector, new.source)
+        self.saturation.plugin = self._admission_detector = new.admission_detector
 
     def _apply_parsers(self, new: EndpointPickerConfig) -> None:
         self.parsers = self.servicer.parsers = RequestParsers(new.parsers)  # streams opened from now on

@@ -15,8 +15,8 @@ policy out gets that default (not the default band's).
 Gate off: llm-d ignores the section (it logs a warning); here it is still checked and loads with a
 warning, `flow_control` is None, and the flow-control plugins load with a warning that they do
 nothing. The one field llm-d honours without the gate, `saturationDetector`, picks the detector of
-llm-d's legacy admission; llm-epp's admission without flow control reads the top-level
-`saturationDetector` thresholds instead, so that field is refused with the gate off.
+llm-d's legacy admission, and here too: named, it is `admission_detector` (sheddable requests are refused
+while it reads saturated); unnamed, admission reads the top-level `saturationDetector` thresholds.
 
 The top-level `saturationDetector` holds GIE's thresholds (queueDepthThreshold, kvCacheUtilThreshold,
 metricsStalenessThreshold), read by extproc.requestcontrol.saturation. With the gate on they are the
@@ -147,6 +147,7 @@ class FlowControlLoader:
         self.in_profiles = in_profiles  # ids of plugins some scheduling profile lists
         self.used: set[str] = set()  # flow-control plugins the section uses
         self.made: dict[str, object] = {}  # defaults made because the config has no plugin of that name
+        self.admission_detector: object | None = None  # gate off: the detector flowControl.saturationDetector names
 
     def build(self, raw: object, enabled: bool, top: Mapping[str, Any]) -> FlowControlConfig | None:
         section = self.section(raw)
@@ -160,13 +161,24 @@ class FlowControlLoader:
                     "its settings are checked and not used (as llm-d); add featureGates: [flowControl] to use them"
                 )
         fc = self.resolve(section, detector_ref, enabled, top)
+        if not enabled and detector_ref[1] is not None:
+            # llm-d's legacy admission: without the gate, the named detector decides when the pool is
+            # saturated, and sheddable requests are refused then
+            self.admission_detector = fc.saturation_detector
+            self.used.add(detector_ref[0])
+            self.adopt_made(detector_ref[0])
         self.warn_unused(enabled)
         if not enabled:
             return None
-        for name, plugin in self.made.items():  # llm-d adds the defaults it makes to the config's plugins
+        for name in list(self.made):  # llm-d adds the defaults it makes to the config's plugins
+            self.adopt_made(name)
+        return fc
+
+    def adopt_made(self, name: str) -> None:
+        plugin = self.made.get(name)
+        if plugin is not None:
             self.plugins[name] = plugin
             self.types[name] = getattr(plugin, "type", name)
-        return fc
 
     # -- shapes ------------------------------------------------------------------------------------
 
@@ -248,25 +260,10 @@ class FlowControlLoader:
         path: str | None = None
         if raw is not None:
             spec = self.mapping(raw, "flowControl.saturationDetector", _DETECTOR_KEYS)
-            if not enabled:
-                raise self.error(
-                    "flowControl.saturationDetector",
-                    f"not supported with the {GATE} feature gate off: llm-d's legacy admission would use this "
-                    "detector; llm-epp's admission without flow control reads the top-level saturationDetector "
-                    "thresholds (queueDepthThreshold, kvCacheUtilThreshold, metricsStalenessThreshold); "
-                    f"turn the {GATE} gate on or remove it",
-                )
             if spec.get("pluginRef") is not None:
                 ref = self.name(spec["pluginRef"], "flowControl.saturationDetector.pluginRef")
                 path = "flowControl.saturationDetector.pluginRef"
         if top_ref is not None:
-            if not enabled:
-                raise self.error(
-                    "saturationDetector.pluginRef",
-                    f"not supported with the {GATE} feature gate off: llm-d's deprecated spelling of "
-                    "flowControl.saturationDetector.pluginRef; without flow control llm-epp's admission reads this "
-                    "section's thresholds (queueDepthThreshold, kvCacheUtilThreshold, metricsStalenessThreshold)",
-                )
             name = self.name(top_ref, "saturationDetector.pluginRef")
             if ref is None:
                 self.warnings.append(
@@ -382,7 +379,7 @@ class FlowControlLoader:
         if name == UtilizationDetector.type and name not in self.plugins and name not in self.made and thresholds:
             self.made[name] = self.make(name, _plugin_thresholds(thresholds, self.error))
         detector = self.plugin("saturation detector", name, path)
-        if not thresholds or not enabled:
+        if not thresholds or (not enabled and path is None):
             return detector
         if not isinstance(detector, UtilizationDetector):
             raise self.error(
@@ -436,7 +433,7 @@ class FlowControlLoader:
 
     def warn_unused(self, enabled: bool) -> None:
         for name, q in self.plugins.items():
-            if not isinstance(q, FLOW_CONTROL_CLASSES) or (enabled and name in self.used):
+            if not isinstance(q, FLOW_CONTROL_CLASSES) or (enabled and name in self.used) or q is self.admission_detector:
                 continue
             if id(q) in self.in_profiles:
                 continue  # a detector listed in a profile filters endpoints there

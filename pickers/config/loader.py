@@ -53,6 +53,7 @@ from pickers.framework.errors import ConfigError, shown
 from pickers.framework.flowcontrol import FairnessPolicy, FlowControlConfig
 from pickers.framework.params import ParameterError
 from pickers.framework.types import (
+    Admitter,
     DataProducer,
     Filter,
     Picker,
@@ -146,6 +147,8 @@ class EndpointPickerConfig:
     data_layer: DataLayerConfig = DEFAULT_DATA_LAYER  # dataLayer, defaults injected; applied by extproc.server
     # flowControl with its defaults and references resolved; None while the flowControl gate is off
     flow_control: FlowControlConfig | None = None
+    # flowControl.saturationDetector's detector with the flowControl gate off: llm-d's legacy admission
+    admission_detector: object | None = None
     parsers: tuple[ParserSpec, ...] = DEFAULT_PARSERS  # the request parsers in effect, in order (extproc.handlers.parsers)
     default_parsers: bool = True  # no requestHandler.parsers (nor parser): llm-d's default list
     # the data producers: plugins outside the profiles that run for every request (token-producer
@@ -194,6 +197,7 @@ class _Loader:
         self.parameters: dict[str, Mapping[str, Any]] = {}
         self.parser_plugins: dict[str, str] = {}  # name -> type, for requestHandler.parsers
         self.index: dict[str, int] = {}  # plugin name -> its place in `plugins:` (parsers included)
+        self.admission_detector: object | None = None  # set by flow_control()
 
     def error(self, field_path: str | None, message: str) -> ConfigError:
         return ConfigError(message, source=self.source, field=field_path or None)
@@ -275,7 +279,7 @@ class _Loader:
 
         producers = sorted(
             (q for q in plugins.values() if _role(q) is None and not isinstance(q, ProfileHandler)
-             and isinstance(q, (DataProducer, PreRequest, ResponseComplete))),
+             and isinstance(q, (DataProducer, PreRequest, ResponseComplete, Admitter))),
             key=lambda q: not isinstance(q, TokenProducer),
         )  # fmt: skip
         return EndpointPickerConfig(
@@ -287,6 +291,7 @@ class _Loader:
             feature_gates=gates,
             saturation_detector={k: v for k, v in saturation.items() if k != "pluginRef"},
             flow_control=flow_control,
+            admission_detector=self.admission_detector,
             plugin_types=MappingProxyType(self.types),
             plugin_parameters=MappingProxyType(self.parameters),
             warnings=tuple(self.warnings),
@@ -338,7 +343,9 @@ class _Loader:
             plugins, self.types, self.parameters, lambda name: f"plugins[{self.index[name]}]", self.ctx,
             self.error, self.warnings, listed,
         )  # fmt: skip
-        return fc.build(raw, enabled, saturation)
+        built = fc.build(raw, enabled, saturation)
+        self.admission_detector = fc.admission_detector
+        return built
 
     def data_layer(self, raw: object, plugins: dict[str, object]) -> DataLayerConfig:
         """dataLayer (pickers.config.datalayer), resolved against the plugins; defaults when absent."""

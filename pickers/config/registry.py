@@ -30,6 +30,7 @@ from pickers.plugins.filter.prefix_affinity import PrefixCacheAffinityFilter
 from pickers.plugins.filter.role import DecodeFilter, EncodeFilter, PrefillFilter
 from pickers.plugins.filter.served_model import ServedModelFilter
 from pickers.plugins.filter.utilization import UtilizationFilter
+from pickers.plugins.flowcontrol.admitter import ProbabilisticAdmitter
 from pickers.plugins.flowcontrol.agent_identity import AgentIdentity
 from pickers.plugins.flowcontrol.detectors import ConcurrencyDetector, UtilizationDetector
 from pickers.plugins.flowcontrol.eviction import PriorityThenTimeEvictionOrder, SheddableEvictionFilter
@@ -109,6 +110,7 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     DecodeFilter,
     EncodeFilter,
     UtilizationFilter,
+    ProbabilisticAdmitter,  # admission before flow control and scheduling
     SessionAffinityFilter,
     PrefixCacheAffinityFilter,
     ServedModelFilter,  # llm-epp's: reads the models-data-source's /v1/models lists

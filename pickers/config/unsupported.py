@@ -57,8 +57,6 @@ UNSUPPORTED_TYPES = MappingProxyType(
         "does not collect",
         "endpoint-attribute-scorer": "it reads custom metrics of core-metrics-extractor (customMetrics), which llm-epp "
         "does not collect",
-        "probabilistic-admitter": "probabilistic shedding is not implemented; llm-epp refuses sheddable requests "
-        "while the pool is saturated (the top-level saturationDetector section)",
         "header-based-testing-filter": "a test-only plugin of the llm-d router",
         "destination-endpoint-served-verifier": "a test-only plugin of the llm-d router",
     }

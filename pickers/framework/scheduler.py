@@ -19,6 +19,7 @@ from pickers.framework.errors import ALL_FILTERED, NO_ENDPOINTS, RequestError
 from pickers.framework.request import InferenceRequest
 from pickers.framework.types import (
     SINGLE_PROFILE_HANDLER,
+    Admitter,
     CycleState,
     DataProducer,
     DurationObserver,
@@ -65,6 +66,7 @@ class Scheduler:
         self.plugins: tuple[object, ...] = tuple(plugins)  # every plugin of the cycle, producers included
         self._pre_request = [p for p in plugins if isinstance(p, PreRequest)]
         self._complete = [p for p in plugins if isinstance(p, ResponseComplete)]
+        self._admitters = [p for p in plugins if isinstance(p, Admitter)]
         # id(plugin) -> its observer; empty when not timing, so the loop pays one truth test per call
         self._timers: dict[int, DurationObserver] = {}
         if timer is not None:
@@ -73,6 +75,11 @@ class Scheduler:
                                       *(("Scorer", w.scorer) for w in prof.scorers), ("Picker", prof.picker)):
                     if id(plugin) not in self._timers:
                         self._timers[id(plugin)] = timer(point, plugin)
+
+    def admit(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> None:
+        """The config's admitters, in config order; the first to refuse raises its RequestError."""
+        for admitter in self._admitters:
+            admitter.admit_request(request, candidates)
 
     def schedule(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> SchedulingResult:
         """Choose endpoints for the request; raises RequestError (503/429) when none can serve."""

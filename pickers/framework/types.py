@@ -126,6 +126,14 @@ class PreRequest(Protocol):
 
 
 @runtime_checkable
+class Admitter(Protocol):
+    """Admission before scheduling (llm-d's requestcontrol.Admitter): raise RequestError to refuse the
+    request, return to let it through. Runs once per request, before flow control's queues."""
+
+    def admit_request(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> None: ...
+
+
+@runtime_checkable
 class ResponseComplete(Protocol):
     def response_complete(
         self, request: InferenceRequest, endpoint: Endpoint, prompt_tokens: int | None, completion_tokens: int | None

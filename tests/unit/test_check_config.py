@@ -70,7 +70,7 @@ def test_deprecations_are_printed(tmp_path, capsys):
         (GOOD.replace("type: queue-scorer", "type: queue-scorr"), "plugins[0].type: unknown plugin type 'queue-scorr'"),
         (GOOD.replace("blockSize: 128", "blockSize: big"), "plugins[1].parameters.blockSize: prefix-cache-scorer: expected an integer"),
         (GOOD + "flowControl: {maxBytes: lots}\n", "flowControl.maxBytes: expected a Kubernetes quantity"),
-        (GOOD + "saturationDetector: {pluginRef: utilization-detector}\n", "saturationDetector.pluginRef: not supported with the flowControl feature gate off"),
+        (GOOD + "saturationDetector: {pluginRef: nope}\n", "saturationDetector.pluginRef: no plugin named 'nope'"),
         (
             "a: &a [x,x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b]\n"
             "d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]\n",

@@ -234,9 +234,17 @@ def test_top_level_plugin_ref_is_llm_ds_deprecated_spelling_with_the_gate_on():
     assert cfg.saturation_detector == {}
 
 
-def test_a_detector_reference_without_the_gate_is_refused():
-    msg = error_of("plugins:\n" + SCORER + "flowControl: {saturationDetector: {pluginRef: utilization-detector}}\n")
-    assert msg.startswith("fc.yaml: flowControl.saturationDetector: not supported with the flowControl feature gate off")
+def test_a_detector_reference_without_the_gate_is_the_admission_detector():
+    """llm-d's legacy admission: without flow control, the named detector says when sheddable requests
+    are refused; the thresholds of a made utilization-detector come from the top-level section."""
+    cfg = load("plugins:\n" + SCORER + "- type: concurrency-detector\n  name: cd\n"
+               "flowControl: {saturationDetector: {pluginRef: cd}}\n")  # fmt: skip
+    assert cfg.flow_control is None and cfg.admission_detector is cfg.plugins["cd"]
+    assert not any("cd" in w and "does nothing" in w for w in cfg.warnings)
+    made = load("plugins:\n" + SCORER + "flowControl: {saturationDetector: {pluginRef: utilization-detector}}\n"
+                "saturationDetector: {queueDepthThreshold: 7}\n")  # fmt: skip
+    assert isinstance(made.admission_detector, UtilizationDetector) and made.admission_detector.queue_depth == 7
+    assert load("plugins:\n" + SCORER).admission_detector is None
 
 
 # -- fairness ids ------------------------------------------------------------------------------
