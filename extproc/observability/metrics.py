@@ -18,7 +18,8 @@ as they are, and a histogram's count is its +Inf bucket (a sum may lag its bucke
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,7 @@ from pickers.framework.histogram import Histogram
 if TYPE_CHECKING:
     from extproc.datalayer.datastore import Datastore
     from extproc.handlers.request_stream import Outcome
+    from pickers.indexes.kv_blocks import IndexMetrics
     from pickers.indexes.prefix import ApproxPrefixIndex
 
 TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
@@ -52,6 +54,8 @@ DURATION_BUCKETS = (0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5,
 TTFT_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10, 20, 40, 80, 160, 640)
 TPOT_BUCKETS = (0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
                 5.0, 7.5, 10.0)  # fmt: skip
+
+log = logging.getLogger(__name__)
 
 # llm-d's buckets for the time in flow control
 QUEUE_WAIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -400,6 +404,7 @@ class _FixedFamilies:
                 resets.add_metric([name, reason], n)
         yield size
         yield resets
+        yield from _kv_block_families([p.index.metrics for p in self.m.precise.values()])
 
     def _token_producers(self) -> Iterator[Metric]:
         if not self.m.token_producers:
@@ -414,6 +419,69 @@ class _FixedFamilies:
                 fallbacks.add_metric([plugin.name, reason], n)
         yield fallbacks
 
+
+# llm-d's kvblock index metrics (llm-d-kv-cache's, embedded in llm-d's EPP): (name, help, IndexMetrics
+# field), exposed under llm-d's current llm_d_epp_kv_cache_index_* names and, as llm-d still does,
+# under the deprecated kvcache_index_* ones. No labels: llm-d's are process-wide, so several precise
+# indexes with enableMetrics add up.
+KV_BLOCK_COUNTERS = (
+    ("admissions", "KV blocks admitted to the precise index (stored by events or speculatively)", "admissions"),
+    ("evictions", "KV blocks evicted from the precise index (removed by events, or speculative entries expired)", "evictions"),
+    ("lookup_requests", "Lookups of a request's blocks in the precise index", "lookups"),
+    ("lookup_hits", "Per lookup, the leading blocks of the longest chain one endpoint holds, summed", "hits"),
+    ("max_pod_hit_count", "Per lookup, the longest leading chain of blocks one endpoint holds, summed", "hits"),
+)
+KV_BLOCK_PREFIXES = ("llm_d_epp_kv_cache_index_", "kvcache_index_")  # llm-d's current name, its deprecated alias
+
+
+def kv_block_totals(metrics: Iterable[IndexMetrics | None]) -> tuple[dict[str, int], Histogram | None]:
+    """The counts of these precise indexes' metrics (those with enableMetrics), added up, and their
+    lookup latencies as one histogram (None: no index counts)."""
+    counted = list({id(m): m for m in metrics if m is not None}.values())
+    if not counted:
+        return {}, None
+    totals = {f: sum(getattr(m, f) for m in counted) for f in ("admissions", "evictions", "lookups", "hits")}
+    latency = Histogram(counted[0].latency.bounds)
+    for m in counted:
+        latency.counts = [a + b for a, b in zip(latency.counts, m.latency.counts)]
+        latency.sum += m.latency.sum
+    return totals, latency
+
+
+def _kv_block_families(metrics: Iterable[IndexMetrics | None]) -> Iterator[Metric]:
+    totals, latency = kv_block_totals(metrics)
+    if latency is None:
+        return  # enableMetrics off everywhere: the families are absent, as in llm-d
+    for prefix in KV_BLOCK_PREFIXES:
+        for name, doc, field in KV_BLOCK_COUNTERS:
+            family = CounterMetricFamily(prefix + name, doc)
+            family.add_metric([], totals[field])
+            yield family
+        h = _histogram_family(prefix + "lookup_latency_seconds", "Time of a lookup in the precise index, in seconds", ())
+        _add(h, (), latency)
+        yield h
+
+
+async def log_kv_block_metrics(
+    name: str, current: Callable[[], IndexMetrics | None], interval: float,
+    sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+) -> None:  # fmt: skip
+    """llm-d's metricsLoggingInterval: every `interval` seconds, one line with the counts of the
+    precise index of plugin `name` (`current()` reads them: a config reload may replace the plugin),
+    the fields of llm-d-kv-cache's "metrics beat"."""
+    while True:
+        await sleep(interval)
+        totals, latency = kv_block_totals([current()])
+        if latency is None:
+            continue
+        count = latency.count
+        log.info(
+            "kv-block index metrics beat", extra={"fields": {
+                "plugin": name, "admissions": totals["admissions"], "evictions": totals["evictions"],
+                "lookups": totals["lookups"], "hits": totals["hits"], "max_pod_hit_count": totals["hits"],
+                "latency_count": count, "latency_sum": latency.sum, "latency_avg": latency.sum / count if count else 0.0,
+            }},
+        )  # fmt: skip
 
 
 # -- the per-model families, written as text ---------------------------------------------------------

@@ -9,6 +9,7 @@ takes config registers a reload hook here (`_watch_config`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import signal
@@ -42,7 +43,7 @@ from extproc.handlers.request_stream import (
     State,
 )
 from extproc.observability import bounds
-from extproc.observability.metrics import EppMetrics
+from extproc.observability.metrics import EppMetrics, log_kv_block_metrics
 from extproc.requestcontrol.director import Director
 from extproc.requestcontrol.objectives import ObjectiveStore, load_objectives_file
 from extproc.requestcontrol.rewrites import RewriteStore, load_rewrites_file
@@ -58,6 +59,7 @@ from pickers.framework.errors import ConfigError
 from pickers.framework.flowcontrol import FlowControlConfig
 from pickers.framework.scheduler import Scheduler
 from pickers.framework.types import ProfileHandler, SchedulingProfile
+from pickers.indexes.kv_blocks import IndexMetrics
 from pickers.indexes.prefix import ApproxPrefixIndex
 from pickers.plugins.base import PluginContext
 from pickers.plugins.producer.tokens import TokenProducer
@@ -476,6 +478,10 @@ class EppServer:
                     per_endpoint=precise.discover_pods, topic_filter=precise.topic_filter, bind=precise.zmq_endpoint,
                 )  # fmt: skip
                 self.supervisor.start(f"kv-events/{name}", precise.subscriber.run)
+            # llm-d's metricsLoggingInterval (with enableMetrics): the index's counts, logged that often
+            if precise.metrics_logging_interval:
+                self.supervisor.start(f"kv-block-metrics-log/{name}", functools.partial(
+                    log_kv_block_metrics, name, functools.partial(self._index_metrics, name), precise.metrics_logging_interval))  # fmt: skip
 
         self._grpc = grpc.aio.server(options=_GRPC_OPTIONS)
         pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, self._grpc)
@@ -504,6 +510,11 @@ class EppServer:
             "llm-epp serving ext_proc on :%d, health on :%d, metrics on :%d (%s, %d endpoints)",
             self.grpc_port, self.health_port, self.metrics_port, self.scheduling_source, len(self.datastore),
         )
+
+    def _index_metrics(self, name: str) -> IndexMetrics | None:
+        """The metrics of precise plugin `name` serving now (after a reload too), if it counts them."""
+        plugin = precise_indexes(self.scheduler.plugins).get(name)
+        return plugin.index.metrics if plugin is not None else None
 
     def _pollers(self) -> dict[str, EndpointPoller]:
         """The data layer's HTTP sources (metrics scraper, /v1/models poller), on llm-d's clock: each

@@ -206,6 +206,22 @@ class Params:
         self._keep(key, v if seconds else None)
         return seconds or None
 
+    def nanos_or_duration(self, key: str) -> float | None:
+        """A Go time.Duration field decoded from JSON (llm-d-kv-cache's), in seconds; None when left out
+        or not positive (llm-d-kv-cache: `> 0` turns it on). Go's JSON gives it as integer nanoseconds
+        (60000000000 is a minute); a duration string (`1m`) reads the same. The effective value is as given."""
+        v = self._get(key)
+        if v is None or v == "":
+            return self._keep(key, None)
+        if isinstance(v, int) and not isinstance(v, bool):
+            seconds: float | None = v / 1e9
+        else:
+            seconds = parse_go_duration(v) if isinstance(v, str) else None
+        if seconds is None:
+            raise ParameterError(self.path(key), f"expected nanoseconds (60000000000) or a duration like 1m, got {_kind(v)} {shown(v)}")
+        self._keep(key, v if seconds > 0 else None)
+        return seconds if seconds > 0 else None
+
     def deprecated(self, key: str, why: str) -> None:
         """A parameter the reference picker also accepts and does nothing with (`why` says so); when given,
         it is accepted with a warning, never silently."""

@@ -18,16 +18,23 @@ blocks the endpoint already has, now also on another medium) adds that medium to
 resolves; a BlockRemoved takes its medium away, and the block goes when no medium holds it.
 `weighted_match` scores as llm-d-kv-cache's LongestPrefixScorer: per leading block the largest weight
 among the media holding it (`TierWeights`).
+
+With `metrics` (llm-d's `enableMetrics`), the index counts what llm-d-kv-cache's instrumented index
+counts: blocks admitted and evicted, lookups, the blocks of the longest chain one endpoint holds per
+lookup, and each lookup's time. Plain integers; the EPP exports them when Prometheus scrapes.
 """
 
 from __future__ import annotations
 
 import struct
+import time
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import xxhash
+
+from pickers.framework.histogram import Histogram
 
 DEFAULT_CAPACITY = 1_000_000  # blocks per endpoint; about 200 MB for one endpoint at the bound
 ROOT_KEY = 0
@@ -36,6 +43,8 @@ GPU_BIT = 1
 UNNAMED_BIT = 2  # speculative entries (no medium, as llm-d's) and media past MAX_MEDIA: weight 1.0
 MAX_MEDIA = 16  # distinct medium names given bits of their own (events name a handful: GPU, CPU, ...)
 _xxh64 = xxhash.xxh64_intdigest
+# Prometheus' default buckets (seconds), which llm-d-kv-cache's lookup latency histogram uses
+LOOKUP_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 
 
 def root_key(lora_name: str | None, hash_seed: str = "") -> int:
@@ -72,6 +81,17 @@ class EndpointBlocks:
     gaps: int = 0  # times its event stream lost messages and the state was reset
 
 
+@dataclass(slots=True)
+class IndexMetrics:
+    """What llm-d-kv-cache's instrumented index counts (its kvblock metrics), since the index was made."""
+
+    admissions: int = 0  # blocks stored: by events (a block per key) and speculatively (a block per endpoint)
+    evictions: int = 0  # blocks removed: by events and by speculative entries expiring
+    lookups: int = 0  # scoring lookups
+    hits: int = 0  # per lookup, the blocks of the longest leading chain one endpoint holds, summed
+    latency: Histogram = field(default_factory=lambda: Histogram(LOOKUP_LATENCY_BUCKETS))  # seconds a lookup
+
+
 class KVBlockIndex:
     """our key -> endpoints holding it, plus each endpoint's engine-hash map (for removals)."""
 
@@ -82,8 +102,10 @@ class KVBlockIndex:
         max_keys: int | None = None,
         pods_per_key: int | None = None,
         hash_seed: str = "",
+        metrics: IndexMetrics | None = None,
     ) -> None:
         self.capacity = capacity_per_endpoint
+        self.metrics = metrics  # None: nothing counted (llm-d's enableMetrics: false)
         self.max_keys = max_keys
         self.pods_per_key = pods_per_key
         self.hash_seed = hash_seed
@@ -143,6 +165,8 @@ class KVBlockIndex:
                     self._hold(key, address, bit)
                     known += 1
             self._trim(ep, address)
+            if self.metrics is not None:
+                self.metrics.admissions += known
             return known
         ep.block_size = block_size
         if parent_block_hash is None:
@@ -156,6 +180,7 @@ class KVBlockIndex:
                 return 0
             parent = found
         blocks = ep.blocks
+        stored = 0
         for i, engine_hash in enumerate(block_hashes):
             tokens = token_ids[i * block_size : (i + 1) * block_size]
             if len(tokens) < block_size:
@@ -168,7 +193,10 @@ class KVBlockIndex:
             blocks.move_to_end(engine_hash)
             self._hold(key, address, bit)
             parent = key
+            stored += 1
         self._trim(ep, address)
+        if self.metrics is not None:
+            self.metrics.admissions += stored
         return len(block_hashes)
 
     def _trim(self, ep: EndpointBlocks, address: str) -> None:
@@ -204,10 +232,12 @@ class KVBlockIndex:
         bit = self.medium_bit(medium, register=False)
         if not bit:  # a medium no block was stored on
             return
+        removed = 0
         for engine_hash in block_hashes:
             key = ep.blocks.get(engine_hash)
             if key is None:
                 continue
+            removed += 1
             s = self._holders.get(key)
             mask = s.get(address) if s is not None else None
             if s is not None and mask is not None and mask & ~bit:
@@ -215,6 +245,8 @@ class KVBlockIndex:
                 continue
             del ep.blocks[engine_hash]
             self._drop(key, address)
+        if self.metrics is not None:
+            self.metrics.evictions += removed
 
     def clear_endpoint(self, address: str) -> None:
         """AllBlocksCleared, a restarted engine or a lost stream: the endpoint holds nothing we know of."""
@@ -245,6 +277,31 @@ class KVBlockIndex:
                     self._recent.pop(key, None)
 
     # -- lookups (the scorer) ----------------------------------------------------------------
+    def lookup(
+        self, keys: Sequence[int], weights: Mapping[int, float] | None = None,
+        extra: Mapping[int, Mapping[str, object]] | None = None,
+    ) -> dict[str, int]:  # fmt: skip
+        """A scoring lookup: leading blocks held per endpoint (`match`), or with `weights` llm-d's
+        tier-weighted score truncated to whole blocks (`weighted_match`). Counted in `metrics`."""
+        m = self.metrics
+        if m is None:
+            return self._lookup(keys, weights, extra)[0]
+        start = time.perf_counter()
+        held, chain = self._lookup(keys, weights, extra)
+        m.latency.observe(time.perf_counter() - start)
+        m.lookups += 1
+        m.hits += chain
+        return held
+
+    def _lookup(
+        self, keys: Sequence[int], weights: Mapping[int, float] | None, extra: Mapping[int, Mapping[str, object]] | None
+    ) -> tuple[dict[str, int], int]:
+        if weights is None:
+            held = self.match(keys, extra)
+            return held, max(held.values(), default=0)
+        scores, chain = self._weighted(keys, weights, extra)
+        return {a: int(score) for a, score in scores.items()}, chain
+
     def match(self, keys: Sequence[int], extra: Mapping[int, Mapping[str, object]] | None = None) -> dict[str, int]:
         """Leading blocks held per endpoint; the walk stops at the first block nobody holds. `extra`:
         more holders per key (speculative entries), counted as if stored."""
@@ -295,18 +352,25 @@ class KVBlockIndex:
         """llm-d's longest-prefix score per endpoint: over its leading blocks (up to the first it holds
         on no medium), the sum of `weights[mask of the media holding the block]`. `extra`: speculative
         holders, with no medium (UNNAMED_BIT)."""
+        return self._weighted(keys, weights, extra)[0]
+
+    def _weighted(
+        self, keys: Sequence[int], weights: Mapping[int, float], extra: Mapping[int, Mapping[str, object]] | None
+    ) -> tuple[dict[str, float], int]:
+        """`weighted_match`, and the blocks of the longest leading chain one endpoint holds."""
         scores: dict[str, float] = {}
         if not keys:
-            return scores
+            return scores, 0
         holders_of: Mapping[int, Mapping[str, int]] = self._holders
         if extra:
             holders_of = _MaskUnion(self._holders, extra)
         first = holders_of.get(keys[0])
         if not first:
-            return scores
+            return scores, 0
         for address, mask in first.items():
             scores[address] = weights[mask]
         active = list(scores)
+        chain = 1
         for i in range(1, len(keys)):
             holders = holders_of.get(keys[i])
             if not holders:
@@ -322,7 +386,8 @@ class KVBlockIndex:
                 active = [a for a in active if holders.get(a)]
                 if not active:
                     break
-        return scores
+            chain = i + 1
+        return scores, chain
 
     def block_sizes(self) -> set[int]:
         return {ep.block_size for ep in self._endpoints.values() if ep.block_size}

@@ -357,7 +357,8 @@ def test_the_precise_producers_effective_parameters_are_llm_ds_with_defaults():
     assert params["tokenProcessorConfig"] == {"blockSizeTokens": 4, "hashSeed": "", "hashAlgorithm": "cbor-fnv"}
     assert params["kvEventsConfig"] == {"zmqEndpoint": "", "topicFilter": "kv@", "concurrency": 4, "engineType": "vllm",
                                         "discoverPods": True, "podDiscoveryConfig": {"socketPort": 5600}}  # fmt: skip
-    assert params["indexerConfig"]["kvBlockIndexConfig"] == {"inMemoryConfig": {"size": 1000, "podCacheSize": 2}, "enableMetrics": False}
+    assert params["indexerConfig"]["kvBlockIndexConfig"] == {"inMemoryConfig": {"size": 1000, "podCacheSize": 2}, "enableMetrics": False,
+                                                             "metricsLoggingInterval": None}  # fmt: skip
     assert (params["speculativeIndexing"], params["speculativeTTL"]) == (False, "2s")
 
 
@@ -387,7 +388,8 @@ def test_a_precise_producer_without_real_tokens_warns_that_it_cannot_match():
         ("{indexerConfig: {tokenizersPoolConfig: {hf: {}}}}", "indexerConfig.tokenizersPoolConfig", "configure a token-producer"),
         ("{indexerConfig: {kvBlockIndexConfig: {redisConfig: {address: 'r:6379'}}}}", "indexerConfig.kvBlockIndexConfig.redisConfig", "no Redis"),
         ("{indexerConfig: {kvBlockIndexConfig: {costAwareMemoryConfig: {size: 2GiB}}}}", "costAwareMemoryConfig", "in-memory index"),
-        ("{indexerConfig: {kvBlockIndexConfig: {metricsLoggingInterval: 1000000000}}}", "metricsLoggingInterval", "not logged"),
+        ("{indexerConfig: {kvBlockIndexConfig: {metricsLoggingInterval: soon}}}", "kvBlockIndexConfig.metricsLoggingInterval",
+         "expected nanoseconds"),
         ("{indexerConfig: {kvCacheBackendConfigs: [{name: gpu, weight: 2}]}}", "indexerConfig.kvCacheBackendConfigs[0].weight", "from 0.0 to 1.0"),
         ("{kvEventsConfig: {engineType: sglang}}", "kvEventsConfig.engineType", "only vLLM"),
         ("{kvEventsConfig: {podDiscoveryConfig: {replaySocketPort: 5558}}}", "replaySocketPort", "replaying missed events"),
@@ -404,11 +406,11 @@ def test_what_the_precise_producer_cannot_honour_is_refused_with_the_reason(para
 def test_llm_ds_parameters_that_change_nothing_here_load_with_a_warning():
     cfg = load("plugins:\n- type: token-producer\n  parameters: {local: {tokenizer: sim}}\n- type: precise-prefix-cache-producer\n"
                "  parameters: {tokenProcessorConfig: {blockSize: 32}, kvEventsConfig: {concurrency: 8, podDiscoveryConfig: "
-               "{podLabelSelector: app=vllm}}, indexerConfig: {kvBlockIndexConfig: {enableMetrics: true}}}\n"
+               "{podLabelSelector: app=vllm}}, indexerConfig: {kvBlockIndexConfig: {metricsLoggingInterval: 1000000000}}}\n"
                "- type: max-score-picker\n")  # fmt: skip
     said = " | ".join(cfg.warnings)
     for fragment in ("tokenProcessorConfig.blockSize is deprecated", "concurrency has no effect",
-                     "podLabelSelector is deprecated and has no effect", "enableMetrics"):  # fmt: skip
+                     "podLabelSelector is deprecated and has no effect", "metricsLoggingInterval has no effect without enableMetrics"):  # fmt: skip
         assert fragment in said
     assert cfg.plugins["precise-prefix-cache-producer"].block_size == 32
 
@@ -751,7 +753,8 @@ def test_the_precise_routing_guide_shape_loads_with_every_reader_on_the_precise_
     assert params["prefix-cache-affinity-filter"]["prefixMatchInfoProducerName"] == "precise-prefix-cache-producer"
     assert params["inflight-load-producer"]["prefixMatchInfoProducerName"] == "precise-prefix-cache-producer"
     said = " | ".join(cfg.warnings)  # what changes nothing here says so; nothing else does
-    assert "concurrency has no effect" in said and "enableMetrics" in said and len(cfg.warnings) == 2
+    assert "concurrency has no effect" in said and len(cfg.warnings) == 1
+    assert precise.index.metrics is not None  # enableMetrics: true counts llm-d's kvblock metrics
     assert cfg.data_layer.endpoint_listeners == ("precise-prefix-cache-producer",)
 
 

@@ -32,6 +32,7 @@ from pickers.framework.types import (
 )
 from pickers.indexes.kv_blocks import (
     DEFAULT_CAPACITY,
+    IndexMetrics,
     KVBlockIndex,
     TierWeights,
     request_keys,
@@ -68,8 +69,10 @@ class PrecisePrefixCacheProducer(Plugin):
       keys are internal to the EPP (ours are xxh64 either way), so it changes no routing.
     - `indexerConfig.kvBlockIndexConfig.inMemoryConfig`: `size` (1e8) distinct keys at most,
       `podCacheSize` (10) endpoints per key, the least recently stored dropped first. Redis and
-      cost-aware indexes, `metricsLoggingInterval` and `tokenizersPoolConfig` are refused with the
-      reason.
+      cost-aware indexes and `tokenizersPoolConfig` are refused with the reason. `enableMetrics`
+      (false) counts llm-d's kvblock index metrics (`index.metrics`, exported by the EPP);
+      `metricsLoggingInterval` (0: off; nanoseconds, as llm-d's, or a duration like "1m") has the EPP
+      log them at that interval, only with `enableMetrics` (as llm-d).
     - `indexerConfig.kvCacheBackendConfigs` ([gpu 1.0, cpu 0.8]): each medium's weight. An endpoint's
       match is llm-d's longest-prefix score: over its leading blocks (up to the first it holds on no
       medium), the sum of the largest weight among the media holding each block (a medium not
@@ -97,6 +100,7 @@ class PrecisePrefixCacheProducer(Plugin):
         topic_filter: str = LLMD_TOPIC_FILTER,
         speculative_ttl: float | None = None,
         tier_weights: Mapping[str, float] | None = None,
+        metrics_logging_interval: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
@@ -113,6 +117,8 @@ class PrecisePrefixCacheProducer(Plugin):
         self.token_source: TokenSource | None = None  # the token-producer bound (None: no real tokens)
         self.bind_warnings: list[str] = []  # for the loader: no real tokens to match
         self.speculative_ttl = speculative_ttl  # None: speculative indexing off
+        # seconds between the EPP's log lines of the index's metrics (None: none; needs index.metrics)
+        self.metrics_logging_interval = metrics_logging_interval if self.index.metrics is not None else None
         self._clock = clock
         self._speculative: dict[int, dict[str, float]] = {}  # key -> endpoint -> expiry
         self._speculative_order: deque[tuple[float, int, str]] = deque()
@@ -189,10 +195,7 @@ class PrecisePrefixCacheProducer(Plugin):
 
     def held(self, keys: Sequence[int], extra: Mapping[int, Mapping[str, object]] | None = None) -> dict[str, int]:
         """Leading blocks each endpoint holds, weighted by the media holding them (see the class)."""
-        weights = self.tier_weights
-        if weights is None:
-            return self.index.match(keys, extra)
-        return {a: int(score) for a, score in self.index.weighted_match(keys, weights, extra).items()}
+        return self.index.lookup(keys, self.tier_weights, extra)
 
     def prefix_matches(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> dict[str, tuple[int, int, int]]:
         """address -> (blocks matched, blocks in the prompt, tokens a block): llm-d's PrefixCacheMatchInfo."""
@@ -238,6 +241,8 @@ class PrecisePrefixCacheProducer(Plugin):
             for k in keys:
                 self._speculative.setdefault(k, {})[ep.address] = expires
                 self._speculative_order.append((expires, k, ep.address))
+            if self.index.metrics is not None:  # llm-d adds speculative entries to its index: admissions
+                self.index.metrics.admissions += len(keys)
         while len(self._speculative_order) > MAX_SPECULATIVE:  # a burst of long prompts: bounded all the same
             self._drop_oldest_speculative()
 
@@ -256,6 +261,8 @@ class PrecisePrefixCacheProducer(Plugin):
             del holders[address]
             if not holders:
                 del self._speculative[k]
+            if self.index.metrics is not None:  # llm-d evicts an expired speculative entry from its index
+                self.index.metrics.evictions += 1
 
     def speculative_entries(self) -> int:
         self._expire()
@@ -371,13 +378,11 @@ def llmd_settings(p: Params) -> dict[str, Any]:
     mem = kbi.section("inMemoryConfig")
     max_keys = mem.integer("size", LLMD_INDEX_KEYS, minimum=1)
     pods_per_key = mem.integer("podCacheSize", LLMD_PODS_PER_KEY, minimum=1)
-    if kbi.flag("enableMetrics", False):
-        p.warnings.append(
-            "indexerConfig.kvBlockIndexConfig.enableMetrics: llm-d's kvblock admission/eviction/hit metrics are not "
-            "exported; the precise index's own (inference_extension_precise_prefix_indexer_size, ..._resets_total) always are"
-        )
-    kbi.refused("metricsLoggingInterval", "index metrics are not logged periodically; scrape /metrics",
-                allowed=lambda v: v in (0, "0", "0s"))  # fmt: skip
+    metrics = IndexMetrics() if kbi.flag("enableMetrics", False) else None
+    log_every = kbi.nanos_or_duration("metricsLoggingInterval")  # seconds, None: off
+    if log_every and metrics is None:
+        p.warnings.append("indexerConfig.kvBlockIndexConfig.metricsLoggingInterval has no effect without enableMetrics: "
+                          "true (as in llm-d): nothing is counted to log")  # fmt: skip
     tier_weights = _tier_weights(ix)
 
     kv = p.section("kvEventsConfig")
@@ -408,7 +413,7 @@ def llmd_settings(p: Params) -> dict[str, Any]:
     if ttl <= 0:
         ttl = 2.0  # as llm-d: a zero or negative TTL means the default
     return {
-        "index": KVBlockIndex(DEFAULT_CAPACITY, max_keys=max_keys, pods_per_key=pods_per_key, hash_seed=seed),
+        "index": KVBlockIndex(DEFAULT_CAPACITY, max_keys=max_keys, pods_per_key=pods_per_key, hash_seed=seed, metrics=metrics),
         "block_size": block,
         "max_blocks": max(1, LLMD_MAX_TOKENS // block),
         "discover_pods": discover,
@@ -417,6 +422,7 @@ def llmd_settings(p: Params) -> dict[str, Any]:
         "topic_filter": topic_filter,
         "speculative_ttl": ttl if speculative else None,
         "tier_weights": tier_weights,
+        "metrics_logging_interval": log_every,
     }
 
 
