@@ -267,14 +267,18 @@ def rss_kib(pid: int) -> int | None:
 # -- flow-control config --------------------------------------------------------------------------
 
 
-def flow_control_config(pool: Pool, ttl_s: float, eviction: bool, detector: str) -> str:
+def flow_control_config(pool: Pool, ttl_s: float, eviction: bool, detector: str, holdback: float | None = None) -> str:
     """An EndpointPickerConfig in the shape of llm-d's flow-control guide: the feature gate, round-robin
     fairness between tenants in each band, FCFS within a tenant, a TTL, and a saturation detector that
-    holds requests before the simulators' own queues grow (the default scheduling profile below it)."""
+    holds requests before the simulators' own queues grow (the default scheduling profile below it).
+    `holdback`: a priority-holdback-policy with that minCeiling, so the lower band dispatches only while
+    saturation is below it and the rest of the pool is kept for the higher one."""
     if detector == "concurrency":
         det = f"- name: detector\n  type: concurrency-detector\n  parameters: {{concurrencyMode: requests, maxConcurrency: {pool.max_num_seqs}}}\n"
     else:
         det = "- name: detector\n  type: utilization-detector\n  parameters: {queueDepthThreshold: 1, kvCacheUtilThreshold: 0.8}\n"
+    hold = "" if holdback is None else f"- name: holdback\n  type: priority-holdback-policy\n  parameters: {{minCeiling: {holdback:g}}}\n"
+    usage = "" if holdback is None else "  usageLimitPolicyPluginRef: holdback\n"
     return f"""\
 apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
@@ -288,7 +292,7 @@ plugins:
   type: round-robin-fairness-policy
 - name: fcfs
   type: fcfs-ordering-policy
-{det}schedulingProfiles:
+{det}{hold}schedulingProfiles:
 - name: default
   plugins:
   - {{pluginRef: queue-scorer, weight: 2}}
@@ -299,7 +303,7 @@ flowControl:
   defaultRequestTTL: {ttl_s:g}s
   enableEviction: {str(eviction).lower()}
   saturationDetector: {{pluginRef: detector}}
-  priorityBands:
+{usage}  priorityBands:
   - {{priority: {OBJECTIVES["interactive"]}, fairnessPolicyRef: fair, orderingPolicyRef: fcfs}}
   - {{priority: {OBJECTIVES["batch"]}, fairnessPolicyRef: fair, orderingPolicyRef: fcfs}}
 """
@@ -626,6 +630,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--detector", choices=("concurrency", "utilization"), default="concurrency",
                     help="saturation detector of the 'on' config (default %(default)s: maxConcurrency = --max-num-seqs)")
     ap.add_argument("--no-eviction", action="store_true", help="flowControl.enableEviction: false in the 'on' config")
+    ap.add_argument("--holdback", type=float, metavar="MIN", help="a priority-holdback-policy with minCeiling MIN: batch dispatches only below that saturation")
     ap.add_argument("--sims", type=int, default=dp.sims)
     ap.add_argument("--max-num-seqs", type=int, default=dp.max_num_seqs)
     ap.add_argument("--time-scale", type=float, default=dp.time_scale)
@@ -642,7 +647,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     w = Workload(duration_s=args.duration or (25.0 if args.quick else 120.0), overload=args.overload, seed=args.seed)
     tenants = [t for t, _ in w.tenants]
     if args.print_config:
-        print(f"# flow-control.yaml\n{flow_control_config(pool, ttl, not args.no_eviction, args.detector)}\n# objectives.yaml\n{objectives_file()}", end="")
+        print(f"# flow-control.yaml\n{flow_control_config(pool, ttl, not args.no_eviction, args.detector, args.holdback)}\n# objectives.yaml\n{objectives_file()}", end="")
         return 0
     timeout = ttl + 30.0  # above the TTL plus a whole answer: a request without an answer by then is lost
     calm = 12 if args.quick else 24
@@ -651,7 +656,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-flow-control-") as tmp_s:
         tmp = Path(tmp_s)
         (tmp / "objectives.yaml").write_text(objectives_file())
-        (tmp / "flow-control.yaml").write_text(flow_control_config(pool, ttl, not args.no_eviction, args.detector))
+        (tmp / "flow-control.yaml").write_text(flow_control_config(pool, ttl, not args.no_eviction, args.detector, args.holdback))
         obj = ("--objectives", str(tmp / "objectives.yaml"))
         configs = [("off", [*obj, "--strategy", "default"]), ("on", [*obj, "--config-file", str(tmp / "flow-control.yaml")])]
         configs = [c for c in configs if args.only in (None, c[0])]
