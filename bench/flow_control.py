@@ -687,7 +687,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{OBJECTIVES['interactive']}) {inter}, batch (priority {OBJECTIVES['batch']}, sheddable) {len(requests) - inter}; "
         f"max_tokens {w.max_tokens[0]}-{w.max_tokens[1]}; seed {w.seed}\n"
         f"off: --strategy default; on: featureGates [flowControl], round-robin fairness, FCFS, defaultRequestTTL {ttl:g}s, "
-        f"{args.detector}-detector, enableEviction {str(not args.no_eviction).lower()}; client timeout {timeout:g} s; "
+        f"{args.detector}-detector, enableEviction {str(not args.no_eviction).lower()}"
+        f"{'' if args.holdback is None else f', priority-holdback-policy minCeiling {args.holdback:g}'}; client timeout {timeout:g} s; "
         f"unloaded TTFT: {calm} interactive requests one at a time before the load",
         flush=True,
     )
