@@ -44,16 +44,22 @@ def test_completion_lands_on_the_endpoint_the_epp_chose(stack):
     assert served in pool(stack)
 
 
-def test_same_long_prefix_sticks_to_one_endpoint_and_hits_its_cache(stack):
+def shared_prefix_run(stack, n: int = 6) -> tuple[set[str], list[int]]:
+    """`n` chats that share a ~1,800-character system prompt: (servers that answered, cached prompt tokens each)."""
     client = openai.OpenAI(base_url=stack.base_url, api_key="unused")
-    system = "You are a careful assistant. " * 60  # ~1,800 characters shared by every request
+    system = "You are a careful assistant. " * 60  # 7 blocks of 64 tokens
     served, cached = set(), []
-    for i in range(6):
+    for i in range(n):
         raw = client.chat.completions.with_raw_response.create(
             model=MODEL, messages=[{"role": "system", "content": system}, {"role": "user", "content": f"question {i}"}], max_tokens=2
         )
         served.add(raw.headers["x-served-by"])
         cached.append(raw.parse().usage.prompt_tokens_details.cached_tokens)
+    return served, cached
+
+
+def test_same_long_prefix_sticks_to_one_endpoint_and_hits_its_cache(stack):
+    served, cached = shared_prefix_run(stack)
     assert len(served) == 1
     assert all(c > 0 for c in cached[1:])
 
