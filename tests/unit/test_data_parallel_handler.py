@@ -288,3 +288,18 @@ def test_pd_primary_port_0_is_plain_pd():
 def test_pd_primary_port_out_of_range_is_refused():
     with pytest.raises(ConfigError, match=r"primaryPort: pd-profile-handler: expected a port 1-65535"):
         load(PD.format(port=65536))
+
+
+def test_disagg_profile_handler_refuses_a_primary_port_llm_d_would_drop_unseen():
+    text = """
+plugins:
+- type: max-score-picker
+- type: disagg-profile-handler
+  parameters: {primaryPort: 8000}
+schedulingProfiles:
+- name: decode
+  plugins: [{pluginRef: max-score-picker}]
+"""
+    with pytest.raises(ConfigError, match="primaryPort: disagg-profile-handler: not supported: disagg-profile-handler ignores it"):
+        load(text)
+    assert load(text.replace("primaryPort: 8000", "primaryPort: 0")).profile_handler.type == "disagg-profile-handler"

@@ -91,6 +91,11 @@ class DisaggProfileHandler(Plugin):
 
     @classmethod
     def from_config(cls, name: str, p: Params, ctx: PluginContext) -> DisaggProfileHandler:
+        # llm-d's disagg handler drops it without a word, so a config moved over from pd-profile-handler
+        # would lose its rank rewrite unseen; 0 (off) is what it does there
+        p.refused("primaryPort", "disagg-profile-handler ignores it in llm-d (only pd-profile-handler and "
+                  "data-parallel-profile-handler send a rank through a primary port); remove it, or keep "
+                  "pd-profile-handler", allowed=lambda v: v == 0 and not isinstance(v, bool))  # fmt: skip
         profiles = _names(p, "profiles", ("decode", "prefill", "encode"))
         deciders = _names(p, "deciders", ("prefill", "encode"))
         decider_param = "deciders.prefill"
