@@ -322,7 +322,8 @@ class KVEventSubscriber:
             if self._dialed.get(address) != wanted.get(address):
                 self._tasks.pop(address).cancel()
                 self._dialed.pop(address, None)
-                if address in wanted:  # still in the pool, another publisher: what we knew is not its
+                if self.datastore.get(address) is not None:
+                    # still in the pool, another publisher or none: what we knew no longer follows it
                     self.reset_endpoint(address, "publisher_changed")
         loop = asyncio.get_running_loop()
         for address, zmq_address in wanted.items():

@@ -173,6 +173,20 @@ async def test_a_label_added_later_moves_the_subscription_to_the_labelled_port()
         await s.close()
 
 
+async def test_an_endpoint_whose_publisher_goes_away_drops_its_entries():
+    s = _Sync([R3])
+    try:
+        s.sub._sync()
+        await s.settle()
+        s.index.block_stored(R3.address, [1], None, [1, 2, 3, 4], 4)
+        bad = EndpointSpec(R3.name, R3.host, R3.port, labels={KV_EVENTS_PORT_LABEL: "nope"}, rank=3)
+        s.ds.set_endpoints([bad])
+        assert await s.settle() == {}
+        assert s.index.blocks_of(R3.address) == 0  # no events will ever correct them
+    finally:
+        await s.close()
+
+
 async def test_one_publisher_named_by_several_endpoints_feeds_only_the_first(caplog):
     """A pod label is shared by all the pod's ranks: an absolute port there names one socket for all."""
     label = {KV_EVENTS_PORT_LABEL: "6000"}
