@@ -25,15 +25,20 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def endpoint_table(endpoints: Sequence[dict[str, Any]]) -> str:
-    header = ["NAME", "ADDRESS", "ROLE", "HEALTH", "QUEUE", "RUNNING", "KV", "IN-FLIGHT", "TOKENS", "PREFIX BLOCKS", "SCRAPED"]
+    """One line per endpoint; the RANK and DP GROUP columns only when some endpoint is a
+    data-parallel rank (an EPP older than them sends neither)."""
+    ranked = any(ep.get("rank") or ep.get("dp_group") for ep in endpoints)
+    header = ["NAME", "ADDRESS", "ROLE", *(["RANK", "DP GROUP"] if ranked else []), "HEALTH", "QUEUE", "RUNNING", "KV",
+              "IN-FLIGHT", "TOKENS", "PREFIX BLOCKS", "SCRAPED"]  # fmt: skip
     rows = []
     for ep in endpoints:
         health = "ok" if ep["healthy"] else ("stale" if ep["stale"] else "error")
         if ep.get("scrape_error"):
             health += f" ({ep['scrape_error'][:40]})"
         age = ep.get("last_scrape_age_s")
+        dp = [str(ep.get("rank", 0)), ep.get("dp_group") or "-"] if ranked else []
         rows.append([
-            ep["name"] or "-", ep["address"], ep["role"] or "-", health, str(ep["waiting"]), str(ep["running"]),
+            ep["name"] or "-", ep["address"], ep["role"] or "-", *dp, health, str(ep["waiting"]), str(ep["running"]),
             f"{100 * ep['kv_usage']:.0f}%", str(ep["in_flight"]), str(ep["in_flight_tokens"]), str(ep["prefix_blocks"]),
             "never" if age is None else f"{age:.1f}s ago",
         ])  # fmt: skip

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from pickers.framework.endpoint import Endpoint, EndpointSpec, Metrics, ServedModels
 
 MembershipListener = Callable[[tuple[Endpoint, ...], tuple[Endpoint, ...]], None]
+SpecChangeListener = Callable[[tuple[Endpoint, ...]], None]
 ScrapeFailureListener = Callable[[Endpoint, str], None]
 
 
@@ -24,6 +25,7 @@ class Datastore:
         self._by_address: dict[str, Endpoint] = {}
         self._candidates: tuple[Endpoint, ...] = ()
         self._listeners: list[MembershipListener] = []
+        self._spec_listeners: list[SpecChangeListener] = []
         self._scrape_failure_listeners: list[ScrapeFailureListener] = []
         self._metrics_listeners: list[Callable[[], None]] = []
         self.synced = False  # True once discovery delivered a first full membership
@@ -33,11 +35,17 @@ class Datastore:
         """`listener(added, removed)` runs after every membership change."""
         self._listeners.append(listener)
 
+    def on_spec_change(self, listener: SpecChangeListener) -> None:
+        """`listener(changed)` runs after endpoints that stayed got a new spec (labels, name, rank,
+        dp group), before the membership listeners of the same update."""
+        self._spec_listeners.append(listener)
+
     def set_endpoints(self, specs: Iterable[EndpointSpec]) -> None:
         """Replace the membership. Endpoints that stay keep their metrics and in-flight counts."""
         wanted = {s.address: s for s in specs}
         old = self._by_address
         added: list[Endpoint] = []
+        changed: list[Endpoint] = []
         removed = [ep for addr, ep in old.items() if addr not in wanted]
         new: dict[str, Endpoint] = {}
         for addr, spec in wanted.items():
@@ -46,11 +54,15 @@ class Datastore:
                 ep = Endpoint(spec)
                 added.append(ep)
             elif ep.spec != spec:
-                ep.spec = spec  # labels or name changed; state carries over
+                ep.spec = spec  # labels, name, rank or group changed; state carries over
+                changed.append(ep)
             new[addr] = ep
         self._by_address = new
         self._candidates = tuple(new.values())
         self.synced = True
+        if changed:
+            for spec_listener in self._spec_listeners:
+                spec_listener(tuple(changed))
         if added or removed:
             for listener in self._listeners:
                 listener(tuple(added), tuple(removed))

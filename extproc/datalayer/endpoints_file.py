@@ -1,7 +1,9 @@
 """Static discovery: the pool is listed in a YAML (or JSON) endpoints file, re-read whenever it changes.
 
 One format for `epp serve --endpoints` and llm-d's `file-discovery` (`dataLayer.discovery`): llm-d's
-entries (`name`, `namespace`, `address`, `port` as a string, `labels`) are a subset of ours.
+entries (`name`, `namespace`, `address`, `port` as a string, `labels`) are a subset of ours. Ours add
+`metricsPort`, `metricsPath` and, for data-parallel ranks, `rank` (the index among its pod's serving
+ports, as an InferencePool's targetPorts index) and `dpGroup` (the ranks that step together).
 
 Changes are detected by polling the file (extproc.datalayer.file_watch: inode, size, mtime through symlinks), which also
 catches the atomic `..data` symlink swap Kubernetes does when a mounted ConfigMap is updated. A
@@ -26,7 +28,11 @@ from pickers.framework.errors import ConfigError, shown
 
 log = logging.getLogger(__name__)
 
-_FIELDS = ("address", "host", "port", "name", "namespace", "labels", "metricsPort", "metricsPath")
+# Ranks of one pod: far above any data-parallel size per node, low enough that base port + rank (KV
+# events, a sidecar's rank ports) stays a port.
+_MAX_RANK = 1023
+
+_FIELDS = ("address", "host", "port", "name", "namespace", "labels", "metricsPort", "metricsPath", "rank", "dpGroup")
 
 
 def load_endpoints_file(path: str | os.PathLike[str]) -> list[EndpointSpec]:
@@ -69,6 +75,7 @@ def parse_endpoints(doc: Any, *, source: str | None = None) -> list[EndpointSpec
     specs: list[EndpointSpec] = []
     seen_addresses: dict[str, int] = {}
     seen_names: dict[tuple[str, str], int] = {}
+    seen_ranks: dict[tuple[str, str, int], int] = {}  # (dpGroup, host, rank): one engine per rank of a pod
     for i, item in enumerate(items):
         where = f"{prefix}[{i}]"
         spec = _parse_endpoint(item, source=source, where=where)
@@ -85,6 +92,16 @@ def parse_endpoints(doc: Any, *, source: str | None = None) -> list[EndpointSpec
                 source=source,
                 field=f"{where}.name",
             )
+        if spec.dp_group:
+            rank_key = (spec.dp_group, spec.host, spec.rank)
+            if rank_key in seen_ranks:
+                raise ConfigError(
+                    f"rank {spec.rank} of dpGroup {shown(spec.dp_group)} on host {spec.host} is also "
+                    f"{prefix}[{seen_ranks[rank_key]}]; each rank of a group's pod is one endpoint",
+                    source=source,
+                    field=f"{where}.rank",
+                )
+            seen_ranks[rank_key] = i
         seen_addresses[spec.address] = i
         seen_names[key] = i
         specs.append(spec)
@@ -156,6 +173,16 @@ def _parse_endpoint(item: Any, *, source: str | None, where: str) -> EndpointSpe
                 raise fail(f"labels.{k}", f"expected a string (quote it), got {shown(v)}")
             labels[k] = v
 
+    rank = item.get("rank", 0)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= _MAX_RANK:
+        raise fail("rank", f"expected an integer 0-{_MAX_RANK} (the endpoint's index among its pod's ranks), got {shown(rank)}")
+    dp_group = item.get("dpGroup", "")
+    if dp_group is None:
+        dp_group = ""
+    if not isinstance(dp_group, str):
+        raise fail("dpGroup", f"expected a string naming the endpoint's data-parallel group, got {shown(dp_group)}")
+    dp_group = dp_group.strip()
+
     address = f"{host}:{port_value}"
     name = item.get("name")
     if name is None:
@@ -171,6 +198,8 @@ def _parse_endpoint(item: Any, *, source: str | None, where: str) -> EndpointSpe
         metrics_port=metrics_port,
         metrics_path=metrics_path,
         namespace=namespace,
+        rank=rank,
+        dp_group=dp_group,
     )
 
 

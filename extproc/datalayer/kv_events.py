@@ -5,17 +5,26 @@ Wire format: a ZMQ PUB socket per engine, 3 frames `[topic, 8-byte big-endian se
 payload `[timestamp, [events...], data_parallel_rank?]`. Events are maps with a `type` key (vLLM
 0.32) or tagged arrays `["BlockStored", ...]` (older vLLM); both decode to the structs below, once,
 here. The subscriber connects a SUB socket to every endpoint's publisher (its port comes from the
-endpoint label `llm-epp/kv-events-port`, else the configured default, 5557), follows membership
-changes, detects lost messages by the sequence number and reconnects after errors. With `bind`
-(llm-d's `kvEventsConfig.zmqEndpoint`) it also binds one SUB socket that engines connect to: each
-message's topic `kv@<ip:port>@<model>` names the endpoint it belongs to (one not in the pool is
-dropped). `topic_filter` is the subscription prefix (llm-d's `topicFilter`, "kv@").
+endpoint label `llm-epp/kv-events-port`, else the configured default, 5557, plus the endpoint's
+data-parallel rank, as llm-d's precise producer dials and vLLM binds one socket per rank), follows
+membership and spec changes, detects lost messages by the sequence number and reconnects after
+errors. With `bind` (llm-d's `kvEventsConfig.zmqEndpoint`) it also binds one SUB socket that engines
+connect to: each message's topic `kv@<ip:port>@<model>` names the endpoint it belongs to (one not in
+the pool is dropped). `topic_filter` is the subscription prefix (llm-d's `topicFilter`, "kv@").
+
+Attribution (llm-d#2233): what arrives on an endpoint's own SUB socket is that endpoint's, whatever
+the payload's `data_parallel_rank` says. That field is the engine's global DP rank (vLLM's
+data_parallel_index), which differs from the endpoint's pod-local rank on every pod of a group after
+the first, so a difference is normal and never moves events elsewhere. On the bound socket the ranks
+of a pod may share one topic; their sequence numbers are then told apart by that field, so one
+rank's stream does not look like lost messages of another's.
 
 An endpoint's entries are dropped whenever its state may have changed unseen, so a restarted server
 gives no false hits before its first event: a sequence gap, a publisher back at sequence 0, the
 SUB connection dropping (a ZMQ socket monitor sees the TCP disconnect at once, ZMQ reconnects by
 itself), an error on the stream, and the endpoint's metrics scrape starting to fail (a server down
-or restarting; reported by the datastore). `KVEventSubscriber.resets` counts them by reason.
+or restarting; reported by the datastore), and the endpoint's publisher address changing (a new
+rank or label). `KVEventSubscriber.resets` counts them by reason.
 """
 
 from __future__ import annotations
@@ -181,16 +190,23 @@ def topic_endpoint(topic: bytes) -> str | None:
 
 
 def kv_events_address(spec: EndpointSpec, default_port: int | None) -> str | None:
-    """Where an endpoint publishes: its `llm-epp/kv-events-port` label, else the default port."""
+    """Where an endpoint publishes: its `llm-epp/kv-events-port` label (that port exactly), else the
+    default port plus the endpoint's rank (socketPort + RankIndex, as llm-d dials); None: nowhere."""
     raw = spec.labels.get(KV_EVENTS_PORT_LABEL)
-    port: int | None = default_port
     if raw:
-        try:
-            port = int(raw)
-        except ValueError:
-            log.warning("endpoint %s: label %s=%r is not a port", spec.name, KV_EVENTS_PORT_LABEL, raw)
+        port = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 5 else 0
+        if not 1 <= port <= 65535:
+            log.warning("endpoint %s: label %s=%r is not a port 1-65535; no KV events from it", spec.name, KV_EVENTS_PORT_LABEL, raw)
             return None
-    return f"tcp://{spec.host}:{port}" if port else None
+    elif default_port:
+        port = default_port + spec.rank
+        if port > 65535:
+            log.warning("endpoint %s: KV-event port %d (socketPort %d + rank %d) is not a port; no KV events from it",
+                        spec.name, port, default_port, spec.rank)  # fmt: skip
+            return None
+    else:
+        return None
+    return f"tcp://{spec.host}:{port}"
 
 
 class KVEventSubscriber:
@@ -214,18 +230,22 @@ class KVEventSubscriber:
         self.per_endpoint = per_endpoint
         self.topic_filter = topic_filter.encode()
         self.bind = bind
-        self._bound_seq: dict[str, SequenceTracker] = {}  # bound socket: one stream per endpoint in the topic
+        # bound socket: one stream per endpoint in the topic and payload DP rank (ranks may share a topic)
+        self._bound_seq: dict[str, dict[int | None, SequenceTracker]] = {}
         self.unknown_sources = 0  # bound-socket messages whose topic names no endpoint of the pool
         self._address_of = address_of
         self.idle_reconnect = idle_reconnect
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._dialed: dict[str, str] = {}  # endpoint address -> the publisher its task follows
+        self._shared_warned: set[str] = set()  # publishers already reported as named by several endpoints
         self._ctx: object | None = None
         self.messages = 0
         self.gaps = 0
         # times an endpoint's entries were dropped, by reason: gap, restart, disconnected,
-        # stream_error, scrape_failed (only counted when the index held that endpoint)
+        # stream_error, scrape_failed, publisher_changed (only counted when the index held that endpoint)
         self.resets: Counter[str] = Counter()
         datastore.on_membership_change(self._on_membership)
+        datastore.on_spec_change(lambda changed: self._sync())  # a new rank or label may move the publisher
         datastore.on_scrape_failure(self._on_scrape_failure)
 
     @property
@@ -270,6 +290,7 @@ class KVEventSubscriber:
             self._ctx = None
             tasks = list(self._tasks.values())
             self._tasks.clear()
+            self._dialed.clear()
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -278,20 +299,45 @@ class KVEventSubscriber:
     def _sync(self) -> None:
         if self._ctx is None or not self.per_endpoint:
             return
-        wanted = {ep.address: ep.spec for ep in self.datastore.candidates()}
-        for address in list(self._tasks):
-            if address not in wanted:
-                self._tasks.pop(address).cancel()
-        loop = asyncio.get_running_loop()
-        for address, spec in wanted.items():
-            if address in self._tasks:
-                continue
-            zmq_address = self._address_of(spec, self.default_port)
+        wanted: dict[str, str] = {}  # endpoint address -> its publisher
+        owner: dict[str, str] = {}  # publisher -> the first endpoint that names it
+        for ep in self.datastore.candidates():
+            zmq_address = self._address_of(ep.spec, self.default_port)
             if zmq_address is None:
+                continue
+            first = owner.setdefault(zmq_address, ep.address)
+            if first != ep.address:
+                # One publisher is one engine: feeding its blocks to several endpoints would give false
+                # hits. A pod label is shared by all its ranks, hence the hint.
+                if zmq_address not in self._shared_warned:
+                    self._shared_warned.add(zmq_address)
+                    log.warning(
+                        "kv events: %s and %s both name the publisher %s; only %s follows it. On a pod with "
+                        "several ranks leave the %s label unset: each rank dials socketPort + its rank",
+                        first, ep.address, zmq_address, first, KV_EVENTS_PORT_LABEL,
+                    )  # fmt: skip
+                continue
+            wanted[ep.address] = zmq_address
+        for address in list(self._tasks):
+            if self._dialed.get(address) != wanted.get(address):
+                self._tasks.pop(address).cancel()
+                self._dialed.pop(address, None)
+                if self.datastore.get(address) is not None:
+                    # still in the pool, another publisher or none: what we knew no longer follows it
+                    self.reset_endpoint(address, "publisher_changed")
+        loop = asyncio.get_running_loop()
+        for address, zmq_address in wanted.items():
+            if address in self._tasks:
                 continue
             task = loop.create_task(self._follow(address, zmq_address), name=f"kv-events {address}")
             self._tasks[address] = task
-            task.add_done_callback(lambda t, a=address: self._tasks.pop(a, None) if self._tasks.get(a) is t else None)
+            self._dialed[address] = zmq_address
+            task.add_done_callback(lambda t, a=address: self._task_done(a, t))
+
+    def _task_done(self, address: str, task: asyncio.Task[None]) -> None:
+        if self._tasks.get(address) is task:
+            del self._tasks[address]
+            self._dialed.pop(address, None)
 
     async def _follow(self, address: str, zmq_address: str) -> None:
         """Subscribe to one endpoint's events until it leaves; reconnect with backoff after errors."""
@@ -383,10 +429,21 @@ class KVEventSubscriber:
                 log.warning("kv events: a message with topic %r names no endpoint of the pool (kv@<ip:port>@<model> "
                             "expected); such messages are dropped", frames[0][:200])  # fmt: skip
             return
-        seq = self._bound_seq.get(address)
+        if not _well_formed(address, frames):
+            return
+        batch = self._decode(address, frames[2])
+        if batch is None:
+            # Its DP rank, hence its stream, is unknown: not counted in any sequence, so that
+            # stream's next message shows the gap.
+            self.messages += 1
+            return
+        streams = self._bound_seq.get(address)
+        if streams is None:
+            streams = self._bound_seq[address] = {}
+        seq = streams.get(batch.dp_rank)
         if seq is None:
-            seq = self._bound_seq[address] = SequenceTracker()
-        self.handle_message(address, frames, seq)
+            seq = streams[batch.dp_rank] = SequenceTracker()
+        self._take(address, frames[1], batch, seq)
 
     async def _watch_disconnects(self, address: str, monitor: object) -> None:
         """The SUB socket's TCP connection dropped (the server died or restarted; ZMQ reconnects by
@@ -399,12 +456,23 @@ class KVEventSubscriber:
                 self.reset_endpoint(address, "disconnected")
 
     def handle_message(self, address: str, frames: Sequence[bytes], seq: SequenceTracker) -> None:
-        """One ZMQ message of an endpoint's stream (the socket-free part, tested on its own)."""
-        if len(frames) != 3 or len(frames[1]) != 8:
-            log.debug("kv events from %s: ignoring a message of %d frames", address, len(frames))
+        """One ZMQ message of an endpoint's own stream (the socket-free part, tested on its own): the
+        endpoint's, whatever DP rank its payload names (see the module doc)."""
+        if not _well_formed(address, frames):
             return
+        self._take(address, frames[1], self._decode(address, frames[2]), seq)
+
+    def _decode(self, address: str, payload: bytes) -> EventBatch | None:
+        try:
+            return decode_batch(payload)
+        except KVEventDecodeError as e:
+            log.warning("kv events from %s: %s", address, e)
+            return None
+
+    def _take(self, address: str, seq_frame: bytes, batch: EventBatch | None, seq: SequenceTracker) -> None:
+        """A message's sequence number, then its events (None: it did not decode) into the index."""
         self.messages += 1
-        verdict = seq.see(int.from_bytes(frames[1], "big"))
+        verdict = seq.see(int.from_bytes(seq_frame, "big"))
         if verdict == "gap":
             self.gaps += 1
             self.resets["gap"] += 1
@@ -414,9 +482,12 @@ class KVEventSubscriber:
             log.info("kv events from %s: the publisher restarted; its index entries are reset", address)
             self.resets["restart"] += 1
             self.index.clear_endpoint(address)
-        try:
-            batch = decode_batch(frames[2])
-        except KVEventDecodeError as e:
-            log.warning("kv events from %s: %s", address, e)
-            return
-        apply_events(self.index, address, batch.events)
+        if batch is not None:
+            apply_events(self.index, address, batch.events)
+
+
+def _well_formed(address: str, frames: Sequence[bytes]) -> bool:
+    if len(frames) != 3 or len(frames[1]) != 8:
+        log.debug("kv events from %s: ignoring a message of %d frames", address, len(frames))
+        return False
+    return True

@@ -1,5 +1,6 @@
 """Kubernetes discovery: the pool is the Ready pods that an InferencePool (or a label selector given
-on the command line) selects, one endpoint `podIP:port` per target port, named `<pod>-rank-<i>`.
+on the command line) selects, one endpoint `podIP:port` per target port, named `<pod>-rank-<i>`: a
+data-parallel rank, with `rank` i and a `dp_group` shared by the ranks that step together (dp_group_of).
 
 `PodTable` is the pure part (pods in, EndpointSpecs out); `KubernetesDiscovery` wires it to list+watch
 streams of the pool and of its pods, and pushes every change of the table to the datastore. While the
@@ -29,6 +30,10 @@ POOL_GROUP = "inference.networking.k8s.io"
 POOL_VERSION = "v1"
 POOL_PLURAL = "inferencepools"
 ACTIVE_PORTS_ANNOTATION = "inference.networking.k8s.io/active-ports"
+LLMD_ACTIVE_PORTS_ANNOTATION = "llm-d.ai/active-ports"  # llm-d's newer name; wins over the GIE one
+DP_GROUP_LABEL = "llm-epp/dp-group"
+LWS_NAME_LABEL = "leaderworkerset.sigs.k8s.io/name"
+LWS_GROUP_INDEX_LABEL = "leaderworkerset.sigs.k8s.io/group-index"
 
 _pod_decoder = msgspec.json.Decoder(Pod)
 _pool_decoder = msgspec.json.Decoder(InferencePool)
@@ -82,8 +87,12 @@ def parse_target_ports(text: str) -> tuple[int, ...]:
 
 
 def active_ports(pod: Pod) -> frozenset[int] | None:
-    """The ports the pod's active-ports annotation allows, or None when it has none (all ports)."""
-    raw = pod.metadata.annotations.get(ACTIVE_PORTS_ANNOTATION)
+    """The ports the pod's active-ports annotation allows, or None when it has none (all ports).
+    llm-d's `llm-d.ai/active-ports` is read first, then GIE's, as the llm-d router does."""
+    annotations = pod.metadata.annotations
+    raw = annotations.get(LLMD_ACTIVE_PORTS_ANNOTATION)
+    if raw is None:
+        raw = annotations.get(ACTIVE_PORTS_ANNOTATION)
     if raw is None:
         return None
     ports = set()
@@ -94,11 +103,27 @@ def active_ports(pod: Pod) -> frozenset[int] | None:
     return frozenset(ports)
 
 
+def dp_group_of(pod: Pod, target_ports: tuple[int, ...]) -> str:
+    """The data-parallel group of a pod's endpoints: its `llm-epp/dp-group` label; else its
+    LeaderWorkerSet group (`<namespace>/<lws name>/<group index>`: the leader and workers of one group
+    run the ranks of one DP group); else, for a pool with several targetPorts (a pod serving several
+    ranks), the pod itself (`<namespace>/<pod>`); else "" (a single-rank pod: no group)."""
+    labels = pod.metadata.labels
+    meta = pod.metadata
+    group = labels.get(DP_GROUP_LABEL)
+    if group:
+        return group
+    lws, index = labels.get(LWS_NAME_LABEL), labels.get(LWS_GROUP_INDEX_LABEL)
+    if lws and index:
+        return f"{meta.namespace}/{lws}/{index}"
+    return f"{meta.namespace}/{meta.name}" if len(target_ports) > 1 else ""
+
+
 def endpoints_for_pod(pod: Pod, target_ports: tuple[int, ...]) -> list[EndpointSpec]:
     """The endpoints a pod contributes: none unless it is Ready; one per (active) target port.
 
-    The rank `i` is the port's index in the pool's targetPorts, so a name does not change when the
-    annotation narrows the ports.
+    The rank `i` is the port's index in the pool's targetPorts (llm-d's RankIndex), so neither a name
+    nor a rank changes when the annotation narrows the ports.
     """
     if not pod.ready:
         return []
@@ -106,8 +131,12 @@ def endpoints_for_pod(pod: Pod, target_ports: tuple[int, ...]) -> list[EndpointS
     ip = pod.status.pod_ip
     host = f"[{ip}]" if ":" in ip else ip
     labels = dict(pod.metadata.labels)
+    group = dp_group_of(pod, target_ports)
     return [
-        EndpointSpec(name=f"{pod.metadata.name}-rank-{i}", host=host, port=port, labels=labels, namespace=pod.metadata.namespace)
+        EndpointSpec(
+            name=f"{pod.metadata.name}-rank-{i}", host=host, port=port, labels=labels,
+            namespace=pod.metadata.namespace, rank=i, dp_group=group,
+        )  # fmt: skip
         for i, port in enumerate(target_ports)
         if allowed is None or port in allowed
     ]

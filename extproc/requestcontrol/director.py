@@ -155,10 +155,12 @@ class Director:
             request.prefill_tokens = 0
             for c in charges:
                 self.datastore.acquire(c.endpoint, c.tokens + c.early_tokens, c.early_tokens, c.requests, c.tokens)
-        destination = primary.address if len(result.endpoints) == 1 else ",".join(ep.address for ep in result.endpoints)
+        destination = result.destination()
+        # the decision names the endpoints chosen (the ranks, under a data-parallel primaryPort)
+        chosen = destination if not result.destination_port else ",".join(ep.address for ep in result.endpoints)
         scores = msgspec.json.encode(result.scores).decode() if result.scores is not None else None
         self.metrics.scheduled(model, time.perf_counter() - start, request.target_model)
-        decision = (time.time(), request.request_id, bounds.model_name(model), destination, result.profile, result.scores, None)
+        decision = (time.time(), request.request_id, bounds.model_name(model), chosen, result.profile, result.scores, None)
         self.decisions.append(decision)
         return Routing(request, destination, primary, tokens, scores, result.request_headers, result.response_headers,
                        result.profile, charges=charges, scheduler=scheduler)  # fmt: skip
@@ -228,6 +230,8 @@ def request_fields(routing: Routing, outcome: Outcome, usage: Usage | None) -> d
         "duration_ms": round(outcome.duration * 1000, 3),
         "first_byte_ms": None if outcome.first_byte is None else round(outcome.first_byte * 1000, 3),  # TTFT when streaming
     }
+    if routing.destination.partition(",")[0] != routing.primary.address:  # rewritten to a primaryPort
+        fields["rank_endpoint"] = routing.primary.address
     if routing.request.target_model != routing.request.model:
         fields["target_model"] = bounds.model_name(routing.request.target_model)
     if usage is not None:

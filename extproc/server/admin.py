@@ -1,6 +1,7 @@
 """Live views of a running EPP, as JSON over HTTP (`--admin-port`, on 127.0.0.1 unless configured):
 
-    /debug/endpoints   each endpoint's state: role, health, scraped load, in-flight, prefix blocks held
+    /debug/endpoints   each endpoint's state: role, data-parallel rank and group, health, scraped load,
+                       in-flight, prefix blocks held
     /debug/config      the effective scheduling profiles, the serve options and the config serving
                        (`config_reload`: its source, sha256, load time and the last reload error)
     /debug/decisions   the most recent routing decisions (newest last), with scores when explaining
@@ -46,6 +47,8 @@ def endpoints_view(
             "name": ep.name,
             "address": ep.address,
             "role": ep.labels.get(ROLE_LABEL, ""),
+            "rank": ep.spec.rank,  # index among its pod's ranks (targetPorts index)
+            "dp_group": ep.spec.dp_group,  # "": not a rank of a data-parallel group
             "healthy": ep.scrape_error is None and not stale,
             "stale": stale,
             "scrape_error": ep.scrape_error,

@@ -45,6 +45,7 @@ from pickers.plugins.picker.weighted_random import WeightedRandomPicker
 from pickers.plugins.producer.p2p_source import P2PSourceProducer
 from pickers.plugins.producer.session import SessionIDProducer
 from pickers.plugins.producer.tokens import LegacyTokenizer, TokenProducer
+from pickers.plugins.profile.data_parallel import DataParallelProfileHandler
 from pickers.plugins.profile.handlers import (
     DisaggHeadersHandler,
     DisaggProfileHandler,
@@ -124,6 +125,7 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     DisaggProfileHandler,
     PdProfileHandler,  # llm-d's older name for the P/D handler
     HeaderProfileHandler,
+    DataParallelProfileHandler,  # llm-d's deprecated rank routing through a primary port
     # disaggregation deciders (disagg-profile-handler's deciders.prefill / deciders.encode)
     PrefixBasedPDDecider,
     AlwaysDisaggPDDecider,

@@ -45,8 +45,6 @@ UNSUPPORTED_TYPES = MappingProxyType(
         "slo-headroom-tier-filter": _LATENCY,
         "slo-deadline-ordering-policy": _LATENCY + " (it orders a flow's queue by predicted SLO deadline)",
         # others
-        "data-parallel-profile-handler": "deprecated in llm-d (one endpoint per data-parallel rank replaces it); "
-        "list each rank as its own endpoint and use single-profile-handler or disagg-profile-handler",
         "request-attribute-reporter": "llm-epp does not evaluate CEL expressions over response usage; "
         "it reports usage in its own metrics (docs/operating.md)",
         "disaggregatedset-rollout-screener": "rollouts of llm-d's DisaggregatedSet are not supported",

@@ -22,6 +22,12 @@ class EndpointSpec:
     metrics_port: int | None = None  # default: the metrics source's port, else the serving port
     metrics_path: str | None = None  # default: the metrics source's path (/metrics)
     namespace: str = ""  # the pod's, or the endpoints file's (llm-d's format); names are unique within one
+    # The endpoint's index among its pod's serving ports (the InferencePool targetPorts index, llm-d's
+    # RankIndex): its KV-event socket is the base port + rank, a P/D sidecar's rank port base + rank.
+    rank: int = 0
+    # Endpoints with the same non-empty dp_group are ranks of one data-parallel group: they step in
+    # lockstep (each step lasts as long as the busiest rank's batch). "": not part of a group.
+    dp_group: str = ""
 
     @property
     def address(self) -> str:

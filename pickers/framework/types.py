@@ -80,6 +80,18 @@ class SchedulingResult:
     # set by an inflight-load-producer: what the request adds to each chosen endpoint's in-flight
     # counts; None: the EPP's default (one request and prompt + max_tokens on the primary, to the end)
     in_flight: list[InFlightCharge] | None = None
+    # a data-parallel handler's primaryPort: the proxy is sent to each chosen endpoint's host at this
+    # port (a sidecar there forwards to the rank named in x-data-parallel-host-port); the chosen rank
+    # endpoints keep the accounting, the prefix index and the metrics. 0: to the endpoints themselves.
+    destination_port: int = 0
+
+    def destination(self) -> str:
+        """What the proxy is told (`x-gateway-destination-endpoint`): `ip:port`, primary first."""
+        port = self.destination_port
+        eps = self.endpoints
+        if port:
+            return ",".join(f"{ep.spec.host}:{port}" for ep in eps)
+        return eps[0].address if len(eps) == 1 else ",".join(ep.address for ep in eps)
 
 
 @dataclass(slots=True)

@@ -76,6 +76,38 @@ def test_active_ports_annotation_narrows_ports_and_keeps_ranks() -> None:
     assert [(s.name, s.port) for s in endpoints_for_pod(decode(obj), (8000, 8001))] == [("p-rank-1", 8001)]
 
 
+def test_each_endpoint_carries_its_rank_the_targetports_index() -> None:
+    obj = pod("p", annotations={"inference.networking.k8s.io/active-ports": "8001,8003"})
+    specs = endpoints_for_pod(decode(obj), (8000, 8001, 8002, 8003))
+    assert [(s.port, s.rank) for s in specs] == [(8001, 1), (8003, 3)]
+
+
+def test_llm_d_active_ports_annotation_wins_over_the_gie_one() -> None:
+    obj = pod("p", annotations={"llm-d.ai/active-ports": "8000", "inference.networking.k8s.io/active-ports": "8001"})
+    assert [s.port for s in endpoints_for_pod(decode(obj), (8000, 8001))] == [8000]
+
+
+LWS = {"app": "vllm", "leaderworkerset.sigs.k8s.io/name": "decode", "leaderworkerset.sigs.k8s.io/group-index": "2"}
+
+
+@pytest.mark.parametrize(
+    ("labels", "ports", "group"),
+    [
+        ({"app": "vllm"}, (8000,), ""),  # one rank per pod: no group
+        ({"app": "vllm"}, (8000, 8001), "ns/p"),  # the pod's ranks step together
+        (LWS, (8000,), "ns/decode/2"),  # a LeaderWorkerSet group spans its pods
+        (LWS, (8000, 8001), "ns/decode/2"),
+        ({**LWS, "llm-epp/dp-group": "wide-ep-a"}, (8000, 8001), "wide-ep-a"),  # the label wins
+        ({"app": "vllm", "llm-epp/dp-group": "g"}, (8000,), "g"),
+        ({"app": "vllm", "leaderworkerset.sigs.k8s.io/name": "decode"}, (8000,), ""),  # no group index: not a group
+    ],
+    ids=["single", "multi-port", "lws", "lws-multi-port", "label-over-lws", "label-single", "lws-no-index"],
+)
+def test_dp_group_of_a_pods_endpoints(labels: dict, ports: tuple[int, ...], group: str) -> None:
+    specs = endpoints_for_pod(decode(pod("p", labels=labels, namespace="ns")), ports)
+    assert {s.dp_group for s in specs} == {group}
+
+
 def test_ipv6_pod_ips_are_bracketed() -> None:
     assert endpoints_for_pod(decode(pod("p", "fd00::5")), (8000,))[0].address == "[fd00::5]:8000"
 
@@ -210,6 +242,31 @@ async def test_pool_target_ports_change_updates_the_table(apiserver, ds, follow_
     await eventually(lambda: len(ds) == 1)
     apiserver.put("inferencepools", pool(ports=(9000, 9001)))
     await eventually(lambda: table(ds) == {"10.0.0.1:9000": "a-rank-0", "10.0.0.1:9001": "a-rank-1"})
+
+
+async def test_target_ports_reordered_give_the_same_endpoints_new_ranks(apiserver, ds, follow_pool) -> None:
+    apiserver.put("inferencepools", pool(ports=(8000, 8001)))
+    apiserver.put("pods", pod("a", "10.0.0.1"))
+    follow_pool()
+    await eventually(lambda: len(ds) == 2)
+    ep = ds.get("10.0.0.1:8001")
+    assert ep is not None and ep.spec.rank == 1
+    ds.acquire(ep, 5)
+    apiserver.put("inferencepools", pool(ports=(8001, 8000)))
+    await eventually(lambda: ep.spec.rank == 0 and ep.name == "a-rank-0")
+    assert ds.get("10.0.0.1:8001") is ep and ep.in_flight == 1  # same endpoint, its state kept
+
+
+async def test_dp_group_labels_flow_into_the_endpoints(apiserver, ds, follow_pool) -> None:
+    apiserver.put("inferencepools", pool(ports=(8000, 8001)))
+    apiserver.put("pods", pod("a", "10.0.0.1"))
+    follow_pool()
+    await eventually(lambda: len(ds) == 2)
+    assert {ep.spec.dp_group for ep in ds.candidates()} == {"default/a"}
+    apiserver.put("pods", pod("a", "10.0.0.1", labels={**LWS, "app": "vllm"}))
+    await eventually(lambda: {ep.spec.dp_group for ep in ds.candidates()} == {"default/decode/2"})
+    apiserver.put("pods", pod("a", "10.0.0.1", labels={**LWS, "llm-epp/dp-group": "g1"}))
+    await eventually(lambda: {ep.spec.dp_group for ep in ds.candidates()} == {"g1"})
 
 
 async def test_pool_deletion_clears_the_table_and_unsyncs_until_it_returns(apiserver, ds, follow_pool) -> None:

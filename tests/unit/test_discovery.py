@@ -80,6 +80,20 @@ def test_metrics_path_is_accepted(endpoints_file) -> None:
     assert load_endpoints_file(path)[0].metrics_url == "http://a:1/vllm/metrics"
 
 
+def test_ranks_and_dp_groups_are_read(endpoints_file) -> None:
+    path = endpoints_file(
+        """
+endpoints:
+  - {address: 10.0.0.1, port: 8000, rank: 0, dpGroup: dp-0}
+  - {address: 10.0.0.1, port: 8001, rank: 1, dpGroup: dp-0}
+  - {address: 10.0.0.2, port: 8000, rank: 0, dpGroup: dp-0}
+  - {address: 10.0.0.3, port: 8000}
+"""
+    )
+    specs = load_endpoints_file(path)
+    assert [(s.rank, s.dp_group) for s in specs] == [(0, "dp-0"), (1, "dp-0"), (0, "dp-0"), (0, "")]
+
+
 @pytest.mark.parametrize("text", ["endpoints: []\n", "endpoints:\n", "[]\n"])
 def test_an_empty_pool_is_valid(endpoints_file, text: str) -> None:
     assert load_endpoints_file(endpoints_file(text)) == []
@@ -134,6 +148,17 @@ def test_error_names_file_field_and_expectation(endpoints_file) -> None:
         (
             "endpoints:\n  - {address: a, port: 1, name: x}\n  - {address: b, port: 1, name: x}\n",
             "endpoints[1].name: duplicate name 'x' (also endpoints[0])",
+        ),
+        ("endpoints:\n  - {address: a, port: 1, rank: -1}\n", "endpoints[0].rank: expected an integer 0-1023"),
+        ("endpoints:\n  - {address: a, port: 1, rank: '2'}\n", "endpoints[0].rank: expected an integer 0-1023 (the endpoint's index among its pod's ranks), got '2'"),
+        ("endpoints:\n  - {address: a, port: 1, rank: true}\n", "endpoints[0].rank: expected an integer 0-1023"),
+        ("endpoints:\n  - {address: a, port: 1, rank: 1.5}\n", "endpoints[0].rank: expected an integer 0-1023"),
+        ("endpoints:\n  - {address: a, port: 1, rank: 1024}\n", "endpoints[0].rank: expected an integer 0-1023"),
+        ("endpoints:\n  - {address: a, port: 1, dpGroup: 3}\n", "endpoints[0].dpGroup: expected a string naming the endpoint's data-parallel group, got 3"),
+        ("endpoints:\n  - {address: a, port: 1, dp_group: g}\n", "endpoints[0].dp_group: unknown field"),
+        (
+            "endpoints:\n  - {address: a, port: 1, rank: 1, dpGroup: g}\n  - {address: a, port: 2, rank: 1, dpGroup: g}\n",
+            "endpoints[1].rank: rank 1 of dpGroup 'g' on host a is also endpoints[0]",
         ),
     ],
 )

@@ -12,7 +12,7 @@ import msgspec
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from extproc.cli.status import show_status
+from extproc.cli.status import endpoint_table, show_status
 from extproc.datalayer.datastore import Datastore
 from extproc.handlers.request_stream import Outcome, RequestStream
 from extproc.handlers.usage import Usage
@@ -290,6 +290,28 @@ def test_endpoints_view_shows_state_per_endpoint():
     assert (first["name"], first["role"], first["waiting"], first["kv_usage"]) == ("pod-0", "decode", 2, 0.25)
     assert first["stale"] and not first["healthy"]  # scraped long ago (monotonic 1.0)
     assert view[ADDRS[1]]["last_scrape_age_s"] is None  # never scraped
+
+
+def test_endpoints_view_and_epp_status_show_data_parallel_ranks():
+    ds = Datastore()
+    ds.set_endpoints([EndpointSpec("p-rank-0", "10.0.0.1", 8000, rank=0, dp_group="ns/p"),
+                      EndpointSpec("p-rank-3", "10.0.0.1", 8003, rank=3, dp_group="ns/p"),
+                      EndpointSpec("solo", "10.0.0.2", 8000)])  # fmt: skip
+    view = endpoints_view(ds, None)
+    assert [(e["rank"], e["dp_group"]) for e in view] == [(0, "ns/p"), (3, "ns/p"), (0, "")]
+    lines = endpoint_table(view).splitlines()
+    assert lines[0].split()[:5] == ["NAME", "ADDRESS", "ROLE", "RANK", "DP"]
+    assert lines[2].split()[:5] == ["p-rank-3", "10.0.0.1:8003", "-", "3", "ns/p"]
+    assert lines[3].split()[:5] == ["solo", "10.0.0.2:8000", "-", "0", "-"]
+
+
+def test_epp_status_leaves_the_rank_columns_out_without_ranks():
+    ds = Datastore()
+    ds.set_endpoints([EndpointSpec("a", "10.0.0.1", 8000)])
+    view = endpoints_view(ds, None)
+    assert "RANK" not in endpoint_table(view)
+    old_epp = [{k: v for k, v in e.items() if k not in ("rank", "dp_group")} for e in view]
+    assert endpoint_table(old_epp) == endpoint_table(view)
 
 
 async def test_admin_app_serves_the_three_views_and_epp_status_prints_them(capsys):

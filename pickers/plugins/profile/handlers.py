@@ -8,7 +8,10 @@
   `x-prefiller-host-port`, the encode picks (as many as the encode profile's picker returns) in
   `x-encoder-hosts-ports`, comma-separated. No prefill or encode endpoint (or a failed profile) means
   that stage runs on the decode endpoint, not that the request fails.
-- `pd-profile-handler`: llm-d's older name and parameters for the same thing.
+- `pd-profile-handler`: llm-d's older name and parameters for the same thing; its `primaryPort`
+  sends the decode pick through that port of its pod with the rank in `x-data-parallel-host-port`
+  (profile/data_parallel.py), the prefill pick staying a rank endpoint.
+- `data-parallel-profile-handler` (profile/data_parallel.py): one profile, through the primary port.
 - `header-profile-handler` (profile/header.py): the one profile a request header names.
 """
 
@@ -22,6 +25,7 @@ from pickers.framework.params import ParameterError, Params
 from pickers.framework.request import InferenceRequest
 from pickers.framework.types import SINGLE_PROFILE_HANDLER, CycleState, ProfileOutcome, SchedulingProfile, SchedulingResult
 from pickers.plugins.base import Plugin, PluginContext
+from pickers.plugins.profile.data_parallel import primary_port, route_through_primary_port
 from pickers.plugins.profile.pd_deciders import (
     AlwaysDisaggMultimodalDecider,
     AlwaysDisaggPDDecider,
@@ -87,6 +91,11 @@ class DisaggProfileHandler(Plugin):
 
     @classmethod
     def from_config(cls, name: str, p: Params, ctx: PluginContext) -> DisaggProfileHandler:
+        # llm-d's disagg handler drops it without a word, so a config moved over from pd-profile-handler
+        # would lose its rank rewrite unseen; 0 (off) is what it does there
+        p.refused("primaryPort", "disagg-profile-handler ignores it in llm-d (only pd-profile-handler and "
+                  "data-parallel-profile-handler send a rank through a primary port); remove it, or keep "
+                  "pd-profile-handler", allowed=lambda v: v == 0 and not isinstance(v, bool))  # fmt: skip
         profiles = _names(p, "profiles", ("decode", "prefill", "encode"))
         deciders = _names(p, "deciders", ("prefill", "encode"))
         decider_param = "deciders.prefill"
@@ -196,12 +205,13 @@ class PdProfileHandler(DisaggProfileHandler):
         self._ctx = ctx
         self._hash_block_size: int | None = None
         self._producer_name: str | None = None
+        self.primary_port = 0  # 0: the decode pick is the destination as it is
 
     @classmethod
     def from_config(cls, name: str, p: Params, ctx: PluginContext) -> PdProfileHandler:  # type: ignore[override]
-        port = p.integer("primaryPort", 0, minimum=0)
-        if port:
-            raise ParameterError("primaryPort", "data-parallel rank routing (primaryPort) is not supported by llm-epp; use 0")
+        port = primary_port(p, 0)
+        if port:  # llm-d's message, logged once at load
+            p.warnings.append("Deprecated: primaryPort not needed with Istio >= 1.28.1 (each rank port is its own endpoint)")
         unused = "llm-d never read it either"
         p.deprecated("prefixPluginType", unused)
         p.deprecated("prefixPluginName", unused)
@@ -216,7 +226,16 @@ class PdProfileHandler(DisaggProfileHandler):
         )
         handler._hash_block_size = p.integer("hashBlockSize", 0, minimum=1) or None
         handler._producer_name = p.string("prefixMatchInfoProducerName")
+        handler.primary_port = port
         return handler
+
+    def process_results(self, request: InferenceRequest, results: Mapping[str, ProfileOutcome]) -> SchedulingResult:
+        result = super().process_results(request, results)
+        if self.primary_port:
+            # llm-d: only the decode pick goes through the primary port; x-prefiller-host-port keeps
+            # the prefill rank's own address
+            route_through_primary_port(result, self.primary_port)
+        return result
 
     def bind(self, plugins: Mapping[str, object], profiles: Mapping[str, SchedulingProfile]) -> None:
         if self._producer_name is not None:

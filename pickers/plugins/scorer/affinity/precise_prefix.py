@@ -78,8 +78,8 @@ class PrecisePrefixCacheProducer(Plugin):
       medium), the sum of the largest weight among the media holding each block (a medium not
       listed, or a speculative entry, 1.0), truncated to whole blocks (llm-d's `matchBlocks`).
     - `kvEventsConfig`: `discoverPods` (true) subscribes to every endpoint of the pool at
-      `podDiscoveryConfig.socketPort` (5557; the endpoint label `llm-epp/kv-events-port` overrides
-      it); `zmqEndpoint` binds one socket the engines connect to, the endpoint named by the topic
+      `podDiscoveryConfig.socketPort` (5557) plus the endpoint's data-parallel rank, as llm-d dials
+      (the endpoint label `llm-epp/kv-events-port` names the port exactly); `zmqEndpoint` binds one socket the engines connect to, the endpoint named by the topic
       `kv@<ip:port>@<model>`; `topicFilter` ("kv@") is the subscription prefix.
     - `speculativeIndexing` (false): after a pick, the chosen endpoints hold the request's blocks for
       `speculativeTTL` (2s) before their engines' events confirm them.
