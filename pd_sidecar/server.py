@@ -2,9 +2,9 @@
 
 With `data_parallel_size` N it serves N ports, one per data-parallel rank, each in front of that
 rank's decoder (ranks.py); `x-data-parallel-host-port` sends a request that arrived on one port to the
-rank it names. Every request is proxied to its rank's decoder; a completion carrying `x-prefiller-host-port` first has
-its prompt prefilled on that server (the prefill leg) and then goes to the decoder with the
-returned `kv_transfer_params` (the decode leg). Any failure of the prefill leg degrades to a local
+rank it names. Every request is proxied to its rank's decoder; a completion carrying
+`x-prefiller-host-port` first has its prompt prefilled on that server (the prefill leg) and then goes
+to the decoder with the returned `kv_transfer_params` (the decode leg). Any failure of the prefill leg degrades to a local
 prefill on the decoder: the client is never failed for it. A client that goes away cancels its
 handler, which closes the upstream connection, so the model server aborts the request too.
 """
