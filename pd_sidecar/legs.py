@@ -22,6 +22,10 @@ KV_CACHE_SOURCE_HEADER = "x-kv-cache-source-host-port"
 # (the decoder, or the prefill leg's server, encodes the media itself); it counts and drops the header.
 ENCODERS_HEADER = "x-encoder-hosts-ports"
 REQUEST_ID_HEADER = "x-request-id"
+# llm-d's data-parallel routing (its data-parallel-profile-handler, and pd-profile-handler's primaryPort):
+# the request reaches this sidecar's primary port and the header names the rank port (`podIP:port`)
+# that should serve it. It is for this hop only and never goes upstream.
+DATA_PARALLEL_HEADER = "x-data-parallel-host-port"
 
 # Sent on a prefill leg: "prefill this and keep the KV for a remote decoder" (vLLM NixlConnector).
 PREFILL_KV_TRANSFER_PARAMS: dict[str, Any] = {
@@ -39,7 +43,8 @@ _HOP_BY_HOP = frozenset({
     "te", "trailer", "transfer-encoding", "upgrade",
 })
 # The server decompresses request bodies and the client recomputes the length and host.
-_REQUEST_DROP = _HOP_BY_HOP | {"host", "content-length", "content-encoding", PREFILLER_HEADER, ENCODERS_HEADER}
+_REQUEST_DROP = _HOP_BY_HOP | {"host", "content-length", "content-encoding", PREFILLER_HEADER, ENCODERS_HEADER,
+                               DATA_PARALLEL_HEADER}
 _RESPONSE_DROP = _HOP_BY_HOP
 
 
@@ -54,35 +59,55 @@ class BadPrefillerHeader(ValueError):
     """x-prefiller-host-port is not `host:port[,host:port...]`."""
 
 
+class BadDataParallelHeader(ValueError):
+    """x-data-parallel-host-port is not one `host:port`."""
+
+
 def is_generation_path(path: str) -> bool:
     """Only completions can be disaggregated (vLLM's connectors serve nothing else)."""
     return path.endswith("/completions")
 
 
+def parse_host_port(item: str, header: str, error: type[ValueError]) -> tuple[str, int]:
+    """`host:port` or `[v6]:port` -> (host, port), the host lower-cased and an IPv6 address in its
+    compressed form without brackets, so two spellings of one address compare equal."""
+    host, sep, port = item.rpartition(":")
+    if not sep or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+        raise error(f"{header}: expected host:port, got {item!r}")
+    bracketed = host.startswith("[") and host.endswith("]")
+    bare = host[1:-1] if bracketed else host
+    if bracketed or ":" in bare:
+        try:
+            return str(ipaddress.IPv6Address(bare)), int(port)
+        except ValueError:
+            raise error(f"{header}: bad IPv6 address in {item!r}") from None
+    if not _HOSTNAME.fullmatch(bare):
+        raise error(f"{header}: bad host in {item!r}")
+    return bare.lower(), int(port)
+
+
+def join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def parse_prefillers(value: str) -> list[str]:
     """`host:port`, `[v6]:port`, or a comma-separated list of them (tried in order on retries)."""
-    out: list[str] = []
-    for item in value.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        host, sep, port = item.rpartition(":")
-        if not sep or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
-            raise BadPrefillerHeader(f"{PREFILLER_HEADER}: expected host:port, got {item!r}")
-        bracketed = host.startswith("[") and host.endswith("]")
-        bare = host[1:-1] if bracketed else host
-        if bracketed or ":" in bare:
-            try:
-                ipaddress.IPv6Address(bare)
-            except ValueError:
-                raise BadPrefillerHeader(f"{PREFILLER_HEADER}: bad IPv6 address in {item!r}") from None
-            host = f"[{bare}]"
-        elif not _HOSTNAME.fullmatch(bare):
-            raise BadPrefillerHeader(f"{PREFILLER_HEADER}: bad host in {item!r}")
-        out.append(f"{host}:{int(port)}")
+    out = [join_host_port(*parse_host_port(item.strip(), PREFILLER_HEADER, BadPrefillerHeader))
+           for item in value.split(",") if item.strip()]
     if not out:
         raise BadPrefillerHeader(f"{PREFILLER_HEADER}: empty")
     return out
+
+
+def parse_data_parallel_target(values: list[str]) -> tuple[str, int]:
+    """The header's values (one expected) -> the (host, port) of the rank it names."""
+    if len(values) != 1 or "," in values[0]:
+        raise BadDataParallelHeader(
+            f"{DATA_PARALLEL_HEADER}: expected one host:port, got {', '.join(values)!r}")
+    value = values[0].strip()
+    if not value:
+        raise BadDataParallelHeader(f"{DATA_PARALLEL_HEADER}: empty")
+    return parse_host_port(value, DATA_PARALLEL_HEADER, BadDataParallelHeader)
 
 
 def parse_body(body: bytes) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The sidecar's Prometheus metrics, in a registry of its own (tests run several in one process)."""
+"""The sidecar's Prometheus metrics, one registry per data-parallel rank (each rank's port serves its
+own), none global (tests run several sidecars in one process)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 PATHS = ("proxy", "disaggregated", "fallback")
 # Why a prefill leg was abandoned.
 FALLBACK_REASONS = ("bad_header", "unreachable", "timeout", "error_status", "no_kv_transfer_params")
+# What became of a request carrying x-data-parallel-host-port: sent to the rank it names, or refused (400).
+DP_HEADER_OUTCOMES = ("routed", "bad_header", "unknown_rank")
 
 
 class SidecarMetrics:
@@ -31,6 +34,12 @@ class SidecarMetrics:
         self.prefill_seconds = Histogram(
             "pd_sidecar_prefill_duration_seconds", "Time from sending a prefill leg to its kv_transfer_params.",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0), registry=r)
+        self.dp_header = Counter(
+            "pd_sidecar_data_parallel_header", "Requests that arrived on this rank's port with "
+            "x-data-parallel-host-port, by outcome: routed to the rank it names, or refused with 400.",
+            ("outcome",), registry=r)
+        for outcome in DP_HEADER_OUTCOMES:
+            self.dp_header.labels(outcome=outcome)
         for path in PATHS:  # export zeros so dashboards and tests see every series from the start
             self.requests.labels(path=path)
         for reason in FALLBACK_REASONS:
