@@ -74,6 +74,9 @@ class SchedulingResult:
     request_headers: dict[str, str] = field(default_factory=dict)
     # estimated uncached prompt tokens on the primary, when a plugin (prefill-load-scorer) knows them
     prefill_tokens: int = 0
+    # estimated uncached prompt tokens on each chosen endpoint, by address, when a plugin matched the
+    # prefix for them (predicted-latency-producer); the latency model's record of the pick reads it
+    uncached: dict[str, int] | None = None
     response_headers: dict[str, str] = field(default_factory=dict)
     # several profiles ran (P/D): each one's chosen endpoints, by profile name; None for one profile
     profile_results: dict[str, list[Endpoint]] | None = None
