@@ -33,6 +33,7 @@ from pickers.latency.fit import Fit2, Fit3
 # pickers.framework.endpoint.ROLE_LABEL, named again here: that module imports this one
 _ROLE_LABEL = "llm-d.ai/role"
 _ERROR_ALPHA = 0.05  # how fast the running prediction error follows
+_INF = float("inf")
 
 
 @dataclass(slots=True, frozen=True)
@@ -130,6 +131,7 @@ class LatencyModel:
     def __init__(self, settings: LatencySettings | None = None) -> None:
         self.settings = s = settings or LatencySettings()
         self._decay = 1.0 - 1.0 / s.window
+        self._min = s.min_samples
         p = s.prior
         self._ttft_prior = (p.ttft_overhead_s, 1.0 / p.prefill_tokens_per_s, p.ttft_per_running_s)
         self._kv_s_per_token = 1.0 / p.kv_transfer_tokens_per_s
@@ -163,8 +165,8 @@ class LatencyModel:
     def ttft_fit(self, ep: LatencyEndpoint) -> tuple[Fit3, str]:
         """The fit that predicts this endpoint's TTFT and where it comes from: "own", "peer" or "prior"."""
         st = ep.latency
-        f = self._own_ttft(st)
-        if f.n >= self.settings.min_samples:
+        f = st.ttft or self._own_ttft(st)
+        if f.n >= self._min:
             return f, "own"
         key = self.hardware_class(ep) if self._peers else None
         peer = self._peers.get(key) if key is not None else None
@@ -174,8 +176,8 @@ class LatencyModel:
 
     def tpot_fit(self, ep: LatencyEndpoint) -> tuple[Fit2, str]:
         st = ep.latency
-        f = self._own_tpot(st)
-        if f.n >= self.settings.min_samples:
+        f = st.tpot or self._own_tpot(st)
+        if f.n >= self._min:
             return f, "own"
         key = self.hardware_class(ep) if self._peers else None
         peer = self._peers.get(key) if key is not None else None
@@ -228,11 +230,11 @@ class LatencyModel:
         """A response's time to first token on the endpoint that prefilled it: `prefill_tokens` =
         queued ahead + its own uncached, `batch` as at the pick. `predicted`: what the model said at
         the pick (kept for the running error)."""
-        if not seconds > 0.0 or seconds == float("inf"):
-            ep.latency.skipped += 1
-            return
         st = ep.latency
-        f = self._own_ttft(st)
+        if not 0.0 < seconds < _INF:
+            st.skipped += 1
+            return
+        f = st.ttft or self._own_ttft(st)
         f.observe(float(prefill_tokens), float(batch), seconds)
         if predicted is not None:
             err = predicted - seconds
@@ -240,13 +242,13 @@ class LatencyModel:
             st.ttft_error += a * ((err if err > 0 else -err) - st.ttft_error)
             st.ttft_bias += a * (err - st.ttft_bias)
             st.last_ttft = (predicted, seconds)
-        if f.n >= self.settings.min_samples:
+        if f.n >= self._min:
             self._promote(ep, st)
 
     def observe_tpot(self, ep: LatencyEndpoint, batch: int, seconds_per_token: float) -> None:
-        if not seconds_per_token > 0.0 or seconds_per_token == float("inf"):
-            return
-        self._own_tpot(ep.latency).observe(float(batch), seconds_per_token)
+        if 0.0 < seconds_per_token < _INF:
+            st = ep.latency
+            (st.tpot or self._own_tpot(st)).observe(float(batch), seconds_per_token)
 
     def _promote(self, ep: LatencyEndpoint, st: EndpointLatency) -> None:
         """Make `st` its hardware class's prior if it is the best-observed warm member."""
