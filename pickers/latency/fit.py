@@ -1,10 +1,12 @@
 """Running linear fits with a prior: O(1) memory and time per observation, for the latency model.
 
-A fit says y ~ c0 + c1*u (+ c2*v). Its data sums decay by `decay` at every observation, so about
+A fit says y ~ c0 + c1*u (+ c2*v), in the least-squares sense of relative errors (each observation
+weighs 1 / its predicted value squared: latencies vary over three orders of magnitude and a miss
+matters in proportion). Its data sums decay by `decay` at every observation, so about
 1 / (1 - decay) recent observations count and the fit follows a server whose speed drifts; the prior
-counts as a few observations spread over representative points and never decays, so it is what the
-fit says before data comes, and a pull toward sane numbers where the data cannot tell the features
-apart (every prompt the same length, say). Robust to outliers: once warm, an observation whose
+counts as a few observations spread over representative points and fades as data comes, so it is
+what the fit says before data comes and a pull toward sane numbers while the data cannot yet tell
+the features apart (every prompt the same length, say). Robust to outliers: once warm, an observation whose
 relative residual is far beyond the running mean absolute one is clipped to that bound before it is
 counted, so one stalled request moves the fit by a bounded amount, while a server that really
 changed speed widens the bound within a few observations.
@@ -37,10 +39,16 @@ class RunningFit:
         self.weight = 0.0  # the data's decayed weight (how many observations the fit holds now)
         self.mean = 0.0  # running mean of the observations
 
-    def _robust(self, y: float, predicted: float) -> float:
-        """The value to count for observation `y` given the fit's prediction, updating the scale."""
-        self.mean += (y - self.mean) / (self.n + 1) if self.n < self.warm_after else SCALE_ALPHA * (y - self.mean)
-        floor = MEAN_SHARE * self.mean
+    def _robust(self, y: float, predicted: float) -> tuple[float, float]:
+        """The value to count for observation `y` given the fit's prediction, and its weight: the fit
+        minimizes relative errors (a 50 ms miss on a 100 ms request weighs what a 5 s miss on a 10 s
+        one does), so each observation weighs 1 / its scale squared."""
+        if self.n < self.warm_after:  # the prior may be far off: weigh by the data's size, not by it
+            self.mean += (y - self.mean) / (self.n + 1)
+            floor = self.mean
+        else:
+            self.mean += SCALE_ALPHA * (y - self.mean)
+            floor = MEAN_SHARE * self.mean
         base = predicted if predicted > floor else floor
         if base <= 0.0:
             base = 1e-3
@@ -54,8 +62,14 @@ class RunningFit:
         self.n += 1
         if self.n > self.warm_after and mag > limit:
             self.clipped += 1
-            return predicted + (limit if rel > 0 else -limit) * base
-        return y
+            y = predicted + (limit if rel > 0 else -limit) * base
+        return y, 1.0 / (base * base)
+
+    def _prior_scale(self, s1: float) -> float:
+        """The prior counts as so many observations of the data's mean weight, fading as data comes:
+        by `warm_after` observations it counts half, by 20 times that 5%, so a prior far from the
+        server (a GPU prior on a CPU box) does not bias a warm fit. Called after an observation."""
+        return s1 / self.weight * self.warm_after / (self.warm_after + self.n)
 
 
 class Fit2(RunningFit):
@@ -80,16 +94,18 @@ class Fit2(RunningFit):
         return self.c0 + self.c1 * u
 
     def observe(self, u: float, y: float) -> None:
-        y = self._robust(y, self.c0 + self.c1 * u)
+        y, w = self._robust(y, self.c0 + self.c1 * u)
         g = self.decay
         self.weight = self.weight * g + 1.0
-        self.s1 = self.s1 * g + 1.0
-        self.su = self.su * g + u
-        self.suu = self.suu * g + u * u
-        self.sy = self.sy * g + y
-        self.suy = self.suy * g + u * y
-        a11, a12, a22 = self.p11 + self.s1, self.p12 + self.su, self.p22 + self.suu
-        b1, b2 = self.q1 + self.sy, self.q2 + self.suy
+        self.s1 = s1 = self.s1 * g + w
+        wu = w * u
+        self.su = self.su * g + wu
+        self.suu = self.suu * g + wu * u
+        self.sy = self.sy * g + w * y
+        self.suy = self.suy * g + wu * y
+        k = self._prior_scale(s1)
+        a11, a12, a22 = k * self.p11 + s1, k * self.p12 + self.su, k * self.p22 + self.suu
+        b1, b2 = k * self.q1 + self.sy, k * self.q2 + self.suy
         det = a11 * a22 - a12 * a12
         if det <= 0.0:
             return
@@ -130,21 +146,22 @@ class Fit3(RunningFit):
         return self.c0 + self.c1 * u + self.c2 * v
 
     def observe(self, u: float, v: float, y: float) -> None:
-        y = self._robust(y, self.c0 + self.c1 * u + self.c2 * v)
+        y, w = self._robust(y, self.c0 + self.c1 * u + self.c2 * v)
         g = self.decay
         self.weight = self.weight * g + 1.0
-        self.s1 = s1 = self.s1 * g + 1.0
-        self.su = su = self.su * g + u
-        self.sv = sv = self.sv * g + v
-        self.suu = suu = self.suu * g + u * u
-        self.suv = suv = self.suv * g + u * v
-        self.svv = svv = self.svv * g + v * v
-        self.sy = sy = self.sy * g + y
-        self.suy = suy = self.suy * g + u * y
-        self.svy = svy = self.svy * g + v * y
-        p, q = self.p, self.q
-        a11, a12, a13, a22, a23, a33 = p[0] + s1, p[1] + su, p[2] + sv, p[3] + suu, p[4] + suv, p[5] + svv
-        b1, b2, b3 = q[0] + sy, q[1] + suy, q[2] + svy
+        wu, wv = w * u, w * v
+        self.s1 = s1 = self.s1 * g + w
+        self.su = su = self.su * g + wu
+        self.sv = sv = self.sv * g + wv
+        self.suu = suu = self.suu * g + wu * u
+        self.suv = suv = self.suv * g + wu * v
+        self.svv = svv = self.svv * g + wv * v
+        self.sy = sy = self.sy * g + w * y
+        self.suy = suy = self.suy * g + wu * y
+        self.svy = svy = self.svy * g + wv * y
+        p, q, k = self.p, self.q, self._prior_scale(s1)
+        a11, a12, a13, a22, a23, a33 = k * p[0] + s1, k * p[1] + su, k * p[2] + sv, k * p[3] + suu, k * p[4] + suv, k * p[5] + svv
+        b1, b2, b3 = k * q[0] + sy, k * q[1] + suy, k * q[2] + svy
         # Cramer's rule on the symmetric 3x3 system
         m11 = a22 * a33 - a23 * a23
         m12 = a12 * a33 - a23 * a13

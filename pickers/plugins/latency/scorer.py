@@ -124,7 +124,8 @@ class LatencyScorer(LatencyConsumer):
             n_t = (h_t - lo_t) / range_t if range_t > _EPS else 0.5
             n_p = (h_p - lo_p) / range_p if range_p > _EPS else 0.5
             combined = alpha * n_t + beta * n_p
-            scores[i] = (int((combined if most else 1.0 - combined) * _W_MAX) + 1) / _W_MAX
+            w = int((combined if most else 1.0 - combined) * _W_MAX) + 1  # llm-d's steps: 1..101
+            scores[i] = w / _W_MAX if w < _W_MAX else 1.0  # its 1.01 is clamped by the scheduler anyway
 
     def composite(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> list[float]:
         """llm-d's fallback without predictions: free KV, relative queue and prefix match, blended."""
