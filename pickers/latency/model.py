@@ -62,9 +62,9 @@ class LatencySettings:
             raise ValueError("latency settings: window >= 2, min_samples >= 1 and prior_weight > 0 expected")
 
 
-# Representative points the prior's pseudo-observations sit at: prefill tokens x running batch.
-_TTFT_POINTS = ((0.0, 0.0), (2048.0, 0.0), (0.0, 8.0), (2048.0, 8.0))
-_TPOT_POINTS = (1.0, 8.0)
+# The typical request the prior's weight is measured at: prefill tokens, running batch.
+_TTFT_REF = (2048.0, 8.0)
+_TPOT_REF = 8.0
 
 
 @dataclass(slots=True, eq=False)
@@ -143,14 +143,14 @@ class LatencyModel:
         f = st.ttft
         if f is None:
             s = self.settings
-            f = st.ttft = Fit3(self._ttft_prior, _TTFT_POINTS, s.prior_weight, self._decay, s.min_samples)
+            f = st.ttft = Fit3(self._ttft_prior, _TTFT_REF, s.prior_weight, self._decay, s.min_samples)
         return f
 
     def _own_tpot(self, st: EndpointLatency) -> Fit2:
         f = st.tpot
         if f is None:
             s, p = self.settings, self.settings.prior
-            f = st.tpot = Fit2(p.tpot_base_s, p.tpot_per_running_s, _TPOT_POINTS, s.prior_weight, self._decay, s.min_samples)
+            f = st.tpot = Fit2(p.tpot_base_s, p.tpot_per_running_s, _TPOT_REF, s.prior_weight, self._decay, s.min_samples)
         return f
 
     @staticmethod
