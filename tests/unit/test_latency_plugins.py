@@ -505,3 +505,33 @@ def test_the_uncached_estimate_comes_from_whichever_plugin_counted_it():
     assert feed.uncached_on(SchedulingResult([e], in_flight=[InFlightCharge(e, early_tokens=9)]), e, r) == 9
     assert feed.uncached_on(SchedulingResult([e], prefill_tokens=11), e, r) == 11
     assert feed.uncached_on(SchedulingResult([e], prefill_tokens=11), other, r) == 1000  # unknown: the whole prompt
+
+
+# -- visibility ---------------------------------------------------------------------------------
+
+
+async def test_debug_endpoints_and_epp_status_show_the_fitted_values():
+    import asyncio
+    import io
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from extproc.cli.status import show_status
+    from extproc.server.admin import admin_app
+
+    director, ds, model = serve(LLMD_PREDICTED_LATENCY)
+    first = ds.candidates()[0]
+    for i in range(12):
+        model.observe_ttft(first, 1000 + 100 * i, 0, 0.5 + 0.2 * i / 10)
+        model.observe_tpot(first, 2, 0.07)
+    async with TestClient(TestServer(admin_app(ds, None, director, {}, latency=model))) as client:
+        eps = (await (await client.get("/debug/endpoints")).json())["endpoints"]
+        out = io.StringIO()
+        rc = await asyncio.to_thread(show_status, str(client.make_url("")).rstrip("/"), out=out)
+    lat = {e["name"]: e["latency"] for e in eps}
+    assert lat["pod-1"]["source"] == "own" and lat["pod-1"]["samples"] == 12 and lat["pod-1"]["tpot_base_ms"] > 20
+    assert lat["pod-2"]["source"] == "prior" and lat["pod-2"]["prefill_tokens_per_s"] == pytest.approx(10_000)
+    text = out.getvalue()
+    assert rc == 0 and "latency model (FIT" in text and "PREFILL TOK/S" in text
+    row = next(line for line in text.splitlines() if line.startswith("pod-1") and " own " in line)
+    assert "12/12" in row
