@@ -152,8 +152,9 @@ class Director:
         request.prefill_tokens = result.prefill_tokens
         record = None
         if self.latency is not None:  # before this request's own charge: the queue it joins
-            record = latency_feed.on_pick(self.latency, request, result, time.perf_counter())
-            if scheduler.explain:
+            explain = scheduler.explain
+            record = latency_feed.on_pick(self.latency, request, result, time.perf_counter(), predicted=explain)
+            if explain and record.predicted_ttft is not None and record.predicted_tpot is not None:
                 result.response_headers[latency_feed.PREDICTED_TTFT_HEADER] = f"{record.predicted_ttft * 1000:.1f}"
                 result.response_headers[latency_feed.PREDICTED_TPOT_HEADER] = f"{record.predicted_tpot * 1000:.2f}"
         charges = result.in_flight
@@ -220,8 +221,7 @@ class Director:
         request = routing.request
         record = routing.latency
         if isinstance(record, latency_feed.LatencyRecord) and self.latency is not None:
-            latency_feed.on_end(self.latency, record, status=outcome.status, streaming=outcome.streaming,
-                                aborted=outcome.aborted, usage=usage, now=time.perf_counter())  # fmt: skip
+            latency_feed.on_end(self.latency, record, outcome.status, outcome.streaming, outcome.aborted, usage, time.perf_counter())
         (routing.scheduler or self.scheduler).response_complete(
             request,
             routing.primary,

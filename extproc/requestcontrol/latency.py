@@ -3,8 +3,9 @@ endpoints looked like at the pick, then the response's time to first byte and it
 
 At the pick (`on_pick`, before the request's own in-flight charge): the endpoint that computes the
 prompt (the primary, or P/D's prefill endpoint), the prefill tokens queued ahead of it there, its
-running batch, this request's uncached tokens there (the plugins' estimate: see `uncached_on`) and
-the model's prediction for the route taken. At the end (`on_end`): time to first token = first
+running batch and this request's uncached tokens there (the plugins' estimate: see `uncached_on`);
+the model's prediction for that state is made then under --explain-scores (for the response header
+and the running error /debug/endpoints shows; without it the error is the fit's own). At the end (`on_end`): time to first token = first
 response byte - pick, so the time the request spent in flow control's queue or in the token-producer
 is not the server's; time per output token = (end - first byte) / (completion tokens - 1). The
 fit learns from the server's own count of the uncached tokens when its usage reports cached tokens
@@ -40,10 +41,11 @@ class LatencyRecord:
     batch: int  # the prefiller's running batch
     decode_batch: int  # the primary's running batch
     transfer: int  # P/D: tokens of KV the decode endpoint pulls; 0 aggregated
-    predicted_ttft: float  # seconds
-    predicted_tpot: float
     picked_at: float  # perf_counter seconds
     first_byte_at: float | None = None
+    # the model's prediction for this route (seconds), made at the pick when asked (--explain-scores)
+    predicted_ttft: float | None = None
+    predicted_tpot: float | None = None
 
     @property
     def disaggregated(self) -> bool:
@@ -69,7 +71,19 @@ def uncached_on(result: SchedulingResult, ep: Endpoint, request: InferenceReques
     return request.prompt_tokens
 
 
-def on_pick(model: LatencyModel, request: InferenceRequest, result: SchedulingResult, now: float) -> LatencyRecord:
+def predict(model: LatencyModel, rec: LatencyRecord, *, fresh: bool = True) -> tuple[float, float]:
+    """The model's TTFT and TPOT (seconds) for the route and state the record holds."""
+    if rec.prefiller is rec.decoder:
+        ttft = model.ttft(rec.decoder, rec.uncached, queued=rec.queued, batch=rec.batch, fresh=fresh)
+    else:
+        ttft = model.ttft_disaggregated(
+            rec.decoder, rec.prefiller, rec.uncached, rec.transfer, queued=rec.queued, batch=rec.batch, fresh=fresh
+        )
+    return ttft, model.tpot(rec.decoder, batch=rec.decode_batch, fresh=fresh)
+
+
+def on_pick(model: LatencyModel, request: InferenceRequest, result: SchedulingResult, now: float, *, predicted: bool = False) -> LatencyRecord:
+    """The pick's record; with `predicted`, the model's prediction for it too."""
     primary = result.endpoints[0]
     prefiller = primary
     if result.profile_results is not None:
@@ -77,22 +91,18 @@ def on_pick(model: LatencyModel, request: InferenceRequest, result: SchedulingRe
             if eps and eps[0] is not primary:
                 prefiller = eps[0]
                 break
-    uncached = uncached_on(result, prefiller, request)
-    queued = prefiller.in_flight_prefill_tokens
     batch = batch_of(prefiller)
-    decode_batch = batch if prefiller is primary else batch_of(primary)
-    if prefiller is primary:
-        transfer = 0
-        ttft = model.ttft(primary, uncached, queued=queued, batch=batch)
-    else:
-        transfer = uncached_on(result, primary, request)
-        ttft = model.ttft_disaggregated(primary, prefiller, uncached, transfer, queued=queued, batch=batch)
-    tpot = model.tpot(primary, batch=decode_batch)
-    return LatencyRecord(prefiller, primary, queued, uncached, batch, decode_batch, transfer, ttft, tpot, now)
+    rec = LatencyRecord(
+        prefiller, primary, prefiller.in_flight_prefill_tokens, uncached_on(result, prefiller, request), batch,
+        batch if prefiller is primary else batch_of(primary), 0 if prefiller is primary else uncached_on(result, primary, request), now,
+    )  # fmt: skip
+    if predicted:
+        rec.predicted_ttft, rec.predicted_tpot = predict(model, rec)
+    return rec
 
 
 def on_end(
-    model: LatencyModel, rec: LatencyRecord, *, status: int | None, streaming: bool, aborted: bool, usage: Usage | None, now: float
+    model: LatencyModel, rec: LatencyRecord, status: int | None, streaming: bool, aborted: bool, usage: Usage | None, now: float
 ) -> None:
     first = rec.first_byte_at
     if aborted or status != 200 or first is None:
@@ -100,6 +110,7 @@ def on_end(
         return
     completion = usage.completion_tokens if usage is not None else 0
     ttft = first - rec.picked_at
+    predicted = rec.predicted_ttft  # None: the fit's own, for the running error
     if not streaming:
         if usage is None:
             rec.prefiller.latency.skipped += 1
@@ -109,15 +120,16 @@ def on_end(
             if source != "own":
                 rec.prefiller.latency.skipped += 1
                 return  # no TPOT of its own yet to take the decode time off with
-            ttft -= (completion - 1) * (fit.c0 + fit.c1 * rec.decode_batch)
+            c0, c1 = fit.coefficients()
+            ttft -= (completion - 1) * (c0 + c1 * rec.decode_batch)
     elif completion > 1:
         model.observe_tpot(rec.decoder, rec.decode_batch, (now - first) / (completion - 1))
     uncached = rec.uncached
     if not rec.disaggregated:
         if usage is not None and usage.prompt_tokens_details is not None:
             uncached = max(0, usage.prompt_tokens - usage.cached_tokens)  # the server's own count
-        model.observe_ttft(rec.prefiller, rec.queued + uncached, rec.batch, ttft, rec.predicted_ttft)
+        model.observe_ttft(rec.prefiller, rec.queued + uncached, rec.batch, ttft, predicted)
         return
     # P/D: the prefill endpoint's share, without the transfer and the first decode step
-    after = model.kv_transfer(rec.transfer) + model.tpot(rec.decoder, batch=rec.decode_batch)
-    model.observe_ttft(rec.prefiller, rec.queued + uncached, rec.batch, ttft - after, rec.predicted_ttft - after)
+    after = model.kv_transfer(rec.transfer) + model.tpot(rec.decoder, batch=rec.decode_batch, fresh=False)
+    model.observe_ttft(rec.prefiller, rec.queued + uncached, rec.batch, ttft - after, None if predicted is None else predicted - after)

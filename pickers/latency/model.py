@@ -73,8 +73,11 @@ class EndpointLatency:
 
     ttft: Fit3 | None = None  # seconds ~ overhead + s/token * prefill tokens + s/seq * batch
     tpot: Fit2 | None = None  # seconds per output token ~ base + s/seq * batch
-    ttft_error: float = 0.0  # running mean |predicted - observed| TTFT of requests served, seconds
-    ttft_bias: float = 0.0  # running mean (predicted - observed): > 0 the model is pessimistic here
+    # running mean |predicted - observed| TTFT of the responses counted, and of (predicted - observed):
+    # > 0 the model is pessimistic here (seconds). Predicted: the pick's prediction when one was made
+    # (--explain-scores), else the fit's for the response's own counts, before it counted it
+    ttft_error: float = 0.0
+    ttft_bias: float = 0.0
     last_ttft: tuple[float, float] | None = None  # (predicted, observed) seconds, the latest response
     skipped: int = 0  # responses that taught nothing (errors, aborts, no first byte)
     # TPOT SLOs (ms) of the requests running here with one (predicted-latency-producer's streaming
@@ -186,19 +189,24 @@ class LatencyModel:
         return f, "own" if f.n else "prior"
 
     # -- predictions (seconds) -----------------------------------------------------------------
-    def ttft(self, ep: LatencyEndpoint, uncached_tokens: int, *, queued: int | None = None, batch: int | None = None) -> float:
+    def ttft(
+        self, ep: LatencyEndpoint, uncached_tokens: int, *, queued: int | None = None, batch: int | None = None, fresh: bool = True
+    ) -> float:
         """Time to first token of a request whose prompt has `uncached_tokens` not cached on `ep`,
         prefilled and decoded there (aggregated). `queued` / `batch`: the prefill tokens ahead and the
-        running batch to assume (default: the endpoint's now)."""
+        running batch to assume (default: the endpoint's now). `fresh=False`: with the coefficients as
+        last solved (a few observations old at most; cheaper)."""
         f = self.ttft_fit(ep)[0]
+        c0, c1, c2 = f.coefficients() if fresh else (f.c0, f.c1, f.c2)
         q = ep.in_flight_prefill_tokens if queued is None else queued
         b = batch_of(ep) if batch is None else batch
-        return f.c0 + f.c1 * (q + uncached_tokens) + f.c2 * b
+        return c0 + c1 * (q + uncached_tokens) + c2 * b
 
-    def tpot(self, ep: LatencyEndpoint, *, batch: int | None = None) -> float:
+    def tpot(self, ep: LatencyEndpoint, *, batch: int | None = None, fresh: bool = True) -> float:
         """Time per output token on `ep` with `batch` running (default: its batch now)."""
         f = self.tpot_fit(ep)[0]
-        return f.c0 + f.c1 * (batch_of(ep) if batch is None else batch)
+        c0, c1 = f.coefficients() if fresh else (f.c0, f.c1)
+        return c0 + c1 * (batch_of(ep) if batch is None else batch)
 
     def kv_transfer(self, tokens: int) -> float:
         """Moving `tokens` tokens of KV from a prefill endpoint to a decode endpoint (the prior's rate)."""
@@ -215,40 +223,43 @@ class LatencyModel:
         *,
         queued: int | None = None,
         batch: int | None = None,
+        fresh: bool = True,
     ) -> float:
         """TTFT when `prefill` computes the prompt (its `prefill_uncached_tokens`, behind `queued`),
         the decode endpoint pulls `transfer_tokens` of KV and then decodes the first token. Compare
         with `ttft(decode, uncached on decode)` to decide whether disaggregating pays."""
         return (
-            self.ttft(prefill, prefill_uncached_tokens, queued=queued, batch=batch)
+            self.ttft(prefill, prefill_uncached_tokens, queued=queued, batch=batch, fresh=fresh)
             + self.kv_transfer(transfer_tokens)
-            + self.tpot(decode)
+            + self.tpot(decode, fresh=fresh)
         )
 
     # -- the feed ------------------------------------------------------------------------------
     def observe_ttft(self, ep: LatencyEndpoint, prefill_tokens: int, batch: int, seconds: float, predicted: float | None = None) -> None:
         """A response's time to first token on the endpoint that prefilled it: `prefill_tokens` =
         queued ahead + its own uncached, `batch` as at the pick. `predicted`: what the model said at
-        the pick (kept for the running error)."""
+        the pick, for the running error (None: the fit's own prediction for these counts)."""
         st = ep.latency
         if not 0.0 < seconds < _INF:
             st.skipped += 1
             return
         f = st.ttft or self._own_ttft(st)
-        f.observe(float(prefill_tokens), float(batch), seconds)
-        if predicted is not None:
-            err = predicted - seconds
-            a = 1.0 / f.n if f.n * _ERROR_ALPHA < 1.0 else _ERROR_ALPHA  # a plain mean until it has 20
-            st.ttft_error += a * ((err if err > 0 else -err) - st.ttft_error)
-            st.ttft_bias += a * (err - st.ttft_bias)
-            st.last_ttft = (predicted, seconds)
-        if f.n >= self._min:
+        fitted = f.observe(prefill_tokens, batch, seconds)
+        if predicted is None:
+            predicted = fitted
+        err = predicted - seconds
+        a = 1.0 / f.n if f.n * _ERROR_ALPHA < 1.0 else _ERROR_ALPHA  # a plain mean until it has 20
+        st.ttft_error += a * ((err if err > 0 else -err) - st.ttft_error)
+        st.ttft_bias += a * (err - st.ttft_bias)
+        st.last_ttft = (predicted, seconds)
+        n = f.n
+        if n >= self._min and (n == self._min or n % 32 == 0):  # now and then: who is its class's best
             self._promote(ep, st)
 
     def observe_tpot(self, ep: LatencyEndpoint, batch: int, seconds_per_token: float) -> None:
         if 0.0 < seconds_per_token < _INF:
             st = ep.latency
-            (st.tpot or self._own_tpot(st)).observe(float(batch), seconds_per_token)
+            (st.tpot or self._own_tpot(st)).observe(batch, seconds_per_token)
 
     def _promote(self, ep: LatencyEndpoint, st: EndpointLatency) -> None:
         """Make `st` its hardware class's prior if it is the best-observed warm member."""
@@ -270,6 +281,7 @@ class LatencyModel:
         st = ep.latency
         t, t_source = self.ttft_fit(ep)
         p, p_source = self.tpot_fit(ep)
+        t.coefficients(), p.coefficients()  # solved with every observation counted
         own_t, own_p = self._own_ttft(st), self._own_tpot(st)
         out: dict[str, Any] = {
             "source": t_source,

@@ -450,7 +450,7 @@ def usage(prompt: int, completion: int, cached: int | None) -> Usage:
 def test_the_fit_learns_from_the_servers_own_cached_count():
     model, e = LatencyModel(LatencySettings(prior=PRIOR)), ep(1, queued=500)
     r = req()
-    rec = feed.on_pick(model, r, SchedulingResult([e], uncached={e.address: 1000}), now=10.0)
+    rec = feed.on_pick(model, r, SchedulingResult([e], uncached={e.address: 1000}), now=10.0, predicted=True)
     assert (rec.queued, rec.uncached, rec.transfer) == (500, 1000, 0)
     assert rec.predicted_ttft == pytest.approx(0.010 + 1500 / 10_000)
     rec.first_byte_at = 10.3
@@ -461,11 +461,22 @@ def test_the_fit_learns_from_the_servers_own_cached_count():
     assert fit is not None and fit.su == pytest.approx(fit.s1 * (500 + 600))  # 1,000 prompt - 400 cached
 
 
+def test_the_fit_counts_the_picks_state_not_the_endpoints_at_the_end():
+    model, e = LatencyModel(LatencySettings(prior=PRIOR)), ep(1, queued=500)
+    rec = feed.on_pick(model, req(), SchedulingResult([e], uncached={e.address: 1000}), now=0.0)
+    assert rec.predicted_ttft is None  # not asked (no --explain-scores)
+    e.in_flight_prefill_tokens = 90_000  # the queue grew meanwhile: the record keeps the pick's
+    rec.first_byte_at = 0.3
+    feed.on_end(model, rec, status=200, streaming=True, aborted=False, usage=None, now=0.3)
+    # the running error compares the fit's prediction for the pick's counts (the prior's here)
+    assert e.latency.last_ttft == (pytest.approx(0.010 + 1500 / 10_000), pytest.approx(0.3))
+
+
 def test_a_disaggregated_request_teaches_the_prefill_endpoint():
     model = LatencyModel(LatencySettings(prior=PRIOR))
     d, p = ep(1), ep(2, queued=2000)
     result = SchedulingResult([d], uncached={d.address: 1000, p.address: 800}, profile_results={"decode": [d], "prefill": [p]})
-    rec = feed.on_pick(model, req(), result, now=0.0)
+    rec = feed.on_pick(model, req(), result, now=0.0, predicted=True)
     assert (rec.prefiller, rec.decoder, rec.uncached, rec.transfer) == (p, d, 800, 1000)
     assert rec.predicted_ttft == pytest.approx(model.ttft(p, 800) + model.kv_transfer(1000) + model.tpot(d))
     rec.first_byte_at = 0.5
