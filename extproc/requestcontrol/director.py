@@ -7,6 +7,10 @@ response ends (and the primary's uncached prompt tokens until the first byte), u
 inflight-load-producer charged the result (InFlightCharge: each chosen endpoint's request, uncached
 prompt until the first byte, estimated output until the end).
 
+With a latency model (`latency`, extproc.requestcontrol.latency) it records each pick's state and
+feeds the model the response's first byte and usage at the end; under --explain-scores the model's
+prediction for the route goes on the client's response (`x-llm-epp-predicted-ttft-ms`).
+
 It also keeps the last `DECISIONS_KEPT` decisions for /debug/decisions (a tuple appended to a
 bounded deque per request) and, only with `log_requests`, writes one log line per request. What they
 keep of a client's strings (request id, model names, objective) is bounded by
