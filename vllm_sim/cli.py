@@ -97,8 +97,9 @@ def _lora_module(text: str) -> tuple[str, str]:
 
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:
-    if args.rank_ports and args.port is not None:
-        raise ConfigError("rank-ports: give --port or --rank-ports, not both")
+    if args.rank_ports and args.port is not None and args.port != args.rank_ports[0]:
+        raise ConfigError(f"rank-ports: local rank 0 serves on the first of them ({args.rank_ports[0]}), "
+                          f"but --port says {args.port}; give the same port or leave --port out")
     if args.kv_events_ports and args.kv_events_port is not None:
         raise ConfigError("kv-events-ports: give --kv-events-port or --kv-events-ports, not both")
     kv_events = _kv_events(args)
@@ -108,7 +109,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     return SimConfig.from_profile(
         args.profile,
         host=args.host,
-        port=DEFAULT_PORT if args.port is None else args.port,
+        port=args.port if args.port is not None else args.rank_ports[0] if args.rank_ports else DEFAULT_PORT,
         models=tuple(args.models) if args.models else None,
         lora_modules=tuple(args.lora_modules) if args.lora_modules else None,
         name=args.name,

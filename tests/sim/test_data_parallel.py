@@ -235,8 +235,13 @@ def test_the_flags_describe_one_group_with_a_port_per_rank() -> None:
     # vLLM offsets the KV-events port by the global DP rank (ZmqEventPublisher.offset_endpoint_port).
     assert dp.kv_endpoints(config.kv_events) == [f"tcp://*:{6000 + g}" for g in range(8, 12)]
     assert config.dp_all2all_s == 0.003
-    assert parse(["--data-parallel-size", "2", "--data-parallel-external-lb", "--rank-ports", "7001,7005",
-                  "--kv-events-ports", "7101,7102"]).data_parallel.api_ports(8000) == [7001, 7005]
+    config = parse(["--data-parallel-size", "2", "--data-parallel-external-lb", "--rank-ports", "7001,7005",
+                    "--kv-events-ports", "7101,7102"])
+    assert config.data_parallel.api_ports(config.port) == [7001, 7005]
+    # A launcher may pass local rank 0's port as --port too.
+    config = parse(["--port", "7001", "--data-parallel-size", "2", "--data-parallel-external-lb",
+                    "--rank-ports", "7001,7005"])
+    assert config.port == 7001 and config.data_parallel.api_ports(config.port) == [7001, 7005]
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -249,7 +254,7 @@ def test_the_flags_describe_one_group_with_a_port_per_rank() -> None:
     (["--port", "7000", "--data-parallel-size", "2", "--data-parallel-external-lb", "--kv-events-port", "7001"],
      "rank 0's KV-events port: port 7001 is also rank 1's API port"),
     (["--port", "7000", "--data-parallel-size", "2", "--data-parallel-external-lb", "--rank-ports", "7001,7002"],
-     "give --port or --rank-ports, not both"),
+     "but --port says 7000"),
     (["--data-parallel-size", "2", "--kv-events-ports", "7101"], "one port per rank (2), got 1"),
     (["--data-parallel-size", "2", "--data-parallel-start-rank", "-1"], "data_parallel_start_rank: must be >= 0"),
     (["--data-parallel-size", "2", "--data-parallel-external-lb", "--control-port", "0"],
@@ -268,3 +273,51 @@ def test_bad_data_parallel_flags_are_refused_naming_the_flag(
 def test_a_plain_server_refuses_an_external_lb_group() -> None:
     with pytest.raises(ConfigError, match="DataParallelSim"):
         SimServer(dp_config(2, lb="external"))
+
+
+async def test_the_launcher_command_line_serves_every_rank_on_its_port() -> None:
+    """`python -m vllm_sim --port P0 --data-parallel-size N --data-parallel-external-lb --rank-ports P0,...`
+    as a launcher (bench/, the local stack) runs it: each rank port answers for that rank."""
+    import socket
+    import subprocess
+    import sys
+
+    holders = [socket.socket() for _ in range(3)]
+    for h in holders:
+        h.bind(("127.0.0.1", 0))
+    ports = [h.getsockname()[1] for h in holders]
+    for h in holders:
+        h.close()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm_sim", "--host", "127.0.0.1", "--port", str(ports[0]), "--model", "m",
+         "--data-parallel-size", "3", "--data-parallel-external-lb", "--rank-ports", ",".join(map(str, ports)),
+         "--num-gpu-blocks", "500", "--time-scale", "0.05"],
+        stderr=subprocess.PIPE)
+    try:
+        async with aiohttp.ClientSession() as http:
+            for port in ports:
+                for _ in range(200):
+                    try:
+                        async with http.get(f"http://127.0.0.1:{port}/health") as r:
+                            if r.status == 200:
+                                break
+                    except aiohttp.ClientConnectionError:
+                        await asyncio.sleep(0.02)
+            url = f"http://127.0.0.1:{ports[2]}"
+            async with http.post(url + "/v1/completions",
+                                 json={"model": "m", "prompt": "hello", "max_tokens": 3, "stream": True}) as r:
+                assert r.status == 200 and r.headers["x-served-by"] == f"127.0.0.1:{ports[2]}"
+                assert (await r.text()).endswith("data: [DONE]\n\n")
+            stats = [await get_json(http, f"http://127.0.0.1:{p}/sim/stats") for p in ports]
+            text = await (await http.get(url + "/metrics")).text()
+            async with http.post(url + "/sim/reset") as r:
+                assert r.status == 200
+            after = await get_json(http, url + "/sim/stats")
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    assert [s["requests_total"] for s in stats] == [0, 0, 1]
+    assert all(s["running"] == 0 and s["waiting"] == 0 for s in stats)
+    assert 'engine="2"' in text and 'num_gpu_blocks="500"' in text
+    assert after["requests_total"] == 0
+    assert proc.returncode == 0, err.decode()
