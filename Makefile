@@ -40,6 +40,7 @@ bench: setup
 	$(BIN)/python -m bench.precise
 	$(BIN)/python -m bench.faults
 	$(BIN)/python -m bench.flow_control
+	$(BIN)/python -m bench.latency_model
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

@@ -1,6 +1,6 @@
 """Per-request CPU cost of the EPP's request path without gRPC or a network: one full request life
 (headers, body, pick, streamed response with usage, end) through `RequestStream` and the real
-Director, repeated. Shows what the metrics (and other bookkeeping) add to each request.
+Director, repeated. Shows what the metrics, plugin timing and the latency model's feed add to each request.
 Run: python -m bench.request_cost [--requests N] [--endpoints N] [--strategy S] [--no-metrics]
 """
 
@@ -28,6 +28,7 @@ from pickers.framework.request import InferenceRequest
 from pickers.framework.scheduler import Scheduler
 from pickers.framework.types import SchedulingProfile, ScoredEndpoint, WeightedScorer
 from pickers.indexes.prefix import ApproxPrefixIndex
+from pickers.latency.model import LatencyModel
 
 FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
 
@@ -62,7 +63,9 @@ def _messages(prompt: str, chunks: int) -> tuple[list[pb.ProcessingRequest], lis
     return request, response
 
 
-def build_director(endpoints: int, strategy: str, metrics: bool, plugin_timing: bool = False, explain: bool = False) -> Director:
+def build_director(
+    endpoints: int, strategy: str, metrics: bool, plugin_timing: bool = False, explain: bool = False, latency: bool = True
+) -> Director:
     ds = Datastore()
     ds.set_endpoints(EndpointSpec(f"ep-{i}", f"10.0.0.{i + 1}", 8000) for i in range(endpoints))
     index = ApproxPrefixIndex()
@@ -71,7 +74,8 @@ def build_director(endpoints: int, strategy: str, metrics: bool, plugin_timing: 
     if hasattr(m, "attach"):
         m.attach(ds, index)
     scheduler = Scheduler(profile, explain=explain, timer=m.plugin_timer if plugin_timing else None)
-    return Director(ds, scheduler, m if metrics else _NoMetrics())  # type: ignore[arg-type]
+    model = LatencyModel() if latency else None  # the EPP always feeds one
+    return Director(ds, scheduler, m if metrics else _NoMetrics(), latency=model)  # type: ignore[arg-type]
 
 
 def lives(chunks: int, prompt_chars: int, seed: int = 0) -> list[tuple[list[pb.ProcessingRequest], list[pb.ProcessingRequest]]]:
@@ -154,13 +158,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     best = compare(
         {"off": build_director(args.endpoints, args.strategy, metrics=False),
          "on": build_director(args.endpoints, args.strategy, metrics=True),
-         "plugins": build_director(args.endpoints, args.strategy, metrics=True, plugin_timing=True)},
+         "plugins": build_director(args.endpoints, args.strategy, metrics=True, plugin_timing=True),
+         "no-latency": build_director(args.endpoints, args.strategy, metrics=True, latency=False)},
         args.requests, args.chunks, args.prompt_chars,
     )  # fmt: skip
-    off, on, plugins = best["off"], best["on"], best["plugins"]
+    off, on, plugins, bare = best["off"], best["on"], best["plugins"], best["no-latency"]
     print(f"  without metrics:               {off:7.1f} us/request")
     print(f"  with metrics:                  {on:7.1f} us/request  (metrics add {on - off:+.1f} us)")
     print(f"  with metrics + plugin timing:  {plugins:7.1f} us/request  (plugin timing adds {plugins - on:+.1f} us)")
+    print(f"  with metrics, no latency model:{bare:7.1f} us/request  (the latency model's record and feed: {on - bare:+.1f} us)")
     print(_metric_calls())
     return 0
 

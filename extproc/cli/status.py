@@ -1,5 +1,5 @@
-"""`epp status`: a running EPP's config, endpoint table, flow control's queues (when on) and recent
-decisions, read from its /debug/ views."""
+"""`epp status`: a running EPP's config, endpoint table, the latency model's fits, flow control's
+queues (when on) and recent decisions, read from its /debug/ views."""
 
 from __future__ import annotations
 
@@ -41,6 +41,24 @@ def endpoint_table(endpoints: Sequence[dict[str, Any]]) -> str:
             ep["name"] or "-", ep["address"], ep["role"] or "-", *dp, health, str(ep["waiting"]), str(ep["running"]),
             f"{100 * ep['kv_usage']:.0f}%", str(ep["in_flight"]), str(ep["in_flight_tokens"]), str(ep["prefix_blocks"]),
             "never" if age is None else f"{age:.1f}s ago",
+        ])  # fmt: skip
+    return _table(header, rows)
+
+
+def latency_table(endpoints: Sequence[dict[str, Any]]) -> str:
+    """The latency model per endpoint (/debug/endpoints' `latency`): where its numbers come from, how
+    many responses taught it, the fitted rates, and how far its predictions were from what came."""
+    header = ["NAME", "FIT", "SAMPLES", "PREFILL TOK/S", "TTFT BASE", "TTFT/RUNNING", "TPOT BASE", "TPOT/RUNNING", "TTFT ERROR", "BIAS"]
+    rows = []
+    for ep in endpoints:
+        lat = ep.get("latency")
+        if not lat:
+            continue
+        rows.append([
+            ep["name"] or ep["address"], lat["source"], f"{lat['samples']}/{lat['tpot_samples']}",
+            f"{lat['prefill_tokens_per_s']:.0f}", f"{lat['ttft_overhead_ms']:.1f}ms", f"{lat['ttft_ms_per_running']:.2f}ms",
+            f"{lat['tpot_base_ms']:.1f}ms", f"{lat['tpot_ms_per_running']:.3f}ms",
+            f"{lat['ttft_error_ms']:.0f}ms" if lat["samples"] else "-", f"{lat['ttft_bias_ms']:+.0f}ms" if lat["samples"] else "-",
         ])  # fmt: skip
     return _table(header, rows)
 
@@ -118,6 +136,9 @@ def show_status(url: str, *, decisions: int = 10, raw: bool = False, out: Any = 
     healthy = sum(1 for ep in endpoints if ep["healthy"])
     print(f"endpoints: {len(endpoints)} ({healthy} healthy)", file=out)
     print(endpoint_table(endpoints), file=out)
+    if any(ep.get("latency") for ep in endpoints):
+        print("\nlatency model (FIT: own / peer / prior; SAMPLES: TTFT/TPOT responses; ERROR: mean |predicted - observed| TTFT):", file=out)
+        print(latency_table(endpoints), file=out)
     if fc.get("enabled"):
         print(f"\nflow control: {fc['requests']} queued ({fc['bytes']} bytes), saturation {fc['saturation']:.2f}"
               f"{', pool empty' if fc.get('pool_empty') else ''}{', shutting down' if fc.get('closed') else ''}", file=out)  # fmt: skip

@@ -2,7 +2,8 @@
 
 Discovery sets the membership, the scraper writes each endpoint's model-server metrics (the models
 poller its /v1/models list), and the request path counts its own in-flight requests and tokens per
-endpoint (pick -> completion). A pick reads `candidates()`, a tuple rebuilt only when membership
+endpoint (pick -> completion); each Endpoint also carries its latency model fits (`Endpoint.latency`,
+fed by request control). A pick reads `candidates()`, a tuple rebuilt only when membership
 changes, so a request costs no copy.
 """
 

@@ -172,6 +172,8 @@ class Routing:
     # the scheduler that chose, told of the response: a config reload may have swapped the Director's
     # since, and the plugins that saw the pick are the ones to see its end (None: the Director's)
     scheduler: Scheduler | None = None
+    # what the latency model saw at the pick (extproc.requestcontrol.latency.LatencyRecord); None: no model
+    latency: object | None = None
 
 
 @dataclass(slots=True)

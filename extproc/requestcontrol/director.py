@@ -7,6 +7,10 @@ response ends (and the primary's uncached prompt tokens until the first byte), u
 inflight-load-producer charged the result (InFlightCharge: each chosen endpoint's request, uncached
 prompt until the first byte, estimated output until the end).
 
+With a latency model (`latency`, extproc.requestcontrol.latency) it records each pick's state and
+feeds the model the response's first byte and usage at the end; under --explain-scores the model's
+prediction for the route goes on the client's response (`x-llm-epp-predicted-ttft-ms`).
+
 It also keeps the last `DECISIONS_KEPT` decisions for /debug/decisions (a tuple appended to a
 bounded deque per request) and, only with `log_requests`, writes one log line per request. What they
 keep of a client's strings (request id, model names, objective) is bounded by
@@ -34,6 +38,7 @@ from extproc.handlers.usage import Usage
 from extproc.observability import bounds
 from extproc.observability.logs import REQUEST_LOGGER
 from extproc.observability.metrics import EppMetrics
+from extproc.requestcontrol import latency as latency_feed
 from extproc.requestcontrol.objectives import ObjectiveStore, objective_of
 from extproc.requestcontrol.rewrites import RewriteStore, rewrite_header
 from extproc.requestcontrol.saturation import SaturationDetector
@@ -42,6 +47,7 @@ from pickers.framework.flowcontrol import EvictionItem
 from pickers.framework.request import InferenceRequest
 from pickers.framework.scheduler import Scheduler
 from pickers.framework.types import InFlightCharge
+from pickers.latency.model import LatencyModel
 from pickers.plugins.producer.tokens import TokenProducer
 
 if TYPE_CHECKING:
@@ -70,6 +76,7 @@ class Director:
         saturation: SaturationDetector | None = None,
         token_producer: TokenProducer | None = None,
         flow_control: FlowController | None = None,
+        latency: LatencyModel | None = None,
     ) -> None:
         self.datastore = datastore
         self.scheduler = scheduler
@@ -81,6 +88,7 @@ class Director:
         self.decisions: deque[Decision] = deque(maxlen=DECISIONS_KEPT)
         self.token_producer = token_producer
         self.flow_control = flow_control
+        self.latency = latency  # fed with every response (extproc.requestcontrol.latency); None: not kept
 
     def needs_data(self, request: InferenceRequest) -> bool:
         if self.flow_control is not None:
@@ -146,6 +154,13 @@ class Director:
         result = scheduler.schedule(request, candidates)
         primary = result.endpoints[0]
         request.prefill_tokens = result.prefill_tokens
+        record = None
+        if self.latency is not None:  # before this request's own charge: the queue it joins
+            explain = scheduler.explain
+            record = latency_feed.on_pick(self.latency, request, result, time.perf_counter(), predicted=explain)
+            if explain and record.predicted_ttft is not None and record.predicted_tpot is not None:
+                result.response_headers[latency_feed.PREDICTED_TTFT_HEADER] = f"{record.predicted_ttft * 1000:.1f}"
+                result.response_headers[latency_feed.PREDICTED_TPOT_HEADER] = f"{record.predicted_tpot * 1000:.2f}"
         charges = result.in_flight
         if charges is None:
             tokens = request.prompt_tokens + (request.max_tokens or 0)
@@ -163,7 +178,7 @@ class Director:
         decision = (time.time(), request.request_id, bounds.model_name(model), chosen, result.profile, result.scores, None)
         self.decisions.append(decision)
         return Routing(request, destination, primary, tokens, scores, result.request_headers, result.response_headers,
-                       result.profile, charges=charges, scheduler=scheduler)  # fmt: skip
+                       result.profile, charges=charges, scheduler=scheduler, latency=record)  # fmt: skip
 
     def rejected(self, request: InferenceRequest | None, error: RequestError) -> None:
         model = request.model if request else ""
@@ -180,6 +195,14 @@ class Director:
             )  # fmt: skip
 
     def first_byte(self, routing: Routing) -> None:
+        """The response's first body byte came back."""
+        record = routing.latency
+        if isinstance(record, latency_feed.LatencyRecord):
+            record.first_byte_at = time.perf_counter()
+        self._prefill_done(routing)
+
+    def _prefill_done(self, routing: Routing) -> None:
+        """The request's prompt is computed: its prefill tokens and first-byte charges come off (once)."""
         request = routing.request
         if self.flow_control is not None:
             self.flow_control.kick()  # the prefill's tokens come off: room may have freed
@@ -194,7 +217,7 @@ class Director:
                 self.datastore.release(c.endpoint, c.early_tokens, c.requests if c.early_request else 0)
 
     def finish(self, routing: Routing, outcome: Outcome) -> None:
-        self.first_byte(routing)  # no-op if the first byte came; settles it if it never did
+        self._prefill_done(routing)  # no-op if the first byte came; settles it if it never did
         if routing.charges is None:
             self.datastore.release(routing.primary, routing.tokens)
         else:
@@ -202,6 +225,9 @@ class Director:
                 self.datastore.release(c.endpoint, c.tokens, 0 if c.early_request else c.requests, c.tokens)
         usage = outcome.usage if isinstance(outcome.usage, Usage) else None
         request = routing.request
+        record = routing.latency
+        if isinstance(record, latency_feed.LatencyRecord) and self.latency is not None:
+            latency_feed.on_end(self.latency, record, outcome.status, outcome.streaming, outcome.aborted, usage, time.perf_counter())
         (routing.scheduler or self.scheduler).response_complete(
             request,
             routing.primary,

@@ -1,7 +1,8 @@
 """Live views of a running EPP, as JSON over HTTP (`--admin-port`, on 127.0.0.1 unless configured):
 
     /debug/endpoints   each endpoint's state: role, data-parallel rank and group, health, scraped load,
-                       in-flight, prefix blocks held
+                       in-flight, prefix blocks held, the latency model's fitted values (`latency`:
+                       pickers.latency.model)
     /debug/config      the effective scheduling profiles, the serve options and the config serving
                        (`config_reload`: its source, sha256, load time and the last reload error)
     /debug/decisions   the most recent routing decisions (newest last), with scores when explaining
@@ -30,13 +31,18 @@ from extproc.requestcontrol.director import Director
 from pickers.framework.endpoint import ROLE_LABEL
 from pickers.framework.scheduler import Scheduler
 from pickers.indexes.prefix import ApproxPrefixIndex
+from pickers.latency.model import LatencyModel
 
 
 def endpoints_view(
-    datastore: Datastore, prefix_index: ApproxPrefixIndex | None, precise: Mapping[str, Any] | None = None
+    datastore: Datastore,
+    prefix_index: ApproxPrefixIndex | None,
+    precise: Mapping[str, Any] | None = None,
+    latency: LatencyModel | None = None,
 ) -> list[dict[str, Any]]:
     """`precise`: plugin name -> precise-prefix-cache-scorer; each endpoint then also shows the blocks
-    each precise index holds for it (`precise_prefix_blocks`, by plugin name)."""
+    each precise index holds for it (`precise_prefix_blocks`, by plugin name). `latency`: the model
+    whose fits each endpoint shows (`latency`)."""
     now = time.monotonic()
     out = []
     for ep in datastore.candidates():
@@ -70,6 +76,8 @@ def endpoints_view(
             out[-1]["namespace"] = ep.spec.namespace
         if precise:
             out[-1]["precise_prefix_blocks"] = {name: p.index.blocks_of(ep.address) for name, p in precise.items()}
+        if latency is not None:
+            out[-1]["latency"] = latency.view(ep)
     return out
 
 
@@ -161,12 +169,13 @@ def admin_app(
     runtime: Callable[[], Mapping[str, Any]] | None = None,
     config_state: Callable[[], Mapping[str, Any]] | None = None,
     flow_control: Callable[[], Mapping[str, Any]] | None = None,
+    latency: LatencyModel | None = None,
 ) -> web.Application:
     async def endpoints(request: web.Request) -> web.Response:
         from pickers.plugins.scorer.affinity.precise_prefix import precise_indexes
 
         precise = precise_indexes(director.scheduler.plugins)
-        return web.json_response({"endpoints": endpoints_view(datastore, prefix_index, precise)})
+        return web.json_response({"endpoints": endpoints_view(datastore, prefix_index, precise, latency)})
 
     async def config_handler(request: web.Request) -> web.Response:
         state = {"config_reload": config_state()} if config_state is not None else {}

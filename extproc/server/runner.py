@@ -61,6 +61,7 @@ from pickers.framework.scheduler import Scheduler
 from pickers.framework.types import ProfileHandler, SchedulingProfile
 from pickers.indexes.kv_blocks import IndexMetrics
 from pickers.indexes.prefix import ApproxPrefixIndex
+from pickers.latency.model import LatencyModel
 from pickers.plugins.base import PluginContext
 from pickers.plugins.producer.tokens import TokenProducer
 from pickers.plugins.scorer.affinity.precise_prefix import precise_indexes
@@ -232,13 +233,16 @@ class EppServer:
         self.datastore = Datastore(metrics_stale_after=opts.metrics_staleness_threshold)
         self.metrics = EppMetrics(pool_name=opts.pool_name)
         self.prefix_index = ApproxPrefixIndex()
+        # the latency model: its fits live on the datastore's endpoints, request control feeds it and
+        # the latency plugins (predicted-latency-producer, ...) read it
+        self.latency = LatencyModel()
         self.datastore.on_membership_change(self._on_membership_change)
         self._saturation_config = SaturationConfig()
         self._admission_detector: object | None = None  # flowControl.saturationDetector, gate off
         self.data_layer: DataLayerConfig = DEFAULT_DATA_LAYER
         self.parsers = DEFAULT_PARSERS  # the config's requestHandler.parsers, set by _build_profiles
         self.flow_control_config: FlowControlConfig | None = None  # the config's flowControl, set by _build_profiles
-        self._plugin_ctx = PluginContext(self.prefix_index, random.Random(), opts.max_endpoints)  # kept across reloads
+        self._plugin_ctx = PluginContext(self.prefix_index, random.Random(), opts.max_endpoints, self.latency)  # kept across reloads
         self.config: EndpointPickerConfig | None = None  # from --config-file / --config-text
         self._config_text = ""
         profiles, handler, producers = self._build_profiles()
@@ -265,7 +269,7 @@ class EppServer:
         self.flow_control = self._flow_controller()
         director_kwargs: dict[str, Any] = dict(
             log_requests=opts.log_requests, objectives=self.objectives, rewrites=self.rewrites, saturation=self.saturation,
-            token_producer=self.token_producer, flow_control=self.flow_control,
+            token_producer=self.token_producer, flow_control=self.flow_control, latency=self.latency,
         )
         if opts.tracing:
             from extproc.requestcontrol.tracing import (  # ConfigError without the `otel` extra
@@ -443,6 +447,7 @@ class EppServer:
     def _on_membership_change(self, added: tuple, removed: tuple) -> None:  # type: ignore[type-arg]
         for ep in removed:
             self.prefix_index.remove_endpoint(ep.address)
+            self.latency.forget(ep)
         if added or removed:
             log.info(
                 "endpoints: %d in pool (+%s -%s)",
@@ -561,7 +566,7 @@ class EppServer:
         fc = self.flow_control
         app = admin_app(
             self.datastore, self.prefix_index, self.director, config, runtime,
-            flow_control=fc.view if fc is not None else None, config_state=self.config_status,
+            flow_control=fc.view if fc is not None else None, config_state=self.config_status, latency=self.latency,
         )  # fmt: skip
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()

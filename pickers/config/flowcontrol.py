@@ -60,7 +60,7 @@ from pickers.plugins.flowcontrol.fairness import (
     GlobalStrictFairness,
     RoundRobinFairness,
 )
-from pickers.plugins.flowcontrol.ordering import EdfOrdering, FcfsOrdering
+from pickers.plugins.flowcontrol.ordering import EdfOrdering, FcfsOrdering, SloDeadlineOrdering
 from pickers.plugins.flowcontrol.program_aware import ProgramAwareFairness
 from pickers.plugins.flowcontrol.usage_limits import (
     PriorityHoldback,
@@ -80,7 +80,7 @@ THRESHOLDS = ("queueDepthThreshold", "kvCacheUtilThreshold", "metricsStalenessTh
 # role -> (the classes that play it, the default plugin's name = its type)
 _ROLES: Mapping[str, tuple[tuple[type, ...], str | None]] = MappingProxyType(
     {
-        "ordering policy": ((FcfsOrdering, EdfOrdering), FcfsOrdering.type),
+        "ordering policy": ((FcfsOrdering, EdfOrdering, SloDeadlineOrdering), FcfsOrdering.type),
         "fairness policy": ((GlobalStrictFairness, RoundRobinFairness, ProgramAwareFairness), GlobalStrictFairness.type),
         "usage limit policy": ((StaticUsageLimit, PriorityHoldback, SoftReflectiveCeiling), StaticUsageLimit.type),
         "saturation detector": ((UtilizationDetector, ConcurrencyDetector), UtilizationDetector.type),

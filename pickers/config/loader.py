@@ -54,6 +54,7 @@ from pickers.framework.flowcontrol import FairnessPolicy, FlowControlConfig
 from pickers.framework.params import ParameterError
 from pickers.framework.types import (
     Admitter,
+    CycleAdmitter,
     DataProducer,
     Filter,
     Picker,
@@ -279,7 +280,7 @@ class _Loader:
 
         producers = sorted(
             (q for q in plugins.values() if _role(q) is None and not isinstance(q, ProfileHandler)
-             and isinstance(q, (DataProducer, PreRequest, ResponseComplete, Admitter))),
+             and isinstance(q, (DataProducer, PreRequest, ResponseComplete, Admitter, CycleAdmitter))),
             key=lambda q: not isinstance(q, TokenProducer),
         )  # fmt: skip
         return EndpointPickerConfig(
@@ -457,6 +458,10 @@ class _Loader:
                 raise self.error(ref_path, f"plugin {shown(plugin_name)} is already in profile {shown(name)}")
             seen.add(plugin_name)
             role = _role(plugin)
+            if role is None and isinstance(plugin, (DataProducer, Admitter, CycleAdmitter)):
+                # llm-d lists its request-control plugins in a profile too (its predicted-latency
+                # config does); they run once per request before the profiles, wherever they are listed
+                continue
             if role is None:
                 raise self.error(
                     ref_path,

@@ -35,9 +35,13 @@ from pickers.plugins.flowcontrol.agent_identity import AgentIdentity
 from pickers.plugins.flowcontrol.detectors import ConcurrencyDetector, UtilizationDetector
 from pickers.plugins.flowcontrol.eviction import PriorityThenTimeEvictionOrder, SheddableEvictionFilter
 from pickers.plugins.flowcontrol.fairness import GlobalStrictFairness, RoundRobinFairness
-from pickers.plugins.flowcontrol.ordering import EdfOrdering, FcfsOrdering
+from pickers.plugins.flowcontrol.ordering import EdfOrdering, FcfsOrdering, SloDeadlineOrdering
 from pickers.plugins.flowcontrol.program_aware import ProgramAwareFairness
 from pickers.plugins.flowcontrol.usage_limits import PriorityHoldback, SoftReflectiveCeiling, StaticUsageLimit
+from pickers.plugins.latency.admitter import LatencySloAdmitter
+from pickers.plugins.latency.producer import PredictedLatencyProducer
+from pickers.plugins.latency.scorer import LatencyScorer
+from pickers.plugins.latency.tier_filter import SloHeadroomTierFilter
 from pickers.plugins.picker.max_score import MaxScorePicker
 from pickers.plugins.picker.random import RandomPicker
 from pickers.plugins.picker.round_robin import RoundRobinPicker
@@ -105,6 +109,7 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     DataParallelBalanceScorer,  # llm-epp's: where inside a lockstep DP group a request is free
     HeaderLabelAffinityScorer,
     ContextLengthAware,  # a scorer and, with enableFiltering, a filter
+    LatencyScorer,  # predicted latency headroom (the latency model's predictions)
     # filters
     ByLabelFilter,
     LabelSelectorFilter,
@@ -117,6 +122,8 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     SessionAffinityFilter,
     PrefixCacheAffinityFilter,
     ServedModelFilter,  # llm-epp's: reads the models-data-source's /v1/models lists
+    SloHeadroomTierFilter,
+    LatencySloAdmitter,  # admission after the data producers, before the profiles
     # pickers
     MaxScorePicker,
     RandomPicker,
@@ -141,6 +148,7 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     InFlightLoadProducer,
     SessionIDProducer,
     P2PSourceProducer,
+    PredictedLatencyProducer,  # per-candidate TTFT/TPOT from the online latency model
     # llm-d's deprecated header plugins: the disagg handler sets the header; their names are checked
     DisaggHeadersHandler,
     PrefillHeaderHandler,
@@ -158,6 +166,7 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     ProgramAwareFairness,
     FcfsOrdering,
     EdfOrdering,
+    SloDeadlineOrdering,
     StaticUsageLimit,
     PriorityHoldback,
     SoftReflectiveCeiling,

@@ -13,10 +13,6 @@ _MULTICLUSTER = "multi-cluster routing (endpoints and metrics from several clust
 _TOPOLOGY = "topology-aware routing needs the topology attributes llm-d reads from nodes; llm-epp does not collect them"
 _DCGM = "llm-epp does not scrape DCGM GPU telemetry"
 _MULTIMODAL = "llm-epp does not track multimodal (image) embedding caches; multimodal parts of a prompt are hashed as text"
-_LATENCY = (
-    "llm-d's latency predictor (a trained TTFT/TPOT model served beside the EPP) is not supported; "
-    "llm-epp has no predicted-latency data"
-)
 
 UNSUPPORTED_TYPES = MappingProxyType(
     {
@@ -38,12 +34,6 @@ UNSUPPORTED_TYPES = MappingProxyType(
         # multimodal
         "mm-embeddings-cache-producer": _MULTIMODAL,
         "mm-embeddings-cache-scorer": _MULTIMODAL,
-        # the latency predictor
-        "predicted-latency-producer": _LATENCY,
-        "latency-scorer": _LATENCY,
-        "latency-slo-admitter": _LATENCY,
-        "slo-headroom-tier-filter": _LATENCY,
-        "slo-deadline-ordering-policy": _LATENCY + " (it orders a flow's queue by predicted SLO deadline)",
         # others
         "request-attribute-reporter": "llm-epp does not evaluate CEL expressions over response usage; "
         "it reports usage in its own metrics (docs/operating.md)",

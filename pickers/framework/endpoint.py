@@ -1,5 +1,6 @@
-"""An endpoint as plugins see it: where it is, its labels, the model server's last scraped metrics and
-the EPP's own in-flight counts. The datastore (extproc.datalayer) owns the live objects; plugins only read.
+"""An endpoint as plugins see it: where it is, its labels, the model server's last scraped metrics,
+the EPP's own in-flight counts and its fitted latency model. The datastore (extproc.datalayer) owns
+the live objects; plugins only read.
 """
 
 from __future__ import annotations
@@ -7,6 +8,8 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+from pickers.latency.model import EndpointLatency
 
 ROLE_LABEL = "llm-d.ai/role"
 
@@ -92,6 +95,8 @@ class Endpoint:
     in_flight_output_tokens: int = 0
     scrape_error: str | None = None
     served_models: ServedModels | None = None  # from /v1/models (models-data-source); None: not fetched
+    # the latency model's fits for this endpoint (pickers.latency.model), fed by request control
+    latency: EndpointLatency = field(default_factory=EndpointLatency)
 
     @property
     def address(self) -> str:

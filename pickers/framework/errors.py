@@ -87,6 +87,8 @@ PROTOCOL = ErrorKind("Internal", 500)
 TTL_EXPIRED = ErrorKind("InferencePoolResourceExhausted", 429, "rejected-ttl-expired")
 SHUTTING_DOWN = ErrorKind("ServiceUnavailable", 503, "rejected-shutting-down")
 EVICTED = ErrorKind("InferencePoolResourceExhausted", 429, "evicted")  # in flight, ended for a higher priority
+# An admission plugin refused the request (latency-slo-admitter): llm-d answers 500 (its Internal code)
+NOT_ADMITTED = ErrorKind("Internal", 500)
 
 
 class RequestError(Exception):

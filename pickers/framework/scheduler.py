@@ -5,7 +5,8 @@ with several, a ProfileHandler picks which run (sharing one cycle state) and com
 (P/D: decode, then maybe prefill). Plugins that also implement PreRequest or ResponseComplete are told
 about the combined result and the finished response, once per request whatever profiles they are in.
 Data producers (token-producer, session-id-producer, ...) run first, in config order, over all the
-candidates; they are told about the result and the response the same way.
+candidates; they are told about the result and the response the same way. Cycle admitters
+(latency-slo-admitter) run after them, before any profile.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from pickers.framework.request import InferenceRequest
 from pickers.framework.types import (
     SINGLE_PROFILE_HANDLER,
     Admitter,
+    CycleAdmitter,
     CycleState,
     DataProducer,
     DurationObserver,
+    Explainer,
     PluginTimer,
     PreRequest,
     ProfileHandler,
@@ -67,6 +70,8 @@ class Scheduler:
         self._pre_request = [p for p in plugins if isinstance(p, PreRequest)]
         self._complete = [p for p in plugins if isinstance(p, ResponseComplete)]
         self._admitters = [p for p in plugins if isinstance(p, Admitter)]
+        self._cycle_admitters = [p for p in plugins if isinstance(p, CycleAdmitter)]
+        self._explainers = [p for p in plugins if isinstance(p, Explainer)]
         # id(plugin) -> its observer; empty when not timing, so the loop pays one truth test per call
         self._timers: dict[int, DurationObserver] = {}
         if timer is not None:
@@ -89,12 +94,18 @@ class Scheduler:
         cycle = CycleState()
         for producer in self._producers:
             producer.produce(request, cycle, candidates)
+        for admitter in self._cycle_admitters:
+            admitter.admit_cycle(request, cycle, candidates)
         explained: dict[str, dict[str, float]] | None = {} if self.explain else None
         if self.handler is not None:
             result = self._schedule_profiles(self.handler, request, cycle, candidates, explained)
         else:
             profile = self.profile
             result = SchedulingResult(self._run_profile(profile, request, cycle, candidates, explained), profile.name, explained)
+        if explained is not None:
+            for explainer in self._explainers:
+                for key, values in explainer.explain(cycle).items():
+                    explained[key] = dict(values)
         for p in self._pre_request:
             p.pre_request(request, cycle, result)
         return result

@@ -8,6 +8,8 @@
 - ProfileHandler: which scheduling profiles run for a request, and how their results combine.
 - DataProducer: runs before the filters of every cycle and puts what it knows about the request
   on it (llm-d's PrepareRequestData: token ids, the session id).
+- CycleAdmitter: after the data producers, before the profiles, may refuse the request.
+- Explainer: adds what it computed in the cycle to the scores --explain-scores shows.
 """
 
 from __future__ import annotations
@@ -74,6 +76,9 @@ class SchedulingResult:
     request_headers: dict[str, str] = field(default_factory=dict)
     # estimated uncached prompt tokens on the primary, when a plugin (prefill-load-scorer) knows them
     prefill_tokens: int = 0
+    # estimated uncached prompt tokens on each chosen endpoint, by address, when a plugin matched the
+    # prefix for them (predicted-latency-producer); the latency model's record of the pick reads it
+    uncached: dict[str, int] | None = None
     response_headers: dict[str, str] = field(default_factory=dict)
     # several profiles ran (P/D): each one's chosen endpoints, by profile name; None for one profile
     profile_results: dict[str, list[Endpoint]] | None = None
@@ -143,6 +148,21 @@ class Admitter(Protocol):
     request, return to let it through. Runs once per request, before flow control's queues."""
 
     def admit_request(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> None: ...
+
+
+@runtime_checkable
+class CycleAdmitter(Protocol):
+    """Admission inside the cycle, after the data producers ran and before the profiles (llm-d's order:
+    flow control, Produce, Admit, then scheduling): raise RequestError to refuse, return to admit."""
+
+    def admit_cycle(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> None: ...
+
+
+@runtime_checkable
+class Explainer(Protocol):
+    """A plugin whose per-endpoint numbers (key -> address -> value) --explain-scores shows with the scores."""
+
+    def explain(self, cycle: CycleState) -> Mapping[str, Mapping[str, float]]: ...
 
 
 @runtime_checkable

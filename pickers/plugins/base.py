@@ -14,15 +14,18 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from pickers.framework.params import Params
 from pickers.indexes.prefix import ApproxPrefixIndex
+from pickers.latency.model import LatencyModel
 
 
 @dataclass(slots=True)
 class PluginContext:
-    """What plugins share, handed to every plugin factory: the approximate prefix index and one random source."""
+    """What plugins share, handed to every plugin factory: the approximate prefix index, one random
+    source and the latency model request control feeds."""
 
     prefix_index: ApproxPrefixIndex = field(default_factory=ApproxPrefixIndex)
     rng: random.Random = field(default_factory=random.Random)
     max_endpoints: int = 1  # pickers' maxNumOfEndpoints when the config leaves it out (--max-num-endpoints)
+    latency: LatencyModel = field(default_factory=LatencyModel)
 
 
 class Plugin:

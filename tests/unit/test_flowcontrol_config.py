@@ -22,7 +22,7 @@ from pickers.plugins.flowcontrol.fairness import (
     GlobalStrictFairness,
     RoundRobinFairness,
 )
-from pickers.plugins.flowcontrol.ordering import EdfOrdering, FcfsOrdering
+from pickers.plugins.flowcontrol.ordering import EdfOrdering, FcfsOrdering, SloDeadlineOrdering
 from pickers.plugins.flowcontrol.program_aware import ProgramAwareFairness
 from pickers.plugins.flowcontrol.usage_limits import StaticUsageLimit
 
@@ -270,9 +270,35 @@ def test_two_agent_identities_are_refused():
     assert "plugins[2].type: a second agent-identity plugin" in msg
 
 
-def test_slo_deadline_ordering_stays_refused():
-    msg = error_of(ON + "plugins:\n" + SCORER + "- type: slo-deadline-ordering-policy\n")
-    assert "not supported" in msg and "latency predictor" in msg
+def test_slo_deadline_ordering_loads_as_a_bands_ordering():
+    body = ON + "plugins:\n" + SCORER + "- type: slo-deadline-ordering-policy\nflowControl:\n  priorityBands:\n" \
+        "  - {priority: 0, orderingPolicyRef: slo-deadline-ordering-policy}\n"
+    band = load(body).flow_control.bands[0]
+    assert isinstance(band.ordering, SloDeadlineOrdering)
+
+
+class _Item:
+    def __init__(self, received_at: float, headers: dict[str, str]) -> None:
+        self.received_at = received_at
+        self.request = InferenceRequest("r", "/v1/completions", headers)
+
+
+@pytest.mark.parametrize(
+    ("headers", "deadline"),
+    [
+        ({"x-llm-d-slo-ttft-ms": "250"}, 10.25),
+        ({"x-slo-ttft-ms": "1000"}, 11.0),  # the deprecated alias
+        ({"x-llm-d-slo-ttft-ms": " 40 "}, 10.04),
+        ({"x-llm-d-slo-ttft-ms": "0"}, 10.0),
+        ({}, float("inf")),
+        ({"x-llm-d-slo-ttft-ms": "2.5"}, float("inf")),  # a whole number of ms, as llm-d parses it
+        ({"x-llm-d-slo-ttft-ms": "-5"}, float("inf")),
+        ({"x-llm-d-slo-ttft-ms": "soon"}, float("inf")),
+    ],
+)
+def test_slo_deadline_orders_by_arrival_plus_the_ttft_slo(headers, deadline):
+    key = SloDeadlineOrdering().key(_Item(10.0, headers))  # type: ignore[arg-type]
+    assert key[0] == pytest.approx(deadline) and key[1] == 10.0
 
 
 # -- epp check-config ------------------------------------------------------------------------------

@@ -157,7 +157,7 @@ def test_affinity_filter_gate_uses_the_least_loaded_of_each_side():
         ("peakPrefillThroughput: 0", "peakPrefillThroughput", "must be > 0 when ttftSource is prefillThroughput"),
         ("ttftSource: bogus", "ttftSource", "expected prefillThroughput or latencyPredictor"),
         ("ttftSource: ''", "ttftSource", "expected prefillThroughput or latencyPredictor"),
-        ("ttftSource: latencyPredictor", "ttftSource", "llm-epp has no latency predictor"),
+        ("ttftSource: latencyPredictor", "ttftSource", "does not read llm-epp's latency model yet"),
         ("affinityThreshold: .nan", "affinityThreshold", "expected a finite number"),
         ("maxTokensInFlightPenalty: 286720", "maxTokensInFlightPenalty", "maxTTFTPenaltyMs = maxTokensInFlightPenalty / peakPrefillThroughput * 1000"),
         ("affinityTreshold: 0.9", "affinityTreshold", "unknown parameter"),
@@ -173,7 +173,7 @@ def test_affinity_filter_settings_unused_with_the_gate_off_load_with_a_warning()
                "peakPrefillThroughput: 0, latencyPredictionInfoProducerName: lp}\n")  # fmt: skip
     assert len(cfg.warnings) == 3
     assert any("ttftSource has no effect with maxTTFTPenaltyMs 0" in w for w in cfg.warnings)
-    assert any("latencyPredictionInfoProducerName has no effect: llm-epp has no latency predictor" in w for w in cfg.warnings)
+    assert any("latencyPredictionInfoProducerName has no effect: this filter's TTFT gate does not read" in w for w in cfg.warnings)
 
 
 def test_affinity_filter_reads_the_named_producers_and_refuses_dangling_names():

@@ -15,7 +15,7 @@ producer it names (the KV-event index; nothing is then recorded in the approxima
 inflight-load-producer `inFlightLoadProducerName` names (else the config's, else a default one). After
 the pick the filter records the prompt's blocks for the chosen endpoint and counts its prefill tokens,
 as llm-d's producers do, once per request whichever plugins ask. llm-d's other TTFT source, the latency
-predictor (`ttftSource: latencyPredictor`), does not exist in llm-epp and is refused.
+predictor (`ttftSource: latencyPredictor`), is not wired to llm-epp's latency model yet and is refused.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ LATENCY_PREDICTOR = "latencyPredictor"
 DEFAULT_THRESHOLD = 0.80
 DEFAULT_MAX_TTFT_PENALTY_MS = 18_000.0
 DEFAULT_PEAK_PREFILL_THROUGHPUT = 15_928.0  # tokens per second
-NO_PREDICTOR = "llm-epp has no latency predictor (predicted-latency-producer is not implemented)"
+NO_PREDICTOR = "this filter's TTFT gate does not read llm-epp's latency model yet (predicted-latency-producer does)"
 
 
 def _finite(p: Params, key: str, default: float, *, minimum: float | None = None) -> float:

@@ -1,0 +1,304 @@
+"""predicted-latency-producer (llm-d): each candidate's predicted TTFT and TPOT and their headroom
+under the request's SLO headers, for latency-scorer, slo-headroom-tier-filter and latency-slo-admitter.
+
+llm-d trains XGBoost models in a sidecar and asks it for predictions; here they come from the latency
+model the EPP fits online (pickers.latency.model): TTFT from the prefill tokens queued ahead on the
+endpoint, the request's uncached tokens there (its prefix match) and the running batch; TPOT from the
+running batch. Per candidate, as llm-d's LatencyPredictionInfo (milliseconds):
+
+    ttft_headroom = x-llm-d-slo-ttft-ms - predicted TTFT          (0 without the header: negative)
+    tpot_headroom = min(x-llm-d-slo-tpot-ms, tightest TPOT SLO of the requests running there)
+                    x sloBufferFactor - predicted TPOT            (streamingMode only)
+
+valid = headroom >= 0 (strictly: predicted < SLO). Without `streamingMode`, and on endpoints whose
+`endpointRoleLabel` is `prefill`, TPOT is neutralized (valid, headroom 0), as in llm-d. One difference:
+llm-d's "TTFT" without streamingMode is the end-to-end latency (it trains on the last byte); here TTFT
+is always the time to the first token, as the model learns TPOT from streamed responses anyway.
+
+The uncached tokens come from the prefix match `prefixMatchInfoProducerName` names (as token-load-
+scorer's producer reads it), the in-flight counts from the inflight-load-producer
+`inFlightLoadProducerName` names (else the config's, else one with llm-d's defaults, as llm-d creates
+one): after the pick this producer has it charge the chosen endpoints (the prefill tokens the next
+prediction sees queued) and record the prompt's blocks, once per request whichever plugins ask.
+Predictions are made once per cycle (cached in the cycle state) and shown by --explain-scores.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pickers.framework.endpoint import Endpoint
+from pickers.framework.errors import shown
+from pickers.framework.params import ParameterError, Params
+from pickers.framework.request import CHARS_PER_TOKEN, InferenceRequest
+from pickers.framework.types import CycleState, SchedulingResult
+from pickers.indexes.prefix import ApproxPrefixIndex
+from pickers.latency.model import LatencyModel, batch_of
+from pickers.plugins.base import Plugin, PluginContext, PrefixMatchSource
+from pickers.plugins.scorer.affinity.prefix import ApproxPrefixCacheProducer, MatchSettings, bind_match, prefix_match, uncached_tokens
+from pickers.plugins.scorer.load.token_load import InFlightLoadProducer, bound_names, find_load_producer
+
+TTFT_SLO_HEADER = "x-llm-d-slo-ttft-ms"
+TPOT_SLO_HEADER = "x-llm-d-slo-tpot-ms"
+_OLD_HEADERS = {TTFT_SLO_HEADER: "x-slo-ttft-ms", TPOT_SLO_HEADER: "x-slo-tpot-ms"}  # llm-d's deprecated aliases
+NO_SIDECAR = "llm-epp fits its latency model online from the responses it sees; there is no XGBoost sidecar"
+# The environment llm-d's chart gives the EPP for its prediction and training sidecars.
+SIDECAR_ENV = ("PREDICTION_SERVER_URL", "TRAINING_SERVER_URL")
+_TPOT_SLO_COUNTED = "tpot-slo-counted"  # request.attributes key: this request's TPOT SLO is on its endpoint
+
+
+def slo_ms(headers: Mapping[str, str], header: str) -> float:
+    """An SLO header's milliseconds; 0 when absent or not a non-negative number (llm-d: no SLO)."""
+    raw = headers.get(header) or headers.get(_OLD_HEADERS[header])
+    if not raw:
+        return 0.0
+    try:
+        v = float(raw)
+    except ValueError:
+        return 0.0
+    return v if math.isfinite(v) and v > 0.0 else 0.0
+
+
+@dataclass(slots=True, frozen=True)
+class LatencyPrediction:
+    """llm-d's LatencyPredictionInfo for one endpoint (milliseconds)."""
+
+    ttft_ms: float
+    tpot_ms: float
+    ttft_valid: bool
+    tpot_valid: bool
+    ttft_headroom_ms: float
+    tpot_headroom_ms: float
+    dispatched: int  # requests this EPP has in flight there
+    uncached_tokens: int  # the request's prompt tokens the endpoint probably has to compute
+
+    @property
+    def valid(self) -> bool:
+        return self.ttft_valid and self.tpot_valid
+
+
+class PredictedLatencyProducer(Plugin):
+    type = "predicted-latency-producer"
+
+    def __init__(
+        self,
+        model: LatencyModel,
+        index: ApproxPrefixIndex,
+        name: str = "predicted-latency-producer",
+        *,
+        slo_buffer: float = 1.0,
+        streaming: bool = False,
+        role_label: str = "",
+        predict: bool = True,
+    ) -> None:
+        self.name = name
+        self.model = model
+        self.index = index
+        self.slo_buffer = slo_buffer
+        self.streaming = streaming
+        self.role_label = role_label
+        self.predict = predict
+        self.prefix_producer_name: str | None = None
+        self.load_producer_name: str | None = None
+        self.source: MatchSettings = ApproxPrefixCacheProducer()  # llm-d's defaults until bound
+        self.precise: PrefixMatchSource | None = None
+        self.load = InFlightLoadProducer(index)
+        self.bound: dict[str, str] = {}
+        self._key = f"predicted-latency/{name}"
+        self._counted = (_TPOT_SLO_COUNTED, name)
+
+    @classmethod
+    def from_config(cls, name: str, p: Params, ctx: PluginContext) -> PredictedLatencyProducer:
+        buffer = p.number("sloBufferFactor", 1.0)
+        if not (buffer > 0 and math.isfinite(buffer)):
+            raise ParameterError("sloBufferFactor", f"must be > 0, got {buffer:g}")  # llm-d's check
+        for key in ("samplingMean", "maxDecodeTokenSamplesForPrediction"):
+            p.deprecated(key, "llm-d removed mid-stream TPOT predictions and ignores it too")
+        if p.given("contextTTL"):
+            p.duration("contextTTL")
+            p.warnings.append(
+                "parameter contextTTL has no effect: llm-d expires its per-request latency contexts after it; "
+                "llm-epp keeps a request's latency record on the request until its response ends"
+            )
+        p.refused("useEncoderCacheFeatures", f"multimodal encoder-cache features feed llm-d's trained predictor; {NO_SIDECAR}",
+                  allowed=lambda v: v is False)  # fmt: skip
+        p.refused("encoderCacheMatchInfoProducerName", f"llm-epp does not track multimodal encoder caches; {NO_SIDECAR}")
+        plugin = cls(
+            ctx.latency, ctx.prefix_index, name,
+            slo_buffer=buffer, streaming=p.flag("streamingMode", False),
+            role_label=p.string("endpointRoleLabel", "") or "", predict=p.flag("predictInProduce", True),
+        )  # fmt: skip
+        plugin.prefix_producer_name = p.string("prefixMatchInfoProducerName")
+        plugin.load_producer_name = p.string("inFlightLoadProducerName")
+        found = [k for k in SIDECAR_ENV if os.environ.get(k)]
+        if found:
+            p.warnings.append(f"{', '.join(found)} set in the environment but not used: {NO_SIDECAR}")
+        return plugin
+
+    def bind_config(self, plugins: Mapping[str, object], profiles: Mapping[str, Any], handler: object) -> None:
+        self.precise, source = bind_match(plugins, self.prefix_producer_name)
+        if self.precise is None:
+            self.source = source
+        self.load = find_load_producer(plugins, self.load_producer_name, self.index)
+        match: object = self.precise if self.precise is not None else self.source
+        self.bound = bound_names(plugins, {"prefixMatchInfoProducerName": match, "inFlightLoadProducerName": self.load})
+
+    def effective_parameters(self, given: Mapping[str, Any]) -> Mapping[str, Any]:
+        return {**given, **self.bound}
+
+    # -- predictions ---------------------------------------------------------------------------
+    def uncached(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> list[int]:
+        """The request's uncached prompt tokens on each endpoint (llm-d's UncachedRequestTokens)."""
+        prompt = request.prompt_tokens
+        if self.precise is not None:
+            m = self.precise.prefix_matches(request, cycle, endpoints)
+            return [uncached_tokens(prompt, *m.get(ep.address, (0, 0, 0))) for ep in endpoints]
+        s = self.source
+        pm = prefix_match(request, cycle, self.index, s.block_chars, s.max_blocks)
+        total, bt, matched = len(pm.hashes), s.block_chars // CHARS_PER_TOKEN, pm.matched
+        return [uncached_tokens(prompt, matched.get(ep.address, 0), total, bt) for ep in endpoints]
+
+    def predictions(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> dict[str, LatencyPrediction]:
+        """Each endpoint's prediction by address, made once per cycle (empty with predictInProduce off)."""
+        found = cycle.data.get(self._key)
+        if not isinstance(found, dict):
+            found = cycle.data[self._key] = {}
+        if not self.predict:
+            return found
+        missing = [ep for ep in endpoints if ep.address not in found]
+        if not missing:
+            return found
+        headers = request.headers
+        ttft_slo, tpot_slo = slo_ms(headers, TTFT_SLO_HEADER), slo_ms(headers, TPOT_SLO_HEADER)
+        model, buffer, role_label = self.model, self.slo_buffer, self.role_label
+        for ep, u in zip(missing, self.uncached(request, cycle, missing)):
+            batch = batch_of(ep)
+            ttft = model.ttft(ep, u, batch=batch) * 1000.0
+            tpot = model.tpot(ep, batch=batch) * 1000.0
+            if self.streaming and not (role_label and ep.labels.get(role_label) == "prefill"):
+                bound = tpot_slo * buffer
+                tightest = ep.latency.min_tpot_slo
+                if tightest > 0.0 and tightest * buffer < bound:
+                    bound = tightest * buffer
+                tpot_ok, tpot_room = tpot < bound, bound - tpot
+            else:  # neutralized, as llm-d does without streaming and on prefill endpoints
+                tpot_ok, tpot_room = True, 0.0
+            found[ep.address] = LatencyPrediction(ttft, tpot, ttft < ttft_slo, tpot_ok, ttft_slo - ttft, tpot_room, ep.in_flight, u)
+        return found
+
+    def produce(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> None:
+        self.predictions(request, cycle, endpoints)
+
+    def explain(self, cycle: CycleState) -> dict[str, dict[str, float]]:
+        found = cycle.data.get(self._key)
+        if not isinstance(found, dict) or not found:
+            return {}
+        return {
+            f"{self.name}/ttft_ms": {a: round(p.ttft_ms, 1) for a, p in found.items()},
+            f"{self.name}/tpot_ms": {a: round(p.tpot_ms, 2) for a, p in found.items()},
+        }
+
+    # -- the request's life ----------------------------------------------------------------------
+    def pre_request(self, request: InferenceRequest, cycle: CycleState, result: SchedulingResult) -> None:
+        """The chosen endpoints' uncached tokens for request control's latency record, the in-flight
+        charges (the bound inflight-load-producer's) and, in streaming mode, the request's TPOT SLO on
+        its endpoint."""
+        if not result.endpoints:
+            return
+        primary = result.endpoints[0]
+        chosen = [primary]
+        if result.profile_results is not None:
+            chosen += [eps[0] for eps in result.profile_results.values() if eps and all(eps[0] is not c for c in chosen)]
+        found = cycle.data.get(self._key)
+        known = found if isinstance(found, dict) else {}
+        uncached = result.uncached if result.uncached is not None else {}
+        todo = [ep for ep in chosen if ep.address not in uncached and ep.address not in known]
+        for ep, u in zip(todo, self.uncached(request, cycle, todo) if todo else ()):
+            uncached[ep.address] = u
+        for ep in chosen:
+            if ep.address not in uncached:
+                uncached[ep.address] = known[ep.address].uncached_tokens
+        result.uncached = uncached
+        self.load.pre_request(request, cycle, result)
+        if self.streaming and self._counted not in request.attributes:
+            slo = slo_ms(request.headers, TPOT_SLO_HEADER)
+            if slo > 0.0:
+                primary.latency.add_tpot_slo(slo)
+                request.attributes[self._counted] = repr(slo)
+
+    def response_complete(
+        self, request: InferenceRequest, endpoint: Endpoint, prompt_tokens: int | None, completion_tokens: int | None
+    ) -> None:
+        counted = request.attributes.pop(self._counted, None)
+        if counted is not None:
+            endpoint.latency.remove_tpot_slo(float(counted))
+
+
+def find_latency_producer(plugins: Mapping[str, object], name: str | None, ctx: PluginContext) -> PredictedLatencyProducer:
+    """The predicted-latency-producer `latencyPredictionInfoProducerName` names, else the config's one
+    named like its type or its only one, else one with llm-d's defaults (llm-d creates it when a
+    config that needs it lists none), bound to the config's prefix and load producers."""
+    if name is not None:
+        found = plugins.get(name)
+        if not isinstance(found, PredictedLatencyProducer):
+            what = "no plugin" if found is None else f"{getattr(found, 'type', '?')}, not a {PredictedLatencyProducer.type}"
+            raise ParameterError("latencyPredictionInfoProducerName", f"{shown(name)}: {what}")
+        return found
+    producers = {n: q for n, q in plugins.items() if isinstance(q, PredictedLatencyProducer)}
+    if PredictedLatencyProducer.type in producers:
+        return producers[PredictedLatencyProducer.type]
+    if len(producers) == 1:
+        return next(iter(producers.values()))
+    if producers:
+        raise ParameterError(
+            "latencyPredictionInfoProducerName",
+            f"{len(producers)} {PredictedLatencyProducer.type} plugins ({', '.join(producers)}); name the one this plugin reads",
+        )
+    implied = PredictedLatencyProducer(ctx.latency, ctx.prefix_index)
+    implied.bind_config(plugins, {}, None)
+    return implied
+
+
+class LatencyConsumer(Plugin):
+    """What the latency plugins share: the producer they read (`latencyPredictionInfoProducerName`),
+    bound once names are resolved. A producer the config does not list is made with llm-d's defaults
+    (llm-d creates one too) and told of the request's pick and end through this plugin."""
+
+    def __init__(self, ctx: PluginContext, name: str | None = None) -> None:
+        super().__init__(name)
+        self.ctx = ctx
+        self.producer_name: str | None = None
+        self.producer: PredictedLatencyProducer = PredictedLatencyProducer(ctx.latency, ctx.prefix_index)
+        self.implied = True  # the producer is not one of the config's plugins
+        self.bound: dict[str, str] = {}
+
+    def read_producer_name(self, p: Params) -> None:
+        self.producer_name = p.string("latencyPredictionInfoProducerName")
+
+    def bind_config(self, plugins: Mapping[str, object], profiles: Mapping[str, Any], handler: object) -> None:
+        self.producer = find_latency_producer(plugins, self.producer_name, self.ctx)
+        self.implied = all(q is not self.producer for q in plugins.values())
+        self.bound = bound_names(plugins, {"latencyPredictionInfoProducerName": self.producer})
+
+    def effective_parameters(self, given: Mapping[str, Any]) -> Mapping[str, Any]:
+        return {**given, **self.bound}
+
+    def predictions(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> dict[str, LatencyPrediction]:
+        return self.producer.predictions(request, cycle, endpoints)
+
+    def explain(self, cycle: CycleState) -> dict[str, dict[str, float]]:
+        return self.producer.explain(cycle) if self.implied else {}
+
+    def pre_request(self, request: InferenceRequest, cycle: CycleState, result: SchedulingResult) -> None:
+        if self.implied:
+            self.producer.pre_request(request, cycle, result)
+
+    def response_complete(
+        self, request: InferenceRequest, endpoint: Endpoint, prompt_tokens: int | None, completion_tokens: int | None
+    ) -> None:
+        if self.implied:
+            self.producer.response_complete(request, endpoint, prompt_tokens, completion_tokens)
