@@ -4,8 +4,8 @@ Five workloads, each replayed (same seeded requests) through real Envoy + the EP
 same simulated pool, once per strategy: round-robin, random, load-only (queue + kv), the GIE default
 config and our `best`. One table per workload, ratios against the first strategy (round-robin).
 
-    python -m bench.quality                 # all five workloads (~20 min)
-    python -m bench.quality --quick         # shorter runs (~12 min; each workload 1-3 min)
+    python -m bench.quality                 # all five workloads (~30 min)
+    python -m bench.quality --quick         # shorter runs (~15 min; each workload 1.5-5 min)
     python -m bench.quality --workload b2b  # one workload (repeatable)
 
 Workloads:
