@@ -12,10 +12,10 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from vllm_sim.config import DEFAULT_EMBEDDING_DIM, DEFAULT_MODEL, ConfigError, SimConfig
+from vllm_sim.config import DEFAULT_EMBEDDING_DIM, DEFAULT_MODEL, ConfigError, DataParallelConfig, SimConfig
+from vllm_sim.data_parallel import DataParallelSim, create
 from vllm_sim.kv_events import KVEventsConfig
 from vllm_sim.profiles import PROFILES
-from vllm_sim.server import SimServer
 
 log = logging.getLogger("vllm_sim")
 
@@ -24,7 +24,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     """Add the simulator's flags to parser (e.g. an `epp sim` subparser) or a new one."""
     p = parser or argparse.ArgumentParser(prog="vllm-sim", description="Simulated vLLM endpoint.")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
-    p.add_argument("--port", type=int, default=8000, help="port to bind, 0 = any free (default %(default)s)")
+    p.add_argument("--port", type=int, default=None,
+                   help=f"port to bind, 0 = any free (default {DEFAULT_PORT}); external LB: local rank i on PORT+i")
     p.add_argument("--model", dest="models", action="append", metavar="NAME",
                    help=f"served model name, repeatable; first one labels metrics (default {DEFAULT_MODEL})")
     p.add_argument("--lora-modules", nargs="+", metavar="NAME=PATH", type=_lora_module,
@@ -53,7 +54,39 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--kv-events-config", metavar="JSON",
                    help="vLLM's --kv-events-config: {enable_kv_cache_events, publisher: zmq, endpoint, topic}, "
                         "plus encoding: map (vLLM 0.32, default) | array (older vLLM)")
+    dp = p.add_argument_group("data parallel (one DP group of ranks stepping in lockstep, as an MoE model "
+                              "with expert parallelism)")
+    dp.add_argument("--data-parallel-size", "-dp", type=int, default=1, metavar="N",
+                    help="ranks in the group, all in this process (default %(default)s)")
+    dp.add_argument("--data-parallel-size-local", type=int, metavar="N",
+                    help="ranks in this process: must equal --data-parallel-size")
+    dp.add_argument("--data-parallel-start-rank", type=int, default=0, metavar="R",
+                    help="global rank of local rank 0 (default %(default)s)")
+    lb = dp.add_mutually_exclusive_group()
+    lb.add_argument("--data-parallel-external-lb", action="store_true",
+                    help="one API server per rank: local rank i on --port + i (or the i-th of --rank-ports)")
+    lb.add_argument("--data-parallel-hybrid-lb", action="store_true",
+                    help="one API server per node balancing over its local ranks; here: one API port, "
+                         "as without an LB flag")
+    dp.add_argument("--rank-ports", type=_ports, metavar="P0,P1,...",
+                    help="external LB: the ranks' API ports instead of --port + i (sim only, for launchers)")
+    dp.add_argument("--kv-events-ports", type=_ports, metavar="K0,K1,...",
+                    help="local rank i publishes KV events on the i-th (default: the --kv-events-port or "
+                         "--kv-events-config port + global rank, as vLLM)")
+    dp.add_argument("--dp-all2all-s", type=float, metavar="SECONDS",
+                    help="cost of one group step's expert all-to-alls, added to every step of a group of "
+                         "2+ ranks (profile default)")
     return p
+
+
+DEFAULT_PORT = 8000
+
+
+def _ports(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated port numbers, got {text!r}") from None
 
 
 def _lora_module(text: str) -> tuple[str, str]:
@@ -64,10 +97,19 @@ def _lora_module(text: str) -> tuple[str, str]:
 
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:
+    if args.rank_ports and args.port is not None and args.port != args.rank_ports[0]:
+        raise ConfigError(f"rank-ports: local rank 0 serves on the first of them ({args.rank_ports[0]}), "
+                          f"but --port says {args.port}; give the same port or leave --port out")
+    if args.kv_events_ports and args.kv_events_port is not None:
+        raise ConfigError("kv-events-ports: give --kv-events-port or --kv-events-ports, not both")
+    kv_events = _kv_events(args)
+    if args.kv_events_ports and kv_events is None:
+        kv_events = KVEventsConfig("tcp://*:0")  # the per-rank ports below replace this endpoint's
+    lb = "external" if args.data_parallel_external_lb else "hybrid" if args.data_parallel_hybrid_lb else "internal"
     return SimConfig.from_profile(
         args.profile,
         host=args.host,
-        port=args.port,
+        port=args.port if args.port is not None else args.rank_ports[0] if args.rank_ports else DEFAULT_PORT,
         models=tuple(args.models) if args.models else None,
         lora_modules=tuple(args.lora_modules) if args.lora_modules else None,
         name=args.name,
@@ -79,9 +121,18 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         max_model_len=args.max_model_len,
         kv_transfer_s_per_token=args.kv_transfer_s_per_token,
         kv_transfer_s_overhead=args.kv_transfer_s_overhead,
-        kv_events=_kv_events(args),
+        kv_events=kv_events,
         control_port=args.control_port,
         embedding_dim=args.embedding_dim,
+        dp_all2all_s=args.dp_all2all_s,
+        data_parallel=DataParallelConfig(
+            size=args.data_parallel_size,
+            size_local=args.data_parallel_size_local,
+            start_rank=args.data_parallel_start_rank,
+            lb=lb,
+            rank_ports=args.rank_ports or (),
+            kv_events_ports=args.kv_events_ports or (),
+        ),
     )
 
 
@@ -107,18 +158,26 @@ async def serve(config: SimConfig) -> None:
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):
             pass  # not on this platform; Ctrl-C still raises KeyboardInterrupt
-    server = SimServer(config)
-    await server.start()
-    log.info("vllm-sim %s serving %s on %s (profile %s, time-scale %g)",
-             server.name, ",".join(config.models), server.url, config.profile, config.time_scale)
-    if config.control_port is not None:
-        log.info("control endpoints (/sim/*) on %s only", server.control_url)
-    if server.kv_events is not None:
-        log.info("publishing KV events on tcp://*:%d, topic %s", server.kv_events.port, server.kv_events.topic.decode())
+    sim = create(config)
+    await sim.start()
+    servers = sim.servers if isinstance(sim, DataParallelSim) else [sim]
+    dp = config.data_parallel
+    if dp.enabled:
+        log.info("vllm-sim data-parallel group: ranks %d-%d (%s LB), lockstep, all-to-all %g s per step",
+                 dp.global_ranks[0], dp.global_ranks[-1], dp.lb, config.dp_all2all_s if dp.size > 1 else 0.0)
+    for server in servers:
+        log.info("vllm-sim %s serving %s on %s (profile %s, time-scale %g)",
+                 server.name, ",".join(config.models), server.url, config.profile, config.time_scale)
+        if config.control_port is not None:
+            log.info("control endpoints (/sim/*) on %s only", server.control_url)
+        for rank in server.ranks:
+            if rank.kv_events is not None:
+                log.info("rank %d publishing KV events on tcp://*:%d, topic %s",
+                         rank.rank, rank.kv_events.port, rank.kv_events.topic.decode())
     try:
         await stop.wait()
     finally:
-        await server.stop()
+        await sim.stop()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from vllm_sim.kv_events import KVEventsConfig
 from vllm_sim.profiles import PROFILES, Profile
@@ -13,6 +13,109 @@ DEFAULT_EMBEDDING_DIM = 64
 
 class ConfigError(ValueError):
     """A simulator option has a value that cannot work; the message names the option."""
+
+
+LB_MODES = ("internal", "external", "hybrid")
+
+
+@dataclass(frozen=True, slots=True)
+class DataParallelConfig:
+    """One data-parallel group in this process, with vLLM's flags (--data-parallel-*).
+
+    lb: "internal" (no LB flag) and "hybrid" (--data-parallel-hybrid-lb: one API server per node
+    for its local ranks; this process is one node) serve one API port that balances over the
+    ranks; "external" (--data-parallel-external-lb) serves each rank on its own port.
+    """
+
+    size: int = 1
+    size_local: int | None = None  # None = size; anything else is refused (one process = one group)
+    start_rank: int = 0  # global rank of local rank 0
+    lb: str = "internal"
+    rank_ports: tuple[int, ...] = ()  # external LB: local rank i on rank_ports[i] instead of port + i
+    kv_events_ports: tuple[int, ...] = ()  # local rank i publishes on kv_events_ports[i]
+
+    @property
+    def enabled(self) -> bool:
+        return self.size > 1 or self.lb != "internal"
+
+    @property
+    def global_ranks(self) -> range:
+        return range(self.start_rank, self.start_rank + self.size)
+
+    def validate(self, port: int, control_port: int | None, kv_events: KVEventsConfig | None) -> None:
+        if self.size < 1:
+            raise ConfigError(f"data_parallel_size: must be >= 1, got {self.size}")
+        if self.size_local is not None and self.size_local != self.size:
+            raise ConfigError(
+                f"data_parallel_size_local: must equal data_parallel_size ({self.size}), got {self.size_local}: "
+                "the simulator runs a whole DP group in one process; a group spanning processes is not simulated")
+        if self.start_rank < 0:
+            raise ConfigError(f"data_parallel_start_rank: must be >= 0, got {self.start_rank}")
+        if self.lb not in LB_MODES:
+            raise ConfigError(f"data_parallel_lb: expected one of {', '.join(LB_MODES)}, got {self.lb!r}")
+        if self.rank_ports:
+            if self.lb != "external":
+                raise ConfigError("rank_ports: only with --data-parallel-external-lb (one API server per rank)")
+            if len(self.rank_ports) != self.size:
+                raise ConfigError(f"rank_ports: need one port per rank ({self.size}), got {len(self.rank_ports)}")
+        if self.kv_events_ports:
+            if kv_events is None:
+                raise ConfigError("kv_events_ports: KV events are not enabled")
+            if len(self.kv_events_ports) != self.size:
+                raise ConfigError(
+                    f"kv_events_ports: need one port per rank ({self.size}), got {len(self.kv_events_ports)}")
+        for name, ports in (("rank_ports", self.rank_ports), ("kv_events_ports", self.kv_events_ports)):
+            bad = [p for p in ports if not 0 <= p <= 65535]
+            if bad:
+                raise ConfigError(f"{name}: ports must be in 0..65535, got {bad[0]}")
+        if self.enabled and control_port is not None and self.lb == "external":
+            raise ConfigError("control_port: not with --data-parallel-external-lb; each rank serves /sim/* "
+                              "on its own port")
+        # Every fixed port this group binds, by what binds it, so a clash names both.
+        bound: dict[int, str] = {}
+
+        def claim(p: int, what: str) -> None:
+            if p == 0:
+                return  # any free port: the OS never hands out one twice
+            if not 0 < p <= 65535:
+                raise ConfigError(f"{what}: port {p} is outside 1..65535")
+            if p in bound:
+                raise ConfigError(f"{what}: port {p} is also {bound[p]}")
+            bound[p] = what
+
+        for i, p in enumerate(self.api_ports(port)):
+            claim(p, f"rank {self.start_rank + i}'s API port" if self.lb == "external" else "the API port")
+        if control_port is not None:
+            claim(control_port, "the control port")
+        if kv_events is not None:
+            for g, endpoint in zip(self.global_ranks, self.kv_endpoints(kv_events)):
+                claim(_endpoint_port(endpoint), f"rank {g}'s KV-events port" if self.enabled else "the KV-events port")
+
+    def api_ports(self, port: int) -> list[int]:
+        """The HTTP ports this group binds: one per rank (external LB) or the one API port."""
+        if self.lb != "external":
+            return [port]
+        if self.rank_ports:
+            return list(self.rank_ports)
+        return [0 if port == 0 else port + i for i in range(self.size)]
+
+    def kv_endpoints(self, kv_events: KVEventsConfig) -> list[str]:
+        """Each local rank's ZMQ endpoint: kv_events_ports[i], else the configured endpoint's port
+        plus the rank's global DP rank, as vLLM's ZmqEventPublisher.offset_endpoint_port does
+        (vllm/distributed/kv_events.py, fed the scheduler's data_parallel_index, the global rank)."""
+        prefix = kv_events.endpoint.rpartition(":")[0]
+        if self.kv_events_ports:
+            return [f"{prefix}:{p}" for p in self.kv_events_ports]
+        base = _endpoint_port(kv_events.endpoint)
+        if not self.enabled or base == 0:
+            return [kv_events.endpoint] * self.size  # a random port (0 or *) for every rank
+        return [f"{prefix}:{base + g}" for g in self.global_ranks]
+
+
+def _endpoint_port(endpoint: str) -> int:
+    """The port of tcp://host:port; 0 for a random one (0 or *)."""
+    port = endpoint.rpartition(":")[2]
+    return int(port) if port.isdigit() else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +140,8 @@ class SimConfig:
     max_model_len: int = PROFILES["gpu"].max_model_len
     kv_transfer_s_per_token: float = PROFILES["gpu"].kv_transfer_s_per_token
     kv_transfer_s_overhead: float = PROFILES["gpu"].kv_transfer_s_overhead
+    dp_all2all_s: float = PROFILES["gpu"].dp_all2all_s  # per step of a DP group of 2+ ranks
+    data_parallel: DataParallelConfig = field(default_factory=DataParallelConfig)
     kv_events: KVEventsConfig | None = None  # publish the prefix cache's KV events over ZMQ, as vLLM
     # /sim/* (stats, reset, fault) on their own 127.0.0.1 port (0 = any free) and 404 on the main
     # one, so a gateway that exposes the main port cannot reach them; None = on the main port.
@@ -62,6 +167,7 @@ class SimConfig:
             max_model_len=profile.max_model_len,
             kv_transfer_s_per_token=profile.kv_transfer_s_per_token,
             kv_transfer_s_overhead=profile.kv_transfer_s_overhead,
+            dp_all2all_s=profile.dp_all2all_s,
         )
         given = {k: v for k, v in overrides.items() if v is not None}
         if "models" in given:
@@ -88,12 +194,12 @@ class SimConfig:
         for name, _path in self.lora_modules:
             if not name or name in self.models:
                 raise ConfigError(f"lora_modules: {name!r} must be a non-empty name other than a served model's")
-        for field in ("max_num_seqs", "num_gpu_blocks", "block_size", "max_model_len", "embedding_dim"):
-            if getattr(self, field) < 1:
-                raise ConfigError(f"{field}: must be >= 1, got {getattr(self, field)}")
-        for field in ("kv_transfer_s_per_token", "kv_transfer_s_overhead"):
-            if getattr(self, field) < 0:
-                raise ConfigError(f"{field}: must be >= 0, got {getattr(self, field)}")
+        for name in ("max_num_seqs", "num_gpu_blocks", "block_size", "max_model_len", "embedding_dim"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("kv_transfer_s_per_token", "kv_transfer_s_overhead", "dp_all2all_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.time_scale < 0:
             raise ConfigError(f"time_scale: must be >= 0, got {self.time_scale}")
         if not 0 <= self.port <= 65535:
@@ -104,3 +210,4 @@ class SimConfig:
             if self.control_port != 0 and self.control_port == self.port:
                 raise ConfigError(f"control_port: must differ from port ({self.port}); leave it unset "
                                   "to serve /sim/* on the main port")
+        self.data_parallel.validate(self.port, self.control_port, self.kv_events)

@@ -1,8 +1,9 @@
-"""The scheduler model: an FCFS waiting queue, a running batch and a step loop, like vLLM's engine.
+"""The scheduler model: an FCFS waiting queue and a running batch, stepped like vLLM's engine.
 
 Pure asyncio, no HTTP. Each step admits what fits (a batch slot and KV blocks), sleeps for the
 simulated step time (prefill of the newly admitted + one decode step of the whole batch) and
-then gives every running request one token. A request's first token therefore arrives at the
+then gives every running request one token. The step loop lives in vllm_sim/lockstep.py: one
+engine steps alone, the ranks of a data-parallel group step together. A request's first token therefore arrives at the
 end of the step that prefilled it, which is what makes TTFT grow with queueing and prompt length.
 
 A request with max_tokens=0 is prefill-only (an embedding, as vLLM runs a pooling request): it
@@ -121,8 +122,9 @@ class Engine:
         self._transferring: dict[EngineRequest, asyncio.TimerHandle] = {}
         self._ready: list[EngineRequest] = []
         self._next_block_id = 0
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        # Set when there may be work (a submit, a finished KV transfer); the LockstepGroup that
+        # drives this engine replaces it with the one event all its engines share.
+        self.wake = asyncio.Event()
 
     @property
     def num_running(self) -> int:
@@ -138,19 +140,8 @@ class Engine:
         # A decode leg keeps its slot while it waits for KV (vLLM frees it; simpler and conservative).
         return len(self._running) + len(self._transferring) + len(self._ready)
 
-    async def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="vllm-sim-engine")
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-        # Unblock every handler still waiting on a request.
+    def close(self) -> None:
+        """Fail every unfinished request (the engine stopped), unblocking the handlers waiting on them."""
         for request in [*self._waiting, *self._transferring, *self._ready, *self._running]:
             self.abort(request)
             request.output.put_nowait(TokenOutput(request, error=EngineStopped("engine stopped")))
@@ -171,7 +162,7 @@ class Engine:
         elif request.pd_leg is PdLeg.DECODE:
             self.stats.decode_legs_total += 1
         self._waiting.append(request)
-        self._wake.set()
+        self.wake.set()
 
     def abort(self, request: EngineRequest) -> None:
         """Drop a request wherever it is (client went away); frees its slot and blocks."""
@@ -191,31 +182,32 @@ class Engine:
         self.cache.reset()
         self.stats = EngineStats()
 
-    async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
+    # ---- one step, in two halves; a LockstepGroup (vllm_sim/lockstep.py) sleeps in between ----
+
+    def begin_step(self, now: float) -> float | None:
+        """Admit what fits; this step's cost in simulated seconds, or None when nothing runs here
+        (an idle rank of a busy data-parallel group then takes a dummy step: the group's time)."""
+        # Decode legs whose KV arrived join here, so each still pays one full step for its token.
+        for request in self._ready:
+            request.state = RequestState.RUNNING
+            self._running[request] = None
+        self._ready.clear()
+        if not self._waiting and not self._running:
+            return None
+        prefill_tokens, prefilled = self._admit(now)
+        if not self._running:
+            # Nothing runs: the admitted are all still pulling KV (their timers set wake), or the
+            # head of the queue does not fit (submit() rejects requests larger than the cache).
+            return None
         cfg = self.config
-        while True:
-            # Decode legs whose KV arrived join here, so each still pays one full step for its token.
-            for request in self._ready:
-                request.state = RequestState.RUNNING
-                self._running[request] = None
-            self._ready.clear()
-            if not self._waiting and not self._running:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            prefill_tokens, prefilled = self._admit(loop.time())
-            if not self._running:
-                # Nothing runs: the admitted are all still pulling KV (their timers wake us), or the
-                # head of the queue does not fit (submit() rejects requests larger than the cache).
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            duration = cfg.decode_s_base + cfg.decode_s_per_seq * len(self._running)
-            if prefilled:
-                duration += cfg.prefill_s_overhead + cfg.prefill_s_per_token * prefill_tokens
-            await asyncio.sleep(duration * cfg.time_scale)
-            self._emit_tokens(loop.time())
+        cost = cfg.decode_s_base + cfg.decode_s_per_seq * len(self._running)
+        if prefilled:
+            cost += cfg.prefill_s_overhead + cfg.prefill_s_per_token * prefill_tokens
+        return cost
+
+    def end_step(self, now: float) -> None:
+        """The step is over: every running request gets its token."""
+        self._emit_tokens(now)
 
     def _admit(self, now: float) -> tuple[int, int]:
         """FCFS: stop at the first request that does not fit, as vLLM's default policy does."""
@@ -262,7 +254,7 @@ class Engine:
         if self._transferring.pop(request, None) is None:
             return  # aborted meanwhile
         self._ready.append(request)
-        self._wake.set()
+        self.wake.set()
 
     def _block_ids(self, n: int) -> list[int]:
         """Stand-ins for the physical block ids a connector reports; only their count means anything."""

@@ -1,9 +1,10 @@
 """KV-event publisher: the simulator's prefix cache, mirrored over ZMQ the way vLLM publishes it.
 
 A PUB socket; each message is `[topic, 8-byte big-endian sequence from 0, msgpack [ts, [events],
-None]]`. Events raised during one event-loop turn go out as one batch, like vLLM's per-step
-batches. `encoding="map"` sends vLLM 0.32's maps with a `type` key, `"array"` the older tagged
-arrays. Sends never block: a subscriber that cannot keep up loses messages (and sees the gap).
+data_parallel_rank]]`, the rank being the engine's global DP rank in a DP group, else None.
+Events raised during one event-loop turn go out as one batch, like vLLM's per-step batches.
+`encoding="map"` sends vLLM 0.32's maps with a `type` key, `"array"` the older tagged arrays.
+Sends never block: a subscriber that cannot keep up loses messages (and sees the gap).
 """
 
 from __future__ import annotations
@@ -66,8 +67,9 @@ def encode_event(event: CacheEvent, encoding: str = "map") -> Any:
 
 
 class KVEventPublisher:
-    def __init__(self, config: KVEventsConfig) -> None:
+    def __init__(self, config: KVEventsConfig, data_parallel_rank: int | None = None) -> None:
         self.config = config
+        self.data_parallel_rank = data_parallel_rank
         self.topic = config.topic.encode()
         self.port = 0
         self.seq = 0
@@ -110,7 +112,7 @@ class KVEventPublisher:
         if not self._pending or self._sock is None:
             self._pending.clear()
             return
-        payload = msgspec.msgpack.encode([time.time(), self._pending, None])
+        payload = msgspec.msgpack.encode([time.time(), self._pending, self.data_parallel_rank])
         self._pending = []
         try:
             self._sock.send_multipart([self.topic, self.seq.to_bytes(8, "big"), payload], flags=zmq.NOBLOCK)

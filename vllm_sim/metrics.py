@@ -1,12 +1,17 @@
 """vLLM-named Prometheus metrics for one simulator, in a registry of its own.
 
-Each simulator owns its CollectorRegistry so many can share a process. Gauges are read from the
-engine at scrape time (never stale); counters and histograms are fed by engine callbacks.
+Each engine owns its CollectorRegistry so many can share a process. Gauges are read from the
+engine at scrape time (never stale); counters and histograms are fed by engine callbacks. The
+`engine` label is the engine's global data-parallel rank, as vLLM's v1/metrics/loggers.py labels
+each engine's series (engine="0" without DP); render_merged() serves several ranks on one port.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 
 from vllm_sim.config import SimConfig
 from vllm_sim.engine import Engine, EngineRequest
@@ -27,9 +32,9 @@ _LABELS = ("model_name", "engine")
 class SimMetrics:
     """Implements the engine observer protocol; render() gives the /metrics body."""
 
-    def __init__(self, config: SimConfig) -> None:
+    def __init__(self, config: SimConfig, engine: int = 0) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        labels = {"model_name": config.served_model, "engine": "0"}
+        labels = {"model_name": config.served_model, "engine": str(engine)}
         r = self.registry
 
         self._running = Gauge("vllm:num_requests_running", "Requests in the running batch.",
@@ -41,7 +46,7 @@ class SimMetrics:
         Gauge("vllm:cache_config_info", "Information of the cache config.",
               ("block_size", "num_gpu_blocks", "enable_prefix_caching", "engine"), registry=r).labels(
             block_size=str(config.block_size), num_gpu_blocks=str(config.num_gpu_blocks),
-            enable_prefix_caching="True", engine="0",
+            enable_prefix_caching="True", engine=str(engine),
         ).set(1)
         self.prefix_queries = Counter("vllm:prefix_cache_queries", "Prefix-cache queries, in tokens.",
                                       _LABELS, registry=r).labels(**labels)
@@ -77,6 +82,13 @@ class SimMetrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+    @staticmethod
+    def render_merged(all_metrics: Sequence[SimMetrics]) -> bytes:
+        """One exposition of several engines' series (internal-LB data parallel: one API port)."""
+        if len(all_metrics) == 1:
+            return all_metrics[0].render()
+        return generate_latest(_Merged([m.registry for m in all_metrics]))  # type: ignore[arg-type]
+
     # EngineObserver
     def on_scheduled(self, request: EngineRequest, now: float) -> None:
         prompt = len(request.prompt_token_ids)
@@ -102,3 +114,21 @@ class SimMetrics:
         else:
             self.request_success.inc()
         self.e2e.observe(now - request.arrival_time)
+
+
+class _Merged:
+    """A collector view of several registries: each metric family once, with every engine's samples."""
+
+    def __init__(self, registries: Iterable[CollectorRegistry]) -> None:
+        self._registries = tuple(registries)
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        for registry in self._registries:
+            for family in registry.collect():
+                merged = families.get(family.name)
+                if merged is None:
+                    merged = families[family.name] = Metric(family.name, family.documentation, family.type,
+                                                            family.unit)
+                merged.samples.extend(family.samples)
+        return iter(families.values())

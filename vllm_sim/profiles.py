@@ -25,6 +25,9 @@ class Profile:
     # The decode server's profile decides, since it is the one that waits for the transfer.
     kv_transfer_s_per_token: float
     kv_transfer_s_overhead: float  # per transfer (handshake, metadata round trip)
+    # Data parallel (MoE, expert parallel): the exposed cost of one step's expert all-to-alls
+    # (dispatch + combine in every MoE layer), added to the step of a group of 2 or more ranks.
+    dp_all2all_s: float
 
 
 # An H100 serving an ~8B model: ~20k prefill tokens/s, ~8 ms per decode step.
@@ -41,6 +44,10 @@ GPU = Profile(
     # ~128 KiB of KV per token for an 8B model over RDMA at ~25 GB/s.
     kv_transfer_s_per_token=1 / 200000,
     kv_transfer_s_overhead=0.001,
+    # DeepEP's low-latency kernels take ~0.1 ms to dispatch and ~0.2 ms to combine per MoE layer
+    # at EP16 (128 tokens); ~60 MoE layers would be ~18 ms unhidden, but two-batch overlap hides
+    # most of it behind compute. Scaled to this profile's 8 ms decode step: ~3 ms left exposed.
+    dp_all2all_s=0.003,
 )
 
 # A CPU box serving a small model: everything ~10-50x slower and much less KV room.
@@ -57,6 +64,8 @@ CPU = Profile(
     # A small model's KV over TCP: a few times slower per token than RDMA, more fixed latency.
     kv_transfer_s_per_token=1 / 50000,
     kv_transfer_s_overhead=0.005,
+    # Experts exchanged over TCP between CPU ranks: no overlap, several times the GPU cost.
+    dp_all2all_s=0.010,
 )
 
 # Read-only so no caller can change a profile for every other simulator in the process.

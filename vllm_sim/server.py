@@ -6,6 +6,12 @@ the engine frees their slots and blocks, as vLLM does on disconnect.
 
 The control endpoints (/sim/stats, /sim/reset, /sim/fault) are served on the main port, or, with
 config.control_port set, only on 127.0.0.1:control_port (the main port then answers 404 for them).
+
+A server serves one or more ranks (vllm_sim/rank.py). With several (a data-parallel group behind
+one API port, vLLM's internal or hybrid load balancing) each request goes to the rank vLLM's
+front end would pick, and /metrics, /sim/stats and KV events are per rank. A server that builds
+its own ranks also runs their step loop; one handed ranks (vllm_sim/data_parallel.py, a rank per
+port) leaves the loop to its owner.
 """
 
 from __future__ import annotations
@@ -23,10 +29,12 @@ from prometheus_client import CollectorRegistry
 
 from vllm_sim import anthropic_api
 from vllm_sim import openai_api as api
-from vllm_sim.config import SimConfig
+from vllm_sim.config import ConfigError, SimConfig
 from vllm_sim.engine import Engine, EngineRequest, PdLeg, RequestTooLarge, TokenOutput
 from vllm_sim.kv_events import KVEventPublisher
+from vllm_sim.lockstep import LockstepGroup
 from vllm_sim.metrics import CONTENT_TYPE, SimMetrics
+from vllm_sim.rank import SimRank, build_ranks
 from vllm_sim.tokens import FillerText
 
 log = logging.getLogger(__name__)
@@ -35,7 +43,14 @@ SERVED_BY_HEADER = "x-served-by"
 REQUEST_ID_HEADER = "x-request-id"
 REQUEST_ID_HISTORY = 1000
 CONTROL_HOST = "127.0.0.1"  # the control port is loopback-only, whatever --host says
+# vLLM's header for pinning a request to a data-parallel rank (its OpenAI server reads it).
+DP_RANK_HEADER = "x-data-parallel-rank"
+_RANK = web.RequestKey("vllm_sim.rank", SimRank)  # the rank that serves a request
 _SSE_DONE = b"data: [DONE]\n\n"
+
+
+# /sim/stats fields of a rank that are not added up over the ranks of an internal-LB server.
+_NOT_SUMMED = frozenset({"name", "kv_cache_usage_perc", "data_parallel_rank"})
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
@@ -49,11 +64,19 @@ def _sse(body: Any) -> bytes:
 class SimServer:
     """One simulated vLLM endpoint. `port = await start()`; `await stop()` always."""
 
-    def __init__(self, config: SimConfig) -> None:
+    def __init__(self, config: SimConfig, ranks: list[SimRank] | None = None) -> None:
+        """ranks: serve these, stepped by the caller's LockstepGroup; None = build config's ranks
+        and step them here (refused for external LB, where each rank has its own server)."""
         self.config = config
-        self.metrics = SimMetrics(config)
-        self.engine = Engine(config, observer=self.metrics)
-        self.metrics.watch(self.engine)
+        self._group: LockstepGroup | None = None
+        if ranks is None:
+            dp = config.data_parallel
+            if dp.lb == "external" and dp.size > 1:
+                raise ConfigError("data_parallel_lb: external LB serves each rank on its own port; "
+                                  "use vllm_sim.data_parallel.DataParallelSim")
+            ranks = build_ranks(config)
+            self._group = LockstepGroup([r.engine for r in ranks], config.time_scale, config.dp_all2all_s)
+        self.ranks = tuple(ranks)
         self.request_ids: deque[str] = deque(maxlen=REQUEST_ID_HISTORY)
         self._name = config.name or ""
         self._port = 0
@@ -61,9 +84,22 @@ class SimServer:
         self._control_port = 0
         self._control_runner: web.AppRunner | None = None
         self._created = int(time.time())
-        self.kv_events: KVEventPublisher | None = None
         self.fault = "none"  # injected by POST /sim/fault: see _inject_fault
         self.render_calls = 0  # /v1/completions/render and /v1/chat/completions/render answered
+
+    @property
+    def engine(self) -> Engine:
+        """The first rank's engine (the only one without data parallelism)."""
+        return self.ranks[0].engine
+
+    @property
+    def metrics(self) -> SimMetrics:
+        return self.ranks[0].metrics
+
+    @property
+    def group(self) -> LockstepGroup | None:
+        """The step loop this server runs; None when its ranks are stepped by their owner."""
+        return self._group
 
     @property
     def port(self) -> int:
@@ -91,8 +127,13 @@ class SimServer:
 
     @property
     def registry(self) -> CollectorRegistry:
-        """This simulator's own Prometheus registry (several simulators can share a process)."""
+        """The first rank's own Prometheus registry (several simulators can share a process)."""
         return self.metrics.registry
+
+    @property
+    def kv_events(self) -> KVEventPublisher | None:
+        """The first rank's KV-event publisher, once started."""
+        return self.ranks[0].kv_events
 
     def build_app(self) -> web.Application:
         """The main port's app; it carries /sim/* only when no separate control port is set."""
@@ -125,7 +166,8 @@ class SimServer:
         app.router.add_post("/sim/fault", self._set_fault)
 
     async def start(self) -> int:
-        await self.engine.start()
+        if self._group is not None:
+            await self._group.start()
         # handler_cancellation: a client that goes away cancels its handler, which aborts its request.
         runner = web.AppRunner(self.build_app(), handler_cancellation=True, access_log=None,
                                shutdown_timeout=1.0)
@@ -135,7 +177,8 @@ class SimServer:
             await site.start()
         except BaseException:
             await runner.cleanup()
-            await self.engine.stop()
+            if self._group is not None:
+                await self._group.stop()
             raise
         self._runner = runner
         self._port = runner.addresses[0][1]
@@ -148,16 +191,23 @@ class SimServer:
         if not self._name:
             host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
             self._name = f"{host}:{self._port}"
-        if self.config.kv_events is not None:
-            publisher = KVEventPublisher(self.config.kv_events)
+        for rank in self.ranks:
+            rank.name = self._name if len(self.ranks) == 1 else f"{self._name}/dp{rank.rank}"
+        for rank in self.ranks:
+            if rank.kv_events_config is None:
+                continue
+            # vLLM stamps each batch with the engine's DP rank; without DP the simulator leaves it out.
+            dp_rank = rank.rank if self.config.data_parallel.enabled else None
+            publisher = KVEventPublisher(rank.kv_events_config, dp_rank)
+            rank.kv_events = publisher  # set first so stop() closes it if binding fails
             try:
                 publisher.bind()
             except BaseException:
                 await self.stop()
                 raise
-            publisher.set_topic(self.config.kv_events.topic or f"kv@{self.config.host}:{self._port}@{self.config.served_model}")
-            self.engine.cache.subscribe(publisher.on_event)
-            self.kv_events = publisher
+            publisher.set_topic(rank.kv_events_config.topic
+                                or f"kv@{self.config.host}:{self._port}@{self.config.served_model}")
+            rank.engine.cache.subscribe(publisher.on_event)
         return self._port
 
     async def _start_control(self) -> None:
@@ -170,16 +220,18 @@ class SimServer:
         self._control_port = runner.addresses[0][1]
 
     async def stop(self) -> None:
-        # Engine first: it unblocks handlers still waiting on tokens so cleanup is quick.
-        await self.engine.stop()
+        # Engines first: that unblocks handlers still waiting on tokens so cleanup is quick.
+        if self._group is not None:
+            await self._group.stop()
         for attr in ("_runner", "_control_runner"):
             runner = getattr(self, attr)
             setattr(self, attr, None)
             if runner is not None:
                 await runner.cleanup()
-        if self.kv_events is not None:
-            self.kv_events.close()
-            self.kv_events = None
+        for rank in self.ranks:
+            if rank.kv_events is not None:
+                rank.kv_events.close()
+                rank.kv_events = None
 
     async def __aenter__(self) -> SimServer:
         await self.start()
@@ -191,7 +243,26 @@ class SimServer:
     # ---- plumbing ------------------------------------------------------------------------
 
     async def _stamp(self, request: web.Request, response: web.StreamResponse) -> None:
-        response.headers[SERVED_BY_HEADER] = self._name
+        rank = request.get(_RANK)
+        response.headers[SERVED_BY_HEADER] = rank.name if rank is not None else self._name
+
+    def _pick_rank(self, request: web.Request) -> SimRank:
+        """The rank a request runs on: the x-data-parallel-rank header's (a global rank), else
+        vLLM's internal load balancing: DPLBAsyncMPClient.get_core_engine_for_request
+        (vllm/v1/engine/core_client.py) takes the engine with the lowest `waiting * 4 + running`,
+        the first in rank order on a tie. vLLM scores counts its DP coordinator publishes every
+        100 ms (bumping its own copy per pick); the simulator reads the live counts."""
+        if len(self.ranks) == 1:
+            rank = self.ranks[0]
+        elif (pinned := request.headers.get(DP_RANK_HEADER)) is not None:
+            rank = next((r for r in self.ranks if str(r.rank) == pinned.strip()), None)  # type: ignore[assignment]
+            if rank is None:
+                raise api.BadRequest(f"{DP_RANK_HEADER}: {pinned!r} is not a rank of this server "
+                                     f"({', '.join(str(r.rank) for r in self.ranks)})")
+        else:
+            rank = min(self.ranks, key=lambda r: r.engine.num_waiting * 4 + r.engine.num_running)
+        request[_RANK] = rank
+        return rank
 
     FAULTS = ("none", "error", "hang", "garbage-metrics")
 
@@ -248,13 +319,14 @@ class SimServer:
         parsed = api.parse_chat(body, self.config) if chat else api.parse_completion(body, self.config)
         head = api.ResponseHeader.new(parsed)
         reqs, outputs = self._engine_requests(parsed, head)
+        rank = self._pick_rank(request)
         try:
-            self._submit(reqs)
+            self._submit(rank.engine, reqs)
             if parsed.stream:
                 return await self._stream(request, parsed, head, reqs, outputs)
-            return await self._collect(parsed, head, reqs, outputs)
+            return await self._collect(rank, parsed, head, reqs, outputs)
         finally:
-            self._abort_unfinished(reqs)
+            self._abort_unfinished(rank.engine, reqs)
 
     def _engine_requests(self, parsed: api.ParsedRequest, head: api.ResponseHeader
                          ) -> tuple[list[EngineRequest], asyncio.Queue[TokenOutput]]:
@@ -276,19 +348,21 @@ class SimServer:
         ]
         return reqs, outputs
 
-    def _submit(self, reqs: list[EngineRequest]) -> None:
+    @staticmethod
+    def _submit(engine: Engine, reqs: list[EngineRequest]) -> None:
         for r in reqs:
             try:
-                self.engine.submit(r)
+                engine.submit(r)
             except RequestTooLarge as e:
                 raise api.BadRequest(str(e)) from None
 
-    def _abort_unfinished(self, reqs: list[EngineRequest]) -> None:
+    @staticmethod
+    def _abort_unfinished(engine: Engine, reqs: list[EngineRequest]) -> None:
         for r in reqs:
             if not r.done:
-                self.engine.abort(r)
+                engine.abort(r)
 
-    async def _collect(self, parsed: api.ParsedRequest, head: api.ResponseHeader,
+    async def _collect(self, rank: SimRank, parsed: api.ParsedRequest, head: api.ResponseHeader,
                        reqs: list[EngineRequest], outputs: asyncio.Queue[TokenOutput]) -> web.Response:
         texts: list[list[str]] = [[] for _ in reqs]
         pending = len(reqs)
@@ -302,7 +376,7 @@ class SimServer:
         if parsed.pd_leg is PdLeg.PREFILL:
             # vLLM hands these over only in a non-streamed response; so does the simulator.
             body["kv_transfer_params"] = api.produced_kv_transfer_params(
-                reqs[0].kv_block_ids, self._name, self.config.host, self._port, reqs[0].request_id)
+                reqs[0].kv_block_ids, rank.name, self.config.host, self._port, reqs[0].request_id)
         return _json(body)
 
     async def _stream(self, request: web.Request, parsed: api.ParsedRequest, head: api.ResponseHeader,
@@ -338,8 +412,9 @@ class SimServer:
             parsed = anthropic_api.parse_messages(await request.read(), self.config)
             head = anthropic_api.new_header(parsed)
             reqs, outputs = self._engine_requests(parsed, head)
+            rank = self._pick_rank(request)
             try:
-                self._submit(reqs)
+                self._submit(rank.engine, reqs)
                 if parsed.stream:
                     return await self._stream_messages(request, head, reqs[0], outputs)
                 text: list[str] = []
@@ -351,7 +426,7 @@ class SimServer:
                     if out.finished:
                         break
             finally:
-                self._abort_unfinished(reqs)
+                self._abort_unfinished(rank.engine, reqs)
         except api.ApiError as e:
             return _json(anthropic_api.error_body(e), status=e.status)
         r = reqs[0]
@@ -410,12 +485,9 @@ class SimServer:
             )
             for i, prompt in enumerate(parsed.prompts)
         ]
+        rank = self._pick_rank(request)
         try:
-            for r in reqs:
-                try:
-                    self.engine.submit(r)
-                except RequestTooLarge as e:
-                    raise api.BadRequest(str(e)) from None
+            self._submit(rank.engine, reqs)
             pending = len(reqs)
             while pending:
                 out = await outputs.get()
@@ -423,9 +495,7 @@ class SimServer:
                     raise api.Unavailable(str(out.error))
                 pending -= out.finished
         finally:
-            for r in reqs:
-                if not r.done:
-                    self.engine.abort(r)
+            self._abort_unfinished(rank.engine, reqs)
         return _json(api.embedding_response(parsed, self.config, base_id, int(time.time())))
 
     async def _render_completions(self, request: web.Request) -> web.Response:
@@ -452,14 +522,28 @@ class SimServer:
         return web.Response(status=200)
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+        body = SimMetrics.render_merged([rank.metrics for rank in self.ranks])
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     # ---- simulator control -----------------------------------------------------------------
 
     async def _stats(self, request: web.Request) -> web.Response:
-        s = self.engine.stats
-        return _json({
-            "name": self._name,
+        """One rank: its counters and load. Several (internal LB): their sums, and each under `ranks`."""
+        per_rank = [self._rank_stats(rank) for rank in self.ranks]
+        if len(per_rank) == 1:
+            body = per_rank[0]
+        else:
+            body = {key: sum(r[key] for r in per_rank) for key in per_rank[0] if key not in _NOT_SUMMED}
+            body["kv_cache_usage_perc"] = sum(r["kv_cache_usage_perc"] for r in per_rank) / len(per_rank)
+            body["ranks"] = per_rank
+        body["name"] = self._name
+        body["request_ids"] = list(self.request_ids)
+        return _json(body)
+
+    def _rank_stats(self, rank: SimRank) -> dict[str, Any]:
+        engine, s = rank.engine, rank.engine.stats
+        stats: dict[str, Any] = {
+            "name": rank.name,
             "requests_total": s.requests_total,
             "prompt_tokens_total": s.prompt_tokens_total,
             "cached_prompt_tokens_total": s.cached_prompt_tokens_total,
@@ -467,15 +551,18 @@ class SimServer:
             "prefill_legs_total": s.prefill_legs_total,
             "decode_legs_total": s.decode_legs_total,
             "kv_transfer_tokens_total": s.kv_transfer_tokens_total,
-            "running": self.engine.num_running,
-            "waiting": self.engine.num_waiting,
-            "kv_cache_usage_perc": self.engine.cache.usage,
-            "cached_blocks": self.engine.cache.cached_blocks,
-            "request_ids": list(self.request_ids),
-        })
+            "running": engine.num_running,
+            "waiting": engine.num_waiting,
+            "kv_cache_usage_perc": engine.cache.usage,
+            "cached_blocks": engine.cache.cached_blocks,
+        }
+        if self.config.data_parallel.enabled:
+            stats["data_parallel_rank"] = rank.rank
+        return stats
 
     async def _reset(self, request: web.Request) -> web.Response:
         """Clear the prefix cache and /sim/stats counters; Prometheus counters stay monotonic."""
-        self.engine.reset()
+        for rank in self.ranks:
+            rank.engine.reset()
         self.request_ids.clear()
         return _json({"status": "ok"})
