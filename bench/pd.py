@@ -9,6 +9,18 @@ Mixes: long prompt / short output (prefill-heavy) and short prompt / long output
 Each run is a closed loop: `concurrency` clients send streamed completions back to back for `duration`
 seconds; tokens received in that window count towards throughput. Requests still open `grace` seconds
 after the window are dropped and counted as unfinished; latencies are those of finished requests.
+
+Goodput, the number P/D exists to improve: requests/s (finished ones over the window) that met both
+bounds of the mix's SLO: TTFT, and the request's mean gap between tokens after the first (inference-
+perf's `itl`; see bench.common.Slo). Unfinished and failed requests miss. Defaults, at the default
+simulator time x2 (GPU profile: ~10k prefill tokens/s, 16 ms decode steps), scaled with --time-scale:
+  long prompt / short output   TTFT <= 1000 ms (5x a 2,000-token prefill on an idle server)
+                               ITL <= 25 ms (1.5x an idle decode step: a step that also prefilled
+                               another request's ~2,000 tokens takes ~200 ms, so a few of those
+                               in a 16-32-token answer break it; what disaggregation removes)
+  short prompt / long output   TTFT <= 250 ms, ITL <= 25 ms (met by an aggregated pool at this load;
+                               P/D must not lose it, e.g. by sending short prompts to slow prefill)
+--slo-ttft-ms / --slo-itl-ms set both mixes' bounds as given (not scaled).
 Run: python -m bench.pd [--quick]
 """
 
@@ -27,7 +39,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.common import mean, percentile, ratio, table
+from bench.common import Goodput, Slo, goodput, goodput_ratio, mean, percentile, ratio, slo_from_flags, table
 from extproc.devstack.stack import LocalStack, PdPool, StackOptions
 
 MODEL = "sim-model"
@@ -35,18 +47,22 @@ PD_CONFIG = Path(__file__).resolve().parents[1] / "pickers" / "configs" / "pd.ya
 _WORDS = "shipment invoice delay port customs carrier route freight quarter forecast margin supplier".split()
 
 
+DEFAULT_TIME_SCALE = 2.0  # the SLO defaults below are for this simulator time scale
+
+
 @dataclass(frozen=True, slots=True)
 class Mix:
     name: str
     prompt_tokens: tuple[int, int]
     max_tokens: tuple[int, int]
+    slo: Slo  # at DEFAULT_TIME_SCALE
 
 
 MIXES = (
-    Mix("long prompt / short output", (1500, 2500), (16, 32)),
-    Mix("short prompt / long output", (50, 150), (150, 250)),
+    Mix("long prompt / short output", (1500, 2500), (16, 32), Slo(1.0, 0.025)),
+    Mix("short prompt / long output", (50, 150), (150, 250), Slo(0.25, 0.025)),
 )
-QUICK_MIXES = (MIXES[0], Mix(MIXES[1].name, (50, 150), (50, 80)))
+QUICK_MIXES = (MIXES[0], Mix(MIXES[1].name, (50, 150), (50, 80), MIXES[1].slo))
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,8 +102,13 @@ class Run:
     def done(self) -> list[Sample]:
         return [s for s in self.samples if s.e2e is not None and s.error is None]
 
-    def row(self) -> dict[str, float]:
+    def goodput(self, slo: Slo) -> Goodput:
+        pairs = ((None, None) if s.error or s.unfinished or s.e2e is None else (s.ttft, s.itl) for s in self.samples)
+        return goodput(pairs, slo, self.duration)
+
+    def row(self, slo: Slo) -> dict[str, float]:
         done = self.done
+        gp = self.goodput(slo)
         ttft = [s.ttft for s in done if s.ttft is not None]
         itl = [s.itl for s in done if s.itl is not None]
         return {
@@ -100,6 +121,8 @@ class Run:
             "e2e50": percentile([s.e2e for s in done if s.e2e is not None], 50),
             "tok_s": sum(s.tokens_in_window for s in self.samples) / self.duration,
             "req_s": len(done) / self.duration,
+            "met": gp.share,
+            "good_s": gp.per_s,
         }
 
 
@@ -191,37 +214,51 @@ def _ms(v: float) -> str:
     return "-" if v != v else f"{v * 1000:.0f}"
 
 
-def report(mix: Mix, runs: list[Run], concurrency: int, duration: float, time_scale: float) -> str:
-    rows = {r.config.name: r.row() for r in runs}
+def report(mix: Mix, runs: list[Run], concurrency: int, duration: float, time_scale: float, slo: Slo) -> str:
+    rows = {r.config.name: r.row(slo) for r in runs}
     header = ["config", "done", "unfinished", "err", "TTFT p50 ms", "TTFT p90 ms", "ITL ms", "E2E p50 ms", "out tok/s",
-              "tok/s vs base", "TTFT vs base", "ITL vs base", "E2E vs base"]
+              "SLO met", f"goodput/s {slo.label()}", "tok/s vs base", "TTFT vs base", "ITL vs base", "E2E vs base",
+              "goodput vs base"]
     lines = []
     for r in runs:
         m, base = rows[r.config.name], rows.get(r.config.baseline or "", None)
-        vs = ["", "", "", ""] if base is None else [
+        vs = ["", "", "", "", ""] if base is None else [
             ratio(m["tok_s"], base["tok_s"]), ratio(m["ttft50"], base["ttft50"]),
-            ratio(m["itl"], base["itl"]), ratio(m["e2e50"], base["e2e50"])]
+            ratio(m["itl"], base["itl"]), ratio(m["e2e50"], base["e2e50"]), goodput_ratio(m["good_s"], base["good_s"])]
         name = r.config.name + ("" if base is None else f" (vs {r.config.baseline})")
+        met = "-" if m["met"] != m["met"] else f"{100 * m['met']:.0f}%"
         lines.append([name, str(int(m["done"])), str(int(m["unfinished"])), str(int(m["errors"])), _ms(m["ttft50"]), _ms(m["ttft90"]),
-                      _ms(m["itl"]), _ms(m["e2e50"]), f"{m['tok_s']:.0f}", *vs])
+                      _ms(m["itl"]), _ms(m["e2e50"]), f"{m['tok_s']:.0f}", met, f"{m['good_s']:.2f}", *vs])
     title = (f"{mix.name}: prompts {mix.prompt_tokens[0]}-{mix.prompt_tokens[1]} tokens, outputs "
              f"{mix.max_tokens[0]}-{mix.max_tokens[1]} tokens; {concurrency} clients x {duration:g}s per config; "
-             f"simulator time x{time_scale}")
+             f"simulator time x{time_scale}; SLO: TTFT <= {1000 * slo.ttft_s:g} ms and mean ITL <= {1000 * slo.itl_s:g} ms")
     return title + "\n" + table(header, lines)
 
 
+def mix_slo(mix: Mix, time_scale: float, ttft_ms: float | None, itl_ms: float | None) -> Slo:
+    """The mix's default bounds scaled to the simulator's time scale, each replaced by its flag when given."""
+    return slo_from_flags(mix.slo.scaled(time_scale / DEFAULT_TIME_SCALE), ttft_ms, itl_ms)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.pd", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.pd", description=__doc__.split("\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="shorter runs (under a minute)")
     p.add_argument("--duration", type=float, default=None, help="seconds of traffic per config and mix (default 9, quick 2.5)")
     p.add_argument("--concurrency", type=int, default=12, help="closed-loop clients (default 12)")
     p.add_argument("--time-scale", type=float, default=2.0,
                    help="simulator time scale; >1 keeps our own CPU cost small next to simulated time (default 2)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--slo-ttft-ms", type=float, help="goodput's TTFT bound for both mixes (default: per mix, see above)")
+    p.add_argument("--slo-itl-ms", type=float, help="goodput's mean inter-token latency bound for both mixes (default: per mix)")
     args = p.parse_args(argv)
     duration = args.duration or (2.5 if args.quick else 9.0)
     grace = 1.5 if args.quick else 5.0
     mixes = QUICK_MIXES if args.quick else MIXES
+    try:
+        slos = {m.name: mix_slo(m, args.time_scale, args.slo_ttft_ms, args.slo_itl_ms) for m in mixes}
+    except ValueError as e:
+        p.error(str(e))
     runs: dict[str, list[Run]] = {m.name: [] for m in mixes}
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-pd-") as tmp:
@@ -239,8 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"errors: {dict(errors)}", file=sys.stderr)
     for mix in mixes:
         print()
-        print(report(mix, runs[mix.name], args.concurrency, duration, args.time_scale))
-    print(f"\n(ratios: a config over its baseline; TTFT, ITL and E2E lower is better, tok/s higher is better; "
+        print(report(mix, runs[mix.name], args.concurrency, duration, args.time_scale, slos[mix.name]))
+    print(f"\n(ratios: a config over its baseline; TTFT, ITL and E2E lower is better, tok/s and goodput higher is better; "
           f"total {time.monotonic() - t0:.0f}s)")
     return 0
 

@@ -74,6 +74,7 @@ class Outcome:
     group: int
     served_by: str = "?"
     ttft: float | None = None
+    itl: float | None = None  # mean gap between content chunks after the first (one token each)
     e2e: float | None = None
     output_tokens: int = 0
     error: str | None = None
@@ -129,6 +130,7 @@ async def stream_chat(session: aiohttp.ClientSession, url: str, body: bytes, gro
     loop = asyncio.get_running_loop()
     o = Outcome(group)
     start = loop.time()
+    chunks, last = 0, 0.0
     try:
         async with session.post(url, data=body, headers={"content-type": "application/json"}, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             o.served_by = resp.headers.get("x-served-by", "?")
@@ -144,8 +146,11 @@ async def stream_chat(session: aiohttp.ClientSession, url: str, body: bytes, gro
                     break
                 chunk = json.loads(data)
                 choices = chunk.get("choices")
-                if o.ttft is None and choices and choices[0].get("delta", {}).get("content"):
-                    o.ttft = loop.time() - start
+                if choices and choices[0].get("delta", {}).get("content"):
+                    last = loop.time()
+                    chunks += 1
+                    if o.ttft is None:
+                        o.ttft = last - start
                 if chunk.get("usage"):
                     o.output_tokens = chunk["usage"]["completion_tokens"]
                     o.prompt_tokens = chunk["usage"].get("prompt_tokens") or 0
@@ -153,6 +158,8 @@ async def stream_chat(session: aiohttp.ClientSession, url: str, body: bytes, gro
             o.e2e = loop.time() - start
             if o.ttft is None:
                 o.error = "no content"
+            elif chunks > 1:
+                o.itl = (last - start - o.ttft) / (chunks - 1)
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:
         o.error = type(e).__name__
     return o

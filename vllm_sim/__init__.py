@@ -4,8 +4,9 @@ It lets the endpoint picker be developed and benchmarked against many cheap "eng
 queue, cache prefixes and report load the way vLLM does.
 """
 
-from vllm_sim.config import SimConfig
+from vllm_sim.config import DataParallelConfig, SimConfig
+from vllm_sim.data_parallel import DataParallelSim
 from vllm_sim.profiles import PROFILES, Profile
 from vllm_sim.server import SimServer
 
-__all__ = ["PROFILES", "Profile", "SimConfig", "SimServer"]
+__all__ = ["PROFILES", "DataParallelConfig", "DataParallelSim", "Profile", "SimConfig", "SimServer"]

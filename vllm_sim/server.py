@@ -193,11 +193,12 @@ class SimServer:
             self._name = f"{host}:{self._port}"
         for rank in self.ranks:
             rank.name = self._name if len(self.ranks) == 1 else f"{self._name}/dp{rank.rank}"
-        dp_rank = (lambda rank: rank.rank) if self.config.data_parallel.enabled else (lambda rank: None)
         for rank in self.ranks:
             if rank.kv_events_config is None:
                 continue
-            publisher = KVEventPublisher(rank.kv_events_config, dp_rank(rank))
+            # vLLM stamps each batch with the engine's DP rank; without DP the simulator leaves it out.
+            dp_rank = rank.rank if self.config.data_parallel.enabled else None
+            publisher = KVEventPublisher(rank.kv_events_config, dp_rank)
             rank.kv_events = publisher  # set first so stop() closes it if binding fails
             try:
                 publisher.bind()

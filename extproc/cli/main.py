@@ -213,7 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="run Envoy + the EPP + a simulated vLLM pool on loopback, until Ctrl-C")
     up.add_argument("--port", type=int, default=8081, help="the OpenAI endpoint's port (default 8081)")
-    up.add_argument("--sims", type=int, default=4, help="simulated vLLM servers (default 4)")
+    up.add_argument("--sims", type=int, default=None, help="simulated vLLM servers (default 4)")
+    up.add_argument("--dp-groups", type=int, metavar="G",
+                    help="instead of --sims: G simulated data-parallel groups (wide-EP), each a process whose "
+                         "ranks step in lockstep, every rank its own endpoint")
+    up.add_argument("--dp-size", type=int, metavar="N", help="ranks per data-parallel group (default 4; with --dp-groups)")
     up.add_argument("--profile", default="gpu", help="simulator timing profile: gpu or cpu (default gpu)")
     up.add_argument("--time-scale", type=float, default=1.0, help="simulator time scale (0.1 = 10x faster)")
     up.add_argument("--model", default="sim-model", help="model name the simulators serve (default sim-model)")
@@ -351,7 +355,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     response_mode = "STREAMED" if body_mode == "BUFFERED" else "FULL_DUPLEX_STREAMED"
     opts = StackOptions(
         workdir=workdir,
-        sims=args.sims,
+        sims=4 if args.sims is None else args.sims,
         sim_args=("--profile", args.profile, "--time-scale", str(args.time_scale)),
         model=args.model,
         endpoints_file=Path(args.endpoints) if args.endpoints else None,
@@ -364,6 +368,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         epp_tls="verified" if args.secure else "",
     )
     opts.pd = _pd_pool(args)
+    opts.dp_groups, opts.dp_size = _dp_groups(args)
     if opts.pd is not None and not args.config_file:
         opts.epp_args = ("--config-file", str(PD_CONFIG))
     stack = LocalStack(opts)
@@ -373,7 +378,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGHUP, _stop)
-    what = f"{args.sims} simulated vLLM servers"
+    what = f"{opts.sims} simulated vLLM servers"
+    if opts.dp_groups:
+        what = f"{opts.dp_groups} simulated data-parallel groups of {opts.dp_size} ranks"
     if opts.pd is not None:
         what = f"{opts.pd.prefill} prefill + {opts.pd.decode} decode simulators (decode behind pd-sidecars)"
     print(f"starting Envoy, the EPP and {'your endpoints' if args.endpoints else what} ...", flush=True)
@@ -422,6 +429,22 @@ def _pd_pool(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         prefill_sim_args=("--profile", args.prefill_profile or args.profile),
         decode_sim_args=("--profile", args.decode_profile or args.profile),
     )
+
+
+def _dp_groups(args: argparse.Namespace) -> tuple[int, int]:
+    """`epp up --dp-groups G [--dp-size N]`: (G, N), or (0, 1) without them."""
+    if args.dp_groups is None:
+        if args.dp_size is not None:
+            raise ConfigError("--dp-size is the size of each --dp-groups group; give --dp-groups too", field="--dp-size")
+        return 0, 1
+    size = 4 if args.dp_size is None else args.dp_size
+    if args.dp_groups < 1 or size < 1:
+        raise ConfigError(f"expected --dp-groups >= 1 and --dp-size >= 1, got {args.dp_groups} and {size}",
+                          field="--dp-groups")
+    if args.endpoints or args.pd or args.prefill is not None or args.decode is not None or args.sims is not None:
+        raise ConfigError("--dp-groups starts its own aggregated simulators; it cannot be combined with "
+                          "--sims, --endpoints or --pd", field="--dp-groups")
+    return args.dp_groups, size
 
 
 def cmd_sim(args: argparse.Namespace) -> int:

@@ -181,6 +181,10 @@ class StackOptions:
     # serves it (--cert-path) and Envoy verifies it.
     epp_tls: str = ""
     kv_events: bool = False  # simulators publish KV events, each on its own port (label llm-epp/kv-events-port)
+    # Instead of `sims`: dp_groups simulated data-parallel groups of dp_size ranks each (one process
+    # per group, ranks stepping in lockstep, a port per rank), listed with their rank and dpGroup.
+    dp_groups: int = 0
+    dp_size: int = 1
 
 
 class LocalStack:
@@ -191,6 +195,7 @@ class LocalStack:
         self.sidecar_ports: list[int] = []
         self.endpoints: list[tuple[str, int]] = []
         self.prefill_endpoints: list[tuple[str, int]] = []  # P/D: reached only through a sidecar
+        self.dp_ranks: dict[str, list[tuple[str, int]]] = {}  # dpGroup -> its ranks' endpoints, rank order
         self.listen_port = 0
         self.epp_port = 0
         self.epp_health_port = 0
@@ -283,10 +288,15 @@ class LocalStack:
         o.workdir.mkdir(parents=True, exist_ok=True)
         # The one port a user may choose: a taken one is an error before anything starts.
         self.listen_port = self.listen_port or self.reserve_port(port=o.listen_port)
+        if o.dp_groups and (o.endpoints_file is not None or o.pd is not None):
+            raise StackError("dp_groups: simulated data-parallel groups are an aggregated pool of their own; "
+                             "they cannot be combined with an endpoints file or a P/D pool")
         if o.endpoints_file is not None:
             self.use_endpoints_file(Path(o.endpoints_file))
         elif o.pd is not None:
             self.start_pd_pool(o.pd)
+        elif o.dp_groups:
+            self.start_dp_groups()
         else:
             self.start_sims()
         if o.epp:
@@ -313,6 +323,38 @@ class LocalStack:
             self._wait_ready(proc)
         self.endpoints_path = o.workdir / "endpoints.yaml"
         self.endpoints_path.write_text(yaml.safe_dump({"endpoints": entries}))
+
+    def start_dp_groups(self) -> None:
+        """dp_groups simulators, each one data-parallel group of dp_size ranks (external LB: a port per
+        rank), every rank its own endpoint with its `rank` and `dpGroup`."""
+        o = self.opts
+        if o.dp_groups < 1 or o.dp_size < 1:
+            raise StackError(f"dp_groups and dp_size: expected >= 1, got {o.dp_groups} and {o.dp_size}")
+        entries: list[dict[str, object]] = []
+        for g in range(o.dp_groups):
+            group = f"dp-{g}"
+            ports = [self.reserve_port() for _ in range(o.dp_size)]
+            argv = [sys.executable, "-m", "vllm_sim", "--host", "127.0.0.1", "--port", str(ports[0]),
+                    "--model", o.model, "--seed", str(g), "--data-parallel-size", str(o.dp_size),
+                    "--data-parallel-external-lb", "--rank-ports", ",".join(map(str, ports)), *o.sim_args]
+            kv_ports: list[int] = []
+            if o.kv_events:
+                kv_ports = [self.reserve_port("0.0.0.0") for _ in range(o.dp_size)]  # tcp://*:PORT per rank
+                argv += ["--kv-events-ports", ",".join(map(str, kv_ports))]
+            # The ranks' servers start in rank order, so the last one answering means all do.
+            proc = self._spawn(f"sim-{group}", argv, f"http://127.0.0.1:{ports[-1]}/health", [*ports, *kv_ports])
+            for rank, port in enumerate(ports):
+                entry: dict[str, object] = {"address": "127.0.0.1", "port": port, "name": f"{group}-rank-{rank}",
+                                            "rank": rank, "dpGroup": group}
+                if kv_ports:
+                    entry["labels"] = {"llm-epp/kv-events-port": str(kv_ports[rank])}
+                entries.append(entry)
+                self.sim_ports.append(port)
+                self.endpoints.append(("127.0.0.1", port))
+            self.dp_ranks[group] = [("127.0.0.1", port) for port in ports]
+            self._wait_ready(proc)
+        self.endpoints_path = o.workdir / "endpoints.yaml"
+        self.endpoints_path.write_text(yaml.safe_dump({"endpoints": entries}, sort_keys=False))
 
     def start_pd_pool(self, pool: PdPool) -> None:
         o = self.opts

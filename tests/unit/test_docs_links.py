@@ -1,4 +1,4 @@
-"""Every Markdown link in README.md, docs/*.md and bench/README.md points somewhere that exists.
+"""Every Markdown link in README.md, docs/*.md, bench/README.md and bench/*/README.md points somewhere that exists.
 
 Relative targets must name an existing file or folder (relative to the Markdown file), and an
 `#anchor` (alone, or after a `.md` file) must match a heading's GitHub-style slug in that file.
@@ -23,7 +23,8 @@ _EXTERNAL = ("http://", "https://", "mailto:")
 
 
 def doc_files() -> list[Path]:
-    files = [ROOT / "README.md", ROOT / "bench" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    files = [ROOT / "README.md", ROOT / "bench" / "README.md", *sorted((ROOT / "bench").glob("*/README.md")),
+             *sorted((ROOT / "docs").glob("*.md"))]
     return [f for f in files if f.is_file()]
 
 
