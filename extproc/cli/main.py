@@ -216,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--sims", type=int, default=None, help="simulated vLLM servers (default 4)")
     up.add_argument("--dp-groups", type=int, metavar="G",
                     help="instead of --sims: G simulated data-parallel groups (wide-EP), each a process whose "
-                         "ranks step in lockstep, every rank its own endpoint")
+                         "ranks step in lockstep, every rank its own endpoint; with --pd: G prefill groups and "
+                         "G decode groups")
     up.add_argument("--dp-size", type=int, metavar="N", help="ranks per data-parallel group (default 4; with --dp-groups)")
     up.add_argument("--profile", default="gpu", help="simulator timing profile: gpu or cpu (default gpu)")
     up.add_argument("--time-scale", type=float, default=1.0, help="simulator time scale (0.1 = 10x faster)")
@@ -232,8 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--secure", action="store_true", help="Envoy talks to the EPP over TLS (a certificate generated for the run)")
     pd = up.add_argument_group("prefill/decode disaggregation (uses pickers/configs/pd.yaml unless --config-file)")
     pd.add_argument("--pd", action="store_true", help="prefill simulators + decode simulators each behind a pd-sidecar")
-    pd.add_argument("--prefill", type=int, default=None, metavar="N", help="prefill simulators (default 2; implies --pd)")
-    pd.add_argument("--decode", type=int, default=None, metavar="M", help="decode simulators (default 2; implies --pd)")
+    pd.add_argument("--prefill", type=int, default=None, metavar="N",
+                    help="prefill simulators (default 2; implies --pd); with --dp-groups: prefill groups instead of G")
+    pd.add_argument("--decode", type=int, default=None, metavar="M",
+                    help="decode simulators (default 2; implies --pd); with --dp-groups: decode groups instead of G")
     pd.add_argument("--prefill-profile", default=None, help="timing profile of the prefill simulators (default --profile)")
     pd.add_argument("--decode-profile", default=None, help="timing profile of the decode simulators (default --profile)")
     up.add_argument(
@@ -383,6 +386,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         what = f"{opts.dp_groups} simulated data-parallel groups of {opts.dp_size} ranks"
     if opts.pd is not None:
         what = f"{opts.pd.prefill} prefill + {opts.pd.decode} decode simulators (decode behind pd-sidecars)"
+        if opts.pd.dp_size:
+            what = (f"{opts.pd.prefill} prefill + {opts.pd.decode} decode data-parallel groups of {opts.pd.dp_size} "
+                    "ranks (decode ranks behind DP pd-sidecars)")
     print(f"starting Envoy, the EPP and {'your endpoints' if args.endpoints else what} ...", flush=True)
     try:
         stack.start()
@@ -412,38 +418,55 @@ PD_CONFIG = CONFIGS / "pd.yaml"
 
 
 def _pd_pool(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    """`epp up --pd` (or --prefill/--decode): the P/D pool to start, else None."""
+    """`epp up --pd` (or --prefill/--decode): the P/D pool to start, else None. With --dp-groups G the
+    pool is data-parallel groups: G per role, unless --prefill or --decode counts that role's groups."""
     from extproc.devstack.stack import PdPool
 
     if not (args.pd or args.prefill is not None or args.decode is not None):
         return None
     if args.endpoints:
         raise ConfigError("--pd starts simulators; it cannot be combined with --endpoints", field="--pd")
-    prefill = 2 if args.prefill is None else args.prefill
-    decode = 2 if args.decode is None else args.decode
+    dp_size, unit, default = 0, "", 2
+    if args.dp_groups is not None:
+        if args.prefill is not None and args.decode is not None:
+            raise ConfigError("--dp-groups G gives both roles G groups; with --prefill and --decode both given it "
+                              "would count nothing: give --dp-groups with at most one of them", field="--dp-groups")
+        dp_size, unit, default = _dp_size(args), " groups", args.dp_groups
+    prefill = default if args.prefill is None else args.prefill
+    decode = default if args.decode is None else args.decode
     if prefill < 0 or decode < 1:
-        raise ConfigError(f"expected --prefill >= 0 and --decode >= 1, got {prefill} and {decode}", field="--decode")
+        raise ConfigError(f"expected --prefill >= 0 and --decode >= 1{unit}, got {prefill} and {decode}",
+                          field="--decode")
     return PdPool(
         prefill=prefill,
         decode=decode,
         prefill_sim_args=("--profile", args.prefill_profile or args.profile),
         decode_sim_args=("--profile", args.decode_profile or args.profile),
+        dp_size=dp_size,
     )
 
 
-def _dp_groups(args: argparse.Namespace) -> tuple[int, int]:
-    """`epp up --dp-groups G [--dp-size N]`: (G, N), or (0, 1) without them."""
-    if args.dp_groups is None:
-        if args.dp_size is not None:
-            raise ConfigError("--dp-size is the size of each --dp-groups group; give --dp-groups too", field="--dp-size")
-        return 0, 1
+def _dp_size(args: argparse.Namespace) -> int:
+    """The ranks per group of `--dp-groups G [--dp-size N]` (default 4), with G and N checked."""
     size = 4 if args.dp_size is None else args.dp_size
     if args.dp_groups < 1 or size < 1:
         raise ConfigError(f"expected --dp-groups >= 1 and --dp-size >= 1, got {args.dp_groups} and {size}",
                           field="--dp-groups")
-    if args.endpoints or args.pd or args.prefill is not None or args.decode is not None or args.sims is not None:
-        raise ConfigError("--dp-groups starts its own aggregated simulators; it cannot be combined with "
-                          "--sims, --endpoints or --pd", field="--dp-groups")
+    if args.endpoints or args.sims is not None:
+        raise ConfigError("--dp-groups starts its own simulators; it cannot be combined with --sims or --endpoints",
+                          field="--dp-groups")
+    return size
+
+
+def _dp_groups(args: argparse.Namespace) -> tuple[int, int]:
+    """`epp up --dp-groups G [--dp-size N]` without --pd: (G, N) aggregated groups, else (0, 1)."""
+    if args.dp_groups is None:
+        if args.dp_size is not None:
+            raise ConfigError("--dp-size is the size of each --dp-groups group; give --dp-groups too", field="--dp-size")
+        return 0, 1
+    size = _dp_size(args)
+    if args.pd or args.prefill is not None or args.decode is not None:
+        return 0, 1  # P/D groups: _pd_pool's PdPool.dp_size
     return args.dp_groups, size
 
 

@@ -154,6 +154,10 @@ class PdPool:
     prefill_sim_args: Sequence[str] = ()  # e.g. ("--profile", "cpu") for CPU prefill + GPU decode
     decode_sim_args: Sequence[str] = ()
     sidecar_args: Sequence[str] = ()  # extra pd-sidecar flags
+    # 0: `prefill` and `decode` count plain simulators. N >= 1: they count data-parallel groups of N
+    # ranks (wide-EP): one simulator per group, a port per rank; each decode group behind one DP
+    # pd-sidecar with a port per rank; every rank its own endpoint (rank, dpGroup prefill-<g>/decode-<g>).
+    dp_size: int = 0
 
 
 @dataclass
@@ -196,6 +200,7 @@ class LocalStack:
         self.endpoints: list[tuple[str, int]] = []
         self.prefill_endpoints: list[tuple[str, int]] = []  # P/D: reached only through a sidecar
         self.dp_ranks: dict[str, list[tuple[str, int]]] = {}  # dpGroup -> its ranks' endpoints, rank order
+        self.dp_sim_ports: dict[str, list[int]] = {}  # dpGroup -> its ranks' simulator ports (decode: behind the sidecar)
         self.listen_port = 0
         self.epp_port = 0
         self.epp_health_port = 0
@@ -289,8 +294,11 @@ class LocalStack:
         # The one port a user may choose: a taken one is an error before anything starts.
         self.listen_port = self.listen_port or self.reserve_port(port=o.listen_port)
         if o.dp_groups and (o.endpoints_file is not None or o.pd is not None):
-            raise StackError("dp_groups: simulated data-parallel groups are an aggregated pool of their own; "
-                             "they cannot be combined with an endpoints file or a P/D pool")
+            raise StackError("dp_groups: simulated data-parallel groups are an aggregated pool of their own; they "
+                             "cannot be combined with an endpoints file or a P/D pool (P/D groups: PdPool.dp_size)")
+        if o.kv_events and o.pd is not None and not o.pd.dp_size:
+            raise StackError("kv_events: the P/D pool's plain simulators publish no KV events; "
+                             "its data-parallel groups (PdPool.dp_size) do")
         if o.endpoints_file is not None:
             self.use_endpoints_file(Path(o.endpoints_file))
         elif o.pd is not None:
@@ -321,8 +329,7 @@ class LocalStack:
             self.endpoints.append(("127.0.0.1", port))
             entries.append(entry)
             self._wait_ready(proc)
-        self.endpoints_path = o.workdir / "endpoints.yaml"
-        self.endpoints_path.write_text(yaml.safe_dump({"endpoints": entries}))
+        self._write_endpoints(entries)
 
     def start_dp_groups(self) -> None:
         """dp_groups simulators, each one data-parallel group of dp_size ranks (external LB: a port per
@@ -332,31 +339,14 @@ class LocalStack:
             raise StackError(f"dp_groups and dp_size: expected >= 1, got {o.dp_groups} and {o.dp_size}")
         entries: list[dict[str, object]] = []
         for g in range(o.dp_groups):
-            group = f"dp-{g}"
-            ports = [self.reserve_port() for _ in range(o.dp_size)]
-            argv = [sys.executable, "-m", "vllm_sim", "--host", "127.0.0.1", "--port", str(ports[0]),
-                    "--model", o.model, "--seed", str(g), "--data-parallel-size", str(o.dp_size),
-                    "--data-parallel-external-lb", "--rank-ports", ",".join(map(str, ports)), *o.sim_args]
-            kv_ports: list[int] = []
-            if o.kv_events:
-                kv_ports = [self.reserve_port("0.0.0.0") for _ in range(o.dp_size)]  # tcp://*:PORT per rank
-                argv += ["--kv-events-ports", ",".join(map(str, kv_ports))]
-            # The ranks' servers start in rank order, so the last one answering means all do.
-            proc = self._spawn(f"sim-{group}", argv, f"http://127.0.0.1:{ports[-1]}/health", [*ports, *kv_ports])
-            for rank, port in enumerate(ports):
-                entry: dict[str, object] = {"address": "127.0.0.1", "port": port, "name": f"{group}-rank-{rank}",
-                                            "rank": rank, "dpGroup": group}
-                if kv_ports:
-                    entry["labels"] = {"llm-epp/kv-events-port": str(kv_ports[rank])}
-                entries.append(entry)
-                self.sim_ports.append(port)
-                self.endpoints.append(("127.0.0.1", port))
-            self.dp_ranks[group] = [("127.0.0.1", port) for port in ports]
-            self._wait_ready(proc)
-        self.endpoints_path = o.workdir / "endpoints.yaml"
-        self.endpoints_path.write_text(yaml.safe_dump({"endpoints": entries}, sort_keys=False))
+            ports, kv_ports = self._start_dp_group(f"dp-{g}", g, o.dp_size, o.sim_args)
+            entries += self._rank_entries(f"dp-{g}", ports, kv_ports)
+        self._write_endpoints(entries)
 
     def start_pd_pool(self, pool: PdPool) -> None:
+        if pool.dp_size:
+            self.start_pd_dp_groups(pool)
+            return
         o = self.opts
         entries: list[dict[str, object]] = []
         for i in range(pool.prefill):
@@ -376,8 +366,79 @@ class LocalStack:
             self.endpoints.append(("127.0.0.1", port))
             entries.append({"address": "127.0.0.1", "port": port, "name": f"decode-{i}",
                             "labels": {ROLE_LABEL: "decode"}, "metricsPort": sim_port})
-        self.endpoints_path = o.workdir / "endpoints.yaml"
-        self.endpoints_path.write_text(yaml.safe_dump({"endpoints": entries}))
+        self._write_endpoints(entries)
+
+    def start_pd_dp_groups(self, pool: PdPool) -> None:
+        """The P/D pool as data-parallel groups (wide-EP): `pool.prefill` groups whose ranks are prefill
+        endpoints (reached only through a sidecar), and `pool.decode` groups, each behind one DP-aware
+        pd-sidecar with a port per rank in front of that rank's simulator port. A decode rank's endpoint
+        is its sidecar port; its metrics come from its simulator port (metricsPort)."""
+        o = self.opts
+        if pool.prefill < 0 or pool.decode < 1 or pool.dp_size < 1:
+            raise StackError(f"PdPool: expected prefill >= 0, decode >= 1 and dp_size >= 1 groups/ranks, "
+                             f"got {pool.prefill}, {pool.decode} and {pool.dp_size}")
+        entries: list[dict[str, object]] = []
+        for g in range(pool.prefill):
+            group = f"prefill-{g}"
+            ports, kv_ports = self._start_dp_group(group, g, pool.dp_size, [*o.sim_args, *pool.prefill_sim_args])
+            self.prefill_endpoints += [("127.0.0.1", p) for p in ports]
+            entries += self._rank_entries(group, ports, kv_ports, role="prefill")
+        for g in range(pool.decode):
+            group = f"decode-{g}"
+            sims, kv_ports = self._start_dp_group(group, pool.prefill + g, pool.dp_size,
+                                                  [*o.sim_args, *pool.decode_sim_args])
+            ports = [self.reserve_port() for _ in sims]
+            # --pod-ip: the address the EPP names this pod by in x-data-parallel-host-port.
+            argv = [sys.executable, "-m", "pd_sidecar", "--host", "127.0.0.1", "--decoder", f"http://127.0.0.1:{sims[0]}",
+                    "--data-parallel-size", str(pool.dp_size), "--rank-ports", ",".join(map(str, ports)),
+                    "--decoder-rank-ports", ",".join(map(str, sims)), "--pod-ip", "127.0.0.1", *pool.sidecar_args]
+            # The ranks' listeners open in rank order, so the last one answering means all do.
+            proc = self._spawn(f"sidecar-{group}", argv, f"http://127.0.0.1:{ports[-1]}/health", ports)
+            self._wait_ready(proc)
+            self.sidecar_ports += ports
+            entries += self._rank_entries(group, ports, kv_ports, role="decode", metrics_ports=sims)
+        self._write_endpoints(entries)
+
+    def _start_dp_group(self, group: str, seed: int, size: int, args: Sequence[str]) -> tuple[list[int], list[int]]:
+        """One simulator serving data-parallel group `group` of `size` ranks in lockstep (external LB: a
+        port per rank; with kv_events a KV-event port per rank): (rank ports, KV-event ports)."""
+        ports = [self.reserve_port() for _ in range(size)]
+        argv = [sys.executable, "-m", "vllm_sim", "--host", "127.0.0.1", "--port", str(ports[0]),
+                "--model", self.opts.model, "--seed", str(seed), "--data-parallel-size", str(size),
+                "--data-parallel-external-lb", "--rank-ports", ",".join(map(str, ports)), *args]
+        kv_ports: list[int] = []
+        if self.opts.kv_events:
+            kv_ports = [self.reserve_port("0.0.0.0") for _ in range(size)]  # tcp://*:PORT per rank
+            argv += ["--kv-events-ports", ",".join(map(str, kv_ports))]
+        # The ranks' servers start in rank order, so the last one answering means all do.
+        proc = self._spawn(f"sim-{group}", argv, f"http://127.0.0.1:{ports[-1]}/health", [*ports, *kv_ports])
+        self.sim_ports += ports
+        self.dp_sim_ports[group] = ports
+        self._wait_ready(proc)
+        return ports, kv_ports
+
+    def _rank_entries(self, group: str, ports: Sequence[int], kv_ports: Sequence[int], role: str = "",
+                      metrics_ports: Sequence[int] = ()) -> list[dict[str, object]]:
+        """The endpoints-file entries of one group's ranks (rank r on ports[r]), now endpoints of the stack."""
+        entries: list[dict[str, object]] = []
+        for rank, port in enumerate(ports):
+            entry: dict[str, object] = {"address": "127.0.0.1", "port": port, "name": f"{group}-rank-{rank}",
+                                        "rank": rank, "dpGroup": group}
+            labels = {ROLE_LABEL: role} if role else {}
+            if kv_ports:
+                labels["llm-epp/kv-events-port"] = str(kv_ports[rank])
+            if labels:
+                entry["labels"] = labels
+            if metrics_ports:
+                entry["metricsPort"] = metrics_ports[rank]
+            entries.append(entry)
+            self.endpoints.append(("127.0.0.1", port))
+        self.dp_ranks[group] = [("127.0.0.1", port) for port in ports]
+        return entries
+
+    def _write_endpoints(self, entries: list[dict[str, object]]) -> None:
+        self.endpoints_path = self.opts.workdir / "endpoints.yaml"
+        self.endpoints_path.write_text(yaml.safe_dump({"endpoints": entries}, sort_keys=False))
 
     def _start_sim(self, name: str, seed: int, args: Sequence[str]) -> int:
         port = self.reserve_port()

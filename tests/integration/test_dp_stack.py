@@ -122,7 +122,7 @@ def test_epp_up_dp_groups_serves_every_rank_through_envoy(tmp_path: Path) -> Non
     (["--dp-size", "4"], "give --dp-groups too"),
     (["--dp-groups", "0"], "expected --dp-groups >= 1"),
     (["--dp-groups", "2", "--dp-size", "0"], "--dp-size >= 1"),
-    (["--dp-groups", "2", "--pd"], "cannot be combined with --sims, --endpoints or --pd"),
+    (["--dp-groups", "2", "--endpoints", "x.yaml"], "cannot be combined with --sims or --endpoints"),
     (["--dp-groups", "2", "--sims", "3"], "cannot be combined with --sims"),
 ])
 def test_bad_dp_group_flags_are_refused(argv: list[str], message: str, capsys, tmp_path: Path) -> None:
