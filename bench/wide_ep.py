@@ -4,8 +4,9 @@ Simulated DP groups (`vllm-sim --data-parallel-size N`: N ranks in one process, 
 cache and queue, stepping in lockstep: a step lasts as long as the slowest rank's batch plus an
 all-to-all, idle ranks take dummy steps) behind real Envoy + the EPP, driven by the same closed loop
 of clients in every configuration:
-  rank-aware    every rank an endpoint; `best` (prefix affinity + in-flight load + the
-                data-parallel-balance-scorer, which knows the ranks of a group step together)
+  rank-aware    every rank an endpoint; `best` (prefix affinity + the EPP's in-flight load)
+  rank-aware+dp the same plus data-parallel-balance-scorer (weight 3), which knows the ranks of a
+                group step together: what a request adds to its group's slowest rank
   plain         every rank an endpoint; llm-d's wide-EP scoring shape: prefix-cache 3 + queue 2 +
                 active-request 2, ranks treated as independent servers
   round-robin   every rank an endpoint, in turn
@@ -17,8 +18,9 @@ affinity matters, and the prefixes together overflow one rank's KV cache but fit
 Per-rank load spread is sampled from every rank's /sim/stats a few times a second: the mean over
 samples of (max over ranks of running requests) / (mean over ranks), per group.
 
-    python -m bench.wide_ep            # aggregated, 2 groups x 4 ranks (~6 min)
-    python -m bench.wide_ep --quick    # shorter runs (~2 min)
+    python -m bench.wide_ep            # aggregated, 2 groups x 4 ranks (~2.5 min)
+    python -m bench.wide_ep --pd       # 1 prefill + 1 decode group of 4 ranks (~2 min)
+    python -m bench.wide_ep --quick    # shorter runs (~1.5 min)
 """
 
 from __future__ import annotations
@@ -36,11 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
-import yaml
 
 from bench.common import mean, percentile, ratio, table
-from extproc.devstack.stack import LocalStack, StackOptions
-from pickers.framework.endpoint import ROLE_LABEL
+from extproc.devstack.stack import LocalStack, PdPool, StackOptions
 
 MODEL = "sim-model"
 _WORDS = "shipment invoice delay port customs carrier route freight quarter forecast margin supplier".split()
@@ -64,11 +64,6 @@ schedulingProfiles:
   - {pluginRef: active-request-scorer, weight: 2}
   - {pluginRef: max-score-picker}
 """
-
-
-def _plain_with_dp(weight: int) -> str:
-    return PLAIN_CONFIG.replace("- type: max-score-picker\n", "- type: data-parallel-balance-scorer\n- type: max-score-picker\n", 1).replace(
-        "  - {pluginRef: max-score-picker}", f"  - {{pluginRef: data-parallel-balance-scorer, weight: {weight}}}\n  - {{pluginRef: max-score-picker}}")
 
 
 def _pd_config(prefill: str, decode: str, extra_plugins: str = "") -> str:
@@ -109,7 +104,9 @@ PD_RANK_AWARE = _pd_config(
     _GUIDE_DECODE.replace("  - {pluginRef: max-score-picker}", "  - {pluginRef: dp-decode, weight: 3}\n  - {pluginRef: max-score-picker}"),
     "- type: data-parallel-balance-scorer\n- type: data-parallel-balance-scorer\n  name: dp-decode\n  parameters: {prefill: false}\n",
 )
-PD_ROUND_ROBIN = _pd_config("  - {pluginRef: round-robin-picker}\n", "  - {pluginRef: round-robin-picker}\n")
+# one round-robin picker per profile: a shared one would alternate between the profiles' candidate lists
+PD_ROUND_ROBIN = _pd_config("  - {pluginRef: round-robin-picker}\n", "  - {pluginRef: rr-decode}\n",
+                            "- type: round-robin-picker\n  name: rr-decode\n")
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +118,7 @@ class Setup:
 
 
 def _best_with_dp(weight: int) -> str:
-    """best.yaml plus the data-parallel-balance-scorer (for trying weights before best.yaml has it)."""
+    """best.yaml plus the data-parallel-balance-scorer at `weight`."""
     text = (Path(__file__).resolve().parents[1] / "pickers" / "configs" / "best.yaml").read_text()
     text = text.replace("- type: max-score-picker\n", "- type: data-parallel-balance-scorer\n- type: max-score-picker\n", 1)
     return text.replace("  - {pluginRef: max-score-picker}", f"  - {{pluginRef: data-parallel-balance-scorer, weight: {weight}}}\n  - {{pluginRef: max-score-picker}}")
@@ -129,11 +126,9 @@ def _best_with_dp(weight: int) -> str:
 
 SETUPS = (
     Setup("rank-aware", ("--strategy", "best")),
-    Setup("best+dp1", config_text=_best_with_dp(1)),
-    Setup("best+dp3", config_text=_best_with_dp(3)),
+    Setup("rank-aware+dp", config_text=_best_with_dp(3)),
     Setup("plain", config_text=PLAIN_CONFIG),
     Setup("round-robin", ("--strategy", "round-robin")),
-    Setup("plain+dp3", config_text=_plain_with_dp(3)),
     Setup("rank-0 only", config_text=PLAIN_CONFIG, rank0_only=True),
 )
 PD_SETUPS = (
@@ -297,61 +292,15 @@ def report(title: str, runs: Sequence[Run]) -> str:
     return title + "\n" + table(header, lines)
 
 
-class DPStack(LocalStack):
-    """Envoy + the EPP in front of `groups` simulator processes, each one DP group of `size` ranks
-    (external LB: one API port per rank). `rank0_only` lists only each group's rank 0 in the pool."""
+class Rank0Stack(LocalStack):
+    """The stack's DP groups with only each group's rank 0 in the pool (an InferencePool that lists one
+    port per pod): the other ranks run, in lockstep, but get no traffic."""
 
-    def __init__(self, opts: StackOptions, groups: int, size: int, rank_args: Sequence[str], rank0_only: bool,
-                 pd_groups: tuple[int, int] | None = None) -> None:
-        super().__init__(opts)
-        self.groups, self.size, self.rank_args, self.rank0_only = groups, size, tuple(rank_args), rank0_only
-        self.pd_groups = pd_groups  # (prefill groups, decode groups): decode ranks behind a DP pd-sidecar
-        self.ranks: dict[str, list[str]] = {}  # group -> every rank's simulator URL (listed in the pool or not)
-
-    def _group(self, name: str, seed: int) -> list[int]:
-        ports = [self.reserve_port() for _ in range(self.size)]
-        argv = [sys.executable, "-m", "vllm_sim", "--host", "127.0.0.1", "--port", str(ports[0]),
-                "--model", self.opts.model, "--seed", str(seed), "--data-parallel-size", str(self.size),
-                "--data-parallel-external-lb", "--rank-ports", ",".join(map(str, ports)), *self.rank_args]
-        self._wait_ready(self._spawn(name, argv, f"http://127.0.0.1:{ports[-1]}/health", ports))
-        self.ranks[name] = [f"http://127.0.0.1:{p}" for p in ports]
-        self.sim_ports.extend(ports)
-        return ports
-
-    def _entry(self, name: str, r: int, port: int, **extra: object) -> dict[str, object] | None:
-        if self.rank0_only and r:
-            return None
-        self.endpoints.append(("127.0.0.1", port))
-        return {"address": "127.0.0.1", "port": port, "name": f"{name}-rank-{r}", "rank": r, "dpGroup": name, **extra}
-
-    def start_sims(self) -> None:
-        entries: list[dict[str, object] | None] = []
-        if self.pd_groups is None:
-            for g in range(self.groups):
-                entries += [self._entry(f"dp-{g}", r, port) for r, port in enumerate(self._group(f"dp-{g}", g))]
-        else:
-            prefill, decode = self.pd_groups
-            for g in range(prefill):
-                name = f"prefill-{g}"
-                for r, port in enumerate(self._group(name, g)):
-                    entry = self._entry(name, r, port, labels={ROLE_LABEL: "prefill"})
-                    if entry is not None:
-                        self.prefill_endpoints.append(("127.0.0.1", port))
-                    entries.append(entry)
-            for g in range(decode):
-                name = f"decode-{g}"
-                sims = self._group(name, prefill + g)
-                ports = [self.reserve_port() for _ in range(self.size)]
-                argv = [sys.executable, "-m", "pd_sidecar", "--host", "127.0.0.1", "--port", str(ports[0]),
-                        "--decoder", f"http://127.0.0.1:{sims[0]}", "--data-parallel-size", str(self.size),
-                        "--rank-ports", ",".join(map(str, ports)), "--decoder-rank-ports", ",".join(map(str, sims)),
-                        "--pod-ip", "127.0.0.1"]
-                self._wait_ready(self._spawn(f"sidecar-{g}", argv, f"http://127.0.0.1:{ports[-1]}/health", ports))
-                self.sidecar_ports.extend(ports)
-                entries += [self._entry(name, r, port, labels={ROLE_LABEL: "decode"}, metricsPort=sim)
-                            for r, (port, sim) in enumerate(zip(ports, sims))]
-        self.endpoints_path = self.opts.workdir / "endpoints.yaml"
-        self.endpoints_path.write_text(yaml.safe_dump({"endpoints": [e for e in entries if e is not None]}))
+    def _write_endpoints(self, entries: list[dict[str, object]]) -> None:
+        hidden = {("127.0.0.1", e["port"]) for e in entries if e.get("rank")}
+        self.endpoints = [e for e in self.endpoints if e not in hidden]
+        self.prefill_endpoints = [e for e in self.prefill_endpoints if e not in hidden]
+        super()._write_endpoints([e for e in entries if not e.get("rank")])
 
 
 def run_setup(setup: Setup, workdir: Path, args: argparse.Namespace, w: Workload, prefixes: Sequence[str],
@@ -363,11 +312,17 @@ def run_setup(setup: Setup, workdir: Path, args: argparse.Namespace, w: Workload
         path.write_text(setup.config_text)
         epp_args = ("--config-file", str(path))
     rank_args = ("--time-scale", str(args.time_scale), "--num-gpu-blocks", str(args.blocks))
-    opts = StackOptions(workdir=workdir, model=MODEL, epp_args=epp_args, envoy_concurrency=1)
-    stack = DPStack(opts, args.groups, args.size, rank_args, setup.rank0_only, pd_groups)
+    if pd_groups is None:
+        opts = StackOptions(workdir=workdir, model=MODEL, epp_args=epp_args, envoy_concurrency=1, sim_args=rank_args,
+                            dp_groups=args.groups, dp_size=args.size)
+    else:
+        opts = StackOptions(workdir=workdir, model=MODEL, epp_args=epp_args, envoy_concurrency=1, sim_args=rank_args,
+                            pd=PdPool(prefill=pd_groups[0], decode=pd_groups[1], dp_size=args.size))
+    stack = (Rank0Stack if setup.rank0_only else LocalStack)(opts)
     stack.start()
     try:
-        return asyncio.run(drive(stack, setup, w, prefixes, args.clients, args.duration, args.grace, args.seed, stack.ranks))
+        ranks = {g: [f"http://127.0.0.1:{p}" for p in ports] for g, ports in stack.dp_sim_ports.items()}
+        return asyncio.run(drive(stack, setup, w, prefixes, args.clients, args.duration, args.grace, args.seed, ranks))
     finally:
         stack.stop()
 
@@ -375,34 +330,43 @@ def run_setup(setup: Setup, workdir: Path, args: argparse.Namespace, w: Workload
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.wide_ep", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="shorter runs")
-    p.add_argument("--groups", type=int, default=2, help="DP groups (default 2)")
+    p.add_argument("--groups", type=int, default=2, help="DP groups (default 4)")
     p.add_argument("--size", type=int, default=4, help="ranks per group (default 4)")
-    p.add_argument("--clients", type=int, default=48, help="closed-loop clients (default 48)")
-    p.add_argument("--duration", type=float, default=None, help="seconds of traffic per setup (default 20, quick 8)")
-    p.add_argument("--time-scale", type=float, default=2.0,
-                   help="simulator time scale; >1 keeps our own CPU cost small next to simulated time (default 2)")
+    p.add_argument("--clients", type=int, default=128, help="closed-loop clients (default 128)")
+    p.add_argument("--duration", type=float, default=None, help="seconds of traffic per setup (default 15, quick 8)")
+    p.add_argument("--time-scale", type=float, default=4.0,
+                   help="simulator time scale; >1 keeps our own CPU cost small next to simulated time (default 4)")
     p.add_argument("--blocks", type=int, default=2000,
                    help="KV blocks of 16 tokens per rank (default 2000: ~21 of the 24 prefixes fit one rank, "
                         "with nothing running)")
-    p.add_argument("--only", action="append", choices=[s.name for s in SETUPS], help="run only this setup (repeatable)")
+    p.add_argument("--question-tokens", type=lambda t: tuple(int(x) for x in t.split("-")), default=None, metavar="LO-HI",
+                   help="tokens of each prompt's own part after its shared prefix (default 100-400)")
+    p.add_argument("--only", action="append", choices=sorted({s.name for s in (*SETUPS, *PD_SETUPS)}), help="run only this setup (repeatable)")
+    p.add_argument("--pd", action="store_true",
+                   help="P/D instead: half the groups prefill, half decode (decode ranks behind a DP pd-sidecar)")
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
-    args.duration = args.duration or (8.0 if args.quick else 20.0)
+    if args.pd and (args.groups < 2 or args.groups % 2):
+        p.error("--pd needs an even number of --groups (half prefill, half decode)")
+    args.duration = args.duration or (8.0 if args.quick else 15.0)
     args.grace = 3.0 if args.quick else 8.0
-    w = Workload()
+    w = Workload(question_tokens=args.question_tokens) if args.question_tokens else Workload()
     prefixes = make_prefixes(w, args.seed)
     runs: list[Run] = []
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-wide-ep-") as tmp:
-        for setup in SETUPS:
+        pd_groups = (args.groups // 2, args.groups // 2) if args.pd else None
+        for setup in PD_SETUPS if args.pd else SETUPS:
             if args.only and setup.name not in args.only:
                 continue
             print(f"{setup.name} ...", file=sys.stderr)
-            runs.append(run_setup(setup, Path(tmp) / setup.name.replace(" ", "-"), args, w, prefixes))
+            runs.append(run_setup(setup, Path(tmp) / setup.name.replace(" ", "-"), args, w, prefixes, pd_groups))
     errors = Counter(s.error for r in runs for s in r.samples if s.error)
     if errors:
         print(f"errors: {dict(errors)}", file=sys.stderr)
-    title = (f"aggregated: {args.groups} DP groups x {args.size} ranks (lockstep), {args.clients} clients x "
+    shape = (f"P/D: {args.groups // 2} prefill + {args.groups // 2} decode DP groups" if args.pd
+             else f"aggregated: {args.groups} DP groups")
+    title = (f"{shape} x {args.size} ranks (lockstep), {args.clients} clients x "
              f"{args.duration:g}s per setup; prompts: 1 of {w.prefixes} shared {w.prefix_tokens}-token prefixes + "
              f"{w.question_tokens[0]}-{w.question_tokens[1]} tokens, outputs {w.max_tokens[0]}-{w.max_tokens[1]} tokens; "
              f"{args.blocks} KV blocks per rank; simulator time x{args.time_scale}")
