@@ -37,6 +37,8 @@ bench: setup
 	$(BIN)/python -m bench.overhead
 	$(BIN)/python -m bench.quality
 	$(BIN)/python -m bench.pd
+	$(BIN)/python -m bench.wide_ep
+	$(BIN)/python -m bench.wide_ep --pd
 	$(BIN)/python -m bench.precise
 	$(BIN)/python -m bench.faults
 	$(BIN)/python -m bench.flow_control

@@ -60,6 +60,7 @@ from pickers.plugins.profile.handlers import (
 from pickers.plugins.profile.header import HeaderProfileHandler
 from pickers.plugins.profile.pd_deciders import AlwaysDisaggMultimodalDecider, AlwaysDisaggPDDecider, PrefixBasedPDDecider
 from pickers.plugins.scorer.load.active_request import ActiveRequestScorer
+from pickers.plugins.scorer.load.data_parallel import DataParallelBalanceScorer
 from pickers.plugins.scorer.load.kv_cache import KVCacheUtilizationScorer
 from pickers.plugins.scorer.load.load_aware import LoadAwareScorer
 from pickers.plugins.scorer.affinity.header_label import HeaderLabelAffinityScorer
@@ -105,6 +106,7 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     SessionAffinityScorer,
     NoHitLRUScorer,
     PrefillLoadScorer,  # llm-epp's: queued + own uncached prefill work
+    DataParallelBalanceScorer,  # llm-epp's: where inside a lockstep DP group a request is free
     HeaderLabelAffinityScorer,
     ContextLengthAware,  # a scorer and, with enableFiltering, a filter
     LatencyScorer,  # predicted latency headroom (the latency model's predictions)
