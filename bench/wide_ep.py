@@ -40,6 +40,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.common import mean, percentile, ratio, table
+from bench.pd import Sample, _one  # one streamed completion, timed
 from extproc.devstack.stack import LocalStack, PdPool, StackOptions
 
 MODEL = "sim-model"
@@ -148,15 +149,6 @@ class Workload:
 
 
 @dataclass(slots=True)
-class Sample:
-    ttft: float | None = None
-    itl: float | None = None  # mean gap between tokens after the first
-    tokens_in_window: int = 0
-    error: str | None = None
-    unfinished: bool = False
-
-
-@dataclass(slots=True)
 class Run:
     setup: Setup
     samples: list[Sample] = field(default_factory=list)
@@ -194,33 +186,6 @@ def _words(rng: random.Random, tokens: int) -> str:
 def make_prefixes(w: Workload, seed: int) -> list[str]:
     rng = random.Random(seed)
     return [f"[tenant {i}] " + _words(rng, w.prefix_tokens) for i in range(w.prefixes)]
-
-
-async def _one(session: aiohttp.ClientSession, url: str, body: bytes, end: float, sample: Sample) -> None:
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    times: list[float] = []
-    async with session.post(url, data=body, headers={"content-type": "application/json"}) as resp:
-        if resp.status != 200:
-            sample.error = f"HTTP {resp.status}"
-            await resp.read()
-            return
-        async for line in resp.content:
-            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
-                continue
-            chunk = json.loads(line[6:])
-            choices = chunk.get("choices")
-            if choices and choices[0].get("text"):
-                now = loop.time()
-                times.append(now)
-                if now <= end:
-                    sample.tokens_in_window += 1
-    if not times:
-        sample.error = "no tokens"
-        return
-    sample.ttft = times[0] - start
-    if len(times) > 1:
-        sample.itl = (times[-1] - times[0]) / (len(times) - 1)
 
 
 async def _sample_ranks(session: aiohttp.ClientSession, ranks: dict[str, list[str]], run: Run, every: float) -> None:
@@ -344,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", action="append", choices=sorted({s.name for s in (*SETUPS, *PD_SETUPS)}), help="run only this setup (repeatable)")
     p.add_argument("--pd", action="store_true",
                    help="P/D instead: half the groups prefill, half decode (decode ranks behind a DP pd-sidecar)")
+    p.add_argument("--repeat", type=int, default=1, metavar="K",
+                   help="run every setup K times, interleaved, and print each round and the ratios' range (default 1)")
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
     if args.pd and (args.groups < 2 or args.groups % 2):
@@ -352,15 +319,20 @@ def main(argv: list[str] | None = None) -> int:
     args.grace = 3.0 if args.quick else 8.0
     w = Workload(question_tokens=args.question_tokens) if args.question_tokens else Workload()
     prefixes = make_prefixes(w, args.seed)
-    runs: list[Run] = []
+    rounds: list[list[Run]] = []
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-wide-ep-") as tmp:
         pd_groups = (args.groups // 2, args.groups // 2) if args.pd else None
-        for setup in PD_SETUPS if args.pd else SETUPS:
-            if args.only and setup.name not in args.only:
-                continue
-            print(f"{setup.name} ...", file=sys.stderr)
-            runs.append(run_setup(setup, Path(tmp) / setup.name.replace(" ", "-"), args, w, prefixes, pd_groups))
+        for k in range(args.repeat):
+            runs: list[Run] = []
+            for setup in PD_SETUPS if args.pd else SETUPS:
+                if args.only and setup.name not in args.only:
+                    continue
+                print(f"{setup.name} (round {k + 1}) ...", file=sys.stderr)
+                workdir = Path(tmp) / f"{setup.name.replace(' ', '-')}-{k}"
+                runs.append(run_setup(setup, workdir, args, w, prefixes, pd_groups))
+            rounds.append(runs)
+    runs = [r for rs in rounds for r in rs]
     errors = Counter(s.error for r in runs for s in r.samples if s.error)
     if errors:
         print(f"errors: {dict(errors)}", file=sys.stderr)
@@ -370,8 +342,15 @@ def main(argv: list[str] | None = None) -> int:
              f"{args.duration:g}s per setup; prompts: 1 of {w.prefixes} shared {w.prefix_tokens}-token prefixes + "
              f"{w.question_tokens[0]}-{w.question_tokens[1]} tokens, outputs {w.max_tokens[0]}-{w.max_tokens[1]} tokens; "
              f"{args.blocks} KV blocks per rank; simulator time x{args.time_scale}")
-    print()
-    print(report(title, runs))
+    for k, rs in enumerate(rounds):
+        print()
+        print(report(title + (f"; round {k + 1} of {len(rounds)}" if len(rounds) > 1 else ""), rs))
+    if len(rounds) > 1:
+        print(f"\n{rounds[0][0].setup.name} vs each, over {len(rounds)} rounds (min-max):")
+        for i, r in enumerate(rounds[0][1:], 1):
+            tok = [rs[0].row()["tok_s"] / rs[i].row()["tok_s"] for rs in rounds if rs[i].row()["tok_s"]]
+            itl = [rs[0].row()["itl"] / rs[i].row()["itl"] for rs in rounds if rs[i].row()["itl"] == rs[i].row()["itl"]]
+            print(f"  {r.setup.name}: output tok/s {min(tok):.2f}-{max(tok):.2f}x; ITL {min(itl):.2f}-{max(itl):.2f}x")
     print(f"\n(rank spread: mean over samples of max/mean running requests across a group's ranks, 1.00 = even; "
           f"busy ranks: ranks seen running anything; total {time.monotonic() - t0:.0f}s)")
     return 0

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from bench.wide_ep import PD_SETUPS, SETUPS, Rank0Stack, Run, Sample, report
+from bench.pd import Sample
+from bench.wide_ep import PD_SETUPS, SETUPS, Rank0Stack, Run, report
 from extproc.devstack.stack import StackOptions
 from pickers.config.loader import load_config
 from pickers.plugins.base import PluginContext
