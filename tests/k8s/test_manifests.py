@@ -14,6 +14,7 @@ from kubernetes_asyncio.client import models as k8s_models
 
 from extproc.cli.main import _kubernetes_options, build_parser
 from pickers.config.loader import load_config_file
+from tests.k8s.kustomize import needs_kubectl, render
 
 ROOT = Path(__file__).resolve().parents[2] / "manifests"
 FILES = sorted(ROOT.rglob("*.yaml"))
@@ -34,6 +35,7 @@ KINDS = {
     "Kustomization": "kustomize.config.k8s.io/v1beta1",
     "Component": "kustomize.config.k8s.io/v1alpha1",
     "EndpointPickerConfig": "llm-d.ai/v1alpha1",
+    "LeaderWorkerSet": "leaderworkerset.x-k8s.io/v1",
 }
 # Core kinds checked against the client's models: every field must be one the API knows.
 MODELS = {
@@ -172,9 +174,14 @@ def test_the_shipped_config_loads() -> None:
     load_config_file(ROOT / "epp/config.yaml")
 
 
+def _base_pool() -> dict[str, Any]:
+    (pool,) = docs(ROOT / "inferencepool.yaml")
+    return pool
+
+
 def test_pool_service_routes_and_model_servers_fit_together() -> None:
-    (pool,) = of_kind("InferencePool")
-    (service,) = of_kind("Service")
+    pool = _base_pool()
+    (service,) = docs(ROOT / "epp/service.yaml")
     ref = pool["spec"]["endpointPickerRef"]
     assert ref["name"] == service["metadata"]["name"]
     assert ref["port"]["number"] in [p["port"] for p in service["spec"]["ports"]]
@@ -200,14 +207,38 @@ def _deployment(name: str) -> dict[str, Any]:
     return d
 
 
-def test_each_gateway_overlay_has_a_gateway_and_route_and_includes_the_base() -> None:
+def test_each_gateway_overlay_has_a_gateway_and_route_and_stands_alone() -> None:
+    """A gateway overlay is applied beside the base (or manifests/wide-ep): kustomize refuses one that
+    includes the base whose folder holds it ("cycle detected")."""
     for gw in ("istio", "kgateway", "envoy-gateway"):
         k = docs(ROOT / "gateways" / gw / "kustomization.yaml")[0]
-        assert "../.." in k["resources"]
-        kinds = {d["kind"] for r in k["resources"] if r != "../.." for d in docs(ROOT / "gateways" / gw / r)}
+        assert all(not r.startswith("..") for r in k["resources"]), gw
+        kinds = {d["kind"] for r in k["resources"] for d in docs(ROOT / "gateways" / gw / r)}
         assert {"Gateway", "HTTPRoute"} <= kinds, gw
     (rule,) = of_kind("DestinationRule")
     assert rule["spec"]["host"] == "llm-pool-epp" and rule["spec"]["trafficPolicy"]["tls"]["mode"] == "DISABLE"
+
+
+KUSTOMIZATIONS = sorted(p.parent for p in ROOT.rglob("kustomization.yaml") if docs(p)[0]["kind"] == "Kustomization")
+
+
+@needs_kubectl
+@pytest.mark.parametrize("path", KUSTOMIZATIONS, ids=lambda p: str(p.relative_to(ROOT)) or ".")
+def test_every_kustomization_renders(path: Path) -> None:
+    """`kubectl kustomize` (kubectl apply -k) builds each one; every object it makes is of a kind we ship."""
+    for obj in render(path):
+        assert KINDS.get(obj["kind"], "v1" if obj["kind"] == "ConfigMap" else None) == obj["apiVersion"], (path, obj["kind"])
+
+
+@needs_kubectl
+def test_the_base_renders_the_epp_its_config_and_one_pool() -> None:
+    objects = render(ROOT)
+    (pool,) = [o for o in objects if o["kind"] == "InferencePool"]
+    assert pool == _base_pool()
+    (deploy,) = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "llm-pool-epp"]
+    (volume,) = deploy["spec"]["template"]["spec"]["volumes"]
+    (cm,) = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == volume["configMap"]["name"]]
+    assert cm["data"]["config.yaml"] == (ROOT / "epp/config.yaml").read_text()
 
 
 @pytest.mark.parametrize("path", sorted(ROOT.rglob("kustomization.yaml")), ids=lambda p: str(p.relative_to(ROOT)))
@@ -264,8 +295,9 @@ def _pool_schema() -> dict[str, Any]:
     return version["schema"]["openAPIV3Schema"]
 
 
-def test_the_inference_pool_validates_against_the_crd_schema() -> None:
-    (pool,) = of_kind("InferencePool")
+@pytest.mark.parametrize("path", sorted(p for p in FILES if p.name == "inferencepool.yaml"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_inference_pools_validate_against_the_crd_schema(path: Path) -> None:
+    (pool,) = docs(path)
     assert validate(pool, _pool_schema()) == []
 
 
@@ -280,6 +312,6 @@ def test_the_inference_pool_validates_against_the_crd_schema() -> None:
     ],
 )  # fmt: skip
 def test_the_schema_check_catches_broken_pools(mutate, problem: str) -> None:
-    (pool,) = of_kind("InferencePool")
+    pool = _base_pool()
     mutate(pool["spec"])
     assert any(problem in e for e in validate(pool, _pool_schema()))

@@ -13,7 +13,7 @@ GUIDES = sorted((Path(__file__).parent / "configs" / "guides").glob("*.yaml"))
 
 
 def test_every_guide_shape_is_here():
-    assert {p.stem for p in GUIDES} >= {"inference-scheduling", "optimized-baseline", "pd-disaggregation", "wide-ep", "agentic"}
+    assert {p.stem for p in GUIDES} >= {"inference-scheduling", "optimized-baseline", "pd-disaggregation", "wide-ep", "wide-ep-precise", "agentic"}
 
 
 @pytest.mark.parametrize("path", GUIDES, ids=lambda p: p.stem)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from extproc.devstack.ports import ReservedPort, reserve_port
+from extproc.devstack.ports import PortUnavailable, ReservedPort, reserve_port
 from extproc.devstack.stack import _die_with_parent
 
 CACHE = Path(os.environ.get("LLM_EPP_CACHE", str(Path.home() / ".cache" / "llm-epp")))
@@ -55,11 +55,12 @@ class VllmServer:
     """One real vLLM OpenAI server on 127.0.0.1:port, publishing KV events on kv_port."""
 
     port: int
-    kv_port: int
+    kv_port: int  # data-parallel rank r (dp_size > 1) publishes on kv_port + r, as vLLM offsets it
     proc: subprocess.Popen[bytes]
     log_path: Path
     core: int
     reserved: tuple[ReservedPort, ...] = ()  # its ports, held until `stop()` (extproc/devstack/ports.py)
+    dp_size: int = 1
 
     @property
     def address(self) -> str:
@@ -119,16 +120,36 @@ def start_vllm(workdir: Path, core: int = 0, extra_args: tuple[str, ...] = (),
     return server
 
 
+def reserve_consecutive(count: int, host: str = "0.0.0.0") -> list[ReservedPort]:
+    """`count` consecutive free ports, held (the KV-event ports of a DP group's ranks)."""
+    for _ in range(50):
+        first = reserve_port(host)
+        held = [first]
+        try:
+            for i in range(1, count):
+                held.append(reserve_port(host, first.port + i))
+            return held
+        except PortUnavailable:
+            for r in held:
+                r.close()
+    raise RuntimeError(f"no {count} consecutive free ports on {host}")
+
+
 def spawn_vllm(workdir: Path, core: int = 0, extra_args: tuple[str, ...] = (),
-               extra_env: dict[str, str] | None = None, nixl_side_channel: bool = False) -> VllmServer:
+               extra_env: dict[str, str] | None = None, nixl_side_channel: bool = False,
+               dp_size: int = 1) -> VllmServer:
     """Start one server without waiting for it (`wait_ready`), so two can start side by side.
-    nixl_side_channel: give it a NIXL side-channel port of its own (VLLM_NIXL_SIDE_CHANNEL_PORT)."""
+    nixl_side_channel: give it a NIXL side-channel port of its own (VLLM_NIXL_SIDE_CHANNEL_PORT).
+    dp_size > 1: one API server over that many data-parallel engines (vLLM's internal load
+    balancing), engine r on core `core + r`, its KV events on kv_port + r."""
     # vLLM, its ZMQ publisher and NIXL's side channel bind with SO_REUSEADDR: they can serve on ports we hold.
-    reserved = [reserve_port(), reserve_port("0.0.0.0")]
+    reserved = [reserve_port(), *reserve_consecutive(dp_size)]
     if nixl_side_channel:
         reserved.append(reserve_port())
-        extra_env = {**(extra_env or {}), "VLLM_NIXL_SIDE_CHANNEL_PORT": str(reserved[2].port)}
+        extra_env = {**(extra_env or {}), "VLLM_NIXL_SIDE_CHANNEL_PORT": str(reserved[-1].port)}
     port, kv_port = reserved[0].port, reserved[1].port
+    if dp_size > 1:
+        extra_args = ("--data-parallel-size", str(dp_size), *extra_args)
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"vllm-{port}.log"
     kv_config = {
@@ -151,7 +172,7 @@ def spawn_vllm(workdir: Path, core: int = 0, extra_args: tuple[str, ...] = (),
         **os.environ,
         "VLLM_CPU_KVCACHE_SPACE": "1",
         "VLLM_CACHE_ROOT": str(CACHE / "vllm-cache"),
-        "VLLM_CPU_OMP_THREADS_BIND": str(core),
+        "VLLM_CPU_OMP_THREADS_BIND": "|".join(str(core + r) for r in range(dp_size)),  # one core per engine
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "VLLM_NO_USAGE_STATS": "1",
@@ -161,7 +182,7 @@ def spawn_vllm(workdir: Path, core: int = 0, extra_args: tuple[str, ...] = (),
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, env=env, preexec_fn=_die_with_parent)  # fmt: skip
-    return VllmServer(port, kv_port, proc, log_path, core, tuple(reserved))
+    return VllmServer(port, kv_port, proc, log_path, core, tuple(reserved), dp_size)
 
 
 def wait_ready(server: VllmServer) -> None:
