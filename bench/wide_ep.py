@@ -12,6 +12,10 @@ of clients in every configuration:
   round-robin   every rank an endpoint, in turn
   rank-0 only   the pool lists one port per pod (InferencePool without every rank port in
                 targetPorts): only rank 0 of each group gets traffic; plain scoring over those
+With --pd: one prefill group and one decode group (decode ranks behind `pd-sidecar
+--data-parallel-size`), every setup on llm-d's wide-EP P/D config shape (always-disagg-pd-decider;
+prefill prefix 3 + queue 2 + active-request 2, decode active-request): rank-aware is that config over
+every rank, rank-aware+dp adds the data-parallel-balance-scorer to both profiles.
 Traffic: `clients` closed-loop clients send streamed completions back to back; each prompt is one of
 `prefixes` shared system prompts (a tenant's instructions) plus a question of its own, so prefix
 affinity matters, and the prefixes together overflow one rank's KV cache but fit the pool's.
@@ -133,8 +137,8 @@ SETUPS = (
     Setup("rank-0 only", config_text=PLAIN_CONFIG, rank0_only=True),
 )
 PD_SETUPS = (
-    Setup("rank-aware", config_text=PD_RANK_AWARE),
-    Setup("plain", config_text=PD_PLAIN),
+    Setup("rank-aware", config_text=PD_PLAIN),  # llm-d's wide-EP P/D config over every rank
+    Setup("rank-aware+dp", config_text=PD_RANK_AWARE),
     Setup("round-robin", config_text=PD_ROUND_ROBIN),
     Setup("rank-0 only", config_text=PD_PLAIN, rank0_only=True),
 )
