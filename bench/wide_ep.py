@@ -286,7 +286,8 @@ def run_setup(setup: Setup, workdir: Path, args: argparse.Namespace, w: Workload
                             dp_groups=args.groups, dp_size=args.size)
     else:
         opts = StackOptions(workdir=workdir, model=MODEL, epp_args=epp_args, envoy_concurrency=1, sim_args=rank_args,
-                            pd=PdPool(prefill=pd_groups[0], decode=pd_groups[1], dp_size=args.size))
+                            pd=PdPool(prefill=pd_groups[0], decode=pd_groups[1], dp_size=args.size,
+                                      prefill_sim_args=("--num-gpu-blocks", str(args.prefill_blocks or args.blocks))))
     stack = (Rank0Stack if setup.rank0_only else LocalStack)(opts)
     stack.start()
     try:
@@ -308,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blocks", type=int, default=2000,
                    help="KV blocks of 16 tokens per rank (default 2000: ~21 of the 24 prefixes fit one rank, "
                         "with nothing running)")
+    p.add_argument("--prefill-blocks", type=int, default=None,
+                   help="--pd: KV blocks per prefill rank (default --blocks); prefill ranks hold no decode KV, so "
+                        "the prefixes overflow one of them only with fewer")
     p.add_argument("--question-tokens", type=lambda t: tuple(int(x) for x in t.split("-")), default=None, metavar="LO-HI",
                    help="tokens of each prompt's own part after its shared prefix (default 100-400)")
     p.add_argument("--only", action="append", choices=sorted({s.name for s in (*SETUPS, *PD_SETUPS)}), help="run only this setup (repeatable)")
@@ -345,7 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     title = (f"{shape} x {args.size} ranks (lockstep), {args.clients} clients x "
              f"{args.duration:g}s per setup; prompts: 1 of {w.prefixes} shared {w.prefix_tokens}-token prefixes + "
              f"{w.question_tokens[0]}-{w.question_tokens[1]} tokens, outputs {w.max_tokens[0]}-{w.max_tokens[1]} tokens; "
-             f"{args.blocks} KV blocks per rank; simulator time x{args.time_scale}")
+             f"{args.blocks} KV blocks per rank"
+             + (f" ({args.prefill_blocks} per prefill rank)" if args.pd and args.prefill_blocks else "")
+             + f"; simulator time x{args.time_scale}")
     for k, rs in enumerate(rounds):
         print()
         print(report(title + (f"; round {k + 1} of {len(rounds)}" if len(rounds) > 1 else ""), rs))
