@@ -161,7 +161,12 @@ def test_a_prefill_profile_without_the_decider_as_scorer_has_its_pick_judged_and
     assert any("is not a scorer of the 'prefill' profile" in w for w in cfg.warnings)
     d = endpoint("d", "decode", running=8)
     busy, idle = endpoint("p-busy", "prefill", queued=50_000), endpoint("p-idle", "prefill")
-    seen = {prefiller(sched.schedule(req(2000), [d, busy, idle])) for _ in range(40)}
+    seen = set()
+    for _ in range(40):
+        result = sched.schedule(req(2000), [d, busy, idle])
+        seen.add(prefiller(result))
+        if prefiller(result) is None:  # dropped: neither charged nor recorded as holding the prompt
+            assert result.profile_results is None and [c.endpoint for c in result.in_flight or ()] == [d]
     assert seen == {idle.address, None}  # the random pick of the busy one is dropped: local is sooner
 
 
