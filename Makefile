@@ -31,7 +31,7 @@ test-vllm: setup
 	scripts/vllm-cpu-setup
 	$(BIN)/python -m pytest -q -m vllm tests/vllm $(ARGS)
 
-# Every benchmark, one after the other (about 35 minutes; each also runs alone with --quick).
+# Every benchmark, one after the other (about 37 minutes; each also runs alone with --quick).
 bench: setup
 	$(BIN)/python -m bench.routing
 	$(BIN)/python -m bench.overhead

@@ -1,10 +1,16 @@
 """P/D benchmark: does splitting prefill and decode pay on the same hardware, and does CPU prefill help GPUs?
 
-Four simulated pools, each behind real Envoy + the EPP, each driven with the same two traffic mixes:
-  agg-4gpu      4 GPU-profile servers, aggregated (EPP `best`)          baseline of pd-2p2d
-  pd-2p2d       2 GPU prefill + 2 GPU decode behind pd-sidecars (pickers/configs/pd.yaml)
-  agg-2gpu      2 GPU-profile servers, aggregated                        baseline of pd-cpu2p-gpu2d
-  pd-cpu2p-gpu2d  2 CPU-profile prefill + 2 GPU decode (CPU boxes added to the two GPUs)
+Simulated pools, each behind real Envoy + the EPP, each driven with the same two traffic mixes:
+  agg-4gpu      4 GPU-profile servers, aggregated (EPP `best`)          baseline of the 4-GPU P/D rows
+  pd-2p2d       2 GPU prefill + 2 GPU decode behind pd-sidecars (pickers/configs/pd.yaml:
+                prefix-based-pd-decider)
+  pd-2p2d-latency, pd-1p3d-latency, pd-3p1d-latency
+                the same 4 GPUs split 2:2, 1:3, 3:1 (prefill:decode), pickers/configs/pd-latency.yaml
+                (latency-pd-decider: the latency model's decision)
+  agg-2gpu      2 GPU-profile servers, aggregated                        baseline of the CPU-prefill rows
+  pd-cpu2p-gpu2d  2 CPU-profile prefill + 2 GPU decode (CPU boxes added to the two GPUs), pd.yaml
+  pd-cpu2p-gpu2d-latency  the same with pd-latency.yaml
+--configs runs a subset (their baselines are added).
 Mixes: long prompt / short output (prefill-heavy) and short prompt / long output (decode-heavy).
 Each run is a closed loop: `concurrency` clients send streamed completions back to back for `duration`
 seconds; tokens received in that window count towards throughput. Requests still open `grace` seconds
@@ -44,6 +50,7 @@ from extproc.devstack.stack import LocalStack, PdPool, StackOptions
 
 MODEL = "sim-model"
 PD_CONFIG = Path(__file__).resolve().parents[1] / "pickers" / "configs" / "pd.yaml"
+PD_LATENCY_CONFIG = PD_CONFIG.with_name("pd-latency.yaml")
 _WORDS = "shipment invoice delay port customs carrier route freight quarter forecast margin supplier".split()
 
 
@@ -71,14 +78,33 @@ class Config:
     baseline: str | None  # the row this one is compared with
     sims: int = 0
     pd: PdPool | None = None
+    epp_config: Path = PD_CONFIG  # P/D pools: the EPP's config
 
 
+_CPU_PREFILL = PdPool(prefill=2, decode=2, prefill_sim_args=("--profile", "cpu"))
 CONFIGS = (
     Config("agg-4gpu", None, sims=4),
     Config("pd-2p2d", "agg-4gpu", pd=PdPool(prefill=2, decode=2)),
+    Config("pd-2p2d-latency", "agg-4gpu", pd=PdPool(prefill=2, decode=2), epp_config=PD_LATENCY_CONFIG),
+    Config("pd-1p3d-latency", "agg-4gpu", pd=PdPool(prefill=1, decode=3), epp_config=PD_LATENCY_CONFIG),
+    Config("pd-3p1d-latency", "agg-4gpu", pd=PdPool(prefill=3, decode=1), epp_config=PD_LATENCY_CONFIG),
     Config("agg-2gpu", None, sims=2),
-    Config("pd-cpu2p-gpu2d", "agg-2gpu", pd=PdPool(prefill=2, decode=2, prefill_sim_args=("--profile", "cpu"))),
+    Config("pd-cpu2p-gpu2d", "agg-2gpu", pd=_CPU_PREFILL),
+    Config("pd-cpu2p-gpu2d-latency", "agg-2gpu", pd=_CPU_PREFILL, epp_config=PD_LATENCY_CONFIG),
 )
+
+
+def select(names: str | None) -> tuple[Config, ...]:
+    """The configs named (comma-separated) and their baselines, in CONFIGS' order; all for None."""
+    if not names:
+        return CONFIGS
+    wanted = {n.strip() for n in names.split(",") if n.strip()}
+    known = {c.name: c for c in CONFIGS}
+    unknown = sorted(wanted - known.keys())
+    if unknown:
+        raise ValueError(f"unknown config(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    wanted |= {b for n in wanted if (b := known[n].baseline) is not None}
+    return tuple(c for c in CONFIGS if c.name in wanted)
 
 
 @dataclass(slots=True)
@@ -201,7 +227,7 @@ def start_stack(config: Config, workdir: Path, time_scale: float) -> LocalStack:
     sim_args = ("--time-scale", str(time_scale))
     if config.pd is not None:
         opts = StackOptions(workdir=workdir, pd=config.pd, sim_args=sim_args, model=MODEL,
-                            epp_args=("--config-file", str(PD_CONFIG)), envoy_concurrency=1)
+                            epp_args=("--config-file", str(config.epp_config)), envoy_concurrency=1)
     else:
         opts = StackOptions(workdir=workdir, sims=config.sims, sim_args=sim_args, model=MODEL,
                             epp_args=("--strategy", "best"), envoy_concurrency=1)
@@ -251,7 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--slo-ttft-ms", type=float, help="goodput's TTFT bound for both mixes (default: per mix, see above)")
     p.add_argument("--slo-itl-ms", type=float, help="goodput's mean inter-token latency bound for both mixes (default: per mix)")
+    p.add_argument("--configs", help=f"comma-separated subset of {', '.join(c.name for c in CONFIGS)} (their baselines are added)")
     args = p.parse_args(argv)
+    try:
+        configs = select(args.configs)
+    except ValueError as e:
+        p.error(str(e))
     duration = args.duration or (2.5 if args.quick else 9.0)
     grace = 1.5 if args.quick else 5.0
     mixes = QUICK_MIXES if args.quick else MIXES
@@ -262,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[Run]] = {m.name: [] for m in mixes}
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-pd-") as tmp:
-        for config in CONFIGS:
+        for config in configs:
             stack = start_stack(config, Path(tmp) / config.name, args.time_scale)
             try:
                 for i, mix in enumerate(mixes):

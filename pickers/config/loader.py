@@ -278,8 +278,12 @@ class _Loader:
             if effective is not None:
                 self.parameters[name] = MappingProxyType(dict(effective(self.parameters[name])))
 
+        # a scorer or filter listed in no profile keeps its request-life hooks too (as in llm-d, where
+        # every plugin is registered for what it implements): e.g. a latency-pd-decider named only
+        # as the handler's decider still charges the in-flight counts its predictions read
+        profiled = {id(q) for prof in profiles for q in prof.plugins()}
         producers = sorted(
-            (q for q in plugins.values() if _role(q) is None and not isinstance(q, ProfileHandler)
+            (q for q in plugins.values() if id(q) not in profiled and not isinstance(q, ProfileHandler)
              and isinstance(q, (DataProducer, PreRequest, ResponseComplete, Admitter, CycleAdmitter))),
             key=lambda q: not isinstance(q, TokenProducer),
         )  # fmt: skip

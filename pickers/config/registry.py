@@ -58,6 +58,7 @@ from pickers.plugins.profile.handlers import (
     SingleProfileHandler,
 )
 from pickers.plugins.profile.header import HeaderProfileHandler
+from pickers.plugins.profile.latency_pd_decider import LatencyPdDecider
 from pickers.plugins.profile.pd_deciders import AlwaysDisaggMultimodalDecider, AlwaysDisaggPDDecider, PrefixBasedPDDecider
 from pickers.plugins.scorer.load.active_request import ActiveRequestScorer
 from pickers.plugins.scorer.load.data_parallel import DataParallelBalanceScorer
@@ -139,6 +140,7 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     PrefixBasedPDDecider,
     AlwaysDisaggPDDecider,
     AlwaysDisaggMultimodalDecider,
+    LatencyPdDecider,  # llm-epp's: the latency model's P/D decision (also the prefill profile's scorer)
     # data producers (llm-d's): the prefix matches the prefix scorers read, and request data
     ApproxPrefixCacheProducer,
     PrecisePrefixCacheProducer,

@@ -172,7 +172,7 @@ class Scheduler:
                     results[profile.name] = self._run_profile(profile, request, cycle, candidates, explained)
                 except RequestError as e:
                     results[profile.name] = e
-        result = handler.process_results(request, results)
+        result = handler.process_results(request, cycle, results)
         result.scores = explained
         return result
 

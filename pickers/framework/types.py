@@ -217,7 +217,9 @@ class ProfileHandler(Protocol):
         """The profiles to run next, given those that ran; an empty list ends the cycle."""
         ...
 
-    def process_results(self, request: InferenceRequest, results: Mapping[str, ProfileOutcome]) -> SchedulingResult:
+    def process_results(
+        self, request: InferenceRequest, cycle: CycleState, results: Mapping[str, ProfileOutcome]
+    ) -> SchedulingResult:
         """One result from all profiles' outcomes; raises the RequestError when the request cannot be served."""
         ...
 

@@ -15,7 +15,8 @@ datastore holds the state and an endpoint that leaves takes its fit with it.
 
 Until an endpoint has `min_samples` observations its predictions come from a warm endpoint of the
 same hardware class if the pool has one (same role, same `vllm:cache_config_info` block size and
-block count: the same server on the same accelerator, usually), else from its own fit, which starts at
+block count: the same server on the same accelerator, usually; for TTFT, failing that, one of another
+role with the same block size and count), else from its own fit, which starts at
 the prior (`LatencyPrior`, a GPU-class server) and moves to the data within a few observations. So a
 CPU server and a GPU server get their own numbers without configuration. The KV transfer of P/D is
 the prior's (it is not observed apart from the prefill that precedes it).
@@ -127,6 +128,11 @@ def batch_of(ep: LatencyEndpoint) -> int:
     return running if running > ep.in_flight else ep.in_flight
 
 
+def _better(st: EndpointLatency, best: EndpointLatency | None) -> bool:
+    """`st` has seen more responses than the current best of its class (or there is none)."""
+    return best is None or (best is not st and (best.ttft.n if best.ttft else 0) < (st.ttft.n if st.ttft else 0))
+
+
 class LatencyModel:
     """Predictions and the online fit for every endpoint, under one set of settings. The composition
     root (extproc.server) makes one and hands it to request control and to the plugins."""
@@ -140,6 +146,9 @@ class LatencyModel:
         self._kv_s_per_token = 1.0 / p.kv_transfer_tokens_per_s
         # hardware class -> the state of its best-observed warm member (the prior of its cold peers)
         self._peers: dict[tuple[str, int, int], EndpointLatency] = {}
+        # (KV block size, KV blocks) -> the same, whatever the role: a cold endpoint's TTFT when no peer
+        # of its own role is warm (a P/D pool's prefill and decode servers on one accelerator prefill alike)
+        self._geometry_peers: dict[tuple[int, int], EndpointLatency] = {}
 
     # -- the fits ------------------------------------------------------------------------------
     def _own_ttft(self, st: EndpointLatency) -> Fit3:
@@ -166,15 +175,20 @@ class LatencyModel:
         return (ep.labels.get(_ROLE_LABEL, ""), m.block_size, m.num_gpu_blocks)
 
     def ttft_fit(self, ep: LatencyEndpoint) -> tuple[Fit3, str]:
-        """The fit that predicts this endpoint's TTFT and where it comes from: "own", "peer" or "prior"."""
+        """The fit that predicts this endpoint's TTFT and where it comes from: "own", "peer" or "prior".
+        A peer: the warm member of its hardware class, else (prefill is the accelerator's, whatever the
+        role) a warm endpoint of another role with the same KV block size and block count."""
         st = ep.latency
         f = st.ttft or self._own_ttft(st)
         if f.n >= self._min:
             return f, "own"
         key = self.hardware_class(ep) if self._peers else None
-        peer = self._peers.get(key) if key is not None else None
-        if peer is not None and peer is not st and peer.ttft is not None:
-            return peer.ttft, "peer"
+        if key is not None:
+            peer = self._peers.get(key)
+            if peer is None or peer is st:
+                peer = self._geometry_peers.get(key[1:])
+            if peer is not None and peer is not st and peer.ttft is not None:
+                return peer.ttft, "peer"
         return f, "own" if f.n else "prior"
 
     def tpot_fit(self, ep: LatencyEndpoint) -> tuple[Fit2, str]:
@@ -266,15 +280,18 @@ class LatencyModel:
         key = self.hardware_class(ep)
         if key is None:
             return
-        best = self._peers.get(key)
-        if best is None or (best is not st and (best.ttft.n if best.ttft else 0) < (st.ttft.n if st.ttft else 0)):
+        if _better(st, self._peers.get(key)):
             self._peers[key] = st
+        if _better(st, self._geometry_peers.get(key[1:])):
+            self._geometry_peers[key[1:]] = st
 
     def forget(self, ep: LatencyEndpoint) -> None:
         """The endpoint left the pool: it is no one's prior any more."""
         st = ep.latency
         for key in [k for k, v in self._peers.items() if v is st]:
             del self._peers[key]
+        for geometry in [k for k, v in self._geometry_peers.items() if v is st]:
+            del self._geometry_peers[geometry]
 
     # -- what /debug/endpoints and `epp status` show --------------------------------------------
     def view(self, ep: LatencyEndpoint) -> dict[str, Any]:

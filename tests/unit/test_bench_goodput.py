@@ -214,3 +214,12 @@ def test_every_workload_has_a_default_slo_and_the_ones_issue_16_names_exist():
     for make in quality.SCENARIOS.values():
         sc = make(True)
         assert sc.slo.ttft_s > 0 and sc.slo.itl_s > 0
+
+
+def test_pd_configs_subset_brings_its_baselines_in_run_order_and_refuses_unknown_names():
+    names = [c.name for c in pd.select("pd-cpu2p-gpu2d-latency, pd-2p2d-latency")]
+    assert names == ["agg-4gpu", "pd-2p2d-latency", "agg-2gpu", "pd-cpu2p-gpu2d-latency"]
+    assert pd.select(None) == pd.CONFIGS
+    with pytest.raises(ValueError, match="unknown config"):
+        pd.select("pd-9p9d")
+    assert {c.epp_config.name for c in pd.CONFIGS if c.pd is not None and c.name.endswith("-latency")} == {"pd-latency.yaml"}

@@ -99,6 +99,24 @@ def test_a_cold_endpoint_borrows_a_warm_peers_fit_of_the_same_hardware_class():
     assert model.ttft_fit(cold)[1] == "prior"
 
 
+def test_a_cold_endpoint_of_another_role_borrows_the_ttft_of_the_same_kv_geometry_but_prefers_its_own_role():
+    # a P/D pool: the decode servers prefilled locally and are warm; a prefill server on the same
+    # accelerator (same block size and count) predicts with their TTFT until its own fit is warm
+    model, rng = LatencyModel(), random.Random(7)
+    decode, prefill = endpoint("d", blocks=8000, role="decode"), endpoint("p", blocks=8000, role="prefill")
+    cpu_prefill = endpoint("c", blocks=2000, role="prefill")
+    feed(model, decode, CPU, 30, rng)  # CPU-like numbers, far from the GPU prior
+    assert model.ttft_fit(prefill) == (decode.latency.ttft, "peer")
+    assert model.tpot_fit(prefill)[1] == "prior"  # decoding is the role's, not only the accelerator's
+    assert model.ttft_fit(cpu_prefill)[1] == "prior"  # another geometry: nothing to borrow
+    other_prefill = endpoint("q", blocks=8000, role="prefill")
+    feed(model, other_prefill, GPU, 30, rng)
+    assert model.ttft_fit(prefill) == (other_prefill.latency.ttft, "peer")  # its own role first
+    model.forget(other_prefill)
+    model.forget(decode)
+    assert model.ttft_fit(prefill)[1] == "prior"
+
+
 def test_outliers_move_the_fit_by_a_bounded_amount():
     model, ep, rng = LatencyModel(), endpoint(), random.Random(5)
     feed(model, ep, GPU, 400, rng, outliers=0.05)

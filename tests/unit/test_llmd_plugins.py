@@ -157,7 +157,6 @@ def test_affinity_filter_gate_uses_the_least_loaded_of_each_side():
         ("peakPrefillThroughput: 0", "peakPrefillThroughput", "must be > 0 when ttftSource is prefillThroughput"),
         ("ttftSource: bogus", "ttftSource", "expected prefillThroughput or latencyPredictor"),
         ("ttftSource: ''", "ttftSource", "expected prefillThroughput or latencyPredictor"),
-        ("ttftSource: latencyPredictor", "ttftSource", "does not read llm-epp's latency model yet"),
         ("affinityThreshold: .nan", "affinityThreshold", "expected a finite number"),
         ("maxTokensInFlightPenalty: 286720", "maxTokensInFlightPenalty", "maxTTFTPenaltyMs = maxTokensInFlightPenalty / peakPrefillThroughput * 1000"),
         ("affinityTreshold: 0.9", "affinityTreshold", "unknown parameter"),
@@ -172,8 +171,84 @@ def test_affinity_filter_settings_unused_with_the_gate_off_load_with_a_warning()
     cfg = load("plugins:\n- type: prefix-cache-affinity-filter\n  parameters: {maxTTFTPenaltyMs: 0, ttftSource: latencyPredictor, "
                "peakPrefillThroughput: 0, latencyPredictionInfoProducerName: lp}\n")  # fmt: skip
     assert len(cfg.warnings) == 3
-    assert any("ttftSource has no effect with maxTTFTPenaltyMs 0" in w for w in cfg.warnings)
-    assert any("latencyPredictionInfoProducerName has no effect: this filter's TTFT gate does not read" in w for w in cfg.warnings)
+    for key in ("ttftSource", "peakPrefillThroughput", "latencyPredictionInfoProducerName"):
+        assert any(f"{key} has no effect with maxTTFTPenaltyMs 0" in w for w in cfg.warnings)
+
+
+def test_affinity_filter_settings_of_the_other_ttft_source_load_with_a_warning():
+    cfg = load("plugins:\n- type: prefix-cache-affinity-filter\n  parameters: {ttftSource: latencyPredictor, peakPrefillThroughput: 0}\n")
+    assert [w for w in cfg.warnings if "peakPrefillThroughput has no effect with ttftSource latencyPredictor" in w]
+    cfg = load("plugins:\n- type: predicted-latency-producer\n- type: prefix-cache-affinity-filter\n"
+               "  parameters: {latencyPredictionInfoProducerName: predicted-latency-producer}\n")  # fmt: skip
+    assert [w for w in cfg.warnings if "latencyPredictionInfoProducerName has no effect with ttftSource prefillThroughput" in w]
+    assert cfg.plugins["prefix-cache-affinity-filter"].latency is None
+
+
+# -- ttftSource latencyPredictor: the gate on the latency model's predicted TTFT -------------
+
+
+def predictor_affinity(params: str = "", producer: str = ""):
+    ctx = PluginContext(ApproxPrefixIndex(), random.Random(0))
+    cfg = load(f"plugins:\n{producer}- type: prefix-cache-affinity-filter\n"
+               f"  parameters: {{ttftSource: latencyPredictor, {params}}}\n", ctx)  # fmt: skip
+    return cfg.plugins["prefix-cache-affinity-filter"], ctx
+
+
+def test_predictor_gate_breaks_stickiness_when_the_warm_endpoints_predicted_ttft_is_worse_by_more_than_the_cap():
+    # the model's prior: 20 ms + tokens / 15,928 tokens/s. Warm: 40 uncached tokens behind 100,000 queued
+    # (~6.3 s); cold: the whole 1,000-token prompt, nothing queued (~83 ms)
+    for penalty, expected in ((5000, ["pod-1", "pod-2"]), (10000, ["pod-1"])):
+        f, ctx = predictor_affinity(f"maxTTFTPenaltyMs: {penalty}")
+        warm, cold = ep(1, load_tokens=100_000), ep(2)
+        hold(ctx, warm, 15)
+        assert kept(f, [warm, cold]) == expected
+        assert f.best_ttft_ms(req(), CycleState(), [warm]) == pytest.approx((0.020 + 100_040 / 15_928) * 1000)
+
+
+def test_predictor_gate_reads_each_endpoints_own_fitted_rate_not_one_throughput():
+    # Same queue on both; the warm one's fit says it prefills 50x slower than the prior (a CPU server),
+    # so its 40 uncached tokens behind 20,000 queued take ~63 s against the cold one's ~1.3 s
+    f, ctx = predictor_affinity("maxTTFTPenaltyMs: 5000")
+    warm, cold = ep(1, load_tokens=20_000), ep(2, load_tokens=20_000)
+    hold(ctx, warm, 15)
+    for _ in range(30):
+        ctx.latency.observe_ttft(warm, 2000, 0, 0.020 + 2000 * 50 / 15_928)
+    assert kept(f, [warm, cold]) == ["pod-1", "pod-2"]
+    # with the in-flight estimate both look alike (20,000 tokens / 15,928 tokens/s): the warm one is kept
+    g, ctx2 = affinity("maxTTFTPenaltyMs: 5000", ctx)
+    assert kept(g, [warm, cold]) == ["pod-1"]
+
+
+def test_predictor_gate_without_predictions_never_opens():
+    # a named producer with predictInProduce off predicts nothing: no endpoint has a TTFT (llm-d's MaxFloat64)
+    f, ctx = predictor_affinity("maxTTFTPenaltyMs: 1, latencyPredictionInfoProducerName: lp",
+                                "- {type: predicted-latency-producer, name: lp, parameters: {predictInProduce: false}}\n")  # fmt: skip
+    warm, cold = ep(1, load_tokens=10_000_000), ep(2)
+    hold(ctx, warm, 15)
+    assert kept(f, [warm, cold]) == ["pod-1"]
+
+
+def test_predictor_gate_reads_the_named_producer_and_refuses_a_dangling_name():
+    f, ctx = predictor_affinity("latencyPredictionInfoProducerName: lp", "- {type: predicted-latency-producer, name: lp}\n")
+    assert f.latency is not None and f.latency.name == "lp" and not f.latency_implied
+    f, ctx = predictor_affinity()
+    assert f.latency is not None and f.latency_implied  # none in the config: one with llm-d's defaults
+    msg = error_of("plugins:\n- {type: prefix-cache-affinity-filter, parameters: {ttftSource: latencyPredictor, "
+                   "latencyPredictionInfoProducerName: nope}}\n")  # fmt: skip
+    assert "plugins[0].parameters.latencyPredictionInfoProducerName" in msg and "'nope': no plugin" in msg
+
+
+def test_predictor_gate_shows_its_predictions_under_explain_and_records_the_uncached_tokens():
+    ctx = PluginContext(ApproxPrefixIndex(), random.Random(0))
+    cfg = load("plugins:\n- type: prefix-cache-affinity-filter\n  parameters: {ttftSource: latencyPredictor}\n"
+               "- type: random-picker\n", ctx)  # fmt: skip
+    sched = Scheduler(cfg.profiles, handler=cfg.profile_handler, explain=True)
+    warm, cold = ep(1), ep(2)
+    hold(ctx, warm, 15)
+    result = sched.schedule(req(), [warm, cold])
+    assert result.endpoints == [warm]
+    assert set(result.scores["predicted-latency-producer/ttft_ms"]) == {warm.address, cold.address}
+    assert result.uncached == {warm.address: 40}  # for the latency model's record of the pick
 
 
 def test_affinity_filter_reads_the_named_producers_and_refuses_dangling_names():

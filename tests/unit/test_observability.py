@@ -213,7 +213,7 @@ class _RunBoth:
     def pick(self, request, cycle, profiles, results):  # type: ignore[no-untyped-def]
         return [] if results else list(profiles.values())
 
-    def process_results(self, request, results):  # type: ignore[no-untyped-def]
+    def process_results(self, request, cycle, results):  # type: ignore[no-untyped-def]
         from pickers.framework.types import SchedulingResult
 
         return SchedulingResult(results["again"], "again")

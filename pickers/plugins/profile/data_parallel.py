@@ -86,7 +86,9 @@ class DataParallelProfileHandler(Plugin):
         assert self._profile is not None, "bind() first"
         return [] if results else [self._profile]
 
-    def process_results(self, request: InferenceRequest, results: Mapping[str, ProfileOutcome]) -> SchedulingResult:
+    def process_results(
+        self, request: InferenceRequest, cycle: CycleState, results: Mapping[str, ProfileOutcome]
+    ) -> SchedulingResult:
         name, outcome = next(iter(results.items()))
         if isinstance(outcome, RequestError):
             raise outcome

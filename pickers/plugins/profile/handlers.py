@@ -4,7 +4,8 @@
   handler calls on the hot path).
 - `disagg-profile-handler` (llm-d P/D, E/PD, E/P/D): run `decode`; then, if its encode decider says
   so, `encode`; then, if its prefill decider says so, `prefill` (llm-d's decode-first order: both
-  deciders see the decode pick). The decode pick is the destination, the prefill pick goes in
+  deciders see the decode pick); a decider that judges the prefill pick too (latency-pd-decider) may
+  then drop it, serving the request aggregated. The decode pick is the destination, the prefill pick goes in
   `x-prefiller-host-port`, the encode picks (as many as the encode profile's picker returns) in
   `x-encoder-hosts-ports`, comma-separated. No prefill or encode endpoint (or a failed profile) means
   that stage runs on the decode endpoint, not that the request fails.
@@ -26,10 +27,12 @@ from pickers.framework.request import InferenceRequest
 from pickers.framework.types import SINGLE_PROFILE_HANDLER, CycleState, ProfileOutcome, SchedulingProfile, SchedulingResult
 from pickers.plugins.base import Plugin, PluginContext
 from pickers.plugins.profile.data_parallel import primary_port, route_through_primary_port
+from pickers.plugins.profile.latency_pd_decider import LatencyPdDecider
 from pickers.plugins.profile.pd_deciders import (
     AlwaysDisaggMultimodalDecider,
     AlwaysDisaggPDDecider,
     PdDecider,
+    PrefillPickDecider,
     PrefixBasedPDDecider,
 )
 from pickers.plugins.scorer.affinity.prefix import ApproxPrefixCacheProducer, PrefixCacheScorer
@@ -53,7 +56,9 @@ class SingleProfileHandler(Plugin):
     ) -> list[SchedulingProfile]:
         return [] if results else list(profiles.values())
 
-    def process_results(self, request: InferenceRequest, results: Mapping[str, ProfileOutcome]) -> SchedulingResult:
+    def process_results(
+        self, request: InferenceRequest, cycle: CycleState, results: Mapping[str, ProfileOutcome]
+    ) -> SchedulingResult:
         name, outcome = next(iter(results.items()))
         if isinstance(outcome, RequestError):
             raise outcome
@@ -88,6 +93,7 @@ class DisaggProfileHandler(Plugin):
         self._decode: SchedulingProfile | None = None
         self._prefill: SchedulingProfile | None = None
         self._encode: SchedulingProfile | None = None
+        self.bind_warnings: list[str] = []  # for the loader
 
     @classmethod
     def from_config(cls, name: str, p: Params, ctx: PluginContext) -> DisaggProfileHandler:
@@ -118,8 +124,9 @@ class DisaggProfileHandler(Plugin):
     def bind(self, plugins: Mapping[str, object], profiles: Mapping[str, SchedulingProfile]) -> None:
         if self._decider_name is not None:
             self.decider = _decider(
-                plugins, self._decider_name, self._decider_param, f"{PrefixBasedPDDecider.type} or {AlwaysDisaggPDDecider.type}"
-            )
+                plugins, self._decider_name, self._decider_param,
+                f"{PrefixBasedPDDecider.type}, {AlwaysDisaggPDDecider.type} or {LatencyPdDecider.type}",
+            )  # fmt: skip
         if self._encode_decider_name is not None:
             self.encode_decider = _decider(plugins, self._encode_decider_name, "deciders.encode", AlwaysDisaggMultimodalDecider.type)
         if self.encode_decider is not None:
@@ -136,6 +143,14 @@ class DisaggProfileHandler(Plugin):
             raise ParameterError(
                 "profiles.prefill", f"no scheduling profile named {shown(self.prefill_profile)}; defined: {', '.join(profiles)}"
             )
+        self.bind_warnings = []
+        if isinstance(self.decider, LatencyPdDecider) and self._prefill is not None:
+            if all(ws.scorer is not self.decider for ws in self._prefill.scorers):
+                self.bind_warnings.append(
+                    f"{self._decider_param} {shown(self.decider.name)} is not a scorer of the {shown(self.prefill_profile)} "
+                    "profile: it judges that profile's pick against a local prefill but does not choose the fastest "
+                    "prefill endpoint; list it there to have it choose"
+                )
         if isinstance(self.decider, PrefixBasedPDDecider):
             # the decider must hash prompts as the prefix scorer that fills the index does
             for ws in self._decode.scorers:
@@ -166,12 +181,17 @@ class DisaggProfileHandler(Plugin):
             return [self._prefill]
         return []
 
-    def process_results(self, request: InferenceRequest, results: Mapping[str, ProfileOutcome]) -> SchedulingResult:
+    def process_results(
+        self, request: InferenceRequest, cycle: CycleState, results: Mapping[str, ProfileOutcome]
+    ) -> SchedulingResult:
         decode = results[self.decode_profile]
         if isinstance(decode, RequestError):
             raise decode
         result = SchedulingResult(decode, self.decode_profile)
         prefill = results.get(self.prefill_profile)
+        if isinstance(prefill, list) and prefill and isinstance(self.decider, PrefillPickDecider):
+            if not self.decider.keep_prefill(request, cycle, decode[0], prefill[0]):
+                prefill = None  # the decider found a local prefill cheaper than the pick
         if isinstance(prefill, list) and prefill:
             # No prefill endpoint (a RequestError here) just means the decode endpoint prefills itself.
             result.request_headers[PREFILLER_HEADER] = prefill[0].address
@@ -229,8 +249,10 @@ class PdProfileHandler(DisaggProfileHandler):
         handler.primary_port = port
         return handler
 
-    def process_results(self, request: InferenceRequest, results: Mapping[str, ProfileOutcome]) -> SchedulingResult:
-        result = super().process_results(request, results)
+    def process_results(
+        self, request: InferenceRequest, cycle: CycleState, results: Mapping[str, ProfileOutcome]
+    ) -> SchedulingResult:
+        result = super().process_results(request, cycle, results)
         if self.primary_port:
             # llm-d: only the decode pick goes through the primary port; x-prefiller-host-port keeps
             # the prefill rank's own address

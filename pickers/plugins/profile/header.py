@@ -71,7 +71,9 @@ class HeaderProfileHandler(Plugin):
         profile = profiles.get(self._wanted(request))
         return [] if profile is None else [profile]
 
-    def process_results(self, request: InferenceRequest, results: Mapping[str, ProfileOutcome]) -> SchedulingResult:
+    def process_results(
+        self, request: InferenceRequest, cycle: CycleState, results: Mapping[str, ProfileOutcome]
+    ) -> SchedulingResult:
         if not results:
             value = request.headers.get(self.header, "").strip()
             if value:

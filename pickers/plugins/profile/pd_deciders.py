@@ -2,7 +2,9 @@
 
 `disagg-profile-handler` asks its deciders after the decode profile ran: the encode decider (yes runs
 the encode profile) and then the prefill decider (yes runs the prefill profile; no serves the request
-aggregated on the decode endpoint). Names and parameters are llm-d's.
+aggregated on the decode endpoint). A prefill decider that is also a PrefillPickDecider is asked once
+more, with the prefill profile's pick (latency-pd-decider: does that endpoint beat a local prefill?).
+Names and parameters are llm-d's, but for latency-pd-decider (profile/latency_pd_decider.py).
 """
 
 from __future__ import annotations
@@ -27,6 +29,16 @@ class PdDecider(Protocol):
     name: str
 
     def disaggregate(self, request: InferenceRequest, cycle: CycleState, decode: Endpoint) -> bool: ...
+
+
+@runtime_checkable
+class PrefillPickDecider(Protocol):
+    """A prefill decider that judges the prefill profile's pick too: False serves the request
+    aggregated on `decode` after all (the prefill pick is dropped)."""
+
+    def disaggregate(self, request: InferenceRequest, cycle: CycleState, decode: Endpoint) -> bool: ...
+
+    def keep_prefill(self, request: InferenceRequest, cycle: CycleState, decode: Endpoint, prefill: Endpoint) -> bool: ...
 
 
 class PrefixBasedPDDecider(Plugin):
