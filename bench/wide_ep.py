@@ -287,7 +287,7 @@ def run_setup(setup: Setup, workdir: Path, args: argparse.Namespace, w: Workload
     else:
         opts = StackOptions(workdir=workdir, model=MODEL, epp_args=epp_args, envoy_concurrency=1, sim_args=rank_args,
                             pd=PdPool(prefill=pd_groups[0], decode=pd_groups[1], dp_size=args.size,
-                                      prefill_sim_args=("--num-gpu-blocks", str(args.prefill_blocks or args.blocks))))
+                                      prefill_sim_args=("--num-gpu-blocks", str(args.prefill_blocks or 1000))))
     stack = (Rank0Stack if setup.rank0_only else LocalStack)(opts)
     stack.start()
     try:
@@ -310,8 +310,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="KV blocks of 16 tokens per rank (default 2000: ~21 of the 24 prefixes fit one rank, "
                         "with nothing running)")
     p.add_argument("--prefill-blocks", type=int, default=None,
-                   help="--pd: KV blocks per prefill rank (default --blocks); prefill ranks hold no decode KV, so "
-                        "the prefixes overflow one of them only with fewer")
+                   help="--pd: KV blocks per prefill rank (default 1000): prefill ranks hold no decode KV, so with "
+                        "--blocks the prefixes would fit one of them; with 1000 they overflow one rank and fit the group")
     p.add_argument("--question-tokens", type=lambda t: tuple(int(x) for x in t.split("-")), default=None, metavar="LO-HI",
                    help="tokens of each prompt's own part after its shared prefix (default 100-400)")
     p.add_argument("--only", action="append", choices=sorted({s.name for s in (*SETUPS, *PD_SETUPS)}), help="run only this setup (repeatable)")
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{args.duration:g}s per setup; prompts: 1 of {w.prefixes} shared {w.prefix_tokens}-token prefixes + "
              f"{w.question_tokens[0]}-{w.question_tokens[1]} tokens, outputs {w.max_tokens[0]}-{w.max_tokens[1]} tokens; "
              f"{args.blocks} KV blocks per rank"
-             + (f" ({args.prefill_blocks} per prefill rank)" if args.pd and args.prefill_blocks else "")
+             + (f" ({args.prefill_blocks or 1000} per prefill rank)" if args.pd else "")
              + f"; simulator time x{args.time_scale}")
     for k, rs in enumerate(rounds):
         print()
