@@ -8,11 +8,12 @@ The registry (pickers.config.registry) builds a plugin as `cls.from_config(name,
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from pickers.framework.params import Params
+from pickers.framework.errors import shown
+from pickers.framework.params import ParameterError, Params
 from pickers.indexes.prefix import ApproxPrefixIndex
 from pickers.latency.model import LatencyModel
 
@@ -62,3 +63,24 @@ class TokenSource(Protocol):
 
     name: str
     token_backend: str
+
+
+def configured_plugin(plugins: Mapping[str, object], name: str | None, cls: type[Any], param: str) -> Any:
+    """The `cls` plugin a reference parameter `param` names, else the config's one named like its type or
+    its only one, else None (the caller makes one with llm-d's defaults, as llm-d does). A name that is
+    not such a plugin, or several candidates with none named, raise ParameterError on `param`."""
+    if name is not None:
+        found = plugins.get(name)
+        if not isinstance(found, cls):
+            article = "an" if cls.type[0] in "aeiou" else "a"
+            what = "no plugin" if found is None else f"{getattr(found, 'type', '?')}, not {article} {cls.type}"
+            raise ParameterError(param, f"{shown(name)}: {what}")
+        return found
+    candidates = {n: q for n, q in plugins.items() if isinstance(q, cls)}
+    if cls.type in candidates:
+        return candidates[cls.type]
+    if len(candidates) == 1:
+        return next(iter(candidates.values()))
+    if candidates:
+        raise ParameterError(param, f"{len(candidates)} {cls.type} plugins ({', '.join(candidates)}); name the one this plugin reads")
+    return None

@@ -32,13 +32,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from pickers.framework.endpoint import Endpoint
-from pickers.framework.errors import shown
 from pickers.framework.params import ParameterError, Params
 from pickers.framework.request import CHARS_PER_TOKEN, InferenceRequest
 from pickers.framework.types import CycleState, SchedulingResult
 from pickers.indexes.prefix import ApproxPrefixIndex
 from pickers.latency.model import LatencyModel, batch_of
-from pickers.plugins.base import Plugin, PluginContext, PrefixMatchSource
+from pickers.plugins.base import Plugin, PluginContext, PrefixMatchSource, configured_plugin
 from pickers.plugins.scorer.affinity.prefix import ApproxPrefixCacheProducer, MatchSettings, bind_match, prefix_match, uncached_tokens
 from pickers.plugins.scorer.load.token_load import InFlightLoadProducer, bound_names, find_load_producer
 
@@ -242,22 +241,9 @@ def find_latency_producer(plugins: Mapping[str, object], name: str | None, ctx: 
     """The predicted-latency-producer `latencyPredictionInfoProducerName` names, else the config's one
     named like its type or its only one, else one with llm-d's defaults (llm-d creates it when a
     config that needs it lists none), bound to the config's prefix and load producers."""
-    if name is not None:
-        found = plugins.get(name)
-        if not isinstance(found, PredictedLatencyProducer):
-            what = "no plugin" if found is None else f"{getattr(found, 'type', '?')}, not a {PredictedLatencyProducer.type}"
-            raise ParameterError("latencyPredictionInfoProducerName", f"{shown(name)}: {what}")
+    found = configured_plugin(plugins, name, PredictedLatencyProducer, "latencyPredictionInfoProducerName")
+    if found is not None:
         return found
-    producers = {n: q for n, q in plugins.items() if isinstance(q, PredictedLatencyProducer)}
-    if PredictedLatencyProducer.type in producers:
-        return producers[PredictedLatencyProducer.type]
-    if len(producers) == 1:
-        return next(iter(producers.values()))
-    if producers:
-        raise ParameterError(
-            "latencyPredictionInfoProducerName",
-            f"{len(producers)} {PredictedLatencyProducer.type} plugins ({', '.join(producers)}); name the one this plugin reads",
-        )
     implied = PredictedLatencyProducer(ctx.latency, ctx.prefix_index)
     implied.bind_config(plugins, {}, None)
     return implied

@@ -22,7 +22,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pickers.framework.endpoint import Endpoint
-from pickers.framework.errors import shown
 from pickers.framework.params import ParameterError, Params
 from pickers.framework.request import CHARS_PER_TOKEN, InferenceRequest
 from pickers.framework.types import (
@@ -32,7 +31,7 @@ from pickers.framework.types import (
     SchedulingResult,
 )
 from pickers.indexes.prefix import ApproxPrefixIndex
-from pickers.plugins.base import Plugin, PluginContext, PrefixMatchSource
+from pickers.plugins.base import Plugin, PluginContext, PrefixMatchSource, configured_plugin
 from pickers.plugins.scorer.affinity.prefix import (
     ApproxPrefixCacheProducer,
     MatchSettings,
@@ -152,19 +151,9 @@ class InFlightLoadProducer(Plugin):
 def find_load_producer(plugins: Mapping[str, object], name: str | None, index: ApproxPrefixIndex) -> InFlightLoadProducer:
     """The inflight-load-producer `inFlightLoadProducerName` names, else the config's one named like its
     type or its only one, else one with llm-d's defaults (llm-d creates it when a config lists none)."""
-    if name is not None:
-        found = plugins.get(name)
-        if not isinstance(found, InFlightLoadProducer):
-            what = "no plugin" if found is None else f"{getattr(found, 'type', '?')}, not an {InFlightLoadProducer.type}"
-            raise ParameterError("inFlightLoadProducerName", f"{shown(name)}: {what}")
+    found = configured_plugin(plugins, name, InFlightLoadProducer, "inFlightLoadProducerName")
+    if found is not None:
         return found
-    producers = {n: q for n, q in plugins.items() if isinstance(q, InFlightLoadProducer)}
-    if InFlightLoadProducer.type in producers:
-        return producers[InFlightLoadProducer.type]
-    if len(producers) == 1:
-        return next(iter(producers.values()))
-    if producers:
-        raise ParameterError("inFlightLoadProducerName", f"{len(producers)} {InFlightLoadProducer.type} plugins ({', '.join(producers)}); name the one this plugin reads")
     implied = InFlightLoadProducer(index)
     implied.bind_config(plugins, {}, None)
     return implied
