@@ -33,12 +33,12 @@ from typing import Any
 
 from pickers.framework.endpoint import Endpoint
 from pickers.framework.params import ParameterError, Params
-from pickers.framework.request import CHARS_PER_TOKEN, InferenceRequest
+from pickers.framework.request import InferenceRequest
 from pickers.framework.types import CycleState, SchedulingResult
 from pickers.indexes.prefix import ApproxPrefixIndex
 from pickers.latency.model import LatencyModel, batch_of
 from pickers.plugins.base import Plugin, PluginContext, PrefixMatchSource, configured_plugin
-from pickers.plugins.scorer.affinity.prefix import ApproxPrefixCacheProducer, MatchSettings, bind_match, prefix_match, uncached_tokens
+from pickers.plugins.scorer.affinity.prefix import ApproxPrefixCacheProducer, MatchSettings, bind_match, uncached_per_endpoint
 from pickers.plugins.scorer.load.token_load import InFlightLoadProducer, bound_names, find_load_producer
 
 TTFT_SLO_HEADER = "x-llm-d-slo-ttft-ms"
@@ -152,14 +152,7 @@ class PredictedLatencyProducer(Plugin):
     # -- predictions ---------------------------------------------------------------------------
     def uncached(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> list[int]:
         """The request's uncached prompt tokens on each endpoint (llm-d's UncachedRequestTokens)."""
-        prompt = request.prompt_tokens
-        if self.precise is not None:
-            m = self.precise.prefix_matches(request, cycle, endpoints)
-            return [uncached_tokens(prompt, *m.get(ep.address, (0, 0, 0))) for ep in endpoints]
-        s = self.source
-        pm = prefix_match(request, cycle, self.index, s.block_chars, s.max_blocks)
-        total, bt, matched = len(pm.hashes), s.block_chars // CHARS_PER_TOKEN, pm.matched
-        return [uncached_tokens(prompt, matched.get(ep.address, 0), total, bt) for ep in endpoints]
+        return uncached_per_endpoint(request, cycle, self.precise, self.index, self.source, endpoints)
 
     def predictions(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> dict[str, LatencyPrediction]:
         """Each endpoint's prediction by address, made once per cycle (empty with predictInProduce off)."""

@@ -340,6 +340,21 @@ def uncached_tokens(prompt_tokens: int, matched_blocks: int, total_blocks: int, 
     return max(0, indexed - matched_blocks * block_tokens) + max(0, prompt_tokens - indexed)
 
 
+def uncached_per_endpoint(
+    request: InferenceRequest, cycle: CycleState, precise: PrefixMatchSource | None, index: ApproxPrefixIndex,
+    settings: MatchSettings, endpoints: Sequence[Endpoint],
+) -> list[int]:
+    """This request's uncached prompt tokens on each endpoint (llm-d's UncachedRequestTokens), from the
+    precise producer's KV-event match when one is bound, else the approximate match with `settings`."""
+    prompt = request.prompt_tokens
+    if precise is not None:
+        m = precise.prefix_matches(request, cycle, endpoints)
+        return [uncached_tokens(prompt, *m.get(ep.address, (0, 0, 0))) for ep in endpoints]
+    pm = prefix_match(request, cycle, index, settings.block_chars, settings.max_blocks)
+    total, bt, matched = len(pm.hashes), settings.block_chars // CHARS_PER_TOKEN, pm.matched
+    return [uncached_tokens(prompt, matched.get(ep.address, 0), total, bt) for ep in endpoints]
+
+
 def record_pick(
     request: InferenceRequest, cycle: CycleState, index: ApproxPrefixIndex, result: SchedulingResult, settings: MatchSettings
 ) -> None:

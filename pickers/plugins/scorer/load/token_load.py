@@ -23,7 +23,7 @@ from typing import Any
 
 from pickers.framework.endpoint import Endpoint
 from pickers.framework.params import ParameterError, Params
-from pickers.framework.request import CHARS_PER_TOKEN, InferenceRequest
+from pickers.framework.request import InferenceRequest
 from pickers.framework.types import (
     ENDPOINT_NOTIFICATION_SOURCE,
     CycleState,
@@ -36,9 +36,8 @@ from pickers.plugins.scorer.affinity.prefix import (
     ApproxPrefixCacheProducer,
     MatchSettings,
     bind_match,
-    prefix_match,
     record_pick,
-    uncached_tokens,
+    uncached_per_endpoint,
 )
 
 DEFAULT_THRESHOLD_TOKENS = 4_194_304  # 128 requests of 32K tokens
@@ -117,14 +116,7 @@ class InFlightLoadProducer(Plugin):
 
     def request_tokens(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> list[int]:
         """This request's uncached prompt tokens on each endpoint (llm-d's UncachedRequestTokens)."""
-        prompt = request.prompt_tokens
-        if self.precise is not None:
-            m = self.precise.prefix_matches(request, cycle, endpoints)
-            return [uncached_tokens(prompt, *m.get(ep.address, (0, 0, 0))) for ep in endpoints]
-        s = self.source
-        pm = prefix_match(request, cycle, self.index, s.block_chars, s.max_blocks)
-        total, bt, matched = len(pm.hashes), s.block_chars // CHARS_PER_TOKEN, pm.matched
-        return [uncached_tokens(prompt, matched.get(ep.address, 0), total, bt) for ep in endpoints]
+        return uncached_per_endpoint(request, cycle, self.precise, self.index, self.source, endpoints)
 
     def pre_request(self, request: InferenceRequest, cycle: CycleState, result: SchedulingResult) -> None:
         """Charge each chosen endpoint (once per request, whichever plugins ask) and record the prompt's
