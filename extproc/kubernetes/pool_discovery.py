@@ -135,7 +135,7 @@ def endpoints_for_pod(pod: Pod, target_ports: tuple[int, ...]) -> list[EndpointS
     return [
         EndpointSpec(
             name=f"{pod.metadata.name}-rank-{i}", host=host, port=port, labels=labels,
-            namespace=pod.metadata.namespace, rank=i, dp_group=group,
+            namespace=pod.metadata.namespace, rank=i, dp_group=group, hostname=pod.spec.hostname,
         )  # fmt: skip
         for i, port in enumerate(target_ports)
         if allowed is None or port in allowed

@@ -18,6 +18,7 @@ from pickers.framework.params import Params
 from pickers.plugins.base import PluginContext
 from pickers.plugins.datalayer.discovery import FileDiscovery
 from pickers.plugins.datalayer.extractors import CoreMetricsExtractor, ModelsDataExtractor
+from pickers.plugins.datalayer.topology import TopologyExtractor
 from pickers.plugins.datalayer.sources import (
     EndpointNotificationSource,
     K8sNotificationSource,
@@ -74,6 +75,7 @@ from pickers.plugins.scorer.load.queue import QueueScorer
 from pickers.plugins.scorer.load.running_requests import RunningRequestsSizeScorer
 from pickers.plugins.scorer.affinity.session_affinity import SessionAffinityFilter, SessionAffinityScorer
 from pickers.plugins.scorer.load.token_load import InFlightLoadProducer, TokenLoadScorer
+from pickers.plugins.scorer.affinity.topology_affinity import TopologyAffinityFilter, TopologyAffinityScorer
 
 
 @dataclass(slots=True, frozen=True)
@@ -111,6 +113,7 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     HeaderLabelAffinityScorer,
     ContextLengthAware,  # a scorer and, with enableFiltering, a filter
     LatencyScorer,  # predicted latency headroom (the latency model's predictions)
+    TopologyAffinityScorer,  # P/D: the prefill pick near the decode pick
     # filters
     ByLabelFilter,
     LabelSelectorFilter,
@@ -124,6 +127,7 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     PrefixCacheAffinityFilter,
     ServedModelFilter,  # llm-epp's: reads the models-data-source's /v1/models lists
     SloHeadroomTierFilter,
+    TopologyAffinityFilter,  # P/D: only prefill endpoints near the decode pick
     LatencySloAdmitter,  # admission after the data producers, before the profiles
     # pickers
     MaxScorePicker,
@@ -162,6 +166,7 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     K8sNotificationSource,
     EndpointNotificationSource,
     FileDiscovery,
+    TopologyExtractor,  # each endpoint's host, rack, zone, region from its pod (the topology plugins read it)
     # flow control (flowControl names them; pickers.config.flowcontrol)
     GlobalStrictFairness,
     RoundRobinFairness,

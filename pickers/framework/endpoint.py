@@ -31,6 +31,9 @@ class EndpointSpec:
     # Endpoints with the same non-empty dp_group are ranks of one data-parallel group: they step in
     # lockstep (each step lasts as long as the busiest rank's batch). "": not part of a group.
     dp_group: str = ""
+    # The pod's `spec.hostname` (Kubernetes discovery; "" when unset or from an endpoints file):
+    # topology-extractor's host when its hostname label is absent.
+    hostname: str = ""
 
     @property
     def address(self) -> str:

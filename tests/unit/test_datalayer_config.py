@@ -340,7 +340,7 @@ def _fail(field: str, message: str) -> ConfigError:
 
 @pytest.mark.parametrize(
     ("type_name", "why"),
-    [("dcgm-data-source", "DCGM"), ("dcgm-extractor", "DCGM"), ("topology-extractor", "topology"),
+    [("dcgm-data-source", "DCGM"), ("dcgm-extractor", "DCGM"),
      ("multicluster-file-discovery", "multi-cluster"), ("multicluster-metrics-data-source", "multi-cluster")],
 )  # fmt: skip
 def test_data_layer_plugins_llm_epp_lacks_are_refused_with_the_reason(type_name, why):
