@@ -39,6 +39,7 @@ from pickers.plugins.flowcontrol.ordering import EdfOrdering, FcfsOrdering, SloD
 from pickers.plugins.flowcontrol.program_aware import ProgramAwareFairness
 from pickers.plugins.flowcontrol.usage_limits import PriorityHoldback, SoftReflectiveCeiling, StaticUsageLimit
 from pickers.plugins.latency.admitter import LatencySloAdmitter
+from pickers.plugins.latency.cost import LatencyCostScorer
 from pickers.plugins.latency.producer import PredictedLatencyProducer
 from pickers.plugins.latency.scorer import LatencyScorer
 from pickers.plugins.latency.tier_filter import SloHeadroomTierFilter
@@ -111,6 +112,7 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     HeaderLabelAffinityScorer,
     ContextLengthAware,  # a scorer and, with enableFiltering, a filter
     LatencyScorer,  # predicted latency headroom (the latency model's predictions)
+    LatencyCostScorer,  # llm-epp's: predicted TTFT plus the stall a prefill adds to the running batch
     # filters
     ByLabelFilter,
     LabelSelectorFilter,
