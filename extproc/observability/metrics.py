@@ -179,6 +179,7 @@ class EppMetrics:
         self.prefix_index = prefix_index
         self.precise: dict[str, Any] = {}  # plugin name -> precise prefix producer or scorer (attach_precise)
         self.token_producers: tuple[Any, ...] = ()  # token-producer plugins, for their fallback counts
+        self.reporters: tuple[Any, ...] = ()  # request-attribute-reporter plugins, for their outcome counts
         self.flow_control: FlowControlMetrics | None = None  # set when flow control is on
         self._series: dict[tuple[str, str], _ModelSeries] = {}  # (model, target model) labels
         self._errors: dict[tuple[str, str, str], int] = {}  # (model, target model, error code)
@@ -191,14 +192,19 @@ class EppMetrics:
 
     def attach_precise(self, plugins: Iterable[object]) -> None:
         """Export the size of each precise prefix index among these plugins (precise-prefix-cache-
-        producer, -scorer) and how often an endpoint's entries were dropped, and each token-producer's
-        fallbacks to the estimate, read at scrape time."""
+        producer, -scorer) and how often an endpoint's entries were dropped, each token-producer's
+        fallbacks to the estimate and what each request-attribute-reporter made of the responses, read at
+        scrape time."""
         from pickers.plugins.producer.tokens import TokenProducer
+        from pickers.plugins.requestcontrol.attribute_reporter import (
+            RequestAttributeReporter,
+        )
         from pickers.plugins.scorer.affinity.precise_prefix import precise_indexes
 
         plugins = tuple(plugins)
         self.precise = precise_indexes(plugins)
         self.token_producers = tuple(p for p in plugins if isinstance(p, TokenProducer))
+        self.reporters = tuple(p for p in plugins if isinstance(p, RequestAttributeReporter))
 
     def attach(self, datastore: Datastore, prefix_index: ApproxPrefixIndex | None = None) -> None:
         """Read the pool gauges from this datastore (and the prefix gauges from this index) at scrape time."""
@@ -327,6 +333,7 @@ class _FixedFamilies:
         yield from self._prefix()
         yield from self._precise()
         yield from self._token_producers()
+        yield from self._reporters()
         if m.flow_control is not None:
             yield from m.flow_control.collect(m.pool_name)
         yield from self._config()
@@ -418,6 +425,21 @@ class _FixedFamilies:
             for reason, n in plugin.fallbacks.items():
                 fallbacks.add_metric([plugin.name, reason], n)
         yield fallbacks
+
+
+    def _reporters(self) -> Iterator[Metric]:
+        if not self.m.reporters:
+            return
+        reports = CounterMetricFamily(
+            "llm_epp_request_attribute_reports",
+            "Responses a request-attribute-reporter evaluated, by result: reported, condition_false, "
+            "skipped (0 or -1, not reported), failed (an evaluation error or no number)",
+            labels=["plugin_name", "result"],
+        )
+        for plugin in self.m.reporters:
+            for result, n in plugin.outcomes.items():
+                reports.add_metric([plugin.name, result], n)
+        yield reports
 
 
 # llm-d's kvblock index metrics (llm-d-kv-cache's, embedded in llm-d's EPP): (name, help, IndexMetrics

@@ -9,7 +9,8 @@ prompt until the first byte, estimated output until the end).
 
 With a latency model (`latency`, extproc.requestcontrol.latency) it records each pick's state and
 feeds the model the response's first byte and usage at the end; under --explain-scores the model's
-prediction for the route goes on the client's response (`x-llm-epp-predicted-ttft-ms`).
+prediction for the route goes on the client's response (`x-llm-epp-predicted-ttft-ms`). At the end of
+a response body the scheduler's reporters turn its usage into Envoy's dynamic metadata (`response_metadata`).
 
 It also keeps the last `DECISIONS_KEPT` decisions for /debug/decisions (a tuple appended to a
 bounded deque per request) and, only with `log_requests`, writes one log line per request. What they
@@ -34,7 +35,7 @@ import msgspec
 
 from extproc.datalayer.datastore import Datastore
 from extproc.handlers.request_stream import Outcome, Routing, filter_by_subset
-from extproc.handlers.usage import Usage
+from extproc.handlers.usage import Usage, usage_object
 from extproc.observability import bounds
 from extproc.observability.logs import REQUEST_LOGGER
 from extproc.observability.metrics import EppMetrics
@@ -193,6 +194,14 @@ class Director:
                 extra={"fields": {"request_id": request_id, "model": model, "status": error.kind.status,
                                   "error_code": code, "error": bounds.message(error.message)}},
             )  # fmt: skip
+
+    def response_metadata(self, routing: Routing, usage: object | None) -> dict[str, dict[str, float]] | None:
+        """The response body ended: what the scheduler's reporters (request-attribute-reporter) make of its
+        usage, for Envoy's dynamic metadata. No reporter, no work."""
+        scheduler = routing.scheduler or self.scheduler  # the one that chose: a reload may have swapped ours
+        if not scheduler.reporters:
+            return None
+        return scheduler.response_metadata(usage_object(usage if isinstance(usage, Usage) else None)) or None
 
     def first_byte(self, routing: Routing) -> None:
         """The response's first body byte came back."""

@@ -61,6 +61,7 @@ from pickers.plugins.profile.handlers import (
 from pickers.plugins.profile.header import HeaderProfileHandler
 from pickers.plugins.profile.latency_pd_decider import LatencyPdDecider
 from pickers.plugins.profile.pd_deciders import AlwaysDisaggMultimodalDecider, AlwaysDisaggPDDecider, PrefixBasedPDDecider
+from pickers.plugins.requestcontrol.attribute_reporter import RequestAttributeReporter
 from pickers.plugins.scorer.load.active_request import ActiveRequestScorer
 from pickers.plugins.scorer.load.data_parallel import DataParallelBalanceScorer
 from pickers.plugins.scorer.load.kv_cache import KVCacheUtilizationScorer
@@ -153,6 +154,8 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     SessionIDProducer,
     P2PSourceProducer,
     PredictedLatencyProducer,  # per-candidate TTFT/TPOT from the online latency model
+    # request control on the response: a CEL value of the usage, as dynamic metadata for the gateway
+    RequestAttributeReporter,
     # llm-d's deprecated header plugins: the disagg handler sets the header; their names are checked
     DisaggHeadersHandler,
     PrefillHeaderHandler,

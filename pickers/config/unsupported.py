@@ -35,8 +35,6 @@ UNSUPPORTED_TYPES = MappingProxyType(
         "mm-embeddings-cache-producer": _MULTIMODAL,
         "mm-embeddings-cache-scorer": _MULTIMODAL,
         # others
-        "request-attribute-reporter": "llm-epp does not evaluate CEL expressions over response usage; "
-        "it reports usage in its own metrics (docs/operating.md)",
         "disaggregatedset-rollout-screener": "rollouts of llm-d's DisaggregatedSet are not supported",
         "disaggregatedset-rollout-pod-extractor": "rollouts of llm-d's DisaggregatedSet are not supported",
         "burst-prefix-cache-producer": "joint placement of request bursts is not implemented; "

@@ -3,7 +3,8 @@
 A profile is filters + weighted scorers + one picker. With one profile the scheduler runs it inline;
 with several, a ProfileHandler picks which run (sharing one cycle state) and combines their results
 (P/D: decode, then maybe prefill). Plugins that also implement PreRequest or ResponseComplete are told
-about the combined result and the finished response, once per request whatever profiles they are in.
+about the combined result and the finished response, once per request whatever profiles they are in;
+ResponseReporters (request-attribute-reporter) compute the dynamic metadata of a response's end.
 Data producers (token-producer, session-id-producer, ...) run first, in config order, over all the
 candidates; they are told about the result and the response the same way. Cycle admitters
 (latency-slo-admitter) run after them, before any profile.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from pickers.framework.endpoint import Endpoint
 from pickers.framework.errors import ALL_FILTERED, NO_ENDPOINTS, RequestError
@@ -31,6 +32,7 @@ from pickers.framework.types import (
     ProfileHandler,
     ProfileOutcome,
     ResponseComplete,
+    ResponseReporter,
     SchedulingProfile,
     SchedulingResult,
     ScoredEndpoint,
@@ -69,6 +71,7 @@ class Scheduler:
         self.plugins: tuple[object, ...] = tuple(plugins)  # every plugin of the cycle, producers included
         self._pre_request = [p for p in plugins if isinstance(p, PreRequest)]
         self._complete = [p for p in plugins if isinstance(p, ResponseComplete)]
+        self.reporters: tuple[ResponseReporter, ...] = tuple(p for p in plugins if isinstance(p, ResponseReporter))
         self._admitters = [p for p in plugins if isinstance(p, Admitter)]
         self._cycle_admitters = [p for p in plugins if isinstance(p, CycleAdmitter)]
         self._explainers = [p for p in plugins if isinstance(p, Explainer)]
@@ -181,6 +184,13 @@ class Scheduler:
     ) -> None:
         for p in self._complete:
             p.response_complete(request, endpoint, prompt_tokens, completion_tokens)
+
+    def response_metadata(self, usage: Mapping[str, object]) -> dict[str, dict[str, float]]:
+        """What the reporters make of a response's usage: namespace -> key -> number (empty: nothing to report)."""
+        metadata: dict[str, dict[str, float]] = {}
+        for p in self.reporters:
+            p.report_response(usage, metadata)
+        return metadata
 
     def _drop_unreachable(self, candidates: Sequence[Endpoint]) -> Sequence[Endpoint]:
         # An endpoint whose scrapes fail and whose metrics went stale is probably down: skip it

@@ -5,6 +5,7 @@
 - Picker: scored candidates in, the chosen endpoints out (first = primary, rest = fallbacks).
 - PreRequest: told the result after a pick (e.g. the prefix index records the chosen endpoint).
 - ResponseComplete: told when the response finished (or aborted), with the usage if known.
+- ResponseReporter: at the end of a response body, values for the gateway's dynamic metadata.
 - ProfileHandler: which scheduling profiles run for a request, and how their results combine.
 - DataProducer: runs before the filters of every cycle and puts what it knows about the request
   on it (llm-d's PrepareRequestData: token ids, the session id).
@@ -170,6 +171,17 @@ class ResponseComplete(Protocol):
     def response_complete(
         self, request: InferenceRequest, endpoint: Endpoint, prompt_tokens: int | None, completion_tokens: int | None
     ) -> None: ...
+
+
+@runtime_checkable
+class ResponseReporter(Protocol):
+    """llm-d's ResponseBodyProcessor at the end of the body: once per response whose body ends (not on
+    an abort), given the usage object as llm-d's plugins see it (prompt_tokens, completion_tokens and
+    total_tokens, 0 when the response had none; prompt_tokens_details.cached_tokens when the server sent
+    details), it may write numbers into `metadata` (namespace -> key -> value), which go back to the
+    gateway as ext_proc dynamic metadata on the message that ends the body."""
+
+    def report_response(self, usage: Mapping[str, object], metadata: dict[str, dict[str, float]]) -> None: ...
 
 
 @dataclass(slots=True)
