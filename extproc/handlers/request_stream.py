@@ -21,10 +21,10 @@ they do not read (passthrough-parser's) is routed on its headers and its body st
 
 PREPARING: when the Director needs data it must wait for before the pick (a token-producer's call
 to the model server) or flow control holds requests, the parsed request waits there: `handle`
-returns nothing, `needs_data` is true, the servicer awaits `Director.prepare(request)` (bounded by
-the producer's own timeout) then `Director.admit(stream)`, which returns `resume()`'s answer (the
-pick's) once flow control lets the request go, or `refuse(error)`'s (429/503). The servicer reads no
-message meanwhile. A routed request flow control evicts is answered by `evict()` (429 `evicted`).
+returns nothing, `needs_data` is true, the servicer awaits `Director.prepare(request, subset)`
+(bounded by the producer's own timeout, or a burst-prefix-cache-producer's window) then
+`Director.admit(stream)`, which returns `resume()`'s answer (the pick's) once flow control lets the
+request go, or `refuse(error)`'s (429/503). The servicer reads no message meanwhile. A routed request flow control evicts is answered by `evict()` (429 `evicted`).
 
 `response_headers` before the request was routed is a reply Envoy makes itself (its stream idle
 timeout, a body over its buffer, a malformed request): it passes through unchanged, nothing to settle.
@@ -286,8 +286,13 @@ class RequestStream:
         self._finish(aborted=not done)
 
     @property
+    def subset(self) -> list[str] | None:
+        """The proxy's destination subset hint (None: any endpoint), as `route` is given it."""
+        return self._subset
+
+    @property
     def needs_data(self) -> bool:
-        """The parsed request waits for the Director's data: await `director.prepare(request)`, then `resume()`."""
+        """The parsed request waits for the Director's data: await `director.prepare(request, self.subset)`, then `resume()`."""
         return self.state is State.PREPARING
 
     def resume(self) -> list[pb.ProcessingResponse]:

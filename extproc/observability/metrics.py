@@ -180,6 +180,7 @@ class EppMetrics:
         self.precise: dict[str, Any] = {}  # plugin name -> precise prefix producer or scorer (attach_precise)
         self.token_producers: tuple[Any, ...] = ()  # token-producer plugins, for their fallback counts
         self.reporters: tuple[Any, ...] = ()  # request-attribute-reporter plugins, for their outcome counts
+        self.burst_producers: tuple[Any, ...] = ()  # burst-prefix-cache-producer plugins, for their counts
         self.flow_control: FlowControlMetrics | None = None  # set when flow control is on
         self._series: dict[tuple[str, str], _ModelSeries] = {}  # (model, target model) labels
         self._errors: dict[tuple[str, str, str], int] = {}  # (model, target model, error code)
@@ -193,8 +194,9 @@ class EppMetrics:
     def attach_precise(self, plugins: Iterable[object]) -> None:
         """Export the size of each precise prefix index among these plugins (precise-prefix-cache-
         producer, -scorer) and how often an endpoint's entries were dropped, each token-producer's
-        fallbacks to the estimate and what each request-attribute-reporter made of the responses, read at
-        scrape time."""
+        fallbacks to the estimate, each burst-prefix-cache-producer's requests and what each
+        request-attribute-reporter made of the responses, read at scrape time."""
+        from pickers.plugins.producer.burst_prefix import BurstPrefixCacheProducer
         from pickers.plugins.producer.tokens import TokenProducer
         from pickers.plugins.requestcontrol.attribute_reporter import (
             RequestAttributeReporter,
@@ -205,6 +207,7 @@ class EppMetrics:
         self.precise = precise_indexes(plugins)
         self.token_producers = tuple(p for p in plugins if isinstance(p, TokenProducer))
         self.reporters = tuple(p for p in plugins if isinstance(p, RequestAttributeReporter))
+        self.burst_producers = tuple(p for p in plugins if isinstance(p, BurstPrefixCacheProducer))
 
     def attach(self, datastore: Datastore, prefix_index: ApproxPrefixIndex | None = None) -> None:
         """Read the pool gauges from this datastore (and the prefix gauges from this index) at scrape time."""
@@ -334,6 +337,7 @@ class _FixedFamilies:
         yield from self._precise()
         yield from self._token_producers()
         yield from self._reporters()
+        yield from self._burst_producers()
         if m.flow_control is not None:
             yield from m.flow_control.collect(m.pool_name)
         yield from self._config()
@@ -425,6 +429,25 @@ class _FixedFamilies:
             for reason, n in plugin.fallbacks.items():
                 fallbacks.add_metric([plugin.name, reason], n)
         yield fallbacks
+
+    def _burst_producers(self) -> Iterator[Metric]:
+        if not self.m.burst_producers:
+            return
+        requests = CounterMetricFamily(
+            "llm_epp_burst_prefix_requests",
+            "Requests a burst-prefix-cache-producer batched, by outcome: assigned (placed on a replica), unassigned "
+            "(shared its prompt with no other request of the window), batch_full (maxBatchSize reached: not batched), "
+            "cancelled (the client left while it waited)",
+            labels=["plugin_name", "outcome"],
+        )
+        batches = CounterMetricFamily("llm_epp_burst_prefix_batches", "Windows a burst-prefix-cache-producer sealed and placed", labels=["plugin_name"])
+        for plugin in self.m.burst_producers:
+            counts = plugin.counts
+            for outcome in ("assigned", "unassigned", "batch_full", "cancelled"):
+                requests.add_metric([plugin.name, outcome], counts[outcome])
+            batches.add_metric([plugin.name], counts["batches"])
+        yield requests
+        yield batches
 
 
     def _reporters(self) -> Iterator[Metric]:

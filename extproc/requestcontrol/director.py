@@ -2,10 +2,11 @@
 (objective -> priority; sheddable requests refused while the pool is saturated; the model rewrite),
 routes it (subset hint, schedule, in-flight accounting) and settles the books when the response ends.
 Before the pick it awaits the data a token-producer must fetch (`prepare`, bounded by the producer's
-timeout). In-flight counts are one request and prompt + max_tokens tokens on the primary until the
-response ends (and the primary's uncached prompt tokens until the first byte), unless an
-inflight-load-producer charged the result (InFlightCharge: each chosen endpoint's request, uncached
-prompt until the first byte, estimated output until the end).
+timeout) and the async data producers' (a burst-prefix-cache-producer's batch window). In-flight
+counts are one request and prompt + max_tokens tokens on the primary until the response ends (and
+the primary's uncached prompt tokens until the first byte), unless an inflight-load-producer charged
+the result (InFlightCharge: each chosen endpoint's request, uncached prompt until the first byte,
+estimated output until the end).
 
 With a latency model (`latency`, extproc.requestcontrol.latency) it records each pick's state and
 feeds the model the response's first byte and usage at the end; under --explain-scores the model's
@@ -94,6 +95,9 @@ class Director:
     def needs_data(self, request: InferenceRequest) -> bool:
         if self.flow_control is not None:
             return True  # every parsed request passes through the queues (`admit`)
+        waiting = self.scheduler.async_producers
+        if waiting and any(p.waits_for(request) for p in waiting):
+            return True
         tp = self.token_producer
         return tp is not None and tp.needs_io(request)
 
@@ -126,11 +130,21 @@ class Director:
         except RequestError as e:
             return stream.refuse(e)
 
-    async def prepare(self, request: InferenceRequest) -> None:
-        """The token-producer's tokens for this request, awaited before `route` (never raises: a
-        failure leaves the estimate)."""
+    async def prepare(self, request: InferenceRequest, subset: list[str] | None = None) -> None:
+        """The token-producer's tokens for this request, then the async data producers' data (a
+        burst-prefix-cache-producer's window, over the candidates the subset hint leaves), awaited
+        before `route` (never raises a RequestError: a failure leaves the estimate, no candidate is
+        `route`'s 503)."""
         if self.token_producer is not None:
             await self.token_producer.prepare(request)
+        waiting = self.scheduler.async_producers  # read once: a reload swaps the scheduler
+        if waiting:
+            try:
+                candidates = filter_by_subset(self.datastore.candidates(), subset)
+            except RequestError:
+                return
+            for producer in waiting:
+                await producer.produce_async(request, candidates)
 
     def route(self, request: InferenceRequest, subset: list[str] | None) -> Routing:
         start = time.perf_counter()

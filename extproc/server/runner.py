@@ -190,7 +190,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                     for resp in out:
                         await write(resp)
                     assert stream.request is not None
-                    await self.director.prepare(stream.request)
+                    await self.director.prepare(stream.request, stream.subset)
                     out = await self.director.admit(stream, evict)
             except ProtocolError as e:
                 log.warning("request %s: %s", bounds.request_id(stream.request.request_id) if stream.request else "?", e)
@@ -621,6 +621,8 @@ class EppServer:
             await asyncio.sleep(self.opts.shutdown_delay)
         if self.flow_control is not None:
             self.flow_control.shutdown()  # queued requests get 503 now, not at the end of the grace period
+        for producer in self.scheduler.async_producers:
+            producer.close()  # an open burst window is placed now: its requests go on to their pick
         if self._grpc is not None:
             await self._grpc.stop(grace)
         await self.supervisor.stop()

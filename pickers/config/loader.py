@@ -54,6 +54,7 @@ from pickers.framework.flowcontrol import FairnessPolicy, FlowControlConfig
 from pickers.framework.params import ParameterError
 from pickers.framework.types import (
     Admitter,
+    AsyncDataProducer,
     CycleAdmitter,
     DataProducer,
     Filter,
@@ -285,7 +286,7 @@ class _Loader:
         profiled = {id(q) for prof in profiles for q in prof.plugins()}
         producers = sorted(
             (q for q in plugins.values() if id(q) not in profiled and not isinstance(q, ProfileHandler)
-             and isinstance(q, (DataProducer, PreRequest, ResponseComplete, ResponseReporter, Admitter, CycleAdmitter))),
+             and isinstance(q, (DataProducer, AsyncDataProducer, PreRequest, ResponseComplete, ResponseReporter, Admitter, CycleAdmitter))),
             key=lambda q: not isinstance(q, TokenProducer),
         )  # fmt: skip
         return EndpointPickerConfig(

@@ -47,6 +47,7 @@ from pickers.plugins.picker.max_score import MaxScorePicker
 from pickers.plugins.picker.random import RandomPicker
 from pickers.plugins.picker.round_robin import RoundRobinPicker
 from pickers.plugins.picker.weighted_random import WeightedRandomPicker
+from pickers.plugins.producer.burst_prefix import BurstPrefixCacheProducer
 from pickers.plugins.producer.p2p_source import P2PSourceProducer
 from pickers.plugins.producer.session import SessionIDProducer
 from pickers.plugins.producer.tokens import LegacyTokenizer, TokenProducer
@@ -147,6 +148,7 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     # data producers (llm-d's): the prefix matches the prefix scorers read, and request data
     ApproxPrefixCacheProducer,
     PrecisePrefixCacheProducer,
+    BurstPrefixCacheProducer,  # joint placement of the requests of a short window
     TokenProducer,
     LegacyTokenizer,  # llm-d's deprecated name of token-producer
     # how token-load-scorer, prefix-cache-affinity-filter and the in-flight counts count load

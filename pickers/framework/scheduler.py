@@ -6,8 +6,9 @@ with several, a ProfileHandler picks which run (sharing one cycle state) and com
 about the combined result and the finished response, once per request whatever profiles they are in;
 ResponseReporters (request-attribute-reporter) compute the dynamic metadata of a response's end.
 Data producers (token-producer, session-id-producer, ...) run first, in config order, over all the
-candidates; they are told about the result and the response the same way. Cycle admitters
-(latency-slo-admitter) run after them, before any profile.
+candidates; they are told about the result and the response the same way. Async data producers
+(burst-prefix-cache-producer) are not run here: the Director awaits them before `schedule`. Cycle
+admitters (latency-slo-admitter) run after the data producers, before any profile.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pickers.framework.request import InferenceRequest
 from pickers.framework.types import (
     SINGLE_PROFILE_HANDLER,
     Admitter,
+    AsyncDataProducer,
     CycleAdmitter,
     CycleState,
     DataProducer,
@@ -67,6 +69,8 @@ class Scheduler:
         self.explain = explain
         plugins = list({id(p): p for prof in all_profiles for p in prof.plugins()}.values())
         self._producers = [p for p in producers if isinstance(p, DataProducer)]
+        # awaited by the Director before `schedule` (burst-prefix-cache-producer's window); empty for most configs
+        self.async_producers: tuple[AsyncDataProducer, ...] = tuple(p for p in producers if isinstance(p, AsyncDataProducer))
         plugins += [p for p in producers if all(p is not q for q in plugins)]
         self.plugins: tuple[object, ...] = tuple(plugins)  # every plugin of the cycle, producers included
         self._pre_request = [p for p in plugins if isinstance(p, PreRequest)]

@@ -9,6 +9,8 @@
 - ProfileHandler: which scheduling profiles run for a request, and how their results combine.
 - DataProducer: runs before the filters of every cycle and puts what it knows about the request
   on it (llm-d's PrepareRequestData: token ids, the session id).
+- AsyncDataProducer: awaited before the pick, outside the cycle, for the requests it waits for
+  (burst-prefix-cache-producer's batch window); what it learns goes on the request.
 - CycleAdmitter: after the data producers, before the profiles, may refuse the request.
 - Explainer: adds what it computed in the cycle to the scores --explain-scores shows.
 """
@@ -119,6 +121,25 @@ class DataProducer(Protocol):
     name: str
 
     def produce(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> None: ...
+
+
+@runtime_checkable
+class AsyncDataProducer(Protocol):
+    """A data producer that must wait before the request is scheduled (llm-d's blocking Produce, e.g.
+    burst-prefix-cache-producer's batch window). The EPP awaits `produce_async` for each request
+    `waits_for` says, after the token-producer and before flow control and the pick, with the
+    candidates the request may go to; what it learns goes on the request (`attributes`), never in
+    the cycle, which does not exist yet. A cancelled wait (the client left) must leave no trace.
+    `close` (the EPP stopping) lets every waiting request go at once."""
+
+    type: str
+    name: str
+
+    def waits_for(self, request: InferenceRequest) -> bool: ...
+
+    async def produce_async(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> None: ...
+
+    def close(self) -> None: ...
 
 
 ENDPOINT_NOTIFICATION_SOURCE = "endpoint-notification-source"

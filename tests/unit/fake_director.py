@@ -49,7 +49,7 @@ class FakeDirector:
     def needs_data(self, request: InferenceRequest) -> bool:
         return self.prepare_first
 
-    async def prepare(self, request: InferenceRequest) -> None:
+    async def prepare(self, request: InferenceRequest, subset: list[str] | None = None) -> None:
         self.prepared.append(request)
 
     def finish(self, routing: Routing, outcome: Outcome) -> None:
