@@ -66,6 +66,7 @@ from pickers.plugins.scorer.load.kv_cache import KVCacheUtilizationScorer
 from pickers.plugins.scorer.load.load_aware import LoadAwareScorer
 from pickers.plugins.scorer.affinity.header_label import HeaderLabelAffinityScorer
 from pickers.plugins.scorer.affinity.lora_affinity import LoraAffinityScorer
+from pickers.plugins.scorer.affinity.mm_embeddings import MMEmbeddingsCacheProducer, MMEmbeddingsCacheScorer
 from pickers.plugins.scorer.affinity.no_hit_lru import NoHitLRUScorer
 from pickers.plugins.scorer.affinity.precise_prefix import PrecisePrefixCacheProducer, PrecisePrefixCacheScorer
 from pickers.plugins.scorer.load.prefill_load import PrefillLoadScorer
@@ -111,6 +112,7 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     HeaderLabelAffinityScorer,
     ContextLengthAware,  # a scorer and, with enableFiltering, a filter
     LatencyScorer,  # predicted latency headroom (the latency model's predictions)
+    MMEmbeddingsCacheScorer,  # multimodal items an endpoint probably holds the embeddings of
     # filters
     ByLabelFilter,
     LabelSelectorFilter,
@@ -151,6 +153,7 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     SessionIDProducer,
     P2PSourceProducer,
     PredictedLatencyProducer,  # per-candidate TTFT/TPOT from the online latency model
+    MMEmbeddingsCacheProducer,  # which endpoint holds which multimodal item's encoder output
     # llm-d's deprecated header plugins: the disagg handler sets the header; their names are checked
     DisaggHeadersHandler,
     PrefillHeaderHandler,
