@@ -181,6 +181,7 @@ class EppMetrics:
         self.token_producers: tuple[Any, ...] = ()  # token-producer plugins, for their fallback counts
         self.reporters: tuple[Any, ...] = ()  # request-attribute-reporter plugins, for their outcome counts
         self.burst_producers: tuple[Any, ...] = ()  # burst-prefix-cache-producer plugins, for their counts
+        self.encoder_caches: dict[str, Any] = {}  # mm-embeddings-cache-producer name -> plugin (attach_precise)
         self.flow_control: FlowControlMetrics | None = None  # set when flow control is on
         self._series: dict[tuple[str, str], _ModelSeries] = {}  # (model, target model) labels
         self._errors: dict[tuple[str, str, str], int] = {}  # (model, target model, error code)
@@ -195,12 +196,14 @@ class EppMetrics:
         """Export the size of each precise prefix index among these plugins (precise-prefix-cache-
         producer, -scorer) and how often an endpoint's entries were dropped, each token-producer's
         fallbacks to the estimate, each burst-prefix-cache-producer's requests and what each
-        request-attribute-reporter made of the responses, read at scrape time."""
+        request-attribute-reporter made of the responses and each encoder-cache producer's lookups, read at
+        scrape time."""
         from pickers.plugins.producer.burst_prefix import BurstPrefixCacheProducer
         from pickers.plugins.producer.tokens import TokenProducer
         from pickers.plugins.requestcontrol.attribute_reporter import (
             RequestAttributeReporter,
         )
+        from pickers.plugins.scorer.affinity.mm_embeddings import encoder_caches
         from pickers.plugins.scorer.affinity.precise_prefix import precise_indexes
 
         plugins = tuple(plugins)
@@ -208,6 +211,7 @@ class EppMetrics:
         self.token_producers = tuple(p for p in plugins if isinstance(p, TokenProducer))
         self.reporters = tuple(p for p in plugins if isinstance(p, RequestAttributeReporter))
         self.burst_producers = tuple(p for p in plugins if isinstance(p, BurstPrefixCacheProducer))
+        self.encoder_caches = encoder_caches(plugins)
 
     def attach(self, datastore: Datastore, prefix_index: ApproxPrefixIndex | None = None) -> None:
         """Read the pool gauges from this datastore (and the prefix gauges from this index) at scrape time."""
@@ -338,6 +342,7 @@ class _FixedFamilies:
         yield from self._token_producers()
         yield from self._reporters()
         yield from self._burst_producers()
+        yield from self._encoder_caches()
         if m.flow_control is not None:
             yield from m.flow_control.collect(m.pool_name)
         yield from self._config()
@@ -416,6 +421,35 @@ class _FixedFamilies:
         yield size
         yield resets
         yield from _kv_block_families([p.index.metrics for p in self.m.precise.values()])
+
+    def _encoder_caches(self) -> Iterator[Metric]:
+        # llm-d's names and labels (subsystem llm_d_epp); `pod` is the endpoint's name, else its address
+        caches = self.m.encoder_caches
+        if not caches:
+            return
+        ds = self.m.datastore
+        names = {ep.address: ep.name or ep.address for ep in ds.candidates()} if ds is not None else {}
+        labels = ["plugin_type", "plugin_name"]
+        queries = CounterMetricFamily(
+            "llm_d_epp_encoder_cache_queries", "Multimodal item hash lookups against the encoder-cache affinity LRU",
+            labels=[*labels, "modality"],
+        )  # fmt: skip
+        hits = CounterMetricFamily(
+            "llm_d_epp_encoder_cache_hits", "Multimodal item hash lookups that found the item in an endpoint's LRU, by endpoint",
+            labels=[*labels, "pod", "modality"],
+        )  # fmt: skip
+        ratio = _histogram_family(
+            "llm_d_epp_encoder_cache_hit_ratio", "Per lookup and endpoint: the share of the request's multimodal items it holds",
+            tuple(labels),
+        )  # fmt: skip
+        for name, plugin in caches.items():
+            stats = plugin.index.stats
+            for modality, n in stats.queries.copy().items():
+                queries.add_metric([plugin.type, name, modality], n)
+            for (address, modality), n in stats.hits.copy().items():
+                hits.add_metric([plugin.type, name, names.get(address, address), modality], n)
+            _add(ratio, (plugin.type, name), stats.hit_ratio)
+        yield from (queries, hits, ratio)
 
     def _token_producers(self) -> Iterator[Metric]:
         if not self.m.token_producers:

@@ -58,7 +58,7 @@ from pickers.config.strategies import build_profile
 from pickers.framework.errors import ConfigError
 from pickers.framework.flowcontrol import FlowControlConfig
 from pickers.framework.scheduler import Scheduler
-from pickers.framework.types import ProfileHandler, SchedulingProfile
+from pickers.framework.types import EndpointState, ProfileHandler, SchedulingProfile
 from pickers.indexes.kv_blocks import IndexMetrics
 from pickers.indexes.prefix import ApproxPrefixIndex
 from pickers.latency.model import LatencyModel
@@ -445,9 +445,13 @@ class EppServer:
         return f"config {opts.config_file}" if opts.config_file else f"strategy {opts.strategy}"
 
     def _on_membership_change(self, added: tuple, removed: tuple) -> None:  # type: ignore[type-arg]
-        for ep in removed:
-            self.prefix_index.remove_endpoint(ep.address)
-            self.latency.forget(ep)
+        if removed:
+            holders = [p for p in self.scheduler.plugins if isinstance(p, EndpointState)]
+            for ep in removed:
+                self.prefix_index.remove_endpoint(ep.address)
+                self.latency.forget(ep)
+                for plugin in holders:
+                    plugin.remove_endpoint(ep.address)
         if added or removed:
             log.info(
                 "endpoints: %d in pool (+%s -%s)",

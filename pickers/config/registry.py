@@ -69,6 +69,7 @@ from pickers.plugins.scorer.load.kv_cache import KVCacheUtilizationScorer
 from pickers.plugins.scorer.load.load_aware import LoadAwareScorer
 from pickers.plugins.scorer.affinity.header_label import HeaderLabelAffinityScorer
 from pickers.plugins.scorer.affinity.lora_affinity import LoraAffinityScorer
+from pickers.plugins.scorer.affinity.mm_embeddings import MMEmbeddingsCacheProducer, MMEmbeddingsCacheScorer
 from pickers.plugins.scorer.affinity.no_hit_lru import NoHitLRUScorer
 from pickers.plugins.scorer.affinity.precise_prefix import PrecisePrefixCacheProducer, PrecisePrefixCacheScorer
 from pickers.plugins.scorer.load.prefill_load import PrefillLoadScorer
@@ -115,6 +116,7 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     ContextLengthAware,  # a scorer and, with enableFiltering, a filter
     LatencyScorer,  # predicted latency headroom (the latency model's predictions)
     LatencyCostScorer,  # llm-epp's: predicted TTFT plus the stall a prefill adds to the running batch
+    MMEmbeddingsCacheScorer,  # multimodal items an endpoint probably holds the embeddings of
     # filters
     ByLabelFilter,
     LabelSelectorFilter,
@@ -158,6 +160,7 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     PredictedLatencyProducer,  # per-candidate TTFT/TPOT from the online latency model
     # request control on the response: a CEL value of the usage, as dynamic metadata for the gateway
     RequestAttributeReporter,
+    MMEmbeddingsCacheProducer,  # which endpoint holds which multimodal item's encoder output
     # llm-d's deprecated header plugins: the disagg handler sets the header; their names are checked
     DisaggHeadersHandler,
     PrefillHeaderHandler,

@@ -12,7 +12,6 @@ from types import MappingProxyType
 _MULTICLUSTER = "multi-cluster routing (endpoints and metrics from several clusters) is not supported"
 _TOPOLOGY = "topology-aware routing needs the topology attributes llm-d reads from nodes; llm-epp does not collect them"
 _DCGM = "llm-epp does not scrape DCGM GPU telemetry"
-_MULTIMODAL = "llm-epp does not track multimodal (image) embedding caches; multimodal parts of a prompt are hashed as text"
 
 UNSUPPORTED_TYPES = MappingProxyType(
     {
@@ -31,9 +30,6 @@ UNSUPPORTED_TYPES = MappingProxyType(
         "topology-affinity-scorer": _TOPOLOGY,
         "dcgm-data-source": _DCGM,
         "dcgm-extractor": _DCGM,
-        # multimodal
-        "mm-embeddings-cache-producer": _MULTIMODAL,
-        "mm-embeddings-cache-scorer": _MULTIMODAL,
         # others
         "disaggregatedset-rollout-screener": "rollouts of llm-d's DisaggregatedSet are not supported",
         "disaggregatedset-rollout-pod-extractor": "rollouts of llm-d's DisaggregatedSet are not supported",

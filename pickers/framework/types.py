@@ -4,6 +4,7 @@
 - Scorer: a score per candidate; out-of-range scores are clamped to [0, 1] by the scheduler.
 - Picker: scored candidates in, the chosen endpoints out (first = primary, rest = fallbacks).
 - PreRequest: told the result after a pick (e.g. the prefix index records the chosen endpoint).
+- EndpointState: told when an endpoint leaves the pool (its per-endpoint state goes with it).
 - ResponseComplete: told when the response finished (or aborted), with the usage if known.
 - ResponseReporter: at the end of a response body, values for the gateway's dynamic metadata.
 - ProfileHandler: which scheduling profiles run for a request, and how their results combine.
@@ -85,6 +86,9 @@ class SchedulingResult:
     response_headers: dict[str, str] = field(default_factory=dict)
     # several profiles ran (P/D): each one's chosen endpoints, by profile name; None for one profile
     profile_results: dict[str, list[Endpoint]] | None = None
+    # E/P/D: the encode profile's picks (x-encoder-hosts-ports), which compute the request's multimodal
+    # embeddings; kept apart from profile_results, as they hold none of its KV. None: no encode stage
+    encoders: list[Endpoint] | None = None
     # set by an inflight-load-producer: what the request adds to each chosen endpoint's in-flight
     # counts; None: the EPP's default (one request and prompt + max_tokens on the primary, to the end)
     in_flight: list[InFlightCharge] | None = None
@@ -157,6 +161,14 @@ class EndpointExtractor(Protocol):
     name: str
 
     def extracts(self, source_type: str) -> bool: ...
+
+
+@runtime_checkable
+class EndpointState(Protocol):
+    """A plugin that keeps per-endpoint state of its own (mm-embeddings-cache-producer's LRUs): the EPP
+    calls `remove_endpoint` when an endpoint leaves the pool, so that state goes with it."""
+
+    def remove_endpoint(self, address: str) -> None: ...
 
 
 @runtime_checkable
