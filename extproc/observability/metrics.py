@@ -179,6 +179,7 @@ class EppMetrics:
         self.prefix_index = prefix_index
         self.precise: dict[str, Any] = {}  # plugin name -> precise prefix producer or scorer (attach_precise)
         self.token_producers: tuple[Any, ...] = ()  # token-producer plugins, for their fallback counts
+        self.rollout_screeners: tuple[Any, ...] = ()  # disaggregatedset-rollout-screener plugins (attach_precise)
         self.flow_control: FlowControlMetrics | None = None  # set when flow control is on
         self._series: dict[tuple[str, str], _ModelSeries] = {}  # (model, target model) labels
         self._errors: dict[tuple[str, str, str], int] = {}  # (model, target model, error code)
@@ -191,14 +192,19 @@ class EppMetrics:
 
     def attach_precise(self, plugins: Iterable[object]) -> None:
         """Export the size of each precise prefix index among these plugins (precise-prefix-cache-
-        producer, -scorer) and how often an endpoint's entries were dropped, and each token-producer's
-        fallbacks to the estimate, read at scrape time."""
+        producer, -scorer) and how often an endpoint's entries were dropped, each token-producer's
+        fallbacks to the estimate, and each rollout screener's revision shares and strict no-matches,
+        read at scrape time."""
         from pickers.plugins.producer.tokens import TokenProducer
         from pickers.plugins.scorer.affinity.precise_prefix import precise_indexes
+        from pickers.plugins.screener.disaggregatedset_rollout import (
+            DisaggregatedSetRolloutScreener,
+        )
 
         plugins = tuple(plugins)
         self.precise = precise_indexes(plugins)
         self.token_producers = tuple(p for p in plugins if isinstance(p, TokenProducer))
+        self.rollout_screeners = tuple(p for p in plugins if isinstance(p, DisaggregatedSetRolloutScreener))
 
     def attach(self, datastore: Datastore, prefix_index: ApproxPrefixIndex | None = None) -> None:
         """Read the pool gauges from this datastore (and the prefix gauges from this index) at scrape time."""
@@ -327,6 +333,7 @@ class _FixedFamilies:
         yield from self._prefix()
         yield from self._precise()
         yield from self._token_producers()
+        yield from self._rollout_screeners()
         if m.flow_control is not None:
             yield from m.flow_control.collect(m.pool_name)
         yield from self._config()
@@ -418,6 +425,44 @@ class _FixedFamilies:
             for reason, n in plugin.fallbacks.items():
                 fallbacks.add_metric([plugin.name, reason], n)
         yield fallbacks
+
+
+    def _rollout_screeners(self) -> Iterator[Metric]:
+        # llm-d's names: v0.10's strict header counter (label selector), the newer form's strict
+        # revision counter (no selector label), and the share each revision seen in scope gets now
+        # (computed from the pool at scrape time, 0 for an incomplete revision; a revision's series
+        # goes when it leaves the pool). One family each, whichever plugins export into it.
+        screeners = self.m.rollout_screeners
+        if not screeners:
+            return
+        p = "llm_d_epp_disaggregatedset_"
+        by_header = CounterMetricFamily(
+            p + "strict_header_no_match", "Strict header selections that matched no endpoint and failed closed",
+            labels=["plugin_type", "plugin_name", "selector"],
+        )  # fmt: skip
+        by_revision = CounterMetricFamily(
+            p + "strict_revision_no_match", "Strict revision selections that matched no endpoint and failed closed",
+            labels=["plugin_type", "plugin_name"],
+        )  # fmt: skip
+        share = GaugeMetricFamily(
+            p + "revision_gating_share", "Current weighted revision gating share from 0 to 1; incomplete revisions have share 0",
+            labels=["plugin_type", "plugin_name", "mode", "revision"],
+        )  # fmt: skip
+        ds = self.m.datastore
+        pool = ds.candidates() if ds is not None else ()
+        for s in screeners:
+            for selector, n in s.no_match.items():
+                if s.revision_header_form:
+                    by_revision.add_metric([s.type, s.name], n)
+                else:
+                    by_header.add_metric([s.type, s.name, selector], n)
+            for revision, value in s.revision_shares(pool).items():
+                share.add_metric([s.type, s.name, s.mode, revision], value)
+        if any(not s.revision_header_form for s in screeners):
+            yield by_header
+        if any(s.revision_header_form for s in screeners):
+            yield by_revision
+        yield share
 
 
 # llm-d's kvblock index metrics (llm-d-kv-cache's, embedded in llm-d's EPP): (name, help, IndexMetrics

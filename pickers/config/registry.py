@@ -74,6 +74,7 @@ from pickers.plugins.scorer.load.queue import QueueScorer
 from pickers.plugins.scorer.load.running_requests import RunningRequestsSizeScorer
 from pickers.plugins.scorer.affinity.session_affinity import SessionAffinityFilter, SessionAffinityScorer
 from pickers.plugins.scorer.load.token_load import InFlightLoadProducer, TokenLoadScorer
+from pickers.plugins.screener.disaggregatedset_rollout import DisaggregatedSetRolloutScreener
 
 
 @dataclass(slots=True, frozen=True)
@@ -141,6 +142,8 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     AlwaysDisaggPDDecider,
     AlwaysDisaggMultimodalDecider,
     LatencyPdDecider,  # llm-epp's: the latency model's P/D decision (also the prefill profile's scorer)
+    # screeners: the candidates of every profile of a request (llm-d's request-control Screener)
+    DisaggregatedSetRolloutScreener,
     # data producers (llm-d's): the prefix matches the prefix scorers read, and request data
     ApproxPrefixCacheProducer,
     PrecisePrefixCacheProducer,

@@ -1,4 +1,5 @@
-"""The llm-d router's plugin types that llm-epp does not implement, each with the reason.
+"""The llm-d router's plugin types that llm-epp does not implement, each with the reason (and names
+llm-d uses only inside a plugin, which its configs cannot name either).
 
 A config naming one is refused with that reason (not just "unknown plugin type"), so a user moving a
 config over learns what is missing and why; docs/configuration.md#what-llm-epp-refuses lists them.
@@ -37,8 +38,10 @@ UNSUPPORTED_TYPES = MappingProxyType(
         # others
         "request-attribute-reporter": "llm-epp does not evaluate CEL expressions over response usage; "
         "it reports usage in its own metrics (docs/operating.md)",
-        "disaggregatedset-rollout-screener": "rollouts of llm-d's DisaggregatedSet are not supported",
-        "disaggregatedset-rollout-pod-extractor": "rollouts of llm-d's DisaggregatedSet are not supported",
+        # not a type in llm-d either (its runner registers only the screener): the screener's own Pod watch
+        "disaggregatedset-rollout-pod-extractor": "it is not a plugin type in llm-d either, but the Pod watch "
+        "disaggregatedset-rollout-screener makes for itself; configure that screener (llm-epp counts its pods "
+        "from the pool's endpoints)",
         "burst-prefix-cache-producer": "joint placement of request bursts is not implemented; "
         "llm-epp's prefix index records each pick at once, so a burst's later requests follow the first",
         "endpoint-attribute-filter": "it reads custom metrics of core-metrics-extractor (customMetrics), which llm-epp "
