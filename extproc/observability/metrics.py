@@ -182,6 +182,7 @@ class EppMetrics:
         self.reporters: tuple[Any, ...] = ()  # request-attribute-reporter plugins, for their outcome counts
         self.burst_producers: tuple[Any, ...] = ()  # burst-prefix-cache-producer plugins, for their counts
         self.encoder_caches: dict[str, Any] = {}  # mm-embeddings-cache-producer name -> plugin (attach_precise)
+        self.rollout_screeners: tuple[Any, ...] = ()  # disaggregatedset-rollout-screener plugins (attach_precise)
         self.flow_control: FlowControlMetrics | None = None  # set when flow control is on
         self._series: dict[tuple[str, str], _ModelSeries] = {}  # (model, target model) labels
         self._errors: dict[tuple[str, str, str], int] = {}  # (model, target model, error code)
@@ -197,7 +198,7 @@ class EppMetrics:
         producer, -scorer) and how often an endpoint's entries were dropped, each token-producer's
         fallbacks to the estimate, each burst-prefix-cache-producer's requests and what each
         request-attribute-reporter made of the responses and each encoder-cache producer's lookups, read at
-        scrape time."""
+        scrape time, and each rollout screener's revision shares and strict no-matches."""
         from pickers.plugins.producer.burst_prefix import BurstPrefixCacheProducer
         from pickers.plugins.producer.tokens import TokenProducer
         from pickers.plugins.requestcontrol.attribute_reporter import (
@@ -205,6 +206,9 @@ class EppMetrics:
         )
         from pickers.plugins.scorer.affinity.mm_embeddings import encoder_caches
         from pickers.plugins.scorer.affinity.precise_prefix import precise_indexes
+        from pickers.plugins.screener.disaggregatedset_rollout import (
+            DisaggregatedSetRolloutScreener,
+        )
 
         plugins = tuple(plugins)
         self.precise = precise_indexes(plugins)
@@ -212,6 +216,7 @@ class EppMetrics:
         self.reporters = tuple(p for p in plugins if isinstance(p, RequestAttributeReporter))
         self.burst_producers = tuple(p for p in plugins if isinstance(p, BurstPrefixCacheProducer))
         self.encoder_caches = encoder_caches(plugins)
+        self.rollout_screeners = tuple(p for p in plugins if isinstance(p, DisaggregatedSetRolloutScreener))
 
     def attach(self, datastore: Datastore, prefix_index: ApproxPrefixIndex | None = None) -> None:
         """Read the pool gauges from this datastore (and the prefix gauges from this index) at scrape time."""
@@ -343,6 +348,7 @@ class _FixedFamilies:
         yield from self._reporters()
         yield from self._burst_producers()
         yield from self._encoder_caches()
+        yield from self._rollout_screeners()
         if m.flow_control is not None:
             yield from m.flow_control.collect(m.pool_name)
         yield from self._config()
@@ -497,6 +503,44 @@ class _FixedFamilies:
             for result, n in plugin.outcomes.items():
                 reports.add_metric([plugin.name, result], n)
         yield reports
+
+
+    def _rollout_screeners(self) -> Iterator[Metric]:
+        # llm-d's names: v0.10's strict header counter (label selector), the newer form's strict
+        # revision counter (no selector label), and the share each revision seen in scope gets now
+        # (computed from the pool at scrape time, 0 for an incomplete revision; a revision's series
+        # goes when it leaves the pool). One family each, whichever plugins export into it.
+        screeners = self.m.rollout_screeners
+        if not screeners:
+            return
+        p = "llm_d_epp_disaggregatedset_"
+        by_header = CounterMetricFamily(
+            p + "strict_header_no_match", "Strict header selections that matched no endpoint and failed closed",
+            labels=["plugin_type", "plugin_name", "selector"],
+        )  # fmt: skip
+        by_revision = CounterMetricFamily(
+            p + "strict_revision_no_match", "Strict revision selections that matched no endpoint and failed closed",
+            labels=["plugin_type", "plugin_name"],
+        )  # fmt: skip
+        share = GaugeMetricFamily(
+            p + "revision_gating_share", "Current weighted revision gating share from 0 to 1; incomplete revisions have share 0",
+            labels=["plugin_type", "plugin_name", "mode", "revision"],
+        )  # fmt: skip
+        ds = self.m.datastore
+        pool = ds.candidates() if ds is not None else ()
+        for s in screeners:
+            for selector, n in s.no_match.items():
+                if s.revision_header_form:
+                    by_revision.add_metric([s.type, s.name], n)
+                else:
+                    by_header.add_metric([s.type, s.name, selector], n)
+            for revision, value in s.revision_shares(pool).items():
+                share.add_metric([s.type, s.name, s.mode, revision], value)
+        if any(not s.revision_header_form for s in screeners):
+            yield by_header
+        if any(s.revision_header_form for s in screeners):
+            yield by_revision
+        yield share
 
 
 # llm-d's kvblock index metrics (llm-d-kv-cache's, embedded in llm-d's EPP): (name, help, IndexMetrics

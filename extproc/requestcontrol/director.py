@@ -156,7 +156,8 @@ class Director:
         request.objective = objective = objective_of(headers)
         request.priority = priority = self.objectives.priority(objective)
         request.target_model = self.rewrites.target(model, rewrite_header(headers)) if model else model
-        candidates = filter_by_subset(self.datastore.candidates(), subset)
+        pool = self.datastore.candidates()
+        candidates = filter_by_subset(pool, subset)
         # Sheddable requests only: the saturation check reads every candidate's metrics. With flow
         # control, saturation is its queues' business instead.
         if priority < 0 and candidates and self.flow_control is None and self.saturation.saturated(candidates):
@@ -166,7 +167,7 @@ class Director:
         scheduler = self.scheduler  # read once: a config reload swaps it between requests
         if self.flow_control is None:
             scheduler.admit(request, candidates)  # with flow control, `admit` ran them before the queues
-        result = scheduler.schedule(request, candidates)
+        result = scheduler.schedule(request, candidates, pool)
         primary = result.endpoints[0]
         request.prefill_tokens = result.prefill_tokens
         record = None

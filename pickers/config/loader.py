@@ -65,6 +65,7 @@ from pickers.framework.types import (
     ResponseReporter,
     SchedulingProfile,
     Scorer,
+    Screener,
     WeightedScorer,
 )
 from pickers.plugins.base import PluginContext
@@ -286,7 +287,7 @@ class _Loader:
         profiled = {id(q) for prof in profiles for q in prof.plugins()}
         producers = sorted(
             (q for q in plugins.values() if id(q) not in profiled and not isinstance(q, ProfileHandler)
-             and isinstance(q, (DataProducer, AsyncDataProducer, PreRequest, ResponseComplete, ResponseReporter, Admitter, CycleAdmitter))),
+             and isinstance(q, (DataProducer, AsyncDataProducer, PreRequest, ResponseComplete, ResponseReporter, Admitter, CycleAdmitter, Screener))),
             key=lambda q: not isinstance(q, TokenProducer),
         )  # fmt: skip
         return EndpointPickerConfig(
@@ -464,7 +465,7 @@ class _Loader:
                 raise self.error(ref_path, f"plugin {shown(plugin_name)} is already in profile {shown(name)}")
             seen.add(plugin_name)
             role = _role(plugin)
-            if role is None and isinstance(plugin, (DataProducer, Admitter, CycleAdmitter)):
+            if role is None and isinstance(plugin, (DataProducer, Admitter, CycleAdmitter, Screener)):
                 # llm-d lists its request-control plugins in a profile too (its predicted-latency
                 # config does); they run once per request before the profiles, wherever they are listed
                 continue

@@ -78,6 +78,7 @@ from pickers.plugins.scorer.load.queue import QueueScorer
 from pickers.plugins.scorer.load.running_requests import RunningRequestsSizeScorer
 from pickers.plugins.scorer.affinity.session_affinity import SessionAffinityFilter, SessionAffinityScorer
 from pickers.plugins.scorer.load.token_load import InFlightLoadProducer, TokenLoadScorer
+from pickers.plugins.screener.disaggregatedset_rollout import DisaggregatedSetRolloutScreener
 
 
 @dataclass(slots=True, frozen=True)
@@ -147,6 +148,8 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     AlwaysDisaggPDDecider,
     AlwaysDisaggMultimodalDecider,
     LatencyPdDecider,  # llm-epp's: the latency model's P/D decision (also the prefill profile's scorer)
+    # screeners: the candidates of every profile of a request (llm-d's request-control Screener)
+    DisaggregatedSetRolloutScreener,
     # data producers (llm-d's): the prefix matches the prefix scorers read, and request data
     ApproxPrefixCacheProducer,
     PrecisePrefixCacheProducer,

@@ -1,4 +1,5 @@
-"""The llm-d router's plugin types that llm-epp does not implement, each with the reason.
+"""The llm-d router's plugin types that llm-epp does not implement, each with the reason (and names
+llm-d uses only inside a plugin, which its configs cannot name either).
 
 A config naming one is refused with that reason (not just "unknown plugin type"), so a user moving a
 config over learns what is missing and why; docs/configuration.md#what-llm-epp-refuses lists them.
@@ -31,8 +32,10 @@ UNSUPPORTED_TYPES = MappingProxyType(
         "dcgm-data-source": _DCGM,
         "dcgm-extractor": _DCGM,
         # others
-        "disaggregatedset-rollout-screener": "rollouts of llm-d's DisaggregatedSet are not supported",
-        "disaggregatedset-rollout-pod-extractor": "rollouts of llm-d's DisaggregatedSet are not supported",
+        # not a type in llm-d either (its runner registers only the screener): the screener's own Pod watch
+        "disaggregatedset-rollout-pod-extractor": "it is not a plugin type in llm-d either, but the Pod watch "
+        "disaggregatedset-rollout-screener makes for itself; configure that screener (llm-epp counts its pods "
+        "from the pool's endpoints)",
         "endpoint-attribute-filter": "it reads custom metrics of core-metrics-extractor (customMetrics), which llm-epp "
         "does not collect",
         "endpoint-attribute-scorer": "it reads custom metrics of core-metrics-extractor (customMetrics), which llm-epp "

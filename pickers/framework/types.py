@@ -8,6 +8,8 @@
 - ResponseComplete: told when the response finished (or aborted), with the usage if known.
 - ResponseReporter: at the end of a response body, values for the gateway's dynamic metadata.
 - ProfileHandler: which scheduling profiles run for a request, and how their results combine.
+- Screener: before everything else of the cycle, the candidates one request may use at all, for
+  every profile (llm-d's requestcontrol.Screener: a rollout keeps prefill and decode on one revision).
 - DataProducer: runs before the filters of every cycle and puts what it knows about the request
   on it (llm-d's PrepareRequestData: token ids, the session id).
 - AsyncDataProducer: awaited before the pick, outside the cycle, for the requests it waits for
@@ -117,6 +119,21 @@ class InFlightCharge:
     early_tokens: int = 0
     requests: int = 1
     early_request: bool = False
+
+
+@runtime_checkable
+class Screener(Protocol):
+    """Narrows the candidates before the data producers and every profile run (llm-d's Screener): the
+    endpoints of `endpoints` this request may use, in their order. `pool` is the whole pool (the
+    datastore's tuple, the same object until membership changes; `endpoints` is it or a subset-hint
+    part of it), for what a screener computes over the pool. Every screener sees the same input and
+    the scheduler keeps what all of them kept; none kept is 503. A screener may raise RequestError to
+    refuse with its own reason."""
+
+    type: str
+    name: str
+
+    def screen(self, request: InferenceRequest, endpoints: Sequence[Endpoint], pool: Sequence[Endpoint]) -> Sequence[Endpoint]: ...
 
 
 @runtime_checkable
