@@ -11,7 +11,6 @@ from types import MappingProxyType
 
 _MULTICLUSTER = "multi-cluster routing (endpoints and metrics from several clusters) is not supported"
 _TOPOLOGY = "topology-aware routing needs the topology attributes llm-d reads from nodes; llm-epp does not collect them"
-_DCGM = "llm-epp does not scrape DCGM GPU telemetry"
 _MULTIMODAL = "llm-epp does not track multimodal (image) embedding caches; multimodal parts of a prompt are hashed as text"
 
 UNSUPPORTED_TYPES = MappingProxyType(
@@ -25,12 +24,10 @@ UNSUPPORTED_TYPES = MappingProxyType(
         "multicluster-prefix-cache-scorer": _MULTICLUSTER,
         "multicluster-queue-scorer": _MULTICLUSTER,
         "multicluster-session-affinity-filter": _MULTICLUSTER,
-        # topology and GPU telemetry
+        # topology
         "topology-extractor": _TOPOLOGY,
         "topology-affinity-filter": _TOPOLOGY,
         "topology-affinity-scorer": _TOPOLOGY,
-        "dcgm-data-source": _DCGM,
-        "dcgm-extractor": _DCGM,
         # multimodal
         "mm-embeddings-cache-producer": _MULTIMODAL,
         "mm-embeddings-cache-scorer": _MULTIMODAL,
@@ -41,10 +38,6 @@ UNSUPPORTED_TYPES = MappingProxyType(
         "disaggregatedset-rollout-pod-extractor": "rollouts of llm-d's DisaggregatedSet are not supported",
         "burst-prefix-cache-producer": "joint placement of request bursts is not implemented; "
         "llm-epp's prefix index records each pick at once, so a burst's later requests follow the first",
-        "endpoint-attribute-filter": "it reads custom metrics of core-metrics-extractor (customMetrics), which llm-epp "
-        "does not collect",
-        "endpoint-attribute-scorer": "it reads custom metrics of core-metrics-extractor (customMetrics), which llm-epp "
-        "does not collect",
         "header-based-testing-filter": "a test-only plugin of the llm-d router",
         "destination-endpoint-served-verifier": "a test-only plugin of the llm-d router",
     }
