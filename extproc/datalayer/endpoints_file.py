@@ -2,8 +2,10 @@
 
 One format for `epp serve --endpoints` and llm-d's `file-discovery` (`dataLayer.discovery`): llm-d's
 entries (`name`, `namespace`, `address`, `port` as a string, `labels`) are a subset of ours. Ours add
-`metricsPort`, `metricsPath` and, for data-parallel ranks, `rank` (the index among its pod's serving
-ports, as an InferencePool's targetPorts index) and `dpGroup` (the ranks that step together).
+`metricsPort`, `metricsPath`, for data-parallel ranks `rank` (the index among its pod's serving
+ports, as an InferencePool's targetPorts index) and `dpGroup` (the ranks that step together), and for
+GPU exporters `pod` (the name a DCGM exporter's `pod` label gives it; default `name`) and
+`nodeAddress` (its node's IP, for a `dcgm-data-source` with `useNodeAddress`).
 
 Changes are detected by polling the file (extproc.datalayer.file_watch: inode, size, mtime through symlinks), which also
 catches the atomic `..data` symlink swap Kubernetes does when a mounted ConfigMap is updated. A
@@ -32,7 +34,10 @@ log = logging.getLogger(__name__)
 # events, a sidecar's rank ports) stays a port.
 _MAX_RANK = 1023
 
-_FIELDS = ("address", "host", "port", "name", "namespace", "labels", "metricsPort", "metricsPath", "rank", "dpGroup")
+_FIELDS = (
+    "address", "host", "port", "name", "namespace", "labels", "metricsPort", "metricsPath", "rank", "dpGroup", "pod",
+    "nodeAddress",
+)  # fmt: skip
 
 
 def load_endpoints_file(path: str | os.PathLike[str]) -> list[EndpointSpec]:
@@ -183,6 +188,22 @@ def _parse_endpoint(item: Any, *, source: str | None, where: str) -> EndpointSpe
         raise fail("dpGroup", f"expected a string naming the endpoint's data-parallel group, got {shown(dp_group)}")
     dp_group = dp_group.strip()
 
+    pod = item.get("pod", "")
+    if pod is None:
+        pod = ""
+    if not isinstance(pod, str):
+        raise fail("pod", f"expected the pod's name (a string), got {shown(pod)}")
+    node_address = ""
+    raw_node = item.get("nodeAddress")
+    if raw_node is not None:
+        node_host, node_port = (
+            (None, None) if not isinstance(raw_node, str) or any(c.isspace() or c in "/?#@" for c in raw_node)
+            else _split_host_port(raw_node.strip())
+        )  # fmt: skip
+        if node_host is None or node_port is not None:
+            raise fail("nodeAddress", f"expected the node's host name or IP address (no port), got {shown(raw_node)}")
+        node_address = node_host
+
     address = f"{host}:{port_value}"
     name = item.get("name")
     if name is None:
@@ -200,6 +221,8 @@ def _parse_endpoint(item: Any, *, source: str | None, where: str) -> EndpointSpe
         namespace=namespace,
         rank=rank,
         dp_group=dp_group,
+        pod=pod.strip(),
+        node_address=node_address,
     )
 
 

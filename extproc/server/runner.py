@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from extproc.datalayer.datastore import Datastore
+from extproc.datalayer.dcgm import DcgmScraper
 from extproc.datalayer.endpoints_file import StaticFileDiscovery
 from extproc.datalayer.kv_events import KVEventSubscriber
 from extproc.datalayer.models import ModelsPoller
@@ -526,10 +527,10 @@ class EppServer:
         return plugin.index.metrics if plugin is not None else None
 
     def _pollers(self) -> dict[str, EndpointPoller]:
-        """The data layer's HTTP sources (metrics scraper, /v1/models poller), on llm-d's clock: each
+        """The data layer's HTTP sources (metrics scraper, /v1/models poller, DCGM scraper), on llm-d's clock: each
         source's `interval` rounded to a multiple of --refresh-metrics-interval. Raises ConfigError."""
         dl, opts = self.data_layer, self.opts
-        sources = [s for s in (dl.metrics, dl.models) if s is not None]
+        sources = [s for s in (dl.metrics, dl.models, dl.dcgm) if s is not None]
         intervals = dict(zip((s.name for s in sources), poll_intervals(opts.refresh_metrics_interval, [s.interval for s in sources]), strict=True))
         for s in sources:
             if s.interval and abs(intervals[s.name] - s.interval) > 1e-9:
@@ -542,6 +543,8 @@ class EppServer:
             )
         if dl.models is not None:
             pollers["models-poller"] = ModelsPoller(self.datastore, interval=intervals[dl.models.name], timeout=timeout, source=dl.models)
+        if dl.dcgm is not None:
+            pollers["dcgm-scraper"] = DcgmScraper(self.datastore, interval=intervals[dl.dcgm.name], timeout=timeout, source=dl.dcgm)
         return pollers
 
     def _add_ext_proc_port(self, server: grpc.aio.Server) -> int:

@@ -17,8 +17,9 @@ from pickers.framework.errors import ConfigError, shown
 from pickers.framework.params import Params
 from pickers.plugins.base import PluginContext
 from pickers.plugins.datalayer.discovery import FileDiscovery
-from pickers.plugins.datalayer.extractors import CoreMetricsExtractor, ModelsDataExtractor
+from pickers.plugins.datalayer.extractors import CoreMetricsExtractor, DcgmExtractor, ModelsDataExtractor
 from pickers.plugins.datalayer.sources import (
+    DcgmDataSource,
     EndpointNotificationSource,
     K8sNotificationSource,
     MetricsDataSource,
@@ -26,6 +27,7 @@ from pickers.plugins.datalayer.sources import (
 )
 from pickers.plugins.filter.by_label import ByLabelFilter, ByLabelSelectorFilter, LabelSelectorFilter
 from pickers.plugins.filter.context_length import ContextLengthAware
+from pickers.plugins.filter.endpoint_attribute import EndpointAttributeFilter
 from pickers.plugins.filter.prefix_affinity import PrefixCacheAffinityFilter
 from pickers.plugins.filter.role import DecodeFilter, EncodeFilter, PrefillFilter
 from pickers.plugins.filter.served_model import ServedModelFilter
@@ -65,6 +67,7 @@ from pickers.plugins.profile.pd_deciders import AlwaysDisaggMultimodalDecider, A
 from pickers.plugins.requestcontrol.attribute_reporter import RequestAttributeReporter
 from pickers.plugins.scorer.load.active_request import ActiveRequestScorer
 from pickers.plugins.scorer.load.data_parallel import DataParallelBalanceScorer
+from pickers.plugins.scorer.load.endpoint_attribute import EndpointAttributeScorer
 from pickers.plugins.scorer.load.kv_cache import KVCacheUtilizationScorer
 from pickers.plugins.scorer.load.load_aware import LoadAwareScorer
 from pickers.plugins.scorer.affinity.header_label import HeaderLabelAffinityScorer
@@ -118,6 +121,7 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     LatencyScorer,  # predicted latency headroom (the latency model's predictions)
     LatencyCostScorer,  # llm-epp's: predicted TTFT plus the stall a prefill adds to the running batch
     MMEmbeddingsCacheScorer,  # multimodal items an endpoint probably holds the embeddings of
+    EndpointAttributeScorer,  # a scalar endpoint attribute (custom metrics, GPU utilization)
     # filters
     ByLabelFilter,
     LabelSelectorFilter,
@@ -126,6 +130,7 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     DecodeFilter,
     EncodeFilter,
     UtilizationFilter,
+    EndpointAttributeFilter,
     ProbabilisticAdmitter,  # admission before flow control and scheduling
     SessionAffinityFilter,
     PrefixCacheAffinityFilter,
@@ -172,6 +177,8 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     CoreMetricsExtractor,
     ModelsDataSource,
     ModelsDataExtractor,
+    DcgmDataSource,
+    DcgmExtractor,
     K8sNotificationSource,
     EndpointNotificationSource,
     FileDiscovery,

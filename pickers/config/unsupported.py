@@ -12,7 +12,6 @@ from types import MappingProxyType
 
 _MULTICLUSTER = "multi-cluster routing (endpoints and metrics from several clusters) is not supported"
 _TOPOLOGY = "topology-aware routing needs the topology attributes llm-d reads from nodes; llm-epp does not collect them"
-_DCGM = "llm-epp does not scrape DCGM GPU telemetry"
 
 UNSUPPORTED_TYPES = MappingProxyType(
     {
@@ -25,21 +24,15 @@ UNSUPPORTED_TYPES = MappingProxyType(
         "multicluster-prefix-cache-scorer": _MULTICLUSTER,
         "multicluster-queue-scorer": _MULTICLUSTER,
         "multicluster-session-affinity-filter": _MULTICLUSTER,
-        # topology and GPU telemetry
+        # topology
         "topology-extractor": _TOPOLOGY,
         "topology-affinity-filter": _TOPOLOGY,
         "topology-affinity-scorer": _TOPOLOGY,
-        "dcgm-data-source": _DCGM,
-        "dcgm-extractor": _DCGM,
         # others
         # not a type in llm-d either (its runner registers only the screener): the screener's own Pod watch
         "disaggregatedset-rollout-pod-extractor": "it is not a plugin type in llm-d either, but the Pod watch "
         "disaggregatedset-rollout-screener makes for itself; configure that screener (llm-epp counts its pods "
         "from the pool's endpoints)",
-        "endpoint-attribute-filter": "it reads custom metrics of core-metrics-extractor (customMetrics), which llm-epp "
-        "does not collect",
-        "endpoint-attribute-scorer": "it reads custom metrics of core-metrics-extractor (customMetrics), which llm-epp "
-        "does not collect",
         "header-based-testing-filter": "a test-only plugin of the llm-d router",
         "destination-endpoint-served-verifier": "a test-only plugin of the llm-d router",
     }
