@@ -4,8 +4,9 @@ One polling task per endpoint (a slow or dead endpoint only delays itself), one 
 HTTP session, a timeout per scrape. Picks never wait for a scrape; they judge staleness with
 `Datastore.is_stale`. Which series are read is the endpoint's engine mapping (vLLM, SGLang, TensorRT-LLM,
 ...: pickers.plugins.datalayer.extractors), chosen by its `llm-d.ai/engine-type` label; where to scrape
-is the `metrics-data-source` (scheme, path, port, TLS, interval). `EndpointPoller` is the polling loop
-shared with the /v1/models poller (extproc.datalayer.models).
+is the `metrics-data-source` (scheme, path, port, TLS, interval). A peer cluster's pool aggregates
+(`multicluster-metrics-extractor`) are read by `PoolMetricsParser` instead. `EndpointPoller` is the
+polling loop shared with the /v1/models poller (extproc.datalayer.models).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import re
 import ssl
 import time
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import aiohttp
 
@@ -31,6 +33,7 @@ from pickers.plugins.datalayer.extractors import (
     EngineMetrics,
     MetricsExtraction,
     MetricSpec,
+    PoolMetricsExtraction,
 )
 from pickers.plugins.datalayer.sources import DEFAULT_METRICS_SOURCE, HttpSource
 
@@ -188,6 +191,54 @@ class MetricsParser:
         return metrics
 
 
+class PoolMetricsParser:
+    """Reads a peer cluster's pool aggregates (its EPP's mean KV-cache use and mean waiting queue) into
+    Metrics: `pool_kv_usage` and `pool_queue`, and the same numbers as `kv_usage` and `waiting` (rounded).
+
+    Several matching series (one per pool of the peer's EPP) are averaged. NaN/Inf samples are ignored.
+    Raises MetricsParseError when either gauge has no usable sample: a peer EPP exports them only while
+    its pool has endpoints with fresh metrics, so a cluster without them is not offered as idle.
+    """
+
+    def __init__(self, extraction: PoolMetricsExtraction) -> None:
+        self.specs = (extraction.kv_usage, extraction.queue)
+        names = sorted({spec.name for spec in self.specs}, key=len, reverse=True)
+        alternatives = "|".join(re.escape(n) for n in names)
+        self._sample = re.compile(r"\n[ \t]*(" + alternatives + ")" + _SAMPLE_TAIL)
+
+    def parse(self, text: str) -> Metrics:
+        sums = [0.0, 0.0]
+        counts = [0, 0]
+        for m in self._sample.finditer("\n" + text):
+            name, label_text, raw_value = m.groups()
+            try:
+                value = float(raw_value)
+            except ValueError:
+                continue
+            if not math.isfinite(value):
+                continue
+            labels: dict[str, str] | None = None
+            for i, spec in enumerate(self.specs):
+                if spec.name != name:
+                    continue
+                if spec.labels:
+                    labels = _labels(label_text) if labels is None else labels
+                    if not spec.matches(labels):
+                        continue
+                sums[i] += value
+                counts[i] += 1
+        missing = [str(spec) for spec, n in zip(self.specs, counts, strict=True) if n == 0]
+        if missing:
+            raise MetricsParseError(f"no usable sample of {', '.join(missing)}")
+        kv = min(1.0, max(0.0, sums[0] / counts[0]))
+        queue = min(max(sums[1] / counts[1], 0.0), 1e12)
+        return Metrics(waiting=round(queue), kv_usage=kv, pool_kv_usage=kv, pool_queue=queue)
+
+
+class Parser(Protocol):
+    def parse(self, text: str) -> Metrics: ...
+
+
 VLLM_PARSER = MetricsParser(BUILTIN_ENGINES["vllm"])
 
 
@@ -235,10 +286,11 @@ def ssl_context(source: HttpSource) -> ssl.SSLContext | None:
 
 
 def source_url(source: HttpSource, ep: Endpoint) -> str:
-    """Where `source` fetches for `ep`: the endpoints file's metricsPort/metricsPath win over the source's."""
+    """Where `source` fetches for `ep`: the endpoints file's metricsPort/metricsPath (a peer cluster's
+    metricsAddress) win over the source's."""
     spec = ep.spec
     port = spec.metrics_port or source.port or spec.port
-    return f"{source.scheme}://{spec.host}:{port}{spec.metrics_path or source.path}"
+    return f"{source.scheme}://{spec.metrics_host or spec.host}:{port}{spec.metrics_path or source.path}"
 
 
 def default_session(ssl_ctx: ssl.SSLContext | None = None) -> aiohttp.ClientSession:
@@ -349,7 +401,7 @@ class EndpointPoller:
             async with session.get(url, timeout=self._client_timeout) as resp:
                 if resp.status != 200:
                     raise ScrapeError(f"HTTP {resp.status} from {url}")
-                body = await resp.read()
+                body = await self._read(resp)
             self.take(ep, body)
         except asyncio.CancelledError:
             raise
@@ -364,6 +416,21 @@ class EndpointPoller:
         self.failed(ep, error)
         return error
 
+    async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
+        cap = self.source.max_bytes
+        if cap is None:
+            return await resp.read()
+        if resp.content_length is not None and resp.content_length > cap:
+            raise ScrapeError(f"answer of {resp.content_length} bytes; at most {cap} are read")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in resp.content.iter_chunked(1 << 16):
+            size += len(chunk)
+            if size > cap:
+                raise ScrapeError(f"answer over {cap} bytes; at most {cap} are read")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     def take(self, ep: Endpoint, body: bytes) -> None:
         """Record a fetched body; raises ScrapeError when it is unusable."""
         raise NotImplementedError
@@ -374,7 +441,8 @@ class EndpointPoller:
 
 class MetricsScraper(EndpointPoller):
     """The `metrics-data-source` + `core-metrics-extractor` pair: each endpoint's metrics, parsed with
-    its engine's mapping. A failure marks the endpoint's metrics as failing (see Datastore)."""
+    its engine's mapping; or, with a PoolMetricsExtraction (`multicluster-metrics-extractor`), each peer
+    cluster's pool aggregates. A failure marks the endpoint's metrics as failing (see Datastore)."""
 
     what = "scraping"
 
@@ -385,14 +453,19 @@ class MetricsScraper(EndpointPoller):
         interval: float = 0.05,
         timeout: float = 1.0,
         source: HttpSource = DEFAULT_METRICS_SOURCE,
-        extraction: MetricsExtraction = DEFAULT_EXTRACTION,
+        extraction: MetricsExtraction | PoolMetricsExtraction = DEFAULT_EXTRACTION,
         session_factory: Callable[[], aiohttp.ClientSession] | None = None,
     ) -> None:
         super().__init__(datastore, source, interval=interval, timeout=timeout, session_factory=session_factory)
         self.extraction = extraction
-        self._parsers = {name: MetricsParser(engine) for name, engine in extraction.engines.items()}
+        self._pool = PoolMetricsParser(extraction) if isinstance(extraction, PoolMetricsExtraction) else None
+        engines = extraction.engines if isinstance(extraction, MetricsExtraction) else {}
+        self._parsers = {name: MetricsParser(engine) for name, engine in engines.items()}
 
-    def parser_for(self, ep: Endpoint) -> MetricsParser:
+    def parser_for(self, ep: Endpoint) -> Parser:
+        if self._pool is not None:
+            return self._pool
+        assert isinstance(self.extraction, MetricsExtraction)
         return self._parsers[self.extraction.engine_for(ep.labels).name]
 
     def take(self, ep: Endpoint, body: bytes) -> None:

@@ -74,6 +74,9 @@ def endpoints_view(
         })  # fmt: skip
         if ep.spec.namespace:
             out[-1]["namespace"] = ep.spec.namespace
+        if m.pool_queue is not None:  # a peer cluster (multicluster-metrics-extractor): its pool means, unrounded
+            out[-1]["pool_queue"] = m.pool_queue
+            out[-1]["pool_kv_usage"] = m.pool_kv_usage
         if precise:
             out[-1]["precise_prefix_blocks"] = {name: p.index.blocks_of(ep.address) for name, p in precise.items()}
         if latency is not None:

@@ -1,7 +1,8 @@
 """Data-layer sources: what is fetched from each endpoint, or which events are listened to.
 
 `metrics-data-source` (Prometheus `/metrics`) and `models-data-source` (OpenAI `/v1/models`) poll each
-endpoint over HTTP(S) with llm-d's parameters; the scraper in extproc.datalayer runs them. The two
+endpoint over HTTP(S) with llm-d's parameters; `multicluster-metrics-data-source` scrapes each peer
+cluster the same way, over verified HTTPS by default. The scraper in extproc.datalayer runs them. The two
 notification sources take llm-d's parameters; what llm-epp does with them is the dataLayer loader's
 call (pickers.config.datalayer).
 """
@@ -31,6 +32,7 @@ class HttpSource:
     client_cert_path: str | None = None  # with client_key_path: mTLS
     client_key_path: str | None = None
     interval: float | None = None  # seconds; None: every base tick (--refresh-metrics-interval)
+    max_bytes: int | None = None  # a longer answer fails the fetch; None: no cap
 
 
 DEFAULT_METRICS_SOURCE = HttpSource("metrics-data-source", "/metrics")
@@ -43,15 +45,20 @@ class DataSource(Plugin):
     output: ClassVar[str]
 
 
-def read_http_source(name: str, p: Params, default_path: str, *, takes_port: bool) -> HttpSource:
-    scheme = p.string("scheme", "http")
+def read_http_source(
+    name: str, p: Params, default_path: str, *, takes_port: bool, default_scheme: str = "http", verify: bool = False,
+    max_bytes: int | None = None,
+) -> HttpSource:
+    """`verify`: the certificate is checked unless insecureSkipVerify is true (llm-d's default for a
+    peer cluster); otherwise only when it is false."""
+    scheme = p.string("scheme", default_scheme)
     if scheme not in SCHEMES:
         raise ParameterError("scheme", f"expected http or https, got {scheme!r}")
     path = p.string("path", default_path) or default_path
     if not path.startswith("/"):
         raise ParameterError("path", f"expected a path starting with '/', got {path!r}")
     port = p.port("port") if takes_port else None
-    skip = p.flag("insecureSkipVerify", True)
+    skip = p.flag("insecureSkipVerify", not verify)
     ca = p.string("caCertPath") or None
     cert = p.string("clientCertPath") or None
     key = p.string("clientKeyPath") or None
@@ -62,9 +69,10 @@ def read_http_source(name: str, p: Params, default_path: str, *, takes_port: boo
         if given:
             p.warnings.append(f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect with scheme http")
     elif ca is not None and skip:
-        p.warnings.append("caCertPath has no effect while insecureSkipVerify is true (its default); set it to false to verify")
+        default = "" if p.given("insecureSkipVerify") else " (its default)"
+        p.warnings.append(f"caCertPath has no effect while insecureSkipVerify is true{default}; set it to false to verify")
     return HttpSource(
-        name, path, scheme, port, skip, ca, cert, key, interval=p.duration("interval")
+        name, path, scheme, port, skip, ca, cert, key, interval=p.duration("interval"), max_bytes=max_bytes
     )
 
 
@@ -81,6 +89,29 @@ class MetricsDataSource(DataSource):
     @classmethod
     def from_config(cls, name: str, p: Params, ctx: PluginContext) -> MetricsDataSource:
         return cls(name, read_http_source(name, p, DEFAULT_METRICS_SOURCE.path, takes_port=True))
+
+
+PEER_METRICS_MAX_BYTES = 8 << 20  # llm-d's cap on a peer cluster's metrics answer
+
+
+class MulticlusterMetricsDataSource(MetricsDataSource):
+    """llm-d's cluster-scoped metrics source: scrapes each peer cluster (its address, or its metricsAddress
+    label) as `metrics-data-source` scrapes a pod, but over HTTPS with the certificate verified by default
+    (a scrape across clusters crosses a trust boundary) and at most 8 MiB an answer. Its extractor is a
+    `multicluster-metrics-extractor`."""
+
+    type = "multicluster-metrics-data-source"
+
+    @classmethod
+    def from_config(cls, name: str, p: Params, ctx: PluginContext) -> MulticlusterMetricsDataSource:
+        # llm-d decodes `port` here and drops it: refused, not ignored
+        p.refused("port", "a peer cluster's metrics port is its metricsPort label in the clusters file (llm-d "
+                          "ignores this parameter)")  # fmt: skip
+        source = read_http_source(
+            name, p, DEFAULT_METRICS_SOURCE.path, takes_port=False, default_scheme="https", verify=True,
+            max_bytes=PEER_METRICS_MAX_BYTES,
+        )  # fmt: skip
+        return cls(name, source)
 
 
 class ModelsDataSource(DataSource):
