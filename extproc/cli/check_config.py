@@ -1,5 +1,5 @@
 """`epp check-config FILE...`: load each EndpointPickerConfig as `epp serve` would, without serving, and
-print what it means: the profile handler, each profile's filters, weighted scorers and picker, the data
+print what it means: the profile handler, the screeners, each profile's filters, weighted scorers and picker, the data
 layer when it is not the default one, the request parsers and the paths each claims, every plugin with
 the parameters it runs with (defaults filled in), and any deprecation.
 
@@ -21,6 +21,7 @@ from pickers.config.datalayer import DEFAULT_DATA_LAYER
 from pickers.config.loader import EndpointPickerConfig, load_config, load_config_file
 from pickers.framework.errors import ConfigError
 from pickers.framework.flowcontrol import BandConfig, FlowControlConfig
+from pickers.framework.types import Screener
 
 STDIN = "-"
 
@@ -63,6 +64,9 @@ def describe(cfg: EndpointPickerConfig) -> str:
     if cfg.flow_control is not None:
         lines += _flow_control(cfg.flow_control)
     lines.append(f"  profile handler: {cfg.profile_handler.type}")
+    screeners = [p.name for p in cfg.producers if isinstance(p, Screener)]
+    if screeners:
+        lines.append(f"  screeners (narrow every profile's candidates first): {', '.join(screeners)}")
     for profile in cfg.profiles:
         lines.append(f"  profile {profile.name}:")
         if profile.filters:

@@ -2,8 +2,10 @@
 
 One format for `epp serve --endpoints` and llm-d's `file-discovery` (`dataLayer.discovery`): llm-d's
 entries (`name`, `namespace`, `address`, `port` as a string, `labels`) are a subset of ours. Ours add
-`metricsPort`, `metricsPath` and, for data-parallel ranks, `rank` (the index among its pod's serving
-ports, as an InferencePool's targetPorts index) and `dpGroup` (the ranks that step together).
+`metricsPort`, `metricsPath`, for data-parallel ranks `rank` (the index among its pod's serving
+ports, as an InferencePool's targetPorts index) and `dpGroup` (the ranks that step together), and for
+GPU exporters `pod` (the name a DCGM exporter's `pod` label gives it; default `name`) and
+`nodeAddress` (its node's IP, for a `dcgm-data-source` with `useNodeAddress`).
 
 `peer_clusters=True` reads the same format as llm-d's `multicluster-file-discovery` does: each entry is
 a peer cluster reached at its gateway, whose address must be an IP or a DNS name (RFC 1123), and whose
@@ -38,11 +40,20 @@ log = logging.getLogger(__name__)
 # events, a sidecar's rank ports) stays a port.
 _MAX_RANK = 1023
 
-_FIELDS = ("address", "host", "port", "name", "namespace", "labels", "metricsPort", "metricsPath", "rank", "dpGroup")
+_FIELDS = (
+    "address", "host", "port", "name", "namespace", "labels", "metricsPort", "metricsPath", "rank", "dpGroup", "pod",
+    "nodeAddress",
+)  # fmt: skip
 # a peer cluster's entry: where its pool metrics are, as llm-d's multicluster-file-discovery reads them
 METRICS_ADDRESS_LABEL = "metricsAddress"
 METRICS_PORT_LABEL = "metricsPort"
-_CLUSTER_REFUSED = ("rank", "dpGroup")  # data-parallel ranks of a pod: nothing a cluster has
+# a pod's own fields: nothing a cluster has
+_CLUSTER_REFUSED = {
+    "rank": "a data-parallel rank of a pod",
+    "dpGroup": "a data-parallel group of a pod's ranks",
+    "pod": "the pod a GPU exporter's samples name",
+    "nodeAddress": "the node of a pod, for a GPU exporter",
+}
 # Kubernetes' DNS-1123 subdomain (what llm-d's multicluster discovery takes besides an IP)
 _DNS_1123 = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _DNS_MAX = 253
@@ -198,6 +209,22 @@ def _parse_endpoint(item: Any, *, source: str | None, where: str) -> EndpointSpe
         raise fail("dpGroup", f"expected a string naming the endpoint's data-parallel group, got {shown(dp_group)}")
     dp_group = dp_group.strip()
 
+    pod = item.get("pod", "")
+    if pod is None:
+        pod = ""
+    if not isinstance(pod, str):
+        raise fail("pod", f"expected the pod's name (a string), got {shown(pod)}")
+    node_address = ""
+    raw_node = item.get("nodeAddress")
+    if raw_node is not None:
+        node_host, node_port = (
+            (None, None) if not isinstance(raw_node, str) or any(c.isspace() or c in "/?#@" for c in raw_node)
+            else _split_host_port(raw_node.strip())
+        )  # fmt: skip
+        if node_host is None or node_port is not None:
+            raise fail("nodeAddress", f"expected the node's host name or IP address (no port), got {shown(raw_node)}")
+        node_address = node_host
+
     address = f"{host}:{port_value}"
     name = item.get("name")
     if name is None:
@@ -215,6 +242,8 @@ def _parse_endpoint(item: Any, *, source: str | None, where: str) -> EndpointSpe
         namespace=namespace,
         rank=rank,
         dp_group=dp_group,
+        pod=pod.strip(),
+        node_address=node_address,
     )
 
 
@@ -228,9 +257,9 @@ def _peer_cluster(spec: EndpointSpec, item: Mapping[str, Any], *, source: str | 
     if not is_host_or_ip(spec.host):
         raise fail(key, f"expected a cluster gateway's IP address or DNS name (RFC 1123: lower-case letters, digits, "
                         f"'-' and '.'), got {shown(spec.host)}")  # fmt: skip
-    for field in _CLUSTER_REFUSED:
+    for field, what in _CLUSTER_REFUSED.items():
         if field in item:
-            raise fail(field, "a data-parallel rank of a pod; a peer cluster's entry has none")
+            raise fail(field, f"{what}; a peer cluster's entry has none")
     address = spec.labels.get(METRICS_ADDRESS_LABEL)
     port_label = spec.labels.get(METRICS_PORT_LABEL)
     if address is None:

@@ -60,6 +60,7 @@ from pickers.framework.flowcontrol import FairnessPolicy, FlowControlConfig
 from pickers.framework.params import ParameterError
 from pickers.framework.types import (
     Admitter,
+    AsyncDataProducer,
     CycleAdmitter,
     DataProducer,
     Filter,
@@ -67,8 +68,10 @@ from pickers.framework.types import (
     PreRequest,
     ProfileHandler,
     ResponseComplete,
+    ResponseReporter,
     SchedulingProfile,
     Scorer,
+    Screener,
     WeightedScorer,
 )
 from pickers.plugins.base import PluginContext
@@ -296,7 +299,7 @@ class _Loader:
         profiled = {id(q) for prof in profiles for q in prof.plugins()}
         producers = sorted(
             (q for q in plugins.values() if id(q) not in profiled and not isinstance(q, ProfileHandler)
-             and isinstance(q, (DataProducer, PreRequest, ResponseComplete, Admitter, CycleAdmitter))),
+             and isinstance(q, (DataProducer, AsyncDataProducer, PreRequest, ResponseComplete, ResponseReporter, Admitter, CycleAdmitter, Screener))),
             key=lambda q: not isinstance(q, TokenProducer),
         )  # fmt: skip
         return EndpointPickerConfig(
@@ -488,7 +491,7 @@ class _Loader:
                 raise self.error(ref_path, f"plugin {shown(plugin_name)} is already in profile {shown(name)}")
             seen.add(plugin_name)
             role = _role(plugin)
-            if role is None and isinstance(plugin, (DataProducer, Admitter, CycleAdmitter)):
+            if role is None and isinstance(plugin, (DataProducer, Admitter, CycleAdmitter, Screener)):
                 # llm-d lists its request-control plugins in a profile too (its predicted-latency
                 # config does); they run once per request before the profiles, wherever they are listed
                 continue

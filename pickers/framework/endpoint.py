@@ -1,6 +1,6 @@
 """An endpoint as plugins see it: where it is, its labels, the model server's last scraped metrics,
-the EPP's own in-flight counts and its fitted latency model. The datastore (extproc.datalayer) owns
-the live objects; plugins only read.
+its scalar attributes (custom metrics, GPU utilization), the EPP's own in-flight counts and its fitted
+latency model. The datastore (extproc.datalayer) owns the live objects; plugins only read.
 """
 
 from __future__ import annotations
@@ -8,10 +8,27 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import NamedTuple
 
 from pickers.latency.model import EndpointLatency
 
 ROLE_LABEL = "llm-d.ai/role"
+
+
+class AttributeKey(NamedTuple):
+    """llm-d's DataKey: an endpoint attribute is named by its name and the type of the plugin that
+    publishes it (`GPUUtilization` of `dcgm-extractor`); "" as producer is a producer-agnostic name."""
+
+    name: str
+    producer: str
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.producer or 'any producer'})"
+
+
+_NO_ATTRIBUTES: Mapping[AttributeKey, float] = MappingProxyType({})
+_NO_TIMES: Mapping[str, float] = MappingProxyType({})
 
 
 @dataclass(slots=True, frozen=True)
@@ -34,10 +51,16 @@ class EndpointSpec:
     # Endpoints with the same non-empty dp_group are ranks of one data-parallel group: they step in
     # lockstep (each step lasts as long as the busiest rank's batch). "": not part of a group.
     dp_group: str = ""
+    pod: str = ""  # the pod's name (llm-d's endpoint Name, which DCGM's `pod` label matches); "": `name`
+    node_address: str = ""  # the node's IP (pod.status.hostIP), for exporters run per node; "": unknown
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def pod_name(self) -> str:
+        return self.pod or self.name
 
     @property
     def metrics_url(self) -> str:
@@ -104,6 +127,10 @@ class Endpoint:
     in_flight_output_tokens: int = 0
     scrape_error: str | None = None
     served_models: ServedModels | None = None  # from /v1/models (models-data-source); None: not fetched
+    # scalar attributes by (name, producer), swapped whole by the datastore; a producer's values stay
+    # until it publishes new ones (as in llm-d), `attributes_updated_at[producer]` says when that was
+    attributes: Mapping[AttributeKey, float] = field(default_factory=lambda: _NO_ATTRIBUTES)
+    attributes_updated_at: Mapping[str, float] = field(default_factory=lambda: _NO_TIMES)  # producer -> time.monotonic()
     # the latency model's fits for this endpoint (pickers.latency.model), fed by request control
     latency: EndpointLatency = field(default_factory=EndpointLatency)
 

@@ -28,17 +28,28 @@ _xxh64 = xxhash.xxh64_intdigest
 
 
 def block_hashes(
-    model: str, prompt: str, cache_salt: str = "", max_blocks: int = MAX_BLOCKS, block_chars: int = BLOCK_CHARS
+    model: str,
+    prompt: str,
+    cache_salt: str = "",
+    max_blocks: int = MAX_BLOCKS,
+    block_chars: int = BLOCK_CHARS,
+    *,
+    partial: bool = False,
 ) -> list[int]:
-    """Hashes of the prompt's full blocks, in order: h0 = xxh64(model + salt), h_i = xxh64(b_i, seed=h_{i-1})."""
+    """Hashes of the prompt's full blocks, in order: h0 = xxh64(model + salt), h_i = xxh64(b_i, seed=h_{i-1}).
+    `partial`: a last, shorter block counts too (within max_blocks), as llm-d's prefixhash cuts token
+    blocks, so equal hashes mean equal prompts (burst-prefix-cache-producer's identity)."""
     data = memoryview(prompt.encode("utf-8", "surrogatepass"))  # JSON may carry lone surrogates
-    end = min(len(data) // block_chars, max_blocks) * block_chars
+    full = min(len(data) // block_chars, max_blocks)
+    end = full * block_chars
     prev = _xxh64((model + cache_salt).encode())
     out = []
     append = out.append
     for start in range(0, end, block_chars):  # a memoryview slice copies nothing; the seed chains the blocks
         prev = _xxh64(data[start : start + block_chars], prev)
         append(prev)
+    if partial and full < max_blocks and end < len(data):
+        append(_xxh64(data[end : end + block_chars], prev))
     return out
 
 

@@ -354,10 +354,10 @@ apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
 plugins:
 - type: queue-scorer
-- type: dcgm-extractor
+- type: topology-extractor
 """
     with pytest.raises(ConfigError) as e:
-        load_config(text, "dcgm.yaml")
+        load_config(text, "topology.yaml")
     msg = str(e.value)
-    assert msg.startswith("dcgm.yaml: plugins[1].type: plugin type 'dcgm-extractor' (llm-d router) is not supported:")
-    assert "DCGM" in msg and "known types" not in msg
+    assert msg.startswith("topology.yaml: plugins[1].type: plugin type 'topology-extractor' (llm-d router) is not supported:")
+    assert "topology" in msg and "known types" not in msg

@@ -152,6 +152,9 @@ def test_the_pod_file_discovery_does_not_read_cluster_labels():
          "endpoints[0].labels.metricsPort", "give one"),
         ("{address: gw.example.com, port: '443', rank: 1}", "endpoints[0].rank", "a peer cluster's entry has none"),
         ("{address: gw.example.com, port: '443', dpGroup: g}", "endpoints[0].dpGroup", "a peer cluster's entry has none"),
+        ("{address: gw.example.com, port: '443', pod: vllm-0}", "endpoints[0].pod", "a peer cluster's entry has none"),
+        ("{address: gw.example.com, port: '443', nodeAddress: 10.0.0.1}", "endpoints[0].nodeAddress",
+         "a peer cluster's entry has none"),
     ],
 )  # fmt: skip
 def test_a_bad_cluster_entry_is_refused_naming_the_file_and_field(entry: str, field: str, says: str):
@@ -294,6 +297,16 @@ def test_cluster_discovery_with_a_model_server_extractor_loads_with_a_warning():
     )
     assert cfg.data_layer.discovery is not None and cfg.data_layer.discovery.peer_clusters
     assert any("multicluster-file-discovery lists peer clusters" in w for w in cfg.warnings)
+
+
+def test_a_cluster_publishes_no_endpoint_attributes_so_an_attribute_reader_loads_with_a_warning():
+    cfg = load(
+        "plugins:\n- type: multicluster-queue-scorer\n"
+        "- {type: endpoint-attribute-scorer, parameters: {attributeKey: custom.depth, algorithm: {type: linear_lower_is_better}}}\n"
+        + MC_DATA_LAYER
+    )
+    assert cfg.data_layer.attributes() == frozenset()
+    assert any("plugins[1] (endpoint-attribute-scorer)" in w and "nothing in the data layer publishes" in w for w in cfg.warnings)
 
 
 # -- the delegating variants -----------------------------------------------------------------------------

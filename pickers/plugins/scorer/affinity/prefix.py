@@ -11,7 +11,8 @@ Two config shapes set the block settings:
   which the scorer names in `prefixMatchInfoProducerName` (or the config's only producer). Bound to a
   producer, the scorer takes the producer's settings; giving them on the scorer as well is refused.
   Named in `prefixMatchInfoProducerName`, a `precise-prefix-cache-producer` gives the match instead
-  (the KV-event index; nothing is recorded in the approximate one).
+  (the KV-event index; nothing is recorded in the approximate one), or a `burst-prefix-cache-producer`
+  (its window's joint placement: a full match on the replica it chose, nothing recorded either).
 
 Score, as llm-d's: `matchLengthWeight * min(1, matched tokens / matchLengthScaleTokens)^2 +
 (1 - matchLengthWeight) * matched blocks / prompt blocks` (weight 0 by default: the ratio alone).
@@ -118,11 +119,11 @@ class PrefixCacheScorer(Plugin):
         if self.producer_name is not None:
             found = plugins.get(self.producer_name)
             if isinstance(found, PrefixMatchSource) and not isinstance(found, (ApproxPrefixCacheProducer, PrefixCacheScorer)):
-                if self.own_settings:  # a precise producer: no approximate blocks to set
+                if self.own_settings:  # a precise or burst producer: no approximate blocks to set
                     raise ParameterError(
                         self.own_settings[0],
-                        f"this scorer reads the match of {shown(found.name)} (KV events), which has no approximate "
-                        f"block settings; remove {', '.join(self.own_settings)}",
+                        f"this scorer reads the match of {getattr(found, 'type', '?')} {shown(found.name)}, which has no "
+                        f"approximate block settings; remove {', '.join(self.own_settings)}",
                     )
                 self.precise = found
                 return
