@@ -25,12 +25,18 @@ Workloads:
   ~0.8 s of prefill per request: 7 req/s saturates it, while a router that keeps each context on one
   server prefills ~0.2 s per request.
 - agent: agent traffic as issue 16 describes it: one ~10,000-token system prompt of tools and
-  instructions (40,000 characters) shared by 24 (quick) or 32 conversations, each growing by a tool
-  output and an answer (~2,300 tokens) per turn for 4 turns. Sizing: the conversations' own history
-  (~9,200 tokens each at the last turn, 221k / 294k tokens in all) overflows one server
-  (`--num-gpu-blocks 6000`: 96k tokens) and fits the pool (384k tokens, the system prompt on every
-  server included). Sessions differ only after the first ~10k tokens, so a prefix match capped at 4K
-  tokens sees them all alike.
+  instructions (40,000 characters) shared by 24 (quick) or 32 conversations starting at 1/s, each
+  growing by a tool output and an answer (~1,150 tokens) per turn for 8 turns, 0.5 s apart. Sizing:
+  the conversations' own history (~9,200 tokens each at the last turn, 221k / 294k tokens in all)
+  overflows one server (`--num-gpu-blocks 6000`: 96k tokens) and fits the pool (384k tokens, the
+  system prompt on every server included). Sessions differ only after the first ~10k tokens, so a
+  prefix match capped at 4K tokens sees them all alike. Round-robin recomputes a conversation's
+  history at almost every turn (~5,200 tokens a turn on average against ~1,150).
+
+`--strategies` also takes `pinned`: no router, each session sent straight to server i mod n in arrival
+order. Every conversation then finds its history cached and the sessions are spread evenly: the
+bound for what a router can get on these workloads (a router must also find where a session lives
+and cannot know ahead how long it will run).
 
 Goodput: requests/s that met both bounds of the workload's SLO (a request's TTFT, and its mean
 inter-token gap after the first token, as inference-perf's `itl`: see bench.common.Slo), over the
@@ -44,7 +50,7 @@ bounds for every workload; the defaults, per workload, are set where they separa
   ~1,900 tokens, recomputed does not), ITL 50 ms.
 - b2b, optimized_baseline: TTFT 1,000 ms (a ~6,000-token context prefilled on an idle server just
   makes it; queued behind another miss does not), ITL 50 ms.
-- agent: TTFT 1,000 ms (one turn's new ~2,300 tokens plus a little queueing; a history recomputed
+- agent: TTFT 1,000 ms (one turn's new ~1,150 tokens plus some queueing; a history recomputed
   from scratch, up to ~9,000 tokens, does not make it), ITL 50 ms.
 Each table also prints the measured share of requests that found less than half their prompt
 cached ("miss"), and the busiest endpoint's share of requests over its fair share ("max/fair";
@@ -73,6 +79,11 @@ from bench.routing import MODEL, Outcome, _get_json, _text, stream_chat
 from extproc.devstack.stack import LocalStack, StackOptions
 
 STRATEGIES = ("round-robin", "random", "load", "default", "best")
+# Not a router: each session's requests go straight to one server (session i to server i mod n, in
+# arrival order), so every conversation or group finds its own history cached and the sessions are
+# spread evenly. What perfect session affinity with balanced placement gets: a bound to read the
+# routers' numbers against (`--strategies round-robin,best,pinned`).
+PINNED = "pinned"
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +226,7 @@ def agent(quick: bool, seed: int = 4) -> Scenario:
     """Agent conversations behind one long identical system prompt, growing turn by turn, so they
     differ only after its ~10k tokens (a 4K-token prefix match sees them all alike)."""
     rng = random.Random(seed)
-    convs, turns, rate = (24 if quick else 32), 4, 2.0
+    convs, turns, rate = (24 if quick else 32), 8, 1.0
     system = "[agent] Tools and instructions: " + _text(rng, 40_000)  # ~10,000 tokens
     sessions, t = [], 0.0
     for c in range(convs):
@@ -223,16 +234,16 @@ def agent(quick: bool, seed: int = 4) -> Scenario:
         msgs = [{"role": "system", "content": system}]
         bodies = []
         for k in range(turns):
-            msgs.append({"role": "user", "content": f"[session {c} turn {k}] tool output: " + _text(rng, 8_000)})
+            msgs.append({"role": "user", "content": f"[session {c} turn {k}] tool output: " + _text(rng, 4_000)})
             bodies.append(_chat(list(msgs), 24))
-            msgs.append({"role": "assistant", "content": _text(rng, 1_200)})
+            msgs.append({"role": "assistant", "content": _text(rng, 600)})
         sessions.append(Session(t, c, tuple(bodies), think_s=0.5))
     return Scenario(
         "agent",
         tuple(sessions),
         4,
         ("--profile", "gpu", "--time-scale", "3", "--num-gpu-blocks", "6000"),
-        f"{convs} agent conversations x {turns} turns behind one ~10,000-token system prompt, ~2,300 tokens more per turn "
+        f"{convs} agent conversations x {turns} turns behind one ~10,000-token system prompt, ~1,150 tokens more per turn "
         f"(histories ~{convs * 9.2:.0f}k tokens: {convs * 9.2 / 96:.1f}x one server's cache, {(convs * 9.2 + 40) / 384:.2f}x the pool's)",
         Slo(1.0, 0.05),
     )
@@ -261,6 +272,12 @@ async def _run_session(http: aiohttp.ClientSession, url: str, s: Session, t0: fl
 async def drive(stack: LocalStack, strategy: str, sc: Scenario, timeout: float) -> Result:
     url = f"{stack.base_url}/chat/completions"
     sims = [f"http://127.0.0.1:{p}" for p in stack.sim_ports]
+    groups = {g: i for i, g in enumerate(dict.fromkeys(s.group for s in sc.sessions))}
+    direct = [f"{sim}/v1/chat/completions" for sim in sims]
+
+    def target(s: Session) -> str:
+        return direct[groups[s.group] % len(direct)] if strategy == PINNED else url
+
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1024)) as http:
         warm = _chat([{"role": "user", "content": "warm up"}], 1)
         for _ in range(2 * len(sims)):
@@ -270,7 +287,7 @@ async def drive(stack: LocalStack, strategy: str, sc: Scenario, timeout: float) 
         await asyncio.sleep(0.3)
         loop = asyncio.get_running_loop()
         t0 = loop.time() + 0.1
-        nested = await asyncio.gather(*(_run_session(http, url, s, t0, timeout) for s in sc.sessions))
+        nested = await asyncio.gather(*(_run_session(http, target(s), s, t0, timeout) for s in sc.sessions))
         wall = loop.time() - t0
         stats = [await _get_json(http, f"{s}/sim/stats") for s in sims]
     outcomes = [o for group in nested for o in group]
@@ -281,7 +298,10 @@ async def drive(stack: LocalStack, strategy: str, sc: Scenario, timeout: float) 
 
 
 def _epp_args(strategy: str) -> tuple[str, ...]:
-    """A built-in strategy name, or a path to an EndpointPickerConfig file."""
+    """A built-in strategy name, or a path to an EndpointPickerConfig file (`pinned`: the stack's EPP
+    runs round-robin, unused)."""
+    if strategy == PINNED:
+        return ("--strategy", "round-robin")
     if strategy.endswith((".yaml", ".yml")):
         return ("--config-file", str(Path(strategy).resolve()))
     return ("--strategy", strategy)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from vllm_sim.config import DEFAULT_EMBEDDING_DIM, DEFAULT_MODEL, ConfigError, DataParallelConfig, SimConfig
 from vllm_sim.data_parallel import DataParallelSim, create
+from vllm_sim.dcgm import DcgmConfig
 from vllm_sim.kv_events import KVEventsConfig
 from vllm_sim.profiles import PROFILES
 
@@ -46,6 +47,15 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--control-port", type=int, metavar="PORT",
                    help="serve /sim/* (stats, reset, fault) only on 127.0.0.1:PORT, 0 = any free port; "
                         "the main port then answers 404 for them (default: on the main port)")
+    p.add_argument("--dcgm-port", type=int, metavar="PORT",
+                   help="also serve a DCGM exporter stand-in: GET /metrics on PORT (0 = any free port) with "
+                        "DCGM_FI_DEV_GPU_UTIL per rank, the percent of the last second the engine was stepping "
+                        "(default: off)")
+    p.add_argument("--dcgm-gpu-util", type=float, metavar="PCT",
+                   help="with --dcgm-port: report this utilization (0-100) instead of the measured one")
+    p.add_argument("--dcgm-pod", metavar="NAME", default="",
+                   help="with --dcgm-port: label the samples pod=NAME, as an exporter in Kubernetes mode does "
+                        "(default: no pod label, as a sidecar's)")
     p.add_argument("--embedding-dim", type=int, metavar="N",
                    help=f"length of /v1/embeddings vectors (default {DEFAULT_EMBEDDING_DIM})")
     p.add_argument("--kv-events-port", type=int, metavar="PORT",
@@ -124,6 +134,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         kv_events=kv_events,
         control_port=args.control_port,
         embedding_dim=args.embedding_dim,
+        dcgm=_dcgm(args),
         dp_all2all_s=args.dp_all2all_s,
         data_parallel=DataParallelConfig(
             size=args.data_parallel_size,
@@ -134,6 +145,14 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
             kv_events_ports=args.kv_events_ports or (),
         ),
     )
+
+
+def _dcgm(args: argparse.Namespace) -> DcgmConfig | None:
+    if args.dcgm_port is None:
+        if args.dcgm_gpu_util is not None or args.dcgm_pod:
+            raise ConfigError("dcgm-gpu-util, dcgm-pod: only with --dcgm-port")
+        return None
+    return DcgmConfig(args.dcgm_port, args.dcgm_gpu_util, args.dcgm_pod)
 
 
 def _kv_events(args: argparse.Namespace) -> KVEventsConfig | None:
@@ -170,6 +189,8 @@ async def serve(config: SimConfig) -> None:
                  server.name, ",".join(config.models), server.url, config.profile, config.time_scale)
         if config.control_port is not None:
             log.info("control endpoints (/sim/*) on %s only", server.control_url)
+        if server.dcgm_port:
+            log.info("DCGM exporter stand-in (DCGM_FI_DEV_GPU_UTIL) on port %d", server.dcgm_port)
         for rank in server.ranks:
             if rank.kv_events is not None:
                 log.info("rank %d publishing KV events on tcp://*:%d, topic %s",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from vllm_sim.dcgm import DcgmConfig
 from vllm_sim.kv_events import KVEventsConfig
 from vllm_sim.profiles import PROFILES, Profile
 
@@ -147,6 +148,8 @@ class SimConfig:
     # one, so a gateway that exposes the main port cannot reach them; None = on the main port.
     control_port: int | None = None
     embedding_dim: int = DEFAULT_EMBEDDING_DIM  # length of /v1/embeddings vectors
+    # a DCGM exporter stand-in on its own port (vllm_sim/dcgm.py); None = off
+    dcgm: DcgmConfig | None = None
 
     @classmethod
     def from_profile(cls, profile: str | Profile = "gpu", **overrides: object) -> SimConfig:
@@ -211,3 +214,15 @@ class SimConfig:
                 raise ConfigError(f"control_port: must differ from port ({self.port}); leave it unset "
                                   "to serve /sim/* on the main port")
         self.data_parallel.validate(self.port, self.control_port, self.kv_events)
+        if self.dcgm is not None:
+            d = self.dcgm
+            if not 0 <= d.port <= 65535:
+                raise ConfigError(f"dcgm_port: must be in 0..65535, got {d.port}")
+            if d.port != 0 and d.port in (self.port, self.control_port):
+                raise ConfigError(f"dcgm_port: {d.port} is taken by the {'main' if d.port == self.port else 'control'} port")
+            if d.gpu_util is not None and not 0 <= d.gpu_util <= 100:
+                raise ConfigError(f"dcgm_gpu_util: a percent, 0-100, got {d.gpu_util}")
+            if any(c in d.pod for c in '"\\\n'):
+                raise ConfigError(f"dcgm_pod: a pod name, got {d.pod!r}")
+            if self.data_parallel.lb == "external" and self.data_parallel.size > 1:
+                raise ConfigError("dcgm_port: not with --data-parallel-external-lb (each rank's server would claim it)")

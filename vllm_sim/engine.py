@@ -25,6 +25,7 @@ from typing import Protocol
 
 from vllm_sim.cache import Allocation, PrefixCache, block_hashes
 from vllm_sim.config import SimConfig
+from vllm_sim.dcgm import BusyMeter
 from vllm_sim.tokens import FillerText
 
 
@@ -125,6 +126,7 @@ class Engine:
         # Set when there may be work (a submit, a finished KV transfer); the LockstepGroup that
         # drives this engine replaces it with the one event all its engines share.
         self.wake = asyncio.Event()
+        self.busy = BusyMeter()  # the steps it took, for the DCGM stand-in's utilization (vllm_sim/dcgm.py)
 
     @property
     def num_running(self) -> int:

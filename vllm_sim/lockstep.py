@@ -63,8 +63,10 @@ class LockstepGroup:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            started = now
             await asyncio.sleep(self.step_cost(costs) * self._time_scale)
             self.steps += 1
             now = loop.time()
             for engine in self.engines:
+                engine.busy.add(started, now)  # every rank is busy for a group step, dummy steps included
                 engine.end_step(now)

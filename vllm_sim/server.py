@@ -6,6 +6,7 @@ the engine frees their slots and blocks, as vLLM does on disconnect.
 
 The control endpoints (/sim/stats, /sim/reset, /sim/fault) are served on the main port, or, with
 config.control_port set, only on 127.0.0.1:control_port (the main port then answers 404 for them).
+With config.dcgm set, a DCGM exporter stand-in serves GET /metrics on its own port (vllm_sim/dcgm.py).
 
 A server serves one or more ranks (vllm_sim/rank.py). With several (a data-parallel group behind
 one API port, vLLM's internal or hybrid load balancing) each request goes to the rank vLLM's
@@ -27,7 +28,7 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from vllm_sim import anthropic_api
+from vllm_sim import anthropic_api, dcgm
 from vllm_sim import openai_api as api
 from vllm_sim.config import ConfigError, SimConfig
 from vllm_sim.engine import Engine, EngineRequest, PdLeg, RequestTooLarge, TokenOutput
@@ -83,6 +84,8 @@ class SimServer:
         self._runner: web.AppRunner | None = None
         self._control_port = 0
         self._control_runner: web.AppRunner | None = None
+        self._dcgm_port = 0
+        self._dcgm_runner: web.AppRunner | None = None
         self._created = int(time.time())
         self.fault = "none"  # injected by POST /sim/fault: see _inject_fault
         self.render_calls = 0  # /v1/completions/render and /v1/chat/completions/render answered
@@ -124,6 +127,11 @@ class SimServer:
     def control_url(self) -> str:
         """Base URL of /sim/*: http://127.0.0.1:<control port> if one is set, else url."""
         return f"http://{CONTROL_HOST}:{self._control_port}" if self.config.control_port is not None else self.url
+
+    @property
+    def dcgm_port(self) -> int:
+        """Where the DCGM stand-in listens, once started; 0 when it is off."""
+        return self._dcgm_port
 
     @property
     def registry(self) -> CollectorRegistry:
@@ -188,6 +196,12 @@ class SimServer:
             except BaseException:
                 await self.stop()
                 raise
+        if self.config.dcgm is not None:
+            try:
+                await self._start_dcgm(self.config.dcgm)
+            except BaseException:
+                await self.stop()
+                raise
         if not self._name:
             host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
             self._name = f"{host}:{self._port}"
@@ -219,11 +233,28 @@ class SimServer:
         await web.TCPSite(runner, CONTROL_HOST, self.config.control_port).start()
         self._control_port = runner.addresses[0][1]
 
+    async def _start_dcgm(self, config: dcgm.DcgmConfig) -> None:
+        loop = asyncio.get_running_loop()
+        hostname = self.config.name or self.config.host
+
+        async def gpu_metrics(request: web.Request) -> web.Response:
+            now = loop.time()
+            body = dcgm.render(config, [r.engine.busy.utilization(now) for r in self.ranks], hostname)
+            return web.Response(body=body, content_type="text/plain", charset="utf-8")
+
+        app = web.Application()
+        app.router.add_get("/metrics", gpu_metrics)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        await runner.setup()
+        self._dcgm_runner = runner  # set first so stop() cleans it up if binding fails
+        await web.TCPSite(runner, self.config.host, config.port).start()
+        self._dcgm_port = runner.addresses[0][1]
+
     async def stop(self) -> None:
         # Engines first: that unblocks handlers still waiting on tokens so cleanup is quick.
         if self._group is not None:
             await self._group.stop()
-        for attr in ("_runner", "_control_runner"):
+        for attr in ("_runner", "_control_runner", "_dcgm_runner"):
             runner = getattr(self, attr)
             setattr(self, attr, None)
             if runner is not None:

@@ -1,5 +1,5 @@
 """`epp check-config FILE...`: load each EndpointPickerConfig as `epp serve` would, without serving, and
-print what it means: the profile handler, each profile's filters, weighted scorers and picker, the data
+print what it means: the profile handler, the screeners, each profile's filters, weighted scorers and picker, the data
 layer when it is not the default one, the request parsers and the paths each claims, every plugin with
 the parameters it runs with (defaults filled in), and any deprecation.
 
@@ -21,17 +21,19 @@ from pickers.config.datalayer import DEFAULT_DATA_LAYER
 from pickers.config.loader import EndpointPickerConfig, load_config, load_config_file
 from pickers.framework.errors import ConfigError
 from pickers.framework.flowcontrol import BandConfig, FlowControlConfig
+from pickers.framework.types import Screener
 
 STDIN = "-"
 
 
-def check_config(paths: list[str], out: TextIO | None = None, err: TextIO | None = None) -> int:
+def check_config(paths: list[str], out: TextIO | None = None, err: TextIO | None = None, *, allow_experimental: bool = False) -> int:
+    """`allow_experimental`: --allow-experimental-plugins, as `epp serve` would be given it."""
     out = out or sys.stdout
     err = err or sys.stderr
     status = 0
     for path in paths:
         try:
-            cfg = _load(path)
+            cfg = _load(path, allow_experimental)
             SaturationConfig.from_config(cfg.saturation_detector, cfg.source)  # as epp serve reads it
         except ConfigError as e:
             print(f"epp: configuration error: {e}", file=err)
@@ -41,15 +43,15 @@ def check_config(paths: list[str], out: TextIO | None = None, err: TextIO | None
     return status
 
 
-def _load(path: str) -> EndpointPickerConfig:
+def _load(path: str, allow_experimental: bool) -> EndpointPickerConfig:
     if path != STDIN:
-        return load_config_file(path)
+        return load_config_file(path, allow_experimental=allow_experimental)
     data = sys.stdin.buffer.read(safe_yaml.MAX_FILE_BYTES + 1)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"not UTF-8 (byte {e.start})", source="<stdin>") from None
-    return load_config(text, "<stdin>")  # the parser refuses more than MAX_FILE_BYTES
+    return load_config(text, "<stdin>", allow_experimental=allow_experimental)  # the parser refuses more than MAX_FILE_BYTES
 
 
 def describe(cfg: EndpointPickerConfig) -> str:
@@ -62,6 +64,9 @@ def describe(cfg: EndpointPickerConfig) -> str:
     if cfg.flow_control is not None:
         lines += _flow_control(cfg.flow_control)
     lines.append(f"  profile handler: {cfg.profile_handler.type}")
+    screeners = [p.name for p in cfg.producers if isinstance(p, Screener)]
+    if screeners:
+        lines.append(f"  screeners (narrow every profile's candidates first): {', '.join(screeners)}")
     for profile in cfg.profiles:
         lines.append(f"  profile {profile.name}:")
         if profile.filters:

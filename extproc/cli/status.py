@@ -63,6 +63,18 @@ def latency_table(endpoints: Sequence[dict[str, Any]]) -> str:
     return _table(header, rows)
 
 
+def attribute_table(endpoints: Sequence[dict[str, Any]]) -> str:
+    """Each endpoint's scalar attributes (/debug/endpoints' `attributes`: custom metrics, GPUUtilization)."""
+    header = ["NAME", "ATTRIBUTE", "PRODUCER", "VALUE", "UPDATED"]
+    rows = []
+    for ep in endpoints:
+        for a in ep.get("attributes") or ():
+            age = a.get("age_s")
+            rows.append([ep["name"] or ep["address"], a["attribute"], a["producer"] or "-", f"{a['value']:.4g}",
+                         "-" if age is None else f"{age:.1f}s ago"])  # fmt: skip
+    return _table(header, rows)
+
+
 def decision_table(decisions: Sequence[dict[str, Any]]) -> str:
     header = ["TIME", "REQUEST ID", "MODEL", "PROFILE", "CHOSEN", "TOP SCORES"]
     rows = []
@@ -139,6 +151,9 @@ def show_status(url: str, *, decisions: int = 10, raw: bool = False, out: Any = 
     if any(ep.get("latency") for ep in endpoints):
         print("\nlatency model (FIT: own / peer / prior; SAMPLES: TTFT/TPOT responses; ERROR: mean |predicted - observed| TTFT):", file=out)
         print(latency_table(endpoints), file=out)
+    if any(ep.get("attributes") for ep in endpoints):
+        print("\nendpoint attributes:", file=out)
+        print(attribute_table(endpoints), file=out)
     if fc.get("enabled"):
         print(f"\nflow control: {fc['requests']} queued ({fc['bytes']} bytes), saturation {fc['saturation']:.2f}"
               f"{', pool empty' if fc.get('pool_empty') else ''}{', shutting down' if fc.get('closed') else ''}", file=out)  # fmt: skip

@@ -1,17 +1,24 @@
 """The endpoint datastore: the one home of live endpoint state.
 
 Discovery sets the membership, the scraper writes each endpoint's model-server metrics (the models
-poller its /v1/models list), and the request path counts its own in-flight requests and tokens per
-endpoint (pick -> completion); each Endpoint also carries its latency model fits (`Endpoint.latency`,
-fed by request control). A pick reads `candidates()`, a tuple rebuilt only when membership
+poller its /v1/models list; the extractors its scalar attributes), and the request path counts its
+own in-flight requests and tokens per endpoint (pick -> completion); each Endpoint also carries its
+latency model fits (`Endpoint.latency`, fed by request control). A pick reads `candidates()`, a tuple rebuilt only when membership
 changes, so a request costs no copy.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
 
-from pickers.framework.endpoint import Endpoint, EndpointSpec, Metrics, ServedModels
+from pickers.framework.endpoint import (
+    AttributeKey,
+    Endpoint,
+    EndpointSpec,
+    Metrics,
+    ServedModels,
+)
 
 MembershipListener = Callable[[tuple[Endpoint, ...], tuple[Endpoint, ...]], None]
 SpecChangeListener = Callable[[tuple[Endpoint, ...]], None]
@@ -94,6 +101,18 @@ class Datastore:
         ep = self._by_address.get(address)
         if ep is not None and ep.served_models != models:  # an unchanged list keeps the object a pick reads
             ep.served_models = models
+
+    def update_attributes(self, address: str, producer: str, values: Mapping[str, float], now: float) -> None:
+        """`producer`'s attributes of one endpoint, by name. Others, and this producer's names not in
+        `values`, keep their last values (llm-d's AttributeMap.Put). The maps are swapped whole."""
+        ep = self._by_address.get(address)
+        if ep is None:
+            return
+        attributes = dict(ep.attributes)
+        for name, value in values.items():
+            attributes[AttributeKey(name, producer)] = value
+        ep.attributes = MappingProxyType(attributes)
+        ep.attributes_updated_at = MappingProxyType({**ep.attributes_updated_at, producer: now})
 
     def on_scrape_failure(self, listener: ScrapeFailureListener) -> None:
         """`listener(endpoint, error)` runs when an endpoint's scrapes start failing (once per outage:

@@ -3,9 +3,12 @@
 One polling task per endpoint (a slow or dead endpoint only delays itself), one shared keep-alive
 HTTP session, a timeout per scrape. Picks never wait for a scrape; they judge staleness with
 `Datastore.is_stale`. Which series are read is the endpoint's engine mapping (vLLM, SGLang, TensorRT-LLM,
-...: pickers.plugins.datalayer.extractors), chosen by its `llm-d.ai/engine-type` label; where to scrape
-is the `metrics-data-source` (scheme, path, port, TLS, interval). `EndpointPoller` is the polling loop
-shared with the /v1/models poller (extproc.datalayer.models).
+...: pickers.plugins.datalayer.extractors), chosen by its `llm-d.ai/engine-type` label, and its
+customMetrics become the endpoint's attributes; where to scrape is the `metrics-data-source` (scheme,
+path, port, TLS, interval). A peer cluster's pool aggregates (`multicluster-metrics-extractor`) are read
+by `PoolMetricsParser` instead. `EndpointPoller` is the polling loop shared with the /v1/models poller
+(extproc.datalayer.models) and the DCGM scraper (extproc.datalayer.dcgm), `SampleFinder` the
+Prometheus text reading shared with the latter.
 """
 
 from __future__ import annotations
@@ -18,19 +21,22 @@ import random
 import re
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Protocol
 
 import aiohttp
 
 from extproc.datalayer.datastore import Datastore
 from pickers.framework.endpoint import Endpoint, Metrics
 from pickers.framework.errors import ConfigError
+from pickers.plugins.datalayer.attributes import CORE_METRICS_PRODUCER
 from pickers.plugins.datalayer.extractors import (
     BUILTIN_ENGINES,
     DEFAULT_EXTRACTION,
     EngineMetrics,
     MetricsExtraction,
     MetricSpec,
+    PoolMetricsExtraction,
 )
 from pickers.plugins.datalayer.sources import DEFAULT_METRICS_SOURCE, HttpSource
 
@@ -46,9 +52,11 @@ class MetricsParseError(ScrapeError, ValueError):
 
 
 # After a wanted metric's name: optional {labels} (quoted values may hold escaped quotes, braces and
-# commas), the value, then anything (timestamp, OpenMetrics exemplar). Each pattern is matched on
-# "\n" + text so the engine's literal-prefix search skips everything else (~8x faster than ^/M).
-_SAMPLE_TAIL = r"[ \t]*(?:\{((?:[^\"}\n]|\"(?:[^\"\\\n]|\\.)*\")*)\})?[ \t]*[ \t]([^ \t\r\n]+)"
+# commas), the value, an optional timestamp, then anything (an OpenMetrics exemplar). Each pattern is
+# matched on "\n" + text so the engine's literal-prefix search skips everything else (~8x faster than ^/M).
+_SAMPLE_TAIL = (
+    r"[ \t]*(?:\{((?:[^\"}\n]|\"(?:[^\"\\\n]|\\.)*\")*)\})?[ \t]*[ \t]([^ \t\r\n]+)(?:[ \t]+([^ \t\r\n#]+))?"
+)
 _LABEL = re.compile(r"[ \t]*([A-Za-z_][A-Za-z0-9_]*)[ \t]*=[ \t]*\"((?:[^\"\\\n]|\\.)*)\"[ \t]*,?")
 _ESCAPE = re.compile(r"\\(.)")
 _UNESCAPED = {"n": "\n", "\\": "\\", '"': '"'}
@@ -59,7 +67,8 @@ _ROLES = (
 )  # fmt: skip
 
 
-def _labels(text: str | None) -> dict[str, str]:
+def labels_of(text: str | None) -> dict[str, str]:
+    """A sample's `{...}` label text (as SampleFinder gives it) as a mapping, escapes decoded."""
     if not text:
         return {}
     out: dict[str, str] = {}
@@ -69,6 +78,37 @@ def _labels(text: str | None) -> dict[str, str]:
             value = _ESCAPE.sub(lambda e: _UNESCAPED.get(e.group(1), "\\" + e.group(1)), value)
         out[m.group(1)] = value
     return out
+
+
+class SampleFinder:
+    """Finds the samples of some metric names in a Prometheus text body, and only those: each match's
+    groups are (the name less the names' common prefix, the label text or None, the value text, the
+    timestamp text or None). `key(name)` is what the first group is for `name`."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        ordered = sorted(set(names), key=len, reverse=True)  # longest first: one name may prefix another
+        self.prefix = os.path.commonprefix(ordered) if ordered else ""
+        alternatives = "|".join(re.escape(self.key(n)) for n in ordered)
+        self._pattern = (
+            re.compile(r"\n[ \t]*" + re.escape(self.prefix) + "(" + alternatives + ")" + _SAMPLE_TAIL) if ordered else None
+        )
+
+    def key(self, name: str) -> str:
+        return name[len(self.prefix) :]
+
+    def samples(self, text: str) -> Iterator[re.Match[str]]:
+        if self._pattern is None:
+            return iter(())
+        return self._pattern.finditer("\n" + text)
+
+
+def finite(raw: str) -> float | None:
+    """A sample's value, or None when it is not a finite number (NaN, Inf and garbage are skipped)."""
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def _int_label(labels: dict[str, str], name: str) -> int | None:
@@ -87,12 +127,14 @@ def _adapters(raw: str | None) -> frozenset[str]:
 
 
 class MetricsParser:
-    """Reads one engine's series from Prometheus text into Metrics (updated_at left at 0).
+    """Reads one engine's series from Prometheus text into Metrics (updated_at left at 0), and its
+    customMetrics into attribute values.
 
     Several series of one metric (data-parallel `engine` ranks, several `model_name`s) are summed for
-    counts and averaged for KV usage; a selector's labels must all match. NaN/Inf samples and
-    unparsable lines are ignored. Raises MetricsParseError when the engine's queue, running or KV
-    usage series (those it defines) has no usable sample.
+    counts and averaged for KV usage; a selector's labels must all match. A custom metric is one series,
+    as llm-d reads it: of those matching, the one with the newest timestamp, else the first. NaN/Inf
+    samples and unparsable lines are ignored. Raises MetricsParseError when the engine's queue, running
+    or KV usage series (those it defines) has no usable sample.
     """
 
     def __init__(self, engine: EngineMetrics) -> None:
@@ -102,61 +144,76 @@ class MetricsParser:
             spec: MetricSpec | None = getattr(engine, role)
             if spec is not None:
                 roles.setdefault(spec.name, []).append((role, spec))
-        names = sorted(roles, key=len, reverse=True)  # longest first: one name may prefix another
-        prefix = os.path.commonprefix(names) if names else ""
-        self._roles = {name[len(prefix) :]: tuple(r) for name, r in roles.items()}
-        alternatives = "|".join(re.escape(n[len(prefix) :]) for n in names)
-        self._sample = re.compile(r"\n[ \t]*" + re.escape(prefix) + "(" + alternatives + ")" + _SAMPLE_TAIL) if names else None
+        custom: dict[str, list[tuple[str, MetricSpec]]] = {}
+        for c in engine.custom:
+            custom.setdefault(c.spec.name, []).append((c.attribute_key, c.spec))
+        self._finder = SampleFinder([*roles, *custom])
+        key = self._finder.key
+        self._roles = {key(name): tuple(r) for name, r in roles.items()}
+        self._custom = {key(name): tuple(c) for name, c in custom.items()}
         self._required = tuple(
             (role, spec) for role in ("queued", "running", "kv_usage") if (spec := getattr(engine, role)) is not None
         )
 
     def parse(self, text: str) -> Metrics:
+        return self.parse_with_attributes(text)[0]
+
+    def parse_with_attributes(self, text: str) -> tuple[Metrics, dict[str, float]]:
+        """The metrics, and the custom metrics found (by attribute key; one not found is left out)."""
         sums = dict.fromkeys(_ROLES, 0.0)
         counts = dict.fromkeys(_ROLES, 0)
         block_size: int | None = None
         num_blocks: int | None = None
         lora_labels: dict[str, str] | None = None
         lora_newest = -math.inf
+        custom: dict[str, float] = {}
+        custom_newest: dict[str, float] = {}
         engine = self.engine
-        if self._sample is not None:
-            for m in self._sample.finditer("\n" + text):
-                suffix, label_text, raw_value = m.groups()
-                try:
-                    value = float(raw_value)
-                except ValueError:
-                    continue
-                if not math.isfinite(value):
-                    continue
-                labels: dict[str, str] | None = None
-                for role, spec in self._roles[suffix]:
-                    if spec.labels:
-                        if labels is None:
-                            labels = _labels(label_text)
-                        if not spec.matches(labels):
-                            continue
-                    if role == "cache_info":
-                        labels = _labels(label_text) if labels is None else labels
-                        blocks = _int_label(labels, engine.cache_num_blocks_label)
-                        if blocks is not None:  # one series per engine rank: the endpoint holds them all
-                            num_blocks = blocks + (num_blocks or 0)
-                        if block_size is None:
-                            block_size = _int_label(labels, engine.cache_block_size_label)
-                    elif role == "lora":
-                        if value > lora_newest:  # the value is a timestamp: the newest series wins
-                            lora_newest = value
-                            lora_labels = _labels(label_text) if labels is None else labels
-                    elif role == "cache_block_size":
-                        if block_size is None and value >= 1:
-                            block_size = int(min(value, 1e9))
-                    elif role == "cache_num_blocks":
-                        if value >= 0:
-                            num_blocks = int(min(value, 1e15)) + (num_blocks or 0)
-                    else:
-                        if role in _COUNTS:
-                            value = min(max(value, 0.0), 1e12)  # sums stay finite whatever the body says
-                        sums[role] += value
-                        counts[role] += 1
+        no_roles: tuple[tuple[str, MetricSpec], ...] = ()
+        for m in self._finder.samples(text):
+            suffix, label_text, raw_value, raw_ts = m.groups()
+            value = finite(raw_value)
+            if value is None:
+                continue
+            labels: dict[str, str] | None = None
+            for key, spec in self._custom.get(suffix, no_roles):
+                if spec.labels:
+                    if labels is None:
+                        labels = labels_of(label_text)
+                    if not spec.matches(labels):
+                        continue
+                ts = _timestamp(raw_ts)
+                if ts > custom_newest.get(key, -1.0):  # llm-d's getLatestMetric: the first of the newest
+                    custom_newest[key] = ts
+                    custom[key] = value
+            for role, spec in self._roles.get(suffix, no_roles):
+                if spec.labels:
+                    if labels is None:
+                        labels = labels_of(label_text)
+                    if not spec.matches(labels):
+                        continue
+                if role == "cache_info":
+                    labels = labels_of(label_text) if labels is None else labels
+                    blocks = _int_label(labels, engine.cache_num_blocks_label)
+                    if blocks is not None:  # one series per engine rank: the endpoint holds them all
+                        num_blocks = blocks + (num_blocks or 0)
+                    if block_size is None:
+                        block_size = _int_label(labels, engine.cache_block_size_label)
+                elif role == "lora":
+                    if value > lora_newest:  # the value is a timestamp: the newest series wins
+                        lora_newest = value
+                        lora_labels = labels_of(label_text) if labels is None else labels
+                elif role == "cache_block_size":
+                    if block_size is None and value >= 1:
+                        block_size = int(min(value, 1e9))
+                elif role == "cache_num_blocks":
+                    if value >= 0:
+                        num_blocks = int(min(value, 1e15)) + (num_blocks or 0)
+                else:
+                    if role in _COUNTS:
+                        value = min(max(value, 0.0), 1e12)  # sums stay finite whatever the body says
+                    sums[role] += value
+                    counts[role] += 1
 
         missing = [
             str(spec)
@@ -185,7 +242,63 @@ class MetricsParser:
             metrics.running_lora_adapters = _adapters(lora_labels.get("running_lora_adapters"))
             metrics.waiting_lora_adapters = _adapters(lora_labels.get("waiting_lora_adapters"))
             metrics.max_lora = _int_label(lora_labels, "max_lora")
-        return metrics
+        return metrics, custom
+
+
+def _timestamp(raw: str | None) -> float:
+    """A sample's timestamp (ms in Prometheus text); 0 when it has none, as Go's parser reads it."""
+    if raw is None:
+        return 0.0
+    ts = finite(raw)
+    return ts if ts is not None else 0.0
+
+
+class PoolMetricsParser:
+    """Reads a peer cluster's pool aggregates (its EPP's mean KV-cache use and mean waiting queue) into
+    Metrics: `pool_kv_usage` and `pool_queue`, and the same numbers as `kv_usage` and `waiting` (rounded).
+
+    Several matching series (one per pool of the peer's EPP) are averaged. NaN/Inf samples are ignored.
+    Raises MetricsParseError when either gauge has no usable sample: a peer EPP exports them only while
+    its pool has endpoints with fresh metrics, so a cluster without them is not offered as idle.
+    """
+
+    def __init__(self, extraction: PoolMetricsExtraction) -> None:
+        self.specs = (extraction.kv_usage, extraction.queue)
+        self._finder = SampleFinder(spec.name for spec in self.specs)
+        self._keys = tuple(self._finder.key(spec.name) for spec in self.specs)
+
+    def parse(self, text: str) -> Metrics:
+        sums = [0.0, 0.0]
+        counts = [0, 0]
+        for m in self._finder.samples(text):
+            suffix, label_text, raw_value, _ = m.groups()
+            value = finite(raw_value)
+            if value is None:
+                continue
+            labels: dict[str, str] | None = None
+            for i, spec in enumerate(self.specs):
+                if self._keys[i] != suffix:
+                    continue
+                if spec.labels:
+                    labels = labels_of(label_text) if labels is None else labels
+                    if not spec.matches(labels):
+                        continue
+                sums[i] += value
+                counts[i] += 1
+        missing = [str(spec) for spec, n in zip(self.specs, counts, strict=True) if n == 0]
+        if missing:
+            raise MetricsParseError(f"no usable sample of {', '.join(missing)}")
+        kv = min(1.0, max(0.0, sums[0] / counts[0]))
+        queue = min(max(sums[1] / counts[1], 0.0), 1e12)
+        return Metrics(waiting=round(queue), kv_usage=kv, pool_kv_usage=kv, pool_queue=queue)
+
+    def parse_with_attributes(self, text: str) -> tuple[Metrics, dict[str, float]]:
+        """As MetricsParser's: a peer cluster's aggregates publish no attributes."""
+        return self.parse(text), {}
+
+
+class Parser(Protocol):
+    def parse_with_attributes(self, text: str) -> tuple[Metrics, dict[str, float]]: ...
 
 
 VLLM_PARSER = MetricsParser(BUILTIN_ENGINES["vllm"])
@@ -235,10 +348,18 @@ def ssl_context(source: HttpSource) -> ssl.SSLContext | None:
 
 
 def source_url(source: HttpSource, ep: Endpoint) -> str:
-    """Where `source` fetches for `ep`: the endpoints file's metricsPort/metricsPath win over the source's."""
+    """Where `source` fetches for `ep`: the endpoints file's metricsPort/metricsPath (a peer cluster's
+    metricsAddress) win over the source's (for the model server's own sources); `use_node_address`
+    fetches from the endpoint's node, or from the endpoint's own IP when its node is not known (file
+    discovery), as llm-d does."""
     spec = ep.spec
+    host = spec.host
+    if source.use_node_address and spec.node_address:
+        host = spec.node_address
+    if not source.endpoint_overrides:
+        return f"{source.scheme}://{host}:{source.port or spec.port}{source.path}"
     port = spec.metrics_port or source.port or spec.port
-    return f"{source.scheme}://{spec.host}:{port}{spec.metrics_path or source.path}"
+    return f"{source.scheme}://{spec.metrics_host or host}:{port}{spec.metrics_path or source.path}"
 
 
 def default_session(ssl_ctx: ssl.SSLContext | None = None) -> aiohttp.ClientSession:
@@ -349,7 +470,7 @@ class EndpointPoller:
             async with session.get(url, timeout=self._client_timeout) as resp:
                 if resp.status != 200:
                     raise ScrapeError(f"HTTP {resp.status} from {url}")
-                body = await resp.read()
+                body = await self._read(resp)
             self.take(ep, body)
         except asyncio.CancelledError:
             raise
@@ -364,6 +485,21 @@ class EndpointPoller:
         self.failed(ep, error)
         return error
 
+    async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
+        cap = self.source.max_bytes
+        if cap is None:
+            return await resp.read()
+        if resp.content_length is not None and resp.content_length > cap:
+            raise ScrapeError(f"answer of {resp.content_length} bytes; at most {cap} are read")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in resp.content.iter_chunked(1 << 16):
+            size += len(chunk)
+            if size > cap:
+                raise ScrapeError(f"answer over {cap} bytes; at most {cap} are read")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     def take(self, ep: Endpoint, body: bytes) -> None:
         """Record a fetched body; raises ScrapeError when it is unusable."""
         raise NotImplementedError
@@ -374,7 +510,8 @@ class EndpointPoller:
 
 class MetricsScraper(EndpointPoller):
     """The `metrics-data-source` + `core-metrics-extractor` pair: each endpoint's metrics, parsed with
-    its engine's mapping. A failure marks the endpoint's metrics as failing (see Datastore)."""
+    its engine's mapping; or, with a PoolMetricsExtraction (`multicluster-metrics-extractor`), each peer
+    cluster's pool aggregates. A failure marks the endpoint's metrics as failing (see Datastore)."""
 
     what = "scraping"
 
@@ -385,20 +522,28 @@ class MetricsScraper(EndpointPoller):
         interval: float = 0.05,
         timeout: float = 1.0,
         source: HttpSource = DEFAULT_METRICS_SOURCE,
-        extraction: MetricsExtraction = DEFAULT_EXTRACTION,
+        extraction: MetricsExtraction | PoolMetricsExtraction = DEFAULT_EXTRACTION,
         session_factory: Callable[[], aiohttp.ClientSession] | None = None,
     ) -> None:
         super().__init__(datastore, source, interval=interval, timeout=timeout, session_factory=session_factory)
         self.extraction = extraction
-        self._parsers = {name: MetricsParser(engine) for name, engine in extraction.engines.items()}
+        self._pool = PoolMetricsParser(extraction) if isinstance(extraction, PoolMetricsExtraction) else None
+        engines = extraction.engines if isinstance(extraction, MetricsExtraction) else {}
+        self._parsers = {name: MetricsParser(engine) for name, engine in engines.items()}
 
-    def parser_for(self, ep: Endpoint) -> MetricsParser:
+    def parser_for(self, ep: Endpoint) -> Parser:
+        if self._pool is not None:
+            return self._pool
+        assert isinstance(self.extraction, MetricsExtraction)
         return self._parsers[self.extraction.engine_for(ep.labels).name]
 
     def take(self, ep: Endpoint, body: bytes) -> None:
-        metrics = self.parser_for(ep).parse(body.decode("utf-8", errors="replace"))
-        metrics.updated_at = time.monotonic()
+        parser = self.parser_for(ep)
+        metrics, custom = parser.parse_with_attributes(body.decode("utf-8", errors="replace"))
+        metrics.updated_at = now = time.monotonic()
         self.datastore.update_metrics(ep.address, metrics)
+        if custom:  # a custom metric not found keeps its last value (llm-d logs the error and goes on)
+            self.datastore.update_attributes(ep.address, CORE_METRICS_PRODUCER, custom, now)
 
     def failed(self, ep: Endpoint, error: str) -> None:
         self.datastore.record_scrape_error(ep.address, error)

@@ -90,7 +90,9 @@ def _image(req: InferenceRequest, source: Any, text_chars: int | None) -> None:
     if isinstance(url, str) and url:
         part = MediaPart("image", url, text_chars=len(url) if text_chars is None else text_chars)
     elif isinstance(data, str) and data and source.get("type") != "url":
-        part = MediaPart("image", data, inline=True, text_chars=len(data) if text_chars is None else text_chars)
+        media_type = source.get("media_type")
+        part = MediaPart("image", data, inline=True, media_type=media_type if isinstance(media_type, str) else "",
+                         text_chars=len(data) if text_chars is None else text_chars)  # fmt: skip
     else:
         return
     note_media(req, part)

@@ -18,7 +18,7 @@ from typing import Any
 
 from extproc.handlers.request_body import decode_object, read_model, read_options
 from pickers.framework.errors import BAD_REQUEST, RequestError
-from pickers.framework.request import CHARS_PER_TOKEN, InferenceRequest
+from pickers.framework.request import CHARS_PER_TOKEN, InferenceRequest, mm_hashes
 
 _TOKEN = "I"  # an unsigned 32-bit token id
 assert array(_TOKEN).itemsize == 4 and CHARS_PER_TOKEN == 4  # 3 bytes of base64 are 4 characters
@@ -26,12 +26,16 @@ assert array(_TOKEN).itemsize == 4 and CHARS_PER_TOKEN == 4  # 3 bytes of base64
 
 def parse_vllm_generate(req: InferenceRequest, raw: bytes | bytearray, required_field: str) -> None:
     """vLLM's generate body: `token_ids` (required), `model`, `sampling_params.max_tokens`, `stream`,
-    `cache_salt`. Raises RequestError(400) with a message a person understands."""
+    `cache_salt`, and the multimodal items' hashes in `features.mm_hashes` (the encoder-cache index's
+    keys). Raises RequestError(400) with a message a person understands."""
     body = decode_object(raw, req.api, required_field)
     model = read_model(body)
     _take_tokens(req, body, "token_ids")
     req.body = body
     req.model = model
+    features = body.get("features")
+    if isinstance(features, dict):
+        req.media_hashes = mm_hashes(features.get("mm_hashes"))
     params = body.get("sampling_params")
     if params is not None and not isinstance(params, dict):
         raise RequestError(BAD_REQUEST, "field 'sampling_params' must be an object")

@@ -135,10 +135,15 @@ def chat_media(part: dict[str, Any], text_chars: int) -> MediaPart:
     kind = part.get("type")
     if kind == "input_audio" or kind == "audio_url":
         audio = part.get("input_audio")  # llm-d reads input_audio's data and format, for audio_url too
-        size = 0
+        data = fmt = ""
         if isinstance(audio, dict):
-            size = sum(len(v) for v in (audio.get("data"), audio.get("format")) if isinstance(v, str))
-        return MediaPart("audio", size=size, text_chars=text_chars)
+            d, f = audio.get("data"), audio.get("format")
+            data, fmt = (d if isinstance(d, str) else ""), (f if isinstance(f, str) else "")
+        if kind == "audio_url":  # named by its URL (the encoder-cache index's key)
+            ref = part.get("audio_url")
+            url = ref.get("url") if isinstance(ref, dict) else ref
+            return MediaPart("audio", url if isinstance(url, str) else "", size=len(data) + len(fmt), text_chars=text_chars)
+        return MediaPart("audio", data, inline=True, media_type=fmt, size=len(data) + len(fmt), text_chars=text_chars)
     ref = part.get(kind)  # type: ignore[arg-type]
     url = ref.get("url") if isinstance(ref, dict) else ref
     return MediaPart("image" if kind == "image_url" else "video", url if isinstance(url, str) else "", text_chars=text_chars)

@@ -21,10 +21,10 @@ they do not read (passthrough-parser's) is routed on its headers and its body st
 
 PREPARING: when the Director needs data it must wait for before the pick (a token-producer's call
 to the model server) or flow control holds requests, the parsed request waits there: `handle`
-returns nothing, `needs_data` is true, the servicer awaits `Director.prepare(request)` (bounded by
-the producer's own timeout) then `Director.admit(stream)`, which returns `resume()`'s answer (the
-pick's) once flow control lets the request go, or `refuse(error)`'s (429/503). The servicer reads no
-message meanwhile. A routed request flow control evicts is answered by `evict()` (429 `evicted`).
+returns nothing, `needs_data` is true, the servicer awaits `Director.prepare(request, subset)`
+(bounded by the producer's own timeout, or a burst-prefix-cache-producer's window) then
+`Director.admit(stream)`, which returns `resume()`'s answer (the pick's) once flow control lets the
+request go, or `refuse(error)`'s (429/503). The servicer reads no message meanwhile. A routed request flow control evicts is answered by `evict()` (429 `evicted`).
 
 `response_headers` before the request was routed is a reply Envoy makes itself (its stream idle
 timeout, a body over its buffer, a malformed request): it passes through unchanged, nothing to settle.
@@ -43,6 +43,10 @@ with an empty 500 after the mutation. While a FULL_DUPLEX body is due (REQUEST_B
 Model rewrite: when the Director sets a `target_model` other than the requested model, the body is
 re-encoded once with the new name (the only re-encoding) and `Content-Length` follows it; the response
 loses its `content-length` and gets the requested name written back into its `"model"` fields.
+
+Response metadata: the answer to the message that ends the response body (its end_of_stream chunk, or
+the trailers when they end it) carries the Director's `response_metadata` as dynamic metadata (the
+request-attribute-reporter's values; llm-d puts them on its last body answer the same way).
 """
 
 from __future__ import annotations
@@ -206,6 +210,11 @@ class Director(Protocol):
 
     def rejected(self, request: InferenceRequest | None, error: RequestError) -> None: ...
 
+    def response_metadata(self, routing: Routing, usage: object | None) -> Mapping[str, Mapping[str, float]] | None:
+        """At the end of the response body: dynamic metadata for Envoy (namespace -> key -> number) from the
+        response's usage (extproc.handlers.usage.Usage; None: it had none); None or empty: nothing to send."""
+        ...
+
 
 class RequestStream:
     def __init__(
@@ -277,8 +286,13 @@ class RequestStream:
         self._finish(aborted=not done)
 
     @property
+    def subset(self) -> list[str] | None:
+        """The proxy's destination subset hint (None: any endpoint), as `route` is given it."""
+        return self._subset
+
+    @property
     def needs_data(self) -> bool:
-        """The parsed request waits for the Director's data: await `director.prepare(request)`, then `resume()`."""
+        """The parsed request waits for the Director's data: await `director.prepare(request, self.subset)`, then `resume()`."""
         return self.state is State.PREPARING
 
     def resume(self) -> list[pb.ProcessingResponse]:
@@ -505,19 +519,41 @@ class RequestStream:
         if restorer is not None:
             chunk = restorer.feed(chunk, body.end_of_stream)
         if self.response_mode == FULL_DUPLEX:
-            return [_streamed_response_body(chunk, body.end_of_stream)]
-        if restorer is not None:  # STREAMED or BUFFERED: the chunk (or whole body) is replaced
-            return [pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse(body_mutation=pb.BodyMutation(body=chunk))))]
-        return [pb.ProcessingResponse(response_body=pb.BodyResponse())]
+            resp = _streamed_response_body(chunk, body.end_of_stream)
+        elif restorer is not None:  # STREAMED or BUFFERED: the chunk (or whole body) is replaced
+            resp = pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse(body_mutation=pb.BodyMutation(body=chunk))))
+        else:
+            resp = pb.ProcessingResponse(response_body=pb.BodyResponse())
+        if body.end_of_stream:
+            self._report(resp)
+        return [resp]
 
     def _on_response_trailers(self) -> list[pb.ProcessingResponse]:
+        body_ends_here = self.state is State.RESPONSE_BODY  # no body chunk said end_of_stream
         self.state = State.DONE
         self._finish(aborted=False)
         out: list[pb.ProcessingResponse] = []
         if self._restorer is not None and self._restorer.pending and self.response_mode == FULL_DUPLEX:
             out.append(_streamed_response_body(self._restorer.flush(), False))  # a held-back tail, before the trailers
         out.append(pb.ProcessingResponse(response_trailers=pb.TrailersResponse()))
+        if body_ends_here:
+            self._report(out[-1])
         return out
+
+    def _report(self, resp: pb.ProcessingResponse) -> None:
+        """The body ended: the Director's dynamic metadata for this response (request-attribute-reporter's)
+        goes on the message that answers its end."""
+        if self.routing is None:
+            return
+        reader = self._usage
+        metadata = self.director.response_metadata(self.routing, reader.usage if reader is not None else None)
+        if not metadata:
+            return
+        fields = resp.dynamic_metadata.fields
+        for namespace, values in metadata.items():
+            target = fields[namespace].struct_value.fields
+            for key, number in values.items():
+                target[key].number_value = number
 
     def _finish(self, *, aborted: bool) -> None:
         if self._finished or self.routing is None:

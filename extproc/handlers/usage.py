@@ -35,6 +35,19 @@ class Usage(msgspec.Struct, frozen=True):
         return d.cached_tokens or 0 if d is not None else 0
 
 
+_NO_USAGE = Usage()
+
+
+def usage_object(usage: Usage | None) -> dict[str, Any]:
+    """The usage as llm-d's response plugins see it (its Usage struct as JSON): the three counts always,
+    0 when the response had no usage; `prompt_tokens_details` only when the server sent details."""
+    u = usage or _NO_USAGE
+    out: dict[str, Any] = {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens}
+    if u.prompt_tokens_details is not None:
+        out["prompt_tokens_details"] = {"cached_tokens": u.prompt_tokens_details.cached_tokens or 0}
+    return out
+
+
 def _usage(prompt: int, completion: int, cached: int | None) -> Usage:
     details = _UsageDetails(cached) if cached is not None else None
     return Usage(prompt, completion, prompt + completion, details)

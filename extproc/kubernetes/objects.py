@@ -26,6 +26,7 @@ class PodCondition(msgspec.Struct, frozen=True):
 
 class PodStatus(msgspec.Struct, rename="camel", frozen=True):
     pod_ip: str = msgspec.field(default="", name="podIP")
+    host_ip: str = msgspec.field(default="", name="hostIP")  # the node's: where a DaemonSet exporter listens
     conditions: list[PodCondition] = []
 
 

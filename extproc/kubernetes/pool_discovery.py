@@ -128,14 +128,16 @@ def endpoints_for_pod(pod: Pod, target_ports: tuple[int, ...]) -> list[EndpointS
     if not pod.ready:
         return []
     allowed = active_ports(pod)
-    ip = pod.status.pod_ip
+    ip, node_ip = pod.status.pod_ip, pod.status.host_ip
     host = f"[{ip}]" if ":" in ip else ip
+    node = f"[{node_ip}]" if ":" in node_ip else node_ip
     labels = dict(pod.metadata.labels)
     group = dp_group_of(pod, target_ports)
     return [
         EndpointSpec(
             name=f"{pod.metadata.name}-rank-{i}", host=host, port=port, labels=labels,
-            namespace=pod.metadata.namespace, rank=i, dp_group=group, hostname=pod.spec.hostname,
+            namespace=pod.metadata.namespace, rank=i, dp_group=group, pod=pod.metadata.name, node_address=node,
+            hostname=pod.spec.hostname,
         )  # fmt: skip
         for i, port in enumerate(target_ports)
         if allowed is None or port in allowed

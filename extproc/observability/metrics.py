@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
@@ -61,6 +62,10 @@ log = logging.getLogger(__name__)
 QUEUE_WAIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 MODEL_SERVER_ERROR = "ModelServerError"  # the reference picker's code for an upstream status >= 400
+
+# The pool means under GIE's names and under llm-d's current ones (llm-d exports both; a peer's
+# multicluster-metrics-extractor reads llm-d's)
+POOL_PREFIXES = ("inference_pool_", "llm_d_epp_")
 
 
 def llm_epp_version() -> str:
@@ -179,6 +184,10 @@ class EppMetrics:
         self.prefix_index = prefix_index
         self.precise: dict[str, Any] = {}  # plugin name -> precise prefix producer or scorer (attach_precise)
         self.token_producers: tuple[Any, ...] = ()  # token-producer plugins, for their fallback counts
+        self.reporters: tuple[Any, ...] = ()  # request-attribute-reporter plugins, for their outcome counts
+        self.burst_producers: tuple[Any, ...] = ()  # burst-prefix-cache-producer plugins, for their counts
+        self.encoder_caches: dict[str, Any] = {}  # mm-embeddings-cache-producer name -> plugin (attach_precise)
+        self.rollout_screeners: tuple[Any, ...] = ()  # disaggregatedset-rollout-screener plugins (attach_precise)
         self.flow_control: FlowControlMetrics | None = None  # set when flow control is on
         self._series: dict[tuple[str, str], _ModelSeries] = {}  # (model, target model) labels
         self._errors: dict[tuple[str, str, str], int] = {}  # (model, target model, error code)
@@ -191,14 +200,28 @@ class EppMetrics:
 
     def attach_precise(self, plugins: Iterable[object]) -> None:
         """Export the size of each precise prefix index among these plugins (precise-prefix-cache-
-        producer, -scorer) and how often an endpoint's entries were dropped, and each token-producer's
-        fallbacks to the estimate, read at scrape time."""
+        producer, -scorer) and how often an endpoint's entries were dropped, each token-producer's
+        fallbacks to the estimate, each burst-prefix-cache-producer's requests and what each
+        request-attribute-reporter made of the responses and each encoder-cache producer's lookups, read at
+        scrape time, and each rollout screener's revision shares and strict no-matches."""
+        from pickers.plugins.producer.burst_prefix import BurstPrefixCacheProducer
         from pickers.plugins.producer.tokens import TokenProducer
+        from pickers.plugins.requestcontrol.attribute_reporter import (
+            RequestAttributeReporter,
+        )
+        from pickers.plugins.scorer.affinity.mm_embeddings import encoder_caches
         from pickers.plugins.scorer.affinity.precise_prefix import precise_indexes
+        from pickers.plugins.screener.disaggregatedset_rollout import (
+            DisaggregatedSetRolloutScreener,
+        )
 
         plugins = tuple(plugins)
         self.precise = precise_indexes(plugins)
         self.token_producers = tuple(p for p in plugins if isinstance(p, TokenProducer))
+        self.reporters = tuple(p for p in plugins if isinstance(p, RequestAttributeReporter))
+        self.burst_producers = tuple(p for p in plugins if isinstance(p, BurstPrefixCacheProducer))
+        self.encoder_caches = encoder_caches(plugins)
+        self.rollout_screeners = tuple(p for p in plugins if isinstance(p, DisaggregatedSetRolloutScreener))
 
     def attach(self, datastore: Datastore, prefix_index: ApproxPrefixIndex | None = None) -> None:
         """Read the pool gauges from this datastore (and the prefix gauges from this index) at scrape time."""
@@ -327,6 +350,10 @@ class _FixedFamilies:
         yield from self._prefix()
         yield from self._precise()
         yield from self._token_producers()
+        yield from self._reporters()
+        yield from self._burst_producers()
+        yield from self._encoder_caches()
+        yield from self._rollout_screeners()
         if m.flow_control is not None:
             yield from m.flow_control.collect(m.pool_name)
         yield from self._config()
@@ -353,21 +380,33 @@ class _FixedFamilies:
             return
         name = self.m.pool_name
         endpoints = ds.candidates()
-        n = len(endpoints)
         ready = GaugeMetricFamily("inference_pool_ready_pods", "Endpoints in the pool", labels=["name"])
-        ready.add_metric([name], n)
-        kv = GaugeMetricFamily(
-            "inference_pool_average_kv_cache_utilization", "Mean KV-cache use (0-1) over the pool's endpoints", labels=["name"]
-        )
-        kv.add_metric([name], sum(ep.metrics.kv_usage for ep in endpoints) / n if n else 0.0)
-        queue = GaugeMetricFamily("inference_pool_average_queue_size", "Mean waiting requests over the pool's endpoints", labels=["name"])
-        queue.add_metric([name], sum(ep.metrics.waiting for ep in endpoints) / n if n else 0.0)
+        ready.add_metric([name], len(endpoints))
+        yield ready
+        # The means are over the endpoints with fresh metrics, and have no sample when there are none
+        # (as llm-d's): a cluster-scoped EPP scraping these (multicluster-metrics-extractor reads the
+        # llm_d_epp_ names) must not take a pool with no live endpoint for an idle one.
+        now = time.monotonic()
+        fresh = [ep for ep in endpoints if not ds.is_stale(ep, now)]
+        n = len(fresh)
+        for prefix in POOL_PREFIXES:
+            kv = GaugeMetricFamily(
+                f"{prefix}average_kv_cache_utilization", "Mean KV-cache use (0-1) over the pool's endpoints with fresh metrics",
+                labels=["name"],
+            )  # fmt: skip
+            queue = GaugeMetricFamily(
+                f"{prefix}average_queue_size", "Mean waiting requests over the pool's endpoints with fresh metrics", labels=["name"]
+            )
+            if n:
+                kv.add_metric([name], sum(ep.metrics.kv_usage for ep in fresh) / n)
+                queue.add_metric([name], sum(ep.metrics.waiting for ep in fresh) / n)
+            yield from (kv, queue)
         per_pod = GaugeMetricFamily(
             "inference_pool_per_pod_queue_size", "Waiting requests on each endpoint", labels=["name", "model_server_pod"]
         )
         for ep in endpoints:
             per_pod.add_metric([name, ep.name or ep.address], ep.metrics.waiting)
-        yield from (ready, kv, queue, per_pod)
+        yield per_pod
 
     def _prefix(self) -> Iterator[Metric]:
         index = self.m.prefix_index
@@ -406,6 +445,35 @@ class _FixedFamilies:
         yield resets
         yield from _kv_block_families([p.index.metrics for p in self.m.precise.values()])
 
+    def _encoder_caches(self) -> Iterator[Metric]:
+        # llm-d's names and labels (subsystem llm_d_epp); `pod` is the endpoint's name, else its address
+        caches = self.m.encoder_caches
+        if not caches:
+            return
+        ds = self.m.datastore
+        names = {ep.address: ep.name or ep.address for ep in ds.candidates()} if ds is not None else {}
+        labels = ["plugin_type", "plugin_name"]
+        queries = CounterMetricFamily(
+            "llm_d_epp_encoder_cache_queries", "Multimodal item hash lookups against the encoder-cache affinity LRU",
+            labels=[*labels, "modality"],
+        )  # fmt: skip
+        hits = CounterMetricFamily(
+            "llm_d_epp_encoder_cache_hits", "Multimodal item hash lookups that found the item in an endpoint's LRU, by endpoint",
+            labels=[*labels, "pod", "modality"],
+        )  # fmt: skip
+        ratio = _histogram_family(
+            "llm_d_epp_encoder_cache_hit_ratio", "Per lookup and endpoint: the share of the request's multimodal items it holds",
+            tuple(labels),
+        )  # fmt: skip
+        for name, plugin in caches.items():
+            stats = plugin.index.stats
+            for modality, n in stats.queries.copy().items():
+                queries.add_metric([plugin.type, name, modality], n)
+            for (address, modality), n in stats.hits.copy().items():
+                hits.add_metric([plugin.type, name, names.get(address, address), modality], n)
+            _add(ratio, (plugin.type, name), stats.hit_ratio)
+        yield from (queries, hits, ratio)
+
     def _token_producers(self) -> Iterator[Metric]:
         if not self.m.token_producers:
             return
@@ -418,6 +486,78 @@ class _FixedFamilies:
             for reason, n in plugin.fallbacks.items():
                 fallbacks.add_metric([plugin.name, reason], n)
         yield fallbacks
+
+    def _burst_producers(self) -> Iterator[Metric]:
+        if not self.m.burst_producers:
+            return
+        requests = CounterMetricFamily(
+            "llm_epp_burst_prefix_requests",
+            "Requests a burst-prefix-cache-producer batched, by outcome: assigned (placed on a replica), unassigned "
+            "(shared its prompt with no other request of the window), batch_full (maxBatchSize reached: not batched), "
+            "cancelled (the client left while it waited)",
+            labels=["plugin_name", "outcome"],
+        )
+        batches = CounterMetricFamily("llm_epp_burst_prefix_batches", "Windows a burst-prefix-cache-producer sealed and placed", labels=["plugin_name"])
+        for plugin in self.m.burst_producers:
+            counts = plugin.counts
+            for outcome in ("assigned", "unassigned", "batch_full", "cancelled"):
+                requests.add_metric([plugin.name, outcome], counts[outcome])
+            batches.add_metric([plugin.name], counts["batches"])
+        yield requests
+        yield batches
+
+
+    def _reporters(self) -> Iterator[Metric]:
+        if not self.m.reporters:
+            return
+        reports = CounterMetricFamily(
+            "llm_epp_request_attribute_reports",
+            "Responses a request-attribute-reporter evaluated, by result: reported, condition_false, "
+            "skipped (0 or -1, not reported), failed (an evaluation error or no number)",
+            labels=["plugin_name", "result"],
+        )
+        for plugin in self.m.reporters:
+            for result, n in plugin.outcomes.items():
+                reports.add_metric([plugin.name, result], n)
+        yield reports
+
+
+    def _rollout_screeners(self) -> Iterator[Metric]:
+        # llm-d's names: v0.10's strict header counter (label selector), the newer form's strict
+        # revision counter (no selector label), and the share each revision seen in scope gets now
+        # (computed from the pool at scrape time, 0 for an incomplete revision; a revision's series
+        # goes when it leaves the pool). One family each, whichever plugins export into it.
+        screeners = self.m.rollout_screeners
+        if not screeners:
+            return
+        p = "llm_d_epp_disaggregatedset_"
+        by_header = CounterMetricFamily(
+            p + "strict_header_no_match", "Strict header selections that matched no endpoint and failed closed",
+            labels=["plugin_type", "plugin_name", "selector"],
+        )  # fmt: skip
+        by_revision = CounterMetricFamily(
+            p + "strict_revision_no_match", "Strict revision selections that matched no endpoint and failed closed",
+            labels=["plugin_type", "plugin_name"],
+        )  # fmt: skip
+        share = GaugeMetricFamily(
+            p + "revision_gating_share", "Current weighted revision gating share from 0 to 1; incomplete revisions have share 0",
+            labels=["plugin_type", "plugin_name", "mode", "revision"],
+        )  # fmt: skip
+        ds = self.m.datastore
+        pool = ds.candidates() if ds is not None else ()
+        for s in screeners:
+            for selector, n in s.no_match.items():
+                if s.revision_header_form:
+                    by_revision.add_metric([s.type, s.name], n)
+                else:
+                    by_header.add_metric([s.type, s.name, selector], n)
+            for revision, value in s.revision_shares(pool).items():
+                share.add_metric([s.type, s.name, s.mode, revision], value)
+        if any(not s.revision_header_form for s in screeners):
+            yield by_header
+        if any(s.revision_header_form for s in screeners):
+            yield by_revision
+        yield share
 
 
 # llm-d's kvblock index metrics (llm-d-kv-cache's, embedded in llm-d's EPP): (name, help, IndexMetrics

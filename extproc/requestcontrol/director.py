@@ -2,14 +2,16 @@
 (objective -> priority; sheddable requests refused while the pool is saturated; the model rewrite),
 routes it (subset hint, schedule, in-flight accounting) and settles the books when the response ends.
 Before the pick it awaits the data a token-producer must fetch (`prepare`, bounded by the producer's
-timeout). In-flight counts are one request and prompt + max_tokens tokens on the primary until the
-response ends (and the primary's uncached prompt tokens until the first byte), unless an
-inflight-load-producer charged the result (InFlightCharge: each chosen endpoint's request, uncached
-prompt until the first byte, estimated output until the end).
+timeout) and the async data producers' (a burst-prefix-cache-producer's batch window). In-flight
+counts are one request and prompt + max_tokens tokens on the primary until the response ends (and
+the primary's uncached prompt tokens until the first byte), unless an inflight-load-producer charged
+the result (InFlightCharge: each chosen endpoint's request, uncached prompt until the first byte,
+estimated output until the end).
 
 With a latency model (`latency`, extproc.requestcontrol.latency) it records each pick's state and
 feeds the model the response's first byte and usage at the end; under --explain-scores the model's
-prediction for the route goes on the client's response (`x-llm-epp-predicted-ttft-ms`).
+prediction for the route goes on the client's response (`x-llm-epp-predicted-ttft-ms`). At the end of
+a response body the scheduler's reporters turn its usage into Envoy's dynamic metadata (`response_metadata`).
 
 It also keeps the last `DECISIONS_KEPT` decisions for /debug/decisions (a tuple appended to a
 bounded deque per request) and, only with `log_requests`, writes one log line per request. What they
@@ -34,7 +36,7 @@ import msgspec
 
 from extproc.datalayer.datastore import Datastore
 from extproc.handlers.request_stream import Outcome, Routing, filter_by_subset
-from extproc.handlers.usage import Usage
+from extproc.handlers.usage import Usage, usage_object
 from extproc.observability import bounds
 from extproc.observability.logs import REQUEST_LOGGER
 from extproc.observability.metrics import EppMetrics
@@ -93,6 +95,9 @@ class Director:
     def needs_data(self, request: InferenceRequest) -> bool:
         if self.flow_control is not None:
             return True  # every parsed request passes through the queues (`admit`)
+        waiting = self.scheduler.async_producers
+        if waiting and any(p.waits_for(request) for p in waiting):
+            return True
         tp = self.token_producer
         return tp is not None and tp.needs_io(request)
 
@@ -125,11 +130,21 @@ class Director:
         except RequestError as e:
             return stream.refuse(e)
 
-    async def prepare(self, request: InferenceRequest) -> None:
-        """The token-producer's tokens for this request, awaited before `route` (never raises: a
-        failure leaves the estimate)."""
+    async def prepare(self, request: InferenceRequest, subset: list[str] | None = None) -> None:
+        """The token-producer's tokens for this request, then the async data producers' data (a
+        burst-prefix-cache-producer's window, over the candidates the subset hint leaves), awaited
+        before `route` (never raises a RequestError: a failure leaves the estimate, no candidate is
+        `route`'s 503)."""
         if self.token_producer is not None:
             await self.token_producer.prepare(request)
+        waiting = self.scheduler.async_producers  # read once: a reload swaps the scheduler
+        if waiting:
+            try:
+                candidates = filter_by_subset(self.datastore.candidates(), subset)
+            except RequestError:
+                return
+            for producer in waiting:
+                await producer.produce_async(request, candidates)
 
     def route(self, request: InferenceRequest, subset: list[str] | None) -> Routing:
         start = time.perf_counter()
@@ -141,7 +156,8 @@ class Director:
         request.objective = objective = objective_of(headers)
         request.priority = priority = self.objectives.priority(objective)
         request.target_model = self.rewrites.target(model, rewrite_header(headers)) if model else model
-        candidates = filter_by_subset(self.datastore.candidates(), subset)
+        pool = self.datastore.candidates()
+        candidates = filter_by_subset(pool, subset)
         # Sheddable requests only: the saturation check reads every candidate's metrics. With flow
         # control, saturation is its queues' business instead.
         if priority < 0 and candidates and self.flow_control is None and self.saturation.saturated(candidates):
@@ -151,7 +167,7 @@ class Director:
         scheduler = self.scheduler  # read once: a config reload swaps it between requests
         if self.flow_control is None:
             scheduler.admit(request, candidates)  # with flow control, `admit` ran them before the queues
-        result = scheduler.schedule(request, candidates)
+        result = scheduler.schedule(request, candidates, pool)
         primary = result.endpoints[0]
         request.prefill_tokens = result.prefill_tokens
         record = None
@@ -193,6 +209,14 @@ class Director:
                 extra={"fields": {"request_id": request_id, "model": model, "status": error.kind.status,
                                   "error_code": code, "error": bounds.message(error.message)}},
             )  # fmt: skip
+
+    def response_metadata(self, routing: Routing, usage: object | None) -> dict[str, dict[str, float]] | None:
+        """The response body ended: what the scheduler's reporters (request-attribute-reporter) make of its
+        usage, for Envoy's dynamic metadata. No reporter, no work."""
+        scheduler = routing.scheduler or self.scheduler  # the one that chose: a reload may have swapped ours
+        if not scheduler.reporters:
+            return None
+        return scheduler.response_metadata(usage_object(usage if isinstance(usage, Usage) else None)) or None
 
     def first_byte(self, routing: Routing) -> None:
         """The response's first body byte came back."""

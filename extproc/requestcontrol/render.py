@@ -2,7 +2,8 @@
 render endpoints (`vllm serve` and the GPU-less `vllm launch render` serve them).
 
 POST {url}/v1/completions/render answers a list of GenerateRequest (one per prompt), POST
-{url}/v1/chat/completions/render one; each carries the prompt's `token_ids`. The body is the client's,
+{url}/v1/chat/completions/render one; each carries the prompt's `token_ids`, and a chat's its multimodal
+items' hashes (`features.mm_hashes`, what vLLM's encoder cache keys them by). The body is the client's,
 re-encoded once with `model` set to the producer's `modelName` (the render server knows the base
 model by that name). Each call has its own timeout; any failure raises RenderError, which the
 producer counts and answers with the estimate.
@@ -15,7 +16,8 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from pickers.framework.request import InferenceRequest
+from pickers.framework.request import InferenceRequest, mm_hashes
+from pickers.plugins.producer.tokens import Rendered
 
 COMPLETIONS_RENDER = "/v1/completions/render"
 CHAT_RENDER = "/v1/chat/completions/render"
@@ -28,10 +30,16 @@ class RenderError(Exception):
 
 class _Rendered(msgspec.Struct):
     token_ids: list[int]
+    features: msgspec.Raw = msgspec.Raw(b"null")  # read only for its mm_hashes, and only for a chat
+
+
+class _Features(msgspec.Struct):
+    mm_hashes: Any = None  # the rest (placeholders, kwargs_data) is skipped, never decoded
 
 
 _one = msgspec.json.Decoder(_Rendered)
 _many = msgspec.json.Decoder(list[_Rendered])
+_features = msgspec.json.Decoder(_Features | None)
 
 
 class VllmRenderClient:
@@ -51,7 +59,7 @@ class VllmRenderClient:
             )
         return self._session
 
-    async def render(self, request: InferenceRequest, model: str, timeout: float) -> list[int]:
+    async def render(self, request: InferenceRequest, model: str, timeout: float) -> Rendered:
         chat = request.api == "chat"
         body: dict[str, Any] = {**request.body, "model": model}
         payload = msgspec.json.encode(body)
@@ -73,15 +81,26 @@ class VllmRenderClient:
             raise RenderError(f"render call failed: {e}") from None
         try:
             if chat:
-                return _one.decode(data).token_ids
+                one = _one.decode(data)
+                return Rendered(one.token_ids, _media_hashes(one.features))
             rendered = _many.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             raise RenderError(f"render answered something else than token ids: {e}") from None
         if not rendered:
             raise RenderError("render answered no prompt")
-        return rendered[0].token_ids if len(rendered) == 1 else [t for r in rendered for t in r.token_ids]
+        return Rendered(rendered[0].token_ids if len(rendered) == 1 else [t for r in rendered for t in r.token_ids])
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _media_hashes(raw: msgspec.Raw) -> dict[str, list[str]] | None:
+    """A chat's `features.mm_hashes` ({} when it has no features); None when they do not parse, so the
+    tokens still count and the items are hashed from the request as sent."""
+    try:
+        features = _features.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return mm_hashes(features.mm_hashes if features is not None else None)

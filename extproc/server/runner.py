@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from extproc.datalayer.datastore import Datastore
+from extproc.datalayer.dcgm import DcgmScraper
 from extproc.datalayer.endpoints_file import StaticFileDiscovery
 from extproc.datalayer.kv_events import KVEventSubscriber
 from extproc.datalayer.models import ModelsPoller
@@ -58,7 +59,7 @@ from pickers.config.strategies import build_profile
 from pickers.framework.errors import ConfigError
 from pickers.framework.flowcontrol import FlowControlConfig
 from pickers.framework.scheduler import Scheduler
-from pickers.framework.types import ProfileHandler, SchedulingProfile
+from pickers.framework.types import EndpointState, ProfileHandler, SchedulingProfile
 from pickers.indexes.kv_blocks import IndexMetrics
 from pickers.indexes.prefix import ApproxPrefixIndex
 from pickers.latency.model import LatencyModel
@@ -125,6 +126,7 @@ class ServeOptions:
     model_rewrites_file: str | None = None  # InferenceModelRewrite rules, for use without Kubernetes
     tracing: bool = False  # OpenTelemetry spans per request (the `otel` extra); off: OpenTelemetry is never imported
     tracing_sample_ratio: float = 1.0  # of requests arriving without a sampled traceparent
+    allow_experimental_plugins: bool = False  # llm-d's Alpha plugin types load only with it (--allow-experimental-plugins)
 
 
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
@@ -190,7 +192,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                     for resp in out:
                         await write(resp)
                     assert stream.request is not None
-                    await self.director.prepare(stream.request)
+                    await self.director.prepare(stream.request, stream.subset)
                     out = await self.director.admit(stream, evict)
             except ProtocolError as e:
                 log.warning("request %s: %s", bounds.request_id(stream.request.request_id) if stream.request else "?", e)
@@ -311,12 +313,13 @@ class EppServer:
         if opts.config_file is None and opts.config_text is None:
             return (build_profile(opts.strategy, self.prefix_index, max_endpoints=opts.max_endpoints),), None, ()
         ctx = self._plugin_ctx
+        experimental = opts.allow_experimental_plugins
         if opts.config_text is not None:
-            cfg = load_config(opts.config_text, "--config-text", ctx)
+            cfg = load_config(opts.config_text, "--config-text", ctx, allow_experimental=experimental)
         else:
             assert opts.config_file is not None
             self._config_text = safe_yaml.read_text(opts.config_file, what="config file")
-            cfg = load_config(self._config_text, opts.config_file, ctx)
+            cfg = load_config(self._config_text, opts.config_file, ctx, allow_experimental=experimental)
         self.config = cfg
         self._saturation_config = SaturationConfig.from_config(cfg.saturation_detector, cfg.source)
         self._admission_detector = cfg.admission_detector
@@ -361,7 +364,7 @@ class EppServer:
     def _load_again(self, text: str, source: str, previous: EndpointPickerConfig) -> EndpointPickerConfig:
         """On a worker thread: the same PluginContext (the shared prefix index), and the config serving
         so that unchanged plugins keep their state."""
-        return load_config(text, source, self._plugin_ctx, previous=previous)
+        return load_config(text, source, self._plugin_ctx, previous=previous, allow_experimental=self.opts.allow_experimental_plugins)
 
     def _check_scheduling(self, old: EndpointPickerConfig, new: EndpointPickerConfig) -> str | None:
         """The profiles and plugins swap freely, but for what start-up wired to the outside: the
@@ -445,9 +448,13 @@ class EppServer:
         return f"config {opts.config_file}" if opts.config_file else f"strategy {opts.strategy}"
 
     def _on_membership_change(self, added: tuple, removed: tuple) -> None:  # type: ignore[type-arg]
-        for ep in removed:
-            self.prefix_index.remove_endpoint(ep.address)
-            self.latency.forget(ep)
+        if removed:
+            holders = [p for p in self.scheduler.plugins if isinstance(p, EndpointState)]
+            for ep in removed:
+                self.prefix_index.remove_endpoint(ep.address)
+                self.latency.forget(ep)
+                for plugin in holders:
+                    plugin.remove_endpoint(ep.address)
         if added or removed:
             log.info(
                 "endpoints: %d in pool (+%s -%s)",
@@ -460,7 +467,11 @@ class EppServer:
         opts = self.opts
         if self._endpoints_file:
             # Load once up front so a bad file stops start-up with its error, then watch it.
-            discovery = StaticFileDiscovery(self._endpoints_file, self.datastore, watch=self._watch_endpoints)
+            found = self.data_layer.discovery
+            discovery = StaticFileDiscovery(
+                self._endpoints_file, self.datastore, watch=self._watch_endpoints,
+                peer_clusters=found is not None and found.peer_clusters,
+            )  # fmt: skip
             discovery.load()
             if self._watch_endpoints:
                 self.supervisor.start("static-discovery", discovery.run)
@@ -522,10 +533,10 @@ class EppServer:
         return plugin.index.metrics if plugin is not None else None
 
     def _pollers(self) -> dict[str, EndpointPoller]:
-        """The data layer's HTTP sources (metrics scraper, /v1/models poller), on llm-d's clock: each
+        """The data layer's HTTP sources (metrics scraper, /v1/models poller, DCGM scraper), on llm-d's clock: each
         source's `interval` rounded to a multiple of --refresh-metrics-interval. Raises ConfigError."""
         dl, opts = self.data_layer, self.opts
-        sources = [s for s in (dl.metrics, dl.models) if s is not None]
+        sources = [s for s in (dl.metrics, dl.models, dl.dcgm) if s is not None]
         intervals = dict(zip((s.name for s in sources), poll_intervals(opts.refresh_metrics_interval, [s.interval for s in sources]), strict=True))
         for s in sources:
             if s.interval and abs(intervals[s.name] - s.interval) > 1e-9:
@@ -538,6 +549,8 @@ class EppServer:
             )
         if dl.models is not None:
             pollers["models-poller"] = ModelsPoller(self.datastore, interval=intervals[dl.models.name], timeout=timeout, source=dl.models)
+        if dl.dcgm is not None:
+            pollers["dcgm-scraper"] = DcgmScraper(self.datastore, interval=intervals[dl.dcgm.name], timeout=timeout, source=dl.dcgm)
         return pollers
 
     def _add_ext_proc_port(self, server: grpc.aio.Server) -> int:
@@ -621,6 +634,8 @@ class EppServer:
             await asyncio.sleep(self.opts.shutdown_delay)
         if self.flow_control is not None:
             self.flow_control.shutdown()  # queued requests get 503 now, not at the end of the grace period
+        for producer in self.scheduler.async_producers:
+            producer.close()  # an open burst window is placed now: its requests go on to their pick
         if self._grpc is not None:
             await self._grpc.stop(grace)
         await self.supervisor.stop()

@@ -3,12 +3,16 @@ and where the pool's endpoints come from, resolved against the config's plugins 
 `DataLayerConfig` that the server (extproc.server.runner) applies.
 
 What llm-epp runs: one `metrics-data-source` + `core-metrics-extractor` (the metrics scraper), at most
-one `models-data-source` + `models-data-extractor` (the /v1/models poller), `file-discovery`, and
+one `models-data-source` + `models-data-extractor` (the /v1/models poller), at most one
+`dcgm-data-source` + `dcgm-extractor` (the GPU utilization scraper), `file-discovery`, and
 `endpoint-notification-source` for the plugins llm-d feeds endpoint events (they follow the pool's
-membership here anyway). As in llm-d, the default
+membership here anyway). A cluster-scoped EPP runs their multi-cluster variants instead
+(`multicluster-file-discovery`, a `multicluster-metrics-data-source` + `multicluster-metrics-extractor`
+whose pool aggregates the multicluster scorers read). As in llm-d, the default
 metrics source and extractor are added unless `injectDefaults: false` or a metrics source is listed; a
 plugin named `metrics-data-source` / `core-metrics-extractor` is the one added. What llm-epp cannot
-honour is refused naming the field and why.
+honour is refused naming the field and why; a plugin reading an endpoint attribute no listed extractor
+publishes loads with a warning (every endpoint lacks it).
 """
 
 from __future__ import annotations
@@ -18,17 +22,22 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from pickers.framework.endpoint import AttributeKey
 from pickers.framework.errors import ConfigError, shown
+from pickers.plugins.datalayer.attributes import GPU_UTILIZATION
 from pickers.plugins.datalayer.discovery import FileDiscovery, FileDiscoveryConfig
 from pickers.plugins.datalayer.extractors import (
     DEFAULT_EXTRACTION,
     CoreMetricsExtractor,
     DataExtractor,
     MetricsExtraction,
+    MulticlusterMetricsExtractor,
+    PoolMetricsExtraction,
 )
 from pickers.plugins.datalayer.sources import (
     DEFAULT_METRICS_SOURCE,
     DataSource,
+    DcgmDataSource,
     HttpSource,
     K8sNotificationSource,
     MetricsDataSource,
@@ -50,10 +59,11 @@ REFUSED = MappingProxyType(
     }
 )
 # llm-d's endpoint extractors: plugins that act on endpoint add/remove events (the precise producer
-# subscribes to each endpoint's KV events). In llm-epp such a plugin follows the datastore's membership
-# itself, so wiring it to endpoint-notification-source is what happens anyway. Matched by type name, so
-# this module needs none of theirs.
-ENDPOINT_EXTRACTOR_TYPES = frozenset({"precise-prefix-cache-producer"})
+# subscribes to each endpoint's KV events, the encoder-cache producer drops a leaving endpoint's LRU).
+# In llm-epp such a plugin follows the datastore's membership itself, so wiring it to
+# endpoint-notification-source is what happens anyway. Matched by type name, so this module needs none
+# of theirs.
+ENDPOINT_EXTRACTOR_TYPES = frozenset({"precise-prefix-cache-producer", "mm-embeddings-cache-producer"})
 K8S_NOTIFICATIONS_REFUSED = (
     "its events go to notification extractors, which in llm-d are Go plugins of your own (llm-d ships "
     "none) and llm-epp has none; llm-epp's own Kubernetes watch already follows the pool's Pods (membership, "
@@ -66,27 +76,46 @@ class DataLayerConfig:
     """What the data layer runs. The default is llm-d's: the metrics source and extractor, nothing else."""
 
     metrics: HttpSource | None = DEFAULT_METRICS_SOURCE  # None: no metrics scraping (injectDefaults: false)
-    extraction: MetricsExtraction = DEFAULT_EXTRACTION
+    # an engine mapping per endpoint, or a peer cluster's pool aggregates (multicluster-metrics-extractor)
+    extraction: MetricsExtraction | PoolMetricsExtraction = DEFAULT_EXTRACTION
     models: HttpSource | None = None  # the /v1/models poller, when a models-data-source is listed
     discovery: FileDiscoveryConfig | None = None  # None: epp serve's flags say where endpoints come from
     endpoint_listeners: tuple[str, ...] = ()  # wired to endpoint-notification-source; they follow membership anyway
+    dcgm: HttpSource | None = None  # the DCGM exporter scraper, when a dcgm-data-source is listed
+
+    def attributes(self) -> frozenset[AttributeKey]:
+        """The endpoint attributes the data layer publishes."""
+        produced = self.extraction.attributes() if self.metrics is not None else frozenset()
+        return produced | {GPU_UTILIZATION} if self.dcgm is not None else produced
 
     def summary(self) -> list[str]:
         """One line per part, for `epp check-config`."""
         lines = []
         if self.metrics is None:
             lines.append("metrics: off (injectDefaults: false and no metrics-data-source)")
-        else:
+        elif isinstance(self.extraction, PoolMetricsExtraction):
             ex = self.extraction
             lines.append(
+                f"metrics: {self.metrics.name} {_url(self.metrics)}{_every(self.metrics)}; each peer cluster's pool "
+                f"aggregates {ex.kv_usage} and {ex.queue}"
+            )
+        else:
+            engines = self.extraction
+            lines.append(
                 f"metrics: {self.metrics.name} {_url(self.metrics)}{_every(self.metrics)}; engines by label "
-                f"{ex.engine_label_key} ({', '.join(ex.engines)}; default {ex.default_engine})"
+                f"{engines.engine_label_key} ({', '.join(engines.engines)}; default {engines.default_engine})"
             )
         if self.models is not None:
             lines.append(f"models: {self.models.name} {_url(self.models)}{_every(self.models)}")
+        if self.dcgm is not None:
+            lines.append(f"GPU utilization: {self.dcgm.name} {_url(self.dcgm)}{_every(self.dcgm)} -> {GPU_UTILIZATION}")
+        custom = sorted(k.name for k in self.extraction.attributes()) if self.metrics is not None else []
+        if custom:
+            lines.append(f"custom metrics (attributes of core-metrics-extractor): {', '.join(custom)}")
         if self.discovery is not None:
             watch = ", re-read when it changes" if self.discovery.watch_file else ", read once"
-            lines.append(f"discovery: file {self.discovery.path}{watch}")
+            what = "peer clusters from file" if self.discovery.peer_clusters else "file"
+            lines.append(f"discovery: {what} {self.discovery.path}{watch}")
         if self.endpoint_listeners:
             lines.append(f"endpoint notifications: {', '.join(self.endpoint_listeners)}")
         return lines
@@ -96,7 +125,14 @@ DEFAULT_DATA_LAYER = DataLayerConfig()
 
 
 def _url(s: HttpSource) -> str:
-    return f"{s.scheme}://<endpoint>:{s.port or '<port>'}{s.path}"
+    host = "<node or endpoint>" if s.use_node_address else "<endpoint>"
+    return f"{s.scheme}://{host}:{s.port or '<port>'}{s.path}"
+
+
+POOL_METRICS_NEEDED = (
+    "reads each peer cluster's pool aggregates: list a multicluster-metrics-data-source with a "
+    "multicluster-metrics-extractor in dataLayer.sources (llm-d refuses this config too)"
+)
 
 
 def _every(s: HttpSource) -> str:
@@ -125,8 +161,9 @@ def build_data_layer(
 
     used: set[str] = set()
     metrics: HttpSource | None = None
-    extraction = DEFAULT_EXTRACTION
+    extraction: MetricsExtraction | PoolMetricsExtraction = DEFAULT_EXTRACTION
     models: HttpSource | None = None
+    dcgm: HttpSource | None = None
     listeners: list[str] = []
     sources = section.get("sources")
     if sources is not None and not isinstance(sources, list):
@@ -155,6 +192,10 @@ def build_data_layer(
             if models is not None:
                 raise fail(f"{path}.pluginRef", f"a second models-data-source; llm-epp fetches each endpoint's models once ({models.name})")
             models = source.source
+        elif isinstance(source, DcgmDataSource):
+            if dcgm is not None:
+                raise fail(f"{path}.pluginRef", f"a second dcgm-data-source; llm-epp scrapes each endpoint's GPUs once ({dcgm.name})")
+            dcgm = source.source
         for j, ext_name in enumerate(extractors):
             ext = plugins[ext_name]
             ext_path = f"{path}.extractors[{j}].pluginRef"
@@ -167,13 +208,24 @@ def build_data_layer(
                     )
                 listeners.append(ext_name)
             elif not isinstance(ext, DataExtractor) or ext.input != source.output:
-                wanted = {"prometheus": "a core-metrics-extractor", "models": "a models-data-extractor"}.get(source.output, "?")
+                wanted = {
+                    "prometheus": "a core-metrics-extractor or multicluster-metrics-extractor",
+                    "models": "a models-data-extractor", "dcgm": "a dcgm-extractor",
+                }.get(source.output, "?")  # fmt: skip
                 raise fail(
                     ext_path,
                     f"plugin {shown(ext_name)} ({getattr(ext, 'type', '?')}) cannot read what {getattr(source, 'type', '?')} "
                     f"fetches; expected {wanted}",
                 )
-            elif isinstance(ext, CoreMetricsExtractor):
+            elif isinstance(ext, (CoreMetricsExtractor, MulticlusterMetricsExtractor)):
+                other = next((n for n in extractors[:j] if isinstance(plugins[n], (CoreMetricsExtractor, MulticlusterMetricsExtractor))), None)
+                if other is not None:
+                    raise fail(
+                        ext_path,
+                        f"{getattr(ext, 'type', '?')} and {getattr(plugins[other], 'type', '?')} ({shown(other)}) on one "
+                        "source: an endpoint is either a model server (core-metrics-extractor) or a peer cluster "
+                        "(multicluster-metrics-extractor)",
+                    )
                 extraction = ext.extraction
 
     if metrics is None and inject is not False:
@@ -205,12 +257,26 @@ def build_data_layer(
         if not isinstance(plugin, FileDiscovery):
             raise fail(
                 "dataLayer.discovery.pluginRef",
-                f"plugin {shown(name)} ({getattr(plugin, 'type', '?')}) is not an endpoint discovery plugin; expected file-discovery",
+                f"plugin {shown(name)} ({getattr(plugin, 'type', '?')}) is not an endpoint discovery plugin; expected "
+                "file-discovery or multicluster-file-discovery",
             )
         discovery = plugin.config
         used.add(name)
 
+    if discovery is not None and discovery.peer_clusters and not isinstance(extraction, PoolMetricsExtraction) and metrics is not None:
+        warnings.append(
+            "dataLayer: multicluster-file-discovery lists peer clusters, but their metrics are read as a model "
+            "server's (core-metrics-extractor); a cluster's pool aggregates are read by a "
+            "multicluster-metrics-extractor on a multicluster-metrics-data-source"
+        )
+    built = DataLayerConfig(metrics, extraction, models, discovery, tuple(listeners), dcgm)
+    produced = built.attributes()
     for name, plugin in plugins.items():
+        if getattr(plugin, "reads_pool_metrics", False) and not isinstance(extraction, PoolMetricsExtraction):
+            raise fail(f"{plugin_path(name)}.type", f"{getattr(plugin, 'type', '?')} {POOL_METRICS_NEEDED}")
+        key = getattr(plugin, "reads_attribute", None)
+        if isinstance(key, AttributeKey) and key not in produced:
+            warnings.append(f"{plugin_path(name)} ({getattr(plugin, 'type', '?')}): {_unpublished(key, produced)}")
         if getattr(plugin, "reads_served_models", False) and models is None:
             raise fail(
                 f"{plugin_path(name)}.type",
@@ -222,7 +288,19 @@ def build_data_layer(
                 f"{plugin_path(name)} ({getattr(plugin, 'type', '?')}) is not used: list it in dataLayer."
                 f"{'discovery' if isinstance(plugin, FileDiscovery) else 'sources'} (it does nothing otherwise, as in llm-d)"
             )
-    return DataLayerConfig(metrics, extraction, models, discovery, tuple(listeners))
+    return built
+
+
+def _unpublished(key: AttributeKey, produced: frozenset[AttributeKey]) -> str:
+    """Why no endpoint will have the attribute `key`, and what would publish it."""
+    if key == GPU_UTILIZATION:
+        hint = "list a dcgm-data-source with a dcgm-extractor in dataLayer.sources"
+    elif key.producer == CoreMetricsExtractor.type:
+        hint = "add it to a core-metrics-extractor engine's customMetrics (attributeKey)"
+    else:
+        hint = f"no llm-epp plugin publishes attributes as {key.producer!r}" if key.producer else "no llm-epp plugin publishes producer-agnostic attributes"
+    known = ", ".join(sorted(map(str, produced))) or "none"
+    return f"reads the endpoint attribute {key}, which nothing in the data layer publishes ({hint}; published: {known}), so every endpoint lacks it"
 
 
 def _is_data_layer(plugin: object) -> bool:

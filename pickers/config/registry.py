@@ -16,17 +16,25 @@ from pickers.config.unsupported import UNSUPPORTED_TYPES
 from pickers.framework.errors import ConfigError, shown
 from pickers.framework.params import Params
 from pickers.plugins.base import PluginContext
-from pickers.plugins.datalayer.discovery import FileDiscovery
-from pickers.plugins.datalayer.extractors import CoreMetricsExtractor, ModelsDataExtractor
+from pickers.plugins.datalayer.discovery import FileDiscovery, MulticlusterFileDiscovery
+from pickers.plugins.datalayer.extractors import (
+    CoreMetricsExtractor,
+    DcgmExtractor,
+    ModelsDataExtractor,
+    MulticlusterMetricsExtractor,
+)
 from pickers.plugins.datalayer.topology import TopologyExtractor
 from pickers.plugins.datalayer.sources import (
+    DcgmDataSource,
     EndpointNotificationSource,
     K8sNotificationSource,
     MetricsDataSource,
     ModelsDataSource,
+    MulticlusterMetricsDataSource,
 )
 from pickers.plugins.filter.by_label import ByLabelFilter, ByLabelSelectorFilter, LabelSelectorFilter
 from pickers.plugins.filter.context_length import ContextLengthAware
+from pickers.plugins.filter.endpoint_attribute import EndpointAttributeFilter
 from pickers.plugins.filter.prefix_affinity import PrefixCacheAffinityFilter
 from pickers.plugins.filter.role import DecodeFilter, EncodeFilter, PrefillFilter
 from pickers.plugins.filter.served_model import ServedModelFilter
@@ -40,6 +48,7 @@ from pickers.plugins.flowcontrol.ordering import EdfOrdering, FcfsOrdering, SloD
 from pickers.plugins.flowcontrol.program_aware import ProgramAwareFairness
 from pickers.plugins.flowcontrol.usage_limits import PriorityHoldback, SoftReflectiveCeiling, StaticUsageLimit
 from pickers.plugins.latency.admitter import LatencySloAdmitter
+from pickers.plugins.latency.cost import LatencyCostScorer
 from pickers.plugins.latency.producer import PredictedLatencyProducer
 from pickers.plugins.latency.scorer import LatencyScorer
 from pickers.plugins.latency.tier_filter import SloHeadroomTierFilter
@@ -47,6 +56,7 @@ from pickers.plugins.picker.max_score import MaxScorePicker
 from pickers.plugins.picker.random import RandomPicker
 from pickers.plugins.picker.round_robin import RoundRobinPicker
 from pickers.plugins.picker.weighted_random import WeightedRandomPicker
+from pickers.plugins.producer.burst_prefix import BurstPrefixCacheProducer
 from pickers.plugins.producer.p2p_source import P2PSourceProducer
 from pickers.plugins.producer.session import SessionIDProducer
 from pickers.plugins.producer.tokens import LegacyTokenizer, TokenProducer
@@ -61,21 +71,34 @@ from pickers.plugins.profile.handlers import (
 from pickers.plugins.profile.header import HeaderProfileHandler
 from pickers.plugins.profile.latency_pd_decider import LatencyPdDecider
 from pickers.plugins.profile.pd_deciders import AlwaysDisaggMultimodalDecider, AlwaysDisaggPDDecider, PrefixBasedPDDecider
+from pickers.plugins.requestcontrol.attribute_reporter import RequestAttributeReporter
 from pickers.plugins.scorer.load.active_request import ActiveRequestScorer
 from pickers.plugins.scorer.load.data_parallel import DataParallelBalanceScorer
-from pickers.plugins.scorer.load.kv_cache import KVCacheUtilizationScorer
+from pickers.plugins.scorer.load.endpoint_attribute import EndpointAttributeScorer
+from pickers.plugins.scorer.load.kv_cache import KVCacheUtilizationScorer, MulticlusterKVCacheUtilizationScorer
 from pickers.plugins.scorer.load.load_aware import LoadAwareScorer
 from pickers.plugins.scorer.affinity.header_label import HeaderLabelAffinityScorer
 from pickers.plugins.scorer.affinity.lora_affinity import LoraAffinityScorer
+from pickers.plugins.scorer.affinity.mm_embeddings import MMEmbeddingsCacheProducer, MMEmbeddingsCacheScorer
 from pickers.plugins.scorer.affinity.no_hit_lru import NoHitLRUScorer
 from pickers.plugins.scorer.affinity.precise_prefix import PrecisePrefixCacheProducer, PrecisePrefixCacheScorer
 from pickers.plugins.scorer.load.prefill_load import PrefillLoadScorer
-from pickers.plugins.scorer.affinity.prefix import ApproxPrefixCacheProducer, PrefixCacheScorer
-from pickers.plugins.scorer.load.queue import QueueScorer
+from pickers.plugins.scorer.affinity.prefix import (
+    ApproxPrefixCacheProducer,
+    MulticlusterApproxPrefixCacheProducer,
+    MulticlusterPrefixCacheScorer,
+    PrefixCacheScorer,
+)
+from pickers.plugins.scorer.load.queue import MulticlusterQueueScorer, QueueScorer
 from pickers.plugins.scorer.load.running_requests import RunningRequestsSizeScorer
-from pickers.plugins.scorer.affinity.session_affinity import SessionAffinityFilter, SessionAffinityScorer
+from pickers.plugins.scorer.affinity.session_affinity import (
+    MulticlusterSessionAffinityFilter,
+    SessionAffinityFilter,
+    SessionAffinityScorer,
+)
 from pickers.plugins.scorer.load.token_load import InFlightLoadProducer, TokenLoadScorer
 from pickers.plugins.scorer.affinity.topology_affinity import TopologyAffinityFilter, TopologyAffinityScorer
+from pickers.plugins.screener.disaggregatedset_rollout import DisaggregatedSetRolloutScreener
 
 
 @dataclass(slots=True, frozen=True)
@@ -114,6 +137,9 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     ContextLengthAware,  # a scorer and, with enableFiltering, a filter
     LatencyScorer,  # predicted latency headroom (the latency model's predictions)
     TopologyAffinityScorer,  # P/D: the prefill pick near the decode pick
+    LatencyCostScorer,  # llm-epp's: predicted TTFT plus the stall a prefill adds to the running batch
+    MMEmbeddingsCacheScorer,  # multimodal items an endpoint probably holds the embeddings of
+    EndpointAttributeScorer,  # a scalar endpoint attribute (custom metrics, GPU utilization)
     # filters
     ByLabelFilter,
     LabelSelectorFilter,
@@ -122,6 +148,7 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     DecodeFilter,
     EncodeFilter,
     UtilizationFilter,
+    EndpointAttributeFilter,
     ProbabilisticAdmitter,  # admission before flow control and scheduling
     SessionAffinityFilter,
     PrefixCacheAffinityFilter,
@@ -145,9 +172,12 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     AlwaysDisaggPDDecider,
     AlwaysDisaggMultimodalDecider,
     LatencyPdDecider,  # llm-epp's: the latency model's P/D decision (also the prefill profile's scorer)
+    # screeners: the candidates of every profile of a request (llm-d's request-control Screener)
+    DisaggregatedSetRolloutScreener,
     # data producers (llm-d's): the prefix matches the prefix scorers read, and request data
     ApproxPrefixCacheProducer,
     PrecisePrefixCacheProducer,
+    BurstPrefixCacheProducer,  # joint placement of the requests of a short window
     TokenProducer,
     LegacyTokenizer,  # llm-d's deprecated name of token-producer
     # how token-load-scorer, prefix-cache-affinity-filter and the in-flight counts count load
@@ -155,6 +185,9 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     SessionIDProducer,
     P2PSourceProducer,
     PredictedLatencyProducer,  # per-candidate TTFT/TPOT from the online latency model
+    # request control on the response: a CEL value of the usage, as dynamic metadata for the gateway
+    RequestAttributeReporter,
+    MMEmbeddingsCacheProducer,  # which endpoint holds which multimodal item's encoder output
     # llm-d's deprecated header plugins: the disagg handler sets the header; their names are checked
     DisaggHeadersHandler,
     PrefillHeaderHandler,
@@ -163,6 +196,8 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     CoreMetricsExtractor,
     ModelsDataSource,
     ModelsDataExtractor,
+    DcgmDataSource,
+    DcgmExtractor,
     K8sNotificationSource,
     EndpointNotificationSource,
     FileDiscovery,
@@ -182,7 +217,36 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     SheddableEvictionFilter,
     PriorityThenTimeEvictionOrder,
     AgentIdentity,
+    # llm-d's multi-cluster variants: a cluster-scoped EPP whose endpoints are peer clusters
+    MulticlusterFileDiscovery,
+    MulticlusterMetricsDataSource,
+    MulticlusterMetricsExtractor,
+    MulticlusterKVCacheUtilizationScorer,
+    MulticlusterQueueScorer,
+    MulticlusterSessionAffinityFilter,
+    MulticlusterPrefixCacheScorer,
+    MulticlusterApproxPrefixCacheProducer,
 )
+
+# llm-d's Alpha plugin types (registered with StabilityAlpha in its runner): a config using one loads
+# only with --allow-experimental-plugins, as llm-d's EPP refuses it otherwise. llm-d marks more types
+# Alpha than these (session-affinity-filter, header-profile-handler, dcgm-*, endpoint-attribute-*,
+# burst-prefix-cache-producer, ...); llm-epp gates the ones it implemented under this rule, the
+# multi-cluster family.
+ALPHA_TYPES = frozenset(
+    {
+        MulticlusterFileDiscovery.type,
+        MulticlusterMetricsDataSource.type,
+        MulticlusterMetricsExtractor.type,
+        MulticlusterKVCacheUtilizationScorer.type,
+        MulticlusterQueueScorer.type,
+        MulticlusterSessionAffinityFilter.type,
+        MulticlusterPrefixCacheScorer.type,
+        MulticlusterApproxPrefixCacheProducer.type,
+    }
+)
+EXPERIMENTAL_FLAG = "--allow-experimental-plugins"
+
 
 def _factory(cls: type[_Configurable]) -> Factory:
     def make(name: str, parameters: Mapping[str, Any] | None, ctx: PluginContext) -> BuiltPlugin:

@@ -1,4 +1,5 @@
-"""The llm-d router's plugin types that llm-epp does not implement, each with the reason.
+"""The llm-d router's plugin types that llm-epp does not implement, each with the reason (and names
+llm-d uses only inside a plugin, which its configs cannot name either).
 
 A config naming one is refused with that reason (not just "unknown plugin type"), so a user moving a
 config over learns what is missing and why; docs/configuration.md#what-llm-epp-refuses lists them.
@@ -9,38 +10,13 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-_MULTICLUSTER = "multi-cluster routing (endpoints and metrics from several clusters) is not supported"
-_DCGM = "llm-epp does not scrape DCGM GPU telemetry"
-_MULTIMODAL = "llm-epp does not track multimodal (image) embedding caches; multimodal parts of a prompt are hashed as text"
-
 UNSUPPORTED_TYPES = MappingProxyType(
     {
-        # several clusters
-        "multicluster-approx-prefix-cache-producer": _MULTICLUSTER,
-        "multicluster-file-discovery": _MULTICLUSTER,
-        "multicluster-kv-cache-utilization-scorer": _MULTICLUSTER,
-        "multicluster-metrics-data-source": _MULTICLUSTER,
-        "multicluster-metrics-extractor": _MULTICLUSTER,
-        "multicluster-prefix-cache-scorer": _MULTICLUSTER,
-        "multicluster-queue-scorer": _MULTICLUSTER,
-        "multicluster-session-affinity-filter": _MULTICLUSTER,
-        # GPU telemetry
-        "dcgm-data-source": _DCGM,
-        "dcgm-extractor": _DCGM,
-        # multimodal
-        "mm-embeddings-cache-producer": _MULTIMODAL,
-        "mm-embeddings-cache-scorer": _MULTIMODAL,
         # others
-        "request-attribute-reporter": "llm-epp does not evaluate CEL expressions over response usage; "
-        "it reports usage in its own metrics (docs/operating.md)",
-        "disaggregatedset-rollout-screener": "rollouts of llm-d's DisaggregatedSet are not supported",
-        "disaggregatedset-rollout-pod-extractor": "rollouts of llm-d's DisaggregatedSet are not supported",
-        "burst-prefix-cache-producer": "joint placement of request bursts is not implemented; "
-        "llm-epp's prefix index records each pick at once, so a burst's later requests follow the first",
-        "endpoint-attribute-filter": "it reads custom metrics of core-metrics-extractor (customMetrics), which llm-epp "
-        "does not collect",
-        "endpoint-attribute-scorer": "it reads custom metrics of core-metrics-extractor (customMetrics), which llm-epp "
-        "does not collect",
+        # not a type in llm-d either (its runner registers only the screener): the screener's own Pod watch
+        "disaggregatedset-rollout-pod-extractor": "it is not a plugin type in llm-d either, but the Pod watch "
+        "disaggregatedset-rollout-screener makes for itself; configure that screener (llm-epp counts its pods "
+        "from the pool's endpoints)",
         "header-based-testing-filter": "a test-only plugin of the llm-d router",
         "destination-endpoint-served-verifier": "a test-only plugin of the llm-d router",
     }

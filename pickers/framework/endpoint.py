@@ -1,6 +1,6 @@
 """An endpoint as plugins see it: where it is, its labels, the model server's last scraped metrics,
-the EPP's own in-flight counts and its fitted latency model. The datastore (extproc.datalayer) owns
-the live objects; plugins only read.
+its scalar attributes (custom metrics, GPU utilization), the EPP's own in-flight counts and its fitted
+latency model. The datastore (extproc.datalayer) owns the live objects; plugins only read.
 """
 
 from __future__ import annotations
@@ -8,10 +8,27 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import NamedTuple
 
 from pickers.latency.model import EndpointLatency
 
 ROLE_LABEL = "llm-d.ai/role"
+
+
+class AttributeKey(NamedTuple):
+    """llm-d's DataKey: an endpoint attribute is named by its name and the type of the plugin that
+    publishes it (`GPUUtilization` of `dcgm-extractor`); "" as producer is a producer-agnostic name."""
+
+    name: str
+    producer: str
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.producer or 'any producer'})"
+
+
+_NO_ATTRIBUTES: Mapping[AttributeKey, float] = MappingProxyType({})
+_NO_TIMES: Mapping[str, float] = MappingProxyType({})
 
 
 @dataclass(slots=True, frozen=True)
@@ -23,6 +40,9 @@ class EndpointSpec:
     port: int
     labels: Mapping[str, str] = field(default_factory=dict)
     metrics_port: int | None = None  # default: the metrics source's port, else the serving port
+    # default: `host`. A peer cluster (multicluster-file-discovery) may serve its pool metrics elsewhere
+    # than its gateway: its `metricsAddress` label
+    metrics_host: str | None = None
     metrics_path: str | None = None  # default: the metrics source's path (/metrics)
     namespace: str = ""  # the pod's, or the endpoints file's (llm-d's format); names are unique within one
     # The endpoint's index among its pod's serving ports (the InferencePool targetPorts index, llm-d's
@@ -31,6 +51,8 @@ class EndpointSpec:
     # Endpoints with the same non-empty dp_group are ranks of one data-parallel group: they step in
     # lockstep (each step lasts as long as the busiest rank's batch). "": not part of a group.
     dp_group: str = ""
+    pod: str = ""  # the pod's name (llm-d's endpoint Name, which DCGM's `pod` label matches); "": `name`
+    node_address: str = ""  # the node's IP (pod.status.hostIP), for exporters run per node; "": unknown
     # The pod's `spec.hostname` (Kubernetes discovery; "" when unset or from an endpoints file):
     # topology-extractor's host when its hostname label is absent.
     hostname: str = ""
@@ -40,9 +62,13 @@ class EndpointSpec:
         return f"{self.host}:{self.port}"
 
     @property
+    def pod_name(self) -> str:
+        return self.pod or self.name
+
+    @property
     def metrics_url(self) -> str:
         """Where the default metrics source scrapes (the configured one: extproc.datalayer.scraper)."""
-        return f"http://{self.host}:{self.metrics_port or self.port}{self.metrics_path or '/metrics'}"
+        return f"http://{self.metrics_host or self.host}:{self.metrics_port or self.port}{self.metrics_path or '/metrics'}"
 
 
 @dataclass(slots=True, frozen=True)
@@ -82,6 +108,12 @@ class Metrics:
     max_lora: int | None = None
     prefix_cache_hits: float = 0.0
     prefix_cache_queries: float = 0.0
+    # A peer cluster's pool aggregates (multicluster-metrics-extractor: its EPP's mean KV-cache use and
+    # mean waiting queue over its endpoints), read by the multicluster scorers; None on a model server.
+    # `waiting` and `kv_usage` then hold the same numbers (the queue rounded), for the saturation
+    # detector and the views.
+    pool_kv_usage: float | None = None
+    pool_queue: float | None = None
     updated_at: float = 0.0  # time.monotonic() of the scrape; 0 = never scraped
 
 
@@ -98,6 +130,10 @@ class Endpoint:
     in_flight_output_tokens: int = 0
     scrape_error: str | None = None
     served_models: ServedModels | None = None  # from /v1/models (models-data-source); None: not fetched
+    # scalar attributes by (name, producer), swapped whole by the datastore; a producer's values stay
+    # until it publishes new ones (as in llm-d), `attributes_updated_at[producer]` says when that was
+    attributes: Mapping[AttributeKey, float] = field(default_factory=lambda: _NO_ATTRIBUTES)
+    attributes_updated_at: Mapping[str, float] = field(default_factory=lambda: _NO_TIMES)  # producer -> time.monotonic()
     # the latency model's fits for this endpoint (pickers.latency.model), fed by request control
     latency: EndpointLatency = field(default_factory=EndpointLatency)
 

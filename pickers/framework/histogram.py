@@ -25,6 +25,12 @@ class Histogram:
         self.counts[bisect_left(self.bounds, value)] += 1  # le semantics: value <= bound
         self.sum += value
 
+    def observe_many(self, value: float, n: int) -> None:
+        """`n` observations of one value (e.g. the endpoints that hold nothing of a request)."""
+        if n > 0:
+            self.counts[bisect_left(self.bounds, value)] += n
+            self.sum += value * n
+
     @property
     def count(self) -> int:
         return sum(self.counts)

@@ -22,8 +22,11 @@ class MediaPart:
     text: what a token-producer's estimate needs to weigh it, with no second walk of the body."""
 
     kind: str  # "image", "video" or "audio"
-    source: str = ""  # an image's URL (a data: URL when inline), or its bare base64 data when `inline`
+    # an image's or video's URL (a data: URL for inline data), or an image's bare base64 data when
+    # `inline` (Anthropic's); an `input_audio` part's data (`inline`), an `audio_url` part's URL
+    source: str = ""
     inline: bool = False
+    media_type: str = ""  # an inline image's media type (Anthropic's source.media_type); an audio part's format
     size: int = 0  # audio: the characters of its data and format
     text_chars: int = 0  # the characters the part added to the prompt text (its JSON)
 
@@ -49,6 +52,9 @@ class InferenceRequest:
     # always-disagg-multimodal-decider sends such a request to an encoder first
     multimodal: bool = False
     media: list[MediaPart] | None = None  # those parts, in prompt order (None: none)
+    # the model server's own hashes of the prompt's multimodal items, by modality (vLLM's `mm_hashes`:
+    # from its render endpoint, through a token-producer, or a generate body's `features`); None: unknown
+    media_hashes: Mapping[str, Sequence[str]] | None = None
     # a token-producer's estimate of those parts' placeholder tokens; they then count instead of the
     # parts' text form
     media_tokens: int | None = None
@@ -74,3 +80,13 @@ class InferenceRequest:
             return len(self.prompt_text) // CHARS_PER_TOKEN
         media_chars = sum(m.text_chars for m in self.media)
         return max(0, len(self.prompt_text) - media_chars) // CHARS_PER_TOKEN + self.media_tokens
+
+
+def mm_hashes(value: Any) -> dict[str, list[str]] | None:
+    """vLLM's `features.mm_hashes` (modality -> the items' hashes) as a request keeps it: the string
+    hashes of each modality; {} when there are none (null), None when it is not such a mapping."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        return None
+    return {str(k): [h for h in v if isinstance(h, str) and h] for k, v in value.items() if isinstance(v, list)}

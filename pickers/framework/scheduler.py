@@ -3,17 +3,20 @@
 A profile is filters + weighted scorers + one picker. With one profile the scheduler runs it inline;
 with several, a ProfileHandler picks which run (sharing one cycle state) and combines their results
 (P/D: decode, then maybe prefill). Plugins that also implement PreRequest or ResponseComplete are told
-about the combined result and the finished response, once per request whatever profiles they are in.
-Data producers (token-producer, session-id-producer, ...) run first, in config order, over all the
-candidates; they are told about the result and the response the same way. Cycle admitters
-(latency-slo-admitter) run after them, before any profile.
+about the combined result and the finished response, once per request whatever profiles they are in;
+ResponseReporters (request-attribute-reporter) compute the dynamic metadata of a response's end.
+Screeners (disaggregatedset-rollout-screener) run first and narrow the candidates of every profile.
+Data producers (token-producer, session-id-producer, ...) run next, in config order, over the
+candidates; they are told about the result and the response the same way. Async data producers
+(burst-prefix-cache-producer) are not run here: the Director awaits them before `schedule`. Cycle
+admitters (latency-slo-admitter) run after the data producers, before any profile.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from pickers.framework.endpoint import Endpoint
 from pickers.framework.errors import ALL_FILTERED, NO_ENDPOINTS, RequestError
@@ -21,6 +24,7 @@ from pickers.framework.request import InferenceRequest
 from pickers.framework.types import (
     SINGLE_PROFILE_HANDLER,
     Admitter,
+    AsyncDataProducer,
     CycleAdmitter,
     CycleState,
     DataProducer,
@@ -31,9 +35,11 @@ from pickers.framework.types import (
     ProfileHandler,
     ProfileOutcome,
     ResponseComplete,
+    ResponseReporter,
     SchedulingProfile,
     SchedulingResult,
     ScoredEndpoint,
+    Screener,
 )
 
 log = logging.getLogger(__name__)
@@ -64,11 +70,15 @@ class Scheduler:
         self.metrics_stale_after = metrics_stale_after
         self.explain = explain
         plugins = list({id(p): p for prof in all_profiles for p in prof.plugins()}.values())
+        self._screeners = [p for p in producers if isinstance(p, Screener)]
         self._producers = [p for p in producers if isinstance(p, DataProducer)]
+        # awaited by the Director before `schedule` (burst-prefix-cache-producer's window); empty for most configs
+        self.async_producers: tuple[AsyncDataProducer, ...] = tuple(p for p in producers if isinstance(p, AsyncDataProducer))
         plugins += [p for p in producers if all(p is not q for q in plugins)]
         self.plugins: tuple[object, ...] = tuple(plugins)  # every plugin of the cycle, producers included
         self._pre_request = [p for p in plugins if isinstance(p, PreRequest)]
         self._complete = [p for p in plugins if isinstance(p, ResponseComplete)]
+        self.reporters: tuple[ResponseReporter, ...] = tuple(p for p in plugins if isinstance(p, ResponseReporter))
         self._admitters = [p for p in plugins if isinstance(p, Admitter)]
         self._cycle_admitters = [p for p in plugins if isinstance(p, CycleAdmitter)]
         self._explainers = [p for p in plugins if isinstance(p, Explainer)]
@@ -80,16 +90,24 @@ class Scheduler:
                                       *(("Scorer", w.scorer) for w in prof.scorers), ("Picker", prof.picker)):
                     if id(plugin) not in self._timers:
                         self._timers[id(plugin)] = timer(point, plugin)
+            for screener in self._screeners:
+                self._timers[id(screener)] = timer("Screener", screener)
 
     def admit(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> None:
         """The config's admitters, in config order; the first to refuse raises its RequestError."""
         for admitter in self._admitters:
             admitter.admit_request(request, candidates)
 
-    def schedule(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> SchedulingResult:
-        """Choose endpoints for the request; raises RequestError (503/429) when none can serve."""
+    def schedule(
+        self, request: InferenceRequest, candidates: Sequence[Endpoint], pool: Sequence[Endpoint] | None = None
+    ) -> SchedulingResult:
+        """Choose endpoints for the request among `candidates` (the pool, or the part of it the proxy's
+        subset hint names; `pool` is the whole of it, default `candidates`); raises RequestError
+        (503/429) when none can serve."""
         if not candidates:
             raise RequestError(NO_ENDPOINTS, "no endpoints available to serve the request")
+        if self._screeners:
+            candidates = self._screen(request, candidates, candidates if pool is None else pool)
         candidates = self._drop_unreachable(candidates)
         cycle = CycleState()
         for producer in self._producers:
@@ -109,6 +127,24 @@ class Scheduler:
         for p in self._pre_request:
             p.pre_request(request, cycle, result)
         return result
+
+    def _screen(self, request: InferenceRequest, candidates: Sequence[Endpoint], pool: Sequence[Endpoint]) -> Sequence[Endpoint]:
+        timers = self._timers
+        clock = time.perf_counter
+        kept: Sequence[Endpoint] | None = None
+        for screener in self._screeners:
+            t = clock() if timers else 0.0
+            mine = screener.screen(request, candidates, pool)
+            if timers:
+                timers[id(screener)].observe(clock() - t)
+            if kept is None:
+                kept = mine
+            else:  # what every screener kept, in the candidates' order
+                allowed = {id(ep) for ep in mine}
+                kept = [ep for ep in kept if id(ep) in allowed]
+        if not kept:
+            raise RequestError(NO_ENDPOINTS, "screeners eliminated all endpoint candidates")
+        return kept
 
     def _run_profile(
         self,
@@ -181,6 +217,13 @@ class Scheduler:
     ) -> None:
         for p in self._complete:
             p.response_complete(request, endpoint, prompt_tokens, completion_tokens)
+
+    def response_metadata(self, usage: Mapping[str, object]) -> dict[str, dict[str, float]]:
+        """What the reporters make of a response's usage: namespace -> key -> number (empty: nothing to report)."""
+        metadata: dict[str, dict[str, float]] = {}
+        for p in self.reporters:
+            p.report_response(usage, metadata)
+        return metadata
 
     def _drop_unreachable(self, candidates: Sequence[Endpoint]) -> Sequence[Endpoint]:
         # An endpoint whose scrapes fail and whose metrics went stale is probably down: skip it

@@ -4,10 +4,16 @@
 - Scorer: a score per candidate; out-of-range scores are clamped to [0, 1] by the scheduler.
 - Picker: scored candidates in, the chosen endpoints out (first = primary, rest = fallbacks).
 - PreRequest: told the result after a pick (e.g. the prefix index records the chosen endpoint).
+- EndpointState: told when an endpoint leaves the pool (its per-endpoint state goes with it).
 - ResponseComplete: told when the response finished (or aborted), with the usage if known.
+- ResponseReporter: at the end of a response body, values for the gateway's dynamic metadata.
 - ProfileHandler: which scheduling profiles run for a request, and how their results combine.
+- Screener: before everything else of the cycle, the candidates one request may use at all, for
+  every profile (llm-d's requestcontrol.Screener: a rollout keeps prefill and decode on one revision).
 - DataProducer: runs before the filters of every cycle and puts what it knows about the request
   on it (llm-d's PrepareRequestData: token ids, the session id).
+- AsyncDataProducer: awaited before the pick, outside the cycle, for the requests it waits for
+  (burst-prefix-cache-producer's batch window); what it learns goes on the request.
 - CycleAdmitter: after the data producers, before the profiles, may refuse the request.
 - Explainer: adds what it computed in the cycle to the scores --explain-scores shows.
 """
@@ -85,6 +91,9 @@ class SchedulingResult:
     response_headers: dict[str, str] = field(default_factory=dict)
     # several profiles ran (P/D): each one's chosen endpoints, by profile name; None for one profile
     profile_results: dict[str, list[Endpoint]] | None = None
+    # E/P/D: the encode profile's picks (x-encoder-hosts-ports), which compute the request's multimodal
+    # embeddings; kept apart from profile_results, as they hold none of its KV. None: no encode stage
+    encoders: list[Endpoint] | None = None
     # set by an inflight-load-producer: what the request adds to each chosen endpoint's in-flight
     # counts; None: the EPP's default (one request and prompt + max_tokens on the primary, to the end)
     in_flight: list[InFlightCharge] | None = None
@@ -116,11 +125,45 @@ class InFlightCharge:
 
 
 @runtime_checkable
+class Screener(Protocol):
+    """Narrows the candidates before the data producers and every profile run (llm-d's Screener): the
+    endpoints of `endpoints` this request may use, in their order. `pool` is the whole pool (the
+    datastore's tuple, the same object until membership changes; `endpoints` is it or a subset-hint
+    part of it), for what a screener computes over the pool. Every screener sees the same input and
+    the scheduler keeps what all of them kept; none kept is 503. A screener may raise RequestError to
+    refuse with its own reason."""
+
+    type: str
+    name: str
+
+    def screen(self, request: InferenceRequest, endpoints: Sequence[Endpoint], pool: Sequence[Endpoint]) -> Sequence[Endpoint]: ...
+
+
+@runtime_checkable
 class DataProducer(Protocol):
     type: str
     name: str
 
     def produce(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> None: ...
+
+
+@runtime_checkable
+class AsyncDataProducer(Protocol):
+    """A data producer that must wait before the request is scheduled (llm-d's blocking Produce, e.g.
+    burst-prefix-cache-producer's batch window). The EPP awaits `produce_async` for each request
+    `waits_for` says, after the token-producer and before flow control and the pick, with the
+    candidates the request may go to; what it learns goes on the request (`attributes`), never in
+    the cycle, which does not exist yet. A cancelled wait (the client left) must leave no trace.
+    `close` (the EPP stopping) lets every waiting request go at once."""
+
+    type: str
+    name: str
+
+    def waits_for(self, request: InferenceRequest) -> bool: ...
+
+    async def produce_async(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> None: ...
+
+    def close(self) -> None: ...
 
 
 ENDPOINT_NOTIFICATION_SOURCE = "endpoint-notification-source"
@@ -138,6 +181,14 @@ class EndpointExtractor(Protocol):
     name: str
 
     def extracts(self, source_type: str) -> bool: ...
+
+
+@runtime_checkable
+class EndpointState(Protocol):
+    """A plugin that keeps per-endpoint state of its own (mm-embeddings-cache-producer's LRUs): the EPP
+    calls `remove_endpoint` when an endpoint leaves the pool, so that state goes with it."""
+
+    def remove_endpoint(self, address: str) -> None: ...
 
 
 @runtime_checkable
@@ -173,6 +224,17 @@ class ResponseComplete(Protocol):
     def response_complete(
         self, request: InferenceRequest, endpoint: Endpoint, prompt_tokens: int | None, completion_tokens: int | None
     ) -> None: ...
+
+
+@runtime_checkable
+class ResponseReporter(Protocol):
+    """llm-d's ResponseBodyProcessor at the end of the body: once per response whose body ends (not on
+    an abort), given the usage object as llm-d's plugins see it (prompt_tokens, completion_tokens and
+    total_tokens, 0 when the response had none; prompt_tokens_details.cached_tokens when the server sent
+    details), it may write numbers into `metadata` (namespace -> key -> value), which go back to the
+    gateway as ext_proc dynamic metadata on the message that ends the body."""
+
+    def report_response(self, usage: Mapping[str, object], metadata: dict[str, dict[str, float]]) -> None: ...
 
 
 @dataclass(slots=True)

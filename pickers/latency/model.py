@@ -216,6 +216,11 @@ class LatencyModel:
         b = batch_of(ep) if batch is None else batch
         return c0 + c1 * (q + uncached_tokens) + c2 * b
 
+    def prefill_seconds(self, ep: LatencyEndpoint, tokens: int, *, fresh: bool = True) -> float:
+        """The compute time of `tokens` prompt tokens on `ep` alone (its fitted time per prefill token)."""
+        f = self.ttft_fit(ep)[0]
+        return (f.coefficients()[1] if fresh else f.c1) * tokens
+
     def tpot(self, ep: LatencyEndpoint, *, batch: int | None = None, fresh: bool = True) -> float:
         """Time per output token on `ep` with `batch` running (default: its batch now)."""
         f = self.tpot_fit(ep)[0]

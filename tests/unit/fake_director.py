@@ -28,6 +28,8 @@ class FakeDirector:
     in_flight: int = 0
     prepare_first: bool = False  # parsed requests wait in PREPARING for `prepare`
     prepared: list[InferenceRequest] = field(default_factory=list)
+    metadata: Mapping[str, Mapping[str, float]] | None = None  # the response metadata to hand back at a body's end
+    reported: list[object] = field(default_factory=list)  # the usage each `response_metadata` call got
 
     def __post_init__(self) -> None:
         self.endpoints = [Endpoint(EndpointSpec(a, *a.rsplit(":", 1)[:1], int(a.rsplit(":", 1)[1]))) for a in self.addresses]
@@ -47,7 +49,7 @@ class FakeDirector:
     def needs_data(self, request: InferenceRequest) -> bool:
         return self.prepare_first
 
-    async def prepare(self, request: InferenceRequest) -> None:
+    async def prepare(self, request: InferenceRequest, subset: list[str] | None = None) -> None:
         self.prepared.append(request)
 
     def finish(self, routing: Routing, outcome: Outcome) -> None:
@@ -59,3 +61,7 @@ class FakeDirector:
 
     def rejected(self, request: InferenceRequest | None, error: RequestError) -> None:
         self.rejections.append(error)
+
+    def response_metadata(self, routing: Routing, usage: object | None) -> Mapping[str, Mapping[str, float]] | None:
+        self.reported.append(usage)
+        return self.metadata

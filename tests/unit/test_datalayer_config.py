@@ -187,7 +187,12 @@ def test_engine_is_chosen_by_label_then_gies_legacy_label_then_the_default():
         ("{engineConfigs: [{name: a, kvUsageSpec: 3}]}", "engineConfigs[0].kvUsageSpec: core-metrics-extractor: expected a non-empty string"),
         ("{engineConfigs: [{name: a, queueSpec: q}]}", "engineConfigs[0].queueSpec: core-metrics-extractor: unknown parameter"),
         ("{engineConfigs: [{name: a, cacheBlockSizeLabelName: 'a-b'}]}", "engineConfigs[0].cacheBlockSizeLabelName: core-metrics-extractor: expected a Prometheus label name"),
-        ("{engineConfigs: [{name: a, customMetrics: [{attributeKey: k, metricSpec: m}]}]}", "engineConfigs[0].customMetrics: core-metrics-extractor: not supported: custom metrics"),
+        ("{engineConfigs: [{name: a, customMetrics: [{attributeKey: k}]}]}", "engineConfigs[0].customMetrics[0].metricSpec: core-metrics-extractor: expected a metric selector"),
+        ("{engineConfigs: [{name: a, customMetrics: [{metricSpec: m}]}]}", "engineConfigs[0].customMetrics[0].attributeKey: core-metrics-extractor: expected the attribute's name"),
+        ("{engineConfigs: [{name: a, customMetrics: [{attributeKey: k, metricSpec: m}, {attributeKey: k, metricSpec: n}]}]}", "engineConfigs[0].customMetrics[1].attributeKey: core-metrics-extractor: 'k' is also customMetrics[0]"),
+        ("{engineConfigs: [{name: a, customMetrics: [{attributeKey: k, metricSpec: 'm{'}]}]}", "engineConfigs[0].customMetrics[0].metricSpec: core-metrics-extractor: not a metric selector"),
+        ("{engineConfigs: [{name: a, customMetrics: [{attributeKey: k, metricSpec: m, type: gauge}]}]}", "engineConfigs[0].customMetrics[0].type: core-metrics-extractor: unknown field"),
+        ("{engineConfigs: [{name: a, customMetrics: {attributeKey: k}}]}", "engineConfigs[0].customMetrics: core-metrics-extractor: expected a list of mappings"),
         ("{engineConfigs: {name: a}}", "engineConfigs: core-metrics-extractor: expected a list of mappings"),
     ],
 )  # fmt: skip
@@ -316,7 +321,7 @@ def test_endpoint_notification_source_takes_only_llm_ds_endpoint_extractors():
     msg = error_of(with_sources("- type: endpoint-notification-source\n", "  - pluginRef: endpoint-notification-source\n    extractors: [{pluginRef: queue-scorer}]\n"))
     assert msg.startswith(
         "t.yaml: dataLayer.sources[0].extractors[0].pluginRef: plugin 'queue-scorer' (queue-scorer) takes no endpoint events; "
-        "endpoint extractors are: precise-prefix-cache-producer"
+        "endpoint extractors are: mm-embeddings-cache-producer, precise-prefix-cache-producer"
     )
 
 
@@ -340,8 +345,7 @@ def _fail(field: str, message: str) -> ConfigError:
 
 @pytest.mark.parametrize(
     ("type_name", "why"),
-    [("dcgm-data-source", "DCGM"), ("dcgm-extractor", "DCGM"),
-     ("multicluster-file-discovery", "multi-cluster"), ("multicluster-metrics-data-source", "multi-cluster")],
+    [("disaggregatedset-rollout-pod-extractor", "Pod watch")],
 )  # fmt: skip
 def test_data_layer_plugins_llm_epp_lacks_are_refused_with_the_reason(type_name, why):
     msg = error_of(f"plugins:\n{SCORER}- type: {type_name}\n")

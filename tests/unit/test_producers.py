@@ -32,7 +32,7 @@ from pickers.indexes.prefix import ApproxPrefixIndex
 from pickers.indexes.tokenization import sim_chat_template, sim_encode
 from pickers.plugins.base import PluginContext
 from pickers.plugins.producer.session import SessionIDProducer, cookie_value
-from pickers.plugins.producer.tokens import TokenProducer
+from pickers.plugins.producer.tokens import Rendered, TokenProducer
 from pickers.plugins.scorer.affinity.precise_prefix import PrecisePrefixCacheProducer
 from pickers.plugins.scorer.affinity.session_affinity import SessionAffinityScorer
 from pickers.plugins.scorer.load.token_load import InFlightLoadProducer
@@ -278,9 +278,9 @@ async def test_the_director_awaits_the_tokens_and_counts_them_in_flight():
     tp = cfg.plugins["token-producer"]
 
     class Renderer:
-        async def render(self, request: InferenceRequest, model: str, timeout: float) -> list[int]:
+        async def render(self, request: InferenceRequest, model: str, timeout: float) -> Rendered:
             assert model == "m"
-            return list(range(37))
+            return Rendered(list(range(37)))
 
     tp.renderer = Renderer()
     director = _director(cfg)
@@ -764,8 +764,8 @@ def test_the_guide_shape_routes_a_shared_prefix_to_the_endpoint_whose_kv_events_
     tp = cfg.plugins["token-producer"]
 
     class Renderer:
-        async def render(self, request: InferenceRequest, model: str, timeout: float) -> list[int]:
-            return list(range(400))  # the prompt as the server tokenizes it: 100 blocks of 4
+        async def render(self, request: InferenceRequest, model: str, timeout: float) -> Rendered:
+            return Rendered(list(range(400)))  # the prompt as the server tokenizes it: 100 blocks of 4
 
     tp.renderer = Renderer()
     director = _director(cfg, addrs=(A, B, C))

@@ -2,9 +2,12 @@
 
 `core-metrics-extractor` says which Prometheus series are an engine's queue, running requests, KV-cache
 usage, LoRA adapters and cache layout (llm-d's built-in engine mappings: vLLM, SGLang, trtllm-serve,
-Triton with TensorRT-LLM, Triton), and picks an endpoint's engine by its `llm-d.ai/engine-type` label.
-`models-data-extractor` keeps the models and LoRA adapters an endpoint's `/v1/models` lists. The
-scraper in extproc.datalayer applies both; here they are validated and typed.
+Triton with TensorRT-LLM, Triton), and picks an endpoint's engine by its `llm-d.ai/engine-type` label;
+an engine's `customMetrics` become scalar endpoint attributes (pickers.plugins.datalayer.attributes).
+`multicluster-metrics-extractor` reads a peer cluster's pool aggregates instead (its EPP's mean KV-cache
+use and waiting queue). `dcgm-extractor` turns a DCGM exporter's `DCGM_FI_DEV_GPU_UTIL` into the
+`GPUUtilization` attribute. `models-data-extractor` keeps the models and LoRA adapters an endpoint's
+`/v1/models` lists. The scrapers in extproc.datalayer apply them; here they are validated and typed.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar
 
+from pickers.framework.endpoint import AttributeKey
 from pickers.framework.errors import shown
 from pickers.framework.params import ParameterError, Params
 from pickers.plugins.base import Plugin, PluginContext
+from pickers.plugins.datalayer.attributes import CORE_METRICS_PRODUCER
 
 ENGINE_LABEL = "llm-d.ai/engine-type"
 LEGACY_ENGINE_LABEL = "inference.networking.k8s.io/engine-type"  # GIE's, read when ENGINE_LABEL is absent
@@ -65,6 +70,14 @@ class MetricSpec:
 
 
 @dataclass(slots=True, frozen=True)
+class CustomMetric:
+    """One `customMetrics` entry: the series whose value becomes the attribute `attribute_key`."""
+
+    attribute_key: str
+    spec: MetricSpec
+
+
+@dataclass(slots=True, frozen=True)
 class EngineMetrics:
     """Where one engine reports what the scheduler reads. A None spec is not read."""
 
@@ -83,6 +96,7 @@ class EngineMetrics:
     kv_usage_fallback: MetricSpec | None = None
     prefix_cache_hits: MetricSpec | None = None
     prefix_cache_queries: MetricSpec | None = None
+    custom: tuple[CustomMetric, ...] = ()  # customMetrics: attributes of the core metrics extractor
 
     def specs(self) -> tuple[MetricSpec, ...]:
         found = (
@@ -155,10 +169,6 @@ _ENGINE_SPECS = {
     "cacheNumBlocksSpec": "cache_num_blocks",
 }
 _ENGINE_LABELS = {"cacheBlockSizeLabelName": "cache_block_size_label", "cacheNumBlocksLabelName": "cache_num_blocks_label"}
-CUSTOM_METRICS_REFUSED = (
-    "custom metrics become endpoint attributes that only llm-d's endpoint-attribute plugins read, and "
-    "llm-epp has none; remove customMetrics"
-)
 
 
 @dataclass(slots=True, frozen=True)
@@ -174,6 +184,10 @@ class MetricsExtraction:
         name = labels.get(self.engine_label_key) or labels.get(LEGACY_ENGINE_LABEL)
         engine = self.engines.get(name) if name else None
         return engine if engine is not None else self.engines[self.default_engine]
+
+    def attributes(self) -> frozenset[AttributeKey]:
+        """The attributes some engine's customMetrics publish."""
+        return frozenset(AttributeKey(c.attribute_key, CORE_METRICS_PRODUCER) for e in self.engines.values() for c in e.custom)
 
 
 DEFAULT_EXTRACTION = MetricsExtraction()
@@ -233,12 +247,89 @@ def _engine(raw: Mapping[str, Any], where: str) -> EngineMetrics:
                 raise ParameterError(key, f"expected a Prometheus label name, got {shown(label)}")
             if label:
                 fields[attr] = label
-        if p.mappings("customMetrics"):
-            raise ParameterError("customMetrics", f"not supported: {CUSTOM_METRICS_REFUSED}")
+        fields["custom"] = _custom_metrics(p.mappings("customMetrics"))
         p.done()
     except ParameterError as e:
         raise ParameterError(f"{where}.{e.param}" if e.param else where, e.detail) from None
     return EngineMetrics(name, **fields)
+
+
+# the pool gauges an llm-d EPP exports (its docs/metrics.md; llm-epp exports them too)
+POOL_KV_CACHE_METRIC = "llm_d_epp_average_kv_cache_utilization"
+POOL_QUEUE_METRIC = "llm_d_epp_average_queue_size"
+
+
+@dataclass(slots=True, frozen=True)
+class PoolMetricsExtraction:
+    """What `multicluster-metrics-extractor` reads from each peer cluster: two gauges of its EPP."""
+
+    kv_usage: MetricSpec = MetricSpec(POOL_KV_CACHE_METRIC)
+    queue: MetricSpec = MetricSpec(POOL_QUEUE_METRIC)
+
+    def attributes(self) -> frozenset[AttributeKey]:
+        """None: a peer cluster's aggregates are metrics, not endpoint attributes."""
+        return frozenset()
+
+
+class MulticlusterMetricsExtractor(DataExtractor):
+    """Paired with a `multicluster-metrics-data-source`: a peer cluster's mean KV-cache utilization and
+    mean waiting queue, the pool aggregates its EPP exports (`kvCacheUtilizationMetric`,
+    `queueSizeMetric`: a name or `name{label=value}`), for the multicluster scorers."""
+
+    type = "multicluster-metrics-extractor"
+    input = "prometheus"
+
+    def __init__(self, name: str | None = None, extraction: PoolMetricsExtraction = PoolMetricsExtraction()) -> None:
+        super().__init__(name)
+        self.extraction = extraction
+
+    @classmethod
+    def from_config(cls, name: str, p: Params, ctx: PluginContext) -> MulticlusterMetricsExtractor:
+        specs: list[MetricSpec] = []
+        for key, default in (("kvCacheUtilizationMetric", POOL_KV_CACHE_METRIC), ("queueSizeMetric", POOL_QUEUE_METRIC)):
+            text = p.string(key, default) or default  # "" is llm-d's default too
+            try:
+                spec = MetricSpec.parse(text)
+            except ValueError as e:
+                raise ParameterError(key, str(e)) from None
+            assert spec is not None
+            specs.append(spec)
+        return cls(name, PoolMetricsExtraction(*specs))
+
+
+def _custom_metrics(entries: list[Mapping[str, Any]]) -> tuple[CustomMetric, ...]:
+    """customMetrics: `{attributeKey, metricSpec}` each, keys unique within the engine, as llm-d checks."""
+    out: list[CustomMetric] = []
+    seen: dict[str, int] = {}
+    for i, raw in enumerate(entries):
+        where = f"customMetrics[{i}]"
+        unknown = sorted(str(k) for k in raw if k not in ("attributeKey", "metricSpec"))
+        if unknown:
+            raise ParameterError(f"{where}.{unknown[0]}", "unknown field; expected attributeKey, metricSpec")
+        key, text = raw.get("attributeKey"), raw.get("metricSpec")
+        if not isinstance(key, str) or not key:
+            raise ParameterError(f"{where}.attributeKey", f"expected the attribute's name (a non-empty string), got {shown(key)}")
+        if key in seen:
+            raise ParameterError(f"{where}.attributeKey", f"{shown(key)} is also customMetrics[{seen[key]}]")
+        if not isinstance(text, str) or not text:
+            raise ParameterError(f"{where}.metricSpec", f"expected a metric selector like name or name{{label=value}}, got {shown(text)}")
+        try:
+            spec = MetricSpec.parse(text)
+        except ValueError as e:
+            raise ParameterError(f"{where}.metricSpec", str(e)) from None
+        assert spec is not None
+        seen[key] = i
+        out.append(CustomMetric(key, spec))
+    return tuple(out)
+
+
+class DcgmExtractor(DataExtractor):
+    """Paired with a `dcgm-data-source`: the endpoint's GPU utilization, 0-1, as the attribute
+    `GPUUtilization` of producer `dcgm-extractor` (the highest of its pod's GPUs; read by
+    extproc.datalayer.dcgm). No parameters."""
+
+    type = "dcgm-extractor"
+    input = "dcgm"
 
 
 class ModelsDataExtractor(DataExtractor):

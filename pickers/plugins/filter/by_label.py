@@ -2,10 +2,13 @@
 `allowsNoLabel`, those without the label); `label-selector-filter` keeps the endpoints a Kubernetes
 label selector matches: every `matchLabels` pair and every `matchExpressions` requirement (`In`,
 `NotIn`, `Exists`, `DoesNotExist`; `NotIn` and `DoesNotExist` also match an endpoint without the key).
+`parse_label_selector` reads the same selector written as a string (`a=b,c in (x,y),!d`), as
+Kubernetes' labels.Parse does, for plugins that take one (disaggregatedset-rollout-screener's scope).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,7 +49,7 @@ class ByLabelFilter(Plugin):
         return out
 
 
-OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
+OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")  # matchExpressions' (a string selector adds Gt, Lt)
 
 
 @dataclass(slots=True, frozen=True)
@@ -63,6 +66,13 @@ class Requirement:
             return value in self.values
         if self.operator == "NotIn":
             return value not in self.values
+        if self.operator in ("Gt", "Lt"):  # both integers, else no match (as Kubernetes)
+            bound = int(next(iter(self.values)))
+            try:
+                number = int(value) if value is not None else None
+            except ValueError:
+                return False
+            return number is not None and (number > bound if self.operator == "Gt" else number < bound)
         return (value is not None) == (self.operator == "Exists")
 
     @classmethod
@@ -82,6 +92,71 @@ class Requirement:
         if op in ("Exists", "DoesNotExist") and values:
             raise ParameterError(f"{where}.values", f"{op} takes no values")
         return cls(key, op, frozenset(values or ()))
+
+
+# Kubernetes' label syntax: a key is an optional DNS-subdomain prefix and a name; a value is empty or
+# up to 63 characters of alphanumerics, '-', '_' and '.', starting and ending alphanumeric.
+_NAME = r"[A-Za-z0-9](?:[-A-Za-z0-9_.]*[A-Za-z0-9])?"
+_KEY = re.compile(rf"(?:[a-z0-9](?:[-a-z0-9.]*[a-z0-9])?/)?{_NAME}")
+_VALUE = re.compile(rf"(?:{_NAME})?")
+_SET = re.compile(r"(\S+)\s+(in|notin)\s*\((.*)\)", re.DOTALL)
+_COMPARE = re.compile(r"([^=!<>\s]+)\s*(==|=|!=|>|<)\s*(\S*)")
+
+
+def parse_label_selector(text: str) -> tuple[Requirement, ...]:
+    """A label selector string (`key=value`, `key==value`, `key!=value`, `key in (a,b)`, `key notin
+    (a,b)`, `key`, `!key`, `key>1`, `key<9`; comma-separated, all must match). Raises ValueError
+    saying what is wrong."""
+    parts: list[str] = []
+    depth, start = 0, 0
+    for i, ch in enumerate(text):
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    out: list[Requirement] = []
+    for raw in parts:
+        part = raw.strip()
+        if not part:
+            raise ValueError(f"an empty requirement in {shown(text)}")
+        out.append(_requirement(part))
+    return tuple(out)
+
+
+def _requirement(part: str) -> Requirement:
+    def key(k: str) -> str:
+        if len(k) > 316 or not _KEY.fullmatch(k) or len(k.rpartition("/")[2]) > 63:
+            raise ValueError(f"{shown(k)} is not a label key")
+        return k
+
+    def value(v: str) -> str:
+        if len(v) > 63 or not _VALUE.fullmatch(v):
+            raise ValueError(f"{shown(v)} is not a label value")
+        return v
+
+    if part.startswith("!"):
+        return Requirement(key(part[1:].strip()), "DoesNotExist")
+    m = _SET.fullmatch(part)
+    if m is not None:
+        values = [v.strip() for v in m.group(3).split(",")]
+        if values == [""]:
+            raise ValueError(f"{shown(part)}: {m.group(2)} needs at least one value")
+        return Requirement(key(m.group(1)), "In" if m.group(2) == "in" else "NotIn", frozenset(value(v) for v in values))
+    m = _COMPARE.fullmatch(part)
+    if m is not None:
+        k, op, v = key(m.group(1)), m.group(2), m.group(3)
+        if op in (">", "<"):
+            if not re.fullmatch(r"-?[0-9]+", v):
+                raise ValueError(f"{shown(part)}: {op} needs an integer")
+            return Requirement(k, "Gt" if op == ">" else "Lt", frozenset((v,)))
+        return Requirement(k, "NotIn" if op == "!=" else "In", frozenset((value(v),)))
+    if not _KEY.fullmatch(part):
+        raise ValueError(f"cannot read {shown(part)} as key, !key, key=value, key!=value, key in (...) or key notin (...)")
+    return Requirement(key(part), "Exists")
 
 
 class LabelSelectorFilter(Plugin):

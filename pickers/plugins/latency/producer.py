@@ -125,7 +125,7 @@ class PredictedLatencyProducer(Plugin):
             )
         p.refused("useEncoderCacheFeatures", f"multimodal encoder-cache features feed llm-d's trained predictor; {NO_SIDECAR}",
                   allowed=lambda v: v is False)  # fmt: skip
-        p.refused("encoderCacheMatchInfoProducerName", f"llm-epp does not track multimodal encoder caches; {NO_SIDECAR}")
+        p.refused("encoderCacheMatchInfoProducerName", f"encoder-cache matches feed llm-d's trained predictor; {NO_SIDECAR}")
         plugin = cls(
             ctx.latency, ctx.prefix_index, name,
             slo_buffer=buffer, streaming=p.flag("streamingMode", False),

@@ -12,7 +12,9 @@ One backend per config, chosen as llm-d chooses it:
   `vllm launch render` serve them), with the body as the client sent it and `model: modelName`.
   The call is the EPP's (extproc.requestcontrol.render attaches it as `renderer`); it is awaited
   before the pick, at most `vllm.timeout` (5s; `vllm.mmTimeout`, 30s, when a message has content
-  parts), and a request whose call fails or times out is scheduled on the estimate.
+  parts), and a request whose call fails or times out is scheduled on the estimate. A chat's answer
+  also names its multimodal items (`features.mm_hashes`, kept as `InferenceRequest.media_hashes` for
+  the mm-embeddings-cache-producer).
 - `local` (llm-epp's): `local.tokenizer` is a tokenizer folder (tokenizer.json, the chat template)
   or `sim` (the simulator's); tokenized in a worker thread, awaited at most `local.timeout` (5s).
 
@@ -28,6 +30,7 @@ import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pickers.framework.endpoint import Endpoint
@@ -48,10 +51,19 @@ _RENDERED_APIS = frozenset({"completions", "chat"})  # the APIs vLLM's render en
 _LOCAL_APIS = frozenset({"completions", "chat", "messages"})  # and what a local tokenizer renders itself
 
 
+@dataclass(slots=True, frozen=True)
+class Rendered:
+    """The model server's tokenization of one request: its token ids and, for a chat, its multimodal
+    items' hashes by modality (vLLM's `features.mm_hashes`; {} when it found none, None when unknown)."""
+
+    token_ids: list[int]
+    media_hashes: dict[str, list[str]] | None = None
+
+
 class Renderer(Protocol):
     """The model server's tokenization of one request (the EPP's HTTP client)."""
 
-    async def render(self, request: InferenceRequest, model: str, timeout: float) -> list[int]: ...
+    async def render(self, request: InferenceRequest, model: str, timeout: float) -> Rendered: ...
 
 
 class TokenProducer(Plugin):
@@ -163,7 +175,10 @@ class TokenProducer(Plugin):
         timeout = self.mm_timeout if _has_content_parts(request.body) else self.timeout
         try:
             if self.token_backend == "vllm" and self.renderer is not None:
-                ids = await asyncio.wait_for(self.renderer.render(request, self.model_name, timeout), timeout)
+                rendered = await asyncio.wait_for(self.renderer.render(request, self.model_name, timeout), timeout)
+                ids = rendered.token_ids
+                if rendered.media_hashes is not None:
+                    request.media_hashes = rendered.media_hashes
             elif self._local is not None:
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"tokenize-{self.name}")

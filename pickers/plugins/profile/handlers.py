@@ -210,6 +210,7 @@ class DisaggProfileHandler(Plugin):
             # hold none of the prompt's KV, so they stay out of profile_results (which the prefix index
             # and the in-flight counts read).
             result.request_headers[ENCODERS_HEADER] = ",".join(ep.address for ep in encoders)
+            result.encoders = encoders
         return result
 
 

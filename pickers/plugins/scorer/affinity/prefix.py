@@ -11,10 +11,14 @@ Two config shapes set the block settings:
   which the scorer names in `prefixMatchInfoProducerName` (or the config's only producer). Bound to a
   producer, the scorer takes the producer's settings; giving them on the scorer as well is refused.
   Named in `prefixMatchInfoProducerName`, a `precise-prefix-cache-producer` gives the match instead
-  (the KV-event index; nothing is recorded in the approximate one).
+  (the KV-event index; nothing is recorded in the approximate one), or a `burst-prefix-cache-producer`
+  (its window's joint placement: a full match on the replica it chose, nothing recorded either).
 
 Score, as llm-d's: `matchLengthWeight * min(1, matched tokens / matchLengthScaleTokens)^2 +
 (1 - matchLengthWeight) * matched blocks / prompt blocks` (weight 0 by default: the ratio alone).
+
+`multicluster-prefix-cache-scorer` and `multicluster-approx-prefix-cache-producer` are the same plugins
+under llm-d's cluster-scoped names (their endpoints are peer clusters).
 """
 
 from __future__ import annotations
@@ -115,11 +119,11 @@ class PrefixCacheScorer(Plugin):
         if self.producer_name is not None:
             found = plugins.get(self.producer_name)
             if isinstance(found, PrefixMatchSource) and not isinstance(found, (ApproxPrefixCacheProducer, PrefixCacheScorer)):
-                if self.own_settings:  # a precise producer: no approximate blocks to set
+                if self.own_settings:  # a precise or burst producer: no approximate blocks to set
                     raise ParameterError(
                         self.own_settings[0],
-                        f"this scorer reads the match of {shown(found.name)} (KV events), which has no approximate "
-                        f"block settings; remove {', '.join(self.own_settings)}",
+                        f"this scorer reads the match of {getattr(found, 'type', '?')} {shown(found.name)}, which has no "
+                        f"approximate block settings; remove {', '.join(self.own_settings)}",
                     )
                 self.precise = found
                 return
@@ -177,6 +181,14 @@ class PrefixCacheScorer(Plugin):
         if self.precise is not None:  # the precise index follows KV events instead
             return
         record_pick(request, cycle, self.index, result, self)
+
+
+class MulticlusterPrefixCacheScorer(PrefixCacheScorer):
+    """multicluster-prefix-cache-scorer (llm-d): prefix-cache-scorer for a cluster-scoped EPP, routing a
+    repeated prefix back to the peer cluster that served it: the stock scorer, under llm-d's
+    cluster-scoped type name."""
+
+    type = "multicluster-prefix-cache-scorer"
 
 
 def approx_matches(
@@ -277,6 +289,14 @@ class ApproxPrefixCacheProducer(Plugin):
     def prefix_matches(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> dict[str, tuple[int, int, int]]:
         """The approximate match with this producer's block settings (what its scorers read)."""
         return approx_matches(request, cycle, self.index, self.block_chars, self.max_blocks, endpoints)
+
+class MulticlusterApproxPrefixCacheProducer(ApproxPrefixCacheProducer):
+    """multicluster-approx-prefix-cache-producer (llm-d): approx-prefix-cache-producer for a cluster-scoped
+    EPP. The index keys blocks by endpoint, and the endpoints are peer clusters, so it tracks (cluster,
+    block): the stock producer, under llm-d's cluster-scoped type name."""
+
+    type = "multicluster-approx-prefix-cache-producer"
+
 
 class MatchSettings(Protocol):
     """What a prefix match and its recording take: a prefix scorer's or an approx-prefix-cache-producer's."""

@@ -1,0 +1,92 @@
+"""latency-cost-scorer: the request's predicted TTFT plus the stall its prefill adds to the batch
+running on the endpoint, scored cheapest-first; its parameters, and --explain-scores."""
+
+from __future__ import annotations
+
+import pytest
+
+from pickers.framework.errors import ConfigError
+from pickers.framework.types import CycleState
+from pickers.indexes.prefix import block_hashes
+from pickers.plugins.latency.cost import LatencyCostScorer
+from tests.unit.test_latency_plugins import PROMPT, ctx, ep, load, req
+
+
+def scorer(params: str = "") -> LatencyCostScorer:
+    cfg = load("plugins:\n- type: latency-cost-scorer\n" + (f"  parameters: {params}\n" if params else ""))
+    s = cfg.plugins["latency-cost-scorer"]
+    assert isinstance(s, LatencyCostScorer)
+    return s
+
+
+def cache(s: LatencyCostScorer, endpoint, prompt: str = PROMPT) -> None:
+    """Record the prompt's blocks on the endpoint, as a pick there does."""
+    src = s.producer.source
+    r = req()
+    s.ctx.prefix_index.record(endpoint.address, block_hashes(r.model, prompt, r.cache_salt, src.max_blocks, src.block_chars))
+
+
+def test_cost_is_ttft_plus_the_prefill_stall_of_each_running_request():
+    s = scorer()
+    idle, busy = ep(1), ep(2, in_flight=4)  # prior: 10 ms + 1,000 tokens at 10k/s = 110 ms TTFT
+    costs = s.costs(req(), CycleState(), [idle, busy])
+    assert costs[0] == pytest.approx(0.110)
+    assert costs[1] == pytest.approx(0.110 + 4 * 0.100)  # each of 4 running requests waits out the 100 ms prefill
+
+
+def test_the_cheapest_endpoint_scores_1_and_the_others_their_cost_ratio():
+    s = scorer()
+    idle, busy = ep(1), ep(2, in_flight=4)
+    assert s.score(req(), CycleState(), [idle, busy]) == pytest.approx([1.0, 0.110 / 0.510])
+
+
+def test_a_cached_prompt_stays_where_it_is_cached_while_the_batch_there_is_small():
+    s = scorer()
+    warm, cold = ep(1, in_flight=1), ep(2)
+    cache(s, warm)
+    scores = s.score(req(), CycleState(), [warm, cold])
+    assert scores[0] == 1.0 > scores[1]
+
+
+def test_a_busy_endpoint_loses_a_cached_prompt_when_its_batch_outweighs_the_prefill():
+    s = scorer()
+    warm, cold = ep(1, in_flight=30), ep(2)
+    cache(s, warm)
+    # warm: the prompt minus its last partial block is cached, but 30 running requests each stall for
+    # whatever it prefills, and its TTFT grows with the queued work; cold: 110 ms and nobody waits
+    warm.in_flight_prefill_tokens = 2000
+    scores = s.score(req(), CycleState(), [warm, cold])
+    assert scores[1] == 1.0 > scores[0]
+
+
+def test_slowdown_weight_0_is_llm_ds_lowest_predicted_ttft():
+    s = scorer("{slowdownWeight: 0}")
+    idle, busy = ep(1), ep(2, in_flight=50)
+    costs = s.costs(req(), CycleState(), [idle, busy])
+    assert costs[0] == pytest.approx(costs[1])  # the prior charges nothing per running request
+
+
+def test_slowdown_weight_must_be_a_finite_non_negative_number():
+    for bad in ("-1", ".inf", "lots"):
+        with pytest.raises(ConfigError, match="slowdownWeight"):
+            load(f"plugins:\n- type: latency-cost-scorer\n  parameters: {{slowdownWeight: {bad}}}\n")
+
+
+def test_explain_shows_each_candidates_cost_and_predicted_ttft():
+    s = scorer()
+    cycle = CycleState()
+    a, b = ep(1), ep(2, in_flight=2)
+    s.score(req(), cycle, [a, b])
+    shown = s.explain(cycle)
+    assert shown["latency-cost-scorer/cost_ms"] == {a.address: 110.0, b.address: 310.0}
+    assert "predicted-latency-producer/ttft_ms" in shown  # the implied producer's predictions too
+
+
+def test_the_producer_it_reads_can_be_named():
+    cfg = load(
+        "plugins:\n- type: predicted-latency-producer\n  name: mine\n- type: latency-cost-scorer\n"
+        "  parameters: {latencyPredictionInfoProducerName: mine}\n",
+        ctx(),
+    )
+    s = cfg.plugins["latency-cost-scorer"]
+    assert isinstance(s, LatencyCostScorer) and s.producer is cfg.plugins["mine"]
