@@ -65,8 +65,8 @@ class ApproxPrefixIndex:
         self._holders: dict[int, set[str]] = {}
         self._lru: dict[str, OrderedDict[int, float]] = {}
         self._capacity: dict[str, int] = {}
-        # block -> the blocks recorded right after it where a prompt first left what the pool held:
-        # one int until a second distinct one comes, then a set (capped at MAX_FANOUT)
+        # block -> the blocks recorded right after it: one int until a prompt leaves what the pool
+        # held right after this block in a second way, then a set (capped at MAX_FANOUT)
         self._next: dict[int, int | set[int]] = {}
         self.hit_ratio = Histogram(HIT_RATIO_BUCKETS)  # one observation per lookup of a prompt of >= 1 block
 
@@ -118,6 +118,7 @@ class ApproxPrefixIndex:
         t = time.monotonic() if now is None else now
         holders = self._holders
         move = lru.move_to_end
+        nxt = self._next
         frontier = -1
         for i in range(len(hashes) - 1, -1, -1):
             h = hashes[i]
@@ -130,6 +131,8 @@ class ApproxPrefixIndex:
                 if s is None:
                     holders[h] = {address}
                     frontier = i
+                    if i + 1 < len(hashes):
+                        nxt[h] = hashes[i + 1]  # new to the pool: its one continuation so far
                 else:
                     s.add(address)
         if frontier > 0:

@@ -3,6 +3,8 @@ running on the endpoint, scored cheapest-first; its parameters, and --explain-sc
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from pickers.framework.errors import ConfigError
@@ -90,3 +92,64 @@ def test_the_producer_it_reads_can_be_named():
     )
     s = cfg.plugins["latency-cost-scorer"]
     assert isinstance(s, LatencyCostScorer) and s.producer is cfg.plugins["mine"]
+
+
+# -- shared prefixes and cache room ------------------------------------------------------------------
+
+SYSTEM = "".join(f"s{i:05d}" for i in range(1200))  # ~1,800 tokens every conversation opens with
+
+
+def conversation(i: int) -> str:
+    return SYSTEM + "".join(f"c{i:02d}{j:03d}" for j in range(200))  # ~300 tokens of its own
+
+
+def test_a_prefix_continued_several_ways_is_shared_and_its_fanout_counted():
+    s = scorer()
+    a = ep(1)
+    for i in range(3):
+        cache(s, a, conversation(i))
+    src = s.producer.source
+    r = req()
+    hashes = block_hashes(r.model, conversation(9), r.cache_salt, src.max_blocks, src.block_chars)
+    held = s.ctx.prefix_index.match(hashes)[a.address]
+    shared, fanout = s.ctx.prefix_index.shared_prefix(hashes, held)
+    assert fanout == 3 and shared == held  # everything it holds of a new conversation is the system prompt
+    own = block_hashes(r.model, conversation(1), r.cache_salt, src.max_blocks, src.block_chars)
+    assert s.ctx.prefix_index.shared_prefix(own, len(own))[0] == shared  # its own history is not shared
+
+
+def test_a_new_conversation_pays_its_share_of_copying_a_shared_prompt_to_an_idle_endpoint():
+    s = scorer()
+    warm, cold = ep(1, in_flight=6), ep(2)
+    for i in range(8):
+        cache(s, warm, conversation(i))
+    costs = s.costs(req_with(conversation(20)), CycleState(), [warm, cold])
+    # cold: the ~1,800 shared tokens at 1/8 and its own ~300; warm: its own ~300, but 6 requests wait
+    assert costs[1] < costs[0]
+    s_plain = scorer()
+    for i in range(1):  # one conversation so far: nothing is shared yet, the prompt is copied at full cost
+        cache(s_plain, warm, conversation(i))
+    plain = s_plain.costs(req_with(conversation(20)), CycleState(), [warm, cold])
+    assert plain[1] > costs[1]
+
+
+def test_a_full_endpoint_whose_blocks_are_live_is_charged_the_recompute_of_what_it_evicts():
+    s = scorer()
+    full, roomy = ep(1), ep(2)
+    index = s.ctx.prefix_index
+    r = req()
+    src = s.producer.source
+    filler = block_hashes(r.model, "".join(f"f{i:07d}" for i in range(4000)), r.cache_salt, 10_000, src.block_chars)
+    index.record(full.address, filler, capacity=len(filler))  # full, every block just used
+    index.record(roomy.address, filler[:10], capacity=10 * len(filler))
+    costs = s.costs(req(), CycleState(), [full, roomy])
+    assert costs[0] == pytest.approx(2 * 0.100 + 0.010)  # its TTFT plus the 100 ms of prefill it evicts
+    assert costs[1] == pytest.approx(0.110)
+    assert not index.room(full.address, 1, now=time.monotonic(), horizon=60.0)
+    assert index.room(full.address, 1, now=time.monotonic() + 61.0, horizon=60.0)  # a minute later it is dead
+
+
+def req_with(prompt: str):
+    r = req()
+    r.prompt_text = prompt
+    return r

@@ -72,9 +72,10 @@ class LatencyCostScorer(LatencyConsumer):
         if producer.precise is None:  # the approximate index knows the prompt's blocks and who holds them
             src = producer.source
             pm = prefix_match(request, cycle, index, src.block_chars, src.max_blocks)
+            block_tokens = max(1, src.block_chars // CHARS_PER_TOKEN)
             if pm.matched:
                 shared, fanout = index.shared_prefix(pm.hashes, max(pm.matched.values()))
-                matched, block_tokens = pm.matched, max(1, src.block_chars // CHARS_PER_TOKEN)
+                matched = pm.matched
         now = time.monotonic()
         out: list[float | None] = []
         for ep in endpoints:
