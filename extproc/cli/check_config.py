@@ -26,13 +26,14 @@ from pickers.framework.types import Screener
 STDIN = "-"
 
 
-def check_config(paths: list[str], out: TextIO | None = None, err: TextIO | None = None) -> int:
+def check_config(paths: list[str], out: TextIO | None = None, err: TextIO | None = None, *, allow_experimental: bool = False) -> int:
+    """`allow_experimental`: --allow-experimental-plugins, as `epp serve` would be given it."""
     out = out or sys.stdout
     err = err or sys.stderr
     status = 0
     for path in paths:
         try:
-            cfg = _load(path)
+            cfg = _load(path, allow_experimental)
             SaturationConfig.from_config(cfg.saturation_detector, cfg.source)  # as epp serve reads it
         except ConfigError as e:
             print(f"epp: configuration error: {e}", file=err)
@@ -42,15 +43,15 @@ def check_config(paths: list[str], out: TextIO | None = None, err: TextIO | None
     return status
 
 
-def _load(path: str) -> EndpointPickerConfig:
+def _load(path: str, allow_experimental: bool) -> EndpointPickerConfig:
     if path != STDIN:
-        return load_config_file(path)
+        return load_config_file(path, allow_experimental=allow_experimental)
     data = sys.stdin.buffer.read(safe_yaml.MAX_FILE_BYTES + 1)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"not UTF-8 (byte {e.start})", source="<stdin>") from None
-    return load_config(text, "<stdin>")  # the parser refuses more than MAX_FILE_BYTES
+    return load_config(text, "<stdin>", allow_experimental=allow_experimental)  # the parser refuses more than MAX_FILE_BYTES
 
 
 def describe(cfg: EndpointPickerConfig) -> str:

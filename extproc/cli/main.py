@@ -124,6 +124,7 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
         help="serve ext_proc over TLS (the certificate from --cert-path, else a self-signed one generated at start)",
     )  # fmt: skip
     p.add_argument("--cert-path", metavar="DIR", help="directory holding tls.crt and tls.key for --secure-serving")
+    _add_experimental_flag(p)
     p.add_argument(
         "-v", "--v", dest="verbosity", type=int, default=0,
         help="log verbosity: 0 info; 1+ debug, which also logs every request with its candidates' scores",
@@ -144,6 +145,13 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     obs.add_argument(
         "--tracing-sample-ratio", type=float, default=1.0, metavar="RATIO",
         help="with --tracing: share of requests without a sampled traceparent that are traced (default 1.0)",
+    )  # fmt: skip
+
+
+def _add_experimental_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-experimental-plugins", type=_bool_flag, nargs="?", const=True, default=False, metavar="BOOL",
+        help="let a config use llm-d's Alpha plugin types (the multicluster-* family), as llm-d's flag of this name",
     )  # fmt: skip
 
 
@@ -257,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
         "check-config", help="validate EndpointPickerConfig files without serving and print what they configure"
     )
     check.add_argument("files", nargs="+", metavar="FILE", help="config files; - reads one from standard input")
+    check.add_argument(
+        "--allow-experimental-plugins", action="store_true",
+        help="check as `epp serve --allow-experimental-plugins` would load: llm-d's Alpha plugin types allowed",
+    )  # fmt: skip
 
     cfg = sub.add_parser("envoy-config", help="print the Envoy configuration for a gateway in front of the EPP")
     cfg.add_argument("--port", type=int, default=8081)
@@ -268,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_argument("--admin-port", type=int, default=19000)
     cfg.add_argument("--request-body-mode", choices=("FULL_DUPLEX_STREAMED", "BUFFERED"), default="FULL_DUPLEX_STREAMED")
     cfg.add_argument("--fail-open", action="store_true", help="with --pool-endpoints: serve from the pool when the EPP is down")
+    cfg.add_argument(
+        "--dns-destinations", action="store_true",
+        help="the EPP's destinations are host names (a cluster-scoped EPP's peer gateways): route with Envoy's "
+        "dynamic forward proxy, which resolves them, instead of ORIGINAL_DST (IP addresses only)",
+    )  # fmt: skip
     cfg.add_argument(
         "--pool-endpoints", metavar="FILE",
         help="endpoints file of the pool: route with Envoy's override-host policy over these endpoints, "
@@ -321,6 +338,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model_rewrites_file=args.model_rewrites,
         tracing=args.tracing,
         tracing_sample_ratio=args.tracing_sample_ratio,
+        allow_experimental_plugins=args.allow_experimental_plugins,
     )
     if opts.max_endpoints < 1:
         raise ConfigError("expected at least 1", field="--max-num-endpoints")
@@ -496,6 +514,7 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
         failure_mode_allow=args.fail_open,
         fallback_endpoints=pool,
         override_host_endpoints=pool,
+        dns_destinations=args.dns_destinations,
     )
     print(yaml.safe_dump(envoy_config.render(settings), sort_keys=False), end="")
     return 0
@@ -504,7 +523,7 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     from extproc.cli.check_config import check_config
 
-    return check_config(args.files)
+    return check_config(args.files, allow_experimental=args.allow_experimental_plugins)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

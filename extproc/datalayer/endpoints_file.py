@@ -7,6 +7,10 @@ ports, as an InferencePool's targetPorts index) and `dpGroup` (the ranks that st
 GPU exporters `pod` (the name a DCGM exporter's `pod` label gives it; default `name`) and
 `nodeAddress` (its node's IP, for a `dcgm-data-source` with `useNodeAddress`).
 
+`peer_clusters=True` reads the same format as llm-d's `multicluster-file-discovery` does: each entry is
+a peer cluster reached at its gateway, whose address must be an IP or a DNS name (RFC 1123), and whose
+labels `metricsAddress` (and `metricsPort`, default the entry's port) say where its pool metrics are.
+
 Changes are detected by polling the file (extproc.datalayer.file_watch: inode, size, mtime through symlinks), which also
 catches the atomic `..data` symlink swap Kubernetes does when a mounted ConfigMap is updated. A
 changed file is read and parsed in a worker thread (pickers.config.safe_yaml bounds the work), so
@@ -19,7 +23,9 @@ import asyncio
 import ipaddress
 import logging
 import os
+import re
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from extproc.datalayer.datastore import Datastore
@@ -38,24 +44,37 @@ _FIELDS = (
     "address", "host", "port", "name", "namespace", "labels", "metricsPort", "metricsPath", "rank", "dpGroup", "pod",
     "nodeAddress",
 )  # fmt: skip
+# a peer cluster's entry: where its pool metrics are, as llm-d's multicluster-file-discovery reads them
+METRICS_ADDRESS_LABEL = "metricsAddress"
+METRICS_PORT_LABEL = "metricsPort"
+# a pod's own fields: nothing a cluster has
+_CLUSTER_REFUSED = {
+    "rank": "a data-parallel rank of a pod",
+    "dpGroup": "a data-parallel group of a pod's ranks",
+    "pod": "the pod a GPU exporter's samples name",
+    "nodeAddress": "the node of a pod, for a GPU exporter",
+}
+# Kubernetes' DNS-1123 subdomain (what llm-d's multicluster discovery takes besides an IP)
+_DNS_1123 = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_DNS_MAX = 253
 
 
-def load_endpoints_file(path: str | os.PathLike[str]) -> list[EndpointSpec]:
+def load_endpoints_file(path: str | os.PathLike[str], *, peer_clusters: bool = False) -> list[EndpointSpec]:
     """Read and validate an endpoints file. Raises ConfigError naming the file and the field."""
     source = os.fspath(path)
-    return parse_endpoints_yaml(_read(source), source=source)
+    return parse_endpoints_yaml(_read(source), source=source, peer_clusters=peer_clusters)
 
 
 def _read(path: str) -> str:
     return safe_yaml.read_text(path, what="endpoints file")
 
 
-def parse_endpoints_yaml(text: str, *, source: str | None = None) -> list[EndpointSpec]:
+def parse_endpoints_yaml(text: str, *, source: str | None = None, peer_clusters: bool = False) -> list[EndpointSpec]:
     """Validate the text of an endpoints file."""
-    return parse_endpoints(safe_yaml.parse(text, source=source), source=source)
+    return parse_endpoints(safe_yaml.parse(text, source=source), source=source, peer_clusters=peer_clusters)
 
 
-def parse_endpoints(doc: Any, *, source: str | None = None) -> list[EndpointSpec]:
+def parse_endpoints(doc: Any, *, source: str | None = None, peer_clusters: bool = False) -> list[EndpointSpec]:
     """Validate an already-decoded endpoints document: `{endpoints: [...]}` or a bare list."""
     if isinstance(doc, Mapping):
         extra = [str(k) for k in doc if k != "endpoints"]
@@ -84,6 +103,8 @@ def parse_endpoints(doc: Any, *, source: str | None = None) -> list[EndpointSpec
     for i, item in enumerate(items):
         where = f"{prefix}[{i}]"
         spec = _parse_endpoint(item, source=source, where=where)
+        if peer_clusters:
+            spec = _peer_cluster(spec, item, source=source, where=where)
         if spec.address in seen_addresses:
             raise ConfigError(
                 f"duplicate address {spec.address} (also {prefix}[{seen_addresses[spec.address]}])",
@@ -226,6 +247,52 @@ def _parse_endpoint(item: Any, *, source: str | None, where: str) -> EndpointSpe
     )
 
 
+def _peer_cluster(spec: EndpointSpec, item: Mapping[str, Any], *, source: str | None, where: str) -> EndpointSpec:
+    """A peer cluster's entry: its gateway host an IP or a DNS name, its metrics where its labels say."""
+
+    def fail(field: str, message: str) -> ConfigError:
+        return ConfigError(message, source=source, field=f"{where}.{field}")
+
+    key = "host" if "host" in item else "address"
+    if not is_host_or_ip(spec.host):
+        raise fail(key, f"expected a cluster gateway's IP address or DNS name (RFC 1123: lower-case letters, digits, "
+                        f"'-' and '.'), got {shown(spec.host)}")  # fmt: skip
+    for field, what in _CLUSTER_REFUSED.items():
+        if field in item:
+            raise fail(field, f"{what}; a peer cluster's entry has none")
+    address = spec.labels.get(METRICS_ADDRESS_LABEL)
+    port_label = spec.labels.get(METRICS_PORT_LABEL)
+    if address is None:
+        if port_label is not None:
+            raise fail(
+                f"labels.{METRICS_PORT_LABEL}",
+                f"needs a {METRICS_ADDRESS_LABEL} label (llm-d reads {METRICS_PORT_LABEL} only with it); to scrape "
+                "the gateway's own host at another port, give the metricsPort field",
+            )
+        return spec
+    host, embedded = _split_host_port(address.strip()) if address.strip() else (None, None)
+    if host is None or embedded is not None or not is_host_or_ip(host):
+        raise fail(f"labels.{METRICS_ADDRESS_LABEL}", f"expected an IP address or DNS name without a port, got {shown(address)}")
+    metrics_port = spec.metrics_port
+    if port_label is not None:
+        if metrics_port is not None:
+            raise fail(f"labels.{METRICS_PORT_LABEL}", "the metricsPort field gives the metrics port too; give one")
+        metrics_port = _port(port_label)
+        if metrics_port is None:
+            raise fail(f"labels.{METRICS_PORT_LABEL}", f"expected an integer 1-65535, got {shown(port_label)}")
+    return replace(spec, metrics_host=host, metrics_port=metrics_port or spec.port)
+
+
+def is_host_or_ip(host: str) -> bool:
+    """An IP address (IPv6 bracketed, as hosts are kept) or a DNS-1123 subdomain."""
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ipaddress.ip_address(bare)
+    except ValueError:
+        return len(host) <= _DNS_MAX and _DNS_1123.fullmatch(host) is not None
+    return True
+
+
 def _split_host_port(raw: str) -> tuple[str | None, str | None]:
     """`host`, `host:port`, `v6`, `[v6]`, `[v6]:port` -> (host, port text). IPv6 hosts come back
     bracketed so that `host:port` is a valid address for Envoy and a valid URL authority."""
@@ -265,7 +332,9 @@ def _port(value: Any) -> int | None:
     return value if 1 <= value <= 65535 else None
 
 
-def _read_if_changed(path: str, last_text: str | None) -> tuple[str, list[EndpointSpec] | ConfigError | None]:
+def _read_if_changed(
+    path: str, last_text: str | None, peer_clusters: bool = False
+) -> tuple[str, list[EndpointSpec] | ConfigError | None]:
     """Read the file and parse it if its text changed: (text, its endpoints or its error), or
     (text, None) when unchanged. Runs in a worker thread: it touches nothing shared. Raises
     ConfigError when the file cannot be read."""
@@ -273,7 +342,7 @@ def _read_if_changed(path: str, last_text: str | None) -> tuple[str, list[Endpoi
     if text == last_text:
         return text, None
     try:
-        return text, parse_endpoints_yaml(text, source=path)
+        return text, parse_endpoints_yaml(text, source=path, peer_clusters=peer_clusters)
     except ConfigError as e:
         return text, e
 
@@ -287,9 +356,11 @@ class StaticFileDiscovery:
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], datastore: Datastore, *, poll_interval: float = 1.0, watch: bool = True
+        self, path: str | os.PathLike[str], datastore: Datastore, *, poll_interval: float = 1.0, watch: bool = True,
+        peer_clusters: bool = False,
     ) -> None:
         self.path = os.fspath(path)
+        self.peer_clusters = peer_clusters  # entries are peer clusters (multicluster-file-discovery)
         self.datastore = datastore
         self.poll_interval = poll_interval
         self.watch = watch  # False: read once (llm-d's file-discovery with watchFile: false)
@@ -305,7 +376,7 @@ class StaticFileDiscovery:
     def _read_first(self) -> tuple[FileIdentity | None, str, list[EndpointSpec]]:
         identity = file_identity(self.path)  # before reading: a write racing the read shows later
         text = _read(self.path)
-        return identity, text, parse_endpoints_yaml(text, source=self.path)
+        return identity, text, parse_endpoints_yaml(text, source=self.path, peer_clusters=self.peer_clusters)
 
     def _take(
         self, identity: FileIdentity | None, text: str, specs: list[EndpointSpec]
@@ -320,7 +391,7 @@ class StaticFileDiscovery:
         if not may_have_changed(identity, self._identity):
             return False
         try:
-            text, parsed = await asyncio.to_thread(_read_if_changed, self.path, self._text)
+            text, parsed = await asyncio.to_thread(_read_if_changed, self.path, self._text, self.peer_clusters)
         except ConfigError as e:
             self._identity, self._text = identity, None
             if str(e) != self.last_error:  # a missing file stays missing: say it once

@@ -5,7 +5,8 @@ HTTP session, a timeout per scrape. Picks never wait for a scrape; they judge st
 `Datastore.is_stale`. Which series are read is the endpoint's engine mapping (vLLM, SGLang, TensorRT-LLM,
 ...: pickers.plugins.datalayer.extractors), chosen by its `llm-d.ai/engine-type` label, and its
 customMetrics become the endpoint's attributes; where to scrape is the `metrics-data-source` (scheme,
-path, port, TLS, interval). `EndpointPoller` is the polling loop shared with the /v1/models poller
+path, port, TLS, interval). A peer cluster's pool aggregates (`multicluster-metrics-extractor`) are read
+by `PoolMetricsParser` instead. `EndpointPoller` is the polling loop shared with the /v1/models poller
 (extproc.datalayer.models) and the DCGM scraper (extproc.datalayer.dcgm), `SampleFinder` the
 Prometheus text reading shared with the latter.
 """
@@ -21,6 +22,7 @@ import re
 import ssl
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Protocol
 
 import aiohttp
 
@@ -34,6 +36,7 @@ from pickers.plugins.datalayer.extractors import (
     EngineMetrics,
     MetricsExtraction,
     MetricSpec,
+    PoolMetricsExtraction,
 )
 from pickers.plugins.datalayer.sources import DEFAULT_METRICS_SOURCE, HttpSource
 
@@ -250,6 +253,54 @@ def _timestamp(raw: str | None) -> float:
     return ts if ts is not None else 0.0
 
 
+class PoolMetricsParser:
+    """Reads a peer cluster's pool aggregates (its EPP's mean KV-cache use and mean waiting queue) into
+    Metrics: `pool_kv_usage` and `pool_queue`, and the same numbers as `kv_usage` and `waiting` (rounded).
+
+    Several matching series (one per pool of the peer's EPP) are averaged. NaN/Inf samples are ignored.
+    Raises MetricsParseError when either gauge has no usable sample: a peer EPP exports them only while
+    its pool has endpoints with fresh metrics, so a cluster without them is not offered as idle.
+    """
+
+    def __init__(self, extraction: PoolMetricsExtraction) -> None:
+        self.specs = (extraction.kv_usage, extraction.queue)
+        self._finder = SampleFinder(spec.name for spec in self.specs)
+        self._keys = tuple(self._finder.key(spec.name) for spec in self.specs)
+
+    def parse(self, text: str) -> Metrics:
+        sums = [0.0, 0.0]
+        counts = [0, 0]
+        for m in self._finder.samples(text):
+            suffix, label_text, raw_value, _ = m.groups()
+            value = finite(raw_value)
+            if value is None:
+                continue
+            labels: dict[str, str] | None = None
+            for i, spec in enumerate(self.specs):
+                if self._keys[i] != suffix:
+                    continue
+                if spec.labels:
+                    labels = labels_of(label_text) if labels is None else labels
+                    if not spec.matches(labels):
+                        continue
+                sums[i] += value
+                counts[i] += 1
+        missing = [str(spec) for spec, n in zip(self.specs, counts, strict=True) if n == 0]
+        if missing:
+            raise MetricsParseError(f"no usable sample of {', '.join(missing)}")
+        kv = min(1.0, max(0.0, sums[0] / counts[0]))
+        queue = min(max(sums[1] / counts[1], 0.0), 1e12)
+        return Metrics(waiting=round(queue), kv_usage=kv, pool_kv_usage=kv, pool_queue=queue)
+
+    def parse_with_attributes(self, text: str) -> tuple[Metrics, dict[str, float]]:
+        """As MetricsParser's: a peer cluster's aggregates publish no attributes."""
+        return self.parse(text), {}
+
+
+class Parser(Protocol):
+    def parse_with_attributes(self, text: str) -> tuple[Metrics, dict[str, float]]: ...
+
+
 VLLM_PARSER = MetricsParser(BUILTIN_ENGINES["vllm"])
 
 
@@ -297,9 +348,10 @@ def ssl_context(source: HttpSource) -> ssl.SSLContext | None:
 
 
 def source_url(source: HttpSource, ep: Endpoint) -> str:
-    """Where `source` fetches for `ep`: the endpoints file's metricsPort/metricsPath win over the source's
-    (for the model server's own sources); `use_node_address` fetches from the endpoint's node, or from
-    the endpoint's own IP when its node is not known (file discovery), as llm-d does."""
+    """Where `source` fetches for `ep`: the endpoints file's metricsPort/metricsPath (a peer cluster's
+    metricsAddress) win over the source's (for the model server's own sources); `use_node_address`
+    fetches from the endpoint's node, or from the endpoint's own IP when its node is not known (file
+    discovery), as llm-d does."""
     spec = ep.spec
     host = spec.host
     if source.use_node_address and spec.node_address:
@@ -307,7 +359,7 @@ def source_url(source: HttpSource, ep: Endpoint) -> str:
     if not source.endpoint_overrides:
         return f"{source.scheme}://{host}:{source.port or spec.port}{source.path}"
     port = spec.metrics_port or source.port or spec.port
-    return f"{source.scheme}://{host}:{port}{spec.metrics_path or source.path}"
+    return f"{source.scheme}://{spec.metrics_host or host}:{port}{spec.metrics_path or source.path}"
 
 
 def default_session(ssl_ctx: ssl.SSLContext | None = None) -> aiohttp.ClientSession:
@@ -418,7 +470,7 @@ class EndpointPoller:
             async with session.get(url, timeout=self._client_timeout) as resp:
                 if resp.status != 200:
                     raise ScrapeError(f"HTTP {resp.status} from {url}")
-                body = await resp.read()
+                body = await self._read(resp)
             self.take(ep, body)
         except asyncio.CancelledError:
             raise
@@ -433,6 +485,21 @@ class EndpointPoller:
         self.failed(ep, error)
         return error
 
+    async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
+        cap = self.source.max_bytes
+        if cap is None:
+            return await resp.read()
+        if resp.content_length is not None and resp.content_length > cap:
+            raise ScrapeError(f"answer of {resp.content_length} bytes; at most {cap} are read")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in resp.content.iter_chunked(1 << 16):
+            size += len(chunk)
+            if size > cap:
+                raise ScrapeError(f"answer over {cap} bytes; at most {cap} are read")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     def take(self, ep: Endpoint, body: bytes) -> None:
         """Record a fetched body; raises ScrapeError when it is unusable."""
         raise NotImplementedError
@@ -443,7 +510,8 @@ class EndpointPoller:
 
 class MetricsScraper(EndpointPoller):
     """The `metrics-data-source` + `core-metrics-extractor` pair: each endpoint's metrics, parsed with
-    its engine's mapping. A failure marks the endpoint's metrics as failing (see Datastore)."""
+    its engine's mapping; or, with a PoolMetricsExtraction (`multicluster-metrics-extractor`), each peer
+    cluster's pool aggregates. A failure marks the endpoint's metrics as failing (see Datastore)."""
 
     what = "scraping"
 
@@ -454,14 +522,19 @@ class MetricsScraper(EndpointPoller):
         interval: float = 0.05,
         timeout: float = 1.0,
         source: HttpSource = DEFAULT_METRICS_SOURCE,
-        extraction: MetricsExtraction = DEFAULT_EXTRACTION,
+        extraction: MetricsExtraction | PoolMetricsExtraction = DEFAULT_EXTRACTION,
         session_factory: Callable[[], aiohttp.ClientSession] | None = None,
     ) -> None:
         super().__init__(datastore, source, interval=interval, timeout=timeout, session_factory=session_factory)
         self.extraction = extraction
-        self._parsers = {name: MetricsParser(engine) for name, engine in extraction.engines.items()}
+        self._pool = PoolMetricsParser(extraction) if isinstance(extraction, PoolMetricsExtraction) else None
+        engines = extraction.engines if isinstance(extraction, MetricsExtraction) else {}
+        self._parsers = {name: MetricsParser(engine) for name, engine in engines.items()}
 
-    def parser_for(self, ep: Endpoint) -> MetricsParser:
+    def parser_for(self, ep: Endpoint) -> Parser:
+        if self._pool is not None:
+            return self._pool
+        assert isinstance(self.extraction, MetricsExtraction)
         return self._parsers[self.extraction.engine_for(ep.labels).name]
 
     def take(self, ep: Endpoint, body: bytes) -> None:

@@ -3,6 +3,8 @@
 The reference file is the one template: we load it and set ports, body modes and the failure mode,
 and with fail-open add a route to a cluster of the pool's own endpoints (Envoy's
 `failure_mode_allow` alone does not fail open with an ORIGINAL_DST cluster: docs/kubernetes.md, Failure mode).
+For a cluster-scoped EPP, whose destinations are peer gateways' host names, the pool cluster becomes a
+dynamic forward proxy (ORIGINAL_DST takes IP addresses only: docs/kubernetes.md, Routing across clusters).
 Paths that are not for clients (the simulators' control API in the local stack) get a 404 from
 Envoy itself, before the EPP is asked.
 """
@@ -52,6 +54,9 @@ class GatewaySettings:
     # ORIGINAL_DST: it understands the EPP's ordered list and retries on the next endpoint.
     override_host_endpoints: Sequence[tuple[str, int]] = field(default_factory=tuple)
     retries: int = 2
+    # The EPP's destinations are host names (a cluster-scoped EPP's peer gateways, `host:port`): route
+    # with Envoy's dynamic forward proxy, which resolves them, instead of ORIGINAL_DST (IP addresses only).
+    dns_destinations: bool = False
     # With failure_mode_allow: where to send requests when the EPP cannot answer.
     fallback_endpoints: Sequence[tuple[str, int]] = field(default_factory=tuple)
     # Path prefixes the gateway answers with 404 itself, e.g. the simulators' /sim/ control API:
@@ -116,6 +121,11 @@ def render(settings: GatewaySettings, reference: Path = REFERENCE) -> dict[str, 
         epp_endpoint.pop("health_check_config", None)
     if settings.epp_tls:
         _epp_tls(epp, settings)
+    if settings.override_host_endpoints and settings.dns_destinations:
+        raise ConfigError("the override-host policy matches IP addresses; host-name destinations need the dynamic forward proxy",
+                          field="dns destinations")  # fmt: skip
+    if settings.dns_destinations:
+        _dynamic_forward_proxy(hcm, next(c for c in clusters if c["name"] == "llm-pool"))
     if settings.override_host_endpoints:
         pool = next(c for c in clusters if c["name"] == "llm-pool")
         pool.clear()
@@ -180,6 +190,42 @@ def _epp_tls(epp: dict[str, Any], settings: GatewaySettings) -> None:
         ]
         for hc in epp["health_checks"]:
             hc["transport_socket_match_criteria"] = {"llm-epp.health": "plaintext"}
+
+
+DNS_CACHE = {"name": "llm-destinations", "dns_lookup_family": "V4_PREFERRED"}
+
+
+def _dynamic_forward_proxy(hcm: dict[str, Any], pool: dict[str, Any]) -> None:
+    """Send each request to the `host:port` the EPP named, resolved by Envoy's DNS cache: the Host
+    header is rewritten to it (host_rewrite_header), and the dynamic forward proxy filter resolves it
+    before the router connects. One destination per request: a fallback list does not resolve."""
+    filters = hcm["http_filters"]
+    router = next(i for i, f in enumerate(filters) if f["name"] == "envoy.filters.http.router")
+    filters.insert(router, {
+        "name": "envoy.filters.http.dynamic_forward_proxy",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig",
+            "dns_cache_config": dict(DNS_CACHE),
+        },
+    })  # fmt: skip
+    route = next(r for r in hcm["route_config"]["virtual_hosts"][0]["routes"] if r.get("name") == "picked-by-epp")
+    route["typed_per_filter_config"] = {
+        "envoy.filters.http.dynamic_forward_proxy": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_forward_proxy.v3.PerRouteConfig",
+            "host_rewrite_header": "x-gateway-destination-endpoint",
+        }
+    }
+    keep = {k: pool[k] for k in ("name", "connect_timeout", "per_connection_buffer_limit_bytes", "circuit_breakers") if k in pool}
+    pool.clear()
+    pool.update(keep)
+    pool["lb_policy"] = "CLUSTER_PROVIDED"
+    pool["cluster_type"] = {
+        "name": "envoy.clusters.dynamic_forward_proxy",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.clusters.dynamic_forward_proxy.v3.ClusterConfig",
+            "dns_cache_config": dict(DNS_CACHE),
+        },
+    }
 
 
 def _override_host_cluster(endpoints: Sequence[tuple[str, int]]) -> dict[str, Any]:

@@ -30,8 +30,13 @@ class PodStatus(msgspec.Struct, rename="camel", frozen=True):
     conditions: list[PodCondition] = []
 
 
+class PodSpec(msgspec.Struct, frozen=True):
+    hostname: str = ""  # set by StatefulSets and LeaderWorkerSets (the pod's name), or by hand
+
+
 class Pod(msgspec.Struct, frozen=True):
     metadata: ObjectMeta = ObjectMeta()
+    spec: PodSpec = PodSpec()
     status: PodStatus = PodStatus()
 
     @property

@@ -137,6 +137,7 @@ def endpoints_for_pod(pod: Pod, target_ports: tuple[int, ...]) -> list[EndpointS
         EndpointSpec(
             name=f"{pod.metadata.name}-rank-{i}", host=host, port=port, labels=labels,
             namespace=pod.metadata.namespace, rank=i, dp_group=group, pod=pod.metadata.name, node_address=node,
+            hostname=pod.spec.hostname,
         )  # fmt: skip
         for i, port in enumerate(target_ports)
         if allowed is None or port in allowed

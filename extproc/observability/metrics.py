@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
@@ -61,6 +62,10 @@ log = logging.getLogger(__name__)
 QUEUE_WAIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 MODEL_SERVER_ERROR = "ModelServerError"  # the reference picker's code for an upstream status >= 400
+
+# The pool means under GIE's names and under llm-d's current ones (llm-d exports both; a peer's
+# multicluster-metrics-extractor reads llm-d's)
+POOL_PREFIXES = ("inference_pool_", "llm_d_epp_")
 
 
 def llm_epp_version() -> str:
@@ -375,21 +380,33 @@ class _FixedFamilies:
             return
         name = self.m.pool_name
         endpoints = ds.candidates()
-        n = len(endpoints)
         ready = GaugeMetricFamily("inference_pool_ready_pods", "Endpoints in the pool", labels=["name"])
-        ready.add_metric([name], n)
-        kv = GaugeMetricFamily(
-            "inference_pool_average_kv_cache_utilization", "Mean KV-cache use (0-1) over the pool's endpoints", labels=["name"]
-        )
-        kv.add_metric([name], sum(ep.metrics.kv_usage for ep in endpoints) / n if n else 0.0)
-        queue = GaugeMetricFamily("inference_pool_average_queue_size", "Mean waiting requests over the pool's endpoints", labels=["name"])
-        queue.add_metric([name], sum(ep.metrics.waiting for ep in endpoints) / n if n else 0.0)
+        ready.add_metric([name], len(endpoints))
+        yield ready
+        # The means are over the endpoints with fresh metrics, and have no sample when there are none
+        # (as llm-d's): a cluster-scoped EPP scraping these (multicluster-metrics-extractor reads the
+        # llm_d_epp_ names) must not take a pool with no live endpoint for an idle one.
+        now = time.monotonic()
+        fresh = [ep for ep in endpoints if not ds.is_stale(ep, now)]
+        n = len(fresh)
+        for prefix in POOL_PREFIXES:
+            kv = GaugeMetricFamily(
+                f"{prefix}average_kv_cache_utilization", "Mean KV-cache use (0-1) over the pool's endpoints with fresh metrics",
+                labels=["name"],
+            )  # fmt: skip
+            queue = GaugeMetricFamily(
+                f"{prefix}average_queue_size", "Mean waiting requests over the pool's endpoints with fresh metrics", labels=["name"]
+            )
+            if n:
+                kv.add_metric([name], sum(ep.metrics.kv_usage for ep in fresh) / n)
+                queue.add_metric([name], sum(ep.metrics.waiting for ep in fresh) / n)
+            yield from (kv, queue)
         per_pod = GaugeMetricFamily(
             "inference_pool_per_pod_queue_size", "Waiting requests on each endpoint", labels=["name", "model_server_pod"]
         )
         for ep in endpoints:
             per_pod.add_metric([name, ep.name or ep.address], ep.metrics.waiting)
-        yield from (ready, kv, queue, per_pod)
+        yield per_pod
 
     def _prefix(self) -> Iterator[Metric]:
         index = self.m.prefix_index

@@ -74,6 +74,9 @@ def endpoints_view(
         })  # fmt: skip
         if ep.spec.namespace:
             out[-1]["namespace"] = ep.spec.namespace
+        if m.pool_queue is not None:  # a peer cluster (multicluster-metrics-extractor): its pool means, unrounded
+            out[-1]["pool_queue"] = m.pool_queue
+            out[-1]["pool_kv_usage"] = m.pool_kv_usage
         if ep.attributes:
             # scalar attributes (custom metrics, GPUUtilization) and how old their producer's last value is
             times = ep.attributes_updated_at

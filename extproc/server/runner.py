@@ -126,6 +126,7 @@ class ServeOptions:
     model_rewrites_file: str | None = None  # InferenceModelRewrite rules, for use without Kubernetes
     tracing: bool = False  # OpenTelemetry spans per request (the `otel` extra); off: OpenTelemetry is never imported
     tracing_sample_ratio: float = 1.0  # of requests arriving without a sampled traceparent
+    allow_experimental_plugins: bool = False  # llm-d's Alpha plugin types load only with it (--allow-experimental-plugins)
 
 
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
@@ -320,12 +321,13 @@ class EppServer:
         if opts.config_file is None and opts.config_text is None:
             return (build_profile(opts.strategy, self.prefix_index, max_endpoints=opts.max_endpoints),), None, ()
         ctx = self._plugin_ctx
+        experimental = opts.allow_experimental_plugins
         if opts.config_text is not None:
-            cfg = load_config(opts.config_text, "--config-text", ctx)
+            cfg = load_config(opts.config_text, "--config-text", ctx, allow_experimental=experimental)
         else:
             assert opts.config_file is not None
             self._config_text = safe_yaml.read_text(opts.config_file, what="config file")
-            cfg = load_config(self._config_text, opts.config_file, ctx)
+            cfg = load_config(self._config_text, opts.config_file, ctx, allow_experimental=experimental)
         self.config = cfg
         self._saturation_config = SaturationConfig.from_config(cfg.saturation_detector, cfg.source)
         self._admission_detector = cfg.admission_detector
@@ -370,7 +372,7 @@ class EppServer:
     def _load_again(self, text: str, source: str, previous: EndpointPickerConfig) -> EndpointPickerConfig:
         """On a worker thread: the same PluginContext (the shared prefix index), and the config serving
         so that unchanged plugins keep their state."""
-        return load_config(text, source, self._plugin_ctx, previous=previous)
+        return load_config(text, source, self._plugin_ctx, previous=previous, allow_experimental=self.opts.allow_experimental_plugins)
 
     def _check_scheduling(self, old: EndpointPickerConfig, new: EndpointPickerConfig) -> str | None:
         """The profiles and plugins swap freely, but for what start-up wired to the outside: the
@@ -473,7 +475,11 @@ class EppServer:
         opts = self.opts
         if self._endpoints_file:
             # Load once up front so a bad file stops start-up with its error, then watch it.
-            discovery = StaticFileDiscovery(self._endpoints_file, self.datastore, watch=self._watch_endpoints)
+            found = self.data_layer.discovery
+            discovery = StaticFileDiscovery(
+                self._endpoints_file, self.datastore, watch=self._watch_endpoints,
+                peer_clusters=found is not None and found.peer_clusters,
+            )  # fmt: skip
             discovery.load()
             if self._watch_endpoints:
                 self.supervisor.start("static-discovery", discovery.run)

@@ -6,7 +6,9 @@ What llm-epp runs: one `metrics-data-source` + `core-metrics-extractor` (the met
 one `models-data-source` + `models-data-extractor` (the /v1/models poller), at most one
 `dcgm-data-source` + `dcgm-extractor` (the GPU utilization scraper), `file-discovery`, and
 `endpoint-notification-source` for the plugins llm-d feeds endpoint events (they follow the pool's
-membership here anyway). As in llm-d, the default
+membership here anyway). A cluster-scoped EPP runs their multi-cluster variants instead
+(`multicluster-file-discovery`, a `multicluster-metrics-data-source` + `multicluster-metrics-extractor`
+whose pool aggregates the multicluster scorers read). As in llm-d, the default
 metrics source and extractor are added unless `injectDefaults: false` or a metrics source is listed; a
 plugin named `metrics-data-source` / `core-metrics-extractor` is the one added. What llm-epp cannot
 honour is refused naming the field and why; a plugin reading an endpoint attribute no listed extractor
@@ -29,6 +31,8 @@ from pickers.plugins.datalayer.extractors import (
     CoreMetricsExtractor,
     DataExtractor,
     MetricsExtraction,
+    MulticlusterMetricsExtractor,
+    PoolMetricsExtraction,
 )
 from pickers.plugins.datalayer.sources import (
     DEFAULT_METRICS_SOURCE,
@@ -72,7 +76,8 @@ class DataLayerConfig:
     """What the data layer runs. The default is llm-d's: the metrics source and extractor, nothing else."""
 
     metrics: HttpSource | None = DEFAULT_METRICS_SOURCE  # None: no metrics scraping (injectDefaults: false)
-    extraction: MetricsExtraction = DEFAULT_EXTRACTION
+    # an engine mapping per endpoint, or a peer cluster's pool aggregates (multicluster-metrics-extractor)
+    extraction: MetricsExtraction | PoolMetricsExtraction = DEFAULT_EXTRACTION
     models: HttpSource | None = None  # the /v1/models poller, when a models-data-source is listed
     discovery: FileDiscoveryConfig | None = None  # None: epp serve's flags say where endpoints come from
     endpoint_listeners: tuple[str, ...] = ()  # wired to endpoint-notification-source; they follow membership anyway
@@ -88,11 +93,17 @@ class DataLayerConfig:
         lines = []
         if self.metrics is None:
             lines.append("metrics: off (injectDefaults: false and no metrics-data-source)")
-        else:
+        elif isinstance(self.extraction, PoolMetricsExtraction):
             ex = self.extraction
             lines.append(
+                f"metrics: {self.metrics.name} {_url(self.metrics)}{_every(self.metrics)}; each peer cluster's pool "
+                f"aggregates {ex.kv_usage} and {ex.queue}"
+            )
+        else:
+            engines = self.extraction
+            lines.append(
                 f"metrics: {self.metrics.name} {_url(self.metrics)}{_every(self.metrics)}; engines by label "
-                f"{ex.engine_label_key} ({', '.join(ex.engines)}; default {ex.default_engine})"
+                f"{engines.engine_label_key} ({', '.join(engines.engines)}; default {engines.default_engine})"
             )
         if self.models is not None:
             lines.append(f"models: {self.models.name} {_url(self.models)}{_every(self.models)}")
@@ -103,7 +114,8 @@ class DataLayerConfig:
             lines.append(f"custom metrics (attributes of core-metrics-extractor): {', '.join(custom)}")
         if self.discovery is not None:
             watch = ", re-read when it changes" if self.discovery.watch_file else ", read once"
-            lines.append(f"discovery: file {self.discovery.path}{watch}")
+            what = "peer clusters from file" if self.discovery.peer_clusters else "file"
+            lines.append(f"discovery: {what} {self.discovery.path}{watch}")
         if self.endpoint_listeners:
             lines.append(f"endpoint notifications: {', '.join(self.endpoint_listeners)}")
         return lines
@@ -115,6 +127,12 @@ DEFAULT_DATA_LAYER = DataLayerConfig()
 def _url(s: HttpSource) -> str:
     host = "<node or endpoint>" if s.use_node_address else "<endpoint>"
     return f"{s.scheme}://{host}:{s.port or '<port>'}{s.path}"
+
+
+POOL_METRICS_NEEDED = (
+    "reads each peer cluster's pool aggregates: list a multicluster-metrics-data-source with a "
+    "multicluster-metrics-extractor in dataLayer.sources (llm-d refuses this config too)"
+)
 
 
 def _every(s: HttpSource) -> str:
@@ -143,7 +161,7 @@ def build_data_layer(
 
     used: set[str] = set()
     metrics: HttpSource | None = None
-    extraction = DEFAULT_EXTRACTION
+    extraction: MetricsExtraction | PoolMetricsExtraction = DEFAULT_EXTRACTION
     models: HttpSource | None = None
     dcgm: HttpSource | None = None
     listeners: list[str] = []
@@ -191,14 +209,23 @@ def build_data_layer(
                 listeners.append(ext_name)
             elif not isinstance(ext, DataExtractor) or ext.input != source.output:
                 wanted = {
-                    "prometheus": "a core-metrics-extractor", "models": "a models-data-extractor", "dcgm": "a dcgm-extractor",
+                    "prometheus": "a core-metrics-extractor or multicluster-metrics-extractor",
+                    "models": "a models-data-extractor", "dcgm": "a dcgm-extractor",
                 }.get(source.output, "?")  # fmt: skip
                 raise fail(
                     ext_path,
                     f"plugin {shown(ext_name)} ({getattr(ext, 'type', '?')}) cannot read what {getattr(source, 'type', '?')} "
                     f"fetches; expected {wanted}",
                 )
-            elif isinstance(ext, CoreMetricsExtractor):
+            elif isinstance(ext, (CoreMetricsExtractor, MulticlusterMetricsExtractor)):
+                other = next((n for n in extractors[:j] if isinstance(plugins[n], (CoreMetricsExtractor, MulticlusterMetricsExtractor))), None)
+                if other is not None:
+                    raise fail(
+                        ext_path,
+                        f"{getattr(ext, 'type', '?')} and {getattr(plugins[other], 'type', '?')} ({shown(other)}) on one "
+                        "source: an endpoint is either a model server (core-metrics-extractor) or a peer cluster "
+                        "(multicluster-metrics-extractor)",
+                    )
                 extraction = ext.extraction
 
     if metrics is None and inject is not False:
@@ -230,14 +257,23 @@ def build_data_layer(
         if not isinstance(plugin, FileDiscovery):
             raise fail(
                 "dataLayer.discovery.pluginRef",
-                f"plugin {shown(name)} ({getattr(plugin, 'type', '?')}) is not an endpoint discovery plugin; expected file-discovery",
+                f"plugin {shown(name)} ({getattr(plugin, 'type', '?')}) is not an endpoint discovery plugin; expected "
+                "file-discovery or multicluster-file-discovery",
             )
         discovery = plugin.config
         used.add(name)
 
+    if discovery is not None and discovery.peer_clusters and not isinstance(extraction, PoolMetricsExtraction) and metrics is not None:
+        warnings.append(
+            "dataLayer: multicluster-file-discovery lists peer clusters, but their metrics are read as a model "
+            "server's (core-metrics-extractor); a cluster's pool aggregates are read by a "
+            "multicluster-metrics-extractor on a multicluster-metrics-data-source"
+        )
     built = DataLayerConfig(metrics, extraction, models, discovery, tuple(listeners), dcgm)
     produced = built.attributes()
     for name, plugin in plugins.items():
+        if getattr(plugin, "reads_pool_metrics", False) and not isinstance(extraction, PoolMetricsExtraction):
+            raise fail(f"{plugin_path(name)}.type", f"{getattr(plugin, 'type', '?')} {POOL_METRICS_NEEDED}")
         key = getattr(plugin, "reads_attribute", None)
         if isinstance(key, AttributeKey) and key not in produced:
             warnings.append(f"{plugin_path(name)} ({getattr(plugin, 'type', '?')}): {_unpublished(key, produced)}")

@@ -48,7 +48,13 @@ from pickers.config.parsers import (
     is_parser_type,
     resolve_parsers,
 )
-from pickers.config.registry import BuiltPlugin, build_plugin, create_plugin
+from pickers.config.registry import (
+    ALPHA_TYPES,
+    EXPERIMENTAL_FLAG,
+    BuiltPlugin,
+    build_plugin,
+    create_plugin,
+)
 from pickers.framework.errors import ConfigError, shown
 from pickers.framework.flowcontrol import FairnessPolicy, FlowControlConfig
 from pickers.framework.params import ParameterError
@@ -167,17 +173,19 @@ class EndpointPickerConfig:
         return self.profiles[0]
 
 
-def load_config_file(path: str | Path, ctx: PluginContext | None = None) -> EndpointPickerConfig:
-    return load_config(safe_yaml.read_text(path, what="config file"), str(path), ctx)
+def load_config_file(path: str | Path, ctx: PluginContext | None = None, *, allow_experimental: bool = False) -> EndpointPickerConfig:
+    return load_config(safe_yaml.read_text(path, what="config file"), str(path), ctx, allow_experimental=allow_experimental)
 
 
 def load_config(
-    text: str, source: str, ctx: PluginContext | None = None, *, previous: EndpointPickerConfig | None = None
+    text: str, source: str, ctx: PluginContext | None = None, *, previous: EndpointPickerConfig | None = None,
+    allow_experimental: bool = False,
 ) -> EndpointPickerConfig:
     """Parse, validate and build. `ctx` carries the shared prefix index, datastore and rng. With
     `previous` (a reload; give it the same `ctx`), unchanged plugins keep their state (see the module
-    doc); `previous` itself is not modified."""
-    cfg = _Loader(source, ctx or PluginContext(), previous).load(text)
+    doc); `previous` itself is not modified. `allow_experimental` (--allow-experimental-plugins) lets
+    llm-d's Alpha plugin types load (registry.ALPHA_TYPES)."""
+    cfg = _Loader(source, ctx or PluginContext(), previous, allow_experimental).load(text)
     for w in cfg.warnings:
         log.warning("%s: %s", source, w)
     return cfg
@@ -190,8 +198,11 @@ def _kind(value: object) -> str:
 
 
 class _Loader:
-    def __init__(self, source: str, ctx: PluginContext, previous: EndpointPickerConfig | None = None) -> None:
+    def __init__(
+        self, source: str, ctx: PluginContext, previous: EndpointPickerConfig | None = None, allow_experimental: bool = False
+    ) -> None:
         self.source = source
+        self.allow_experimental = allow_experimental
         self.ctx = ctx
         self.previous = previous.builds if previous is not None else {}
         self.builds: dict[str, PluginBuild] = {}
@@ -246,6 +257,7 @@ class _Loader:
         gates = self.feature_gates(doc.get("featureGates"))
 
         plugins = self.build_plugins(doc.get("plugins"))
+        self.check_stability()
         others = {n: t for n, t in self.types.items() if n not in self.parser_plugins}
         parsers, default_parsers = resolve_parsers(doc, self.parser_plugins, others, self.error, self.warnings)
         handlers = {n: p for n, p in plugins.items() if isinstance(p, ProfileHandler)}
@@ -310,6 +322,20 @@ class _Loader:
             builds=MappingProxyType(self.builds),
             kept=tuple(self.kept),
         )
+
+    def check_stability(self) -> None:
+        """llm-d's rule for its Alpha plugins: they load only with --allow-experimental-plugins."""
+        if self.allow_experimental:
+            return
+        alpha = [(n, t) for n, t in self.types.items() if t in ALPHA_TYPES]
+        if alpha:
+            name, type_name = alpha[0]
+            more = f" (also {', '.join(f'{n} ({t})' for n, t in alpha[1:])})" if alpha[1:] else ""
+            raise self.error(
+                f"plugins[{self.index[name]}].type",
+                f"plugin {shown(name)} (type {type_name}) has Alpha stability in llm-d, and {EXPERIMENTAL_FLAG} "
+                f"is not set{more}: start the EPP with {EXPERIMENTAL_FLAG}, as llm-d requires",
+            )
 
     def bind_plugin(self, plugins: dict[str, object], plugin: object, bind: Any) -> None:
         """Run a plugin's by-name binding; a ParameterError becomes an error at that plugin's parameter."""

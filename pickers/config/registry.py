@@ -16,14 +16,21 @@ from pickers.config.unsupported import UNSUPPORTED_TYPES
 from pickers.framework.errors import ConfigError, shown
 from pickers.framework.params import Params
 from pickers.plugins.base import PluginContext
-from pickers.plugins.datalayer.discovery import FileDiscovery
-from pickers.plugins.datalayer.extractors import CoreMetricsExtractor, DcgmExtractor, ModelsDataExtractor
+from pickers.plugins.datalayer.discovery import FileDiscovery, MulticlusterFileDiscovery
+from pickers.plugins.datalayer.extractors import (
+    CoreMetricsExtractor,
+    DcgmExtractor,
+    ModelsDataExtractor,
+    MulticlusterMetricsExtractor,
+)
+from pickers.plugins.datalayer.topology import TopologyExtractor
 from pickers.plugins.datalayer.sources import (
     DcgmDataSource,
     EndpointNotificationSource,
     K8sNotificationSource,
     MetricsDataSource,
     ModelsDataSource,
+    MulticlusterMetricsDataSource,
 )
 from pickers.plugins.filter.by_label import ByLabelFilter, ByLabelSelectorFilter, LabelSelectorFilter
 from pickers.plugins.filter.context_length import ContextLengthAware
@@ -68,7 +75,7 @@ from pickers.plugins.requestcontrol.attribute_reporter import RequestAttributeRe
 from pickers.plugins.scorer.load.active_request import ActiveRequestScorer
 from pickers.plugins.scorer.load.data_parallel import DataParallelBalanceScorer
 from pickers.plugins.scorer.load.endpoint_attribute import EndpointAttributeScorer
-from pickers.plugins.scorer.load.kv_cache import KVCacheUtilizationScorer
+from pickers.plugins.scorer.load.kv_cache import KVCacheUtilizationScorer, MulticlusterKVCacheUtilizationScorer
 from pickers.plugins.scorer.load.load_aware import LoadAwareScorer
 from pickers.plugins.scorer.affinity.header_label import HeaderLabelAffinityScorer
 from pickers.plugins.scorer.affinity.lora_affinity import LoraAffinityScorer
@@ -76,11 +83,21 @@ from pickers.plugins.scorer.affinity.mm_embeddings import MMEmbeddingsCacheProdu
 from pickers.plugins.scorer.affinity.no_hit_lru import NoHitLRUScorer
 from pickers.plugins.scorer.affinity.precise_prefix import PrecisePrefixCacheProducer, PrecisePrefixCacheScorer
 from pickers.plugins.scorer.load.prefill_load import PrefillLoadScorer
-from pickers.plugins.scorer.affinity.prefix import ApproxPrefixCacheProducer, PrefixCacheScorer
-from pickers.plugins.scorer.load.queue import QueueScorer
+from pickers.plugins.scorer.affinity.prefix import (
+    ApproxPrefixCacheProducer,
+    MulticlusterApproxPrefixCacheProducer,
+    MulticlusterPrefixCacheScorer,
+    PrefixCacheScorer,
+)
+from pickers.plugins.scorer.load.queue import MulticlusterQueueScorer, QueueScorer
 from pickers.plugins.scorer.load.running_requests import RunningRequestsSizeScorer
-from pickers.plugins.scorer.affinity.session_affinity import SessionAffinityFilter, SessionAffinityScorer
+from pickers.plugins.scorer.affinity.session_affinity import (
+    MulticlusterSessionAffinityFilter,
+    SessionAffinityFilter,
+    SessionAffinityScorer,
+)
 from pickers.plugins.scorer.load.token_load import InFlightLoadProducer, TokenLoadScorer
+from pickers.plugins.scorer.affinity.topology_affinity import TopologyAffinityFilter, TopologyAffinityScorer
 from pickers.plugins.screener.disaggregatedset_rollout import DisaggregatedSetRolloutScreener
 
 
@@ -119,6 +136,7 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     HeaderLabelAffinityScorer,
     ContextLengthAware,  # a scorer and, with enableFiltering, a filter
     LatencyScorer,  # predicted latency headroom (the latency model's predictions)
+    TopologyAffinityScorer,  # P/D: the prefill pick near the decode pick
     LatencyCostScorer,  # llm-epp's: predicted TTFT plus the stall a prefill adds to the running batch
     MMEmbeddingsCacheScorer,  # multimodal items an endpoint probably holds the embeddings of
     EndpointAttributeScorer,  # a scalar endpoint attribute (custom metrics, GPU utilization)
@@ -136,6 +154,7 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     PrefixCacheAffinityFilter,
     ServedModelFilter,  # llm-epp's: reads the models-data-source's /v1/models lists
     SloHeadroomTierFilter,
+    TopologyAffinityFilter,  # P/D: only prefill endpoints near the decode pick
     LatencySloAdmitter,  # admission after the data producers, before the profiles
     # pickers
     MaxScorePicker,
@@ -182,6 +201,7 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     K8sNotificationSource,
     EndpointNotificationSource,
     FileDiscovery,
+    TopologyExtractor,  # each endpoint's host, rack, zone, region from its pod (the topology plugins read it)
     # flow control (flowControl names them; pickers.config.flowcontrol)
     GlobalStrictFairness,
     RoundRobinFairness,
@@ -197,7 +217,36 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     SheddableEvictionFilter,
     PriorityThenTimeEvictionOrder,
     AgentIdentity,
+    # llm-d's multi-cluster variants: a cluster-scoped EPP whose endpoints are peer clusters
+    MulticlusterFileDiscovery,
+    MulticlusterMetricsDataSource,
+    MulticlusterMetricsExtractor,
+    MulticlusterKVCacheUtilizationScorer,
+    MulticlusterQueueScorer,
+    MulticlusterSessionAffinityFilter,
+    MulticlusterPrefixCacheScorer,
+    MulticlusterApproxPrefixCacheProducer,
 )
+
+# llm-d's Alpha plugin types (registered with StabilityAlpha in its runner): a config using one loads
+# only with --allow-experimental-plugins, as llm-d's EPP refuses it otherwise. llm-d marks more types
+# Alpha than these (session-affinity-filter, header-profile-handler, dcgm-*, endpoint-attribute-*,
+# burst-prefix-cache-producer, ...); llm-epp gates the ones it implemented under this rule, the
+# multi-cluster family.
+ALPHA_TYPES = frozenset(
+    {
+        MulticlusterFileDiscovery.type,
+        MulticlusterMetricsDataSource.type,
+        MulticlusterMetricsExtractor.type,
+        MulticlusterKVCacheUtilizationScorer.type,
+        MulticlusterQueueScorer.type,
+        MulticlusterSessionAffinityFilter.type,
+        MulticlusterPrefixCacheScorer.type,
+        MulticlusterApproxPrefixCacheProducer.type,
+    }
+)
+EXPERIMENTAL_FLAG = "--allow-experimental-plugins"
+
 
 def _factory(cls: type[_Configurable]) -> Factory:
     def make(name: str, parameters: Mapping[str, Any] | None, ctx: PluginContext) -> BuiltPlugin:

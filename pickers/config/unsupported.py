@@ -10,24 +10,8 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-_MULTICLUSTER = "multi-cluster routing (endpoints and metrics from several clusters) is not supported"
-_TOPOLOGY = "topology-aware routing needs the topology attributes llm-d reads from nodes; llm-epp does not collect them"
-
 UNSUPPORTED_TYPES = MappingProxyType(
     {
-        # several clusters
-        "multicluster-approx-prefix-cache-producer": _MULTICLUSTER,
-        "multicluster-file-discovery": _MULTICLUSTER,
-        "multicluster-kv-cache-utilization-scorer": _MULTICLUSTER,
-        "multicluster-metrics-data-source": _MULTICLUSTER,
-        "multicluster-metrics-extractor": _MULTICLUSTER,
-        "multicluster-prefix-cache-scorer": _MULTICLUSTER,
-        "multicluster-queue-scorer": _MULTICLUSTER,
-        "multicluster-session-affinity-filter": _MULTICLUSTER,
-        # topology
-        "topology-extractor": _TOPOLOGY,
-        "topology-affinity-filter": _TOPOLOGY,
-        "topology-affinity-scorer": _TOPOLOGY,
         # others
         # not a type in llm-d either (its runner registers only the screener): the screener's own Pod watch
         "disaggregatedset-rollout-pod-extractor": "it is not a plugin type in llm-d either, but the Pod watch "

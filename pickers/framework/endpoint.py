@@ -40,6 +40,9 @@ class EndpointSpec:
     port: int
     labels: Mapping[str, str] = field(default_factory=dict)
     metrics_port: int | None = None  # default: the metrics source's port, else the serving port
+    # default: `host`. A peer cluster (multicluster-file-discovery) may serve its pool metrics elsewhere
+    # than its gateway: its `metricsAddress` label
+    metrics_host: str | None = None
     metrics_path: str | None = None  # default: the metrics source's path (/metrics)
     namespace: str = ""  # the pod's, or the endpoints file's (llm-d's format); names are unique within one
     # The endpoint's index among its pod's serving ports (the InferencePool targetPorts index, llm-d's
@@ -50,6 +53,9 @@ class EndpointSpec:
     dp_group: str = ""
     pod: str = ""  # the pod's name (llm-d's endpoint Name, which DCGM's `pod` label matches); "": `name`
     node_address: str = ""  # the node's IP (pod.status.hostIP), for exporters run per node; "": unknown
+    # The pod's `spec.hostname` (Kubernetes discovery; "" when unset or from an endpoints file):
+    # topology-extractor's host when its hostname label is absent.
+    hostname: str = ""
 
     @property
     def address(self) -> str:
@@ -62,7 +68,7 @@ class EndpointSpec:
     @property
     def metrics_url(self) -> str:
         """Where the default metrics source scrapes (the configured one: extproc.datalayer.scraper)."""
-        return f"http://{self.host}:{self.metrics_port or self.port}{self.metrics_path or '/metrics'}"
+        return f"http://{self.metrics_host or self.host}:{self.metrics_port or self.port}{self.metrics_path or '/metrics'}"
 
 
 @dataclass(slots=True, frozen=True)
@@ -102,6 +108,12 @@ class Metrics:
     max_lora: int | None = None
     prefix_cache_hits: float = 0.0
     prefix_cache_queries: float = 0.0
+    # A peer cluster's pool aggregates (multicluster-metrics-extractor: its EPP's mean KV-cache use and
+    # mean waiting queue over its endpoints), read by the multicluster scorers; None on a model server.
+    # `waiting` and `kv_usage` then hold the same numbers (the queue rounded), for the saturation
+    # detector and the views.
+    pool_kv_usage: float | None = None
+    pool_queue: float | None = None
     updated_at: float = 0.0  # time.monotonic() of the scrape; 0 = never scraped
 
 

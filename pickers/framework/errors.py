@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 ECHO_LIMIT = 100  # characters of a refused value an error message repeats
 _FIELD_LIMIT = 200  # a field path holds user-written keys, which can be long
-_MESSAGE_LIMIT = 2_000  # a net; the longest real message lists the known plugin types (~1,100 characters)
+_MESSAGE_LIMIT = 4_000  # a net; the longest real message lists the known plugin types (~2,300 characters)
 
 
 def shown(value: object, limit: int = ECHO_LIMIT) -> str:

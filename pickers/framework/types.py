@@ -34,6 +34,9 @@ class CycleState:
     """Per-request scratch space shared by the plugins of one scheduling cycle."""
 
     data: dict[str, object] = field(default_factory=dict)
+    # The pick of an earlier profile that a later one's plugins compare candidates against (llm-d's
+    # `peer-endpoint` request attribute): a P/D handler's decode pick while its prefill profile runs.
+    peer: Endpoint | None = None
 
 
 @runtime_checkable
@@ -283,6 +286,15 @@ class ProfileHandler(Protocol):
         self, request: InferenceRequest, cycle: CycleState, results: Mapping[str, ProfileOutcome]
     ) -> SchedulingResult:
         """One result from all profiles' outcomes; raises the RequestError when the request cannot be served."""
+        ...
+
+
+@runtime_checkable
+class PeerPublisher(Protocol):
+    """A profile handler that sets `CycleState.peer` before it runs some of its profiles."""
+
+    def peer_profiles(self) -> tuple[str, ...]:
+        """The profiles that run with a peer (the names as configured; they may not exist)."""
         ...
 
 

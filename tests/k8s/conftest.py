@@ -74,6 +74,7 @@ def pod(
     deleting: bool = False,
     annotations: dict[str, str] | None = None,
     namespace: str = "default",
+    hostname: str | None = None,
 ) -> dict[str, Any]:
     meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": {"app": "vllm"} if labels is None else labels}
     if annotations:
@@ -90,7 +91,10 @@ def pod(
     if ip:
         status["podIP"] = ip
         status["podIPs"] = [{"ip": ip}]
-    return {"metadata": meta, "spec": {"containers": [{"name": "vllm", "image": "vllm"}]}, "status": status}
+    spec: dict[str, Any] = {"containers": [{"name": "vllm", "image": "vllm"}]}
+    if hostname is not None:  # as a StatefulSet or LeaderWorkerSet sets it: the pod's name
+        spec["hostname"] = hostname
+    return {"metadata": meta, "spec": spec, "status": status}
 
 
 def pool(

@@ -117,6 +117,12 @@ def test_pod_labels_become_endpoint_labels() -> None:
     assert endpoints_for_pod(decode(obj), (8000,))[0].labels == {"app": "vllm", "llm-d.ai/role": "decode"}
 
 
+def test_a_pods_spec_hostname_is_on_each_of_its_endpoints() -> None:
+    specs = endpoints_for_pod(decode(pod("vllm-0", hostname="vllm-0")), (8000, 8001))
+    assert [s.hostname for s in specs] == ["vllm-0", "vllm-0"]
+    assert endpoints_for_pod(decode(pod("p")), (8000,))[0].hostname == ""
+
+
 def test_flag_parsers() -> None:
     assert parse_endpoint_selector("app=vllm,env=prod") == {"app": "vllm", "env": "prod"}
     assert parse_target_ports("8000,8001") == (8000, 8001)
@@ -197,6 +203,14 @@ async def test_label_changes_move_pods_in_and_out_and_flow_into_endpoint_labels(
     await eventually(lambda: len(ds) == 1 and ds.candidates()[0].labels.get("llm-d.ai/role") == "decode")
     apiserver.put("pods", pod("a", "10.0.0.1", labels={"app": "other"}))
     await eventually(lambda: table(ds) == {})
+
+
+async def test_a_pods_spec_hostname_flows_into_its_endpoint(apiserver, ds, follow_pool) -> None:
+    apiserver.put("inferencepools", pool())
+    apiserver.put("pods", pod("a", "10.0.0.1", hostname="vllm-0"))
+    follow_pool()
+    await eventually(lambda: len(ds) == 1)
+    assert ds.candidates()[0].spec.hostname == "vllm-0"
 
 
 async def test_active_ports_annotation_changes_the_table(apiserver, ds, follow_pool) -> None:

@@ -354,10 +354,10 @@ apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
 plugins:
 - type: queue-scorer
-- type: topology-extractor
+- type: header-based-testing-filter
 """
     with pytest.raises(ConfigError) as e:
-        load_config(text, "topology.yaml")
+        load_config(text, "test-only.yaml")
     msg = str(e.value)
-    assert msg.startswith("topology.yaml: plugins[1].type: plugin type 'topology-extractor' (llm-d router) is not supported:")
-    assert "topology" in msg and "known types" not in msg
+    assert msg.startswith("test-only.yaml: plugins[1].type: plugin type 'header-based-testing-filter' (llm-d router) is not supported:")
+    assert "test-only" in msg and "known types" not in msg

@@ -345,8 +345,7 @@ def _fail(field: str, message: str) -> ConfigError:
 
 @pytest.mark.parametrize(
     ("type_name", "why"),
-    [("topology-extractor", "topology"),
-     ("multicluster-file-discovery", "multi-cluster"), ("multicluster-metrics-data-source", "multi-cluster")],
+    [("disaggregatedset-rollout-pod-extractor", "Pod watch")],
 )  # fmt: skip
 def test_data_layer_plugins_llm_epp_lacks_are_refused_with_the_reason(type_name, why):
     msg = error_of(f"plugins:\n{SCORER}- type: {type_name}\n")

@@ -307,9 +307,9 @@ async def test_a_reload_reads_and_parses_in_a_worker_thread(endpoints_file, monk
     parsed_on: list[int] = []
     parse = endpoints_file_module.parse_endpoints_yaml
 
-    def recording_parse(text: str, *, source: str | None = None) -> list[EndpointSpec]:
+    def recording_parse(text: str, *, source: str | None = None, peer_clusters: bool = False) -> list[EndpointSpec]:
         parsed_on.append(threading.get_ident())
-        return parse(text, source=source)
+        return parse(text, source=source, peer_clusters=peer_clusters)
 
     monkeypatch.setattr(endpoints_file_module, "parse_endpoints_yaml", recording_parse)
     write(path, THREE)

@@ -34,8 +34,9 @@ def validate(cfg: dict, tmp_path) -> None:
         envoy_config.GatewaySettings(
             listen_port=8081, epp_port=9002, admin_port=19000, failure_mode_allow=True, fallback_endpoints=POOL, closed_prefixes=("/sim/",)
         ),
+        envoy_config.GatewaySettings(listen_port=8081, epp_port=9002, admin_port=19000, dns_destinations=True),
     ],
-    ids=["full-duplex", "buffered", "fail-open", "override-host", "closed-prefixes"],
+    ids=["full-duplex", "buffered", "fail-open", "override-host", "closed-prefixes", "dns-destinations"],
 )
 def test_generated_config_is_valid_for_envoy(settings, tmp_path):
     validate(envoy_config.render(settings), tmp_path)
@@ -118,3 +119,23 @@ def test_flow_control_raises_message_timeout_above_the_longest_queue_wait(tmp_pa
     kept = envoy_config.render(envoy_config.GatewaySettings(**base, flow_control_ttl=5.0, message_timeout="120s"))
     assert _ext_proc_of(kept)["message_timeout"] == "120s"  # already longer: kept
     validate(long, tmp_path)
+
+
+def test_host_name_destinations_go_through_the_dynamic_forward_proxy():
+    # ORIGINAL_DST takes only an ip:port in x-gateway-destination-endpoint (a host name: 503 "no healthy
+    # upstream"); a cluster-scoped EPP names peer gateways by host name
+    cfg = envoy_config.render(envoy_config.GatewaySettings(listen_port=1, epp_port=2, admin_port=3, dns_destinations=True))
+    hcm = hcm_of(cfg)
+    names = [f["name"] for f in hcm["http_filters"]]
+    assert names.index("envoy.filters.http.ext_proc") < names.index("envoy.filters.http.dynamic_forward_proxy") < names.index(
+        "envoy.filters.http.router"
+    )
+    route = next(r for r in hcm["route_config"]["virtual_hosts"][0]["routes"] if r.get("name") == "picked-by-epp")
+    per_route = route["typed_per_filter_config"]["envoy.filters.http.dynamic_forward_proxy"]
+    assert per_route["host_rewrite_header"] == "x-gateway-destination-endpoint"
+    pool = next(c for c in cfg["static_resources"]["clusters"] if c["name"] == "llm-pool")
+    assert pool["cluster_type"]["name"] == "envoy.clusters.dynamic_forward_proxy" and "original_dst_lb_config" not in pool
+    assert pool["circuit_breakers"]["thresholds"][0]["max_requests"] >= 10_000
+    with pytest.raises(ConfigError, match="override-host"):
+        envoy_config.render(envoy_config.GatewaySettings(listen_port=1, epp_port=2, admin_port=3, dns_destinations=True,
+                                                         override_host_endpoints=POOL))  # fmt: skip

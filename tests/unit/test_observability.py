@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import re
+import time
 
 import msgspec
 import pytest
@@ -159,14 +160,29 @@ def test_model_label_is_capped():
 def test_pool_gauges_are_read_from_the_datastore_at_scrape_time():
     _, ds, metrics, _ = make()
     for i, (addr, waiting, kv) in enumerate(zip(ADDRS, (1, 2, 6), (0.1, 0.2, 0.6))):
-        ds.update_metrics(addr, Metrics(waiting=waiting, kv_usage=kv, updated_at=1.0))
+        ds.update_metrics(addr, Metrics(waiting=waiting, kv_usage=kv, updated_at=time.monotonic()))
     s = samples(metrics)
     assert s['inference_pool_ready_pods{name="pool-a"}'] == 3
-    assert s['inference_pool_average_queue_size{name="pool-a"}'] == pytest.approx(3.0)
-    assert s['inference_pool_average_kv_cache_utilization{name="pool-a"}'] == pytest.approx(0.3)
+    for prefix in ("inference_pool_", "llm_d_epp_"):  # GIE's names and llm-d's (what a peer cluster's EPP reads)
+        assert s[prefix + 'average_queue_size{name="pool-a"}'] == pytest.approx(3.0)
+        assert s[prefix + 'average_kv_cache_utilization{name="pool-a"}'] == pytest.approx(0.3)
     assert s['inference_pool_per_pod_queue_size{model_server_pod="pod-2",name="pool-a"}'] == 6
     ds.set_endpoints([])
     assert samples(metrics)['inference_pool_ready_pods{name="pool-a"}'] == 0
+
+
+def test_pool_means_are_over_fresh_endpoints_and_absent_without_any():
+    _, ds, metrics, _ = make()
+    now = time.monotonic()
+    ds.update_metrics(ADDRS[0], Metrics(waiting=4, kv_usage=0.4, updated_at=now))
+    ds.update_metrics(ADDRS[1], Metrics(waiting=0, kv_usage=0.0, updated_at=now - 60))  # stale: left out
+    s = samples(metrics)
+    assert s['llm_d_epp_average_queue_size{name="pool-a"}'] == pytest.approx(4.0)
+    assert s['llm_d_epp_average_kv_cache_utilization{name="pool-a"}'] == pytest.approx(0.4)
+    ds.update_metrics(ADDRS[0], Metrics(waiting=4, kv_usage=0.4, updated_at=now - 60))
+    s = samples(metrics)  # no endpoint with fresh metrics: no mean, so a peer does not see an idle pool
+    assert not any("average_" in k for k in s)
+    assert s['inference_pool_ready_pods{name="pool-a"}'] == 3
 
 
 def test_prefix_index_size_and_hit_ratio():

@@ -4,9 +4,10 @@
 usage, LoRA adapters and cache layout (llm-d's built-in engine mappings: vLLM, SGLang, trtllm-serve,
 Triton with TensorRT-LLM, Triton), and picks an endpoint's engine by its `llm-d.ai/engine-type` label;
 an engine's `customMetrics` become scalar endpoint attributes (pickers.plugins.datalayer.attributes).
-`dcgm-extractor` turns a DCGM exporter's `DCGM_FI_DEV_GPU_UTIL` into the `GPUUtilization` attribute.
-`models-data-extractor` keeps the models and LoRA adapters an endpoint's `/v1/models` lists. The
-scrapers in extproc.datalayer apply them; here they are validated and typed.
+`multicluster-metrics-extractor` reads a peer cluster's pool aggregates instead (its EPP's mean KV-cache
+use and waiting queue). `dcgm-extractor` turns a DCGM exporter's `DCGM_FI_DEV_GPU_UTIL` into the
+`GPUUtilization` attribute. `models-data-extractor` keeps the models and LoRA adapters an endpoint's
+`/v1/models` lists. The scrapers in extproc.datalayer apply them; here they are validated and typed.
 """
 
 from __future__ import annotations
@@ -251,6 +252,49 @@ def _engine(raw: Mapping[str, Any], where: str) -> EngineMetrics:
     except ParameterError as e:
         raise ParameterError(f"{where}.{e.param}" if e.param else where, e.detail) from None
     return EngineMetrics(name, **fields)
+
+
+# the pool gauges an llm-d EPP exports (its docs/metrics.md; llm-epp exports them too)
+POOL_KV_CACHE_METRIC = "llm_d_epp_average_kv_cache_utilization"
+POOL_QUEUE_METRIC = "llm_d_epp_average_queue_size"
+
+
+@dataclass(slots=True, frozen=True)
+class PoolMetricsExtraction:
+    """What `multicluster-metrics-extractor` reads from each peer cluster: two gauges of its EPP."""
+
+    kv_usage: MetricSpec = MetricSpec(POOL_KV_CACHE_METRIC)
+    queue: MetricSpec = MetricSpec(POOL_QUEUE_METRIC)
+
+    def attributes(self) -> frozenset[AttributeKey]:
+        """None: a peer cluster's aggregates are metrics, not endpoint attributes."""
+        return frozenset()
+
+
+class MulticlusterMetricsExtractor(DataExtractor):
+    """Paired with a `multicluster-metrics-data-source`: a peer cluster's mean KV-cache utilization and
+    mean waiting queue, the pool aggregates its EPP exports (`kvCacheUtilizationMetric`,
+    `queueSizeMetric`: a name or `name{label=value}`), for the multicluster scorers."""
+
+    type = "multicluster-metrics-extractor"
+    input = "prometheus"
+
+    def __init__(self, name: str | None = None, extraction: PoolMetricsExtraction = PoolMetricsExtraction()) -> None:
+        super().__init__(name)
+        self.extraction = extraction
+
+    @classmethod
+    def from_config(cls, name: str, p: Params, ctx: PluginContext) -> MulticlusterMetricsExtractor:
+        specs: list[MetricSpec] = []
+        for key, default in (("kvCacheUtilizationMetric", POOL_KV_CACHE_METRIC), ("queueSizeMetric", POOL_QUEUE_METRIC)):
+            text = p.string(key, default) or default  # "" is llm-d's default too
+            try:
+                spec = MetricSpec.parse(text)
+            except ValueError as e:
+                raise ParameterError(key, str(e)) from None
+            assert spec is not None
+            specs.append(spec)
+        return cls(name, PoolMetricsExtraction(*specs))
 
 
 def _custom_metrics(entries: list[Mapping[str, Any]]) -> tuple[CustomMetric, ...]:

@@ -2,9 +2,10 @@
 
 `metrics-data-source` (Prometheus `/metrics`), `models-data-source` (OpenAI `/v1/models`) and
 `dcgm-data-source` (NVIDIA's DCGM exporter beside the pod or on its node) poll each endpoint over
-HTTP(S) with llm-d's parameters; the pollers in extproc.datalayer run them. The two
-notification sources take llm-d's parameters; what llm-epp does with them is the dataLayer loader's
-call (pickers.config.datalayer).
+HTTP(S) with llm-d's parameters; `multicluster-metrics-data-source` scrapes each peer cluster the way
+`metrics-data-source` scrapes a pod, over verified HTTPS by default. The pollers in extproc.datalayer
+run them. The two notification sources take llm-d's parameters; what llm-epp does with them is the
+dataLayer loader's call (pickers.config.datalayer).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class HttpSource:
     client_cert_path: str | None = None  # with client_key_path: mTLS
     client_key_path: str | None = None
     interval: float | None = None  # seconds; None: every base tick (--refresh-metrics-interval)
+    max_bytes: int | None = None  # a longer answer fails the fetch; None: no cap
     # the endpoints file's metricsPort/metricsPath apply (they say where the model server's metrics
     # are); False for an exporter beside the model server, which is found at `port` alone
     endpoint_overrides: bool = True
@@ -51,18 +53,20 @@ class DataSource(Plugin):
 
 
 def read_http_source(
-    name: str, p: Params, default_path: str, *, takes_port: bool, tls_files: bool = True
+    name: str, p: Params, default_path: str, *, takes_port: bool, tls_files: bool = True, default_scheme: str = "http",
+    verify: bool = False, max_bytes: int | None = None,
 ) -> HttpSource:
     """The HTTP parameters llm-d's sources share; `tls_files`: it takes caCertPath and a client
-    certificate (dcgm-data-source does not)."""
-    scheme = p.string("scheme", "http")
+    certificate (dcgm-data-source does not); `verify`: the certificate is checked unless
+    insecureSkipVerify is true (llm-d's default for a peer cluster), otherwise only when it is false."""
+    scheme = p.string("scheme", default_scheme)
     if scheme not in SCHEMES:
         raise ParameterError("scheme", f"expected http or https, got {scheme!r}")
     path = p.string("path", default_path) or default_path
     if not path.startswith("/"):
         raise ParameterError("path", f"expected a path starting with '/', got {path!r}")
     port = p.port("port") if takes_port else None
-    skip = p.flag("insecureSkipVerify", True)
+    skip = p.flag("insecureSkipVerify", not verify)
     ca = p.string("caCertPath") or None if tls_files else None
     cert = p.string("clientCertPath") or None if tls_files else None
     key = p.string("clientKeyPath") or None if tls_files else None
@@ -73,9 +77,10 @@ def read_http_source(
         if given:
             p.warnings.append(f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect with scheme http")
     elif ca is not None and skip:
-        p.warnings.append("caCertPath has no effect while insecureSkipVerify is true (its default); set it to false to verify")
+        default = "" if p.given("insecureSkipVerify") else " (its default)"
+        p.warnings.append(f"caCertPath has no effect while insecureSkipVerify is true{default}; set it to false to verify")
     return HttpSource(
-        name, path, scheme, port, skip, ca, cert, key, interval=p.duration("interval")
+        name, path, scheme, port, skip, ca, cert, key, interval=p.duration("interval"), max_bytes=max_bytes
     )
 
 
@@ -92,6 +97,29 @@ class MetricsDataSource(DataSource):
     @classmethod
     def from_config(cls, name: str, p: Params, ctx: PluginContext) -> MetricsDataSource:
         return cls(name, read_http_source(name, p, DEFAULT_METRICS_SOURCE.path, takes_port=True))
+
+
+PEER_METRICS_MAX_BYTES = 8 << 20  # llm-d's cap on a peer cluster's metrics answer
+
+
+class MulticlusterMetricsDataSource(MetricsDataSource):
+    """llm-d's cluster-scoped metrics source: scrapes each peer cluster (its address, or its metricsAddress
+    label) as `metrics-data-source` scrapes a pod, but over HTTPS with the certificate verified by default
+    (a scrape across clusters crosses a trust boundary) and at most 8 MiB an answer. Its extractor is a
+    `multicluster-metrics-extractor`."""
+
+    type = "multicluster-metrics-data-source"
+
+    @classmethod
+    def from_config(cls, name: str, p: Params, ctx: PluginContext) -> MulticlusterMetricsDataSource:
+        # llm-d decodes `port` here and drops it: refused, not ignored
+        p.refused("port", "a peer cluster's metrics port is its metricsPort label in the clusters file (llm-d "
+                          "ignores this parameter)")  # fmt: skip
+        source = read_http_source(
+            name, p, DEFAULT_METRICS_SOURCE.path, takes_port=False, default_scheme="https", verify=True,
+            max_bytes=PEER_METRICS_MAX_BYTES,
+        )  # fmt: skip
+        return cls(name, source)
 
 
 class DcgmDataSource(DataSource):

@@ -1,11 +1,20 @@
 """latency-cost-scorer (llm-epp's own): score each endpoint by what the request costs the pool there,
 in predicted seconds of waiting, from the latency model (predicted-latency-producer's predictions):
 
-    cost(e) = TTFT(e, r)                                   the request's own wait for its first token
-            + slowdownWeight * prefill(e, r) * running(e)    the stall its prefill adds to every request
+    cost(e) = TTFT(e, r) with u'(e) uncached tokens        the request's own wait for its first token
+            + slowdownWeight * prefill(e, u) * running(e)  the stall its prefill adds to every request
                                                            decoding on e (one step that long for each)
-    prefill(e, r) = r's uncached prompt tokens on e / e's fitted prefill rate
+            + prefill(e, u) if e has no room for u         what it evicts: blocks used in the last
+                                                           minute, which their owners compute again
+    prefill(e, u) = u uncached prompt tokens on e / e's fitted prefill rate
+    u'(e) = u(e) - (1 - 1/fanout) * the shared prefix's part of u(e), when e has room for it
     score(e) = min over candidates of cost / cost(e)       1 for the cheapest, in (0, 1]
+
+The shared prefix is the part of the prompt after which the index saw prompts go on in `fanout`
+different ways (a system prompt that many conversations continue, not a conversation's own history):
+computing it on one more endpoint is paid once and serves the conversations that come after, so a
+request is charged its share. Only where it fits without evicting anything live: otherwise copying
+a shared context to another endpoint only moves the misses around (more contexts than caches).
 
 The first term is what llm-d's latency-scorer minimizes. The second is what it leaves out: a prompt
 that is cheap on a busy endpoint (its shared prefix cached there) holds up that endpoint's whole
@@ -17,17 +26,21 @@ work stays where it is cached until the load there outweighs the extra prefill e
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 
 from pickers.framework.endpoint import Endpoint
 from pickers.framework.params import ParameterError, Params
 from pickers.framework.request import InferenceRequest
 from pickers.framework.types import CycleState
+from pickers.framework.request import CHARS_PER_TOKEN
 from pickers.latency.model import batch_of
 from pickers.plugins.base import PluginContext
 from pickers.plugins.latency.producer import LatencyConsumer
+from pickers.plugins.scorer.affinity.prefix import prefix_match
 
 _FLOOR_S = 1e-4  # a cost below 0.1 ms is 0.1 ms: scores stay finite and near-free endpoints tie
+LIVE_S = 60.0  # a cached block used within the last minute is live: evicting it costs its recompute
 
 
 class LatencyCostScorer(LatencyConsumer):
@@ -52,15 +65,36 @@ class LatencyCostScorer(LatencyConsumer):
         """Each endpoint's cost in seconds (None: no prediction for it); kept for --explain-scores."""
         found = self.predictions(request, cycle, endpoints)
         model, w = self.ctx.latency, self.slowdown_weight
+        index = self.ctx.prefix_index
+        shared = block_tokens = 0
+        fanout, matched = 1, {}
+        producer = self.producer
+        if producer.precise is None:  # the approximate index knows the prompt's blocks and who holds them
+            src = producer.source
+            pm = prefix_match(request, cycle, index, src.block_chars, src.max_blocks)
+            if pm.matched:
+                shared, fanout = index.shared_prefix(pm.hashes, max(pm.matched.values()))
+                matched, block_tokens = pm.matched, max(1, src.block_chars // CHARS_PER_TOKEN)
+        now = time.monotonic()
         out: list[float | None] = []
         for ep in endpoints:
             p = found.get(ep.address)
             if p is None:
                 out.append(None)
                 continue
-            cost = p.ttft_ms / 1000.0
+            u = p.uncached_tokens
+            new_blocks = u // block_tokens if block_tokens else 0
+            room = index.room(ep.address, new_blocks, now, LIVE_S)
+            charged = u
+            if shared and room:
+                missing = max(0, shared - matched.get(ep.address, 0)) * block_tokens
+                charged = max(0, u - round(missing * (1.0 - 1.0 / fanout)))
+            prefill = model.prefill_seconds(ep, u)
+            cost = model.ttft(ep, charged)
             if w:
-                cost += w * model.prefill_seconds(ep, p.uncached_tokens) * batch_of(ep)
+                cost += w * prefill * batch_of(ep)
+            if not room:
+                cost += prefill
             out.append(cost)
         cycle.data[self._key] = {ep.address: c for ep, c in zip(endpoints, out) if c is not None}
         return out

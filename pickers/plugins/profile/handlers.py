@@ -4,11 +4,13 @@
   handler calls on the hot path).
 - `disagg-profile-handler` (llm-d P/D, E/PD, E/P/D): run `decode`; then, if its encode decider says
   so, `encode`; then, if its prefill decider says so, `prefill` (llm-d's decode-first order: both
-  deciders see the decode pick); a decider that judges the prefill pick too (latency-pd-decider) may
-  then drop it, serving the request aggregated. The decode pick is the destination, the prefill pick goes in
-  `x-prefiller-host-port`, the encode picks (as many as the encode profile's picker returns) in
-  `x-encoder-hosts-ports`, comma-separated. No prefill or encode endpoint (or a failed profile) means
-  that stage runs on the decode endpoint, not that the request fails.
+  deciders see the decode pick, and the prefill profile sees it as the cycle's peer, which the
+  topology affinity plugins compare candidates against); a decider that judges the prefill pick too
+  (latency-pd-decider) may then drop it, serving the request aggregated. The decode pick is the
+  destination, the prefill pick goes in `x-prefiller-host-port`, the encode picks (as many as the
+  encode profile's picker returns) in `x-encoder-hosts-ports`, comma-separated. No prefill or encode
+  endpoint (or a failed profile) means that stage runs on the decode endpoint, not that the request
+  fails.
 - `pd-profile-handler`: llm-d's older name and parameters for the same thing; its `primaryPort`
   sends the decode pick through that port of its pod with the rank in `x-data-parallel-host-port`
   (profile/data_parallel.py), the prefill pick staying a rank endpoint.
@@ -102,6 +104,7 @@ class DisaggProfileHandler(Plugin):
         p.refused("primaryPort", "disagg-profile-handler ignores it in llm-d (only pd-profile-handler and "
                   "data-parallel-profile-handler send a rank through a primary port); remove it, or keep "
                   "pd-profile-handler", allowed=lambda v: v == 0 and not isinstance(v, bool))  # fmt: skip
+        _decode_first(p)
         profiles = _names(p, "profiles", ("decode", "prefill", "encode"))
         deciders = _names(p, "deciders", ("prefill", "encode"))
         decider_param = "deciders.prefill"
@@ -178,8 +181,13 @@ class DisaggProfileHandler(Plugin):
             if self.encode_decider.disaggregate(request, cycle, decode[0]):
                 return [self._encode]
         if self._prefill is not None and self.decider is not None and self.decider.disaggregate(request, cycle, decode[0]):
+            cycle.peer = decode[0]  # what the prefill profile's topology plugins compare against
             return [self._prefill]
         return []
+
+    def peer_profiles(self) -> tuple[str, ...]:
+        """The prefill profile runs with the decode pick as its peer (llm-d's decode-first order)."""
+        return (self.prefill_profile,)
 
     def process_results(
         self, request: InferenceRequest, cycle: CycleState, results: Mapping[str, ProfileOutcome]
@@ -348,6 +356,21 @@ def _decider(plugins: Mapping[str, object], name: str, param: str, examples: str
             param, f"plugin {shown(name)} ({getattr(plugin, 'type', '?')}) is not a disaggregation decider such as {examples}"
         )
     return plugin
+
+
+def _decode_first(p: Params) -> None:
+    """llm-d's `stageOrder`, spelt as it parses it: decode-first (its default) loads, prefill-first is refused."""
+    raw = p.string("stageOrder", "decode-first") or "decode-first"
+    order = raw.replace("-", "").replace("_", "").lower()
+    if order in ("prefillfirst", "prefill"):
+        raise ParameterError(
+            "stageOrder",
+            "prefill-first is not supported: llm-epp runs the decode profile first (its prefill decider judges the "
+            "decode pick, and the prefill profile's topology plugins compare against it); remove it or set decode-first",
+        )
+    if order not in ("decodefirst", "decode"):
+        raise ParameterError("stageOrder", f"invalid stage order {shown(raw)}, must be decode-first or prefill-first")
+    p.effective["stageOrder"] = "decode-first"
 
 
 def _names(p: Params, key: str, allowed: tuple[str, ...]) -> dict[str, str]:

@@ -16,6 +16,9 @@ Two config shapes set the block settings:
 
 Score, as llm-d's: `matchLengthWeight * min(1, matched tokens / matchLengthScaleTokens)^2 +
 (1 - matchLengthWeight) * matched blocks / prompt blocks` (weight 0 by default: the ratio alone).
+
+`multicluster-prefix-cache-scorer` and `multicluster-approx-prefix-cache-producer` are the same plugins
+under llm-d's cluster-scoped names (their endpoints are peer clusters).
 """
 
 from __future__ import annotations
@@ -180,6 +183,14 @@ class PrefixCacheScorer(Plugin):
         record_pick(request, cycle, self.index, result, self)
 
 
+class MulticlusterPrefixCacheScorer(PrefixCacheScorer):
+    """multicluster-prefix-cache-scorer (llm-d): prefix-cache-scorer for a cluster-scoped EPP, routing a
+    repeated prefix back to the peer cluster that served it: the stock scorer, under llm-d's
+    cluster-scoped type name."""
+
+    type = "multicluster-prefix-cache-scorer"
+
+
 def approx_matches(
     request: InferenceRequest,
     cycle: CycleState,
@@ -278,6 +289,14 @@ class ApproxPrefixCacheProducer(Plugin):
     def prefix_matches(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> dict[str, tuple[int, int, int]]:
         """The approximate match with this producer's block settings (what its scorers read)."""
         return approx_matches(request, cycle, self.index, self.block_chars, self.max_blocks, endpoints)
+
+class MulticlusterApproxPrefixCacheProducer(ApproxPrefixCacheProducer):
+    """multicluster-approx-prefix-cache-producer (llm-d): approx-prefix-cache-producer for a cluster-scoped
+    EPP. The index keys blocks by endpoint, and the endpoints are peer clusters, so it tracks (cluster,
+    block): the stock producer, under llm-d's cluster-scoped type name."""
+
+    type = "multicluster-approx-prefix-cache-producer"
+
 
 class MatchSettings(Protocol):
     """What a prefix match and its recording take: a prefix scorer's or an approx-prefix-cache-producer's."""

@@ -214,3 +214,11 @@ class SessionAffinityFilter(Plugin):
 
     def pre_request(self, request: InferenceRequest, cycle: CycleState, result: SchedulingResult) -> None:
         self.pin.pre_request(request, cycle, result)
+
+
+class MulticlusterSessionAffinityFilter(SessionAffinityFilter):
+    """multicluster-session-affinity-filter (llm-d): session-affinity-filter for a cluster-scoped EPP. Its
+    candidates are the peer clusters discovery lists, so pinning a session to an endpoint pins it to a
+    cluster: the stock filter, under llm-d's cluster-scoped type name."""
+
+    type = "multicluster-session-affinity-filter"

@@ -1,4 +1,5 @@
-"""kv-cache-utilization-scorer: 1 - KV cache usage, so emptier caches score higher."""
+"""kv-cache-utilization-scorer: 1 - KV cache usage, so emptier caches score higher; its multi-cluster
+variant reads each peer cluster's mean KV-cache utilization instead."""
 
 from __future__ import annotations
 
@@ -16,3 +17,14 @@ class KVCacheUtilizationScorer(Plugin):
 
     def score(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> list[float]:
         return [1.0 - ep.metrics.kv_usage for ep in endpoints]
+
+
+class MulticlusterKVCacheUtilizationScorer(KVCacheUtilizationScorer):
+    """multicluster-kv-cache-utilization-scorer (llm-d): 1 - a peer cluster's mean KV-cache utilization
+    (multicluster-metrics-extractor); 0 for a cluster not scraped yet."""
+
+    type = "multicluster-kv-cache-utilization-scorer"
+    reads_pool_metrics = True  # the data layer must scrape clusters (pickers.config.datalayer)
+
+    def score(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> list[float]:
+        return [0.0 if (kv := ep.metrics.pool_kv_usage) is None else 1.0 - kv for ep in endpoints]

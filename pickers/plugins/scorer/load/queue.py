@@ -1,4 +1,5 @@
-"""queue-scorer: fewer waiting requests scores higher, min-max normalised over the candidates."""
+"""queue-scorer: fewer waiting requests scores higher, min-max normalised over the candidates; its
+multi-cluster variant reads each peer cluster's mean queue instead."""
 
 from __future__ import annotations
 
@@ -25,3 +26,17 @@ class QueueScorer(Plugin):
 
     def score(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> list[float]:
         return min_max_low_is_best([ep.metrics.waiting for ep in endpoints])
+
+
+class MulticlusterQueueScorer(QueueScorer):
+    """multicluster-queue-scorer (llm-d): a peer cluster's mean waiting queue (multicluster-metrics-extractor),
+    min-max normalised over the clusters that have one as queue-scorer does; 0 for a cluster not scraped yet."""
+
+    type = "multicluster-queue-scorer"
+    reads_pool_metrics = True  # the data layer must scrape clusters (pickers.config.datalayer)
+
+    def score(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> list[float]:
+        queues = [ep.metrics.pool_queue for ep in endpoints]
+        known = min_max_low_is_best([q for q in queues if q is not None])
+        it = iter(known)
+        return [0.0 if q is None else next(it) for q in queues]
