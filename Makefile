@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: up test test-all test-vllm bench setup clean
+.PHONY: up test test-all test-vllm bench setup clean protos
 
 $(BIN)/epp: pyproject.toml constraints.txt
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "llm-epp needs Python >= 3.11"'
@@ -44,5 +44,16 @@ bench: setup
 	$(BIN)/python -m bench.flow_control
 	$(BIN)/python -m bench.latency_model
 
+# The Python code of the protos we own (protos/README.md), regenerated and committed: grpcio-tools 1.74
+# writes code for protobuf >= 6.31.1 and grpcio >= 1.74 (as xds-protos' is), so it runs on every runtime
+# the pins allow. Its own venv: grpcio-tools pins protobuf < 7, which the EPP's venv is past.
+PROTOC_VENV := .venv-protoc
+PROTOS := $(shell find protos -name '*.proto')
+
+protos:
+	test -x $(PROTOC_VENV)/bin/python || $(PYTHON) -m venv $(PROTOC_VENV)
+	$(PROTOC_VENV)/bin/pip install --quiet grpcio-tools==1.74.0
+	$(PROTOC_VENV)/bin/python -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
+	rm -rf $(VENV) $(PROTOC_VENV) .pytest_cache .hypothesis *.egg-info

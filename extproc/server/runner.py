@@ -13,7 +13,7 @@ import functools
 import logging
 import random
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -257,13 +257,21 @@ class EppServer:
         )
         self.metrics.attach(self.datastore, self.prefix_index)
         self.metrics.attach_precise(self.scheduler.plugins)
-        # The token-producer's vllm backend calls the model server's render endpoints: the client is ours.
+        # The token-producer's vllm backend calls the model server's render endpoints, its uds backend
+        # llm-d's tokenizer sidecar: the client is ours (the sidecar's is told the model at start).
         self.token_producer = next((p for p in producers if isinstance(p, TokenProducer)), None)
         self._render_client: Any = None
+        self._render_init: Callable[[], Awaitable[None]] | None = None
         if self.token_producer is not None and self.token_producer.token_backend == "vllm":
             from extproc.requestcontrol.render import VllmRenderClient
 
             self._render_client = self.token_producer.renderer = VllmRenderClient(self.token_producer.url)
+        elif self.token_producer is not None and self.token_producer.uds is not None:
+            from extproc.requestcontrol.uds_tokenizer import UdsTokenizerClient
+
+            uds = UdsTokenizerClient(self.token_producer.uds)
+            self._render_client = self.token_producer.renderer = uds
+            self._render_init = uds.initialize
         self.objectives = ObjectiveStore(load_objectives_file(opts.objectives_file) if opts.objectives_file else None)
         self.rewrites = RewriteStore(load_rewrites_file(opts.model_rewrites_file) if opts.model_rewrites_file else ())
         self.saturation = SaturationDetector(self.datastore, self._saturation_config, self._admission_detector)
@@ -485,6 +493,8 @@ class EppServer:
             self.supervisor.start(name, poller.run)
         if self.reloader is not None:
             self.supervisor.start("config-reload", self.reloader.run)
+        if self._render_init is not None:
+            self.supervisor.start("uds-tokenizer-init", self._render_init)
         # Each precise index (precise-prefix-cache-producer or -scorer) is fed by a KV-event subscriber
         # of ours (a scorer in several profiles gets one).
         for name, precise in precise_indexes(self.scheduler.plugins).items():

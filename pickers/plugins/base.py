@@ -59,7 +59,7 @@ class PrefixMatchSource(Protocol):
 @runtime_checkable
 class TokenSource(Protocol):
     """A plugin that sets `InferenceRequest.prompt_token_ids` before scheduling (the token-producer), as the
-    plugins that match tokens find it: `token_backend` is "estimate" (no ids), "vllm" or "local"."""
+    plugins that match tokens find it: `token_backend` is "estimate" (no ids), "vllm", "uds" or "local"."""
 
     name: str
     token_backend: str

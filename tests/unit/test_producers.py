@@ -118,7 +118,6 @@ def test_the_local_sim_tokenizer_tokenizes_inline_like_the_simulator():
         ("{modelName: m, vllm: {timeout: soon}}", "vllm.timeout", "expected a duration"),
         ("{modelName: m, estimate: {}}", "vllm", "only one of estimate, vllm"),
         ("{estimate: {image: {mode: fixed}}}", "estimate.image.mode", "expected one of dynamic, static"),
-        ("{udsTokenizerConfig: {socketFile: /tmp/s}}", "udsTokenizerConfig", "deprecated in llm-d"),
         ("{local: {}}", "local.tokenizer", "is required"),
         ("{local: {tokenizer: /nonexistent/tok}}", "local.tokenizer", "cannot load a tokenizer"),
         ("{vllm: {url: 'http://x', retries: 3}, modelName: m}", "vllm.retries", "unknown parameter; vllm takes"),

@@ -15,6 +15,11 @@ One backend per config, chosen as llm-d chooses it:
   parts), and a request whose call fails or times out is scheduled on the estimate. A chat's answer
   also names its multimodal items (`features.mm_hashes`, kept as `InferenceRequest.media_hashes` for
   the mm-embeddings-cache-producer).
+- `udsTokenizerConfig` (deprecated in llm-d; loads with its deprecation warning; `modelName`
+  required): llm-d's tokenizer sidecar (vLLM's renderer on CPU) over gRPC on a Unix domain socket
+  (`socketFile`; `useTCP: true` makes it a host:port, for tests), asked for `modelName` or its
+  `modelTokenizerMap` entry. The client is the EPP's (extproc.requestcontrol.uds_tokenizer); calls
+  are awaited as the vllm backend's, at most 5s (30s for content parts: llm-d's fixed timeouts).
 - `local` (llm-epp's): `local.tokenizer` is a tokenizer folder (tokenizer.json, the chat template)
   or `sim` (the simulator's); tokenized in a worker thread, awaited at most `local.timeout` (5s).
 
@@ -28,9 +33,10 @@ import asyncio
 import logging
 import sys
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Any, Protocol
 
 from pickers.framework.endpoint import Endpoint
@@ -47,7 +53,13 @@ log = logging.getLogger(__name__)
 DEFAULT_URL = "http://localhost:8000"
 DEFAULT_TIMEOUT = "5s"
 DEFAULT_MM_TIMEOUT = "30s"
-_RENDERED_APIS = frozenset({"completions", "chat"})  # the APIs vLLM's render endpoints take
+# llm-d-kv-cache's UDS client: fixed, not configurable (5s; 30s when a message has content parts)
+UDS_TIMEOUT = 5.0
+UDS_MM_TIMEOUT = 30.0
+UDS_DEPRECATION = ("DEPRECATION: the 'udsTokenizerConfig' parameter is deprecated and will be removed in a future "
+                   "release; set the 'vllm' parameter instead")  # llm-d's words  # fmt: skip
+_RENDERED_APIS = frozenset({"completions", "chat"})  # the APIs vLLM's render endpoints (and the sidecar's) take
+_REMOTE = frozenset({"vllm", "uds"})  # the backends whose tokens the EPP's client (`renderer`) fetches
 _LOCAL_APIS = frozenset({"completions", "chat", "messages"})  # and what a local tokenizer renders itself
 
 
@@ -60,8 +72,21 @@ class Rendered:
     media_hashes: dict[str, list[str]] | None = None
 
 
+@dataclass(slots=True, frozen=True)
+class UdsTokenizerTarget:
+    """udsTokenizerConfig: where llm-d's tokenizer sidecar listens, and the model it is asked for."""
+
+    socket_file: str
+    use_tcp: bool  # socket_file is host:port (llm-d: for tests only)
+    model: str  # modelName, or its modelTokenizerMap entry (a tokenizer.json's folder)
+
+    @property
+    def grpc_target(self) -> str:
+        return self.socket_file if self.use_tcp else f"unix:{self.socket_file}"
+
+
 class Renderer(Protocol):
-    """The model server's tokenization of one request (the EPP's HTTP client)."""
+    """The model server's tokenization of one request (the EPP's client: HTTP for vllm, gRPC for uds)."""
 
     async def render(self, request: InferenceRequest, model: str, timeout: float) -> Rendered: ...
 
@@ -80,14 +105,18 @@ class TokenProducer(Plugin):
         mm_timeout: float = 30.0,
         tokenizer: Tokenizer | None = None,
         media: MediaEstimate | None = None,
+        uds: UdsTokenizerTarget | None = None,
     ) -> None:
         self.name = name
-        self.token_backend = backend  # "estimate", "vllm" or "local" (pickers.plugins.base.TokenSource)
+        self.token_backend = backend  # "estimate", "vllm", "uds" or "local" (pickers.plugins.base.TokenSource)
         self.model_name = model_name
         self.url = url.rstrip("/")
+        self.uds = uds
+        # the model the backend is asked to tokenize for: modelName, or the sidecar's modelTokenizerMap entry
+        self.render_model = uds.model if uds is not None else model_name
         self.timeout = timeout
         self.mm_timeout = mm_timeout
-        self.renderer: Renderer | None = None  # the EPP's render client, for the vllm backend
+        self.renderer: Renderer | None = None  # the EPP's client, for the vllm and uds backends
         self._local = RequestTokenizer(tokenizer, 0.0) if tokenizer is not None else None
         self._cheap = tokenizer is not None and tokenizer.cheap
         self._pool: ThreadPoolExecutor | None = None
@@ -100,7 +129,7 @@ class TokenProducer(Plugin):
     def from_config(cls, name: str, p: Params, ctx: PluginContext) -> TokenProducer:
         model = p.string("modelName", "") or ""
         media = media_estimate(p.section("estimate"))
-        p.refused("udsTokenizerConfig", "the UDS tokenizer sidecar is deprecated in llm-d (removed after 0.10); use vllm.url")
+        uds = _uds_settings(p)
         vllm = p.section("vllm")
         url = vllm.string("url", DEFAULT_URL) or DEFAULT_URL
         timeout = vllm.duration_or("timeout", DEFAULT_TIMEOUT)
@@ -108,16 +137,25 @@ class TokenProducer(Plugin):
         local = p.section("local")
         spec = local.string("tokenizer")
         local_timeout = local.duration_or("timeout", DEFAULT_TIMEOUT)
-        chosen = [k for k, on in (("estimate", p.given("estimate")), ("vllm", p.given("vllm") or bool(model)),
-                                  ("local", p.given("local"))) if on]  # fmt: skip
+        # modelName alone selects vllm; with udsTokenizerConfig it names the sidecar's model (llm-d 0.10's
+        # own check counts it for vllm there too, and so refuses every UDS config: docs/configuration.md)
+        given_uds = p.given(_UDS)
+        chosen = [k for k, on in (("estimate", p.given("estimate")), ("vllm", p.given("vllm") or (bool(model) and not given_uds)),
+                                  (_UDS, given_uds), ("local", p.given("local"))) if on]  # fmt: skip
         if len(chosen) > 1:
-            raise ParameterError(chosen[1], f"only one of estimate, vllm (or modelName) and local may be set, got {', '.join(chosen)}")
+            raise ParameterError(chosen[1], f"only one of estimate, vllm (or modelName), {_UDS} and local may be set, "
+                                            f"got {', '.join(chosen)}")  # fmt: skip
         backend = chosen[0] if chosen else "estimate"
-        for section in ("estimate", "vllm", "local"):  # show the backend that runs, with its settings
+        for section in ("estimate", "vllm", _UDS, "local"):  # show the backend that runs, with its settings
             if section != backend:
                 del p.effective[section]
-        if backend != "vllm":
+        if backend not in ("vllm", _UDS):
             del p.effective["modelName"]
+        if backend == _UDS:
+            p.warnings.append(UDS_DEPRECATION)
+            if not model:
+                raise ParameterError("modelName", f"is required with {_UDS}: the model whose tokenizer the sidecar loads")
+            return cls(name, backend="uds", model_name=model, uds=uds(model), timeout=UDS_TIMEOUT, mm_timeout=UDS_MM_TIMEOUT)
         if backend == "vllm":
             if not model:
                 raise ParameterError("modelName", "is required with vllm: the model whose tokenizer the render endpoint uses")
@@ -144,7 +182,7 @@ class TokenProducer(Plugin):
         a real tokenizer's thread. The estimate and the simulator's tokenizer cost nothing to wait for."""
         if request.prompt_token_ids is not None or request.api not in self._apis:
             return False
-        if self.token_backend == "vllm":
+        if self.token_backend in _REMOTE:
             return self.renderer is not None
         return self.token_backend == "local" and not self._cheap
 
@@ -174,8 +212,8 @@ class TokenProducer(Plugin):
             return
         timeout = self.mm_timeout if _has_content_parts(request.body) else self.timeout
         try:
-            if self.token_backend == "vllm" and self.renderer is not None:
-                rendered = await asyncio.wait_for(self.renderer.render(request, self.model_name, timeout), timeout)
+            if self.token_backend in _REMOTE and self.renderer is not None:
+                rendered = await asyncio.wait_for(self.renderer.render(request, self.render_model, timeout), timeout)
                 ids = rendered.token_ids
                 if rendered.media_hashes is not None:
                     request.media_hashes = rendered.media_hashes
@@ -202,6 +240,8 @@ class TokenProducer(Plugin):
         self.fallbacks[reason] += 1
         if first:
             where = f" from {self.url}" if self.token_backend == "vllm" else ""
+            if self.uds is not None:
+                where = f" from the tokenizer sidecar at {self.uds.grpc_target}"
             log.warning("%s %s: %s%s; requests are scheduled on the estimated token count meanwhile "
                         "(counted in llm_epp_token_producer_fallbacks_total, logged once per reason)",
                         self.type, self.name, detail, where)  # fmt: skip
@@ -221,6 +261,43 @@ class LegacyTokenizer(TokenProducer):
     def from_config(cls, name: str, p: Params, ctx: PluginContext) -> TokenProducer:
         p.warnings.append(f"plugin type {cls.type} is deprecated: use {TokenProducer.type} (the same parameters)")
         return super().from_config(name, p, ctx)
+
+
+_UDS = "udsTokenizerConfig"
+
+
+def _uds_settings(p: Params) -> Callable[[str], UdsTokenizerTarget]:
+    """udsTokenizerConfig's fields (llm-d-kv-cache's UdsTokenizerConfig: socketFile, useTCP,
+    modelTokenizerMap), read; checked, for a modelName, by the target it gives once the backend is chosen."""
+    uds = p.section(_UDS)
+    socket_file = uds.string("socketFile", "") or ""
+    use_tcp = uds.flag("useTCP", False)
+    mapped = uds.given("modelTokenizerMap")
+    tokenizer_map = uds.string_map("modelTokenizerMap")
+    if not mapped:
+        del uds.effective["modelTokenizerMap"]
+    fixed = "llm-d's UDS client has no such setting (timeouts 5s, 30s with content parts, and no retries) and refuses it"
+    uds.refused("timeout", fixed)
+    uds.refused("maxRetries", fixed)
+
+    def target(model: str) -> UdsTokenizerTarget:
+        if not socket_file:
+            raise ParameterError(f"{_UDS}.socketFile", "is required: the tokenizer sidecar's socket, e.g. /tmp/tokenizer/tokenizer-uds.socket "
+                                                       "(llm-d ignores a udsTokenizerConfig without one)")  # fmt: skip
+        if use_tcp:
+            host, _, port = socket_file.rpartition(":")
+            if not host or not port.isdigit():
+                raise ParameterError(f"{_UDS}.socketFile", f"with useTCP: true, expected host:port, got {shown(socket_file)}")
+        sent = model
+        if mapped:  # as llm-d-kv-cache: the model's entry, a folder or a tokenizer.json (then its folder)
+            if model not in tokenizer_map:
+                known = ", ".join(sorted(tokenizer_map)) or "nothing"
+                raise ParameterError(f"{_UDS}.modelTokenizerMap", f"has no entry for modelName {shown(model)}; it maps {known}")
+            path = PurePosixPath(tokenizer_map[model])
+            sent = str(path.parent) if path.name == "tokenizer.json" else str(path)
+        return UdsTokenizerTarget(socket_file, use_tcp, sent)
+
+    return target
 
 
 def pretokenized(body: Mapping[str, Any]) -> list[int] | None:
