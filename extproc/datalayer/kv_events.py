@@ -19,6 +19,20 @@ the first, so a difference is normal and never moves events elsewhere. On the bo
 of a pod may share one topic; their sequence numbers are then told apart by that field, so one
 rank's stream does not look like lost messages of another's.
 
+llm-d's data-parallel settings (newer than its v0.10; `RankAttribution`, `dp_size_total`):
+- rank-granular identity (`kvEventsConfig.servingPortBase` > 0, with `dataParallelSizeLocal` ranks a
+  pod): a batch stamped with DP rank R is the endpoint `<host>:(servingPortBase + R % dataParallelSizeLocal)`
+  of the host it came from (the dialed pod's, or the topic's on the bound socket), and R is kept as that
+  endpoint's global DP rank (p2p-source-producer's p2pPortBase reads it). Batches without a rank keep
+  the endpoint they came for.
+- `podDiscoveryConfig.dataParallelSizeTotal` > 1: the engines' publishers bind socketPort + their
+  GLOBAL rank, which one endpoint does not tell, so every pod of the pool is dialed at socketPort + i
+  for each i < dataParallelSizeTotal (a port nobody binds stays an idle connection), one stream per
+  (pod, port). Those streams' batches go by rank as above, else to the endpoint their topic names.
+An attributed endpoint that is not in the pool gets nothing (counted in `unattributed`, logged once).
+SGLang's batches (`engine="sglang"`) are decoded alike (the same positional encoding, trailing
+optional fields left out) and their DP rank is not read, as llm-d's SGLang adapter does not.
+
 An endpoint's entries are dropped whenever its state may have changed unseen, so a restarted server
 gives no false hits before its first event: a sequence gap, a publisher back at sequence 0, the
 SUB connection dropping (a ZMQ socket monitor sees the TCP disconnect at once, ZMQ reconnects by
@@ -33,7 +47,7 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import msgspec
 
@@ -183,6 +197,29 @@ class SequenceTracker:
         return "gap"
 
 
+@dataclass(slots=True, frozen=True)
+class RankAttribution:
+    """llm-d's rank-granular identity (`kvEventsConfig.servingPortBase`, `dataParallelSizeLocal`); off
+    when `serving_port_base` is 0."""
+
+    serving_port_base: int = 0
+    dp_size_local: int = 1
+
+    @property
+    def on(self) -> bool:
+        return self.serving_port_base > 0
+
+    def endpoint(self, host: str, rank: int) -> str:
+        return f"{host}:{self.serving_port_base + rank % self.dp_size_local}"
+
+
+RANGE_KEY = "#dp-"  # a pod's stream at socketPort + i, in dataParallelSizeTotal mode: "<host>#dp-<i>"
+
+
+def _host_of(address: str) -> str:
+    return address.rsplit(":", 1)[0]
+
+
 def topic_endpoint(topic: bytes) -> str | None:
     """The endpoint a vLLM topic `kv@<ip:port>@<model>` names (as llm-d reads it), else None."""
     parts = topic.decode("utf-8", "replace").split("@")
@@ -223,10 +260,19 @@ class KVEventSubscriber:
         per_endpoint: bool = True,  # connect to each endpoint's publisher (llm-d's discoverPods)
         topic_filter: str = "",
         bind: str | None = None,  # also bind here for publishers that connect (llm-d's zmqEndpoint)
+        attribution: RankAttribution = RankAttribution(),  # llm-d's servingPortBase / dataParallelSizeLocal
+        dp_size_total: int = 1,  # llm-d's podDiscoveryConfig.dataParallelSizeTotal: >1 dials each pod's range
+        engine: str = "vllm",  # llm-d's engineType: "sglang" batches' DP rank is not read
     ) -> None:
         self.datastore = datastore
         self.index = index
         self.default_port = default_port
+        self.attribution = attribution
+        self.dp_size_total = dp_size_total
+        self.engine = engine
+        self.unattributed = 0  # batches whose endpoint (by rank or topic) is not in the pool: dropped
+        self._unattributed_warned: set[str] = set()
+        self._fed: dict[str, set[str]] = {}  # stream key -> the endpoints its events went to
         self.per_endpoint = per_endpoint
         self.topic_filter = topic_filter.encode()
         self.bind = bind
@@ -269,6 +315,12 @@ class KVEventSubscriber:
         if held:
             log.info("kv events from %s: %s; its %d index entries are dropped until its events rebuild them", address, reason, held)
 
+    def _reset_stream(self, key: str, reason: str) -> None:
+        """A stream's state may have changed unseen: drop what it told about each endpoint it fed."""
+        for address in {key} | self._fed.get(key, set()):
+            if self.datastore.get(address) is not None:
+                self.reset_endpoint(address, reason)
+
     def _on_scrape_failure(self, ep: Endpoint, error: str) -> None:
         self.reset_endpoint(ep.address, "scrape_failed")
 
@@ -296,12 +348,27 @@ class KVEventSubscriber:
             await asyncio.gather(*tasks, return_exceptions=True)
             ctx.destroy(linger=0)
 
+    def _wanted_ranges(self) -> dict[str, str]:
+        """dataParallelSizeTotal mode: each pod host of the pool at socketPort + i, i < the total."""
+        wanted: dict[str, str] = {}
+        if not self.default_port:
+            return wanted
+        for host in sorted({ep.spec.host for ep in self.datastore.candidates()}):
+            for i in range(self.dp_size_total):
+                port = self.default_port + i
+                if port > 65535:
+                    log.warning("kv events: socketPort %d + %d is past the last port; %s is dialed at %d ports only",
+                                self.default_port, i, host, i)  # fmt: skip
+                    break
+                wanted[f"{host}{RANGE_KEY}{i}"] = f"tcp://{host}:{port}"
+        return wanted
+
     def _sync(self) -> None:
         if self._ctx is None or not self.per_endpoint:
             return
-        wanted: dict[str, str] = {}  # endpoint address -> its publisher
+        wanted: dict[str, str] = {}  # stream key (an endpoint address, or a pod's range slot) -> its publisher
         owner: dict[str, str] = {}  # publisher -> the first endpoint that names it
-        for ep in self.datastore.candidates():
+        for ep in [] if self.dp_size_total > 1 else self.datastore.candidates():
             zmq_address = self._address_of(ep.spec, self.default_port)
             if zmq_address is None:
                 continue
@@ -318,13 +385,15 @@ class KVEventSubscriber:
                     )  # fmt: skip
                 continue
             wanted[ep.address] = zmq_address
+        if self.dp_size_total > 1:
+            wanted = self._wanted_ranges()
         for address in list(self._tasks):
             if self._dialed.get(address) != wanted.get(address):
                 self._tasks.pop(address).cancel()
                 self._dialed.pop(address, None)
-                if self.datastore.get(address) is not None:
-                    # still in the pool, another publisher or none: what we knew no longer follows it
-                    self.reset_endpoint(address, "publisher_changed")
+                # still in the pool, another publisher or none: what we knew no longer follows it
+                self._reset_stream(address, "publisher_changed")
+                self._fed.pop(address, None)
         loop = asyncio.get_running_loop()
         for address, zmq_address in wanted.items():
             if address in self._tasks:
@@ -340,20 +409,28 @@ class KVEventSubscriber:
             self._dialed.pop(address, None)
 
     async def _follow(self, address: str, zmq_address: str) -> None:
-        """Subscribe to one endpoint's events until it leaves; reconnect with backoff after errors."""
+        """Follow one stream (an endpoint's, or a pod's range slot) until it has nothing to follow;
+        reconnect with backoff after errors."""
         backoff = Backoff(0.1, 5.0)
         seq = SequenceTracker()  # kept across reconnects: what was lost meanwhile shows as a gap
-        while self.datastore.get(address) is not None:
+        while self._wants(address):
             try:
                 await self._stream(address, zmq_address, backoff, seq)
             except asyncio.CancelledError:
                 raise
             except Exception as e:
                 if not isinstance(e, TimeoutError):  # an idle stream (idle_reconnect) says nothing about the cache
-                    self.reset_endpoint(address, "stream_error")
+                    self._reset_stream(address, "stream_error")
                 delay = backoff.next_delay()
                 log.warning("kv events from %s (%s): %s; reconnecting in %.1fs", address, zmq_address, e, delay)
                 await asyncio.sleep(delay)
+
+    def _wants(self, key: str) -> bool:
+        """Whether a stream still has something to follow: its endpoint, or (a range slot) its pod."""
+        if RANGE_KEY in key:
+            host = key.split(RANGE_KEY, 1)[0]
+            return any(ep.spec.host == host for ep in self.datastore.candidates())
+        return self.datastore.get(key) is not None
 
     async def _stream(self, address: str, zmq_address: str, backoff: Backoff, seq: SequenceTracker) -> None:
         import zmq
@@ -419,15 +496,14 @@ class KVEventSubscriber:
             sock.close(linger=0)
 
     def handle_bound_message(self, frames: Sequence[bytes]) -> None:
-        """One message on the bound socket: its topic `kv@<ip:port>@<model>` names the endpoint."""
+        """One message on the bound socket: its topic `kv@<ip:port>@<model>` names the endpoint (or,
+        by rank-granular identity, the host whose rank endpoint it is)."""
         if not frames:
             return
         address = topic_endpoint(frames[0])
-        if address is None or self.datastore.get(address) is None:
-            self.unknown_sources += 1
-            if self.unknown_sources == 1:
-                log.warning("kv events: a message with topic %r names no endpoint of the pool (kv@<ip:port>@<model> "
-                            "expected); such messages are dropped", frames[0][:200])  # fmt: skip
+        by_rank = address is not None and self.attribution.on and len(frames) == 3
+        if address is None or (self.datastore.get(address) is None and not by_rank):
+            self._unknown_topic(frames[0])
             return
         if not _well_formed(address, frames):
             return
@@ -437,13 +513,44 @@ class KVEventSubscriber:
             # stream's next message shows the gap.
             self.messages += 1
             return
+        target = self._by_rank(_host_of(address), batch) or address
+        if self.datastore.get(target) is None:
+            if target == address:  # a batch without a rank, its topic naming no endpoint of the pool
+                self._unknown_topic(frames[0])
+            else:
+                self._unattributed(target, f"topic {frames[0][:200]!r}")
+            return
         streams = self._bound_seq.get(address)
         if streams is None:
             streams = self._bound_seq[address] = {}
         seq = streams.get(batch.dp_rank)
         if seq is None:
             seq = streams[batch.dp_rank] = SequenceTracker()
-        self._take(address, frames[1], batch, seq)
+        self._take(target, frames[1], batch, seq)
+
+    def _unknown_topic(self, topic: bytes) -> None:
+        self.unknown_sources += 1
+        if self.unknown_sources == 1:
+            log.warning("kv events: a message with topic %r names no endpoint of the pool (kv@<ip:port>@<model> "
+                        "expected); such messages are dropped", topic[:200])  # fmt: skip
+
+    def _by_rank(self, host: str, batch: EventBatch | None) -> str | None:
+        """Rank-granular identity: the endpoint of `host` the batch's DP rank names (and that rank kept
+        as its global rank), else None (no identity by rank: off, or a batch without a rank)."""
+        if not self.attribution.on or batch is None or batch.dp_rank is None:
+            return None
+        target = self.attribution.endpoint(host, batch.dp_rank)
+        if self.datastore.get(target) is not None:
+            self.index.set_global_dp_rank(target, batch.dp_rank)
+        return target
+
+    def _unattributed(self, target: str, source: str) -> None:
+        self.unattributed += 1
+        if target not in self._unattributed_warned:
+            self._unattributed_warned.add(target)
+            log.warning("kv events from %s are for %s, which is not an endpoint of the pool (servingPortBase %d, "
+                        "dataParallelSizeLocal %d); they are dropped", source, target,
+                        self.attribution.serving_port_base, self.attribution.dp_size_local)  # fmt: skip
 
     async def _watch_disconnects(self, address: str, monitor: object) -> None:
         """The SUB socket's TCP connection dropped (the server died or restarted; ZMQ reconnects by
@@ -453,21 +560,39 @@ class KVEventSubscriber:
         while True:
             frames = await monitor.recv_multipart()  # type: ignore[attr-defined]
             if len(frames) >= 1 and len(frames[0]) >= 2 and int.from_bytes(frames[0][:2], "little") == zmq.EVENT_DISCONNECTED:
-                self.reset_endpoint(address, "disconnected")
+                self._reset_stream(address, "disconnected")
 
-    def handle_message(self, address: str, frames: Sequence[bytes], seq: SequenceTracker) -> None:
-        """One ZMQ message of an endpoint's own stream (the socket-free part, tested on its own): the
-        endpoint's, whatever DP rank its payload names (see the module doc)."""
-        if not _well_formed(address, frames):
+    def handle_message(self, key: str, frames: Sequence[bytes], seq: SequenceTracker) -> None:
+        """One ZMQ message of a stream (the socket-free part, tested on its own). An endpoint's own
+        stream (`key` its address) is that endpoint's, whatever DP rank its payload names (see the module
+        doc), unless rank-granular identity names another endpoint of its host; a pod's range stream
+        (`<host>#dp-<i>`) goes by rank, else by its topic."""
+        if not _well_formed(key, frames):
             return
-        self._take(address, frames[1], self._decode(address, frames[2]), seq)
+        batch = self._decode(key, frames[2])
+        if RANGE_KEY in key:
+            target = self._by_rank(key.split(RANGE_KEY, 1)[0], batch) or topic_endpoint(frames[0])
+            if target is None:
+                self._unknown_topic(frames[0])
+                return
+        else:
+            ep = self.datastore.get(key)
+            target = (self._by_rank(ep.spec.host, batch) if ep is not None else None) or key
+        if target != key and self.datastore.get(target) is None:
+            self._unattributed(target, key)
+            return
+        self._fed.setdefault(key, set()).add(target)
+        self._take(target, frames[1], batch, seq)
 
     def _decode(self, address: str, payload: bytes) -> EventBatch | None:
         try:
-            return decode_batch(payload)
+            batch = decode_batch(payload)
         except KVEventDecodeError as e:
             log.warning("kv events from %s: %s", address, e)
             return None
+        if self.engine == "sglang" and batch.dp_rank is not None:
+            batch = replace(batch, dp_rank=None)  # llm-d's SGLang adapter does not read it
+        return batch
 
     def _take(self, address: str, seq_frame: bytes, batch: EventBatch | None, seq: SequenceTracker) -> None:
         """A message's sequence number, then its events (None: it did not decode) into the index."""

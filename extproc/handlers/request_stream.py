@@ -95,7 +95,8 @@ REQUEST_ID_HEADER = "x-request-id"
 DROPPED_REASON_HEADER = "x-llm-d-request-dropped-reason"
 # Headers a client must never set: they would choose where the request goes.
 STEERING_HEADERS = (
-    DESTINATION_HEADER, "x-prefiller-host-port", "x-kv-cache-source-host-port", "x-encoder-hosts-ports",
+    DESTINATION_HEADER, "x-prefiller-host-port", "x-kv-cache-source-host-port", "x-kv-cache-source-p2p-port",
+    "x-encoder-hosts-ports",
     "x-data-parallel-host-port",  # a sidecar forwards to the rank it names
 )  # fmt: skip
 

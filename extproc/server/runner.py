@@ -27,7 +27,7 @@ from grpc_health.v1.health import aio as health_aio
 from extproc.datalayer.datastore import Datastore
 from extproc.datalayer.dcgm import DcgmScraper
 from extproc.datalayer.endpoints_file import StaticFileDiscovery
-from extproc.datalayer.kv_events import KVEventSubscriber
+from extproc.datalayer.kv_events import KVEventSubscriber, RankAttribution
 from extproc.datalayer.models import ModelsPoller
 from extproc.datalayer.scraper import EndpointPoller, MetricsScraper, poll_intervals
 from extproc.datalayer.supervisor import Supervisor
@@ -502,6 +502,8 @@ class EppServer:
                 precise.subscriber = KVEventSubscriber(
                     self.datastore, precise.index, default_port=precise.kv_events_port or None,
                     per_endpoint=precise.discover_pods, topic_filter=precise.topic_filter, bind=precise.zmq_endpoint,
+                    attribution=RankAttribution(precise.serving_port_base, precise.dp_size_local),
+                    dp_size_total=precise.dp_size_total, engine=precise.engine,
                 )  # fmt: skip
                 self.supervisor.start(f"kv-events/{name}", precise.subscriber.run)
             # llm-d's metricsLoggingInterval (with enableMetrics): the index's counts, logged that often

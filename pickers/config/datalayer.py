@@ -47,6 +47,8 @@ from pickers.plugins.datalayer.sources import (
 _KEYS = ("injectDefaults", "sources", "discovery", "peerDiscovery", "crossReplicaSyncerPluginRef", "crossReplicaSyncInterval")
 _SOURCE_KEYS = ("pluginRef", "extractors")
 _REF_KEYS = ("pluginRef",)
+# llm-d v0.10: discovery: {pluginRef}; newer llm-d (its no-kubernetes guide): discovery: {endpoints: {pluginRef}}
+_DISCOVERY_KEYS = ("pluginRef", "endpoints")
 ACTIVE_ACTIVE_REFUSED = (
     "active-active EPP replicas (peer discovery, cross-replica sync) are not implemented in llm-epp; "
     "run one replica, or several with --ha-enable-leader-election (one serves)"
@@ -251,12 +253,18 @@ def build_data_layer(
     discovery = None
     raw_discovery = section.get("discovery")
     if raw_discovery is not None:
-        spec = _mapping(raw_discovery, "dataLayer.discovery", _REF_KEYS, fail)
-        name = _ref(spec, "dataLayer.discovery", plugins, fail)
+        spec = _mapping(raw_discovery, "dataLayer.discovery", _DISCOVERY_KEYS, fail)
+        where = "dataLayer.discovery"
+        if "endpoints" in spec:  # newer llm-d's shape: discovery.endpoints.pluginRef, the same reference
+            if "pluginRef" in spec:
+                raise fail("dataLayer.discovery.endpoints", "the same reference as dataLayer.discovery.pluginRef; give one of them")
+            where = "dataLayer.discovery.endpoints"
+            spec = _mapping(spec["endpoints"], where, _REF_KEYS, fail)
+        name = _ref(spec, where, plugins, fail)
         plugin = plugins[name]
         if not isinstance(plugin, FileDiscovery):
             raise fail(
-                "dataLayer.discovery.pluginRef",
+                f"{where}.pluginRef",
                 f"plugin {shown(name)} ({getattr(plugin, 'type', '?')}) is not an endpoint discovery plugin; expected "
                 "file-discovery or multicluster-file-discovery",
             )

@@ -57,7 +57,7 @@ from pickers.config.registry import (
 )
 from pickers.framework.errors import ConfigError, shown
 from pickers.framework.flowcontrol import FairnessPolicy, FlowControlConfig
-from pickers.framework.params import ParameterError
+from pickers.framework.params import ParameterError, Params
 from pickers.framework.types import (
     Admitter,
     AsyncDataProducer,
@@ -441,8 +441,13 @@ class _Loader:
         why = REFUSED_PARSER_TYPES.get(type_name)
         if why is not None:
             raise self.error(f"{path}.type", f"{type_name} is not supported: {why}")
-        if parameters is not None and parameters != {}:
-            raise self.error(f"{path}.parameters", f"{type_name} takes no parameters, got {shown(parameters)}")
+        # llm-d's parser factories read no parameters: what a config gives loads, named in a warning
+        try:
+            p = Params(parameters)  # type: ignore[arg-type]
+            p.done(llmd_ignores=True)
+        except ParameterError as e:
+            raise self.error(f"{path}.parameters", f"{type_name}: {e.detail}") from None
+        self.warnings.extend(f"{path} ({type_name}): {w}" for w in p.warnings)
         self.parser_plugins[name] = type_name
         self.types[name] = type_name
         self.parameters[name] = MappingProxyType({})

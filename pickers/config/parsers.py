@@ -8,6 +8,9 @@ passthrough as the fallback. An explicit list is used as given, with llm-d's two
 entry loads with a warning, as llm-d logs it): a second parser of a type already listed is skipped,
 and so is every parser after one that claims no paths (the fallback takes all remaining traffic).
 
+A parser plugin's `parameters` load with a warning naming each one: llm-d's parser factories read none
+(the loader, with Params.done(llmd_ignores=True)).
+
 Which paths each type claims, and what it reads, is the server's (extproc.handlers.parsers).
 """
 

@@ -247,12 +247,44 @@ ALPHA_TYPES = frozenset(
 )
 EXPERIMENTAL_FLAG = "--allow-experimental-plugins"
 
+# Types whose llm-d factory reads no parameters at all (`func XFactory(name string, _ *json.Decoder, ...)`
+# in llm-d's pkg/, v0.10; the multicluster queue and KV-cache scorers hand theirs to those factories):
+# llm-d ignores whatever `parameters` says, so here an unknown one loads with a warning naming it
+# (Params.done(llmd_ignores=True)) instead of being refused. The request parsers are the same in llm-d
+# (pickers.config.parsers). Every other type refuses an unknown parameter, as llm-d's strict decoding does.
+LLMD_IGNORES_PARAMETERS = frozenset(
+    {
+        QueueScorer.type,
+        KVCacheUtilizationScorer.type,
+        RunningRequestsSizeScorer.type,
+        LoraAffinityScorer.type,
+        MulticlusterQueueScorer.type,
+        MulticlusterKVCacheUtilizationScorer.type,
+        PrefillFilter.type,
+        DecodeFilter.type,
+        EncodeFilter.type,
+        SingleProfileHandler.type,
+        AlwaysDisaggPDDecider.type,
+        AlwaysDisaggMultimodalDecider.type,
+        GlobalStrictFairness.type,
+        RoundRobinFairness.type,
+        FcfsOrdering.type,
+        EdfOrdering.type,
+        SloDeadlineOrdering.type,
+        SheddableEvictionFilter.type,
+        PriorityThenTimeEvictionOrder.type,
+        ModelsDataExtractor.type,
+        DcgmExtractor.type,
+        EndpointNotificationSource.type,
+    }
+)
+
 
 def _factory(cls: type[_Configurable]) -> Factory:
     def make(name: str, parameters: Mapping[str, Any] | None, ctx: PluginContext) -> BuiltPlugin:
         p = Params(parameters)
         plugin = cls.from_config(name, p, ctx)
-        p.done()
+        p.done(llmd_ignores=cls.type in LLMD_IGNORES_PARAMETERS)
         return BuiltPlugin(plugin, MappingProxyType(p.effective), tuple(p.warnings))
 
     return make

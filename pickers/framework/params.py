@@ -4,6 +4,8 @@ A plugin reads each parameter it knows, then calls `done()`, which refuses any i
 misspelt parameter is an error rather than a silently ignored default. Every getter records the value
 it returned (the default when the parameter is absent): `effective` is what `epp check-config` prints.
 `deprecated()` accepts a parameter whose value changes nothing and records a warning that says so.
+`done(llmd_ignores=True)` is for plugin types whose llm-d factory reads no parameters at all: there an
+unknown parameter loads with a warning naming it (llm-d ignores it too), rather than being refused.
 `section()` reads a nested mapping (llm-d's `kvEventsConfig: {...}`) with the same getters: its fields
 are named `kvEventsConfig.topicFilter` in errors, and its effective values nest under its key.
 """
@@ -229,8 +231,18 @@ class Params:
         if v is not None:
             self.warnings.append(f"parameter {self.path(key)} is deprecated and has no effect: {why}")
 
-    def done(self) -> None:
+    def done(self, *, llmd_ignores: bool = False) -> None:
+        """Refuse the parameters no getter read. With `llmd_ignores` (the plugin type's llm-d factory
+        does not read its parameters: `func XFactory(name string, _ *json.Decoder, ...)`) each one loads
+        with a warning instead: it has no effect there either, and a config written for llm-d loads."""
         unknown = sorted(k for k in self._values if k not in self._read)
+        if unknown and llmd_ignores:
+            for k in unknown:
+                self.warnings.append(
+                    f"parameter {self.path(k)} has no effect: this plugin type takes no such parameter, and "
+                    "llm-d ignores it too (its factory for this type reads no parameters)"
+                )
+            unknown = []
         if unknown:
             known = ", ".join(sorted(self._read)) or "none"
             where = f"{self.prefix.rstrip('.')} takes" if self.prefix else "this plugin takes"

@@ -79,6 +79,9 @@ class EndpointBlocks:
     block_size: int | None = None
     orphans: int = 0  # stored blocks dropped because their parent was unknown (we joined late)
     gaps: int = 0  # times its event stream lost messages and the state was reset
+    # the engine's global data-parallel rank, as its batches name it: known only under llm-d's rank-granular
+    # identity (kvEventsConfig.servingPortBase), for p2p-source-producer's p2pPortBase
+    global_dp_rank: int | None = None
 
 
 @dataclass(slots=True)
@@ -399,6 +402,14 @@ class KVBlockIndex:
     def blocks_of(self, address: str) -> int:
         ep = self._endpoints.get(address)
         return len(ep.blocks) if ep else 0
+
+    def set_global_dp_rank(self, address: str, rank: int) -> None:
+        self._ep(address).global_dp_rank = rank
+
+    def global_dp_rank(self, address: str) -> int | None:
+        """The global DP rank the endpoint's events were attributed by (None: not known)."""
+        ep = self._endpoints.get(address)
+        return ep.global_dp_rank if ep else None
 
     def stats(self, address: str) -> EndpointBlocks | None:
         return self._endpoints.get(address)

@@ -121,8 +121,8 @@ def test_a_config_of_parsers_and_no_scheduling_plugin_gets_the_implied_picker():
         (PICKER + "requestHandler:\n  parsers: []\n  timeout: 3\n", "test.yaml: requestHandler.timeout: unknown field; expected one of parsers"),
         (PICKER + "parser: openai-parser\n", "test.yaml: parser: expected a mapping {pluginRef: NAME}"),
         (PICKER + "parser: {pluginRef: ghost}\n", "test.yaml: parser.pluginRef: no parser plugin named 'ghost'"),
-        ("plugins:\n- type: openai-parser\n  parameters: {strict: true}\n",
-         "test.yaml: plugins[0].parameters: openai-parser takes no parameters, got {'strict': True}"),
+        ("plugins:\n- type: openai-parser\n  parameters: [strict]\n",
+         "test.yaml: plugins[0].parameters: openai-parser: expected a mapping of parameters, got list"),
         ("plugins:\n- type: max-score-picker\n- name: max-score-picker\n  type: openai-parser\n",
          "test.yaml: plugins[1].name: duplicate plugin name 'max-score-picker'"),
         ("plugins:\n- type: openai-parser\nschedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: openai-parser\n",
@@ -131,6 +131,16 @@ def test_a_config_of_parsers_and_no_scheduling_plugin_gets_the_implied_picker():
 )  # fmt: skip
 def test_mistakes_are_refused_naming_the_field(body, message):
     assert error_of(body).startswith(message)
+
+
+def test_parser_parameters_load_with_a_warning_naming_each_as_llm_d_ignores_them():
+    """llm-d's parser factories read no parameters (`_ *json.Decoder`): a config with some loads there."""
+    cfg = load("plugins:\n- type: max-score-picker\n- type: openai-parser\n  parameters: {strict: true, mode: x}\n")
+    assert cfg.parsers[0].type == "openai-parser"
+    warned = [w for w in cfg.warnings if w.startswith("plugins[1] (openai-parser): parameter ")]
+    assert len(warned) == 2 and "parameter mode has no effect" in warned[0] and "parameter strict has no effect" in warned[1]
+    assert all("llm-d ignores it too" in w for w in warned)
+    assert cfg.plugin_parameters["openai-parser"] == {}
 
 
 @pytest.mark.parametrize(

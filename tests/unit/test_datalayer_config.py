@@ -217,9 +217,9 @@ def test_models_source_takes_no_port():
     assert msg.startswith("t.yaml: plugins[1].parameters.port: models-data-source: unknown parameter")
 
 
-def test_models_extractor_takes_no_parameters():
-    msg = error_of(with_sources("- type: models-data-source\n- type: models-data-extractor\n  parameters: {x: 1}\n", MODELS_SOURCE))
-    assert msg.startswith("t.yaml: plugins[2].parameters.x: models-data-extractor: unknown parameter")
+def test_models_extractor_parameters_load_with_a_warning_as_llm_d_ignores_them():
+    cfg = load(with_sources("- type: models-data-source\n- type: models-data-extractor\n  parameters: {x: 1}\n", MODELS_SOURCE))
+    assert any(w.startswith("plugins[2] (models-data-extractor): parameter x has no effect") for w in cfg.warnings)
 
 
 def test_served_model_filter_needs_a_models_source():
@@ -363,6 +363,15 @@ def test_file_discovery_loads_with_llm_ds_parameters():
     assert cfg.warnings == ()
 
 
+def test_newer_llm_ds_discovery_endpoints_reference_is_the_same_discovery():
+    """llm-d's no-kubernetes guide (after v0.10) writes `discovery: {endpoints: {pluginRef: ...}}`."""
+    cfg = load(f"plugins:\n{SCORER}- name: files\n  type: file-discovery\n  parameters: {{path: /etc/epp/endpoints.yaml, watchFile: true}}\n"
+               "dataLayer:\n  discovery:\n    endpoints: {pluginRef: files}\n")  # fmt: skip
+    d = cfg.data_layer.discovery
+    assert d is not None and (d.path, d.watch_file) == ("/etc/epp/endpoints.yaml", True)
+    assert cfg.warnings == ()
+
+
 def test_file_discovery_reads_once_by_default_as_in_llm_d():
     cfg = load(f"plugins:\n{SCORER}- type: file-discovery\n  parameters: {{path: e.yaml}}\ndataLayer:\n  discovery: {{pluginRef: file-discovery}}\n")
     assert cfg.data_layer.discovery is not None and cfg.data_layer.discovery.watch_file is False
@@ -385,7 +394,14 @@ def test_bad_file_discovery_parameters_are_refused(body, expected):
     [
         ("{pluginRef: nothing}", "dataLayer.discovery.pluginRef: no plugin named 'nothing'"),
         ("{pluginRef: metrics-data-source}", "dataLayer.discovery.pluginRef: plugin 'metrics-data-source' (metrics-data-source) is not an endpoint discovery plugin"),
-        ("{pluginRef: file-discovery, watchFile: true}", "dataLayer.discovery.watchFile: unknown field; expected one of pluginRef"),
+        ("{pluginRef: file-discovery, watchFile: true}", "dataLayer.discovery.watchFile: unknown field; expected one of pluginRef, endpoints"),
+        ("{endpoints: {pluginRef: nothing}}", "dataLayer.discovery.endpoints.pluginRef: no plugin named 'nothing'"),
+        ("{endpoints: {pluginRef: metrics-data-source}}", ("dataLayer.discovery.endpoints.pluginRef: plugin 'metrics-data-source' "
+                                                          "(metrics-data-source) is not an endpoint discovery plugin")),
+        ("{endpoints: file-discovery}", "dataLayer.discovery.endpoints: expected a mapping"),
+        ("{endpoints: {pluginRef: file-discovery, watch: true}}", "dataLayer.discovery.endpoints.watch: unknown field; expected one of pluginRef"),
+        ("{pluginRef: file-discovery, endpoints: {pluginRef: file-discovery}}", ("dataLayer.discovery.endpoints: the same "
+                                                                                 "reference as dataLayer.discovery.pluginRef; give one of them")),
     ],
 )  # fmt: skip
 def test_bad_discovery_references_are_refused(discovery, expected):

@@ -276,6 +276,122 @@ def test_program_aware_forgets_idle_programs_after_the_ttl():
     assert "old" not in policy.programs
 
 
+def _served(policy: ProgramAwareFairness, pid: str, prompt: int, completion: int = 0, n: int = 1) -> None:
+    for i in range(n):
+        r = request(f"{pid}-{i}", {"x-llm-d-inference-fairness-id": pid})
+        policy.pre_request(r, CycleState(), SchedulingResult([]))
+        policy.response_complete(r, None, prompt, completion)
+
+
+def test_las_decay_factor_decays_a_bands_idle_programs_once_a_pick():
+    """llm-d 0.10's lasDecayFactor: with no half-life, every pick multiplies the service of the band's
+    programs with nothing queued and nothing in flight; a queued program keeps its service."""
+    clock = Clock()
+    policy = ProgramAwareFairness(half_life=0.0, decay_factor=0.5, clock=clock)
+    band = Band(0, FcfsOrdering())
+    band.add("idle", clock.now)
+    band.add("busy", clock.now)
+    assert policy.pick(band) is not None  # both seen queued in band 0
+    band.by_id["idle"].items.clear()
+    _served(policy, "idle", 100)
+    _served(policy, "busy", 100)
+    clock.now += 3600.0  # wall time alone decays nothing
+    policy.pick(band)
+    policy.pick(band)
+    assert policy.programs["idle"].service == pytest.approx(25.0)
+    assert policy.programs["busy"].service == pytest.approx(100.0)
+    policy.pick(Band(1, FcfsOrdering()))  # another band's pick leaves band 0's programs alone
+    assert policy.programs["idle"].service == pytest.approx(25.0)
+
+
+def test_las_decay_factor_loads_as_llm_d_0_10s_decay_with_a_warning():
+    built = build_plugin("program-aware-fairness", "p", {"strategy": "las", "lasDecayFactor": 0.99997}, PluginContext())
+    policy = built.plugin
+    assert isinstance(policy, ProgramAwareFairness)
+    assert (policy.decay_factor, policy.half_life) == (0.99997, 0.0) and built.parameters["lasHalfLifeSeconds"] == 0.0
+    assert any("lasDecayFactor is llm-d 0.10's per-pick decay" in w for w in built.warnings)
+
+
+def test_a_positive_half_life_overrides_las_decay_factor_as_in_llm_d():
+    built = build_plugin("program-aware-fairness", "p", {"lasDecayFactor": 0.9, "lasHalfLifeSeconds": 30}, PluginContext())
+    assert built.plugin.decay_factor is None and built.plugin.half_life == 30.0
+    assert any("lasDecayFactor has no effect: a positive lasHalfLifeSeconds overrides it" in w for w in built.warnings)
+
+
+@pytest.mark.parametrize("factor", [0, 1.5, -0.1])
+def test_las_decay_factor_outside_0_1_is_refused(factor):
+    with pytest.raises(ConfigError, match="lasDecayFactor"):
+        build_plugin("program-aware-fairness", "p", {"lasDecayFactor": factor}, PluginContext())
+
+
+def turn_policy(clock: Clock, **kw: float) -> ProgramAwareFairness:
+    return ProgramAwareFairness(strategy="turn-priority", clock=clock, **kw)  # type: ignore[arg-type]
+
+
+def test_turn_priority_prefers_the_deeper_session():
+    clock = Clock()
+    policy = turn_policy(clock, turn_time_weight=0.0)
+    _served(policy, "shallow", 10, n=1)
+    _served(policy, "deep", 10, n=20)
+    band = Band(0, FcfsOrdering())
+    band.add("shallow", clock.now - 5.0)
+    band.add("deep", clock.now)
+    assert policy.pick(band).flow.id == "deep"
+
+
+def test_turn_priority_a_long_enough_wait_overcomes_depth():
+    """score = turn + turnPriorityTimeWeight x head wait s: at the default 0.05 a turn-50 lead needs
+    1,000 s of wait."""
+    clock = Clock(now=10_000.0)
+    policy = turn_policy(clock)
+    _served(policy, "deep", 10, n=50)
+    _served(policy, "starving", 10, n=1)
+    band = Band(0, FcfsOrdering())
+    band.add("deep", clock.now)
+    band.add("starving", clock.now - 900.0)  # 2 + 45 < 51
+    assert policy.pick(band).flow.id == "deep"
+    band.by_id["starving"].items[0].enqueued_at = clock.now - 1800.0  # 2 + 90 > 51
+    assert policy.pick(band).flow.id == "starving"
+
+
+def test_turn_priority_an_idle_program_starts_again_from_turn_one():
+    clock = Clock()
+    policy = turn_policy(clock, turn_time_weight=0.0, turn_inactivity=60.0)
+    _served(policy, "back", 10, n=30)
+    _served(policy, "steady", 10, n=5)
+    clock.now += 600.0  # "back" idle for 10 minutes; so is "steady", which then works again
+    _served(policy, "steady", 10, n=1)
+    band = Band(0, FcfsOrdering())
+    band.add("back", clock.now)
+    band.add("steady", clock.now)
+    assert policy.turn_number(policy.programs["back"], clock.now) == 1
+    assert policy.turn_number(policy.programs["steady"], clock.now) == 7
+    assert policy.pick(band).flow.id == "steady"
+    r = request("inflight", {"x-llm-d-inference-fairness-id": "back"})
+    policy.pre_request(r, CycleState(), SchedulingResult([]))  # in flight: active whatever its last completion
+    assert policy.turn_number(policy.programs["back"], clock.now) == 32
+
+
+def test_turn_priority_with_inactivity_0_never_resets():
+    clock = Clock()
+    policy = turn_policy(clock, turn_inactivity=0.0)
+    _served(policy, "p", 1, n=9)
+    clock.now += 86400.0
+    assert policy.turn_number(policy.programs["p"], clock.now) == 10
+
+
+def test_turn_priority_loads_with_its_defaults_and_warns_of_las_parameters():
+    built = build_plugin("program-aware-fairness", "p", {"strategy": "turn-priority", "lasWeightService": 0.5}, PluginContext())
+    policy = built.plugin
+    assert (policy.strategy, policy.turn_time_weight, policy.turn_inactivity) == ("turn-priority", 0.05, 120.0)
+    assert built.parameters["turnPriorityTimeWeight"] == 0.05 and "lasHalfLifeSeconds" not in built.parameters
+    assert any("lasWeightService has no effect with strategy turn-priority" in w for w in built.warnings)
+    las = build_plugin("program-aware-fairness", "p", {"turnPriorityTimeWeight": 1.0}, PluginContext())
+    assert any("turnPriorityTimeWeight has no effect with strategy las" in w for w in las.warnings)
+    with pytest.raises(ConfigError, match="strategy"):
+        build_plugin("program-aware-fairness", "p", {"strategy": "drr"}, PluginContext())
+
+
 def test_jain_index():
     assert jain_index([]) == 1.0 and jain_index([5.0]) == 1.0
     assert jain_index([1.0, 1.0, 1.0]) == pytest.approx(1.0)

@@ -13,6 +13,7 @@ from pickers.framework.request import InferenceRequest
 from pickers.framework.types import CycleState, SchedulingResult
 from pickers.plugins.producer.p2p_source import (
     KV_CACHE_SOURCE_HEADER,
+    KV_CACHE_SOURCE_P2P_PORT_HEADER,
     P2PSourceProducer,
     spread_fraction,
 )
@@ -150,6 +151,58 @@ def test_the_precise_producer_counts_only_cpu_blocks_for_a_source():
     assert result.request_headers == {KV_CACHE_SOURCE_HEADER: B}
 
 
+def _precise_p2p(kv_events: str, p2p: str) -> tuple[object, P2PSourceProducer]:
+    text = (
+        "plugins:\n- type: token-producer\n  parameters: {local: {tokenizer: sim}}\n"
+        "- type: precise-prefix-cache-producer\n  parameters:\n    tokenProcessorConfig: {blockSizeTokens: 4}\n"
+        f"    kvEventsConfig: {kv_events}\n"
+        f"- type: p2p-source-producer\n  parameters: {{prefixMatchInfoProducerName: precise-prefix-cache-producer, {p2p}}}\n"
+        "- type: max-score-picker\n"
+    )
+    cfg = load(text)
+    return cfg, cfg.plugins["p2p-source-producer"]
+
+
+def _pull_headers(p: P2PSourceProducer, source_rank: int | None) -> dict[str, str]:
+    """B holds 2 CPU blocks, C computes; B's global DP rank as its KV events named it (or unknown)."""
+    ids = list(range(100, 116))
+    assert p.precise is not None
+    apply_events(p.precise.index, B, [BlockStored([1, 2], None, ids[:8], 4, medium="CPU")])
+    if source_rank is not None:
+        p.precise.index.set_global_dp_rank(B, source_rank)
+    req, cycle = request(), CycleState()
+    req.prompt_token_ids = ids
+    p.produce(req, cycle, [ep(B), ep(C)])
+    result = SchedulingResult([ep(C)], "default")
+    p.pre_request(req, cycle, result)
+    return result.request_headers
+
+
+def test_p2p_port_base_names_the_source_ranks_p2p_port_from_its_global_rank():
+    """llm-d: each rank's P2P tier binds p2pPortBase + its GLOBAL rank, learned from its KV events."""
+    cfg, p = _precise_p2p("{servingPortBase: 8000, dataParallelSizeLocal: 2}", "p2pPortBase: 7777")
+    assert not cfg.warnings
+    assert _pull_headers(p, 11) == {KV_CACHE_SOURCE_HEADER: B, KV_CACHE_SOURCE_P2P_PORT_HEADER: "7788"}
+
+
+def test_p2p_port_base_sets_no_port_while_the_sources_rank_is_unknown():
+    _, p = _precise_p2p("{servingPortBase: 8000, dataParallelSizeLocal: 2}", "p2pPortBase: 7777")
+    assert _pull_headers(p, None) == {KV_CACHE_SOURCE_HEADER: B}
+
+
+def test_without_p2p_port_base_only_the_host_port_header_is_set():
+    _, p = _precise_p2p("{servingPortBase: 8000}", "minCachedTokenDelta: 1")
+    assert _pull_headers(p, 3) == {KV_CACHE_SOURCE_HEADER: B}
+
+
+def test_p2p_port_base_that_can_never_act_loads_with_a_warning():
+    """llm-d's approximate producer knows no ranks, and without servingPortBase the precise one records
+    none: the port header is never set there either."""
+    assert any("p2pPortBase has no effect here" in w for w in load(config("{p2pPortBase: 7777}")).warnings)
+    cfg, _ = _precise_p2p("{topicFilter: kv@}", "p2pPortBase: 7777")
+    assert any("p2pPortBase has no effect here" in w for w in cfg.warnings)
+
+
 @pytest.mark.parametrize(
     ("params", "field"),
     [
@@ -159,6 +212,8 @@ def test_the_precise_producer_counts_only_cpu_blocks_for_a_source():
         ("{prefixMatchInfoProducerName: nobody}", "prefixMatchInfoProducerName"),
         ("{prefixMatchInfoProducerName: max-score-picker}", "prefixMatchInfoProducerName"),
         ("{minCachedTokenDelta: 1, sourceHeader: x}", "sourceHeader"),
+        ("{p2pPortBase: -1}", "p2pPortBase"),
+        ("{p2pPortBase: 70000}", "p2pPortBase"),
     ],
 )
 def test_bad_parameters_are_refused_naming_the_field(params: str, field: str):
@@ -168,7 +223,8 @@ def test_bad_parameters_are_refused_naming_the_field(params: str, field: str):
 def test_the_type_loads_and_shows_its_effective_parameters():
     cfg = load(config())
     assert dict(cfg.plugin_parameters["p2p-source-producer"]) == {
-        "minCachedTokenDelta": 1, "prefillProfileName": "prefill", "prefixMatchInfoProducerName": "approx-prefix-cache-producer"}  # fmt: skip
+        "minCachedTokenDelta": 1, "prefillProfileName": "prefill", "p2pPortBase": 0,
+        "prefixMatchInfoProducerName": "approx-prefix-cache-producer"}  # fmt: skip
     with pytest.raises(ConfigError):
         load(config("{minCachedTokenDelta: -1}"))
 
@@ -215,3 +271,23 @@ def test_the_p2p_guide_shape_passes_check_config(tmp_path, capsys):
     assert cli.main(["check-config", str(path)]) == 0
     out = capsys.readouterr().out
     assert "p2p-source-producer" in out and "minCachedTokenDelta" in out
+
+
+def test_a_client_sent_p2p_port_header_is_removed():
+    """Like the host:port header, the port is the EPP's to set: a client's own value never reaches a sidecar."""
+    from extproc.datalayer.datastore import Datastore
+    from extproc.handlers.request_stream import RequestStream
+    from extproc.observability.metrics import EppMetrics
+    from extproc.requestcontrol.director import Director
+    from pickers.framework.endpoint import EndpointSpec
+    from pickers.framework.scheduler import Scheduler
+    from tests.unit.test_protocol import completion_body, send_request
+
+    cfg = load(config())
+    ds = Datastore()
+    ds.set_endpoints([EndpointSpec("a", "10.0.0.1", 8000)])
+    director = Director(ds, Scheduler(cfg.profiles, handler=cfg.profile_handler), EppMetrics())
+    out = send_request(RequestStream(director), completion_body(), extra={KV_CACHE_SOURCE_P2P_PORT_HEADER: "22"})
+    mutation = out[0].request_headers.response.header_mutation
+    assert KV_CACHE_SOURCE_P2P_PORT_HEADER in mutation.remove_headers
+    assert all(h.header.key != KV_CACHE_SOURCE_P2P_PORT_HEADER for h in mutation.set_headers)

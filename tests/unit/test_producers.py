@@ -355,7 +355,8 @@ def test_the_precise_producers_effective_parameters_are_llm_ds_with_defaults():
     params = load(PRECISE_GUIDE).plugin_parameters["precise-prefix-cache-producer"]
     assert params["tokenProcessorConfig"] == {"blockSizeTokens": 4, "hashSeed": "", "hashAlgorithm": "cbor-fnv"}
     assert params["kvEventsConfig"] == {"zmqEndpoint": "", "topicFilter": "kv@", "concurrency": 4, "engineType": "vllm",
-                                        "discoverPods": True, "podDiscoveryConfig": {"socketPort": 5600}}  # fmt: skip
+                                        "discoverPods": True, "servingPortBase": 0, "dataParallelSizeLocal": 1,
+                                        "podDiscoveryConfig": {"socketPort": 5600, "dataParallelSizeTotal": 1}}  # fmt: skip
     assert params["indexerConfig"]["kvBlockIndexConfig"] == {"inMemoryConfig": {"size": 1000, "podCacheSize": 2}, "enableMetrics": False,
                                                              "metricsLoggingInterval": None}  # fmt: skip
     assert (params["speculativeIndexing"], params["speculativeTTL"]) == (False, "2s")
@@ -390,7 +391,12 @@ def test_a_precise_producer_without_real_tokens_warns_that_it_cannot_match():
         ("{indexerConfig: {kvBlockIndexConfig: {metricsLoggingInterval: soon}}}", "kvBlockIndexConfig.metricsLoggingInterval",
          "expected nanoseconds"),
         ("{indexerConfig: {kvCacheBackendConfigs: [{name: gpu, weight: 2}]}}", "indexerConfig.kvCacheBackendConfigs[0].weight", "from 0.0 to 1.0"),
-        ("{kvEventsConfig: {engineType: sglang}}", "kvEventsConfig.engineType", "only vLLM"),
+        ("{kvEventsConfig: {engineType: trtllm}}", "kvEventsConfig.engineType", "expected one of vllm, sglang"),
+        ("{kvEventsConfig: {servingPortBase: 65530, dataParallelSizeLocal: 8}}", "kvEventsConfig.servingPortBase",
+         "past the last port"),
+        ("{kvEventsConfig: {servingPortBase: -1}}", "kvEventsConfig.servingPortBase", "expected an integer >= 0"),
+        ("{kvEventsConfig: {podDiscoveryConfig: {dataParallelSizeTotal: two}}}", "podDiscoveryConfig.dataParallelSizeTotal",
+         "expected an integer"),
         ("{kvEventsConfig: {podDiscoveryConfig: {replaySocketPort: 5558}}}", "replaySocketPort", "replaying missed events"),
         ("{tokenProcessorConfig: {hashAlgorithm: sha256}}", "tokenProcessorConfig.hashAlgorithm", "cbor-fnv or xxh64"),
         ("{speculativeTTL: later}", "speculativeTTL", "expected a duration"),

@@ -11,6 +11,11 @@ as llm-d's. After the pick (pre_request) the header is set when that peer holds 
 `minCachedTokenDelta` more cached tokens than the pod computing the prefix: the pick of the
 `prefillProfileName` profile when it ran, else the primary. llm-epp's own pd_sidecar pulls nothing
 over P2P (docs/prefill-decode.md).
+
+`p2pPortBase` (newer llm-d; 0: off): each data-parallel rank's P2P tier binds `p2pPortBase` + its GLOBAL
+rank, so with the header the producer also sets `x-kv-cache-source-p2p-port` to that port when the
+source's global rank is known: only a precise-prefix-cache-producer with `kvEventsConfig.servingPortBase`
+learns it (from its KV events), as in llm-d; otherwise the sidecar uses its own `--p2p-connector-port`.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from pickers.plugins.scorer.affinity.prefix import approx_matches, bind_match
 from pickers.plugins.scorer.load.token_load import bound_names
 
 KV_CACHE_SOURCE_HEADER = "x-kv-cache-source-host-port"
+KV_CACHE_SOURCE_P2P_PORT_HEADER = "x-kv-cache-source-p2p-port"  # the source rank's P2P tier port
 DEFAULT_PREFILL_PROFILE = "prefill"
 _FNV_OFFSET, _FNV_PRIME = 0x811C9DC5, 0x01000193
 
@@ -40,6 +46,7 @@ class _Source:
     address: str  # the chosen peer
     tokens: int  # the cached tokens it can serve a pull from
     cached: Mapping[str, int]  # address -> cached prompt tokens (all tiers): what a computing pod has
+    global_dp_rank: int | None = None  # the peer engine's global DP rank, when its KV events named it
 
 
 class P2PSourceProducer(Plugin):
@@ -52,11 +59,14 @@ class P2PSourceProducer(Plugin):
         *,
         min_delta: int = 1,
         prefill_profile: str = DEFAULT_PREFILL_PROFILE,
+        p2p_port_base: int = 0,
     ) -> None:
         self.name = name
         self.index = index
         self.min_delta = min_delta
         self.prefill_profile = prefill_profile
+        self.p2p_port_base = p2p_port_base  # 0: no x-kv-cache-source-p2p-port
+        self.bind_warnings: list[str] = []  # for the loader
         self.producer_name: str | None = None
         self.precise: PrecisePrefixCacheProducer | None = None  # when named
         self.source = bind_match({}, None)[1]  # llm-d's default approximate producer until bound
@@ -68,7 +78,10 @@ class P2PSourceProducer(Plugin):
         delta = p.integer("minCachedTokenDelta", 1, minimum=1)
         profile = p.string("prefillProfileName") or DEFAULT_PREFILL_PROFILE  # empty: the default, as llm-d
         p.effective["prefillProfileName"] = profile
-        producer = cls(ctx.prefix_index, name, min_delta=delta, prefill_profile=profile)
+        base = p.integer("p2pPortBase", 0, minimum=0)
+        if base > 65535:
+            raise ParameterError("p2pPortBase", f"expected a port 0-65535 (0: off), got {base}")
+        producer = cls(ctx.prefix_index, name, min_delta=delta, prefill_profile=profile, p2p_port_base=base)
         producer.producer_name = p.string("prefixMatchInfoProducerName") or None
         return producer
 
@@ -79,6 +92,13 @@ class P2PSourceProducer(Plugin):
         self.precise = precise
         used: object = self.precise if self.precise is not None else self.source
         self.bound = bound_names(plugins, {"prefixMatchInfoProducerName": used})
+        self.bind_warnings = []
+        if self.p2p_port_base and (precise is None or not precise.serving_port_base):
+            self.bind_warnings.append(
+                "p2pPortBase has no effect here: only a precise-prefix-cache-producer with kvEventsConfig.servingPortBase "
+                "learns a peer's global data-parallel rank (as in llm-d), so x-kv-cache-source-p2p-port is never set and "
+                "the sidecar pulls at its own --p2p-connector-port"
+            )
 
     def effective_parameters(self, given: Mapping[str, Any]) -> Mapping[str, Any]:
         return {**given, **self.bound}
@@ -114,7 +134,8 @@ class P2PSourceProducer(Plugin):
                 address, pull = a, t
                 break
             target -= w
-        cycle.data[self.key] = _Source(address, pull, {a: c for a, (_, c, _) in matches.items()})
+        rank = self.precise.global_dp_rank(address) if self.precise is not None and self.p2p_port_base else None
+        cycle.data[self.key] = _Source(address, pull, {a: c for a, (_, c, _) in matches.items()}, rank)
 
     def pre_request(self, request: InferenceRequest, cycle: CycleState, result: SchedulingResult) -> None:
         best = cycle.data.get(self.key)
@@ -130,6 +151,8 @@ class P2PSourceProducer(Plugin):
         if best.tokens - best.cached.get(computing.address, 0) < self.min_delta:
             return
         result.request_headers[KV_CACHE_SOURCE_HEADER] = best.address
+        if self.p2p_port_base and best.global_dp_rank is not None:
+            result.request_headers[KV_CACHE_SOURCE_P2P_PORT_HEADER] = str(self.p2p_port_base + best.global_dp_rank)
 
 
 def spread_fraction(request_id: str) -> float:

@@ -53,6 +53,7 @@ SPECULATIVE_TTL = "2s"
 MAX_SPECULATIVE = 1_000_000  # speculative (key, endpoint) entries at most: past it the oldest go early (ours)
 LLMD_MAX_TOKENS = DEFAULT_BLOCK_SIZE * 8192  # the producer matches the whole prompt, up to 128K tokens
 
+ENGINE_TYPES = ("vllm", "sglang")  # llm-d's engineType: the engines whose KV events are decoded
 CPU_TIER = "cpu"  # the medium a P2P pull is served from (vLLM's OffloadingConnector CPU tier)
 TOKEN_PRODUCER = "token-producer"
 _LEGACY_SHAPE = ("tokenProcessorConfig", "indexerConfig", "kvEventsConfig", "speculativeIndexing", "speculativeTTL")
@@ -80,7 +81,12 @@ class PrecisePrefixCacheProducer(Plugin):
     - `kvEventsConfig`: `discoverPods` (true) subscribes to every endpoint of the pool at
       `podDiscoveryConfig.socketPort` (5557) plus the endpoint's data-parallel rank, as llm-d dials
       (the endpoint label `llm-epp/kv-events-port` names the port exactly); `zmqEndpoint` binds one socket the engines connect to, the endpoint named by the topic
-      `kv@<ip:port>@<model>`; `topicFilter` ("kv@") is the subscription prefix.
+      `kv@<ip:port>@<model>`; `topicFilter` ("kv@") is the subscription prefix. `engineType` `vllm`
+      (default) or `sglang` (the same positional encoding; its batches' DP rank is not read, as in llm-d).
+      Newer llm-d's data-parallel settings (extproc.datalayer.kv_events): `servingPortBase` (0: off)
+      with `dataParallelSizeLocal` (1) attributes a batch stamped with DP rank R to the endpoint
+      `<host>:(servingPortBase + R % dataParallelSizeLocal)` and keeps R as its global rank;
+      `podDiscoveryConfig.dataParallelSizeTotal` (1) > 1 dials every pod at socketPort + i, i < it.
     - `speculativeIndexing` (false): after a pick, the chosen endpoints hold the request's blocks for
       `speculativeTTL` (2s) before their engines' events confirm them.
     """
@@ -101,9 +107,19 @@ class PrecisePrefixCacheProducer(Plugin):
         speculative_ttl: float | None = None,
         tier_weights: Mapping[str, float] | None = None,
         metrics_logging_interval: float | None = None,
+        serving_port_base: int = 0,
+        dp_size_local: int = 1,
+        dp_size_total: int = 1,
+        engine: str = "vllm",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
+        # llm-d's kvEventsConfig.servingPortBase / dataParallelSizeLocal (rank-granular identity; 0: off),
+        # podDiscoveryConfig.dataParallelSizeTotal and engineType: how the EPP's subscriber dials and attributes
+        self.serving_port_base = serving_port_base
+        self.dp_size_local = dp_size_local
+        self.dp_size_total = dp_size_total
+        self.engine = engine
         self.index = index if index is not None else KVBlockIndex()
         # medium -> weight (llm-d's kvCacheBackendConfigs); None: a block on any medium counts 1
         self.tier_weights = TierWeights(self.index, tier_weights) if tier_weights is not None else None
@@ -166,6 +182,11 @@ class PrecisePrefixCacheProducer(Plugin):
         if not ids:
             return ()
         return ids if len(ids) <= max_tokens else ids[:max_tokens]
+
+    def global_dp_rank(self, address: str) -> int | None:
+        """The engine's global data-parallel rank behind `address`, as its KV events name it; known only
+        with `servingPortBase` (llm-d's GlobalDPRank: pod-granular identity records no rank)."""
+        return self.index.global_dp_rank(address)
 
     def block_size_for(self, address: str) -> int:
         return self.index.block_size_of(address) or self.block_size
@@ -394,14 +415,32 @@ def llmd_settings(p: Params) -> dict[str, Any]:
     else:
         kv.effective["concurrency"] = 4
     engine = kv.string("engineType", "vllm") or "vllm"
-    if engine != "vllm":
-        raise ParameterError("kvEventsConfig.engineType", f"not supported: {shown(engine)}; only vLLM's KV events are decoded")
+    if engine not in ENGINE_TYPES:
+        raise ParameterError("kvEventsConfig.engineType", f"expected one of {', '.join(ENGINE_TYPES)}, got {shown(engine)}")
+    kv.effective["engineType"] = engine
     discover = kv.flag("discoverPods", True)
+    serving_base = kv.integer("servingPortBase", 0, minimum=0)
+    local = kv.integer("dataParallelSizeLocal", 1, minimum=0) or 1  # 0: unset, one rank a pod
+    kv.effective["dataParallelSizeLocal"] = local
+    if serving_base and serving_base + local - 1 > 65535:
+        raise ParameterError("kvEventsConfig.servingPortBase", f"servingPortBase {serving_base} + dataParallelSizeLocal "
+                             f"{local} - 1 is past the last port (65535)")  # fmt: skip
+    if serving_base and engine == "sglang":
+        p.warnings.append("kvEventsConfig.servingPortBase has no effect with engineType sglang: SGLang's batches' "
+                          "data-parallel rank is not read (as in llm-d), so events keep the endpoint they arrive for")  # fmt: skip
+    elif kv.given("dataParallelSizeLocal") and not serving_base:
+        p.warnings.append("kvEventsConfig.dataParallelSizeLocal has no effect without servingPortBase (as in llm-d): "
+                          "events keep the endpoint they arrive for")  # fmt: skip
     pod = kv.section("podDiscoveryConfig")
     unused = "llm-d's EPP does not read it either: every endpoint of the pool is followed"
     pod.deprecated("podLabelSelector", unused)
     pod.deprecated("podNamespace", unused)
     port = pod.integer("socketPort", DEFAULT_KV_EVENTS_PORT, minimum=1)
+    total = pod.integer("dataParallelSizeTotal", 1, minimum=0) or 1
+    pod.effective["dataParallelSizeTotal"] = total
+    if total > 1 and not discover:
+        p.warnings.append("kvEventsConfig.podDiscoveryConfig.dataParallelSizeTotal has no effect with discoverPods: "
+                          "false: no pod is dialed")  # fmt: skip
     pod.refused("replaySocketPort", "replaying missed events is not implemented: after lost events the endpoint's "
                 "entries are dropped and rebuilt from the events that follow",
                 allowed=lambda v: isinstance(v, int) and not isinstance(v, bool) and v <= 0)  # fmt: skip
@@ -423,6 +462,10 @@ def llmd_settings(p: Params) -> dict[str, Any]:
         "speculative_ttl": ttl if speculative else None,
         "tier_weights": tier_weights,
         "metrics_logging_interval": log_every,
+        "serving_port_base": serving_base,
+        "dp_size_local": local,
+        "dp_size_total": total,
+        "engine": engine,
     }
 
 

@@ -6,7 +6,8 @@ or `lruCapacityPerServer`. The match is kept in the cycle state so no-hit-lru-sc
 
 Two config shapes set the block settings:
 - GIE's: on the scorer itself (`blockSize` in characters, `maxPrefixBlocksToMatch`,
-  `lruCapacityPerServer`, `autoTune`).
+  `lruCapacityPerServer`, `autoTune`; `hashBlockSize`, GIE's older name of `blockSize`, loads with a
+  deprecation warning).
 - llm-d's: on an `approx-prefix-cache-producer` (`blockSizeTokens`, `maxPrefixTokensToMatch`, ...),
   which the scorer names in `prefixMatchInfoProducerName` (or the config's only producer). Bound to a
   producer, the scorer takes the producer's settings; giving them on the scorer as well is refused.
@@ -98,12 +99,12 @@ class PrefixCacheScorer(Plugin):
         scorer = cls(
             ctx.prefix_index,
             name,
-            block_chars=p.integer("blockSize", BLOCK_CHARS, minimum=1),  # characters, as in GIE
+            block_chars=_block_chars(p),  # characters, as in GIE
             max_blocks=p.integer("maxPrefixBlocksToMatch", MAX_BLOCKS, minimum=1),
             lru_capacity=p.integer("lruCapacityPerServer", DEFAULT_CAPACITY, minimum=1),
             auto_tune=p.flag("autoTune", True),
         )
-        scorer.own_settings = tuple(k for k in _GIE_SETTINGS if p.given(k))
+        scorer.own_settings = tuple(k for k in (*_GIE_SETTINGS, HASH_BLOCK_SIZE) if p.given(k))
         scorer.producer_name = p.string("prefixMatchInfoProducerName")
         weight = p.number("matchLengthWeight", 0.0, minimum=0.0)
         if weight > 1.0:
@@ -206,6 +207,24 @@ def approx_matches(
 
 
 _GIE_SETTINGS = ("blockSize", "maxPrefixBlocksToMatch", "lruCapacityPerServer", "autoTune")
+HASH_BLOCK_SIZE = "hashBlockSize"  # GIE's name of blockSize until gateway-api-inference-extension#1613
+
+
+def _block_chars(p: Params) -> int:
+    """`blockSize` in characters, or GIE's older name for it, `hashBlockSize` (a deprecated alias: the
+    same number; llm-d's strict parsing refuses it, GIE's old scorer read it). Both given is refused."""
+    if not p.given(HASH_BLOCK_SIZE):
+        return p.integer("blockSize", BLOCK_CHARS, minimum=1)
+    if p.given("blockSize"):
+        raise ParameterError(HASH_BLOCK_SIZE, "GIE's old name of blockSize; give blockSize only")
+    chars = p.integer(HASH_BLOCK_SIZE, BLOCK_CHARS, minimum=1)
+    del p.effective[HASH_BLOCK_SIZE]
+    p.effective["blockSize"] = chars
+    p.warnings.append(
+        f"parameter {HASH_BLOCK_SIZE} is deprecated: GIE's old name of blockSize (renamed in GIE#1613), read as "
+        f"blockSize: {chars} characters a block; llm-d's router refuses it, write blockSize"
+    )
+    return chars
 DEFAULT_MATCH_LENGTH_SCALE = 8192  # llm-d's matchLengthScaleTokens
 
 # llm-d's approx-prefix-cache-producer defaults, and its floor on the block size (llm-d-router #1158:
