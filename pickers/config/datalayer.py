@@ -59,11 +59,12 @@ REFUSED = MappingProxyType(
     }
 )
 # llm-d's endpoint extractors: plugins that act on endpoint add/remove events (the precise producer
-# subscribes to each endpoint's KV events, the encoder-cache producer drops a leaving endpoint's LRU).
+# subscribes to each endpoint's KV events, and so does the deprecated precise-prefix-cache-scorer, which
+# is one by delegation in llm-d; the encoder-cache producer drops a leaving endpoint's LRU).
 # In llm-epp such a plugin follows the datastore's membership itself, so wiring it to
 # endpoint-notification-source is what happens anyway. Matched by type name, so this module needs none
 # of theirs.
-ENDPOINT_EXTRACTOR_TYPES = frozenset({"precise-prefix-cache-producer", "mm-embeddings-cache-producer"})
+ENDPOINT_EXTRACTOR_TYPES = frozenset({"precise-prefix-cache-producer", "precise-prefix-cache-scorer", "mm-embeddings-cache-producer"})
 K8S_NOTIFICATIONS_REFUSED = (
     "its events go to notification extractors, which in llm-d are Go plugins of your own (llm-d ships "
     "none) and llm-epp has none; llm-epp's own Kubernetes watch already follows the pool's Pods (membership, "

@@ -59,7 +59,7 @@ from pickers.plugins.picker.weighted_random import WeightedRandomPicker
 from pickers.plugins.producer.burst_prefix import BurstPrefixCacheProducer
 from pickers.plugins.producer.p2p_source import P2PSourceProducer
 from pickers.plugins.producer.session import SessionIDProducer
-from pickers.plugins.producer.tokens import LegacyTokenizer, TokenProducer
+from pickers.plugins.producer.tokens import LegacyTokenizer, TokenProducer, tokenizers_pool
 from pickers.plugins.profile.data_parallel import DataParallelProfileHandler
 from pickers.plugins.profile.handlers import (
     DisaggHeadersHandler,
@@ -273,6 +273,8 @@ def build_plugin(type_name: str, name: str, parameters: Mapping[str, Any] | None
         if why is not None:
             raise ConfigError(f"plugin type {shown(type_name)} (llm-d router) is not supported: {why}")
         raise ConfigError(f"unknown plugin type {shown(type_name)}; known types: {', '.join(known_types())}")
+    if ctx.tokenizers_pool is None:  # what precise-prefix-cache-scorer builds its tokenizersPoolConfig with
+        ctx.tokenizers_pool = tokenizers_pool
     return factory(name, parameters, ctx)
 
 

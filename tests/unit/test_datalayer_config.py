@@ -321,7 +321,7 @@ def test_endpoint_notification_source_takes_only_llm_ds_endpoint_extractors():
     msg = error_of(with_sources("- type: endpoint-notification-source\n", "  - pluginRef: endpoint-notification-source\n    extractors: [{pluginRef: queue-scorer}]\n"))
     assert msg.startswith(
         "t.yaml: dataLayer.sources[0].extractors[0].pluginRef: plugin 'queue-scorer' (queue-scorer) takes no endpoint events; "
-        "endpoint extractors are: mm-embeddings-cache-producer, precise-prefix-cache-producer"
+        "endpoint extractors are: mm-embeddings-cache-producer, precise-prefix-cache-producer, precise-prefix-cache-scorer"
     )
 
 
