@@ -100,7 +100,10 @@ class LatencyCostScorer(LatencyConsumer):
             cost = model.ttft(ep, charged)
             if w:
                 cost += w * prefill * batch_of(ep)
-            cost += (1.0 if not room else FOOTPRINT) * model.prefill_seconds(ep, new_blocks * block_tokens)
+            if room:  # a shared prefix's copy serves the conversations after this one: its share, as above
+                cost += FOOTPRINT * model.prefill_seconds(ep, min(charged, new_blocks * block_tokens))
+            else:
+                cost += model.prefill_seconds(ep, new_blocks * block_tokens)
             out.append(cost)
         cycle.data[self._key] = {ep.address: c for ep, c in zip(endpoints, out) if c is not None}
         return out
