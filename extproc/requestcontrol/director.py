@@ -218,12 +218,13 @@ class Director:
             return None
         return scheduler.response_metadata(usage_object(usage if isinstance(usage, Usage) else None)) or None
 
-    def first_byte(self, routing: Routing) -> None:
-        """The response's first body byte came back."""
+    def first_byte(self, routing: Routing, end_of_stream: bool = False) -> None:
+        """The response's first body byte came back (`end_of_stream`: in a chunk that ends the body)."""
         record = routing.latency
         if isinstance(record, latency_feed.LatencyRecord):
             record.first_byte_at = time.perf_counter()
         self._prefill_done(routing)
+        (routing.scheduler or self.scheduler).response_started(routing.request, routing.primary, end_of_stream)
 
     def _prefill_done(self, routing: Routing) -> None:
         """The request's prompt is computed: its prefill tokens and first-byte charges come off (once)."""

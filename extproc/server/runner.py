@@ -55,7 +55,7 @@ from extproc.server.reload import ConfigReloader
 from pickers.config import safe_yaml
 from pickers.config.datalayer import DEFAULT_DATA_LAYER, DataLayerConfig
 from pickers.config.loader import EndpointPickerConfig, load_config
-from pickers.config.strategies import build_profile
+from pickers.config.strategies import strategy_config
 from pickers.framework.errors import ConfigError
 from pickers.framework.flowcontrol import FlowControlConfig
 from pickers.framework.scheduler import Scheduler
@@ -247,7 +247,7 @@ class EppServer:
         self.parsers = DEFAULT_PARSERS  # the config's requestHandler.parsers, set by _build_profiles
         self.flow_control_config: FlowControlConfig | None = None  # the config's flowControl, set by _build_profiles
         self._plugin_ctx = PluginContext(self.prefix_index, random.Random(), opts.max_endpoints, self.latency)  # kept across reloads
-        self.config: EndpointPickerConfig | None = None  # from --config-file / --config-text
+        self.config: EndpointPickerConfig | None = None  # from --config-file / --config-text / --strategy
         self._config_text = ""
         profiles, handler, producers = self._build_profiles()
         self._profiles = profiles
@@ -329,14 +329,15 @@ class EppServer:
         tp.renderer = self._render_clients[key]
 
     def _build_profiles(self) -> tuple[tuple[SchedulingProfile, ...], ProfileHandler | None, tuple[object, ...]]:
-        """From --config-file / --config-text, else the named strategy: the profiles, their handler and
-        the data producers. Raises ConfigError."""
+        """From --config-file / --config-text, else the named strategy (a config like any other, so its
+        producers run and its latency plugins read this server's model): the profiles, their handler
+        and the data producers. Raises ConfigError."""
         opts = self.opts
-        if opts.config_file is None and opts.config_text is None:
-            return (build_profile(opts.strategy, self.prefix_index, max_endpoints=opts.max_endpoints),), None, ()
         ctx = self._plugin_ctx
         experimental = opts.allow_experimental_plugins
-        if opts.config_text is not None:
+        if opts.config_file is None and opts.config_text is None:
+            cfg = load_config(strategy_config(opts.strategy), f"--strategy {opts.strategy}", ctx, allow_experimental=experimental)
+        elif opts.config_text is not None:
             cfg = load_config(opts.config_text, "--config-text", ctx, allow_experimental=experimental)
         else:
             assert opts.config_file is not None

@@ -493,9 +493,13 @@ class _Loader:
                 raise self.error(ref_path, f"plugin {shown(plugin_name)} is already in profile {shown(name)}")
             seen.add(plugin_name)
             role = _role(plugin)
-            if role is None and isinstance(plugin, (DataProducer, Admitter, CycleAdmitter, Screener)):
+            if role is None and not isinstance(plugin, ProfileHandler) and isinstance(
+                plugin, (DataProducer, Admitter, CycleAdmitter, Screener, PreRequest, ResponseComplete)
+            ):
                 # llm-d lists its request-control plugins in a profile too (its predicted-latency
-                # config does); they run once per request before the profiles, wherever they are listed
+                # config does, GIE's SLO configs list slo-request-tracker); llm-d's profile takes what
+                # is a filter, scorer or picker and the plugin keeps its other hooks, run once per
+                # request wherever it is listed
                 continue
             if role is None:
                 raise self.error(

@@ -393,6 +393,31 @@ def test_bad_discovery_references_are_refused(discovery, expected):
     assert error_of(body).startswith(f"t.yaml: {expected}")
 
 
+def test_discovery_endpoints_is_the_newer_spelling_of_discovery_plugin_ref():
+    # llm-d-router PR #2434 groups discovery as endpoints (and peers); v0.10's pluginRef stays
+    plugins = f"plugins:\n{SCORER}- type: file-discovery\n  parameters: {{path: e.yaml}}\n"
+    new = load(plugins + "dataLayer:\n  discovery:\n    endpoints: {pluginRef: file-discovery}\n")
+    old = load(plugins + "dataLayer:\n  discovery: {pluginRef: file-discovery}\n")
+    assert new.data_layer.discovery == old.data_layer.discovery is not None
+    assert new.warnings == ()
+    both = load(plugins + "dataLayer:\n  discovery: {pluginRef: file-discovery, endpoints: {pluginRef: file-discovery}}\n")
+    assert both.data_layer.discovery == old.data_layer.discovery
+
+
+@pytest.mark.parametrize(
+    ("discovery", "expected"),
+    [
+        ("{endpoints: {pluginRef: nothing}}", "dataLayer.discovery.endpoints.pluginRef: no plugin named 'nothing'"),
+        ("{pluginRef: file-discovery, endpoints: {pluginRef: metrics-data-source}}", "dataLayer.discovery.pluginRef: 'file-discovery' differs from endpoints.pluginRef 'metrics-data-source'"),
+        ("{endpoints: {pluginRef: file-discovery}, peers: {pluginRef: file-discovery}}", "dataLayer.discovery.peers: not supported: active-active"),
+        ("{}", "dataLayer.discovery: expected pluginRef or endpoints.pluginRef"),
+    ],
+)  # fmt: skip
+def test_bad_discovery_endpoints_references_are_refused(discovery, expected):
+    body = f"plugins:\n{SCORER}- type: metrics-data-source\n- type: file-discovery\n  parameters: {{path: e.yaml}}\ndataLayer:\n  discovery: {discovery}\n"
+    assert error_of(body).startswith(f"t.yaml: {expected}")
+
+
 def test_a_discovery_plugin_nothing_names_loads_with_a_warning():
     cfg = load(f"plugins:\n{SCORER}- type: file-discovery\n  parameters: {{path: e.yaml}}\n")
     assert cfg.data_layer.discovery is None
