@@ -32,19 +32,17 @@ from pickers.framework.scheduler import Scheduler
 from pickers.framework.types import CycleState, SchedulingResult
 from pickers.indexes.prefix import ApproxPrefixIndex, block_hashes
 from pickers.plugins.base import PluginContext
-from pickers.plugins.scorer.affinity.prefix import PrefixCacheScorer, record_pick
+from pickers.plugins.scorer.affinity.prefix import ApproxPrefixCacheProducer, record_pick
 
 BEST = STRATEGY_CONFIGS["best"]
 WHOLE = "maxPrefixTokensToMatch: 131072"
 assert WHOLE in BEST, "best.yaml's producer setting moved: update this benchmark"
-# The same strategy with other prefix settings, for the ratios: only the match length (or block size) differs.
+# The same strategy with a 4k-token match, and the previous best (the same prefix settings, weighted scores
+# instead of the latency model's cost), for the ratios.
 CONFIGS = {
     "best (whole prompt, 64-token blocks)": BEST,
     "first 4k tokens": BEST.replace(WHOLE, "maxPrefixTokensToMatch: 4096"),
-    "whole prompt, 16-token blocks (GIE shape)": BEST.replace(
-        "- type: approx-prefix-cache-producer\n  parameters: {maxPrefixTokensToMatch: 131072}\n- type: prefix-cache-scorer\n",
-        "- type: prefix-cache-scorer\n  parameters: {maxPrefixBlocksToMatch: 8192}\n",
-    ),
+    "weighted (the previous best: weighted cache and load scores)": STRATEGY_CONFIGS["weighted"],
 }
 SIZES = (1_000, 10_000, 100_000)  # prompt tokens
 SYSTEM_TOKENS = 8_000
@@ -83,7 +81,7 @@ def parsed(raw: bytes, i: int = 0) -> InferenceRequest:
 @dataclass(slots=True)
 class Setup:
     scheduler: Scheduler
-    scorer: PrefixCacheScorer
+    scorer: ApproxPrefixCacheProducer  # the prefix match's block settings
     index: ApproxPrefixIndex
     endpoints: tuple[Endpoint, ...]
     bodies: list[bytes]
@@ -94,7 +92,7 @@ class Setup:
 def setup(config: str, bodies: list[bytes], endpoints: int) -> Setup:
     index = ApproxPrefixIndex()
     cfg = load_config(config, "bench", PluginContext(prefix_index=index, rng=random.Random(0)))
-    scorer = next(w.scorer for w in cfg.profile.scorers if isinstance(w.scorer, PrefixCacheScorer))
+    scorer = next(q for q in cfg.plugins.values() if isinstance(q, ApproxPrefixCacheProducer))
     ds = Datastore()
     ds.set_endpoints(EndpointSpec(f"ep-{i}", f"10.0.0.{i + 1}", 8000) for i in range(endpoints))
     now = time.monotonic() + 3600  # fresh for the whole run

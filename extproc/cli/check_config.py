@@ -1,7 +1,7 @@
 """`epp check-config FILE...`: load each EndpointPickerConfig as `epp serve` would, without serving, and
-print what it means: the profile handler, the screeners, each profile's filters, weighted scorers and picker, the data
-layer when it is not the default one, the request parsers and the paths each claims, every plugin with
-the parameters it runs with (defaults filled in), and any deprecation.
+print what it means: the profile handler, the screeners, each profile's filters, weighted scorers and picker, the
+token-producers when a plugin implies one, the data layer when it is not the default one, the request parsers
+and the paths each claims, every plugin with the parameters it runs with (defaults filled in), and any deprecation.
 
 Exit 0 when every file is valid, 2 when one is not (its message on stderr, naming the file and field).
 `-` reads the config from standard input. Made for CI on the repositories that hold the configs.
@@ -22,6 +22,7 @@ from pickers.config.loader import EndpointPickerConfig, load_config, load_config
 from pickers.framework.errors import ConfigError
 from pickers.framework.flowcontrol import BandConfig, FlowControlConfig
 from pickers.framework.types import Screener
+from pickers.plugins.producer.tokens import TokenProducer
 
 STDIN = "-"
 
@@ -75,6 +76,10 @@ def describe(cfg: EndpointPickerConfig) -> str:
             lines.append(f"    scorers: {', '.join(f'{w.scorer.name} x{w.weight:g}' for w in profile.scorers)}")
         implied = "" if profile.picker.name in cfg.plugins else " (implied)"
         lines.append(f"    picker: {profile.picker.name}{implied}")
+    tokens = [p for p in cfg.producers if isinstance(p, TokenProducer)]
+    if any(p.name not in cfg.plugins for p in tokens):  # a plugin brings one (the old precise scorer's tokenizer pool)
+        named = ", ".join(p.name + ("" if p.name in cfg.plugins else " (implied)") for p in tokens)
+        lines.append(f"  token producers, each asked in turn for what those before gave no ids: {named}")
     if cfg.data_layer != DEFAULT_DATA_LAYER:
         lines.append("  dataLayer:")
         lines += [f"    {line}" for line in cfg.data_layer.summary()]

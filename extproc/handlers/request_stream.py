@@ -207,7 +207,7 @@ class Director(Protocol):
 
     def finish(self, routing: Routing, outcome: Outcome) -> None: ...
 
-    def first_byte(self, routing: Routing) -> None: ...
+    def first_byte(self, routing: Routing, end_of_stream: bool = False) -> None: ...
 
     def rejected(self, request: InferenceRequest | None, error: RequestError) -> None: ...
 
@@ -510,7 +510,7 @@ class RequestStream:
         if self._first_byte_at is None and chunk:
             self._first_byte_at = self.clock()
             if self.routing is not None:
-                self.director.first_byte(self.routing)
+                self.director.first_byte(self.routing, body.end_of_stream)
         if self._usage is not None:
             self._usage.feed(chunk, body.end_of_stream)
         if body.end_of_stream:

@@ -1,8 +1,9 @@
 """The Director joins the protocol to the scheduler and the datastore: it admits a parsed request
 (objective -> priority; sheddable requests refused while the pool is saturated; the model rewrite),
 routes it (subset hint, schedule, in-flight accounting) and settles the books when the response ends.
-Before the pick it awaits the data a token-producer must fetch (`prepare`, bounded by the producer's
-timeout) and the async data producers' (a burst-prefix-cache-producer's batch window). In-flight
+Before the pick it awaits the data the token-producers must fetch (`prepare`, each bounded by its own
+timeout; each in turn until one gives the ids: a config's own, then the one the old precise scorer's
+tokenizer pool implies) and the async data producers' (a burst-prefix-cache-producer's batch window). In-flight
 counts are one request and prompt + max_tokens tokens on the primary until the response ends (and
 the primary's uncached prompt tokens until the first byte), unless an inflight-load-producer charged
 the result (InFlightCharge: each chosen endpoint's request, uncached prompt until the first byte,
@@ -18,7 +19,7 @@ bounded deque per request) and, only with `log_requests`, writes one log line pe
 keep of a client's strings (request id, model names, objective) is bounded by
 extproc.observability.bounds; the request itself goes on with its real values.
 
-A config reload (extproc.server.reload) swaps `scheduler`, `token_producer` and the saturation
+A config reload (extproc.server.reload) swaps `scheduler`, `token_producers` and the saturation
 detector's config between requests; each Routing keeps the scheduler that chose it, whose plugins
 are told of the response.
 """
@@ -29,7 +30,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -76,7 +77,7 @@ class Director:
         objectives: ObjectiveStore | None = None,
         rewrites: RewriteStore | None = None,
         saturation: SaturationDetector | None = None,
-        token_producer: TokenProducer | None = None,
+        token_producers: Sequence[TokenProducer] = (),
         flow_control: FlowController | None = None,
         latency: LatencyModel | None = None,
     ) -> None:
@@ -88,7 +89,7 @@ class Director:
         self.rewrites = rewrites or RewriteStore()
         self.saturation = saturation or SaturationDetector(datastore)
         self.decisions: deque[Decision] = deque(maxlen=DECISIONS_KEPT)
-        self.token_producer = token_producer
+        self.token_producers = tuple(token_producers)  # asked in turn: a later one only for what none before gave
         self.flow_control = flow_control
         self.latency = latency  # fed with every response (extproc.requestcontrol.latency); None: not kept
 
@@ -98,8 +99,7 @@ class Director:
         waiting = self.scheduler.async_producers
         if waiting and any(p.waits_for(request) for p in waiting):
             return True
-        tp = self.token_producer
-        return tp is not None and tp.needs_io(request)
+        return any(tp.needs_io(request) for tp in self.token_producers)
 
     async def admit(self, stream: RequestStream, evict: Callable[[], None] | None = None) -> list[pb.ProcessingResponse]:
         """After `prepare`: the stream's answer, once flow control lets its request go (at once without
@@ -131,12 +131,12 @@ class Director:
             return stream.refuse(e)
 
     async def prepare(self, request: InferenceRequest, subset: list[str] | None = None) -> None:
-        """The token-producer's tokens for this request, then the async data producers' data (a
+        """The token-producers' tokens for this request, then the async data producers' data (a
         burst-prefix-cache-producer's window, over the candidates the subset hint leaves), awaited
         before `route` (never raises a RequestError: a failure leaves the estimate, no candidate is
         `route`'s 503)."""
-        if self.token_producer is not None:
-            await self.token_producer.prepare(request)
+        for tp in self.token_producers:  # read once: a reload swaps the tuple
+            await tp.prepare(request)  # nothing to do once one has set the ids
         waiting = self.scheduler.async_producers  # read once: a reload swaps the scheduler
         if waiting:
             try:
@@ -218,12 +218,13 @@ class Director:
             return None
         return scheduler.response_metadata(usage_object(usage if isinstance(usage, Usage) else None)) or None
 
-    def first_byte(self, routing: Routing) -> None:
-        """The response's first body byte came back."""
+    def first_byte(self, routing: Routing, end_of_stream: bool = False) -> None:
+        """The response's first body byte came back (`end_of_stream`: in a chunk that ends the body)."""
         record = routing.latency
         if isinstance(record, latency_feed.LatencyRecord):
             record.first_byte_at = time.perf_counter()
         self._prefill_done(routing)
+        (routing.scheduler or self.scheduler).response_started(routing.request, routing.primary, end_of_stream)
 
     def _prefill_done(self, routing: Routing) -> None:
         """The request's prompt is computed: its prefill tokens and first-byte charges come off (once)."""

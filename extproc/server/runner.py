@@ -13,7 +13,7 @@ import functools
 import logging
 import random
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -55,7 +55,7 @@ from extproc.server.reload import ConfigReloader
 from pickers.config import safe_yaml
 from pickers.config.datalayer import DEFAULT_DATA_LAYER, DataLayerConfig
 from pickers.config.loader import EndpointPickerConfig, load_config
-from pickers.config.strategies import build_profile
+from pickers.config.strategies import strategy_config
 from pickers.framework.errors import ConfigError
 from pickers.framework.flowcontrol import FlowControlConfig
 from pickers.framework.scheduler import Scheduler
@@ -209,8 +209,10 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                 return  # answered: read nothing more (the rest of a refused body is not ours to parse)
 
 
-def _token_producer(cfg: EndpointPickerConfig) -> TokenProducer | None:
-    return next((p for p in cfg.producers if isinstance(p, TokenProducer)), None)
+def _token_producers(producers: Iterable[object]) -> tuple[TokenProducer, ...]:
+    """The token-producers among a config's producers, in the order they are asked (the config's, then
+    those a plugin implies: the old precise scorer's tokenizer pool)."""
+    return tuple(p for p in producers if isinstance(p, TokenProducer))
 
 
 def _scheduled(cfg: EndpointPickerConfig) -> list[object]:
@@ -245,7 +247,7 @@ class EppServer:
         self.parsers = DEFAULT_PARSERS  # the config's requestHandler.parsers, set by _build_profiles
         self.flow_control_config: FlowControlConfig | None = None  # the config's flowControl, set by _build_profiles
         self._plugin_ctx = PluginContext(self.prefix_index, random.Random(), opts.max_endpoints, self.latency)  # kept across reloads
-        self.config: EndpointPickerConfig | None = None  # from --config-file / --config-text
+        self.config: EndpointPickerConfig | None = None  # from --config-file / --config-text / --strategy
         self._config_text = ""
         profiles, handler, producers = self._build_profiles()
         self._profiles = profiles
@@ -257,21 +259,13 @@ class EppServer:
         )
         self.metrics.attach(self.datastore, self.prefix_index)
         self.metrics.attach_precise(self.scheduler.plugins)
-        # The token-producer's vllm backend calls the model server's render endpoints, its uds backend
-        # llm-d's tokenizer sidecar: the client is ours (the sidecar's is told the model at start).
-        self.token_producer = next((p for p in producers if isinstance(p, TokenProducer)), None)
-        self._render_client: Any = None
-        self._render_init: Callable[[], Awaitable[None]] | None = None
-        if self.token_producer is not None and self.token_producer.token_backend == "vllm":
-            from extproc.requestcontrol.render import VllmRenderClient
-
-            self._render_client = self.token_producer.renderer = VllmRenderClient(self.token_producer.url)
-        elif self.token_producer is not None and self.token_producer.uds is not None:
-            from extproc.requestcontrol.uds_tokenizer import UdsTokenizerClient
-
-            uds = UdsTokenizerClient(self.token_producer.uds)
-            self._render_client = self.token_producer.renderer = uds
-            self._render_init = uds.initialize
+        # A token-producer's vllm backend calls the model server's render endpoints, its uds backend
+        # llm-d's tokenizer sidecar: the clients are ours (the sidecar's is told the model at start).
+        self.token_producers = _token_producers(producers)
+        self._render_clients: dict[object, Any] = {}  # one per render server or sidecar (and model)
+        self._render_inits: list[Callable[[], Awaitable[None]]] = []
+        for tp in self.token_producers:
+            self._wire_renderer(tp)
         self.objectives = ObjectiveStore(load_objectives_file(opts.objectives_file) if opts.objectives_file else None)
         self.rewrites = RewriteStore(load_rewrites_file(opts.model_rewrites_file) if opts.model_rewrites_file else ())
         self.saturation = SaturationDetector(self.datastore, self._saturation_config, self._admission_detector)
@@ -279,7 +273,7 @@ class EppServer:
         self.flow_control = self._flow_controller()
         director_kwargs: dict[str, Any] = dict(
             log_requests=opts.log_requests, objectives=self.objectives, rewrites=self.rewrites, saturation=self.saturation,
-            token_producer=self.token_producer, flow_control=self.flow_control, latency=self.latency,
+            token_producers=self.token_producers, flow_control=self.flow_control, latency=self.latency,
         )
         if opts.tracing:
             from extproc.requestcontrol.tracing import (  # ConfigError without the `otel` extra
@@ -314,15 +308,36 @@ class EppServer:
         self.health_port = 0
         self.metrics_port = 0
 
+    def _wire_renderer(self, tp: TokenProducer) -> None:
+        """Give a vllm or uds token-producer its client, shared by those that ask one server for one
+        model (the guides' token-producer and tokenizer pool: one channel, one InitializeTokenizer)."""
+        if tp.token_backend == "vllm":
+            from extproc.requestcontrol.render import VllmRenderClient
+
+            key: object = ("vllm", tp.url)
+            if key not in self._render_clients:
+                self._render_clients[key] = VllmRenderClient(tp.url)
+        elif tp.uds is not None:
+            from extproc.requestcontrol.uds_tokenizer import UdsTokenizerClient
+
+            key = tp.uds
+            if key not in self._render_clients:
+                uds = self._render_clients[key] = UdsTokenizerClient(tp.uds)
+                self._render_inits.append(uds.initialize)
+        else:
+            return
+        tp.renderer = self._render_clients[key]
+
     def _build_profiles(self) -> tuple[tuple[SchedulingProfile, ...], ProfileHandler | None, tuple[object, ...]]:
-        """From --config-file / --config-text, else the named strategy: the profiles, their handler and
-        the data producers. Raises ConfigError."""
+        """From --config-file / --config-text, else the named strategy (a config like any other, so its
+        producers run and its latency plugins read this server's model): the profiles, their handler
+        and the data producers. Raises ConfigError."""
         opts = self.opts
-        if opts.config_file is None and opts.config_text is None:
-            return (build_profile(opts.strategy, self.prefix_index, max_endpoints=opts.max_endpoints),), None, ()
         ctx = self._plugin_ctx
         experimental = opts.allow_experimental_plugins
-        if opts.config_text is not None:
+        if opts.config_file is None and opts.config_text is None:
+            cfg = load_config(strategy_config(opts.strategy), f"--strategy {opts.strategy}", ctx, allow_experimental=experimental)
+        elif opts.config_text is not None:
             cfg = load_config(opts.config_text, "--config-text", ctx, allow_experimental=experimental)
         else:
             assert opts.config_file is not None
@@ -379,9 +394,11 @@ class EppServer:
         token-producer (its backend client) and the KV-event subscriptions of precise indexes. Those
         must be carried over unchanged (same name, type and parameters)."""
         why = []
-        tokens_old, tokens_new = _token_producer(old), _token_producer(new)
-        carried = tokens_old is not None and tokens_new is not None and tokens_new.name == tokens_old.name and tokens_new.name in new.kept
-        if (tokens_old is not None or tokens_new is not None) and not carried:
+        tokens_old, tokens_new = _token_producers(old.producers), _token_producers(new.producers)
+        # each carried over: a kept copy of the same plugin, or the very one a kept plugin implies
+        carried = len(tokens_old) == len(tokens_new) and all(
+            n is o or (n.name == o.name and n.name in new.kept) for o, n in zip(tokens_old, tokens_new, strict=True))
+        if not carried:
             why.append("the token-producer (its tokenizer and backend are set up at start-up)")
         subscribed_old, subscribed_new = _subscribed(self.scheduler.plugins), _subscribed(_scheduled(new))
         if {n: id(p.index) for n, p in subscribed_old.items()} != {n: id(p.index) for n, p in subscribed_new.items()}:
@@ -396,7 +413,7 @@ class EppServer:
             explain=self.opts.explain_scores, timer=self.metrics.plugin_timer, producers=new.producers,
         )  # fmt: skip
         self.metrics.attach_precise(self.scheduler.plugins)
-        self.director.token_producer = _token_producer(new)  # the start-up one's copy (checked)
+        self.director.token_producers = _token_producers(new.producers)  # the start-up ones, or their copies (checked)
 
     def _check_saturation(self, old: EndpointPickerConfig, new: EndpointPickerConfig) -> str | None:
         SaturationConfig.from_config(new.saturation_detector, new.source)  # raises ConfigError
@@ -493,8 +510,8 @@ class EppServer:
             self.supervisor.start(name, poller.run)
         if self.reloader is not None:
             self.supervisor.start("config-reload", self.reloader.run)
-        if self._render_init is not None:
-            self.supervisor.start("uds-tokenizer-init", self._render_init)
+        for i, init in enumerate(self._render_inits):
+            self.supervisor.start("uds-tokenizer-init" + (f"-{i + 1}" if i else ""), init)
         # Each precise index (precise-prefix-cache-producer or -scorer) is fed by a KV-event subscriber
         # of ours (a scorer in several profiles gets one).
         for name, precise in precise_indexes(self.scheduler.plugins).items():
@@ -651,10 +668,10 @@ class EppServer:
         if self._grpc is not None:
             await self._grpc.stop(grace)
         await self.supervisor.stop()
-        if self._render_client is not None:
-            await self._render_client.close()
-        if self.token_producer is not None:
-            self.token_producer.close()
+        for client in self._render_clients.values():
+            await client.close()
+        for tp in self.token_producers:
+            tp.close()
         if self.kubernetes is not None:
             await self.kubernetes.close()
         if self._health_grpc is not None:

@@ -43,12 +43,14 @@ from pickers.plugins.datalayer.sources import (
     MetricsDataSource,
     ModelsDataSource,
 )
+from pickers.plugins.latency.observer import LatencyObserverProducer
 
 _KEYS = ("injectDefaults", "sources", "discovery", "peerDiscovery", "crossReplicaSyncerPluginRef", "crossReplicaSyncInterval")
 _SOURCE_KEYS = ("pluginRef", "extractors")
 _REF_KEYS = ("pluginRef",)
-# llm-d v0.10: discovery: {pluginRef}; newer llm-d (its no-kubernetes guide): discovery: {endpoints: {pluginRef}}
-_DISCOVERY_KEYS = ("pluginRef", "endpoints")
+# llm-d-router PR #2434's consolidated form, `discovery: {endpoints: {pluginRef}, peers: {pluginRef}}`,
+# beside v0.10's `discovery: {pluginRef}`
+_DISCOVERY_KEYS = ("pluginRef", "endpoints", "peers")
 ACTIVE_ACTIVE_REFUSED = (
     "active-active EPP replicas (peer discovery, cross-replica sync) are not implemented in llm-epp; "
     "run one replica, or several with --ha-enable-leader-election (one serves)"
@@ -61,11 +63,12 @@ REFUSED = MappingProxyType(
     }
 )
 # llm-d's endpoint extractors: plugins that act on endpoint add/remove events (the precise producer
-# subscribes to each endpoint's KV events, the encoder-cache producer drops a leaving endpoint's LRU).
+# subscribes to each endpoint's KV events, and so does the deprecated precise-prefix-cache-scorer, which
+# is one by delegation in llm-d; the encoder-cache producer drops a leaving endpoint's LRU).
 # In llm-epp such a plugin follows the datastore's membership itself, so wiring it to
 # endpoint-notification-source is what happens anyway. Matched by type name, so this module needs none
 # of theirs.
-ENDPOINT_EXTRACTOR_TYPES = frozenset({"precise-prefix-cache-producer", "mm-embeddings-cache-producer"})
+ENDPOINT_EXTRACTOR_TYPES = frozenset({"precise-prefix-cache-producer", "precise-prefix-cache-scorer", "mm-embeddings-cache-producer"})
 K8S_NOTIFICATIONS_REFUSED = (
     "its events go to notification extractors, which in llm-d are Go plugins of your own (llm-d ships "
     "none) and llm-epp has none; llm-epp's own Kubernetes watch already follows the pool's Pods (membership, "
@@ -84,6 +87,7 @@ class DataLayerConfig:
     discovery: FileDiscoveryConfig | None = None  # None: epp serve's flags say where endpoints come from
     endpoint_listeners: tuple[str, ...] = ()  # wired to endpoint-notification-source; they follow membership anyway
     dcgm: HttpSource | None = None  # the DCGM exporter scraper, when a dcgm-data-source is listed
+    dispatchers: tuple[str, ...] = ()  # latency-observer-producer-hub plugins listed as sources: they publish
 
     def attributes(self) -> frozenset[AttributeKey]:
         """The endpoint attributes the data layer publishes."""
@@ -120,6 +124,8 @@ class DataLayerConfig:
             lines.append(f"discovery: {what} {self.discovery.path}{watch}")
         if self.endpoint_listeners:
             lines.append(f"endpoint notifications: {', '.join(self.endpoint_listeners)}")
+        if self.dispatchers:
+            lines.append(f"observed TTFT published by: {', '.join(self.dispatchers)}")
         return lines
 
 
@@ -171,6 +177,7 @@ def build_data_layer(
     if sources is not None and not isinstance(sources, list):
         raise fail("dataLayer.sources", f"expected a list, got {shown(sources)}")
     seen_sources: dict[str, int] = {}
+    dispatched: set[str] = set()
     for i, item in enumerate(sources or ()):
         path = f"dataLayer.sources[{i}]"
         spec = _mapping(item, path, _SOURCE_KEYS, fail)
@@ -179,6 +186,12 @@ def build_data_layer(
             raise fail(f"{path}.pluginRef", f"source {shown(name)} is already listed (dataLayer.sources[{seen_sources[name]}])")
         seen_sources[name] = i
         source = plugins[name]
+        if isinstance(source, LatencyObserverProducer):  # llm-d's PollingDispatcher: listed, it publishes
+            if spec.get("extractors") not in (None, []):
+                raise fail(f"{path}.extractors", f"{source.type} takes no extractors: it publishes its own observations (llm-d refuses them too)")
+            dispatched.add(name)
+            used.add(name)
+            continue
         if not isinstance(source, DataSource):
             raise fail(f"{path}.pluginRef", f"plugin {shown(name)} ({getattr(source, 'type', '?')}) is not a data source")
         if isinstance(source, K8sNotificationSource):
@@ -250,16 +263,19 @@ def build_data_layer(
             "as saturated, so sheddable requests are refused, as in llm-d)"
         )
 
+    for name, plugin in plugins.items():
+        if isinstance(plugin, LatencyObserverProducer):
+            plugin.set_dispatched(name in dispatched)  # a reload's copy of a previous one is told afresh
+            if name not in dispatched:
+                warnings.append(
+                    f"{plugin_path(name)} ({plugin.type}) is not listed in dataLayer.sources: it publishes nothing "
+                    "(as in llm-d, whose data layer dispatches it from there), so every endpoint reads cold"
+                )
+
     discovery = None
     raw_discovery = section.get("discovery")
     if raw_discovery is not None:
-        spec = _mapping(raw_discovery, "dataLayer.discovery", _DISCOVERY_KEYS, fail)
-        where = "dataLayer.discovery"
-        if "endpoints" in spec:  # newer llm-d's shape: discovery.endpoints.pluginRef, the same reference
-            if "pluginRef" in spec:
-                raise fail("dataLayer.discovery.endpoints", "the same reference as dataLayer.discovery.pluginRef; give one of them")
-            where = "dataLayer.discovery.endpoints"
-            spec = _mapping(spec["endpoints"], where, _REF_KEYS, fail)
+        spec, where = _discovery_ref(raw_discovery, fail)
         name = _ref(spec, where, plugins, fail)
         plugin = plugins[name]
         if not isinstance(plugin, FileDiscovery):
@@ -277,7 +293,7 @@ def build_data_layer(
             "server's (core-metrics-extractor); a cluster's pool aggregates are read by a "
             "multicluster-metrics-extractor on a multicluster-metrics-data-source"
         )
-    built = DataLayerConfig(metrics, extraction, models, discovery, tuple(listeners), dcgm)
+    built = DataLayerConfig(metrics, extraction, models, discovery, tuple(listeners), dcgm, tuple(n for n in seen_sources if n in dispatched))
     produced = built.attributes()
     for name, plugin in plugins.items():
         if getattr(plugin, "reads_pool_metrics", False) and not isinstance(extraction, PoolMetricsExtraction):
@@ -297,6 +313,27 @@ def build_data_layer(
                 f"{'discovery' if isinstance(plugin, FileDiscovery) else 'sources'} (it does nothing otherwise, as in llm-d)"
             )
     return built
+
+
+def _discovery_ref(raw: object, fail: Fail) -> tuple[Mapping[str, Any], str]:
+    """The endpoint discovery reference, v0.10's `discovery.pluginRef` or PR #2434's
+    `discovery.endpoints.pluginRef` (both naming one plugin is fine; `peers` is peer discovery, refused)."""
+    spec = _mapping(raw, "dataLayer.discovery", _DISCOVERY_KEYS, fail)
+    if spec.get("peers") not in (None, "", {}):
+        raise fail("dataLayer.discovery.peers", f"not supported: {ACTIVE_ACTIVE_REFUSED}")
+    endpoints = spec.get("endpoints")
+    if endpoints is None:
+        if "pluginRef" not in spec:
+            raise fail("dataLayer.discovery", "expected pluginRef or endpoints.pluginRef: the endpoint discovery plugin")
+        return spec, "dataLayer.discovery"
+    inner = _mapping(endpoints, "dataLayer.discovery.endpoints", _REF_KEYS, fail)
+    old = spec.get("pluginRef")
+    if old is not None and old != inner.get("pluginRef"):
+        raise fail(
+            "dataLayer.discovery.pluginRef",
+            f"{shown(old)} differs from endpoints.pluginRef {shown(inner.get('pluginRef'))}; set one (pluginRef is the older form)",
+        )
+    return inner, "dataLayer.discovery.endpoints"
 
 
 def _unpublished(key: AttributeKey, produced: frozenset[AttributeKey]) -> str:

@@ -74,7 +74,7 @@ from pickers.framework.types import (
     Screener,
     WeightedScorer,
 )
-from pickers.plugins.base import PluginContext
+from pickers.plugins.base import ImpliesProducers, PluginContext
 from pickers.plugins.producer.tokens import TokenProducer
 from pickers.plugins.profile.handlers import SingleProfileHandler
 from pickers.plugins.scorer.affinity.prefix import PrefixCacheScorer
@@ -161,8 +161,9 @@ class EndpointPickerConfig:
     admission_detector: object | None = None
     parsers: tuple[ParserSpec, ...] = DEFAULT_PARSERS  # the request parsers in effect, in order (extproc.handlers.parsers)
     default_parsers: bool = True  # no requestHandler.parsers (nor parser): llm-d's default list
-    # the data producers: plugins outside the profiles that run for every request (token-producer
-    # first, then config order); the scheduler runs them before each cycle
+    # the data producers: plugins outside the profiles that run for every request (token-producers
+    # first, then config order; those a plugin implies after the config's own); the scheduler runs
+    # them before each cycle
     producers: tuple[object, ...] = ()
     builds: Mapping[str, PluginBuild] = field(default_factory=dict)  # name -> how it was built (reloads compare)
     kept: tuple[str, ...] = ()  # loaded as a reload: the plugins carried over from the previous config, state kept
@@ -297,11 +298,12 @@ class _Loader:
         # every plugin is registered for what it implements): e.g. a latency-pd-decider named only
         # as the handler's decider still charges the in-flight counts its predictions read
         profiled = {id(q) for prof in profiles for q in prof.plugins()}
-        producers = sorted(
-            (q for q in plugins.values() if id(q) not in profiled and not isinstance(q, ProfileHandler)
-             and isinstance(q, (DataProducer, AsyncDataProducer, PreRequest, ResponseComplete, ResponseReporter, Admitter, CycleAdmitter, Screener))),
-            key=lambda q: not isinstance(q, TokenProducer),
-        )  # fmt: skip
+        configured = [q for q in plugins.values() if id(q) not in profiled and not isinstance(q, ProfileHandler) and isinstance(
+            q, (DataProducer, AsyncDataProducer, PreRequest, ResponseComplete, ResponseReporter, Admitter, CycleAdmitter, Screener))]  # fmt: skip
+        # what a plugin brings with it runs after the config's own (the old precise scorer's tokenizer pool:
+        # a token-producer asked after the config's, for the requests they gave no ids)
+        implied = [q for p in plugins.values() if isinstance(p, ImpliesProducers) for q in p.implied_producers()]
+        producers = sorted([*configured, *implied], key=lambda q: not isinstance(q, TokenProducer))  # stable: config order
         return EndpointPickerConfig(
             source=self.source,
             api_version=api_version,
@@ -496,9 +498,13 @@ class _Loader:
                 raise self.error(ref_path, f"plugin {shown(plugin_name)} is already in profile {shown(name)}")
             seen.add(plugin_name)
             role = _role(plugin)
-            if role is None and isinstance(plugin, (DataProducer, Admitter, CycleAdmitter, Screener)):
+            if role is None and not isinstance(plugin, ProfileHandler) and isinstance(
+                plugin, (DataProducer, Admitter, CycleAdmitter, Screener, PreRequest, ResponseComplete)
+            ):
                 # llm-d lists its request-control plugins in a profile too (its predicted-latency
-                # config does); they run once per request before the profiles, wherever they are listed
+                # config does, GIE's SLO configs list slo-request-tracker); llm-d's profile takes what
+                # is a filter, scorer or picker and the plugin keeps its other hooks, run once per
+                # request wherever it is listed
                 continue
             if role is None:
                 raise self.error(

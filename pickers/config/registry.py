@@ -49,17 +49,20 @@ from pickers.plugins.flowcontrol.program_aware import ProgramAwareFairness
 from pickers.plugins.flowcontrol.usage_limits import PriorityHoldback, SoftReflectiveCeiling, StaticUsageLimit
 from pickers.plugins.latency.admitter import LatencySloAdmitter
 from pickers.plugins.latency.cost import LatencyCostScorer
+from pickers.plugins.latency.legacy_scorer import PredictedLatencyScorer
 from pickers.plugins.latency.producer import PredictedLatencyProducer
 from pickers.plugins.latency.scorer import LatencyScorer
+from pickers.plugins.latency.slo_branch import SloRequestTracker, SloScorer
 from pickers.plugins.latency.tier_filter import SloHeadroomTierFilter
 from pickers.plugins.picker.max_score import MaxScorePicker
 from pickers.plugins.picker.random import RandomPicker
 from pickers.plugins.picker.round_robin import RoundRobinPicker
 from pickers.plugins.picker.weighted_random import WeightedRandomPicker
 from pickers.plugins.producer.burst_prefix import BurstPrefixCacheProducer
+from pickers.plugins.latency.observer import LatencyObserverProducer
 from pickers.plugins.producer.p2p_source import P2PSourceProducer
 from pickers.plugins.producer.session import SessionIDProducer
-from pickers.plugins.producer.tokens import LegacyTokenizer, TokenProducer
+from pickers.plugins.producer.tokens import LegacyTokenizer, TokenProducer, tokenizers_pool
 from pickers.plugins.profile.data_parallel import DataParallelProfileHandler
 from pickers.plugins.profile.handlers import (
     DisaggHeadersHandler,
@@ -68,16 +71,19 @@ from pickers.plugins.profile.handlers import (
     PrefillHeaderHandler,
     SingleProfileHandler,
 )
-from pickers.plugins.profile.header import HeaderProfileHandler
+from pickers.plugins.profile.header import HeaderPhaseProfileHandler, HeaderProfileHandler
 from pickers.plugins.profile.latency_pd_decider import LatencyPdDecider
+from pickers.plugins.profile.slo_aware import SloAwareProfileHandler
 from pickers.plugins.profile.pd_deciders import AlwaysDisaggMultimodalDecider, AlwaysDisaggPDDecider, PrefixBasedPDDecider
 from pickers.plugins.requestcontrol.attribute_reporter import RequestAttributeReporter
 from pickers.plugins.scorer.load.active_request import ActiveRequestScorer
 from pickers.plugins.scorer.load.data_parallel import DataParallelBalanceScorer
 from pickers.plugins.scorer.load.endpoint_attribute import EndpointAttributeScorer
 from pickers.plugins.scorer.load.kv_cache import KVCacheUtilizationScorer, MulticlusterKVCacheUtilizationScorer
+from pickers.plugins.latency.observation_scorer import LatencyObservationScorer
 from pickers.plugins.scorer.load.load_aware import LoadAwareScorer
 from pickers.plugins.scorer.affinity.header_label import HeaderLabelAffinityScorer
+from pickers.plugins.scorer.load.lmetric import LMetricScorer
 from pickers.plugins.scorer.affinity.lora_affinity import LoraAffinityScorer
 from pickers.plugins.scorer.affinity.mm_embeddings import MMEmbeddingsCacheProducer, MMEmbeddingsCacheScorer
 from pickers.plugins.scorer.affinity.no_hit_lru import NoHitLRUScorer
@@ -138,8 +144,11 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     LatencyScorer,  # predicted latency headroom (the latency model's predictions)
     TopologyAffinityScorer,  # P/D: the prefill pick near the decode pick
     LatencyCostScorer,  # llm-epp's: predicted TTFT plus the stall a prefill adds to the running batch
+    PredictedLatencyScorer,  # GIE v1.x's one-plugin SLO scorer (deprecated: removed from GIE)
+    SloScorer,  # GIE's unreleased slo-prediction-experimental branch
     MMEmbeddingsCacheScorer,  # multimodal items an endpoint probably holds the embeddings of
     EndpointAttributeScorer,  # a scalar endpoint attribute (custom metrics, GPU utilization)
+    LMetricScorer,  # uncached prefill tokens x (requests in flight + 1), min-max (llm-d-router PR #2351)
     # filters
     ByLabelFilter,
     LabelSelectorFilter,
@@ -166,7 +175,9 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     DisaggProfileHandler,
     PdProfileHandler,  # llm-d's older name for the P/D handler
     HeaderProfileHandler,
+    HeaderPhaseProfileHandler,  # its pre-release name (llm-d-router PR #2134), default header EPP-Phase
     DataParallelProfileHandler,  # llm-d's deprecated rank routing through a primary port
+    SloAwareProfileHandler,  # GIE's slo-prediction-experimental branch: `default`, or `slo` on request
     # disaggregation deciders (disagg-profile-handler's deciders.prefill / deciders.encode)
     PrefixBasedPDDecider,
     AlwaysDisaggPDDecider,
@@ -185,6 +196,7 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     SessionIDProducer,
     P2PSourceProducer,
     PredictedLatencyProducer,  # per-candidate TTFT/TPOT from the online latency model
+    SloRequestTracker,  # GIE's experimental branch: a request's TPOT SLO on its endpoint while it runs
     # request control on the response: a CEL value of the usage, as dynamic metadata for the gateway
     RequestAttributeReporter,
     MMEmbeddingsCacheProducer,  # which endpoint holds which multimodal item's encoder output
@@ -226,13 +238,16 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     MulticlusterSessionAffinityFilter,
     MulticlusterPrefixCacheScorer,
     MulticlusterApproxPrefixCacheProducer,
+    # llm-d's hub latency pair (llm-d-router PR #2371): TTFT observed per peer cluster, and its curve
+    LatencyObserverProducer,
+    LatencyObservationScorer,
 )
 
 # llm-d's Alpha plugin types (registered with StabilityAlpha in its runner): a config using one loads
 # only with --allow-experimental-plugins, as llm-d's EPP refuses it otherwise. llm-d marks more types
 # Alpha than these (session-affinity-filter, header-profile-handler, dcgm-*, endpoint-attribute-*,
 # burst-prefix-cache-producer, ...); llm-epp gates the ones it implemented under this rule, the
-# multi-cluster family.
+# multi-cluster family and the hub latency pair.
 ALPHA_TYPES = frozenset(
     {
         MulticlusterFileDiscovery.type,
@@ -243,6 +258,8 @@ ALPHA_TYPES = frozenset(
         MulticlusterSessionAffinityFilter.type,
         MulticlusterPrefixCacheScorer.type,
         MulticlusterApproxPrefixCacheProducer.type,
+        LatencyObserverProducer.type,
+        LatencyObservationScorer.type,
     }
 )
 EXPERIMENTAL_FLAG = "--allow-experimental-plugins"
@@ -305,6 +322,8 @@ def build_plugin(type_name: str, name: str, parameters: Mapping[str, Any] | None
         if why is not None:
             raise ConfigError(f"plugin type {shown(type_name)} (llm-d router) is not supported: {why}")
         raise ConfigError(f"unknown plugin type {shown(type_name)}; known types: {', '.join(known_types())}")
+    if ctx.tokenizers_pool is None:  # what precise-prefix-cache-scorer builds its tokenizersPoolConfig with
+        ctx.tokenizers_pool = tokenizers_pool
     return factory(name, parameters, ctx)
 
 

@@ -2,8 +2,9 @@
 
 A profile is filters + weighted scorers + one picker. With one profile the scheduler runs it inline;
 with several, a ProfileHandler picks which run (sharing one cycle state) and combines their results
-(P/D: decode, then maybe prefill). Plugins that also implement PreRequest or ResponseComplete are told
-about the combined result and the finished response, once per request whatever profiles they are in;
+(P/D: decode, then maybe prefill). Plugins that also implement PreRequest, ResponseStarted or
+ResponseComplete are told about the combined result, the response's first chunk and the finished
+response, once per request whatever profiles they are in;
 ResponseReporters (request-attribute-reporter) compute the dynamic metadata of a response's end.
 Screeners (disaggregatedset-rollout-screener) run first and narrow the candidates of every profile.
 Data producers (token-producer, session-id-producer, ...) run next, in config order, over the
@@ -36,6 +37,7 @@ from pickers.framework.types import (
     ProfileOutcome,
     ResponseComplete,
     ResponseReporter,
+    ResponseStarted,
     SchedulingProfile,
     SchedulingResult,
     ScoredEndpoint,
@@ -78,6 +80,7 @@ class Scheduler:
         self.plugins: tuple[object, ...] = tuple(plugins)  # every plugin of the cycle, producers included
         self._pre_request = [p for p in plugins if isinstance(p, PreRequest)]
         self._complete = [p for p in plugins if isinstance(p, ResponseComplete)]
+        self._started = [p for p in plugins if isinstance(p, ResponseStarted)]
         self.reporters: tuple[ResponseReporter, ...] = tuple(p for p in plugins if isinstance(p, ResponseReporter))
         self._admitters = [p for p in plugins if isinstance(p, Admitter)]
         self._cycle_admitters = [p for p in plugins if isinstance(p, CycleAdmitter)]
@@ -211,6 +214,10 @@ class Scheduler:
         result = handler.process_results(request, cycle, results)
         result.scores = explained
         return result
+
+    def response_started(self, request: InferenceRequest, endpoint: Endpoint, end_of_stream: bool) -> None:
+        for p in self._started:
+            p.response_started(request, endpoint, end_of_stream)
 
     def response_complete(
         self, request: InferenceRequest, endpoint: Endpoint, prompt_tokens: int | None, completion_tokens: int | None

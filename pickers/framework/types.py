@@ -5,6 +5,7 @@
 - Picker: scored candidates in, the chosen endpoints out (first = primary, rest = fallbacks).
 - PreRequest: told the result after a pick (e.g. the prefix index records the chosen endpoint).
 - EndpointState: told when an endpoint leaves the pool (its per-endpoint state goes with it).
+- ResponseStarted: told when the response's first body chunk came back (and whether it was the last).
 - ResponseComplete: told when the response finished (or aborted), with the usage if known.
 - ResponseReporter: at the end of a response body, values for the gateway's dynamic metadata.
 - ProfileHandler: which scheduling profiles run for a request, and how their results combine.
@@ -217,6 +218,15 @@ class Explainer(Protocol):
     """A plugin whose per-endpoint numbers (key -> address -> value) --explain-scores shows with the scores."""
 
     def explain(self, cycle: CycleState) -> Mapping[str, Mapping[str, float]]: ...
+
+
+@runtime_checkable
+class ResponseStarted(Protocol):
+    """llm-d's ResponseBodyProcessor at the start of the stream: the first body chunk of the response to
+    `request` came back from `endpoint` (the primary pick); `end_of_stream`: that chunk was also its last
+    (a response not streamed)."""
+
+    def response_started(self, request: InferenceRequest, endpoint: Endpoint, end_of_stream: bool) -> None: ...
 
 
 @runtime_checkable

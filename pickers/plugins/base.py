@@ -18,15 +18,25 @@ from pickers.indexes.prefix import ApproxPrefixIndex
 from pickers.latency.model import LatencyModel
 
 
+class TokenPoolFactory(Protocol):
+    """Builds the token-producer of llm-d's legacy tokenization pool from its config section (`p`:
+    indexerConfig.tokenizersPoolConfig), named `name` (pickers.plugins.producer.tokens.tokenizers_pool)."""
+
+    def __call__(self, name: str, p: Params) -> TokenSource: ...
+
+
 @dataclass(slots=True)
 class PluginContext:
     """What plugins share, handed to every plugin factory: the approximate prefix index, one random
-    source and the latency model request control feeds."""
+    source, the latency model request control feeds, and what builds a legacy tokenization pool."""
 
     prefix_index: ApproxPrefixIndex = field(default_factory=ApproxPrefixIndex)
     rng: random.Random = field(default_factory=random.Random)
     max_endpoints: int = 1  # pickers' maxNumOfEndpoints when the config leaves it out (--max-num-endpoints)
     latency: LatencyModel = field(default_factory=LatencyModel)
+    # for the old precise-prefix-cache-scorer's tokenizersPoolConfig: the registry sets it on first use
+    # (the scorers' folder cannot import the token-producer's, which imports it)
+    tokenizers_pool: TokenPoolFactory | None = None
 
 
 class Plugin:
@@ -63,6 +73,14 @@ class TokenSource(Protocol):
 
     name: str
     token_backend: str
+
+
+@runtime_checkable
+class ImpliesProducers(Protocol):
+    """A plugin that brings data producers of its own, which the config runs after its own (the old
+    precise-prefix-cache-scorer's tokenizersPoolConfig: a token-producer asked after the config's)."""
+
+    def implied_producers(self) -> tuple[object, ...]: ...
 
 
 def configured_plugin(plugins: Mapping[str, object], name: str | None, cls: type[Any], param: str) -> Any:

@@ -129,8 +129,8 @@ async def test_the_pick_waits_for_the_model_servers_tokens_at_most_the_producers
                 await call.done_writing()
                 call.cancel()
             assert sim.render_calls == (1 if fault == "none" else 0)
-            assert epp.token_producer is not None
-            assert dict(epp.token_producer.fallbacks) == ({} if fault == "none" else {"timeout": 1})
+            (tp,) = epp.token_producers
+            assert dict(tp.fallbacks) == ({} if fault == "none" else {"timeout": 1})
             assert await until_no_stream_is_open(epp) == 0
         finally:
             await epp.stop(0)

@@ -56,7 +56,7 @@ class FakeDirector:
         self.outcomes.append(outcome)
         self.in_flight -= 1
 
-    def first_byte(self, routing: Routing) -> None:
+    def first_byte(self, routing: Routing, end_of_stream: bool = False) -> None:
         self.first_bytes += 1
 
     def rejected(self, request: InferenceRequest | None, error: RequestError) -> None:

@@ -22,6 +22,7 @@ from pickers.plugins.profile.handlers import SingleProfileHandler
 
 HEADER = "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n"
 BEST = Path(__file__).resolve().parents[2] / "pickers" / "configs" / "best.yaml"
+WEIGHTED = BEST.with_name("weighted.yaml")
 
 
 def load(body: str, source: str = "test.yaml"):
@@ -181,8 +182,16 @@ def test_plugins_share_the_context_prefix_index_and_rng():
     assert cfg.profile.picker.rng is ctx.rng
 
 
-def test_best_config_loads_with_its_documented_weights():
+def test_best_config_is_the_latency_models_cost_with_its_documented_slowdown_weight():
     cfg = load_config_file(BEST)
+    [w] = cfg.profile.scorers
+    assert (w.scorer.type, w.weight, w.scorer.slowdown_weight) == ("latency-cost-scorer", 1.0, 0.3)
+    assert {type(q).__name__ for q in cfg.producers} >= {"InFlightLoadProducer", "PredictedLatencyProducer"}
+    assert cfg.plugins["approx-prefix-cache-producer"].max_blocks == 131_072 // 64  # the whole prompt
+
+
+def test_weighted_config_loads_with_its_documented_weights():
+    cfg = load_config_file(WEIGHTED)
     scorers = {w.scorer.type: w.weight for w in cfg.profile.scorers}
     assert scorers == {
         "prefix-cache-scorer": 4.0,
@@ -317,9 +326,16 @@ def test_server_builds_its_scheduler_from_config_text():
 
 
 def test_server_builds_its_scheduler_from_a_config_file():
-    server = EppServer(ServeOptions(config_file=str(BEST)))
+    server = EppServer(ServeOptions(config_file=str(WEIGHTED)))
     assert len(server.scheduler.profile.scorers) == 5
-    assert server.scheduling_source == f"config {BEST}"
+    assert server.scheduling_source == f"config {WEIGHTED}"
+
+
+def test_a_strategy_runs_with_its_producers_and_the_servers_latency_model():
+    server = EppServer(ServeOptions(strategy="best"))
+    assert any(type(p).__name__ == "PredictedLatencyProducer" for p in server.scheduler.plugins)
+    [w] = server.scheduler.profile.scorers
+    assert w.scorer.ctx.latency is server.latency  # fed by request control, not a model of its own
 
 
 def test_cli_config_error_exits_2_with_the_message(capsys):

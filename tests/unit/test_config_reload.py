@@ -304,14 +304,14 @@ async def test_an_unchanged_token_producer_is_carried_over_and_a_changed_one_ref
     tokens = "- {type: token-producer, parameters: {modelName: m}}\n"
     path.write_text(weighted(3, 1, extra=tokens))
     server = serve(path)
-    assert server.director.token_producer is not None
+    assert len(server.director.token_producers) == 1
     path.write_text(weighted(1, 3, extra=tokens))
     assert await server.reloader.poll_once()  # type: ignore[union-attr]
-    carried = server.director.token_producer
-    assert carried is not None and "token-producer" in server.reloader.current.kept  # type: ignore[union-attr]
+    (carried,) = server.director.token_producers
+    assert "token-producer" in server.reloader.current.kept  # type: ignore[union-attr]
     path.write_text(weighted(1, 3, extra=tokens.replace("modelName: m", "modelName: other")))
     assert not await server.reloader.poll_once()  # type: ignore[union-attr]
-    assert "token-producer" in server.config_status()["last_error"] and server.director.token_producer is carried
+    assert "token-producer" in server.config_status()["last_error"] and server.director.token_producers == (carried,)
 
 
 async def test_a_precise_index_fed_by_kv_events_is_kept_whole_or_the_edit_refused(tmp_path):

@@ -321,7 +321,7 @@ def test_endpoint_notification_source_takes_only_llm_ds_endpoint_extractors():
     msg = error_of(with_sources("- type: endpoint-notification-source\n", "  - pluginRef: endpoint-notification-source\n    extractors: [{pluginRef: queue-scorer}]\n"))
     assert msg.startswith(
         "t.yaml: dataLayer.sources[0].extractors[0].pluginRef: plugin 'queue-scorer' (queue-scorer) takes no endpoint events; "
-        "endpoint extractors are: mm-embeddings-cache-producer, precise-prefix-cache-producer"
+        "endpoint extractors are: mm-embeddings-cache-producer, precise-prefix-cache-producer, precise-prefix-cache-scorer"
     )
 
 
@@ -400,11 +400,34 @@ def test_bad_file_discovery_parameters_are_refused(body, expected):
                                                           "(metrics-data-source) is not an endpoint discovery plugin")),
         ("{endpoints: file-discovery}", "dataLayer.discovery.endpoints: expected a mapping"),
         ("{endpoints: {pluginRef: file-discovery, watch: true}}", "dataLayer.discovery.endpoints.watch: unknown field; expected one of pluginRef"),
-        ("{pluginRef: file-discovery, endpoints: {pluginRef: file-discovery}}", ("dataLayer.discovery.endpoints: the same "
-                                                                                 "reference as dataLayer.discovery.pluginRef; give one of them")),
     ],
 )  # fmt: skip
 def test_bad_discovery_references_are_refused(discovery, expected):
+    body = f"plugins:\n{SCORER}- type: metrics-data-source\n- type: file-discovery\n  parameters: {{path: e.yaml}}\ndataLayer:\n  discovery: {discovery}\n"
+    assert error_of(body).startswith(f"t.yaml: {expected}")
+
+
+def test_discovery_endpoints_is_the_newer_spelling_of_discovery_plugin_ref():
+    # llm-d-router PR #2434 groups discovery as endpoints (and peers); v0.10's pluginRef stays
+    plugins = f"plugins:\n{SCORER}- type: file-discovery\n  parameters: {{path: e.yaml}}\n"
+    new = load(plugins + "dataLayer:\n  discovery:\n    endpoints: {pluginRef: file-discovery}\n")
+    old = load(plugins + "dataLayer:\n  discovery: {pluginRef: file-discovery}\n")
+    assert new.data_layer.discovery == old.data_layer.discovery is not None
+    assert new.warnings == ()
+    both = load(plugins + "dataLayer:\n  discovery: {pluginRef: file-discovery, endpoints: {pluginRef: file-discovery}}\n")
+    assert both.data_layer.discovery == old.data_layer.discovery
+
+
+@pytest.mark.parametrize(
+    ("discovery", "expected"),
+    [
+        ("{endpoints: {pluginRef: nothing}}", "dataLayer.discovery.endpoints.pluginRef: no plugin named 'nothing'"),
+        ("{pluginRef: file-discovery, endpoints: {pluginRef: metrics-data-source}}", "dataLayer.discovery.pluginRef: 'file-discovery' differs from endpoints.pluginRef 'metrics-data-source'"),
+        ("{endpoints: {pluginRef: file-discovery}, peers: {pluginRef: file-discovery}}", "dataLayer.discovery.peers: not supported: active-active"),
+        ("{}", "dataLayer.discovery: expected pluginRef or endpoints.pluginRef"),
+    ],
+)  # fmt: skip
+def test_bad_discovery_endpoints_references_are_refused(discovery, expected):
     body = f"plugins:\n{SCORER}- type: metrics-data-source\n- type: file-discovery\n  parameters: {{path: e.yaml}}\ndataLayer:\n  discovery: {discovery}\n"
     assert error_of(body).startswith(f"t.yaml: {expected}")
 

@@ -10,7 +10,7 @@ import pytest
 from pickers.framework.errors import ConfigError
 from pickers.framework.types import CycleState
 from pickers.indexes.prefix import block_hashes
-from pickers.plugins.latency.cost import LatencyCostScorer
+from pickers.plugins.latency.cost import FOOTPRINT, LatencyCostScorer
 from tests.unit.test_latency_plugins import PROMPT, ctx, ep, load, req
 
 
@@ -28,18 +28,25 @@ def cache(s: LatencyCostScorer, endpoint, prompt: str = PROMPT) -> None:
     s.ctx.prefix_index.record(endpoint.address, block_hashes(r.model, prompt, r.cache_salt, src.max_blocks, src.block_chars))
 
 
-def test_cost_is_ttft_plus_the_prefill_stall_of_each_running_request():
+def written(s: LatencyCostScorer) -> float:
+    """FOOTPRINT x the compute of the prompt's whole blocks (its last partial block is not written)."""
+    bt = s.producer.source.block_chars // 4
+    return FOOTPRINT * (1000 // bt * bt) / 10_000
+
+
+def test_cost_is_ttft_plus_the_prefill_stall_of_each_running_request_plus_the_cache_it_takes():
     s = scorer()
     idle, busy = ep(1), ep(2, in_flight=4)  # prior: 10 ms + 1,000 tokens at 10k/s = 110 ms TTFT
     costs = s.costs(req(), CycleState(), [idle, busy])
-    assert costs[0] == pytest.approx(0.110)
-    assert costs[1] == pytest.approx(0.110 + 4 * 0.100)  # each of 4 running requests waits out the 100 ms prefill
+    assert costs[0] == pytest.approx(0.110 + written(s))
+    assert costs[1] == pytest.approx(0.110 + 4 * 0.100 + written(s))  # each of 4 running requests waits out the 100 ms prefill
 
 
 def test_the_cheapest_endpoint_scores_1_and_the_others_their_cost_ratio():
     s = scorer()
     idle, busy = ep(1), ep(2, in_flight=4)
-    assert s.score(req(), CycleState(), [idle, busy]) == pytest.approx([1.0, 0.110 / 0.510])
+    w = written(s)
+    assert s.score(req(), CycleState(), [idle, busy]) == pytest.approx([1.0, (0.110 + w) / (0.510 + w)])
 
 
 def test_a_cached_prompt_stays_where_it_is_cached_while_the_batch_there_is_small():
@@ -80,7 +87,8 @@ def test_explain_shows_each_candidates_cost_and_predicted_ttft():
     a, b = ep(1), ep(2, in_flight=2)
     s.score(req(), cycle, [a, b])
     shown = s.explain(cycle)
-    assert shown["latency-cost-scorer/cost_ms"] == {a.address: 110.0, b.address: 310.0}
+    w = 1000 * written(s)
+    assert shown["latency-cost-scorer/cost_ms"] == {a.address: round(110.0 + w, 1), b.address: round(310.0 + w, 1)}
     assert "predicted-latency-producer/ttft_ms" in shown  # the implied producer's predictions too
 
 
@@ -143,8 +151,9 @@ def test_a_full_endpoint_whose_blocks_are_live_is_charged_the_recompute_of_what_
     index.record(full.address, filler, capacity=len(filler))  # full, every block just used
     index.record(roomy.address, filler[:10], capacity=10 * len(filler))
     costs = s.costs(req(), CycleState(), [full, roomy])
-    assert costs[0] == pytest.approx(2 * 0.100 + 0.010)  # its TTFT plus the 100 ms of prefill it evicts
-    assert costs[1] == pytest.approx(0.110)
+    evicted = written(s) / FOOTPRINT
+    assert costs[0] == pytest.approx(0.110 + evicted)  # its TTFT plus the prefill of the live blocks it evicts
+    assert costs[1] == pytest.approx(0.110 + written(s))
     assert not index.room(full.address, 1, now=time.monotonic(), horizon=60.0)
     assert index.room(full.address, 1, now=time.monotonic() + 61.0, horizon=60.0)  # a minute later it is dead
 

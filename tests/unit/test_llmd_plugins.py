@@ -6,6 +6,7 @@ the Director."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -14,7 +15,7 @@ from extproc.datalayer.datastore import Datastore
 from extproc.handlers.request_stream import RequestStream
 from extproc.observability.metrics import EppMetrics
 from extproc.requestcontrol.director import Director
-from pickers.config.loader import EndpointPickerConfig, load_config
+from pickers.config.loader import EndpointPickerConfig, load_config, load_config_file
 from pickers.framework.endpoint import Endpoint, EndpointSpec
 from pickers.framework.errors import ConfigError, RequestError
 from pickers.framework.request import InferenceRequest
@@ -489,6 +490,30 @@ def test_the_named_profiles_failure_is_the_requests():
     with pytest.raises(RequestError) as e:
         sched.schedule(req(headers={"epp-profile": "prefill"}), [DECODE])
     assert e.value.kind.status == 429  # every endpoint filtered out of the prefill profile
+
+
+def test_header_phase_profile_handler_is_the_same_handler_reading_epp_phase():
+    cfg = load_config_file(Path(__file__).parent / "configs" / "coordinator-epd-phase.yaml", PluginContext(ApproxPrefixIndex(), random.Random(0)))
+    assert cfg.plugin_parameters["header-phase-profile-handler"] == {"headerName": "epp-phase", "defaultProfile": "decode"}
+    (warning,) = cfg.warnings
+    assert "header-phase-profile-handler is the pre-release name of header-profile-handler" in warning
+    sched = Scheduler(cfg.profiles, handler=cfg.profile_handler)
+    encoder = ep(3, {"llm-d.ai/role": "encode"})
+    assert sched.schedule(req(headers={"epp-phase": "encode"}), [encoder, PREFILL, DECODE]).endpoints == [encoder]
+    assert sched.schedule(req(headers={"epp-phase": "prefill"}), [encoder, PREFILL, DECODE]).endpoints == [PREFILL]
+    # the released name's header means nothing to it: the default profile runs
+    assert sched.schedule(req(headers={"epp-profile": "prefill"}), [encoder, PREFILL, DECODE]).profile == "decode"
+
+
+def test_header_phase_profile_handler_takes_header_profile_handlers_parameters():
+    cfg = load(STAGES.replace("header-profile-handler", "header-phase-profile-handler").format(
+        params="  parameters: {headerName: X-Stage, defaultProfile: prefill}\n"))  # fmt: skip
+    sched = Scheduler(cfg.profiles, handler=cfg.profile_handler)
+    assert sched.schedule(req(headers={"x-stage": "decode"}), [PREFILL, DECODE]).profile == "decode"
+    assert sched.schedule(req(), [PREFILL, DECODE]).profile == "prefill"
+    with pytest.raises(ConfigError) as e:
+        load(STAGES.replace("header-profile-handler", "header-phase-profile-handler").format(params="  parameters: {phaseHeader: x}\n"))
+    assert "phaseHeader: header-phase-profile-handler: unknown parameter" in str(e.value)
 
 
 # -- llm-d's optimized-baseline guide, in its shape ------------------------------------------

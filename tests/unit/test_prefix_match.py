@@ -20,13 +20,14 @@ from pickers.framework.scheduler import Scheduler
 from pickers.framework.types import CycleState
 from pickers.indexes.prefix import ApproxPrefixIndex, block_hashes
 from pickers.plugins.base import PluginContext
-from pickers.plugins.scorer.affinity.prefix import PrefixCacheScorer, prefix_match
+from pickers.plugins.scorer.affinity.prefix import ApproxPrefixCacheProducer, PrefixCacheScorer, prefix_match
 
 CONFIGS = Path(__file__).resolve().parents[2] / "pickers" / "configs"
 HEADER = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\n"
 BEST = STRATEGY_CONFIGS["best"]
+WEIGHTED = STRATEGY_CONFIGS["weighted"]  # the previous best: a prefix-cache-scorer among load scorers
 PRODUCER = "- type: approx-prefix-cache-producer\n  parameters: {maxPrefixTokensToMatch: 131072}\n"
-OLD_BEST = BEST.replace(PRODUCER, "")  # best.yaml before: the GIE-shape scorer's 256 blocks of 16 tokens
+OLD_BEST = WEIGHTED.replace(PRODUCER, "")  # weighted.yaml before: the GIE-shape scorer's 256 blocks of 16 tokens
 
 
 def words(seed: int, tokens: int) -> str:
@@ -148,10 +149,12 @@ def test_a_zero_token_cap_falls_back_to_max_prefix_blocks_to_match():
 # -- our strategies ------------------------------------------------------------------------------
 
 
-def test_best_matches_the_whole_prompt_up_to_128k_tokens():
-    scorer = prefix_scorer(load_config(BEST, "best"))
-    assert scorer.max_blocks * scorer.block_chars // 4 == 131_072
-    assert scorer.block_chars == 256  # llm-d's 64-token blocks: a quarter of the index memory of 16-token ones
+def test_best_and_weighted_match_the_whole_prompt_up_to_128k_tokens():
+    producer = next(q for q in load_config(BEST, "best").plugins.values() if isinstance(q, ApproxPrefixCacheProducer))
+    assert producer.max_blocks * producer.block_chars // 4 == 131_072
+    assert producer.block_chars == 256  # llm-d's 64-token blocks: a quarter of the index memory of 16-token ones
+    scorer = prefix_scorer(load_config(WEIGHTED, "weighted"))
+    assert (scorer.max_blocks, scorer.block_chars) == (producer.max_blocks, producer.block_chars)
 
 
 def test_pd_matches_the_whole_prompt_up_to_128k_tokens_in_both_profiles_and_the_decider():
@@ -192,7 +195,7 @@ def _conversations(scorer: PrefixCacheScorer, addresses: list[str]) -> dict[str,
 
 
 def test_two_conversations_sharing_an_8k_token_system_prompt_go_where_each_one_lives():
-    ds, scheduler, scorer, addresses = _pool(BEST)
+    ds, scheduler, scorer, addresses = _pool(WEIGHTED)
     follow_ups = _conversations(scorer, addresses)
     assert scheduler.schedule(req(follow_ups["A"], 1), ds.candidates()).endpoints[0].address == addresses[1]
     assert scheduler.schedule(req(follow_ups["B"], 2), ds.candidates()).endpoints[0].address == addresses[2]

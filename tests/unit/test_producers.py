@@ -33,7 +33,10 @@ from pickers.indexes.tokenization import sim_chat_template, sim_encode
 from pickers.plugins.base import PluginContext
 from pickers.plugins.producer.session import SessionIDProducer, cookie_value
 from pickers.plugins.producer.tokens import Rendered, TokenProducer
-from pickers.plugins.scorer.affinity.precise_prefix import PrecisePrefixCacheProducer
+from pickers.plugins.scorer.affinity.precise_prefix import (
+    SCORER_DEPRECATION,
+    PrecisePrefixCacheProducer,
+)
 from pickers.plugins.scorer.affinity.session_affinity import SessionAffinityScorer
 from pickers.plugins.scorer.load.token_load import InFlightLoadProducer
 from tests.unit.fake_director import FakeDirector
@@ -268,8 +271,8 @@ def _director(cfg: EndpointPickerConfig, addrs=(A, B)) -> Director:  # type: ign
     ds = Datastore()
     ds.set_endpoints(EndpointSpec(a, a.split(":")[0], int(a.split(":")[1])) for a in addrs)
     scheduler = Scheduler(cfg.profiles, handler=cfg.profile_handler, producers=cfg.producers)
-    tp = next((p for p in cfg.producers if isinstance(p, TokenProducer)), None)
-    return Director(ds, scheduler, EppMetrics(), token_producer=tp)
+    tps = [p for p in cfg.producers if isinstance(p, TokenProducer)]
+    return Director(ds, scheduler, EppMetrics(), token_producers=tps)
 
 
 async def test_the_director_awaits_the_tokens_and_counts_them_in_flight():
@@ -493,7 +496,9 @@ def test_the_old_precise_scorer_takes_the_producers_parameters_with_llm_ds_depre
                "- type: max-score-picker\n")  # fmt: skip
     scorer = cfg.plugins["precise-prefix-cache-scorer"]
     assert scorer.tokenize is None and scorer.real_tokens and not scorer.subscribe
-    assert any("deprecated in llm-d" in w for w in cfg.warnings)
+    assert any(w.endswith(SCORER_DEPRECATION) for w in cfg.warnings)
+    assert SCORER_DEPRECATION == ("DEPRECATION: precise-prefix-cache-scorer is deprecated; configure precise-prefix-cache-producer + "
+                                  "prefix-cache-scorer with prefixMatchInfoProducerName: precise-prefix-cache-producer")  # llm-d's words
     assert any("no KV events feed this index" in w for w in cfg.warnings)
     assert "not supported" in refused("plugins:\n- type: precise-prefix-cache-scorer\n  parameters: {tokenizer: sim, "
                                       "kvEventsConfig: {}}\n- type: max-score-picker\n")  # fmt: skip

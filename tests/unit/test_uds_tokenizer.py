@@ -343,7 +343,7 @@ async def test_epp_serve_wires_the_sidecar_client_and_initializes_it(sidecar: Si
     text = HEADER + uds_config(sidecar.path, "      modelTokenizerMap: {m: /models/m/tokenizer.json}\n")
     server = EppServer(ServeOptions(grpc_port=0, grpc_health_port=0, metrics_port=0, admin_port=0, bind_address="127.0.0.1",
                                     config_text=text))  # fmt: skip
-    client = server.token_producer.renderer  # type: ignore[union-attr]
+    client = server.token_producers[0].renderer
     assert isinstance(client, UdsTokenizerClient) and client.target.model == "/models/m"
     await server.start()
     try:
@@ -369,7 +369,7 @@ async def test_epp_serve_without_its_sidecar_serves_on_the_estimate_and_stops_cl
         assert "uds-tokenizer-init" in server.supervisor.running  # waiting for the sidecar, in the background
         req = completion("x" * 40)
         await asyncio.wait_for(server.director.prepare(req), 5.0)
-        assert req.prompt_token_ids is None and server.token_producer.fallbacks == {"RenderError": 1}  # type: ignore[union-attr]
+        assert req.prompt_token_ids is None and server.token_producers[0].fallbacks == {"RenderError": 1}
     finally:
         await asyncio.wait_for(server.stop(0), 10.0)
     assert not server.supervisor.running

@@ -5,7 +5,9 @@ in predicted seconds of waiting, from the latency model (predicted-latency-produ
             + slowdownWeight * prefill(e, u) * running(e)  the stall its prefill adds to every request
                                                            decoding on e (one step that long for each)
             + prefill(e, u) if e has no room for u         what it evicts: blocks used in the last
-                                                           minute, which their owners compute again
+                                                           minute, which their owners compute again;
+              (0.25 * prefill(e, u) where it fits: the    a duplicate takes cache that later prompts
+              cache it takes)                              may need, so the holder of a prefix wins ties
     prefill(e, u) = u uncached prompt tokens on e / e's fitted prefill rate
     u'(e) = u(e) - (1 - 1/fanout) * the shared prefix's part of u(e), when e has room for it
     score(e) = min over candidates of cost / cost(e)       1 for the cheapest, in (0, 1]
@@ -41,6 +43,10 @@ from pickers.plugins.scorer.affinity.prefix import prefix_match
 
 _FLOOR_S = 1e-4  # a cost below 0.1 ms is 0.1 ms: scores stay finite and near-free endpoints tie
 LIVE_S = 60.0  # a cached block used within the last minute is live: evicting it costs its recompute
+# Writing new blocks where they fit still takes cache that later prompts may need: a quarter of their
+# compute, so of two endpoints equally fast for a request the one that already holds its prefix wins
+# (a burst of one prompt stays together until the queue there outweighs computing it again).
+FOOTPRINT = 0.25
 
 
 class LatencyCostScorer(LatencyConsumer):
@@ -94,8 +100,10 @@ class LatencyCostScorer(LatencyConsumer):
             cost = model.ttft(ep, charged)
             if w:
                 cost += w * prefill * batch_of(ep)
-            if not room:
-                cost += prefill
+            if room:  # a shared prefix's copy serves the conversations after this one: its share, as above
+                cost += FOOTPRINT * model.prefill_seconds(ep, min(charged, new_blocks * block_tokens))
+            else:
+                cost += model.prefill_seconds(ep, new_blocks * block_tokens)
             out.append(cost)
         cycle.data[self._key] = {ep.address: c for ep, c in zip(endpoints, out) if c is not None}
         return out

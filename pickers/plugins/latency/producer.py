@@ -93,6 +93,7 @@ class PredictedLatencyProducer(Plugin):
         streaming: bool = False,
         role_label: str = "",
         predict: bool = True,
+        track_tpot_slo: bool = True,
     ) -> None:
         self.name = name
         self.model = model
@@ -101,6 +102,7 @@ class PredictedLatencyProducer(Plugin):
         self.streaming = streaming
         self.role_label = role_label
         self.predict = predict
+        self.track_tpot_slo = track_tpot_slo  # streamingMode: put the request's TPOT SLO on its endpoint
         self.prefix_producer_name: str | None = None
         self.load_producer_name: str | None = None
         self.source: MatchSettings = ApproxPrefixCacheProducer()  # llm-d's defaults until bound
@@ -216,7 +218,7 @@ class PredictedLatencyProducer(Plugin):
                 uncached[ep.address] = known[ep.address].uncached_tokens
         result.uncached = uncached
         self.load.pre_request(request, cycle, result)
-        if self.streaming and self._counted not in request.attributes:
+        if self.streaming and self.track_tpot_slo and self._counted not in request.attributes:
             slo = slo_ms(request.headers, TPOT_SLO_HEADER)
             if slo > 0.0:
                 primary.latency.add_tpot_slo(slo)

@@ -25,6 +25,12 @@ One backend per config, chosen as llm-d chooses it:
 
 Prompts that are token ids already (completions) are taken as they are, whatever the backend.
 Failures are counted by reason in `fallbacks` (a metric) and logged once per reason.
+
+llm-d's deprecated tokenization pool (`tokenizers_pool`: llm-d-kv-cache's tokenization.Config, the old
+precise-prefix-cache-scorer's `indexerConfig.tokenizersPoolConfig`) is this plugin's uds backend too:
+the scorer owns one, asked after the config's own token-producers, and it tokenizes only a request
+they gave no ids, as llm-d's legacy pool only tokenizes a request that has none. `workersCount` bounds
+its calls in flight; it waits at most llm-d's 400 ms data-producer budget.
 """
 
 from __future__ import annotations
@@ -58,6 +64,11 @@ UDS_TIMEOUT = 5.0
 UDS_MM_TIMEOUT = 30.0
 UDS_DEPRECATION = ("DEPRECATION: the 'udsTokenizerConfig' parameter is deprecated and will be removed in a future "
                    "release; set the 'vllm' parameter instead")  # llm-d's words  # fmt: skip
+# llm-d's legacy tokenization pool (tokenizersPoolConfig)
+POOL_WORKERS = 5  # llm-d-kv-cache's defaultWorkers: its DefaultConfig, what the guides were written against
+# llm-d's director gives a data producer 400 ms unless it names a timeout of its own (dataProducerTimeout);
+# the legacy scorer names none, so its pool's tokens come within 400 ms or not at all (text or multimodal)
+POOL_TIMEOUT = 0.4
 _RENDERED_APIS = frozenset({"completions", "chat"})  # the APIs vLLM's render endpoints (and the sidecar's) take
 _REMOTE = frozenset({"vllm", "uds"})  # the backends whose tokens the EPP's client (`renderer`) fetches
 _LOCAL_APIS = frozenset({"completions", "chat", "messages"})  # and what a local tokenizer renders itself
@@ -106,6 +117,7 @@ class TokenProducer(Plugin):
         tokenizer: Tokenizer | None = None,
         media: MediaEstimate | None = None,
         uds: UdsTokenizerTarget | None = None,
+        concurrency: int = 0,
     ) -> None:
         self.name = name
         self.token_backend = backend  # "estimate", "vllm", "uds" or "local" (pickers.plugins.base.TokenSource)
@@ -117,6 +129,10 @@ class TokenProducer(Plugin):
         self.timeout = timeout
         self.mm_timeout = mm_timeout
         self.renderer: Renderer | None = None  # the EPP's client, for the vllm and uds backends
+        # at most this many backend calls in flight, the others queue within their timeout (0: no bound;
+        # the legacy pool's workersCount, llm-d's tokenization workers)
+        self.concurrency = concurrency
+        self._slots = asyncio.Semaphore(concurrency) if concurrency > 0 else None
         self._local = RequestTokenizer(tokenizer, 0.0) if tokenizer is not None else None
         self._cheap = tokenizer is not None and tokenizer.cheap
         self._pool: ThreadPoolExecutor | None = None
@@ -129,7 +145,7 @@ class TokenProducer(Plugin):
     def from_config(cls, name: str, p: Params, ctx: PluginContext) -> TokenProducer:
         model = p.string("modelName", "") or ""
         media = media_estimate(p.section("estimate"))
-        uds = _uds_settings(p)
+        uds = _uds_settings(p, _UDS)
         vllm = p.section("vllm")
         url = vllm.string("url", DEFAULT_URL) or DEFAULT_URL
         timeout = vllm.duration_or("timeout", DEFAULT_TIMEOUT)
@@ -213,7 +229,7 @@ class TokenProducer(Plugin):
         timeout = self.mm_timeout if _has_content_parts(request.body) else self.timeout
         try:
             if self.token_backend in _REMOTE and self.renderer is not None:
-                rendered = await asyncio.wait_for(self.renderer.render(request, self.render_model, timeout), timeout)
+                rendered = await asyncio.wait_for(self._render(self.renderer, request, timeout), timeout)
                 ids = rendered.token_ids
                 if rendered.media_hashes is not None:
                     request.media_hashes = rendered.media_hashes
@@ -234,6 +250,12 @@ class TokenProducer(Plugin):
             self._fallback(type(e).__name__, str(e) or type(e).__name__)
             return
         request.prompt_token_ids = ids
+
+    async def _render(self, renderer: Renderer, request: InferenceRequest, timeout: float) -> Rendered:
+        if self._slots is None:
+            return await renderer.render(request, self.render_model, timeout)
+        async with self._slots:  # a free worker first (the wait counts in the timeout, as in llm-d's queue)
+            return await renderer.render(request, self.render_model, timeout)
 
     def _fallback(self, reason: str, detail: str) -> None:
         first = reason not in self.fallbacks
@@ -266,10 +288,11 @@ class LegacyTokenizer(TokenProducer):
 _UDS = "udsTokenizerConfig"
 
 
-def _uds_settings(p: Params) -> Callable[[str], UdsTokenizerTarget]:
-    """udsTokenizerConfig's fields (llm-d-kv-cache's UdsTokenizerConfig: socketFile, useTCP,
-    modelTokenizerMap), read; checked, for a modelName, by the target it gives once the backend is chosen."""
-    uds = p.section(_UDS)
+def _uds_settings(p: Params, key: str) -> Callable[[str], UdsTokenizerTarget]:
+    """`key`'s fields, llm-d-kv-cache's UdsTokenizerConfig (socketFile, useTCP, modelTokenizerMap): the
+    token-producer's udsTokenizerConfig and the legacy pool's uds. Read now; checked, for a modelName, by
+    the target it gives once the backend is chosen."""
+    uds = p.section(key)
     socket_file = uds.string("socketFile", "") or ""
     use_tcp = uds.flag("useTCP", False)
     mapped = uds.given("modelTokenizerMap")
@@ -282,22 +305,47 @@ def _uds_settings(p: Params) -> Callable[[str], UdsTokenizerTarget]:
 
     def target(model: str) -> UdsTokenizerTarget:
         if not socket_file:
-            raise ParameterError(f"{_UDS}.socketFile", "is required: the tokenizer sidecar's socket, e.g. /tmp/tokenizer/tokenizer-uds.socket "
-                                                       "(llm-d ignores a udsTokenizerConfig without one)")  # fmt: skip
+            llmd = f"llm-d ignores a {key} without one" if key == _UDS else "llm-d refuses a pool without one"
+            raise ParameterError(uds.path("socketFile"), f"is required: the tokenizer sidecar's socket, e.g. /tmp/tokenizer/tokenizer-uds.socket ({llmd})")
         if use_tcp:
             host, _, port = socket_file.rpartition(":")
             if not host or not port.isdigit():
-                raise ParameterError(f"{_UDS}.socketFile", f"with useTCP: true, expected host:port, got {shown(socket_file)}")
+                raise ParameterError(uds.path("socketFile"), f"with useTCP: true, expected host:port, got {shown(socket_file)}")
         sent = model
         if mapped:  # as llm-d-kv-cache: the model's entry, a folder or a tokenizer.json (then its folder)
             if model not in tokenizer_map:
                 known = ", ".join(sorted(tokenizer_map)) or "nothing"
-                raise ParameterError(f"{_UDS}.modelTokenizerMap", f"has no entry for modelName {shown(model)}; it maps {known}")
+                raise ParameterError(uds.path("modelTokenizerMap"), f"has no entry for modelName {shown(model)}; it maps {known}")
             path = PurePosixPath(tokenizer_map[model])
             sent = str(path.parent) if path.name == "tokenizer.json" else str(path)
         return UdsTokenizerTarget(socket_file, use_tcp, sent)
 
     return target
+
+
+def tokenizers_pool(name: str, p: Params) -> TokenProducer:
+    """llm-d's deprecated tokenization pool, read from its config `p` (llm-d-kv-cache's tokenization.Config:
+    the old precise-prefix-cache-scorer's `indexerConfig.tokenizersPoolConfig`), as the token-producer it
+    implies: the uds backend, for `modelName`, at most `workersCount` calls in flight (llm-d's worker
+    goroutines; 0 or left out: llm-d-kv-cache's default, 5), within llm-d's 400 ms budget."""
+    where = p.prefix.rstrip(".")
+    model = p.string("modelName", "") or ""
+    workers = p.integer("workersCount", 0, minimum=0) or POOL_WORKERS
+    p.effective["workersCount"] = workers
+    uds = _uds_settings(p, "uds")
+    gone = ("tokenizer was removed with llm-d-kv-cache's embedded tokenizers (0.8) and llm-d 0.10 refuses the field; null "
+            "(off, as the guides write it) loads. Tokenize with the sidecar (uds) or a token-producer")  # fmt: skip
+    p.refused("hf", f"the pool's HuggingFace (download) {gone} (vllm)")
+    p.refused("local", f"the pool's local-files {gone} (local.tokenizer: a tokenizer folder)")
+    if not model:
+        raise ParameterError(p.path("modelName"), "is required: the model whose tokenizer the sidecar loads (as llm-d)")
+    if not p.given("uds"):
+        raise ParameterError(p.path("uds"), "is required: the tokenizer sidecar's socket (uds: {socketFile: ...}); llm-d's pool "
+                                            "has no other tokenizer")  # fmt: skip
+    p.warnings.append(f"{where} is deprecated in llm-d (its legacy tokenization pool): configure a {TokenProducer.type} (vllm, "
+                      f"or {_UDS} for the same sidecar) instead; meanwhile it tokenizes what no {TokenProducer.type} did")  # fmt: skip
+    return TokenProducer(name, backend="uds", model_name=model, uds=uds(model), timeout=POOL_TIMEOUT, mm_timeout=POOL_TIMEOUT,
+                         concurrency=workers)  # fmt: skip
 
 
 def pretokenized(body: Mapping[str, Any]) -> list[int] | None:

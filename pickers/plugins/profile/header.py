@@ -7,6 +7,11 @@ value trimmed and matched exactly); a missing or blank header runs `defaultProfi
 A value naming no profile, or a missing header when `defaultProfile` is not a profile either, is
 refused with 400 and the reason (llm-d answers these 429 without a reason, which its README calls
 misleading). The named profile's pick is the destination; nothing else is added to the request.
+
+`header-phase-profile-handler` is the same handler under the name it had in llm-d-router PR #2134 before
+it merged (renamed with its default header `EPP-Phase` -> `EPP-Profile`; no llm-d release registers
+it). llm-d's coordinator guides built on that PR's image name it, and their coordinator sends
+`EPP-Phase`, so under the old name the default header stays `EPP-Phase`; it loads with a warning.
 """
 
 from __future__ import annotations
@@ -25,16 +30,18 @@ from pickers.framework.types import (
 from pickers.plugins.base import Plugin, PluginContext
 
 DEFAULT_HEADER = "EPP-Profile"
+PHASE_HEADER = "EPP-Phase"  # the pre-release header-phase-profile-handler's default
 DEFAULT_PROFILE = "decode"
 
 
 class HeaderProfileHandler(Plugin):
     type = "header-profile-handler"
+    default_header = DEFAULT_HEADER
 
-    def __init__(self, name: str = "header-profile-handler", *, header: str = DEFAULT_HEADER, default_profile: str = DEFAULT_PROFILE) -> None:
-        self.name = name
+    def __init__(self, name: str | None = None, *, header: str = "", default_profile: str = DEFAULT_PROFILE) -> None:
+        self.name = name or self.type
         # as llm-d: both trimmed, an empty one means the default; header names are lowercase at the EPP
-        self.header = header.strip().lower() or DEFAULT_HEADER.lower()
+        self.header = header.strip().lower() or self.default_header.lower()
         self.default_profile = default_profile.strip() or DEFAULT_PROFILE
         self.bind_warnings: list[str] = []  # the loader reports them with the plugin's
 
@@ -42,7 +49,7 @@ class HeaderProfileHandler(Plugin):
     def from_config(cls, name: str, p: Params, ctx: PluginContext) -> HeaderProfileHandler:
         handler = cls(
             name,
-            header=p.string("headerName", DEFAULT_HEADER) or "",
+            header=p.string("headerName", cls.default_header) or "",
             default_profile=p.string("defaultProfile", DEFAULT_PROFILE) or "",
         )
         p.effective["headerName"] = handler.header
@@ -88,3 +95,20 @@ class HeaderProfileHandler(Plugin):
 
     def _wanted(self, request: InferenceRequest) -> str:
         return request.headers.get(self.header, "").strip() or self.default_profile
+
+
+class HeaderPhaseProfileHandler(HeaderProfileHandler):
+    """The pre-release name of header-profile-handler: the same parameters, default header EPP-Phase."""
+
+    type = "header-phase-profile-handler"
+    default_header = PHASE_HEADER
+
+    @classmethod
+    def from_config(cls, name: str, p: Params, ctx: PluginContext) -> HeaderProfileHandler:
+        handler = super().from_config(name, p, ctx)
+        p.warnings.append(
+            f"plugin type {cls.type} is the pre-release name of {HeaderProfileHandler.type} (llm-d-router PR #2134, "
+            f"renamed before it merged, with its default header {PHASE_HEADER} -> {DEFAULT_HEADER}); loaded as "
+            f"{HeaderProfileHandler.type} with headerName {shown(handler.header)}"
+        )
+        return handler

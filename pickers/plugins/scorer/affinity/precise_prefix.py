@@ -6,7 +6,10 @@ One implementation, configured two ways:
   `kvEventsConfig`, `speculativeIndexing`): the match for a `prefix-cache-scorer` that names it in
   `prefixMatchInfoProducerName`; the request's tokens come from the config's `token-producer`.
 - `precise-prefix-cache-scorer` (llm-epp's shape: `tokenizer`, `kvEventsPort`, ...): the same match,
-  scored by the plugin itself, which tokenizes the request with its own tokenizer.
+  scored by the plugin itself, which tokenizes the request with its own tokenizer. In llm-d's shape
+  (deprecated there) it reads the token-producer's tokens; with `indexerConfig.tokenizersPoolConfig`,
+  llm-d's legacy tokenization pool, it also brings a token-producer of its own (the uds backend, built
+  by pickers.plugins.producer.tokens.tokenizers_pool), asked for what the config's gave no ids.
 
 The tokens are cut into each engine's blocks (its block size comes from its events), keyed like
 `pickers.indexes.kv_blocks`, and matched against the index the plugin owns. The EPP
@@ -38,7 +41,7 @@ from pickers.indexes.kv_blocks import (
     request_keys,
 )
 from pickers.indexes.tokenization import RequestTokenizer, Tokenizer, load_tokenizer
-from pickers.plugins.base import Plugin, PluginContext, TokenSource
+from pickers.plugins.base import Plugin, PluginContext, TokenPoolFactory, TokenSource
 
 DEFAULT_BLOCK_SIZE = 16  # until an endpoint's events tell its real block size (vLLM's default, llm-d's too)
 MAX_BLOCKS = 256
@@ -56,6 +59,10 @@ LLMD_MAX_TOKENS = DEFAULT_BLOCK_SIZE * 8192  # the producer matches the whole pr
 ENGINE_TYPES = ("vllm", "sglang")  # llm-d's engineType: the engines whose KV events are decoded
 CPU_TIER = "cpu"  # the medium a P2P pull is served from (vLLM's OffloadingConnector CPU tier)
 TOKEN_PRODUCER = "token-producer"
+TOKENIZERS_POOL = "tokenizersPoolConfig"
+# llm-d's words, logged each time its factory builds the scorer
+SCORER_DEPRECATION = ("DEPRECATION: precise-prefix-cache-scorer is deprecated; configure precise-prefix-cache-producer + "
+                      "prefix-cache-scorer with prefixMatchInfoProducerName: precise-prefix-cache-producer")  # fmt: skip
 _LEGACY_SHAPE = ("tokenProcessorConfig", "indexerConfig", "kvEventsConfig", "speculativeIndexing", "speculativeTTL")
 
 
@@ -70,7 +77,8 @@ class PrecisePrefixCacheProducer(Plugin):
       keys are internal to the EPP (ours are xxh64 either way), so it changes no routing.
     - `indexerConfig.kvBlockIndexConfig.inMemoryConfig`: `size` (1e8) distinct keys at most,
       `podCacheSize` (10) endpoints per key, the least recently stored dropped first. Redis and
-      cost-aware indexes and `tokenizersPoolConfig` are refused with the reason. `enableMetrics`
+      cost-aware indexes and `tokenizersPoolConfig` (as llm-d: only its old scorer takes the pool)
+      are refused with the reason. `enableMetrics`
       (false) counts llm-d's kvblock index metrics (`index.metrics`, exported by the EPP);
       `metricsLoggingInterval` (0: off; nanoseconds, as llm-d's, or a duration like "1m") has the EPP
       log them at that interval, only with `enableMetrics` (as llm-d).
@@ -304,7 +312,9 @@ class _CycleMatch:
 class PrecisePrefixCacheScorer(PrecisePrefixCacheProducer):
     """precise-prefix-cache-scorer: the precise match, scored (leading blocks held / blocks in the
     prompt). llm-epp's shape tokenizes with the plugin's own `tokenizer`; llm-d's (the producer's
-    parameters, deprecated in llm-d for producer + prefix-cache-scorer) reads the token-producer's."""
+    parameters, deprecated in llm-d for producer + prefix-cache-scorer) reads the token-producer's,
+    and with `indexerConfig.tokenizersPoolConfig` brings its own (`token_pool`, `implied_producers`):
+    as llm-d's legacy pool, it tokenizes a request only when no token-producer gave it ids."""
 
     type = "precise-prefix-cache-scorer"
     category = "affinity"
@@ -320,6 +330,7 @@ class PrecisePrefixCacheScorer(PrecisePrefixCacheProducer):
         max_blocks: int = MAX_BLOCKS,
         subscribe: bool = True,
         kv_events_port: int = DEFAULT_KV_EVENTS_PORT,
+        token_pool: TokenSource | None = None,
         **llmd: Any,
     ) -> None:
         subscribe = llmd.pop("discover_pods", subscribe)
@@ -328,15 +339,15 @@ class PrecisePrefixCacheScorer(PrecisePrefixCacheProducer):
             kv_events_port=kv_events_port, topic_filter=llmd.pop("topic_filter", ""), **llmd,
         )  # fmt: skip
         self.tokenize = RequestTokenizer(tokenizer, tokenize_budget) if tokenizer is not None else None
+        # the token-producer its tokenizersPoolConfig implies (llm-d's legacy pool); a reload that keeps
+        # this scorer keeps it too (the copy shares it), with the client the EPP wired
+        self.token_pool = token_pool
 
     @classmethod
     def from_config(cls, name: str, p: Params, ctx: PluginContext) -> PrecisePrefixCacheScorer:
         if any(p.given(k) for k in _LEGACY_SHAPE) and not p.given("tokenizer"):
-            p.warnings.append(
-                f"{cls.type} with {PrecisePrefixCacheProducer.type}'s parameters is deprecated in llm-d: configure "
-                f"a {PrecisePrefixCacheProducer.type} and a prefix-cache-scorer with prefixMatchInfoProducerName"
-            )
-            return cls(None, name, **llmd_settings(p))
+            p.warnings.append(SCORER_DEPRECATION)
+            return cls(None, name, **llmd_settings(p, ctx.tokenizers_pool, f"{name}/{TOKENIZERS_POOL}"))
         spec = p.string("tokenizer", required=True)
         assert spec is not None
         try:
@@ -357,12 +368,17 @@ class PrecisePrefixCacheScorer(PrecisePrefixCacheProducer):
         )  # fmt: skip
 
     def bind_config(self, plugins: Mapping[str, object], profiles: Mapping[str, Any], handler: object) -> None:
-        if self.tokenize is None:
+        if self.tokenize is None and self.token_pool is None:
             super().bind_config(plugins, profiles, handler)
+
+    def implied_producers(self) -> tuple[object, ...]:
+        """The token-producer of its tokenizersPoolConfig, for the config to run after its own
+        (pickers.plugins.base.ImpliesProducers)."""
+        return () if self.token_pool is None else (self.token_pool,)
 
     @property
     def real_tokens(self) -> bool:
-        return self.tokenize is not None or super().real_tokens
+        return self.tokenize is not None or self.token_pool is not None or super().real_tokens
 
     def tokens(self, request: InferenceRequest, max_tokens: int) -> Sequence[int]:
         if self.tokenize is None:
@@ -374,8 +390,10 @@ class PrecisePrefixCacheScorer(PrecisePrefixCacheProducer):
         return [(held / total if total else 0.0) for held, total in (m[ep.address] for ep in endpoints)]
 
 
-def llmd_settings(p: Params) -> dict[str, Any]:
-    """llm-d's precise-prefix-cache-producer parameters, read into the producer's settings."""
+def llmd_settings(p: Params, tokenizers_pool: TokenPoolFactory | None = None, pool_name: str = "") -> dict[str, Any]:
+    """llm-d's precise-prefix-cache-producer parameters, read into the producer's settings. With
+    `tokenizers_pool` (the old scorer's), `indexerConfig.tokenizersPoolConfig` is read too: its
+    token-producer, named `pool_name`, is `token_pool`; without, it is refused, as llm-d's producer does."""
     tp = p.section("tokenProcessorConfig")
     legacy = tp.integer("blockSize", 0, minimum=0)
     if legacy:
@@ -391,8 +409,12 @@ def llmd_settings(p: Params) -> dict[str, Any]:
     tp.effective["hashAlgorithm"] = algorithm
 
     ix = p.section("indexerConfig")
-    ix.refused("tokenizersPoolConfig", "this producer reads the request's tokens from a token-producer (as in llm-d, "
-               "which refuses it here too); configure a token-producer")  # fmt: skip
+    pool: dict[str, TokenSource] = {}
+    if tokenizers_pool is not None and ix.given(TOKENIZERS_POOL):
+        pool["token_pool"] = tokenizers_pool(pool_name, ix.section(TOKENIZERS_POOL))
+    else:  # null loads as left out, as in llm-d
+        ix.refused(TOKENIZERS_POOL, "this producer reads the request's tokens from a token-producer (as in llm-d, which "
+                   "refuses it here too; only its deprecated precise-prefix-cache-scorer takes the pool); configure a token-producer")  # fmt: skip
     kbi = ix.section("kvBlockIndexConfig")
     kbi.refused("redisConfig", "the index is kept in memory, one per EPP replica; there is no Redis backend")
     kbi.refused("costAwareMemoryConfig", "only the in-memory index (inMemoryConfig: size in keys) is implemented")
@@ -466,6 +488,7 @@ def llmd_settings(p: Params) -> dict[str, Any]:
         "dp_size_local": local,
         "dp_size_total": total,
         "engine": engine,
+        **pool,
     }
 
 
