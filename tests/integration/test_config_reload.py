@@ -80,7 +80,11 @@ def test_a_config_edit_under_load_changes_the_routing_and_drops_no_request(tmp_p
         after = [_served_by(s.base_url, prompt) for _ in range(6)]
         assert len(set(after[1:])) == 1  # prefix affinity: once seen, the prompt sticks to one endpoint
 
-        config.write_text("plugins: [broken\n")  # a bad edit: the last good config keeps serving
+        # a bad edit: the last good config keeps serving. Written whole and renamed over the file, as editors
+        # and ConfigMap updates do, so the 100 ms reloader never reads it half-written (a second error)
+        staged = config.with_suffix(".new")
+        staged.write_text("plugins: [broken\n")
+        staged.replace(config)
         deadline = time.monotonic() + 20
         while not _config_state(s.epp_admin_port)["config_reload"]["last_error"]:
             assert time.monotonic() < deadline
