@@ -252,7 +252,7 @@ async def test_a_hanging_sidecar_costs_the_pool_its_400ms_budget_then_the_estima
         req = completion("y" * 40)
         await asyncio.wait_for(tps[0].prepare(req), 5.0)
         assert req.prompt_token_ids is None and tps[0].fallbacks == {"timeout": 1}
-        assert sidecar.deadlines[0] <= POOL_TIMEOUT  # the call's own deadline is the budget
+        assert sidecar.deadlines[0] < 2 * POOL_TIMEOUT < 5.0  # the call's own deadline is the budget (gRPC rounds it up a little), not the 5s text timeout
     finally:
         await closed(tps)
 
