@@ -112,7 +112,7 @@ def _pick(p, request, endpoints, chosen):
     cycle = CycleState()
     s = p.score(request, cycle, endpoints)
     p.pre_request(request, cycle, SchedulingResult([chosen]))
-    return s
+    return list(s)
 
 
 def test_prefix_cache_scorer_is_matched_over_total_blocks():
