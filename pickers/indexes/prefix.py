@@ -12,12 +12,14 @@ a match that follows one endpoint without set arithmetic, a record that reuses t
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
+from collections.abc import Sequence
 
+import numpy as np
 import xxhash
 
 from pickers.framework.histogram import Histogram
 from pickers.framework.request import CHARS_PER_TOKEN
+from pickers.indexes.block_table import BlockTable
 
 BLOCK_TOKENS = 16
 BLOCK_CHARS = BLOCK_TOKENS * CHARS_PER_TOKEN  # 64 characters of prompt
@@ -55,119 +57,367 @@ def block_hashes(
     return out
 
 
+class _Lru:
+    """One endpoint's blocks in recency order without an object per block: a queue of rows (oldest at
+    `head`) with the time each was recorded. Recording a held block again appends it anew; the row's
+    holder slot keeps the queue position of its latest element, so older ones are skipped as stale."""
+
+    __slots__ = ("eid", "rows", "times", "head", "tail", "live", "capacity")
+
+    def __init__(self, eid: int) -> None:
+        self.eid = eid
+        self.rows = np.zeros(64, dtype=np.int32)
+        self.times = np.zeros(64, dtype=np.float32)  # seconds since the index's epoch
+        self.head = self.tail = 0
+        self.live = 0  # blocks held (valid elements between head and tail)
+        self.capacity = 0  # 0: the index's default
+
+
+# the per-block columns: two holders inline (endpoint id and its queue position), the block that
+# followed it when it was new and how many distinct ones did (0: none, 1: `nxt`, 2: a set in _fanout)
+_COLUMNS = {"ep": (np.int16, 2, -1), "pos": (np.int32, 2, -1), "nxt": (np.uint64, 1, 0), "fan": (np.int8, 1, 0)}
+MAX_ENDPOINTS = 32_767  # endpoint ids are int16
+
+
+def _keys(hashes: Sequence[int]) -> np.ndarray:
+    try:
+        return np.array(hashes, dtype=np.uint64)
+    except OverflowError:  # a negative or wider int (not a block hash): its low 64 bits
+        return np.array([h & 0xFFFFFFFFFFFFFFFF for h in hashes], dtype=np.uint64)
+
+
+def _bit_ids(bits: int) -> list[int]:
+    out = []
+    while bits:
+        low = bits & -bits
+        out.append(low.bit_length() - 1)
+        bits ^= low
+    return out
+
+
 class ApproxPrefixIndex:
     """block hash -> endpoints that hold it, plus one LRU of hashes per endpoint (each with the time it
     was last recorded there), plus the fan-out of shared prefixes: for a block where prompts went on
-    differently, the distinct blocks that followed it (a system prompt many conversations continue)."""
+    differently, the distinct blocks that followed it (a system prompt many conversations continue).
+
+    Compact: blocks are rows of numpy columns (pickers.indexes.block_table) holding up to two holders
+    inline; a block held by more endpoints keeps the others in a small dict (and their bitset), which
+    only shared prefixes need. About 40 bytes per (endpoint, block) entry (bench/scale.py), none of
+    them Python objects the garbage collector walks. Endpoints are small integer ids inside; the API
+    speaks addresses."""
 
     def __init__(self, default_capacity: int = DEFAULT_CAPACITY) -> None:
         self.default_capacity = default_capacity
-        self._holders: dict[int, set[str]] = {}
-        self._lru: dict[str, OrderedDict[int, float]] = {}
-        self._capacity: dict[str, int] = {}
-        # block -> the blocks recorded right after it: one int until a prompt leaves what the pool
-        # held right after this block in a second way, then a set (capped at MAX_FANOUT)
-        self._next: dict[int, int | set[int]] = {}
+        self._t = BlockTable(_COLUMNS)
+        self._ep = self._t.columns["ep"]
+        self._pos = self._t.columns["pos"]
+        self._lru: dict[str, _Lru] = {}
+        self._addr: list[str | None] = []  # endpoint id -> address (None: free)
+        self._free_ids: list[int] = []
+        # row -> {endpoint id: queue position} of holders past the two inline ones, and their bitset
+        self._more: dict[int, dict[int, int]] = {}
+        self._more_bits: dict[int, int] = {}
+        self._fanout: dict[int, set[int]] = {}  # row -> distinct continuations (fan == 2)
+        self._epoch: float | None = None
+        self._ids_version = 0  # bumped when an endpoint id is given out or freed
         self.hit_ratio = Histogram(HIT_RATIO_BUCKETS)  # one observation per lookup of a prompt of >= 1 block
+
+    def _columns(self) -> None:
+        self._ep = self._t.columns["ep"]
+        self._pos = self._t.columns["pos"]
+
+    # -- lookups -------------------------------------------------------------------------------
+    def _walk(self, hashes: Sequence[int]) -> tuple[dict[int, int], int]:
+        """(endpoint id -> leading blocks it holds, where the walk stopped): the walk stops at the first
+        block none of the endpoints holding every block so far holds."""
+        rows = self._t.find(_keys(hashes))
+        missing = np.flatnonzero(rows < 0)
+        m = int(missing[0]) if missing.size else len(rows)
+        if not m:
+            return {}, 0
+        rows = rows[:m]
+        holders = self._ep[rows].tolist()
+        more = self._more_bits
+        extra = [more.get(r, 0) for r in rows.tolist()] if more else None
+        counts: dict[int, int] = {}
+        active = 0
+        i = 0
+        for i in range(m):
+            a, b = holders[i]
+            bits = (1 << a if a >= 0 else 0) | (1 << b if b >= 0 else 0)
+            if extra is not None:
+                bits |= extra[i]
+            if i == 0:
+                active = bits
+                continue
+            dropped = active & ~bits
+            if dropped:
+                for e in _bit_ids(dropped):  # they held blocks 0..i-1
+                    counts[e] = i
+                active &= bits
+                if not active:
+                    return counts, i
+        for e in _bit_ids(active):
+            counts[e] = m
+        return counts, m
 
     def match(self, hashes: list[int]) -> dict[str, int]:
         """Leading blocks held per endpoint; the walk stops at the first block none of the leaders holds."""
-        counts: dict[str, int] = {}
         n = len(hashes)
         if not n:
-            return counts
-        get = self._holders.get
-        first = get(hashes[0])
-        if not first:
-            self.hit_ratio.observe(0.0)
-            return counts
-        active = set(first)  # the endpoints holding every block so far
-        i = 1
-        while i < n and len(active) > 1:
-            holders = get(hashes[i])
-            if not holders:
-                break
-            if not active <= holders:
-                for addr in active - holders:  # they held blocks 0..i-1
-                    counts[addr] = i
-                active &= holders
-                if not active:
-                    break
-            i += 1
-        if len(active) == 1 and i < n:  # one endpoint left: follow it, a membership test per block
-            (addr,) = active
-            empty: frozenset[str] = frozenset()
-            while i < n and addr in get(hashes[i], empty):
-                i += 1
-        for addr in active:
-            counts[addr] = i
-        self.hit_ratio.observe(i / n)
-        return counts
+            return {}
+        counts, walked = self._walk(hashes)
+        self.hit_ratio.observe(walked / n)
+        addr = self._addr
+        return {addr[e]: c for e, c in counts.items()}  # type: ignore[misc]
+
+    def endpoint_ids(self, addresses: Sequence[str]) -> np.ndarray:
+        """The index's ids of these endpoints (-1: holds nothing), for `match_lengths`; valid until an
+        endpoint is added or removed (`ids_version` changes)."""
+        get = self._lru.get
+        return np.fromiter(((lru.eid if (lru := get(a)) is not None else -1) for a in addresses), np.intp, len(addresses))
+
+    @property
+    def ids_version(self) -> int:
+        return self._ids_version
+
+    def match_lengths(self, hashes: list[int], ids: np.ndarray | None = None) -> np.ndarray:
+        """`match` for every endpoint at once: the leading blocks each holds, indexed by endpoint id
+        (`ids`: these endpoints' ids from `endpoint_ids`, in their order; -1 reads 0)."""
+        lengths = np.zeros(len(self._addr) + 1, dtype=np.int64)  # the last one: ids of -1
+        n = len(hashes)
+        if n:
+            counts, walked = self._walk(hashes)
+            self.hit_ratio.observe(walked / n)
+            if counts:
+                lengths[list(counts)] = list(counts.values())
+        return lengths[:-1] if ids is None else lengths[ids]
+
+    def holds(self, address: str, h: int) -> bool:
+        """Whether the endpoint holds this block."""
+        lru = self._lru.get(address)
+        row = int(self._t.find(_keys([h]))[0])
+        if lru is None or row < 0:
+            return False
+        e = lru.eid
+        return e in self._ep[row].tolist() or e in self._more.get(row, ())
+
+    # -- recording -----------------------------------------------------------------------------
+    def _endpoint(self, address: str) -> _Lru:
+        lru = self._lru.get(address)
+        if lru is None:
+            if self._free_ids:
+                eid = self._free_ids.pop()
+                self._addr[eid] = address
+            else:
+                eid = len(self._addr)
+                if eid > MAX_ENDPOINTS:
+                    raise ValueError(f"the prefix index tracks at most {MAX_ENDPOINTS + 1} endpoints")
+                self._addr.append(address)
+            lru = self._lru[address] = _Lru(eid)
+            self._ids_version += 1
+        return lru
 
     def record(self, address: str, hashes: list[int], capacity: int | None = None, now: float | None = None) -> None:
         """The endpoint now holds these blocks. The first block is made the most recent, as vLLM frees a
         request's blocks tail first: a full LRU evicts a prompt's tail before its head, so what stays
         still matches as a prefix. Where the prompt leaves what the pool held, the block it continues
         from counts one more distinct continuation (hashes chain, so that is the only new one)."""
-        lru = self._lru.get(address)
-        if lru is None:
-            lru = self._lru[address] = OrderedDict()
+        lru = self._endpoint(address)
         if capacity:
-            self._capacity[address] = capacity
-        cap = self._capacity.get(address, self.default_capacity)
+            lru.capacity = capacity
         t = time.monotonic() if now is None else now
-        holders = self._holders
-        move = lru.move_to_end
-        nxt = self._next
-        frontier = -1
-        for i in range(len(hashes) - 1, -1, -1):
-            h = hashes[i]
-            if h in lru:
-                move(h)
-                lru[h] = t
-            else:
-                lru[h] = t
-                s = holders.get(h)
-                if s is None:
-                    holders[h] = {address}
-                    frontier = i
-                    if i + 1 < len(hashes):
-                        nxt[h] = hashes[i + 1]  # new to the pool: its one continuation so far
-                else:
-                    s.add(address)
-        if frontier > 0:
-            self._continued(hashes[frontier - 1], hashes[frontier])
-        over = len(lru) - cap
+        if self._epoch is None:
+            self._epoch = t
+        if hashes:
+            if len(set(hashes)) != len(hashes):  # (chained hashes never repeat) keep each first one
+                hashes = list(dict.fromkeys(hashes))
+            self._record(lru, _keys(hashes), t - self._epoch)
+        over = lru.live - (lru.capacity or self.default_capacity)
         if over > 0:
-            pop = lru.popitem
-            for _ in range(over):
-                old, _ = pop(last=False)
-                s = holders[old]
-                s.discard(address)
-                if not s:
-                    del holders[old]
-                    self._next.pop(old, None)
+            self._evict(lru, over)
 
-    def _continued(self, block: int, after: int) -> None:
-        seen = self._next.get(block)
-        if seen is None:
-            self._next[block] = after
-        elif isinstance(seen, int):
-            if seen != after:
-                self._next[block] = {seen, after}
-        elif len(seen) < MAX_FANOUT:
-            seen.add(after)
+    def _record(self, lru: _Lru, keys: np.ndarray, t: float) -> None:
+        n = len(keys)
+        table = self._t
+        rows = table.find(keys)
+        new = np.flatnonzero(rows < 0)
+        if new.size:
+            rows[new] = table.add(keys[new])
+            self._columns()
+            cols = table.columns
+            followed = new[new + 1 < n]  # new to the pool: its one continuation so far
+            cols["nxt"][rows[followed]] = keys[followed + 1]
+            cols["fan"][rows[followed]] = 1
+            frontier = int(new[0])
+            if frontier > 0:
+                self._continued(int(rows[frontier - 1]), int(keys[frontier]))
+        self._make_room(lru, n)
+        # appended last block first, so the first block is the most recent
+        base = lru.tail
+        lru.rows[base : base + n] = rows[::-1]
+        lru.times[base : base + n] = t
+        lru.tail += n
+        pos = (base + n - 1) - np.arange(n, dtype=np.int32)
+        e = lru.eid
+        ep, ps = self._ep, self._pos
+        held = ep[rows]
+        in0, in1 = held[:, 0] == e, held[:, 1] == e
+        ps[rows[in0], 0] = pos[in0]
+        ps[rows[in1], 1] = pos[in1]
+        rest = np.flatnonzero(~(in0 | in1))
+        if not rest.size:
+            return
+        more = self._more
+        if more:  # held past the inline slots: a new position there
+            todo = []
+            for i, r in zip(rest.tolist(), rows[rest].tolist()):
+                extra = more.get(r)
+                if extra is not None and e in extra:
+                    extra[e] = int(pos[i])
+                else:
+                    todo.append(i)
+            rest = np.array(todo, dtype=np.intp)
+        lru.live += len(rest)
+        r = rows[rest]
+        free0 = ep[r, 0] < 0
+        ep[r[free0], 0] = e
+        ps[r[free0], 0] = pos[rest[free0]]
+        rest, r = rest[~free0], r[~free0]
+        free1 = ep[r, 1] < 0
+        ep[r[free1], 1] = e
+        ps[r[free1], 1] = pos[rest[free1]]
+        rest, r = rest[~free1], r[~free1]
+        for i, row in zip(rest.tolist(), r.tolist()):  # a third holder or more: a shared prefix
+            more.setdefault(row, {})[e] = int(pos[i])
+            self._more_bits[row] = self._more_bits.get(row, 0) | (1 << e)
 
+    def _continued(self, row: int, after: int) -> None:
+        cols = self._t.columns
+        fan = cols["fan"]
+        if fan[row] == 0:
+            cols["nxt"][row] = after
+            fan[row] = 1
+        elif fan[row] == 1:
+            if int(cols["nxt"][row]) != after:
+                self._fanout[row] = {int(cols["nxt"][row]), after}
+                fan[row] = 2
+        else:
+            seen = self._fanout[row]
+            if len(seen) < MAX_FANOUT:
+                seen.add(after)
+
+    # -- the queues ----------------------------------------------------------------------------
+    def _valid(self, lru: _Lru, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For the queue elements start..stop: (valid, in inline slot 0, in inline slot 1)."""
+        rows = lru.rows[start:stop]
+        at = np.arange(start, stop, dtype=np.int32)
+        e = lru.eid
+        held, pos = self._ep[rows], self._pos[rows]
+        v0 = (held[:, 0] == e) & (pos[:, 0] == at)
+        v1 = (held[:, 1] == e) & (pos[:, 1] == at)
+        valid = v0 | v1
+        more = self._more
+        if more:
+            for i in np.flatnonzero(~valid).tolist():
+                extra = more.get(int(rows[i]))
+                if extra is not None and extra.get(e) == start + i:
+                    valid[i] = True
+        return valid, v0, v1
+
+    def _make_room(self, lru: _Lru, n: int) -> None:
+        """Room for n more queue elements: stale ones dropped, the queue renumbered (and grown)."""
+        if lru.tail + n <= len(lru.rows):
+            return
+        valid, v0, v1 = self._valid(lru, lru.head, lru.tail)
+        keep_rows = lru.rows[lru.head : lru.tail][valid]
+        keep_times = lru.times[lru.head : lru.tail][valid]
+        slot0, slot1 = v0[valid], v1[valid]
+        live = len(keep_rows)
+        size = len(lru.rows)
+        if live + n > size * 2 // 3:
+            size = max(64, (live + n) * 3 // 2)
+            lru.rows = np.zeros(size, dtype=np.int32)
+            lru.times = np.zeros(size, dtype=np.float32)
+        lru.rows[:live] = keep_rows
+        lru.times[:live] = keep_times
+        lru.head, lru.tail = 0, live
+        at = np.arange(live, dtype=np.int32)
+        self._pos[keep_rows[slot0], 0] = at[slot0]
+        self._pos[keep_rows[slot1], 1] = at[slot1]
+        if self._more:
+            e = lru.eid
+            for i in np.flatnonzero(~(slot0 | slot1)).tolist():
+                self._more[int(keep_rows[i])][e] = i
+
+    def _evict(self, lru: _Lru, over: int) -> None:
+        """Drop the `over` least recent blocks of the endpoint."""
+        while over > 0 and lru.head < lru.tail:
+            stop = min(lru.tail, lru.head + max(2 * over, 64))
+            valid, v0, v1 = self._valid(lru, lru.head, stop)
+            take = np.flatnonzero(valid)[:over]
+            consumed = int(take[-1]) + 1 if len(take) == over else stop - lru.head
+            rows = lru.rows[lru.head : lru.head + consumed][take]
+            self._drop_rows(lru.eid, rows, v0[take], v1[take])
+            lru.head += consumed
+            lru.live -= len(take)
+            over -= len(take)
+
+    def _drop_rows(self, e: int, rows: np.ndarray, in0: np.ndarray, in1: np.ndarray) -> None:
+        """Endpoint `e` no longer holds these blocks (distinct rows); blocks no one holds leave."""
+        ep, ps = self._ep, self._pos
+        ep[rows[in0], 0] = -1
+        ps[rows[in0], 0] = -1
+        ep[rows[in1], 1] = -1
+        ps[rows[in1], 1] = -1
+        more = self._more
+        if more:
+            for r in rows[~(in0 | in1)].tolist():
+                extra = more[r]
+                del extra[e]
+                bits = self._more_bits[r] & ~(1 << e)
+                if extra:
+                    self._more_bits[r] = bits
+                else:
+                    del more[r], self._more_bits[r]
+        held = ep[rows]
+        empty = rows[(held[:, 0] < 0) & (held[:, 1] < 0)]
+        if more and empty.size:
+            empty = np.array([r for r in empty.tolist() if r not in more], dtype=np.int32)
+        if empty.size:
+            fan = self._t.columns["fan"]
+            if self._fanout:
+                for r in empty[fan[empty] == 2].tolist():
+                    del self._fanout[r]
+            self._t.remove(empty)
+
+    def _oldest(self, lru: _Lru) -> float:
+        """The time the endpoint's least recent block was recorded (stale queue heads skipped)."""
+        while lru.head < lru.tail:
+            stop = min(lru.tail, lru.head + 64)
+            valid, _, _ = self._valid(lru, lru.head, stop)
+            first = np.flatnonzero(valid)
+            if first.size:
+                lru.head += int(first[0])
+                return float(lru.times[lru.head]) + (self._epoch or 0.0)
+            lru.head = stop
+        return float("inf")
+
+    # -- what the scorers and the views read ---------------------------------------------------
     def shared_prefix(self, hashes: list[int], upto: int) -> tuple[int, int]:
         """(blocks, fan-out): the longest prefix of these blocks, within the first `upto`, after which
         prompts went on in more than one way, and how many ways (0, 1 when there is none): the part
         of a prompt that other conversations share (a system prompt), not its own history."""
-        nxt = self._next
-        for i in range(min(upto, len(hashes)) - 1, -1, -1):
-            seen = nxt.get(hashes[i])
-            if seen is not None and not isinstance(seen, int):
-                return i + 1, len(seen)
-        return 0, 1
+        k = min(upto, len(hashes))
+        if k <= 0 or not self._fanout:
+            return 0, 1
+        rows = self._t.find(_keys(hashes[:k]))
+        fan = self._t.columns["fan"]
+        branched = np.flatnonzero((rows >= 0) & (fan[np.maximum(rows, 0)] == 2))
+        if not branched.size:
+            return 0, 1
+        i = int(branched[-1])
+        return i + 1, len(self._fanout[int(rows[i])])
 
     def room(self, address: str, blocks: int, now: float, horizon: float) -> bool:
         """Whether `blocks` new blocks fit on the endpoint without evicting a block used within the last
@@ -175,34 +425,34 @@ class ApproxPrefixIndex:
         lru = self._lru.get(address)
         if lru is None:
             return True
-        cap = self._capacity.get(address, self.default_capacity)
-        if len(lru) + blocks <= cap:
+        if lru.live + blocks <= (lru.capacity or self.default_capacity):
             return True
-        return now - next(iter(lru.values())) > horizon
+        return now - self._oldest(lru) > horizon
 
     def remove_endpoint(self, address: str) -> None:
         lru = self._lru.pop(address, None)
-        self._capacity.pop(address, None)
-        if lru:
-            for h in lru:
-                self._drop(h, address)
-
-    def _drop(self, h: int, address: str) -> None:
-        s = self._holders.get(h)
-        if s is not None:
-            s.discard(address)
-            if not s:
-                del self._holders[h]
-                self._next.pop(h, None)
+        if lru is None:
+            return
+        if lru.live:
+            valid, v0, v1 = self._valid(lru, lru.head, lru.tail)
+            rows = lru.rows[lru.head : lru.tail][valid]
+            self._drop_rows(lru.eid, rows, v0[valid], v1[valid])
+        self._addr[lru.eid] = None
+        self._free_ids.append(lru.eid)
+        self._ids_version += 1
 
     def size(self) -> int:
         """Total (endpoint, block) entries held: the bound is the sum of the capacities."""
-        return sum(len(lru) for lru in self._lru.values())
+        return sum(lru.live for lru in self._lru.values())
 
     def bound(self) -> int:
         """The most entries `size` can reach with the endpoints known now (the sum of their capacities)."""
-        return sum(self._capacity.get(a, self.default_capacity) for a in self._lru)
+        return sum(lru.capacity or self.default_capacity for lru in self._lru.values())
 
     def blocks_of(self, address: str) -> int:
         lru = self._lru.get(address)
-        return len(lru) if lru else 0
+        return lru.live if lru else 0
+
+    def nbytes(self) -> int:
+        """The index's arrays (what it holds beyond a few Python objects per endpoint and per shared block)."""
+        return self._t.nbytes() + sum(lru.rows.nbytes + lru.times.nbytes for lru in self._lru.values())

@@ -63,7 +63,7 @@ def hashes_of(scorer: PrefixCacheScorer, prompt: str) -> list[int]:
 def leading_run(index: ApproxPrefixIndex, address: str, hashes: list[int]) -> int:
     n = 0
     for h in hashes:
-        if address not in index._holders.get(h, ()):
+        if not index.holds(address, h):
             break
         n += 1
     return n

@@ -1,0 +1,150 @@
+"""Rows keyed by 64-bit block hashes, in numpy arrays: the compact store under the prefix indexes.
+
+An open-addressing hash table (linear probing, Fibonacci hashing) whose slots hold int32 row numbers
+(-1 empty, -2 deleted); a row's key is kept in the `key` column, so a slot costs 4 bytes. Rows are
+dense, reused through a free stack, and carry the columns the owner declares (say the endpoints
+holding a block). Lookups, inserts and deletes take whole arrays of keys and probe them together,
+so a prompt's blocks cost a few numpy calls, not a Python loop each; nothing allocates a Python
+object per row (the cyclic GC has nothing here to walk).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+_EMPTY, _DELETED = -1, -2
+_FIB = np.uint64(0x9E3779B97F4A7C15)
+_MIN_BITS = 6
+MAX_LOAD = 0.75  # (live + deleted) / slots before the table doubles
+
+
+class BlockTable:
+    """uint64 key -> row, and per-row columns (`columns[name]`: an array of `rows_capacity` rows)."""
+
+    def __init__(self, columns: Mapping[str, tuple[type, int, int]]) -> None:
+        """`columns`: name -> (numpy dtype, width (1: a flat column), value of an unused row)."""
+        self._spec = dict(columns)
+        self._bits = _MIN_BITS
+        self.slots = np.full(1 << self._bits, _EMPTY, dtype=np.int32)
+        self.filled = 0  # live + deleted slots
+        self.used = 0  # live rows
+        rows = 64
+        self.key = np.zeros(rows, dtype=np.uint64)
+        self.columns: dict[str, np.ndarray] = {name: self._column(name, rows) for name in self._spec}
+        self._free = np.zeros(16, dtype=np.int32)  # a stack of freed rows
+        self._nfree = 0
+        self._high = 0  # rows ever handed out (the rest of the arrays is unused)
+
+    def _column(self, name: str, rows: int) -> np.ndarray:
+        dtype, width, fill = self._spec[name]
+        return np.full((rows, width) if width > 1 else rows, fill, dtype=dtype)
+
+    def nbytes(self) -> int:
+        return self.slots.nbytes + self.key.nbytes + self._free.nbytes + sum(c.nbytes for c in self.columns.values())
+
+    # -- lookups -------------------------------------------------------------------------------
+    def _home(self, keys: np.ndarray) -> np.ndarray:
+        return ((keys * _FIB) >> np.uint64(64 - self._bits)).astype(np.intp)
+
+    def find(self, keys: np.ndarray) -> np.ndarray:
+        """The row of each key, -1 where absent."""
+        rows, _ = self._probe(keys)
+        return rows
+
+    def _probe(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row, slot) of each key; -1 for both where absent."""
+        n = len(keys)
+        rows = np.full(n, -1, dtype=np.int32)
+        where = np.full(n, -1, dtype=np.intp)
+        if not n or not self.used:
+            return rows, where
+        slots, key, mask = self.slots, self.key, len(self.slots) - 1
+        idx = np.arange(n)
+        s = self._home(keys)
+        k = keys
+        while idx.size:
+            r = slots[s]
+            hit = r >= 0
+            hit[hit] = key[r[hit]] == k[hit]
+            if hit.any():
+                rows[idx[hit]] = r[hit]
+                where[idx[hit]] = s[hit]
+            more = (r != _EMPTY) & ~hit  # a deleted slot or another key: probe on
+            idx, s, k = idx[more], (s[more] + 1) & mask, k[more]
+        return rows, where
+
+    # -- changes -------------------------------------------------------------------------------
+    def add(self, keys: np.ndarray) -> np.ndarray:
+        """Rows for keys that are not in the table (distinct); their columns hold the unused values."""
+        m = len(keys)
+        if (self.filled + m) > MAX_LOAD * len(self.slots):
+            self._rehash(self.used + m)
+        rows = self._alloc(m)
+        self.key[rows] = keys
+        self._place(keys, rows)
+        self.used += m
+        return rows
+
+    def remove(self, rows: np.ndarray) -> None:
+        """Delete these (live, distinct) rows; their columns go back to the unused values."""
+        if not len(rows):
+            return
+        found, where = self._probe(self.key[rows])
+        self.slots[where] = _DELETED
+        self.used -= len(rows)
+        for name, (_, _, fill) in self._spec.items():
+            self.columns[name][rows] = fill
+        self.key[rows] = 0
+        need = self._nfree + len(rows)
+        if need > len(self._free):
+            self._free = np.concatenate([self._free[: self._nfree], np.zeros(max(need, 2 * len(self._free)) - self._nfree, np.int32)])
+        self._free[self._nfree : need] = rows
+        self._nfree = need
+
+    def _alloc(self, m: int) -> np.ndarray:
+        take = min(m, self._nfree)
+        reused = self._free[self._nfree - take : self._nfree].copy()
+        self._nfree -= take
+        fresh = m - take
+        if self._high + fresh > len(self.key):
+            self._grow_rows(self._high + fresh)
+        rows = np.concatenate([reused, np.arange(self._high, self._high + fresh, dtype=np.int32)]) if fresh else reused
+        self._high += fresh
+        return rows
+
+    def _grow_rows(self, need: int) -> None:
+        size = max(need, len(self.key) * 5 // 4 + 64)  # 1.25x: the slack stays a quarter at most
+        old = len(self.key)
+        self.key = np.concatenate([self.key, np.zeros(size - old, dtype=np.uint64)])
+        for name in self._spec:
+            col = self.columns[name]
+            self.columns[name] = np.concatenate([col, self._column(name, size - old)])
+
+    def _place(self, keys: np.ndarray, rows: np.ndarray) -> None:
+        slots, mask = self.slots, len(self.slots) - 1
+        s = self._home(keys)
+        idx = np.arange(len(keys))
+        while idx.size:
+            cur = slots[s]
+            free = np.flatnonzero(cur < 0)
+            keep = np.ones(idx.size, dtype=bool)
+            if free.size:
+                targets, first = np.unique(s[free], return_index=True)  # one key per slot in this round
+                win = free[first]
+                self.filled += int(np.count_nonzero(slots[targets] == _EMPTY))
+                slots[targets] = rows[idx[win]]
+                keep[win] = False
+            idx, s = idx[keep], (s[keep] + 1) & mask
+
+    def _rehash(self, live: int) -> None:
+        bits = _MIN_BITS
+        while (1 << bits) < 2 * live:  # at most half full after the rehash
+            bits += 1
+        old = self.slots
+        rows = old[old >= 0]
+        self._bits = bits
+        self.slots = np.full(1 << bits, _EMPTY, dtype=np.int32)
+        self.filled = 0
+        self._place(self.key[rows], rows)
