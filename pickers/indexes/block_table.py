@@ -30,6 +30,7 @@ class BlockTable:
         self.slots = np.full(1 << self._bits, _EMPTY, dtype=np.int32)
         self.filled = 0  # live + deleted slots
         self.used = 0  # live rows
+        self.version = 0  # changes with every add and remove: rows found before stay valid until then
         rows = 64
         self.key = np.zeros(rows, dtype=np.uint64)
         self.columns: dict[str, np.ndarray] = {name: self._column(name, rows) for name in self._spec}
@@ -56,14 +57,21 @@ class BlockTable:
     def _probe(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(row, slot) of each key; -1 for both where absent."""
         n = len(keys)
+        if not n or not self.used:
+            return np.full(n, -1, dtype=np.int32), np.full(n, -1, dtype=np.intp)
+        slots, key, mask = self.slots, self.key, len(self.slots) - 1
+        s = self._home(keys)
+        r = slots[s]
+        hit = key[r] == keys  # (a row of -1 reads the last row's key: masked out next)
+        hit &= r >= 0
+        if hit.all():  # the common case: every key at its home slot
+            return r, s
         rows = np.full(n, -1, dtype=np.int32)
         where = np.full(n, -1, dtype=np.intp)
-        if not n or not self.used:
-            return rows, where
-        slots, key, mask = self.slots, self.key, len(self.slots) - 1
-        idx = np.arange(n)
-        s = self._home(keys)
-        k = keys
+        rows[hit], where[hit] = r[hit], s[hit]
+        more = (r != _EMPTY) & ~hit  # a deleted slot or another key: probe on
+        idx = np.flatnonzero(more)
+        s, k = (s[idx] + 1) & mask, keys[idx]
         while idx.size:
             r = slots[s]
             hit = r >= 0
@@ -79,6 +87,7 @@ class BlockTable:
     def add(self, keys: np.ndarray) -> np.ndarray:
         """Rows for keys that are not in the table (distinct); their columns hold the unused values."""
         m = len(keys)
+        self.version += 1
         if (self.filled + m) > MAX_LOAD * len(self.slots):
             self._rehash(self.used + m)
         rows = self._alloc(m)
@@ -91,6 +100,7 @@ class BlockTable:
         """Delete these (live, distinct) rows; their columns go back to the unused values."""
         if not len(rows):
             return
+        self.version += 1
         found, where = self._probe(self.key[rows])
         self.slots[where] = _DELETED
         self.used -= len(rows)

@@ -119,6 +119,7 @@ class ApproxPrefixIndex:
         self._more_bits: dict[int, int] = {}
         self._fanout: dict[int, set[int]] = {}  # row -> distinct continuations (fan == 2)
         self._epoch: float | None = None
+        self._last: tuple[Sequence[int], int, int, np.ndarray, np.ndarray] | None = None  # see _find
         self._ids_version = 0  # bumped when an endpoint id is given out or freed
         self.hit_ratio = Histogram(HIT_RATIO_BUCKETS)  # one observation per lookup of a prompt of >= 1 block
 
@@ -130,7 +131,7 @@ class ApproxPrefixIndex:
     def _walk(self, hashes: Sequence[int]) -> tuple[dict[int, int], int]:
         """(endpoint id -> leading blocks it holds, where the walk stopped): the walk stops at the first
         block none of the endpoints holding every block so far holds."""
-        rows = self._t.find(_keys(hashes))
+        keys, rows = self._find(hashes)
         missing = np.flatnonzero(rows < 0)
         m = int(missing[0]) if missing.size else len(rows)
         if not m:
@@ -160,6 +161,17 @@ class ApproxPrefixIndex:
         for e in _bit_ids(active):
             counts[e] = m
         return counts, m
+
+    def _find(self, hashes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, rows) of these hashes; the last lookup's again when it was of the same list and the
+        table has not changed since (a pick records the blocks its match looked up)."""
+        last = self._last
+        if last is not None and last[0] is hashes and last[1] == self._t.version and last[2] == len(hashes):
+            return last[3], last[4].copy()
+        keys = _keys(hashes)
+        rows = self._t.find(keys)
+        self._last = (hashes, self._t.version, len(hashes), keys, rows)
+        return keys, rows.copy()
 
     def match(self, hashes: list[int]) -> dict[str, int]:
         """Leading blocks held per endpoint; the walk stops at the first block none of the leaders holds."""
@@ -232,15 +244,15 @@ class ApproxPrefixIndex:
         if hashes:
             if len(set(hashes)) != len(hashes):  # (chained hashes never repeat) keep each first one
                 hashes = list(dict.fromkeys(hashes))
-            self._record(lru, _keys(hashes), t - self._epoch)
+            self._record(lru, hashes, t - self._epoch)
         over = lru.live - (lru.capacity or self.default_capacity)
         if over > 0:
             self._evict(lru, over)
 
-    def _record(self, lru: _Lru, keys: np.ndarray, t: float) -> None:
-        n = len(keys)
+    def _record(self, lru: _Lru, hashes: Sequence[int], t: float) -> None:
+        n = len(hashes)
         table = self._t
-        rows = table.find(keys)
+        keys, rows = self._find(hashes)
         new = np.flatnonzero(rows < 0)
         if new.size:
             rows[new] = table.add(keys[new])
