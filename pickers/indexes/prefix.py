@@ -120,6 +120,11 @@ class ApproxPrefixIndex:
         self._fanout: dict[int, set[int]] = {}  # row -> distinct continuations (fan == 2)
         self._epoch: float | None = None
         self._last: tuple[Sequence[int], int, int, np.ndarray, np.ndarray] | None = None  # see _find
+        # room_columns' per-endpoint arrays (blocks held, capacity, oldest block's time) by endpoint id,
+        # and the endpoints recorded since they were last brought up to date
+        self._state = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
+        self._changed: set[str] = set()
+        self._ids_cache: tuple[Sequence[str], int, np.ndarray] | None = None  # endpoint_ids' last answer
         self._ids_version = 0  # bumped when an endpoint id is given out or freed
         self.hit_ratio = Histogram(HIT_RATIO_BUCKETS)  # one observation per lookup of a prompt of >= 1 block
 
@@ -186,8 +191,13 @@ class ApproxPrefixIndex:
     def endpoint_ids(self, addresses: Sequence[str]) -> np.ndarray:
         """The index's ids of these endpoints (-1: holds nothing), for `match_lengths`; valid until an
         endpoint is added or removed (`ids_version` changes)."""
+        last = self._ids_cache
+        if last is not None and last[0] is addresses and last[1] == self._ids_version:
+            return last[2]
         get = self._lru.get
-        return np.fromiter(((lru.eid if (lru := get(a)) is not None else -1) for a in addresses), np.intp, len(addresses))
+        ids = np.fromiter(((lru.eid if (lru := get(a)) is not None else -1) for a in addresses), np.intp, len(addresses))
+        self._ids_cache = (addresses, self._ids_version, ids)
+        return ids
 
     @property
     def ids_version(self) -> int:
@@ -248,6 +258,7 @@ class ApproxPrefixIndex:
         over = lru.live - (lru.capacity or self.default_capacity)
         if over > 0:
             self._evict(lru, over)
+        self._changed.add(address)
 
     def _record(self, lru: _Lru, hashes: Sequence[int], t: float) -> None:
         n = len(hashes)
@@ -441,6 +452,34 @@ class ApproxPrefixIndex:
             return True
         return now - self._oldest(lru) > horizon
 
+    def room_columns(self, ids: np.ndarray, blocks: np.ndarray, now: float, horizon: float) -> np.ndarray:
+        """`room` for many endpoints at once (`ids` from `endpoint_ids`, -1: not known here, so room)."""
+        self._refresh_state()
+        live, cap, oldest = self._state
+        fits = live[ids] + blocks <= np.where(cap[ids] > 0, cap[ids], self.default_capacity)
+        return (ids < 0) | fits | (now - oldest[ids] > horizon)
+
+    def _refresh_state(self) -> None:
+        """The per-endpoint arrays room_columns reads, for the endpoints recorded since the last call."""
+        size = len(self._addr) + 1  # the last entry: ids of -1 (nothing held, no capacity)
+        live, cap, oldest = self._state
+        if len(live) < size:
+            grow = size + 16 - len(live)
+            live = np.concatenate([live, np.zeros(grow, np.int64)])
+            cap = np.concatenate([cap, np.zeros(grow, np.int64)])
+            oldest = np.concatenate([oldest, np.full(grow, np.inf)])
+            self._state = (live, cap, oldest)
+            live[-1], cap[-1] = 0, 1 << 62
+        if not self._changed:
+            return
+        lrus = self._lru
+        for address in self._changed:
+            lru = lrus.get(address)
+            if lru is not None:
+                e = lru.eid
+                live[e], cap[e], oldest[e] = lru.live, lru.capacity, self._oldest(lru) if lru.live else np.inf
+        self._changed.clear()
+
     def remove_endpoint(self, address: str) -> None:
         lru = self._lru.pop(address, None)
         if lru is None:
@@ -451,6 +490,10 @@ class ApproxPrefixIndex:
             self._drop_rows(lru.eid, rows, v0[valid], v1[valid])
         self._addr[lru.eid] = None
         self._free_ids.append(lru.eid)
+        live, cap, oldest = self._state
+        if lru.eid < len(live) - 1:
+            live[lru.eid], cap[lru.eid], oldest[lru.eid] = 0, 0, np.inf
+        self._changed.discard(address)
         self._ids_version += 1
 
     def size(self) -> int:
