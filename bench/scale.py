@@ -22,6 +22,7 @@ import random
 import sys
 import time
 import tracemalloc
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,6 +40,8 @@ MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 CONFIGS = ("default", "best")
 SIZES = (10, 100, 1_000, 5_000)
 TENANTS = 40
+IN_FLIGHT = 512
+GC_PROMPTS = 100_000
 SYSTEM_CHARS, QUESTION_CHARS = 6_000, 2_000  # ~1,500 + ~500 tokens at 4 characters a token
 
 
@@ -148,24 +151,27 @@ class GcPauses:
             self.longest[g] = ms
 
 
-def gc_pauses(texts: list[str], picks: int, frozen: bool) -> tuple[GcPauses, int]:
+def gc_pauses(texts: list[str], picks: int, frozen: bool) -> tuple[GcPauses, GcPauses, int]:
     """Pauses while scheduling `picks` requests over 100 endpoints whose index holds 100k prompts."""
     p = pool("default", 100)
     rng = random.Random(3)
     base = _text(rng, SYSTEM_CHARS + QUESTION_CHARS)
-    for i in range(100_000):
+    for i in range(GC_PROMPTS):
         p.index.record(p.endpoints[i % 100].address, block_hashes(MODEL, f"{i:08d}" + base, "", 256, 64), 31_250)
     gc.collect()
     if frozen:
         gc.freeze()
     tracked = len(gc.get_objects())
+    in_flight: deque[object] = deque(maxlen=IN_FLIGHT)  # requests live until their responses end, as in the EPP
     with GcPauses() as pauses:
         for i in range(picks):
-            p.scheduler.schedule(_request(i, texts[i % len(texts)]), p.endpoints)
+            req = _request(i, texts[i % len(texts)])
+            in_flight.append((req, p.scheduler.schedule(req, p.endpoints)))
+    with GcPauses() as full:
         gc.collect()  # a full collection's pause, whatever the thresholds reached in the run
     if frozen:
         gc.unfreeze()
-    return pauses, tracked
+    return pauses, full, tracked
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -196,12 +202,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.only in (None, "gc"):
         rows = []
         for frozen in (False, True):
-            pauses, tracked = gc_pauses(texts, picks, frozen)
+            pauses, full, tracked = gc_pauses(texts, picks, frozen)
             rows.append(["after gc.freeze()" if frozen else "not frozen", f"{tracked:,}",
-                         *(f"{pauses.longest[g]:.2f} ({pauses.count[g]})" for g in range(3))])  # fmt: skip
-        print(f"GC pauses scheduling {picks:,} requests, 100 endpoints, the index holding 100k prompts, then one full collection;"
-              " goal: longest <= 5 ms")  # fmt: skip
-        print(table(["heap", "objects tracked", "gen 0 ms (count)", "gen 1 ms (count)", "gen 2 ms (count)"], rows))
+                         *(f"{pauses.longest[g]:.2f} ({pauses.count[g]})" for g in range(3)), f"{max(pauses.longest):.2f}",
+                         f"{full.longest[2]:.2f}"])  # fmt: skip
+        print(f"GC pauses scheduling {picks:,} requests ({IN_FLIGHT} in flight at a time), 100 endpoints, the index holding "
+              f"{GC_PROMPTS:,} prompts; then one forced full collection. Goal: longest <= 5 ms")  # fmt: skip
+        print(table(["heap", "objects tracked", "gen 0 ms (count)", "gen 1 ms (count)", "gen 2 ms (count)",
+                     "longest under load", "forced full"], rows))  # fmt: skip
     return 0
 
 

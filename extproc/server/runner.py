@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 import random
 import signal
@@ -555,6 +556,9 @@ class EppServer:
             "llm-epp serving ext_proc on :%d, health on :%d, metrics on :%d (%s, %d endpoints)",
             self.grpc_port, self.health_port, self.metrics_port, self.scheduling_source, len(self.datastore),
         )
+        # start-up's objects (modules, config, plugins) leave the cyclic GC's generations: no full
+        # collection under load walks them again (docs/operating.md#memory-and-gc-pauses)
+        gc.freeze()
 
     def _index_metrics(self, name: str) -> IndexMetrics | None:
         """The metrics of precise plugin `name` serving now (after a reload too), if it counts them."""
