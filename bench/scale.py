@@ -33,6 +33,7 @@ from pickers.config.strategies import STRATEGY_CONFIGS
 from pickers.framework.endpoint import Endpoint, EndpointSpec, Metrics
 from pickers.framework.request import InferenceRequest
 from pickers.framework.scheduler import Scheduler
+from pickers.indexes.kv_blocks import KVBlockIndex
 from pickers.indexes.prefix import ApproxPrefixIndex, block_hashes
 from pickers.plugins.base import PluginContext
 
@@ -99,12 +100,13 @@ def schedule_times(pools: dict[str, Pool], texts: list[str], warmup: int, picks:
     return out
 
 
-def index_memory(prompts_n: int, endpoints: int) -> tuple[float, int, float]:
-    """(bytes per entry, entries, RSS MB) after recording `prompts_n` distinct prompts round-robin over
+def index_memory(prompts_n: int, endpoints: int) -> tuple[float, int, float, int]:
+    """(bytes per entry, entries, RSS MB, objects it made for the GC to track) after recording `prompts_n` distinct prompts round-robin over
     `endpoints` endpoints in an index the size the default config gives them (auto-tuned LRUs)."""
     rng = random.Random(7)
     index = ApproxPrefixIndex()
     addresses = [f"10.0.{i // 256}.{i % 256}:8000" for i in range(endpoints)]
+    objects = len(gc.get_objects())
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
     base = _text(rng, SYSTEM_CHARS + QUESTION_CHARS)
@@ -114,7 +116,23 @@ def index_memory(prompts_n: int, endpoints: int) -> tuple[float, int, float]:
     after = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
     entries = index.size()
-    return (after - before) / max(1, entries), entries, _rss_mb()
+    return (after - before) / max(1, entries), entries, _rss_mb(), len(gc.get_objects()) - objects
+
+
+def precise_index_memory(prompts_n: int, endpoints: int) -> tuple[float, int]:
+    """(bytes per entry, entries) of the precise (KV-event) index after BlockStored events for
+    `prompts_n` distinct 128-block prompts round-robin over `endpoints` endpoints."""
+    index = KVBlockIndex()
+    rng = random.Random(9)
+    tokens = [rng.randrange(50_000) for _ in range(128 * 16)]
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for i in range(prompts_n):
+        own = [i, *tokens[1:]]  # distinct from the first block on
+        index.block_stored(f"10.0.{i % endpoints // 256}.{i % endpoints % 256}:8000", [(i, b) for b in range(128)], None, own, 16)
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return (after - before) / max(1, index.size()), index.size()
 
 
 def _rss_mb() -> float:
@@ -195,9 +213,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
     if args.only in (None, "index"):
         n = 10_000 if args.quick else 100_000
-        per, entries, rss = index_memory(n, 100)
+        per, entries, rss, tracked = index_memory(n, 100)
         print(f"prefix index after {n:,} distinct ~2k-token prompts over 100 endpoints: {per:.1f} bytes per (endpoint, block) "
-              f"entry (goal <= 64), {entries:,} entries, RSS {rss:.0f} MB")  # fmt: skip
+              f"entry (goal <= 64), {entries:,} entries, {tracked:,} objects for the GC to track, RSS {rss:.0f} MB")  # fmt: skip
+        k = n // 10
+        per, entries = precise_index_memory(k, 100)
+        print(f"precise (KV-event) index after {k:,} distinct 128-block prompts' BlockStored events over 100 endpoints: "
+              f"{per:.1f} bytes per (endpoint, block) entry, {entries:,} entries")  # fmt: skip
         print()
     if args.only in (None, "gc"):
         rows = []
