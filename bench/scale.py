@@ -11,14 +11,18 @@ In-process, without gRPC or a network (the scheduling library and the datastore 
 - the longest cyclic GC pause while scheduling with that index in memory (gc.callbacks timing),
   before and after `gc.freeze()` (what `epp serve` does once it has started).
 Read the ratios and the shape, not the absolute numbers: the machine's cores are shared.
-Run: python -m bench.scale [--quick]
+Run: python -m bench.scale [--quick] [--baseline CHECKOUT] (another checkout measured the same way, each
+part right before this one's, in a child process with that checkout's packages first on the path)
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
 import random
+import subprocess
 import sys
 import time
 import tracemalloc
@@ -39,6 +43,7 @@ from pickers.plugins.base import PluginContext
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 CONFIGS = ("default", "best")
+PARTS = ("schedule", "index", "gc")
 SIZES = (10, 100, 1_000, 5_000)
 TENANTS = 40
 IN_FLIGHT = 512
@@ -80,23 +85,28 @@ def _request(i: int, prompt: str) -> InferenceRequest:
     return InferenceRequest(f"r{i}", "/v1/completions", {}, model=MODEL, prompt_text=prompt)
 
 
-def schedule_times(pools: dict[str, Pool], texts: list[str], warmup: int, picks: int, rounds: int) -> dict[str, list[float]]:
-    """Milliseconds per schedule() of each pool; rounds alternate between the pools."""
-    out: dict[str, list[float]] = {name: [] for name in pools}
+def schedule_times(
+    pools: dict[str, Pool], texts: list[str], warmup: int, picks: int, rounds: int
+) -> dict[str, tuple[list[float], list[float]]]:
+    """(CPU ms, wall ms) per schedule() of each pool; rounds alternate between the pools. CPU is this
+    thread's (time.thread_time): what the pick costs, without the time other processes on shared
+    cores took the CPU away from it."""
+    out: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in pools}
     for name, p in pools.items():
         for i in range(warmup):
             p.scheduler.schedule(_request(i, texts[i % len(texts)]), p.endpoints)
-    clock = time.perf_counter
+    cpu, wall = time.thread_time, time.perf_counter
     per_round = picks // rounds
     for r in range(rounds):
         for name, p in pools.items():
-            times = out[name]
+            cpus, walls = out[name]
             base = warmup + r * per_round
             for i in range(base, base + per_round):
                 req = _request(i, texts[i % len(texts)])
-                t = clock()
+                c, t = cpu(), wall()
                 p.scheduler.schedule(req, p.endpoints)
-                times.append((clock() - t) * 1e3)
+                walls.append((wall() - t) * 1e3)
+                cpus.append((cpu() - c) * 1e3)
     return out
 
 
@@ -192,45 +202,98 @@ def gc_pauses(texts: list[str], picks: int, frozen: bool) -> tuple[GcPauses, GcP
     return pauses, full, tracked
 
 
+def measure(part: str, sizes: Sequence[int], quick: bool) -> dict[str, object]:
+    """One part's numbers (JSON-able): what `main` prints, and what a --baseline child reports."""
+    picks = 1_000 if quick else 3_000
+    texts = prompts(11, 2_000)
+    if part == "schedule":
+        out: dict[str, object] = {}
+        for n in sizes:
+            k = max(1, min(picks, picks * 1_000 // n)) if n > 1_000 else picks
+            times = schedule_times({c: pool(c, n) for c in CONFIGS}, texts, 300, k, 3)
+            out[str(n)] = {"picks": k, **{c: [percentile(times[c][0], 50), percentile(times[c][0], 99),
+                                              percentile(times[c][1], 50), percentile(times[c][1], 99)] for c in CONFIGS}}  # fmt: skip
+        return out
+    if part == "index":
+        n = 10_000 if quick else 100_000
+        per, entries, rss, tracked = index_memory(n, 100)
+        precise, precise_entries = precise_index_memory(n // 10, 100)
+        return {"prompts": n, "bytes": per, "entries": entries, "rss": rss, "tracked": tracked,
+                "precise_prompts": n // 10, "precise_bytes": precise, "precise_entries": precise_entries}  # fmt: skip
+    rows = {}
+    for frozen in (False, True):
+        pauses, full, tracked = gc_pauses(texts, picks, frozen)
+        rows["frozen" if frozen else "plain"] = {"tracked": tracked, "longest": pauses.longest, "count": pauses.count, "full": full.longest[2]}
+    return {"picks": picks, **rows}
+
+
+def _baseline(path: str, part: str, sizes: Sequence[int], quick: bool) -> dict[str, object]:
+    """The same part measured in a child process with another checkout's pickers and extproc first on
+    the path (this file's measurements, that code)."""
+    argv = [sys.executable, __file__, "--json", part, "--sizes", ",".join(map(str, sizes)), *(["--quick"] if quick else [])]
+    env = {**os.environ, "PYTHONPATH": path}
+    done = subprocess.run(argv, cwd=path, env=env, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise SystemExit(f"the baseline at {path} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout)
+
+
+def _cells(r: list[float]) -> list[str]:
+    return [f"{r[0]:.3f} / {r[1]:.3f}", f"{r[2]:.3f} / {r[3]:.3f}"]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer picks, 10k prompts in the index (~1 min)")
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)), help="endpoint counts, comma-separated")
-    ap.add_argument("--only", choices=("schedule", "index", "gc"), help="one part only")
+    ap.add_argument("--only", choices=PARTS, help="one part only")
+    ap.add_argument("--baseline", metavar="CHECKOUT", help="also measure another checkout of llm-epp (say main before this "
+                    "change: git worktree add /tmp/base main), each size and part right before this one")  # fmt: skip
+    ap.add_argument("--json", choices=PARTS, help=argparse.SUPPRESS)  # a --baseline child: one part's numbers as JSON
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
-    picks = 1_000 if args.quick else 3_000
-    texts = prompts(11, 2_000)
-    if args.only in (None, "schedule"):
+    if args.json:
+        json.dump(measure(args.json, sizes, args.quick), sys.stdout)
+        return 0
+    parts = [args.only] if args.only else list(PARTS)
+    base = args.baseline
+    if "schedule" in parts:
         rows = []
         for n in sizes:
-            k = max(1, min(picks, picks * 1_000 // n)) if n > 1_000 else picks
-            times = schedule_times({c: pool(c, n) for c in CONFIGS}, texts, 300, k, 3)
-            cells = [f"{percentile(times[c], 50):.3f} / {percentile(times[c], 99):.3f}" for c in CONFIGS]
-            rows.append([f"{n:,}", str(k), *cells])
-        print(f"schedule(): ms p50 / p99, ~2k-token prompts from {TENANTS} tenants' system prompts, picks recorded; goal p99 <= 1 ms at 1,000")
-        print(table(["endpoints", "picks", *(f"{c} config" for c in CONFIGS)], rows))
+            if base:
+                b = _baseline(base, "schedule", [n], args.quick)[str(n)]
+                rows.append([f"{n:,} (baseline)", str(b["picks"]), *(x for c in CONFIGS for x in _cells(b[c]))])  # type: ignore[index]
+            m = measure("schedule", [n], args.quick)[str(n)]
+            rows.append([f"{n:,}", str(m["picks"]), *(x for c in CONFIGS for x in _cells(m[c]))])  # type: ignore[index]
+            if base:
+                rows.append(["  this / baseline", "", *(f"{m[c][i] / b[c][i]:.2f}x" if b[c][i] else "-"  # type: ignore[index]
+                                                        for c in CONFIGS for i in (1, 3))])  # fmt: skip
+        print(f"schedule(): ms per pick, p50 / p99, ~2k-token prompts from {TENANTS} tenants' system prompts, picks recorded; "
+              "goal p99 <= 1 ms at 1,000")  # fmt: skip
+        print(table(["endpoints", "picks", *(f"{c} {kind}" for c in CONFIGS for kind in ("CPU", "wall"))], rows))
+        print("  (CPU: this thread's time in the pick; wall: with whatever else the shared cores ran meanwhile;")
+        print("   the ratio rows compare the p99s)")
         print()
-    if args.only in (None, "index"):
-        n = 10_000 if args.quick else 100_000
-        per, entries, rss, tracked = index_memory(n, 100)
-        print(f"prefix index after {n:,} distinct ~2k-token prompts over 100 endpoints: {per:.1f} bytes per (endpoint, block) "
-              f"entry (goal <= 64), {entries:,} entries, {tracked:,} objects for the GC to track, RSS {rss:.0f} MB")  # fmt: skip
-        k = n // 10
-        per, entries = precise_index_memory(k, 100)
-        print(f"precise (KV-event) index after {k:,} distinct 128-block prompts' BlockStored events over 100 endpoints: "
-              f"{per:.1f} bytes per (endpoint, block) entry, {entries:,} entries")  # fmt: skip
+    if "index" in parts:
+        runs = ([("baseline", _baseline(base, "index", sizes, args.quick))] if base else []) + [("this", measure("index", sizes, args.quick))]
+        rows = [[name, f"{r['bytes']:.1f}", f"{r['entries']:,}", f"{r['tracked']:,}", f"{r['rss']:.0f}", f"{r['precise_bytes']:.1f}"]
+                for name, r in runs]  # fmt: skip
+        r = runs[-1][1]
+        print(f"prefix indexes: the approximate one after {r['prompts']:,} distinct ~2k-token prompts over 100 endpoints "
+              f"(goal <= 64 bytes per (endpoint, block) entry); the precise one after {r['precise_prompts']:,} 128-block prompts' BlockStored events")  # fmt: skip
+        print(table(["code", "approx B/entry", "entries", "objects tracked", "RSS MB", "precise B/entry"], rows))
         print()
-    if args.only in (None, "gc"):
+    if "gc" in parts:
+        runs = ([("baseline", _baseline(base, "gc", sizes, args.quick))] if base else []) + [("this", measure("gc", sizes, args.quick))]
         rows = []
-        for frozen in (False, True):
-            pauses, full, tracked = gc_pauses(texts, picks, frozen)
-            rows.append(["after gc.freeze()" if frozen else "not frozen", f"{tracked:,}",
-                         *(f"{pauses.longest[g]:.2f} ({pauses.count[g]})" for g in range(3)), f"{max(pauses.longest):.2f}",
-                         f"{full.longest[2]:.2f}"])  # fmt: skip
-        print(f"GC pauses scheduling {picks:,} requests ({IN_FLIGHT} in flight at a time), 100 endpoints, the index holding "
-              f"{GC_PROMPTS:,} prompts; then one forced full collection. Goal: longest <= 5 ms")  # fmt: skip
-        print(table(["heap", "objects tracked", "gen 0 ms (count)", "gen 1 ms (count)", "gen 2 ms (count)",
+        for name, r in runs:
+            for key, label in (("plain", "not frozen"), ("frozen", "after gc.freeze()")):
+                g = r[key]  # type: ignore[index]
+                rows.append([f"{name}, {label}", f"{g['tracked']:,}", *(f"{g['longest'][i]:.2f} ({g['count'][i]})" for i in range(3)),
+                             f"{max(g['longest']):.2f}", f"{g['full']:.2f}"])  # fmt: skip
+        print(f"GC pauses scheduling {runs[-1][1]['picks']:,} requests ({IN_FLIGHT} in flight at a time), 100 endpoints, the index "
+              f"holding {GC_PROMPTS:,} prompts; then one forced full collection. Goal: longest <= 5 ms")  # fmt: skip
+        print(table(["code, heap", "objects tracked", "gen 0 ms (count)", "gen 1 ms (count)", "gen 2 ms (count)",
                      "longest under load", "forced full"], rows))  # fmt: skip
     return 0
 

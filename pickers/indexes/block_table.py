@@ -17,7 +17,11 @@ import numpy as np
 _EMPTY, _DELETED = -1, -2
 _FIB = np.uint64(0x9E3779B97F4A7C15)
 _MIN_BITS = 6
-MAX_LOAD = 0.75  # (live + deleted) / slots before the table doubles
+# (live + deleted) / slots before the table is rebuilt: linear probing's chains grow fast past a half,
+# and a batch of keys takes as many rounds as its longest chain
+MAX_LOAD = 0.5
+_SCALAR_PLACE = 64  # inserts of up to this many keys go one by one
+_SCALAR_TAIL = 4  # keys left probing past the first rounds: followed one by one
 
 
 class BlockTable:
@@ -64,7 +68,7 @@ class BlockTable:
         r = slots[s]
         hit = key[r] == keys  # (a row of -1 reads the last row's key: masked out next)
         hit &= r >= 0
-        if hit.all():  # the common case: every key at its home slot
+        if np.count_nonzero(hit) == n:  # the common case: every key at its home slot
             return r, s
         rows = np.full(n, -1, dtype=np.int32)
         where = np.full(n, -1, dtype=np.intp)
@@ -72,15 +76,24 @@ class BlockTable:
         more = (r != _EMPTY) & ~hit  # a deleted slot or another key: probe on
         idx = np.flatnonzero(more)
         s, k = (s[idx] + 1) & mask, keys[idx]
-        while idx.size:
+        while idx.size > _SCALAR_TAIL:
             r = slots[s]
             hit = r >= 0
             hit[hit] = key[r[hit]] == k[hit]
-            if hit.any():
+            if np.count_nonzero(hit):
                 rows[idx[hit]] = r[hit]
                 where[idx[hit]] = s[hit]
             more = (r != _EMPTY) & ~hit  # a deleted slot or another key: probe on
             idx, s, k = idx[more], (s[more] + 1) & mask, k[more]
+        for i, at, want in zip(idx.tolist(), s.tolist(), k.tolist()):
+            while True:
+                r0 = int(slots[at])
+                if r0 == _EMPTY:
+                    break
+                if r0 >= 0 and int(key[r0]) == want:
+                    rows[i], where[i] = r0, at
+                    break
+                at = (at + 1) & mask
         return rows, where
 
     # -- changes -------------------------------------------------------------------------------
@@ -135,10 +148,13 @@ class BlockTable:
     def _place(self, keys: np.ndarray, rows: np.ndarray) -> None:
         slots, mask = self.slots, len(self.slots) - 1
         s = self._home(keys)
-        idx = np.arange(len(keys))
-        while idx.size:
+        if len(keys) <= _SCALAR_PLACE:  # a prompt's new blocks: one by one costs less than rounds of array calls
+            idx = np.arange(0)
+        else:
+            idx = np.arange(len(keys))
+        while idx.size > _SCALAR_TAIL:
             cur = slots[s]
-            free = np.flatnonzero(cur < 0)
+            free = (cur < 0).nonzero()[0]
             keep = np.ones(idx.size, dtype=bool)
             if free.size:
                 targets, first = np.unique(s[free], return_index=True)  # one key per slot in this round
@@ -147,10 +163,16 @@ class BlockTable:
                 slots[targets] = rows[idx[win]]
                 keep[win] = False
             idx, s = idx[keep], (s[keep] + 1) & mask
+        for i, at in zip(range(len(keys)) if len(keys) <= _SCALAR_PLACE else idx.tolist(), s.tolist()):
+            while int(slots[at]) >= 0:
+                at = (at + 1) & mask
+            if slots[at] == _EMPTY:
+                self.filled += 1
+            slots[at] = rows[i]
 
     def _rehash(self, live: int) -> None:
         bits = _MIN_BITS
-        while (1 << bits) < 2 * live:  # at most half full after the rehash
+        while (1 << bits) < 3 * live:  # a third full at most after the rebuild
             bits += 1
         old = self.slots
         rows = old[old >= 0]

@@ -11,6 +11,7 @@ a match that follows one endpoint without set arithmetic, a record that reuses t
 
 from __future__ import annotations
 
+import struct
 import time
 from collections.abc import Sequence
 
@@ -80,10 +81,14 @@ MAX_ENDPOINTS = 32_767  # endpoint ids are int16
 
 
 def _keys(hashes: Sequence[int]) -> np.ndarray:
-    try:
-        return np.array(hashes, dtype=np.uint64)
-    except OverflowError:  # a negative or wider int (not a block hash): its low 64 bits
+    try:  # packed in C, about 3x faster than numpy converting each int
+        return np.frombuffer(struct.pack(f"<{len(hashes)}Q", *hashes), np.uint64)
+    except struct.error:  # a negative or wider int (not a block hash): its low 64 bits
         return np.array([h & 0xFFFFFFFFFFFFFFFF for h in hashes], dtype=np.uint64)
+
+
+def _nonzero(mask: np.ndarray) -> np.ndarray:
+    return mask.nonzero()[0]  # (np.flatnonzero's wrapper costs more than the work on a prompt's blocks)
 
 
 def _bit_ids(bits: int) -> list[int]:
@@ -137,7 +142,7 @@ class ApproxPrefixIndex:
         """(endpoint id -> leading blocks it holds, where the walk stopped): the walk stops at the first
         block none of the endpoints holding every block so far holds."""
         keys, rows = self._find(hashes)
-        missing = np.flatnonzero(rows < 0)
+        missing = _nonzero(rows < 0)
         m = int(missing[0]) if missing.size else len(rows)
         if not m:
             return {}, 0
@@ -264,7 +269,7 @@ class ApproxPrefixIndex:
         n = len(hashes)
         table = self._t
         keys, rows = self._find(hashes)
-        new = np.flatnonzero(rows < 0)
+        new = _nonzero(rows < 0)
         if new.size:
             rows[new] = table.add(keys[new])
             self._columns()
@@ -288,7 +293,7 @@ class ApproxPrefixIndex:
         in0, in1 = held[:, 0] == e, held[:, 1] == e
         ps[rows[in0], 0] = pos[in0]
         ps[rows[in1], 1] = pos[in1]
-        rest = np.flatnonzero(~(in0 | in1))
+        rest = _nonzero(~(in0 | in1))
         if not rest.size:
             return
         more = self._more
@@ -342,7 +347,7 @@ class ApproxPrefixIndex:
         valid = v0 | v1
         more = self._more
         if more:
-            for i in np.flatnonzero(~valid).tolist():
+            for i in _nonzero(~valid).tolist():
                 extra = more.get(int(rows[i]))
                 if extra is not None and extra.get(e) == start + i:
                     valid[i] = True
@@ -370,7 +375,7 @@ class ApproxPrefixIndex:
         self._pos[keep_rows[slot1], 1] = at[slot1]
         if self._more:
             e = lru.eid
-            for i in np.flatnonzero(~(slot0 | slot1)).tolist():
+            for i in _nonzero(~(slot0 | slot1)).tolist():
                 self._more[int(keep_rows[i])][e] = i
 
     def _evict(self, lru: _Lru, over: int) -> None:
@@ -378,7 +383,7 @@ class ApproxPrefixIndex:
         while over > 0 and lru.head < lru.tail:
             stop = min(lru.tail, lru.head + max(2 * over, 64))
             valid, v0, v1 = self._valid(lru, lru.head, stop)
-            take = np.flatnonzero(valid)[:over]
+            take = _nonzero(valid)[:over]
             consumed = int(take[-1]) + 1 if len(take) == over else stop - lru.head
             rows = lru.rows[lru.head : lru.head + consumed][take]
             self._drop_rows(lru.eid, rows, v0[take], v1[take])
@@ -419,7 +424,7 @@ class ApproxPrefixIndex:
         while lru.head < lru.tail:
             stop = min(lru.tail, lru.head + 64)
             valid, _, _ = self._valid(lru, lru.head, stop)
-            first = np.flatnonzero(valid)
+            first = _nonzero(valid)
             if first.size:
                 lru.head += int(first[0])
                 return float(lru.times[lru.head]) + (self._epoch or 0.0)
@@ -436,7 +441,7 @@ class ApproxPrefixIndex:
             return 0, 1
         rows = self._t.find(_keys(hashes[:k]))
         fan = self._t.columns["fan"]
-        branched = np.flatnonzero((rows >= 0) & (fan[np.maximum(rows, 0)] == 2))
+        branched = _nonzero((rows >= 0) & (fan[np.maximum(rows, 0)] == 2))
         if not branched.size:
             return 0, 1
         i = int(branched[-1])
