@@ -76,7 +76,9 @@ class _Lru:
 
 # the per-block columns: two holders inline (endpoint id and its queue position), the block that
 # followed it when it was new and how many distinct ones did (0: none, 1: `nxt`, 2: a set in _fanout)
+# (fan's bit 4, _SHARED: the block has holders past the inline two, in _more)
 _COLUMNS = {"ep": (np.int16, 2, -1), "pos": (np.int32, 2, -1), "nxt": (np.uint64, 1, 0), "fan": (np.int8, 1, 0)}
+_SHARED = 4
 MAX_ENDPOINTS = 32_767  # endpoint ids are int16
 
 
@@ -147,17 +149,25 @@ class ApproxPrefixIndex:
         if not m:
             return {}, 0
         rows = rows[:m]
-        holders = self._ep[rows].tolist()
+        held = self._ep[rows]
+        shared = self._t.columns["fan"][rows] & _SHARED
+        if not np.count_nonzero(shared):  # at most two holders a block: each one's leading run in array ops
+            counts = {}
+            for e in {int(x) for x in held[0] if x >= 0}:
+                has = (held[:, 0] == e) | (held[:, 1] == e)
+                counts[e] = m if np.count_nonzero(has) == m else int(np.argmin(has))
+            return counts, max(counts.values())
         more = self._more_bits
-        extra = [more.get(r, 0) for r in rows.tolist()] if more else None
-        counts: dict[int, int] = {}
+        holders = held.tolist()
+        flags = shared.tolist()
+        last_shared = int(shared.nonzero()[0][-1])
+        counts = {}
         active = 0
-        i = 0
         for i in range(m):
             a, b = holders[i]
             bits = (1 << a if a >= 0 else 0) | (1 << b if b >= 0 else 0)
-            if extra is not None:
-                bits |= extra[i]
+            if flags[i]:
+                bits |= more.get(int(rows[i]), 0)
             if i == 0:
                 active = bits
                 continue
@@ -168,6 +178,12 @@ class ApproxPrefixIndex:
                 active &= bits
                 if not active:
                     return counts, i
+            if i > last_shared and not active & (active - 1):
+                # one endpoint left and no shared block ahead: follow it in array ops
+                e = active.bit_length() - 1
+                has = (held[i:, 0] == e) | (held[i:, 1] == e)
+                counts[e] = m if np.count_nonzero(has) == m - i else i + int(np.argmin(has))
+                return counts, counts[e]
         for e in _bit_ids(active):
             counts[e] = m
         return counts, m
@@ -316,6 +332,8 @@ class ApproxPrefixIndex:
         ep[r[free1], 1] = e
         ps[r[free1], 1] = pos[rest[free1]]
         rest, r = rest[~free1], r[~free1]
+        if rest.size:
+            self._t.columns["fan"][r] |= _SHARED
         for i, row in zip(rest.tolist(), r.tolist()):  # a third holder or more: a shared prefix
             more.setdefault(row, {})[e] = int(pos[i])
             self._more_bits[row] = self._more_bits.get(row, 0) | (1 << e)
@@ -323,13 +341,14 @@ class ApproxPrefixIndex:
     def _continued(self, row: int, after: int) -> None:
         cols = self._t.columns
         fan = cols["fan"]
-        if fan[row] == 0:
+        f = int(fan[row])
+        if f & 3 == 0:
             cols["nxt"][row] = after
-            fan[row] = 1
-        elif fan[row] == 1:
+            fan[row] = f | 1
+        elif f & 3 == 1:
             if int(cols["nxt"][row]) != after:
                 self._fanout[row] = {int(cols["nxt"][row]), after}
-                fan[row] = 2
+                fan[row] = (f & _SHARED) | 2
         else:
             seen = self._fanout[row]
             if len(seen) < MAX_FANOUT:
@@ -408,6 +427,7 @@ class ApproxPrefixIndex:
                     self._more_bits[r] = bits
                 else:
                     del more[r], self._more_bits[r]
+                    self._t.columns["fan"][r] &= ~_SHARED
         held = ep[rows]
         empty = rows[(held[:, 0] < 0) & (held[:, 1] < 0)]
         if more and empty.size:
@@ -415,7 +435,7 @@ class ApproxPrefixIndex:
         if empty.size:
             fan = self._t.columns["fan"]
             if self._fanout:
-                for r in empty[fan[empty] == 2].tolist():
+                for r in empty[fan[empty] & 3 == 2].tolist():
                     del self._fanout[r]
             self._t.remove(empty)
 
@@ -441,7 +461,7 @@ class ApproxPrefixIndex:
             return 0, 1
         rows = self._t.find(_keys(hashes[:k]))
         fan = self._t.columns["fan"]
-        branched = _nonzero((rows >= 0) & (fan[np.maximum(rows, 0)] == 2))
+        branched = _nonzero((rows >= 0) & (fan[np.maximum(rows, 0)] & 3 == 2))
         if not branched.size:
             return 0, 1
         i = int(branched[-1])
