@@ -17,9 +17,10 @@ import numpy as np
 _EMPTY, _DELETED = -1, -2
 _FIB = np.uint64(0x9E3779B97F4A7C15)
 _MIN_BITS = 6
-# (live + deleted) / slots before the table is rebuilt: linear probing's chains grow fast past a half,
-# and a batch of keys takes as many rounds as its longest chain
-MAX_LOAD = 0.5
+# (live + deleted) / slots before the table is rebuilt: linear probing's chains grow fast past this,
+# and a batch of keys takes as many rounds as its longest chain (stragglers go one by one)
+MAX_LOAD = 0.55
+_REBUILT_LOAD = 0.45  # the most a rebuild leaves (a power of two of slots): room before the next one
 _SCALAR_PLACE = 64  # inserts of up to this many keys go one by one
 _SCALAR_TAIL = 4  # keys left probing past the first rounds: followed one by one
 
@@ -172,7 +173,7 @@ class BlockTable:
 
     def _rehash(self, live: int) -> None:
         bits = _MIN_BITS
-        while (1 << bits) < 3 * live:  # a third full at most after the rebuild
+        while (1 << bits) * _REBUILT_LOAD < live:
             bits += 1
         old = self.slots
         rows = old[old >= 0]
