@@ -113,6 +113,11 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
         "--explain-scores", action="store_true",
         help="put every candidate's scores in envoy.lb metadata x-gateway-destination-endpoint-scores",
     )  # fmt: skip
+    p.add_argument(
+        "--workers", type=int, default=1, metavar="N",
+        help="N >= 2: N worker processes serve ext_proc on --grpc-port (SO_REUSEPORT) and this process makes every "
+        "pick with the one scheduling state, to go past one core (default 1: this process serves; docs/scaling.md)",
+    )  # fmt: skip
     p.add_argument("--grace-period", type=float, default=30.0, help="seconds to drain open streams on SIGTERM")
     p.add_argument(
         "--shutdown-delay", type=_duration, default=0.0,
@@ -251,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--request-body-mode", choices=("FULL_DUPLEX_STREAMED", "BUFFERED"), default=None,
         help="how Envoy hands request bodies to the EPP (default FULL_DUPLEX_STREAMED; with --fail-open BUFFERED)",
     )  # fmt: skip
+    up.add_argument("--workers", type=int, default=1, metavar="N",
+                    help="the EPP's worker processes (epp serve --workers; default 1)")
     up.add_argument("--workdir", help="where configs and logs go (default: a temporary folder)")
 
     sim = sub.add_parser("sim", help="run one simulated vLLM server (same flags as vllm-sim)", add_help=False)
@@ -280,6 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_argument("--admin-port", type=int, default=19000)
     cfg.add_argument("--request-body-mode", choices=("FULL_DUPLEX_STREAMED", "BUFFERED"), default="FULL_DUPLEX_STREAMED")
     cfg.add_argument("--fail-open", action="store_true", help="with --pool-endpoints: serve from the pool when the EPP is down")
+    cfg.add_argument(
+        "--epp-max-requests-per-connection", type=int, default=0, metavar="N",
+        help="turn Envoy's connections to the EPP over every N streams, so an EPP with --workers gets its "
+        "connections spread over all its workers (default 0: never; docs/scaling.md)",
+    )  # fmt: skip
     cfg.add_argument(
         "--dns-destinations", action="store_true",
         help="the EPP's destinations are host names (a cluster-scoped EPP's peer gateways): route with Envoy's "
@@ -339,7 +351,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tracing=args.tracing,
         tracing_sample_ratio=args.tracing_sample_ratio,
         allow_experimental_plugins=args.allow_experimental_plugins,
+        workers=args.workers,
+        log_verbosity=args.verbosity,
+        log_format=args.log_format,
     )
+    if opts.workers < 1:
+        raise ConfigError(f"expected at least 1, got {opts.workers}", field="--workers")
     if opts.max_endpoints < 1:
         raise ConfigError("expected at least 1", field="--max-num-endpoints")
     if opts.max_request_headers < 1 or opts.max_request_headers_kb < 1:
@@ -387,7 +404,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         failure_mode_allow=args.fail_open,
         envoy_concurrency=2,
         epp_tls="verified" if args.secure else "",
+        epp_workers=args.workers,
     )
+    if args.workers < 1:
+        raise ConfigError(f"expected at least 1, got {args.workers}", field="--workers")
     opts.pd = _pd_pool(args)
     opts.dp_groups, opts.dp_size = _dp_groups(args)
     if opts.pd is not None and not args.config_file:
@@ -515,6 +535,7 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
         fallback_endpoints=pool,
         override_host_endpoints=pool,
         dns_destinations=args.dns_destinations,
+        epp_max_requests_per_connection=args.epp_max_requests_per_connection,
     )
     print(yaml.safe_dump(envoy_config.render(settings), sort_keys=False), end="")
     return 0

@@ -62,6 +62,11 @@ class GatewaySettings:
     # Path prefixes the gateway answers with 404 itself, e.g. the simulators' /sim/ control API:
     # reachable on each server's own port, never by a client through the gateway.
     closed_prefixes: Sequence[str] = ()
+    # Streams per HTTP/2 connection to the EPP before Envoy opens a new one (0: no limit). Each Envoy
+    # worker thread holds one connection; with `epp serve --workers N` the kernel hands each new
+    # connection to one EPP worker (SO_REUSEPORT), so connections that turn over keep every worker
+    # fed even with few Envoy threads (docs/scaling.md).
+    epp_max_requests_per_connection: int = 0
 
 
 UNBOUNDED_QUEUE_WAIT = 3600.0  # seconds allowed when flow control's TTL is 0 (wait until the client goes)
@@ -121,6 +126,9 @@ def render(settings: GatewaySettings, reference: Path = REFERENCE) -> dict[str, 
         epp_endpoint.pop("health_check_config", None)
     if settings.epp_tls:
         _epp_tls(epp, settings)
+    if settings.epp_max_requests_per_connection:
+        options = epp["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+        options.setdefault("common_http_protocol_options", {})["max_requests_per_connection"] = settings.epp_max_requests_per_connection
     if settings.override_host_endpoints and settings.dns_destinations:
         raise ConfigError("the override-host policy matches IP addresses; host-name destinations need the dynamic forward proxy",
                           field="dns destinations")  # fmt: skip

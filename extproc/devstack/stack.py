@@ -136,6 +136,9 @@ class ManagedProcess:
                 pass
 
 
+# Envoy's streams per connection to an EPP with workers: a new connection (to the worker the kernel
+# picks) about every second at 1,000 requests/s, a handshake per 1,000 requests
+EPP_CONNECTION_REQUESTS = 1000
 ROLE_LABEL = "llm-d.ai/role"
 # The simulators' control API (/sim/stats, /sim/reset, /sim/fault): tests and benchmarks call each
 # simulator's own port; through the gateway a client gets 404.
@@ -169,6 +172,9 @@ class StackOptions:
     endpoints_file: Path | None = None  # real servers instead of simulators
     epp: bool = True  # False: Envoy without ext_proc, round-robin over the pool (a baseline)
     epp_args: Sequence[str] = ()  # extra `epp serve` flags, e.g. ("--strategy", "round-robin")
+    # `epp serve --workers N`; above 1, Envoy turns its EPP connections over every EPP_CONNECTION_REQUESTS
+    # streams so that each worker gets its share of them (docs/scaling.md)
+    epp_workers: int = 1
     listen_port: int = 0
     request_body_mode: str = "FULL_DUPLEX_STREAMED"
     response_body_mode: str = "FULL_DUPLEX_STREAMED"
@@ -466,6 +472,8 @@ class LocalStack:
             "--endpoints", str(self.endpoints_path),
             *o.epp_args, *self._epp_tls_args(), *extra_args,
         ]  # fmt: skip
+        if o.epp_workers > 1:
+            argv += ["--workers", str(o.epp_workers)]
         ports = [self.epp_port, self.epp_health_port, self.epp_metrics_port, self.epp_admin_port]
         self.epp_proc = proc = self._spawn("epp", argv, f"http://127.0.0.1:{self.epp_metrics_port}/metrics", ports)
         self._wait_ready(proc)
@@ -517,6 +525,7 @@ class LocalStack:
                 access_log_path=str(self.access_log_path),
                 override_host_endpoints=self.serving_endpoints if o.override_host else (),
                 closed_prefixes=SIM_CONTROL_PREFIXES,
+                epp_max_requests_per_connection=EPP_CONNECTION_REQUESTS if o.epp_workers > 1 else 0,
             )
             envoy_config.write(settings, path)
         else:

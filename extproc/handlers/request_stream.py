@@ -44,6 +44,9 @@ Model rewrite: when the Director sets a `target_model` other than the requested 
 re-encoded once with the new name (the only re-encoding) and `Content-Length` follows it; the response
 loses its `content-length` and gets the requested name written back into its `"model"` fields.
 
+Workers (`epp serve --workers N`, extproc.server.worker): a Director with `routes_later` picks in the
+parent process, so every request waits in PREPARING for its pick, those with nothing to parse too.
+
 Response metadata: the answer to the message that ends the response body (its end_of_stream chunk, or
 the trailers when they end it) carries the Director's `response_metadata` as dynamic metadata (the
 request-attribute-reporter's values; llm-d puts them on its last body answer the same way).
@@ -54,7 +57,7 @@ from __future__ import annotations
 import enum
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -179,6 +182,8 @@ class Routing:
     scheduler: Scheduler | None = None
     # what the latency model saw at the pick (extproc.requestcontrol.latency.LatencyRecord); None: no model
     latency: object | None = None
+    ticket: int = 0  # a worker's id of the parent's pick (extproc.server.worker); 0: picked here
+    reports: bool = False  # a worker's: the parent's scheduler has response reporters
 
 
 @dataclass(slots=True)
@@ -211,9 +216,13 @@ class Director(Protocol):
 
     def rejected(self, request: InferenceRequest | None, error: RequestError) -> None: ...
 
-    def response_metadata(self, routing: Routing, usage: object | None) -> Mapping[str, Mapping[str, float]] | None:
+    def response_metadata(
+        self, routing: Routing, usage: object | None
+    ) -> Mapping[str, Mapping[str, float]] | Awaitable[Mapping[str, Mapping[str, float]] | None] | None:
         """At the end of the response body: dynamic metadata for Envoy (namespace -> key -> number) from the
-        response's usage (extproc.handlers.usage.Usage; None: it had none); None or empty: nothing to send."""
+        response's usage (extproc.handlers.usage.Usage; None: it had none); None or empty: nothing to send.
+        An awaitable (a worker's Director asks the parent) is `report_due`: the servicer awaits
+        `complete_report()` before it writes the answer."""
         ...
 
 
@@ -255,6 +264,10 @@ class RequestStream:
         self._restorer: ModelNameRestorer | None = None  # set when the model was rewritten
         self._finished = False
         self._pending: tuple[bytes, bool, bool] | None = None  # PREPARING: (body, trailers follow, trailers came)
+        self._pending_headers: bool | None = None  # PREPARING a request with nothing to parse: its headers' end_of_stream
+        # The Director picks later, elsewhere (a worker's, extproc.server.worker): every request waits in PREPARING
+        self._routes_later = bool(getattr(director, "routes_later", False))
+        self.report_due: tuple[pb.ProcessingResponse, Awaitable[Mapping[str, Mapping[str, float]] | None]] | None = None
         self._started = 0.0
         self._first_byte_at: float | None = None
 
@@ -298,6 +311,8 @@ class RequestStream:
 
     def resume(self) -> list[pb.ProcessingResponse]:
         """After `director.prepare`: route the request that waited in PREPARING and answer Envoy."""
+        if self.state is State.PREPARING and self._pending_headers is not None:
+            return self._resume_unparsed()
         if self.state is not State.PREPARING or self._pending is None:
             raise ProtocolError(self.state, "resume")
         raw, trailers_follow, trailers_came = self._pending
@@ -310,11 +325,23 @@ class RequestStream:
             out.append(pb.ProcessingResponse(request_trailers=pb.TrailersResponse()))
         return out
 
+    def _resume_unparsed(self) -> list[pb.ProcessingResponse]:
+        """`resume` for a request routed on its headers alone (nothing to parse) that waited for its pick."""
+        end_of_stream, self._pending_headers = self._pending_headers, None
+        assert self.request is not None
+        try:
+            self.routing = self.director.route(self.request, self._subset)
+            self.state = State.ROUTED if end_of_stream else State.PASSTHROUGH
+            return [self._headers_response(content_length=None)]
+        except RequestError as e:
+            return [self._reject(e)]
+
     def refuse(self, err: RequestError) -> list[pb.ProcessingResponse]:
         """The request is refused while it waits in PREPARING (flow control's 429/503): answer with `err`."""
         if self.state is not State.PREPARING:
             raise ProtocolError(self.state, "refuse")
         self._pending = None
+        self._pending_headers = None
         return [self._reject(err)]
 
     @property
@@ -326,6 +353,11 @@ class RequestStream:
         """Flow control ended this in-flight request for a higher priority: 429 `evicted` (an ImmediateResponse,
         which makes Envoy reset the upstream request); the books settle as on any refusal."""
         return [self._reject(RequestError(EVICTED, "request evicted by flow control to make room for a higher priority"))]
+
+    @property
+    def pending_body(self) -> bytes | None:
+        """PREPARING: the whole request body the pick waits with (None: routed on its headers alone)."""
+        return self._pending[0] if self._pending is not None else None
 
     @property
     def request_body_bytes(self) -> int:
@@ -383,6 +415,10 @@ class RequestStream:
                 route = None  # a GET on an inference path: nothing to parse
         if route is None or route.parse is None:
             # Nothing to parse: route on load alone, and let any body stream through.
+            if self._routes_later:  # a worker process: the pick is the parent's (PREPARING, then `resume`)
+                self.state = State.PREPARING
+                self._pending_headers = hdrs.end_of_stream
+                return []
             self.routing = self.director.route(req, self._subset)
             if hdrs.end_of_stream:
                 self.state = State.ROUTED
@@ -548,13 +584,17 @@ class RequestStream:
             return
         reader = self._usage
         metadata = self.director.response_metadata(self.routing, reader.usage if reader is not None else None)
-        if not metadata:
+        if isinstance(metadata, Awaitable):  # a worker's Director asks the parent: the servicer awaits it
+            self.report_due = (resp, metadata)
             return
-        fields = resp.dynamic_metadata.fields
-        for namespace, values in metadata.items():
-            target = fields[namespace].struct_value.fields
-            for key, number in values.items():
-                target[key].number_value = number
+        _put_metadata(resp, metadata)
+
+    async def complete_report(self) -> None:
+        """The Director's metadata came later (`report_due`): put it on the answer before it is written."""
+        due, self.report_due = self.report_due, None
+        if due is not None:
+            resp, pending = due
+            _put_metadata(resp, await pending)
 
     def _finish(self, *, aborted: bool) -> None:
         if self._finished or self.routing is None:
@@ -760,3 +800,13 @@ def _streamed_chunks(raw: bytes, *, end: bool) -> list[pb.ProcessingResponse]:
         return [_streamed_request_body(b"", end)]
     n = len(raw)
     return [_streamed_request_body(raw[i : i + STREAM_CHUNK], end and i + STREAM_CHUNK >= n) for i in range(0, n, STREAM_CHUNK)]
+
+
+def _put_metadata(resp: pb.ProcessingResponse, metadata: Mapping[str, Mapping[str, float]] | None) -> None:
+    if not metadata:
+        return
+    fields = resp.dynamic_metadata.fields
+    for namespace, values in metadata.items():
+        target = fields[namespace].struct_value.fields
+        for key, number in values.items():
+            target[key].number_value = number

@@ -72,6 +72,7 @@ if TYPE_CHECKING:  # imported when used: the Kubernetes client costs half a seco
 
     from extproc.flowcontrol.controller import FlowController
     from extproc.kubernetes.runtime import KubernetesOptions, KubernetesRuntime
+    from extproc.server.workers import PickService, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,11 @@ class ServeOptions:
     tracing: bool = False  # OpenTelemetry spans per request (the `otel` extra); off: OpenTelemetry is never imported
     tracing_sample_ratio: float = 1.0  # of requests arriving without a sampled traceparent
     allow_experimental_plugins: bool = False  # llm-d's Alpha plugin types load only with it (--allow-experimental-plugins)
+    # worker processes serving ext_proc on grpc_port (SO_REUSEPORT), picks made here (extproc.server.workers,
+    # docs/scaling.md); 1: this process serves ext_proc itself
+    workers: int = 1
+    log_verbosity: int = 0  # the workers' logging, as this process's (-v, --log-format)
+    log_format: str = "text"
 
 
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
@@ -203,6 +209,8 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                 log.exception("request %s: internal error", rid)
                 await write(stream.protocol_error_response(ProtocolError(stream.state, f"internal error: {e}")))
                 return
+            if stream.report_due is not None:  # a worker: the end-of-body metadata is the parent's
+                await stream.complete_report()
             for resp in out:
                 await write(resp)
             if stream.state is State.REJECTED:
@@ -305,6 +313,8 @@ class EppServer:
         self._admin_runner: web.AppRunner | None = None
         self.admin_port = 0
         self.grpc_port = 0
+        self.pick_service: PickService | None = None  # --workers N
+        self.workers: WorkerPool | None = None
         self.health_port = 0
         self.metrics_port = 0
 
@@ -414,6 +424,8 @@ class EppServer:
         )  # fmt: skip
         self.metrics.attach_precise(self.scheduler.plugins)
         self.director.token_producers = _token_producers(new.producers)  # the start-up ones, or their copies (checked)
+        if self.pick_service is not None:
+            self.pick_service.config_changed()  # whether the workers send request bodies
 
     def _check_saturation(self, old: EndpointPickerConfig, new: EndpointPickerConfig) -> str | None:
         SaturationConfig.from_config(new.saturation_detector, new.source)  # raises ConfigError
@@ -425,6 +437,8 @@ class EppServer:
 
     def _apply_parsers(self, new: EndpointPickerConfig) -> None:
         self.parsers = self.servicer.parsers = RequestParsers(new.parsers)  # streams opened from now on
+        if self.pick_service is not None:
+            self.pick_service.config_changed()  # the workers' streams likewise
 
     def _check_flow_control(self, old: EndpointPickerConfig, new: EndpointPickerConfig) -> str | None:
         """Bounds, TTLs and policies change while serving (FlowController.reconfigure); turning flow
@@ -528,10 +542,13 @@ class EppServer:
                 self.supervisor.start(f"kv-block-metrics-log/{name}", functools.partial(
                     log_kv_block_metrics, name, functools.partial(self._index_metrics, name), precise.metrics_logging_interval))  # fmt: skip
 
-        self._grpc = grpc.aio.server(options=_GRPC_OPTIONS)
-        pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, self._grpc)
-        self.grpc_port = self._add_ext_proc_port(self._grpc)
-        await self._grpc.start()
+        if opts.workers > 1:
+            await self._start_workers()
+        else:
+            self._grpc = grpc.aio.server(options=_GRPC_OPTIONS)
+            pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, self._grpc)
+            self.grpc_port = self._add_ext_proc_port(self._grpc)
+            await self._grpc.start()
 
         self._health_grpc = grpc.aio.server(options=_GRPC_OPTIONS)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_grpc)
@@ -587,11 +604,51 @@ class EppServer:
         address = f"{opts.bind_address}:{opts.grpc_port}"
         if not opts.secure_serving:
             return server.add_insecure_port(address)
+        key_pem, cert_pem = self._certificate()
+        return server.add_secure_port(address, grpc.ssl_server_credentials([(key_pem, cert_pem)]))
+
+    def _certificate(self) -> tuple[bytes, bytes]:
+        """The ext_proc server's (key, certificate) PEMs: --cert-path's, else a self-signed one made now."""
         from extproc.server.tls import load_certificate, self_signed
 
+        opts = self.opts
         cert = load_certificate(opts.cert_path) if opts.cert_path else self_signed()
         log.info("ext_proc serves TLS with the %s certificate", "self-signed" if not opts.cert_path else f"{cert.source}/tls.crt")
-        return server.add_secure_port(address, grpc.ssl_server_credentials([(cert.key_pem, cert.cert_pem)]))
+        return cert.key_pem, cert.cert_pem
+
+    # -- worker processes (--workers N): ext_proc there, every pick here ---------------------------
+
+    def _worker_setup(self) -> Any:
+        from extproc.server import ipc
+
+        body_readers = bool(self.director.token_producers) or bool(precise_indexes(self.scheduler.plugins))
+        return ipc.Setup(ipc.parser_specs(self.parsers.specs), body_readers)
+
+    async def _start_workers(self) -> None:
+        """The pick service on its unix socket, then the N workers; returns once each listens on the port."""
+        from extproc.server.workers import PickService, WorkerOptions, WorkerPool, socket_path
+
+        opts = self.opts
+        if opts.grpc_port == 0:
+            raise ConfigError("--workers N needs a --grpc-port number: the workers share it (SO_REUSEPORT), port 0 would give each its own", field="--grpc-port")
+        key_pem, cert_pem = self._certificate() if opts.secure_serving else (b"", b"")
+        self.pick_service = service = PickService(self.director, socket_path(), self._worker_setup)
+        await service.start()
+        limits = self.servicer.limits
+        setup = self._worker_setup()
+        self.workers = WorkerPool(opts.workers, lambda i: WorkerOptions(
+            str(service.path), i, opts.grpc_port, opts.bind_address, limits.max_body_bytes, limits.max_headers,
+            limits.max_headers_bytes, limits.body_idle_timeout, setup.specs, setup.send_body, opts.log_verbosity,
+            opts.log_format, cert_pem, key_pem,
+        ))  # fmt: skip
+        self.workers.start()
+        self.grpc_port = opts.grpc_port
+        deadline = asyncio.get_running_loop().time() + 60
+        while len(service.conns) < opts.workers:
+            if asyncio.get_running_loop().time() > deadline:
+                raise RuntimeError(f"{opts.workers - len(service.conns)} of {opts.workers} workers did not start within 60 s (see their log lines above)")
+            await asyncio.sleep(0.02)
+        log.info("ext_proc served by %d worker processes on :%d (SO_REUSEPORT), picks made in this process", opts.workers, opts.grpc_port)
 
     async def _start_admin(self) -> None:
         """The live views; a port already taken costs the views, not the EPP."""
@@ -604,7 +661,7 @@ class EppServer:
             "version": self.metrics.version, "scheduling_source": self.scheduling_source, "options": options_view(opts),
             "data_layer": self.data_layer.summary(),
         }  # fmt: skip
-        runtime = lambda: {"active_streams": self.servicer.active_streams, "heap_trims": self.heap.trims}  # noqa: E731
+        runtime = self._runtime
         fc = self.flow_control
         app = admin_app(
             self.datastore, self.prefix_index, self.director, config, runtime,
@@ -622,6 +679,15 @@ class EppServer:
         self._admin_runner = runner
         self.admin_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         log.info("admin views on http://%s:%d/debug/", opts.admin_address, self.admin_port)
+
+    def _runtime(self) -> dict[str, Any]:
+        """/debug/runtime's process numbers; with workers, the streams they hold and each one's share."""
+        service = self.pick_service
+        if service is None:
+            return {"active_streams": self.servicer.active_streams, "heap_trims": self.heap.trims}
+        view = service.view()
+        return {"active_streams": sum(w["in_flight"] for w in view), "heap_trims": self.heap.trims, "workers": view,
+                "worker_restarts": self.workers.restarts if self.workers is not None else []}  # fmt: skip
 
     def config_status(self) -> dict[str, Any]:
         """What /debug/config and `epp status` say about the config serving."""
@@ -667,6 +733,10 @@ class EppServer:
             producer.close()  # an open burst window is placed now: its requests go on to their pick
         if self._grpc is not None:
             await self._grpc.stop(grace)
+        if self.workers is not None:
+            await self.workers.stop(grace)  # each drains its streams; their ends still reach the pick service
+        if self.pick_service is not None:
+            await self.pick_service.close()
         await self.supervisor.stop()
         for client in self._render_clients.values():
             await client.close()
@@ -690,5 +760,5 @@ class EppServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        log.info("shutting down: draining %d open streams (up to %.0fs)", self.servicer.active_streams, self.opts.grace_period)
+        log.info("shutting down: draining %d open streams (up to %.0fs)", self._runtime()["active_streams"], self.opts.grace_period)
         await self.stop()
