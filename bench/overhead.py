@@ -1,10 +1,12 @@
 """Overhead benchmark: what the EPP hop costs next to plain Envoy, against a no-op backend.
 
-For each gateway -- (a) Envoy round-robin without ext_proc, (b) Envoy + EPP --strategy round-robin,
-(c) Envoy + EPP default -- a closed-loop client measures requests/s at concurrency 32 and latency at
-concurrency 1 (small non-streaming completions), and every process's CPU seconds per request from
-/proc/<pid>/stat. The load generator runs on the same cores; its CPU is reported too.
-Run: python -m bench.overhead [--quick]
+For each gateway -- (a) Envoy round-robin without ext_proc, (b) Envoy + a no-op Python ext_proc server
+(bench.noop_extproc: the gRPC/protobuf/event-loop floor, same processing mode), (c) Envoy + EPP
+--strategy round-robin, (d) Envoy + EPP default, (e) the same with `--workers 2` -- a closed-loop
+client measures requests/s at concurrency 32 and latency at concurrency 1 (small non-streaming
+completions), and every process's CPU seconds per request from /proc/<pid>/stat (the EPP's with its
+worker processes). The load generator runs on the same cores; its CPU is reported too.
+Run: python -m bench.overhead [--quick] [--only b,d,e]
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -41,6 +44,9 @@ class Settings:
     latency_seconds: float = 10.0  # concurrency-1 phase
     warmup_seconds: float = 2.0
     backends: int = 4
+    # Envoy worker threads: each opens its own HTTP/2 connection to the ext_proc server, so the EPP's
+    # workers (e) can all be busy at once
+    envoy_concurrency: int = 2
 
 
 @dataclass(slots=True)
@@ -51,12 +57,16 @@ class Measured:
     cpu_per_request: dict[str, float]  # process -> CPU seconds per request in the throughput phase
     busy_cores: float  # all four processes' CPU seconds / wall seconds in the throughput phase
     machine_cores: float  # every process on the machine (other users' too), same phase
+    epp_cores: float = 0.0  # the ext_proc server's CPU seconds (workers included) / wall seconds, same phase
 
 
+NOOP = "noop"  # run_config: replace the EPP with bench.noop_extproc on its ports
 CONFIGS: tuple[tuple[str, dict[str, object]], ...] = (
     ("(a) envoy direct, no EPP", {"epp": False}),
-    ("(b) envoy + EPP round-robin", {"epp_args": ("--strategy", "round-robin")}),
-    ("(c) envoy + EPP default", {"epp_args": ("--strategy", "default")}),
+    ("(b) envoy + no-op ext_proc", {NOOP: True}),
+    ("(c) envoy + EPP round-robin", {"epp_args": ("--strategy", "round-robin")}),
+    ("(d) envoy + EPP default", {"epp_args": ("--strategy", "default")}),
+    ("(e) envoy + EPP default --workers 2", {"epp_args": ("--strategy", "default"), "epp_workers": 2}),
 )
 
 
@@ -86,18 +96,41 @@ def start_backend(workdir: Path, n: int, reserved: list[ReservedPort]) -> tuple[
     return proc, path
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and every live process below it (the EPP's workers)."""
+    total = cpu_seconds(pid)
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return total
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                children = f.read().split()
+        except OSError:
+            continue
+        for child in children:
+            try:
+                total += tree_cpu_seconds(int(child))
+            except OSError:
+                pass  # gone meanwhile
+    return total
+
+
 def _cpu_snapshot(pids: dict[str, int]) -> dict[str, float]:
-    return {name: cpu_seconds(pid) for name, pid in pids.items()}
+    return {name: tree_cpu_seconds(pid) if name == "epp" else cpu_seconds(pid) for name, pid in pids.items()}
 
 
-async def measure(name: str, stack: LocalStack, backend_pid: int, s: Settings) -> Measured:
+async def measure(name: str, stack: LocalStack, backend_pid: int, s: Settings, epp_pid: int | None = None) -> Measured:
     req = request_bytes("POST", "/v1/completions", f"127.0.0.1:{stack.listen_port}", BODY, {"Content-Type": "application/json"})
     go: Callable[[int, float], object] = lambda c, secs: closed_loop(  # noqa: E731
         "127.0.0.1", stack.listen_port, req, concurrency=c, seconds=secs, max_requests=MAX_REQUESTS
     )
     await go(s.concurrency, s.warmup_seconds)  # type: ignore[misc]
     pids = {"envoy": stack.envoy_proc.popen.pid, "backend": backend_pid}  # type: ignore[union-attr]
-    if stack.epp_proc is not None:
+    if epp_pid is not None:
+        pids["epp"] = epp_pid
+    elif stack.epp_proc is not None:
         pids["epp"] = stack.epp_proc.popen.pid
     before, machine_before = _cpu_snapshot(pids), machine_cpu_seconds()
     load: LoadResult = await go(s.concurrency, s.seconds)  # type: ignore[misc]
@@ -105,18 +138,53 @@ async def measure(name: str, stack: LocalStack, backend_pid: int, s: Settings) -
     spent = {k: after[k] - before[k] for k in pids} | {"loadgen": load.cpu_s}
     single: LoadResult = await go(1, s.latency_seconds)  # type: ignore[misc]
     per_req = {k: v / max(load.ok, 1) for k, v in spent.items()}
-    return Measured(name, load, single, per_req, sum(spent.values()) / load.wall_s, (machine_after - machine_before) / load.wall_s)
+    return Measured(name, load, single, per_req, sum(spent.values()) / load.wall_s, (machine_after - machine_before) / load.wall_s,
+                    spent.get("epp", 0.0) / load.wall_s)  # fmt: skip
 
 
 def run_config(name: str, extra: dict[str, object], endpoints: Path, backend_pid: int, workdir: Path, s: Settings) -> Measured:
     workdir.mkdir(parents=True)  # LocalStack only creates it when it spawns its first process
-    opts = StackOptions(workdir=workdir, endpoints_file=endpoints, model=MODEL, **extra)  # type: ignore[arg-type]
+    extra = dict(extra)
+    noop = bool(extra.pop(NOOP, False))
+    opts = StackOptions(workdir=workdir, endpoints_file=endpoints, model=MODEL, envoy_concurrency=s.envoy_concurrency, **extra)  # type: ignore[arg-type]
     with LocalStack(opts) as stack:
+        noop_proc = _replace_with_noop(stack, workdir) if noop else None
+        pid = noop_proc.popen.pid if noop_proc is not None else None
         try:
-            import uvloop
-        except ImportError:
-            return asyncio.run(measure(name, stack, backend_pid, s))
-        return uvloop.run(measure(name, stack, backend_pid, s))
+            try:
+                import uvloop
+            except ImportError:
+                return asyncio.run(measure(name, stack, backend_pid, s, pid))
+            return uvloop.run(measure(name, stack, backend_pid, s, pid))
+        finally:
+            if noop_proc is not None:
+                noop_proc.stop()
+
+
+def _replace_with_noop(stack: LocalStack, workdir: Path) -> ManagedProcess:
+    """Stop the stack's EPP and serve its ports with the no-op ext_proc server; back once Envoy routes through it."""
+    port, health = stack.epp_port, stack.epp_health_port
+    stack.stop_epp()
+    host, dest_port = stack.serving_endpoints[0]
+    argv = [sys.executable, "-m", "bench.noop_extproc", "--port", str(port), "--health-port", str(health),
+            "--destination", f"{host}:{dest_port}"]  # fmt: skip
+    log = workdir / "noop-extproc.log"
+    with open(log, "ab") as f:
+        popen = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = ManagedProcess("noop-extproc", popen, log)
+    deadline = time.monotonic() + 60
+    while True:  # Envoy's health check sees it within a second or two
+        try:
+            req = urllib.request.Request(f"{stack.base_url}/completions", data=BODY, headers={"content-type": "application/json"})
+            with urllib.request.urlopen(req, timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            pass
+        if popen.poll() is not None or time.monotonic() > deadline:
+            proc.stop()
+            raise RuntimeError(f"no-op ext_proc server did not serve:\n{proc.log_tail()}")
+        time.sleep(0.1)
 
 
 def _ms(x: float) -> str:
@@ -127,9 +195,11 @@ def summarize(results: Sequence[Measured], s: Settings) -> str:
     c = s.concurrency
     header = [
         "config", f"req/s @{c}", f"p50 @{c}", f"p99 @{c}", "p50 @1", "p99 @1",
-        "EPP cpu/req", "envoy cpu/req", "backend cpu/req", "loadgen cpu/req", "cores: ours", "machine", "errors",
+        "EPP cpu/req", "vs no-op", "EPP cores", "envoy cpu/req", "backend cpu/req", "loadgen cpu/req", "cores: ours", "machine",
+        "errors",
     ]  # fmt: skip
     rows = []
+    noop = next((m for m in results if m.name.startswith("(b)")), None)
     for m in results:
         bad = sum(m.load.errors.values()) + sum(m.single.errors.values())
         bad += sum(n for st, n in (m.load.statuses + m.single.statuses).items() if st != 200)
@@ -137,10 +207,14 @@ def summarize(results: Sequence[Measured], s: Settings) -> str:
         rows.append([
             m.name, f"{m.load.rate:.0f}", _ms(percentile(m.load.latencies, 50)), _ms(percentile(m.load.latencies, 99)),
             _ms(percentile(m.single.latencies, 50)), _ms(percentile(m.single.latencies, 99)),
-            _ms(cpu["epp"]) if "epp" in cpu else "-", _ms(cpu["envoy"]), _ms(cpu["backend"]), _ms(cpu["loadgen"]),
-            f"{m.busy_cores:.2f}", f"{m.machine_cores:.2f}", str(bad),
+            _ms(cpu["epp"]) if "epp" in cpu else "-",
+            ratio(cpu["epp"], noop.cpu_per_request["epp"]) if noop is not None and "epp" in cpu and m is not noop else "-",
+            f"{m.epp_cores:.2f}" if "epp" in cpu else "-",
+            _ms(cpu["envoy"]), _ms(cpu["backend"]), _ms(cpu["loadgen"]), f"{m.busy_cores:.2f}", f"{m.machine_cores:.2f}", str(bad),
         ])  # fmt: skip
     base = results[0]
+    if not base.name.startswith("(a)"):
+        return table(header, rows)
     for m in results[1:]:
         rows.append([
             f"  {m.name[:3]} vs (a)", ratio(m.load.rate, base.load.rate),
@@ -148,10 +222,11 @@ def summarize(results: Sequence[Measured], s: Settings) -> str:
             ratio(percentile(m.load.latencies, 99), percentile(base.load.latencies, 99)),
             ratio(percentile(m.single.latencies, 50), percentile(base.single.latencies, 50)),
             ratio(percentile(m.single.latencies, 99), percentile(base.single.latencies, 99)),
-            "", ratio(m.cpu_per_request["envoy"], base.cpu_per_request["envoy"]), "", "", "", "", "",
+            "", "", "", ratio(m.cpu_per_request["envoy"], base.cpu_per_request["envoy"]), "", "", "", "", "",
         ])  # fmt: skip
     notes = [
         "(latencies and CPU in ms; cpu/req = CPU seconds in the throughput phase / requests answered;"
+        " vs no-op = EPP cpu/req over (b)'s; EPP cores = the ext_proc server's CPU (workers included) / wall;"
         " cores: ours = envoy+EPP+backend+loadgen CPU / wall; machine = every process on the box, from /proc/stat)"
     ]
     for m in results[1:]:
@@ -166,16 +241,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="short phases (a smoke test, under a minute)")
     ap.add_argument("--concurrency", type=int, default=d.concurrency)
     ap.add_argument("--seconds", type=float, help=f"throughput phase length (default {d.seconds:g})")
+    ap.add_argument("--only", default="", metavar="a,b,...", help="run only these configs (letters; default all)")
+    ap.add_argument("--envoy-concurrency", type=int, default=d.envoy_concurrency, help="Envoy worker threads (default %(default)s)")
     ap.add_argument("--png", default="bench-overhead.png", help="picture of the results (default %(default)s; '' for none)")
     args = ap.parse_args(argv)
     if args.quick:
-        s = Settings(concurrency=args.concurrency, seconds=args.seconds or 4.0, latency_seconds=3.0, warmup_seconds=1.0)
+        s = Settings(concurrency=args.concurrency, seconds=args.seconds or 4.0, latency_seconds=3.0, warmup_seconds=1.0,
+                     envoy_concurrency=args.envoy_concurrency)  # fmt: skip
     else:
-        s = Settings(concurrency=args.concurrency, seconds=args.seconds or d.seconds)
+        s = Settings(concurrency=args.concurrency, seconds=args.seconds or d.seconds, envoy_concurrency=args.envoy_concurrency)
+    wanted = {x.strip() for x in args.only.split(",") if x.strip()}
+    unknown = wanted - {name[1] for name, _ in CONFIGS}
+    if unknown:
+        ap.error(f"--only: no config {', '.join(sorted(unknown))} (configs a-{CONFIGS[-1][0][1]})")
+    configs = [(name, extra) for name, extra in CONFIGS if not wanted or name[1] in wanted]
     print(
         f"no-op backend ({s.backends} ports, one process); POST /v1/completions max_tokens 1, non-streaming; "
         f"{s.seconds:g}s at concurrency {s.concurrency}, {s.latency_seconds:g}s at concurrency 1; "
-        "Envoy --concurrency 1; ext_proc FULL_DUPLEX_STREAMED both ways",
+        f"Envoy --concurrency {s.envoy_concurrency}; ext_proc FULL_DUPLEX_STREAMED both ways",
         flush=True,
     )
     results = []
@@ -183,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         reserved: list[ReservedPort] = []
         backend, endpoints = start_backend(Path(tmp) / "noop", s.backends, reserved)
         try:
-            for i, (name, extra) in enumerate(CONFIGS):
+            for i, (name, extra) in enumerate(configs):
                 started = time.monotonic()
                 results.append(run_config(name, extra, endpoints, backend.popen.pid, Path(tmp) / str(i), s))
                 print(f"  {name}: done in {time.monotonic() - started:.0f}s", file=sys.stderr, flush=True)
