@@ -293,6 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
         "connections spread over all its workers (default 0: never; docs/scaling.md)",
     )  # fmt: skip
     cfg.add_argument(
+        "--epp-streams-per-connection", type=int, default=0, metavar="N",
+        help="at most N concurrent streams on one connection to the EPP: Envoy opens more connections, which "
+        "reach all of an EPP's --workers (default 0: unbounded; docs/scaling.md)",
+    )  # fmt: skip
+    cfg.add_argument(
         "--dns-destinations", action="store_true",
         help="the EPP's destinations are host names (a cluster-scoped EPP's peer gateways): route with Envoy's "
         "dynamic forward proxy, which resolves them, instead of ORIGINAL_DST (IP addresses only)",
@@ -536,6 +541,7 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
         override_host_endpoints=pool,
         dns_destinations=args.dns_destinations,
         epp_max_requests_per_connection=args.epp_max_requests_per_connection,
+        epp_streams_per_connection=args.epp_streams_per_connection,
     )
     print(yaml.safe_dump(envoy_config.render(settings), sort_keys=False), end="")
     return 0

@@ -67,6 +67,10 @@ class GatewaySettings:
     # connection to one EPP worker (SO_REUSEPORT), so connections that turn over keep every worker
     # fed even with few Envoy threads (docs/scaling.md).
     epp_max_requests_per_connection: int = 0
+    # Concurrent streams per connection to the EPP (HTTP/2 max_concurrent_streams; 0: Envoy's default,
+    # unbounded): past it Envoy opens another connection, so even one Envoy thread's requests reach
+    # several EPP workers at once.
+    epp_streams_per_connection: int = 0
 
 
 UNBOUNDED_QUEUE_WAIT = 3600.0  # seconds allowed when flow control's TTL is 0 (wait until the client goes)
@@ -126,9 +130,11 @@ def render(settings: GatewaySettings, reference: Path = REFERENCE) -> dict[str, 
         epp_endpoint.pop("health_check_config", None)
     if settings.epp_tls:
         _epp_tls(epp, settings)
+    options = epp["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
     if settings.epp_max_requests_per_connection:
-        options = epp["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
         options.setdefault("common_http_protocol_options", {})["max_requests_per_connection"] = settings.epp_max_requests_per_connection
+    if settings.epp_streams_per_connection:
+        options["explicit_http_config"]["http2_protocol_options"]["max_concurrent_streams"] = settings.epp_streams_per_connection
     if settings.override_host_endpoints and settings.dns_destinations:
         raise ConfigError("the override-host policy matches IP addresses; host-name destinations need the dynamic forward proxy",
                           field="dns destinations")  # fmt: skip

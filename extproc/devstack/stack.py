@@ -139,6 +139,9 @@ class ManagedProcess:
 # Envoy's streams per connection to an EPP with workers: a new connection (to the worker the kernel
 # picks) about every second at 1,000 requests/s, a handshake per 1,000 requests
 EPP_CONNECTION_REQUESTS = 1000
+# and at most this many streams at once on one connection: more open another, so the requests of one
+# busy Envoy thread reach several workers at once
+EPP_CONNECTION_STREAMS = 8
 ROLE_LABEL = "llm-d.ai/role"
 # The simulators' control API (/sim/stats, /sim/reset, /sim/fault): tests and benchmarks call each
 # simulator's own port; through the gateway a client gets 404.
@@ -526,6 +529,7 @@ class LocalStack:
                 override_host_endpoints=self.serving_endpoints if o.override_host else (),
                 closed_prefixes=SIM_CONTROL_PREFIXES,
                 epp_max_requests_per_connection=EPP_CONNECTION_REQUESTS if o.epp_workers > 1 else 0,
+                epp_streams_per_connection=EPP_CONNECTION_STREAMS if o.epp_workers > 1 else 0,
             )
             envoy_config.write(settings, path)
         else:

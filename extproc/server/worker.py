@@ -88,6 +88,8 @@ class RemoteDirector:
         stream's answer: `resume` (routed, `route` hands the pick over) or `refuse`."""
         request = stream.request
         assert request is not None
+        if self.lost:
+            return stream.refuse(_restarting())
         ticket = next(self._tickets)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting[ticket] = fut
@@ -96,8 +98,7 @@ class RemoteDirector:
         try:
             answer = await fut
         except ParentLost:
-            answer = ipc.Refused(ticket, SHUTTING_DOWN.code, SHUTTING_DOWN.status, SHUTTING_DOWN.dropped_reason,
-                                 "the EPP is restarting: try again")  # fmt: skip
+            return stream.refuse(_restarting())
         except asyncio.CancelledError:
             self._waiting.pop(ticket, None)
             # the client left while the parent worked on it: let go of what the parent holds for it
@@ -147,6 +148,8 @@ class RemoteDirector:
         return self._metadata(routing.ticket, usage if isinstance(usage, Usage) else None)
 
     async def _metadata(self, ticket: int, usage: Usage | None) -> Mapping[str, Mapping[str, float]] | None:
+        if self.lost:
+            return None
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting[ticket] = fut
         self._send(ipc.Report(ticket, usage))
@@ -155,6 +158,10 @@ class RemoteDirector:
         except ParentLost:
             return None
         return answer.metadata  # type: ignore[no-any-return]
+
+
+def _restarting() -> RequestError:
+    return RequestError(SHUTTING_DOWN, "the EPP is restarting: try again")
 
 
 def _parsers(specs: list[tuple[str, str]]) -> RequestParsers:
