@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import msgspec
 
@@ -138,6 +138,69 @@ def encode(msg: msgspec.Struct) -> bytes:
     """One frame: length, then the message."""
     payload = _encoder.encode(msg)
     return _LEN.pack(len(payload)) + payload
+
+
+class FrameProtocol(asyncio.Protocol):
+    """Frames over a stream socket without a task per read: each complete frame in what arrives is handed
+    to `on_frame` at once, in order; what `send` is given within one turn of the event loop goes out
+    in one write (a response's first byte and end, several picks)."""
+
+    def __init__(self, on_frame: Callable[[bytes], None], on_lost: Callable[[], None]) -> None:
+        self._on_frame = on_frame
+        self._on_lost = on_lost
+        self._buf = bytearray()
+        self._out: list[bytes] = []
+        self._transport: asyncio.Transport | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        start, n = 0, len(buf)
+        while n - start >= 4:
+            (size,) = _LEN.unpack_from(buf, start)
+            if size > MAX_FRAME:
+                self.close()
+                raise ValueError(f"IPC frame of {size} bytes, over the {MAX_FRAME} limit")
+            end = start + 4 + size
+            if end > n:
+                break
+            self._on_frame(bytes(buf[start + 4 : end]))
+            start = end
+        if start:
+            del buf[:start]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._transport = None
+        self._on_lost()
+
+    def send(self, msg: msgspec.Struct) -> None:
+        self.send_frame(encode(msg))
+
+    def send_frame(self, frame: bytes) -> None:
+        if self._transport is None:
+            return
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out.append(frame)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if self._transport is not None and out:
+            self._transport.write(b"".join(out) if len(out) > 1 else out[0])
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._flush()
+            self._transport.close()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
 
 
 def encode_hello(index: int, pid: int) -> bytes:

@@ -9,7 +9,7 @@ Started by extproc.server.workers.WorkerPool as `python -m extproc.server.worker
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import gc
 import itertools
 import logging
 import os
@@ -45,8 +45,8 @@ class RemoteDirector:
 
     routes_later = True
 
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self._writer = writer
+    def __init__(self, link: ipc.FrameProtocol) -> None:
+        self._link = link
         self._tickets = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Any]] = {}  # ticket -> its Picked/Refused or Metadata
         self._answers: dict[int, ipc.Picked] = {}  # id(request) -> the pick `route` hands over
@@ -74,7 +74,7 @@ class RemoteDirector:
 
     def _send(self, msg: msgspec.Struct) -> None:
         if not self.lost:
-            self._writer.write(ipc.encode(msg))
+            self._link.send(msg)
 
     # -- the Director protocol (extproc.handlers.request_stream.Director) ---------------------------
     def needs_data(self, request: InferenceRequest) -> bool:
@@ -171,8 +171,28 @@ def _parsers(specs: list[tuple[str, str]]) -> RequestParsers:
 async def serve(opts: WorkerOptions) -> None:
     from extproc.server.runner import _GRPC_OPTIONS, ExtProcServicer
 
-    reader, writer = await asyncio.open_unix_connection(opts.socket, limit=ipc.MAX_FRAME)
-    director = RemoteDirector(writer)
+    loop = asyncio.get_running_loop()
+    parent_gone = asyncio.Event()
+    servicer: ExtProcServicer | None = None
+    director: RemoteDirector | None = None
+
+    def on_frame(frame: bytes) -> None:
+        msg = ipc.worker_decoder.decode(frame)
+        assert servicer is not None and director is not None
+        if type(msg) is ipc.Setup:
+            servicer.parsers = _parsers(msg.specs)
+            director.send_body = msg.send_body
+        else:
+            director.on_message(msg)
+
+    def on_lost() -> None:
+        if director is not None:
+            director.parent_lost()
+        parent_gone.set()
+
+    link = ipc.FrameProtocol(on_frame, on_lost)
+    await loop.create_unix_connection(lambda: link, opts.socket)
+    director = RemoteDirector(link)
     director.send_body = opts.send_body
     limits = RequestLimits(opts.max_body_bytes, opts.max_headers, opts.max_headers_bytes, opts.body_idle_timeout)
     servicer = ExtProcServicer(director, limits, HeapTrimmer(), _parsers(opts.parsers))  # type: ignore[arg-type]
@@ -184,37 +204,24 @@ async def serve(opts: WorkerOptions) -> None:
     else:
         server.add_insecure_port(address)
     await server.start()
-    writer.write(ipc.encode_hello(opts.index, os.getpid()))  # listening: the parent counts this worker in
-
-    async def listen() -> None:
-        decode = ipc.worker_decoder.decode
-        while (frame := await ipc.read_frame(reader)) is not None:
-            msg = decode(frame)
-            if type(msg) is ipc.Setup:
-                servicer.parsers = _parsers(msg.specs)
-                director.send_body = msg.send_body
-            else:
-                director.on_message(msg)
-        director.parent_lost()
-
+    link.send_frame(ipc.encode_hello(opts.index, os.getpid()))  # listening: the parent counts this worker in
+    gc.collect()
+    gc.freeze()  # what start-up made lives as long as the process: out of the cyclic collector's way
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    listening = asyncio.create_task(listen())
+    gone = asyncio.create_task(parent_gone.wait())
     stopping = asyncio.create_task(stop.wait())
-    await asyncio.wait({listening, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    if listening.done():
+    await asyncio.wait({gone, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if gone.done():
         log.error("worker %d: the parent went away; stopping", opts.index)
         await server.stop(0)
     else:
         log.info("worker %d: draining %d open streams", opts.index, servicer.active_streams)
         await server.stop(None)  # the parent's grace period bounds this: it kills what outlasts it
+    gone.cancel()
     stopping.cancel()
-    listening.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await listening
-    writer.close()
+    link.close()
 
 
 def main() -> int:

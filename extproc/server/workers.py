@@ -95,16 +95,16 @@ def _refused(ticket: int, e: RequestError) -> ipc.Refused:
 class _Conn:
     """One worker's connection: the routings its streams hold, by the worker's ticket."""
 
-    index: int
-    writer: asyncio.StreamWriter
+    proto: ipc.FrameProtocol | None = None
+    index: int = -1  # -1 until its hello
     routings: dict[int, Routing] = field(default_factory=dict)
     pending: dict[int, asyncio.Task[None]] = field(default_factory=dict)  # picks waiting for data or flow control
     picks: int = 0  # requests this worker asked a pick for
     pid: int = 0
 
     def send(self, msg: msgspec.Struct) -> None:
-        if not self.writer.is_closing():
-            self.writer.write(ipc.encode(msg))
+        assert self.proto is not None
+        self.proto.send(msg)
 
 
 class PickService:
@@ -122,13 +122,14 @@ class PickService:
     async def start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
-        self._server = await asyncio.start_unix_server(self._serve, path=str(self.path), limit=ipc.MAX_FRAME)
+        self._server = await asyncio.get_running_loop().create_unix_server(self._accept, path=str(self.path))
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
         for conn in list(self.conns):
-            conn.writer.close()
+            if conn.proto is not None:
+                conn.proto.close()
         for task in list(self._tasks):
             task.cancel()
         with contextlib.suppress(FileNotFoundError):
@@ -145,39 +146,44 @@ class PickService:
         return sorted(({"worker": c.index, "pid": c.pid, "picks": c.picks, "in_flight": len(c.routings)} for c in self.conns),
                       key=lambda v: v["worker"])  # fmt: skip
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        hello = await ipc.read_frame(reader)  # the worker's index and pid, as "index pid"
-        if hello is None:
-            writer.close()
+    def _accept(self) -> ipc.FrameProtocol:
+        conn = _Conn()
+        conn.proto = ipc.FrameProtocol(lambda frame: self._frame(conn, frame), lambda: self._closed(conn))
+        return conn.proto
+
+    def _frame(self, conn: _Conn, frame: bytes) -> None:
+        if conn.index < 0:  # the worker's hello: "index pid", sent once it listens
+            index, _, pid = frame.decode().partition(" ")
+            conn.index, conn.pid = int(index), int(pid or 0)
+            self.conns.add(conn)
+            conn.send(self._setup())
             return
-        index, _, pid = hello.decode().partition(" ")
-        conn = _Conn(int(index), writer, pid=int(pid or 0))
-        self.conns.add(conn)
-        conn.send(self._setup())
-        decode = ipc.parent_decoder.decode
         try:
-            while (frame := await ipc.read_frame(reader)) is not None:
-                msg = decode(frame)
-                if type(msg) is ipc.Pick:
-                    self._pick(conn, msg)
-                elif type(msg) is ipc.Finish:
-                    self._finish(conn, msg)
-                elif type(msg) is ipc.FirstByte:
-                    routing = conn.routings.get(msg.id)
-                    if routing is not None:
-                        self.director.first_byte(routing, msg.end_of_stream)
-                elif type(msg) is ipc.Rejected:
-                    self._rejected(msg)
-                elif type(msg) is ipc.Report:
-                    routing = conn.routings.get(msg.id)
-                    md = self.director.response_metadata(routing, msg.usage) if routing is not None else None
-                    conn.send(ipc.Metadata(msg.id, md))
-        except (msgspec.DecodeError, ValueError) as e:
+            msg = ipc.parent_decoder.decode(frame)
+        except msgspec.DecodeError as e:
             log.error("worker %d: bad IPC message (%s): closing its connection", conn.index, e)
-        finally:
-            self.conns.discard(conn)
-            writer.close()
-            self._lost(conn)
+            if conn.proto is not None:
+                conn.proto.abort()
+            return
+        kind = type(msg)
+        if kind is ipc.Pick:
+            self._pick(conn, msg)
+        elif kind is ipc.Finish:
+            self._finish(conn, msg)
+        elif kind is ipc.FirstByte:
+            routing = conn.routings.get(msg.id)
+            if routing is not None:
+                self.director.first_byte(routing, msg.end_of_stream)
+        elif kind is ipc.Rejected:
+            self._rejected(msg)
+        elif kind is ipc.Report:
+            routing = conn.routings.get(msg.id)
+            md = self.director.response_metadata(routing, msg.usage) if routing is not None else None
+            conn.send(ipc.Metadata(msg.id, md))
+
+    def _closed(self, conn: _Conn) -> None:
+        self.conns.discard(conn)
+        self._lost(conn)
 
     def _lost(self, conn: _Conn) -> None:
         """The worker went away: what its streams held comes off the books, as an abort would."""
@@ -211,7 +217,7 @@ class PickService:
         except Exception as e:  # a bug must cost one request
             log.exception("request %s: internal error while it waited for its pick", adapter.request.request_id)
             answer = ipc.Refused(ticket, PROTOCOL.code, PROTOCOL.status, None, f"internal error: {e}")
-        if conn not in self.conns:  # the worker went while the request waited: nothing to answer
+        if conn.proto is None or conn.proto.closed:  # the worker went while the request waited: nothing to answer
             routing = conn.routings.pop(ticket, None)
             if routing is not None:
                 self.director.finish(routing, Outcome(status=None, streaming=False, usage=None, aborted=True, served=None))

@@ -38,23 +38,22 @@ def _director(endpoints: int = 3) -> Director:
 
 
 class Worker:
-    """One worker's end of the socket: its RemoteDirector and the task reading the parent's frames."""
+    """One worker's end of the socket: its RemoteDirector, fed the parent's frames as the worker process feeds it."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.writer = writer
-        self.director = RemoteDirector(writer)
-        self.reader = reader
+    def __init__(self) -> None:
+        self.link = ipc.FrameProtocol(self._frame, self._lost)
+        self.director = RemoteDirector(self.link)
         self.parsers = RequestParsers(DEFAULT_PARSERS)
-        self.task: asyncio.Task[None] | None = None
 
-    async def listen(self) -> None:
-        while (frame := await ipc.read_frame(self.reader)) is not None:
-            msg = ipc.worker_decoder.decode(frame)
-            if type(msg) is ipc.Setup:
-                self.parsers = _parsers(msg.specs)
-                self.director.send_body = msg.send_body
-            else:
-                self.director.on_message(msg)
+    def _frame(self, frame: bytes) -> None:
+        msg = ipc.worker_decoder.decode(frame)
+        if type(msg) is ipc.Setup:
+            self.parsers = _parsers(msg.specs)
+            self.director.send_body = msg.send_body
+        else:
+            self.director.on_message(msg)
+
+    def _lost(self) -> None:
         self.director.parent_lost()
 
     async def drive(self, stream: RequestStream, msgs: list[pb.ProcessingRequest]) -> list[pb.ProcessingResponse]:
@@ -85,14 +84,10 @@ async def parent(tmp_path: Path):
 
 
 async def connect(service: PickService, index: int = 0) -> Worker:
-    reader, writer = await asyncio.open_unix_connection(str(service.path))
-    writer.write(ipc.encode_hello(index, 4242 + index))
-    w = Worker(reader, writer)
-    w.task = asyncio.create_task(w.listen())
-    for _ in range(200):
-        if any(c.index == index for c in service.conns):
-            break
-        await asyncio.sleep(0.005)
+    w = Worker()
+    await asyncio.get_running_loop().create_unix_connection(lambda: w.link, str(service.path))
+    w.link.send_frame(ipc.encode_hello(index, 4242 + index))
+    await settle(lambda: any(c.index == index for c in service.conns), "the worker counted in")
     return w
 
 
@@ -176,7 +171,7 @@ async def test_a_worker_that_dies_mid_request_leaves_no_in_flight_count_behind(p
     stream = w.stream()
     await w.drive(stream, [headers_msg(), body_msg(completion_body(), True)])
     await settle(lambda: in_flight(parent) == 1, "in flight")
-    w.writer.transport.abort()  # the process is gone: its socket closes under it
+    w.link.abort()  # the process is gone: its socket closes under it
     await settle(lambda: in_flight(parent) == 0 and not parent.conns, "the dead worker's request settled as aborted")
 
 
