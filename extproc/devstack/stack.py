@@ -137,8 +137,8 @@ class ManagedProcess:
 
 
 # Envoy's streams per connection to an EPP with workers: a new connection (to the worker the kernel
-# picks) about every second at 1,000 requests/s, a handshake per 1,000 requests
-EPP_CONNECTION_REQUESTS = 1000
+# picks, at random) every 100 requests, ten handshakes a second at 1,000 requests/s
+EPP_CONNECTION_REQUESTS = 100
 # and at most this many streams at once on one connection: more open another, so the requests of one
 # busy Envoy thread reach several workers at once
 EPP_CONNECTION_STREAMS = 8

@@ -46,16 +46,18 @@ def _burst(stack, n: int, concurrency: int = 32) -> list[int]:
 
 def test_both_workers_get_connections_and_the_metrics_count_each_request_once(workers_stack):
     before = epp_metric(workers_stack, "inference_objective_request_total")
-    statuses = _burst(workers_stack, 400)
-    assert statuses.count(200) == 400, {s: statuses.count(s) for s in set(statuses)}
+    # >= 4 connections at once (8 streams each at most), each turned over after 100 streams: >= 10 in
+    # all, each handed to a worker at random by the kernel (all on one: < 0.2%)
+    statuses = _burst(workers_stack, 600)
+    assert statuses.count(200) == 600, {s: statuses.count(s) for s in set(statuses)}
     view = _runtime(workers_stack)
     picks = [w["picks"] for w in view["workers"]]
     assert len(picks) == 2 and all(p > 0 for p in picks), view["workers"]
-    assert epp_metric(workers_stack, "inference_objective_request_total") - before == 400
+    assert epp_metric(workers_stack, "inference_objective_request_total") - before == 600
     assert view["in_flight"] == 0 and view["active_streams"] == 0
     with urllib.request.urlopen(f"http://127.0.0.1:{workers_stack.admin_port}/stats?filter=cluster.llm-epp.upstream_cx_total", timeout=5) as r:
         connections = int(r.read().decode().split(":")[1])
-    assert connections >= 2  # one Envoy thread, several connections: the streams-per-connection bound
+    assert connections >= 6  # one Envoy thread, several connections: the bound on streams, the turnover
 
 
 def test_a_killed_worker_is_started_again_and_the_pool_keeps_no_count_of_its_requests(workers_stack):
