@@ -304,8 +304,10 @@ def worker_notes(results: Sequence[Measured]) -> list[str]:
         if not parent or total - parent < 0.2 * total:
             continue  # one process
         workers = total - parent
+        # the idle rate (scrapers, timers) is the parent's: per second, not per request
+        parent = max(parent - m.epp_idle_cores * m.load.wall_s / max(m.load.ok, 1), 1e-6)
         notes.append(
-            f"{m.name}: parent {parent * 1000:.2f} ms/request (the picks: its one core tops out near {1 / parent:,.0f} req/s), "
+            f"{m.name}: parent {parent * 1000:.2f} ms/request net of idle (the picks: its one core tops out near {1 / parent:,.0f} req/s), "
             f"workers {workers * 1000:.2f} ms/request together (one core each: {1 / workers:,.0f} req/s per worker); "
             f"16 cores, 15 workers + the parent: about {min(1 / parent, 15 / workers):,.0f} req/s"
         )
