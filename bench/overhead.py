@@ -50,6 +50,9 @@ class Settings:
     envoy_concurrency: int = 2
     idle_seconds: float = 3.0  # the EPP's CPU with no traffic, before the throughput phases
     rounds: int = 3  # throughput phases per gateway, taking turns; the best of each is kept
+    # and as many phases at this many requests/s, which every gateway here sustains: the ext_proc
+    # servers' CPU per request compared at one load (per-message costs fall as a loop batches more)
+    rate: float = 300.0
 
 
 @dataclass(slots=True)
@@ -62,6 +65,7 @@ class Measured:
     machine_cores: float  # every process on the machine (other users' too), same phase
     epp_cores: float = 0.0  # the ext_proc server's CPU seconds (workers included) / wall seconds, same phase
     epp_idle_cores: float = 0.0  # the same with no traffic (the EPP's scrapers and timers), measured just before
+    paced: Measured | None = None  # the same gateway at Settings.rate req/s (all gateways at one load)
 
 
 NOOP = "noop"  # run_all: replace the EPP with bench.noop_extproc on its ports
@@ -142,17 +146,17 @@ class Live:
             pids["epp"] = self.epp_pid
         return pids
 
-    def go(self, concurrency: int, seconds: float) -> Awaitable[LoadResult]:
+    def go(self, concurrency: int, seconds: float, rate: float | None = None) -> Awaitable[LoadResult]:
         port = self.stack.listen_port
         req = request_bytes("POST", "/v1/completions", f"127.0.0.1:{port}", BODY, {"Content-Type": "application/json"})
-        return closed_loop("127.0.0.1", port, req, concurrency=concurrency, seconds=seconds, max_requests=MAX_REQUESTS)
+        return closed_loop("127.0.0.1", port, req, concurrency=concurrency, seconds=seconds, max_requests=MAX_REQUESTS, rate=rate)
 
 
-async def throughput(g: Live, backend_pid: int, s: Settings) -> tuple[LoadResult, dict[str, float], float]:
-    """One throughput phase: the load, each process's CPU seconds in it, the machine's cores busy."""
+async def throughput(g: Live, backend_pid: int, s: Settings, rate: float | None = None) -> tuple[LoadResult, dict[str, float], float]:
+    """One throughput phase (at most `rate` req/s): the load, each process's CPU seconds in it, the machine's cores busy."""
     pids = g.pids(backend_pid)
     before, machine_before = _cpu_snapshot(pids), machine_cpu_seconds()
-    load = await g.go(s.concurrency, s.seconds)
+    load = await g.go(s.concurrency, s.seconds, rate)
     after, machine_after = _cpu_snapshot(pids), machine_cpu_seconds()
     spent = {k: after[k] - before[k] for k in before} | {"loadgen": load.cpu_s}
     return load, spent, (machine_after - machine_before) / load.wall_s
@@ -171,18 +175,24 @@ async def measure_all(gateways: Sequence[Live], backend_pid: int, s: Settings) -
             await asyncio.sleep(s.idle_seconds)
             idle[g.name] = (tree_cpu_seconds(g.epp_pid) - c0) / (time.monotonic() - t0)
     best: dict[str, Measured] = {}
+    paced: dict[str, Measured] = {}
     for _ in range(s.rounds):
         for g in gateways:
-            load, spent, machine = await throughput(g, backend_pid, s)
-            per_req = {k: v / max(load.ok, 1) for k, v in spent.items()}
-            ours = sum(v for k, v in spent.items() if k != "epp-parent")
-            m = Measured(g.name, load, LoadResult(), per_req, ours / load.wall_s, machine,
-                         spent.get("epp", 0.0) / load.wall_s, idle[g.name])  # fmt: skip
-            old = best.get(g.name)
-            if old is None or (_net(m) < _net(old) if "epp" in per_req else m.load.rate > old.load.rate):
-                best[g.name] = m
+            for rate, kept in ((None, best), (s.rate, paced)):
+                if rate is not None and g.epp_pid is None:
+                    continue
+                load, spent, machine = await throughput(g, backend_pid, s, rate)
+                per_req = {k: v / max(load.ok, 1) for k, v in spent.items()}
+                ours = sum(v for k, v in spent.items() if k != "epp-parent")
+                m = Measured(g.name, load, LoadResult(), per_req, ours / load.wall_s, machine,
+                             spent.get("epp", 0.0) / load.wall_s, idle[g.name])  # fmt: skip
+                old = kept.get(g.name)
+                if old is None or (_net(m) < _net(old) if "epp" in per_req else m.load.rate > old.load.rate):
+                    kept[g.name] = m
     for g in gateways:
         best[g.name].single = await g.go(1, s.latency_seconds)
+        if g.name in paced:
+            best[g.name].paced = paced[g.name]
     return [best[g.name] for g in gateways]
 
 
@@ -271,9 +281,7 @@ def summarize(results: Sequence[Measured], s: Settings) -> str:
             _ms(cpu["envoy"]), _ms(cpu["backend"]), _ms(cpu["loadgen"]), f"{m.busy_cores:.2f}", f"{m.machine_cores:.2f}", str(bad),
         ])  # fmt: skip
     base = results[0]
-    if not base.name.startswith("(a)"):
-        return table(header, rows)
-    for m in results[1:]:
+    for m in results[1:] if base.name.startswith("(a)") else ():
         rows.append([
             f"  {m.name[:3]} vs (a)", ratio(m.load.rate, base.load.rate),
             ratio(percentile(m.load.latencies, 50), percentile(base.load.latencies, 50)),
@@ -288,10 +296,27 @@ def summarize(results: Sequence[Measured], s: Settings) -> str:
         " (idle cores: scrapers, timers) over the phase; EPP cores = the ext_proc server's CPU (workers included) / wall;"
         " cores: ours = envoy+EPP+backend+loadgen CPU / wall; machine = every process on the box, from /proc/stat)"
     ]
-    for m in results[1:]:
+    for m in results[1:] if base.name.startswith("(a)") else ():
         d = percentile(m.single.latencies, 50) - percentile(base.single.latencies, 50)
         notes.append(f"{m.name}: +{d * 1000:.2f} ms p50 at concurrency 1 over (a)")
-    return table(header, rows) + "\n" + "\n".join(notes + worker_notes(results))
+    return table(header, rows) + "\n" + "\n".join(notes + worker_notes(results)) + "\n" + paced_table(results, s)
+
+
+def paced_table(results: Sequence[Measured], s: Settings) -> str:
+    """Every ext_proc server at the same load: CPU per request and against the no-op server's."""
+    paced = [(m.name, m.paced) for m in results if m.paced is not None]
+    noop = next((p for name, p in paced if name.startswith("(b)")), None)
+    rows = []
+    for name, p in paced:
+        assert p is not None
+        rows.append([
+            name, f"{p.load.rate:.0f}", _ms(p.cpu_per_request["epp"]), _ms(_net(p)),
+            ratio(_net(p), _net(noop)) if noop is not None and p is not noop else "-", f"{p.epp_cores:.2f}",
+            _ms(p.cpu_per_request.get("epp-parent", 0.0)) if p.cpu_per_request.get("epp-parent", 0.0) < 0.8 * p.cpu_per_request["epp"] else "-",
+            str(sum(p.load.errors.values()) + sum(n for st, n in p.load.statuses.items() if st != 200)),
+        ])  # fmt: skip
+    head = f"at {s.rate:g} req/s (the same load for every ext_proc server; best of {s.rounds}):"
+    return head + "\n" + table(["config", "req/s", "EPP cpu/req", "net of idle", "vs no-op", "EPP cores", "parent cpu/req", "errors"], rows)
 
 
 def worker_notes(results: Sequence[Measured]) -> list[str]:
@@ -320,6 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="short phases (a smoke test, under a minute)")
     ap.add_argument("--concurrency", type=int, default=d.concurrency)
     ap.add_argument("--seconds", type=float, help=f"throughput phase length (default {d.seconds:g})")
+    ap.add_argument("--rate", type=float, default=d.rate, help="the fixed load of the CPU comparison, req/s (default %(default)g)")
     ap.add_argument("--rounds", type=int, help=f"throughput phases per config, taking turns (default {d.rounds}; --quick 2)")
     ap.add_argument("--only", default="", metavar="a,b,...", help="run only these configs (letters; default all)")
     ap.add_argument("--envoy-concurrency", type=int, default=d.envoy_concurrency, help="Envoy worker threads (default %(default)s)")
@@ -327,10 +353,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         s = Settings(concurrency=args.concurrency, seconds=args.seconds or 4.0, latency_seconds=3.0, warmup_seconds=1.0,
-                     envoy_concurrency=args.envoy_concurrency, idle_seconds=1.5, rounds=args.rounds or 2)  # fmt: skip
+                     envoy_concurrency=args.envoy_concurrency, idle_seconds=1.5, rounds=args.rounds or 2, rate=args.rate)  # fmt: skip
     else:
         s = Settings(concurrency=args.concurrency, seconds=args.seconds or d.seconds, envoy_concurrency=args.envoy_concurrency,
-                     rounds=args.rounds or d.rounds)  # fmt: skip
+                     rounds=args.rounds or d.rounds, rate=args.rate)  # fmt: skip
     wanted = {x.strip() for x in args.only.split(",") if x.strip()}
     unknown = wanted - {name[1] for name, _ in CONFIGS}
     if unknown:
