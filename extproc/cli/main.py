@@ -362,6 +362,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     if opts.workers < 1:
         raise ConfigError(f"expected at least 1, got {opts.workers}", field="--workers")
+    if opts.workers > 1 and opts.grpc_port == 0:
+        raise ConfigError("--workers N needs a --grpc-port number: the workers share it (SO_REUSEPORT), port 0 would give each its own",
+                          field="--grpc-port")  # fmt: skip
     if opts.max_endpoints < 1:
         raise ConfigError("expected at least 1", field="--max-num-endpoints")
     if opts.max_request_headers < 1 or opts.max_request_headers_kb < 1:

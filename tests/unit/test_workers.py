@@ -208,3 +208,18 @@ def test_messages_round_trip_through_msgpack():
     frame = ipc.encode(msg)
     assert int.from_bytes(frame[:4], "big") == len(frame) - 4
     assert ipc.parent_decoder.decode(frame[4:]) == msg
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["serve", "--workers", "0"], "--workers: expected at least 1, got 0"),
+        (["serve", "--workers", "2", "--grpc-port", "0"], "--grpc-port: --workers N needs a --grpc-port number"),
+        (["up", "--workers", "0"], "--workers: expected at least 1, got 0"),
+    ],
+)
+def test_bad_worker_counts_are_refused_with_the_flag_named(argv, fragment, capsys):
+    from extproc.cli.main import main
+
+    assert main(argv) == 2
+    assert fragment in capsys.readouterr().err
