@@ -41,7 +41,7 @@ class ParentLost(Exception):
 
 class RemoteDirector:
     """The Director a worker's streams talk to: every pick is the parent's (`routes_later`), asked in
-    `prepare` and handed over by `route`; the rest is reported to the parent as it happens."""
+    `admit` and handed over by `route`; the rest is reported to the parent as it happens."""
 
     routes_later = True
 

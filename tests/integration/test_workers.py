@@ -77,3 +77,10 @@ def test_a_killed_worker_is_started_again_and_the_pool_keeps_no_count_of_its_req
     statuses = _burst(workers_stack, 100)
     assert statuses.count(200) == 100, {s: statuses.count(s) for s in set(statuses)}
     assert _runtime(workers_stack)["in_flight"] == 0
+
+
+def test_workers_serve_tls_with_the_one_certificate_envoy_verifies(tmp_path):
+    with make_stack(tmp_path, sims=2, epp_workers=2, epp_tls="verified") as stack:
+        statuses = _burst(stack, 40, concurrency=8)
+        assert statuses.count(200) == 40, {s: statuses.count(s) for s in set(statuses)}
+        assert sum(w["picks"] for w in _runtime(stack)["workers"]) == 40
