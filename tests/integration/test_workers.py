@@ -84,3 +84,22 @@ def test_workers_serve_tls_with_the_one_certificate_envoy_verifies(tmp_path):
         statuses = _burst(stack, 40, concurrency=8)
         assert statuses.count(200) == 40, {s: statuses.count(s) for s in set(statuses)}
         assert sum(w["picks"] for w in _runtime(stack)["workers"]) == 40
+
+
+def test_flow_control_queues_the_requests_of_both_workers_in_the_one_parent(tmp_path):
+    from tests.integration.test_flowcontrol_gateway import CONFIG, Client, _until, _view
+
+    config = tmp_path / "fc.yaml"
+    config.write_text(CONFIG.format(ttl="60s"))
+    with make_stack(tmp_path, sims=1, sim_args=("--max-num-seqs", "1"), flow_control_ttl=60.0, epp_workers=2,
+                    epp_args=("--config-file", str(config))) as stack:  # fmt: skip
+        c = Client(stack)
+        c.send("running", max_tokens=300)  # the pool is saturated (one at a time) while it decodes
+        _until(lambda: _view(stack, "/debug/runtime")["in_flight"] == 1, "the first request in flight")
+        for i in range(3):
+            c.send(f"queued-{i}")
+        _until(lambda: _view(stack, "/debug/flowcontrol")["requests"] == 3, "three requests queued in the parent")
+        c.join()
+        assert {name: r[0] for name, r in c.results.items()} == {"running": 200, "queued-0": 200, "queued-1": 200, "queued-2": 200}
+        _until(lambda: _view(stack, "/debug/runtime")["in_flight"] == 0, "every request settled")
+        assert _view(stack, "/debug/flowcontrol")["requests"] == 0
