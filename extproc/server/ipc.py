@@ -209,18 +209,6 @@ def encode_hello(index: int, pid: int) -> bytes:
     return _LEN.pack(len(payload)) + payload
 
 
-async def read_frame(reader: asyncio.StreamReader) -> bytes | None:
-    """The next frame's payload; None when the other side closed the socket."""
-    try:
-        head = await reader.readexactly(4)
-        (n,) = _LEN.unpack(head)
-        if n > MAX_FRAME:
-            raise ValueError(f"IPC frame of {n} bytes, over the {MAX_FRAME} limit")
-        return await reader.readexactly(n)
-    except (asyncio.IncompleteReadError, ConnectionError):
-        return None
-
-
 parent_decoder = msgspec.msgpack.Decoder(ToParent)
 worker_decoder = msgspec.msgpack.Decoder(ToWorker)
 
@@ -232,7 +220,7 @@ def pick_of(ticket: int, req: InferenceRequest, raw: bytes | None, subset: list[
     hashes = {k: list(v) for k, v in req.media_hashes.items()} if req.media_hashes is not None else None
     ids = list(req.prompt_token_ids) if req.prompt_token_ids is not None else None
     return Pick(
-        ticket, req.request_id, req.path, dict(req.headers), req.api, req.model, req.prompt_text, ids, req.cache_salt,
+        ticket, req.request_id, req.path, req.headers, req.api, req.model, req.prompt_text, ids, req.cache_salt,  # type: ignore[arg-type]
         req.stream, req.include_usage, req.max_tokens, req.multimodal, media, hashes, req.media_tokens, raw, subset, body_bytes,
     )  # fmt: skip
 
