@@ -73,6 +73,7 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
         "InferenceModelRewrites add to them",
     )  # fmt: skip
     _add_kubernetes_flags(p)
+    _add_peer_flags(p)
     scheduling = p.add_mutually_exclusive_group()
     scheduling.add_argument(
         "--strategy", choices=STRATEGIES, default=None,
@@ -186,6 +187,28 @@ def _add_kubernetes_flags(p: argparse.ArgumentParser) -> None:
     k.add_argument("--leader-election-retry-period", type=_duration, default=2.0, help="how often to renew or retry (default 2s)")
 
 
+def _add_peer_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("active-active replicas (share picks and load with peers: docs/high-availability.md)")
+    g.add_argument("--peers", default="", metavar="HOST:PORT,...",
+                   help="the replicas to share with, at their --peer-port (this replica may be listed too)")
+    g.add_argument("--peer-port", type=int, default=9004, help="port this replica takes peers' streams on (default 9004)")
+    g.add_argument("--replica-id", default="", help="this replica's name to its peers (default: $POD_NAME or host, pid, random)")
+
+
+def _peer_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    if not args.peers:
+        return None  # not sharing: the exchange is never imported
+    from extproc.peers.sync import PeerOptions, parse_peers
+
+    try:
+        peers = parse_peers(args.peers)
+    except ValueError as e:
+        raise ConfigError(str(e), field="--peers") from None
+    if not 0 <= args.peer_port < 65536:
+        raise ConfigError(f"expected a port 0-65535, got {args.peer_port}", field="--peer-port")
+    return PeerOptions(peers=peers, port=args.peer_port, bind_address=args.bind_address, replica_id=args.replica_id)
+
+
 def _kubernetes_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     if args.endpoints and args.endpoint_selector:
         raise ConfigError("give either --endpoints or --endpoint-selector, not both", field="--endpoint-selector")
@@ -238,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--fail-open", action="store_true",
         help="Envoy serves from the pool directly when the EPP is down (BUFFERED request bodies unless --request-body-mode)",
     )  # fmt: skip
+    up.add_argument("--replicas", type=int, default=1, metavar="N",
+                    help="EPP replicas behind Envoy (LEAST_REQUEST), active-active: they share picks and load (default 1)")
+    up.add_argument("--no-sharing", action="store_true", help="with --replicas: each replica keeps its own state (a baseline)")
     up.add_argument("--secure", action="store_true", help="Envoy talks to the EPP over TLS (a certificate generated for the run)")
     pd = up.add_argument_group("prefill/decode disaggregation (uses pickers/configs/pd.yaml unless --config-file)")
     pd.add_argument("--pd", action="store_true", help="prefill simulators + decode simulators each behind a pd-sidecar")
@@ -339,6 +365,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tracing=args.tracing,
         tracing_sample_ratio=args.tracing_sample_ratio,
         allow_experimental_plugins=args.allow_experimental_plugins,
+        peers=_peer_options(args),
     )
     if opts.max_endpoints < 1:
         raise ConfigError("expected at least 1", field="--max-num-endpoints")
@@ -387,7 +414,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         failure_mode_allow=args.fail_open,
         envoy_concurrency=2,
         epp_tls="verified" if args.secure else "",
+        epp_replicas=args.replicas,
+        epp_share=not args.no_sharing,
     )
+    if args.replicas < 1:
+        print(f"epp up: --replicas: expected at least 1, got {args.replicas}", file=sys.stderr)
+        return 2
     opts.pd = _pd_pool(args)
     opts.dp_groups, opts.dp_size = _dp_groups(args)
     if opts.pd is not None and not args.config_file:
@@ -407,7 +439,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         if opts.pd.dp_size:
             what = (f"{opts.pd.prefill} prefill + {opts.pd.decode} decode data-parallel groups of {opts.pd.dp_size} "
                     "ranks (decode ranks behind DP pd-sidecars)")
-    print(f"starting Envoy, the EPP and {'your endpoints' if args.endpoints else what} ...", flush=True)
+    epps = "the EPP" if args.replicas == 1 else f"{args.replicas} EPP replicas ({'own state each' if args.no_sharing else 'sharing'})"
+    print(f"starting Envoy, {epps} and {'your endpoints' if args.endpoints else what} ...", flush=True)
     try:
         stack.start()
     except StackError as e:
@@ -422,6 +455,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"       -d '{{\"model\": \"{args.model}\", \"prompt\": \"Hello\", \"max_tokens\": 8}}'")
         print(f"EPP metrics: http://127.0.0.1:{stack.epp_metrics_port}/metrics   logs: {workdir}")
         print(f"EPP live views: epp status --url http://127.0.0.1:{stack.epp_admin_port}")
+        for r in stack.epp_replicas[1:]:
+            print(f"EPP replica {r.index}: metrics http://127.0.0.1:{r.metrics_port}/metrics   live views: epp status --url http://127.0.0.1:{r.admin_port}")
         print("A child that dies is restarted. Ctrl-C stops everything.", flush=True)
         while True:
             time.sleep(3600)

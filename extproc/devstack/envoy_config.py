@@ -11,6 +11,7 @@ Envoy itself, before the EPP is asked.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,9 @@ class GatewaySettings:
     # The EPP's gRPC health port: Envoy health-checks the EPP there so it knows at once when the EPP
     # is down or draining (see the llm-epp cluster in the reference file). 0: no active health check.
     epp_health_port: int = 9003
+    # Several EPP replicas (port, health port) instead of epp_port: Envoy spreads the streams with
+    # LEAST_REQUEST and stops sending to one that fails its health check or refuses a connection.
+    epp_replicas: Sequence[tuple[int, int]] = ()
     # ext_proc over TLS (`epp serve --secure-serving`). Without a CA the EPP's certificate is not
     # verified (the reference picker's self-signed default); with one, it must chain to it.
     epp_tls: bool = False
@@ -119,6 +123,17 @@ def render(settings: GatewaySettings, reference: Path = REFERENCE) -> dict[str, 
     else:
         del epp["health_checks"]
         epp_endpoint.pop("health_check_config", None)
+    if settings.epp_replicas:
+        lb = epp["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        template = lb[0]
+        lb[:] = []
+        for port, health in settings.epp_replicas:
+            ep = copy.deepcopy(template)
+            ep["endpoint"]["address"]["socket_address"]["port_value"] = port
+            if settings.epp_health_port:
+                ep["endpoint"]["health_check_config"] = {"port_value": health}
+            lb.append(ep)
+        epp["lb_policy"] = "LEAST_REQUEST"
     if settings.epp_tls:
         _epp_tls(epp, settings)
     if settings.override_host_endpoints and settings.dns_destinations:

@@ -72,6 +72,7 @@ if TYPE_CHECKING:  # imported when used: the Kubernetes client costs half a seco
 
     from extproc.flowcontrol.controller import FlowController
     from extproc.kubernetes.runtime import KubernetesOptions, KubernetesRuntime
+    from extproc.peers.sync import PeerOptions, PeerSync
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ class ServeOptions:
     tracing: bool = False  # OpenTelemetry spans per request (the `otel` extra); off: OpenTelemetry is never imported
     tracing_sample_ratio: float = 1.0  # of requests arriving without a sampled traceparent
     allow_experimental_plugins: bool = False  # llm-d's Alpha plugin types load only with it (--allow-experimental-plugins)
+    peers: PeerOptions | None = None  # active-active: share picks and load with these replicas (extproc.peers)
 
 
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
@@ -236,7 +238,7 @@ class EppServer:
         self.opts = opts
         self.datastore = Datastore(metrics_stale_after=opts.metrics_staleness_threshold)
         self.metrics = EppMetrics(pool_name=opts.pool_name)
-        self.prefix_index = ApproxPrefixIndex()
+        self.prefix_index = self._prefix_index()
         # the latency model: its fits live on the datastore's endpoints, request control feeds it and
         # the latency plugins (predicted-latency-producer, ...) read it
         self.latency = LatencyModel()
@@ -303,10 +305,32 @@ class EppServer:
         self._health_grpc: grpc.aio.Server | None = None
         self._metrics_runner: web.AppRunner | None = None
         self._admin_runner: web.AppRunner | None = None
+        self.peer_sync: PeerSync | None = None
         self.admin_port = 0
         self.grpc_port = 0
         self.health_port = 0
         self.metrics_port = 0
+
+    def _prefix_index(self) -> ApproxPrefixIndex:
+        """The approximate prefix index; with peers, one that journals local picks for them (imported only then)."""
+        peers = self.opts.peers
+        if peers is None:
+            return ApproxPrefixIndex()
+        if self.opts.kubernetes is not None and self.opts.kubernetes.leader_election:
+            raise ConfigError(
+                "active-active peers (--peers) and leader election (--ha-enable-leader-election) exclude each other: "
+                "with a leader only one replica serves; choose one (docs/high-availability.md)", field="--peers",
+            )  # fmt: skip
+        from extproc.peers.journal import SharedPrefixIndex
+
+        return SharedPrefixIndex(journal_blocks=peers.journal_blocks)
+
+    def _block_digest(self) -> str:
+        """How this replica hashes prompt blocks (the block sizes its prefix plugins use): peers must agree."""
+        from pickers.plugins.scorer.affinity.prefix import ApproxPrefixCacheProducer, PrefixCacheScorer
+
+        sizes = sorted({p.block_chars for p in self.scheduler.plugins if isinstance(p, (PrefixCacheScorer, ApproxPrefixCacheProducer))})
+        return "xxh64-chain/chars=" + ",".join(map(str, sizes))
 
     def _wire_renderer(self, tp: TokenProducer) -> None:
         """Give a vllm or uds token-producer its client, shared by those that ask one server for one
@@ -528,6 +552,15 @@ class EppServer:
                 self.supervisor.start(f"kv-block-metrics-log/{name}", functools.partial(
                     log_kv_block_metrics, name, functools.partial(self._index_metrics, name), precise.metrics_logging_interval))  # fmt: skip
 
+        if opts.peers is not None:
+            from extproc.peers.journal import SharedPrefixIndex
+            from extproc.peers.sync import PeerSync
+
+            assert isinstance(self.prefix_index, SharedPrefixIndex)
+            self.peer_sync = PeerSync(opts.peers, self.prefix_index, self.datastore, self._block_digest)
+            await self.peer_sync.start()
+            self.supervisor.start("peer-sync", self.peer_sync.run)
+
         self._grpc = grpc.aio.server(options=_GRPC_OPTIONS)
         pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, self._grpc)
         self.grpc_port = self._add_ext_proc_port(self._grpc)
@@ -604,7 +637,12 @@ class EppServer:
             "version": self.metrics.version, "scheduling_source": self.scheduling_source, "options": options_view(opts),
             "data_layer": self.data_layer.summary(),
         }  # fmt: skip
-        runtime = lambda: {"active_streams": self.servicer.active_streams, "heap_trims": self.heap.trims}  # noqa: E731
+        def runtime() -> dict[str, Any]:
+            view: dict[str, Any] = {"active_streams": self.servicer.active_streams, "heap_trims": self.heap.trims}
+            if self.peer_sync is not None:
+                view["peers"] = self.peer_sync.status()
+            return view
+
         fc = self.flow_control
         app = admin_app(
             self.datastore, self.prefix_index, self.director, config, runtime,
@@ -667,6 +705,8 @@ class EppServer:
             producer.close()  # an open burst window is placed now: its requests go on to their pick
         if self._grpc is not None:
             await self._grpc.stop(grace)
+        if self.peer_sync is not None:
+            await self.peer_sync.stop()  # after the drain: the last picks reach the peers too
         await self.supervisor.stop()
         for client in self._render_clients.values():
             await client.close()
