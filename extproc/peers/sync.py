@@ -26,7 +26,7 @@ import grpc
 from extproc.datalayer.datastore import Datastore
 from extproc.datalayer.supervisor import Backoff
 from extproc.peers.journal import DEFAULT_JOURNAL_BLOCKS, SharedPrefixIndex
-from extproc.peers.load import DEFAULT_TTL, PeerLoad
+from extproc.peers.load import DEFAULT_TTL, Load, PeerLoad
 from extproc.peers.peerpb import peer_pb2 as pb
 from extproc.peers.peerpb import peer_pb2_grpc as pb_grpc
 
@@ -199,7 +199,7 @@ class PeerSync(pb_grpc.PeerSyncServicer):
                 self.index.apply_peer(rec.endpoint, list(rec.hashes), rec.capacity)
                 st.records_applied += 1
         if u.load_snapshot:
-            self.load.update(peer, {e.endpoint: (e.requests, e.tokens) for e in u.load})
+            self.load.update(peer, {e.endpoint: Load(e.requests, e.tokens, e.prefill_tokens, e.output_tokens) for e in u.load})
         else:
             self.load.heard(peer)
 
@@ -269,7 +269,7 @@ class PeerSync(pb_grpc.PeerSyncServicer):
             hello = pb.Hello(version=PROTOCOL_VERSION, replica_id=self.replica_id, config_digest=self.digest())
             await self._write(call, pb.Update(hello=hello))
             cursor = journal.first_seq  # replay what the journal holds: the peer catches up
-            last_load: list[tuple[str, int, int]] | None = None
+            last_load: list[tuple[str, Load]] | None = None
             last_sent = 0.0
             first = True
             while True:
@@ -286,8 +286,9 @@ class PeerSync(pb_grpc.PeerSyncServicer):
                 own = [] if stopping else self.load.own()
                 if own != last_load or now - last_sent >= HEARTBEAT:
                     u.load_snapshot = True
-                    for address, requests, tokens in own:
-                        u.load.add(endpoint=address, requests=requests, tokens=tokens)
+                    for address, load in own:
+                        u.load.add(endpoint=address, requests=load.requests, tokens=load.tokens,
+                                   prefill_tokens=load.prefill_tokens, output_tokens=load.output_tokens)
                     last_load = own
                 if read.entries or u.load_snapshot or read.dropped:
                     await self._write(call, u)
@@ -347,6 +348,6 @@ class PeerSync(pb_grpc.PeerSyncServicer):
             "journal_entries": len(journal),
             "journal_blocks": journal.blocks,
             "peer_load_entries": self.load.entries(),
-            "peer_load": dict(zip(("requests", "tokens"), self.load.total(), strict=True)),
+            "peer_load": self.load.total()._asdict(),
             **{name: getattr(st, name) for name in SyncStats.__slots__},  # type: ignore[attr-defined]
         }

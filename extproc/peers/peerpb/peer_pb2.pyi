@@ -27,14 +27,18 @@ class BlockRecord(_message.Message):
     def __init__(self, endpoint: _Optional[str] = ..., hashes: _Optional[_Iterable[int]] = ..., capacity: _Optional[int] = ...) -> None: ...
 
 class EndpointLoad(_message.Message):
-    __slots__ = ("endpoint", "requests", "tokens")
+    __slots__ = ("endpoint", "requests", "tokens", "prefill_tokens", "output_tokens")
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     endpoint: str
     requests: int
     tokens: int
-    def __init__(self, endpoint: _Optional[str] = ..., requests: _Optional[int] = ..., tokens: _Optional[int] = ...) -> None: ...
+    prefill_tokens: int
+    output_tokens: int
+    def __init__(self, endpoint: _Optional[str] = ..., requests: _Optional[int] = ..., tokens: _Optional[int] = ..., prefill_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ...) -> None: ...
 
 class Update(_message.Message):
     __slots__ = ("hello", "blocks", "load", "load_snapshot", "dropped")
