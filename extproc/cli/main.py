@@ -191,12 +191,14 @@ def _add_peer_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("active-active replicas (share picks and load with peers: docs/high-availability.md)")
     g.add_argument("--peers", default="", metavar="HOST:PORT,...",
                    help="the replicas to share with, at their --peer-port (this replica may be listed too)")
+    g.add_argument("--peer-service", default="", metavar="NAME",
+                   help="Kubernetes: the headless Service whose EndpointSlices list the replicas (ready addresses, port `peers`)")
     g.add_argument("--peer-port", type=int, default=9004, help="port this replica takes peers' streams on (default 9004)")
     g.add_argument("--replica-id", default="", help="this replica's name to its peers (default: $POD_NAME or host, pid, random)")
 
 
 def _peer_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    if not args.peers:
+    if not (args.peers or args.peer_service):
         return None  # not sharing: the exchange is never imported
     from extproc.peers.sync import PeerOptions, parse_peers
 
@@ -206,7 +208,8 @@ def _peer_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         raise ConfigError(str(e), field="--peers") from None
     if not 0 <= args.peer_port < 65536:
         raise ConfigError(f"expected a port 0-65535, got {args.peer_port}", field="--peer-port")
-    return PeerOptions(peers=peers, port=args.peer_port, bind_address=args.bind_address, replica_id=args.replica_id)
+    return PeerOptions(peers=peers, service=args.peer_service, namespace=args.pool_namespace, kubeconfig=args.kubeconfig,
+                       port=args.peer_port, bind_address=args.bind_address, replica_id=args.replica_id)
 
 
 def _kubernetes_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]

@@ -62,7 +62,8 @@ class PeerOptions:
 
     peers: tuple[str, ...] = ()  # static host:port list (this replica may be in it)
     service: str = ""  # a headless Service whose EndpointSlices list the replicas (Kubernetes)
-    namespace: str = ""  # the Service's (default: the pool's)
+    namespace: str = ""  # the Service's (default: $NAMESPACE, else the pod's own)
+    kubeconfig: str | None = None  # to reach the API server for `service` (default: in-cluster)
     port: int = DEFAULT_PORT  # where this replica takes peers' streams; peers of a Service use it too
     bind_address: str = "0.0.0.0"
     replica_id: str = ""  # default: pod name (or host name), process id and a random suffix

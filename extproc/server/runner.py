@@ -306,6 +306,7 @@ class EppServer:
         self._metrics_runner: web.AppRunner | None = None
         self._admin_runner: web.AppRunner | None = None
         self.peer_sync: PeerSync | None = None
+        self._peer_api: Any = None  # the API client of peer discovery, when Kubernetes discovery has none
         self.admin_port = 0
         self.grpc_port = 0
         self.health_port = 0
@@ -560,6 +561,8 @@ class EppServer:
             self.peer_sync = PeerSync(opts.peers, self.prefix_index, self.datastore, self._block_digest)
             await self.peer_sync.start()
             self.supervisor.start("peer-sync", self.peer_sync.run)
+            if opts.peers.service:
+                await self._discover_peers(opts.peers, self.peer_sync)
 
         self._grpc = grpc.aio.server(options=_GRPC_OPTIONS)
         pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, self._grpc)
@@ -588,6 +591,19 @@ class EppServer:
             "llm-epp serving ext_proc on :%d, health on :%d, metrics on :%d (%s, %d endpoints)",
             self.grpc_port, self.health_port, self.metrics_port, self.scheduling_source, len(self.datastore),
         )
+
+    async def _discover_peers(self, peers: PeerOptions, sync: PeerSync) -> None:
+        """Peers from the EndpointSlices of a headless Service (the Kubernetes client imported only then)."""
+        from extproc.kubernetes.client import default_namespace, make_api_client
+        from extproc.peers.discovery import PeerServiceDiscovery
+
+        api = self.kubernetes.api if self.kubernetes is not None and self.kubernetes.api is not None else None
+        if api is None:
+            api = self._peer_api = await make_api_client(peers.kubeconfig)
+        found = PeerServiceDiscovery(api, sync.set_targets, namespace=peers.namespace or default_namespace(),
+                                     service=peers.service, port=peers.port)  # fmt: skip
+        self.supervisor.start("peer-discovery", found.run)
+        log.info("discovering peers from the %s", found.what)
 
     def _index_metrics(self, name: str) -> IndexMetrics | None:
         """The metrics of precise plugin `name` serving now (after a reload too), if it counts them."""
@@ -714,6 +730,8 @@ class EppServer:
             tp.close()
         if self.kubernetes is not None:
             await self.kubernetes.close()
+        if self._peer_api is not None:
+            await self._peer_api.close()
         if self._health_grpc is not None:
             await self._health_grpc.stop(0)
         if self._metrics_runner is not None:
