@@ -227,6 +227,9 @@ class LocalStack:
         self.endpoints_path: Path | None = None
         self.epp_proc: ManagedProcess | None = None
         self.epp_replicas: list[EppReplica] = []  # with StackOptions.epp_replicas > 1
+        # How a replica reaches a peer's exchange (default: its peer port on loopback); a fault bench
+        # puts a proxy it can cut in between (a partition between the replicas).
+        self.peer_address: Callable[[EppReplica], str] = lambda r: f"127.0.0.1:{r.peer_port}"
         self.envoy_proc: ManagedProcess | None = None
         self.supervisor: ProcessSupervisor | None = None
         self._reserved: dict[int, ReservedPort] = {}
@@ -503,7 +506,7 @@ class LocalStack:
             n = len(self.epp_replicas)
             self.epp_replicas.append(EppReplica(n, *(self.reserve_port() for _ in range(5))))
         r = self.epp_replicas[i]
-        peers = ["--peers", ",".join(f"127.0.0.1:{p.peer_port}" for p in self.epp_replicas if p is not r),
+        peers = ["--peers", ",".join(self.peer_address(p) for p in self.epp_replicas if p is not r),
                  "--peer-port", str(r.peer_port), "--replica-id", f"epp-{i}"] if o.epp_share else []
         argv = [
             sys.executable, "-m", "extproc.cli", "serve",

@@ -10,7 +10,7 @@ partition longer than the ring holds) skips what was overwritten and is told how
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
@@ -46,6 +46,7 @@ class Journal:
         self._blocks = 0
         self.next_seq = 0  # the sequence number the next record gets
         self.overwritten = 0  # records dropped from the ring to make room
+        self.on_append: Callable[[], None] | None = None  # wakes the pushers
 
     def append(self, address: str, hashes: Sequence[int], capacity: int) -> None:
         ring = self._ring
@@ -55,6 +56,8 @@ class Journal:
         while self._blocks > self.max_blocks and len(ring) > 1:
             self._blocks -= len(ring.popleft().hashes)
             self.overwritten += 1
+        if self.on_append is not None:
+            self.on_append()
 
     @property
     def first_seq(self) -> int:

@@ -1,9 +1,11 @@
 """The exchange between replicas: a PeerSync gRPC server that applies what peers push, and one pusher
 per peer that streams this replica's journal and load to it.
 
-A pusher sends every `flush_interval` (batched), a load snapshot when it changed and at least every
-HEARTBEAT seconds, and on (re)connecting replays what the journal still holds, so a peer that was
-cut off or restarted catches up. A peer that cannot be reached is retried with backoff; meanwhile
+A pusher wakes when a pick is journalled and sends what gathered within `flush_interval` (so picks are
+batched under load and reach peers within milliseconds when it is light), looks at this replica's
+load every LOAD_POLL seconds (a request that ended changes it without a pick), sends a load snapshot
+when it changed and at least every HEARTBEAT seconds, and on (re)connecting replays what the journal
+still holds, so a peer that was cut off or restarted catches up. A peer that cannot be reached is retried with backoff; meanwhile
 this replica serves on its own state. A target that turns out to be this replica (a Service lists
 every replica) answers ALREADY_EXISTS and is not dialled again. On shutdown the pushers send what is
 left and an empty load snapshot, so peers drop this replica's load at once.
@@ -34,7 +36,10 @@ log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
 DEFAULT_PORT = 9004
-DEFAULT_FLUSH_INTERVAL = 0.05  # seconds: a peer learns a pick this late at most (plus the network)
+# Seconds a pusher waits after a pick for more to send with it. Two replicas that pick within this
+# (plus the network) of each other do not see each other's pick: both may choose the same endpoint.
+DEFAULT_FLUSH_INTERVAL = 0.005
+LOAD_POLL = 0.05  # seconds between looks at this replica's load when no pick comes
 HEARTBEAT = 0.5  # seconds between load snapshots when nothing changed (peers expire us after DEFAULT_TTL)
 MAX_UPDATE_BLOCKS = 16_384  # hashes per message (128 KiB): a replay after a partition goes in pieces
 STOP_FLUSH_TIMEOUT = 1.0  # seconds the last batch may take on shutdown
@@ -132,6 +137,8 @@ class PeerSync(pb_grpc.PeerSyncServicer):
         self._targets: dict[str, _Target] = {}
         self._changed = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._wake: set[asyncio.Event] = set()  # one per pusher, set when a pick is journalled
+        index.journal.on_append = self._picked
         self._inbound: dict[str, int] = {}  # peer id -> its newest stream's number
         self._streams = 0
         self._mismatch_warned: set[str] = set()
@@ -263,7 +270,19 @@ class PeerSync(pb_grpc.PeerSyncServicer):
                 return
             await asyncio.sleep(backoff.next_delay())
 
+    def _picked(self) -> None:
+        for ev in self._wake:
+            ev.set()
+
     async def _stream_to(self, t: _Target) -> None:
+        wake = asyncio.Event()
+        self._wake.add(wake)
+        try:
+            await self._stream_with(t, wake)
+        finally:
+            self._wake.discard(wake)
+
+    async def _stream_with(self, t: _Target, wake: asyncio.Event) -> None:
         journal = self.index.journal
         async with grpc.aio.insecure_channel(t.address, options=_CHANNEL_OPTIONS, compression=grpc.Compression.Gzip) as channel:
             call = pb_grpc.PeerSyncStub(channel).Push()
@@ -307,11 +326,15 @@ class PeerSync(pb_grpc.PeerSyncServicer):
                     await call.done_writing()
                     await call
                     return
-                if cursor >= journal.next_seq:  # caught up: wait for the next batch
+                if cursor >= journal.next_seq:  # caught up: wait for the next pick (or a look at the load)
+                    wake.clear()
                     try:
-                        await asyncio.wait_for(self._stopping.wait(), self.opts.flush_interval)
+                        await asyncio.wait_for(wake.wait(), LOAD_POLL)
                     except TimeoutError:
                         pass
+                    else:
+                        if self.opts.flush_interval > 0 and not self._stopping.is_set():
+                            await asyncio.sleep(self.opts.flush_interval)  # let the picks of a burst join
 
     async def _write(self, call: Any, u: pb.Update) -> None:
         try:
@@ -327,6 +350,7 @@ class PeerSync(pb_grpc.PeerSyncServicer):
     async def stop(self) -> None:
         """Send what is left (and that this replica has no load now) to connected peers, then stop serving."""
         self._stopping.set()
+        self._picked()  # wake the pushers
         tasks = [t.task for t in self._targets.values() if t.task is not None and t.connected]
         if tasks:
             await asyncio.wait(tasks, timeout=STOP_FLUSH_TIMEOUT)
