@@ -9,7 +9,7 @@ the dead child took to serve again and how long until requests went through it a
 The `replicas-*` scenarios run two active-active EPP replicas behind Envoy (docs/high-availability.md)
 and fault one: kill -9 (restarted after a while), SIGSTOP for 10 s, a rolling restart (SIGTERM, drain,
 start again, one replica after the other), a partition between the two (each keeps serving; after
-healing, how long until their prefix indexes agree again). They print, per body mode, how long
+healing, how long until every pick either made has reached the other). They print, per body mode, how long
 requests kept failing after the fault ("errors for") and the partition's convergence time.
 """
 
@@ -589,18 +589,23 @@ def _runtime(port: int) -> dict:  # type: ignore[type-arg]
         return json.load(r)  # type: ignore[no-any-return]
 
 
-def _converged(stack: LocalStack) -> bool:
-    """Both replicas reach each other and hold the same prefix entries (within 2%)."""
+def _journal_positions(stack: LocalStack) -> dict[str, int]:
+    """Each replica's picks so far (its journal position), by replica id."""
+    views = [_runtime(r.admin_port)["peers"] for r in stack.epp_replicas]
+    return {v["replica_id"]: v["journal_next"] for v in views}
+
+
+def _behind(stack: LocalStack, picked: dict[str, int]) -> int:
+    """Picks made by `picked` (each replica's journal position then) that have not reached the other replica;
+    -1 while a replica does not answer."""
     try:
-        views = [_runtime(r.admin_port) for r in stack.epp_replicas]
+        views = [_runtime(r.admin_port)["peers"] for r in stack.epp_replicas]
     except OSError:
-        return False
-    connected = all(all(p["connected"] for p in v["peers"]["peers"].values()) for v in views)
-    a, b = (v["prefix_index_size"] for v in views)
-    return connected and abs(a - b) <= 0.02 * max(a, b, 1)
+        return -1
+    return sum(max(0, upto - v["heard_upto"].get(peer, 0)) for v in views for peer, upto in picked.items() if peer != v["replica_id"])
 
 
-REPLICA_HEADER = ["scenario", "sent", "failed", "lost", "non-200", "errors for", "converged after"]
+REPLICA_HEADER = ["scenario", "sent", "failed", "lost", "non-200", "errors for", "picks apart", "converged after"]
 
 
 @dataclass(slots=True)
@@ -611,12 +616,14 @@ class ReplicaResult:
     lost: int
     statuses: dict[int, int] = field(default_factory=dict)
     errors_s: float = 0.0  # fault -> the last request (sent since) that failed or got no answer
-    converged_s: float = math.nan  # partition healed -> both replicas' indexes agree
+    converged_s: float = math.nan  # partition healed -> every pick made before has reached the other replica
+    behind: int = -1  # at the heal: picks either replica had not heard from the other
 
     def row(self) -> list[str]:
         codes = ",".join(f"{k}x{v}" for k, v in sorted(self.statuses.items()) if k != 200) or "-"
         conv = "-" if math.isnan(self.converged_s) else f"{self.converged_s:.2f} s"
-        return [self.scenario, str(self.sent), str(self.failed), str(self.lost), codes, f"{self.errors_s:.2f} s", conv]
+        apart = "-" if self.behind < 0 else str(self.behind)
+        return [self.scenario, str(self.sent), str(self.failed), str(self.lost), codes, f"{self.errors_s:.2f} s", apart, conv]
 
 
 def replica_fault(tmp: Path, *, fault: str, body_mode: str, fail_open: bool, seconds: float) -> ReplicaResult:
@@ -635,6 +642,7 @@ def replica_fault(tmp: Path, *, fault: str, body_mode: str, fail_open: bool, sec
     proxies = [CuttableProxy(lambda i=i: stack.epp_replicas[i].peer_port).start() for i in range(2)]  # type: ignore[misc]
     stack.peer_address = lambda r: f"127.0.0.1:{proxies[r.index].port}"
     converged = math.nan
+    behind = -1
     try:
         with stack as s:
             load = LoadRun(s.listen_port, concurrency=8, period=0.08, bodies=_shared_prefix_bodies).start()
@@ -659,13 +667,15 @@ def replica_fault(tmp: Path, *, fault: str, body_mode: str, fail_open: bool, sec
                 for p in proxies:
                     p.cut()
                 time.sleep(seconds * 0.4)
+                picked = _journal_positions(s)  # what each replica picked while cut off (and before)
+                behind = _behind(s, picked)
                 for p in proxies:
                     p.heal()
                 healed = time.monotonic()
                 deadline = healed + 30
-                while time.monotonic() < deadline and not _converged(s):
-                    time.sleep(0.1)
-                converged = time.monotonic() - healed if _converged(s) else math.inf
+                while time.monotonic() < deadline and _behind(s, picked) != 0:
+                    time.sleep(0.05)
+                converged = time.monotonic() - healed if _behind(s, picked) == 0 else math.inf
             time.sleep(max(seconds * 0.3, 2.5))
             sent = load.stop()
     finally:
@@ -674,7 +684,7 @@ def replica_fault(tmp: Path, *, fault: str, body_mode: str, fail_open: bool, sec
     res = _summary(name, sent)
     bad = [r.start for r in sent if r.start >= fault_at and (r.status is None or r.status != 200)]
     return ReplicaResult(name, res.sent, res.failed, res.lost, res.statuses, errors_s=max(bad, default=fault_at) - fault_at,
-                         converged_s=converged)  # fmt: skip
+                         converged_s=converged, behind=behind)  # fmt: skip
 
 
 SCENARIOS: dict[str, Callable[[Path, float], Result | UpResult | ReplicaResult]] = {

@@ -134,6 +134,12 @@ def render(settings: GatewaySettings, reference: Path = REFERENCE) -> dict[str, 
                 ep["endpoint"]["health_check_config"] = {"port_value": health}
             lb.append(ep)
         epp["lb_policy"] = "LEAST_REQUEST"
+        # A replica that stops answering (frozen, a partition) holds the streams it has, and in full
+        # duplex no message_timeout runs while the EPP holds the body: HTTP/2 pings find it within ~2 s
+        # and close its connection, so those streams end (failing open, or a 500) instead of waiting on
+        # it, while the other replica takes the new ones.
+        h2 = epp["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+        h2["explicit_http_config"]["http2_protocol_options"]["connection_keepalive"] = {"interval": "1s", "timeout": "1s"}
     if settings.epp_tls:
         _epp_tls(epp, settings)
     if settings.override_host_endpoints and settings.dns_destinations:

@@ -140,6 +140,7 @@ class PeerSync(pb_grpc.PeerSyncServicer):
         self._wake: set[asyncio.Event] = set()  # one per pusher, set when a pick is journalled
         index.journal.on_append = self._picked
         self._inbound: dict[str, int] = {}  # peer id -> its newest stream's number
+        self._heard_upto: dict[str, int] = {}  # peer id -> how many of its picks have arrived (its journal position)
         self._streams = 0
         self._mismatch_warned: set[str] = set()
         self._server: grpc.aio.Server | None = None
@@ -196,6 +197,8 @@ class PeerSync(pb_grpc.PeerSyncServicer):
 
     def _apply(self, peer: str, u: pb.Update, blocks_ok: bool) -> None:
         st = self.stats
+        if u.journal_next > self._heard_upto.get(peer, 0):
+            self._heard_upto[peer] = u.journal_next
         st.updates_received += 1
         st.bytes_received += u.ByteSize()
         if blocks_ok:
@@ -299,7 +302,7 @@ class PeerSync(pb_grpc.PeerSyncServicer):
                 stopping = self._stopping.is_set()
                 read = journal.read(cursor, MAX_UPDATE_BLOCKS)
                 cursor = read.cursor
-                u = pb.Update(dropped=read.dropped)
+                u = pb.Update(dropped=read.dropped, journal_next=cursor)
                 for e in read.entries:
                     u.blocks.add(endpoint=e.address, hashes=e.hashes, capacity=e.capacity)
                 now = time.monotonic()
@@ -370,6 +373,8 @@ class PeerSync(pb_grpc.PeerSyncServicer):
                 for t in self._targets.values()
             },
             "inbound": sorted(self._inbound),
+            "journal_next": journal.next_seq,  # this replica's picks so far
+            "heard_upto": dict(self._heard_upto),  # per peer id: its picks that have arrived here
             "journal_entries": len(journal),
             "journal_blocks": journal.blocks,
             "peer_load_entries": self.load.entries(),

@@ -41,18 +41,20 @@ class EndpointLoad(_message.Message):
     def __init__(self, endpoint: _Optional[str] = ..., requests: _Optional[int] = ..., tokens: _Optional[int] = ..., prefill_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ...) -> None: ...
 
 class Update(_message.Message):
-    __slots__ = ("hello", "blocks", "load", "load_snapshot", "dropped")
+    __slots__ = ("hello", "blocks", "load", "load_snapshot", "dropped", "journal_next")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     LOAD_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
+    JOURNAL_NEXT_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     blocks: _containers.RepeatedCompositeFieldContainer[BlockRecord]
     load: _containers.RepeatedCompositeFieldContainer[EndpointLoad]
     load_snapshot: bool
     dropped: int
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., blocks: _Optional[_Iterable[_Union[BlockRecord, _Mapping]]] = ..., load: _Optional[_Iterable[_Union[EndpointLoad, _Mapping]]] = ..., load_snapshot: bool = ..., dropped: _Optional[int] = ...) -> None: ...
+    journal_next: int
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., blocks: _Optional[_Iterable[_Union[BlockRecord, _Mapping]]] = ..., load: _Optional[_Iterable[_Union[EndpointLoad, _Mapping]]] = ..., load_snapshot: bool = ..., dropped: _Optional[int] = ..., journal_next: _Optional[int] = ...) -> None: ...
 
 class PushSummary(_message.Message):
     __slots__ = ("updates",)
