@@ -392,6 +392,12 @@ def _report(line: str) -> None:
 def cmd_up(args: argparse.Namespace) -> int:
     from extproc.devstack.stack import LocalStack, StackError, StackOptions
 
+    if args.replicas < 1:
+        print(f"epp up: --replicas: expected at least 1, got {args.replicas}", file=sys.stderr)
+        return 2
+    if args.no_sharing and args.replicas < 2:
+        print("epp up: --no-sharing: only with --replicas 2 or more (one EPP has no one to share with)", file=sys.stderr)
+        return 2
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="llm-epp-"))
     body_mode = args.request_body_mode or "FULL_DUPLEX_STREAMED"
     if args.fail_open and args.request_body_mode is None:
@@ -420,9 +426,6 @@ def cmd_up(args: argparse.Namespace) -> int:
         epp_replicas=args.replicas,
         epp_share=not args.no_sharing,
     )
-    if args.replicas < 1:
-        print(f"epp up: --replicas: expected at least 1, got {args.replicas}", file=sys.stderr)
-        return 2
     opts.pd = _pd_pool(args)
     opts.dp_groups, opts.dp_size = _dp_groups(args)
     if opts.pd is not None and not args.config_file:

@@ -302,3 +302,51 @@ async def test_a_stream_without_hello_is_refused(pair: tuple[_Replica, _Replica]
     a, _ = pair
     err = await _push(a.address, pb.Update(load_snapshot=True))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "hello" in (err.details() or "")
+
+
+# -- the flags -------------------------------------------------------------------------------------------
+
+
+def test_epp_serve_peer_flags_become_peer_options() -> None:
+    from extproc.cli.main import _peer_options, build_parser
+
+    args = build_parser().parse_args(["serve", "--peers", "10.0.0.7:9004,10.0.0.8:9004", "--peer-port", "9104", "--replica-id", "r1"])
+    opts = _peer_options(args)
+    assert opts is not None and opts.peers == ("10.0.0.7:9004", "10.0.0.8:9004") and opts.port == 9104 and opts.replica_id == "r1"
+    assert _peer_options(build_parser().parse_args(["serve"])) is None  # not sharing: nothing imported
+
+
+def test_a_bad_peer_is_refused_naming_the_flag_and_the_entry() -> None:
+    from extproc.cli.main import _peer_options, build_parser
+    from pickers.framework.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="10.0.0.7") as info:
+        _peer_options(build_parser().parse_args(["serve", "--peers", "10.0.0.7"]))
+    assert "--peers" in str(info.value)
+
+
+def test_peers_and_leader_election_are_refused_together() -> None:
+    from extproc.kubernetes.runtime import KubernetesOptions
+    from extproc.server.runner import EppServer, ServeOptions
+    from pickers.framework.errors import ConfigError
+
+    opts = ServeOptions(peers=PeerOptions(peers=("127.0.0.1:9004",)), kubernetes=KubernetesOptions(leader_election=True))
+    with pytest.raises(ConfigError, match="leader election"):
+        EppServer(opts)
+
+
+def test_a_sharing_server_journals_its_picks_and_names_its_block_size() -> None:
+    from extproc.server.runner import EppServer, ServeOptions
+
+    server = EppServer(ServeOptions(peers=PeerOptions(peers=("127.0.0.1:9004",)), strategy="default"))
+    assert isinstance(server.prefix_index, SharedPrefixIndex)
+    assert server._block_digest() == "xxh64-chain/chars=64"
+    assert not isinstance(EppServer(ServeOptions()).prefix_index, SharedPrefixIndex)
+
+
+@pytest.mark.parametrize("argv,why", [(["--replicas", "0"], "at least 1"), (["--no-sharing"], "only with --replicas 2")])
+def test_epp_up_refuses_bad_replica_options_before_starting_anything(argv: list[str], why: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from extproc.cli.main import main
+
+    assert main(["up", *argv]) == 2
+    assert why in capsys.readouterr().err
