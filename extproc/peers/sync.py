@@ -192,6 +192,8 @@ class PeerSync(pb_grpc.PeerSyncServicer):
         finally:
             if self._inbound.get(peer) == stream:  # not a stream a reconnect replaced
                 del self._inbound[peer]
+                self._heard_upto.pop(peer, None)  # a restarted peer comes back under a new id: keep nothing
+                self._mismatch_warned.discard(peer)
                 self.load.forget(peer)
         return pb.PushSummary(updates=applied)
 
