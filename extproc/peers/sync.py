@@ -170,6 +170,9 @@ class PeerSync(pb_grpc.PeerSyncServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"peer protocol version {hello.version}; this replica speaks version {PROTOCOL_VERSION}",
             )
+        if not hello.replica_id:
+            self.stats.refused += 1
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "hello must name the sending replica (replica_id)")
         if hello.replica_id == self.replica_id:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, "this is the replica itself")
         peer = hello.replica_id

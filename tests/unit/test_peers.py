@@ -304,6 +304,13 @@ async def test_a_stream_without_hello_is_refused(pair: tuple[_Replica, _Replica]
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "hello" in (err.details() or "")
 
 
+async def test_a_hello_without_a_replica_id_is_refused(pair: tuple[_Replica, _Replica]) -> None:
+    a, _ = pair
+    err = await _push(a.address, pb.Update(hello=pb.Hello(version=PROTOCOL_VERSION)))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "replica_id" in (err.details() or "")
+    assert a.sync.stats.refused == 1
+
+
 # -- the flags -------------------------------------------------------------------------------------------
 
 
