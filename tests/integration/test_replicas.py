@@ -5,11 +5,13 @@ share what each learns, and losing one, restarting both in turn or cutting them 
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.request
 
 import httpx
 import pytest
+import yaml
 
 from bench import faults
 from tests.integration.conftest import MODEL, make_stack
@@ -69,3 +71,19 @@ def test_cut_apart_replicas_keep_serving_and_agree_again_after_healing(tmp_path)
     res = faults.replica_fault(tmp_path, fault="partition", body_mode="FULL_DUPLEX_STREAMED", fail_open=False, seconds=LOAD_S)
     assert (res.failed, res.lost) == (0, 0), res
     assert res.converged_s < 10
+
+
+def test_epp_up_runs_two_sharing_replicas_behind_one_envoy(tmp_path):
+    with faults.UpRun(tmp_path / "up", ["--replicas", "2"]) as up:
+        text = up.output()
+        assert "2 EPP replicas (sharing)" in text
+        (second,) = re.findall(r"EPP replica 1: metrics http://127\.0\.0\.1:\d+/metrics   live views: epp status --url http://127\.0\.0\.1:(\d+)", text)
+        first = int(re.search(r"EPP live views: epp status --url http://127\.0\.0\.1:(\d+)", text).group(1))
+        _send(f"http://127.0.0.1:{up.port}/v1", 20)
+        time.sleep(0.5)
+        views = [_runtime(first), _runtime(int(second))]
+        envoy = yaml.safe_load((tmp_path / "up" / "envoy.yaml").read_text())
+    (epp,) = [c for c in envoy["static_resources"]["clusters"] if c["name"] == "llm-epp"]
+    assert epp["lb_policy"] == "LEAST_REQUEST" and len(epp["load_assignment"]["endpoints"][0]["lb_endpoints"]) == 2
+    assert views[0]["prefix_index_size"] == views[1]["prefix_index_size"] > 0
+    assert all(p["connected"] for v in views for p in v["peers"]["peers"].values())
