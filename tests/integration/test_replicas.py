@@ -50,8 +50,8 @@ def test_replicas_that_do_not_share_learn_only_their_own_picks(tmp_path):
     with make_stack(tmp_path, epp_replicas=2, epp_share=False, envoy_concurrency=2) as s:
         _send(s.base_url, 40)
         views = [_runtime(r.admin_port) for r in s.epp_replicas]
-    assert all("peers" not in v for v in views)
-    assert views[0]["prefix_index_size"] != views[1]["prefix_index_size"] or views[0]["prefix_index_size"] == 0
+    assert all("peers" not in v for v in views)  # no exchange at all
+    assert all(v["prefix_index_size"] > 0 for v in views)  # Envoy spread the requests over both
 
 
 def test_killing_one_of_two_replicas_loses_nothing_with_fail_open_buffered(tmp_path):
