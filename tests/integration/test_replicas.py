@@ -4,6 +4,7 @@ share what each learns, and losing one, restarting both in turn or cutting them 
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import time
@@ -14,6 +15,7 @@ import pytest
 import yaml
 
 from bench import faults
+from extproc.cli.status import show_status
 from tests.integration.conftest import MODEL, make_stack
 
 pytestmark = pytest.mark.envoy
@@ -36,8 +38,13 @@ def _send(base_url: str, n: int) -> None:
 def test_sharing_replicas_end_up_with_the_same_prefix_index_and_each_routes_part(tmp_path):
     with make_stack(tmp_path, epp_replicas=2, envoy_concurrency=2) as s:
         _send(s.base_url, 40)
-        time.sleep(0.5)  # the last batch (every 50 ms) reaches the peer
+        time.sleep(0.5)  # the last batch reaches the peer
         views = [_runtime(r.admin_port) for r in s.epp_replicas]
+        out = io.StringIO()
+        assert show_status(f"http://127.0.0.1:{s.epp_replicas[0].admin_port}", out=out) == 0
+    shown = out.getvalue()
+    assert "active-active peers:" in shown and "replica epp-0:" in shown
+    assert re.search(rf"127\.0\.0\.1:{s.epp_replicas[1].peer_port}\s+yes", shown), shown
     sizes = [v["prefix_index_size"] for v in views]
     assert sizes[0] == sizes[1] > 0
     applied = [v["peers"]["records_applied"] for v in views]
