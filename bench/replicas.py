@@ -110,8 +110,10 @@ def summarize(sc: quality.Scenario, runs: Sequence[Run]) -> str:
     hits = {r.setup.name: r.result.hit_rate for r in runs}
     if "1 replica" in hits and "2 sharing" in hits and hits["1 replica"]:
         got = hits["2 sharing"] / hits["1 replica"]
-        lines.append(f"2 sharing vs 1 replica hit rate: {got:.3f}x (goal >= 0.95x: {'met' if got >= 0.95 else 'NOT met'}); "
-                     f"2 not sharing: {hits.get('2 not sharing', float('nan')) / hits['1 replica']:.3f}x")  # fmt: skip
+        line = f"2 sharing vs 1 replica hit rate: {got:.3f}x (goal >= 0.95x: {'met' if got >= 0.95 else 'NOT met'})"
+        if "2 not sharing" in hits:
+            line += f"; 2 not sharing: {hits['2 not sharing'] / hits['1 replica']:.3f}x"
+        lines.append(line)
     return "\n".join(lines)
 
 
