@@ -59,7 +59,7 @@ class FakeDirector:
     def first_byte(self, routing: Routing, end_of_stream: bool = False) -> None:
         self.first_bytes += 1
 
-    def rejected(self, request: InferenceRequest | None, error: RequestError) -> None:
+    def rejected(self, request: InferenceRequest | None, error: RequestError, routed: bool = False) -> None:
         self.rejections.append(error)
 
     def response_metadata(self, routing: Routing, usage: object | None) -> Mapping[str, Mapping[str, float]] | None:
