@@ -338,8 +338,12 @@ def _audit_options(args: argparse.Namespace) -> AuditOptions | None:
         if given:
             raise ConfigError(f"{given[0]} needs --audit-sink", field=given[0])
         return None
-    if args.audit_file_max_mb < 1:
-        raise ConfigError(f"expected at least 1, got {args.audit_file_max_mb}", field="--audit-file-max-mb")
+    for flag, value in (("--audit-file-max-mb", args.audit_file_max_mb), ("--audit-queue-size", args.audit_queue_size),
+                        ("--audit-excerpt-chars", args.audit_excerpt_chars)):  # fmt: skip
+        if value < 1:
+            raise ConfigError(f"expected at least 1, got {value}", field=flag)
+    if args.audit_file_backups < 0:
+        raise ConfigError(f"expected 0 or more, got {args.audit_file_backups}", field="--audit-file-backups")
     return AuditOptions(
         sink=args.audit_sink, path=args.audit_file, max_bytes=args.audit_file_max_mb * 1024 * 1024,
         backups=args.audit_file_backups, client_header=args.audit_client_header, prompt=args.audit_prompt,

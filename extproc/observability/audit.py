@@ -335,16 +335,16 @@ class AuditLog:
             batch: list[tuple[AuditRecord, str | None]] = []
             while queue and len(batch) < 1000:
                 batch.append(queue.popleft())
-            records = [self._finish(r, p) for r, p in batch]
             encode = self._encoder.encode
             try:
+                records = [self._finish(r, p) for r, p in batch]
                 lines = [encode(r) + b"\n" for r in records]
                 self.sink.write(records, lines)
             except Exception as e:  # a sink failure costs its records, never the writer
-                self.failed += len(records)
-                log.warning("audit sink failed, %d records lost: %s", len(records), e)
+                self.failed += len(batch)
+                log.warning("audit sink failed, %d records lost: %s", len(batch), e)
             else:
-                self.written += len(records)
+                self.written += len(batch)
 
     def _finish(self, record: AuditRecord, prompt: str | None) -> AuditRecord:
         t = record.time
@@ -369,6 +369,13 @@ class AuditLog:
                 self.sink.close()
             except Exception as e:
                 log.warning("closing the audit sink failed: %s", e)
+
+
+def content_patterns(plugins: Iterable[object]) -> list[tuple[str, Pattern]]:
+    """(label, pattern) of every content-check-admitter rule among `plugins`: what excerpts mask besides the presets."""
+    from pickers.plugins.admission.content_check import ContentCheckAdmitter
+
+    return [lp for p in plugins if isinstance(p, ContentCheckAdmitter) for lp in p.patterns()]
 
 
 def _admission(request: InferenceRequest | None, error: RequestError | None) -> tuple[str, list[str]]:

@@ -662,13 +662,10 @@ class EppServer:
         opts = self.opts.audit
         if opts is None:
             return None
-        from extproc.observability.audit import AuditLog, open_sink
-        from pickers.plugins.admission.content_check import ContentCheckAdmitter
+        from extproc.observability.audit import AuditLog, content_patterns, open_sink
 
-        def patterns() -> list[tuple[str, Any]]:  # the serving config's content rules mask the excerpts too
-            return [lp for p in self.director.scheduler.plugins if isinstance(p, ContentCheckAdmitter) for lp in p.patterns()]
-
-        audit = AuditLog(open_sink(opts), opts, patterns=patterns)
+        # the serving config's content rules mask the excerpts too (read at each: a reload swaps the scheduler)
+        audit = AuditLog(open_sink(opts), opts, patterns=lambda: content_patterns(self.director.scheduler.plugins))
         self.metrics.audit = audit
         return audit
 
