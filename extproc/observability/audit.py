@@ -130,7 +130,11 @@ class FileSink:
             self._file: IO[bytes] = open(self.path, "ab")  # noqa: SIM115 - kept open until close()
         except OSError as e:
             raise ConfigError(f"cannot open {path!r} for appending: {e.strerror}", field="--audit-file") from None
-        self._size = self._file.tell()
+        try:
+            self._size = self._file.tell()
+        except OSError:  # a pipe (a named FIFO a collector reads): no size, never rotated
+            self._size = 0
+            self.max_bytes = sys.maxsize
 
     def write(self, records: Sequence[AuditRecord], lines: Sequence[bytes]) -> None:
         chunk: list[bytes] = []
