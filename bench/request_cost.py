@@ -1,7 +1,9 @@
 """Per-request CPU cost of the EPP's request path without gRPC or a network: one full request life
 (headers, body, pick, streamed response with usage, end) through `RequestStream` and the real
-Director, repeated. Shows what the metrics, plugin timing and the latency model's feed add to each request.
-Run: python -m bench.request_cost [--requests N] [--endpoints N] [--strategy S] [--no-metrics]
+Director, repeated. Shows what the metrics, plugin timing and the latency model's feed add to each request;
+with --guardrails, what admission (request-limits-admitter + content-check-admitter) and the audit trail
+(a JSON-lines file, its writer thread's CPU included) add (docs/guardrails.md).
+Run: python -m bench.request_cost [--requests N] [--endpoints N] [--strategy S] [--guardrails]
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from extproc.datalayer.datastore import Datastore
 from extproc.handlers.request_stream import RequestStream
+from extproc.observability.audit import AuditLog
 from extproc.observability.metrics import EppMetrics
 from extproc.requestcontrol.director import Director
 from pickers.config.strategies import STRATEGIES, build_profile
@@ -63,8 +66,32 @@ def _messages(prompt: str, chunks: int) -> tuple[list[pb.ProcessingRequest], lis
     return request, response
 
 
+# A typical policy: two limit rules and five content rules (four presets and a pattern), all checked
+GUARD_LIMITS = {"rules": [
+    {"name": "free-tier", "objectives": ["free"], "maxPromptTokens": 4096, "maxOutputTokens": 1024},
+    {"name": "catalogue", "allowedModels": ["m"], "allowedPaths": ["/v1/completions", "/v1/chat/completions"]},
+]}  # fmt: skip
+GUARD_CONTENT = {"rules": [
+    {"name": "aws-key", "preset": "aws-access-key-id"},
+    {"name": "private-key", "preset": "private-key"},
+    {"name": "openai-key", "preset": "openai-api-key"},
+    {"name": "card", "preset": "card-number", "action": "flag"},
+    {"name": "codename", "pattern": "(?i)project\\s+bluebird", "action": "flag"},
+]}  # fmt: skip
+
+
+def guardrail_plugins() -> list[object]:
+    from pickers.config.registry import create_plugin
+    from pickers.plugins.base import PluginContext
+
+    ctx = PluginContext()
+    return [create_plugin("request-limits-admitter", "limits", GUARD_LIMITS, ctx),
+            create_plugin("content-check-admitter", "content", GUARD_CONTENT, ctx)]  # fmt: skip
+
+
 def build_director(
-    endpoints: int, strategy: str, metrics: bool, plugin_timing: bool = False, explain: bool = False, latency: bool = True
+    endpoints: int, strategy: str, metrics: bool, plugin_timing: bool = False, explain: bool = False, latency: bool = True,
+    admission: bool = False, audit: AuditLog | None = None,
 ) -> Director:
     ds = Datastore()
     ds.set_endpoints(EndpointSpec(f"ep-{i}", f"10.0.0.{i + 1}", 8000) for i in range(endpoints))
@@ -73,9 +100,12 @@ def build_director(
     m = EppMetrics(pool_name="bench")
     if hasattr(m, "attach"):
         m.attach(ds, index)
-    scheduler = Scheduler(profile, explain=explain, timer=m.plugin_timer if plugin_timing else None)
+    producers = guardrail_plugins() if admission else []
+    scheduler = Scheduler(profile, explain=explain, timer=m.plugin_timer if plugin_timing else None, producers=producers)
     model = LatencyModel() if latency else None  # the EPP always feeds one
-    return Director(ds, scheduler, m if metrics else _NoMetrics(), latency=model)  # type: ignore[arg-type]
+    if audit is not None:
+        m.audit = audit
+    return Director(ds, scheduler, m if metrics else _NoMetrics(), latency=model, audit=audit)  # type: ignore[arg-type]
 
 
 def lives(chunks: int, prompt_chars: int, seed: int = 0) -> list[tuple[list[pb.ProcessingRequest], list[pb.ProcessingRequest]]]:
@@ -85,7 +115,10 @@ def lives(chunks: int, prompt_chars: int, seed: int = 0) -> list[tuple[list[pb.P
 
 
 def one_round(director: Director, requests: int, plan: list[tuple[list[pb.ProcessingRequest], list[pb.ProcessingRequest]]]) -> float:
-    """Microseconds of CPU per request over one round."""
+    """Microseconds of CPU per request over one round (the process's: an audit writer thread's included,
+    waited for until it has written this round's records)."""
+    audit = director.audit
+    target = audit.written + audit.dropped + requests if audit is not None else 0
     t0 = time.process_time()
     for i in range(requests):
         req, resp = plan[i % len(plan)]
@@ -95,6 +128,8 @@ def one_round(director: Director, requests: int, plan: list[tuple[list[pb.Proces
         for m in resp:
             stream.handle(m)
         stream.close()
+    while audit is not None and audit.written + audit.dropped + audit.failed < target:
+        time.sleep(0.002)  # idle: costs no CPU
     return (time.process_time() - t0) / requests * 1e6
 
 
@@ -152,7 +187,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--chunks", type=int, default=16, help="streamed response chunks per request")
     ap.add_argument("--prompt-chars", type=int, default=2000)
     ap.add_argument("--strategy", choices=STRATEGIES, default="default")
+    ap.add_argument("--guardrails", action="store_true", help="compare admission and the audit trail on vs off instead")
     args = ap.parse_args(argv)
+    if args.guardrails:
+        return guardrails(args)
     print(f"{args.requests} requests x 7 rounds (best of each), {args.endpoints} endpoints, strategy {args.strategy}, "
           f"{args.chunks} response chunks, ~{args.prompt_chars}-char prompts")  # fmt: skip
     best = compare(
@@ -168,6 +206,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"  with metrics + plugin timing:  {plugins:7.1f} us/request  (plugin timing adds {plugins - on:+.1f} us)")
     print(f"  with metrics, no latency model:{bare:7.1f} us/request  (the latency model's record and feed: {on - bare:+.1f} us)")
     print(_metric_calls())
+    return 0
+
+
+def guardrails(args: argparse.Namespace) -> int:
+    """Admission and the audit trail on vs off, side by side in one run (docs/guardrails.md)."""
+    import tempfile
+
+    from extproc.observability.audit import AuditOptions, FileSink
+
+    print(f"{args.requests} requests x 7 rounds (best of each), {args.endpoints} endpoints, strategy {args.strategy}, "
+          f"{args.chunks} response chunks, ~{args.prompt_chars}-char prompts; metrics and the latency model on in all")  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        audits = [AuditLog(FileSink(f"{tmp}/audit-{i}.jsonl", max_bytes=64 << 20), AuditOptions(prompt=mode))
+                  for i, mode in enumerate(("none", "hash"))]  # fmt: skip
+        best = compare(
+            {"off": build_director(args.endpoints, args.strategy, metrics=True),
+             "admission": build_director(args.endpoints, args.strategy, metrics=True, admission=True),
+             "both": build_director(args.endpoints, args.strategy, metrics=True, admission=True, audit=audits[0]),
+             "hash": build_director(args.endpoints, args.strategy, metrics=True, admission=True, audit=audits[1])},
+            args.requests, args.chunks, args.prompt_chars,
+        )  # fmt: skip
+        for a in audits:
+            a.close()
+    off = best["off"]
+    rows = [("guardrails off", "off"), ("admission (2 limit + 5 content rules)", "admission"),
+            ("admission + audit file", "both"), ("admission + audit file + prompt sha256", "hash")]  # fmt: skip
+    print(f"  {'':42s} {'us/request':>10s} {'vs off':>8s}")
+    for label, key in rows:
+        print(f"  {label:42s} {best[key]:10.1f} {best[key] / off:8.3f}")
     return 0
 
 

@@ -17,7 +17,7 @@ from pickers.framework.endpoint import Endpoint, EndpointSpec, Metrics, ServedMo
 from pickers.framework.errors import ConfigError, RequestError
 from pickers.framework.request import InferenceRequest
 from pickers.framework.scheduler import Scheduler
-from pickers.plugins.admission.patterns import PRESETS, luhn_ok, redact
+from pickers.plugins.admission.patterns import PRESETS, Text, luhn_ok, redact
 from pickers.plugins.base import PluginContext
 from tests.unit.test_objectives_rewrite import dropped_reason, immediate
 from tests.unit.test_protocol import ADDRS, send_request
@@ -209,24 +209,42 @@ def test_a_flagging_rule_lets_the_request_through_with_the_rule_on_it():
 def test_card_numbers_need_a_valid_luhn_digit():
     assert luhn_ok("4111 1111 1111 1111") and not luhn_ok("4111 1111 1111 1112")
     card = PRESETS["card-number"]
-    assert card.search("card 4111-1111-1111-1111.") and not card.search("order 4111111111111112")
-    assert not card.search("a 12 digit 123456789012 number")
+    assert card.search(Text("card 4111-1111-1111-1111.")) and not card.search(Text("order 4111111111111112"))
+    assert not card.search(Text("a 12 digit 123456789012 number"))
+    assert not card.search(Text("part of a longer run: 94111111111111111"))
 
 
 @pytest.mark.parametrize(
     ("preset", "text"),
     [
         ("us-ssn", "ssn 078-05-1120"),
+        ("card-number", "card 5500 0000 0000 0004"),
+        ("aws-access-key-id", "AKIAABCDEFGHIJKLMNOP"),
         ("email-address", "write to jane.doe@example.co.uk"),
         ("private-key", "-----BEGIN RSA PRIVATE KEY-----\nMIIE"),
         ("openai-api-key", "key sk-proj-abcdefghijklmnopqrstuvwxyz012345"),
         ("github-token", "token ghp_" + "a" * 36),
         ("bearer-token", "Authorization: Bearer abcdefghijklmnopqrstuvwxyz.0123"),
+        ("bearer-token", "BEARER abcdefghijklmnopqrstuvwxyz.0123"),
     ],
 )
 def test_each_preset_finds_its_shape(preset, text):
-    assert PRESETS[preset].search(text)
-    assert not PRESETS[preset].search("an ordinary sentence about the weather, 42 degrees")
+    assert PRESETS[preset].search(Text(text))
+    assert PRESETS[preset].search(Text(f"({text})"))
+    assert not PRESETS[preset].search(Text("an ordinary sentence about the weather, 42 degrees on 2026-12-03"))
+
+
+@pytest.mark.parametrize(
+    ("preset", "text"),
+    [
+        ("us-ssn", "part 1078-05-1120 of a serial"),
+        ("us-ssn", "078-05-11201"),
+        ("aws-access-key-id", "XAKIAABCDEFGHIJKLMNOP"),
+        ("openai-api-key", "task-abcdefghijklmnopqrstuvwxyz"),
+    ],
+)
+def test_presets_do_not_match_inside_longer_runs(preset, text):
+    assert not PRESETS[preset].search(Text(text))
 
 
 def test_redaction_masks_every_preset_and_the_configs_patterns():

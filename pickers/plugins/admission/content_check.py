@@ -21,7 +21,7 @@ from pickers.framework.endpoint import Endpoint
 from pickers.framework.errors import CONTENT_BAD_REQUEST, CONTENT_FORBIDDEN, ErrorKind, RequestError, shown
 from pickers.framework.params import ParameterError, Params
 from pickers.framework.request import InferenceRequest
-from pickers.plugins.admission.patterns import PRESETS, Pattern
+from pickers.plugins.admission.patterns import PRESETS, Pattern, Text
 from pickers.plugins.admission.scope import Scope, read_rules
 from pickers.plugins.base import Plugin, PluginContext
 
@@ -81,9 +81,9 @@ class ContentCheckAdmitter(Plugin):
         return [(r.label, r.pattern) for r in self.rules]
 
     def admit_request(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> None:
-        text = request.prompt_text
-        if not text:
+        if not request.prompt_text:
             return
+        text = Text(request.prompt_text)
         for rule in self.rules:
             if not rule.scope.applies(request) or not rule.pattern.search(text):
                 continue
