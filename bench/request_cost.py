@@ -66,32 +66,38 @@ def _messages(prompt: str, chunks: int) -> tuple[list[pb.ProcessingRequest], lis
     return request, response
 
 
-# A typical policy: two limit rules and five content rules (four presets and a pattern), all checked
+# A typical policy: two limit rules and four content rules (three secret presets and a literal-led
+# pattern); --guardrails also measures it with the card-number preset, which no literal anchors
 GUARD_LIMITS = {"rules": [
     {"name": "free-tier", "objectives": ["free"], "maxPromptTokens": 4096, "maxOutputTokens": 1024},
     {"name": "catalogue", "allowedModels": ["m"], "allowedPaths": ["/v1/completions", "/v1/chat/completions"]},
 ]}  # fmt: skip
-GUARD_CONTENT = {"rules": [
+GUARD_CONTENT = [
     {"name": "aws-key", "preset": "aws-access-key-id"},
     {"name": "private-key", "preset": "private-key"},
     {"name": "openai-key", "preset": "openai-api-key"},
-    {"name": "card", "preset": "card-number", "action": "flag"},
-    {"name": "codename", "pattern": "(?i)project\\s+bluebird", "action": "flag"},
-]}  # fmt: skip
+    {"name": "codename", "pattern": "Project Bluebird", "action": "flag"},
+]
+GUARD_CARD = {"name": "card", "preset": "card-number", "action": "flag"}
+WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at which but have an they "
+         "you were her she there been one all we their has would when if so no what up more out who said do about "
+         "some can my than into them only time could new very just these two may first then other any like our "
+         "model request endpoint cache prompt token server gateway latency answer question summary please explain").split()
 
 
-def guardrail_plugins() -> list[object]:
+def guardrail_plugins(card: bool = False) -> list[object]:
     from pickers.config.registry import create_plugin
     from pickers.plugins.base import PluginContext
 
     ctx = PluginContext()
+    content = {"rules": [*GUARD_CONTENT, GUARD_CARD] if card else GUARD_CONTENT}
     return [create_plugin("request-limits-admitter", "limits", GUARD_LIMITS, ctx),
-            create_plugin("content-check-admitter", "content", GUARD_CONTENT, ctx)]  # fmt: skip
+            create_plugin("content-check-admitter", "content", content, ctx)]  # fmt: skip
 
 
 def build_director(
     endpoints: int, strategy: str, metrics: bool, plugin_timing: bool = False, explain: bool = False, latency: bool = True,
-    admission: bool = False, audit: AuditLog | None = None,
+    admission: bool = False, audit: AuditLog | None = None, card: bool = False,
 ) -> Director:
     ds = Datastore()
     ds.set_endpoints(EndpointSpec(f"ep-{i}", f"10.0.0.{i + 1}", 8000) for i in range(endpoints))
@@ -100,7 +106,7 @@ def build_director(
     m = EppMetrics(pool_name="bench")
     if hasattr(m, "attach"):
         m.attach(ds, index)
-    producers = guardrail_plugins() if admission else []
+    producers = guardrail_plugins(card) if admission else []
     scheduler = Scheduler(profile, explain=explain, timer=m.plugin_timer if plugin_timing else None, producers=producers)
     model = LatencyModel() if latency else None  # the EPP always feeds one
     if audit is not None:
@@ -108,9 +114,20 @@ def build_director(
     return Director(ds, scheduler, m if metrics else _NoMetrics(), latency=model, audit=audit)  # type: ignore[arg-type]
 
 
-def lives(chunks: int, prompt_chars: int, seed: int = 0) -> list[tuple[list[pb.ProcessingRequest], list[pb.ProcessingRequest]]]:
+def lives(
+    chunks: int, prompt_chars: int, seed: int = 0, words: bool = False
+) -> list[tuple[list[pb.ProcessingRequest], list[pb.ProcessingRequest]]]:
+    """16 request lives with random prompts: numbers, or (`words`) English-like text."""
     rng = random.Random(seed)
-    prompts = [" ".join(str(rng.randrange(10**6)) for _ in range(prompt_chars // 7)) for _ in range(16)]
+    if words:
+        prompts = []
+        for _ in range(16):
+            text: list[str] = []
+            while sum(map(len, text)) + len(text) < prompt_chars:
+                text.append(rng.choice(WORDS))
+            prompts.append(" ".join(text))
+    else:
+        prompts = [" ".join(str(rng.randrange(10**6)) for _ in range(prompt_chars // 7)) for _ in range(16)]
     return [_messages(p, chunks) for p in prompts]
 
 
@@ -133,9 +150,11 @@ def one_round(director: Director, requests: int, plan: list[tuple[list[pb.Proces
     return (time.process_time() - t0) / requests * 1e6
 
 
-def compare(directors: dict[str, Director], requests: int, chunks: int, prompt_chars: int, rounds: int = 7) -> dict[str, float]:
+def compare(
+    directors: dict[str, Director], requests: int, chunks: int, prompt_chars: int, rounds: int = 7, words: bool = False
+) -> dict[str, float]:
     """Rounds alternate between the directors (so machine noise hits all alike); the best round of each."""
-    plan = lives(chunks, prompt_chars)
+    plan = lives(chunks, prompt_chars, words=words)
     best = {name: float("inf") for name in directors}
     for _ in range(rounds):
         for name, d in directors.items():
@@ -216,25 +235,36 @@ def guardrails(args: argparse.Namespace) -> int:
     from extproc.observability.audit import AuditOptions, FileSink
 
     print(f"{args.requests} requests x 7 rounds (best of each), {args.endpoints} endpoints, strategy {args.strategy}, "
-          f"{args.chunks} response chunks, ~{args.prompt_chars}-char prompts; metrics and the latency model on in all")  # fmt: skip
+          f"{args.chunks} response chunks, ~{args.prompt_chars}-char prompts of English-like words; metrics and the "
+          "latency model on in all")  # fmt: skip
+    n, e, strategy = args.requests, args.endpoints, args.strategy
     with tempfile.TemporaryDirectory() as tmp:
         audits = [AuditLog(FileSink(f"{tmp}/audit-{i}.jsonl", max_bytes=64 << 20), AuditOptions(prompt=mode))
-                  for i, mode in enumerate(("none", "hash"))]  # fmt: skip
+                  for i, mode in enumerate(("none", "none", "hash"))]  # fmt: skip
         best = compare(
-            {"off": build_director(args.endpoints, args.strategy, metrics=True),
-             "admission": build_director(args.endpoints, args.strategy, metrics=True, admission=True),
-             "both": build_director(args.endpoints, args.strategy, metrics=True, admission=True, audit=audits[0]),
-             "hash": build_director(args.endpoints, args.strategy, metrics=True, admission=True, audit=audits[1])},
-            args.requests, args.chunks, args.prompt_chars,
+            {"off": build_director(e, strategy, metrics=True),
+             "admission": build_director(e, strategy, metrics=True, admission=True),
+             "audit": build_director(e, strategy, metrics=True, audit=audits[0]),
+             "both": build_director(e, strategy, metrics=True, admission=True, audit=audits[1]),
+             "hash": build_director(e, strategy, metrics=True, admission=True, audit=audits[2]),
+             "card": build_director(e, strategy, metrics=True, admission=True, card=True)},
+            n, args.chunks, args.prompt_chars, words=True,
         )  # fmt: skip
         for a in audits:
             a.close()
+        written = sum(a.written for a in audits)
+        dropped = sum(a.dropped + a.failed for a in audits)
     off = best["off"]
-    rows = [("guardrails off", "off"), ("admission (2 limit + 5 content rules)", "admission"),
-            ("admission + audit file", "both"), ("admission + audit file + prompt sha256", "hash")]  # fmt: skip
-    print(f"  {'':42s} {'us/request':>10s} {'vs off':>8s}")
+    rows = [("guardrails off", "off"),
+            ("admission (2 limit rules, 4 content rules)", "admission"),
+            ("audit file alone", "audit"),
+            ("admission + audit file", "both"),
+            ("admission + audit file + prompt sha256", "hash"),
+            ("admission + card-number preset (no audit)", "card")]  # fmt: skip
+    print(f"  {'':44s} {'us/request':>10s} {'vs off':>8s}")
     for label, key in rows:
-        print(f"  {label:42s} {best[key]:10.1f} {best[key] / off:8.3f}")
+        print(f"  {label:44s} {best[key]:10.1f} {best[key] / off:8.3f}")
+    print(f"  audit records written {written}, dropped or failed {dropped}")
     return 0
 
 

@@ -7,9 +7,10 @@ never fails a request. One writer thread wakes every `FLUSH_INTERVAL`, takes wha
 (msgspec) and hands it to the sink in one batch. When the queue is full (the sink is slow or stuck)
 a record is dropped and counted (`dropped`); when the sink fails a write, that batch's records are
 counted as failed. Both show in `llm_epp_audit_records_total`. Prompts are not recorded unless
-`prompt` asks for their SHA-256 (`hash`) or a redacted excerpt (`excerpt`: the first characters, every
-content-check pattern of the config and every preset masked); both are computed on the writer thread.
-Responses are never recorded: the EPP keeps none of their bodies, only the usage.
+`prompt` asks for their SHA-256 (`hash`, computed on the request path so the queue never holds a whole
+prompt) or a redacted excerpt (`excerpt`: the first characters, every content-check pattern of the
+config and every preset masked on the writer thread). Responses are never recorded: the EPP keeps none
+of their bodies, only the usage.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ DEFAULT_QUEUE = 10_000
 DEFAULT_MAX_BYTES = 100 * 1024 * 1024
 DEFAULT_BACKUPS = 5
 CLIENT_MAX = 256  # characters of the client identity header a record keeps
+EXCERPT_MARGIN = 1024  # characters past an excerpt's length kept for redaction: a secret cut there is still masked
 
 # what the `admission` field says
 PASSED, FLAGGED, REFUSED = "passed", "flagged", "refused"
@@ -54,7 +56,7 @@ PASSED, FLAGGED, REFUSED = "passed", "flagged", "refused"
 class AuditRecord(msgspec.Struct):
     """One request, as the audit trail keeps it (docs/guardrails.md has the schema)."""
 
-    time: float | str  # unix seconds when built; the writer turns it into RFC 3339 UTC
+    time: str  # RFC 3339, UTC, to the millisecond: when the request ended
     request_id: str
     client: str | None
     path: str
@@ -93,8 +95,8 @@ class AuditOptions:
 
 
 class Sink(Protocol):
-    def write(self, records: Sequence[AuditRecord], lines: Sequence[bytes]) -> None:
-        """Write a batch (each record and its JSON line, newline included); raise on failure."""
+    def write(self, records: Sequence[AuditRecord], data: bytes) -> None:
+        """Write a batch: its records, and the same as JSON lines (each ends with a newline); raise on failure."""
         ...
 
     def close(self) -> None: ...
@@ -106,8 +108,8 @@ class StreamSink:
     def __init__(self, stream: IO[bytes]) -> None:
         self.stream = stream
 
-    def write(self, records: Sequence[AuditRecord], lines: Sequence[bytes]) -> None:
-        self.stream.write(b"".join(lines))
+    def write(self, records: Sequence[AuditRecord], data: bytes) -> None:
+        self.stream.write(data)
         self.stream.flush()
 
     def close(self) -> None:
@@ -136,19 +138,17 @@ class FileSink:
             self._size = 0
             self.max_bytes = sys.maxsize
 
-    def write(self, records: Sequence[AuditRecord], lines: Sequence[bytes]) -> None:
-        chunk: list[bytes] = []
-        size = 0
-        for line in lines:
-            if self._size + size + len(line) > self.max_bytes and (self._size + size) > 0:
-                self._file.write(b"".join(chunk))
-                chunk, size = [], 0
-                self._rotate()
-            chunk.append(line)
-            size += len(line)
-        self._file.write(b"".join(chunk))
+    def write(self, records: Sequence[AuditRecord], data: bytes) -> None:
+        if self._size + len(data) > self.max_bytes:  # rotate between lines (a line over the limit goes alone)
+            for line in data.splitlines(keepends=True):
+                if self._size and self._size + len(line) > self.max_bytes:
+                    self._rotate()
+                self._file.write(line)
+                self._size += len(line)
+        else:
+            self._file.write(data)
+            self._size += len(data)
         self._file.flush()
-        self._size += size
 
     def _rotate(self) -> None:
         self._file.close()
@@ -201,7 +201,7 @@ class OtelSink:
         self._success = LogRecordExportResult.SUCCESS
         self._resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or "llm-epp"})
 
-    def write(self, records: Sequence[AuditRecord], lines: Sequence[bytes]) -> None:
+    def write(self, records: Sequence[AuditRecord], data: bytes) -> None:
         now = time.time_ns()
         batch = [
             self._readable(
@@ -258,7 +258,7 @@ class AuditLog:
         self.keep_prompt = opts.prompt != "none"
         self.patterns = patterns  # the config's content-check patterns, read when an excerpt is made
         self.interval = interval
-        self._queue: deque[tuple[AuditRecord, str | None]] = deque()
+        self._queue: deque[tuple[Any, ...]] = deque()  # what `record_*` captured, for `_record`
         self.max_queue = opts.queue_size
         # counted on the request path (dropped) and on the writer thread (written, failed): each has one writer
         self.dropped = 0
@@ -267,58 +267,52 @@ class AuditLog:
         self._wake = threading.Event()
         self._closing = False
         self._encoder = msgspec.json.Encoder()
+        self._second = -1  # the second `_stamp` formats (RFC 3339 to the second)
+        self._stamp = ""
         self._thread = threading.Thread(target=self._run, name="llm-epp-audit", daemon=True)
         self._thread.start()
 
     # -- the request path ----------------------------------------------------------------------
-    def _put(self, record: AuditRecord, prompt: str | None) -> None:
+    # It captures references to the values a record needs (strings, the usage struct) in a tuple, and the
+    # prompt's hash or the head of it when asked (never the request: its body could be large); the
+    # writer thread bounds, formats and encodes them.
+    def _put(self, entry: tuple[Any, ...]) -> None:
         if len(self._queue) >= self.max_queue or self._closing:
             self.dropped += 1
             return
-        self._queue.append((record, prompt))
+        self._queue.append(entry)
 
-    def _client(self, request: InferenceRequest | None) -> str | None:
-        if not self.client_header or request is None:
+    def _prompt(self, request: InferenceRequest | None) -> str | None:
+        mode = self.opts.prompt
+        if mode == "none" or request is None:
             return None
-        value = request.headers.get(self.client_header)
-        return None if value is None else bounds.bounded(value, CLIENT_MAX)
+        text = request.prompt_text
+        if mode == "hash":
+            return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+        return text[: self.opts.excerpt_chars + EXCERPT_MARGIN]
 
     def record_routed(self, routing: Routing, outcome: Outcome, usage: Usage | None) -> None:
         """A request that was routed ended (served, aborted, or refused after the pick: `outcome.error`)."""
-        request = routing.request
-        error = outcome.error if isinstance(outcome.error, RequestError) else None
-        status = outcome.status if error is None else error.kind.status
-        first = outcome.first_byte
-        self._put(
-            AuditRecord(
-                time.time(), request.request_id, self._client(request), bounds.bounded(request.path, bounds.LOG_FIELD_MAX),
-                bounds.objective(request.objective), bounds.model_name(request.model), bounds.model_name(request.target_model),
-                routing.destination.split(","), routing.profile, *_admission(request, error), status,
-                *_error_fields(error), outcome.aborted, outcome.streaming,
-                usage.prompt_tokens if usage is not None else None, usage.completion_tokens if usage is not None else None,
-                usage.cached_tokens if usage is not None else None, round(outcome.duration * 1000, 3),
-                None if first is None else round(first * 1000, 3),
-            ),
-            request.prompt_text if self.keep_prompt else None,
-        )  # fmt: skip
+        r = routing.request
+        error = outcome.error
+        header = self.client_header
+        self._put((
+            time.time(), r.request_id, r.headers.get(header) if header else None, r.path, r.objective, r.model, r.target_model,
+            routing.destination, routing.profile, r.flags, outcome.status, None if error is None else _error(error),
+            outcome.aborted, outcome.streaming, usage, outcome.duration, outcome.first_byte, self._prompt(r),
+        ))  # fmt: skip
 
     def record_refused(self, request: InferenceRequest | None, error: RequestError) -> None:
         """A request refused before it was routed (admission, parsing, no endpoint, flow control)."""
-        if request is None:
-            request_id = path = objective = model = target = ""
-        else:
-            request_id = bounds.request_id(request.request_id)
-            path = bounds.bounded(request.path, bounds.LOG_FIELD_MAX)
-            objective, model = bounds.objective(request.objective), bounds.model_name(request.model)
-            target = bounds.model_name(request.target_model)
-        self._put(
-            AuditRecord(
-                time.time(), request_id, self._client(request), path, objective, model, target, [], "",
-                *_admission(request, error), error.kind.status, *_error_fields(error), True, False,
-                None, None, None, None, None,
-            ),
-            request.prompt_text if self.keep_prompt and request is not None else None,
-        )  # fmt: skip
+        r = request
+        header = self.client_header
+        if r is None:
+            self._put((time.time(), "", None, "", "", "", "", "", "", None, None, _error(error), True, False, None, None, None, None))
+            return
+        self._put((
+            time.time(), r.request_id, r.headers.get(header) if header else None, r.path, r.objective, r.model, r.target_model,
+            "", "", r.flags, None, _error(error), True, False, None, None, None, self._prompt(r),
+        ))  # fmt: skip
 
     # -- the writer thread ---------------------------------------------------------------------
     @property
@@ -336,30 +330,58 @@ class AuditLog:
     def _flush(self) -> None:
         queue = self._queue
         while queue:
-            batch: list[tuple[AuditRecord, str | None]] = []
+            batch: list[tuple[Any, ...]] = []
             while queue and len(batch) < 1000:
                 batch.append(queue.popleft())
-            encode = self._encoder.encode
             try:
-                records = [self._finish(r, p) for r, p in batch]
-                lines = [encode(r) + b"\n" for r in records]
-                self.sink.write(records, lines)
+                records = [self._record(e) for e in batch]
+                self.sink.write(records, self._encoder.encode_lines(records))
             except Exception as e:  # a sink failure costs its records, never the writer
                 self.failed += len(batch)
                 log.warning("audit sink failed, %d records lost: %s", len(batch), e)
             else:
                 self.written += len(batch)
 
-    def _finish(self, record: AuditRecord, prompt: str | None) -> AuditRecord:
-        t = record.time
-        if isinstance(t, float):
-            record.time = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+    def _time(self, t: float) -> str:
+        sec = int(t)
+        if sec != self._second:  # strftime once a second
+            self._second, self._stamp = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        return "%s.%03dZ" % (self._stamp, (t - sec) * 1000)
+
+    def _record(self, e: tuple[Any, ...]) -> AuditRecord:
+        (t, request_id, client, path, objective, model, target, destination, profile, flags, status, error, aborted,
+         streaming, usage, duration, first_byte, prompt) = e  # fmt: skip
+        rules = list(flags) if flags else []
+        if error is not None:
+            code, error_status, dropped, message, rule = error
+            status = error_status
+            message = bounds.message(message)
+            if rule:
+                rules.append(rule)
+                admission = REFUSED
+            else:
+                admission = FLAGGED if flags else PASSED
+        else:
+            code = dropped = message = None
+            admission = FLAGGED if flags else PASSED
+        # Header values (the id, client, path, objective) are valid UTF-8 and the JSON escapes control
+        # characters: cut to length. Model names come from the JSON body, which may hold lone surrogates.
+        record = AuditRecord(
+            self._time(t), request_id[: bounds.REQUEST_ID_MAX], None if client is None else client[:CLIENT_MAX],
+            path[: bounds.LOG_FIELD_MAX], objective[: bounds.OBJECTIVE_MAX], bounds.model_name(model),
+            model if target == model else bounds.model_name(target), destination.split(",") if destination else [],
+            profile, admission, rules, status,
+            code, dropped, message, aborted, streaming,
+            None if usage is None else usage.prompt_tokens, None if usage is None else usage.completion_tokens,
+            None if usage is None else usage.cached_tokens, None if duration is None else round(duration * 1000, 3),
+            None if first_byte is None else round(first_byte * 1000, 3),
+        )  # fmt: skip
         if prompt is not None:
             if self.opts.prompt == "hash":
-                record.prompt_sha256 = hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest()
+                record.prompt_sha256 = prompt
             else:
                 n = self.opts.excerpt_chars
-                excerpt = redact(prompt[: n + 1024], self.patterns())[:n]  # masked before it is cut: no half secret
+                excerpt = redact(prompt, self.patterns())[:n]  # masked before it is cut: no half secret shows
                 record.prompt_excerpt = bounds.bounded(excerpt, n)
         return record
 
@@ -382,14 +404,6 @@ def content_patterns(plugins: Iterable[object]) -> list[tuple[str, Pattern]]:
     return [lp for p in plugins if isinstance(p, ContentCheckAdmitter) for lp in p.patterns()]
 
 
-def _admission(request: InferenceRequest | None, error: RequestError | None) -> tuple[str, list[str]]:
-    flags = list(request.flags) if request is not None and request.flags else []
-    if error is not None and error.rule:
-        return REFUSED, [*flags, error.rule]
-    return (FLAGGED if flags else PASSED), flags
-
-
-def _error_fields(error: RequestError | None) -> tuple[str | None, str | None, str | None]:
-    if error is None:
-        return None, None, None
-    return error.kind.code, error.kind.dropped_reason, bounds.message(error.message)
+def _error(e: RequestError) -> tuple[str, int, str | None, str, str]:
+    kind = e.kind
+    return kind.code, kind.status, kind.dropped_reason, e.message, e.rule

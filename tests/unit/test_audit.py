@@ -40,8 +40,8 @@ class Lines:
     def __init__(self) -> None:
         self.lines: list[bytes] = []
 
-    def write(self, records, lines) -> None:
-        self.lines.extend(lines)
+    def write(self, records, data) -> None:
+        self.lines.extend(data.splitlines())
 
     def close(self) -> None:
         pass
@@ -114,9 +114,9 @@ def test_a_full_queue_drops_and_counts_records_and_never_waits():
     release = threading.Event()
 
     class Stuck(Lines):
-        def write(self, records, lines) -> None:
+        def write(self, records, data) -> None:
             release.wait(10)
-            super().write(records, lines)
+            super().write(records, data)
 
     sink = Stuck()
     audit = AuditLog(sink, AuditOptions(queue_size=3), interval=0.01)
@@ -134,7 +134,7 @@ def test_a_full_queue_drops_and_counts_records_and_never_waits():
 
 def test_a_failing_sink_counts_its_records_as_failed():
     class Broken(Lines):
-        def write(self, records, lines) -> None:
+        def write(self, records, data) -> None:
             raise OSError("disk full")
 
     audit = AuditLog(Broken(), interval=0.01)
