@@ -210,6 +210,11 @@ class Director(Protocol):
 
     def first_byte(self, routing: Routing, end_of_stream: bool = False) -> None: ...
 
+    def abandoned(self, request: InferenceRequest) -> None:
+        """The stream ended before the request was routed or refused (the client left while its body came,
+        or while it waited for its data or in flow control's queue); told once."""
+        ...
+
     def rejected(self, request: InferenceRequest | None, error: RequestError, routed: bool = False) -> None:
         """The request was refused; `routed`: after its pick (`finish` was told first, with the error)."""
         ...
@@ -288,6 +293,9 @@ class RequestStream:
         # A client may hang up right after `data: [DONE]`, before Envoy relays the end of stream.
         done = self.state is State.DONE or (self._usage is not None and self._usage.done)
         self._finish(aborted=not done)
+        if self.routing is None and self.request is not None and self.state is not State.REJECTED and not self._finished:
+            self._finished = True  # ended before it was routed or refused: the client left while its body came or it waited
+            self.director.abandoned(self.request)
 
     @property
     def subset(self) -> list[str] | None:

@@ -314,6 +314,15 @@ class AuditLog:
             "", "", r.flags, None, _error(error), True, False, None, None, None, self._prompt(r),
         ))  # fmt: skip
 
+    def record_abandoned(self, request: InferenceRequest) -> None:
+        """A request whose client left before it was routed or refused (while its body came, or queued)."""
+        r = request
+        header = self.client_header
+        self._put((
+            time.time(), r.request_id, r.headers.get(header) if header else None, r.path, r.objective, r.model, r.target_model,
+            "", "", r.flags, None, None, True, False, None, None, None, self._prompt(r),
+        ))  # fmt: skip
+
     # -- the writer thread ---------------------------------------------------------------------
     @property
     def queued(self) -> int:

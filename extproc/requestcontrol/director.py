@@ -17,7 +17,8 @@ a response body the scheduler's reporters turn its usage into Envoy's dynamic me
 It also keeps the last `DECISIONS_KEPT` decisions for /debug/decisions (a tuple appended to a
 bounded deque per request, with the admission rules that refused or flagged it), counts those rules'
 decisions, hands each request's end to the audit trail when there is one (extproc.observability.audit:
-`finish` for a routed request, `rejected` for one refused before its pick) and, only with
+`finish` for a routed request, `rejected` for one refused before its pick, `abandoned` for one whose
+client left before either) and, only with
 `log_requests`, writes one log line per request. What they
 keep of a client's strings (request id, model names, objective) is bounded by
 extproc.observability.bounds; the request itself goes on with its real values.
@@ -222,6 +223,13 @@ class Director:
                 extra={"fields": {"request_id": request_id, "model": model, "status": error.kind.status,
                                   "error_code": code, "error": bounds.message(error.message)}},
             )  # fmt: skip
+
+    def abandoned(self, request: InferenceRequest) -> None:
+        """The client left before the request was routed or refused: only the audit trail hears of it."""
+        if request.flags:
+            self.metrics.admission(request.flags)
+        if self.audit is not None:
+            self.audit.record_abandoned(request)
 
     def response_metadata(self, routing: Routing, usage: object | None) -> dict[str, dict[str, float]] | None:
         """The response body ended: what the scheduler's reporters (request-attribute-reporter) make of its

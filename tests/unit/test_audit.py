@@ -25,7 +25,7 @@ from pickers.framework.scheduler import Scheduler
 from pickers.plugins.base import PluginContext
 from tests.unit.test_guardrails import CONTENT, body
 from tests.unit.test_objectives_rewrite import immediate
-from tests.unit.test_protocol import ADDRS, response_body_msg, response_headers_msg, send_request
+from tests.unit.test_protocol import ADDRS, body_msg, headers_msg, response_body_msg, response_headers_msg, send_request
 
 FIELDS = {
     "time", "request_id", "client", "path", "objective", "model", "target_model", "endpoints", "profile", "admission",
@@ -108,6 +108,21 @@ def test_a_request_refused_after_its_pick_has_one_record_with_the_refusal():
     (record,) = sink.records()
     assert record["status"] == 429 and record["dropped_reason"] == "evicted" and record["aborted"] is True
     assert record["endpoints"]
+
+
+def test_a_client_that_leaves_before_the_pick_has_a_record_too():
+    sink = Lines()
+    audit = AuditLog(sink, AuditOptions(client_header="x-user"), interval=0.01)
+    director = director_with(audit)
+    stream = RequestStream(director)
+    stream.handle(headers_msg(extra={"x-request-id": "gone", "x-user": "carol"}))
+    stream.handle(body_msg(body("half a bo")[:10], False))
+    stream.close()  # the client hung up mid-body
+    stream.close()  # told once
+    audit.close()
+    (record,) = sink.records()
+    assert record["request_id"] == "gone" and record["client"] == "carol" and record["status"] is None
+    assert record["aborted"] is True and record["endpoints"] == [] and record["error"] is None
 
 
 def test_a_full_queue_drops_and_counts_records_and_never_waits():
