@@ -207,6 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--prompt-chars", type=int, default=2000)
     ap.add_argument("--strategy", choices=STRATEGIES, default="default")
     ap.add_argument("--guardrails", action="store_true", help="compare admission and the audit trail on vs off instead")
+    ap.add_argument("--rounds", type=int, default=7, help="rounds per director, alternating (the best of each is shown)")
     args = ap.parse_args(argv)
     if args.guardrails:
         return guardrails(args)
@@ -234,9 +235,9 @@ def guardrails(args: argparse.Namespace) -> int:
 
     from extproc.observability.audit import AuditOptions, FileSink
 
-    print(f"{args.requests} requests x 7 rounds (best of each), {args.endpoints} endpoints, strategy {args.strategy}, "
-          f"{args.chunks} response chunks, ~{args.prompt_chars}-char prompts of English-like words; metrics and the "
-          "latency model on in all")  # fmt: skip
+    print(f"{args.requests} requests x {args.rounds} rounds (best of each), {args.endpoints} endpoints, strategy "
+          f"{args.strategy}, {args.chunks} response chunks, ~{args.prompt_chars}-char prompts of English-like words; "
+          "metrics and the latency model on in all")  # fmt: skip
     n, e, strategy = args.requests, args.endpoints, args.strategy
     with tempfile.TemporaryDirectory() as tmp:
         audits = [AuditLog(FileSink(f"{tmp}/audit-{i}.jsonl", max_bytes=64 << 20), AuditOptions(prompt=mode))
@@ -248,7 +249,7 @@ def guardrails(args: argparse.Namespace) -> int:
              "both": build_director(e, strategy, metrics=True, admission=True, audit=audits[1]),
              "hash": build_director(e, strategy, metrics=True, admission=True, audit=audits[2]),
              "card": build_director(e, strategy, metrics=True, admission=True, card=True)},
-            n, args.chunks, args.prompt_chars, words=True,
+            n, args.chunks, args.prompt_chars, rounds=args.rounds, words=True,
         )  # fmt: skip
         for a in audits:
             a.close()
@@ -265,7 +266,55 @@ def guardrails(args: argparse.Namespace) -> int:
     for label, key in rows:
         print(f"  {label:44s} {best[key]:10.1f} {best[key] / off:8.3f}")
     print(f"  audit records written {written}, dropped or failed {dropped}")
+    print(_guardrail_calls(args.prompt_chars))
     return 0
+
+
+def _guardrail_calls(prompt_chars: int, n: int = 20_000) -> str:
+    """The guardrails' own calls for one request, without the rest of the path (best of 5): steadier numbers."""
+    import timeit
+
+    from extproc.handlers.request_stream import Outcome, Routing
+    from extproc.handlers.usage import Usage
+    from extproc.observability.audit import AuditOptions
+    from pickers.framework.endpoint import Endpoint
+
+    class Null:
+        def write(self, records: object, data: bytes) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    rng = random.Random(0)
+    words: list[str] = []
+    while sum(map(len, words)) + len(words) < prompt_chars:
+        words.append(rng.choice(WORDS))
+    req = InferenceRequest("5d1c7e2a-0b7f-4b58-9d7e-3f7f7c1d2a90", "/v1/completions", {"x-user-id": "u-1"}, "completions", "m",
+                           " ".join(words), max_tokens=16)  # fmt: skip
+    eps = [Endpoint(EndpointSpec("a", "10.0.0.1", 8000))]
+    limits, content = guardrail_plugins()
+    audit = AuditLog(Null(), AuditOptions(client_header="x-user-id", queue_size=10**9), interval=3600)
+    usage = Usage(prompt_tokens=500, completion_tokens=16, total_tokens=516)
+    routing = Routing(req, "10.0.0.1:8000", eps[0], 10, profile="default")
+    outcome = Outcome(200, True, usage, False, None, 0.5, 0.1)
+
+    def best(fn: object) -> float:
+        return min(timeit.repeat(fn, number=n, repeat=5)) / n * 1e6  # type: ignore[arg-type]
+
+    lim = best(lambda: limits.admit_request(req, eps))  # type: ignore[attr-defined]
+    con = best(lambda: content.admit_request(req, eps))  # type: ignore[attr-defined]
+    hot = best(lambda: audit.record_routed(routing, outcome, usage))
+    entries = list(audit._queue)
+    audit._queue.clear()
+    it = iter(entries * 5)
+    record = best(lambda: audit._record(next(it)))
+    records = [audit._record(e) for e in entries[:1000]]
+    encode = min(timeit.repeat(lambda: audit._encoder.encode_lines(records), number=20, repeat=5)) / 20 / len(records) * 1e6
+    audit.close()
+    return (f"  the guardrails' calls alone (best of 5 x {n}): request-limits-admitter {lim:.2f} us, content-check-admitter "
+            f"{con:.2f} us, audit on the request path {hot:.2f} us, on the writer thread {record + encode:.2f} us a record "
+            f"(building {record:.2f}, encoding {encode:.2f})")  # fmt: skip
 
 
 if __name__ == "__main__":

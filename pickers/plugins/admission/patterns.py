@@ -2,12 +2,13 @@
 (the audit record's redacted prompt excerpt).
 
 Python's regular expressions try a pattern at every position unless it starts with a literal, which
-costs ~20 ns a character per pattern: a few presets over a long prompt would cost more than the pick.
-So each preset also says what any match must contain (`anchors`, found with `in` at memory-search
-speed, in the lower-cased text for a case-insensitive one; `min_digits`, counted once per text), and its
-expression runs only on a text that has it; the expressions start with a literal where they can, and
-the edges a lookbehind would test are checked on the match instead (`check`: a card number's Luhn
-digit too). `Text` computes the lower-cased text and the digit count once for every rule of a request.
+costs 20-50 ns a character: a few presets over a long prompt would cost more than the pick. So each
+preset's expression starts with a literal (the `@` of an address, the first dash of an SSN) and its
+`span` finds the whole match around it and says whether it counts (the digits before the dash, the
+address's local part, a card number's Luhn digit, not inside a longer word); and each preset names
+what a text must contain for it to match at all (`first`: one character, found at memchr speed;
+`anchors`: one of these strings; `min_digits`), so its expression runs only on a text that has it.
+`Text` computes the lower-cased text and the digit count once for every rule of a request.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 
 _DIGITS = "0123456789"
 _NOT_DIGITS = bytes(c for c in range(256) if not 48 <= c <= 57)  # bytes.translate deletes these: a C loop
+_UPPER = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_ALNUM = _UPPER + _UPPER.lower() + _DIGITS
 
 
 class Text:
@@ -43,41 +46,62 @@ class Text:
         return self._digits
 
 
-Check = Callable[[str, "re.Match[str]"], bool]
+# (text, match of the expression) -> the span of the whole match, or None when it does not count
+Span = Callable[[str, "re.Match[str]"], "tuple[int, int] | None"]
 
 
 @dataclass(slots=True, frozen=True)
 class Pattern:
     regex: re.Pattern[str]
-    check: Check | None = None  # (text, match): the match counts only when this says so
+    span: Span | None = None  # None: the expression's match is the match
+    first: str = ""  # a character every match contains
     anchors: tuple[str, ...] = ()  # every match contains one of these (none: no such prefilter)
     lower: bool = False  # the anchors are lower-case, looked for in the lower-cased text
     min_digits: int = 0  # every match holds at least this many digits
 
     def _may_match(self, t: Text) -> bool:
+        if self.first and self.first not in t.text:
+            return False
         if self.min_digits and t.digits < self.min_digits:
             return False
         if self.anchors:
             hay = t.lower if self.lower else t.text
-            return any(a in hay for a in self.anchors)
+            for a in self.anchors:
+                if a in hay:
+                    return True
+            return False
         return True
 
-    def search(self, t: Text) -> bool:
+    def spans(self, t: Text) -> Iterable[tuple[int, int]]:
         if not self._may_match(t):
-            return False
+            return
         text = t.text
-        check = self.check
-        if check is None:
-            return self.regex.search(text) is not None
-        return any(check(text, m) for m in self.regex.finditer(text))
+        span = self.span
+        for m in self.regex.finditer(text):
+            s = m.span() if span is None else span(text, m)
+            if s is not None:
+                yield s
+
+    def search(self, t: Text) -> bool:
+        if self.span is None:
+            return self._may_match(t) and self.regex.search(t.text) is not None
+        return next(iter(self.spans(t)), None) is not None
 
     def mask(self, t: Text, label: str) -> str:
         """The text with this pattern's matches replaced by `[label]`."""
-        if not self._may_match(t):
-            return t.text
         text = t.text
-        check = self.check
-        return self.regex.sub(lambda m: f"[{label}]" if check is None or check(text, m) else m.group(0), text)
+        out: list[str] = []
+        at = 0
+        for s, e in self.spans(t):
+            if s < at:  # overlaps the previous match (a span that reached back)
+                continue
+            out.append(text[at:s])
+            out.append(f"[{label}]")
+            at = e
+        if not out:
+            return text
+        out.append(text[at:])
+        return "".join(out)
 
 
 def luhn_ok(text: str) -> bool:
@@ -95,40 +119,58 @@ def luhn_ok(text: str) -> bool:
     return total % 10 == 0
 
 
-def _alone(text: str, m: re.Match[str], before: str, after: str) -> bool:
-    """Whether the match is not part of a longer run: the characters around it are not in `before`/`after`."""
-    s, e = m.start(), m.end()
-    return (s == 0 or text[s - 1] not in before) and (e == len(text) or text[e] not in after)
+def _alone(before: str, after: str) -> Span:
+    """The match, when the characters around it are not in `before` / `after` (not part of a longer run)."""
+
+    def span(text: str, m: re.Match[str]) -> tuple[int, int] | None:
+        s, e = m.span()
+        if (s and text[s - 1] in before) or (e < len(text) and text[e] in after):
+            return None
+        return s, e
+
+    return span
 
 
-def _card(text: str, m: re.Match[str]) -> bool:
-    return _alone(text, m, _DIGITS + "-", _DIGITS + "-") and luhn_ok(m.group(0))
+_card_alone = _alone(_DIGITS + "-", _DIGITS + "-")
 
 
-def _ssn(text: str, m: re.Match[str]) -> bool:
-    # the expression starts at the first dash (a literal: fast); the three digits before it are checked here
+def _card(text: str, m: re.Match[str]) -> tuple[int, int] | None:
+    s = _card_alone(text, m)
+    return s if s is not None and luhn_ok(m.group(0)) else None
+
+
+def _ssn(text: str, m: re.Match[str]) -> tuple[int, int] | None:
+    # the expression starts at the first dash; the three digits before it are checked here
+    s, e = m.span()
+    if s < 3 or not text[s - 3 : s].isdigit() or (s > 3 and text[s - 4].isdigit()) or (e < len(text) and text[e].isdigit()):
+        return None
+    return s - 3, e
+
+
+_LOCAL = frozenset(_ALNUM + "._%+-")
+
+
+def _email(text: str, m: re.Match[str]) -> tuple[int, int] | None:
+    # the expression starts at the @; the local part is the run of address characters before it
     s = m.start()
-    return s >= 3 and text[s - 3 : s].isdigit() and (s == 3 or not text[s - 4].isdigit()) and _alone(text, m, "", _DIGITS)
+    while s and text[s - 1] in _LOCAL:
+        s -= 1
+    return None if s == m.start() else (s, m.end())
 
-
-def _word(chars: str) -> Check:
-    return lambda text, m: _alone(text, m, chars, chars)
-
-
-_ALNUM = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" + _DIGITS
 
 PRESETS: dict[str, Pattern] = {
     # 13-19 digits, optionally grouped by spaces or dashes, with a valid Luhn check digit
     "card-number": Pattern(re.compile(r"\d(?:[ -]?\d){12,18}"), _card, min_digits=13),
-    "us-ssn": Pattern(re.compile(r"-\d\d-\d{4}"), _ssn, anchors=("-",), min_digits=9),
-    "email-address": Pattern(re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"), anchors=("@",)),
-    "aws-access-key-id": Pattern(re.compile(r"A(?:KIA|SIA)[A-Z0-9]{16}"), _word(_DIGITS + "ABCDEFGHIJKLMNOPQRSTUVWXYZ"),
-                                 anchors=("AKIA", "ASIA")),  # fmt: skip
-    "private-key": Pattern(re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----"), anchors=("PRIVATE KEY-----",)),
-    "openai-api-key": Pattern(re.compile(r"sk-(?:proj-|svcacct-)?[A-Za-z0-9_-]{20,}"), _word(_ALNUM), anchors=("sk-",)),
-    "github-token": Pattern(re.compile(r"gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{40,}"), _word(_ALNUM),
-                            anchors=("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_")),  # fmt: skip
-    "bearer-token": Pattern(re.compile(r"(?i)bearer\s+[a-z0-9._~+/-]{20,}=*"), _word(_ALNUM), anchors=("bearer",), lower=True),
+    "us-ssn": Pattern(re.compile(r"-\d\d-\d{4}"), _ssn, first="-"),
+    "email-address": Pattern(re.compile(r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"), _email, first="@"),
+    "aws-access-key-id": Pattern(re.compile(r"A[KS]IA[A-Z0-9]{16}"), _alone(_UPPER + _DIGITS, _UPPER + _DIGITS), first="A"),
+    "private-key": Pattern(re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----"), first="-", anchors=("PRIVATE KEY-----",)),
+    "openai-api-key": Pattern(re.compile(r"sk-(?:proj-|svcacct-)?[A-Za-z0-9_-]{20,}"), _alone(_ALNUM, _ALNUM), first="-",
+                              anchors=("sk-",)),  # fmt: skip
+    "github-token": Pattern(re.compile(r"gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{40,}"), _alone(_ALNUM, _ALNUM),
+                            first="_", anchors=("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_")),  # fmt: skip
+    "bearer-token": Pattern(re.compile(r"(?i)bearer\s+[a-z0-9._~+/-]{20,}=*"), _alone(_ALNUM, _ALNUM), anchors=("bearer",),
+                            lower=True),  # fmt: skip
 }
 
 
