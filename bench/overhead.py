@@ -64,9 +64,9 @@ CONFIGS: tuple[tuple[str, dict[str, object]], ...] = (
 )
 
 
-def guardrail_configs(workdir: Path) -> tuple[tuple[str, dict[str, object]], ...]:
+def guardrail_configs(workdir: Path, pairs: int = 3) -> tuple[tuple[str, dict[str, object]], ...]:
     """(c) and (d): the default strategy's config, then the same with bench.request_cost's guardrail policy
-    (its limits allow this benchmark's model) and an audit file; twice each, alternating."""
+    (its limits allow this benchmark's model) and an audit file; `pairs` times each, alternating."""
     from bench.request_cost import GUARD_CONTENT, GUARD_LIMITS
     from pickers.config.strategies import strategy_config
 
@@ -80,15 +80,16 @@ def guardrail_configs(workdir: Path) -> tuple[tuple[str, dict[str, object]], ...
     off = ("(c) envoy + EPP default", {"epp_args": ("--strategy", "default")})
     on = ("(d) (c) + guardrails + audit", {"epp_args": ("--config-file", str(path), "--audit-sink", "file",
                                                         "--audit-file", str(workdir / "audit.jsonl"))})  # fmt: skip
-    return (off, on, off, on)
+    return (off, on) * pairs
 
 
 def guardrail_summary(results: Sequence[Measured]) -> str:
-    """EPP CPU per request of each run and the ratio of the means, on / off."""
+    """EPP CPU per request of each run, and (d) / (c) of the best runs (least disturbed by other load) and of the means."""
     rows = [[m.name, f"{m.load.rate:.0f}", _ms(m.cpu_per_request["epp"]), str(m.load.ok),
              str(sum(m.load.errors.values()) + sum(n for st, n in m.load.statuses.items() if st != 200))] for m in results]  # fmt: skip
     off = [m.cpu_per_request["epp"] for m in results if m.name.startswith("(c)")]
     on = [m.cpu_per_request["epp"] for m in results if m.name.startswith("(d)")]
+    rows.append(["(d) vs (c), best runs", "", ratio(min(on), min(off)), "", ""])
     rows.append(["(d) vs (c), means", "", ratio(sum(on) / len(on), sum(off) / len(off)), "", ""])
     return table(["config", "req/s", "EPP cpu/req (ms)", "answered", "errors"], rows)
 
@@ -202,6 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, help=f"throughput phase length (default {d.seconds:g})")
     ap.add_argument("--png", default="bench-overhead.png", help="picture of the results (default %(default)s; '' for none)")
     ap.add_argument("--guardrails", action="store_true", help="EPP CPU per request with admission and the audit trail on vs off")
+    ap.add_argument("--pairs", type=int, default=3, help="with --guardrails: off/on runs, alternating (default 3)")
     args = ap.parse_args(argv)
     if args.quick:
         s = Settings(concurrency=args.concurrency, seconds=args.seconds or 4.0, latency_seconds=3.0, warmup_seconds=1.0)
@@ -225,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
         reserved: list[ReservedPort] = []
         backend, endpoints = start_backend(Path(tmp) / "noop", s.backends, reserved)
-        configs = guardrail_configs(Path(tmp) / "guardrails") if args.guardrails else CONFIGS
+        configs = guardrail_configs(Path(tmp) / "guardrails", args.pairs) if args.guardrails else CONFIGS
         try:
             for i, (name, extra) in enumerate(configs):
                 started = time.monotonic()

@@ -53,7 +53,7 @@ EXCERPT_MARGIN = 1024  # characters past an excerpt's length kept for redaction:
 PASSED, FLAGGED, REFUSED = "passed", "flagged", "refused"
 
 
-class AuditRecord(msgspec.Struct):
+class AuditRecord(msgspec.Struct, gc=False):  # holds no cycles: the collector need not track it
     """One request, as the audit trail keeps it (docs/guardrails.md has the schema)."""
 
     time: str  # RFC 3339, UTC, to the millisecond: when the request ended
@@ -129,7 +129,8 @@ class FileSink:
         self.max_bytes = max_bytes
         self.backups = backups
         try:
-            self._file: IO[bytes] = open(self.path, "ab")  # noqa: SIM115 - kept open until close()
+            # unbuffered: each batch is one append (O_APPEND), whole lines even if another process appends too
+            self._file: IO[bytes] = open(self.path, "ab", buffering=0)  # noqa: SIM115 - kept open until close()
         except OSError as e:
             raise ConfigError(f"cannot open {path!r} for appending: {e.strerror}", field="--audit-file") from None
         try:
@@ -140,15 +141,23 @@ class FileSink:
 
     def write(self, records: Sequence[AuditRecord], data: bytes) -> None:
         if self._size + len(data) > self.max_bytes:  # rotate between lines (a line over the limit goes alone)
+            chunk: list[bytes] = []
             for line in data.splitlines(keepends=True):
-                if self._size and self._size + len(line) > self.max_bytes:
+                if (self._size or chunk) and self._size + len(line) > self.max_bytes:
+                    self._write(b"".join(chunk))
+                    chunk = []
                     self._rotate()
-                self._file.write(line)
+                chunk.append(line)
                 self._size += len(line)
+            self._write(b"".join(chunk))
         else:
-            self._file.write(data)
+            self._write(data)
             self._size += len(data)
-        self._file.flush()
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:  # a raw file may take less than all of it
+            view = view[self._file.write(view) or 0 :]
 
     def _rotate(self) -> None:
         self._file.close()
@@ -160,7 +169,7 @@ class FileSink:
                 if older.exists():
                     os.replace(older, self.path.with_name(f"{self.path.name}.{i + 1}"))
             os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
-        self._file = open(self.path, "ab")  # noqa: SIM115
+        self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115
         self._size = 0
 
     def close(self) -> None:
