@@ -47,7 +47,8 @@ def _optional_limit(p: Params, key: str) -> int | None:
 
 def _allow_list(p: Params, key: str) -> frozenset[str] | None:
     if not p.given(key):
-        p.strings(key)
+        p.strings(key)  # read (null is as left out)
+        p.effective.pop(key, None)  # left out: any, not shown as an empty list (which would allow none)
         return None
     values = p.strings(key)
     if not values:

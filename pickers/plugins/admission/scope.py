@@ -36,6 +36,7 @@ def read_rules(p: Params, build: Callable[[str, Params], R]) -> list[R]:
     if not raw:
         raise ParameterError(p.path("rules"), "is required: a list of rules, each a mapping with a name")
     rules: list[R] = []
+    effective: list[dict[str, object]] = []
     seen: set[str] = set()
     for i, spec in enumerate(raw):
         rp = Params(spec, prefix=f"{p.path('rules')}[{i}].", warnings=p.warnings)
@@ -48,4 +49,6 @@ def read_rules(p: Params, build: Callable[[str, Params], R]) -> list[R]:
         seen.add(name)
         rules.append(build(name, rp))
         rp.done()
+        effective.append(rp.effective)
+    p.effective["rules"] = effective  # each rule with the defaults it runs with (epp check-config)
     return rules
