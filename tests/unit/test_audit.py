@@ -249,3 +249,40 @@ def test_audit_flags_are_checked_by_epp_serve(argv, field):
     with pytest.raises(ConfigError) as e:
         cmd_serve(args)
     assert e.value.field == field
+
+
+# -- with flow control: admission before the queues, a client gone while queued -------------------
+
+
+async def test_with_flow_control_a_guardrail_refuses_before_the_queue_and_a_queued_client_that_leaves_is_recorded():
+    from tests.unit.test_flowcontrol_stream import end, flow_controlled, start
+    from tests.unit.test_flowcontrol_runtime import settle
+
+    director, fc, _ = flow_controlled(capacity=1)
+    sink = Lines()
+    director.audit = audit = AuditLog(sink, interval=0.01)
+    cfg = load_config(CONTENT, "g.yaml", PluginContext())
+    director.scheduler = Scheduler(cfg.profiles, handler=cfg.profile_handler, producers=cfg.producers)
+    first, t1 = await start(director, **{"x-request-id": "first"})
+    await settle()
+    assert t1.done()  # dispatched: the pool had room
+    refused = RequestStream(director)
+    send_request(refused, body(f"key {'AKIA' + 'B' * 16}"), extra={"x-request-id": "refused"})
+    await director.prepare(refused.request)
+    out = await director.admit(refused, None)
+    assert immediate(out).status.code == 403 and fc.count == 0  # refused before it was queued
+    queued, t3 = await start(director, **{"x-request-id": "queued"})
+    await settle()
+    assert fc.count == 1
+    t3.cancel()
+    await settle()
+    queued.close()  # the servicer's finally: the client left while queued
+    refused.close()
+    end(first)
+    first.close()
+    audit.close()
+    records = {r["request_id"]: r for r in sink.records()}
+    assert set(records) == {"first", "refused", "queued"}
+    assert records["refused"]["admission"] == "refused" and records["refused"]["status"] == 403
+    assert records["queued"]["status"] is None and records["queued"]["aborted"] is True and records["queued"]["endpoints"] == []
+    assert records["first"]["status"] == 200 and records["first"]["endpoints"]
