@@ -328,6 +328,10 @@ def _run(coro) -> None:  # type: ignore[no-untyped-def]
         asyncio.run(coro)
 
 
+# headers whose value is a credential: never an audit record's client identity
+CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "api-key", "cookie", "x-goog-api-key"})
+
+
 def _audit_options(args: argparse.Namespace) -> AuditOptions | None:
     """The audit trail's settings; None when off (then no other --audit-* flag may be given)."""
     from extproc.observability.audit import AuditOptions
@@ -342,6 +346,11 @@ def _audit_options(args: argparse.Namespace) -> AuditOptions | None:
                         ("--audit-excerpt-chars", args.audit_excerpt_chars)):  # fmt: skip
         if value < 1:
             raise ConfigError(f"expected at least 1, got {value}", field=flag)
+    if args.audit_client_header.lower() in CREDENTIAL_HEADERS:
+        raise ConfigError(
+            f"{args.audit_client_header!r} carries a credential, which an audit record must never hold: name the header "
+            "the gateway sets with the authenticated user or the API key's id instead", field="--audit-client-header",
+        )  # fmt: skip
     if args.audit_file_backups < 0:
         raise ConfigError(f"expected 0 or more, got {args.audit_file_backups}", field="--audit-file-backups")
     return AuditOptions(

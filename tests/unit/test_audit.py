@@ -242,6 +242,8 @@ def test_sink_settings_that_cannot_work_are_refused_naming_the_flag(opts, field)
         (["--audit-file", "a.jsonl"], "--audit-file"),
         (["--audit-prompt", "hash"], "--audit-prompt"),
         (["--audit-sink", "stdout", "--audit-queue-size", "0"], "--audit-queue-size"),
+        (["--audit-sink", "stdout", "--audit-client-header", "Authorization"], "--audit-client-header"),
+        (["--audit-sink", "stdout", "--audit-client-header", "x-api-key"], "--audit-client-header"),
     ],
 )
 def test_audit_flags_are_checked_by_epp_serve(argv, field):
