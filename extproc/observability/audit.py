@@ -264,7 +264,6 @@ class AuditLog:
         self.sink = sink
         self.opts = opts
         self.client_header = opts.client_header.lower()  # Envoy hands header names lower-cased
-        self.keep_prompt = opts.prompt != "none"
         self.patterns = patterns  # the config's content-check patterns, read when an excerpt is made
         self.interval = interval
         self._queue: deque[tuple[Any, ...]] = deque()  # what `record_*` captured, for `_record`
