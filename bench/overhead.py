@@ -4,10 +4,7 @@ For each gateway -- (a) Envoy round-robin without ext_proc, (b) Envoy + EPP --st
 (c) Envoy + EPP default -- a closed-loop client measures requests/s at concurrency 32 and latency at
 concurrency 1 (small non-streaming completions), and every process's CPU seconds per request from
 /proc/<pid>/stat. The load generator runs on the same cores; its CPU is reported too.
-With --guardrails: (c) against (d) the same EPP with admission (request-limits-admitter +
-content-check-admitter) and the audit trail (a JSON-lines file), twice each, alternating, on
-~2,000-character prompts of English words: the EPP's CPU per request with guardrails on vs off.
-Run: python -m bench.overhead [--quick] [--guardrails]
+Run: python -m bench.overhead [--quick]
 """
 
 from __future__ import annotations
@@ -44,7 +41,6 @@ class Settings:
     latency_seconds: float = 10.0  # concurrency-1 phase
     warmup_seconds: float = 2.0
     backends: int = 4
-    prompt: str = "Say ok"
 
 
 @dataclass(slots=True)
@@ -62,36 +58,6 @@ CONFIGS: tuple[tuple[str, dict[str, object]], ...] = (
     ("(b) envoy + EPP round-robin", {"epp_args": ("--strategy", "round-robin")}),
     ("(c) envoy + EPP default", {"epp_args": ("--strategy", "default")}),
 )
-
-
-def guardrail_configs(workdir: Path, pairs: int = 3) -> tuple[tuple[str, dict[str, object]], ...]:
-    """(c) and (d): the default strategy's config, then the same with bench.request_cost's guardrail policy
-    (its limits allow this benchmark's model) and an audit file; `pairs` times each, alternating."""
-    from bench.request_cost import GUARD_CONTENT, GUARD_LIMITS
-    from pickers.config.strategies import strategy_config
-
-    workdir.mkdir(parents=True, exist_ok=True)
-    doc = yaml.safe_load(strategy_config("default"))
-    limits = {"rules": [{**r, "allowedModels": [MODEL]} if "allowedModels" in r else r for r in GUARD_LIMITS["rules"]]}
-    doc["plugins"] += [{"type": "request-limits-admitter", "name": "limits", "parameters": limits},
-                       {"type": "content-check-admitter", "name": "content", "parameters": {"rules": GUARD_CONTENT}}]  # fmt: skip
-    path = workdir / "guardrails.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    off = ("(c) envoy + EPP default", {"epp_args": ("--strategy", "default")})
-    on = ("(d) (c) + guardrails + audit", {"epp_args": ("--config-file", str(path), "--audit-sink", "file",
-                                                        "--audit-file", str(workdir / "audit.jsonl"))})  # fmt: skip
-    return (off, on) * pairs
-
-
-def guardrail_summary(results: Sequence[Measured]) -> str:
-    """EPP CPU per request of each run, and (d) / (c) of the best runs (least disturbed by other load) and of the means."""
-    rows = [[m.name, f"{m.load.rate:.0f}", _ms(m.cpu_per_request["epp"]), str(m.load.ok),
-             str(sum(m.load.errors.values()) + sum(n for st, n in m.load.statuses.items() if st != 200))] for m in results]  # fmt: skip
-    off = [m.cpu_per_request["epp"] for m in results if m.name.startswith("(c)")]
-    on = [m.cpu_per_request["epp"] for m in results if m.name.startswith("(d)")]
-    rows.append(["(d) vs (c), best runs", "", ratio(min(on), min(off)), "", ""])
-    rows.append(["(d) vs (c), means", "", ratio(sum(on) / len(on), sum(off) / len(off)), "", ""])
-    return table(["config", "req/s", "EPP cpu/req (ms)", "answered", "errors"], rows)
 
 
 def start_backend(workdir: Path, n: int, reserved: list[ReservedPort]) -> tuple[ManagedProcess, Path]:
@@ -125,8 +91,7 @@ def _cpu_snapshot(pids: dict[str, int]) -> dict[str, float]:
 
 
 async def measure(name: str, stack: LocalStack, backend_pid: int, s: Settings) -> Measured:
-    body = BODY if s.prompt == "Say ok" else json.dumps({"model": MODEL, "prompt": s.prompt, "max_tokens": 1}).encode()
-    req = request_bytes("POST", "/v1/completions", f"127.0.0.1:{stack.listen_port}", body, {"Content-Type": "application/json"})
+    req = request_bytes("POST", "/v1/completions", f"127.0.0.1:{stack.listen_port}", BODY, {"Content-Type": "application/json"})
     go: Callable[[int, float], object] = lambda c, secs: closed_loop(  # noqa: E731
         "127.0.0.1", stack.listen_port, req, concurrency=c, seconds=secs, max_requests=MAX_REQUESTS
     )
@@ -202,21 +167,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=d.concurrency)
     ap.add_argument("--seconds", type=float, help=f"throughput phase length (default {d.seconds:g})")
     ap.add_argument("--png", default="bench-overhead.png", help="picture of the results (default %(default)s; '' for none)")
-    ap.add_argument("--guardrails", action="store_true", help="EPP CPU per request with admission and the audit trail on vs off")
-    ap.add_argument("--pairs", type=int, default=3, help="with --guardrails: off/on runs, alternating (default 3)")
     args = ap.parse_args(argv)
     if args.quick:
         s = Settings(concurrency=args.concurrency, seconds=args.seconds or 4.0, latency_seconds=3.0, warmup_seconds=1.0)
     else:
         s = Settings(concurrency=args.concurrency, seconds=args.seconds or d.seconds)
-    if args.guardrails:  # a prompt of words the content rules must read through; no latency phase to speak of
-        import dataclasses
-        import random
-
-        from bench.request_cost import WORDS
-
-        rng = random.Random(0)
-        s = dataclasses.replace(s, latency_seconds=1.0, prompt=" ".join(rng.choice(WORDS) for _ in range(450))[:2000])
     print(
         f"no-op backend ({s.backends} ports, one process); POST /v1/completions max_tokens 1, non-streaming; "
         f"{s.seconds:g}s at concurrency {s.concurrency}, {s.latency_seconds:g}s at concurrency 1; "
@@ -227,9 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
         reserved: list[ReservedPort] = []
         backend, endpoints = start_backend(Path(tmp) / "noop", s.backends, reserved)
-        configs = guardrail_configs(Path(tmp) / "guardrails", args.pairs) if args.guardrails else CONFIGS
         try:
-            for i, (name, extra) in enumerate(configs):
+            for i, (name, extra) in enumerate(CONFIGS):
                 started = time.monotonic()
                 results.append(run_config(name, extra, endpoints, backend.popen.pid, Path(tmp) / str(i), s))
                 print(f"  {name}: done in {time.monotonic() - started:.0f}s", file=sys.stderr, flush=True)
@@ -237,9 +191,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             backend.stop()
             for r in reserved:
                 r.close()
-    if args.guardrails:
-        print(guardrail_summary(results))
-        return 0
     print(summarize(results, s))
     if args.png:
         path = latency_and_throughput_png(
