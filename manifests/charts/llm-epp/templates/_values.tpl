@@ -74,18 +74,20 @@ render with the key's path and the reason.
 
 {{- /* inferenceExtension */ -}}
 {{- include "llm-epp.knownKeys" (dict "path" "inferenceExtension" "map" $ie "keys" (list "replicas" "image" "extProcPort" "metricsPort" "failureMode" "env" "pluginsConfigFile" "pluginsCustomConfig" "extraContainerPorts" "extraServicePorts" "flags" "affinity" "tolerations" "resources" "sidecar" "monitoring" "tracing" "latencyPredictor" "metricsDataSource" "volumes" "volumeMounts")) -}}
-{{- $replicas := int ($ie.replicas | default 1) -}}
+{{- $replicas := int (hasKey $ie "replicas" | ternary $ie.replicas 1) -}}
 {{- if lt $replicas 1 -}}{{- fail (printf "inferenceExtension.replicas: expected 1 or more, got %v" $ie.replicas) -}}{{- end -}}
 {{- $img := $ie.image | default dict -}}
-{{- include "llm-epp.knownKeys" (dict "path" "inferenceExtension.image" "map" $img "keys" (list "registry" "repository" "tag" "pullPolicy")) -}}
-{{- $repo := required "inferenceExtension.image.repository is required" $img.repository -}}
+{{- /* hub and name: the spelling of GIE's chart before v1.2, which llm-d's older guides use */ -}}
+{{- include "llm-epp.knownKeys" (dict "path" "inferenceExtension.image" "map" $img "keys" (list "registry" "repository" "tag" "pullPolicy" "hub" "name")) -}}
+{{- $repo := required "inferenceExtension.image.repository is required" ($img.name | default $img.repository) -}}
+{{- $registry := $img.hub | default $img.registry -}}
 {{- range $foreign := list "gateway-api-inference-extension/epp" "llm-d-router-endpoint-picker" "llm-d-inference-scheduler" -}}
 {{- if contains $foreign $repo -}}
 {{- fail (printf "inferenceExtension.image.repository %q is the reference EPP's image: this chart runs llm-epp (its flags and config differ); remove the image block or name an llm-epp image" $repo) -}}
 {{- end -}}
 {{- end -}}
 {{- $image := printf "%s:%s" $repo (toString ($img.tag | default "latest")) -}}
-{{- if $img.registry -}}{{- $image = printf "%s/%s" $img.registry $image -}}{{- end -}}
+{{- if $registry -}}{{- $image = printf "%s/%s" $registry $image -}}{{- end -}}
 {{- $failureMode := $ie.failureMode | default "FailOpen" -}}
 {{- if eq $failureMode "FailClosed" -}}
 {{- fail "inferenceExtension.failureMode (router.inferencePool.failureMode): FailClosed is spelled FailClose in the InferencePool API" -}}
