@@ -512,3 +512,34 @@ def test_kustomize_gateway_overlays_and_the_charts_providers_agree(chart, gatewa
         k_policy, h_policy = one(overlay, "BackendTrafficPolicy")["spec"], one(charted, "BackendTrafficPolicy")["spec"]
         assert h_policy["timeout"] == k_policy["timeout"]
         assert h_policy["targetRefs"] == [{**k_policy["targetRefs"][0], "name": "llm-pool"}]
+
+
+# -- the docs name every key -----------------------------------------------------------------------
+
+_KNOWN = re.compile(r'\(dict "path" "([^"]+)" "map" [^()]*"keys" \(list ((?:"[^"]+" ?)+)\)\)')
+_TOKEN = re.compile(r"`([A-Za-z.][\w.*-]*)`")
+
+
+def _documented() -> set[str]:
+    """Backticked keys in docs/helm.md, `.sub` shorthands read against the cell's last full key."""
+    out: set[str] = set()
+    for line in (REPO / "docs" / "helm.md").read_text().splitlines():
+        for cell in line.split("|"):
+            parent = ""
+            for token in _TOKEN.findall(cell):
+                if token.startswith(".") and parent:
+                    out.add(parent + token)
+                elif not token.startswith("."):
+                    out.add(token)
+                    parent = token.rsplit(".", 1)[0]
+    return out
+
+
+def test_docs_helm_md_names_every_key_the_chart_reads() -> None:
+    documented = _documented()
+    known = [(path, key) for path, keys in _KNOWN.findall((CHART / "templates" / "_values.tpl").read_text())
+             if path != "values" for key in re.findall(r'"([^"]+)"', keys)]  # fmt: skip
+    assert len(known) > 100
+    missing = [f"{path}.{key}" for path, key in known
+               if not any(t == f"{path}.{key}" or t.startswith(f"{path}.{key}.") for t in documented)]  # fmt: skip
+    assert missing == []
