@@ -288,6 +288,9 @@ def test_the_default_config_is_gie_and_llm_ds_default_and_follows_the_model_serv
     assert typed["requestHandler"] == {"parsers": [{"pluginRef": "openai-parser"}]}
     triton = config({"router": {"modelServers": {"type": "triton"}}})
     assert triton["requestHandler"] == {"parsers": [{"pluginRef": "passthrough-parser"}]}
+    llmd_https = config({"router": {"epp": {"metricsDataSource": {"scheme": "https", "insecureSkipVerify": False}}}})
+    assert {p["type"]: p.get("parameters") for p in llmd_https["plugins"]}["metrics-data-source"] == {
+        "scheme": "https", "path": "/metrics", "insecureSkipVerify": False}  # fmt: skip
     latency = config({"inferenceExtension": {"latencyPredictor": {"enabled": True}}})
     assert latency["schedulingProfiles"][0]["plugins"][0] == {"pluginRef": "predicted-latency-producer"}
 
@@ -477,18 +480,26 @@ def _core(objects: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 @needs_kubectl
-@pytest.mark.parametrize("ha", [False, True], ids=["base", "components/ha"])
-def test_kustomize_and_helm_render_the_same_core_objects(chart, ha: bool) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("tree", ["base", "components/ha", "wide-ep"])
+def test_kustomize_and_helm_render_the_same_core_objects(chart, tree: str) -> None:  # type: ignore[no-untyped-def]
     root = REPO / "manifests"
-    kustomized = kustomize(root, components=("components/ha",) if ha else (), tree=root)
     values = _example(CHART / "examples" / "kustomize-base.yaml")
-    if ha:
+    if tree == "base":
+        kustomized = kustomize(root)
+    elif tree == "components/ha":
+        kustomized = kustomize(root, components=("components/ha",), tree=root)
         values = _merge(values, {"inferenceExtension": {"replicas": 2}})
-    charted = render(chart, values)
-    k, h = _core(kustomized), _core(charted)
-    if not ha:  # the kustomize base grants its Lease even to one replica; the chart only with leader election
+    else:  # the wide-EP example: the base's EPP with its own config and an eight-port pool
+        kustomized = kustomize(root / "wide-ep")
+        values = _merge(values, {
+            "inferencePool": {"modelServers": {"matchLabels": {"app": "vllm-wide-ep"}},
+                              "targetPorts": [{"number": p} for p in range(8000, 8008)]},
+            "inferenceExtension": {"pluginsConfigFile": "wide-ep.yaml",
+                                   "pluginsCustomConfig": {"wide-ep.yaml": (root / "wide-ep" / "config.yaml").read_text()}},
+        })  # fmt: skip
+    k, h = _core(kustomized), _core(render(chart, values))
+    if tree != "components/ha":  # the kustomize base grants its Lease even to one replica; the chart only with leader election
         k["rules"] = [r for r in k["rules"] if r["apiGroups"] not in (["coordination.k8s.io"], [""]) or r["resources"] == ["pods"]]
-    # the chart also labels the pod with the release; the selector label is the same
     assert h == k
 
 

@@ -37,8 +37,13 @@ render with the key's path and the reason.
 {{- range $k := list "replicas" "extProcPort" "flags" "env" "pluginsConfigFile" "pluginsCustomConfig" "extraContainerPorts" "resources" "affinity" "tolerations" "volumes" "volumeMounts" -}}
 {{- if hasKey $r.epp $k -}}{{- $_ := set $ie $k (index $r.epp $k) -}}{{- end -}}
 {{- end -}}
+{{- /* key by key: mergeOverwrite would keep a default true over a user's false */ -}}
 {{- range $k := list "image" "metricsDataSource" -}}
-{{- if hasKey $r.epp $k -}}{{- $_ := set $ie $k (mergeOverwrite (deepCopy (index $ie $k | default dict)) (index $r.epp $k)) -}}{{- end -}}
+{{- if hasKey $r.epp $k -}}
+{{- $m := deepCopy (index $ie $k | default dict) -}}
+{{- range $sub, $val := (index $r.epp $k | default dict) -}}{{- $_ := set $m $sub $val -}}{{- end -}}
+{{- $_ := set $ie $k $m -}}
+{{- end -}}
 {{- end -}}
 {{- if .parsers -}}{{- $parsers = .parsers -}}{{- end -}}
 {{- if .grpcHealthPort -}}{{- $healthPort = .grpcHealthPort -}}{{- end -}}
