@@ -117,11 +117,22 @@ def test_the_charts_flag_table_is_the_cli_parsers() -> None:
 # -- lint ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", [None, *EXAMPLES], ids=lambda p: p.name if p else "values.yaml")
-def test_the_chart_lints_clean(path: Path | None) -> None:
-    """`helm lint --strict`, with the chart's own values and with each example. (Lint runs templates
-    leniently: `fail` only logs there, so refusals are tested by rendering, below.)"""
-    report = helm.lint(CHART, _example(path) if path else None, strict=True, namespace="llm")
+def _provider_values(provider: str) -> dict[str, Any]:
+    values = _merge(POOL, {"provider": {"name": provider}, "experimentalHttpRoute": {"enabled": True}, "gateway": {"create": True}})
+    if provider == "none":
+        values["gateway"]["className"] = "my-gateway-class"
+    return values
+
+
+@pytest.mark.parametrize(
+    "values", [None, *EXAMPLES, *PROVIDERS],
+    ids=lambda v: v.name if isinstance(v, Path) else f"provider-{v}" if v else "values.yaml",
+)  # fmt: skip
+def test_the_chart_lints_clean(values: Path | str | None) -> None:
+    """`helm lint --strict`, with the chart's own values, each example and each provider. (Lint runs
+    templates leniently: `fail` only logs there, so refusals are tested by rendering, below.)"""
+    given = _example(values) if isinstance(values, Path) else _provider_values(values) if values else None
+    report = helm.lint(CHART, given, strict=True, namespace="llm")
     assert report["errors"] == []
     assert [m for m in report["messages"] if m["severity"] >= 2] == []
 
@@ -220,10 +231,7 @@ def test_each_example_renders_objects_that_pass_the_manifest_checks(chart, path:
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_each_provider_renders_its_objects(chart, provider: str) -> None:  # type: ignore[no-untyped-def]
-    values = _merge(POOL, {"provider": {"name": provider}, "experimentalHttpRoute": {"enabled": True}, "gateway": {"create": True}})
-    if provider == "none":
-        values["gateway"]["className"] = "my-gateway-class"
-    objects = render(chart, values)
+    objects = render(chart, _provider_values(provider))
     check_objects(objects)
     gateway = one(objects, "Gateway", "inference-gateway")
     classes = {"none": "my-gateway-class", "istio": "istio", "kgateway": "kgateway", "agentgateway": "agentgateway",
