@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -25,6 +26,9 @@ from extproc.handlers.request_stream import (
 from extproc.observability.logs import LOG_FORMATS
 from pickers.config.strategies import CONFIGS, STRATEGIES
 from pickers.framework.errors import ConfigError
+
+if TYPE_CHECKING:
+    from extproc.observability.audit import AuditOptions
 
 
 def _positive_float(text: str) -> float:
@@ -146,6 +150,28 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     obs.add_argument(
         "--tracing-sample-ratio", type=float, default=1.0, metavar="RATIO",
         help="with --tracing: share of requests without a sampled traceparent that are traced (default 1.0)",
+    )  # fmt: skip
+    audit = p.add_argument_group("audit trail (docs/guardrails.md)")
+    audit.add_argument(
+        "--audit-sink", choices=("file", "stdout", "otel"), default=None,
+        help="one record per request, written off the request path: a JSON-lines file (--audit-file), stdout, or "
+        "OpenTelemetry logs over OTLP/gRPC to $OTEL_EXPORTER_OTLP_ENDPOINT (the `otel` extra); default: off",
+    )  # fmt: skip
+    audit.add_argument("--audit-file", metavar="PATH", help="the file sink's path (appended to, rotated by size)")
+    audit.add_argument("--audit-file-max-mb", type=int, default=100, metavar="MIB", help="rotate the file past this size (default 100)")
+    audit.add_argument("--audit-file-backups", type=int, default=5, metavar="N", help="rotated files kept: PATH.1 .. PATH.N (default 5)")
+    audit.add_argument(
+        "--audit-client-header", default="", metavar="NAME",
+        help="the request header naming the client (e.g. the gateway's authenticated user or API-key id; never the key)",
+    )  # fmt: skip
+    audit.add_argument(
+        "--audit-prompt", choices=("none", "hash", "excerpt"), default="none",
+        help="what a record keeps of the prompt: nothing (default), its SHA-256, or a redacted excerpt",
+    )  # fmt: skip
+    audit.add_argument("--audit-excerpt-chars", type=int, default=200, metavar="N", help="characters of a redacted excerpt (default 200)")
+    audit.add_argument(
+        "--audit-queue-size", type=int, default=10_000, metavar="N",
+        help="records waiting for the sink at most; past it records are dropped and counted (default 10000)",
     )  # fmt: skip
 
 
@@ -331,6 +357,38 @@ def _run(coro) -> None:  # type: ignore[no-untyped-def]
         asyncio.run(coro)
 
 
+# headers whose value is a credential: never an audit record's client identity
+CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "api-key", "cookie", "x-goog-api-key"})
+
+
+def _audit_options(args: argparse.Namespace) -> AuditOptions | None:
+    """The audit trail's settings; None when off (then no other --audit-* flag may be given)."""
+    from extproc.observability.audit import AuditOptions
+
+    if args.audit_sink is None:
+        given = [f for f, v in (("--audit-file", args.audit_file), ("--audit-client-header", args.audit_client_header),
+                                ("--audit-prompt", args.audit_prompt != "none")) if v]  # fmt: skip
+        if given:
+            raise ConfigError(f"{given[0]} needs --audit-sink", field=given[0])
+        return None
+    for flag, value in (("--audit-file-max-mb", args.audit_file_max_mb), ("--audit-queue-size", args.audit_queue_size),
+                        ("--audit-excerpt-chars", args.audit_excerpt_chars)):  # fmt: skip
+        if value < 1:
+            raise ConfigError(f"expected at least 1, got {value}", field=flag)
+    if args.audit_client_header.lower() in CREDENTIAL_HEADERS:
+        raise ConfigError(
+            f"{args.audit_client_header!r} carries a credential, which an audit record must never hold: name the header "
+            "the gateway sets with the authenticated user or the API key's id instead", field="--audit-client-header",
+        )  # fmt: skip
+    if args.audit_file_backups < 0:
+        raise ConfigError(f"expected 0 or more, got {args.audit_file_backups}", field="--audit-file-backups")
+    return AuditOptions(
+        sink=args.audit_sink, path=args.audit_file, max_bytes=args.audit_file_max_mb * 1024 * 1024,
+        backups=args.audit_file_backups, client_header=args.audit_client_header, prompt=args.audit_prompt,
+        excerpt_chars=args.audit_excerpt_chars, queue_size=args.audit_queue_size,
+    )  # fmt: skip
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from extproc.observability.logs import setup_logging
     from extproc.server.runner import EppServer, ServeOptions
@@ -369,6 +427,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tracing_sample_ratio=args.tracing_sample_ratio,
         allow_experimental_plugins=args.allow_experimental_plugins,
         peers=_peer_options(args),
+        audit=_audit_options(args),
     )
     if opts.max_endpoints < 1:
         raise ConfigError("expected at least 1", field="--max-num-endpoints")

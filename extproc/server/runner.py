@@ -73,6 +73,7 @@ if TYPE_CHECKING:  # imported when used: the Kubernetes client costs half a seco
     from extproc.flowcontrol.controller import FlowController
     from extproc.kubernetes.runtime import KubernetesOptions, KubernetesRuntime
     from extproc.peers.sync import PeerOptions, PeerSync
+    from extproc.observability.audit import AuditLog, AuditOptions
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ class ServeOptions:
     tracing_sample_ratio: float = 1.0  # of requests arriving without a sampled traceparent
     allow_experimental_plugins: bool = False  # llm-d's Alpha plugin types load only with it (--allow-experimental-plugins)
     peers: PeerOptions | None = None  # active-active: share picks and load with these replicas (extproc.peers)
+    audit: AuditOptions | None = None  # one record per request to a sink (extproc.observability.audit); None: off
 
 
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
@@ -273,9 +275,10 @@ class EppServer:
         self.saturation = SaturationDetector(self.datastore, self._saturation_config, self._admission_detector)
         self.tracer_provider: TracerProvider | None = None
         self.flow_control = self._flow_controller()
+        self.audit = self._audit_log()
         director_kwargs: dict[str, Any] = dict(
             log_requests=opts.log_requests, objectives=self.objectives, rewrites=self.rewrites, saturation=self.saturation,
-            token_producers=self.token_producers, flow_control=self.flow_control, latency=self.latency,
+            token_producers=self.token_producers, flow_control=self.flow_control, latency=self.latency, audit=self.audit,
         )
         if opts.tracing:
             from extproc.requestcontrol.tracing import (  # ConfigError without the `otel` extra
@@ -709,6 +712,17 @@ class EppServer:
             await self._update_readiness()
             await asyncio.sleep(0.1)
 
+    def _audit_log(self) -> AuditLog | None:
+        opts = self.opts.audit
+        if opts is None:
+            return None
+        from extproc.observability.audit import AuditLog, content_patterns, open_sink
+
+        # the serving config's content rules mask the excerpts too (read at each: a reload swaps the scheduler)
+        audit = AuditLog(open_sink(opts), opts, patterns=lambda: content_patterns(self.director.scheduler.plugins))
+        self.metrics.audit = audit
+        return audit
+
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking new streams, let open ones finish (up to `grace` seconds), then stop tasks."""
         grace = self.opts.grace_period if grace is None else grace
@@ -740,6 +754,8 @@ class EppServer:
             await self._admin_runner.cleanup()
         if self.tracer_provider is not None:
             await asyncio.to_thread(self.tracer_provider.shutdown)  # exports the spans still batched
+        if self.audit is not None:
+            await asyncio.to_thread(self.audit.close)  # writes the records still queued
 
     async def serve_forever(self) -> None:
         await self.start()
