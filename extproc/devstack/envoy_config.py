@@ -11,6 +11,7 @@ Envoy itself, before the EPP is asked.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,9 @@ class GatewaySettings:
     # The EPP's gRPC health port: Envoy health-checks the EPP there so it knows at once when the EPP
     # is down or draining (see the llm-epp cluster in the reference file). 0: no active health check.
     epp_health_port: int = 9003
+    # Several EPP replicas (port, health port) instead of epp_port: Envoy spreads the streams with
+    # LEAST_REQUEST and stops sending to one that fails its health check or refuses a connection.
+    epp_replicas: Sequence[tuple[int, int]] = ()
     # ext_proc over TLS (`epp serve --secure-serving`). Without a CA the EPP's certificate is not
     # verified (the reference picker's self-signed default); with one, it must chain to it.
     epp_tls: bool = False
@@ -128,6 +132,23 @@ def render(settings: GatewaySettings, reference: Path = REFERENCE) -> dict[str, 
     else:
         del epp["health_checks"]
         epp_endpoint.pop("health_check_config", None)
+    if settings.epp_replicas:
+        lb = epp["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        template = lb[0]
+        lb[:] = []
+        for port, health in settings.epp_replicas:
+            ep = copy.deepcopy(template)
+            ep["endpoint"]["address"]["socket_address"]["port_value"] = port
+            if settings.epp_health_port:
+                ep["endpoint"]["health_check_config"] = {"port_value": health}
+            lb.append(ep)
+        epp["lb_policy"] = "LEAST_REQUEST"
+        # A replica that stops answering (frozen, a partition) holds the streams it has, and in full
+        # duplex no message_timeout runs while the EPP holds the body: HTTP/2 pings find it within ~2 s
+        # and close its connection, so those streams end (failing open, or a 500) instead of waiting on
+        # it, while the other replica takes the new ones.
+        h2 = epp["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+        h2["explicit_http_config"]["http2_protocol_options"]["connection_keepalive"] = {"interval": "1s", "timeout": "1s"}
     if settings.epp_tls:
         _epp_tls(epp, settings)
     options = epp["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]

@@ -198,6 +198,23 @@ class StackOptions:
     # per group, ranks stepping in lockstep, a port per rank), listed with their rank and dpGroup.
     dp_groups: int = 0
     dp_size: int = 1
+    # EPP replicas behind Envoy (LEAST_REQUEST over the llm-epp cluster); with epp_share they are
+    # active-active peers (--peers: each learns the others' picks and load), else each keeps its own state.
+    epp_replicas: int = 1
+    epp_share: bool = True
+
+
+@dataclass(slots=True, eq=False)
+class EppReplica:
+    """One EPP of a stack with several (StackOptions.epp_replicas): its ports, kept across restarts."""
+
+    index: int
+    port: int
+    health_port: int
+    metrics_port: int
+    admin_port: int
+    peer_port: int
+    proc: ManagedProcess | None = None
 
 
 class LocalStack:
@@ -218,6 +235,10 @@ class LocalStack:
         self.admin_port = 0
         self.endpoints_path: Path | None = None
         self.epp_proc: ManagedProcess | None = None
+        self.epp_replicas: list[EppReplica] = []  # with StackOptions.epp_replicas > 1
+        # How a replica reaches a peer's exchange (default: its peer port on loopback); a fault bench
+        # puts a proxy it can cut in between (a partition between the replicas).
+        self.peer_address: Callable[[EppReplica], str] = lambda r: f"127.0.0.1:{r.peer_port}"
         self.envoy_proc: ManagedProcess | None = None
         self.supervisor: ProcessSupervisor | None = None
         self._reserved: dict[int, ReservedPort] = {}
@@ -459,8 +480,13 @@ class LocalStack:
         return port
 
     def start_epp(self, extra_args: Sequence[str] = ()) -> ManagedProcess:
-        """Start the EPP (again after `stop_epp`: on the same ports, which the stack kept)."""
+        """Start the EPP (again after `stop_epp`: on the same ports, which the stack kept); with
+        epp_replicas > 1, every replica (the first is returned)."""
         o = self.opts
+        if o.epp_replicas > 1:
+            for i in range(o.epp_replicas):
+                self.start_epp_replica(i, extra_args)
+            return self.epp_replicas[0].proc  # type: ignore[return-value]
         self.epp_port = self.epp_port or self.reserve_port()
         self.epp_health_port = self.epp_health_port or self.reserve_port()
         self.epp_metrics_port = self.epp_metrics_port or self.reserve_port()
@@ -481,6 +507,40 @@ class LocalStack:
         self.epp_proc = proc = self._spawn("epp", argv, f"http://127.0.0.1:{self.epp_metrics_port}/metrics", ports)
         self._wait_ready(proc)
         return proc
+
+    def start_epp_replica(self, i: int, extra_args: Sequence[str] = ()) -> ManagedProcess:
+        """Start EPP replica `i` (again after `stop_epp_replica`: on its same ports)."""
+        o = self.opts
+        if o.epp_replicas < 2 or not 0 <= i < o.epp_replicas:
+            raise StackError(f"EPP replica {i}: the stack has {o.epp_replicas} replica(s) (StackOptions.epp_replicas)")
+        while len(self.epp_replicas) < o.epp_replicas:
+            n = len(self.epp_replicas)
+            self.epp_replicas.append(EppReplica(n, *(self.reserve_port() for _ in range(5))))
+        r = self.epp_replicas[i]
+        peers = ["--peers", ",".join(self.peer_address(p) for p in self.epp_replicas if p is not r),
+                 "--peer-port", str(r.peer_port), "--replica-id", f"epp-{i}"] if o.epp_share else []
+        argv = [
+            sys.executable, "-m", "extproc.cli", "serve",
+            "--grpc-port", str(r.port), "--grpc-health-port", str(r.health_port),
+            "--metrics-port", str(r.metrics_port), "--admin-port", str(r.admin_port),
+            "--bind-address", "127.0.0.1", "--endpoints", str(self.endpoints_path),
+            *peers, *o.epp_args, *self._epp_tls_args(), *extra_args,
+        ]  # fmt: skip
+        ports = [r.port, r.health_port, r.metrics_port, r.admin_port] + ([r.peer_port] if o.epp_share else [])
+        r.proc = self._spawn(f"epp-{i}", argv, f"http://127.0.0.1:{r.metrics_port}/metrics", ports)
+        if i == 0:  # the stack's EPP, for what reads one (metrics, status)
+            self.epp_proc, self.epp_port, self.epp_health_port = r.proc, r.port, r.health_port
+            self.epp_metrics_port, self.epp_admin_port = r.metrics_port, r.admin_port
+        self._wait_ready(r.proc)
+        return r.proc
+
+    def stop_epp_replica(self, i: int, sig: int = signal.SIGTERM) -> None:
+        """Stop replica `i` on purpose (SIGTERM: drain; SIGKILL: a crash); `start_epp_replica` restarts it."""
+        r = self.epp_replicas[i]
+        if r.proc is not None:
+            r.proc.stop(sig=sig)
+            self.procs.remove(r.proc)
+            r.proc = None
 
     @property
     def epp_cert_dir(self) -> Path:
@@ -515,6 +575,7 @@ class LocalStack:
                 listen_port=self.listen_port,
                 epp_port=self.epp_port,
                 epp_health_port=self.epp_health_port,
+                epp_replicas=[(r.port, r.health_port) for r in self.epp_replicas],
                 epp_tls=bool(o.epp_tls),
                 epp_tls_ca=str(self.epp_cert_dir / "tls.crt") if o.epp_tls == "verified" else None,
                 epp_tls_sni="localhost" if o.epp_tls == "verified" else "",

@@ -199,6 +199,7 @@ class Outcome:
     duration: float = 0.0  # to the end of the response (or the abort)
     first_byte: float | None = None  # to the first response body chunk: TTFT for streamed replies
     body_chunks: int = 0  # response body chunks seen
+    error: RequestError | None = None  # the EPP refused the routed request after its pick (431, evicted, ...)
 
 
 class Director(Protocol):
@@ -214,7 +215,14 @@ class Director(Protocol):
 
     def first_byte(self, routing: Routing, end_of_stream: bool = False) -> None: ...
 
-    def rejected(self, request: InferenceRequest | None, error: RequestError) -> None: ...
+    def abandoned(self, request: InferenceRequest) -> None:
+        """The stream ended before the request was routed or refused (the client left while its body came,
+        or while it waited for its data or in flow control's queue); told once."""
+        ...
+
+    def rejected(self, request: InferenceRequest | None, error: RequestError, routed: bool = False) -> None:
+        """The request was refused; `routed`: after its pick (`finish` was told first, with the error)."""
+        ...
 
     def response_metadata(
         self, routing: Routing, usage: object | None
@@ -298,6 +306,9 @@ class RequestStream:
         # A client may hang up right after `data: [DONE]`, before Envoy relays the end of stream.
         done = self.state is State.DONE or (self._usage is not None and self._usage.done)
         self._finish(aborted=not done)
+        if self.routing is None and self.request is not None and self.state is not State.REJECTED and not self._finished:
+            self._finished = True  # ended before it was routed or refused: the client left while its body came or it waited
+            self.director.abandoned(self.request)
 
     @property
     def subset(self) -> list[str] | None:
@@ -621,6 +632,7 @@ class RequestStream:
                 duration=self.clock() - started,
                 first_byte=None if first is None else first - started,
                 body_chunks=reader.chunks_seen if reader else 0,
+                error=self.error,
             ),
         )
 
@@ -710,7 +722,7 @@ class RequestStream:
         self.state = State.REJECTED
         self._chunks = []
         self._finish(aborted=True)
-        self.director.rejected(self.request, err)
+        self.director.rejected(self.request, err, routed=self.routing is not None)
         headers = [
             base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key="content-type", raw_value=b"text/plain; charset=utf-8"))
         ]

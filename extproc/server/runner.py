@@ -73,6 +73,8 @@ if TYPE_CHECKING:  # imported when used: the Kubernetes client costs half a seco
     from extproc.flowcontrol.controller import FlowController
     from extproc.kubernetes.runtime import KubernetesOptions, KubernetesRuntime
     from extproc.server.workers import PickService, WorkerPool
+    from extproc.peers.sync import PeerOptions, PeerSync
+    from extproc.observability.audit import AuditLog, AuditOptions
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +135,8 @@ class ServeOptions:
     workers: int = 1
     log_verbosity: int = 0  # the workers' logging, as this process's (-v, --log-format)
     log_format: str = "text"
+    peers: PeerOptions | None = None  # active-active: share picks and load with these replicas (extproc.peers)
+    audit: AuditOptions | None = None  # one record per request to a sink (extproc.observability.audit); None: off
 
 
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
@@ -244,7 +248,7 @@ class EppServer:
         self.opts = opts
         self.datastore = Datastore(metrics_stale_after=opts.metrics_staleness_threshold)
         self.metrics = EppMetrics(pool_name=opts.pool_name)
-        self.prefix_index = ApproxPrefixIndex()
+        self.prefix_index = self._prefix_index()
         # the latency model: its fits live on the datastore's endpoints, request control feeds it and
         # the latency plugins (predicted-latency-producer, ...) read it
         self.latency = LatencyModel()
@@ -279,9 +283,10 @@ class EppServer:
         self.saturation = SaturationDetector(self.datastore, self._saturation_config, self._admission_detector)
         self.tracer_provider: TracerProvider | None = None
         self.flow_control = self._flow_controller()
+        self.audit = self._audit_log()
         director_kwargs: dict[str, Any] = dict(
             log_requests=opts.log_requests, objectives=self.objectives, rewrites=self.rewrites, saturation=self.saturation,
-            token_producers=self.token_producers, flow_control=self.flow_control, latency=self.latency,
+            token_producers=self.token_producers, flow_control=self.flow_control, latency=self.latency, audit=self.audit,
         )
         if opts.tracing:
             from extproc.requestcontrol.tracing import (  # ConfigError without the `otel` extra
@@ -311,12 +316,35 @@ class EppServer:
         self._health_grpc: grpc.aio.Server | None = None
         self._metrics_runner: web.AppRunner | None = None
         self._admin_runner: web.AppRunner | None = None
+        self.peer_sync: PeerSync | None = None
+        self._peer_api: Any = None  # the API client of peer discovery, when Kubernetes discovery has none
         self.admin_port = 0
         self.grpc_port = 0
         self.pick_service: PickService | None = None  # --workers N
         self.workers: WorkerPool | None = None
         self.health_port = 0
         self.metrics_port = 0
+
+    def _prefix_index(self) -> ApproxPrefixIndex:
+        """The approximate prefix index; with peers, one that journals local picks for them (imported only then)."""
+        peers = self.opts.peers
+        if peers is None:
+            return ApproxPrefixIndex()
+        if self.opts.kubernetes is not None and self.opts.kubernetes.leader_election:
+            raise ConfigError(
+                "active-active peers (--peers) and leader election (--ha-enable-leader-election) exclude each other: "
+                "with a leader only one replica serves; choose one (docs/high-availability.md)", field="--peers",
+            )  # fmt: skip
+        from extproc.peers.journal import SharedPrefixIndex
+
+        return SharedPrefixIndex(journal_blocks=peers.journal_blocks)
+
+    def _block_digest(self) -> str:
+        """How this replica hashes prompt blocks (the block sizes its prefix plugins use): peers must agree."""
+        from pickers.plugins.scorer.affinity.prefix import ApproxPrefixCacheProducer, PrefixCacheScorer
+
+        sizes = sorted({p.block_chars for p in self.scheduler.plugins if isinstance(p, (PrefixCacheScorer, ApproxPrefixCacheProducer))})
+        return "xxh64-chain/chars=" + ",".join(map(str, sizes))
 
     def _wire_renderer(self, tp: TokenProducer) -> None:
         """Give a vllm or uds token-producer its client, shared by those that ask one server for one
@@ -542,6 +570,17 @@ class EppServer:
                 self.supervisor.start(f"kv-block-metrics-log/{name}", functools.partial(
                     log_kv_block_metrics, name, functools.partial(self._index_metrics, name), precise.metrics_logging_interval))  # fmt: skip
 
+        if opts.peers is not None:
+            from extproc.peers.journal import SharedPrefixIndex
+            from extproc.peers.sync import PeerSync
+
+            assert isinstance(self.prefix_index, SharedPrefixIndex)
+            self.peer_sync = PeerSync(opts.peers, self.prefix_index, self.datastore, self._block_digest)
+            await self.peer_sync.start()
+            self.supervisor.start("peer-sync", self.peer_sync.run)
+            if opts.peers.service:
+                await self._discover_peers(opts.peers, self.peer_sync)
+
         if opts.workers > 1:
             await self._start_workers()
         else:
@@ -572,6 +611,19 @@ class EppServer:
             "llm-epp serving ext_proc on :%d, health on :%d, metrics on :%d (%s, %d endpoints)",
             self.grpc_port, self.health_port, self.metrics_port, self.scheduling_source, len(self.datastore),
         )
+
+    async def _discover_peers(self, peers: PeerOptions, sync: PeerSync) -> None:
+        """Peers from the EndpointSlices of a headless Service (the Kubernetes client imported only then)."""
+        from extproc.kubernetes.client import default_namespace, make_api_client
+        from extproc.peers.discovery import PeerServiceDiscovery
+
+        api = self.kubernetes.api if self.kubernetes is not None and self.kubernetes.api is not None else None
+        if api is None:
+            api = self._peer_api = await make_api_client(peers.kubeconfig)
+        found = PeerServiceDiscovery(api, sync.set_targets, namespace=peers.namespace or default_namespace(),
+                                     service=peers.service, port=peers.port)  # fmt: skip
+        self.supervisor.start("peer-discovery", found.run)
+        log.info("discovering peers from the %s", found.what)
 
     def _index_metrics(self, name: str) -> IndexMetrics | None:
         """The metrics of precise plugin `name` serving now (after a reload too), if it counts them."""
@@ -684,10 +736,14 @@ class EppServer:
         """/debug/runtime's process numbers; with workers, the streams they hold and each one's share."""
         service = self.pick_service
         if service is None:
-            return {"active_streams": self.servicer.active_streams, "heap_trims": self.heap.trims}
-        view = service.view()
-        return {"active_streams": sum(w["in_flight"] for w in view), "heap_trims": self.heap.trims, "workers": view,
-                "worker_restarts": self.workers.restarts if self.workers is not None else []}  # fmt: skip
+            out: dict[str, Any] = {"active_streams": self.servicer.active_streams, "heap_trims": self.heap.trims}
+        else:
+            view = service.view()
+            out = {"active_streams": sum(w["in_flight"] for w in view), "heap_trims": self.heap.trims, "workers": view,
+                   "worker_restarts": self.workers.restarts if self.workers is not None else []}  # fmt: skip
+        if self.peer_sync is not None:
+            out["peers"] = self.peer_sync.status()
+        return out
 
     def config_status(self) -> dict[str, Any]:
         """What /debug/config and `epp status` say about the config serving."""
@@ -721,6 +777,17 @@ class EppServer:
             await self._update_readiness()
             await asyncio.sleep(0.1)
 
+    def _audit_log(self) -> AuditLog | None:
+        opts = self.opts.audit
+        if opts is None:
+            return None
+        from extproc.observability.audit import AuditLog, content_patterns, open_sink
+
+        # the serving config's content rules mask the excerpts too (read at each: a reload swaps the scheduler)
+        audit = AuditLog(open_sink(opts), opts, patterns=lambda: content_patterns(self.director.scheduler.plugins))
+        self.metrics.audit = audit
+        return audit
+
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking new streams, let open ones finish (up to `grace` seconds), then stop tasks."""
         grace = self.opts.grace_period if grace is None else grace
@@ -737,6 +804,8 @@ class EppServer:
             await self.workers.stop(grace)  # each drains its streams; their ends still reach the pick service
         if self.pick_service is not None:
             await self.pick_service.close()
+        if self.peer_sync is not None:
+            await self.peer_sync.stop()  # after the drain: the last picks reach the peers too
         await self.supervisor.stop()
         for client in self._render_clients.values():
             await client.close()
@@ -744,6 +813,8 @@ class EppServer:
             tp.close()
         if self.kubernetes is not None:
             await self.kubernetes.close()
+        if self._peer_api is not None:
+            await self._peer_api.close()
         if self._health_grpc is not None:
             await self._health_grpc.stop(0)
         if self._metrics_runner is not None:
@@ -752,6 +823,8 @@ class EppServer:
             await self._admin_runner.cleanup()
         if self.tracer_provider is not None:
             await asyncio.to_thread(self.tracer_provider.shutdown)  # exports the spans still batched
+        if self.audit is not None:
+            await asyncio.to_thread(self.audit.close)  # writes the records still queued
 
     async def serve_forever(self) -> None:
         await self.start()
