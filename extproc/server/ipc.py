@@ -72,9 +72,15 @@ class Finish(msgspec.Struct, tag=True, array_like=True):
     duration: float
     first_byte: float | None
     body_chunks: int
+    # the EPP refused the routed request after its pick (431, evicted): (code, status, dropped reason,
+    # message, admission rule), as `error_of` takes them
+    error: tuple[str, int, str | None, str, str] | None = None
 
 
 class Rejected(msgspec.Struct, tag=True, array_like=True):
+    """A refusal the worker answered itself (a bad body, or one after the pick: `routed`); the parent's
+    own refusals of a pick it was asked for are recorded where it made them."""
+
     request_id: str
     model: str
     target_model: str
@@ -82,6 +88,16 @@ class Rejected(msgspec.Struct, tag=True, array_like=True):
     status: int
     dropped_reason: str | None
     message: str
+    routed: bool = False
+    rule: str = ""
+
+
+class Abandoned(msgspec.Struct, tag=True, array_like=True):
+    """The client left before the worker asked for a pick (its body was still coming)."""
+
+    request_id: str
+    model: str
+    target_model: str
 
 
 class Report(msgspec.Struct, tag=True, array_like=True):
@@ -128,7 +144,7 @@ class Setup(msgspec.Struct, tag=True, array_like=True):
     send_body: bool  # a plugin reads request.body (token-producers, precise indexes): send `Pick.body`
 
 
-ToParent = Pick | FirstByte | Finish | Rejected | Report
+ToParent = Pick | FirstByte | Finish | Rejected | Report | Abandoned
 ToWorker = Picked | Refused | Evict | Metadata | Setup
 
 _encoder = msgspec.msgpack.Encoder()
@@ -235,8 +251,13 @@ def request_of(p: Pick, body: Mapping[str, object]) -> InferenceRequest:
     )  # fmt: skip
 
 
-def error_of(code: str, status: int, dropped_reason: str | None, message: str) -> RequestError:
-    return RequestError(ErrorKind(code, status, dropped_reason), message)
+def error_of(code: str, status: int, dropped_reason: str | None, message: str, rule: str = "") -> RequestError:
+    return RequestError(ErrorKind(code, status, dropped_reason), message, rule=rule)
+
+
+def error_fields(e: RequestError) -> tuple[str, int, str | None, str, str]:
+    """`error_of`'s arguments for this error (Finish.error)."""
+    return (e.kind.code, e.kind.status, e.kind.dropped_reason, e.message, e.rule)
 
 
 def parser_specs(specs: Sequence[object]) -> list[tuple[str, str]]:

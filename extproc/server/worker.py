@@ -52,6 +52,9 @@ class RemoteDirector:
         self._answers: dict[int, ipc.Picked] = {}  # id(request) -> the pick `route` hands over
         self.send_body = False  # the parent's plugins read request bodies (token-producers, precise indexes)
         self._evict: dict[int, Callable[[], None]] = {}  # ticket -> how to end that stream (flow control)
+        # id(request) -> "asked" while the parent has its pick to make, "refused" once the parent refused
+        # it (and recorded the refusal itself); gone when the request is routed, refused or abandoned
+        self._asked: dict[int, str] = {}
         self.lost = False
 
     # -- what the parent sends ----------------------------------------------------------------
@@ -94,6 +97,7 @@ class RemoteDirector:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting[ticket] = fut
         raw = stream.pending_body if self.send_body else None
+        self._asked[id(request)] = "asked"
         self._send(ipc.pick_of(ticket, request, raw, stream.subset, stream.request_body_bytes))
         try:
             answer = await fut
@@ -105,6 +109,7 @@ class RemoteDirector:
             self._send(ipc.Finish(ticket, None, False, None, True, None, 0.0, None, 0))
             raise
         if type(answer) is ipc.Refused:
+            self._asked[id(request)] = "refused"
             return stream.refuse(ipc.error_of(answer.code, answer.status, answer.dropped_reason, answer.message))
         self._answers[id(request)] = answer
         if evict is not None:
@@ -113,6 +118,7 @@ class RemoteDirector:
 
     def route(self, request: InferenceRequest, subset: list[str] | None) -> Routing:
         answer = self._answers.pop(id(request))
+        self._asked.pop(id(request), None)
         request.request_id = answer.request_id
         request.target_model = answer.target_model
         request.objective = answer.objective
@@ -130,17 +136,24 @@ class RemoteDirector:
         usage = outcome.usage if isinstance(outcome.usage, Usage) else None
         self._send(ipc.Finish(
             routing.ticket, outcome.status, outcome.streaming, usage, outcome.aborted, outcome.served, outcome.duration,
-            outcome.first_byte, outcome.body_chunks,
+            outcome.first_byte, outcome.body_chunks, ipc.error_fields(outcome.error) if outcome.error is not None else None,
         ))  # fmt: skip
 
-    def rejected(self, request: InferenceRequest | None, error: RequestError) -> None:
+    def rejected(self, request: InferenceRequest | None, error: RequestError, routed: bool = False) -> None:
         if request is not None:
             self._answers.pop(id(request), None)
+            if self._asked.pop(id(request), None) == "refused":
+                return  # the parent's refusal of its pick: recorded there, with the whole request
         k = error.kind
         self._send(ipc.Rejected(
             request.request_id if request else "", request.model if request else "", request.target_model if request else "",
-            k.code, k.status, k.dropped_reason, error.message,
+            k.code, k.status, k.dropped_reason, error.message, routed, error.rule,
         ))  # fmt: skip
+
+    def abandoned(self, request: InferenceRequest) -> None:
+        if self._asked.pop(id(request), None) is not None:
+            return  # the parent holds its pick: the cancelled pick's Finish tells it, and it records the request
+        self._send(ipc.Abandoned(request.request_id, request.model, request.target_model))
 
     def response_metadata(self, routing: Routing, usage: object | None) -> Any:
         if not routing.reports:

@@ -74,7 +74,7 @@ class _Adapter:
         try:
             self.routing = routing = self.service.director.route(self.request, self.subset)
         except RequestError as e:
-            return _refused(self.ticket, e)
+            return self.refuse(e)
         self.conn.routings[self.ticket] = routing
         req = routing.request
         reports = bool((routing.scheduler or self.service.director.scheduler).reporters)
@@ -84,6 +84,8 @@ class _Adapter:
         )  # fmt: skip
 
     def refuse(self, err: RequestError) -> ipc.Refused:
+        """The parent refused the pick: recorded here, where the whole request is (the worker only answers)."""
+        self.service.director.rejected(self.request, err)
         return _refused(self.ticket, err)
 
 
@@ -99,6 +101,7 @@ class _Conn:
     index: int = -1  # -1 until its hello
     routings: dict[int, Routing] = field(default_factory=dict)
     pending: dict[int, asyncio.Task[None]] = field(default_factory=dict)  # picks waiting for data or flow control
+    waiting: dict[int, Any] = field(default_factory=dict)  # their requests, by ticket
     picks: int = 0  # requests this worker asked a pick for
     pid: int = 0
 
@@ -176,6 +179,8 @@ class PickService:
                 self.director.first_byte(routing, msg.end_of_stream)
         elif kind is ipc.Rejected:
             self._rejected(msg)
+        elif kind is ipc.Abandoned:
+            self.director.abandoned(_request_of(msg))
         elif kind is ipc.Report:
             routing = conn.routings.get(msg.id)
             md = self.director.response_metadata(routing, msg.usage) if routing is not None else None
@@ -204,9 +209,10 @@ class PickService:
             return
         task = asyncio.create_task(self._pick_later(conn, adapter))
         conn.pending[msg.id] = task
+        conn.waiting[msg.id] = req
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(lambda t, ticket=msg.id: conn.pending.pop(ticket, None))
+        task.add_done_callback(lambda t, ticket=msg.id: (conn.pending.pop(ticket, None), conn.waiting.pop(ticket, None)))
 
     async def _pick_later(self, conn: _Conn, adapter: _Adapter) -> None:
         """The token-producers' data, flow control's queue, then the pick (as the one-process servicer)."""
@@ -239,18 +245,27 @@ class PickService:
             task = conn.pending.pop(msg.id, None)
             if task is not None:
                 task.cancel()
+            request = conn.waiting.pop(msg.id, None)
+            if request is not None:
+                self.director.abandoned(request)
             return
         outcome = Outcome(
             status=msg.status, streaming=msg.streaming, usage=msg.usage, aborted=msg.aborted, served=msg.served,
             duration=msg.duration, first_byte=msg.first_byte, body_chunks=msg.body_chunks,
+            error=ipc.error_of(*msg.error) if msg.error is not None else None,
         )  # fmt: skip
         self.director.finish(routing, outcome)
 
     def _rejected(self, msg: ipc.Rejected) -> None:
-        from pickers.framework.request import InferenceRequest
+        error = ipc.error_of(msg.code, msg.status, msg.dropped_reason, msg.message, msg.rule)
+        self.director.rejected(_request_of(msg), error, routed=msg.routed)
 
-        req = InferenceRequest(msg.request_id, "", {}, model=msg.model, target_model=msg.target_model)
-        self.director.rejected(req, ipc.error_of(msg.code, msg.status, msg.dropped_reason, msg.message))
+
+def _request_of(msg: ipc.Rejected | ipc.Abandoned) -> Any:
+    """What the parent knows of a request the worker refused or lost before asking for its pick."""
+    from pickers.framework.request import InferenceRequest
+
+    return InferenceRequest(msg.request_id, "", {}, model=msg.model, target_model=msg.target_model)
 
 
 class WorkerPool:
