@@ -186,11 +186,33 @@ def check_objects(objects: list[dict[str, Any]], namespace: str = "llm") -> None
     else:
         assert ("coordination.k8s.io", "leases") not in granted
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    # active-active replicas that share: the headless Service they find each other by, and only then
+    # the EndpointSlice permission and the peers port
+    assert not args.peers and not (args.peer_service and opts.leader_election)
+    if args.peer_service:
+        peers = one(objects, "Service", args.peer_service)
+        assert peers["spec"]["clusterIP"] == "None"
+        assert peers["spec"]["selector"].items() <= deploy["spec"]["template"]["metadata"]["labels"].items()
+        assert [(p["name"], p["port"], p["targetPort"]) for p in peers["spec"]["ports"]] == [("peers", args.peer_port, args.peer_port)]
+        assert ports["peers"] == args.peer_port
+        assert granted[("discovery.k8s.io", "endpointslices")] == {"get", "list", "watch"}
+    else:
+        assert ("discovery.k8s.io", "endpointslices") not in granted and "peers" not in ports
+        assert [s["metadata"]["name"] for s in objects if s["kind"] == "Service"] == [deploy["metadata"]["name"]]
+    active_active = deploy["spec"]["replicas"] > 1 and not opts.leader_election
+    assert ("PodDisruptionBudget" in kinds(objects)) == active_active
+    if active_active:
+        assert deploy["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+        assert args.shutdown_delay > 0
+        pdb = one(objects, "PodDisruptionBudget")
+        assert pdb["spec"] == {"minAvailable": 1, "selector": deploy["spec"]["selector"]}
+    elif opts.leader_election:
+        assert deploy["spec"]["strategy"] == {"type": "Recreate"}
     assert (ports["grpc"], ports["grpc-health"], ports["metrics"]) == (args.grpc_port, args.grpc_health_port, args.metrics_port)
     assert container["readinessProbe"]["grpc"] == {"port": args.grpc_health_port, "service": "readiness"}
     assert container["livenessProbe"]["grpc"] == {"port": args.grpc_health_port, "service": "liveness"}
     assert {"NAMESPACE", "POD_NAME"} <= {e["name"] for e in container["env"]}
-    service = one(objects, "Service")
+    service = one(objects, "Service", deploy["metadata"]["name"])
     assert service["spec"]["selector"].items() <= deploy["spec"]["template"]["metadata"]["labels"].items()
     assert deploy["spec"]["selector"]["matchLabels"].items() <= deploy["spec"]["template"]["metadata"]["labels"].items()
     ext_proc = [p for p in service["spec"]["ports"] if p["name"] == "grpc-ext-proc"][0]
@@ -334,6 +356,53 @@ def test_replicas_and_leader_election(chart) -> None:  # type: ignore[no-untyped
     assert not _kubernetes_options(build_parser().parse_args(_epp(active_active)["args"])).leader_election
     for objects in (one_replica, active_passive, active_active):
         check_objects(objects)
+    # least privilege: only replicas that share read EndpointSlices, and only they get a peers Service
+    for objects in (one_replica, active_passive):
+        assert "PodDisruptionBudget" not in kinds(objects) and len([o for o in objects if o["kind"] == "Service"]) == 1
+
+
+def _active_active(chart, extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
+    values = _merge(POOL, {"inferenceExtension": {"replicas": 2, "flags": {"ha-enable-leader-election": False}}})
+    return render(chart, _merge(values, extra or {}))
+
+
+def test_active_active_replicas_share_through_the_headless_peers_service(chart) -> None:  # type: ignore[no-untyped-def]
+    objects = _active_active(chart)
+    check_objects(objects)
+    args = build_parser().parse_args(_epp(objects)["args"])
+    assert (args.peer_service, args.peer_port, args.shutdown_delay, args.peers) == ("llm-pool-epp-peers", 9004, 5.0, "")
+    peers = one(objects, "Service", "llm-pool-epp-peers")
+    assert peers["spec"] == {"clusterIP": "None", "selector": {"app": "llm-pool-epp"},
+                             "ports": [{"name": "peers", "port": 9004, "targetPort": 9004, "protocol": "TCP", "appProtocol": "kubernetes.io/h2c"}]}  # fmt: skip
+    rules = one(objects, "Role")["rules"]
+    assert {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]} in rules
+    assert not [r for r in rules if r["apiGroups"] == ["coordination.k8s.io"]]
+    assert one(objects, "PodDisruptionBudget")["spec"] == {"minAvailable": 1, "selector": {"matchLabels": {"app": "llm-pool-epp"}}}
+    # the epp serve options the CLI builds from those flags: discovery by the Service, in the release's namespace
+    assert _kubernetes_options(args) is not None
+
+    moved = _active_active(chart, {"inferenceExtension": {"activeActive": {"peerPort": 9100}, "flags": {"shutdown-delay": "15s"}}})
+    check_objects(moved)
+    args = build_parser().parse_args(_epp(moved)["args"])
+    assert (args.peer_port, args.shutdown_delay) == (9100, 15.0)
+    assert one(moved, "Service", "llm-pool-epp-peers")["spec"]["ports"][0]["port"] == 9100
+    assert {"name": "peers", "containerPort": 9100} in _epp(moved)["ports"]
+
+    # llm-d's standalone shape (no InferencePool, pods by label) shares the same way
+    standalone = render(chart, _example(CHART / "examples" / "llm-d-standalone.yaml"))
+    assert build_parser().parse_args(_epp(standalone)["args"]).peer_service == "llm-pool-epp-peers"
+
+
+def test_active_active_replicas_that_do_not_share(chart) -> None:  # type: ignore[no-untyped-def]
+    objects = _active_active(chart, {"inferenceExtension": {"activeActive": {"share": False}}})
+    check_objects(objects)
+    args = build_parser().parse_args(_epp(objects)["args"])
+    assert (args.peer_service, args.peers) == ("", "")
+    assert [o["metadata"]["name"] for o in objects if o["kind"] == "Service"] == ["llm-pool-epp"]
+    assert not [r for r in one(objects, "Role")["rules"] if r["apiGroups"] == ["discovery.k8s.io"]]
+    # still all serving: rolled one at a time, drained, and kept through node drains
+    assert one(objects, "Deployment")["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    assert args.shutdown_delay == 5.0 and one(objects, "PodDisruptionBudget")
 
 
 def test_llm_d_router_values_land_where_gie_s_do(chart) -> None:  # type: ignore[no-untyped-def]
@@ -450,6 +519,18 @@ def test_the_charts_dashboard_is_the_one_in_manifests_grafana() -> None:
         ({"router": {"inferencePool": {"create": False}}, "httpRoute": {"create": True}}, "routes to the InferencePool"),
         ({"gateway": {"create": True}}, "gateway.create needs gateway.className"),
         ({"inferenceObjectives": [{"priority": 1}]}, "inferenceObjectives[0].name is required"),
+        ({"inferenceExtension": {"replicas": 2, "activeActive": {"share": True}}}, "active-active peers and leader election exclude each other"),
+        ({"inferenceExtension": {"replicas": 2, "flags": {"ha-enable-leader-election": True}, "activeActive": {"share": False}}}, "exclude each other"),
+        ({"inferenceExtension": {"activeActive": {"share": True}}}, "activeActive needs inferenceExtension.replicas greater than 1 (active-active replicas), got 1"),
+        ({"inferenceExtension": {"replicas": 2, "flags": {"ha-enable-leader-election": False}, "activeActive": {"share": "yes"}}}, "activeActive.share: expected true or false"),
+        ({"inferenceExtension": {"replicas": 2, "flags": {"ha-enable-leader-election": False}, "activeActive": {"share": False, "peerPort": 9100}}}, "peerPort is used only when the replicas share"),
+        ({"inferenceExtension": {"replicas": 2, "flags": {"ha-enable-leader-election": False}, "activeActive": {"peerPort": 9002}}}, "peerPort 9002 is already the EPP's"),
+        ({"inferenceExtension": {"replicas": 2, "flags": {"ha-enable-leader-election": False}, "activeActive": {"peerPort": 0}}}, "activeActive.peerPort: expected a port"),
+        ({"inferenceExtension": {"replicas": 2, "flags": {"ha-enable-leader-election": False}, "activeActive": {"peers": "a:1"}}}, "inferenceExtension.activeActive.peers: not a key"),
+        ({"inferenceExtension": {"flags": {"peers": "10.0.0.7:9004"}}}, "inferenceExtension.flags.peers: with replicas > 1"),
+        ({"inferenceExtension": {"flags": {"peer-service": "mine"}}}, "inferenceExtension.flags.peer-service: the chart sets it"),
+        ({"inferenceExtension": {"flags": {"peer-port": 9100}}}, "set inferenceExtension.activeActive.peerPort"),
+        ({"inferenceExtension": {"flags": {"replica-id": "a"}}}, "every replica of the Deployment would get the same id"),
     ],
 )  # fmt: skip
 def test_values_it_cannot_honour_are_refused_with_the_key_and_reason(chart, extra: dict[str, Any], message: str) -> None:  # type: ignore[no-untyped-def]
@@ -484,11 +565,14 @@ def _core(objects: list[dict[str, Any]]) -> dict[str, Any]:
         "pool": pool,
         "service": service,
         "rules": one(objects, "Role")["rules"],
+        # active-active: the headless Service the replicas find each other by, and the PDB
+        "peers": [o["spec"] for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "llm-pool-epp-peers"],
+        "pdb": [o["spec"] for o in objects if o["kind"] == "PodDisruptionBudget"],
     }
 
 
 @needs_kubectl
-@pytest.mark.parametrize("tree", ["base", "components/ha", "wide-ep"])
+@pytest.mark.parametrize("tree", ["base", "components/ha", "components/active-active", "wide-ep"])
 def test_kustomize_and_helm_render_the_same_core_objects(chart, tree: str) -> None:  # type: ignore[no-untyped-def]
     root = REPO / "manifests"
     values = _example(CHART / "examples" / "kustomize-base.yaml")
@@ -497,6 +581,9 @@ def test_kustomize_and_helm_render_the_same_core_objects(chart, tree: str) -> No
     elif tree == "components/ha":
         kustomized = kustomize(root, components=("components/ha",), tree=root)
         values = _merge(values, {"inferenceExtension": {"replicas": 2}})
+    elif tree == "components/active-active":
+        kustomized = kustomize(root, components=("components/active-active",), tree=root)
+        values = _merge(values, {"inferenceExtension": {"replicas": 2, "flags": {"ha-enable-leader-election": False}}})
     else:  # the wide-EP example: the base's EPP with its own config and an eight-port pool
         kustomized = kustomize(root / "wide-ep")
         values = _merge(values, {

@@ -23,6 +23,10 @@ leader-election-namespace: value
 leader-election-lease-duration: value
 leader-election-renew-deadline: value
 leader-election-retry-period: value
+peers: value
+peer-service: value
+peer-port: value
+replica-id: value
 strategy: value
 config-file: value
 config-text: value
@@ -35,6 +39,7 @@ max-request-headers: value
 max-request-headers-kb: value
 request-body-idle-timeout: value
 explain-scores: switch
+workers: value
 grace-period: value
 shutdown-delay: value
 secure-serving: bool
@@ -47,6 +52,14 @@ admin-port: value
 admin-address: value
 tracing: switch
 tracing-sample-ratio: value
+audit-sink: value
+audit-file: value
+audit-file-max-mb: value
+audit-file-backups: value
+audit-client-header: value
+audit-prompt: value
+audit-excerpt-chars: value
+audit-queue-size: value
 {{- end -}}
 
 {{/* Flags the chart sets from other values: giving them in flags would contradict those. */}}
@@ -61,6 +74,10 @@ endpoint-selector: "set router.inferencePool.create=false with router.modelServe
 endpoint-target-ports: "set inferencePool.targetPorts (router.modelServers.targetPorts)"
 grpc-port: "set inferenceExtension.extProcPort, which the Service and the InferencePool use too"
 tracing-sample-ratio: "set inferenceExtension.tracing.sampling.samplerArg"
+peers: "with replicas > 1 and ha-enable-leader-election false the replicas share through the chart's headless peers Service (--peer-service); inferenceExtension.activeActive sets it (docs/helm.md)"
+peer-service: "the chart sets it to its headless peers Service when the replicas share (inferenceExtension.activeActive.share)"
+peer-port: "set inferenceExtension.activeActive.peerPort, which the container port and the peers Service use too"
+replica-id: "every replica of the Deployment would get the same id; each uses its pod name ($POD_NAME)"
 {{- end -}}
 
 {{/* Flags of GIE's or llm-d's EPP that llm-epp does not have, and why. */}}

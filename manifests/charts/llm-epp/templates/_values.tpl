@@ -78,7 +78,7 @@ render with the key's path and the reason.
 {{- end -}}
 
 {{- /* inferenceExtension */ -}}
-{{- include "llm-epp.knownKeys" (dict "path" "inferenceExtension" "map" $ie "keys" (list "replicas" "image" "extProcPort" "metricsPort" "failureMode" "env" "pluginsConfigFile" "pluginsCustomConfig" "extraContainerPorts" "extraServicePorts" "flags" "affinity" "tolerations" "resources" "sidecar" "monitoring" "tracing" "latencyPredictor" "metricsDataSource" "volumes" "volumeMounts")) -}}
+{{- include "llm-epp.knownKeys" (dict "path" "inferenceExtension" "map" $ie "keys" (list "replicas" "image" "extProcPort" "metricsPort" "failureMode" "env" "pluginsConfigFile" "pluginsCustomConfig" "extraContainerPorts" "extraServicePorts" "flags" "affinity" "tolerations" "resources" "sidecar" "monitoring" "tracing" "latencyPredictor" "metricsDataSource" "volumes" "volumeMounts" "activeActive")) -}}
 {{- $replicas := int (hasKey $ie "replicas" | ternary $ie.replicas 1) -}}
 {{- if lt $replicas 1 -}}{{- fail (printf "inferenceExtension.replicas: expected 1 or more, got %v" $ie.replicas) -}}{{- end -}}
 {{- $img := $ie.image | default dict -}}
@@ -293,6 +293,36 @@ render with the key's path and the reason.
 {{- end -}}
 {{- end -}}
 
+{{- /* active-active: replicas > 1 without leader election all serve; by default they share picks and
+in-flight load through the headless peers Service (as manifests/components/active-active does) */ -}}
+{{- $activeActive := and (gt $replicas 1) (not $leader) -}}
+{{- $aa := $ie.activeActive | default dict -}}
+{{- include "llm-epp.knownKeys" (dict "path" "inferenceExtension.activeActive" "map" $aa "keys" (list "share" "peerPort")) -}}
+{{- if and $aa (not $activeActive) -}}
+{{- if $leader -}}
+{{- fail "inferenceExtension.activeActive: active-active peers and leader election exclude each other (`epp serve` refuses --peer-service with --ha-enable-leader-election): set inferenceExtension.flags.ha-enable-leader-election: false for replicas that all serve, or remove activeActive for active-passive HA" -}}
+{{- else -}}
+{{- fail (printf "inferenceExtension.activeActive needs inferenceExtension.replicas greater than 1 (active-active replicas), got %d" $replicas) -}}
+{{- end -}}
+{{- end -}}
+{{- $share := true -}}
+{{- if hasKey $aa "share" -}}
+{{- if not (kindIs "bool" $aa.share) -}}{{- fail (printf "inferenceExtension.activeActive.share: expected true or false, got %v" $aa.share) -}}{{- end -}}
+{{- $share = $aa.share -}}
+{{- end -}}
+{{- $share = and $activeActive $share -}}
+{{- $peerPort := 9004 -}}
+{{- if hasKey $aa "peerPort" -}}
+{{- if not $share -}}
+{{- fail "inferenceExtension.activeActive.peerPort is used only when the replicas share (activeActive.share: false turns the peer exchange off)" -}}
+{{- end -}}
+{{- $peerPort = int $aa.peerPort -}}
+{{- if or (lt $peerPort 1) (gt $peerPort 65535) -}}{{- fail (printf "inferenceExtension.activeActive.peerPort: expected a port from 1 to 65535, got %v" $aa.peerPort) -}}{{- end -}}
+{{- if has $peerPort (list $extProcPort (int $healthPort) $metricsPort) -}}
+{{- fail (printf "inferenceExtension.activeActive.peerPort %d is already the EPP's ext_proc, health or metrics port" $peerPort) -}}
+{{- end -}}
+{{- end -}}
+
 {{- /* the EPP's config files */ -}}
 {{- $configs := dict -}}
 {{- $ctx := dict "serverType" $serverType "parsers" $parsers "scheme" $scheme "path" $mpath "skipVerify" $skipVerify "latency" ($lp.enabled | default false) -}}
@@ -326,6 +356,9 @@ render with the key's path and the reason.
 {{- if $leader -}}{{- $args = append $args "--ha-enable-leader-election" -}}{{- end -}}
 {{- if $secure -}}{{- $args = append $args "--secure-serving" -}}{{- end -}}
 {{- if $tracing -}}{{- $args = concat $args (list "--tracing" (printf "--tracing-sample-ratio=%s" $ratio)) -}}{{- end -}}
+{{- if $share -}}{{- $args = concat $args (list (printf "--peer-service=%s-peers" (include "llm-epp.name" .)) (printf "--peer-port=%d" $peerPort)) -}}{{- end -}}
+{{- /* drain before stopping: the gateways stop sending to a replica that reports NOT_SERVING */ -}}
+{{- if and $activeActive (not (hasKey $flags "shutdown-delay")) -}}{{- $args = append $args "--shutdown-delay=5s" -}}{{- end -}}
 {{- $args = concat $args $userArgs -}}
 
 {{- /* objectives */ -}}
@@ -355,6 +388,8 @@ render with the key's path and the reason.
 {{- $out := dict "name" (include "llm-epp.name" .) "pool" (include "llm-epp.pool" .) -}}
 {{- $_ := set $out "replicas" $replicas -}}
 {{- $_ := set $out "leaderElection" $leader -}}
+{{- $_ := set $out "activeActive" $activeActive -}}
+{{- $_ := set $out "peers" (dict "enabled" $share "port" $peerPort "service" (printf "%s-peers" (include "llm-epp.name" .))) -}}
 {{- $_ := set $out "image" $image -}}
 {{- $_ := set $out "pullPolicy" ($img.pullPolicy | default "IfNotPresent") -}}
 {{- $_ := set $out "extProcPort" $extProcPort -}}
