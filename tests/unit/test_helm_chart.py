@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from extproc.cli.main import _kubernetes_options, build_parser
+from extproc.cli.main import _kubernetes_options, _peer_options, build_parser
 from pickers.config.loader import load_config_file
 from tests.k8s.kustomize import needs_kubectl, render as kustomize
 from tests.k8s.test_manifests import ALLOWED_RBAC, KINDS, MODELS, _check_shape, validate
@@ -33,6 +33,8 @@ PROVIDERS = ("none", "istio", "kgateway", "agentgateway", "envoy-gateway", "ngin
 CHART_KINDS = {**KINDS, "ConfigMap": "v1", "ServiceMonitor": "monitoring.coreos.com/v1",
                "InferenceObjective": "inference.networking.x-k8s.io/v1alpha2"}  # fmt: skip
 POOL = {"inferencePool": {"modelServers": {"matchLabels": {"app": "vllm-llama"}}}}
+# active-active replicas: more than one, leader election off
+ACTIVE_ACTIVE = {"replicas": 2, "flags": {"ha-enable-leader-election": False}}
 CONFIG = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: queue-scorer\n"
 
 
@@ -362,8 +364,7 @@ def test_replicas_and_leader_election(chart) -> None:  # type: ignore[no-untyped
 
 
 def _active_active(chart, extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
-    values = _merge(POOL, {"inferenceExtension": {"replicas": 2, "flags": {"ha-enable-leader-election": False}}})
-    return render(chart, _merge(values, extra or {}))
+    return render(chart, _merge(_merge(POOL, {"inferenceExtension": ACTIVE_ACTIVE}), extra or {}))
 
 
 def test_active_active_replicas_share_through_the_headless_peers_service(chart) -> None:  # type: ignore[no-untyped-def]
@@ -372,14 +373,15 @@ def test_active_active_replicas_share_through_the_headless_peers_service(chart) 
     args = build_parser().parse_args(_epp(objects)["args"])
     assert (args.peer_service, args.peer_port, args.shutdown_delay, args.peers) == ("llm-pool-epp-peers", 9004, 5.0, "")
     peers = one(objects, "Service", "llm-pool-epp-peers")
-    assert peers["spec"] == {"clusterIP": "None", "selector": {"app": "llm-pool-epp"},
-                             "ports": [{"name": "peers", "port": 9004, "targetPort": 9004, "protocol": "TCP", "appProtocol": "kubernetes.io/h2c"}]}  # fmt: skip
+    port = {"name": "peers", "port": 9004, "targetPort": 9004, "protocol": "TCP", "appProtocol": "kubernetes.io/h2c"}
+    assert peers["spec"] == {"clusterIP": "None", "selector": {"app": "llm-pool-epp"}, "ports": [port]}
     rules = one(objects, "Role")["rules"]
     assert {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]} in rules
     assert not [r for r in rules if r["apiGroups"] == ["coordination.k8s.io"]]
     assert one(objects, "PodDisruptionBudget")["spec"] == {"minAvailable": 1, "selector": {"matchLabels": {"app": "llm-pool-epp"}}}
-    # the epp serve options the CLI builds from those flags: discovery by the Service, in the release's namespace
-    assert _kubernetes_options(args) is not None
+    # the options `epp serve` builds from those flags: discovery by that Service, at its port `peers`
+    peer_opts = _peer_options(args)
+    assert peer_opts is not None and (peer_opts.service, peer_opts.port, peer_opts.peers) == ("llm-pool-epp-peers", 9004, ())
 
     moved = _active_active(chart, {"inferenceExtension": {"activeActive": {"peerPort": 9100}, "flags": {"shutdown-delay": "15s"}}})
     check_objects(moved)
@@ -522,11 +524,11 @@ def test_the_charts_dashboard_is_the_one_in_manifests_grafana() -> None:
         ({"inferenceExtension": {"replicas": 2, "activeActive": {"share": True}}}, "active-active peers and leader election exclude each other"),
         ({"inferenceExtension": {"replicas": 2, "flags": {"ha-enable-leader-election": True}, "activeActive": {"share": False}}}, "exclude each other"),
         ({"inferenceExtension": {"activeActive": {"share": True}}}, "activeActive needs inferenceExtension.replicas greater than 1 (active-active replicas), got 1"),
-        ({"inferenceExtension": {"replicas": 2, "flags": {"ha-enable-leader-election": False}, "activeActive": {"share": "yes"}}}, "activeActive.share: expected true or false"),
-        ({"inferenceExtension": {"replicas": 2, "flags": {"ha-enable-leader-election": False}, "activeActive": {"share": False, "peerPort": 9100}}}, "peerPort is used only when the replicas share"),
-        ({"inferenceExtension": {"replicas": 2, "flags": {"ha-enable-leader-election": False}, "activeActive": {"peerPort": 9002}}}, "peerPort 9002 is already the EPP's"),
-        ({"inferenceExtension": {"replicas": 2, "flags": {"ha-enable-leader-election": False}, "activeActive": {"peerPort": 0}}}, "activeActive.peerPort: expected a port"),
-        ({"inferenceExtension": {"replicas": 2, "flags": {"ha-enable-leader-election": False}, "activeActive": {"peers": "a:1"}}}, "inferenceExtension.activeActive.peers: not a key"),
+        ({"inferenceExtension": {**ACTIVE_ACTIVE, "activeActive": {"share": "yes"}}}, "activeActive.share: expected true or false"),
+        ({"inferenceExtension": {**ACTIVE_ACTIVE, "activeActive": {"share": False, "peerPort": 9100}}}, "peerPort is used only when the replicas share"),
+        ({"inferenceExtension": {**ACTIVE_ACTIVE, "activeActive": {"peerPort": 9002}}}, "peerPort 9002 is already the EPP's"),
+        ({"inferenceExtension": {**ACTIVE_ACTIVE, "activeActive": {"peerPort": 0}}}, "activeActive.peerPort: expected a port"),
+        ({"inferenceExtension": {**ACTIVE_ACTIVE, "activeActive": {"peers": "a:1"}}}, "inferenceExtension.activeActive.peers: not a key"),
         ({"inferenceExtension": {"flags": {"peers": "10.0.0.7:9004"}}}, "inferenceExtension.flags.peers: with replicas > 1"),
         ({"inferenceExtension": {"flags": {"peer-service": "mine"}}}, "inferenceExtension.flags.peer-service: the chart sets it"),
         ({"inferenceExtension": {"flags": {"peer-port": 9100}}}, "set inferenceExtension.activeActive.peerPort"),
@@ -583,7 +585,7 @@ def test_kustomize_and_helm_render_the_same_core_objects(chart, tree: str) -> No
         values = _merge(values, {"inferenceExtension": {"replicas": 2}})
     elif tree == "components/active-active":
         kustomized = kustomize(root, components=("components/active-active",), tree=root)
-        values = _merge(values, {"inferenceExtension": {"replicas": 2, "flags": {"ha-enable-leader-election": False}}})
+        values = _merge(values, {"inferenceExtension": ACTIVE_ACTIVE})
     else:  # the wide-EP example: the base's EPP with its own config and an eight-port pool
         kustomized = kustomize(root / "wide-ep")
         values = _merge(values, {
