@@ -3,7 +3,9 @@
 For each gateway -- (a) Envoy round-robin without ext_proc, (b) Envoy + a no-op Python ext_proc server
 (bench.noop_extproc: the gRPC/protobuf/event-loop floor, same processing mode), (c) Envoy + EPP
 --strategy round-robin, (d) Envoy + EPP default, (e) the same with `--workers 2`, (f) (d) scraping the
-endpoints' metrics every second instead of every 50 ms -- a closed-loop
+endpoints' metrics every second instead of every 50 ms, (g) (d) with guardrails: request-limits-admitter
+and content-check-admitter (bench.request_cost's policy) and the audit trail to a JSON-lines file --
+a closed-loop
 client measures requests/s at concurrency 32 and latency at concurrency 1 (small non-streaming
 completions), and every process's CPU seconds per request from /proc/<pid>/stat (the EPP's with its
 worker processes). The load generator runs on the same cores; its CPU is reported too.
@@ -70,6 +72,7 @@ class Measured:
 
 
 NOOP = "noop"  # run_all: replace the EPP with bench.noop_extproc on its ports
+GUARDRAILS = "guardrails"  # run_all: the default config plus admitters, and an audit file (docs/guardrails.md)
 CONFIGS: tuple[tuple[str, dict[str, object]], ...] = (
     ("(a) envoy direct, no EPP", {"epp": False}),
     ("(b) envoy + no-op ext_proc", {NOOP: True}),
@@ -79,7 +82,26 @@ CONFIGS: tuple[tuple[str, dict[str, object]], ...] = (
     # the same as (d) with the metrics scraped every second instead of every 50 ms: the scraper's cost is
     # per endpoint and second, not per request (idle cores), and at a few hundred req/s it is a share of (d)'s
     ("(f) envoy + EPP default, scrape 1s", {"epp_args": ("--strategy", "default", "--refresh-metrics-interval", "1s")}),
+    ("(g) envoy + EPP default + guardrails", {GUARDRAILS: True}),
 )
+
+
+def guardrails_args(workdir: Path) -> tuple[str, ...]:
+    """(g)'s EPP flags: the default strategy's config with bench.request_cost's admission policy (its model
+    allowed), and every request's audit record written to a file."""
+    from bench.request_cost import GUARD_CONTENT, GUARD_LIMITS
+    from pickers.config.strategies import strategy_config
+
+    limits = {"rules": [{**r, "allowedModels": [MODEL]} if "allowedModels" in r else r for r in GUARD_LIMITS["rules"]]}
+    admitters = yaml.safe_dump([
+        {"type": "request-limits-admitter", "name": "limits", "parameters": limits},
+        {"type": "content-check-admitter", "name": "content", "parameters": {"rules": GUARD_CONTENT}},
+    ], sort_keys=False)  # fmt: skip
+    text = strategy_config("default")
+    assert "\nplugins:\n" in text
+    config = workdir / "guardrails.yaml"
+    config.write_text(text.replace("\nplugins:\n", "\nplugins:\n" + admitters, 1))
+    return ("--config-file", str(config), "--audit-sink", "file", "--audit-file", str(workdir / "audit.jsonl"))
 
 
 def start_backend(workdir: Path, n: int, reserved: list[ReservedPort]) -> tuple[ManagedProcess, Path]:
@@ -210,6 +232,8 @@ def run_all(configs: Sequence[tuple[str, dict[str, object]]], endpoints: Path, b
             workdir.mkdir(parents=True)  # LocalStack only creates it when it spawns its first process
             extra = dict(extra)
             noop = bool(extra.pop(NOOP, False))
+            if extra.pop(GUARDRAILS, False):
+                extra["epp_args"] = guardrails_args(workdir)
             opts = StackOptions(workdir=workdir, endpoints_file=endpoints, model=MODEL, envoy_concurrency=s.envoy_concurrency, **extra)  # type: ignore[arg-type]
             stack = up.enter_context(LocalStack(opts))
             pid = stack.epp_proc.popen.pid if stack.epp_proc is not None else None
@@ -303,7 +327,19 @@ def summarize(results: Sequence[Measured], s: Settings) -> str:
     for m in results[1:] if base.name.startswith("(a)") else ():
         d = percentile(m.single.latencies, 50) - percentile(base.single.latencies, 50)
         notes.append(f"{m.name}: +{d * 1000:.2f} ms p50 at concurrency 1 over (a)")
-    return table(header, rows) + "\n" + "\n".join(notes + worker_notes(results)) + "\n" + paced_table(results, s)
+    return table(header, rows) + "\n" + "\n".join(notes + worker_notes(results) + guardrail_notes(results)) + "\n" + paced_table(results, s)
+
+
+def guardrail_notes(results: Sequence[Measured]) -> list[str]:
+    """(g) against (d): what admission and the audit trail add to the EPP's CPU per request (issue 20: <= 5%)."""
+    by = {m.name[:3]: m for m in results}
+    d, g = by.get("(d)"), by.get("(g)")
+    if d is None or g is None:
+        return []
+    out = f"(g) vs (d), guardrails on vs off: EPP cpu/req {ratio(g.cpu_per_request['epp'], d.cpu_per_request['epp'])}, net of idle {ratio(_net(g), _net(d))}"
+    if d.paced is not None and g.paced is not None:
+        out += f"; at {d.paced.load.rate:.0f} req/s {ratio(_net(g.paced), _net(d.paced))} net of idle"
+    return [out]
 
 
 def paced_table(results: Sequence[Measured], s: Settings) -> str:

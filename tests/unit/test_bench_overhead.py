@@ -43,3 +43,18 @@ def test_with_workers_the_parents_share_gives_the_ceiling():
     (note,) = worker_notes([m, _measured("(d) one process", 0.0012)])
     assert "parent 0.15 ms/request" in note and "6,667 req/s" in note
     assert "workers 1.20 ms/request" in note
+
+
+def test_the_guardrails_gateway_runs_the_default_config_with_both_admitters_and_an_audit_file(tmp_path):
+    from bench.overhead import MODEL, guardrail_notes, guardrails_args
+    from pickers.config.loader import load_config_file
+    from pickers.plugins.base import PluginContext
+
+    args = guardrails_args(tmp_path)
+    assert args[2:5] == ("--audit-sink", "file", "--audit-file")
+    cfg = load_config_file(args[1], PluginContext())
+    assert {type(p).__name__ for p in cfg.producers} == {"RequestLimitsAdmitter", "ContentCheckAdmitter"}
+    assert MODEL in str(cfg.plugin_parameters["limits"])  # the bench's model passes the allow list
+    assert [s.scorer.type for s in cfg.profiles[0].scorers] == ["queue-scorer", "kv-cache-utilization-scorer", "prefix-cache-scorer"]
+    d, g = _measured("(d) epp", 0.0010), _measured("(g) epp + guardrails", 0.00105)
+    assert guardrail_notes([d, g]) == ["(g) vs (d), guardrails on vs off: EPP cpu/req 1.05x, net of idle 1.05x"]
