@@ -28,31 +28,13 @@ from extproc.datalayer.endpoints_file import load_endpoints_file
 from extproc.devstack import envoy_config
 from extproc.devstack.ports import PortUnavailable, ReservedPort, reserve_port
 from extproc.devstack.supervisor import ProcessSupervisor, RestartPolicy
+from extproc.server.child_process import die_with_parent
+
+_die_with_parent = die_with_parent  # the name tests and benchmarks import
 
 
 class StackError(RuntimeError):
     pass
-
-
-def _load_prctl() -> Callable[..., int] | None:
-    try:
-        import ctypes
-
-        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
-    except (OSError, AttributeError):
-        return None
-
-
-# Looked up once, here: the child of a process with threads (the supervisor's, a load generator's)
-# must not import or load anything between fork and exec, where a lock another thread held stays held.
-_PRCTL = _load_prctl()
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM when the thread that started it ends, so a killed
-    `epp up` or test run never leaves servers behind (Linux only; elsewhere a no-op)."""
-    if _PRCTL is not None:
-        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def envoy_binary() -> str:
@@ -67,7 +49,7 @@ def _popen(argv: Sequence[str], log_path: Path, env: dict[str, str] | None) -> s
     with open(log_path, "ab") as log:
         return subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, env=env, preexec_fn=_die_with_parent,
+            start_new_session=True, env=env, preexec_fn=die_with_parent,
         )  # fmt: skip
 
 

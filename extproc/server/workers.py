@@ -31,6 +31,7 @@ import msgspec
 from extproc.handlers.request_stream import Outcome, Routing
 from extproc.requestcontrol.director import Director
 from extproc.server import ipc
+from extproc.server.child_process import die_with_parent
 from pickers.framework.errors import PROTOCOL, RequestError
 
 if TYPE_CHECKING:
@@ -284,7 +285,7 @@ class WorkerPool:
 
     async def _spawn(self, i: int) -> asyncio.subprocess.Process:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "extproc.server.worker", stdin=asyncio.subprocess.PIPE, preexec_fn=_die_with_parent,
+            sys.executable, "-m", "extproc.server.worker", stdin=asyncio.subprocess.PIPE, preexec_fn=die_with_parent,
         )  # fmt: skip
         assert proc.stdin is not None
         proc.stdin.write(msgspec.msgpack.encode(self._options(i)))
@@ -328,25 +329,6 @@ class WorkerPool:
 
 def _exit_status(code: int) -> str:
     return f"signal {signal.Signals(-code).name}" if code < 0 else f"code {code}"
-
-
-def _load_prctl() -> Callable[..., int] | None:
-    try:
-        import ctypes
-
-        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
-    except (OSError, AttributeError):
-        return None
-
-
-# Looked up once, here: between fork and exec nothing may be imported (another thread's lock stays held).
-_PRCTL = _load_prctl()
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the parent dies, so no worker outlives the EPP (Linux)."""
-    if _PRCTL is not None:
-        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def socket_path(directory: str | None = None) -> Path:
