@@ -173,6 +173,10 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
         "--audit-prompt", choices=("none", "hash", "excerpt"), default="none",
         help="what a record keeps of the prompt: nothing (default), its SHA-256, or a redacted excerpt",
     )  # fmt: skip
+    audit.add_argument(
+        "--audit-response", choices=("none", "hash", "excerpt"), default="none",
+        help="what a record keeps of the response body: nothing (default), its SHA-256, or a redacted excerpt",
+    )  # fmt: skip
     audit.add_argument("--audit-excerpt-chars", type=int, default=200, metavar="N", help="characters of a redacted excerpt (default 200)")
     audit.add_argument(
         "--audit-queue-size", type=int, default=10_000, metavar="N",
@@ -384,7 +388,8 @@ def _audit_options(args: argparse.Namespace) -> AuditOptions | None:
 
     if args.audit_sink is None:
         given = [f for f, v in (("--audit-file", args.audit_file), ("--audit-client-header", args.audit_client_header),
-                                ("--audit-prompt", args.audit_prompt != "none")) if v]  # fmt: skip
+                                ("--audit-prompt", args.audit_prompt != "none"),
+                                ("--audit-response", args.audit_response != "none")) if v]  # fmt: skip
         if given:
             raise ConfigError(f"{given[0]} needs --audit-sink", field=given[0])
         return None
@@ -402,7 +407,7 @@ def _audit_options(args: argparse.Namespace) -> AuditOptions | None:
     return AuditOptions(
         sink=args.audit_sink, path=args.audit_file, max_bytes=args.audit_file_max_mb * 1024 * 1024,
         backups=args.audit_file_backups, client_header=args.audit_client_header, prompt=args.audit_prompt,
-        excerpt_chars=args.audit_excerpt_chars, queue_size=args.audit_queue_size,
+        response=args.audit_response, excerpt_chars=args.audit_excerpt_chars, queue_size=args.audit_queue_size,
     )  # fmt: skip
 
 

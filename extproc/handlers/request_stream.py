@@ -68,6 +68,7 @@ from envoy.type.v3 import http_status_pb2
 
 from extproc.handlers.model_name import ModelNameRestorer, rewrite_body
 from extproc.handlers.parsers import DEFAULT, RequestParsers, Route
+from extproc.handlers.capture import ResponseCapture
 from extproc.handlers.usage import UsageReader
 from pickers.framework.endpoint import Endpoint
 from pickers.framework.errors import (
@@ -184,6 +185,8 @@ class Routing:
     latency: object | None = None
     ticket: int = 0  # a worker's id of the parent's pick (extproc.server.worker); 0: picked here
     reports: bool = False  # a worker's: the parent's scheduler has response reporters
+    # what the audit trail keeps of the response body (`--audit-response`): (hash or excerpt, bytes kept); None: nothing
+    capture: tuple[str, int] | None = None
 
 
 @dataclass(slots=True)
@@ -200,6 +203,7 @@ class Outcome:
     first_byte: float | None = None  # to the first response body chunk: TTFT for streamed replies
     body_chunks: int = 0  # response body chunks seen
     error: RequestError | None = None  # the EPP refused the routed request after its pick (431, evicted, ...)
+    response: str | None = None  # the response body's SHA-256 or head, when Routing.capture asked
 
 
 class Director(Protocol):
@@ -268,6 +272,7 @@ class RequestStream:
         self._generated_id = False
         self._status: int | None = None
         self._usage: UsageReader | None = None
+        self._capture: ResponseCapture | None = None  # --audit-response's, once the response headers came
         self._served: str | None = None
         self._restorer: ModelNameRestorer | None = None  # set when the model was rewritten
         self._finished = False
@@ -539,6 +544,9 @@ class RequestStream:
             self._usage = UsageReader(streaming, route.usage if route is not None else None)
         else:
             self._usage = None
+        capture = self.routing.capture if self.routing is not None else None
+        if capture is not None:
+            self._capture = ResponseCapture(*capture)
         self.state = State.RESPONSE_BODY
         if hdrs.end_of_stream:
             self.state = State.DONE
@@ -567,6 +575,8 @@ class RequestStream:
                 self.director.first_byte(self.routing, body.end_of_stream)
         if self._usage is not None:
             self._usage.feed(chunk, body.end_of_stream)
+        if self._capture is not None:
+            self._capture.feed(chunk)
         if body.end_of_stream:
             self.state = State.DONE
             self._finish(aborted=False)
@@ -633,6 +643,7 @@ class RequestStream:
                 first_byte=None if first is None else first - started,
                 body_chunks=reader.chunks_seen if reader else 0,
                 error=self.error,
+                response=self._capture.result() if self._capture is not None else None,
             ),
         )
 

@@ -9,8 +9,9 @@ a record is dropped and counted (`dropped`); when the sink fails a write, that b
 counted as failed. Both show in `llm_epp_audit_records_total`. Prompts are not recorded unless
 `prompt` asks for their SHA-256 (`hash`, computed on the request path so the queue never holds a whole
 prompt) or a redacted excerpt (`excerpt`: the first characters, every content-check pattern of the
-config and every preset masked on the writer thread). Responses are never recorded: the EPP keeps none
-of their bodies, only the usage.
+config and every preset masked on the writer thread). Responses likewise, only when `response` asks:
+the stream hashes the body's chunks as they pass, or keeps its first bytes (extproc.handlers.capture),
+and never holds the body otherwise.
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ class AuditRecord(msgspec.Struct, gc=False):  # holds no cycles: the collector n
     first_byte_ms: float | None  # to its first body byte (TTFT when streamed)
     prompt_sha256: str | None = None
     prompt_excerpt: str | None = None
+    response_sha256: str | None = None  # of the response body as the client got it (SSE frames included)
+    response_excerpt: str | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -90,6 +93,7 @@ class AuditOptions:
     backups: int = DEFAULT_BACKUPS  # rotated files kept: path.1 (newest) .. path.N
     client_header: str = ""  # the request header whose value names the client (never an API key's value)
     prompt: str = "none"  # none, hash or excerpt
+    response: str = "none"  # none, hash or excerpt: of the response body
     excerpt_chars: int = 200
     queue_size: int = DEFAULT_QUEUE
 
@@ -257,6 +261,8 @@ class AuditLog:
     ) -> None:
         if opts.prompt not in PROMPT_MODES:
             raise ConfigError(f"expected one of {', '.join(PROMPT_MODES)}, got {opts.prompt!r}", field="--audit-prompt")
+        if opts.response not in PROMPT_MODES:
+            raise ConfigError(f"expected one of {', '.join(PROMPT_MODES)}, got {opts.response!r}", field="--audit-response")
         if opts.queue_size < 1:
             raise ConfigError(f"expected a size >= 1, got {opts.queue_size}", field="--audit-queue-size")
         if opts.excerpt_chars < 1:
@@ -266,6 +272,8 @@ class AuditLog:
         self.client_header = opts.client_header.lower()  # Envoy hands header names lower-cased
         self.patterns = patterns  # the config's content-check patterns, read when an excerpt is made
         self.interval = interval
+        # what a routed request's stream keeps of its response body (Routing.capture); None: nothing
+        self.response_capture = None if opts.response == "none" else (opts.response, opts.excerpt_chars + EXCERPT_MARGIN)
         self._queue: deque[tuple[Any, ...]] = deque()  # what `record_*` captured, for `_record`
         self.max_queue = opts.queue_size
         # counted on the request path (dropped) and on the writer thread (written, failed): each has one writer
@@ -308,6 +316,7 @@ class AuditLog:
             time.time(), r.request_id, r.headers.get(header) if header else None, r.path, r.objective, r.model, r.target_model,
             routing.destination, routing.profile, r.flags, outcome.status, None if error is None else _error(error),
             outcome.aborted, outcome.streaming, usage, outcome.duration, outcome.first_byte, self._prompt(r),
+            outcome.response,
         ))  # fmt: skip
 
     def record_refused(self, request: InferenceRequest | None, error: RequestError) -> None:
@@ -315,11 +324,11 @@ class AuditLog:
         r = request
         header = self.client_header
         if r is None:
-            self._put((time.time(), "", None, "", "", "", "", "", "", None, None, _error(error), True, False, None, None, None, None))
+            self._put((time.time(), "", None, "", "", "", "", "", "", None, None, _error(error), True, False, None, None, None, None, None))
             return
         self._put((
             time.time(), r.request_id, r.headers.get(header) if header else None, r.path, r.objective, r.model, r.target_model,
-            "", "", r.flags, None, _error(error), True, False, None, None, None, self._prompt(r),
+            "", "", r.flags, None, _error(error), True, False, None, None, None, self._prompt(r), None,
         ))  # fmt: skip
 
     def record_abandoned(self, request: InferenceRequest) -> None:
@@ -328,7 +337,7 @@ class AuditLog:
         header = self.client_header
         self._put((
             time.time(), r.request_id, r.headers.get(header) if header else None, r.path, r.objective, r.model, r.target_model,
-            "", "", r.flags, None, None, True, False, None, None, None, self._prompt(r),
+            "", "", r.flags, None, None, True, False, None, None, None, self._prompt(r), None,
         ))  # fmt: skip
 
     # -- the writer thread ---------------------------------------------------------------------
@@ -367,7 +376,7 @@ class AuditLog:
 
     def _record(self, e: tuple[Any, ...]) -> AuditRecord:
         (t, request_id, client, path, objective, model, target, destination, profile, flags, status, error, aborted,
-         streaming, usage, duration, first_byte, prompt) = e  # fmt: skip
+         streaming, usage, duration, first_byte, prompt, response) = e  # fmt: skip
         rules = list(flags) if flags else []
         if error is not None:
             code, error_status, dropped, message, rule = error
@@ -400,6 +409,12 @@ class AuditLog:
                 n = self.opts.excerpt_chars
                 excerpt = redact(prompt, self.patterns())[:n]  # masked before it is cut: no half secret shows
                 record.prompt_excerpt = bounds.bounded(excerpt, n)
+        if response is not None:
+            if self.opts.response == "hash":
+                record.response_sha256 = response
+            else:
+                n = self.opts.excerpt_chars
+                record.response_excerpt = bounds.bounded(redact(response, self.patterns())[:n], n)
         return record
 
     def close(self, timeout: float = 5.0) -> None:

@@ -202,7 +202,8 @@ class Director:
         decision = (time.time(), request.request_id, bounds.model_name(model), chosen, result.profile, result.scores, flags, None)
         self.decisions.append(decision)
         return Routing(request, destination, primary, tokens, scores, result.request_headers, result.response_headers,
-                       result.profile, charges=charges, scheduler=scheduler, latency=record)  # fmt: skip
+                       result.profile, charges=charges, scheduler=scheduler, latency=record,
+                       capture=self.audit.response_capture if self.audit is not None else None)  # fmt: skip
 
     def rejected(self, request: InferenceRequest | None, error: RequestError, routed: bool = False) -> None:
         model = request.model if request else ""

@@ -75,6 +75,7 @@ class Finish(msgspec.Struct, tag=True, array_like=True):
     # the EPP refused the routed request after its pick (431, evicted): (code, status, dropped reason,
     # message, admission rule), as `error_of` takes them
     error: tuple[str, int, str | None, str, str] | None = None
+    response: str | None = None  # the response body's SHA-256 or head (Outcome.response)
 
 
 class Rejected(msgspec.Struct, tag=True, array_like=True):
@@ -118,6 +119,7 @@ class Picked(msgspec.Struct, tag=True, array_like=True):
     objective: str
     priority: int
     reports: bool  # the scheduler has response reporters: ask for `Metadata` at the end of the body
+    capture: tuple[str, int] | None = None  # the audit trail's response capture (Routing.capture)
 
 
 class Refused(msgspec.Struct, tag=True, array_like=True):

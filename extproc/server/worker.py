@@ -125,7 +125,7 @@ class RemoteDirector:
         request.priority = answer.priority
         return Routing(
             request, answer.destination, None, 0, answer.scores, answer.request_headers, answer.response_headers,  # type: ignore[arg-type]
-            answer.profile, ticket=answer.id, reports=answer.reports,
+            answer.profile, ticket=answer.id, reports=answer.reports, capture=answer.capture,
         )  # fmt: skip
 
     def first_byte(self, routing: Routing, end_of_stream: bool = False) -> None:
@@ -137,6 +137,7 @@ class RemoteDirector:
         self._send(ipc.Finish(
             routing.ticket, outcome.status, outcome.streaming, usage, outcome.aborted, outcome.served, outcome.duration,
             outcome.first_byte, outcome.body_chunks, ipc.error_fields(outcome.error) if outcome.error is not None else None,
+            outcome.response,
         ))  # fmt: skip
 
     def rejected(self, request: InferenceRequest | None, error: RequestError, routed: bool = False) -> None:

@@ -81,7 +81,7 @@ class _Adapter:
         reports = bool((routing.scheduler or self.service.director.scheduler).reporters)
         return ipc.Picked(
             self.ticket, routing.destination, routing.scores, dict(routing.request_headers), dict(routing.response_headers),
-            routing.profile, req.request_id, req.target_model, req.objective, req.priority, reports,
+            routing.profile, req.request_id, req.target_model, req.objective, req.priority, reports, routing.capture,
         )  # fmt: skip
 
     def refuse(self, err: RequestError) -> ipc.Refused:
@@ -253,7 +253,7 @@ class PickService:
         outcome = Outcome(
             status=msg.status, streaming=msg.streaming, usage=msg.usage, aborted=msg.aborted, served=msg.served,
             duration=msg.duration, first_byte=msg.first_byte, body_chunks=msg.body_chunks,
-            error=ipc.error_of(*msg.error) if msg.error is not None else None,
+            error=ipc.error_of(*msg.error) if msg.error is not None else None, response=msg.response,
         )  # fmt: skip
         self.director.finish(routing, outcome)
 

@@ -12,6 +12,7 @@ describes them:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import time
@@ -233,3 +234,20 @@ def test_a_sink_that_stops_reading_loses_records_counted_and_no_request(tmp_path
             assert all(json.loads(x)["request_id"].startswith("burst-") for x in lines)
     finally:
         os.close(reader)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_response_is_audited_as_the_sha256_of_the_body_the_client_got(tmp_path, workers):
+    audit = tmp_path / "audit.jsonl"
+    args = ("--audit-sink", "file", "--audit-file", str(audit), "--audit-response", "hash")
+    with _stack(tmp_path, *args, sims=1, epp_workers=workers) as stack:
+        bodies = {}
+        for i, stream in enumerate((False, True, False)):
+            body = {"model": MODEL, "prompt": f"tell me {i}", "max_tokens": 8, "stream": stream}
+            r = httpx.post(f"{stack.base_url}/completions", json=body, headers={"x-request-id": f"resp-{i}"}, timeout=30)
+            assert r.status_code == 200
+            bodies[f"resp-{i}"] = r.content
+        records = {r["request_id"]: r for r in _audit(audit, 3)}
+    for rid, content in bodies.items():
+        assert records[rid]["response_sha256"] == hashlib.sha256(content).hexdigest(), rid  # streamed or not
+        assert records[rid]["response_excerpt"] is None and records[rid]["prompt_sha256"] is None

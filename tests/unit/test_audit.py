@@ -30,7 +30,8 @@ from tests.unit.test_protocol import ADDRS, body_msg, headers_msg, response_body
 FIELDS = {
     "time", "request_id", "client", "path", "objective", "model", "target_model", "endpoints", "profile", "admission",
     "rules", "status", "error", "dropped_reason", "message", "aborted", "streaming", "prompt_tokens", "completion_tokens",
-    "cached_tokens", "duration_ms", "first_byte_ms", "prompt_sha256", "prompt_excerpt",
+    "cached_tokens", "duration_ms", "first_byte_ms", "prompt_sha256", "prompt_excerpt", "response_sha256",
+    "response_excerpt",
 }  # fmt: skip
 
 
@@ -88,6 +89,7 @@ def test_each_request_gets_one_record_with_every_field():
     assert (served["prompt_tokens"], served["completion_tokens"], served["cached_tokens"]) == (7, 3, 0)
     assert served["duration_ms"] >= 0 and served["aborted"] is False and served["time"].endswith("Z")
     assert served["prompt_sha256"] is None and served["prompt_excerpt"] is None  # prompts only when asked
+    assert served["response_sha256"] is None and served["response_excerpt"] is None  # responses too
     assert refused["admission"] == "refused" and refused["rules"] == ["content/aws-key"] and refused["status"] == 403
     assert refused["error"] == "Forbidden" and refused["dropped_reason"] == "rejected-content-check"
     assert refused["endpoints"] == [] and refused["client"] == "bob" and "aws-key" in refused["message"]
@@ -170,6 +172,46 @@ def test_the_prompt_is_kept_as_its_sha256_when_asked():
     assert record["prompt_excerpt"] is None
 
 
+def serve_answer(director: Director, prompt: str, chunks: list[bytes]) -> RequestStream:
+    """One request answered 200 with this response body, in these chunks."""
+    stream = RequestStream(director)
+    assert immediate(send_request(stream, body(prompt), extra={"x-request-id": f"id-{len(prompt)}"})) is None
+    stream.handle(response_headers_msg(200))
+    for i, chunk in enumerate(chunks):
+        stream.handle(response_body_msg(chunk, i == len(chunks) - 1))
+    stream.close()
+    return stream
+
+
+ANSWER = [b'{"choices":[{"text":"the card is 4111 1111 1111 1111, ', b'and more"}],', b'"usage":{"prompt_tokens":3,"completion_tokens":9,"total_tokens":12}}']
+
+
+def test_the_response_is_kept_as_its_sha256_when_asked():
+    sink = Lines()
+    audit = AuditLog(sink, AuditOptions(response="hash"), interval=0.01)
+    serve_answer(director_with(audit), "hash the answer", ANSWER)
+    audit.close()
+    (record,) = sink.records()
+    assert record["response_sha256"] == hashlib.sha256(b"".join(ANSWER)).hexdigest()  # the whole body, over its chunks
+    assert record["response_excerpt"] is None and record["prompt_sha256"] is None and record["completion_tokens"] == 9
+
+
+def test_a_response_excerpt_is_its_head_with_the_presets_masked():
+    sink = Lines()
+    audit = AuditLog(sink, AuditOptions(response="excerpt", excerpt_chars=48), interval=0.01)
+    serve_answer(director_with(audit), "excerpt the answer", ANSWER)
+    audit.close()
+    (record,) = sink.records()
+    excerpt = record["response_excerpt"]
+    assert excerpt.startswith('{"choices":[{"text":"the card is [card-number]') and len(excerpt) <= 48
+    assert "4111" not in excerpt and record["response_sha256"] is None
+
+
+def test_audit_response_is_refused_when_unknown():
+    with pytest.raises(ConfigError, match="--audit-response"):
+        AuditLog(Lines(), AuditOptions(response="all"), interval=0.01)
+
+
 def test_an_excerpt_is_cut_and_masks_presets_and_the_configs_patterns():
     sink = Lines()
     director = None
@@ -241,6 +283,7 @@ def test_sink_settings_that_cannot_work_are_refused_naming_the_flag(opts, field)
     [
         (["--audit-file", "a.jsonl"], "--audit-file"),
         (["--audit-prompt", "hash"], "--audit-prompt"),
+        (["--audit-response", "excerpt"], "--audit-response"),
         (["--audit-sink", "stdout", "--audit-queue-size", "0"], "--audit-queue-size"),
         (["--audit-sink", "stdout", "--audit-client-header", "Authorization"], "--audit-client-header"),
         (["--audit-sink", "stdout", "--audit-client-header", "x-api-key"], "--audit-client-header"),

@@ -58,6 +58,7 @@ audit-file-max-mb: value
 audit-file-backups: value
 audit-client-header: value
 audit-prompt: value
+audit-response: value
 audit-excerpt-chars: value
 audit-queue-size: value
 {{- end -}}
