@@ -31,7 +31,7 @@ test-vllm: setup
 	scripts/vllm-cpu-setup
 	$(BIN)/python -m pytest -q -m vllm tests/vllm $(ARGS)
 
-# Every benchmark, one after the other (about 37 minutes; each also runs alone with --quick).
+# Every benchmark, one after the other (about 45 minutes; each also runs alone with --quick).
 bench: setup
 	$(BIN)/python -m bench.routing
 	$(BIN)/python -m bench.overhead
@@ -41,6 +41,7 @@ bench: setup
 	$(BIN)/python -m bench.wide_ep --pd
 	$(BIN)/python -m bench.precise
 	$(BIN)/python -m bench.faults
+	$(BIN)/python -m bench.replicas
 	$(BIN)/python -m bench.flow_control
 	$(BIN)/python -m bench.latency_model
 

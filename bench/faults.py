@@ -6,6 +6,11 @@ injects the fault part-way, heals it, and prints one row per scenario: requests 
 the faulty part stopped getting requests, and how long after healing it got them again.
 The `up-*` scenarios run `epp up` itself and let its supervisor do the healing: they print how long
 the dead child took to serve again and how long until requests went through it again.
+The `replicas-*` scenarios run two active-active EPP replicas behind Envoy (docs/high-availability.md)
+and fault one: kill -9 (restarted after a while), SIGSTOP for 10 s, a rolling restart (SIGTERM, drain,
+start again, one replica after the other), a partition between the two (each keeps serving; after
+healing, how long until every pick either made has reached the other). They print, per body mode, how long
+requests kept failing after the fault ("errors for") and the partition's convergence time.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ class LoadRun:
     timeout: float = 5.0
     prefix: str = "load"
     body: bytes = BODY
+    bodies: Callable[[int], bytes] | None = None  # the n-th request's body instead of `body`
     sent: list[Sent] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -93,6 +99,7 @@ class LoadRun:
         await asyncio.sleep(w * self.period / self.concurrency)  # spread the connections over the period
         while not self._stop.is_set():
             rid = f"{self.prefix}-{w}-{n}"
+            body = self.body if self.bodies is None else self.bodies(n * self.concurrency + w)
             n += 1
             rec = Sent(rid, time.monotonic())
             self.sent.append(rec)
@@ -100,7 +107,7 @@ class LoadRun:
                 if writer is None or writer.is_closing():
                     reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
                 assert reader is not None
-                writer.write(request_bytes("POST", "/v1/completions", "gw", self.body,
+                writer.write(request_bytes("POST", "/v1/completions", "gw", body,
                                            {"content-type": "application/json", "x-request-id": rid}))
                 msg = await asyncio.wait_for(_read_message(reader), self.timeout)
                 rec.status = msg.status
@@ -498,7 +505,189 @@ def up_fault(tmp: Path, *, fault: str, fail_open: bool = False, body_mode: str =
                     routed_s=min((t for t in through if t > since), default=math.nan) - since, reports=reports)  # fmt: skip
 
 
-SCENARIOS: dict[str, Callable[[Path, float], Result | UpResult]] = {
+# -- two active-active replicas ------------------------------------------------------------------
+
+
+class CuttableProxy:
+    """A TCP forwarder on loopback to a port looked up when a connection opens; `cut()` black-holes
+    every connection (bytes are swallowed, nothing is closed: a partition, found only by keepalives)
+    and `heal()` closes those so the clients reconnect."""
+
+    def __init__(self, target_port: Callable[[], int]) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.cut_off = False
+        self._conns: set[asyncio.StreamWriter] = set()
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> CuttableProxy:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        server = self._loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0))
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._conns.add(writer)
+        try:
+            if self.cut_off:
+                await reader.read()  # held open, never answered
+                return
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port())
+            self._conns.add(up_writer)
+            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(65536):
+                if not self.cut_off:
+                    dst.write(data)
+                    await dst.drain()
+        except OSError:
+            pass
+        finally:
+            dst.close()
+
+    def cut(self) -> None:
+        self._loop.call_soon_threadsafe(setattr, self, "cut_off", True)
+
+    def heal(self) -> None:
+        def _heal() -> None:
+            self.cut_off = False
+            for w in list(self._conns):
+                w.close()
+            self._conns.clear()
+
+        self._loop.call_soon_threadsafe(_heal)
+
+    def stop(self) -> None:
+        self.heal()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+
+def _shared_prefix_bodies(n: int) -> bytes:
+    """8 shared system prompts, each followed by the request's own question: picks worth sharing."""
+    system = f"[tenant {n % 8}] " + "You answer questions about fault injection. " * 30
+    own = f"Question {n}: " + f"{n:06d} " * 30  # ~3 blocks of its own, so every pick adds to the index
+    return json.dumps({"model": MODEL, "prompt": f"{system} {own}", "max_tokens": 2}).encode()
+
+
+def _runtime(port: int) -> dict:  # type: ignore[type-arg]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/debug/runtime", timeout=2) as r:
+        return json.load(r)  # type: ignore[no-any-return]
+
+
+def _journal_positions(stack: LocalStack) -> dict[str, int]:
+    """Each replica's picks so far (its journal position), by replica id."""
+    views = [_runtime(r.admin_port)["peers"] for r in stack.epp_replicas]
+    return {v["replica_id"]: v["journal_next"] for v in views}
+
+
+def _behind(stack: LocalStack, picked: dict[str, int]) -> int:
+    """Picks made by `picked` (each replica's journal position then) that have not reached the other replica;
+    -1 while a replica does not answer."""
+    try:
+        views = [_runtime(r.admin_port)["peers"] for r in stack.epp_replicas]
+    except OSError:
+        return -1
+    return sum(max(0, upto - v["heard_upto"].get(peer, 0)) for v in views for peer, upto in picked.items() if peer != v["replica_id"])
+
+
+REPLICA_HEADER = ["scenario", "sent", "failed", "lost", "non-200", "errors for", "picks apart", "converged after"]
+
+
+@dataclass(slots=True)
+class ReplicaResult:
+    scenario: str
+    sent: int
+    failed: int
+    lost: int
+    statuses: dict[int, int] = field(default_factory=dict)
+    errors_s: float = 0.0  # fault -> the last request (sent since) that failed or got no answer
+    converged_s: float = math.nan  # partition healed -> every pick made before has reached the other replica
+    behind: int = -1  # at the heal: picks either replica had not heard from the other
+
+    def row(self) -> list[str]:
+        codes = ",".join(f"{k}x{v}" for k, v in sorted(self.statuses.items()) if k != 200) or "-"
+        conv = "-" if math.isnan(self.converged_s) else f"{self.converged_s:.2f} s"
+        apart = "-" if self.behind < 0 else str(self.behind)
+        return [self.scenario, str(self.sent), str(self.failed), str(self.lost), codes, f"{self.errors_s:.2f} s", apart, conv]
+
+
+def replica_fault(tmp: Path, *, fault: str, body_mode: str, fail_open: bool, seconds: float) -> ReplicaResult:
+    """Two sharing replicas behind Envoy under a paced load of shared-prefix requests; replica 0 (and,
+    for a rolling restart, then replica 1) is faulted part-way. fault: 'kill' (SIGKILL, started again
+    after seconds * 0.4), 'sigstop' (10 s, then SIGCONT), 'rolling' (SIGTERM with a drain, start
+    again, wait until Envoy sends to it, the same for replica 1), 'partition' (the exchange between
+    the replicas cut for seconds * 0.4, then healed)."""
+    mode = "buffered" if body_mode == "BUFFERED" else "duplex"
+    name = f"2 replicas: {fault}, {'FailOpen' if fail_open else 'FailClose'}, {mode}"
+    response_mode = "STREAMED" if body_mode == "BUFFERED" else "FULL_DUPLEX_STREAMED"
+    # The drain on SIGTERM: NOT_SERVING at once, serving on past Envoy's 1 s health check.
+    epp_args = ("--shutdown-delay", "1.5s", "--grace-period", "10")
+    stack = _stack(tmp, f"replicas-{fault}-{fail_open}-{mode}", failure_mode_allow=fail_open, request_body_mode=body_mode,
+                   response_body_mode=response_mode, epp_args=epp_args, message_timeout="1s", epp_replicas=2)  # fmt: skip
+    proxies = [CuttableProxy(lambda i=i: stack.epp_replicas[i].peer_port).start() for i in range(2)]  # type: ignore[misc]
+    stack.peer_address = lambda r: f"127.0.0.1:{proxies[r.index].port}"
+    converged = math.nan
+    behind = -1
+    try:
+        with stack as s:
+            load = LoadRun(s.listen_port, concurrency=8, period=0.08, bodies=_shared_prefix_bodies).start()
+            time.sleep(seconds * 0.2)
+            fault_at = time.monotonic()
+            if fault == "kill":
+                s.stop_epp_replica(0, signal.SIGKILL)
+                time.sleep(seconds * 0.4)
+                s.start_epp_replica(0)
+            elif fault == "sigstop":
+                proc = s.epp_replicas[0].proc
+                assert proc is not None
+                proc.kill(signal.SIGSTOP)
+                time.sleep(10.0)
+                proc.kill(signal.SIGCONT)
+            elif fault == "rolling":
+                for i in range(2):
+                    s.stop_epp_replica(i, signal.SIGTERM)  # returns once it has drained and exited
+                    s.start_epp_replica(i)
+                    time.sleep(2.5)  # Envoy's health check (1 s) sees it serving before the next goes
+            else:
+                for p in proxies:
+                    p.cut()
+                time.sleep(seconds * 0.4)
+                picked = _journal_positions(s)  # what each replica picked while cut off (and before)
+                behind = _behind(s, picked)
+                for p in proxies:
+                    p.heal()
+                healed = time.monotonic()
+                deadline = healed + 30
+                while time.monotonic() < deadline and _behind(s, picked) != 0:
+                    time.sleep(0.05)
+                converged = time.monotonic() - healed if _behind(s, picked) == 0 else math.inf
+            time.sleep(max(seconds * 0.3, 2.5))
+            sent = load.stop()
+    finally:
+        for p in proxies:
+            p.stop()
+    res = _summary(name, sent)
+    bad = [r.start for r in sent if r.start >= fault_at and (r.status is None or r.status != 200)]
+    return ReplicaResult(name, res.sent, res.failed, res.lost, res.statuses, errors_s=max(bad, default=fault_at) - fault_at,
+                         converged_s=converged, behind=behind)  # fmt: skip
+
+
+SCENARIOS: dict[str, Callable[[Path, float], Result | UpResult | ReplicaResult]] = {
     "epp-kill-open-buffered": lambda t, s: epp_outage(t, fail_open=True, body_mode="BUFFERED", how="kill", seconds=s),
     "epp-kill-open-duplex": lambda t, s: epp_outage(t, fail_open=True, body_mode="FULL_DUPLEX_STREAMED", how="kill", seconds=s),
     "epp-stop-open-duplex": lambda t, s: epp_outage(t, fail_open=True, body_mode="FULL_DUPLEX_STREAMED", how="stop", seconds=s),
@@ -518,6 +707,14 @@ SCENARIOS: dict[str, Callable[[Path, float], Result | UpResult]] = {
     "up-epp-sigstop-open-buffered": lambda t, s: up_fault(t, fault="epp-sigstop", fail_open=True, body_mode="BUFFERED", seconds=s),
     "up-sim-kill": lambda t, s: up_fault(t, fault="sim-kill", seconds=s),
     "up-envoy-kill": lambda t, s: up_fault(t, fault="envoy-kill", seconds=s),
+    **{
+        f"replicas-{fault}-{'open' if fail_open else 'close'}-{'buffered' if mode == 'BUFFERED' else 'duplex'}": (
+            lambda t, s, fault=fault, mode=mode, fail_open=fail_open: replica_fault(
+                t, fault=fault, body_mode=mode, fail_open=fail_open, seconds=s)
+        )
+        for fault in ("kill", "sigstop", "rolling", "partition")
+        for mode, fail_open in (("BUFFERED", True), ("FULL_DUPLEX_STREAMED", False))
+    },
 }
 
 
@@ -530,14 +727,15 @@ def main(argv: list[str] | None = None) -> int:
     seconds = args.seconds or (3.0 if args.quick else 6.0)
     rows: list[list[str]] = []
     up_rows: list[list[str]] = []
+    replica_rows: list[list[str]] = []
     with tempfile.TemporaryDirectory(prefix="llm-epp-faults-") as tmp:
         for key, run in SCENARIOS.items():
             if args.only and args.only not in key:
                 continue
             res = run(Path(tmp), seconds)
             print(f"{key}: {res.row()}", flush=True)
-            (up_rows if isinstance(res, UpResult) else rows).append(res.row())
-    for header, found in ((HEADER, rows), (UP_HEADER, up_rows)):
+            (up_rows if isinstance(res, UpResult) else replica_rows if isinstance(res, ReplicaResult) else rows).append(res.row())
+    for header, found in ((HEADER, rows), (UP_HEADER, up_rows), (REPLICA_HEADER, replica_rows)):
         if found:
             print()
             print(table(header, found))

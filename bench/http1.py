@@ -148,22 +148,30 @@ class LoadResult:
 
 
 async def closed_loop(
-    host: str, port: int, request: bytes | Callable[[], bytes], *, concurrency: int, seconds: float, max_requests: int
+    host: str, port: int, request: bytes | Callable[[], bytes], *, concurrency: int, seconds: float, max_requests: int,
+    rate: float | None = None,
 ) -> LoadResult:
     """`concurrency` keep-alive connections, each sending the next request when the last answers,
     until `seconds` pass or `max_requests` are sent. Bounded both ways. `request`: the bytes of
-    every request, or a function that makes each one (random prompts)."""
+    every request, or a function that makes each one (random prompts). `rate`: no faster than this
+    many requests/s in all (the n-th starts no earlier than n / rate seconds in), so gateways that
+    could go faster are compared at the same load."""
     make = request if callable(request) else (lambda: request)
     loop = asyncio.get_running_loop()
     result = LoadResult()
     sent = 0
-    deadline = loop.time() + seconds
+    start_at = loop.time()
+    deadline = start_at + seconds
 
     async def worker() -> None:
         nonlocal sent
         conn: _Connection | None = None
         while loop.time() < deadline and sent < max_requests:
             sent += 1
+            if rate is not None:
+                wait = start_at + sent / rate - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
             try:
                 if conn is None or conn.transport is None or conn.transport.is_closing():
                     _, conn = await loop.create_connection(_Connection, host, port)

@@ -6,6 +6,8 @@ Poisson arrivals at a load that queues now and then):
   gpu   3 GPU-profile simulators (time scale 3: ~6,700 prefill tokens/s each), aggregated
   cpu   2 CPU-profile simulators (~400 prefill tokens/s, 60 ms decode steps), aggregated
   pd    1 GPU prefill + 2 GPU decode simulators behind pd-sidecars, every request disaggregated
+  vllm  2 real vLLM CPU servers with the tiny model (tests/vllm; `scripts/vllm-cpu-setup` first),
+        aggregated: not in the default set; `--pool vllm`, and the `vllm` test tier runs it
 Every EPP starts from the same prior (a GPU server) and learns each endpoint online: nothing about the
 pools is configured. The config is llm-d's predicted-latency shape: predicted-latency-producer
 (streamingMode) + latency-scorer + max-score-picker (P/D: both profiles, always-disagg-pd-decider).
@@ -20,6 +22,7 @@ EPP's /debug/endpoints.
     python -m bench.latency_model            # ~6 minutes
     python -m bench.latency_model --quick    # ~3 minutes
     python -m bench.latency_model --pool cpu # one pool
+    python -m bench.latency_model --pool vllm --quick   # real vLLM on CPU (about a minute)
 """
 
 from __future__ import annotations
@@ -27,12 +30,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import sys
 import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,6 +103,7 @@ class Pool:
     quick_requests: int = 100
     prompt_tokens: tuple[int, int] = (100, 6000)
     system_tokens: int = 2000  # the shared system prompts' length
+    real_vllm: int = 0  # real vLLM CPU servers instead of simulators (tests/vllm/conftest.py starts them)
 
 
 POOLS = {
@@ -108,7 +114,11 @@ POOLS = {
     "pd": Pool("pd", "GPU prefill -> GPU decode (P/D)", pd=PdPool(prefill=1, decode=2),
                sim_args=("--profile", "gpu", "--time-scale", "3", "--num-gpu-blocks", "2000"),
                rate=2.5, requests=200, quick_requests=100, prompt_tokens=(300, 4000)),
+    # the tiny model's context is 2,048 tokens: prompts up to ~1,000 (simulator-sized) tokens + 64 out
+    "vllm": Pool("vllm", "real vLLM CPU (tiny model), aggregated", real_vllm=2, rate=4.0, requests=160,
+                 quick_requests=80, prompt_tokens=(40, 1000), system_tokens=300),
 }  # fmt: skip
+DEFAULT_POOLS = ("gpu", "cpu", "pd")
 
 
 @dataclass(slots=True)
@@ -127,7 +137,7 @@ class PoolResult:
     endpoints: list[dict[str, object]] = field(default_factory=list)
 
 
-def plan(pool: Pool, n: int, seed: int = 7) -> list[tuple[float, bytes]]:
+def plan(pool: Pool, n: int, seed: int = 7, model: str = MODEL) -> list[tuple[float, bytes]]:
     """(send at, body): half the requests open with one of 6 shared system prompts, half are unique."""
     rng = random.Random(seed)
     systems = [f"[system {g}] " + _text(rng, pool.system_tokens * 4) for g in range(6)]
@@ -140,7 +150,7 @@ def plan(pool: Pool, n: int, seed: int = 7) -> list[tuple[float, bytes]]:
         msgs = [{"role": "user", "content": question}]
         if i % 2:
             msgs.insert(0, {"role": "system", "content": systems[rng.randrange(len(systems))]})
-        body = {"model": MODEL, "messages": msgs, "max_tokens": rng.randint(16, 64), "stream": True,
+        body = {"model": model, "messages": msgs, "max_tokens": rng.randint(16, 64), "stream": True,
                 "stream_options": {"include_usage": True}}  # fmt: skip
         out.append((t, json.dumps(body).encode()))
     return out
@@ -164,34 +174,56 @@ async def _one(http: aiohttp.ClientSession, url: str, body: bytes, at: float, t0
             async for line in resp.content:
                 if s.observed is None and line.startswith(b"data: "):
                     s.observed = loop.time() - start
-    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+    except (TimeoutError, aiohttp.ClientError) as e:
         s.error = type(e).__name__
     return s
 
 
-async def drive(stack: LocalStack, pool: Pool, n: int, timeout: float) -> PoolResult:
+async def drive(stack: LocalStack, pool: Pool, n: int, timeout: float, model: str = MODEL) -> PoolResult:
     url = f"{stack.base_url}/chat/completions"
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1024)) as http:
         loop = asyncio.get_running_loop()
         t0 = loop.time() + 0.2
-        samples = await asyncio.gather(*(_one(http, url, body, at, t0, timeout) for at, body in plan(pool, n)))
+        planned = plan(pool, n, model=model)
+        samples = await asyncio.gather(*(_one(http, url, body, at, t0, timeout) for at, body in planned))
         view = await _get_json(http, f"http://127.0.0.1:{stack.epp_admin_port}/debug/endpoints")
     return PoolResult(pool, list(samples), list(view["endpoints"]))  # type: ignore[call-overload]
 
 
 def run_pool(pool: Pool, quick: bool, timeout: float) -> PoolResult:
-    with tempfile.TemporaryDirectory(prefix=f"bench-latency-{pool.name}-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"bench-latency-{pool.name}-") as tmp, ExitStack() as servers:
         cfg = Path(tmp) / "epp.yaml"
         cfg.write_text(DISAGGREGATED if pool.pd is not None else AGGREGATED)
+        model, endpoints_file = MODEL, None
+        if pool.real_vllm:
+            model, endpoints_file = _start_real_vllm(pool.real_vllm, Path(tmp), servers)
         opts = StackOptions(
-            workdir=Path(tmp), sims=pool.sims, sim_args=pool.sim_args, model=MODEL, pd=pool.pd,
-            epp_args=("--config-file", str(cfg), "--explain-scores"), envoy_concurrency=2,
+            workdir=Path(tmp), sims=pool.sims, sim_args=pool.sim_args, model=model, pd=pool.pd,
+            endpoints_file=endpoints_file, epp_args=("--config-file", str(cfg), "--explain-scores"),
+            envoy_concurrency=2,
         )  # fmt: skip
         t = time.monotonic()
         with LocalStack(opts) as stack:
-            result = asyncio.run(drive(stack, pool, pool.quick_requests if quick else pool.requests, timeout))
+            n = pool.quick_requests if quick else pool.requests
+            result = asyncio.run(drive(stack, pool, n, timeout, model))
         print(f"  {pool.name}: {len(result.samples)} requests in {time.monotonic() - t:.0f}s", file=sys.stderr, flush=True)
         return result
+
+
+def _start_real_vllm(count: int, workdir: Path, servers: ExitStack) -> tuple[str, Path]:
+    """`count` real vLLM CPU servers (one core each, started side by side), stopped with `servers`;
+    (the served model name, an endpoints file listing them)."""
+    from tests.vllm import conftest as real
+
+    missing = real.vllm_missing()
+    if missing is not None:
+        raise SystemExit(f"--pool vllm: {missing}")
+    started = [real.spawn_vllm(workdir / f"vllm-{i}", core=i % max(1, os.cpu_count() or 1)) for i in range(count)]
+    for server in started:
+        servers.callback(server.stop)
+    for server in started:
+        real.wait_ready(server)
+    return real.MODEL, real.write_endpoints(workdir / "endpoints.yaml", started)
 
 
 def _errors(samples: Sequence[Sample]) -> dict[str, float]:
@@ -210,7 +242,8 @@ def _errors(samples: Sequence[Sample]) -> dict[str, float]:
 
 
 def warm(samples: Sequence[Sample]) -> list[Sample]:
-    """The requests after each endpoint's first WARM_AFTER (by send time)."""
+    """The requests after each endpoint's first WARM_AFTER (by send time). Real vLLM names no server
+    on its responses (the simulator's x-served-by): there, after the pool's first WARM_AFTER."""
     seen: dict[str, int] = defaultdict(int)
     out = []
     for s in sorted(samples, key=lambda s: s.sent_at):
@@ -253,10 +286,11 @@ def summarize(results: Sequence[PoolResult]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.latency_model", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer requests per pool")
-    ap.add_argument("--pool", choices=tuple(POOLS), action="append", help="run only this pool (repeatable)")
+    ap.add_argument("--pool", choices=tuple(POOLS), action="append",
+                    help=f"run only this pool (repeatable; default {', '.join(DEFAULT_POOLS)})")
     ap.add_argument("--timeout", type=float, default=180.0, help="per-request timeout, seconds")
     args = ap.parse_args(argv)
-    results = [run_pool(POOLS[name], args.quick, args.timeout) for name in args.pool or list(POOLS)]
+    results = [run_pool(POOLS[name], args.quick, args.timeout) for name in args.pool or DEFAULT_POOLS]
     print(summarize(results), flush=True)
     return 0
 

@@ -307,17 +307,23 @@ def _epp_args(strategy: str) -> tuple[str, ...]:
     return ("--strategy", strategy)
 
 
-def run(sc: Scenario, strategies: Sequence[str], timeout: float) -> list[Result]:
+def run(sc: Scenario, strategies: Sequence[str], timeout: float, workers: Sequence[int] = (1,)) -> list[Result]:
+    """Each strategy through the real stack, once per EPP worker count (`epp serve --workers`)."""
     results = []
     for strategy in strategies:
-        with tempfile.TemporaryDirectory(prefix=f"bench-quality-{sc.name}-") as tmp:
-            opts = StackOptions(
-                workdir=Path(tmp), sims=sc.sims, sim_args=sc.sim_args, model=MODEL, epp_args=_epp_args(strategy), envoy_concurrency=2
-            )
-            t = time.monotonic()
-            with LocalStack(opts) as stack:
-                results.append(asyncio.run(drive(stack, strategy, sc, timeout)))
-            print(f"  {sc.name} / {strategy}: done in {time.monotonic() - t:.0f}s", file=sys.stderr, flush=True)
+        for n in workers:
+            with tempfile.TemporaryDirectory(prefix=f"bench-quality-{sc.name}-") as tmp:
+                opts = StackOptions(
+                    workdir=Path(tmp), sims=sc.sims, sim_args=sc.sim_args, model=MODEL, epp_args=_epp_args(strategy),
+                    envoy_concurrency=2, epp_workers=n,
+                )  # fmt: skip
+                t = time.monotonic()
+                with LocalStack(opts) as stack:
+                    result = asyncio.run(drive(stack, strategy, sc, timeout))
+                if len(workers) > 1:
+                    result.strategy = f"{strategy} --workers {n}"
+                results.append(result)
+                print(f"  {sc.name} / {result.strategy}: done in {time.monotonic() - t:.0f}s", file=sys.stderr, flush=True)
     return results
 
 
@@ -393,15 +399,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=120.0, help="per-request timeout, seconds")
     ap.add_argument("--slo-ttft-ms", type=float, help="goodput's TTFT bound for every workload (default: per workload, see above)")
     ap.add_argument("--slo-itl-ms", type=float, help="goodput's mean inter-token latency bound for every workload (default: per workload)")
+    ap.add_argument("--workers", default="1", metavar="N,...",
+                    help="run each strategy with the EPP's --workers N for each N listed (default 1), e.g. 1,2 to compare")
     args = ap.parse_args(argv)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    try:
+        workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    except ValueError:
+        ap.error(f"--workers: expected comma-separated numbers, got {args.workers!r}")
+    if not workers or min(workers) < 1:
+        ap.error(f"--workers: expected numbers >= 1, got {args.workers!r}")
     for name in args.workload or list(SCENARIOS):
         sc = SCENARIOS[name](args.quick)
         try:
             slo = slo_from_flags(sc.slo, args.slo_ttft_ms, args.slo_itl_ms)
         except ValueError as e:
             ap.error(str(e))
-        print(summarize(sc, run(sc, strategies, args.timeout), slo), flush=True)
+        print(summarize(sc, run(sc, strategies, args.timeout, workers), slo), flush=True)
         print(flush=True)
     return 0
 

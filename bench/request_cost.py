@@ -1,7 +1,9 @@
 """Per-request CPU cost of the EPP's request path without gRPC or a network: one full request life
 (headers, body, pick, streamed response with usage, end) through `RequestStream` and the real
-Director, repeated. Shows what the metrics, plugin timing and the latency model's feed add to each request.
-Run: python -m bench.request_cost [--requests N] [--endpoints N] [--strategy S] [--no-metrics]
+Director, repeated. Shows what the metrics, plugin timing and the latency model's feed add to each request;
+with --guardrails, what admission (request-limits-admitter + content-check-admitter) and the audit trail
+(a JSON-lines file, its writer thread's CPU included) add (docs/guardrails.md).
+Run: python -m bench.request_cost [--requests N] [--endpoints N] [--strategy S] [--guardrails]
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from extproc.datalayer.datastore import Datastore
 from extproc.handlers.request_stream import RequestStream
+from extproc.observability.audit import AuditLog
 from extproc.observability.metrics import EppMetrics
 from extproc.requestcontrol.director import Director
 from pickers.config.strategies import STRATEGIES, build_profile
@@ -63,8 +66,38 @@ def _messages(prompt: str, chunks: int) -> tuple[list[pb.ProcessingRequest], lis
     return request, response
 
 
+# A typical policy: two limit rules and four content rules (three secret presets and a literal-led
+# pattern); --guardrails also measures it with the card-number preset, which no literal anchors
+GUARD_LIMITS = {"rules": [
+    {"name": "free-tier", "objectives": ["free"], "maxPromptTokens": 4096, "maxOutputTokens": 1024},
+    {"name": "catalogue", "allowedModels": ["m"], "allowedPaths": ["/v1/completions", "/v1/chat/completions"]},
+]}  # fmt: skip
+GUARD_CONTENT = [
+    {"name": "aws-key", "preset": "aws-access-key-id"},
+    {"name": "private-key", "preset": "private-key"},
+    {"name": "openai-key", "preset": "openai-api-key"},
+    {"name": "codename", "pattern": "Project Bluebird", "action": "flag"},
+]
+GUARD_CARD = {"name": "card", "preset": "card-number", "action": "flag"}
+WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at which but have an they "
+         "you were her she there been one all we their has would when if so no what up more out who said do about "
+         "some can my than into them only time could new very just these two may first then other any like our "
+         "model request endpoint cache prompt token server gateway latency answer question summary please explain").split()
+
+
+def guardrail_plugins(card: bool = False) -> list[object]:
+    from pickers.config.registry import create_plugin
+    from pickers.plugins.base import PluginContext
+
+    ctx = PluginContext()
+    content = {"rules": [*GUARD_CONTENT, GUARD_CARD] if card else GUARD_CONTENT}
+    return [create_plugin("request-limits-admitter", "limits", GUARD_LIMITS, ctx),
+            create_plugin("content-check-admitter", "content", content, ctx)]  # fmt: skip
+
+
 def build_director(
-    endpoints: int, strategy: str, metrics: bool, plugin_timing: bool = False, explain: bool = False, latency: bool = True
+    endpoints: int, strategy: str, metrics: bool, plugin_timing: bool = False, explain: bool = False, latency: bool = True,
+    admission: bool = False, audit: AuditLog | None = None, card: bool = False,
 ) -> Director:
     ds = Datastore()
     ds.set_endpoints(EndpointSpec(f"ep-{i}", f"10.0.0.{i + 1}", 8000) for i in range(endpoints))
@@ -73,19 +106,36 @@ def build_director(
     m = EppMetrics(pool_name="bench")
     if hasattr(m, "attach"):
         m.attach(ds, index)
-    scheduler = Scheduler(profile, explain=explain, timer=m.plugin_timer if plugin_timing else None)
+    producers = guardrail_plugins(card) if admission else []
+    scheduler = Scheduler(profile, explain=explain, timer=m.plugin_timer if plugin_timing else None, producers=producers)
     model = LatencyModel() if latency else None  # the EPP always feeds one
-    return Director(ds, scheduler, m if metrics else _NoMetrics(), latency=model)  # type: ignore[arg-type]
+    if audit is not None:
+        m.audit = audit
+    return Director(ds, scheduler, m if metrics else _NoMetrics(), latency=model, audit=audit)  # type: ignore[arg-type]
 
 
-def lives(chunks: int, prompt_chars: int, seed: int = 0) -> list[tuple[list[pb.ProcessingRequest], list[pb.ProcessingRequest]]]:
+def lives(
+    chunks: int, prompt_chars: int, seed: int = 0, words: bool = False
+) -> list[tuple[list[pb.ProcessingRequest], list[pb.ProcessingRequest]]]:
+    """16 request lives with random prompts: numbers, or (`words`) English-like text."""
     rng = random.Random(seed)
-    prompts = [" ".join(str(rng.randrange(10**6)) for _ in range(prompt_chars // 7)) for _ in range(16)]
+    if words:
+        prompts = []
+        for _ in range(16):
+            text: list[str] = []
+            while sum(map(len, text)) + len(text) < prompt_chars:
+                text.append(rng.choice(WORDS))
+            prompts.append(" ".join(text))
+    else:
+        prompts = [" ".join(str(rng.randrange(10**6)) for _ in range(prompt_chars // 7)) for _ in range(16)]
     return [_messages(p, chunks) for p in prompts]
 
 
 def one_round(director: Director, requests: int, plan: list[tuple[list[pb.ProcessingRequest], list[pb.ProcessingRequest]]]) -> float:
-    """Microseconds of CPU per request over one round."""
+    """Microseconds of CPU per request over one round (the process's: an audit writer thread's included,
+    waited for until it has written this round's records)."""
+    audit = director.audit
+    target = audit.written + audit.dropped + requests if audit is not None else 0
     t0 = time.process_time()
     for i in range(requests):
         req, resp = plan[i % len(plan)]
@@ -95,12 +145,16 @@ def one_round(director: Director, requests: int, plan: list[tuple[list[pb.Proces
         for m in resp:
             stream.handle(m)
         stream.close()
+    while audit is not None and audit.written + audit.dropped + audit.failed < target:
+        time.sleep(0.002)  # idle: costs no CPU
     return (time.process_time() - t0) / requests * 1e6
 
 
-def compare(directors: dict[str, Director], requests: int, chunks: int, prompt_chars: int, rounds: int = 7) -> dict[str, float]:
+def compare(
+    directors: dict[str, Director], requests: int, chunks: int, prompt_chars: int, rounds: int = 7, words: bool = False
+) -> dict[str, float]:
     """Rounds alternate between the directors (so machine noise hits all alike); the best round of each."""
-    plan = lives(chunks, prompt_chars)
+    plan = lives(chunks, prompt_chars, words=words)
     best = {name: float("inf") for name in directors}
     for _ in range(rounds):
         for name, d in directors.items():
@@ -152,7 +206,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--chunks", type=int, default=16, help="streamed response chunks per request")
     ap.add_argument("--prompt-chars", type=int, default=2000)
     ap.add_argument("--strategy", choices=STRATEGIES, default="default")
+    ap.add_argument("--guardrails", action="store_true", help="compare admission and the audit trail on vs off instead")
+    ap.add_argument("--rounds", type=int, default=7, help="rounds per director, alternating (the best of each is shown)")
     args = ap.parse_args(argv)
+    if args.guardrails:
+        return guardrails(args)
     print(f"{args.requests} requests x 7 rounds (best of each), {args.endpoints} endpoints, strategy {args.strategy}, "
           f"{args.chunks} response chunks, ~{args.prompt_chars}-char prompts")  # fmt: skip
     best = compare(
@@ -169,6 +227,94 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"  with metrics, no latency model:{bare:7.1f} us/request  (the latency model's record and feed: {on - bare:+.1f} us)")
     print(_metric_calls())
     return 0
+
+
+def guardrails(args: argparse.Namespace) -> int:
+    """Admission and the audit trail on vs off, side by side in one run (docs/guardrails.md)."""
+    import tempfile
+
+    from extproc.observability.audit import AuditOptions, FileSink
+
+    print(f"{args.requests} requests x {args.rounds} rounds (best of each), {args.endpoints} endpoints, strategy "
+          f"{args.strategy}, {args.chunks} response chunks, ~{args.prompt_chars}-char prompts of English-like words; "
+          "metrics and the latency model on in all")  # fmt: skip
+    n, e, strategy = args.requests, args.endpoints, args.strategy
+    with tempfile.TemporaryDirectory() as tmp:
+        audits = [AuditLog(FileSink(f"{tmp}/audit-{i}.jsonl", max_bytes=64 << 20), AuditOptions(prompt=mode))
+                  for i, mode in enumerate(("none", "none", "hash"))]  # fmt: skip
+        best = compare(
+            {"off": build_director(e, strategy, metrics=True),
+             "admission": build_director(e, strategy, metrics=True, admission=True),
+             "audit": build_director(e, strategy, metrics=True, audit=audits[0]),
+             "both": build_director(e, strategy, metrics=True, admission=True, audit=audits[1]),
+             "hash": build_director(e, strategy, metrics=True, admission=True, audit=audits[2]),
+             "card": build_director(e, strategy, metrics=True, admission=True, card=True)},
+            n, args.chunks, args.prompt_chars, rounds=args.rounds, words=True,
+        )  # fmt: skip
+        for a in audits:
+            a.close()
+        written = sum(a.written for a in audits)
+        dropped = sum(a.dropped + a.failed for a in audits)
+    off = best["off"]
+    rows = [("guardrails off", "off"),
+            ("admission (2 limit rules, 4 content rules)", "admission"),
+            ("audit file alone", "audit"),
+            ("admission + audit file", "both"),
+            ("admission + audit file + prompt sha256", "hash"),
+            ("admission + card-number preset (no audit)", "card")]  # fmt: skip
+    print(f"  {'':44s} {'us/request':>10s} {'vs off':>8s}")
+    for label, key in rows:
+        print(f"  {label:44s} {best[key]:10.1f} {best[key] / off:8.3f}")
+    print(f"  audit records written {written}, dropped or failed {dropped}")
+    print(_guardrail_calls(args.prompt_chars))
+    return 0
+
+
+def _guardrail_calls(prompt_chars: int, n: int = 20_000) -> str:
+    """The guardrails' own calls for one request, without the rest of the path (best of 5): steadier numbers."""
+    import timeit
+
+    from extproc.handlers.request_stream import Outcome, Routing
+    from extproc.handlers.usage import Usage
+    from extproc.observability.audit import AuditOptions
+    from pickers.framework.endpoint import Endpoint
+
+    class Null:
+        def write(self, records: object, data: bytes) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    rng = random.Random(0)
+    words: list[str] = []
+    while sum(map(len, words)) + len(words) < prompt_chars:
+        words.append(rng.choice(WORDS))
+    req = InferenceRequest("5d1c7e2a-0b7f-4b58-9d7e-3f7f7c1d2a90", "/v1/completions", {"x-user-id": "u-1"}, "completions", "m",
+                           " ".join(words), max_tokens=16)  # fmt: skip
+    eps = [Endpoint(EndpointSpec("a", "10.0.0.1", 8000))]
+    limits, content = guardrail_plugins()
+    audit = AuditLog(Null(), AuditOptions(client_header="x-user-id", queue_size=10**9), interval=3600)
+    usage = Usage(prompt_tokens=500, completion_tokens=16, total_tokens=516)
+    routing = Routing(req, "10.0.0.1:8000", eps[0], 10, profile="default")
+    outcome = Outcome(200, True, usage, False, None, 0.5, 0.1)
+
+    def best(fn: object) -> float:
+        return min(timeit.repeat(fn, number=n, repeat=5)) / n * 1e6  # type: ignore[arg-type]
+
+    lim = best(lambda: limits.admit_request(req, eps))  # type: ignore[attr-defined]
+    con = best(lambda: content.admit_request(req, eps))  # type: ignore[attr-defined]
+    hot = best(lambda: audit.record_routed(routing, outcome, usage))
+    entries = list(audit._queue)
+    audit._queue.clear()
+    it = iter(entries * 5)
+    record = best(lambda: audit._record(next(it)))
+    records = [audit._record(e) for e in entries[:1000]]
+    encode = min(timeit.repeat(lambda: audit._encoder.encode_lines(records), number=20, repeat=5)) / 20 / len(records) * 1e6
+    audit.close()
+    return (f"  the guardrails' calls alone (best of 5 x {n}): request-limits-admitter {lim:.2f} us, content-check-admitter "
+            f"{con:.2f} us, audit on the request path {hot:.2f} us, on the writer thread {record + encode:.2f} us a record "
+            f"(building {record:.2f}, encoding {encode:.2f})")  # fmt: skip
 
 
 if __name__ == "__main__":

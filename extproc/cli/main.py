@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -25,6 +26,9 @@ from extproc.handlers.request_stream import (
 from extproc.observability.logs import LOG_FORMATS
 from pickers.config.strategies import CONFIGS, STRATEGIES
 from pickers.framework.errors import ConfigError
+
+if TYPE_CHECKING:
+    from extproc.observability.audit import AuditOptions
 
 
 def _positive_float(text: str) -> float:
@@ -73,6 +77,7 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
         "InferenceModelRewrites add to them",
     )  # fmt: skip
     _add_kubernetes_flags(p)
+    _add_peer_flags(p)
     scheduling = p.add_mutually_exclusive_group()
     scheduling.add_argument(
         "--strategy", choices=STRATEGIES, default=None,
@@ -113,6 +118,11 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
         "--explain-scores", action="store_true",
         help="put every candidate's scores in envoy.lb metadata x-gateway-destination-endpoint-scores",
     )  # fmt: skip
+    p.add_argument(
+        "--workers", type=int, default=1, metavar="N",
+        help="N >= 2: N worker processes serve ext_proc on --grpc-port (SO_REUSEPORT) and this process makes every "
+        "pick with the one scheduling state, to go past one core (default 1: this process serves; docs/scaling.md)",
+    )  # fmt: skip
     p.add_argument("--grace-period", type=float, default=30.0, help="seconds to drain open streams on SIGTERM")
     p.add_argument(
         "--shutdown-delay", type=_duration, default=0.0,
@@ -145,6 +155,32 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     obs.add_argument(
         "--tracing-sample-ratio", type=float, default=1.0, metavar="RATIO",
         help="with --tracing: share of requests without a sampled traceparent that are traced (default 1.0)",
+    )  # fmt: skip
+    audit = p.add_argument_group("audit trail (docs/guardrails.md)")
+    audit.add_argument(
+        "--audit-sink", choices=("file", "stdout", "otel"), default=None,
+        help="one record per request, written off the request path: a JSON-lines file (--audit-file), stdout, or "
+        "OpenTelemetry logs over OTLP/gRPC to $OTEL_EXPORTER_OTLP_ENDPOINT (the `otel` extra); default: off",
+    )  # fmt: skip
+    audit.add_argument("--audit-file", metavar="PATH", help="the file sink's path (appended to, rotated by size)")
+    audit.add_argument("--audit-file-max-mb", type=int, default=100, metavar="MIB", help="rotate the file past this size (default 100)")
+    audit.add_argument("--audit-file-backups", type=int, default=5, metavar="N", help="rotated files kept: PATH.1 .. PATH.N (default 5)")
+    audit.add_argument(
+        "--audit-client-header", default="", metavar="NAME",
+        help="the request header naming the client (e.g. the gateway's authenticated user or API-key id; never the key)",
+    )  # fmt: skip
+    audit.add_argument(
+        "--audit-prompt", choices=("none", "hash", "excerpt"), default="none",
+        help="what a record keeps of the prompt: nothing (default), its SHA-256, or a redacted excerpt",
+    )  # fmt: skip
+    audit.add_argument(
+        "--audit-response", choices=("none", "hash", "excerpt"), default="none",
+        help="what a record keeps of the response body: nothing (default), its SHA-256, or a redacted excerpt",
+    )  # fmt: skip
+    audit.add_argument("--audit-excerpt-chars", type=int, default=200, metavar="N", help="characters of a redacted excerpt (default 200)")
+    audit.add_argument(
+        "--audit-queue-size", type=int, default=10_000, metavar="N",
+        help="records waiting for the sink at most; past it records are dropped and counted (default 10000)",
     )  # fmt: skip
 
 
@@ -184,6 +220,31 @@ def _add_kubernetes_flags(p: argparse.ArgumentParser) -> None:
     k.add_argument("--leader-election-lease-duration", type=_duration, default=15.0, help="lease duration (default 15s)")
     k.add_argument("--leader-election-renew-deadline", type=_duration, default=10.0, help="leader steps down if not renewed within this (default 10s)")
     k.add_argument("--leader-election-retry-period", type=_duration, default=2.0, help="how often to renew or retry (default 2s)")
+
+
+def _add_peer_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("active-active replicas (share picks and load with peers: docs/high-availability.md)")
+    g.add_argument("--peers", default="", metavar="HOST:PORT,...",
+                   help="the replicas to share with, at their --peer-port (this replica may be listed too)")
+    g.add_argument("--peer-service", default="", metavar="NAME",
+                   help="Kubernetes: the headless Service whose EndpointSlices list the replicas (ready addresses, port `peers`)")
+    g.add_argument("--peer-port", type=int, default=9004, help="port this replica takes peers' streams on (default 9004)")
+    g.add_argument("--replica-id", default="", help="this replica's name to its peers (default: $POD_NAME or host, pid, random)")
+
+
+def _peer_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    if not (args.peers or args.peer_service):
+        return None  # not sharing: the exchange is never imported
+    from extproc.peers.sync import PeerOptions, parse_peers
+
+    try:
+        peers = parse_peers(args.peers)
+    except ValueError as e:
+        raise ConfigError(str(e), field="--peers") from None
+    if not 0 <= args.peer_port < 65536:
+        raise ConfigError(f"expected a port 0-65535, got {args.peer_port}", field="--peer-port")
+    return PeerOptions(peers=peers, service=args.peer_service, namespace=args.pool_namespace, kubeconfig=args.kubeconfig,
+                       port=args.peer_port, bind_address=args.bind_address, replica_id=args.replica_id)
 
 
 def _kubernetes_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -238,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--fail-open", action="store_true",
         help="Envoy serves from the pool directly when the EPP is down (BUFFERED request bodies unless --request-body-mode)",
     )  # fmt: skip
+    up.add_argument("--replicas", type=int, default=1, metavar="N",
+                    help="EPP replicas behind Envoy (LEAST_REQUEST), active-active: they share picks and load (default 1)")
+    up.add_argument("--no-sharing", action="store_true", help="with --replicas: each replica keeps its own state (a baseline)")
     up.add_argument("--secure", action="store_true", help="Envoy talks to the EPP over TLS (a certificate generated for the run)")
     pd = up.add_argument_group("prefill/decode disaggregation (uses pickers/configs/pd.yaml unless --config-file)")
     pd.add_argument("--pd", action="store_true", help="prefill simulators + decode simulators each behind a pd-sidecar")
@@ -251,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--request-body-mode", choices=("FULL_DUPLEX_STREAMED", "BUFFERED"), default=None,
         help="how Envoy hands request bodies to the EPP (default FULL_DUPLEX_STREAMED; with --fail-open BUFFERED)",
     )  # fmt: skip
+    up.add_argument("--workers", type=int, default=1, metavar="N",
+                    help="the EPP's worker processes (epp serve --workers; default 1)")
     up.add_argument("--workdir", help="where configs and logs go (default: a temporary folder)")
 
     sim = sub.add_parser("sim", help="run one simulated vLLM server (same flags as vllm-sim)", add_help=False)
@@ -281,6 +347,16 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_argument("--request-body-mode", choices=("FULL_DUPLEX_STREAMED", "BUFFERED"), default="FULL_DUPLEX_STREAMED")
     cfg.add_argument("--fail-open", action="store_true", help="with --pool-endpoints: serve from the pool when the EPP is down")
     cfg.add_argument(
+        "--epp-max-requests-per-connection", type=int, default=0, metavar="N",
+        help="turn Envoy's connections to the EPP over every N streams, so an EPP with --workers gets its "
+        "connections spread over all its workers (default 0: never; docs/scaling.md)",
+    )  # fmt: skip
+    cfg.add_argument(
+        "--epp-streams-per-connection", type=int, default=0, metavar="N",
+        help="at most N concurrent streams on one connection to the EPP: Envoy opens more connections, which "
+        "reach all of an EPP's --workers (default 0: unbounded; docs/scaling.md)",
+    )  # fmt: skip
+    cfg.add_argument(
         "--dns-destinations", action="store_true",
         help="the EPP's destinations are host names (a cluster-scoped EPP's peer gateways): route with Envoy's "
         "dynamic forward proxy, which resolves them, instead of ORIGINAL_DST (IP addresses only)",
@@ -300,6 +376,39 @@ def _run(coro) -> None:  # type: ignore[no-untyped-def]
         uvloop.run(coro)
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
         asyncio.run(coro)
+
+
+# headers whose value is a credential: never an audit record's client identity
+CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "api-key", "cookie", "x-goog-api-key"})
+
+
+def _audit_options(args: argparse.Namespace) -> AuditOptions | None:
+    """The audit trail's settings; None when off (then no other --audit-* flag may be given)."""
+    from extproc.observability.audit import AuditOptions
+
+    if args.audit_sink is None:
+        given = [f for f, v in (("--audit-file", args.audit_file), ("--audit-client-header", args.audit_client_header),
+                                ("--audit-prompt", args.audit_prompt != "none"),
+                                ("--audit-response", args.audit_response != "none")) if v]  # fmt: skip
+        if given:
+            raise ConfigError(f"{given[0]} needs --audit-sink", field=given[0])
+        return None
+    for flag, value in (("--audit-file-max-mb", args.audit_file_max_mb), ("--audit-queue-size", args.audit_queue_size),
+                        ("--audit-excerpt-chars", args.audit_excerpt_chars)):  # fmt: skip
+        if value < 1:
+            raise ConfigError(f"expected at least 1, got {value}", field=flag)
+    if args.audit_client_header.lower() in CREDENTIAL_HEADERS:
+        raise ConfigError(
+            f"{args.audit_client_header!r} carries a credential, which an audit record must never hold: name the header "
+            "the gateway sets with the authenticated user or the API key's id instead", field="--audit-client-header",
+        )  # fmt: skip
+    if args.audit_file_backups < 0:
+        raise ConfigError(f"expected 0 or more, got {args.audit_file_backups}", field="--audit-file-backups")
+    return AuditOptions(
+        sink=args.audit_sink, path=args.audit_file, max_bytes=args.audit_file_max_mb * 1024 * 1024,
+        backups=args.audit_file_backups, client_header=args.audit_client_header, prompt=args.audit_prompt,
+        response=args.audit_response, excerpt_chars=args.audit_excerpt_chars, queue_size=args.audit_queue_size,
+    )  # fmt: skip
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -339,7 +448,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tracing=args.tracing,
         tracing_sample_ratio=args.tracing_sample_ratio,
         allow_experimental_plugins=args.allow_experimental_plugins,
+        workers=args.workers,
+        log_verbosity=args.verbosity,
+        log_format=args.log_format,
+        peers=_peer_options(args),
+        audit=_audit_options(args),
     )
+    if opts.workers < 1:
+        raise ConfigError(f"expected at least 1, got {opts.workers}", field="--workers")
+    if opts.workers > 1 and opts.grpc_port == 0:
+        raise ConfigError("--workers N needs a --grpc-port number: the workers share it (SO_REUSEPORT), port 0 would give each its own",
+                          field="--grpc-port")  # fmt: skip
     if opts.max_endpoints < 1:
         raise ConfigError("expected at least 1", field="--max-num-endpoints")
     if opts.max_request_headers < 1 or opts.max_request_headers_kb < 1:
@@ -362,6 +481,12 @@ def _report(line: str) -> None:
 def cmd_up(args: argparse.Namespace) -> int:
     from extproc.devstack.stack import LocalStack, StackError, StackOptions
 
+    if args.replicas < 1:
+        print(f"epp up: --replicas: expected at least 1, got {args.replicas}", file=sys.stderr)
+        return 2
+    if args.no_sharing and args.replicas < 2:
+        print("epp up: --no-sharing: only with --replicas 2 or more (one EPP has no one to share with)", file=sys.stderr)
+        return 2
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="llm-epp-"))
     body_mode = args.request_body_mode or "FULL_DUPLEX_STREAMED"
     if args.fail_open and args.request_body_mode is None:
@@ -387,7 +512,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         failure_mode_allow=args.fail_open,
         envoy_concurrency=2,
         epp_tls="verified" if args.secure else "",
+        epp_workers=args.workers,
+        epp_replicas=args.replicas,
+        epp_share=not args.no_sharing,
     )
+    if args.workers < 1:
+        raise ConfigError(f"expected at least 1, got {args.workers}", field="--workers")
     opts.pd = _pd_pool(args)
     opts.dp_groups, opts.dp_size = _dp_groups(args)
     if opts.pd is not None and not args.config_file:
@@ -407,7 +537,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         if opts.pd.dp_size:
             what = (f"{opts.pd.prefill} prefill + {opts.pd.decode} decode data-parallel groups of {opts.pd.dp_size} "
                     "ranks (decode ranks behind DP pd-sidecars)")
-    print(f"starting Envoy, the EPP and {'your endpoints' if args.endpoints else what} ...", flush=True)
+    epps = "the EPP" if args.replicas == 1 else f"{args.replicas} EPP replicas ({'own state each' if args.no_sharing else 'sharing'})"
+    print(f"starting Envoy, {epps} and {'your endpoints' if args.endpoints else what} ...", flush=True)
     try:
         stack.start()
     except StackError as e:
@@ -422,6 +553,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"       -d '{{\"model\": \"{args.model}\", \"prompt\": \"Hello\", \"max_tokens\": 8}}'")
         print(f"EPP metrics: http://127.0.0.1:{stack.epp_metrics_port}/metrics   logs: {workdir}")
         print(f"EPP live views: epp status --url http://127.0.0.1:{stack.epp_admin_port}")
+        for r in stack.epp_replicas[1:]:
+            print(f"EPP replica {r.index}: metrics http://127.0.0.1:{r.metrics_port}/metrics   live views: epp status --url http://127.0.0.1:{r.admin_port}")
         print("A child that dies is restarted. Ctrl-C stops everything.", flush=True)
         while True:
             time.sleep(3600)
@@ -515,6 +648,8 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
         fallback_endpoints=pool,
         override_host_endpoints=pool,
         dns_destinations=args.dns_destinations,
+        epp_max_requests_per_connection=args.epp_max_requests_per_connection,
+        epp_streams_per_connection=args.epp_streams_per_connection,
     )
     print(yaml.safe_dump(envoy_config.render(settings), sort_keys=False), end="")
     return 0

@@ -110,6 +110,15 @@ def _top_scores(scores: dict[str, dict[str, float]] | None) -> str:
     return " ".join(f"{addr}={s:.2f}" for addr, s in best)
 
 
+def peers_table(peers: dict[str, Any]) -> str:
+    """Active-active replicas (/debug/runtime's `peers`): each peer this replica pushes to, and what it heard."""
+    rows = [[addr, "self" if p["self"] else "yes" if p["connected"] else "no", f"{p['for_s']:.1f}s", p["error"] or "-"]
+            for addr, p in sorted(peers["peers"].items())]  # fmt: skip
+    head = (f"replica {peers['replica_id']}: {peers['journal_entries']} picks journalled, {peers['records_sent']} sent, "
+            f"{peers['records_applied']} applied from {len(peers['inbound'])} peer(s), {peers['records_dropped']} dropped")  # fmt: skip
+    return head + "\n" + _table(["PEER", "CONNECTED", "FOR", "LAST ERROR"], rows)
+
+
 def config_line(state: dict[str, Any] | None) -> str:
     """The config serving and its last reload error (/debug/config's `config_reload`)."""
     if not state:
@@ -141,8 +150,12 @@ def show_status(url: str, *, decisions: int = 10, raw: bool = False, out: Any = 
         fc = fetch(url, "/debug/flowcontrol")
     except (urllib.error.URLError, OSError, ValueError):  # an EPP from before flow control
         fc = {"enabled": False}
+    try:
+        peers = fetch(url, "/debug/runtime").get("peers")
+    except (urllib.error.URLError, OSError, ValueError):
+        peers = None
     if raw:
-        print(json.dumps({"config": config, "endpoints": endpoints, "flow_control": fc, "decisions": recent}, indent=2), file=out)
+        print(json.dumps({"config": config, "endpoints": endpoints, "flow_control": fc, "peers": peers, "decisions": recent}, indent=2), file=out)
         return 0
     print(config_line(config), file=out)
     healthy = sum(1 for ep in endpoints if ep["healthy"])
@@ -158,6 +171,9 @@ def show_status(url: str, *, decisions: int = 10, raw: bool = False, out: Any = 
         print(f"\nflow control: {fc['requests']} queued ({fc['bytes']} bytes), saturation {fc['saturation']:.2f}"
               f"{', pool empty' if fc.get('pool_empty') else ''}{', shutting down' if fc.get('closed') else ''}", file=out)  # fmt: skip
         print(flow_control_table(fc), file=out)
+    if peers:
+        print("\nactive-active peers:", file=out)
+        print(peers_table(peers), file=out)
     print(f"\nrecent decisions (newest last, {len(recent)} shown):", file=out)
     print(decision_table(recent) if recent else "  none yet", file=out)
     return 0

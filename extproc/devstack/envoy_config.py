@@ -11,6 +11,7 @@ Envoy itself, before the EPP is asked.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,9 @@ class GatewaySettings:
     # The EPP's gRPC health port: Envoy health-checks the EPP there so it knows at once when the EPP
     # is down or draining (see the llm-epp cluster in the reference file). 0: no active health check.
     epp_health_port: int = 9003
+    # Several EPP replicas (port, health port) instead of epp_port: Envoy spreads the streams with
+    # LEAST_REQUEST and stops sending to one that fails its health check or refuses a connection.
+    epp_replicas: Sequence[tuple[int, int]] = ()
     # ext_proc over TLS (`epp serve --secure-serving`). Without a CA the EPP's certificate is not
     # verified (the reference picker's self-signed default); with one, it must chain to it.
     epp_tls: bool = False
@@ -62,6 +66,15 @@ class GatewaySettings:
     # Path prefixes the gateway answers with 404 itself, e.g. the simulators' /sim/ control API:
     # reachable on each server's own port, never by a client through the gateway.
     closed_prefixes: Sequence[str] = ()
+    # Streams per HTTP/2 connection to the EPP before Envoy opens a new one (0: no limit). Each Envoy
+    # worker thread holds one connection; with `epp serve --workers N` the kernel hands each new
+    # connection to one EPP worker (SO_REUSEPORT), so connections that turn over keep every worker
+    # fed even with few Envoy threads (docs/scaling.md).
+    epp_max_requests_per_connection: int = 0
+    # Concurrent streams per connection to the EPP (HTTP/2 max_concurrent_streams; 0: Envoy's default,
+    # unbounded): past it Envoy opens another connection, so even one Envoy thread's requests reach
+    # several EPP workers at once.
+    epp_streams_per_connection: int = 0
 
 
 UNBOUNDED_QUEUE_WAIT = 3600.0  # seconds allowed when flow control's TTL is 0 (wait until the client goes)
@@ -119,8 +132,30 @@ def render(settings: GatewaySettings, reference: Path = REFERENCE) -> dict[str, 
     else:
         del epp["health_checks"]
         epp_endpoint.pop("health_check_config", None)
+    if settings.epp_replicas:
+        lb = epp["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        template = lb[0]
+        lb[:] = []
+        for port, health in settings.epp_replicas:
+            ep = copy.deepcopy(template)
+            ep["endpoint"]["address"]["socket_address"]["port_value"] = port
+            if settings.epp_health_port:
+                ep["endpoint"]["health_check_config"] = {"port_value": health}
+            lb.append(ep)
+        epp["lb_policy"] = "LEAST_REQUEST"
+        # A replica that stops answering (frozen, a partition) holds the streams it has, and in full
+        # duplex no message_timeout runs while the EPP holds the body: HTTP/2 pings find it within ~2 s
+        # and close its connection, so those streams end (failing open, or a 500) instead of waiting on
+        # it, while the other replica takes the new ones.
+        h2 = epp["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+        h2["explicit_http_config"]["http2_protocol_options"]["connection_keepalive"] = {"interval": "1s", "timeout": "1s"}
     if settings.epp_tls:
         _epp_tls(epp, settings)
+    options = epp["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    if settings.epp_max_requests_per_connection:
+        options.setdefault("common_http_protocol_options", {})["max_requests_per_connection"] = settings.epp_max_requests_per_connection
+    if settings.epp_streams_per_connection:
+        options["explicit_http_config"]["http2_protocol_options"]["max_concurrent_streams"] = settings.epp_streams_per_connection
     if settings.override_host_endpoints and settings.dns_destinations:
         raise ConfigError("the override-host policy matches IP addresses; host-name destinations need the dynamic forward proxy",
                           field="dns destinations")  # fmt: skip

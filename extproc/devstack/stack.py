@@ -28,31 +28,13 @@ from extproc.datalayer.endpoints_file import load_endpoints_file
 from extproc.devstack import envoy_config
 from extproc.devstack.ports import PortUnavailable, ReservedPort, reserve_port
 from extproc.devstack.supervisor import ProcessSupervisor, RestartPolicy
+from extproc.server.child_process import die_with_parent
+
+_die_with_parent = die_with_parent  # the name tests and benchmarks import
 
 
 class StackError(RuntimeError):
     pass
-
-
-def _load_prctl() -> Callable[..., int] | None:
-    try:
-        import ctypes
-
-        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
-    except (OSError, AttributeError):
-        return None
-
-
-# Looked up once, here: the child of a process with threads (the supervisor's, a load generator's)
-# must not import or load anything between fork and exec, where a lock another thread held stays held.
-_PRCTL = _load_prctl()
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM when the thread that started it ends, so a killed
-    `epp up` or test run never leaves servers behind (Linux only; elsewhere a no-op)."""
-    if _PRCTL is not None:
-        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def envoy_binary() -> str:
@@ -67,7 +49,7 @@ def _popen(argv: Sequence[str], log_path: Path, env: dict[str, str] | None) -> s
     with open(log_path, "ab") as log:
         return subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, env=env, preexec_fn=_die_with_parent,
+            start_new_session=True, env=env, preexec_fn=die_with_parent,
         )  # fmt: skip
 
 
@@ -136,6 +118,12 @@ class ManagedProcess:
                 pass
 
 
+# Envoy's streams per connection to an EPP with workers: a new connection (to the worker the kernel
+# picks, at random) every 100 requests, ten handshakes a second at 1,000 requests/s
+EPP_CONNECTION_REQUESTS = 100
+# and at most this many streams at once on one connection: more open another, so the requests of one
+# busy Envoy thread reach several workers at once
+EPP_CONNECTION_STREAMS = 8
 ROLE_LABEL = "llm-d.ai/role"
 # The simulators' control API (/sim/stats, /sim/reset, /sim/fault): tests and benchmarks call each
 # simulator's own port; through the gateway a client gets 404.
@@ -169,6 +157,9 @@ class StackOptions:
     endpoints_file: Path | None = None  # real servers instead of simulators
     epp: bool = True  # False: Envoy without ext_proc, round-robin over the pool (a baseline)
     epp_args: Sequence[str] = ()  # extra `epp serve` flags, e.g. ("--strategy", "round-robin")
+    # `epp serve --workers N`; above 1, Envoy turns its EPP connections over every EPP_CONNECTION_REQUESTS
+    # streams so that each worker gets its share of them (docs/scaling.md)
+    epp_workers: int = 1
     listen_port: int = 0
     request_body_mode: str = "FULL_DUPLEX_STREAMED"
     response_body_mode: str = "FULL_DUPLEX_STREAMED"
@@ -189,6 +180,23 @@ class StackOptions:
     # per group, ranks stepping in lockstep, a port per rank), listed with their rank and dpGroup.
     dp_groups: int = 0
     dp_size: int = 1
+    # EPP replicas behind Envoy (LEAST_REQUEST over the llm-epp cluster); with epp_share they are
+    # active-active peers (--peers: each learns the others' picks and load), else each keeps its own state.
+    epp_replicas: int = 1
+    epp_share: bool = True
+
+
+@dataclass(slots=True, eq=False)
+class EppReplica:
+    """One EPP of a stack with several (StackOptions.epp_replicas): its ports, kept across restarts."""
+
+    index: int
+    port: int
+    health_port: int
+    metrics_port: int
+    admin_port: int
+    peer_port: int
+    proc: ManagedProcess | None = None
 
 
 class LocalStack:
@@ -209,6 +217,10 @@ class LocalStack:
         self.admin_port = 0
         self.endpoints_path: Path | None = None
         self.epp_proc: ManagedProcess | None = None
+        self.epp_replicas: list[EppReplica] = []  # with StackOptions.epp_replicas > 1
+        # How a replica reaches a peer's exchange (default: its peer port on loopback); a fault bench
+        # puts a proxy it can cut in between (a partition between the replicas).
+        self.peer_address: Callable[[EppReplica], str] = lambda r: f"127.0.0.1:{r.peer_port}"
         self.envoy_proc: ManagedProcess | None = None
         self.supervisor: ProcessSupervisor | None = None
         self._reserved: dict[int, ReservedPort] = {}
@@ -450,8 +462,13 @@ class LocalStack:
         return port
 
     def start_epp(self, extra_args: Sequence[str] = ()) -> ManagedProcess:
-        """Start the EPP (again after `stop_epp`: on the same ports, which the stack kept)."""
+        """Start the EPP (again after `stop_epp`: on the same ports, which the stack kept); with
+        epp_replicas > 1, every replica (the first is returned)."""
         o = self.opts
+        if o.epp_replicas > 1:
+            for i in range(o.epp_replicas):
+                self.start_epp_replica(i, extra_args)
+            return self.epp_replicas[0].proc  # type: ignore[return-value]
         self.epp_port = self.epp_port or self.reserve_port()
         self.epp_health_port = self.epp_health_port or self.reserve_port()
         self.epp_metrics_port = self.epp_metrics_port or self.reserve_port()
@@ -466,10 +483,46 @@ class LocalStack:
             "--endpoints", str(self.endpoints_path),
             *o.epp_args, *self._epp_tls_args(), *extra_args,
         ]  # fmt: skip
+        if o.epp_workers > 1:
+            argv += ["--workers", str(o.epp_workers)]
         ports = [self.epp_port, self.epp_health_port, self.epp_metrics_port, self.epp_admin_port]
         self.epp_proc = proc = self._spawn("epp", argv, f"http://127.0.0.1:{self.epp_metrics_port}/metrics", ports)
         self._wait_ready(proc)
         return proc
+
+    def start_epp_replica(self, i: int, extra_args: Sequence[str] = ()) -> ManagedProcess:
+        """Start EPP replica `i` (again after `stop_epp_replica`: on its same ports)."""
+        o = self.opts
+        if o.epp_replicas < 2 or not 0 <= i < o.epp_replicas:
+            raise StackError(f"EPP replica {i}: the stack has {o.epp_replicas} replica(s) (StackOptions.epp_replicas)")
+        while len(self.epp_replicas) < o.epp_replicas:
+            n = len(self.epp_replicas)
+            self.epp_replicas.append(EppReplica(n, *(self.reserve_port() for _ in range(5))))
+        r = self.epp_replicas[i]
+        peers = ["--peers", ",".join(self.peer_address(p) for p in self.epp_replicas if p is not r),
+                 "--peer-port", str(r.peer_port), "--replica-id", f"epp-{i}"] if o.epp_share else []
+        argv = [
+            sys.executable, "-m", "extproc.cli", "serve",
+            "--grpc-port", str(r.port), "--grpc-health-port", str(r.health_port),
+            "--metrics-port", str(r.metrics_port), "--admin-port", str(r.admin_port),
+            "--bind-address", "127.0.0.1", "--endpoints", str(self.endpoints_path),
+            *peers, *o.epp_args, *self._epp_tls_args(), *extra_args,
+        ]  # fmt: skip
+        ports = [r.port, r.health_port, r.metrics_port, r.admin_port] + ([r.peer_port] if o.epp_share else [])
+        r.proc = self._spawn(f"epp-{i}", argv, f"http://127.0.0.1:{r.metrics_port}/metrics", ports)
+        if i == 0:  # the stack's EPP, for what reads one (metrics, status)
+            self.epp_proc, self.epp_port, self.epp_health_port = r.proc, r.port, r.health_port
+            self.epp_metrics_port, self.epp_admin_port = r.metrics_port, r.admin_port
+        self._wait_ready(r.proc)
+        return r.proc
+
+    def stop_epp_replica(self, i: int, sig: int = signal.SIGTERM) -> None:
+        """Stop replica `i` on purpose (SIGTERM: drain; SIGKILL: a crash); `start_epp_replica` restarts it."""
+        r = self.epp_replicas[i]
+        if r.proc is not None:
+            r.proc.stop(sig=sig)
+            self.procs.remove(r.proc)
+            r.proc = None
 
     @property
     def epp_cert_dir(self) -> Path:
@@ -504,6 +557,7 @@ class LocalStack:
                 listen_port=self.listen_port,
                 epp_port=self.epp_port,
                 epp_health_port=self.epp_health_port,
+                epp_replicas=[(r.port, r.health_port) for r in self.epp_replicas],
                 epp_tls=bool(o.epp_tls),
                 epp_tls_ca=str(self.epp_cert_dir / "tls.crt") if o.epp_tls == "verified" else None,
                 epp_tls_sni="localhost" if o.epp_tls == "verified" else "",
@@ -517,6 +571,8 @@ class LocalStack:
                 access_log_path=str(self.access_log_path),
                 override_host_endpoints=self.serving_endpoints if o.override_host else (),
                 closed_prefixes=SIM_CONTROL_PREFIXES,
+                epp_max_requests_per_connection=EPP_CONNECTION_REQUESTS if o.epp_workers > 1 else 0,
+                epp_streams_per_connection=EPP_CONNECTION_STREAMS if o.epp_workers > 1 else 0,
             )
             envoy_config.write(settings, path)
         else:

@@ -44,6 +44,9 @@ Model rewrite: when the Director sets a `target_model` other than the requested 
 re-encoded once with the new name (the only re-encoding) and `Content-Length` follows it; the response
 loses its `content-length` and gets the requested name written back into its `"model"` fields.
 
+Workers (`epp serve --workers N`, extproc.server.worker): a Director with `routes_later` picks in the
+parent process, so every request waits in PREPARING for its pick, those with nothing to parse too.
+
 Response metadata: the answer to the message that ends the response body (its end_of_stream chunk, or
 the trailers when they end it) carries the Director's `response_metadata` as dynamic metadata (the
 request-attribute-reporter's values; llm-d puts them on its last body answer the same way).
@@ -54,18 +57,18 @@ from __future__ import annotations
 import enum
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
-from google.protobuf import struct_pb2
 
 from extproc.handlers.model_name import ModelNameRestorer, rewrite_body
 from extproc.handlers.parsers import DEFAULT, RequestParsers, Route
+from extproc.handlers.capture import ResponseCapture
 from extproc.handlers.usage import UsageReader
 from pickers.framework.endpoint import Endpoint
 from pickers.framework.errors import (
@@ -116,6 +119,7 @@ BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
 BUFFERED_PARTIAL = processing_mode_pb2.ProcessingMode.BUFFERED_PARTIAL
 NONE = processing_mode_pb2.ProcessingMode.NONE
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+RepeatedHeaders = Any  # a HeaderMutation's set_headers (protobuf's repeated message container)
 
 
 class State(enum.Enum):
@@ -179,6 +183,10 @@ class Routing:
     scheduler: Scheduler | None = None
     # what the latency model saw at the pick (extproc.requestcontrol.latency.LatencyRecord); None: no model
     latency: object | None = None
+    ticket: int = 0  # a worker's id of the parent's pick (extproc.server.worker); 0: picked here
+    reports: bool = False  # a worker's: the parent's scheduler has response reporters
+    # what the audit trail keeps of the response body (`--audit-response`): (hash or excerpt, bytes kept); None: nothing
+    capture: tuple[str, int] | None = None
 
 
 @dataclass(slots=True)
@@ -194,6 +202,8 @@ class Outcome:
     duration: float = 0.0  # to the end of the response (or the abort)
     first_byte: float | None = None  # to the first response body chunk: TTFT for streamed replies
     body_chunks: int = 0  # response body chunks seen
+    error: RequestError | None = None  # the EPP refused the routed request after its pick (431, evicted, ...)
+    response: str | None = None  # the response body's SHA-256 or head, when Routing.capture asked
 
 
 class Director(Protocol):
@@ -209,11 +219,22 @@ class Director(Protocol):
 
     def first_byte(self, routing: Routing, end_of_stream: bool = False) -> None: ...
 
-    def rejected(self, request: InferenceRequest | None, error: RequestError) -> None: ...
+    def abandoned(self, request: InferenceRequest) -> None:
+        """The stream ended before the request was routed or refused (the client left while its body came,
+        or while it waited for its data or in flow control's queue); told once."""
+        ...
 
-    def response_metadata(self, routing: Routing, usage: object | None) -> Mapping[str, Mapping[str, float]] | None:
+    def rejected(self, request: InferenceRequest | None, error: RequestError, routed: bool = False) -> None:
+        """The request was refused; `routed`: after its pick (`finish` was told first, with the error)."""
+        ...
+
+    def response_metadata(
+        self, routing: Routing, usage: object | None
+    ) -> Mapping[str, Mapping[str, float]] | Awaitable[Mapping[str, Mapping[str, float]] | None] | None:
         """At the end of the response body: dynamic metadata for Envoy (namespace -> key -> number) from the
-        response's usage (extproc.handlers.usage.Usage; None: it had none); None or empty: nothing to send."""
+        response's usage (extproc.handlers.usage.Usage; None: it had none); None or empty: nothing to send.
+        An awaitable (a worker's Director asks the parent) is `report_due`: the servicer awaits
+        `complete_report()` before it writes the answer."""
         ...
 
 
@@ -251,10 +272,15 @@ class RequestStream:
         self._generated_id = False
         self._status: int | None = None
         self._usage: UsageReader | None = None
+        self._capture: ResponseCapture | None = None  # --audit-response's, once the response headers came
         self._served: str | None = None
         self._restorer: ModelNameRestorer | None = None  # set when the model was rewritten
         self._finished = False
         self._pending: tuple[bytes, bool, bool] | None = None  # PREPARING: (body, trailers follow, trailers came)
+        self._pending_headers: bool | None = None  # PREPARING a request with nothing to parse: its headers' end_of_stream
+        # The Director picks later, elsewhere (a worker's, extproc.server.worker): every request waits in PREPARING
+        self._routes_later = bool(getattr(director, "routes_later", False))
+        self.report_due: tuple[pb.ProcessingResponse, Awaitable[Mapping[str, Mapping[str, float]] | None]] | None = None
         self._started = 0.0
         self._first_byte_at: float | None = None
 
@@ -285,6 +311,9 @@ class RequestStream:
         # A client may hang up right after `data: [DONE]`, before Envoy relays the end of stream.
         done = self.state is State.DONE or (self._usage is not None and self._usage.done)
         self._finish(aborted=not done)
+        if self.routing is None and self.request is not None and self.state is not State.REJECTED and not self._finished:
+            self._finished = True  # ended before it was routed or refused: the client left while its body came or it waited
+            self.director.abandoned(self.request)
 
     @property
     def subset(self) -> list[str] | None:
@@ -298,6 +327,8 @@ class RequestStream:
 
     def resume(self) -> list[pb.ProcessingResponse]:
         """After `director.prepare`: route the request that waited in PREPARING and answer Envoy."""
+        if self.state is State.PREPARING and self._pending_headers is not None:
+            return self._resume_unparsed()
         if self.state is not State.PREPARING or self._pending is None:
             raise ProtocolError(self.state, "resume")
         raw, trailers_follow, trailers_came = self._pending
@@ -310,11 +341,23 @@ class RequestStream:
             out.append(pb.ProcessingResponse(request_trailers=pb.TrailersResponse()))
         return out
 
+    def _resume_unparsed(self) -> list[pb.ProcessingResponse]:
+        """`resume` for a request routed on its headers alone (nothing to parse) that waited for its pick."""
+        end_of_stream, self._pending_headers = self._pending_headers, None
+        assert self.request is not None
+        try:
+            self.routing = self.director.route(self.request, self._subset)
+            self.state = State.ROUTED if end_of_stream else State.PASSTHROUGH
+            return [self._headers_response(content_length=None)]
+        except RequestError as e:
+            return [self._reject(e)]
+
     def refuse(self, err: RequestError) -> list[pb.ProcessingResponse]:
         """The request is refused while it waits in PREPARING (flow control's 429/503): answer with `err`."""
         if self.state is not State.PREPARING:
             raise ProtocolError(self.state, "refuse")
         self._pending = None
+        self._pending_headers = None
         return [self._reject(err)]
 
     @property
@@ -326,6 +369,11 @@ class RequestStream:
         """Flow control ended this in-flight request for a higher priority: 429 `evicted` (an ImmediateResponse,
         which makes Envoy reset the upstream request); the books settle as on any refusal."""
         return [self._reject(RequestError(EVICTED, "request evicted by flow control to make room for a higher priority"))]
+
+    @property
+    def pending_body(self) -> bytes | None:
+        """PREPARING: the whole request body the pick waits with (None: routed on its headers alone)."""
+        return self._pending[0] if self._pending is not None else None
 
     @property
     def request_body_bytes(self) -> int:
@@ -383,6 +431,10 @@ class RequestStream:
                 route = None  # a GET on an inference path: nothing to parse
         if route is None or route.parse is None:
             # Nothing to parse: route on load alone, and let any body stream through.
+            if self._routes_later:  # a worker process: the pick is the parent's (PREPARING, then `resume`)
+                self.state = State.PREPARING
+                self._pending_headers = hdrs.end_of_stream
+                return []
             self.routing = self.director.route(req, self._subset)
             if hdrs.end_of_stream:
                 self.state = State.ROUTED
@@ -461,10 +513,12 @@ class RequestStream:
             out.extend(_streamed_chunks(raw, end=not trailers_follow))
             return out
         # BUFFERED: headers are still held by Envoy, so the body answer carries their mutation.
-        common = self._routing_common(content_length=len(raw) if rewritten else None)
+        resp = pb.ProcessingResponse()
+        common = resp.request_body.response
+        self._fill_routing(common, content_length=len(raw) if rewritten else None)
         if rewritten:
             common.body_mutation.body = raw
-        return [self._with_metadata(pb.ProcessingResponse(request_body=pb.BodyResponse(response=common)))]
+        return [self._with_metadata(resp)]
 
     # -- response phase -----------------------------------------------------------------------
     def _on_response_headers(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
@@ -490,6 +544,9 @@ class RequestStream:
             self._usage = UsageReader(streaming, route.usage if route is not None else None)
         else:
             self._usage = None
+        capture = self.routing.capture if self.routing is not None else None
+        if capture is not None:
+            self._capture = ResponseCapture(*capture)
         self.state = State.RESPONSE_BODY
         if hdrs.end_of_stream:
             self.state = State.DONE
@@ -498,12 +555,17 @@ class RequestStream:
         if self._restorer is not None and (hdrs.end_of_stream or self.response_mode == NONE or not (streaming or json_body)):
             self._restorer = None
         extra = self.routing.response_headers if self.routing is not None else None
+        resp = pb.ProcessingResponse()
         if not extra and self._restorer is None:
-            return [pb.ProcessingResponse(response_headers=pb.HeadersResponse())]
-        mutation = pb.HeaderMutation(set_headers=[_header(k, v) for k, v in (extra or {}).items()])
+            resp.response_headers.SetInParent()
+            return [resp]
+        mutation = resp.response_headers.response.header_mutation
+        mutation.SetInParent()
+        for k, v in (extra or {}).items():
+            _add_header(mutation.set_headers, k, v)
         if self._restorer is not None:
             mutation.remove_headers.append("content-length")  # the name's length may differ
-        return [pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=pb.CommonResponse(header_mutation=mutation)))]
+        return [resp]
 
     def _on_response_body(self, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
         chunk = body.body
@@ -513,6 +575,8 @@ class RequestStream:
                 self.director.first_byte(self.routing, body.end_of_stream)
         if self._usage is not None:
             self._usage.feed(chunk, body.end_of_stream)
+        if self._capture is not None:
+            self._capture.feed(chunk)
         if body.end_of_stream:
             self.state = State.DONE
             self._finish(aborted=False)
@@ -548,13 +612,17 @@ class RequestStream:
             return
         reader = self._usage
         metadata = self.director.response_metadata(self.routing, reader.usage if reader is not None else None)
-        if not metadata:
+        if isinstance(metadata, Awaitable):  # a worker's Director asks the parent: the servicer awaits it
+            self.report_due = (resp, metadata)
             return
-        fields = resp.dynamic_metadata.fields
-        for namespace, values in metadata.items():
-            target = fields[namespace].struct_value.fields
-            for key, number in values.items():
-                target[key].number_value = number
+        _put_metadata(resp, metadata)
+
+    async def complete_report(self) -> None:
+        """The Director's metadata came later (`report_due`): put it on the answer before it is written."""
+        due, self.report_due = self.report_due, None
+        if due is not None:
+            resp, pending = due
+            _put_metadata(resp, await pending)
 
     def _finish(self, *, aborted: bool) -> None:
         if self._finished or self.routing is None:
@@ -574,45 +642,41 @@ class RequestStream:
                 duration=self.clock() - started,
                 first_byte=None if first is None else first - started,
                 body_chunks=reader.chunks_seen if reader else 0,
+                error=self.error,
+                response=self._capture.result() if self._capture is not None else None,
             ),
         )
 
     # -- building answers ---------------------------------------------------------------------
-    def _routing_common(self, content_length: int | None) -> pb.CommonResponse:
+    def _fill_routing(self, common: pb.CommonResponse, content_length: int | None) -> None:
+        """The routing's header mutation, written into `common` in place (protobuf built field by field:
+        several times cheaper than nested constructors)."""
         routing = self.routing
         assert routing is not None
-        set_headers = [
-            base_pb2.HeaderValueOption(
-                header=base_pb2.HeaderValue(key=DESTINATION_HEADER, raw_value=routing.destination.encode()),
-                append_action=_OVERWRITE,
-            )
-        ]
-        if self._generated_id and self.request is not None:
-            set_headers.append(
-                base_pb2.HeaderValueOption(
-                    header=base_pb2.HeaderValue(key=REQUEST_ID_HEADER, raw_value=self.request.request_id.encode()),
-                    append_action=_OVERWRITE,
-                )
-            )
+        common.clear_route_cache = True
+        mutation = common.header_mutation
+        mutation.SetInParent()
+        set_headers = mutation.set_headers
+        _add_header(set_headers, DESTINATION_HEADER, routing.destination)
+        request = self.request
+        if self._generated_id and request is not None:
+            _add_header(set_headers, REQUEST_ID_HEADER, request.request_id)
         if content_length is not None:
-            set_headers.append(_header("content-length", str(content_length)))
-        for key, value in routing.request_headers.items():
-            set_headers.append(_header(key, value))
-        remove = [
-            h for h in STEERING_HEADERS[1:]
-            if self.request is not None and h in self.request.headers and h not in routing.request_headers
-        ]  # fmt: skip
-        common = pb.CommonResponse(
-            header_mutation=pb.HeaderMutation(set_headers=set_headers, remove_headers=remove),
-            clear_route_cache=True,
-        )
+            _add_header(set_headers, "content-length", str(content_length))
+        extra = routing.request_headers
+        for key, value in extra.items():
+            _add_header(set_headers, key, value)
+        if request is not None:
+            sent = request.headers
+            for h in STEERING_HEADERS[1:]:
+                if h in sent and h not in extra:
+                    mutation.remove_headers.append(h)
         limits = self.limits  # upper bounds first; the exact count only near the limits
         if (
             self._header_count + len(set_headers) > limits.max_headers
-            or self._header_bytes + common.header_mutation.ByteSize() > limits.max_headers_bytes
+            or self._header_bytes + mutation.ByteSize() > limits.max_headers_bytes
         ):
-            self._check_mutation(set_headers, remove)
-        return common
+            self._check_mutation(set_headers, mutation.remove_headers)
 
     def _check_mutation(self, set_headers: Sequence[base_pb2.HeaderValueOption], remove: Sequence[str]) -> None:
         """Refuse (431) a mutation that would take the request past the gateway's header limits."""
@@ -649,17 +713,17 @@ class RequestStream:
             )
 
     def _headers_response(self, content_length: int | None) -> pb.ProcessingResponse:
-        common = self._routing_common(content_length)
-        return self._with_metadata(pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common)))
+        resp = pb.ProcessingResponse()
+        self._fill_routing(resp.request_headers.response, content_length)
+        return self._with_metadata(resp)
 
     def _with_metadata(self, resp: pb.ProcessingResponse) -> pb.ProcessingResponse:
         routing = self.routing
         assert routing is not None
-        lb = struct_pb2.Struct()
-        lb.fields[DESTINATION_HEADER].string_value = routing.destination
+        lb = resp.dynamic_metadata.fields[LB_NAMESPACE].struct_value.fields
+        lb[DESTINATION_HEADER].string_value = routing.destination
         if routing.scores is not None:
-            lb.fields[SCORES_KEY].string_value = routing.scores
-        resp.dynamic_metadata.fields[LB_NAMESPACE].struct_value.CopyFrom(lb)
+            lb[SCORES_KEY].string_value = routing.scores
         return resp
 
     def _reject(self, err: RequestError) -> pb.ProcessingResponse:
@@ -669,7 +733,7 @@ class RequestStream:
         self.state = State.REJECTED
         self._chunks = []
         self._finish(aborted=True)
-        self.director.rejected(self.request, err)
+        self.director.rejected(self.request, err, routed=self.routing is not None)
         headers = [
             base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key="content-type", raw_value=b"text/plain; charset=utf-8"))
         ]
@@ -707,8 +771,13 @@ def _refuse_unparsable(headers: Mapping[str, str], path: str, end_of_stream: boo
         raise RequestError(PAYLOAD_TOO_LARGE, f"request body is {length} bytes, larger than the {max_body} accepted")
 
 
-def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
-    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=key, raw_value=value.encode()), append_action=_OVERWRITE)
+def _add_header(options: RepeatedHeaders, key: str, value: str) -> None:
+    """Append an overwriting header to a mutation's set_headers."""
+    opt = options.add()
+    header = opt.header
+    header.key = key
+    header.raw_value = value.encode()
+    opt.append_action = _OVERWRITE
 
 
 def _subset_hint(msg: pb.ProcessingRequest) -> list[str] | None:
@@ -736,23 +805,21 @@ def filter_by_subset(candidates: Sequence[Endpoint], subset: list[str] | None) -
 
 
 def _streamed_request_body(chunk: bytes, end: bool) -> pb.ProcessingResponse:
-    return pb.ProcessingResponse(
-        request_body=pb.BodyResponse(
-            response=pb.CommonResponse(
-                body_mutation=pb.BodyMutation(streamed_response=pb.StreamedBodyResponse(body=chunk, end_of_stream=end))
-            )
-        )
-    )
+    resp = pb.ProcessingResponse()
+    streamed = resp.request_body.response.body_mutation.streamed_response
+    streamed.body = chunk
+    streamed.end_of_stream = end
+    streamed.SetInParent()  # an empty last chunk is still an answer
+    return resp
 
 
 def _streamed_response_body(chunk: bytes, end: bool) -> pb.ProcessingResponse:
-    return pb.ProcessingResponse(
-        response_body=pb.BodyResponse(
-            response=pb.CommonResponse(
-                body_mutation=pb.BodyMutation(streamed_response=pb.StreamedBodyResponse(body=chunk, end_of_stream=end))
-            )
-        )
-    )
+    resp = pb.ProcessingResponse()
+    streamed = resp.response_body.response.body_mutation.streamed_response
+    streamed.body = chunk
+    streamed.end_of_stream = end
+    streamed.SetInParent()
+    return resp
 
 
 def _streamed_chunks(raw: bytes, *, end: bool) -> list[pb.ProcessingResponse]:
@@ -760,3 +827,13 @@ def _streamed_chunks(raw: bytes, *, end: bool) -> list[pb.ProcessingResponse]:
         return [_streamed_request_body(b"", end)]
     n = len(raw)
     return [_streamed_request_body(raw[i : i + STREAM_CHUNK], end and i + STREAM_CHUNK >= n) for i in range(0, n, STREAM_CHUNK)]
+
+
+def _put_metadata(resp: pb.ProcessingResponse, metadata: Mapping[str, Mapping[str, float]] | None) -> None:
+    if not metadata:
+        return
+    fields = resp.dynamic_metadata.fields
+    for namespace, values in metadata.items():
+        target = fields[namespace].struct_value.fields
+        for key, number in values.items():
+            target[key].number_value = number

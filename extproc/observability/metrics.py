@@ -195,6 +195,9 @@ class EppMetrics:
         self.plugin_durations: dict[tuple[str, str, str], Histogram] = {}
         self.config_reloads = {"success": 0, "error": 0}  # reloads of --config-file (extproc.server.reload)
         self.config_loaded: tuple[str, str, float] | None = None  # (source, sha256, unix time) of the config serving
+        # (admission rule as `plugin/rule`, "refused" or "flagged") -> requests; rules come from the config
+        self.admissions: dict[tuple[str, str], int] = {}
+        self.audit: Any = None  # the AuditLog (extproc.observability.audit), when the audit trail is on
         self._fixed = _FixedFamilies(self)
         self._building: asyncio.Future[bytes] | None = None
 
@@ -255,6 +258,20 @@ class EppMetrics:
         s.requests += 1
         s.running += 1
         self.scheduler_e2e.observe(seconds)
+
+    def admission(self, flagged: Iterable[str], refused: str = "") -> None:
+        """An admission plugin's decision on one request: the rules that flagged it, the one that refused it."""
+        for rule in flagged:
+            self._count_admission(rule, "flagged")
+        if refused:
+            self._count_admission(refused, "refused")
+
+    def _count_admission(self, rule: str, decision: str) -> None:
+        key = (rule, decision)
+        if key in self.admissions:
+            self.admissions[key] += 1
+        else:
+            self.admissions = {**self.admissions, key: 1}
 
     def request_error(self, model: str, code: str, target: str = "") -> None:
         self._count_error(self._model(model, target)[0], code)
@@ -357,6 +374,32 @@ class _FixedFamilies:
         if m.flow_control is not None:
             yield from m.flow_control.collect(m.pool_name)
         yield from self._config()
+        yield from self._guardrails()
+
+    def _guardrails(self) -> Iterator[Metric]:
+        m = self.m
+        if m.admissions:
+            decisions = CounterMetricFamily(
+                "llm_epp_admission_decisions", "Requests an admission rule refused or flagged (docs/guardrails.md)",
+                labels=["plugin_name", "rule", "decision"],
+            )  # fmt: skip
+            for (rule, decision), n in m.admissions.items():
+                plugin, _, name = rule.partition("/")
+                decisions.add_metric([plugin, name, decision], n)
+            yield decisions
+        audit = m.audit
+        if audit is not None:
+            records = CounterMetricFamily(
+                "llm_epp_audit_records", "Audit records: written to the sink, dropped (the queue was full) or "
+                "failed (the sink refused the write)", labels=["result"],
+            )  # fmt: skip
+            records.add_metric(["written"], audit.written)
+            records.add_metric(["dropped"], audit.dropped)
+            records.add_metric(["failed"], audit.failed)
+            yield records
+            queued = GaugeMetricFamily("llm_epp_audit_queue_length", "Audit records waiting for the writer")
+            queued.add_metric([], audit.queued)
+            yield queued
 
     def _config(self) -> Iterator[Metric]:
         loaded = self.m.config_loaded

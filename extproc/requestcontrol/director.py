@@ -15,7 +15,11 @@ prediction for the route goes on the client's response (`x-llm-epp-predicted-ttf
 a response body the scheduler's reporters turn its usage into Envoy's dynamic metadata (`response_metadata`).
 
 It also keeps the last `DECISIONS_KEPT` decisions for /debug/decisions (a tuple appended to a
-bounded deque per request) and, only with `log_requests`, writes one log line per request. What they
+bounded deque per request, with the admission rules that refused or flagged it), counts those rules'
+decisions, hands each request's end to the audit trail when there is one (extproc.observability.audit:
+`finish` for a routed request, `rejected` for one refused before its pick, `abandoned` for one whose
+client left before either) and, only with
+`log_requests`, writes one log line per request. What they
 keep of a client's strings (request id, model names, objective) is bounded by
 extproc.observability.bounds; the request itself goes on with its real values.
 
@@ -57,11 +61,12 @@ if TYPE_CHECKING:
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
     from extproc.flowcontrol.controller import FlowController
+    from extproc.observability.audit import AuditLog
     from extproc.handlers.request_stream import RequestStream
 
 DECISIONS_KEPT = 200
-# (unix time, request id, model, destination, profile, scores or None, error code or None)
-Decision = tuple[float, str, str, str, str, "dict[str, dict[str, float]] | None", "str | None"]
+# (unix time, request id, model, destination, profile, scores or None, admission rules hit, error code or None)
+Decision = tuple[float, str, str, str, str, "dict[str, dict[str, float]] | None", tuple[str, ...], "str | None"]
 
 request_log = logging.getLogger(REQUEST_LOGGER)
 
@@ -80,6 +85,7 @@ class Director:
         token_producers: Sequence[TokenProducer] = (),
         flow_control: FlowController | None = None,
         latency: LatencyModel | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.datastore = datastore
         self.scheduler = scheduler
@@ -92,6 +98,7 @@ class Director:
         self.token_producers = tuple(token_producers)  # asked in turn: a later one only for what none before gave
         self.flow_control = flow_control
         self.latency = latency  # fed with every response (extproc.requestcontrol.latency); None: not kept
+        self.audit = audit  # one record per request (extproc.observability.audit); None: no audit trail
 
     def needs_data(self, request: InferenceRequest) -> bool:
         if self.flow_control is not None:
@@ -191,24 +198,39 @@ class Director:
         chosen = destination if not result.destination_port else ",".join(ep.address for ep in result.endpoints)
         scores = msgspec.json.encode(result.scores).decode() if result.scores is not None else None
         self.metrics.scheduled(model, time.perf_counter() - start, request.target_model)
-        decision = (time.time(), request.request_id, bounds.model_name(model), chosen, result.profile, result.scores, None)
+        flags = tuple(request.flags) if request.flags else ()
+        decision = (time.time(), request.request_id, bounds.model_name(model), chosen, result.profile, result.scores, flags, None)
         self.decisions.append(decision)
         return Routing(request, destination, primary, tokens, scores, result.request_headers, result.response_headers,
-                       result.profile, charges=charges, scheduler=scheduler, latency=record)  # fmt: skip
+                       result.profile, charges=charges, scheduler=scheduler, latency=record,
+                       capture=self.audit.response_capture if self.audit is not None else None)  # fmt: skip
 
-    def rejected(self, request: InferenceRequest | None, error: RequestError) -> None:
+    def rejected(self, request: InferenceRequest | None, error: RequestError, routed: bool = False) -> None:
         model = request.model if request else ""
         code = error.kind.code
         self.metrics.request_error(model, code, request.target_model if request else "")
         request_id = bounds.request_id(request.request_id) if request else ""  # refused before `route`, maybe
         model = bounds.model_name(model)
-        self.decisions.append((time.time(), request_id, model, "", "", None, code))
+        flags = tuple(request.flags) if request is not None and request.flags else ()
+        rules = (*flags, error.rule) if error.rule else flags
+        self.decisions.append((time.time(), request_id, model, "", "", None, rules, code))
+        if not routed:  # a routed one was counted and audited by `finish`
+            self.metrics.admission(flags, error.rule)
+            if self.audit is not None:
+                self.audit.record_refused(request, error)
         if self.log_requests:
             request_log.info(
                 "request rejected",
                 extra={"fields": {"request_id": request_id, "model": model, "status": error.kind.status,
                                   "error_code": code, "error": bounds.message(error.message)}},
             )  # fmt: skip
+
+    def abandoned(self, request: InferenceRequest) -> None:
+        """The client left before the request was routed or refused: only the audit trail hears of it."""
+        if request.flags:
+            self.metrics.admission(request.flags)
+        if self.audit is not None:
+            self.audit.record_abandoned(request)
 
     def response_metadata(self, routing: Routing, usage: object | None) -> dict[str, dict[str, float]] | None:
         """The response body ended: what the scheduler's reporters (request-attribute-reporter) make of its
@@ -260,6 +282,10 @@ class Director:
             usage.completion_tokens if usage else None,
         )
         self.metrics.completed(request.model, outcome, usage, request.target_model)
+        if request.flags or (outcome.error is not None and outcome.error.rule):
+            self.metrics.admission(request.flags or (), outcome.error.rule if outcome.error is not None else "")
+        if self.audit is not None:
+            self.audit.record_routed(routing, outcome, usage)
         if self.flow_control is not None:
             self.flow_control.finished(id(request))  # tracked under this key while it lives
         if self.log_requests:

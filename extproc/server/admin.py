@@ -119,8 +119,8 @@ def decisions_view(director: Director, limit: int | None = None) -> list[dict[st
         items = items[-limit:] if limit > 0 else []
     return [
         {"time": t, "request_id": rid, "model": model, "chosen": dest.split(",") if dest else [], "profile": profile,
-         "scores": scores, "error": error}
-        for t, rid, model, dest, profile, scores, error in items
+         "scores": scores, "rules": list(rules), "error": error}
+        for t, rid, model, dest, profile, scores, rules, error in items
     ]  # fmt: skip
 
 

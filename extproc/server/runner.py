@@ -73,6 +73,9 @@ if TYPE_CHECKING:  # imported when used: the Kubernetes client costs half a seco
 
     from extproc.flowcontrol.controller import FlowController
     from extproc.kubernetes.runtime import KubernetesOptions, KubernetesRuntime
+    from extproc.server.workers import PickService, WorkerPool
+    from extproc.peers.sync import PeerOptions, PeerSync
+    from extproc.observability.audit import AuditLog, AuditOptions
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +131,13 @@ class ServeOptions:
     tracing: bool = False  # OpenTelemetry spans per request (the `otel` extra); off: OpenTelemetry is never imported
     tracing_sample_ratio: float = 1.0  # of requests arriving without a sampled traceparent
     allow_experimental_plugins: bool = False  # llm-d's Alpha plugin types load only with it (--allow-experimental-plugins)
+    # worker processes serving ext_proc on grpc_port (SO_REUSEPORT), picks made here (extproc.server.workers,
+    # docs/scaling.md); 1: this process serves ext_proc itself
+    workers: int = 1
+    log_verbosity: int = 0  # the workers' logging, as this process's (-v, --log-format)
+    log_format: str = "text"
+    peers: PeerOptions | None = None  # active-active: share picks and load with these replicas (extproc.peers)
+    audit: AuditOptions | None = None  # one record per request to a sink (extproc.observability.audit); None: off
 
 
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
@@ -204,6 +214,8 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                 log.exception("request %s: internal error", rid)
                 await write(stream.protocol_error_response(ProtocolError(stream.state, f"internal error: {e}")))
                 return
+            if stream.report_due is not None:  # a worker: the end-of-body metadata is the parent's
+                await stream.complete_report()
             for resp in out:
                 await write(resp)
             if stream.state is State.REJECTED:
@@ -237,7 +249,7 @@ class EppServer:
         self.opts = opts
         self.datastore = Datastore(metrics_stale_after=opts.metrics_staleness_threshold)
         self.metrics = EppMetrics(pool_name=opts.pool_name)
-        self.prefix_index = ApproxPrefixIndex()
+        self.prefix_index = self._prefix_index()
         # the latency model: its fits live on the datastore's endpoints, request control feeds it and
         # the latency plugins (predicted-latency-producer, ...) read it
         self.latency = LatencyModel()
@@ -272,9 +284,10 @@ class EppServer:
         self.saturation = SaturationDetector(self.datastore, self._saturation_config, self._admission_detector)
         self.tracer_provider: TracerProvider | None = None
         self.flow_control = self._flow_controller()
+        self.audit = self._audit_log()
         director_kwargs: dict[str, Any] = dict(
             log_requests=opts.log_requests, objectives=self.objectives, rewrites=self.rewrites, saturation=self.saturation,
-            token_producers=self.token_producers, flow_control=self.flow_control, latency=self.latency,
+            token_producers=self.token_producers, flow_control=self.flow_control, latency=self.latency, audit=self.audit,
         )
         if opts.tracing:
             from extproc.requestcontrol.tracing import (  # ConfigError without the `otel` extra
@@ -304,10 +317,35 @@ class EppServer:
         self._health_grpc: grpc.aio.Server | None = None
         self._metrics_runner: web.AppRunner | None = None
         self._admin_runner: web.AppRunner | None = None
+        self.peer_sync: PeerSync | None = None
+        self._peer_api: Any = None  # the API client of peer discovery, when Kubernetes discovery has none
         self.admin_port = 0
         self.grpc_port = 0
+        self.pick_service: PickService | None = None  # --workers N
+        self.workers: WorkerPool | None = None
         self.health_port = 0
         self.metrics_port = 0
+
+    def _prefix_index(self) -> ApproxPrefixIndex:
+        """The approximate prefix index; with peers, one that journals local picks for them (imported only then)."""
+        peers = self.opts.peers
+        if peers is None:
+            return ApproxPrefixIndex()
+        if self.opts.kubernetes is not None and self.opts.kubernetes.leader_election:
+            raise ConfigError(
+                "active-active peers (--peers) and leader election (--ha-enable-leader-election) exclude each other: "
+                "with a leader only one replica serves; choose one (docs/high-availability.md)", field="--peers",
+            )  # fmt: skip
+        from extproc.peers.journal import SharedPrefixIndex
+
+        return SharedPrefixIndex(journal_blocks=peers.journal_blocks)
+
+    def _block_digest(self) -> str:
+        """How this replica hashes prompt blocks (the block sizes its prefix plugins use): peers must agree."""
+        from pickers.plugins.scorer.affinity.prefix import ApproxPrefixCacheProducer, PrefixCacheScorer
+
+        sizes = sorted({p.block_chars for p in self.scheduler.plugins if isinstance(p, (PrefixCacheScorer, ApproxPrefixCacheProducer))})
+        return "xxh64-chain/chars=" + ",".join(map(str, sizes))
 
     def _wire_renderer(self, tp: TokenProducer) -> None:
         """Give a vllm or uds token-producer its client, shared by those that ask one server for one
@@ -415,6 +453,8 @@ class EppServer:
         )  # fmt: skip
         self.metrics.attach_precise(self.scheduler.plugins)
         self.director.token_producers = _token_producers(new.producers)  # the start-up ones, or their copies (checked)
+        if self.pick_service is not None:
+            self.pick_service.config_changed()  # whether the workers send request bodies
 
     def _check_saturation(self, old: EndpointPickerConfig, new: EndpointPickerConfig) -> str | None:
         SaturationConfig.from_config(new.saturation_detector, new.source)  # raises ConfigError
@@ -426,6 +466,8 @@ class EppServer:
 
     def _apply_parsers(self, new: EndpointPickerConfig) -> None:
         self.parsers = self.servicer.parsers = RequestParsers(new.parsers)  # streams opened from now on
+        if self.pick_service is not None:
+            self.pick_service.config_changed()  # the workers' streams likewise
 
     def _check_flow_control(self, old: EndpointPickerConfig, new: EndpointPickerConfig) -> str | None:
         """Bounds, TTLs and policies change while serving (FlowController.reconfigure); turning flow
@@ -529,10 +571,24 @@ class EppServer:
                 self.supervisor.start(f"kv-block-metrics-log/{name}", functools.partial(
                     log_kv_block_metrics, name, functools.partial(self._index_metrics, name), precise.metrics_logging_interval))  # fmt: skip
 
-        self._grpc = grpc.aio.server(options=_GRPC_OPTIONS)
-        pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, self._grpc)
-        self.grpc_port = self._add_ext_proc_port(self._grpc)
-        await self._grpc.start()
+        if opts.peers is not None:
+            from extproc.peers.journal import SharedPrefixIndex
+            from extproc.peers.sync import PeerSync
+
+            assert isinstance(self.prefix_index, SharedPrefixIndex)
+            self.peer_sync = PeerSync(opts.peers, self.prefix_index, self.datastore, self._block_digest)
+            await self.peer_sync.start()
+            self.supervisor.start("peer-sync", self.peer_sync.run)
+            if opts.peers.service:
+                await self._discover_peers(opts.peers, self.peer_sync)
+
+        if opts.workers > 1:
+            await self._start_workers()
+        else:
+            self._grpc = grpc.aio.server(options=_GRPC_OPTIONS)
+            pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, self._grpc)
+            self.grpc_port = self._add_ext_proc_port(self._grpc)
+            await self._grpc.start()
 
         self._health_grpc = grpc.aio.server(options=_GRPC_OPTIONS)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_grpc)
@@ -559,6 +615,19 @@ class EppServer:
         # start-up's objects (modules, config, plugins) leave the cyclic GC's generations: no full
         # collection under load walks them again (docs/operating.md#memory-and-gc-pauses)
         gc.freeze()
+
+    async def _discover_peers(self, peers: PeerOptions, sync: PeerSync) -> None:
+        """Peers from the EndpointSlices of a headless Service (the Kubernetes client imported only then)."""
+        from extproc.kubernetes.client import default_namespace, make_api_client
+        from extproc.peers.discovery import PeerServiceDiscovery
+
+        api = self.kubernetes.api if self.kubernetes is not None and self.kubernetes.api is not None else None
+        if api is None:
+            api = self._peer_api = await make_api_client(peers.kubeconfig)
+        found = PeerServiceDiscovery(api, sync.set_targets, namespace=peers.namespace or default_namespace(),
+                                     service=peers.service, port=peers.port)  # fmt: skip
+        self.supervisor.start("peer-discovery", found.run)
+        log.info("discovering peers from the %s", found.what)
 
     def _index_metrics(self, name: str) -> IndexMetrics | None:
         """The metrics of precise plugin `name` serving now (after a reload too), if it counts them."""
@@ -591,11 +660,51 @@ class EppServer:
         address = f"{opts.bind_address}:{opts.grpc_port}"
         if not opts.secure_serving:
             return server.add_insecure_port(address)
+        key_pem, cert_pem = self._certificate()
+        return server.add_secure_port(address, grpc.ssl_server_credentials([(key_pem, cert_pem)]))
+
+    def _certificate(self) -> tuple[bytes, bytes]:
+        """The ext_proc server's (key, certificate) PEMs: --cert-path's, else a self-signed one made now."""
         from extproc.server.tls import load_certificate, self_signed
 
+        opts = self.opts
         cert = load_certificate(opts.cert_path) if opts.cert_path else self_signed()
         log.info("ext_proc serves TLS with the %s certificate", "self-signed" if not opts.cert_path else f"{cert.source}/tls.crt")
-        return server.add_secure_port(address, grpc.ssl_server_credentials([(cert.key_pem, cert.cert_pem)]))
+        return cert.key_pem, cert.cert_pem
+
+    # -- worker processes (--workers N): ext_proc there, every pick here ---------------------------
+
+    def _worker_setup(self) -> Any:
+        from extproc.server import ipc
+
+        body_readers = bool(self.director.token_producers) or bool(precise_indexes(self.scheduler.plugins))
+        return ipc.Setup(ipc.parser_specs(self.parsers.specs), body_readers)
+
+    async def _start_workers(self) -> None:
+        """The pick service on its unix socket, then the N workers; returns once each listens on the port."""
+        from extproc.server.workers import PickService, WorkerOptions, WorkerPool, socket_path
+
+        opts = self.opts
+        if opts.grpc_port == 0:
+            raise ConfigError("--workers N needs a --grpc-port number: the workers share it (SO_REUSEPORT), port 0 would give each its own", field="--grpc-port")
+        key_pem, cert_pem = self._certificate() if opts.secure_serving else (b"", b"")
+        self.pick_service = service = PickService(self.director, socket_path(), self._worker_setup)
+        await service.start()
+        limits = self.servicer.limits
+        setup = self._worker_setup()
+        self.workers = WorkerPool(opts.workers, lambda i: WorkerOptions(
+            str(service.path), i, opts.grpc_port, opts.bind_address, limits.max_body_bytes, limits.max_headers,
+            limits.max_headers_bytes, limits.body_idle_timeout, setup.specs, setup.send_body, opts.log_verbosity,
+            opts.log_format, cert_pem, key_pem,
+        ))  # fmt: skip
+        self.workers.start()
+        self.grpc_port = opts.grpc_port
+        deadline = asyncio.get_running_loop().time() + 60
+        while len(service.conns) < opts.workers:
+            if asyncio.get_running_loop().time() > deadline:
+                raise RuntimeError(f"{opts.workers - len(service.conns)} of {opts.workers} workers did not start within 60 s (see their log lines above)")
+            await asyncio.sleep(0.02)
+        log.info("ext_proc served by %d worker processes on :%d (SO_REUSEPORT), picks made in this process", opts.workers, opts.grpc_port)
 
     async def _start_admin(self) -> None:
         """The live views; a port already taken costs the views, not the EPP."""
@@ -608,7 +717,7 @@ class EppServer:
             "version": self.metrics.version, "scheduling_source": self.scheduling_source, "options": options_view(opts),
             "data_layer": self.data_layer.summary(),
         }  # fmt: skip
-        runtime = lambda: {"active_streams": self.servicer.active_streams, "heap_trims": self.heap.trims}  # noqa: E731
+        runtime = self._runtime
         fc = self.flow_control
         app = admin_app(
             self.datastore, self.prefix_index, self.director, config, runtime,
@@ -626,6 +735,19 @@ class EppServer:
         self._admin_runner = runner
         self.admin_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         log.info("admin views on http://%s:%d/debug/", opts.admin_address, self.admin_port)
+
+    def _runtime(self) -> dict[str, Any]:
+        """/debug/runtime's process numbers; with workers, the streams they hold and each one's share."""
+        service = self.pick_service
+        if service is None:
+            out: dict[str, Any] = {"active_streams": self.servicer.active_streams, "heap_trims": self.heap.trims}
+        else:
+            view = service.view()
+            out = {"active_streams": sum(w["in_flight"] for w in view), "heap_trims": self.heap.trims, "workers": view,
+                   "worker_restarts": self.workers.restarts if self.workers is not None else []}  # fmt: skip
+        if self.peer_sync is not None:
+            out["peers"] = self.peer_sync.status()
+        return out
 
     def config_status(self) -> dict[str, Any]:
         """What /debug/config and `epp status` say about the config serving."""
@@ -659,6 +781,17 @@ class EppServer:
             await self._update_readiness()
             await asyncio.sleep(0.1)
 
+    def _audit_log(self) -> AuditLog | None:
+        opts = self.opts.audit
+        if opts is None:
+            return None
+        from extproc.observability.audit import AuditLog, content_patterns, open_sink
+
+        # the serving config's content rules mask the excerpts too (read at each: a reload swaps the scheduler)
+        audit = AuditLog(open_sink(opts), opts, patterns=lambda: content_patterns(self.director.scheduler.plugins))
+        self.metrics.audit = audit
+        return audit
+
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking new streams, let open ones finish (up to `grace` seconds), then stop tasks."""
         grace = self.opts.grace_period if grace is None else grace
@@ -671,6 +804,12 @@ class EppServer:
             producer.close()  # an open burst window is placed now: its requests go on to their pick
         if self._grpc is not None:
             await self._grpc.stop(grace)
+        if self.workers is not None:
+            await self.workers.stop(grace)  # each drains its streams; their ends still reach the pick service
+        if self.pick_service is not None:
+            await self.pick_service.close()
+        if self.peer_sync is not None:
+            await self.peer_sync.stop()  # after the drain: the last picks reach the peers too
         await self.supervisor.stop()
         for client in self._render_clients.values():
             await client.close()
@@ -678,6 +817,8 @@ class EppServer:
             tp.close()
         if self.kubernetes is not None:
             await self.kubernetes.close()
+        if self._peer_api is not None:
+            await self._peer_api.close()
         if self._health_grpc is not None:
             await self._health_grpc.stop(0)
         if self._metrics_runner is not None:
@@ -686,6 +827,8 @@ class EppServer:
             await self._admin_runner.cleanup()
         if self.tracer_provider is not None:
             await asyncio.to_thread(self.tracer_provider.shutdown)  # exports the spans still batched
+        if self.audit is not None:
+            await asyncio.to_thread(self.audit.close)  # writes the records still queued
 
     async def serve_forever(self) -> None:
         await self.start()
@@ -694,5 +837,5 @@ class EppServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        log.info("shutting down: draining %d open streams (up to %.0fs)", self.servicer.active_streams, self.opts.grace_period)
+        log.info("shutting down: draining %d open streams (up to %.0fs)", self._runtime()["active_streams"], self.opts.grace_period)
         await self.stop()

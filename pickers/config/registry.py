@@ -15,6 +15,8 @@ from typing import Any, Protocol
 from pickers.config.unsupported import UNSUPPORTED_TYPES
 from pickers.framework.errors import ConfigError, shown
 from pickers.framework.params import Params
+from pickers.plugins.admission.content_check import ContentCheckAdmitter
+from pickers.plugins.admission.request_limits import RequestLimitsAdmitter
 from pickers.plugins.base import PluginContext
 from pickers.plugins.datalayer.discovery import FileDiscovery, MulticlusterFileDiscovery
 from pickers.plugins.datalayer.extractors import (
@@ -165,6 +167,8 @@ _CLASSES: tuple[type[_Configurable], ...] = (
     SloHeadroomTierFilter,
     TopologyAffinityFilter,  # P/D: only prefill endpoints near the decode pick
     LatencySloAdmitter,  # admission after the data producers, before the profiles
+    RequestLimitsAdmitter,  # llm-epp's guardrails (docs/guardrails.md): limits per objective or model
+    ContentCheckAdmitter,  # and patterns in the prompt, refused or flagged
     # pickers
     MaxScorePicker,
     RandomPicker,

@@ -89,14 +89,23 @@ SHUTTING_DOWN = ErrorKind("ServiceUnavailable", 503, "rejected-shutting-down")
 EVICTED = ErrorKind("InferencePoolResourceExhausted", 429, "evicted")  # in flight, ended for a higher priority
 # An admission plugin refused the request (latency-slo-admitter): llm-d answers 500 (its Internal code)
 NOT_ADMITTED = ErrorKind("Internal", 500)
+# Guardrails (pickers.plugins.admission, docs/guardrails.md): a request outside the limits its objective
+# or model has (too long a prompt, too many max_tokens) is 400; one naming a model, adapter or path it
+# may not use is 403; a prompt matching a content rule is 400 or 403, as the rule says.
+LIMIT_EXCEEDED = ErrorKind("BadRequest", 400, "rejected-request-limits")
+NOT_ALLOWED = ErrorKind("Forbidden", 403, "rejected-request-limits")
+CONTENT_BAD_REQUEST = ErrorKind("BadRequest", 400, "rejected-content-check")
+CONTENT_FORBIDDEN = ErrorKind("Forbidden", 403, "rejected-content-check")
 
 
 class RequestError(Exception):
-    """A request the EPP refuses; becomes an ImmediateResponse."""
+    """A request the EPP refuses; becomes an ImmediateResponse. `rule`: the admission rule that refused
+    it (`plugin/rule`, or the admitter's name), for the audit record and the admission metric."""
 
-    def __init__(self, kind: ErrorKind, message: str):
+    def __init__(self, kind: ErrorKind, message: str, *, rule: str = ""):
         self.kind = kind
         self.message = message
+        self.rule = rule
         super().__init__(f"{kind.code} - {message}")
 
     @property

@@ -68,6 +68,9 @@ class InferenceRequest:
     prefill_tokens: int = 0
     # Set by request data producers (session-id-producer): (attribute, producer name) -> value
     attributes: dict[tuple[str, str], str] = field(default_factory=dict)
+    # Set by admission plugins that flag without refusing (content-check-admitter's `action: flag`): the
+    # rules the request matched, as `plugin/rule`; the audit record and /debug/decisions list them
+    flags: list[str] | None = None
 
     @property
     def prompt_tokens(self) -> int:

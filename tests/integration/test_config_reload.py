@@ -61,7 +61,11 @@ def test_a_config_edit_under_load_changes_the_routing_and_drops_no_request(tmp_p
             w.start()
         try:
             time.sleep(0.5)
-            config.write_text(PREFIX)
+            # written whole and renamed over the file, as editors and ConfigMap updates do: written in
+            # place, the 100 ms reloader may read it empty or half-written (an error the count below sees)
+            staged = config.with_suffix(".new")
+            staged.write_text(PREFIX)
+            staged.replace(config)
             digest = hashlib.sha256(PREFIX.encode()).hexdigest()
             deadline = time.monotonic() + 20
             while _config_state(s.epp_admin_port)["config_reload"]["sha256"] != digest:

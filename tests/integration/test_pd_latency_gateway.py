@@ -45,11 +45,13 @@ def complete(stack: LocalStack, prompt: str, max_tokens: int) -> None:
 @contextmanager
 def a_running_request(stack: LocalStack) -> Iterator[None]:
     """While the body runs, a long answer streams from the decode server (the EPP counts it in flight);
-    it is dropped when the body is done."""
+    it is dropped when the body is done. Its prompt (~300 tokens) is above pd-latency.yaml's
+    prefillEndpointsBelowTokens, so it cannot land on the prefill server, and the idle decode server
+    prefills it itself."""
     streaming, done = threading.Event(), threading.Event()
 
     def decode() -> None:
-        body = {"model": MODEL, "prompt": "tell me a long story", "max_tokens": 2000, "stream": True}
+        body = {"model": MODEL, "prompt": "tell me a long story " * 60, "max_tokens": 2000, "stream": True}
         with httpx.stream("POST", f"{stack.base_url}/completions", json=body, timeout=30) as r:
             for _ in r.iter_lines():
                 streaming.set()

@@ -26,6 +26,7 @@ RESOURCES = {
     "pods": ("/api/v1", "v1", "Pod"),
     "inferencepools": ("/apis/inference.networking.k8s.io/v1", "inference.networking.k8s.io/v1", "InferencePool"),
     "leases": ("/apis/coordination.k8s.io/v1", "coordination.k8s.io/v1", "Lease"),
+    "endpointslices": ("/apis/discovery.k8s.io/v1", "discovery.k8s.io/v1", "EndpointSlice"),
     "inferenceobjectives": (
         "/apis/inference.networking.x-k8s.io/v1alpha2", "inference.networking.x-k8s.io/v1alpha2", "InferenceObjective"
     ),

@@ -12,12 +12,13 @@ import pytest
 import yaml
 from kubernetes_asyncio.client import models as k8s_models
 
-from extproc.cli.main import _kubernetes_options, build_parser
+from extproc.cli.main import _kubernetes_options, _peer_options, build_parser
 from pickers.config.loader import load_config_file
 from tests.k8s.kustomize import needs_kubectl, render
 
 ROOT = Path(__file__).resolve().parents[2] / "manifests"
-FILES = sorted(ROOT.rglob("*.yaml"))
+# The Helm chart's templates are not manifests until rendered: tests/unit/test_helm_chart.py checks them.
+FILES = sorted(p for p in ROOT.rglob("*.yaml") if not p.is_relative_to(ROOT / "charts"))
 
 KINDS = {
     "CustomResourceDefinition": "apiextensions.k8s.io/v1",
@@ -36,6 +37,7 @@ KINDS = {
     "Component": "kustomize.config.k8s.io/v1alpha1",
     "EndpointPickerConfig": "llm-d.ai/v1alpha1",
     "LeaderWorkerSet": "leaderworkerset.x-k8s.io/v1",
+    "PodDisruptionBudget": "policy/v1",
 }
 # Core kinds checked against the client's models: every field must be one the API knows.
 MODELS = {
@@ -45,6 +47,7 @@ MODELS = {
     "RoleBinding": "V1RoleBinding",
     "Deployment": "V1Deployment",
     "Service": "V1Service",
+    "PodDisruptionBudget": "V1PodDisruptionBudget",
 }
 # What the EPP does with the API, and nothing more (the RBAC the InferencePool guides grant).
 ALLOWED_RBAC = {
@@ -54,6 +57,7 @@ ALLOWED_RBAC = {
     ("inference.networking.x-k8s.io", "inferencemodelrewrites"): {"get", "list", "watch"},
     ("coordination.k8s.io", "leases"): {"get", "create", "update"},
     ("", "events"): {"create"},
+    ("discovery.k8s.io", "endpointslices"): {"get", "list", "watch"},  # components/active-active: peer discovery
 }
 
 
@@ -196,10 +200,68 @@ def test_pool_service_routes_and_model_servers_fit_together() -> None:
         served = {p["containerPort"] for c in template["spec"]["containers"] for p in c.get("ports", [])}
         assert ports <= served, d["metadata"]["name"]
     routes = of_kind("HTTPRoute")
-    assert len(routes) == 3
+    assert len(routes) == len(GATEWAYS)
     for route in routes:
         (backend,) = route["spec"]["rules"][0]["backendRefs"]
         assert backend == {"group": "inference.networking.k8s.io", "kind": "InferencePool", "name": pool["metadata"]["name"]}
+
+
+GATEWAYS = {"istio": "istio", "kgateway": "kgateway", "envoy-gateway": "envoy-gateway", "agentgateway": "agentgateway",
+            "nginx-gateway-fabric": "nginx"}  # folder -> gatewayClassName
+
+
+def test_each_gateway_overlay_names_its_gateway_class() -> None:
+    for gw, cls in GATEWAYS.items():
+        (gateway,) = [d for p in sorted((ROOT / "gateways" / gw).glob("*.yaml")) for d in docs(p) if d["kind"] == "Gateway"]
+        assert gateway["spec"]["gatewayClassName"] == cls, gw
+
+
+def _active_active_patch() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    k = docs(ROOT / "components/active-active/kustomization.yaml")[0]
+    by_kind = {p["target"]["kind"]: yaml.safe_load(p["patch"]) for p in k["patches"]}
+    return by_kind["Deployment"], by_kind["Role"]
+
+
+def test_the_active_active_component_gives_epp_serve_flags_it_accepts() -> None:
+    container = _epp_container()
+    deployment_ops, _ = _active_active_patch()
+    extra = [op["value"] for op in deployment_ops if op["path"].endswith("/args/-")]
+    args = build_parser().parse_args(container["args"] + extra)
+    peers = _peer_options(args)
+    (svc,) = docs(ROOT / "components/active-active/peers-service.yaml")
+    assert peers is not None and peers.service == svc["metadata"]["name"]
+    (port,) = svc["spec"]["ports"]
+    assert port["name"] == "peers" and port["port"] == peers.port  # the name discovery looks for
+    assert svc["spec"]["clusterIP"] == "None"  # headless: its EndpointSlices list every replica
+    assert svc["spec"]["selector"].items() <= _deployment("llm-pool-epp")["spec"]["template"]["metadata"]["labels"].items()
+    (added,) = [op["value"] for op in deployment_ops if op["path"].endswith("/ports/-")]
+    assert added == {"name": "peers", "containerPort": peers.port}
+    assert args.shutdown_delay > 0  # a draining replica keeps serving while the gateways stop sending
+
+
+def test_the_active_active_component_grants_only_endpointslice_reads() -> None:
+    _, role_ops = _active_active_patch()
+    (op,) = role_ops
+    assert op["value"] == {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]}
+    for group in op["value"]["apiGroups"]:
+        for resource in op["value"]["resources"]:
+            assert set(op["value"]["verbs"]) <= ALLOWED_RBAC[(group, resource)]
+
+
+@needs_kubectl
+def test_the_base_with_active_active_renders_two_replicas_that_roll_one_at_a_time() -> None:
+    objects = render(ROOT, components=("components/active-active",), tree=ROOT)
+    deploy = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "llm-pool-epp"][0]
+    assert deploy["spec"]["replicas"] == 2
+    assert deploy["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    (role,) = [o for o in objects if o["kind"] == "Role"]
+    assert {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]} in role["rules"]
+    (pdb,) = [o for o in objects if o["kind"] == "PodDisruptionBudget"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= deploy["spec"]["template"]["metadata"]["labels"].items()
+    assert {o["metadata"]["name"] for o in objects if o["kind"] == "Service"} >= {"llm-pool-epp", "llm-pool-epp-peers"}
+    for o in objects:
+        if o["kind"] in MODELS:
+            _check_shape(o, MODELS[o["kind"]], f"active-active:{o['kind']}")
 
 
 def _deployment(name: str) -> dict[str, Any]:
@@ -210,7 +272,7 @@ def _deployment(name: str) -> dict[str, Any]:
 def test_each_gateway_overlay_has_a_gateway_and_route_and_stands_alone() -> None:
     """A gateway overlay is applied beside the base (or manifests/wide-ep): kustomize refuses one that
     includes the base whose folder holds it ("cycle detected")."""
-    for gw in ("istio", "kgateway", "envoy-gateway"):
+    for gw in GATEWAYS:
         k = docs(ROOT / "gateways" / gw / "kustomization.yaml")[0]
         assert all(not r.startswith("..") for r in k["resources"]), gw
         kinds = {d["kind"] for r in k["resources"] for d in docs(ROOT / "gateways" / gw / r)}
@@ -219,7 +281,7 @@ def test_each_gateway_overlay_has_a_gateway_and_route_and_stands_alone() -> None
     assert rule["spec"]["host"] == "llm-pool-epp" and rule["spec"]["trafficPolicy"]["tls"]["mode"] == "DISABLE"
 
 
-KUSTOMIZATIONS = sorted(p.parent for p in ROOT.rglob("kustomization.yaml") if docs(p)[0]["kind"] == "Kustomization")
+KUSTOMIZATIONS = sorted(p.parent for p in FILES if p.name == "kustomization.yaml" and docs(p)[0]["kind"] == "Kustomization")
 
 
 @needs_kubectl
@@ -241,7 +303,7 @@ def test_the_base_renders_the_epp_its_config_and_one_pool() -> None:
     assert cm["data"]["config.yaml"] == (ROOT / "epp/config.yaml").read_text()
 
 
-@pytest.mark.parametrize("path", sorted(ROOT.rglob("kustomization.yaml")), ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("path", sorted(p for p in FILES if p.name == "kustomization.yaml"), ids=lambda p: str(p.relative_to(ROOT)))
 def test_kustomizations_name_files_that_exist(path: Path) -> None:
     k = docs(path)[0]
     for res in k.get("resources", []):

@@ -310,7 +310,7 @@ def test_the_gateway_overlays_route_to_the_wide_ep_pool(objects) -> None:
     pool = _pool(objects)["metadata"]["name"]
     epp = _pool(objects)["spec"]["endpointPickerRef"]["name"]
     named(objects, "Service", epp)
-    for gw in ("istio", "kgateway", "envoy-gateway"):
+    for gw in ("istio", "kgateway", "envoy-gateway", "agentgateway", "nginx-gateway-fabric"):
         (route,) = of_kind(render(ROOT / "gateways" / gw), "HTTPRoute")
         (backend,) = route["spec"]["rules"][0]["backendRefs"]
         assert backend["name"] == pool, gw

@@ -24,6 +24,7 @@ class FakeDirector:
     routed: list[InferenceRequest] = field(default_factory=list)
     outcomes: list[Outcome] = field(default_factory=list)
     rejections: list[RequestError] = field(default_factory=list)
+    abandons: list[InferenceRequest] = field(default_factory=list)
     first_bytes: int = 0
     in_flight: int = 0
     prepare_first: bool = False  # parsed requests wait in PREPARING for `prepare`
@@ -59,7 +60,10 @@ class FakeDirector:
     def first_byte(self, routing: Routing, end_of_stream: bool = False) -> None:
         self.first_bytes += 1
 
-    def rejected(self, request: InferenceRequest | None, error: RequestError) -> None:
+    def abandoned(self, request: InferenceRequest) -> None:
+        self.abandons.append(request)
+
+    def rejected(self, request: InferenceRequest | None, error: RequestError, routed: bool = False) -> None:
         self.rejections.append(error)
 
     def response_metadata(self, routing: Routing, usage: object | None) -> Mapping[str, Mapping[str, float]] | None:

@@ -115,6 +115,8 @@ def test_the_admitter_refuses_through_the_request_stream_before_scheduling():
     imm = immediate(out)
     assert imm is not None and imm.status.code == 429 and dropped_reason(imm) == "rejected-saturated"
     assert director.datastore.total_in_flight() == 0
+    assert director.metrics.admissions == {("probabilistic-admitter", "refused"): 1}  # its rule is its name
+    assert director.decisions[-1][6] == ("probabilistic-admitter",)
     out = send_request(RequestStream(director), completion_body())  # priority 0: admitted
     assert immediate(out) is None
 

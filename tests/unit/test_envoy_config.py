@@ -35,8 +35,9 @@ def validate(cfg: dict, tmp_path) -> None:
             listen_port=8081, epp_port=9002, admin_port=19000, failure_mode_allow=True, fallback_endpoints=POOL, closed_prefixes=("/sim/",)
         ),
         envoy_config.GatewaySettings(listen_port=8081, epp_port=9002, admin_port=19000, dns_destinations=True),
+        envoy_config.GatewaySettings(listen_port=8081, epp_port=9002, admin_port=19000, epp_replicas=[(9002, 9003), (9012, 9013)]),
     ],
-    ids=["full-duplex", "buffered", "fail-open", "override-host", "closed-prefixes", "dns-destinations"],
+    ids=["full-duplex", "buffered", "fail-open", "override-host", "closed-prefixes", "dns-destinations", "epp-replicas"],
 )
 def test_generated_config_is_valid_for_envoy(settings, tmp_path):
     validate(envoy_config.render(settings), tmp_path)
@@ -139,3 +140,12 @@ def test_host_name_destinations_go_through_the_dynamic_forward_proxy():
     with pytest.raises(ConfigError, match="override-host"):
         envoy_config.render(envoy_config.GatewaySettings(listen_port=1, epp_port=2, admin_port=3, dns_destinations=True,
                                                          override_host_endpoints=POOL))  # fmt: skip
+
+
+def test_epp_replicas_are_one_cluster_balanced_by_least_request_each_health_checked():
+    cfg = envoy_config.render(envoy_config.GatewaySettings(listen_port=1, epp_port=2, admin_port=3, epp_replicas=[(9002, 9003), (9012, 9013)]))
+    epp = next(c for c in cfg["static_resources"]["clusters"] if c["name"] == "llm-epp")
+    assert epp["lb_policy"] == "LEAST_REQUEST"
+    hosts = [e["endpoint"] for e in epp["load_assignment"]["endpoints"][0]["lb_endpoints"]]
+    assert [(h["address"]["socket_address"]["port_value"], h["health_check_config"]["port_value"]) for h in hosts] == [(9002, 9003), (9012, 9013)]
+    assert epp["health_checks"] and epp["outlier_detection"]["consecutive_local_origin_failure"] == 1

@@ -74,11 +74,28 @@ def fit(ctx: PluginContext, ep: Endpoint, tokens_per_s: float, n: int = 30) -> N
 
 
 def test_a_short_prompt_stays_local_without_running_the_prefill_profile():
-    sched, cfg, _ = setup(explain=True)
+    # decode-filter without prefillEndpointsBelowTokens: the decode endpoint, however busy
+    sched, cfg, _ = setup(variant(("  parameters:\n    prefillEndpointsBelowTokens: 256\n", "")), explain=True)
     d, p = endpoint("d", "decode", running=50), endpoint("p", "prefill")
     result = sched.schedule(req(200), [d, p])  # under minUncachedTokens 256, however busy d is
     assert result.endpoints == [d] and prefiller(result) is None
     assert not any(k.startswith("prefill/") for k in result.scores or {})
+
+
+def test_with_pd_latency_yaml_an_idle_prefill_endpoint_serves_a_short_prompt_whole():
+    sched, cfg, _ = setup(explain=True)
+    d, p = endpoint("d", "decode", running=50), endpoint("p", "prefill")
+    d.in_flight = 20  # busy decoding
+    result = sched.schedule(req(200), [d, p])  # under prefillEndpointsBelowTokens 256
+    assert result.endpoints == [p] and prefiller(result) is None
+    assert not any(k.startswith("prefill/") for k in result.scores or {})  # the prefill profile never ran
+    d.in_flight, p.in_flight = 0, 20
+    assert sched.schedule(req(200), [d, p]).endpoints == [d]  # the load scorers place it
+    long = sched.schedule(req(2000), [endpoint("d2", "decode"), p])
+    assert long.endpoints[0].name == "d2"  # long prompts see the decode endpoints only
+    cpu = endpoint("cpu", "prefill", blocks=CPU_BLOCKS)  # another kind of box: never a decoder
+    d.in_flight = 20
+    assert sched.schedule(req(200), [d, cpu]).endpoints == [d]
 
 
 def test_an_idle_decode_endpoint_prefills_a_long_prompt_itself():

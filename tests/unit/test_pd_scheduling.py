@@ -11,7 +11,7 @@ import pytest
 
 from extproc.datalayer.datastore import Datastore
 from pickers.config.loader import load_config, load_config_file
-from pickers.framework.endpoint import ROLE_LABEL, EndpointSpec
+from pickers.framework.endpoint import ROLE_LABEL, EndpointSpec, Metrics
 from pickers.framework.errors import ConfigError, RequestError
 from pickers.framework.request import InferenceRequest
 from pickers.framework.scheduler import Scheduler
@@ -247,3 +247,45 @@ def test_decider_plugin_name_and_deciders_prefill_together_are_refused():
 def test_a_dangling_decider_plugin_name_names_the_parameter():
     with pytest.raises(ConfigError, match=r"plugins\[1\]\.parameters\.deciderPluginName.*no plugin named 'nope'"):
         load_config(LEGACY_DECIDER.format(extra="").replace("deciderPluginName: always-disagg-pd-decider", "deciderPluginName: nope"), "t")
+
+
+SHORT_ON_PREFILL = (
+    "plugins:\n- type: prefill-filter\n- type: decode-filter\n  parameters: {prefillEndpointsBelowTokens: 256}\n"
+    "- type: active-request-scorer\n- type: max-score-picker\n- type: always-disagg-pd-decider\n"
+    "- type: disagg-profile-handler\n  parameters: {deciders: {prefill: always-disagg-pd-decider}}\n"
+    "schedulingProfiles:\n- name: prefill\n  plugins: [{pluginRef: prefill-filter}, {pluginRef: max-score-picker}]\n"
+    "- name: decode\n  plugins: [{pluginRef: decode-filter}, {pluginRef: active-request-scorer}, {pluginRef: max-score-picker}]\n"
+)
+
+
+def geometry(ds: Datastore, blocks: dict[str, int]) -> None:
+    """Give endpoints the KV geometry `vllm:cache_config_info` would report (16-token blocks)."""
+    for ep in ds.candidates():
+        if ep.name in blocks:
+            ep.metrics = Metrics(block_size=16, num_gpu_blocks=blocks[ep.name])
+
+
+def test_decode_filter_lets_prefill_endpoints_serve_short_requests_whole():
+    ds = pool(prefill=3, decode=1)
+    geometry(ds, {"p0": 8000, "p1": 2000, "p2": 8000, "d0": 8000})  # p1: another kind of box (a CPU's)
+    d0 = next(ep for ep in ds.candidates() if ep.name == "d0")
+    d0.in_flight = 5  # the one decoder is busy: an idle prefill server takes the short request
+    s = scheduler(ds, SHORT_ON_PREFILL)
+    short = s.schedule(req("hello there"), ds.candidates())
+    assert short.endpoints[0].name in ("p0", "p2")
+    kept = [ep.name for ep in s.profiles["decode"].filters[0].filter(req("hi"), CycleState(), ds.candidates())]
+    assert kept == ["p0", "p2", "d0"]  # not p1, whose geometry no decode endpoint has
+    assert "x-prefiller-host-port" not in short.request_headers  # served whole there, even by always-disagg
+    assert short.profile_results is None or set(short.profile_results) == {"decode"}
+    long = s.schedule(req(LONG), ds.candidates())  # ~1,125 tokens: above the bound, decode endpoints only
+    assert long.endpoints[0].name == "d0" and long.request_headers["x-prefiller-host-port"].startswith("10.0.0.")
+
+
+def test_prefill_endpoints_below_tokens_is_off_by_default_and_refuses_a_negative():
+    ds = pool(prefill=3, decode=1)
+    geometry(ds, {"p0": 8000, "p1": 8000, "p2": 8000, "d0": 8000})
+    next(ep for ep in ds.candidates() if ep.name == "d0").in_flight = 5
+    s = scheduler(ds, SHORT_ON_PREFILL.replace("\n  parameters: {prefillEndpointsBelowTokens: 256}", ""))
+    assert s.schedule(req("hello there"), ds.candidates()).endpoints[0].name == "d0"
+    with pytest.raises(ConfigError, match="prefillEndpointsBelowTokens"):
+        scheduler(ds, SHORT_ON_PREFILL.replace("256", "-1"))

@@ -58,4 +58,5 @@ class ProbabilisticAdmitter(Plugin):
         saturation = self.saturation(endpoints)
         prob = min(saturation**self.power * self.k, 1.0)
         if self.rng.random() < prob:
-            raise RequestError(SATURATED, f"probabilistic-admitter: rejected, saturation={saturation:.3f} prob={prob:.2f}")
+            raise RequestError(SATURATED, f"probabilistic-admitter: rejected, saturation={saturation:.3f} prob={prob:.2f}",
+                               rule=self.name)  # fmt: skip

@@ -52,4 +52,4 @@ class LatencySloAdmitter(LatencyConsumer):
             p = found.get(ep.address)
             if p is not None and p.valid:
                 return
-        raise RequestError(NOT_ADMITTED, "request cannot be admitted: no valid endpoint available to serve the request")
+        raise RequestError(NOT_ADMITTED, "request cannot be admitted: no valid endpoint available to serve the request", rule=self.name)

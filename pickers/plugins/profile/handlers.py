@@ -28,6 +28,7 @@ from pickers.framework.params import ParameterError, Params
 from pickers.framework.request import InferenceRequest
 from pickers.framework.types import SINGLE_PROFILE_HANDLER, CycleState, ProfileOutcome, SchedulingProfile, SchedulingResult
 from pickers.plugins.base import Plugin, PluginContext
+from pickers.plugins.filter.role import decodes
 from pickers.plugins.profile.data_parallel import primary_port, route_through_primary_port
 from pickers.plugins.profile.latency_pd_decider import LatencyPdDecider
 from pickers.plugins.profile.pd_deciders import (
@@ -180,6 +181,8 @@ class DisaggProfileHandler(Plugin):
             assert self.encode_decider is not None
             if self.encode_decider.disaggregate(request, cycle, decode[0]):
                 return [self._encode]
+        if not decodes(decode[0]):
+            return []  # a prefill endpoint let in by decode-filter's prefillEndpointsBelowTokens serves it whole
         if self._prefill is not None and self.decider is not None and self.decider.disaggregate(request, cycle, decode[0]):
             cycle.peer = decode[0]  # what the prefill profile's topology plugins compare against
             return [self._prefill]

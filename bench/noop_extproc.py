@@ -1,0 +1,103 @@
+"""A no-op Python ext_proc server for the overhead benchmark: the floor any Python ext_proc server pays
+(grpc.aio, protobuf, the event loop) in the processing mode Envoy uses, with no parsing, no pick and
+no bookkeeping. It sends every request to one fixed destination, hands each body chunk straight back
+(FULL_DUPLEX_STREAMED needs that) and answers every other message with an empty response. It reads
+and writes the stream the way the EPP's servicer does (context.read/write, uvloop), and serves gRPC
+health on a second port for Envoy's health check.
+
+Run: python -m bench.noop_extproc --port 9002 --health-port 9003 --destination 127.0.0.1:8001
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+DESTINATION_HEADER = "x-gateway-destination-endpoint"
+
+
+class NoopServicer(pb_grpc.ExternalProcessorServicer):
+    def __init__(self, destination: str) -> None:
+        self.destination = destination.encode()
+
+    def _route(self) -> pb.CommonResponse:
+        header = base_pb2.HeaderValue(key=DESTINATION_HEADER, raw_value=self.destination)
+        return pb.CommonResponse(
+            header_mutation=pb.HeaderMutation(set_headers=[base_pb2.HeaderValueOption(header=header)]), clear_route_cache=True
+        )
+
+    async def Process(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
+        read, write, eof = context.read, context.write, grpc.aio.EOF
+        while (msg := await read()) is not eof:
+            event = msg.WhichOneof("request")
+            if event == "request_headers":
+                await write(pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=self._route())))
+            elif event == "request_body":
+                await write(_streamed(msg.request_body, request=True))
+            elif event == "response_headers":
+                await write(pb.ProcessingResponse(response_headers=pb.HeadersResponse()))
+            elif event == "response_body":
+                await write(_streamed(msg.response_body, request=False))
+            elif event == "request_trailers":
+                await write(pb.ProcessingResponse(request_trailers=pb.TrailersResponse()))
+            elif event == "response_trailers":
+                await write(pb.ProcessingResponse(response_trailers=pb.TrailersResponse()))
+
+
+def _streamed(body: pb.HttpBody, *, request: bool) -> pb.ProcessingResponse:
+    answer = pb.BodyResponse(
+        response=pb.CommonResponse(
+            body_mutation=pb.BodyMutation(streamed_response=pb.StreamedBodyResponse(body=body.body, end_of_stream=body.end_of_stream))
+        )
+    )
+    return pb.ProcessingResponse(request_body=answer) if request else pb.ProcessingResponse(response_body=answer)
+
+
+async def serve(port: int, health_port: int, destination: str, host: str = "127.0.0.1") -> None:
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    pb_grpc.add_ExternalProcessorServicer_to_server(NoopServicer(destination), server)
+    server.add_insecure_port(f"{host}:{port}")
+    health = health_aio.HealthServicer()
+    health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health, health_server)
+    health_server.add_insecure_port(f"{host}:{health_port}")
+    await server.start()
+    await health_server.start()
+    for service in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
+        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(0)
+    await health_server.stop(0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.noop_extproc", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, required=True, help="ext_proc gRPC port")
+    ap.add_argument("--health-port", type=int, required=True, help="gRPC health port")
+    ap.add_argument("--destination", required=True, help="ip:port every request goes to")
+    args = ap.parse_args(argv)
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(args.port, args.health_port, args.destination, args.host))
+    else:
+        uvloop.run(serve(args.port, args.health_port, args.destination, args.host))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
