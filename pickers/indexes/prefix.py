@@ -89,6 +89,10 @@ def _keys(hashes: Sequence[int]) -> np.ndarray:
         return np.array([h & 0xFFFFFFFFFFFFFFFF for h in hashes], dtype=np.uint64)
 
 
+_WORD = 64  # endpoint ids below this: a block's holders fit one uint64 (the small pools' walk)
+_ONE_BIT = np.array([1 << i for i in range(_WORD)] + [0], dtype=np.uint64)  # id -> its bit; -1 (the last) -> 0
+
+
 def _nonzero(mask: np.ndarray) -> np.ndarray:
     return mask.nonzero()[0]  # (np.flatnonzero's wrapper costs more than the work on a prompt's blocks)
 
@@ -151,6 +155,8 @@ class ApproxPrefixIndex:
         rows = rows[:m]
         held = self._ep[rows]
         shared = self._t.columns["fan"][rows] & _SHARED
+        if len(self._addr) <= _WORD:  # ids fit one word: every block's holders as a bitset, and their running AND
+            return self._walk_bits(rows, held, shared, m)
         if not np.count_nonzero(shared):  # at most two holders a block: each one's leading run in array ops
             counts = {}
             for e in {int(x) for x in held[0] if x >= 0}:
@@ -187,6 +193,28 @@ class ApproxPrefixIndex:
         for e in _bit_ids(active):
             counts[e] = m
         return counts, m
+
+    def _walk_bits(self, rows: np.ndarray, held: np.ndarray, shared: np.ndarray, m: int) -> tuple[dict[int, int], int]:
+        """`_walk` when every endpoint id is below 64: block i's holders as one uint64 (inline holders through
+        a table of single bits, -1 reading 0; shared blocks OR their extra holders), then the running AND
+        says who held every block so far; an endpoint's run ends where its bit leaves it. A few array
+        calls and one Python step per endpoint that drops out, whatever the number of blocks."""
+        bits = _ONE_BIT[held[:, 0]] | _ONE_BIT[held[:, 1]]
+        extra = _nonzero(shared)
+        if extra.size:
+            get = self._more_bits.get
+            bits[extra] |= np.array([get(r, 0) for r in rows[extra].tolist()], dtype=np.uint64)
+        acc = np.bitwise_and.accumulate(bits)
+        counts: dict[int, int] = {}
+        active = int(acc[0])
+        for j in _nonzero(acc[1:] != acc[:-1]).tolist():
+            now = int(acc[j + 1])
+            for e in _bit_ids(active & ~now):  # they held blocks 0..j
+                counts[e] = j + 1
+            active = now
+        for e in _bit_ids(active):
+            counts[e] = m
+        return counts, max(counts.values(), default=0)
 
     def _find(self, hashes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """(keys, rows) of these hashes; the last lookup's again when it was of the same list and the
