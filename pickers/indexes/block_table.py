@@ -23,6 +23,7 @@ MAX_LOAD = 0.55
 _REBUILT_LOAD = 0.45  # the most a rebuild leaves (a power of two of slots): room before the next one
 _SCALAR_PLACE = 64  # inserts of up to this many keys go one by one
 _SCALAR_TAIL = 4  # keys left probing past the first rounds: followed one by one
+_SCALAR_PROBE = 64  # lookups with up to this many keys away from home follow them one by one from the start
 
 
 class BlockTable:
@@ -71,11 +72,19 @@ class BlockTable:
         hit &= r >= 0
         if np.count_nonzero(hit) == n:  # the common case: every key at its home slot
             return r, s
+        more = r != _EMPTY  # a deleted slot or another key: probe on
+        more &= ~hit
+        idx = more.nonzero()[0]
+        if idx.size <= _SCALAR_PROBE:  # a prompt's stragglers (most keys sit at home): one by one, no array rounds
+            nxt = ((s[idx] + 1) & mask).tolist()
+            miss = ~hit
+            r[miss] = -1
+            s[miss] = -1
+            self._follow(r, s, idx.tolist(), nxt, keys[idx].tolist())
+            return r, s
         rows = np.full(n, -1, dtype=np.int32)
         where = np.full(n, -1, dtype=np.intp)
         rows[hit], where[hit] = r[hit], s[hit]
-        more = (r != _EMPTY) & ~hit  # a deleted slot or another key: probe on
-        idx = np.flatnonzero(more)
         s, k = (s[idx] + 1) & mask, keys[idx]
         while idx.size > _SCALAR_TAIL:
             r = slots[s]
@@ -86,16 +95,22 @@ class BlockTable:
                 where[idx[hit]] = s[hit]
             more = (r != _EMPTY) & ~hit  # a deleted slot or another key: probe on
             idx, s, k = idx[more], (s[more] + 1) & mask, k[more]
-        for i, at, want in zip(idx.tolist(), s.tolist(), k.tolist()):
+        self._follow(rows, where, idx.tolist(), s.tolist(), k.tolist())
+        return rows, where
+
+    def _follow(self, rows: np.ndarray, where: np.ndarray, idx: list[int], at: list[int], want: list[int]) -> None:
+        """Key `want[j]` probed on from slot `at[j]`: where found, its row and slot into rows/where[idx[j]].
+        (memoryviews: reading an element as a Python int costs a third of a numpy scalar's.)"""
+        slots, key, mask = memoryview(self.slots), memoryview(self.key), len(self.slots) - 1
+        for i, a, w in zip(idx, at, want):
             while True:
-                r0 = int(slots[at])
+                r0 = slots[a]
                 if r0 == _EMPTY:
                     break
-                if r0 >= 0 and int(key[r0]) == want:
-                    rows[i], where[i] = r0, at
+                if r0 >= 0 and key[r0] == w:
+                    rows[i], where[i] = r0, a
                     break
-                at = (at + 1) & mask
-        return rows, where
+                a = (a + 1) & mask
 
     # -- changes -------------------------------------------------------------------------------
     def add(self, keys: np.ndarray) -> np.ndarray:
@@ -164,12 +179,14 @@ class BlockTable:
                 slots[targets] = rows[idx[win]]
                 keep[win] = False
             idx, s = idx[keep], (s[keep] + 1) & mask
-        for i, at in zip(range(len(keys)) if len(keys) <= _SCALAR_PLACE else idx.tolist(), s.tolist()):
-            while int(slots[at]) >= 0:
+        view, filled = memoryview(slots), 0
+        for row, at in zip((rows if len(keys) <= _SCALAR_PLACE else rows[idx]).tolist(), s.tolist()):
+            while view[at] >= 0:
                 at = (at + 1) & mask
-            if slots[at] == _EMPTY:
-                self.filled += 1
-            slots[at] = rows[i]
+            if view[at] == _EMPTY:
+                filled += 1
+            view[at] = row
+        self.filled += filled
 
     def _rehash(self, live: int) -> None:
         bits = _MIN_BITS

@@ -343,10 +343,12 @@ class ApproxPrefixIndex:
         more = self._more
         if more:  # held past the inline slots: a new position there
             todo = []
+            top = base + n - 1  # pos[i], without a numpy scalar each
+            get = more.get
             for i, r in zip(rest.tolist(), rows[rest].tolist()):
-                extra = more.get(r)
+                extra = get(r)
                 if extra is not None and e in extra:
-                    extra[e] = int(pos[i])
+                    extra[e] = top - i
                 else:
                     todo.append(i)
             rest = np.array(todo, dtype=np.intp)

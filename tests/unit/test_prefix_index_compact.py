@@ -34,8 +34,8 @@ op = st.one_of(
 def test_the_compact_index_agrees_with_the_reference_after_any_operations(others, ops):
     new, ref = ApproxPrefixIndex(default_capacity=8), ReferencePrefixIndex(default_capacity=8)
     for i in range(others):  # endpoints that hold nothing: the ones under test get ids past them
-        new.record(f"other-{i}:1", [])
-        ref.record(f"other-{i}:1", [])
+        new.record(f"other-{i}:1", [], None, 0.0)
+        ref.record(f"other-{i}:1", [], None, 0.0)
     now = 0.0
     for o in ops:
         now += 1.0
