@@ -395,11 +395,12 @@ class ApproxPrefixIndex:
         v1 = (held[:, 1] == e) & (pos[:, 1] == at)
         valid = v0 | v1
         more = self._more
-        if more:
-            for i in _nonzero(~valid).tolist():
-                extra = more.get(int(rows[i]))
-                if extra is not None and extra.get(e) == start + i:
-                    valid[i] = True
+        if more:  # held past the inline slots: only shared blocks can be (a queue's many stale elements are not)
+            maybe = _nonzero(~valid & (self._t.columns["fan"][rows] & _SHARED != 0))
+            if maybe.size:
+                get, none = more.get, {}
+                at_more = [get(r, none).get(e, -1) for r in rows[maybe].tolist()]
+                valid[maybe] = np.array(at_more, dtype=np.int64) == maybe + start
         return valid, v0, v1
 
     def _make_room(self, lru: _Lru, n: int) -> None:
@@ -423,9 +424,10 @@ class ApproxPrefixIndex:
         self._pos[keep_rows[slot0], 0] = at[slot0]
         self._pos[keep_rows[slot1], 1] = at[slot1]
         if self._more:
-            e = lru.eid
-            for i in _nonzero(~(slot0 | slot1)).tolist():
-                self._more[int(keep_rows[i])][e] = i
+            e, more = lru.eid, self._more
+            extra = _nonzero(~(slot0 | slot1))
+            for r, i in zip(keep_rows[extra].tolist(), extra.tolist()):
+                more[r][e] = i
 
     def _evict(self, lru: _Lru, over: int) -> None:
         """Drop the `over` least recent blocks of the endpoint."""
