@@ -4,8 +4,8 @@ Six workloads, each replayed (same seeded requests) through real Envoy + the EPP
 same simulated pool, once per strategy: round-robin, random, load-only (queue + kv), the GIE default
 config and our `best`. One table per workload, ratios against the first strategy (round-robin).
 
-    python -m bench.quality                 # all six workloads (~30 min)
-    python -m bench.quality --quick         # shorter runs (~15 min; each workload 1.5-5 min)
+    python -m bench.quality                 # all six workloads (~35 min)
+    python -m bench.quality --quick         # shorter runs (~18 min; each workload 1.5-5 min)
     python -m bench.quality --workload b2b  # one workload (repeatable)
 
 Workloads:
