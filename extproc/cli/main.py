@@ -530,6 +530,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGHUP, _stop)
+    # Ctrl-C too, set here: a shell without job control starts `epp up &` with SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt handler, so a later SIGINT would stop nothing.
+    signal.signal(signal.SIGINT, _stop)
     what = f"{opts.sims} simulated vLLM servers"
     if opts.dp_groups:
         what = f"{opts.dp_groups} simulated data-parallel groups of {opts.dp_size} ranks"
