@@ -324,7 +324,8 @@ class ApproxPrefixIndex:
         new = _nonzero(rows < 0)
         if new.size:
             rows[new] = table.add(keys[new])
-            self._columns()
+            if self._ep is not table.columns["ep"]:  # the table grew its rows
+                self._columns()
             cols = table.columns
             followed = new[new + 1 < n]  # new to the pool: its one continuation so far
             cols["nxt"][rows[followed]] = keys[followed + 1]
@@ -363,6 +364,10 @@ class ApproxPrefixIndex:
         lru.live += len(rest)
         r = rows[rest]
         free0 = ep0[r] < 0
+        if np.count_nonzero(free0) == len(r):  # the common case: each takes a first inline slot (blocks new to the pool)
+            ep0[r] = e
+            ps0[r] = pos[rest]
+            return
         ep0[r[free0]] = e
         ps0[r[free0]] = pos[rest[free0]]
         rest, r = rest[~free0], r[~free0]
