@@ -16,6 +16,7 @@ import numpy as np
 
 _EMPTY, _DELETED = -1, -2
 _FIB = np.uint64(0x9E3779B97F4A7C15)
+_FIB_INT, _U64 = int(_FIB), (1 << 64) - 1  # the same hashing in Python ints (one key at a time)
 _MIN_BITS = 6
 # (live + deleted) / slots before the table is rebuilt: linear probing's chains grow fast past this,
 # and a batch of keys takes as many rounds as its longest chain (stragglers go one by one)
@@ -43,6 +44,7 @@ class BlockTable:
         self._free = np.zeros(16, dtype=np.int32)  # a stack of freed rows
         self._nfree = 0
         self._high = 0  # rows ever handed out (the rest of the arrays is unused)
+        self._mv: tuple[memoryview, memoryview] | None = None  # see _views
 
     def _column(self, name: str, rows: int) -> np.ndarray:
         dtype, width, fill = self._spec[name]
@@ -198,3 +200,63 @@ class BlockTable:
         self.slots = np.full(1 << bits, _EMPTY, dtype=np.int32)
         self.filled = 0
         self._place(self.key[rows], rows)
+
+    # -- one key at a time (event paths: a few keys each, where a numpy call costs more than the work) --
+    def _views(self) -> tuple[memoryview, memoryview]:
+        """memoryviews of the slots and the keys (an element read as a Python int), again after either grew."""
+        v = self._mv
+        if v is None or v[0].obj is not self.slots or v[1].obj is not self.key:
+            v = self._mv = (memoryview(self.slots), memoryview(self.key))
+        return v
+
+    def find_one(self, key: int) -> int:
+        """The row of one key (a uint64 as a Python int), -1 where absent."""
+        slots, keys = self._views()
+        mask, a = len(slots) - 1, ((key * _FIB_INT) & _U64) >> (64 - self._bits)
+        while True:
+            r = slots[a]
+            if r == _EMPTY:
+                return -1
+            if r >= 0 and keys[r] == key:
+                return r
+            a = (a + 1) & mask
+
+    def add_one(self, key: int) -> int:
+        """A row for one key that is not in the table; its columns hold the unused values."""
+        self.version += 1
+        if self.filled + 1 > MAX_LOAD * len(self.slots):
+            self._rehash(self.used + 1)
+        if self._nfree:
+            self._nfree -= 1
+            row = int(self._free[self._nfree])
+        else:
+            if self._high + 1 > len(self.key):
+                self._grow_rows(self._high + 1)
+            row, self._high = self._high, self._high + 1
+        slots, keys = self._views()
+        keys[row] = key
+        mask, a = len(slots) - 1, ((key * _FIB_INT) & _U64) >> (64 - self._bits)
+        while slots[a] >= 0:
+            a = (a + 1) & mask
+        if slots[a] == _EMPTY:
+            self.filled += 1
+        slots[a] = row
+        self.used += 1
+        return row
+
+    def remove_one(self, row: int) -> None:
+        """Delete one live row; its columns go back to the unused values."""
+        self.version += 1
+        slots, keys = self._views()
+        mask, a = len(slots) - 1, ((keys[row] * _FIB_INT) & _U64) >> (64 - self._bits)
+        while slots[a] != row:
+            a = (a + 1) & mask
+        slots[a] = _DELETED
+        self.used -= 1
+        for name, (_, _, fill) in self._spec.items():
+            self.columns[name][row] = fill
+        keys[row] = 0
+        if self._nfree == len(self._free):
+            self._free = np.concatenate([self._free, np.zeros(len(self._free), np.int32)])
+        self._free[self._nfree] = row
+        self._nfree += 1

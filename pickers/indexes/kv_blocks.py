@@ -22,26 +22,40 @@ among the media holding it (`TierWeights`).
 With `metrics` (llm-d's `enableMetrics`), the index counts what llm-d-kv-cache's instrumented index
 counts: blocks admitted and evicted, lookups, the blocks of the longest chain one endpoint holds per
 lookup, and each lookup's time. Plain integers; the EPP exports them when Prometheus scrapes.
+
+Compact (about 60 bytes per (endpoint, block) entry, bench/scale.py), with no Python object per entry
+for the garbage collector to walk: keys are rows of a `BlockTable` (pickers.indexes.block_table) with
+two holders inline (endpoint id and media), more holders of a shared block in a small dict; each
+endpoint's engine hash -> our key map is a `BlockTable` of its own keyed by the engine hash (vLLM's
+uint64 as it is, other hashes by their xxh64 digest), its LRU order a uint32 stamp per row. Events
+change a few rows each, one key at a time (numpy's per-call cost would exceed the work); lookups find
+a prompt's keys in a few array calls. Endpoints are small integer ids inside; the API speaks addresses.
 """
 
 from __future__ import annotations
 
 import struct
 import time
-from collections import OrderedDict
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import xxhash
 
 from pickers.framework.histogram import Histogram
+from pickers.indexes.block_table import BlockTable
 
-DEFAULT_CAPACITY = 1_000_000  # blocks per endpoint; about 200 MB for one endpoint at the bound
+DEFAULT_CAPACITY = 1_000_000  # blocks per endpoint; about 60 MB for one endpoint at the bound
 ROOT_KEY = 0
 GPU = "gpu"  # the medium of an event that names none (llm-d's default tier)
 GPU_BIT = 1
 UNNAMED_BIT = 2  # speculative entries (no medium, as llm-d's) and media past MAX_MEDIA: weight 1.0
-MAX_MEDIA = 16  # distinct medium names given bits of their own (events name a handful: GPU, CPU, ...)
+# distinct medium names given bits of their own (events name a handful: GPU, CPU, ...): with gpu and
+# the unnamed one, a block's media fit 16 bits
+MAX_MEDIA = 14
+MAX_ENDPOINTS = 32_767  # endpoint ids are int16
+_U64 = (1 << 64) - 1
+_STAMPS = (1 << 32) - 1  # a uint32 stamp's limit: the stamps are renumbered there
 _xxh64 = xxhash.xxh64_intdigest
 # Prometheus' default buckets (seconds), which llm-d-kv-cache's lookup latency histogram uses
 LOOKUP_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
@@ -71,17 +85,120 @@ def request_keys(
     return keys
 
 
+# an endpoint's engine hash -> our key, and the row's LRU stamp (0: an unused row)
+_ENGINE_COLUMNS = {"key": (np.uint64, 1, 0), "seq": (np.uint32, 1, 0)}
+# a key's first two holders: endpoint id (-1: none) and the mask of media holding the block there; `more`:
+# 1 where holders past these two are in the index's `_more` (holders oldest stored first, in that order)
+_HOLDER_COLUMNS = {"ep0": (np.int16, 1, -1), "ep1": (np.int16, 1, -1), "m0": (np.uint16, 1, 0), "m1": (np.uint16, 1, 0),
+                   "more": (np.int8, 1, 0)}  # fmt: skip
+_NO_ROWS = np.zeros(0, dtype=np.int32)
+
+
+def engine_key(block_hash: Hashable) -> int:
+    """An engine's block hash as the uint64 it is kept under: vLLM's integers (uint64) as they are, other
+    hashes (sha256 digests, ...) as their xxh64 digest (two of one endpoint's colliding: ~n^2 / 2^65)."""
+    if type(block_hash) is int and 0 <= block_hash <= _U64:
+        return block_hash
+    if isinstance(block_hash, (bytes, bytearray)):
+        return _xxh64(block_hash)
+    return _xxh64(repr(block_hash).encode())
+
+
+class _Column:
+    """A memoryview of one flat column of a BlockTable (elements read and written as Python ints),
+    renewed when the table grew its rows."""
+
+    __slots__ = ("table", "name", "_view")
+
+    def __init__(self, table: BlockTable, name: str) -> None:
+        self.table, self.name = table, name
+        self._view: memoryview | None = None
+
+    def __call__(self) -> memoryview:
+        col = self.table.columns[self.name]
+        v = self._view
+        if v is None or v.obj is not col:
+            v = self._view = memoryview(col)
+        return v
+
+
+class _Recency:
+    """Least recently touched rows of a BlockTable through its uint32 `seq` column: a touch stamps the row
+    with the next count (an unused row's 0 means none). The oldest are found a batch at a time (the
+    smallest stamps of all rows) and checked again when taken: a row touched or removed since is skipped,
+    and every row stamped after the batch was found is newer than all of it, so the order is exact."""
+
+    __slots__ = ("table", "clock", "_seq", "_queue", "_at")
+
+    def __init__(self, table: BlockTable) -> None:
+        self.table = table
+        self.clock = 1
+        self._seq = _Column(table, "seq")
+        self._queue: list[tuple[int, int]] = []  # (row, its stamp then), oldest first
+        self._at = 0
+
+    def touch(self, row: int) -> None:
+        self._seq()[row] = self.clock
+        self.clock += 1
+        if self.clock == _STAMPS:
+            self._renumber()
+
+    def oldest(self) -> int:
+        """The least recently touched live row (the table has one)."""
+        seq = self._seq()
+        while True:
+            queue = self._queue
+            while self._at < len(queue):
+                row, stamp = queue[self._at]
+                self._at += 1
+                if seq[row] == stamp:
+                    return row
+            self._refill()
+
+    def _refill(self) -> None:
+        col = self.table.columns["seq"]
+        live = col.nonzero()[0]
+        stamps = col[live]
+        k = min(len(live), max(64, len(live) // 64))  # a 64th of the rows: the scan's cost shared by as many evictions
+        part = np.argpartition(stamps, k - 1)[:k] if k < len(live) else np.arange(len(live))
+        part = part[np.argsort(stamps[part])]
+        self._queue = list(zip(live[part].tolist(), stamps[part].tolist()))
+        self._at = 0
+
+    def _renumber(self) -> None:
+        col = self.table.columns["seq"]
+        live = col.nonzero()[0]
+        col[live[np.argsort(col[live])]] = np.arange(1, len(live) + 1, dtype=np.uint32)
+        self.clock = len(live) + 1
+        self._queue, self._at = [], 0
+
+
 @dataclass(slots=True)
 class EndpointBlocks:
-    """One endpoint's blocks: engine hash -> our key, oldest first."""
+    """One endpoint's blocks: engine hash -> our key, rows of a BlockTable in LRU order (`recency`)."""
 
-    blocks: OrderedDict[Hashable, int]
+    eid: int  # the endpoint's id in the index's holder columns
+    table: BlockTable = field(default_factory=lambda: BlockTable(_ENGINE_COLUMNS))
     block_size: int | None = None
     orphans: int = 0  # stored blocks dropped because their parent was unknown (we joined late)
     gaps: int = 0  # times its event stream lost messages and the state was reset
     # the engine's global data-parallel rank, as its batches name it: known only under llm-d's rank-granular
     # identity (kvEventsConfig.servingPortBase), for p2p-source-producer's p2pPortBase
     global_dp_rank: int | None = None
+    recency: _Recency = field(init=False)
+    key: _Column = field(init=False)  # row -> our key
+
+    def __post_init__(self) -> None:
+        self.recency = _Recency(self.table)
+        self.key = _Column(self.table, "key")
+
+    @property
+    def blocks(self) -> int:
+        return self.table.used
+
+    def clear(self) -> None:
+        self.table = BlockTable(_ENGINE_COLUMNS)
+        self.__post_init__()
 
 
 @dataclass(slots=True)
@@ -96,7 +213,7 @@ class IndexMetrics:
 
 
 class KVBlockIndex:
-    """our key -> endpoints holding it, plus each endpoint's engine-hash map (for removals)."""
+    """our key -> endpoints holding it (with the media), plus each endpoint's engine-hash map (for removals)."""
 
     def __init__(
         self,
@@ -112,13 +229,24 @@ class KVBlockIndex:
         self.max_keys = max_keys
         self.pods_per_key = pods_per_key
         self.hash_seed = hash_seed
-        # key -> endpoints holding it, least recently stored first (a dict used as an ordered set)
-        self._holders: dict[int, dict[str, int]] = {}  # ... -> the mask of media holding it there
-        # keys, least recently stored first: kept only with max_keys
-        self._recent: OrderedDict[int, None] | None = OrderedDict() if max_keys is not None else None
+        columns = dict(_HOLDER_COLUMNS)
+        if max_keys is not None:  # keys in the order last stored, for max_keys
+            columns["seq"] = (np.uint32, 1, 0)
+        self._k = BlockTable(columns)  # our key -> its holders
+        self._recent = _Recency(self._k) if max_keys is not None else None
+        self._more: dict[int, dict[int, int]] = {}  # row -> endpoint id -> media, of holders past the inline two
+        self._views()
         self._endpoints: dict[str, EndpointBlocks] = {}
+        self._addr: list[str | None] = []  # endpoint id -> address (None: free)
+        self._free_ids: list[int] = []
         self.lora_names: set[str] = set()  # adapters seen in events: their blocks chain from their name
         self._media: dict[str, int] = {GPU: GPU_BIT, "": UNNAMED_BIT}  # medium name -> its bit
+
+    def _views(self) -> None:
+        """memoryviews of the holder columns (again after the key table grew its rows)."""
+        c = self._k.columns
+        self._src = c["ep0"]
+        self._ep0, self._ep1, self._m0, self._m1, self._flag = (memoryview(c[n]) for n in ("ep0", "ep1", "m0", "m1", "more"))
 
     def medium_bit(self, medium: str | None, *, register: bool = True) -> int:
         """The bit of an event's medium (lower-cased; none is gpu). A new name gets the next bit, past
@@ -139,11 +267,110 @@ class KVBlockIndex:
         """The medium names of a mask ("" for speculative entries and unnamed media)."""
         return [name for name, bit in self._media.items() if mask & bit]
 
+    # -- a key's holders ---------------------------------------------------------------------
+    def _holders(self, row: int) -> list[tuple[int, int]]:
+        """(endpoint id, media) of the key's holders, least recently stored first."""
+        out: list[tuple[int, int]] = []
+        e = self._ep0[row]
+        if e >= 0:
+            out.append((e, self._m0[row]))
+            e = self._ep1[row]
+            if e >= 0:
+                out.append((e, self._m1[row]))
+                if self._flag[row]:
+                    out.extend(self._more[row].items())
+        return out
+
+    def _set_holders(self, row: int, holders: list[tuple[int, int]]) -> None:
+        n = len(holders)
+        self._ep0[row], self._m0[row] = holders[0] if n else (-1, 0)
+        self._ep1[row], self._m1[row] = holders[1] if n > 1 else (-1, 0)
+        if n > 2:
+            self._more[row] = dict(holders[2:])
+            self._flag[row] = 1
+        elif self._flag[row]:
+            del self._more[row]
+            self._flag[row] = 0
+
+    def _hold(self, key: int, eid: int, bit: int) -> None:
+        """Endpoint `eid` holds `key` on the medium of `bit` (too), most recently stored."""
+        row = self._k.find_one(key)
+        if row < 0:
+            row = self._k.add_one(key)
+            if self._k.columns["ep0"] is not self._src:
+                self._views()
+            self._ep0[row], self._m0[row] = eid, bit
+        elif self._ep0[row] == eid and self._ep1[row] < 0:
+            self._m0[row] |= bit
+        else:
+            holders = self._holders(row)
+            for i, (e, mask) in enumerate(holders):
+                if e == eid:
+                    del holders[i]
+                    holders.append((eid, mask | bit))  # most recent last
+                    break
+            else:
+                holders.append((eid, bit))
+                if self.pods_per_key is not None and len(holders) > self.pods_per_key:
+                    del holders[0]
+            self._set_holders(row, holders)
+        if self._recent is not None:
+            self._recent.touch(row)
+
+    def _strip(self, row: int, eid: int, bit: int) -> bool:
+        """Take the medium of `bit` from endpoint `eid`'s hold on the key; False where no other medium would
+        be left (or it does not hold the key): the hold should go."""
+        if self._ep0[row] == eid:
+            mask, view = self._m0[row], self._m0
+        elif self._ep1[row] == eid:
+            mask, view = self._m1[row], self._m1
+        else:
+            more = self._more.get(row) if self._flag[row] else None
+            if more is None or eid not in more or not more[eid] & ~bit:
+                return False
+            more[eid] &= ~bit
+            return True
+        if not mask & ~bit:
+            return False
+        view[row] = mask & ~bit
+        return True
+
+    def _drop(self, key: int, eid: int) -> None:
+        row = self._k.find_one(key)
+        if row >= 0:
+            self._drop_row(row, eid)
+
+    def _drop_row(self, row: int, eid: int) -> None:
+        if self._ep0[row] == eid and self._ep1[row] < 0:
+            self._k.remove_one(row)
+            return
+        holders = self._holders(row)
+        kept = [h for h in holders if h[0] != eid]
+        if len(kept) == len(holders):
+            return
+        if kept:
+            self._set_holders(row, kept)
+        else:
+            self._remove_key(row)
+
+    def _remove_key(self, row: int) -> None:
+        if self._flag[row]:
+            del self._more[row]
+        self._k.remove_one(row)
+
     # -- events (the subscriber) ------------------------------------------------------------
     def _ep(self, address: str) -> EndpointBlocks:
         ep = self._endpoints.get(address)
         if ep is None:
-            ep = self._endpoints[address] = EndpointBlocks(OrderedDict())
+            if self._free_ids:
+                eid = self._free_ids.pop()
+                self._addr[eid] = address
+            else:
+                eid = len(self._addr)
+                if eid > MAX_ENDPOINTS:
+                    raise ValueError(f"the precise prefix index tracks at most {MAX_ENDPOINTS + 1} endpoints")
+                self._addr.append(address)
+            ep = self._endpoints[address] = EndpointBlocks(eid)
         return ep
 
     def block_stored(
@@ -159,15 +386,16 @@ class KVBlockIndex:
         """Index blocks the engine stored on `medium`. Returns how many were indexed."""
         ep = self._ep(address)
         bit = self.medium_bit(medium)
+        table, eid = ep.table, ep.eid
         if not token_ids:  # the blocks are known by their hashes: now (also) on this medium
             known = 0
             for engine_hash in block_hashes:
-                key = ep.blocks.get(engine_hash)
-                if key is not None:
-                    ep.blocks.move_to_end(engine_hash)
-                    self._hold(key, address, bit)
+                row = table.find_one(engine_key(engine_hash))
+                if row >= 0:
+                    ep.recency.touch(row)
+                    self._hold(ep.key()[row], eid, bit)
                     known += 1
-            self._trim(ep, address)
+            self._trim(ep)
             if self.metrics is not None:
                 self.metrics.admissions += known
             return known
@@ -177,55 +405,49 @@ class KVBlockIndex:
             if lora_name:
                 self.lora_names.add(lora_name)
         else:
-            found = ep.blocks.get(parent_block_hash)
-            if found is None:
+            found = table.find_one(engine_key(parent_block_hash))
+            if found < 0:
                 ep.orphans += len(block_hashes)
                 return 0
-            parent = found
-        blocks = ep.blocks
+            parent = ep.key()[found]
         stored = 0
+        touch, find, add = ep.recency.touch, table.find_one, table.add_one
         for i, engine_hash in enumerate(block_hashes):
             tokens = token_ids[i * block_size : (i + 1) * block_size]
             if len(tokens) < block_size:
                 break
             key = chain_key(parent, tokens)
-            old = blocks.get(engine_hash)
-            if old is not None and old != key:
-                self._drop(old, address)
-            blocks[engine_hash] = key
-            blocks.move_to_end(engine_hash)
-            self._hold(key, address, bit)
+            h = engine_key(engine_hash)
+            row = find(h)
+            if row < 0:
+                row = add(h)
+                ep.key()[row] = key
+            else:
+                keys = ep.key()
+                old = keys[row]
+                if old != key:
+                    self._drop(old, eid)
+                    keys[row] = key
+            touch(row)
+            self._hold(key, eid, bit)
             parent = key
             stored += 1
-        self._trim(ep, address)
+        self._trim(ep)
         if self.metrics is not None:
             self.metrics.admissions += stored
         return len(block_hashes)
 
-    def _trim(self, ep: EndpointBlocks, address: str) -> None:
+    def _trim(self, ep: EndpointBlocks) -> None:
         """The bounds: `capacity` blocks per endpoint, `max_keys` keys (the least recently stored go)."""
-        blocks, holders, recent = ep.blocks, self._holders, self._recent
-        while len(blocks) > self.capacity:
-            _, key = blocks.popitem(last=False)
-            self._drop(key, address)
-        if recent is not None and self.max_keys is not None:
-            while len(holders) > self.max_keys:
-                old, _ = recent.popitem(last=False)
-                holders.pop(old, None)  # endpoints' maps keep the engine hash: resolving parents still works
-
-    def _hold(self, key: int, address: str, bit: int) -> None:
-        """`address` holds `key` on the medium of `bit` (too), most recently stored."""
-        s = self._holders.get(key)
-        if s is None:
-            self._holders[key] = {address: bit}
-        else:
-            mask = s.pop(address, 0)
-            s[address] = mask | bit  # most recent last
-            if self.pods_per_key is not None and len(s) > self.pods_per_key:
-                del s[next(iter(s))]
-        if self._recent is not None:
-            self._recent[key] = None
-            self._recent.move_to_end(key)
+        table = ep.table
+        while table.used > self.capacity:
+            row = ep.recency.oldest()
+            key = ep.key()[row]
+            table.remove_one(row)
+            self._drop(key, ep.eid)
+        if self._recent is not None and self.max_keys is not None:
+            while self._k.used > self.max_keys:
+                self._remove_key(self._recent.oldest())  # endpoints' maps keep the engine hash: resolving parents still works
 
     def block_removed(self, address: str, block_hashes: Iterable[Hashable], medium: str | None = None) -> None:
         """The engine dropped these blocks from `medium`; a block another medium still holds stays."""
@@ -236,29 +458,37 @@ class KVBlockIndex:
         if not bit:  # a medium no block was stored on
             return
         removed = 0
+        table, eid = ep.table, ep.eid
         for engine_hash in block_hashes:
-            key = ep.blocks.get(engine_hash)
-            if key is None:
+            row = table.find_one(engine_key(engine_hash))
+            if row < 0:
                 continue
             removed += 1
-            s = self._holders.get(key)
-            mask = s.get(address) if s is not None else None
-            if s is not None and mask is not None and mask & ~bit:
-                s[address] = mask & ~bit
+            key = ep.key()[row]
+            held = self._k.find_one(key)
+            if held >= 0 and self._strip(held, eid, bit):
                 continue
-            del ep.blocks[engine_hash]
-            self._drop(key, address)
+            table.remove_one(row)
+            if held >= 0:
+                self._drop_row(held, eid)
         if self.metrics is not None:
             self.metrics.evictions += removed
 
     def clear_endpoint(self, address: str) -> None:
         """AllBlocksCleared, a restarted engine or a lost stream: the endpoint holds nothing we know of."""
         ep = self._endpoints.get(address)
-        if ep is None:
+        if ep is None or not ep.table.used:
             return
-        for key in ep.blocks.values():
-            self._drop(key, address)
-        ep.blocks.clear()
+        cols = ep.table.columns
+        keys = np.unique(cols["key"][cols["seq"].nonzero()[0]])  # every live row has a stamp
+        rows = self._k.find(keys)
+        rows = rows[rows >= 0]
+        c = self._k.columns
+        alone = (c["ep0"][rows] == ep.eid) & (c["ep1"][rows] < 0)  # its only holder: the key goes (in one call)
+        self._k.remove(rows[alone])
+        for row in rows[~alone].tolist():
+            self._drop_row(row, ep.eid)
+        ep.clear()
 
     def mark_gap(self, address: str) -> None:
         """Events were lost: what we know may be wrong both ways. Forget it all (no false hits);
@@ -268,16 +498,10 @@ class KVBlockIndex:
 
     def remove_endpoint(self, address: str) -> None:
         self.clear_endpoint(address)
-        self._endpoints.pop(address, None)
-
-    def _drop(self, key: int, address: str) -> None:
-        s = self._holders.get(key)
-        if s is not None:
-            s.pop(address, None)
-            if not s:
-                del self._holders[key]
-                if self._recent is not None:
-                    self._recent.pop(key, None)
+        ep = self._endpoints.pop(address, None)
+        if ep is not None:
+            self._addr[ep.eid] = None
+            self._free_ids.append(ep.eid)
 
     # -- lookups (the scorer) ----------------------------------------------------------------
     def lookup(
@@ -305,49 +529,95 @@ class KVBlockIndex:
         scores, chain = self._weighted(keys, weights, extra)
         return {a: int(score) for a, score in scores.items()}, chain
 
+    def _rows(self, keys: Sequence[int], extra: Mapping[int, Mapping[str, object]] | None) -> np.ndarray | None:
+        """The rows of the keys up to the first no endpoint holds, for the array walks; None where the walk
+        goes key by key (speculative holders of these keys, a key that is not a uint64)."""
+        if extra and any(k in extra for k in keys):
+            return None
+        first = keys[0]
+        if type(first) is not int or not 0 <= first <= _U64:
+            return None
+        if self._k.find_one(first) < 0:  # (most new prompts: no array call)
+            return _NO_ROWS
+        try:  # packed in C, about 3x faster than numpy converting each int
+            packed = np.frombuffer(struct.pack(f"<{len(keys)}Q", *keys), np.uint64)
+        except struct.error:
+            return None
+        rows = self._k.find(packed)
+        missing = (rows < 0).nonzero()[0]
+        return rows[: missing[0]] if missing.size else rows
+
+    def _shared(self, rows: np.ndarray) -> bool:
+        """Whether any of these keys has holders past the inline two."""
+        return bool(self._more) and bool(np.count_nonzero(self._k.columns["more"][rows]))
+
+    def _maps(self, keys: Sequence[int], rows: np.ndarray | None, extra: Mapping[int, Mapping[str, object]] | None) -> Iterator[dict[str, int]]:
+        """Each key's holders (address -> media; a speculative holder with no medium, UNNAMED_BIT): from
+        `rows` where given (the walk ends with them), else key by key."""
+        addr = self._addr
+        if rows is not None:
+            c, more = self._k.columns, self._more
+            for r, e0, m0, e1, m1, f in zip(rows.tolist(), *(c[n][rows].tolist() for n in ("ep0", "m0", "ep1", "m1", "more"))):
+                d = {addr[e0]: m0}  # type: ignore[index]
+                if e1 >= 0:
+                    d[addr[e1]] = m1  # type: ignore[index]
+                    if f:
+                        for e, mask in more[r].items():
+                            d[addr[e]] = mask  # type: ignore[index]
+                yield d  # type: ignore[misc]
+            return
+        for key in keys:
+            row = self._k.find_one(key) if type(key) is int and 0 <= key <= _U64 else -1
+            d = {addr[e]: mask for e, mask in self._holders(row)} if row >= 0 else {}
+            spec = extra.get(key) if extra else None
+            if spec:
+                for a in spec:
+                    d[a] = d.get(a, 0) | UNNAMED_BIT  # type: ignore[index]
+            yield d  # type: ignore[misc]
+
+    def _runs(self, rows: np.ndarray, bit: int = 0) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(endpoint id, leading blocks it holds, media of each of them) of each holder of the first key,
+        where no key has holders past the inline two; with `bit`, only blocks held on that medium count."""
+        c = self._k.columns
+        e0, e1 = c["ep0"][rows], c["ep1"][rows]
+        m0, m1 = c["m0"][rows], c["m1"][rows]
+        n = len(rows)
+        for e in {int(e0[0]), int(e1[0])} - {-1}:
+            in0, in1 = e0 == e, e1 == e
+            if bit:
+                in0 &= (m0 & bit) != 0
+                in1 &= (m1 & bit) != 0
+            has = in0 | in1
+            run = n if np.count_nonzero(has) == n else int(np.argmin(has))
+            if run:
+                yield e, run, np.where(in0[:run], m0[:run], m1[:run])
+
     def match(self, keys: Sequence[int], extra: Mapping[int, Mapping[str, object]] | None = None) -> dict[str, int]:
         """Leading blocks held per endpoint; the walk stops at the first block nobody holds. `extra`:
         more holders per key (speculative entries), counted as if stored."""
-        counts: dict[str, int] = {}
         if not keys:
-            return counts
-        holders_of: Mapping[int, Mapping[str, object]] = self._holders
-        if extra:
-            holders_of = _Union(self._holders, extra)
-        first = holders_of.get(keys[0])
-        if not first:
-            return counts
-        active = set(first)
-        for i, key in enumerate(keys):
-            holders = holders_of.get(key)
-            if not holders:
-                break
-            active.intersection_update(holders)
-            if not active:
-                break
-            for address in active:
-                counts[address] = i + 1
-        return counts
+            return {}
+        rows = self._rows(keys, extra)
+        if rows is not None and not len(rows):
+            return {}
+        if rows is None or self._shared(rows):
+            return _match_walk(self._maps(keys, rows, extra))
+        addr = self._addr
+        return {addr[e]: run for e, run, _ in self._runs(rows)}  # type: ignore[misc]
 
     def medium_match(self, keys: Sequence[int], medium: str) -> dict[str, int]:
         """Leading blocks each endpoint holds on `medium` (lower-cased), up to the first it lacks there;
         speculative entries hold no medium, so they never count."""
         bit = self._media.get(medium.lower())
-        counts: dict[str, int] = {}
         if not bit or not keys:
-            return counts
-        holders_of = self._holders
-        active = [a for a, mask in holders_of.get(keys[0], {}).items() if mask & bit]
-        for i, key in enumerate(keys):
-            holders = holders_of.get(key)
-            if not holders:
-                break
-            active = [a for a in active if holders.get(a, 0) & bit]
-            if not active:
-                break
-            for address in active:
-                counts[address] = i + 1
-        return counts
+            return {}
+        rows = self._rows(keys, None)
+        if rows is not None and not len(rows):
+            return {}
+        if rows is None or self._shared(rows):
+            return _medium_walk(self._maps(keys, rows, None), bit)
+        addr = self._addr
+        return {addr[e]: run for e, run, _ in self._runs(rows, bit)}  # type: ignore[misc]
 
     def weighted_match(
         self, keys: Sequence[int], weights: Mapping[int, float], extra: Mapping[int, Mapping[str, object]] | None = None
@@ -361,35 +631,19 @@ class KVBlockIndex:
         self, keys: Sequence[int], weights: Mapping[int, float], extra: Mapping[int, Mapping[str, object]] | None
     ) -> tuple[dict[str, float], int]:
         """`weighted_match`, and the blocks of the longest leading chain one endpoint holds."""
-        scores: dict[str, float] = {}
         if not keys:
-            return scores, 0
-        holders_of: Mapping[int, Mapping[str, int]] = self._holders
-        if extra:
-            holders_of = _MaskUnion(self._holders, extra)
-        first = holders_of.get(keys[0])
-        if not first:
-            return scores, 0
-        for address, mask in first.items():
-            scores[address] = weights[mask]
-        active = list(scores)
-        chain = 1
-        for i in range(1, len(keys)):
-            holders = holders_of.get(keys[i])
-            if not holders:
-                break
-            left = False
-            for address in active:
-                mask = holders.get(address)
-                if mask:
-                    scores[address] += weights[mask]
-                else:
-                    left = True
-            if left:  # allocates only when an endpoint's match ends
-                active = [a for a in active if holders.get(a)]
-                if not active:
-                    break
-            chain = i + 1
+            return {}, 0
+        rows = self._rows(keys, extra)
+        if rows is not None and not len(rows):
+            return {}, 0
+        if rows is None or self._shared(rows):
+            return _weighted_walk(self._maps(keys, rows, extra), weights)
+        scores: dict[str, float] = {}
+        chain = 0
+        addr, weight = self._addr, weights.__getitem__
+        for e, run, media in self._runs(rows):
+            scores[addr[e]] = sum(map(weight, media.tolist()))  # type: ignore[index]  # (in order: the reference's sums)
+            chain = max(chain, run)
         return scores, chain
 
     def block_sizes(self) -> set[int]:
@@ -401,7 +655,7 @@ class KVBlockIndex:
 
     def blocks_of(self, address: str) -> int:
         ep = self._endpoints.get(address)
-        return len(ep.blocks) if ep else 0
+        return ep.table.used if ep else 0
 
     def set_global_dp_rank(self, address: str, rank: int) -> None:
         self._ep(address).global_dp_rank = rank
@@ -416,11 +670,79 @@ class KVBlockIndex:
 
     def size(self) -> int:
         """(endpoint, block) entries held; bounded by capacity x endpoints."""
-        return sum(len(ep.blocks) for ep in self._endpoints.values())
+        return sum(ep.table.used for ep in self._endpoints.values())
+
+    def keys_held(self) -> int:
+        """Distinct keys some endpoint holds (max_keys bounds it)."""
+        return self._k.used
 
     def memory_bytes(self) -> int:
-        """A rough estimate: ~100 bytes per map entry and ~250 per distinct key's holder set."""
-        return self.size() * 100 + len(self._holders) * 250
+        """The arrays' bytes, plus ~100 bytes per holder of a shared key past its two inline ones (dict entries)."""
+        shared = sum(len(d) for d in self._more.values())
+        return self._k.nbytes() + sum(ep.table.nbytes() for ep in self._endpoints.values()) + 100 * shared + 200 * len(self._more)
+
+
+def _match_walk(maps: Iterable[Mapping[str, int]]) -> dict[str, int]:
+    """`match` over each key's holders: the endpoints holding every key so far, until none is left."""
+    counts: dict[str, int] = {}
+    active: set[str] | None = None
+    for i, holders in enumerate(maps):
+        if not holders:
+            break
+        if active is None:
+            active = set(holders)
+        else:
+            active.intersection_update(holders)
+            if not active:
+                break
+        for address in active:
+            counts[address] = i + 1
+    return counts
+
+
+def _medium_walk(maps: Iterable[Mapping[str, int]], bit: int) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    active: list[str] | None = None
+    for i, holders in enumerate(maps):
+        if not holders:
+            break
+        if active is None:
+            active = [a for a, mask in holders.items() if mask & bit]
+        else:
+            active = [a for a in active if holders.get(a, 0) & bit]
+        if not active:
+            break
+        for address in active:
+            counts[address] = i + 1
+    return counts
+
+
+def _weighted_walk(maps: Iterable[Mapping[str, int]], weights: Mapping[int, float]) -> tuple[dict[str, float], int]:
+    scores: dict[str, float] = {}
+    active: list[str] = []
+    chain = 0
+    for i, holders in enumerate(maps):
+        if not holders:
+            break
+        if i == 0:
+            for address, mask in holders.items():
+                scores[address] = weights[mask]
+            active = list(scores)
+            chain = 1
+            continue
+        left = False
+        for address in active:
+            mask = holders.get(address)
+            if mask:
+                scores[address] += weights[mask]
+            else:
+                left = True
+        if left:  # allocates only when an endpoint's match ends
+            active = [a for a in active if holders.get(a)]
+            if not active:
+                break
+        chain = i + 1
+    return scores, chain
 
 
 class TierWeights(dict[int, float]):
@@ -435,37 +757,3 @@ class TierWeights(dict[int, float]):
     def __missing__(self, mask: int) -> float:
         w = self[mask] = max((self.by_name.get(name, 1.0) for name in self.index.media_of(mask)), default=1.0)
         return w
-
-
-class _MaskUnion:
-    """The index's key -> {endpoint: media} and the speculative key -> endpoints read as one."""
-
-    __slots__ = ("a", "b")
-
-    def __init__(self, a: Mapping[int, Mapping[str, int]], b: Mapping[int, Mapping[str, object]]) -> None:
-        self.a, self.b = a, b
-
-    def get(self, key: int) -> Mapping[str, int] | None:
-        x, y = self.a.get(key), self.b.get(key)
-        if not y:
-            return x
-        out = dict.fromkeys(y, UNNAMED_BIT)
-        if x:
-            for address, mask in x.items():
-                out[address] = mask | out.get(address, 0)
-        return out
-
-
-class _Union:
-    """Two key -> holders maps read as one (only `get`, what `match` needs)."""
-
-    __slots__ = ("a", "b")
-
-    def __init__(self, a: Mapping[int, Mapping[str, object]], b: Mapping[int, Mapping[str, object]]) -> None:
-        self.a, self.b = a, b
-
-    def get(self, key: int) -> Mapping[str, object] | set[str] | None:
-        x, y = self.a.get(key), self.b.get(key)
-        if x and y:
-            return x.keys() | y.keys()
-        return x or y
