@@ -6,7 +6,8 @@ and load (`epp serve --peers`, extproc.peers); two replicas that do not (each le
 Envoy sends it). Envoy spreads the ext_proc streams over the replicas with LEAST_REQUEST. Printed per
 workload: the pool's prefix-cache hit rate (the simulators' cached prompt tokens over prompt tokens),
 TTFT p50/p90, ratios against one replica, and for the sharing run each replica's sync traffic
-(serialized bytes it sent, scaled to 1,000 req/s through the fleet) and the entries it holds.
+(serialized bytes it sent, scaled to 1,000 req/s through the fleet), the entries it holds and the
+latency observations it made and counted from its peer (extproc.peers.latency).
 
     python -m bench.replicas [--quick] [--workload shared_prefix|b2b] [--strategy best]
 
@@ -103,10 +104,12 @@ def summarize(sc: quality.Scenario, runs: Sequence[Run]) -> str:
                 f"{p.get('bytes_sent', 0) / 1024:.0f}", f"{p.get('bytes_sent', 0) * 1000 / requests / 1024:.0f}",
                 str(view.get("prefix_index_size", 0)), str(p.get("journal_entries", 0)), str(p.get("journal_blocks", 0)),
                 str(p.get("peer_load_entries", 0)), str(p.get("records_dropped", 0)),
+                str(p.get("observations_next", 0)), str(p.get("observations_applied", 0)), str(p.get("observation_log", 0)),
             ])  # fmt: skip
     if sync_rows:
         lines.append(table(["replica", "picks sent", "peer picks applied", "KiB sent", "KiB/s at 1k req/s", "index entries",
-                            "journal entries", "journal blocks", "peer load entries", "dropped"], sync_rows))  # fmt: skip
+                            "journal entries", "journal blocks", "peer load entries", "dropped", "observations",
+                            "peer obs. applied", "obs. held"], sync_rows))  # fmt: skip
     hits = {r.setup.name: r.result.hit_rate for r in runs}
     if "1 replica" in hits and "2 sharing" in hits and hits["1 replica"]:
         got = hits["2 sharing"] / hits["1 replica"]

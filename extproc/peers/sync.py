@@ -3,9 +3,10 @@ per peer that streams this replica's journal and load to it.
 
 A pusher wakes when a pick is journalled and sends what gathered within `flush_interval` (so picks are
 batched under load and reach peers within milliseconds when it is light), looks at this replica's
-load every LOAD_POLL seconds (a request that ended changes it without a pick), sends a load snapshot
-when it changed and at least every HEARTBEAT seconds, and on (re)connecting replays what the journal
-still holds, so a peer that was cut off or restarted catches up. A peer that cannot be reached is retried with backoff; meanwhile
+load and latency observations every LOAD_POLL seconds (a request that ended changes them without a
+pick), sends a load snapshot when it changed and at least every HEARTBEAT seconds, and on
+(re)connecting replays what the journal and the observation log still hold, so a peer that was cut
+off or restarted catches up (observations are numbered: a peer counts each into its fits once). A peer that cannot be reached is retried with backoff; meanwhile
 this replica serves on its own state. A target that turns out to be this replica (a Service lists
 every replica) answers ALREADY_EXISTS and is not dialled again. On shutdown the pushers send what is
 left and an empty load snapshot, so peers drop this replica's load at once.
@@ -28,6 +29,7 @@ import grpc
 from extproc.datalayer.datastore import Datastore
 from extproc.datalayer.supervisor import Backoff
 from extproc.peers.journal import DEFAULT_JOURNAL_BLOCKS, SharedPrefixIndex
+from extproc.peers.latency import Kind, Observation, ObservationDedup, SharedLatencyModel
 from extproc.peers.load import DEFAULT_TTL, Load, PeerLoad
 from extproc.peers.peerpb import peer_pb2 as pb
 from extproc.peers.peerpb import peer_pb2_grpc as pb_grpc
@@ -42,6 +44,7 @@ DEFAULT_FLUSH_INTERVAL = 0.005
 LOAD_POLL = 0.05  # seconds between looks at this replica's load when no pick comes
 HEARTBEAT = 0.5  # seconds between load snapshots when nothing changed (peers expire us after DEFAULT_TTL)
 MAX_UPDATE_BLOCKS = 16_384  # hashes per message (128 KiB): a replay after a partition goes in pieces
+MAX_UPDATE_OBSERVATIONS = 2_048  # latency observations per message (~60 KiB)
 STOP_FLUSH_TIMEOUT = 1.0  # seconds the last batch may take on shutdown
 # Keepalive pings find a peer that stopped answering (SIGSTOP, a partition without resets) within ~2 s.
 _CHANNEL_OPTIONS = [
@@ -52,6 +55,7 @@ _CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
+_KINDS = {k.value: k for k in Kind}
 _SERVER_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 500),
     ("grpc.http2.max_ping_strikes", 0),
@@ -105,6 +109,11 @@ class SyncStats:
     bytes_received: int = 0
     records_applied: int = 0
     records_unknown: int = 0  # for endpoints this replica does not have (yet)
+    observations_sent: int = 0  # latency observations of this replica's responses sent (to all peers)
+    observations_dropped: int = 0  # overwritten in the log before a peer got them
+    observations_applied: int = 0  # peers' observations counted into this replica's fits
+    observations_repeated: int = 0  # replayed ones already counted (skipped)
+    observations_unknown: int = 0  # for endpoints this replica does not have (yet), or of a kind it does not know
     connects: int = 0
     refused: int = 0  # inbound streams refused (version, self)
 
@@ -126,10 +135,13 @@ class PeerSync(pb_grpc.PeerSyncServicer):
         index: SharedPrefixIndex,
         datastore: Datastore,
         digest: Callable[[], str] = lambda: "",
+        latency: SharedLatencyModel | None = None,
     ) -> None:
         self.opts = opts
         self.replica_id = opts.replica_id or default_replica_id()
         self.index = index
+        self.latency = latency  # None: the latency fits stay this replica's own
+        self._observed = ObservationDedup()
         self.datastore = datastore
         self.load = PeerLoad(datastore, opts.ttl)
         self.digest = digest
@@ -214,10 +226,28 @@ class PeerSync(pb_grpc.PeerSyncServicer):
                     continue
                 self.index.apply_peer(rec.endpoint, list(rec.hashes), rec.capacity)
                 st.records_applied += 1
+        if u.observations:
+            self._apply_observations(peer, u)
         if u.load_snapshot:
             self.load.update(peer, {e.endpoint: Load(e.requests, e.tokens, e.prefill_tokens, e.output_tokens) for e in u.load})
         else:
             self.load.heard(peer)
+
+    def _apply_observations(self, peer: str, u: pb.Update) -> None:
+        st = self.stats
+        skip = self._observed.new(peer, u.observation_seq, len(u.observations))
+        st.observations_repeated += skip
+        model = self.latency
+        if model is None:
+            return
+        known = self.datastore.get
+        for o in u.observations[skip:] if skip else u.observations:
+            ep = known(o.endpoint)
+            if ep is None or o.kind not in _KINDS:
+                st.observations_unknown += 1
+                continue
+            model.apply_peer(ep, Observation(_KINDS[o.kind], o.endpoint, o.prefill_tokens, o.batch, o.seconds))
+            st.observations_applied += 1
 
     # -- the pushers: what this replica tells its peers -------------------------------------------------
     def set_targets(self, addresses: Iterable[str]) -> None:
@@ -292,11 +322,13 @@ class PeerSync(pb_grpc.PeerSyncServicer):
 
     async def _stream_with(self, t: _Target, wake: asyncio.Event) -> None:
         journal = self.index.journal
+        log_ = self.latency.log if self.latency is not None else None
         async with grpc.aio.insecure_channel(t.address, options=_CHANNEL_OPTIONS, compression=grpc.Compression.Gzip) as channel:
             call = pb_grpc.PeerSyncStub(channel).Push()
             hello = pb.Hello(version=PROTOCOL_VERSION, replica_id=self.replica_id, config_digest=self.digest())
             await self._write(call, pb.Update(hello=hello))
             cursor = journal.first_seq  # replay what the journal holds: the peer catches up
+            obs_cursor = log_.first_seq if log_ is not None else 0  # and the observations (it skips those it has)
             last_load: list[tuple[str, Load]] | None = None
             last_sent = 0.0
             first = True
@@ -310,6 +342,12 @@ class PeerSync(pb_grpc.PeerSyncServicer):
                 u = pb.Update(dropped=read.dropped, journal_next=cursor)
                 for e in read.entries:
                     u.blocks.add(endpoint=e.address, hashes=e.hashes, capacity=e.capacity)
+                observed = log_.read(obs_cursor, MAX_UPDATE_OBSERVATIONS) if log_ is not None else None
+                if observed is not None and (observed.items or observed.dropped):
+                    obs_cursor = observed.cursor
+                    u.observation_seq = observed.first_seq
+                    for o in observed.items:
+                        u.observations.add(kind=o.kind, endpoint=o.address, prefill_tokens=o.prefill_tokens, batch=o.batch, seconds=o.seconds)
                 now = time.monotonic()
                 own = [] if stopping else self.load.own()
                 if own != last_load or now - last_sent >= HEARTBEAT:
@@ -318,23 +356,27 @@ class PeerSync(pb_grpc.PeerSyncServicer):
                         u.load.add(endpoint=address, requests=load.requests, tokens=load.tokens,
                                    prefill_tokens=load.prefill_tokens, output_tokens=load.output_tokens)
                     last_load = own
-                if read.entries or u.load_snapshot or read.dropped:
+                if read.entries or u.load_snapshot or read.dropped or u.observations:
                     await self._write(call, u)
                     last_sent = now
                     st = self.stats
                     st.records_sent += len(read.entries)
                     st.records_dropped += read.dropped
+                    if observed is not None:
+                        st.observations_sent += len(observed.items)
+                        st.observations_dropped += observed.dropped
                     if first:
                         first = False
                         st.connects += 1
                         if t.error:
                             log.info("peer %s reachable again", t.address)
                         t.connected, t.error, t.since = True, "", now
-                if stopping and cursor >= journal.next_seq:
+                caught_up = cursor >= journal.next_seq and (log_ is None or obs_cursor >= log_.next_seq)
+                if stopping and caught_up:
                     await call.done_writing()
                     await call
                     return
-                if cursor >= journal.next_seq:  # caught up: wait for the next pick (or a look at the load)
+                if caught_up:  # caught up: wait for the next pick (or a look at the load)
                     wake.clear()
                     try:
                         await asyncio.wait_for(wake.wait(), LOAD_POLL)
@@ -382,6 +424,9 @@ class PeerSync(pb_grpc.PeerSyncServicer):
             "heard_upto": dict(self._heard_upto),  # per peer id: its picks that have arrived here
             "journal_entries": len(journal),
             "journal_blocks": journal.blocks,
+            "observations_next": self.latency.log.next_seq if self.latency is not None else 0,  # this replica's own
+            "observation_log": len(self.latency.log) if self.latency is not None else 0,  # held for the peers
+            "observations_heard": self._observed.heard(),  # per peer id: the number of its next observation
             "peer_load_entries": self.load.entries(),
             "peer_load": self.load.total()._asdict(),
             **{name: getattr(st, name) for name in SyncStats.__slots__},  # type: ignore[attr-defined]

@@ -55,7 +55,7 @@ from extproc.server.reload import ConfigReloader
 from pickers.config import safe_yaml
 from pickers.config.datalayer import DEFAULT_DATA_LAYER, DataLayerConfig
 from pickers.config.loader import EndpointPickerConfig, load_config
-from pickers.config.strategies import strategy_config
+from pickers.config.strategies import DEFAULT_STRATEGY, strategy_config
 from pickers.framework.errors import ConfigError
 from pickers.framework.flowcontrol import FlowControlConfig
 from pickers.framework.scheduler import Scheduler
@@ -100,7 +100,7 @@ class ServeOptions:
     metrics_port: int = 9090
     bind_address: str = "0.0.0.0"
     endpoints_file: str | None = None
-    strategy: str = "default"
+    strategy: str = DEFAULT_STRATEGY
     config_file: str | None = None  # an EndpointPickerConfig; replaces `strategy`
     config_text: str | None = None  # the same, inline (--config-text)
     config_reload_interval: float = RELOAD_INTERVAL  # seconds between looks at config_file for changes; 0: never reload
@@ -251,7 +251,7 @@ class EppServer:
         self.prefix_index = self._prefix_index()
         # the latency model: its fits live on the datastore's endpoints, request control feeds it and
         # the latency plugins (predicted-latency-producer, ...) read it
-        self.latency = LatencyModel()
+        self.latency = self._latency_model()
         self.datastore.on_membership_change(self._on_membership_change)
         self._saturation_config = SaturationConfig()
         self._admission_detector: object | None = None  # flowControl.saturationDetector, gate off
@@ -324,6 +324,14 @@ class EppServer:
         self.workers: WorkerPool | None = None
         self.health_port = 0
         self.metrics_port = 0
+
+    def _latency_model(self) -> LatencyModel:
+        """The latency model; with peers, one that shares its fits' observations with them (extproc.peers.latency)."""
+        if self.opts.peers is None:
+            return LatencyModel()
+        from extproc.peers.latency import SharedLatencyModel
+
+        return SharedLatencyModel()
 
     def _prefix_index(self) -> ApproxPrefixIndex:
         """The approximate prefix index; with peers, one that journals local picks for them (imported only then)."""
@@ -572,10 +580,12 @@ class EppServer:
 
         if opts.peers is not None:
             from extproc.peers.journal import SharedPrefixIndex
+            from extproc.peers.latency import SharedLatencyModel
             from extproc.peers.sync import PeerSync
 
             assert isinstance(self.prefix_index, SharedPrefixIndex)
-            self.peer_sync = PeerSync(opts.peers, self.prefix_index, self.datastore, self._block_digest)
+            assert isinstance(self.latency, SharedLatencyModel)
+            self.peer_sync = PeerSync(opts.peers, self.prefix_index, self.datastore, self._block_digest, self.latency)
             await self.peer_sync.start()
             self.supervisor.start("peer-sync", self.peer_sync.run)
             if opts.peers.service:

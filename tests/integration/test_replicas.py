@@ -27,19 +27,25 @@ def _runtime(port: int) -> dict:
         return json.load(r)
 
 
-def _send(base_url: str, n: int) -> None:
+def _send(base_url: str, n: int, max_tokens: int = 2) -> None:
     with httpx.Client(timeout=10) as c:
         for i in range(n):
             prompt = f"[tenant {i % 4}] " + "shared instructions " * 20 + f" question {i} " + f"{i:05d} " * 20
-            r = c.post(f"{base_url}/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 2})
+            r = c.post(f"{base_url}/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": max_tokens})
             assert r.status_code == 200, r.text
+
+
+def _fit_samples(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/debug/endpoints", timeout=5) as r:
+        return sum(e["latency"]["samples"] for e in json.load(r)["endpoints"])
 
 
 def test_sharing_replicas_end_up_with_the_same_prefix_index_and_each_routes_part(tmp_path):
     with make_stack(tmp_path, epp_replicas=2, envoy_concurrency=2) as s:
-        _send(s.base_url, 40)
+        _send(s.base_url, 40, max_tokens=1)  # one token: each response teaches the latency model its TTFT
         time.sleep(0.5)  # the last batch reaches the peer
         views = [_runtime(r.admin_port) for r in s.epp_replicas]
+        samples = [_fit_samples(r.admin_port) for r in s.epp_replicas]
         out = io.StringIO()
         assert show_status(f"http://127.0.0.1:{s.epp_replicas[0].admin_port}", out=out) == 0
     shown = out.getvalue()
@@ -51,6 +57,11 @@ def test_sharing_replicas_end_up_with_the_same_prefix_index_and_each_routes_part
     sent = [v["peers"]["records_sent"] for v in views]
     assert applied == sent[::-1] and all(applied)  # each applied every pick the other made
     assert all(p["connected"] for v in views for p in v["peers"]["peers"].values())
+    # the latency fits learn from every response, whichever replica routed it
+    observed = [v["peers"]["observations_next"] for v in views]
+    assert all(observed) and sum(observed) == 40  # one TTFT observation per response (one token: no TPOT)
+    assert [v["peers"]["observations_applied"] for v in views] == observed[::-1]
+    assert samples == [40, 40]
 
 
 def test_replicas_that_do_not_share_learn_only_their_own_picks(tmp_path):

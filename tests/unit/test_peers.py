@@ -11,6 +11,7 @@ import pytest
 
 from extproc.datalayer.datastore import Datastore
 from extproc.peers.journal import Journal, SharedPrefixIndex
+from extproc.peers.latency import Kind, Observation, ObservationDedup, ObservationLog, SharedLatencyModel
 from extproc.peers.load import Load, PeerLoad
 from extproc.peers.peerpb import peer_pb2 as pb
 from extproc.peers.peerpb import peer_pb2_grpc as pb_grpc
@@ -138,6 +139,114 @@ def test_load_follows_an_endpoint_that_left_and_came_back() -> None:
     assert load.own() == []
 
 
+# -- the latency observations ----------------------------------------------------------------------
+
+
+def _obs(i: int, address: str = E1) -> Observation:
+    return Observation(Kind.TTFT, address, 1000 + i, 2, 0.1)
+
+
+def test_observation_log_reads_from_a_cursor_and_tells_a_late_reader_what_it_missed() -> None:
+    log = ObservationLog(3)
+    for i in range(5):
+        log.append(_obs(i))
+    assert (log.first_seq, log.next_seq, len(log)) == (2, 5, 3)
+    r = log.read(0, 2)
+    assert (r.first_seq, r.cursor, r.dropped, [o.prefill_tokens for o in r.items]) == (2, 4, 2, [1002, 1003])
+    r = log.read(r.cursor, 10)
+    assert (r.first_seq, r.cursor, r.dropped, [o.prefill_tokens for o in r.items]) == (4, 5, 0, [1004])
+    assert log.read(5, 10).items == []
+    with pytest.raises(ValueError, match="at least 1"):
+        ObservationLog(0)
+
+
+def test_dedup_counts_each_observation_once_across_replays_and_forgets_the_oldest_peers() -> None:
+    d = ObservationDedup(peers=2)
+    assert d.new("a", 0, 5) == 0  # 0..4 new
+    assert d.new("a", 0, 7) == 5  # a replay from 0: 5 already counted, 5..6 new
+    assert d.new("a", 10, 2) == 0  # a gap (the sender's ring overwrote 7..9): nothing to skip
+    assert d.new("a", 3, 4) == 4  # entirely old
+    d.new("b", 0, 1)
+    d.new("c", 0, 1)  # a third peer: the least recently heard ("a") is forgotten
+    assert set(d.heard()) == {"b", "c"}
+    assert d.new("a", 0, 3) == 0
+
+
+def test_shared_latency_model_logs_its_own_observations_but_not_a_peers_or_invalid_ones() -> None:
+    ds = _datastore()
+    ep = ds.get(E1)
+    assert ep is not None
+    m = SharedLatencyModel()
+    m.observe_ttft(ep, 2000, 4, 0.25)
+    m.observe_tpot(ep, 4, 0.02)
+    m.observe_ttft(ep, 2000, 4, float("inf"))  # taught nothing: not shared either
+    m.observe_tpot(ep, 4, 0.0)
+    assert [(o.kind, o.address, o.prefill_tokens, o.batch, o.seconds) for o in m.log.read(0, 10).items] == [
+        (Kind.TTFT, E1, 2000, 4, 0.25), (Kind.TPOT, E1, 0, 4, 0.02),
+    ]  # fmt: skip
+    m.apply_peer(ep, Observation(Kind.TTFT, E1, 100, 1, 0.05))
+    m.apply_peer(ep, Observation(Kind.TPOT, E1, 0, 1, 0.01))
+    assert m.log.next_seq == 2 and m.peer_observations == 2
+    assert ep.latency.ttft is not None and ep.latency.ttft.n == 2
+    assert ep.latency.tpot is not None and ep.latency.tpot.n == 2
+
+
+def _slow_server_ttft(prefill_tokens: int, batch: int) -> float:
+    return 0.05 + prefill_tokens / 2000.0 + 0.002 * batch  # a CPU-class server, far from the GPU prior
+
+
+async def test_a_replicas_observations_train_its_peers_fits(pair: tuple[_Replica, _Replica]) -> None:
+    a, b = pair
+    ep_a, ep_b = a.datastore.get(E1), b.datastore.get(E1)
+    assert ep_a is not None and ep_b is not None
+    for i in range(60):
+        u, batch = 500 + 97 * (i % 20), 1 + i % 7
+        a.latency.observe_ttft(ep_a, u, batch, _slow_server_ttft(u, batch))
+        a.latency.observe_tpot(ep_a, batch, 0.03 + 0.001 * batch)
+    await _until(lambda: b.sync.stats.observations_applied == 120)
+    assert ep_b.latency.ttft is not None and ep_b.latency.ttft.n == 60
+    # b predicts what a learned: its fit of E1 is a's, though b served none of E1's responses
+    assert b.latency.ttft(ep_b, 1500, queued=0, batch=2) == pytest.approx(a.latency.ttft(ep_a, 1500, queued=0, batch=2), rel=1e-6)
+    assert b.latency.ttft(ep_b, 1500, queued=0, batch=2) == pytest.approx(_slow_server_ttft(1500, 2), rel=0.1)
+    assert b.latency.tpot(ep_b, batch=3) == pytest.approx(a.latency.tpot(ep_a, batch=3), rel=1e-6)
+    assert b.latency.log.next_seq == 0  # b passes nothing on
+    assert b.sync.status()["observations_heard"] == {"a": 120}
+
+
+async def test_a_replayed_update_is_counted_once_and_an_unknown_endpoint_or_kind_is_skipped(pair: tuple[_Replica, _Replica]) -> None:
+    _, b = pair
+    ep = b.datastore.get(E2)
+    assert ep is not None
+    u = pb.Update(observation_seq=0)
+    u.observations.add(kind=pb.Observation.TTFT, endpoint=E2, prefill_tokens=800, batch=1, seconds=0.4)
+    u.observations.add(kind=pb.Observation.TPOT, endpoint="10.9.9.9:8000", batch=1, seconds=0.02)  # not in b's pool
+    u.observations.add(kind=7, endpoint=E2, batch=1, seconds=0.02)  # a kind of a newer sender
+    b.sync._apply("x", u, True)
+    b.sync._apply("x", u, True)  # a reconnect replays it
+    st = b.sync.stats
+    assert (st.observations_applied, st.observations_unknown, st.observations_repeated) == (1, 2, 3)
+    assert ep.latency.ttft is not None and ep.latency.ttft.n == 1
+
+
+async def test_a_restarted_replica_starts_with_its_peers_fits() -> None:
+    a, b = _Replica("a"), _Replica("b")
+    await a.start()
+    ep_a = a.datastore.get(E1)
+    assert ep_a is not None
+    for i in range(20):
+        a.latency.observe_ttft(ep_a, 1000 + i, 1, _slow_server_ttft(1000 + i, 1))  # before b (re)starts
+    try:
+        await b.start()
+        a.sync.set_targets([b.address])
+        ep_b = b.datastore.get(E1)
+        assert ep_b is not None
+        await _until(lambda: ep_b.latency.ttft is not None and ep_b.latency.ttft.n == 20)
+        assert b.latency.view(ep_b)["source"] == "own"
+    finally:
+        await a.stop()
+        await b.stop()
+
+
 def test_parse_peers() -> None:
     assert parse_peers("a:1, b:2,a:1,") == ("a:1", "b:2")
     for bad in ("a", "a:", ":80", "a:0", "a:x", "a:70000"):
@@ -159,8 +268,9 @@ class _Replica:
     def __init__(self, name: str, digest: str = "d", port: int = 0) -> None:
         self.datastore = _datastore()
         self.index = SharedPrefixIndex()
+        self.latency = SharedLatencyModel()
         self.sync = PeerSync(PeerOptions(port=port, bind_address="127.0.0.1", replica_id=name, ttl=2.0), self.index, self.datastore,
-                             lambda: digest)  # fmt: skip
+                             lambda: digest, self.latency)  # fmt: skip
         self.task: asyncio.Task[None] | None = None
 
     @property
@@ -347,8 +457,11 @@ def test_a_sharing_server_journals_its_picks_and_names_its_block_size() -> None:
 
     server = EppServer(ServeOptions(peers=PeerOptions(peers=("127.0.0.1:9004",)), strategy="default"))
     assert isinstance(server.prefix_index, SharedPrefixIndex)
+    assert isinstance(server.latency, SharedLatencyModel)
     assert server._block_digest() == "xxh64-chain/chars=64"
-    assert not isinstance(EppServer(ServeOptions()).prefix_index, SharedPrefixIndex)
+    alone = EppServer(ServeOptions())
+    assert not isinstance(alone.prefix_index, SharedPrefixIndex)
+    assert not isinstance(alone.latency, SharedLatencyModel)
 
 
 @pytest.mark.parametrize("argv,why", [(["--replicas", "0"], "at least 1"), (["--no-sharing"], "only with --replicas 2")])

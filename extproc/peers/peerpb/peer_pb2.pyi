@@ -1,4 +1,5 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -40,21 +41,45 @@ class EndpointLoad(_message.Message):
     output_tokens: int
     def __init__(self, endpoint: _Optional[str] = ..., requests: _Optional[int] = ..., tokens: _Optional[int] = ..., prefill_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ...) -> None: ...
 
+class Observation(_message.Message):
+    __slots__ = ("kind", "endpoint", "prefill_tokens", "batch", "seconds")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        TTFT: _ClassVar[Observation.Kind]
+        TPOT: _ClassVar[Observation.Kind]
+    TTFT: Observation.Kind
+    TPOT: Observation.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    kind: Observation.Kind
+    endpoint: str
+    prefill_tokens: int
+    batch: int
+    seconds: float
+    def __init__(self, kind: _Optional[_Union[Observation.Kind, str]] = ..., endpoint: _Optional[str] = ..., prefill_tokens: _Optional[int] = ..., batch: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
 class Update(_message.Message):
-    __slots__ = ("hello", "blocks", "load", "load_snapshot", "dropped", "journal_next")
+    __slots__ = ("hello", "blocks", "load", "load_snapshot", "dropped", "journal_next", "observations", "observation_seq")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     LOAD_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
     JOURNAL_NEXT_FIELD_NUMBER: _ClassVar[int]
+    OBSERVATIONS_FIELD_NUMBER: _ClassVar[int]
+    OBSERVATION_SEQ_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     blocks: _containers.RepeatedCompositeFieldContainer[BlockRecord]
     load: _containers.RepeatedCompositeFieldContainer[EndpointLoad]
     load_snapshot: bool
     dropped: int
     journal_next: int
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., blocks: _Optional[_Iterable[_Union[BlockRecord, _Mapping]]] = ..., load: _Optional[_Iterable[_Union[EndpointLoad, _Mapping]]] = ..., load_snapshot: bool = ..., dropped: _Optional[int] = ..., journal_next: _Optional[int] = ...) -> None: ...
+    observations: _containers.RepeatedCompositeFieldContainer[Observation]
+    observation_seq: int
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., blocks: _Optional[_Iterable[_Union[BlockRecord, _Mapping]]] = ..., load: _Optional[_Iterable[_Union[EndpointLoad, _Mapping]]] = ..., load_snapshot: bool = ..., dropped: _Optional[int] = ..., journal_next: _Optional[int] = ..., observations: _Optional[_Iterable[_Union[Observation, _Mapping]]] = ..., observation_seq: _Optional[int] = ...) -> None: ...
 
 class PushSummary(_message.Message):
     __slots__ = ("updates",)
