@@ -10,7 +10,9 @@ followed and no proxy is used (aiohttp's defaults were the same but for redirect
 that redirects is an error here, with its status).
 
 Errors are `HttpGetError` (bad framing, a body over the cap, a closed connection) or OSError/TimeoutError
-from the connect; a connection that failed in any way is closed and the next fetch opens a new one.
+from the connect; a connection that failed in any way is closed and the next fetch opens a new one. A
+kept-alive connection the server closed while it was idle (it answers a request with a close and not
+one byte) is not an error: the GET is sent once more on a new connection, as HTTP clients do.
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ _HEADERS_MAX = 64 * 1024  # a status line and headers larger than this are not a
 
 class HttpGetError(Exception):
     """An answer that could not be read (bad framing, too large, the connection closed early)."""
+
+
+class _ClosedUnanswered(HttpGetError):
+    """The connection closed before any byte of the answer came: on a kept-alive connection, the
+    server closed it while idle as the request went out (a GET is then sent again, once)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +51,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self._buf = bytearray()
         self._waiter: asyncio.Future[tuple[int, bytes]] | None = None
+        self._received = False  # any byte of the current answer
         self._reset()
 
     def _reset(self) -> None:
@@ -64,6 +72,7 @@ class _Connection(asyncio.Protocol):
         if self._waiter is None or self._waiter.done():
             self._fail(HttpGetError("the server sent data no request asked for"))
             return
+        self._received = True
         self._buf += data
         try:
             self._parse()
@@ -81,6 +90,9 @@ class _Connection(asyncio.Protocol):
         if self._head_done and self._until_close:  # a body framed by the close
             self._deliver(bytes(self._buf))
             return
+        if not self._received:
+            waiter.set_exception(_ClosedUnanswered(f"the connection closed before any answer{f' ({exc})' if exc else ''}"))
+            return
         waiter.set_exception(HttpGetError(f"the connection closed before the answer was complete{f' ({exc})' if exc else ''}"))
 
     # -- one request ----------------------------------------------------------------------------
@@ -88,6 +100,7 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self._reset()
         self._buf.clear()
+        self._received = False
         self._waiter = asyncio.get_running_loop().create_future()
         self.transport.write(request)
         return self._waiter
@@ -253,22 +266,32 @@ class HttpGetter:
         target = self._target(url)
         key = (target.scheme, target.host, target.port)
         conn = self._idle.pop(key, None)
+        reused = conn is not None and not conn.closed
         if conn is None or conn.closed:
             conn = await self._connect(target)
-        self._busy.add(conn)
         try:
-            answer = await conn.send(target.request)
-        except BaseException:
-            conn.close()
-            raise
-        finally:
-            self._busy.discard(conn)
+            answer = await self._send(conn, target)
+        except _ClosedUnanswered:
+            if not reused:
+                raise
+            conn = await self._connect(target)  # the server had closed the idle connection: once more
+            answer = await self._send(conn, target)
         if not conn.closed:
             old = self._idle.get(key)
             if old is not None:
                 old.close()
             self._idle[key] = conn
         return answer
+
+    async def _send(self, conn: _Connection, target: _Target) -> tuple[int, bytes]:
+        self._busy.add(conn)
+        try:
+            return await conn.send(target.request)
+        except BaseException:
+            conn.close()
+            raise
+        finally:
+            self._busy.discard(conn)
 
     async def _connect(self, target: _Target) -> _Connection:
         loop = asyncio.get_running_loop()

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol
 
 import aiohttp
+import xxhash
 
 from extproc.datalayer.datastore import Datastore
 from extproc.datalayer.http_get import HttpGetError, HttpGetter
@@ -548,8 +549,9 @@ class MetricsScraper(EndpointPoller):
         self._pool = PoolMetricsParser(extraction) if isinstance(extraction, PoolMetricsExtraction) else None
         engines = extraction.engines if isinstance(extraction, MetricsExtraction) else {}
         self._parsers = {name: MetricsParser(engine) for name, engine in engines.items()}
-        # per endpoint: the last body, the parser that read it, and what it read (see `take`)
-        self._last: dict[str, tuple[bytes, Parser, Metrics, dict[str, float]]] = {}
+        # per endpoint: the last body's length and xxh3 hash, the parser that read it, and what it read
+        # (see `take`; a digest, not the body: 1,000 endpoints' bodies would be tens of MB)
+        self._last: dict[str, tuple[int, int, Parser, Metrics, dict[str, float]]] = {}
 
     def parser_for(self, ep: Endpoint) -> Parser:
         if self._pool is not None:
@@ -561,12 +563,13 @@ class MetricsScraper(EndpointPoller):
         parser = self.parser_for(ep)
         now = time.monotonic()
         last = self._last.get(ep.address)
-        if last is not None and last[0] == body and last[1] is parser:
+        digest = xxhash.xxh3_64_intdigest(body)
+        if last is not None and last[0] == len(body) and last[1] == digest and last[2] is parser:
             # the same bytes as the last scrape (an idle server): the same values, read again now
-            metrics, custom = copy.copy(last[2]), last[3]
+            metrics, custom = copy.copy(last[3]), last[4]
         else:
             metrics, custom = parser.parse_with_attributes(body.decode("utf-8", errors="replace"))
-            self._last[ep.address] = (body, parser, metrics, custom)
+            self._last[ep.address] = (len(body), digest, parser, metrics, custom)
             metrics = copy.copy(metrics)  # the kept one stays as parsed: picks may hold the datastore's
         metrics.updated_at = now
         self.datastore.update_metrics(ep.address, metrics)
