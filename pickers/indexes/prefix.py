@@ -107,8 +107,8 @@ def _nonzero(mask: np.ndarray) -> np.ndarray:
 
 def _take(column: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """column[rows] of a 2-D column: np.take's path, several times faster than numpy's 2-D fancy indexing
-    (~10x over a queue's tens of thousands of rows)."""
-    return np.take(column, rows, axis=0)
+    (~10x over a queue's tens of thousands of rows); the method, without np.take's Python wrapper."""
+    return column.take(rows, 0)
 
 
 def _bit_ids(bits: int) -> list[int]:
@@ -309,16 +309,15 @@ class ApproxPrefixIndex:
         """The endpoint now holds these blocks. The first block is made the most recent, as vLLM frees a
         request's blocks tail first: a full LRU evicts a prompt's tail before its head, so what stays
         still matches as a prefix. Where the prompt leaves what the pool held, the block it continues
-        from counts one more distinct continuation (hashes chain, so that is the only new one)."""
+        from counts one more distinct continuation (hashes chain, so that is the only new one). `hashes`
+        must be distinct, as a prompt's chained block hashes are."""
         lru = self._endpoint(address)
         if capacity:
             lru.capacity = capacity
         t = time.monotonic() if now is None else now
         if self._epoch is None:
             self._epoch = t
-        if hashes:
-            if len(set(hashes)) != len(hashes):  # (chained hashes never repeat) keep each first one
-                hashes = list(dict.fromkeys(hashes))
+        if hashes:  # chained block hashes never repeat (a caller with other keys makes them distinct)
             self._record(lru, hashes, t - self._epoch)
         over = lru.live - (lru.capacity or self.default_capacity)
         if over > 0:

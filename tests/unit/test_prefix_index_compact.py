@@ -116,3 +116,15 @@ def test_the_block_table_finds_what_it_holds_after_growth_and_deletes():
     assert (table.columns["v"][found[1::2]] == np.arange(1, 5_000, 2)).all()
     again = table.add(keys[::2])  # deleted slots and freed rows are used again
     assert (table.find(keys[::2]) == again).all() and table.used == 5_000
+
+
+def test_a_peer_record_with_repeated_blocks_is_taken_once() -> None:
+    """What comes over the peer stream is not trusted to be distinct: the index holds each block once."""
+    from extproc.peers.journal import SharedPrefixIndex
+
+    index = SharedPrefixIndex()
+    index.apply_peer("10.0.0.1:8000", [11, 12, 11, 13, 12], 0)
+    assert index.blocks_of("10.0.0.1:8000") == 3
+    assert index.match([11, 12, 13]) == {"10.0.0.1:8000": 3}
+    index.remove_endpoint("10.0.0.1:8000")
+    assert index.size() == 0 and index.match([11]) == {}
