@@ -39,7 +39,6 @@ class BlockTable:
         self.version = 0  # changes with every add and remove: rows found before stay valid until then
         rows = 64
         self.key = np.zeros(rows, dtype=np.uint64)
-        self._slot_of = np.full(rows, -1, dtype=np.int32)  # row -> its slot (a delete needs no probe)
         self.columns: dict[str, np.ndarray] = {name: self._column(name, rows) for name in self._spec}
         self._free = np.zeros(16, dtype=np.int32)  # a stack of freed rows
         self._nfree = 0
@@ -50,7 +49,7 @@ class BlockTable:
         return np.full((rows, width) if width > 1 else rows, fill, dtype=dtype)
 
     def nbytes(self) -> int:
-        return self.slots.nbytes + self.key.nbytes + self._slot_of.nbytes + self._free.nbytes + sum(c.nbytes for c in self.columns.values())
+        return self.slots.nbytes + self.key.nbytes + self._free.nbytes + sum(c.nbytes for c in self.columns.values())
 
     # -- lookups -------------------------------------------------------------------------------
     def _home(self, keys: np.ndarray) -> np.ndarray:
@@ -131,7 +130,8 @@ class BlockTable:
         if not len(rows):
             return
         self.version += 1
-        self.slots[self._slot_of[rows]] = _DELETED
+        found, where = self._probe(self.key[rows])
+        self.slots[where] = _DELETED
         self.used -= len(rows)
         for name, (_, _, fill) in self._spec.items():
             self.columns[name][rows] = fill
@@ -157,7 +157,6 @@ class BlockTable:
         size = max(need, len(self.key) * 5 // 4 + 64)  # 1.25x: the slack stays a quarter at most
         old = len(self.key)
         self.key = np.concatenate([self.key, np.zeros(size - old, dtype=np.uint64)])
-        self._slot_of = np.concatenate([self._slot_of, np.full(size - old, -1, dtype=np.int32)])
         for name in self._spec:
             col = self.columns[name]
             self.columns[name] = np.concatenate([col, self._column(name, size - old)])
@@ -178,17 +177,15 @@ class BlockTable:
                 win = free[first]
                 self.filled += int(np.count_nonzero(slots[targets] == _EMPTY))
                 slots[targets] = rows[idx[win]]
-                self._slot_of[rows[idx[win]]] = targets
                 keep[win] = False
             idx, s = idx[keep], (s[keep] + 1) & mask
-        view, slot_of, filled = memoryview(slots), memoryview(self._slot_of), 0
+        view, filled = memoryview(slots), 0
         for row, at in zip((rows if len(keys) <= _SCALAR_PLACE else rows[idx]).tolist(), s.tolist()):
             while view[at] >= 0:
                 at = (at + 1) & mask
             if view[at] == _EMPTY:
                 filled += 1
             view[at] = row
-            slot_of[row] = at
         self.filled += filled
 
     def _rehash(self, live: int) -> None:
