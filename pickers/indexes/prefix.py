@@ -63,7 +63,7 @@ class _Lru:
     `head`) with the time each was recorded. Recording a held block again appends it anew; the row's
     holder slot keeps the queue position of its latest element, so older ones are skipped as stale."""
 
-    __slots__ = ("eid", "rows", "times", "head", "tail", "live", "capacity")
+    __slots__ = ("eid", "rows", "times", "head", "tail", "live", "capacity", "write", "read", "moved")
 
     def __init__(self, eid: int) -> None:
         self.eid = eid
@@ -72,6 +72,12 @@ class _Lru:
         self.head = self.tail = 0
         self.live = 0  # blocks held (valid elements between head and tail)
         self.capacity = 0  # 0: the index's default
+        # a compaction under way (read < 0: none): valid elements from `read` on are being moved down to
+        # `write` (from the array's start), a slice per record; once some are (`moved`), the queue is
+        # head..write then read..tail, and between the two lies only garbage (elements whose row's holder
+        # slot points elsewhere), which every reader of the queue sees as stale elements
+        self.write = self.read = -1
+        self.moved = False
 
 
 # the per-block columns: two holders inline (endpoint id and its queue position), the block that
@@ -89,6 +95,8 @@ def _keys(hashes: Sequence[int]) -> np.ndarray:
         return np.array([h & 0xFFFFFFFFFFFFFFFF for h in hashes], dtype=np.uint64)
 
 
+_COMPACT_MIN = 512  # queue elements a compaction moves per record at least
+
 _WORD = 64  # endpoint ids below this: a block's holders fit one uint64 (the small pools' walk)
 _ONE_BIT = np.array([1 << i for i in range(_WORD)] + [0], dtype=np.uint64)  # id -> its bit; -1 (the last) -> 0
 
@@ -99,8 +107,8 @@ def _nonzero(mask: np.ndarray) -> np.ndarray:
 
 def _take(column: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """column[rows] of a 2-D column: np.take's path, several times faster than numpy's 2-D fancy indexing
-    (~10x over a queue's tens of thousands of rows)."""
-    return np.take(column, rows, axis=0)
+    (~10x over a queue's tens of thousands of rows); the method, without np.take's Python wrapper."""
+    return column.take(rows, 0)
 
 
 def _bit_ids(bits: int) -> list[int]:
@@ -301,16 +309,15 @@ class ApproxPrefixIndex:
         """The endpoint now holds these blocks. The first block is made the most recent, as vLLM frees a
         request's blocks tail first: a full LRU evicts a prompt's tail before its head, so what stays
         still matches as a prefix. Where the prompt leaves what the pool held, the block it continues
-        from counts one more distinct continuation (hashes chain, so that is the only new one)."""
+        from counts one more distinct continuation (hashes chain, so that is the only new one). `hashes`
+        must be distinct, as a prompt's chained block hashes are."""
         lru = self._endpoint(address)
         if capacity:
             lru.capacity = capacity
         t = time.monotonic() if now is None else now
         if self._epoch is None:
             self._epoch = t
-        if hashes:
-            if len(set(hashes)) != len(hashes):  # (chained hashes never repeat) keep each first one
-                hashes = list(dict.fromkeys(hashes))
+        if hashes:  # chained block hashes never repeat (a caller with other keys makes them distinct)
             self._record(lru, hashes, t - self._epoch)
         over = lru.live - (lru.capacity or self.default_capacity)
         if over > 0:
@@ -417,34 +424,87 @@ class ApproxPrefixIndex:
         return valid, v0, v1
 
     def _make_room(self, lru: _Lru, n: int) -> None:
-        """Room for n more queue elements: stale ones dropped, the queue renumbered (and grown)."""
+        """Room for n more queue elements. Stale elements are dropped by a compaction that starts when
+        the queue is 3/4 full and moves a bounded slice per record (so no one pick pays for the whole
+        queue); the queue grows (in place: positions stay) when a finished compaction leaves it over
+        half full. A record that still finds no room finishes the compaction at once."""
+        size = len(lru.rows)
+        if lru.read >= 0:
+            room = size - lru.tail
+            left = lru.tail - lru.read
+            # enough per record that the pass ends before the appends reach the end (at n a record)
+            step = max(_COMPACT_MIN, 2 * left * n // max(room - n, 1))
+            self._compact(lru, step)
+        elif lru.tail + n > size * 3 // 4:
+            lru.write, lru.read, lru.moved = 0, lru.head, False  # what lies before head is garbage
+            self._compact(lru, _COMPACT_MIN)
         if lru.tail + n <= len(lru.rows):
             return
-        valid, v0, v1 = self._valid(lru, lru.head, lru.tail)
-        keep_rows = lru.rows[lru.head : lru.tail][valid]
-        keep_times = lru.times[lru.head : lru.tail][valid]
-        slot0, slot1 = v0[valid], v1[valid]
-        live = len(keep_rows)
-        size = len(lru.rows)
-        if live + n > size * 2 // 3:
-            size = max(64, (live + n) * 3 // 2)
-            lru.rows = np.zeros(size, dtype=np.int32)
-            lru.times = np.zeros(size, dtype=np.float32)
-        lru.rows[:live] = keep_rows
-        lru.times[:live] = keep_times
-        lru.head, lru.tail = 0, live
-        at = np.arange(live, dtype=np.int32)
-        self._pos0[keep_rows[slot0]] = at[slot0]
-        self._pos1[keep_rows[slot1]] = at[slot1]
-        if self._more:
-            e, more = lru.eid, self._more
-            extra = _nonzero(~(slot0 | slot1))
-            for r, i in zip(keep_rows[extra].tolist(), extra.tolist()):
-                more[r][e] = i
+        if lru.read >= 0:
+            self._compact(lru, lru.tail - lru.read)
+        if lru.tail + n > len(lru.rows):
+            self._grow(lru, max(64, (lru.tail + n) * 2))
+
+    def _compact(self, lru: _Lru, step: int) -> None:
+        """Move the valid elements among the next `step` from `read` down to `write`; at the tail the
+        queue ends at `write` (and grows when that leaves it over half full)."""
+        if lru.head > lru.read:  # eviction went past what was moved and into the rest: go on in place from head
+            lru.write = lru.read = lru.head
+            lru.moved = True
+        elif lru.moved and lru.head > lru.write:  # it took every moved element
+            lru.write = lru.head
+        start, stop = lru.read, min(lru.tail, lru.read + step)
+        if stop > start:
+            valid, v0, v1 = self._valid(lru, start, stop)
+            keep_rows = lru.rows[start:stop][valid]
+            keep_times = lru.times[start:stop][valid]
+            slot0, slot1 = v0[valid], v1[valid]
+            w, live = lru.write, len(keep_rows)
+            lru.rows[w : w + live] = keep_rows
+            lru.times[w : w + live] = keep_times
+            at = np.arange(w, w + live, dtype=np.int32)
+            self._pos0[keep_rows[slot0]] = at[slot0]
+            self._pos1[keep_rows[slot1]] = at[slot1]
+            if self._more:
+                e, more = lru.eid, self._more
+                extra = _nonzero(~(slot0 | slot1))
+                for r, i in zip(keep_rows[extra].tolist(), extra.tolist()):
+                    more[r][e] = w + i
+            lru.write = w + live
+            if live and not lru.moved:
+                lru.head, lru.moved = w, True
+            lru.read = stop
+        if lru.read >= lru.tail:
+            if lru.moved:
+                lru.tail = lru.write
+            else:  # none was valid: the queue is empty
+                lru.head = lru.tail = 0
+            lru.write = lru.read = -1
+            if lru.tail - lru.head > len(lru.rows) // 2:
+                self._grow(lru, max(64, (lru.tail - lru.head) * 2))
+
+    @staticmethod
+    def _skip_gap(lru: _Lru) -> None:
+        """A queue being compacted whose moved elements are all gone: its head past the garbage."""
+        if lru.moved and lru.read >= 0 and lru.write <= lru.head < lru.read:
+            lru.head = lru.read
+
+    @staticmethod
+    def _grow(lru: _Lru, size: int) -> None:
+        """A longer queue, its elements where they were (positions stay valid)."""
+        old = len(lru.rows)
+        if size <= old:
+            return
+        rows = np.zeros(size, dtype=np.int32)
+        times = np.zeros(size, dtype=np.float32)
+        rows[:old] = lru.rows
+        times[:old] = lru.times
+        lru.rows, lru.times = rows, times
 
     def _evict(self, lru: _Lru, over: int) -> None:
         """Drop the `over` least recent blocks of the endpoint."""
         while over > 0 and lru.head < lru.tail:
+            self._skip_gap(lru)
             stop = min(lru.tail, lru.head + max(2 * over, 64))
             valid, v0, v1 = self._valid(lru, lru.head, stop)
             take = _nonzero(valid)[:over]
@@ -487,6 +547,7 @@ class ApproxPrefixIndex:
     def _oldest(self, lru: _Lru) -> float:
         """The time the endpoint's least recent block was recorded (stale queue heads skipped)."""
         while lru.head < lru.tail:
+            self._skip_gap(lru)
             stop = min(lru.tail, lru.head + 64)
             valid, _, _ = self._valid(lru, lru.head, stop)
             first = _nonzero(valid)

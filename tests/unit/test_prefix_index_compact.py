@@ -116,3 +116,53 @@ def test_the_block_table_finds_what_it_holds_after_growth_and_deletes():
     assert (table.columns["v"][found[1::2]] == np.arange(1, 5_000, 2)).all()
     again = table.add(keys[::2])  # deleted slots and freed rows are used again
     assert (table.find(keys[::2]) == again).all() and table.used == 5_000
+
+
+def test_a_peer_record_with_repeated_blocks_is_taken_once() -> None:
+    """What comes over the peer stream is not trusted to be distinct: the index holds each block once."""
+    from extproc.peers.journal import SharedPrefixIndex
+
+    index = SharedPrefixIndex()
+    index.apply_peer("10.0.0.1:8000", [11, 12, 11, 13, 12], 0)
+    assert index.blocks_of("10.0.0.1:8000") == 3
+    assert index.match([11, 12, 13]) == {"10.0.0.1:8000": 3}
+    index.remove_endpoint("10.0.0.1:8000")
+    assert index.size() == 0 and index.match([11]) == {}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_queues_compacted_a_slice_per_record_still_agree_with_the_reference(seed):
+    """Queues long enough that a compaction runs over many records (512 elements a record), with
+    re-records leaving stale elements and evictions from the head meeting the compaction under way:
+    every lookup, room check and count agrees with the reference at every step."""
+    import random
+
+    rng = random.Random(seed)
+    capacity = 1_500
+    new, ref = ApproxPrefixIndex(default_capacity=capacity), ReferencePrefixIndex(default_capacity=capacity)
+    # prompts share one of a few 40-block system prompts and go on with their own 20 blocks
+    systems = [[10_000 * (s + 1) + i for i in range(40)] for s in range(4)]
+    prompts = [systems[rng.randrange(4)] + [1_000_000 + 100 * p + i for i in range(20)] for p in range(300)]
+    compacted = 0
+    for step in range(1_500):
+        now = float(step)
+        address = ENDPOINTS[rng.randrange(2)] if rng.random() < 0.8 else ENDPOINTS[rng.randrange(5)]
+        hashes = prompts[rng.randrange(len(prompts))]
+        if rng.random() < 0.1:  # an endpoint's cache shrinks or grows
+            cap = rng.choice([None, 900, 2_000])
+        else:
+            cap = None
+        new.record(address, hashes, cap, now)
+        ref.record(address, hashes, cap, now)
+        compacted += any(lru.read >= 0 for lru in new._lru.values())
+        probe = prompts[rng.randrange(len(prompts))]
+        assert new.match(probe) == ref.match(probe), step
+        assert [new.blocks_of(a) for a in ENDPOINTS] == [ref.blocks_of(a) for a in ENDPOINTS], step
+        for a in ENDPOINTS:
+            if ref._lru.get(a):
+                assert new.room(a, 50, now, 30.0) == ref.room(a, 50, now, 30.0), (step, a)
+        if step == 1_000:
+            new.remove_endpoint(ENDPOINTS[0])
+            ref.remove_endpoint(ENDPOINTS[0])
+    assert compacted > 50  # the records above did run with a compaction under way
+    assert new.size() == ref.size()

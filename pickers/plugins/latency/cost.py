@@ -80,7 +80,7 @@ class LatencyCostScorer(LatencyConsumer):
         if pc is None:
             return None
         columns = cycle.columns(endpoints)
-        model, w = self.ctx.latency, self.slowdown_weight
+        w = self.slowdown_weight
         index = self.ctx.prefix_index
         shared = block_tokens = 0
         fanout = 1
@@ -99,9 +99,8 @@ class LatencyCostScorer(LatencyConsumer):
         if shared and matched is not None:
             missing = np.maximum(0.0, shared - matched) * block_tokens
             charged = np.where(room, np.maximum(0.0, u - np.round(missing * (1.0 - 1.0 / fanout))), u)
-        c = model.coefficient_columns(endpoints)
-        batch = np.maximum(columns.running(), columns.in_flight())  # batch_of
-        cost = c[0] + c[1] * (columns.in_flight_prefill_tokens() + charged) + c[2] * batch  # ttft(e, charged)
+        c, batch = pc.coefficients, pc.batch  # the predictions' own (batch_of)
+        cost = c[0] + c[1] * (pc.queued + charged) + c[2] * batch  # ttft(e, charged)
         if w:
             cost += w * (c[1] * u) * batch  # the stall: prefill_seconds(e, u) x the batch
         written = new_blocks * block_tokens

@@ -102,6 +102,12 @@ class PredictionColumns:
     tpot_headroom_ms: np.ndarray
     uncached: np.ndarray  # the request's prompt tokens each endpoint probably has to compute
     position: dict[str, int]  # address -> column (the EndpointColumns')
+    # what the predictions were made from, for the cost scorer in the same cycle (nothing changes an
+    # endpoint's load between the cycle's producers and its picks): the model's coefficient rows, the
+    # batch each endpoint runs, the prefill tokens queued on it
+    coefficients: np.ndarray
+    batch: np.ndarray
+    queued: np.ndarray
     materialized: bool = False  # put in the cycle's predictions dict already
 
     def uncached_of(self, endpoint: Endpoint) -> int | None:
@@ -257,7 +263,7 @@ class PredictedLatencyProducer(Plugin):
                 tpot_ok[i], tpot_room[i] = t < bound, bound - t
         else:  # neutralized, as llm-d does without streaming
             tpot_ok, tpot_room = np.ones(n, dtype=bool), np.zeros(n)
-        return PredictionColumns(endpoints, ttft, tpot, ttft < ttft_slo, tpot_ok, ttft_slo - ttft, tpot_room, u, columns.position)
+        return PredictionColumns(endpoints, ttft, tpot, ttft < ttft_slo, tpot_ok, ttft_slo - ttft, tpot_room, u, columns.position, c, batch, queued)
 
     def uncached_columns(self, request: InferenceRequest, cycle: CycleState, columns: EndpointColumns) -> np.ndarray:
         """`uncached` as an array aligned with the columns' endpoints."""
