@@ -51,8 +51,8 @@ GPU = "gpu"  # the medium of an event that names none (llm-d's default tier)
 GPU_BIT = 1
 UNNAMED_BIT = 2  # speculative entries (no medium, as llm-d's) and media past MAX_MEDIA: weight 1.0
 # distinct medium names given bits of their own (events name a handful: GPU, CPU, ...): with gpu and
-# the unnamed one, a block's media fit 16 bits
-MAX_MEDIA = 14
+# the unnamed one, a block's media fit 8 bits (a byte per holder: vLLM's events name gpu, cpu, disk)
+MAX_MEDIA = 6
 MAX_ENDPOINTS = 32_767  # endpoint ids are int16
 _U64 = (1 << 64) - 1
 _STAMPS = (1 << 32) - 1  # a uint32 stamp's limit: the stamps are renumbered there
@@ -89,7 +89,7 @@ def request_keys(
 _ENGINE_COLUMNS = {"key": (np.uint64, 1, 0), "seq": (np.uint32, 1, 0)}
 # a key's first two holders: endpoint id (-1: none) and the mask of media holding the block there; `more`:
 # 1 where holders past these two are in the index's `_more` (holders oldest stored first, in that order)
-_HOLDER_COLUMNS = {"ep0": (np.int16, 1, -1), "ep1": (np.int16, 1, -1), "m0": (np.uint16, 1, 0), "m1": (np.uint16, 1, 0),
+_HOLDER_COLUMNS = {"ep0": (np.int16, 1, -1), "ep1": (np.int16, 1, -1), "m0": (np.uint8, 1, 0), "m1": (np.uint8, 1, 0),
                    "more": (np.int8, 1, 0)}  # fmt: skip
 _NO_ROWS = np.zeros(0, dtype=np.int32)
 
