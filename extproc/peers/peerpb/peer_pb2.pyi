@@ -8,14 +8,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Hello(_message.Message):
-    __slots__ = ("version", "replica_id", "config_digest")
+    __slots__ = ("version", "replica_id", "config_digest", "incarnation")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     version: int
     replica_id: str
     config_digest: str
-    def __init__(self, version: _Optional[int] = ..., replica_id: _Optional[str] = ..., config_digest: _Optional[str] = ...) -> None: ...
+    incarnation: int
+    def __init__(self, version: _Optional[int] = ..., replica_id: _Optional[str] = ..., config_digest: _Optional[str] = ..., incarnation: _Optional[int] = ...) -> None: ...
 
 class BlockRecord(_message.Message):
     __slots__ = ("endpoint", "hashes", "capacity")
