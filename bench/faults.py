@@ -301,8 +301,10 @@ class UpRun:
     """`epp up` run as a user runs it, in a process of its own, so its supervisor, its reports and its
     shutdown are the real ones. Faults go to its children, found through /proc (Linux)."""
 
-    def __init__(self, workdir: Path, args: Sequence[str] = (), sims: int = 2) -> None:
+    def __init__(self, workdir: Path, args: Sequence[str] = (), sims: int = 2, sigint_ignored: bool = False) -> None:
         self.workdir = workdir
+        # as a shell without job control starts `epp up &`: SIGINT ignored from the start
+        self.sigint_ignored = sigint_ignored
         self.argv = [sys.executable, "-m", "extproc.cli", "up", "--port", "0", "--workdir", str(workdir),
                      "--sims", str(sims), "--time-scale", "0.02", "--model", MODEL, *args]  # fmt: skip
         self.output_path = workdir / "epp-up.out"
@@ -314,7 +316,8 @@ class UpRun:
         self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.output_path, "wb") as out:
             self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+                                         start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                         preexec_fn=_ignore_sigint if self.sigint_ignored else None)  # fmt: skip
         deadline = time.monotonic() + 120
         while "Ctrl-C stops everything" not in (text := self.output()):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -420,6 +423,10 @@ class UpRun:
         if left:
             raise AssertionError(f"epp up left {len(left)} children running:\n{self.output()}")
         return code
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _alive(pid: int) -> bool:

@@ -1,11 +1,11 @@
 """Routing quality: which strategy gives the best TTFT, cache hits and goodput on realistic LLM traffic.
 
-Five workloads, each replayed (same seeded requests) through real Envoy + the EPP in front of the
+Six workloads, each replayed (same seeded requests) through real Envoy + the EPP in front of the
 same simulated pool, once per strategy: round-robin, random, load-only (queue + kv), the GIE default
 config and our `best`. One table per workload, ratios against the first strategy (round-robin).
 
-    python -m bench.quality                 # all five workloads (~30 min)
-    python -m bench.quality --quick         # shorter runs (~15 min; each workload 1.5-5 min)
+    python -m bench.quality                 # all six workloads (~35 min)
+    python -m bench.quality --quick         # shorter runs (~18 min; each workload 1.5-5 min)
     python -m bench.quality --workload b2b  # one workload (repeatable)
 
 Workloads:
@@ -25,13 +25,16 @@ Workloads:
   ~0.8 s of prefill per request: 7 req/s saturates it, while a router that keeps each context on one
   server prefills ~0.2 s per request.
 - agent: agent traffic as issue 16 describes it: one ~10,000-token system prompt of tools and
-  instructions (40,000 characters) shared by 24 (quick) or 32 conversations starting at 1/s, each
-  growing by a tool output and an answer (~1,150 tokens) per turn for 8 turns, 0.5 s apart. Sizing:
-  the conversations' own history (~9,200 tokens each at the last turn, 221k / 294k tokens in all)
-  overflows one server (`--num-gpu-blocks 6000`: 96k tokens) and fits the pool (384k tokens, the
-  system prompt on every server included). Sessions differ only after the first ~10k tokens, so a
-  prefix match capped at 4K tokens sees them all alike. Round-robin recomputes a conversation's
-  history at almost every turn (~5,200 tokens a turn on average against ~1,150).
+  instructions (40,000 characters) shared by 12 (quick) or 16 conversations starting at 1/s, each
+  growing by a tool output and an answer (~1,150 tokens) per turn for 16 turns (tool calls), 0.5 s
+  apart. Sizing: the conversations' own history (~18,400 tokens each at the last turn, 221k / 294k
+  tokens in all) overflows one server (`--num-gpu-blocks 6000`: 96k tokens) and fits the pool (384k
+  tokens, the system prompt on every server included). Sessions differ only after the first ~10k
+  tokens, so a prefix match capped at 4K tokens sees them all alike. Round-robin recomputes a
+  conversation's history at almost every turn (~10,000 tokens a turn on average against ~1,150).
+- agent_short: the same total history in conversations half as long: 24 (quick) or 32 of 8 turns
+  (`agent` until 2026-12-03). Its bound (`pinned`) is about 2.6-3x lower than round-robin at p90:
+  shorter histories cost round-robin less to recompute.
 
 `--strategies` also takes `pinned`: no router, each session sent straight to server i mod n in arrival
 order. Every conversation then finds its history cached and the sessions are spread evenly: the
@@ -50,8 +53,8 @@ bounds for every workload; the defaults, per workload, are set where they separa
   ~1,900 tokens, recomputed does not), ITL 50 ms.
 - b2b, optimized_baseline: TTFT 1,000 ms (a ~6,000-token context prefilled on an idle server just
   makes it; queued behind another miss does not), ITL 50 ms.
-- agent: TTFT 1,000 ms (one turn's new ~1,150 tokens plus some queueing; a history recomputed
-  from scratch, up to ~9,000 tokens, does not make it), ITL 50 ms.
+- agent, agent_short: TTFT 1,000 ms (one turn's new ~1,150 tokens plus some queueing; a history
+  recomputed from scratch, up to ~18,000 / ~9,000 tokens, does not make it), ITL 50 ms.
 Each table also prints the measured share of requests that found less than half their prompt
 cached ("miss"), and the busiest endpoint's share of requests over its fair share ("max/fair";
 issue 16 asks for no endpoint above 2x).
@@ -222,11 +225,11 @@ def optimized_baseline(quick: bool, seed: int = 5) -> Scenario:
     )
 
 
-def agent(quick: bool, seed: int = 4) -> Scenario:
+def _agent(name: str, convs: int, turns: int, seed: int) -> Scenario:
     """Agent conversations behind one long identical system prompt, growing turn by turn, so they
     differ only after its ~10k tokens (a 4K-token prefix match sees them all alike)."""
     rng = random.Random(seed)
-    convs, turns, rate = (24 if quick else 32), 8, 1.0
+    rate = 1.0
     system = "[agent] Tools and instructions: " + _text(rng, 40_000)  # ~10,000 tokens
     sessions, t = [], 0.0
     for c in range(convs):
@@ -238,15 +241,26 @@ def agent(quick: bool, seed: int = 4) -> Scenario:
             bodies.append(_chat(list(msgs), 24))
             msgs.append({"role": "assistant", "content": _text(rng, 600)})
         sessions.append(Session(t, c, tuple(bodies), think_s=0.5))
+    history_k = convs * turns * 1.15  # thousands of tokens of the conversations' own history, last turn
     return Scenario(
-        "agent",
+        name,
         tuple(sessions),
         4,
         ("--profile", "gpu", "--time-scale", "3", "--num-gpu-blocks", "6000"),
         f"{convs} agent conversations x {turns} turns behind one ~10,000-token system prompt, ~1,150 tokens more per turn "
-        f"(histories ~{convs * 9.2:.0f}k tokens: {convs * 9.2 / 96:.1f}x one server's cache, {(convs * 9.2 + 40) / 384:.2f}x the pool's)",
+        f"(histories ~{history_k:.0f}k tokens: {history_k / 96:.1f}x one server's cache, {(history_k + 40) / 384:.2f}x the pool's)",
         Slo(1.0, 0.05),
     )
+
+
+def agent(quick: bool, seed: int = 4) -> Scenario:
+    """Agent traffic: 12 (quick) or 16 conversations of 16 turns (tool calls) each."""
+    return _agent("agent", 12 if quick else 16, 16, seed)
+
+
+def agent_short(quick: bool, seed: int = 4) -> Scenario:
+    """The same total history in shorter conversations: 24 (quick) or 32 of 8 turns (`agent` until 2026-12-03)."""
+    return _agent("agent_short", 24 if quick else 32, 8, seed)
 
 
 SCENARIOS = {
@@ -255,6 +269,7 @@ SCENARIOS = {
     "b2b": b2b,
     "optimized_baseline": optimized_baseline,
     "agent": agent,
+    "agent_short": agent_short,
 }
 
 
@@ -396,6 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer requests per workload")
     ap.add_argument("--workload", choices=tuple(SCENARIOS), action="append", help="run only this workload (repeatable)")
     ap.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated built-in strategies or config files (.yaml); the first is the baseline")
+    ap.add_argument("--seed", type=int, help="the workloads' random seed (default: each workload's own), to repeat a run on other requests")
     ap.add_argument("--timeout", type=float, default=120.0, help="per-request timeout, seconds")
     ap.add_argument("--slo-ttft-ms", type=float, help="goodput's TTFT bound for every workload (default: per workload, see above)")
     ap.add_argument("--slo-itl-ms", type=float, help="goodput's mean inter-token latency bound for every workload (default: per workload)")
@@ -410,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not workers or min(workers) < 1:
         ap.error(f"--workers: expected numbers >= 1, got {args.workers!r}")
     for name in args.workload or list(SCENARIOS):
-        sc = SCENARIOS[name](args.quick)
+        sc = SCENARIOS[name](args.quick) if args.seed is None else SCENARIOS[name](args.quick, args.seed)
         try:
             slo = slo_from_flags(sc.slo, args.slo_ttft_ms, args.slo_itl_ms)
         except ValueError as e:

@@ -24,7 +24,7 @@ from extproc.handlers.request_stream import (
     DEFAULT_MAX_HEADERS_KB,
 )
 from extproc.observability.logs import LOG_FORMATS
-from pickers.config.strategies import CONFIGS, STRATEGIES
+from pickers.config.strategies import CONFIGS, DEFAULT_STRATEGY, STRATEGIES
 from pickers.framework.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -81,7 +81,8 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     scheduling = p.add_mutually_exclusive_group()
     scheduling.add_argument(
         "--strategy", choices=STRATEGIES, default=None,
-        help="a built-in scheduling strategy (default: `default`, the reference picker's queue 2 + kv 2 + prefix 3)",
+        help=f"a built-in scheduling strategy (default: `{DEFAULT_STRATEGY}`, the latency model's cost; `default` is the "
+             "reference picker's queue 2 + kv 2 + prefix 3)",
     )  # fmt: skip
     scheduling.add_argument("--config-file", metavar="FILE", help="an EndpointPickerConfig YAML file")
     scheduling.add_argument("--config-text", metavar="YAML", help="an EndpointPickerConfig given inline")
@@ -293,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model", default="sim-model", help="model name the simulators serve (default sim-model)")
     up.add_argument("--endpoints", metavar="FILE", help="use these real vLLM servers instead of simulators")
     up_sched = up.add_mutually_exclusive_group()
-    up_sched.add_argument("--strategy", choices=STRATEGIES, default="best", help="scheduling strategy (default: best)")
+    up_sched.add_argument("--strategy", choices=STRATEGIES, default=DEFAULT_STRATEGY, help=f"scheduling strategy (default: {DEFAULT_STRATEGY})")
     up_sched.add_argument("--config-file", metavar="FILE", help="an EndpointPickerConfig YAML file for the EPP")
     up.add_argument(
         "--fail-open", action="store_true",
@@ -422,7 +423,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         bind_address=args.bind_address,
         endpoints_file=args.endpoints,
-        strategy=args.strategy or "default",
+        strategy=args.strategy or DEFAULT_STRATEGY,
         config_file=args.config_file,
         config_text=args.config_text,
         config_reload_interval=args.config_reload_interval,
@@ -529,6 +530,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGHUP, _stop)
+    # Ctrl-C too, set here: a shell without job control starts `epp up &` with SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt handler, so a later SIGINT would stop nothing.
+    signal.signal(signal.SIGINT, _stop)
     what = f"{opts.sims} simulated vLLM servers"
     if opts.dp_groups:
         what = f"{opts.dp_groups} simulated data-parallel groups of {opts.dp_size} ranks"

@@ -55,7 +55,7 @@ from extproc.server.reload import ConfigReloader
 from pickers.config import safe_yaml
 from pickers.config.datalayer import DEFAULT_DATA_LAYER, DataLayerConfig
 from pickers.config.loader import EndpointPickerConfig, load_config
-from pickers.config.strategies import strategy_config
+from pickers.config.strategies import DEFAULT_STRATEGY, strategy_config
 from pickers.framework.errors import ConfigError
 from pickers.framework.flowcontrol import FlowControlConfig
 from pickers.framework.scheduler import Scheduler
@@ -100,7 +100,7 @@ class ServeOptions:
     metrics_port: int = 9090
     bind_address: str = "0.0.0.0"
     endpoints_file: str | None = None
-    strategy: str = "default"
+    strategy: str = DEFAULT_STRATEGY
     config_file: str | None = None  # an EndpointPickerConfig; replaces `strategy`
     config_text: str | None = None  # the same, inline (--config-text)
     config_reload_interval: float = RELOAD_INTERVAL  # seconds between looks at config_file for changes; 0: never reload

@@ -34,6 +34,9 @@ STRATEGY_CONFIGS = MappingProxyType(
     }
 )
 STRATEGIES = tuple(STRATEGY_CONFIGS)
+# What `epp serve` and `epp up` run without --strategy or a config: ours, not the reference's `default`
+# (on agent traffic `default` is 2x worse than round-robin at p90 TTFT, `best` 4x better; docs/benchmarks.md).
+DEFAULT_STRATEGY = "best"
 
 
 def strategy_config(strategy: str) -> str:

@@ -29,7 +29,8 @@ SECRET = "sk-observability-secret-4242"
 @pytest.fixture(scope="module")
 def obs(tmp_path_factory) -> Iterator[LocalStack]:
     """Its own stack, so the counters start at zero; request logs on, as JSON."""
-    with make_stack(tmp_path_factory.mktemp("obs"), epp_args=("--log-requests", "--log-format", "json")) as s:
+    # the GIE default config: the metrics below include its prefix-cache-scorer's 16-token blocks
+    with make_stack(tmp_path_factory.mktemp("obs"), epp_args=("--strategy", "default", "--log-requests", "--log-format", "json")) as s:
         yield s
 
 

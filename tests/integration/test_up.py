@@ -51,9 +51,13 @@ def test_a_killed_envoy_is_restarted_on_its_port(tmp_path):
         assert any(re.match(r"envoy \(pid \d+\) was killed by SIGKILL", r) for r in up.reports())
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_stopping_epp_up_stops_every_child(tmp_path, sig):
-    with faults.UpRun(tmp_path, sims=1) as up:
+@pytest.mark.parametrize(
+    ("sig", "sigint_ignored"),
+    [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGINT, True)],
+    ids=["ctrl-c", "sigterm", "ctrl-c-started-by-a-script"],  # the last: `epp up &` in a shell without job control
+)
+def test_stopping_epp_up_stops_every_child(tmp_path, sig, sigint_ignored):
+    with faults.UpRun(tmp_path, sims=1, sigint_ignored=sigint_ignored) as up:
         assert len(up.children()) == 3  # a simulator, the EPP, Envoy
         assert up.stop(sig) == 0  # raises if a child outlived it
         assert "stopping ..." in up.output()

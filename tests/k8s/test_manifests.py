@@ -178,6 +178,14 @@ def test_the_shipped_config_loads() -> None:
     load_config_file(ROOT / "epp/config.yaml")
 
 
+def test_the_shipped_config_is_the_built_in_default_strategy() -> None:
+    """`epp serve` without a config runs `best`; the manifests' ConfigMap carries the same config
+    (kustomize cannot load pickers/configs/best.yaml from outside its root, so this keeps the copy equal)."""
+    from pickers.config.strategies import DEFAULT_STRATEGY, strategy_config
+
+    assert yaml.safe_load((ROOT / "epp/config.yaml").read_text()) == yaml.safe_load(strategy_config(DEFAULT_STRATEGY))
+
+
 def _base_pool() -> dict[str, Any]:
     (pool,) = docs(ROOT / "inferencepool.yaml")
     return pool

@@ -187,9 +187,13 @@ def test_optimized_baseline_first_touch_misses_are_under_a_tenth(quick):
     assert quality.first_touches(sc) / sc.requests < 0.10
 
 
+AGENT_WORKLOADS = [quality.agent, quality.agent_short]
+
+
+@pytest.mark.parametrize("make", AGENT_WORKLOADS)
 @pytest.mark.parametrize("quick", [True, False])
-def test_agent_conversations_share_one_long_system_prompt_and_grow_turn_by_turn(quick):
-    sc = quality.agent(quick)
+def test_agent_conversations_share_one_long_system_prompt_and_grow_turn_by_turn(make, quick):
+    sc = make(quick)
     systems = {_messages(b)[0]["content"] for s in sc.sessions for b in s.bodies}
     assert len(systems) == 1 and len(next(iter(systems))) >= 20_000  # tens of thousands of characters
     for s in sc.sessions:
@@ -199,14 +203,30 @@ def test_agent_conversations_share_one_long_system_prompt_and_grow_turn_by_turn(
             assert after[: len(before)] == before  # each turn carries the whole conversation so far
 
 
+@pytest.mark.parametrize("make", AGENT_WORKLOADS)
 @pytest.mark.parametrize("quick", [True, False])
-def test_agent_histories_overflow_one_server_but_fit_the_pool(quick):
-    sc = quality.agent(quick)
+def test_agent_histories_overflow_one_server_but_fit_the_pool(make, quick):
+    sc = make(quick)
     system = _tokens(_messages(sc.sessions[0].bodies[0])[0]["content"])
     own = sum(sum(_tokens(m["content"]) for m in _messages(s.bodies[-1])[1:]) for s in sc.sessions)
     server_tokens = _blocks_per_server(sc) * 16
     assert own > 2 * server_tokens
     assert own + sc.sims * system < sc.sims * server_tokens
+
+
+def test_agent_is_long_conversations_and_agent_short_the_same_history_in_half_the_turns():
+    def shape(sc):
+        return len(sc.sessions), {len(s.bodies) for s in sc.sessions}
+
+    assert shape(quality.agent(False)) == (16, {16})  # agents run tens of tool calls
+    assert shape(quality.agent_short(False)) == (32, {8})
+    assert quality.agent(False).requests == quality.agent_short(False).requests
+
+
+def test_a_seed_changes_the_requests_but_not_the_shape():
+    a, b = quality.agent(True, 4), quality.agent(True, 5)
+    assert a.sessions[0].bodies != b.sessions[0].bodies
+    assert (len(a.sessions), a.requests) == (len(b.sessions), b.requests)
 
 
 def test_every_workload_has_a_default_slo_and_the_ones_issue_16_names_exist():

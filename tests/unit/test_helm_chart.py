@@ -19,6 +19,7 @@ import yaml
 
 from extproc.cli.main import _kubernetes_options, _peer_options, build_parser
 from pickers.config.loader import load_config_file
+from pickers.config.strategies import DEFAULT_STRATEGY, strategy_config
 from tests.k8s.kustomize import needs_kubectl, render as kustomize
 from tests.k8s.test_manifests import ALLOWED_RBAC, KINDS, MODELS, _check_shape, validate
 
@@ -303,15 +304,13 @@ def test_all_epp_config_files_pass_epp_check_config(chart, tmp_path: Path) -> No
 # -- the values, key by key --------------------------------------------------------------------
 
 
-def test_the_default_config_is_gie_and_llm_ds_default_and_follows_the_model_server_values(chart) -> None:  # type: ignore[no-untyped-def]
+def test_the_default_config_is_the_built_in_default_and_follows_the_model_server_values(chart) -> None:  # type: ignore[no-untyped-def]
     def config(extra: dict[str, Any]) -> dict[str, Any]:
         cm = one(render(chart, _merge(POOL, extra)), "ConfigMap", "llm-pool-epp")
         return yaml.safe_load(cm["data"]["default-plugins.yaml"])
 
     default = config({})
-    assert [p["type"] for p in default["plugins"]] == ["queue-scorer", "kv-cache-utilization-scorer", "prefix-cache-scorer", "max-score-picker"]
-    assert [(p["pluginRef"], p.get("weight")) for p in default["schedulingProfiles"][0]["plugins"]] == [
-        ("queue-scorer", 2), ("kv-cache-utilization-scorer", 2), ("prefix-cache-scorer", 3), ("max-score-picker", None)]  # fmt: skip
+    assert default == yaml.safe_load(strategy_config(DEFAULT_STRATEGY))  # what `epp serve` runs without a config
     typed = config({"inferencePool": {"modelServerType": "sglang", "parser": "openai-parser"},
                     "inferenceExtension": {"metricsDataSource": {"scheme": "https", "path": "/m"}}})  # fmt: skip
     by_type = {p["type"]: p.get("parameters") for p in typed["plugins"]}
@@ -325,6 +324,7 @@ def test_the_default_config_is_gie_and_llm_ds_default_and_follows_the_model_serv
         "scheme": "https", "path": "/metrics", "insecureSkipVerify": False}  # fmt: skip
     latency = config({"inferenceExtension": {"latencyPredictor": {"enabled": True}}})
     assert latency["schedulingProfiles"][0]["plugins"][0] == {"pluginRef": "predicted-latency-producer"}
+    assert [p["type"] for p in latency["plugins"]][:3] == ["queue-scorer", "kv-cache-utilization-scorer", "prefix-cache-scorer"]
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "bench" / "inference-perf"
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 # config file -> the bench.quality workload it reruns
 WORKLOADS = {"shared-prefix": "shared_prefix", "multi-turn": "multi_turn", "b2b": "b2b",
-             "optimized-baseline": "optimized_baseline", "agent": "agent"}  # fmt: skip
+             "optimized-baseline": "optimized_baseline", "agent": "agent", "agent-short": "agent_short"}  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

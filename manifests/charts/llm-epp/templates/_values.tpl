@@ -427,15 +427,26 @@ in-flight load through the headless peers Service (as manifests/components/activ
 {{- toYaml $out -}}
 {{- end -}}
 
-{{/* The generated default-plugins.yaml: GIE's and llm-d's default (queue 2, kv-cache 2, prefix 3), or
-their latency-predictor profile, with the model-server type, parsers and metrics scrape of the values. */}}
+{{/* The generated default-plugins.yaml: llm-epp's built-in default `best` (pickers/configs/best.yaml: the
+latency model's cost), or llm-d's latency-predictor profile, with the model-server type, parsers and
+metrics scrape of the values. The reference's default (queue 2, kv-cache 2, prefix 3) is a
+pluginsCustomConfig away (docs/helm.md). */}}
 {{- define "llm-epp.defaultConfig" -}}
 apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
 plugins:
+{{- if .latency }}
 - type: queue-scorer
 - type: kv-cache-utilization-scorer
 - type: prefix-cache-scorer
+{{- else }}
+- type: approx-prefix-cache-producer
+  parameters: {maxPrefixTokensToMatch: 131072}
+- type: inflight-load-producer
+- type: predicted-latency-producer
+- type: latency-cost-scorer
+  parameters: {slowdownWeight: 0.3}
+{{- end }}
 {{- if or (ne .scheme "http") (ne .path "/metrics") }}
 - type: metrics-data-source
   parameters:
@@ -492,12 +503,8 @@ schedulingProfiles:
   - pluginRef: latency-scorer
   - pluginRef: weighted-random-picker
 {{- else }}
-  - pluginRef: queue-scorer
-    weight: 2
-  - pluginRef: kv-cache-utilization-scorer
-    weight: 2
-  - pluginRef: prefix-cache-scorer
-    weight: 3
+  - pluginRef: latency-cost-scorer
+    weight: 1
   - pluginRef: max-score-picker
 {{- end }}
 {{ end -}}
