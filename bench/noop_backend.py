@@ -1,5 +1,7 @@
 """A no-op "vLLM" for the overhead benchmark: one process serving several ports, answering every
-POST with the same small completion and /metrics with an idle server's gauges.
+POST with the same small completion and /metrics with an idle server's gauges plus a counter of the
+completions served, so the body changes between scrapes while traffic flows, as a busy vLLM's does
+(the EPP's scraper then parses every scrape, not only the first of a run of identical bodies).
 
 Raw asyncio protocol + uvloop so the backend costs little CPU next to Envoy and the EPP.
 Run: python -m bench.noop_backend --port 8001 --port 8002 ...
@@ -41,23 +43,30 @@ def _response(body: bytes, content_type: bytes, served_by: bytes) -> bytes:
     )  # fmt: skip
 
 
+def _metrics(served: int, served_by: bytes) -> bytes:
+    line = b'vllm:request_success_total{engine="0",finished_reason="length",model_name="sim-model"} %d.0\n' % served
+    return _response(METRICS + b"# TYPE vllm:request_success_total counter\n" + line, b"text/plain; version=0.0.4", served_by)
+
+
 class _Handler(asyncio.Protocol):
-    def __init__(self, completion: bytes, metrics: bytes, empty: bytes) -> None:
+    def __init__(self, completion: bytes, served_by: bytes, empty: bytes, served: list[int]) -> None:
         self._parser = Parser()
-        self._answers = (completion, metrics, empty)
+        self._answers = (completion, served_by, empty)
+        self._served = served  # [completions served on this port], shared by its connections
         self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        completion, metrics, empty = self._answers
+        completion, served_by, empty = self._answers
         assert self._transport is not None
         for msg in self._parser.feed(data):
             if msg.start_line.startswith(b"POST"):
+                self._served[0] += 1
                 self._transport.write(completion)
             elif msg.start_line.startswith(b"GET /metrics"):
-                self._transport.write(metrics)
+                self._transport.write(_metrics(self._served[0], served_by))
             else:
                 self._transport.write(empty)
 
@@ -67,8 +76,7 @@ async def serve(ports: Sequence[int], host: str = "127.0.0.1") -> None:
     servers = []
     for port in ports:
         name = f"{host}:{port}".encode()
-        answers = (_response(COMPLETION, b"application/json", name), _response(METRICS, b"text/plain; version=0.0.4", name),
-                   _response(b"{}", b"application/json", name))  # fmt: skip
+        answers = (_response(COMPLETION, b"application/json", name), name, _response(b"{}", b"application/json", name), [0])
         servers.append(await loop.create_server(lambda a=answers: _Handler(*a), host, port, backlog=1024))
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -4,7 +4,8 @@ For each gateway -- (a) Envoy round-robin without ext_proc, (b) Envoy + a no-op 
 (bench.noop_extproc: the gRPC/protobuf/event-loop floor, same processing mode), (c) Envoy + EPP
 --strategy round-robin, (d) Envoy + EPP default, (e) the same with `--workers 2`, (f) (d) scraping the
 endpoints' metrics every second instead of every 50 ms, (g) (d) with guardrails: request-limits-admitter
-and content-check-admitter (bench.request_cost's policy) and the audit trail to a JSON-lines file --
+and content-check-admitter (bench.request_cost's policy) and the audit trail to a JSON-lines file, (h)
+Envoy + EPP best (the built-in default strategy) --
 a closed-loop
 client measures requests/s at concurrency 32 and latency at concurrency 1 (small non-streaming
 completions), and every process's CPU seconds per request from /proc/<pid>/stat (the EPP's with its
@@ -83,6 +84,8 @@ CONFIGS: tuple[tuple[str, dict[str, object]], ...] = (
     # per endpoint and second, not per request (idle cores), and at a few hundred req/s it is a share of (d)'s
     ("(f) envoy + EPP default, scrape 1s", {"epp_args": ("--strategy", "default", "--refresh-metrics-interval", "1s")}),
     ("(g) envoy + EPP default + guardrails", {GUARDRAILS: True}),
+    # `best`, what `epp serve` runs without a config since 2026-12-03: the latency model's cost per pick
+    ("(h) envoy + EPP best (the built-in default)", {"epp_args": ("--strategy", "best")}),
 )
 
 

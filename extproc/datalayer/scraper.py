@@ -14,6 +14,7 @@ Prometheus text reading shared with the latter.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import math
 import os
@@ -25,8 +26,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol
 
 import aiohttp
+import xxhash
 
 from extproc.datalayer.datastore import Datastore
+from extproc.datalayer.http_get import HttpGetError, HttpGetter
 from pickers.framework.endpoint import Endpoint, Metrics
 from pickers.framework.errors import ConfigError
 from pickers.plugins.datalayer.attributes import CORE_METRICS_PRODUCER
@@ -362,15 +365,6 @@ def source_url(source: HttpSource, ep: Endpoint) -> str:
     return f"{source.scheme}://{spec.metrics_host or host}:{port}{spec.metrics_path or source.path}"
 
 
-def default_session(ssl_ctx: ssl.SSLContext | None = None) -> aiohttp.ClientSession:
-    # No connection cap (one poller per endpoint keeps one connection alive); plain text, since
-    # compressing a few kB on the model server and inflating it here costs more than it saves.
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0, ssl=ssl_ctx if ssl_ctx is not None else True),
-        headers={"Accept": "text/plain", "Accept-Encoding": "identity"},
-    )
-
-
 class EndpointPoller:
     """Fetches `source` from every endpoint in the datastore every `interval` seconds while `run()` runs.
 
@@ -392,15 +386,13 @@ class EndpointPoller:
         self.interval = interval
         self.timeout = timeout
         self._client_timeout = aiohttp.ClientTimeout(total=timeout)
-        if session_factory is None:
-            ctx = ssl_context(source)  # a bad certificate path stops start-up here
-
-            def session_factory() -> aiohttp.ClientSession:
-                return default_session(ctx)
-
+        # Without a session factory (tests give one), the pollers' own keep-alive client
+        # (extproc.datalayer.http_get): about a third of aiohttp's CPU per fetch.
+        self._ssl_ctx = ssl_context(source) if session_factory is None else None  # a bad certificate path stops start-up here
         self._session_factory = session_factory
-        self._session: aiohttp.ClientSession | None = None
+        self._session: aiohttp.ClientSession | HttpGetter | None = None
         self._pollers: dict[str, asyncio.Task[None]] = {}
+        self._urls: dict[str, str] = {}  # address -> the URL last fetched (to close its connection when it leaves)
         # Registered once, here: run() may be restarted by the supervisor and must not stack up
         # listeners. Outside run() the listener does nothing.
         datastore.on_membership_change(lambda added, removed: self._sync())
@@ -413,8 +405,13 @@ class EndpointPoller:
     def url(self, ep: Endpoint) -> str:
         return source_url(self.source, ep)
 
+    def _new_session(self) -> aiohttp.ClientSession | HttpGetter:
+        if self._session_factory is not None:
+            return self._session_factory()
+        return HttpGetter(self._ssl_ctx, max_bytes=self.source.max_bytes)
+
     async def run(self) -> None:
-        session = self._session_factory()
+        session = self._new_session()
         self._session = session
         try:
             self._sync()
@@ -436,17 +433,23 @@ class EndpointPoller:
         for address in list(self._pollers):
             if address not in wanted:
                 self._pollers.pop(address).cancel()
+                self._forget_url(address)
         loop = asyncio.get_running_loop()
         for address in wanted - self._pollers.keys():
             task = loop.create_task(self._poll(address, self._session), name=f"{self.source.name} {address}")
             self._pollers[address] = task
             task.add_done_callback(lambda t, a=address: self._forget(a, t))
 
+    def _forget_url(self, address: str) -> None:
+        url = self._urls.pop(address, None)
+        if url is not None and isinstance(self._session, HttpGetter):
+            self._session.drop(url)
+
     def _forget(self, address: str, task: asyncio.Task[None]) -> None:
         if self._pollers.get(address) is task:
             del self._pollers[address]
 
-    async def _poll(self, address: str, session: aiohttp.ClientSession) -> None:
+    async def _poll(self, address: str, session: aiohttp.ClientSession | HttpGetter) -> None:
         failing = False
         first = True
         while (ep := self.datastore.get(address)) is not None:
@@ -463,20 +466,27 @@ class EndpointPoller:
                 first = False
             await asyncio.sleep(max(0.0, delay))
 
-    async def scrape_once(self, ep: Endpoint, session: aiohttp.ClientSession) -> str | None:
+    async def scrape_once(self, ep: Endpoint, session: aiohttp.ClientSession | HttpGetter) -> str | None:
         """Fetch from one endpoint and record the result. Returns the error, if any."""
         url = self.url(ep)
         try:
-            async with session.get(url, timeout=self._client_timeout) as resp:
-                if resp.status != 200:
-                    raise ScrapeError(f"HTTP {resp.status} from {url}")
-                body = await self._read(resp)
+            if isinstance(session, HttpGetter):
+                self._urls[ep.address] = url
+                async with asyncio.timeout(self.timeout):
+                    status, body = await session.get(url)
+                if status != 200:
+                    raise ScrapeError(f"HTTP {status} from {url}")
+            else:
+                async with session.get(url, timeout=self._client_timeout) as resp:
+                    if resp.status != 200:
+                        raise ScrapeError(f"HTTP {resp.status} from {url}")
+                    body = await self._read(resp)
             self.take(ep, body)
         except asyncio.CancelledError:
             raise
         except TimeoutError:
             error = f"timed out after {self.timeout:g}s"
-        except ScrapeError as e:
+        except (ScrapeError, HttpGetError) as e:
             error = str(e)
         except Exception as e:  # connection refused/reset, bad HTTP, ...: all mean "no fresh data"
             error = f"{type(e).__name__}: {e}"
@@ -530,6 +540,9 @@ class MetricsScraper(EndpointPoller):
         self._pool = PoolMetricsParser(extraction) if isinstance(extraction, PoolMetricsExtraction) else None
         engines = extraction.engines if isinstance(extraction, MetricsExtraction) else {}
         self._parsers = {name: MetricsParser(engine) for name, engine in engines.items()}
+        # per endpoint: the last body's length and xxh3 hash, the parser that read it, and what it read
+        # (see `take`; a digest, not the body: 1,000 endpoints' bodies would be tens of MB)
+        self._last: dict[str, tuple[int, int, Parser, Metrics, dict[str, float]]] = {}
 
     def parser_for(self, ep: Endpoint) -> Parser:
         if self._pool is not None:
@@ -539,11 +552,24 @@ class MetricsScraper(EndpointPoller):
 
     def take(self, ep: Endpoint, body: bytes) -> None:
         parser = self.parser_for(ep)
-        metrics, custom = parser.parse_with_attributes(body.decode("utf-8", errors="replace"))
-        metrics.updated_at = now = time.monotonic()
+        now = time.monotonic()
+        last = self._last.get(ep.address)
+        digest = xxhash.xxh3_64_intdigest(body)
+        if last is not None and last[0] == len(body) and last[1] == digest and last[2] is parser:
+            # the same bytes as the last scrape (an idle server): the same values, read again now
+            metrics, custom = copy.copy(last[3]), last[4]
+        else:
+            metrics, custom = parser.parse_with_attributes(body.decode("utf-8", errors="replace"))
+            self._last[ep.address] = (len(body), digest, parser, metrics, custom)
+            metrics = copy.copy(metrics)  # the kept one stays as parsed: picks may hold the datastore's
+        metrics.updated_at = now
         self.datastore.update_metrics(ep.address, metrics)
         if custom:  # a custom metric not found keeps its last value (llm-d logs the error and goes on)
             self.datastore.update_attributes(ep.address, CORE_METRICS_PRODUCER, custom, now)
+
+    def _forget_url(self, address: str) -> None:
+        super()._forget_url(address)
+        self._last.pop(address, None)
 
     def failed(self, ep: Endpoint, error: str) -> None:
         self.datastore.record_scrape_error(ep.address, error)

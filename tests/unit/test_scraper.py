@@ -15,9 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from extproc.datalayer.datastore import Datastore
-from extproc.datalayer.scraper import MetricsParseError, MetricsScraper, parse_vllm_metrics
+from extproc.datalayer.scraper import MetricsParseError, MetricsParser, MetricsScraper, parse_vllm_metrics
 from extproc.devstack.ports import reserve_port
 from pickers.framework.endpoint import EndpointSpec
+from pickers.plugins.datalayer.sources import HttpSource
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
@@ -380,6 +381,59 @@ async def test_unparsable_body_records_an_error(servers, running_scraper) -> Non
     await eventually(lambda: ep.scrape_error is not None)
     assert "vllm:num_requests_waiting" in (ep.scrape_error or "")
     assert ep.metrics.updated_at == 0.0 and ds.is_stale(ep)
+
+
+async def test_an_unchanged_body_is_not_parsed_again_but_its_metrics_are_fresh(servers, running_scraper, monkeypatch) -> None:
+    parsed: list[str] = []
+    real = MetricsParser.parse_with_attributes
+
+    def counting(self: MetricsParser, text: str):  # type: ignore[no-untyped-def]
+        parsed.append(text)
+        return real(self, text)
+
+    monkeypatch.setattr(MetricsParser, "parse_with_attributes", counting)
+    sim = await servers()
+    ds = Datastore()
+    ds.set_endpoints([sim.spec()])
+    running_scraper(ds)
+    ep = ds.get(sim.spec().address)
+    assert ep is not None
+    await eventually(lambda: sim.hits >= 5)
+    first = ep.metrics
+    assert len(parsed) == 1 and first.waiting == 2  # five scrapes of the same bytes, one parse
+    await eventually(lambda: ep.metrics.updated_at > first.updated_at)  # each scrape still refreshes the time
+    assert ep.metrics is not first and ep.metrics.waiting == 2  # a new object: a pick may hold the old one
+    sim.body = MINIMAL.replace("waiting 2", "waiting 7")
+    await eventually(lambda: ep.metrics.waiting == 7)
+    assert len(parsed) == 2
+    sim.body = MINIMAL  # back to the first bytes: parsed again (only the last body is remembered)
+    await eventually(lambda: ep.metrics.waiting == 2)
+    assert len(parsed) == 3
+
+
+async def test_a_redirect_is_an_error_with_its_status_not_followed(servers, running_scraper) -> None:
+    sim = await servers()
+    sim.status = 302
+    ds = Datastore()
+    ds.set_endpoints([sim.spec()])
+    running_scraper(ds)
+    ep = ds.get(sim.spec().address)
+    assert ep is not None
+    await eventually(lambda: ep.scrape_error is not None)
+    assert ep.scrape_error == f"HTTP 302 from http://{sim.spec().address}/metrics"
+
+
+async def test_a_body_over_the_sources_cap_is_an_error(servers, running_scraper) -> None:
+    sim = await servers()
+    sim.body = MINIMAL + "# padding\n" * 200
+    ds = Datastore()
+    ds.set_endpoints([sim.spec()])
+    running_scraper(ds, source=HttpSource("m", "/metrics", max_bytes=1000))
+    ep = ds.get(sim.spec().address)
+    assert ep is not None
+    await eventually(lambda: ep.scrape_error is not None)
+    assert ep.scrape_error == f"answer of {len(sim.body)} bytes; at most 1000 are read"
+    assert ds.is_stale(ep)
 
 
 async def test_connection_refused_records_an_error(running_scraper) -> None:
