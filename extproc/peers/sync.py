@@ -62,6 +62,7 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 _KINDS = {k.value: k for k in Kind}
+_MAX_AGE_US = 2**32 - 1  # BlockRecord.age_us is 32 bits (~71 minutes; a replay of older picks says that)
 _SERVER_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 500),
     ("grpc.http2.max_ping_strikes", 0),
@@ -116,6 +117,12 @@ class SyncStats:
     records_applied: int = 0
     records_unknown: int = 0  # for endpoints this replica does not have (yet)
     records_repeated: int = 0  # replayed ones already applied (skipped)
+    # Picks this replica made without knowing a peer's earlier pick of the same prefix (the prompt's
+    # first block): the peer's pick arrived after a local pick made since it (by its age_us; the
+    # network's own delay is not counted, so this errs low). `split`: the two went to different
+    # endpoints, where one replica with both picks would likely have chosen the peer's endpoint.
+    blind_picks_same: int = 0
+    blind_picks_split: int = 0
     observations_sent: int = 0  # latency observations of this replica's responses sent (to all peers)
     observations_dropped: int = 0  # overwritten in the log before a peer got them
     observations_applied: int = 0  # peers' observations counted into this replica's fits
@@ -250,10 +257,13 @@ class PeerSync(pb_grpc.PeerSyncServicer):
         st.records_repeated += skip
         if blocks_ok and len(u.blocks) > skip:
             known = self.datastore.get
+            now = time.monotonic()
             for rec in u.blocks[skip:] if skip else u.blocks:
                 if known(rec.endpoint) is None:
                     st.records_unknown += 1
                     continue
+                if rec.age_us and rec.hashes:
+                    self._count_blind(rec.endpoint, rec.hashes[0], now - rec.age_us / 1e6)
                 self.index.apply_peer(rec.endpoint, list(rec.hashes), rec.capacity)
                 st.records_applied += 1
         if u.observations:
@@ -262,6 +272,16 @@ class PeerSync(pb_grpc.PeerSyncServicer):
             self.load.update(peer, {e.endpoint: Load(e.requests, e.tokens, e.prefill_tokens, e.output_tokens) for e in u.load})
         else:
             self.load.heard(peer)
+
+    def _count_blind(self, endpoint: str, first_block: int, picked_at: float) -> None:
+        """A peer picked `endpoint` for a prompt starting with `first_block` at about `picked_at` (this
+        replica's clock): did a local pick of that prefix come after it, before it was heard here?"""
+        mine = self.index.latest_local(first_block)
+        if mine is not None and mine[1] > picked_at:
+            if mine[0] == endpoint:
+                self.stats.blind_picks_same += 1
+            else:
+                self.stats.blind_picks_split += 1
 
     def _apply_observations(self, heard: _Heard, u: pb.Update) -> None:
         st = self.stats
@@ -370,15 +390,16 @@ class PeerSync(pb_grpc.PeerSyncServicer):
                 read = journal.read(cursor, MAX_UPDATE_BLOCKS)
                 cursor = read.cursor
                 u = pb.Update(dropped=read.dropped, journal_next=cursor)
+                now = time.monotonic()
                 for e in read.items:
-                    u.blocks.add(endpoint=e.address, hashes=e.hashes, capacity=e.capacity)
+                    age_us = min(_MAX_AGE_US, max(1, int((now - e.at) * 1e6)))
+                    u.blocks.add(endpoint=e.address, hashes=e.hashes, capacity=e.capacity, age_us=age_us)
                 observed = log_.read(obs_cursor, MAX_UPDATE_OBSERVATIONS) if log_ is not None else None
                 if observed is not None and (observed.items or observed.dropped):
                     obs_cursor = observed.cursor
                     u.observation_seq = observed.first_seq
                     for o in observed.items:
                         u.observations.add(kind=o.kind, endpoint=o.address, prefill_tokens=o.prefill_tokens, batch=o.batch, seconds=o.seconds)
-                now = time.monotonic()
                 own = [] if stopping else self.load.own()
                 if own != last_load or now - last_sent >= HEARTBEAT:
                     u.load_snapshot = True

@@ -4,6 +4,7 @@ the exchange itself between two PeerSync servers on loopback (real gRPC, no Envo
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -309,6 +310,38 @@ async def test_a_pick_on_one_replica_is_matched_on_the_other(pair: tuple[_Replic
     await _until(lambda: b.index.match([11, 12, 13]) == {E1: 3})
     b.index.record(E2, [21], 0)
     await _until(lambda: a.index.match([21]) == {E2: 1})
+
+
+async def test_a_local_pick_made_before_a_peers_earlier_pick_arrived_counts_as_blind(pair: tuple[_Replica, _Replica]) -> None:
+    a, b = pair
+    b.index.record(E2, [31, 32])  # b picks E2 for prefix 31 now...
+    a.index.record(E1, [31, 32], now=time.monotonic() - 10)  # ...a picked E1 for it 10 s ago (its age says so)
+    b.index.record(E1, [41])
+    a.index.record(E1, [41], now=time.monotonic() - 10)  # the same endpoint: blind, but no harm
+    await _until(lambda: b.sync.stats.records_applied == 2)
+    assert (b.sync.stats.blind_picks_split, b.sync.stats.blind_picks_same) == (1, 1)
+    b.index.record(E2, [51], now=time.monotonic() - 10)  # b picked long before a (a's pick is a's blind pick, not b's)
+    a.index.record(E1, [51])
+    a.index.record(E1, [61])
+    await _until(lambda: b.index.match([61]) == {E1: 1})
+    b.index.record(E2, [61])  # after hearing a's pick: b knew it
+    a.index.record(E1, [62])
+    await _until(lambda: b.sync.stats.records_applied == 5)
+    assert (b.sync.stats.blind_picks_split, b.sync.stats.blind_picks_same) == (1, 1)
+    assert b.sync.status()["blind_picks_split"] == 1
+
+
+def test_the_index_remembers_the_latest_local_pick_per_first_block_within_its_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("extproc.peers.journal.RECENT_PICKS", 2)
+    index = SharedPrefixIndex()
+    index.record(E1, [1, 2], now=5.0)
+    index.record(E2, [1, 3], now=6.0)
+    index.apply_peer(E1, [7], 0)  # a peer's pick is not a local one
+    assert index.latest_local(1) == (E2, 6.0) and index.latest_local(7) is None
+    index.record(E1, [8], now=7.0)
+    index.record(E1, [9], now=8.0)  # the third prefix: the oldest (1) is forgotten
+    assert index.latest_local(1) is None and index.latest_local(9) == (E1, 8.0)
+    assert [e.at for e in index.journal.read(0, 100).items] == [5.0, 6.0, 7.0, 8.0]
 
 
 async def test_in_flight_load_is_shared_and_dropped_when_a_replica_stops(pair: tuple[_Replica, _Replica]) -> None:

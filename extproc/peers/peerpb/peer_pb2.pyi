@@ -20,14 +20,16 @@ class Hello(_message.Message):
     def __init__(self, version: _Optional[int] = ..., replica_id: _Optional[str] = ..., config_digest: _Optional[str] = ..., incarnation: _Optional[int] = ...) -> None: ...
 
 class BlockRecord(_message.Message):
-    __slots__ = ("endpoint", "hashes", "capacity")
+    __slots__ = ("endpoint", "hashes", "capacity", "age_us")
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     HASHES_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    AGE_US_FIELD_NUMBER: _ClassVar[int]
     endpoint: str
     hashes: _containers.RepeatedScalarFieldContainer[int]
     capacity: int
-    def __init__(self, endpoint: _Optional[str] = ..., hashes: _Optional[_Iterable[int]] = ..., capacity: _Optional[int] = ...) -> None: ...
+    age_us: int
+    def __init__(self, endpoint: _Optional[str] = ..., hashes: _Optional[_Iterable[int]] = ..., capacity: _Optional[int] = ..., age_us: _Optional[int] = ...) -> None: ...
 
 class EndpointLoad(_message.Message):
     __slots__ = ("endpoint", "requests", "tokens", "prefill_tokens", "output_tokens")
