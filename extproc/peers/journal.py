@@ -70,6 +70,9 @@ class SharedPrefixIndex(ApproxPrefixIndex):
         return self._recent.get(first_block)
 
     def apply_peer(self, address: str, hashes: list[int], capacity: int) -> None:
-        """A peer's pick: the endpoint holds these blocks (not journalled: peers hear it from its picker)."""
+        """A peer's pick: the endpoint holds these blocks (not journalled: peers hear it from its picker).
+        What came over the wire is made distinct first: the index takes each block once."""
+        if len(set(hashes)) != len(hashes):
+            hashes = list(dict.fromkeys(hashes))
         super().record(address, hashes, capacity or None)
         self.peer_records += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 import random
 import signal
@@ -621,6 +622,9 @@ class EppServer:
             "llm-epp serving ext_proc on :%d, health on :%d, metrics on :%d (%s, %d endpoints)",
             self.grpc_port, self.health_port, self.metrics_port, self.scheduling_source, len(self.datastore),
         )
+        # start-up's objects (modules, config, plugins) leave the cyclic GC's generations: no full
+        # collection under load walks them again (docs/operating.md#memory-and-gc-pauses)
+        gc.freeze()
 
     async def _discover_peers(self, peers: PeerOptions, sync: PeerSync) -> None:
         """Peers from the EndpointSlices of a headless Service (the Kubernetes client imported only then)."""

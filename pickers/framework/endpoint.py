@@ -56,10 +56,11 @@ class EndpointSpec:
     # The pod's `spec.hostname` (Kubernetes discovery; "" when unset or from an endpoints file):
     # topology-extractor's host when its hostname label is absent.
     hostname: str = ""
+    # `ip:port`, made once: plugins key their per-endpoint state by it on every pick
+    address: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "address", f"{self.host}:{self.port}")
 
     @property
     def pod_name(self) -> str:

@@ -19,12 +19,16 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 
+import numpy as np
+
+from pickers.framework.columns import EndpointColumns
 from pickers.framework.endpoint import Endpoint
 from pickers.framework.errors import ALL_FILTERED, NO_ENDPOINTS, RequestError
 from pickers.framework.request import InferenceRequest
 from pickers.framework.types import (
     SINGLE_PROFILE_HANDLER,
     Admitter,
+    ArrayPicker,
     AsyncDataProducer,
     CycleAdmitter,
     CycleState,
@@ -85,6 +89,10 @@ class Scheduler:
         self._admitters = [p for p in plugins if isinstance(p, Admitter)]
         self._cycle_admitters = [p for p in plugins if isinstance(p, CycleAdmitter)]
         self._explainers = [p for p in plugins if isinstance(p, Explainer)]
+        # pickers that take the totals as an array (no ScoredEndpoint per candidate)
+        self._array_pickers = {id(p.picker) for p in all_profiles if isinstance(p.picker, ArrayPicker)}
+        # the columns of the last candidates tuple (the datastore's: the same object until membership changes)
+        self._columns: EndpointColumns | None = None
         # id(plugin) -> its observer; empty when not timing, so the loop pays one truth test per call
         self._timers: dict[int, DurationObserver] = {}
         if timer is not None:
@@ -112,7 +120,10 @@ class Scheduler:
         if self._screeners:
             candidates = self._screen(request, candidates, candidates if pool is None else pool)
         candidates = self._drop_unreachable(candidates)
-        cycle = CycleState()
+        columns = self._columns
+        if columns is None or columns.endpoints is not candidates:
+            columns = self._columns = EndpointColumns(candidates)
+        cycle = CycleState(endpoint_columns=columns)
         for producer in self._producers:
             producer.produce(request, cycle, candidates)
         for admitter in self._cycle_admitters:
@@ -166,26 +177,30 @@ class Scheduler:
                 timers[id(f)].observe(clock() - t)
             if not candidates:
                 raise RequestError(ALL_FILTERED, f"every endpoint was filtered out by {f.name}")
-        totals = [0.0] * len(candidates)
+        totals = np.zeros(len(candidates))
         for ws in profile.scorers:
             t = clock() if timers else 0.0
             scores = ws.scorer.score(request, cycle, candidates)
             if timers:
                 timers[id(ws.scorer)].observe(clock() - t)
-            w = ws.weight
-            for i, s in enumerate(scores):
-                totals[i] += w * (0.0 if s < 0.0 else 1.0 if s > 1.0 else s)
+            column = np.asarray(scores, dtype=np.float64)
+            if column.shape != totals.shape:
+                raise ValueError(f"scorer {ws.scorer.name} returned {column.size} scores for {totals.size} endpoints")
+            # clamped to [0, 1] (NaN stays NaN, as a comparison-based clamp leaves it), then weighted
+            totals += ws.weight * np.minimum(np.maximum(column, 0.0), 1.0)
             if explained is not None:
-                explained[self._explain_key(profile, ws.scorer.name)] = {ep.address: float(s) for ep, s in zip(candidates, scores)}
-        scored = [ScoredEndpoint(ep, t) for ep, t in zip(candidates, totals)]
+                explained[self._explain_key(profile, ws.scorer.name)] = {ep.address: float(s) for ep, s in zip(candidates, column.tolist())}
+        picker = profile.picker
         t = clock() if timers else 0.0
-        chosen = profile.picker.pick(request, scored)
+        chosen = picker.pick_totals(request, candidates, totals) if id(picker) in self._array_pickers else None  # type: ignore[attr-defined]
+        if chosen is None:
+            chosen = picker.pick(request, [ScoredEndpoint(ep, s) for ep, s in zip(candidates, totals.tolist())])
         if timers:
-            timers[id(profile.picker)].observe(clock() - t)
+            timers[id(picker)].observe(clock() - t)
         if not chosen:
             raise RequestError(NO_ENDPOINTS, "the picker chose no endpoint")
         if explained is not None:
-            explained[self._explain_key(profile, "total")] = {s.endpoint.address: s.score for s in scored}
+            explained[self._explain_key(profile, "total")] = {ep.address: s for ep, s in zip(candidates, totals.tolist())}
             log.debug("request %s [%s] -> %s scores=%s", request.request_id, profile.name, chosen[0].address, explained)
         return chosen
 

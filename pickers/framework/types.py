@@ -1,7 +1,8 @@
 """The scheduling interfaces. Each fits in a few lines; plugins implement one or more of them.
 
 - Filter: candidates in, the candidates that may serve out (order kept).
-- Scorer: a score per candidate; out-of-range scores are clamped to [0, 1] by the scheduler.
+- Scorer: a score per candidate (a list, or a numpy array aligned with the candidates: vectorised
+  scorers read `cycle.columns(endpoints)`); out-of-range scores are clamped to [0, 1] by the scheduler.
 - Picker: scored candidates in, the chosen endpoints out (first = primary, rest = fallbacks).
 - PreRequest: told the result after a pick (e.g. the prefix index records the chosen endpoint).
 - EndpointState: told when an endpoint leaves the pool (its per-endpoint state goes with it).
@@ -23,8 +24,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
+from pickers.framework.columns import EndpointColumns, columns_for
 from pickers.framework.endpoint import Endpoint
 from pickers.framework.errors import RequestError
 from pickers.framework.request import InferenceRequest
@@ -38,6 +40,14 @@ class CycleState:
     # The pick of an earlier profile that a later one's plugins compare candidates against (llm-d's
     # `peer-endpoint` request attribute): a P/D handler's decode pick while its prefill profile runs.
     peer: Endpoint | None = None
+    # the candidates as columns (pickers.framework.columns), the scheduler's for its candidates
+    endpoint_columns: EndpointColumns | None = None
+
+    def columns(self, endpoints: Sequence[Endpoint]) -> EndpointColumns:
+        """Columns of `endpoints` (the scheduler's when they are its candidates; else made and kept)."""
+        c = columns_for(self.endpoint_columns, endpoints)
+        self.endpoint_columns = c
+        return c
 
 
 @runtime_checkable
@@ -73,6 +83,14 @@ class Picker(Protocol):
     name: str
 
     def pick(self, request: InferenceRequest, scored: Sequence[ScoredEndpoint]) -> list[Endpoint]: ...
+
+
+@runtime_checkable
+class ArrayPicker(Protocol):
+    """A picker that also takes the totals as one array aligned with the candidates (no ScoredEndpoint
+    per candidate); None: it cannot here (the scheduler then calls `pick`). Same choice as `pick`."""
+
+    def pick_totals(self, request: InferenceRequest, endpoints: Sequence[Endpoint], totals: Any) -> list[Endpoint] | None: ...
 
 
 @dataclass(slots=True)

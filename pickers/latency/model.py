@@ -21,13 +21,20 @@ the prior (`LatencyPrior`, a GPU-class server) and moves to the data within a fe
 CPU server and a GPU server get their own numbers without configuration. The KV transfer of P/D is
 the prior's (it is not observed apart from the prefill that precedes it).
 
+For a whole pool at once, `coefficient_columns` gives every candidate's coefficients as arrays (what
+the vectorised latency plugins compute with), kept between picks and updated for the fits observed
+since, so a pick at 1,000 endpoints does not walk 1,000 fits.
+
 Pure: no I/O, no clock, no imports from the rest of pickers (the framework's Endpoint imports this).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import numpy as np
 
 from pickers.latency.fit import Fit2, Fit3
 
@@ -133,6 +140,22 @@ def _better(st: EndpointLatency, best: EndpointLatency | None) -> bool:
     return best is None or (best is not st and (best.ttft.n if best.ttft else 0) < (st.ttft.n if st.ttft else 0))
 
 
+class _Coefficients:
+    """Every candidate's coefficients (rows: TTFT c0, c1, c2, TPOT c0, c1; a column per candidate), the
+    fits they come from, and which candidates' fits are not their own yet (a peer's or the prior)."""
+
+    __slots__ = ("endpoints", "values", "ttft_fits", "tpot_fits", "users", "cold", "structure", "peers")
+
+    def __init__(self, endpoints: Sequence[LatencyEndpoint], structure: int, peers: int) -> None:
+        self.endpoints = endpoints
+        self.values = np.zeros((5, len(endpoints)))
+        self.ttft_fits: list[Fit3] = []
+        self.tpot_fits: list[Fit2] = []
+        self.users: dict[int, list[int]] = {}  # id(fit) -> the columns it gives
+        self.cold: list[tuple[int, Any]] = []  # (column, the endpoint's metrics when resolved)
+        self.structure, self.peers = structure, peers
+
+
 class LatencyModel:
     """Predictions and the online fit for every endpoint, under one set of settings. The composition
     root (extproc.server) makes one and hands it to request control and to the plugins."""
@@ -149,6 +172,13 @@ class LatencyModel:
         # (KV block size, KV blocks) -> the same, whatever the role: a cold endpoint's TTFT when no peer
         # of its own role is warm (a P/D pool's prefill and decode servers on one accelerator prefill alike)
         self._geometry_peers: dict[tuple[int, int], EndpointLatency] = {}
+        # what coefficient_columns keeps between picks: the fits observed since its last call, and
+        # counters of the changes that move a candidate to another fit (its own warming up, a peer's
+        # promotion, an endpoint forgotten)
+        self._columns: _Coefficients | None = None
+        self._touched: set[int] = set()
+        self._structure = 0
+        self._peer_version = 0
 
     # -- the fits ------------------------------------------------------------------------------
     def _own_ttft(self, st: EndpointLatency) -> Fit3:
@@ -253,6 +283,55 @@ class LatencyModel:
             + self.tpot(decode, fresh=fresh)
         )
 
+    def coefficient_columns(self, endpoints: Sequence[LatencyEndpoint]) -> np.ndarray:
+        """Rows TTFT c0, c1, c2, TPOT c0, c1 of every endpoint (a column each, in their order), as
+        `ttft` and `tpot` with fresh coefficients use them. Kept for the last endpoints sequence: only
+        the columns whose fit was observed since are solved again, and only endpoints not on their own
+        fits yet are looked up again when a peer or their metrics changed. Read-only."""
+        c = self._columns
+        if c is None or c.endpoints is not endpoints:
+            c = self._columns = _Coefficients(endpoints, self._structure, self._peer_version)
+            c.ttft_fits = [None] * len(endpoints)  # type: ignore[list-item]
+            c.tpot_fits = [None] * len(endpoints)  # type: ignore[list-item]
+            self._touched.clear()
+            for i in range(len(endpoints)):
+                self._resolve(c, i)
+            return c.values
+        if c.cold and (c.structure != self._structure or c.peers != self._peer_version
+                       or any(endpoints[i].metrics is not m for i, m in c.cold)):  # fmt: skip
+            cold, c.cold = c.cold, []
+            for i, _ in cold:
+                self._resolve(c, i)
+        c.structure, c.peers = self._structure, self._peer_version
+        if self._touched:
+            users = c.users
+            for fit_id in self._touched:
+                for i in users.get(fit_id, ()):
+                    self._solve(c, i)
+            self._touched.clear()
+        return c.values
+
+    def _resolve(self, c: _Coefficients, i: int) -> None:
+        ep = c.endpoints[i]
+        for fits in (c.ttft_fits, c.tpot_fits):
+            old = fits[i]
+            if old is not None:
+                c.users[id(old)].remove(i)
+        tf, t_source = self.ttft_fit(ep)
+        pf, p_source = self.tpot_fit(ep)
+        c.ttft_fits[i], c.tpot_fits[i] = tf, pf
+        c.users.setdefault(id(tf), []).append(i)
+        c.users.setdefault(id(pf), []).append(i)
+        st = ep.latency  # its own fits exist now; until both are warm a peer may come to predict for it
+        if t_source != "own" or p_source != "own" or st.ttft.n < self._min or st.tpot.n < self._min:  # type: ignore[union-attr]
+            c.cold.append((i, ep.metrics))
+        self._solve(c, i)
+
+    @staticmethod
+    def _solve(c: _Coefficients, i: int) -> None:
+        c.values[0:3, i] = c.ttft_fits[i].coefficients()
+        c.values[3:5, i] = c.tpot_fits[i].coefficients()
+
     # -- the feed ------------------------------------------------------------------------------
     def observe_ttft(self, ep: LatencyEndpoint, prefill_tokens: int, batch: int, seconds: float, predicted: float | None = None) -> None:
         """A response's time to first token on the endpoint that prefilled it: `prefill_tokens` =
@@ -264,6 +343,9 @@ class LatencyModel:
             return
         f = st.ttft or self._own_ttft(st)
         fitted = f.observe(prefill_tokens, batch, seconds)
+        self._touched.add(id(f))
+        if f.n == self._min:
+            self._structure += 1  # its own fit now predicts for it
         if predicted is None:
             predicted = fitted
         err = predicted - seconds
@@ -278,7 +360,11 @@ class LatencyModel:
     def observe_tpot(self, ep: LatencyEndpoint, batch: int, seconds_per_token: float) -> None:
         if 0.0 < seconds_per_token < _INF:
             st = ep.latency
-            (st.tpot or self._own_tpot(st)).observe(batch, seconds_per_token)
+            f = st.tpot or self._own_tpot(st)
+            f.observe(batch, seconds_per_token)
+            self._touched.add(id(f))
+            if f.n == self._min:
+                self._structure += 1
 
     def _promote(self, ep: LatencyEndpoint, st: EndpointLatency) -> None:
         """Make `st` its hardware class's prior if it is the best-observed warm member."""
@@ -287,12 +373,17 @@ class LatencyModel:
             return
         if _better(st, self._peers.get(key)):
             self._peers[key] = st
+            self._peer_version += 1
         if _better(st, self._geometry_peers.get(key[1:])):
             self._geometry_peers[key[1:]] = st
+            self._peer_version += 1
 
     def forget(self, ep: LatencyEndpoint) -> None:
         """The endpoint left the pool: it is no one's prior any more."""
         st = ep.latency
+        self._structure += 1
+        self._peer_version += 1
+        self._columns = None
         for key in [k for k, v in self._peers.items() if v is st]:
             del self._peers[key]
         for geometry in [k for k, v in self._geometry_peers.items() if v is st]:

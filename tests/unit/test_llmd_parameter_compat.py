@@ -88,7 +88,7 @@ def test_a_guides_queue_scorer_with_prefix_parameters_loads_and_scores_as_withou
     for i, e in enumerate(eps):
         e.metrics = Metrics(waiting=i * 3)
     request = InferenceRequest("r", "/v1/completions", {}, "completions", "m", "hi")
-    scores = [w.scorer.score(request, CycleState(), eps) for c in (cfg, plain) for w in c.profile.scorers]
+    scores = [list(w.scorer.score(request, CycleState(), eps)) for c in (cfg, plain) for w in c.profile.scorers]
     assert scores[0] == scores[1] == [1.0, 0.5, 0.0]
 
 

@@ -112,7 +112,7 @@ def _pick(p, request, endpoints, chosen):
     cycle = CycleState()
     s = p.score(request, cycle, endpoints)
     p.pre_request(request, cycle, SchedulingResult([chosen]))
-    return s
+    return list(s)
 
 
 def test_prefix_cache_scorer_is_matched_over_total_blocks():
@@ -120,8 +120,8 @@ def test_prefix_cache_scorer_is_matched_over_total_blocks():
     p = plugin("prefix-cache-scorer", ctx)
     a, b = ep(1), ep(2)
     assert _pick(p, req(PROMPT[:128]), [a, b], a) == [0.0, 0.0]  # records 2 blocks for a
-    assert p.score(req(PROMPT), CycleState(), [a, b]) == [0.5, 0.0]
-    assert p.score(req("short"), CycleState(), [a, b]) == [0.0, 0.0]  # under one block
+    assert list(p.score(req(PROMPT), CycleState(), [a, b])) == [0.5, 0.0]
+    assert list(p.score(req("short"), CycleState(), [a, b])) == [0.0, 0.0]  # under one block
 
 
 def test_prefix_cache_scorer_parameters():

@@ -63,7 +63,7 @@ def hashes_of(scorer: PrefixCacheScorer, prompt: str) -> list[int]:
 def leading_run(index: ApproxPrefixIndex, address: str, hashes: list[int]) -> int:
     n = 0
     for h in hashes:
-        if address not in index._holders.get(h, ()):
+        if not index.holds(address, h):
             break
         n += 1
     return n
@@ -122,7 +122,7 @@ def test_max_prefix_tokens_to_match_100000_matches_a_100k_token_prompt_over_its_
     a, b = _ep("a"), _ep("b")
     scorer.index.record(a.address, hashes)
     scorer.index.record(b.address, hashes_of(scorer, near_end))
-    assert scorer.score(req(prompt), CycleState(), [a, b]) == [1.0, (len(prompt) - 1_000) // 256 / len(hashes)]
+    assert list(scorer.score(req(prompt), CycleState(), [a, b])) == [1.0, (len(prompt) - 1_000) // 256 / len(hashes)]
 
 
 @pytest.mark.parametrize("tokens, blocks", [(1_000, 15), (1_024, 16), (4_000, 62)])

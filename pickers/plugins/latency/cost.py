@@ -31,12 +31,13 @@ import math
 import time
 from collections.abc import Sequence
 
+import numpy as np
+
 from pickers.framework.endpoint import Endpoint
 from pickers.framework.params import ParameterError, Params
 from pickers.framework.request import InferenceRequest
 from pickers.framework.types import CycleState
 from pickers.framework.request import CHARS_PER_TOKEN
-from pickers.latency.model import batch_of
 from pickers.plugins.base import PluginContext
 from pickers.plugins.latency.producer import LatencyConsumer
 from pickers.plugins.scorer.affinity.prefix import prefix_match
@@ -69,56 +70,56 @@ class LatencyCostScorer(LatencyConsumer):
 
     def costs(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> list[float | None]:
         """Each endpoint's cost in seconds (None: no prediction for it); kept for --explain-scores."""
-        found = self.predictions(request, cycle, endpoints)
-        model, w = self.ctx.latency, self.slowdown_weight
+        costs = self.cost_columns(request, cycle, endpoints)
+        return [None] * len(endpoints) if costs is None else costs.tolist()
+
+    def cost_columns(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> np.ndarray | None:
+        """`costs` as an array aligned with the endpoints; None without predictions (predictInProduce off)."""
+        producer = self.producer
+        pc = producer.prediction_columns(request, cycle, endpoints)
+        if pc is None:
+            return None
+        columns = cycle.columns(endpoints)
+        w = self.slowdown_weight
         index = self.ctx.prefix_index
         shared = block_tokens = 0
-        fanout, matched = 1, {}
-        producer = self.producer
+        fanout = 1
+        matched: np.ndarray | None = None
         if producer.precise is None:  # the approximate index knows the prompt's blocks and who holds them
             src = producer.source
             pm = prefix_match(request, cycle, index, src.block_chars, src.max_blocks)
             block_tokens = max(1, src.block_chars // CHARS_PER_TOKEN)
             if pm.matched:
                 shared, fanout = index.shared_prefix(pm.hashes, max(pm.matched.values()))
-                matched = pm.matched
-        now = time.monotonic()
-        out: list[float | None] = []
-        for ep in endpoints:
-            p = found.get(ep.address)
-            if p is None:
-                out.append(None)
-                continue
-            u = p.uncached_tokens
-            new_blocks = u // block_tokens if block_tokens else 0
-            room = index.room(ep.address, new_blocks, now, LIVE_S)
-            charged = u
-            if shared and room:
-                missing = max(0, shared - matched.get(ep.address, 0)) * block_tokens
-                charged = max(0, u - round(missing * (1.0 - 1.0 / fanout)))
-            prefill = model.prefill_seconds(ep, u)
-            cost = model.ttft(ep, charged)
-            if w:
-                cost += w * prefill * batch_of(ep)
-            if room:  # a shared prefix's copy serves the conversations after this one: its share, as above
-                cost += FOOTPRINT * model.prefill_seconds(ep, min(charged, new_blocks * block_tokens))
-            else:
-                cost += model.prefill_seconds(ep, new_blocks * block_tokens)
-            out.append(cost)
-        cycle.data[self._key] = {ep.address: c for ep, c in zip(endpoints, out) if c is not None}
-        return out
+                matched = columns.scatter(pm.matched)
+        u = pc.uncached
+        new_blocks = np.floor_divide(u, block_tokens) if block_tokens else np.zeros(columns.size)
+        room = index.room_columns(index.endpoint_ids(columns.addresses), new_blocks, time.monotonic(), LIVE_S)
+        charged = u
+        if shared and matched is not None:
+            missing = np.maximum(0.0, shared - matched) * block_tokens
+            charged = np.where(room, np.maximum(0.0, u - np.round(missing * (1.0 - 1.0 / fanout))), u)
+        c, batch = pc.coefficients, pc.batch  # the predictions' own (batch_of)
+        cost = c[0] + c[1] * (pc.queued + charged) + c[2] * batch  # ttft(e, charged)
+        if w:
+            cost += w * (c[1] * u) * batch  # the stall: prefill_seconds(e, u) x the batch
+        written = new_blocks * block_tokens
+        # where it fits, a shared prefix's copy serves the conversations after this one: its share, as above
+        cost += np.where(room, FOOTPRINT * (c[1] * np.minimum(charged, written)), c[1] * written)
+        cycle.data[self._key] = (columns.addresses, cost)
+        return cost
 
-    def score(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> list[float]:
-        costs = self.costs(request, cycle, endpoints)
-        known = [c for c in costs if c is not None]
-        if not known:  # no predictions (predictInProduce off): no opinion
-            return [0.0] * len(endpoints)
-        best = max(min(known), _FLOOR_S)
-        return [best / max(c, _FLOOR_S) if c is not None else 0.0 for c in costs]
+    def score(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> np.ndarray:
+        costs = self.cost_columns(request, cycle, endpoints)
+        if costs is None or not costs.size:  # no predictions (predictInProduce off): no opinion
+            return np.zeros(len(endpoints))
+        best = max(float(costs.min()), _FLOOR_S)
+        return best / np.maximum(costs, _FLOOR_S)
 
     def explain(self, cycle: CycleState) -> dict[str, dict[str, float]]:
         out = dict(super().explain(cycle))
         found = cycle.data.get(self._key)
-        if isinstance(found, dict) and found:
-            out[f"{self.name}/cost_ms"] = {a: round(c * 1000.0, 1) for a, c in found.items()}
+        if isinstance(found, tuple):
+            addresses, costs = found
+            out[f"{self.name}/cost_ms"] = {a: round(c * 1000.0, 1) for a, c in zip(addresses, costs.tolist())}
         return out

@@ -31,14 +31,23 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
+from pickers.framework.columns import EndpointColumns
 from pickers.framework.endpoint import Endpoint
 from pickers.framework.params import ParameterError, Params
-from pickers.framework.request import InferenceRequest
+from pickers.framework.request import CHARS_PER_TOKEN, InferenceRequest
 from pickers.framework.types import CycleState, SchedulingResult
 from pickers.indexes.prefix import ApproxPrefixIndex
 from pickers.latency.model import LatencyModel, batch_of
 from pickers.plugins.base import Plugin, PluginContext, PrefixMatchSource, configured_plugin
-from pickers.plugins.scorer.affinity.prefix import ApproxPrefixCacheProducer, MatchSettings, bind_match, uncached_per_endpoint
+from pickers.plugins.scorer.affinity.prefix import (
+    ApproxPrefixCacheProducer,
+    MatchSettings,
+    bind_match,
+    prefix_match,
+    uncached_per_endpoint,
+)
 from pickers.plugins.scorer.load.token_load import InFlightLoadProducer, bound_names, find_load_producer
 
 TTFT_SLO_HEADER = "x-llm-d-slo-ttft-ms"
@@ -80,6 +89,33 @@ class LatencyPrediction:
         return self.ttft_valid and self.tpot_valid
 
 
+@dataclass(slots=True)
+class PredictionColumns:
+    """LatencyPrediction for many endpoints at once: arrays aligned with `endpoints` (milliseconds)."""
+
+    endpoints: Sequence[Endpoint]
+    ttft_ms: np.ndarray
+    tpot_ms: np.ndarray
+    ttft_valid: np.ndarray
+    tpot_valid: np.ndarray
+    ttft_headroom_ms: np.ndarray
+    tpot_headroom_ms: np.ndarray
+    uncached: np.ndarray  # the request's prompt tokens each endpoint probably has to compute
+    position: dict[str, int]  # address -> column (the EndpointColumns')
+    # what the predictions were made from, for the cost scorer in the same cycle (nothing changes an
+    # endpoint's load between the cycle's producers and its picks): the model's coefficient rows, the
+    # batch each endpoint runs, the prefill tokens queued on it
+    coefficients: np.ndarray
+    batch: np.ndarray
+    queued: np.ndarray
+    materialized: bool = False  # put in the cycle's predictions dict already
+
+    def uncached_of(self, endpoint: Endpoint) -> int | None:
+        """This endpoint's uncached tokens; None when it is not one of `endpoints`."""
+        i = self.position.get(endpoint.address)
+        return None if i is None or self.endpoints[i] is not endpoint else int(self.uncached[i])
+
+
 class PredictedLatencyProducer(Plugin):
     type = "predicted-latency-producer"
 
@@ -110,6 +146,7 @@ class PredictedLatencyProducer(Plugin):
         self.load = InFlightLoadProducer(index)
         self.bound: dict[str, str] = {}
         self._key = f"predicted-latency/{name}"
+        self._columns_key = f"predicted-latency-columns/{name}"
         self._counted = (_TPOT_SLO_COUNTED, name)
 
     @classmethod
@@ -158,38 +195,94 @@ class PredictedLatencyProducer(Plugin):
 
     def predictions(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> dict[str, LatencyPrediction]:
         """Each endpoint's prediction by address, made once per cycle (empty with predictInProduce off)."""
+        if self.predict:
+            self._computed(request, cycle, endpoints)
+        return self._materialize(cycle)
+
+    def _materialize(self, cycle: CycleState) -> dict[str, LatencyPrediction]:
+        """The cycle's prediction columns as LatencyPrediction objects by address (made when asked)."""
         found = cycle.data.get(self._key)
         if not isinstance(found, dict):
             found = cycle.data[self._key] = {}
+        made = cycle.data.get(self._columns_key)
+        for pc in made if isinstance(made, list) else ():
+            if pc.materialized:
+                continue
+            pc.materialized = True
+            ttft, tpot = pc.ttft_ms.tolist(), pc.tpot_ms.tolist()
+            t_ok, p_ok = pc.ttft_valid.tolist(), pc.tpot_valid.tolist()
+            t_room, p_room = pc.ttft_headroom_ms.tolist(), pc.tpot_headroom_ms.tolist()
+            uncached = pc.uncached.tolist()
+            for i, ep in enumerate(pc.endpoints):
+                if ep.address not in found:
+                    found[ep.address] = LatencyPrediction(ttft[i], tpot[i], t_ok[i], p_ok[i], t_room[i], p_room[i], ep.in_flight, int(uncached[i]))
+        return found
+
+    def prediction_columns(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> PredictionColumns | None:
+        """The predictions of these endpoints as arrays aligned with them, made once per cycle for the
+        cycle's candidates; None with predictInProduce off."""
         if not self.predict:
-            return found
-        missing = [ep for ep in endpoints if ep.address not in found]
-        if not missing:
-            return found
+            return None
+        columns = cycle.columns(endpoints)
+        for pc in self._computed(request, cycle, endpoints):
+            if pc.endpoints is columns.endpoints:
+                return pc
+        raise AssertionError("unreachable: _computed covers the endpoints asked for")
+
+    def _computed(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> list[PredictionColumns]:
+        """The prediction columns of this cycle, with those of `endpoints` made if they were not."""
+        made = cycle.data.get(self._columns_key)
+        if not isinstance(made, list):
+            made = cycle.data[self._columns_key] = []
+        columns = cycle.columns(endpoints)
+        if all(pc.endpoints is not columns.endpoints for pc in made):
+            made.append(self._predict(request, cycle, columns))
+        return made
+
+    def _predict(self, request: InferenceRequest, cycle: CycleState, columns: EndpointColumns) -> PredictionColumns:
+        endpoints = columns.endpoints
         headers = request.headers
         ttft_slo, tpot_slo = slo_ms(headers, TTFT_SLO_HEADER), slo_ms(headers, TPOT_SLO_HEADER)
-        model, buffer, role_label = self.model, self.slo_buffer, self.role_label
-        for ep, u in zip(missing, self.uncached(request, cycle, missing)):
-            batch = batch_of(ep)
-            ttft = model.ttft(ep, u, batch=batch) * 1000.0
-            tpot = model.tpot(ep, batch=batch) * 1000.0
-            if self.streaming and not (role_label and ep.labels.get(role_label) == "prefill"):
+        c = self.model.coefficient_columns(endpoints)
+        u = self.uncached_columns(request, cycle, columns)
+        batch = np.maximum(columns.running(), columns.in_flight())  # batch_of
+        queued = columns.in_flight_prefill_tokens()
+        ttft = (c[0] + c[1] * (queued + u) + c[2] * batch) * 1000.0
+        tpot = (c[3] + c[4] * batch) * 1000.0
+        n = columns.size
+        if self.streaming:
+            buffer, role_label = self.slo_buffer, self.role_label
+            tpot_ok, tpot_room = np.ones(n, dtype=bool), np.zeros(n)
+            for i, (ep, t) in enumerate(zip(endpoints, tpot.tolist())):
+                if role_label and ep.labels.get(role_label) == "prefill":
+                    continue  # neutralized on prefill endpoints, as llm-d does
                 bound = tpot_slo * buffer
                 tightest = ep.latency.min_tpot_slo
                 if tightest > 0.0 and tightest * buffer < bound:
                     bound = tightest * buffer
-                tpot_ok, tpot_room = tpot < bound, bound - tpot
-            else:  # neutralized, as llm-d does without streaming and on prefill endpoints
-                tpot_ok, tpot_room = True, 0.0
-            found[ep.address] = LatencyPrediction(ttft, tpot, ttft < ttft_slo, tpot_ok, ttft_slo - ttft, tpot_room, ep.in_flight, u)
-        return found
+                tpot_ok[i], tpot_room[i] = t < bound, bound - t
+        else:  # neutralized, as llm-d does without streaming
+            tpot_ok, tpot_room = np.ones(n, dtype=bool), np.zeros(n)
+        return PredictionColumns(endpoints, ttft, tpot, ttft < ttft_slo, tpot_ok, ttft_slo - ttft, tpot_room, u, columns.position, c, batch, queued)
+
+    def uncached_columns(self, request: InferenceRequest, cycle: CycleState, columns: EndpointColumns) -> np.ndarray:
+        """`uncached` as an array aligned with the columns' endpoints."""
+        if self.precise is not None:
+            return np.asarray(self.uncached(request, cycle, columns.endpoints), dtype=np.float64)
+        src = self.source
+        pm = prefix_match(request, cycle, self.index, src.block_chars, src.max_blocks)
+        bt = src.block_chars // CHARS_PER_TOKEN
+        indexed = len(pm.hashes) * bt  # uncached_tokens over the matched blocks' column
+        matched = columns.scatter(pm.matched)
+        return np.maximum(0.0, indexed - matched * bt) + max(0, request.prompt_tokens - indexed)
 
     def produce(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> None:
-        self.predictions(request, cycle, endpoints)
+        if self.predict:  # as columns; the LatencyPrediction objects are made when a plugin asks for them
+            self._computed(request, cycle, endpoints)
 
     def explain(self, cycle: CycleState) -> dict[str, dict[str, float]]:
-        found = cycle.data.get(self._key)
-        if not isinstance(found, dict) or not found:
+        found = self._materialize(cycle)
+        if not found:
             return {}
         return {
             f"{self.name}/ttft_ms": {a: round(p.ttft_ms, 1) for a, p in found.items()},
@@ -207,15 +300,20 @@ class PredictedLatencyProducer(Plugin):
         chosen = [primary]
         if result.profile_results is not None:
             chosen += [eps[0] for eps in result.profile_results.values() if eps and all(eps[0] is not c for c in chosen)]
-        found = cycle.data.get(self._key)
-        known = found if isinstance(found, dict) else {}
+        known: dict[str, int] = {}  # what this cycle's predictions found
+        made = cycle.data.get(self._columns_key)
+        for pc in made if isinstance(made, list) else ():
+            for ep in chosen:
+                u = pc.uncached_of(ep)
+                if u is not None:
+                    known.setdefault(ep.address, u)
         uncached = result.uncached if result.uncached is not None else {}
         todo = [ep for ep in chosen if ep.address not in uncached and ep.address not in known]
         for ep, u in zip(todo, self.uncached(request, cycle, todo) if todo else ()):
             uncached[ep.address] = u
         for ep in chosen:
             if ep.address not in uncached:
-                uncached[ep.address] = known[ep.address].uncached_tokens
+                uncached[ep.address] = known[ep.address]
         result.uncached = uncached
         self.load.pre_request(request, cycle, result)
         if self.streaming and self.track_tpot_slo and self._counted not in request.attributes:
@@ -270,6 +368,9 @@ class LatencyConsumer(Plugin):
 
     def predictions(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> dict[str, LatencyPrediction]:
         return self.producer.predictions(request, cycle, endpoints)
+
+    def prediction_columns(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> PredictionColumns | None:
+        return self.producer.prediction_columns(request, cycle, endpoints)
 
     def explain(self, cycle: CycleState) -> dict[str, dict[str, float]]:
         return self.producer.explain(cycle) if self.implied else {}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from pickers.framework.endpoint import Endpoint
 from pickers.framework.request import InferenceRequest
 from pickers.framework.types import ScoredEndpoint
@@ -23,3 +25,12 @@ class MaxScorePicker(EndpointPicker):
         rnd = self.rng.random
         ranked = sorted(scored, key=lambda s: (-s.score, rnd()))
         return [s.endpoint for s in ranked[: self.max_endpoints]]
+
+    def pick_totals(self, request: InferenceRequest, endpoints: Sequence[Endpoint], totals: np.ndarray) -> list[Endpoint] | None:
+        """`pick` on the totals as one array: the same endpoint for the same random draws."""
+        if self.max_endpoints != 1 or not len(endpoints) or np.isnan(totals).any():
+            return None  # ranked fallbacks, or NaN totals (compared as Python compares them): `pick`
+        top = np.flatnonzero(totals == totals.max())
+        if len(top) == 1:
+            return [endpoints[int(top[0])]]
+        return [endpoints[self.rng.choice(top.tolist())]]

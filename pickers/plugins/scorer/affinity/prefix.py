@@ -29,6 +29,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
+
 from pickers.framework.endpoint import Endpoint
 from pickers.framework.errors import shown
 from pickers.framework.params import ParameterError, Params
@@ -159,13 +161,13 @@ class PrefixCacheScorer(Plugin):
             return self.precise.prefix_matches(request, cycle, endpoints)
         return approx_matches(request, cycle, self.index, self.block_chars, self.max_blocks, endpoints)
 
-    def score(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> list[float]:
-        if self.precise is None and self.match_length_weight == 0.0:  # the common case, without per-endpoint tuples
+    def score(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> Sequence[float]:
+        if self.precise is None and self.match_length_weight == 0.0:  # the common case: one column
             m = prefix_match(request, cycle, self.index, self.block_chars, self.max_blocks)
+            cols = cycle.columns(endpoints)
             if not m.hashes:
-                return [0.0] * len(endpoints)
-            total = len(m.hashes)
-            return [m.matched.get(ep.address, 0) / total for ep in endpoints]
+                return np.zeros(cols.size)
+            return cols.scatter(m.matched) / len(m.hashes)
         matches = self.prefix_matches(request, cycle, endpoints)
         w, scale = self.match_length_weight, self.match_length_scale
         out: list[float] = []

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from pickers.framework.endpoint import Endpoint
 from pickers.framework.request import InferenceRequest
 from pickers.framework.types import CycleState
@@ -15,8 +17,8 @@ class KVCacheUtilizationScorer(Plugin):
     type = "kv-cache-utilization-scorer"
     category = "distribution"
 
-    def score(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> list[float]:
-        return [1.0 - ep.metrics.kv_usage for ep in endpoints]
+    def score(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> np.ndarray:
+        return 1.0 - cycle.columns(endpoints).kv_usage()
 
 
 class MulticlusterKVCacheUtilizationScorer(KVCacheUtilizationScorer):

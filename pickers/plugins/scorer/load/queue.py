@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from pickers.framework.endpoint import Endpoint
 from pickers.framework.request import InferenceRequest
 from pickers.framework.types import CycleState
@@ -24,8 +26,14 @@ class QueueScorer(Plugin):
     type = "queue-scorer"
     category = "distribution"
 
-    def score(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> list[float]:
-        return min_max_low_is_best([ep.metrics.waiting for ep in endpoints])
+    def score(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> np.ndarray:
+        waiting = cycle.columns(endpoints).waiting()
+        if not waiting.size:
+            return waiting
+        lo, hi = waiting.min(), waiting.max()
+        if hi == lo:
+            return np.ones(waiting.size)
+        return (hi - waiting) / (hi - lo)  # min_max_low_is_best on the column
 
 
 class MulticlusterQueueScorer(QueueScorer):

@@ -1,0 +1,61 @@
+"""A cycle's candidates as columns: what vectorised scorers read instead of looping over endpoints.
+
+The scheduler makes one `EndpointColumns` per candidates sequence and keeps it while the sequence
+is the same object (the datastore's candidates tuple changes only with membership), so the static
+part (addresses, positions) is built once per membership and the dynamic part (metrics, in-flight
+counts) is gathered per cycle with one C-level pass per column. Scores are numpy float64 arrays
+aligned with the candidates; a scorer may still return a plain list (the scheduler takes both).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from pickers.framework.endpoint import Endpoint
+
+
+class EndpointColumns:
+    """The static columns of one candidates sequence, and gathers of its dynamic ones."""
+
+    __slots__ = ("endpoints", "addresses", "position", "size")
+
+    def __init__(self, endpoints: Sequence[Endpoint]) -> None:
+        self.endpoints = endpoints
+        self.addresses: tuple[str, ...] = tuple(ep.spec.address for ep in endpoints)
+        self.position: dict[str, int] = {a: i for i, a in enumerate(self.addresses)}
+        self.size = len(self.addresses)
+
+    def scatter(self, values: dict[str, int] | dict[str, float], default: float = 0.0) -> np.ndarray:
+        """A column from a sparse address -> value map (a prefix match): `default` where absent.
+        O(entries), not O(candidates)."""
+        out = np.full(self.size, default, dtype=np.float64)
+        pos = self.position
+        for a, v in values.items():
+            i = pos.get(a)
+            if i is not None:
+                out[i] = v
+        return out
+
+    def waiting(self) -> np.ndarray:
+        return np.fromiter((ep.metrics.waiting for ep in self.endpoints), np.float64, self.size)
+
+    def running(self) -> np.ndarray:
+        return np.fromiter((ep.metrics.running for ep in self.endpoints), np.float64, self.size)
+
+    def kv_usage(self) -> np.ndarray:
+        return np.fromiter((ep.metrics.kv_usage for ep in self.endpoints), np.float64, self.size)
+
+    def in_flight(self) -> np.ndarray:
+        return np.fromiter((ep.in_flight for ep in self.endpoints), np.float64, self.size)
+
+    def in_flight_prefill_tokens(self) -> np.ndarray:
+        return np.fromiter((ep.in_flight_prefill_tokens for ep in self.endpoints), np.float64, self.size)
+
+
+def columns_for(cached: EndpointColumns | None, endpoints: Sequence[Endpoint]) -> EndpointColumns:
+    """`cached` when it was made for this very sequence, else new columns for it."""
+    if cached is not None and cached.endpoints is endpoints:
+        return cached
+    return EndpointColumns(endpoints)
