@@ -612,7 +612,7 @@ def _behind(stack: LocalStack, picked: dict[str, int]) -> int:
     return sum(max(0, upto - v["heard_upto"].get(peer, 0)) for v in views for peer, upto in picked.items() if peer != v["replica_id"])
 
 
-REPLICA_HEADER = ["scenario", "sent", "failed", "lost", "non-200", "errors for", "picks apart", "converged after"]
+REPLICA_HEADER = ["scenario", "sent", "failed", "lost", "non-200", "after answer", "errors for", "picks apart", "converged after"]
 
 
 @dataclass(slots=True)
@@ -625,12 +625,17 @@ class ReplicaResult:
     errors_s: float = 0.0  # fault -> the last request (sent since) that failed or got no answer
     converged_s: float = math.nan  # partition healed -> every pick made before has reached the other replica
     behind: int = -1  # at the heal: picks either replica had not heard from the other
+    # Of the failed: those whose ext_proc stream broke after the EPP had answered on it (its pick, or
+    # the response passing through it), which Envoy cannot replay; the others broke before it answered
+    # anything, which the stream's retry policy replays to the other replica (envoy/llm-gateway.yaml).
+    after_answer: int = 0
 
     def row(self) -> list[str]:
         codes = ",".join(f"{k}x{v}" for k, v in sorted(self.statuses.items()) if k != 200) or "-"
         conv = "-" if math.isnan(self.converged_s) else f"{self.converged_s:.2f} s"
         apart = "-" if self.behind < 0 else str(self.behind)
-        return [self.scenario, str(self.sent), str(self.failed), str(self.lost), codes, f"{self.errors_s:.2f} s", apart, conv]
+        return [self.scenario, str(self.sent), str(self.failed), str(self.lost), codes, str(self.after_answer),
+                f"{self.errors_s:.2f} s", apart, conv]  # fmt: skip
 
 
 def replica_fault(tmp: Path, *, fault: str, body_mode: str, fail_open: bool, seconds: float) -> ReplicaResult:
@@ -685,13 +690,21 @@ def replica_fault(tmp: Path, *, fault: str, body_mode: str, fail_open: bool, sec
                 converged = time.monotonic() - healed if _behind(s, picked) == 0 else math.inf
             time.sleep(max(seconds * 0.3, 2.5))
             sent = load.stop()
+            access = _access_log(s)
     finally:
         for p in proxies:
             p.stop()
     res = _summary(name, sent)
     bad = [r.start for r in sent if r.start >= fault_at and (r.status is None or r.status != 200)]
+    after = sum(1 for r in sent if r.status not in (None, 200) and _answered(access.get(r.request_id)))
     return ReplicaResult(name, res.sent, res.failed, res.lost, res.statuses, errors_s=max(bad, default=fault_at) - fault_at,
-                         converged_s=converged, behind=behind)  # fmt: skip
+                         converged_s=converged, behind=behind, after_answer=after)  # fmt: skip
+
+
+def _answered(entry: dict[str, str] | None) -> bool:
+    """Envoy's access log says the request's ext_proc stream broke after the EPP had answered on it
+    (%RESPONSE_CODE_DETAILS%: ext_proc_error_gRPC_error_..{upstream_reset_after_response_started..})."""
+    return entry is not None and "after_response_started" in str(entry.get("details", ""))
 
 
 SCENARIOS: dict[str, Callable[[Path, float], Result | UpResult | ReplicaResult]] = {

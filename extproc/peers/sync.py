@@ -6,7 +6,10 @@ batched under load and reach peers within milliseconds when it is light), looks 
 load and latency observations every LOAD_POLL seconds (a request that ended changes them without a
 pick), sends a load snapshot when it changed and at least every HEARTBEAT seconds, and on
 (re)connecting replays what the journal and the observation log still hold, so a peer that was cut
-off or restarted catches up (observations are numbered: a peer counts each into its fits once). A peer that cannot be reached is retried with backoff; meanwhile
+off or restarted catches up. Both are numbered rings (extproc.peers.ring): the receiver applies each
+pick and observation once per incarnation of the sender (a random number per process, in the hello),
+so a replay after a reconnect repeats nothing and a sender restarted under the same replica id is
+counted afresh from its first pick. A peer that cannot be reached is retried with backoff; meanwhile
 this replica serves on its own state. A target that turns out to be this replica (a Service lists
 every replica) answers ALREADY_EXISTS and is not dialled again. On shutdown the pushers send what is
 left and an empty load snapshot, so peers drop this replica's load at once.
@@ -20,6 +23,7 @@ import os
 import secrets
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,8 +33,9 @@ import grpc
 from extproc.datalayer.datastore import Datastore
 from extproc.datalayer.supervisor import Backoff
 from extproc.peers.journal import DEFAULT_JOURNAL_BLOCKS, SharedPrefixIndex
-from extproc.peers.latency import Kind, Observation, ObservationDedup, SharedLatencyModel
+from extproc.peers.latency import Kind, Observation, SharedLatencyModel
 from extproc.peers.load import DEFAULT_TTL, Load, PeerLoad
+from extproc.peers.ring import Applied
 from extproc.peers.peerpb import peer_pb2 as pb
 from extproc.peers.peerpb import peer_pb2_grpc as pb_grpc
 
@@ -46,6 +51,7 @@ HEARTBEAT = 0.5  # seconds between load snapshots when nothing changed (peers ex
 MAX_UPDATE_BLOCKS = 16_384  # hashes per message (128 KiB): a replay after a partition goes in pieces
 MAX_UPDATE_OBSERVATIONS = 2_048  # latency observations per message (~60 KiB)
 STOP_FLUSH_TIMEOUT = 1.0  # seconds the last batch may take on shutdown
+HEARD_PEERS = 256  # peer ids (without a live stream) whose counts a replica remembers; the oldest go first
 # Keepalive pings find a peer that stopped answering (SIGSTOP, a partition without resets) within ~2 s.
 _CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 1000),
@@ -56,6 +62,7 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 _KINDS = {k.value: k for k in Kind}
+_MAX_AGE_US = 2**32 - 1  # BlockRecord.age_us is 32 bits (~71 minutes; a replay of older picks says that)
 _SERVER_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 500),
     ("grpc.http2.max_ping_strikes", 0),
@@ -109,6 +116,13 @@ class SyncStats:
     bytes_received: int = 0
     records_applied: int = 0
     records_unknown: int = 0  # for endpoints this replica does not have (yet)
+    records_repeated: int = 0  # replayed ones already applied (skipped)
+    # Picks this replica made without knowing a peer's earlier pick of the same prefix (the prompt's
+    # first block): the peer's pick arrived after a local pick made since it (by its age_us; the
+    # network's own delay is not counted, so this errs low). `split`: the two went to different
+    # endpoints, where one replica with both picks would likely have chosen the peer's endpoint.
+    blind_picks_same: int = 0
+    blind_picks_split: int = 0
     observations_sent: int = 0  # latency observations of this replica's responses sent (to all peers)
     observations_dropped: int = 0  # overwritten in the log before a peer got them
     observations_applied: int = 0  # peers' observations counted into this replica's fits
@@ -116,6 +130,16 @@ class SyncStats:
     observations_unknown: int = 0  # for endpoints this replica does not have (yet), or of a kind it does not know
     connects: int = 0
     refused: int = 0  # inbound streams refused (version, self)
+
+
+@dataclass(slots=True)
+class _Heard:
+    """What this replica applied of one peer id's numbering, in one incarnation (process) of that peer."""
+
+    incarnation: int  # 0: a sender that names none (every stream of it counts afresh)
+    live: int = 0  # its streams open now (a reconnect may overlap the stream it replaces)
+    blocks: Applied = field(default_factory=Applied)  # its journal
+    observations: Applied = field(default_factory=Applied)  # its observation log
 
 
 @dataclass(slots=True)
@@ -141,7 +165,6 @@ class PeerSync(pb_grpc.PeerSyncServicer):
         self.replica_id = opts.replica_id or default_replica_id()
         self.index = index
         self.latency = latency  # None: the latency fits stay this replica's own
-        self._observed = ObservationDedup()
         self.datastore = datastore
         self.load = PeerLoad(datastore, opts.ttl)
         self.digest = digest
@@ -151,9 +174,8 @@ class PeerSync(pb_grpc.PeerSyncServicer):
         self._stopping = asyncio.Event()
         self._wake: set[asyncio.Event] = set()  # one per pusher, set when a pick is journalled
         index.journal.on_append = self._picked
-        self._inbound: dict[str, int] = {}  # peer id -> its newest stream's number
-        self._heard_upto: dict[str, int] = {}  # peer id -> how many of its picks have arrived (its journal position)
-        self._streams = 0
+        self.incarnation = secrets.randbits(64) | 1  # this process: peers count our numbering afresh when it changes
+        self._heard: OrderedDict[str, _Heard] = OrderedDict()  # peer id -> what arrived from it, least recent first
         self._mismatch_warned: set[str] = set()
         self._server: grpc.aio.Server | None = None
         self.port = 0
@@ -195,47 +217,75 @@ class PeerSync(pb_grpc.PeerSyncServicer):
                 "peer %s hashes prompt blocks differently (%s; here %s): its load is shared, its prefix blocks "
                 "are not (give every replica the same prefix settings)", peer, hello.config_digest, self.digest(),
             )  # fmt: skip
-        self._streams += 1
-        stream = self._inbound[peer] = self._streams
+        heard = self._open(peer, hello.incarnation)
         applied = 0
         try:
             msg = first
             while msg is not grpc.aio.EOF:
-                self._apply(peer, msg, blocks_ok)
-                applied += 1
+                if self._heard.get(peer) is heard:  # else a new incarnation replaced this process: what is left of it is stale
+                    self._apply(peer, heard, msg, blocks_ok)
+                    applied += 1
                 msg = await context.read()
         finally:
-            if self._inbound.get(peer) == stream:  # not a stream a reconnect replaced
-                del self._inbound[peer]
-                self._heard_upto.pop(peer, None)  # a restarted peer comes back under a new id: keep nothing
+            heard.live -= 1
+            if heard.live == 0 and self._heard.get(peer) is heard:  # its last stream: the peer is gone (for now)
                 self._mismatch_warned.discard(peer)
                 self.load.forget(peer)
         return pb.PushSummary(updates=applied)
 
-    def _apply(self, peer: str, u: pb.Update, blocks_ok: bool) -> None:
+    def _open(self, peer: str, incarnation: int) -> _Heard:
+        """A new stream from `peer`: the same incarnation goes on counting, a new one (a restart) starts afresh."""
+        heard = self._heard.get(peer)
+        if heard is None or incarnation == 0 or heard.incarnation != incarnation:
+            if heard is not None:
+                if incarnation != 0:
+                    log.info("peer %s restarted (a new incarnation): its picks and observations are counted afresh", peer)
+                self.load.forget(peer)  # the old process's requests are gone with it
+            heard = self._heard[peer] = _Heard(incarnation)
+        heard.live += 1
+        self._heard.move_to_end(peer)
+        idle = [p for p, h in self._heard.items() if not h.live]
+        for p in idle[: max(0, len(self._heard) - HEARD_PEERS)]:
+            del self._heard[p]
+        return heard
+
+    def _apply(self, peer: str, heard: _Heard, u: pb.Update, blocks_ok: bool) -> None:
         st = self.stats
-        if u.journal_next > self._heard_upto.get(peer, 0):
-            self._heard_upto[peer] = u.journal_next
         st.updates_received += 1
         st.bytes_received += u.ByteSize()
-        if blocks_ok:
+        skip = heard.blocks.new(u.journal_next - len(u.blocks), len(u.blocks))  # also without blocks: its position
+        st.records_repeated += skip
+        if blocks_ok and len(u.blocks) > skip:
             known = self.datastore.get
-            for rec in u.blocks:
+            now = time.monotonic()
+            for rec in u.blocks[skip:] if skip else u.blocks:
                 if known(rec.endpoint) is None:
                     st.records_unknown += 1
                     continue
+                if rec.age_us and rec.hashes:
+                    self._count_blind(rec.endpoint, rec.hashes[0], now - rec.age_us / 1e6)
                 self.index.apply_peer(rec.endpoint, list(rec.hashes), rec.capacity)
                 st.records_applied += 1
         if u.observations:
-            self._apply_observations(peer, u)
+            self._apply_observations(heard, u)
         if u.load_snapshot:
             self.load.update(peer, {e.endpoint: Load(e.requests, e.tokens, e.prefill_tokens, e.output_tokens) for e in u.load})
         else:
             self.load.heard(peer)
 
-    def _apply_observations(self, peer: str, u: pb.Update) -> None:
+    def _count_blind(self, endpoint: str, first_block: int, picked_at: float) -> None:
+        """A peer picked `endpoint` for a prompt starting with `first_block` at about `picked_at` (this
+        replica's clock): did a local pick of that prefix come after it, before it was heard here?"""
+        mine = self.index.latest_local(first_block)
+        if mine is not None and mine[1] > picked_at:
+            if mine[0] == endpoint:
+                self.stats.blind_picks_same += 1
+            else:
+                self.stats.blind_picks_split += 1
+
+    def _apply_observations(self, heard: _Heard, u: pb.Update) -> None:
         st = self.stats
-        skip = self._observed.new(peer, u.observation_seq, len(u.observations))
+        skip = heard.observations.new(u.observation_seq, len(u.observations))
         st.observations_repeated += skip
         model = self.latency
         if model is None:
@@ -325,7 +375,7 @@ class PeerSync(pb_grpc.PeerSyncServicer):
         log_ = self.latency.log if self.latency is not None else None
         async with grpc.aio.insecure_channel(t.address, options=_CHANNEL_OPTIONS, compression=grpc.Compression.Gzip) as channel:
             call = pb_grpc.PeerSyncStub(channel).Push()
-            hello = pb.Hello(version=PROTOCOL_VERSION, replica_id=self.replica_id, config_digest=self.digest())
+            hello = pb.Hello(version=PROTOCOL_VERSION, replica_id=self.replica_id, config_digest=self.digest(), incarnation=self.incarnation)
             await self._write(call, pb.Update(hello=hello))
             cursor = journal.first_seq  # replay what the journal holds: the peer catches up
             obs_cursor = log_.first_seq if log_ is not None else 0  # and the observations (it skips those it has)
@@ -340,15 +390,16 @@ class PeerSync(pb_grpc.PeerSyncServicer):
                 read = journal.read(cursor, MAX_UPDATE_BLOCKS)
                 cursor = read.cursor
                 u = pb.Update(dropped=read.dropped, journal_next=cursor)
-                for e in read.entries:
-                    u.blocks.add(endpoint=e.address, hashes=e.hashes, capacity=e.capacity)
+                now = time.monotonic()
+                for e in read.items:
+                    age_us = min(_MAX_AGE_US, max(1, int((now - e.at) * 1e6)))
+                    u.blocks.add(endpoint=e.address, hashes=e.hashes, capacity=e.capacity, age_us=age_us)
                 observed = log_.read(obs_cursor, MAX_UPDATE_OBSERVATIONS) if log_ is not None else None
                 if observed is not None and (observed.items or observed.dropped):
                     obs_cursor = observed.cursor
                     u.observation_seq = observed.first_seq
                     for o in observed.items:
                         u.observations.add(kind=o.kind, endpoint=o.address, prefill_tokens=o.prefill_tokens, batch=o.batch, seconds=o.seconds)
-                now = time.monotonic()
                 own = [] if stopping else self.load.own()
                 if own != last_load or now - last_sent >= HEARTBEAT:
                     u.load_snapshot = True
@@ -356,11 +407,11 @@ class PeerSync(pb_grpc.PeerSyncServicer):
                         u.load.add(endpoint=address, requests=load.requests, tokens=load.tokens,
                                    prefill_tokens=load.prefill_tokens, output_tokens=load.output_tokens)
                     last_load = own
-                if read.entries or u.load_snapshot or read.dropped or u.observations:
+                if read.items or u.load_snapshot or read.dropped or u.observations:
                     await self._write(call, u)
                     last_sent = now
                     st = self.stats
-                    st.records_sent += len(read.entries)
+                    st.records_sent += len(read.items)
                     st.records_dropped += read.dropped
                     if observed is not None:
                         st.observations_sent += len(observed.items)
@@ -419,14 +470,15 @@ class PeerSync(pb_grpc.PeerSyncServicer):
                 t.address: {"connected": t.connected, "self": t.is_self, "error": t.error, "for_s": round(now - t.since, 1)}
                 for t in self._targets.values()
             },
-            "inbound": sorted(self._inbound),
+            "incarnation": f"{self.incarnation:016x}",
+            "inbound": sorted(p for p, h in self._heard.items() if h.live),
             "journal_next": journal.next_seq,  # this replica's picks so far
-            "heard_upto": dict(self._heard_upto),  # per peer id: its picks that have arrived here
+            "heard_upto": {p: h.blocks.next_seq for p, h in self._heard.items()},  # per peer id: its picks that have arrived here
             "journal_entries": len(journal),
-            "journal_blocks": journal.blocks,
+            "journal_blocks": journal.weight,
             "observations_next": self.latency.log.next_seq if self.latency is not None else 0,  # this replica's own
             "observation_log": len(self.latency.log) if self.latency is not None else 0,  # held for the peers
-            "observations_heard": self._observed.heard(),  # per peer id: the number of its next observation
+            "observations_heard": {p: h.observations.next_seq for p, h in self._heard.items()},  # per peer id: its next observation's number
             "peer_load_entries": self.load.entries(),
             "peer_load": self.load.total()._asdict(),
             **{name: getattr(st, name) for name in SyncStats.__slots__},  # type: ignore[attr-defined]

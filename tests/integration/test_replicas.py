@@ -78,6 +78,15 @@ def test_killing_one_of_two_replicas_loses_nothing_with_fail_open_buffered(tmp_p
     assert (res.failed, res.lost) == (0, 0), res
 
 
+@pytest.mark.parametrize("fault", ["kill", "sigstop"])
+def test_in_full_duplex_only_streams_the_faulted_replica_had_answered_fail(tmp_path, fault):
+    # Envoy replays a stream that broke before the EPP answered on it (the ext_proc retry policy) to
+    # the other replica; one whose pick or response was under way at the dead replica gets a 500.
+    res = faults.replica_fault(tmp_path, fault=fault, body_mode="FULL_DUPLEX_STREAMED", fail_open=False, seconds=LOAD_S)
+    assert res.sent > 50
+    assert res.lost == 0 and res.failed == res.after_answer, res
+
+
 @pytest.mark.parametrize("body_mode,fail_open", [("BUFFERED", True), ("FULL_DUPLEX_STREAMED", False)])
 def test_a_rolling_restart_of_both_replicas_loses_nothing(tmp_path, body_mode, fail_open):
     res = faults.replica_fault(tmp_path, fault="rolling", body_mode=body_mode, fail_open=fail_open, seconds=LOAD_S)

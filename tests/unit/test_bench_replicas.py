@@ -27,3 +27,15 @@ def test_a_sharing_pair_below_the_goal_is_reported_as_such() -> None:
     sc = quality.shared_prefix(True)
     text = replicas.summarize(sc, [_run(replicas.SETUPS[0], 0.8, 0.1), _run(replicas.SETUPS[1], 0.6, 0.1, {"records_sent": 1})])
     assert "(goal >= 0.95x: NOT met)" in text and "not sharing" not in text.split("goal")[-1]
+
+
+def test_repeated_runs_get_numbers_a_mean_and_the_single_replicas_own_spread() -> None:
+    sc = quality.b2b(True)
+    one, two = replicas.SETUPS[0], replicas.SETUPS[1]
+    peers = {"records_sent": 5, "blind_picks_split": 2, "blind_picks_same": 3}
+    runs = [_run(one, 0.80, 0.1), _run(two, 0.76, 0.1, peers), _run(one, 0.70, 0.1), _run(two, 0.74, 0.1, peers)]
+    text = replicas.summarize(sc, runs)
+    assert "1 replica #2" in text and "2 sharing #2 / epp-0" in text and "2/3" in text  # blind split/same
+    assert "70.0-80.0%" in text and "0.133" in text  # the single replica's range, and (0.8 - 0.7) / 0.75
+    assert "hit rate (means): 1.000x (goal >= 0.95x: met)" in text
+    assert "1 replica against its own mean: 0.933x-1.067x" in text

@@ -101,6 +101,16 @@ def test_no_cluster_caps_concurrent_streams_at_envoys_1024_default(override_host
         (limits,) = c["circuit_breakers"]["thresholds"]
         for key in ("max_connections", "max_pending_requests", "max_requests"):
             assert limits[key] >= 10_000, (c["name"], key)
+    epp = next(c for c in clusters if c["name"] == "llm-epp")
+    assert epp["circuit_breakers"]["thresholds"][0]["max_retries"] >= 10_000  # every stream of a dead EPP retries at once
+
+
+def test_an_ext_proc_stream_that_broke_before_the_epp_answered_is_retried_on_another_epp():
+    settings = envoy_config.GatewaySettings(listen_port=1, epp_port=2, admin_port=3, epp_replicas=((2, 3), (4, 5)))
+    retry = _ext_proc_of(envoy_config.render(settings))["grpc_service"]["retry_policy"]
+    assert {"reset", "connect-failure", "refused-stream"} <= set(retry["retry_on"].split(","))
+    assert retry["num_retries"] >= 1
+    assert [p["name"] for p in retry["retry_host_predicate"]] == ["envoy.retry_host_predicates.previous_hosts"]
 
 
 def _ext_proc_of(cfg: dict) -> dict:

@@ -4,15 +4,17 @@ the exchange itself between two PeerSync servers on loopback (real gRPC, no Envo
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
 import pytest
 
 from extproc.datalayer.datastore import Datastore
-from extproc.peers.journal import Journal, SharedPrefixIndex
-from extproc.peers.latency import Kind, Observation, ObservationDedup, ObservationLog, SharedLatencyModel
+from extproc.peers.journal import JournalEntry, SharedPrefixIndex, new_journal
+from extproc.peers.latency import Kind, Observation, SharedLatencyModel, new_observation_log
 from extproc.peers.load import Load, PeerLoad
+from extproc.peers.ring import Applied
 from extproc.peers.peerpb import peer_pb2 as pb
 from extproc.peers.peerpb import peer_pb2_grpc as pb_grpc
 from extproc.peers.sync import PROTOCOL_VERSION, PeerOptions, PeerSync, parse_peers
@@ -27,46 +29,77 @@ def _datastore() -> Datastore:
     return ds
 
 
-# -- the journal ------------------------------------------------------------------------------------
+# -- the numbered rings (journal, observation log) and the receiver's count -----------------------------
+
+
+def _obs(i: int, address: str = E1) -> Observation:
+    return Observation(Kind.TTFT, address, 1000 + i, 2, 0.1)
+
+
+def _entry(address: str, hashes: list[int], capacity: int = 0) -> JournalEntry:
+    return JournalEntry(address, hashes, capacity)
 
 
 def test_journal_reads_from_a_cursor_in_order() -> None:
-    j = Journal(100)
-    j.append(E1, [1, 2], 0)
-    j.append(E2, [3], 5)
+    j = new_journal(100)
+    j.append(_entry(E1, [1, 2]))
+    j.append(_entry(E2, [3], 5))
     read = j.read(0, 100)
-    assert [(e.address, list(e.hashes), e.capacity) for e in read.entries] == [(E1, [1, 2], 0), (E2, [3], 5)]
-    assert read.cursor == 2 and read.dropped == 0
-    assert j.read(read.cursor, 100).entries == []
+    assert [(e.address, list(e.hashes), e.capacity) for e in read.items] == [(E1, [1, 2], 0), (E2, [3], 5)]
+    assert (read.first_seq, read.cursor, read.dropped) == (0, 2, 0)
+    assert j.read(read.cursor, 100).items == []
 
 
 def test_journal_is_bounded_by_blocks_and_tells_a_late_reader_what_it_missed() -> None:
-    j = Journal(4)
+    j = new_journal(4)
     for h in range(5):
-        j.append(E1, [h, h + 100], 0)
-    assert j.blocks <= 4 and len(j) == 2
+        j.append(_entry(E1, [h, h + 100]))
+    assert j.weight <= 4 and len(j) == 2 and j.overwritten == 3
     read = j.read(0, 100)
-    assert read.dropped == 3 and [e.hashes[0] for e in read.entries] == [3, 4]
+    assert (read.dropped, read.first_seq) == (3, 3) and [e.hashes[0] for e in read.items] == [3, 4]
 
 
 def test_journal_keeps_a_record_larger_than_its_bound() -> None:
-    j = Journal(2)
-    j.append(E1, [1, 2, 3], 0)
-    assert len(j) == 1 and j.read(0, 1).entries[0].hashes == [1, 2, 3]
+    j = new_journal(2)
+    j.append(_entry(E1, [1, 2, 3]))
+    assert len(j) == 1 and j.read(0, 1).items[0].hashes == [1, 2, 3]
 
 
 def test_journal_read_stops_at_the_block_budget_but_returns_at_least_one_entry() -> None:
-    j = Journal(100)
+    j = new_journal(100)
     for h in range(3):
-        j.append(E1, [h] * 10, 0)
+        j.append(_entry(E1, [h] * 10))
     first = j.read(0, 15)
-    assert len(first.entries) == 1
-    assert len(j.read(first.cursor, 25).entries) == 2
+    assert len(first.items) == 1
+    assert len(j.read(first.cursor, 25).items) == 2
 
 
-def test_journal_refuses_a_size_below_one() -> None:
-    with pytest.raises(ValueError, match="at least 1 block"):
-        Journal(0)
+def test_a_ring_refuses_a_size_below_one_naming_it() -> None:
+    with pytest.raises(ValueError, match="journal size in blocks: expected at least 1"):
+        new_journal(0)
+    with pytest.raises(ValueError, match="observation log size: expected at least 1"):
+        new_observation_log(0)
+
+
+def test_observation_log_reads_from_a_cursor_and_tells_a_late_reader_what_it_missed() -> None:
+    log = new_observation_log(3)
+    for i in range(5):
+        log.append(_obs(i))
+    assert (log.first_seq, log.next_seq, len(log)) == (2, 5, 3)
+    r = log.read(0, 2)
+    assert (r.first_seq, r.cursor, r.dropped, [o.prefill_tokens for o in r.items]) == (2, 4, 2, [1002, 1003])
+    r = log.read(r.cursor, 10)
+    assert (r.first_seq, r.cursor, r.dropped, [o.prefill_tokens for o in r.items]) == (4, 5, 0, [1004])
+    assert log.read(5, 10).items == []
+
+
+def test_the_receivers_count_skips_what_a_replay_repeats() -> None:
+    a = Applied()
+    assert a.new(0, 5) == 0  # 0..4 new
+    assert a.new(0, 7) == 5  # a replay from 0: 5 already applied, 5..6 new
+    assert a.new(10, 2) == 0  # a gap (the sender's ring overwrote 7..9): nothing to skip
+    assert a.new(3, 4) == 4  # entirely old
+    assert a.new(12, 0) == 0 and a.next_seq == 12
 
 
 def test_shared_index_journals_local_picks_but_not_peer_ones() -> None:
@@ -74,7 +107,7 @@ def test_shared_index_journals_local_picks_but_not_peer_ones() -> None:
     index.record(E1, [1, 2, 3], 100)
     index.apply_peer(E2, [1, 2], 0)
     assert index.match([1, 2, 3]) == {E1: 3, E2: 2}
-    assert [e.address for e in index.journal.read(0, 100).entries] == [E1]
+    assert [e.address for e in index.journal.read(0, 100).items] == [E1]
     assert index.peer_records == 1
 
 
@@ -142,36 +175,6 @@ def test_load_follows_an_endpoint_that_left_and_came_back() -> None:
 # -- the latency observations ----------------------------------------------------------------------
 
 
-def _obs(i: int, address: str = E1) -> Observation:
-    return Observation(Kind.TTFT, address, 1000 + i, 2, 0.1)
-
-
-def test_observation_log_reads_from_a_cursor_and_tells_a_late_reader_what_it_missed() -> None:
-    log = ObservationLog(3)
-    for i in range(5):
-        log.append(_obs(i))
-    assert (log.first_seq, log.next_seq, len(log)) == (2, 5, 3)
-    r = log.read(0, 2)
-    assert (r.first_seq, r.cursor, r.dropped, [o.prefill_tokens for o in r.items]) == (2, 4, 2, [1002, 1003])
-    r = log.read(r.cursor, 10)
-    assert (r.first_seq, r.cursor, r.dropped, [o.prefill_tokens for o in r.items]) == (4, 5, 0, [1004])
-    assert log.read(5, 10).items == []
-    with pytest.raises(ValueError, match="at least 1"):
-        ObservationLog(0)
-
-
-def test_dedup_counts_each_observation_once_across_replays_and_forgets_the_oldest_peers() -> None:
-    d = ObservationDedup(peers=2)
-    assert d.new("a", 0, 5) == 0  # 0..4 new
-    assert d.new("a", 0, 7) == 5  # a replay from 0: 5 already counted, 5..6 new
-    assert d.new("a", 10, 2) == 0  # a gap (the sender's ring overwrote 7..9): nothing to skip
-    assert d.new("a", 3, 4) == 4  # entirely old
-    d.new("b", 0, 1)
-    d.new("c", 0, 1)  # a third peer: the least recently heard ("a") is forgotten
-    assert set(d.heard()) == {"b", "c"}
-    assert d.new("a", 0, 3) == 0
-
-
 def test_shared_latency_model_logs_its_own_observations_but_not_a_peers_or_invalid_ones() -> None:
     ds = _datastore()
     ep = ds.get(E1)
@@ -221,8 +224,9 @@ async def test_a_replayed_update_is_counted_once_and_an_unknown_endpoint_or_kind
     u.observations.add(kind=pb.Observation.TTFT, endpoint=E2, prefill_tokens=800, batch=1, seconds=0.4)
     u.observations.add(kind=pb.Observation.TPOT, endpoint="10.9.9.9:8000", batch=1, seconds=0.02)  # not in b's pool
     u.observations.add(kind=7, endpoint=E2, batch=1, seconds=0.02)  # a kind of a newer sender
-    b.sync._apply("x", u, True)
-    b.sync._apply("x", u, True)  # a reconnect replays it
+    heard = b.sync._open("x", 7)
+    b.sync._apply("x", heard, u, True)
+    b.sync._apply("x", heard, u, True)  # a reconnect replays it
     st = b.sync.stats
     assert (st.observations_applied, st.observations_unknown, st.observations_repeated) == (1, 2, 3)
     assert ep.latency.ttft is not None and ep.latency.ttft.n == 1
@@ -306,6 +310,38 @@ async def test_a_pick_on_one_replica_is_matched_on_the_other(pair: tuple[_Replic
     await _until(lambda: b.index.match([11, 12, 13]) == {E1: 3})
     b.index.record(E2, [21], 0)
     await _until(lambda: a.index.match([21]) == {E2: 1})
+
+
+async def test_a_local_pick_made_before_a_peers_earlier_pick_arrived_counts_as_blind(pair: tuple[_Replica, _Replica]) -> None:
+    a, b = pair
+    b.index.record(E2, [31, 32])  # b picks E2 for prefix 31 now...
+    a.index.record(E1, [31, 32], now=time.monotonic() - 10)  # ...a picked E1 for it 10 s ago (its age says so)
+    b.index.record(E1, [41])
+    a.index.record(E1, [41], now=time.monotonic() - 10)  # the same endpoint: blind, but no harm
+    await _until(lambda: b.sync.stats.records_applied == 2)
+    assert (b.sync.stats.blind_picks_split, b.sync.stats.blind_picks_same) == (1, 1)
+    b.index.record(E2, [51], now=time.monotonic() - 10)  # b picked long before a (a's pick is a's blind pick, not b's)
+    a.index.record(E1, [51])
+    a.index.record(E1, [61])
+    await _until(lambda: b.index.match([61]) == {E1: 1})
+    b.index.record(E2, [61])  # after hearing a's pick: b knew it
+    a.index.record(E1, [62])
+    await _until(lambda: b.sync.stats.records_applied == 5)
+    assert (b.sync.stats.blind_picks_split, b.sync.stats.blind_picks_same) == (1, 1)
+    assert b.sync.status()["blind_picks_split"] == 1
+
+
+def test_the_index_remembers_the_latest_local_pick_per_first_block_within_its_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("extproc.peers.journal.RECENT_PICKS", 2)
+    index = SharedPrefixIndex()
+    index.record(E1, [1, 2], now=5.0)
+    index.record(E2, [1, 3], now=6.0)
+    index.apply_peer(E1, [7], 0)  # a peer's pick is not a local one
+    assert index.latest_local(1) == (E2, 6.0) and index.latest_local(7) is None
+    index.record(E1, [8], now=7.0)
+    index.record(E1, [9], now=8.0)  # the third prefix: the oldest (1) is forgotten
+    assert index.latest_local(1) is None and index.latest_local(9) == (E1, 8.0)
+    assert [e.at for e in index.journal.read(0, 100).items] == [5.0, 6.0, 7.0, 8.0]
 
 
 async def test_in_flight_load_is_shared_and_dropped_when_a_replica_stops(pair: tuple[_Replica, _Replica]) -> None:
@@ -419,6 +455,132 @@ async def test_a_hello_without_a_replica_id_is_refused(pair: tuple[_Replica, _Re
     err = await _push(a.address, pb.Update(hello=pb.Hello(version=PROTOCOL_VERSION)))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "replica_id" in (err.details() or "")
     assert a.sync.stats.refused == 1
+
+
+# -- a sender's incarnation: replays count once, a restart under the same id counts afresh --------------
+
+
+class _Sender:
+    """A raw peer stream to a replica, as a sender of some incarnation writes it."""
+
+    def __init__(self, address: str, replica_id: str, incarnation: int) -> None:
+        self.channel = grpc.aio.insecure_channel(address)
+        self.call = pb_grpc.PeerSyncStub(self.channel).Push()
+        self.hello = pb.Hello(version=PROTOCOL_VERSION, replica_id=replica_id, config_digest="d", incarnation=incarnation)
+
+    async def send(self, journal_first: int, blocks: list[int], obs_first: int, observations: int, load: int | None = None) -> None:
+        """Blocks (one hash each, on E1) numbered from `journal_first`, observations from `obs_first`."""
+        if self.hello is not None:
+            await self.call.write(pb.Update(hello=self.hello))
+            self.hello = None
+        u = pb.Update(journal_next=journal_first + len(blocks), observation_seq=obs_first)
+        for h in blocks:
+            u.blocks.add(endpoint=E1, hashes=[h])
+        for i in range(observations):
+            u.observations.add(kind=pb.Observation.TTFT, endpoint=E1, prefill_tokens=1000 + obs_first + i, batch=1, seconds=0.1)
+        if load is not None:
+            u.load_snapshot = True
+            u.load.add(endpoint=E1, requests=load, tokens=10 * load)
+        await self.call.write(u)
+
+    async def close(self) -> None:
+        await self.call.done_writing()
+        await self.call
+        await self.channel.close()
+
+
+def _received(r: _Replica) -> tuple[int, int, int, int]:
+    st = r.sync.stats
+    return st.records_applied, st.records_repeated, st.observations_applied, st.observations_repeated
+
+
+async def test_a_reconnect_of_the_same_incarnation_replays_and_nothing_is_counted_twice() -> None:
+    b = _Replica("b")
+    await b.start()
+    try:
+        first = _Sender(b.address, "a", incarnation=5)
+        await first.send(0, [1, 2, 3], 0, 3)
+        await first.close()
+        await _until(lambda: _received(b) == (3, 0, 3, 0) and not b.sync.status()["inbound"])
+        again = _Sender(b.address, "a", incarnation=5)  # the same process, reconnected: it replays its rings
+        await again.send(0, [1, 2, 3, 4], 0, 4)
+        await _until(lambda: _received(b) == (4, 3, 4, 3))
+        ep = b.datastore.get(E1)
+        assert ep is not None and ep.latency.ttft is not None and ep.latency.ttft.n == 4
+        assert b.index.peer_records == 4 and b.index.match([4]) == {E1: 1}
+        assert b.sync.status()["heard_upto"] == {"a": 4} and b.sync.status()["observations_heard"] == {"a": 4}
+        await again.close()
+    finally:
+        await b.stop()
+
+
+async def test_a_peer_restarted_under_the_same_id_has_its_fresh_picks_and_observations_applied() -> None:
+    b = _Replica("b")
+    await b.start()
+    try:
+        old = _Sender(b.address, "a", incarnation=1)
+        await old.send(0, list(range(100, 150)), 0, 50, load=3)
+        await _until(lambda: _received(b) == (50, 0, 50, 0))
+        ep = b.datastore.get(E1)
+        assert ep is not None and ep.in_flight == 3
+        # the process is killed; its stream is not yet seen to end when its successor (same id) connects
+        new = _Sender(b.address, "a", incarnation=2)
+        await new.send(0, [7, 8], 0, 2, load=1)
+        await _until(lambda: _received(b) == (52, 0, 52, 0))
+        assert b.index.match([8]) == {E1: 1} and ep.in_flight == 1  # the old process's load went with it
+        await old.send(150, [9], 50, 5, load=9)  # what was still on its way from the old process: stale
+        await new.send(2, [10], 2, 1, load=1)
+        await _until(lambda: _received(b) == (53, 0, 53, 0))
+        assert b.index.match([9]) == {} and ep.in_flight == 1
+        assert b.sync.status()["observations_heard"] == {"a": 3} and b.sync.status()["heard_upto"] == {"a": 3}
+        await old.close()
+        assert ep.in_flight == 1  # the old stream's end does not take the new process's load
+        await new.close()
+        await _until(lambda: ep.in_flight == 0)
+    finally:
+        await b.stop()
+
+
+async def test_a_sender_without_an_incarnation_is_counted_afresh_on_every_stream() -> None:
+    b = _Replica("b")
+    await b.start()
+    try:
+        for _ in range(2):
+            older = _Sender(b.address, "a", incarnation=0)  # a build before Hello.incarnation
+            await older.send(0, [1], 0, 2)
+            await older.close()
+        await _until(lambda: _received(b) == (2, 0, 4, 0))
+    finally:
+        await b.stop()
+
+
+async def test_a_replica_restarted_with_the_same_replica_id_teaches_its_peer_again() -> None:
+    a, b = _Replica("a"), _Replica("b")
+    await b.start()
+    await a.start()
+    a.sync.set_targets([b.address])
+    ep_a, ep_b = a.datastore.get(E1), b.datastore.get(E1)
+    assert ep_a is not None and ep_b is not None
+    try:
+        for i in range(30):
+            a.latency.observe_ttft(ep_a, 1000 + i, 1, 0.2)
+        a.index.record(E1, [1, 2], 0)
+        await _until(lambda: b.sync.stats.observations_applied == 30 and b.index.match([1, 2]) == {E1: 2})
+        await a.stop()
+        a = _Replica("a")  # `--replica-id a` again: its numbering starts at 0
+        await a.start()
+        a.sync.set_targets([b.address])
+        ep_a = a.datastore.get(E1)
+        assert ep_a is not None
+        for i in range(5):
+            a.latency.observe_ttft(ep_a, 2000 + i, 1, 0.2)
+        a.index.record(E2, [3], 0)
+        await _until(lambda: b.sync.stats.observations_applied == 35 and b.index.match([3]) == {E2: 1})
+        assert b.sync.stats.observations_repeated == 0 and b.sync.stats.records_repeated == 0
+        assert b.sync.status()["observations_heard"] == {"a": 5}
+    finally:
+        await a.stop()
+        await b.stop()
 
 
 # -- the flags -------------------------------------------------------------------------------------------

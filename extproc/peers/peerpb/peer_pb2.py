@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x65xtproc/peers/peerpb/peer.proto\x12\x0fllmepp.peers.v1\"C\n\x05Hello\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nreplica_id\x18\x02 \x01(\t\x12\x15\n\rconfig_digest\x18\x03 \x01(\t\"A\n\x0b\x42lockRecord\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0e\n\x06hashes\x18\x02 \x03(\x06\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\r\"q\n\x0c\x45ndpointLoad\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\x12\x16\n\x0eprefill_tokens\x18\x04 \x01(\x04\x12\x15\n\routput_tokens\x18\x05 \x01(\x04\"\xa4\x01\n\x0bObservation\x12/\n\x04kind\x18\x01 \x01(\x0e\x32!.llmepp.peers.v1.Observation.Kind\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x16\n\x0eprefill_tokens\x18\x03 \x01(\x04\x12\r\n\x05\x62\x61tch\x18\x04 \x01(\r\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\"\x1a\n\x04Kind\x12\x08\n\x04TTFT\x10\x00\x12\x08\n\x04TPOT\x10\x01\"\x95\x02\n\x06Update\x12%\n\x05hello\x18\x01 \x01(\x0b\x32\x16.llmepp.peers.v1.Hello\x12,\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x1c.llmepp.peers.v1.BlockRecord\x12+\n\x04load\x18\x03 \x03(\x0b\x32\x1d.llmepp.peers.v1.EndpointLoad\x12\x15\n\rload_snapshot\x18\x04 \x01(\x08\x12\x0f\n\x07\x64ropped\x18\x05 \x01(\x04\x12\x14\n\x0cjournal_next\x18\x06 \x01(\x04\x12\x32\n\x0cobservations\x18\x07 \x03(\x0b\x32\x1c.llmepp.peers.v1.Observation\x12\x17\n\x0fobservation_seq\x18\x08 \x01(\x04\"\x1e\n\x0bPushSummary\x12\x0f\n\x07updates\x18\x01 \x01(\x04\x32K\n\x08PeerSync\x12?\n\x04Push\x12\x17.llmepp.peers.v1.Update\x1a\x1c.llmepp.peers.v1.PushSummary(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x65xtproc/peers/peerpb/peer.proto\x12\x0fllmepp.peers.v1\"X\n\x05Hello\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nreplica_id\x18\x02 \x01(\t\x12\x15\n\rconfig_digest\x18\x03 \x01(\t\x12\x13\n\x0bincarnation\x18\x04 \x01(\x06\"Q\n\x0b\x42lockRecord\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0e\n\x06hashes\x18\x02 \x03(\x06\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\r\x12\x0e\n\x06\x61ge_us\x18\x04 \x01(\r\"q\n\x0c\x45ndpointLoad\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\x12\x16\n\x0eprefill_tokens\x18\x04 \x01(\x04\x12\x15\n\routput_tokens\x18\x05 \x01(\x04\"\xa4\x01\n\x0bObservation\x12/\n\x04kind\x18\x01 \x01(\x0e\x32!.llmepp.peers.v1.Observation.Kind\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x16\n\x0eprefill_tokens\x18\x03 \x01(\x04\x12\r\n\x05\x62\x61tch\x18\x04 \x01(\r\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\"\x1a\n\x04Kind\x12\x08\n\x04TTFT\x10\x00\x12\x08\n\x04TPOT\x10\x01\"\x95\x02\n\x06Update\x12%\n\x05hello\x18\x01 \x01(\x0b\x32\x16.llmepp.peers.v1.Hello\x12,\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x1c.llmepp.peers.v1.BlockRecord\x12+\n\x04load\x18\x03 \x03(\x0b\x32\x1d.llmepp.peers.v1.EndpointLoad\x12\x15\n\rload_snapshot\x18\x04 \x01(\x08\x12\x0f\n\x07\x64ropped\x18\x05 \x01(\x04\x12\x14\n\x0cjournal_next\x18\x06 \x01(\x04\x12\x32\n\x0cobservations\x18\x07 \x03(\x0b\x32\x1c.llmepp.peers.v1.Observation\x12\x17\n\x0fobservation_seq\x18\x08 \x01(\x04\"\x1e\n\x0bPushSummary\x12\x0f\n\x07updates\x18\x01 \x01(\x04\x32K\n\x08PeerSync\x12?\n\x04Push\x12\x17.llmepp.peers.v1.Update\x1a\x1c.llmepp.peers.v1.PushSummary(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,19 +32,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'extproc.peers.peerpb.peer_p
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_HELLO']._serialized_start=52
-  _globals['_HELLO']._serialized_end=119
-  _globals['_BLOCKRECORD']._serialized_start=121
-  _globals['_BLOCKRECORD']._serialized_end=186
-  _globals['_ENDPOINTLOAD']._serialized_start=188
-  _globals['_ENDPOINTLOAD']._serialized_end=301
-  _globals['_OBSERVATION']._serialized_start=304
-  _globals['_OBSERVATION']._serialized_end=468
-  _globals['_OBSERVATION_KIND']._serialized_start=442
-  _globals['_OBSERVATION_KIND']._serialized_end=468
-  _globals['_UPDATE']._serialized_start=471
-  _globals['_UPDATE']._serialized_end=748
-  _globals['_PUSHSUMMARY']._serialized_start=750
-  _globals['_PUSHSUMMARY']._serialized_end=780
-  _globals['_PEERSYNC']._serialized_start=782
-  _globals['_PEERSYNC']._serialized_end=857
+  _globals['_HELLO']._serialized_end=140
+  _globals['_BLOCKRECORD']._serialized_start=142
+  _globals['_BLOCKRECORD']._serialized_end=223
+  _globals['_ENDPOINTLOAD']._serialized_start=225
+  _globals['_ENDPOINTLOAD']._serialized_end=338
+  _globals['_OBSERVATION']._serialized_start=341
+  _globals['_OBSERVATION']._serialized_end=505
+  _globals['_OBSERVATION_KIND']._serialized_start=479
+  _globals['_OBSERVATION_KIND']._serialized_end=505
+  _globals['_UPDATE']._serialized_start=508
+  _globals['_UPDATE']._serialized_end=785
+  _globals['_PUSHSUMMARY']._serialized_start=787
+  _globals['_PUSHSUMMARY']._serialized_end=817
+  _globals['_PEERSYNC']._serialized_start=819
+  _globals['_PEERSYNC']._serialized_end=894
 # @@protoc_insertion_point(module_scope)

@@ -8,24 +8,28 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Hello(_message.Message):
-    __slots__ = ("version", "replica_id", "config_digest")
+    __slots__ = ("version", "replica_id", "config_digest", "incarnation")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     version: int
     replica_id: str
     config_digest: str
-    def __init__(self, version: _Optional[int] = ..., replica_id: _Optional[str] = ..., config_digest: _Optional[str] = ...) -> None: ...
+    incarnation: int
+    def __init__(self, version: _Optional[int] = ..., replica_id: _Optional[str] = ..., config_digest: _Optional[str] = ..., incarnation: _Optional[int] = ...) -> None: ...
 
 class BlockRecord(_message.Message):
-    __slots__ = ("endpoint", "hashes", "capacity")
+    __slots__ = ("endpoint", "hashes", "capacity", "age_us")
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     HASHES_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    AGE_US_FIELD_NUMBER: _ClassVar[int]
     endpoint: str
     hashes: _containers.RepeatedScalarFieldContainer[int]
     capacity: int
-    def __init__(self, endpoint: _Optional[str] = ..., hashes: _Optional[_Iterable[int]] = ..., capacity: _Optional[int] = ...) -> None: ...
+    age_us: int
+    def __init__(self, endpoint: _Optional[str] = ..., hashes: _Optional[_Iterable[int]] = ..., capacity: _Optional[int] = ..., age_us: _Optional[int] = ...) -> None: ...
 
 class EndpointLoad(_message.Message):
     __slots__ = ("endpoint", "requests", "tokens", "prefill_tokens", "output_tokens")
