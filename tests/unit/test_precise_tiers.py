@@ -134,6 +134,11 @@ def test_the_deprecated_precise_scorer_weighs_tiers_as_the_producer():
     assert scorer.score(request(), CycleState(), [ep(A), ep(B)]) == [0.5, 1.0]
 
 
+def test_six_media_besides_gpu_are_told_apart():
+    cfg = load(producer_config("[{name: gpu, weight: 1.0}, " + ", ".join(f"{{name: t{i}, weight: 0.{i + 1}}}" for i in range(6)) + "]"))
+    assert cfg is not None
+
+
 @pytest.mark.parametrize(
     ("backends", "field", "fragment"),
     [
@@ -147,6 +152,8 @@ def test_the_deprecated_precise_scorer_weighs_tiers_as_the_producer():
         ("[{weight: 0.5}]", "kvCacheBackendConfigs[0].name", "medium name"),
         ("[{name: cpu, weight: 0.5, tier: 2}]", "kvCacheBackendConfigs[0].tier", "unknown field"),
         ("{gpu: 1.0}", "indexerConfig.kvCacheBackendConfigs", "list of mappings"),
+        ("[" + ", ".join(f"{{name: t{i}, weight: 0.5}}" for i in range(7)) + "]", "indexerConfig.kvCacheBackendConfigs",
+         "7 media besides gpu; the index tells at most 6 apart"),
     ],
 )
 def test_bad_backend_configs_are_refused_naming_the_field(backends: str, field: str, fragment: str):

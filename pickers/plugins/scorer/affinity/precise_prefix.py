@@ -34,6 +34,8 @@ from pickers.framework.types import (
     SchedulingResult,
 )
 from pickers.indexes.kv_blocks import (
+    GPU,
+    MAX_MEDIA,
     DEFAULT_CAPACITY,
     IndexMetrics,
     KVBlockIndex,
@@ -516,6 +518,10 @@ def _tier_weights(ix: Params) -> dict[str, float]:
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
             raise ParameterError(f"{where}.weight", f"expected a number from 0.0 to 1.0 (a block's share of a GPU block), got {shown(weight)}")
         weights[name] = float(weight)
+    named = [n for n in weights if n != GPU]
+    if len(named) > MAX_MEDIA:
+        raise ParameterError(ix.path(field), f"{len(named)} media besides gpu; the index tells at most {MAX_MEDIA} apart "
+                             f"(one byte per holder), so {shown(named[MAX_MEDIA])} and after would weigh 1.0")
     ix.effective[field] = [{"name": n, "weight": w} for n, w in weights.items()]
     return weights
 
