@@ -132,7 +132,7 @@ class BlockTable:
         if not len(rows):
             return
         self.version += 1
-        found, where = self._probe(self.key[rows])
+        _, where = self._probe(self.key[rows])
         self.slots[where] = _DELETED
         self.used -= len(rows)
         for name, (_, _, fill) in self._spec.items():

@@ -44,6 +44,7 @@ import xxhash
 
 from pickers.framework.histogram import Histogram
 from pickers.indexes.block_table import BlockTable
+from pickers.indexes.endpoint_ids import EndpointIds
 
 DEFAULT_CAPACITY = 1_000_000  # blocks per endpoint; about 60 MB for one endpoint at the bound
 ROOT_KEY = 0
@@ -53,7 +54,6 @@ UNNAMED_BIT = 2  # speculative entries (no medium, as llm-d's) and media past MA
 # distinct medium names given bits of their own (events name a handful: GPU, CPU, ...): with gpu and
 # the unnamed one, a block's media fit 8 bits (a byte per holder: vLLM's events name gpu, cpu, disk)
 MAX_MEDIA = 6
-MAX_ENDPOINTS = 32_767  # endpoint ids are int16
 _U64 = (1 << 64) - 1
 _STAMPS = (1 << 32) - 1  # a uint32 stamp's limit: the stamps are renumbered there
 _xxh64 = xxhash.xxh64_intdigest
@@ -108,7 +108,7 @@ class _Column:
     """A memoryview of one flat column of a BlockTable (elements read and written as Python ints),
     renewed when the table grew its rows."""
 
-    __slots__ = ("table", "name", "_view")
+    __slots__ = ("_view", "name", "table")
 
     def __init__(self, table: BlockTable, name: str) -> None:
         self.table, self.name = table, name
@@ -128,7 +128,7 @@ class _Recency:
     smallest stamps of all rows) and checked again when taken: a row touched or removed since is skipped,
     and every row stamped after the batch was found is newer than all of it, so the order is exact."""
 
-    __slots__ = ("table", "clock", "_seq", "_queue", "_at")
+    __slots__ = ("_at", "_queue", "_seq", "clock", "table")
 
     def __init__(self, table: BlockTable) -> None:
         self.table = table
@@ -237,8 +237,8 @@ class KVBlockIndex:
         self._more: dict[int, dict[int, int]] = {}  # row -> endpoint id -> media, of holders past the inline two
         self._views()
         self._endpoints: dict[str, EndpointBlocks] = {}
-        self._addr: list[str | None] = []  # endpoint id -> address (None: free)
-        self._free_ids: list[int] = []
+        self._ids = EndpointIds("precise prefix index")
+        self._addr = self._ids.addresses  # endpoint id -> address (None: free)
         self.lora_names: set[str] = set()  # adapters seen in events: their blocks chain from their name
         self._media: dict[str, int] = {GPU: GPU_BIT, "": UNNAMED_BIT}  # medium name -> its bit
 
@@ -362,14 +362,7 @@ class KVBlockIndex:
     def _ep(self, address: str) -> EndpointBlocks:
         ep = self._endpoints.get(address)
         if ep is None:
-            if self._free_ids:
-                eid = self._free_ids.pop()
-                self._addr[eid] = address
-            else:
-                eid = len(self._addr)
-                if eid > MAX_ENDPOINTS:
-                    raise ValueError(f"the precise prefix index tracks at most {MAX_ENDPOINTS + 1} endpoints")
-                self._addr.append(address)
+            eid = self._ids.take(address)
             ep = self._endpoints[address] = EndpointBlocks(eid)
         return ep
 
@@ -500,8 +493,7 @@ class KVBlockIndex:
         self.clear_endpoint(address)
         ep = self._endpoints.pop(address, None)
         if ep is not None:
-            self._addr[ep.eid] = None
-            self._free_ids.append(ep.eid)
+            self._ids.release(ep.eid)
 
     # -- lookups (the scorer) ----------------------------------------------------------------
     def lookup(

@@ -21,6 +21,7 @@ import xxhash
 from pickers.framework.histogram import Histogram
 from pickers.framework.request import CHARS_PER_TOKEN
 from pickers.indexes.block_table import BlockTable
+from pickers.indexes.endpoint_ids import EndpointIds
 
 BLOCK_TOKENS = 16
 BLOCK_CHARS = BLOCK_TOKENS * CHARS_PER_TOKEN  # 64 characters of prompt
@@ -63,7 +64,7 @@ class _Lru:
     `head`) with the time each was recorded. Recording a held block again appends it anew; the row's
     holder slot keeps the queue position of its latest element, so older ones are skipped as stale."""
 
-    __slots__ = ("eid", "rows", "times", "head", "tail", "live", "capacity", "write", "read", "moved")
+    __slots__ = ("capacity", "eid", "head", "live", "moved", "read", "rows", "tail", "times", "write")
 
     def __init__(self, eid: int) -> None:
         self.eid = eid
@@ -85,7 +86,6 @@ class _Lru:
 # (fan's bit 4, _SHARED: the block has holders past the inline two, in _more)
 _COLUMNS = {"ep": (np.int16, 2, -1), "pos": (np.int32, 2, -1), "nxt": (np.uint64, 1, 0), "fan": (np.int8, 1, 0)}
 _SHARED = 4
-MAX_ENDPOINTS = 32_767  # endpoint ids are int16
 
 
 def _keys(hashes: Sequence[int]) -> np.ndarray:
@@ -136,8 +136,8 @@ class ApproxPrefixIndex:
         self._t = BlockTable(_COLUMNS)
         self._columns()
         self._lru: dict[str, _Lru] = {}
-        self._addr: list[str | None] = []  # endpoint id -> address (None: free)
-        self._free_ids: list[int] = []
+        self._ids = EndpointIds("prefix index")
+        self._addr = self._ids.addresses  # endpoint id -> address (None: free)
         # row -> {endpoint id: queue position} of holders past the two inline ones, and their bitset
         self._more: dict[int, dict[int, int]] = {}
         self._more_bits: dict[int, int] = {}
@@ -162,7 +162,7 @@ class ApproxPrefixIndex:
     def _walk(self, hashes: Sequence[int]) -> tuple[dict[int, int], int]:
         """(endpoint id -> leading blocks it holds, where the walk stopped): the walk stops at the first
         block none of the endpoints holding every block so far holds."""
-        keys, rows = self._find(hashes)
+        _, rows = self._find(hashes)
         missing = _nonzero(rows < 0)
         m = int(missing[0]) if missing.size else len(rows)
         if not m:
@@ -293,14 +293,7 @@ class ApproxPrefixIndex:
     def _endpoint(self, address: str) -> _Lru:
         lru = self._lru.get(address)
         if lru is None:
-            if self._free_ids:
-                eid = self._free_ids.pop()
-                self._addr[eid] = address
-            else:
-                eid = len(self._addr)
-                if eid > MAX_ENDPOINTS:
-                    raise ValueError(f"the prefix index tracks at most {MAX_ENDPOINTS + 1} endpoints")
-                self._addr.append(address)
+            eid = self._ids.take(address)
             lru = self._lru[address] = _Lru(eid)
             self._ids_version += 1
         return lru
@@ -619,8 +612,7 @@ class ApproxPrefixIndex:
             valid, v0, v1 = self._valid(lru, lru.head, lru.tail)
             rows = lru.rows[lru.head : lru.tail][valid]
             self._drop_rows(lru.eid, rows, v0[valid], v1[valid])
-        self._addr[lru.eid] = None
-        self._free_ids.append(lru.eid)
+        self._ids.release(lru.eid)
         live, cap, oldest = self._state
         if lru.eid < len(live) - 1:
             live[lru.eid], cap[lru.eid], oldest[lru.eid] = 0, 0, np.inf
