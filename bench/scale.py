@@ -8,6 +8,9 @@ In-process, without gRPC or a network (the scheduling library and the datastore 
 - the approximate prefix index after 100k distinct ~2k-token prompts over 100 endpoints (the
   default config's 64-character blocks, 128 a prompt): bytes per (endpoint, block) entry from
   tracemalloc, entries held, and the process's RSS.
+- the precise (KV-event) index's lookups, side by side with the dict index it replaced
+  (tests/unit/reference_kv_index.py) fed the same events: CPU µs per lookup of a held 128-block
+  prompt, a tier-weighted one, a prompt nobody holds, and a 128-block prefix all 100 endpoints hold.
 - the longest cyclic GC pause while scheduling with that index in memory (gc.callbacks timing),
   before and after `gc.freeze()` (what `epp serve` does once it has started).
 Read the ratios and the shape, not the absolute numbers: the machine's cores are shared.
@@ -37,13 +40,14 @@ from pickers.config.strategies import STRATEGY_CONFIGS
 from pickers.framework.endpoint import Endpoint, EndpointSpec, Metrics
 from pickers.framework.request import InferenceRequest
 from pickers.framework.scheduler import Scheduler
-from pickers.indexes.kv_blocks import KVBlockIndex
+from pickers.indexes.kv_blocks import KVBlockIndex, TierWeights, request_keys
 from pickers.indexes.prefix import ApproxPrefixIndex, block_hashes
 from pickers.plugins.base import PluginContext
+from tests.unit.reference_kv_index import ReferenceKVIndex
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 CONFIGS = ("default", "best")
-PARTS = ("schedule", "index", "gc")
+PARTS = ("schedule", "index", "lookups", "gc")
 SIZES = (10, 100, 1_000, 5_000)
 TENANTS = 40
 IN_FLIGHT = 512
@@ -145,6 +149,61 @@ def precise_index_memory(prompts_n: int, endpoints: int) -> tuple[float, int]:
     return (after - before) / max(1, index.size()), index.size()
 
 
+PRECISE_BLOCKS, PRECISE_BLOCK_TOKENS = 128, 16
+TIER_WEIGHTS = {"gpu": 1.0, "cpu": 0.8}
+# (label, what is looked up, tier-weighted); {n}: the endpoints
+LOOKUPS = (("held by one endpoint", "held", False), ("held by one, tier-weighted", "held", True),
+           ("held by nobody", "cold", False), ("prefix held by all {n}", "shared", False),
+           ("prefix held by all {n}, tier-weighted", "shared", True))  # fmt: skip
+
+
+def precise_lookups(prompts_n: int, endpoints: int, rounds: int, reps: int) -> dict[str, list[float]]:
+    """label -> [compact µs, reference µs, endpoints matched]: CPU µs per lookup (p50 over `rounds`
+    rounds of `reps` lookups each, the two indexes alternating) of the compact precise index and the
+    dict index it replaced (tests/unit/reference_kv_index.py), both fed the same events: BlockStored of `prompts_n` distinct 128-block prompts round-robin over `endpoints`
+    endpoints, the first prompt's first half also offloaded to cpu, and one 128-block prefix (a system
+    prompt) stored by every endpoint."""
+    rng = random.Random(13)
+    addresses = [f"10.0.{i // 256}.{i % 256}:8000" for i in range(endpoints)]
+    size = PRECISE_BLOCKS * PRECISE_BLOCK_TOKENS
+    tokens = [rng.randrange(50_000) for _ in range(size)]
+    system = [rng.randrange(50_000) for _ in range(size)]
+    indexes = {"compact": KVBlockIndex(), "reference": ReferenceKVIndex()}
+    for index in indexes.values():
+        for i in range(prompts_n):
+            index.block_stored(addresses[i % endpoints], [(i, b) for b in range(PRECISE_BLOCKS)], None, [i, *tokens[1:]],
+                               PRECISE_BLOCK_TOKENS)  # fmt: skip
+        index.block_stored(addresses[0], [(0, b) for b in range(PRECISE_BLOCKS // 2)], None, [], PRECISE_BLOCK_TOKENS, medium="cpu")
+        for a in addresses:
+            index.block_stored(a, [("system", b) for b in range(PRECISE_BLOCKS)], None, system, PRECISE_BLOCK_TOKENS)
+    keys = {
+        "held": request_keys([0, *tokens[1:]], PRECISE_BLOCK_TOKENS, PRECISE_BLOCKS),
+        "cold": request_keys([-1, *tokens[1:]], PRECISE_BLOCK_TOKENS, PRECISE_BLOCKS),
+        "shared": request_keys(system, PRECISE_BLOCK_TOKENS, PRECISE_BLOCKS),
+    }
+    weights = {name: TierWeights(index, TIER_WEIGHTS) for name, index in indexes.items()}  # type: ignore[arg-type]
+    cpu = time.thread_time
+    out: dict[str, list[float]] = {}
+    for label, what, tiered in LOOKUPS:
+        ks = keys[what]
+        times: dict[str, list[float]] = {name: [] for name in indexes}
+        for name, index in indexes.items():  # warm-up (the weights' cache filled)
+            index.lookup(ks, weights[name] if tiered else None)
+        for _ in range(rounds):
+            for name, index in indexes.items():
+                w = weights[name] if tiered else None
+                lookup = index.lookup
+                c = cpu()
+                for _ in range(reps):
+                    lookup(ks, w)
+                times[name].append((cpu() - c) * 1e6 / reps)
+        first = {name: index.lookup(ks, weights[name] if tiered else None) for name, index in indexes.items()}
+        if first["compact"] != first["reference"]:
+            raise AssertionError(f"{label}: the indexes disagree")
+        out[label.format(n=endpoints)] = [percentile(times["compact"], 50), percentile(times["reference"], 50), len(first["compact"])]
+    return out
+
+
 def _rss_mb() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -214,6 +273,9 @@ def measure(part: str, sizes: Sequence[int], quick: bool) -> dict[str, object]:
             out[str(n)] = {"picks": k, **{c: [percentile(times[c][0], 50), percentile(times[c][0], 99),
                                               percentile(times[c][1], 50), percentile(times[c][1], 99)] for c in CONFIGS}}  # fmt: skip
         return out
+    if part == "lookups":
+        n = 300 if quick else 3_000
+        return {"prompts": n, "rows": precise_lookups(n, 100, 5 if quick else 15, 20 if quick else 50)}
     if part == "index":
         n = 10_000 if quick else 100_000
         per, entries, rss, tracked = index_memory(n, 100)
@@ -282,6 +344,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"prefix indexes: the approximate one after {r['prompts']:,} distinct ~2k-token prompts over 100 endpoints "
               f"(goal <= 64 bytes per (endpoint, block) entry); the precise one after {r['precise_prompts']:,} 128-block prompts' BlockStored events")  # fmt: skip
         print(table(["code", "approx B/entry", "entries", "objects tracked", "RSS MB", "precise B/entry"], rows))
+        print()
+    if "lookups" in parts:  # the reference runs in this process: no baseline
+        r = measure("lookups", sizes, args.quick)
+        rows = [[label, f"{c:.1f}", f"{ref:.1f}", f"{c / ref:.2f}x" if ref else "-", f"{held:.0f}"]
+                for label, (c, ref, held) in r["rows"].items()]  # type: ignore[attr-defined]  # fmt: skip
+        print(f"precise index lookups: CPU µs per 128-block lookup, p50, after {r['prompts']:,} distinct prompts' BlockStored over "
+              "100 endpoints and a 128-block prefix stored by all of them; the compact index vs the dict index it replaced "
+              "(tests/unit/reference_kv_index.py), same events, same answers. Goal: compact / dict <= 1.0x")  # fmt: skip
+        print(table(["lookup", "compact µs", "dict µs", "compact / dict", "endpoints matched"], rows))
         print()
     if "gc" in parts:
         runs = ([("baseline", _baseline(base, "gc", sizes, args.quick))] if base else []) + [("this", measure("gc", sizes, args.quick))]
