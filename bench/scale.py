@@ -151,18 +151,21 @@ def precise_index_memory(prompts_n: int, endpoints: int) -> tuple[float, int]:
 
 PRECISE_BLOCKS, PRECISE_BLOCK_TOKENS = 128, 16
 TIER_WEIGHTS = {"gpu": 1.0, "cpu": 0.8}
-# (label, what is looked up, tier-weighted); {n}: the endpoints
-LOOKUPS = (("held by one endpoint", "held", False), ("held by one, tier-weighted", "held", True),
-           ("held by nobody", "cold", False), ("prefix held by all {n}", "shared", False),
-           ("prefix held by all {n}, tier-weighted", "shared", True))  # fmt: skip
+# (label, what is looked up, tier-weighted, with a speculative holder of every block); {n}: the endpoints
+LOOKUPS = (("held by one endpoint", "held", False, False), ("held by one, tier-weighted", "held", True, False),
+           ("held by nobody", "cold", False, False), ("prefix held by all {n}", "shared", False, False),
+           ("prefix held by all {n}, tier-weighted", "shared", True, False),
+           ("prefix held by all {n}, speculative entries", "shared", True, True))  # fmt: skip
 
 
-def precise_lookups(prompts_n: int, endpoints: int, rounds: int, reps: int) -> dict[str, list[float]]:
+def precise_lookups(prompts_n: int, endpoints: int, rounds: int, batch_us: float) -> dict[str, list[float]]:
     """label -> [compact µs, reference µs, endpoints matched]: CPU µs per lookup (p50 over `rounds`
-    rounds of `reps` lookups each, the two indexes alternating) of the compact precise index and the
-    dict index it replaced (tests/unit/reference_kv_index.py), both fed the same events: BlockStored of `prompts_n` distinct 128-block prompts round-robin over `endpoints`
-    endpoints, the first prompt's first half also offloaded to cpu, and one 128-block prefix (a system
-    prompt) stored by every endpoint."""
+    rounds, the two indexes alternating, each timing a batch of lookups that takes about `batch_us`: a
+    sub-µs lookup is timed over many) of the compact precise index and the dict index it replaced
+    (tests/unit/reference_kv_index.py), both fed the same events: BlockStored of `prompts_n` distinct
+    128-block prompts round-robin over `endpoints` endpoints, the first prompt's first half also
+    offloaded to cpu, and one 128-block prefix (a system prompt) stored by every endpoint. Speculative
+    entries (speculativeIndexing): the first endpoint picked for the prompt, its events not in yet."""
     rng = random.Random(13)
     addresses = [f"10.0.{i // 256}.{i % 256}:8000" for i in range(endpoints)]
     size = PRECISE_BLOCKS * PRECISE_BLOCK_TOKENS
@@ -176,31 +179,36 @@ def precise_lookups(prompts_n: int, endpoints: int, rounds: int, reps: int) -> d
         index.block_stored(addresses[0], [(0, b) for b in range(PRECISE_BLOCKS // 2)], None, [], PRECISE_BLOCK_TOKENS, medium="cpu")
         for a in addresses:
             index.block_stored(a, [("system", b) for b in range(PRECISE_BLOCKS)], None, system, PRECISE_BLOCK_TOKENS)
-    keys = {
-        "held": request_keys([0, *tokens[1:]], PRECISE_BLOCK_TOKENS, PRECISE_BLOCKS),
-        "cold": request_keys([-1, *tokens[1:]], PRECISE_BLOCK_TOKENS, PRECISE_BLOCKS),
-        "shared": request_keys(system, PRECISE_BLOCK_TOKENS, PRECISE_BLOCKS),
+    keys = {  # the prompts each kind of lookup takes in turn (prompts nobody holds: their first key's probe varies)
+        "held": [request_keys([0, *tokens[1:]], PRECISE_BLOCK_TOKENS, PRECISE_BLOCKS)],
+        "cold": [request_keys([-1 - i, *tokens[1:]], PRECISE_BLOCK_TOKENS, PRECISE_BLOCKS) for i in range(64)],
+        "shared": [request_keys(system, PRECISE_BLOCK_TOKENS, PRECISE_BLOCKS)],
     }
     weights = {name: TierWeights(index, TIER_WEIGHTS) for name, index in indexes.items()}  # type: ignore[arg-type]
     cpu = time.thread_time
     out: dict[str, list[float]] = {}
-    for label, what, tiered in LOOKUPS:
-        ks = keys[what]
+    for label, what, tiered, speculative in LOOKUPS:
+        prompts = keys[what]
+        extra = {k: {addresses[0]: 0.0} for k in prompts[0]} if speculative else None
         times: dict[str, list[float]] = {name: [] for name in indexes}
-        for name, index in indexes.items():  # warm-up (the weights' cache filled)
-            index.lookup(ks, weights[name] if tiered else None)
+        c = cpu()
+        for name, index in indexes.items():  # warm-up (the weights' cache filled), and the batch's size
+            for ks in prompts * (10 // len(prompts) + 1):
+                index.lookup(ks, weights[name] if tiered else None, extra)
+        warm = (cpu() - c) * 1e6 / (2 * len(prompts) * (10 // len(prompts) + 1))
+        batch = [prompts[i % len(prompts)] for i in range(max(1, min(10_000, int(batch_us / max(warm, 0.01)))))]
         for _ in range(rounds):
             for name, index in indexes.items():
                 w = weights[name] if tiered else None
                 lookup = index.lookup
                 c = cpu()
-                for _ in range(reps):
-                    lookup(ks, w)
-                times[name].append((cpu() - c) * 1e6 / reps)
-        first = {name: index.lookup(ks, weights[name] if tiered else None) for name, index in indexes.items()}
+                for ks in batch:
+                    lookup(ks, w, extra)
+                times[name].append((cpu() - c) * 1e6 / len(batch))
+        first = {name: [index.lookup(ks, weights[name] if tiered else None, extra) for ks in prompts] for name, index in indexes.items()}
         if first["compact"] != first["reference"]:
             raise AssertionError(f"{label}: the indexes disagree")
-        out[label.format(n=endpoints)] = [percentile(times["compact"], 50), percentile(times["reference"], 50), len(first["compact"])]
+        out[label.format(n=endpoints)] = [percentile(times["compact"], 50), percentile(times["reference"], 50), len(first["compact"][0])]
     return out
 
 
@@ -275,7 +283,7 @@ def measure(part: str, sizes: Sequence[int], quick: bool) -> dict[str, object]:
         return out
     if part == "lookups":
         n = 300 if quick else 3_000
-        return {"prompts": n, "rows": precise_lookups(n, 100, 5 if quick else 15, 20 if quick else 50)}
+        return {"prompts": n, "rows": precise_lookups(n, 100, 7 if quick else 21, 2_000 if quick else 5_000)}
     if part == "index":
         n = 10_000 if quick else 100_000
         per, entries, rss, tracked = index_memory(n, 100)
@@ -298,6 +306,10 @@ def _baseline(path: str, part: str, sizes: Sequence[int], quick: bool) -> dict[s
     if done.returncode:
         raise SystemExit(f"the baseline at {path} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout)
+
+
+def _us(value: float) -> str:
+    return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
 
 
 def _cells(r: list[float]) -> list[str]:
@@ -347,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
     if "lookups" in parts:  # the reference runs in this process: no baseline
         r = measure("lookups", sizes, args.quick)
-        rows = [[label, f"{c:.1f}", f"{ref:.1f}", f"{c / ref:.2f}x" if ref else "-", f"{held:.0f}"]
+        rows = [[label, _us(c), _us(ref), f"{c / ref:.2f}x" if ref else "-", f"{held:.0f}"]
                 for label, (c, ref, held) in r["rows"].items()]  # type: ignore[attr-defined]  # fmt: skip
         print(f"precise index lookups: CPU µs per 128-block lookup, p50, after {r['prompts']:,} distinct prompts' BlockStored over "
               "100 endpoints and a 128-block prefix stored by all of them; the compact index vs the dict index it replaced "

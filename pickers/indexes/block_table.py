@@ -25,6 +25,7 @@ _REBUILT_LOAD = 0.45  # the most a rebuild leaves (a power of two of slots): roo
 _SCALAR_PLACE = 64  # inserts of up to this many keys go one by one
 _SCALAR_TAIL = 4  # keys left probing past the first rounds: followed one by one
 _SCALAR_PROBE = 64  # lookups with up to this many keys away from home follow them one by one from the start
+_SCALAR_FEW = 8  # lookups with up to this many keys not at home (away or absent) follow them from home: fewer calls
 
 
 class BlockTable:
@@ -34,6 +35,7 @@ class BlockTable:
         """`columns`: name -> (numpy dtype, width (1: a flat column), value of an unused row)."""
         self._spec = dict(columns)
         self._bits = _MIN_BITS
+        self._shift = 64 - self._bits  # a key's home slot: the top `_bits` bits of key * _FIB
         self.slots = np.full(1 << self._bits, _EMPTY, dtype=np.int32)
         self.filled = 0  # live + deleted slots
         self.used = 0  # live rows
@@ -44,7 +46,7 @@ class BlockTable:
         self._free = np.zeros(16, dtype=np.int32)  # a stack of freed rows
         self._nfree = 0
         self._high = 0  # rows ever handed out (the rest of the arrays is unused)
-        self._mv: tuple[memoryview, memoryview] | None = None  # see _views
+        self._mv: tuple[memoryview, memoryview] | None = None  # see _views; None again when either array is replaced
 
     def _column(self, name: str, rows: int) -> np.ndarray:
         dtype, width, fill = self._spec[name]
@@ -55,7 +57,7 @@ class BlockTable:
 
     # -- lookups -------------------------------------------------------------------------------
     def _home(self, keys: np.ndarray) -> np.ndarray:
-        return ((keys * _FIB) >> np.uint64(64 - self._bits)).astype(np.intp)
+        return ((keys * _FIB) >> np.uint64(self._shift)).astype(np.intp)
 
     def find(self, keys: np.ndarray) -> np.ndarray:
         """The row of each key, -1 where absent."""
@@ -72,12 +74,16 @@ class BlockTable:
         r = slots[s]
         hit = key[r] == keys  # (a row of -1 reads the last row's key: masked out next)
         hit &= r >= 0
-        if np.count_nonzero(hit) == n:  # the common case: every key at its home slot
+        if np.count_nonzero(hit) == n:  # every key at its home slot
+            return r, s
+        idx = np.flatnonzero(~hit)
+        if idx.size <= _SCALAR_FEW:  # a held prompt's few stragglers: each followed from its home slot
+            self._follow(r, s, idx.tolist(), s[idx].tolist(), keys[idx].tolist())
             return r, s
         more = r != _EMPTY  # a deleted slot or another key: probe on
         more &= ~hit
         idx = more.nonzero()[0]
-        if idx.size <= _SCALAR_PROBE:  # a prompt's stragglers (most keys sit at home): one by one, no array rounds
+        if idx.size <= _SCALAR_PROBE:  # a prompt's stragglers (the rest are absent): one by one, no array rounds
             nxt = ((s[idx] + 1) & mask).tolist()
             miss = ~hit
             r[miss] = -1
@@ -101,18 +107,21 @@ class BlockTable:
         return rows, where
 
     def _follow(self, rows: np.ndarray, where: np.ndarray, idx: list[int], at: list[int], want: list[int]) -> None:
-        """Key `want[j]` probed on from slot `at[j]`: where found, its row and slot into rows/where[idx[j]].
-        (memoryviews: reading an element as a Python int costs a third of a numpy scalar's.)"""
-        slots, key, mask = memoryview(self.slots), memoryview(self.key), len(self.slots) - 1
+        """Key `want[j]` probed on from slot `at[j]`: its row and slot into rows/where[idx[j]], -1 for both
+        where absent. (memoryviews: reading an element as a Python int costs a third of a numpy scalar's.)"""
+        slots, key = self._mv or self._views()
+        mask = len(slots) - 1
         for i, a, w in zip(idx, at, want):
+            r, at_ = -1, -1
             while True:
                 r0 = slots[a]
                 if r0 == _EMPTY:
                     break
                 if r0 >= 0 and key[r0] == w:
-                    rows[i], where[i] = r0, a
+                    r, at_ = r0, a
                     break
                 a = (a + 1) & mask
+            rows[i], where[i] = r, at_
 
     # -- changes -------------------------------------------------------------------------------
     def add(self, keys: np.ndarray) -> np.ndarray:
@@ -159,6 +168,7 @@ class BlockTable:
         size = max(need, len(self.key) * 5 // 4 + 64)  # 1.25x: the slack stays a quarter at most
         old = len(self.key)
         self.key = np.concatenate([self.key, np.zeros(size - old, dtype=np.uint64)])
+        self._mv = None
         for name in self._spec:
             col = self.columns[name]
             self.columns[name] = np.concatenate([col, self._column(name, size - old)])
@@ -196,23 +206,23 @@ class BlockTable:
             bits += 1
         old = self.slots
         rows = old[old >= 0]
-        self._bits = bits
+        self._bits, self._shift = bits, 64 - bits
         self.slots = np.full(1 << bits, _EMPTY, dtype=np.int32)
+        self._mv = None
         self.filled = 0
         self._place(self.key[rows], rows)
 
     # -- one key at a time (event paths: a few keys each, where a numpy call costs more than the work) --
     def _views(self) -> tuple[memoryview, memoryview]:
-        """memoryviews of the slots and the keys (an element read as a Python int), again after either grew."""
-        v = self._mv
-        if v is None or v[0].obj is not self.slots or v[1].obj is not self.key:
-            v = self._mv = (memoryview(self.slots), memoryview(self.key))
+        """memoryviews of the slots and the keys (an element read as a Python int), made again after either
+        array was replaced (`self._mv or self._views()`: no call while they hold)."""
+        v = self._mv = (memoryview(self.slots), memoryview(self.key))
         return v
 
     def find_one(self, key: int) -> int:
         """The row of one key (a uint64 as a Python int), -1 where absent."""
-        slots, keys = self._views()
-        mask, a = len(slots) - 1, ((key * _FIB_INT) & _U64) >> (64 - self._bits)
+        slots, keys = self._mv or self._views()
+        mask, a = len(slots) - 1, ((key * _FIB_INT) & _U64) >> self._shift
         while True:
             r = slots[a]
             if r == _EMPTY:
@@ -233,9 +243,9 @@ class BlockTable:
             if self._high + 1 > len(self.key):
                 self._grow_rows(self._high + 1)
             row, self._high = self._high, self._high + 1
-        slots, keys = self._views()
+        slots, keys = self._mv or self._views()
         keys[row] = key
-        mask, a = len(slots) - 1, ((key * _FIB_INT) & _U64) >> (64 - self._bits)
+        mask, a = len(slots) - 1, ((key * _FIB_INT) & _U64) >> self._shift
         while slots[a] >= 0:
             a = (a + 1) & mask
         if slots[a] == _EMPTY:
@@ -247,8 +257,8 @@ class BlockTable:
     def remove_one(self, row: int) -> None:
         """Delete one live row; its columns go back to the unused values."""
         self.version += 1
-        slots, keys = self._views()
-        mask, a = len(slots) - 1, ((keys[row] * _FIB_INT) & _U64) >> (64 - self._bits)
+        slots, keys = self._mv or self._views()
+        mask, a = len(slots) - 1, ((keys[row] * _FIB_INT) & _U64) >> self._shift
         while slots[a] != row:
             a = (a + 1) & mask
         slots[a] = _DELETED

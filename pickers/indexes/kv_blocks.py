@@ -25,11 +25,13 @@ lookup, and each lookup's time. Plain integers; the EPP exports them when Promet
 
 Compact (about 60 bytes per (endpoint, block) entry, bench/scale.py), with no Python object per entry
 for the garbage collector to walk: keys are rows of a `BlockTable` (pickers.indexes.block_table) with
-two holders inline (endpoint id and media), more holders of a shared block in a small dict; each
-endpoint's engine hash -> our key map is a `BlockTable` of its own keyed by the engine hash (vLLM's
-uint64 as it is, other hashes by their xxh64 digest), its LRU order a uint32 stamp per row. Events
-change a few rows each, one key at a time (numpy's per-call cost would exceed the work); lookups find
-a prompt's keys in a few array calls. Endpoints are small integer ids inside; the API speaks addresses.
+two holders inline (endpoint id and media); a block held by three or more (a shared system prompt) keeps
+all its holders in a small dict, which a lookup compares with the previous block's (equal along most of
+a shared prefix: one comparison in C per block, not a step per endpoint); each endpoint's engine hash
+-> our key map is a `BlockTable` of its own keyed by the engine hash (vLLM's uint64 as it is, other
+hashes by their xxh64 digest), its LRU order a uint32 stamp per row. Events change a few rows each, one
+key at a time (numpy's per-call cost would exceed the work); lookups find a prompt's keys in a few array
+calls. Endpoints are small integer ids inside; the API speaks addresses.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import struct
 import time
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import xxhash
@@ -88,10 +91,12 @@ def request_keys(
 # an endpoint's engine hash -> our key, and the row's LRU stamp (0: an unused row)
 _ENGINE_COLUMNS = {"key": (np.uint64, 1, 0), "seq": (np.uint32, 1, 0)}
 # a key's first two holders: endpoint id (-1: none) and the mask of media holding the block there; `more`:
-# 1 where holders past these two are in the index's `_more` (holders oldest stored first, in that order)
+# 1 where the key has more than two holders, all of them (these two first) in the index's `_more`
 _HOLDER_COLUMNS = {"ep0": (np.int16, 1, -1), "ep1": (np.int16, 1, -1), "m0": (np.uint8, 1, 0), "m1": (np.uint8, 1, 0),
                    "more": (np.int8, 1, 0)}  # fmt: skip
 _NO_ROWS = np.zeros(0, dtype=np.int32)
+K = TypeVar("K")  # an endpoint in the walks: its id (or a speculative holder's address)
+V = TypeVar("V")
 
 
 def engine_key(block_hash: Hashable) -> int:
@@ -234,7 +239,10 @@ class KVBlockIndex:
             columns["seq"] = (np.uint32, 1, 0)
         self._k = BlockTable(columns)  # our key -> its holders
         self._recent = _Recency(self._k) if max_keys is not None else None
-        self._more: dict[int, dict[int, int]] = {}  # row -> endpoint id -> media, of holders past the inline two
+        # row -> endpoint id -> media of every holder (least recently stored first), for keys held by three or
+        # more: the lookups' walks compare a row's dict with the previous row's whole (in C), where a shared
+        # prefix's consecutive blocks have the same holders
+        self._more: dict[int, dict[int, int]] = {}
         self._views()
         self._endpoints: dict[str, EndpointBlocks] = {}
         self._ids = EndpointIds("precise prefix index")
@@ -270,6 +278,8 @@ class KVBlockIndex:
     # -- a key's holders ---------------------------------------------------------------------
     def _holders(self, row: int) -> list[tuple[int, int]]:
         """(endpoint id, media) of the key's holders, least recently stored first."""
+        if self._flag[row]:
+            return list(self._more[row].items())
         out: list[tuple[int, int]] = []
         e = self._ep0[row]
         if e >= 0:
@@ -277,8 +287,6 @@ class KVBlockIndex:
             e = self._ep1[row]
             if e >= 0:
                 out.append((e, self._m1[row]))
-                if self._flag[row]:
-                    out.extend(self._more[row].items())
         return out
 
     def _set_holders(self, row: int, holders: list[tuple[int, int]]) -> None:
@@ -286,11 +294,17 @@ class KVBlockIndex:
         self._ep0[row], self._m0[row] = holders[0] if n else (-1, 0)
         self._ep1[row], self._m1[row] = holders[1] if n > 1 else (-1, 0)
         if n > 2:
-            self._more[row] = dict(holders[2:])
+            self._more[row] = dict(holders)
             self._flag[row] = 1
         elif self._flag[row]:
             del self._more[row]
             self._flag[row] = 0
+
+    def _inline(self, row: int, holders: dict[int, int]) -> None:
+        """The inline columns after a change to a shared key's dict (three holders or more): its first two."""
+        it = iter(holders.items())
+        self._ep0[row], self._m0[row] = next(it)
+        self._ep1[row], self._m1[row] = next(it)
 
     def _hold(self, key: int, eid: int, bit: int) -> None:
         """Endpoint `eid` holds `key` on the medium of `bit` (too), most recently stored."""
@@ -302,6 +316,13 @@ class KVBlockIndex:
             self._ep0[row], self._m0[row] = eid, bit
         elif self._ep0[row] == eid and self._ep1[row] < 0:
             self._m0[row] |= bit
+        elif self._flag[row]:  # a shared key: its dict changed in place
+            d = self._more[row]
+            mask = d.pop(eid, 0)
+            d[eid] = mask | bit  # most recent last
+            if self.pods_per_key is not None and len(d) > self.pods_per_key:  # (pods_per_key >= 3 here)
+                del d[next(iter(d))]
+            self._inline(row, d)
         else:
             holders = self._holders(row)
             for i, (e, mask) in enumerate(holders):
@@ -320,16 +341,23 @@ class KVBlockIndex:
     def _strip(self, row: int, eid: int, bit: int) -> bool:
         """Take the medium of `bit` from endpoint `eid`'s hold on the key; False where no other medium would
         be left (or it does not hold the key): the hold should go."""
+        if self._flag[row]:
+            more = self._more[row]
+            mask = more.get(eid, 0) & ~bit
+            if not mask:
+                return False
+            more[eid] = mask
+            if self._ep0[row] == eid:
+                self._m0[row] = mask
+            elif self._ep1[row] == eid:
+                self._m1[row] = mask
+            return True
         if self._ep0[row] == eid:
             mask, view = self._m0[row], self._m0
         elif self._ep1[row] == eid:
             mask, view = self._m1[row], self._m1
         else:
-            more = self._more.get(row) if self._flag[row] else None
-            if more is None or eid not in more or not more[eid] & ~bit:
-                return False
-            more[eid] &= ~bit
-            return True
+            return False
         if not mask & ~bit:
             return False
         view[row] = mask & ~bit
@@ -343,6 +371,14 @@ class KVBlockIndex:
     def _drop_row(self, row: int, eid: int) -> None:
         if self._ep0[row] == eid and self._ep1[row] < 0:
             self._k.remove_one(row)
+            return
+        if self._flag[row]:
+            d = self._more[row]
+            if d.pop(eid, None) is not None:
+                if len(d) > 2:
+                    self._inline(row, d)
+                else:
+                    self._set_holders(row, list(d.items()))
             return
         holders = self._holders(row)
         kept = [h for h in holders if h[0] != eid]
@@ -503,8 +539,10 @@ class KVBlockIndex:
         """A scoring lookup: leading blocks held per endpoint (`match`), or with `weights` llm-d's
         tier-weighted score truncated to whole blocks (`weighted_match`). Counted in `metrics`."""
         m = self.metrics
-        if m is None:
-            return self._lookup(keys, weights, extra)[0]
+        if m is None:  # (no chain to count: a prompt nobody holds costs what the dict index's did)
+            if weights is None:
+                return self.match(keys, extra)
+            return {a: int(score) for a, score in self._weighted(keys, weights, extra)[0].items()}
         start = time.perf_counter()
         held, chain = self._lookup(keys, weights, extra)
         m.latency.observe(time.perf_counter() - start)
@@ -522,8 +560,9 @@ class KVBlockIndex:
         return {a: int(score) for a, score in scores.items()}, chain
 
     def _rows(self, keys: Sequence[int], extra: Mapping[int, Mapping[str, object]] | None) -> np.ndarray | None:
-        """The rows of the keys up to the first no endpoint holds, for the array walks; None where the walk
-        goes key by key (speculative holders of these keys, a key that is not a uint64)."""
+        """The rows of the keys up to the first no endpoint holds, for the array walks (`_NO_ROWS` itself where
+        it is the first); None where the walk goes key by key (speculative holders of these keys, a key that
+        is not a uint64)."""
         if extra and any(k in extra for k in keys):
             return None
         first = keys[0]
@@ -540,36 +579,45 @@ class KVBlockIndex:
         return rows[: missing[0]] if missing.size else rows
 
     def _shared(self, rows: np.ndarray) -> bool:
-        """Whether any of these keys has holders past the inline two."""
+        """Whether any of these keys has more than two holders."""
         return bool(self._more) and bool(np.count_nonzero(self._k.columns["more"][rows]))
 
-    def _maps(self, keys: Sequence[int], rows: np.ndarray | None, extra: Mapping[int, Mapping[str, object]] | None) -> Iterator[dict[str, int]]:
-        """Each key's holders (address -> media; a speculative holder with no medium, UNNAMED_BIT): from
-        `rows` where given (the walk ends with them), else key by key."""
-        addr = self._addr
-        if rows is not None:
-            c, more = self._k.columns, self._more
-            for r, e0, m0, e1, m1, f in zip(rows.tolist(), *(c[n][rows].tolist() for n in ("ep0", "m0", "ep1", "m1", "more"))):
-                d = {addr[e0]: m0}  # type: ignore[index]
-                if e1 >= 0:
-                    d[addr[e1]] = m1  # type: ignore[index]
-                    if f:
-                        for e, mask in more[r].items():
-                            d[addr[e]] = mask  # type: ignore[index]
-                yield d  # type: ignore[misc]
-            return
+    def _maps(self, keys: Sequence[int], extra: Mapping[int, Mapping[str, object]] | None) -> Iterator[dict[int | str, int]]:
+        """Each key's holders, key by key (endpoint id -> media), with its speculative holders (no medium:
+        UNNAMED_BIT; an endpoint the index has no id for by its address)."""
+        find, flag, more, endpoints = self._k.find_one, self._flag, self._more, self._endpoints
         for key in keys:
-            row = self._k.find_one(key) if type(key) is int and 0 <= key <= _U64 else -1
-            d = {addr[e]: mask for e, mask in self._holders(row)} if row >= 0 else {}
+            row = find(key) if type(key) is int and 0 <= key <= _U64 else -1
+            d: dict[int | str, int] = {} if row < 0 else more[row] if flag[row] else dict(self._holders(row))  # type: ignore[assignment]
             spec = extra.get(key) if extra else None
             if spec:
+                d = dict(d)  # (a shared key's dict is the index's own)
                 for a in spec:
-                    d[a] = d.get(a, 0) | UNNAMED_BIT  # type: ignore[index]
-            yield d  # type: ignore[misc]
+                    ep = endpoints.get(a)
+                    e = a if ep is None else ep.eid
+                    d[e] = d.get(e, 0) | UNNAMED_BIT
+            yield d
+
+    def _row_maps(self, rows: np.ndarray) -> Iterator[dict[int, int]]:
+        """Each row's holders (endpoint id -> media): a key held by three or more, its own dict (the walks
+        only read it), else one made of the inline two."""
+        c, more = self._k.columns, self._more
+        for r, e0, m0, e1, m1, f in zip(rows.tolist(), *(c[n][rows].tolist() for n in ("ep0", "m0", "ep1", "m1", "more"))):
+            if f:
+                yield more[r]
+            elif e1 < 0:
+                yield {e0: m0}
+            else:
+                yield {e0: m0, e1: m1}
+
+    def _named(self, by_id: Mapping[int, V] | Mapping[int | str, V]) -> dict[str, V]:
+        """The walks' endpoint ids (and addresses of speculative holders without one) as addresses."""
+        addr = self._addr
+        return {addr[e] if type(e) is int else e: v for e, v in by_id.items()}  # type: ignore[misc]
 
     def _runs(self, rows: np.ndarray, bit: int = 0) -> Iterator[tuple[int, int, np.ndarray]]:
         """(endpoint id, leading blocks it holds, media of each of them) of each holder of the first key,
-        where no key has holders past the inline two; with `bit`, only blocks held on that medium count."""
+        where no key has more than two holders; with `bit`, only blocks held on that medium count."""
         c = self._k.columns
         e0, e1 = c["ep0"][rows], c["ep1"][rows]
         m0, m1 = c["m0"][rows], c["m1"][rows]
@@ -590,10 +638,12 @@ class KVBlockIndex:
         if not keys:
             return {}
         rows = self._rows(keys, extra)
-        if rows is not None and not len(rows):
+        if rows is _NO_ROWS:
             return {}
-        if rows is None or self._shared(rows):
-            return _match_walk(self._maps(keys, rows, extra))
+        if rows is None:
+            return self._named(_match_walk(self._maps(keys, extra)))
+        if self._shared(rows):
+            return self._named(_match_walk(self._row_maps(rows)))
         addr = self._addr
         return {addr[e]: run for e, run, _ in self._runs(rows)}  # type: ignore[misc]
 
@@ -604,10 +654,12 @@ class KVBlockIndex:
         if not bit or not keys:
             return {}
         rows = self._rows(keys, None)
-        if rows is not None and not len(rows):
+        if rows is _NO_ROWS:
             return {}
-        if rows is None or self._shared(rows):
-            return _medium_walk(self._maps(keys, rows, None), bit)
+        if rows is None:
+            return self._named(_medium_walk(self._maps(keys, None), bit))
+        if self._shared(rows):
+            return self._named(_medium_walk(self._row_maps(rows), bit))
         addr = self._addr
         return {addr[e]: run for e, run, _ in self._runs(rows, bit)}  # type: ignore[misc]
 
@@ -626,10 +678,11 @@ class KVBlockIndex:
         if not keys:
             return {}, 0
         rows = self._rows(keys, extra)
-        if rows is not None and not len(rows):
+        if rows is _NO_ROWS:
             return {}, 0
         if rows is None or self._shared(rows):
-            return _weighted_walk(self._maps(keys, rows, extra), weights)
+            by_id, chain = _weighted_walk(self._maps(keys, extra) if rows is None else self._row_maps(rows), weights)
+            return self._named(by_id), chain
         scores: dict[str, float] = {}
         chain = 0
         addr, weight = self._addr, weights.__getitem__
@@ -669,72 +722,117 @@ class KVBlockIndex:
         return self._k.used
 
     def memory_bytes(self) -> int:
-        """The arrays' bytes, plus ~100 bytes per holder of a shared key past its two inline ones (dict entries)."""
+        """The arrays' bytes, plus ~100 bytes per holder of a key held by three or more (its dict's entries)."""
         shared = sum(len(d) for d in self._more.values())
         return self._k.nbytes() + sum(ep.table.nbytes() for ep in self._endpoints.values()) + 100 * shared + 200 * len(self._more)
 
 
-def _match_walk(maps: Iterable[Mapping[str, int]]) -> dict[str, int]:
-    """`match` over each key's holders: the endpoints holding every key so far, until none is left."""
-    counts: dict[str, int] = {}
-    active: set[str] | None = None
-    for i, holders in enumerate(maps):
-        if not holders:
-            break
-        if active is None:
-            active = set(holders)
-        else:
-            active.intersection_update(holders)
+# The walks over each key's holders (endpoint -> media, endpoints by id), up to the first key
+# nobody holds. A shared prefix's consecutive blocks mostly have the same holders: such a key costs one
+# comparison of two dicts (in C), not a step per endpoint.
+
+
+def _match_walk(maps: Iterable[Mapping[K, int]]) -> dict[K, int]:
+    """`match`: the leading keys each holder of the first key holds."""
+    counts: dict[K, int] = {}
+    it = iter(maps)
+    first = next(it, None)
+    if not first:
+        return counts
+    active, prev = set(first), first
+    n = 1  # keys every endpoint in `active` holds; each holds `prev`
+    for holders in it:
+        if holders != prev and not holders.keys() >= active:  # (the first test is the quicker)
+            gone = active.difference(holders)
+            for e in gone:
+                counts[e] = n
+            active -= gone
             if not active:
-                break
-        for address in active:
-            counts[address] = i + 1
+                return counts
+        prev = holders
+        n += 1
+    for e in active:
+        counts[e] = n
     return counts
 
 
-def _medium_walk(maps: Iterable[Mapping[str, int]], bit: int) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    active: list[str] | None = None
-    for i, holders in enumerate(maps):
-        if not holders:
-            break
-        if active is None:
-            active = [a for a, mask in holders.items() if mask & bit]
-        else:
-            active = [a for a in active if holders.get(a, 0) & bit]
+def _medium_walk(maps: Iterable[Mapping[K, int]], bit: int) -> dict[K, int]:
+    """`medium_match`: the leading keys each endpoint holds on the medium of `bit`."""
+    counts: dict[K, int] = {}
+    it = iter(maps)
+    prev = next(it, None)
+    if not prev:
+        return counts
+    active = [e for e, mask in prev.items() if mask & bit]
+    n = 1  # keys every endpoint in `active` holds there; each holds `prev` there
+    for holders in it:
         if not active:
-            break
-        for address in active:
-            counts[address] = i + 1
+            return counts
+        if holders != prev:
+            kept = [e for e in active if holders.get(e, 0) & bit]
+            if len(kept) < len(active):
+                for e in set(active).difference(kept):
+                    counts[e] = n
+                active = kept
+            prev = holders
+        n += 1
+    for e in active:
+        counts[e] = n
     return counts
 
 
-def _weighted_walk(maps: Iterable[Mapping[str, int]], weights: Mapping[int, float]) -> tuple[dict[str, float], int]:
-    scores: dict[str, float] = {}
-    active: list[str] = []
-    chain = 0
-    for i, holders in enumerate(maps):
-        if not holders:
-            break
-        if i == 0:
-            for address, mask in holders.items():
-                scores[address] = weights[mask]
-            active = list(scores)
-            chain = 1
+def _weighted_walk(maps: Iterable[Mapping[K, int]], weights: Mapping[int, float]) -> tuple[dict[K, float], int]:
+    """`weighted_match` and the longest leading chain: per endpoint the weights of its leading keys' media,
+    added one key at a time in key order (the reference's sums, to the last bit)."""
+    scores: dict[K, float] = {}
+    it = iter(maps)
+    prev = next(it, None)
+    if not prev:
+        return scores, 0
+    for e, mask in prev.items():
+        scores[e] = weights[mask]
+    active = list(scores)
+    chain = 1
+    same = 0  # keys since `prev` with the same holders and media, their weights not added yet
+    for holders in it:
+        if holders == prev:
+            same += 1
+            chain += 1
             continue
+        if same:
+            _add_repeated(scores, active, prev, weights, same)
+            same = 0
         left = False
-        for address in active:
-            mask = holders.get(address)
+        for e in active:
+            mask = holders.get(e)
             if mask:
-                scores[address] += weights[mask]
+                scores[e] += weights[mask]
             else:
                 left = True
         if left:  # allocates only when an endpoint's match ends
-            active = [a for a in active if holders.get(a)]
+            active = [e for e in active if holders.get(e)]
             if not active:
                 break
-        chain = i + 1
+        chain += 1
+        prev = holders
+    if same:
+        _add_repeated(scores, active, prev, weights, same)
     return scores, chain
+
+
+def _add_repeated(scores: dict[K, float], active: list[K], media: Mapping[K, int], weights: Mapping[int, float], times: int) -> None:
+    """Each active endpoint's score plus its weight in `media`, `times` times over, one addition at a time;
+    computed once per distinct (score, media) (endpoints that held the same keys the same way share both)."""
+    done: dict[tuple[float, int], float] = {}
+    for e in active:
+        start = (scores[e], media[e])
+        total = done.get(start)
+        if total is None:
+            total, w = start[0], weights[start[1]]
+            for _ in range(times):
+                total += w
+            done[start] = total
+        scores[e] = total
 
 
 class TierWeights(dict[int, float]):

@@ -216,3 +216,118 @@ def test_an_entry_costs_at_most_64_bytes():
     tracemalloc.stop()
     assert index.size() == 25_601
     assert used / 25_600 <= 64, used / 25_600
+
+
+# Wide sharing: up to 8 endpoints store prefixes of the same long chains (a shared system prompt), so most
+# keys have more than two holders and runs of consecutive keys have the same holders, on mixed media
+WIDE = [f"10.0.0.{i}:1" for i in range(8)]
+CHAINS = [[t for b in range(12) for t in (b, c)] for c in range(2)]  # two 12-block chains of 2-token blocks
+wide_event = st.one_of(
+    st.tuples(st.just("prefix"), st.sampled_from(WIDE), st.sampled_from(range(len(CHAINS))), st.integers(1, 12)),
+    st.tuples(st.just("also"), st.sampled_from(WIDE), st.sampled_from(range(len(CHAINS))), st.integers(0, 11), st.integers(1, 12),
+              st.sampled_from(MEDIA)),
+    st.tuples(st.just("removed"), st.sampled_from(WIDE), st.sampled_from(range(len(CHAINS))), st.integers(0, 11), st.integers(1, 12),
+              st.sampled_from(MEDIA)),
+    st.tuples(st.just("cleared"), st.sampled_from(WIDE)),
+    st.tuples(st.just("gap"), st.sampled_from(WIDE)),
+    st.tuples(st.just("gone"), st.sampled_from(WIDE)),
+)  # fmt: skip
+
+
+# speculative holders of some of a request's keys: endpoints of the pool and one that sent no events
+wide_speculative = st.dictionaries(st.integers(0, 11), st.sets(st.sampled_from([*WIDE[:3], "new:1"]), max_size=2), max_size=4)
+
+
+def inline_holders_agree(index: KVBlockIndex) -> None:
+    """A key held by three or more keeps every holder in its dict, its first two inline too; no other key has one."""
+    c = index._k.columns
+    live = {int(r) for r in np.flatnonzero(c["ep0"] >= 0)}
+    assert set(index._more) == {r for r in live if c["more"][r]}
+    for r, d in index._more.items():
+        assert len(d) > 2
+        assert list(d.items())[:2] == [(int(c["ep0"][r]), int(c["m0"][r])), (int(c["ep1"][r]), int(c["m1"][r]))]
+
+
+def apply_wide(index: KVBlockIndex | ReferenceKVIndex, e: tuple) -> None:
+    kind, address = e[0], e[1]
+    if kind == "prefix":  # the chain's first blocks (engine hash: chain * 100 + block)
+        _, _, c, n = e
+        index.block_stored(address, [c * 100 + b for b in range(n)], None, CHAINS[c][: n * BLOCK], BLOCK)
+    elif kind in ("also", "removed"):
+        _, _, c, start, n, medium = e
+        hashes = [c * 100 + b for b in range(start, min(12, start + n))]
+        if kind == "also":
+            index.block_stored(address, hashes, None, [], BLOCK, None, medium)
+        else:
+            index.block_removed(address, hashes, medium)
+    else:
+        apply(index, e)
+
+
+@pytest.mark.parametrize("bounds", [{}, {"capacity_per_endpoint": 9}, {"pods_per_key": 5}, {"pods_per_key": 3, "max_keys": 10}])
+@settings(max_examples=150, deadline=None)
+@given(events=st.lists(st.tuples(wide_event, st.sampled_from(range(len(CHAINS))), st.integers(1, 12), wide_speculative), max_size=50))
+def test_keys_held_by_many_endpoints_answer_as_the_reference_at_every_step(bounds, events):
+    new, ref = KVBlockIndex(**bounds), ReferenceKVIndex(**bounds)
+    wn, wr = TierWeights(new, WEIGHTS), TierWeights(ref, WEIGHTS)  # type: ignore[arg-type]
+    for e, c, n, spec in events:
+        apply_wide(new, e)
+        apply_wide(ref, e)
+        assert new.size() == ref.size() and new.keys_held() == len(ref._holders)
+        inline_holders_agree(new)
+        keys = request_keys(CHAINS[c], BLOCK, n)
+        extra = {keys[i]: dict.fromkeys(eps, 1.0) for i, eps in spec.items() if i < len(keys) and eps}
+        assert new.match(keys) == ref.match(keys), keys
+        assert new.match(keys, extra) == ref.match(keys, extra)
+        for medium in ("gpu", "cpu", "disk"):
+            assert new.medium_match(keys, medium) == ref.medium_match(keys, medium), medium
+        assert new._weighted(keys, wn, None) == ref._weighted(keys, wr, None)  # the same floats, to the last bit
+        assert new._weighted(keys, wn, extra) == ref._weighted(keys, wr, extra)
+        assert new.lookup(keys, wn) == ref.lookup(keys, wr)
+
+
+def test_a_prefix_all_endpoints_hold_matches_each_to_where_its_copy_ends():
+    index, ref = KVBlockIndex(), ReferenceKVIndex()
+    ids = list(range(2 * 40))
+    for e in range(30):  # 30 holders of the first 20 blocks; past them, fewer and fewer
+        for index_ in (index, ref):
+            index_.block_stored(f"10.0.0.{e}:1", list(range(20 + e % 7)), None, ids[: 2 * (20 + e % 7)], BLOCK)
+            if e % 3 == 0:
+                index_.block_stored(f"10.0.0.{e}:1", list(range(10)), None, [], BLOCK, medium="cpu")
+    keys = request_keys(ids, BLOCK, 40)
+    held = index.match(keys)
+    assert held == ref.match(keys) and held == {f"10.0.0.{e}:1": 20 + e % 7 for e in range(30)}
+    w, wr = TierWeights(index, {"gpu": 0.3, "cpu": 0.7}), TierWeights(ref, {"gpu": 0.3, "cpu": 0.7})  # type: ignore[arg-type]
+    assert index._weighted(keys, w, None) == ref._weighted(keys, wr, None)
+    assert index.medium_match(keys, "cpu") == ref.medium_match(keys, "cpu") == {f"10.0.0.{e}:1": 10 for e in range(0, 30, 3)}
+
+
+@pytest.mark.parametrize("place", [0, 1, 2])
+def test_any_holder_of_a_shared_key_losing_one_medium_keeps_the_other(place):
+    index = KVBlockIndex()
+    order = ["a:1", "b:1", "c:1"]
+    who = order[place]
+    for a in order:  # stored in this order: `who` is the key's first, second or third holder
+        index.block_stored(a, [1], None, [1, 2], BLOCK)
+        if a == who:
+            index.block_stored(who, [1], None, [], BLOCK, medium="cpu")
+    index.block_removed(who, [1], medium="gpu")
+    inline_holders_agree(index)
+    keys = keys_of([1, 2])
+    assert index.medium_match(keys, "cpu") == {who: 1}
+    assert index.medium_match(keys, "gpu") == {a: 1 for a in ("a:1", "b:1", "c:1") if a != who}
+    index.clear_endpoint("b:1" if who != "b:1" else "a:1")  # two holders left: inline only, the media kept
+    inline_holders_agree(index)
+    assert index.medium_match(keys, "cpu") == {who: 1}
+
+
+def test_speculative_holders_join_the_stored_ones_of_the_same_endpoint_key_by_key():
+    index, ref = KVBlockIndex(), ReferenceKVIndex()
+    for a in ("a:1", "b:1", "c:1"):  # three holders of the first block (a shared key), a also of the second
+        for index_ in (index, ref):
+            index_.block_stored(a, [1, 2] if a == "a:1" else [1], None, [1, 2, 3, 4] if a == "a:1" else [1, 2], BLOCK)
+    keys = keys_of([1, 2], [3, 4], [5, 6])
+    extra = {keys[1]: {"b:1": 1.0}, keys[2]: {"a:1": 1.0, "b:1": 1.0, "new:1": 1.0}}  # new:1 sent no events
+    assert index.match(keys, extra) == ref.match(keys, extra) == {"a:1": 3, "b:1": 3, "c:1": 1}
+    w, wr = TierWeights(index, WEIGHTS), TierWeights(ref, WEIGHTS)  # type: ignore[arg-type]
+    assert index._weighted(keys, w, extra) == ref._weighted(keys, wr, extra) == ({"a:1": 3.0, "b:1": 3.0, "c:1": 1.0}, 3)
