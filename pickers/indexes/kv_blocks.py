@@ -616,21 +616,32 @@ class KVBlockIndex:
         return {addr[e] if type(e) is int else e: v for e, v in by_id.items()}  # type: ignore[misc]
 
     def _runs(self, rows: np.ndarray, bit: int = 0) -> Iterator[tuple[int, int, np.ndarray]]:
-        """(endpoint id, leading blocks it holds, media of each of them) of each holder of the first key,
-        where no key has more than two holders; with `bit`, only blocks held on that medium count."""
+        """(endpoint id, leading blocks it holds, where among them it is the second holder) of each holder
+        of the first key, where no key has more than two holders; with `bit`, only blocks held on that
+        medium count. (The media columns are read only where needed: each gather is a random read of a
+        large table.)"""
         c = self._k.columns
         e0, e1 = c["ep0"][rows], c["ep1"][rows]
-        m0, m1 = c["m0"][rows], c["m1"][rows]
+        if bit:
+            on0, on1 = (c["m0"][rows] & bit) != 0, (c["m1"][rows] & bit) != 0
         n = len(rows)
         for e in {int(e0[0]), int(e1[0])} - {-1}:
             in0, in1 = e0 == e, e1 == e
             if bit:
-                in0 &= (m0 & bit) != 0
-                in1 &= (m1 & bit) != 0
+                in0 &= on0
+                in1 &= on1
             has = in0 | in1
             run = n if np.count_nonzero(has) == n else int(np.argmin(has))
             if run:
-                yield e, run, np.where(in0[:run], m0[:run], m1[:run])
+                yield e, run, in1[:run]
+
+    def _run_media(self, rows: np.ndarray, second: np.ndarray) -> list[int]:
+        """The media of an endpoint's leading blocks (`rows`), from the second holder's column where it is that."""
+        c = self._k.columns
+        media = c["m0"][rows]
+        if second.any():
+            media = np.where(second, c["m1"][rows], media)
+        return media.tolist()  # type: ignore[no-any-return]
 
     def match(self, keys: Sequence[int], extra: Mapping[int, Mapping[str, object]] | None = None) -> dict[str, int]:
         """Leading blocks held per endpoint; the walk stops at the first block nobody holds. `extra`:
@@ -686,8 +697,9 @@ class KVBlockIndex:
         scores: dict[str, float] = {}
         chain = 0
         addr, weight = self._addr, weights.__getitem__
-        for e, run, media in self._runs(rows):
-            scores[addr[e]] = sum(map(weight, media.tolist()))  # type: ignore[index]  # (in order: the reference's sums)
+        for e, run, second in self._runs(rows):
+            # (summed in order: the reference's sums, to the last bit)
+            scores[addr[e]] = sum(map(weight, self._run_media(rows[:run], second)))  # type: ignore[index]
             chain = max(chain, run)
         return scores, chain
 
