@@ -222,14 +222,14 @@ class BlockTable:
     def find_one(self, key: int) -> int:
         """The row of one key (a uint64 as a Python int), -1 where absent."""
         slots, keys = self._mv or self._views()
-        mask, a = len(slots) - 1, ((key * _FIB_INT) & _U64) >> self._shift
+        a = ((key * _FIB_INT) & _U64) >> self._shift
         while True:
             r = slots[a]
             if r == _EMPTY:
                 return -1
             if r >= 0 and keys[r] == key:
                 return r
-            a = (a + 1) & mask
+            a = (a + 1) & (len(slots) - 1)
 
     def add_one(self, key: int) -> int:
         """A row for one key that is not in the table; its columns hold the unused values."""

@@ -566,9 +566,9 @@ class KVBlockIndex:
         if extra and any(k in extra for k in keys):
             return None
         first = keys[0]
-        if type(first) is not int or not 0 <= first <= _U64:
+        if type(first) is not int:
             return None
-        if self._k.find_one(first) < 0:  # (most new prompts: no array call)
+        if self._k.find_one(first) < 0:  # (most new prompts: no array call; an int past uint64 is in no row either)
             return _NO_ROWS
         try:  # packed in C, about 3x faster than numpy converting each int
             packed = np.frombuffer(struct.pack(f"<{len(keys)}Q", *keys), np.uint64)

@@ -331,3 +331,15 @@ def test_speculative_holders_join_the_stored_ones_of_the_same_endpoint_key_by_ke
     assert index.match(keys, extra) == ref.match(keys, extra) == {"a:1": 3, "b:1": 3, "c:1": 1}
     w, wr = TierWeights(index, WEIGHTS), TierWeights(ref, WEIGHTS)  # type: ignore[arg-type]
     assert index._weighted(keys, w, extra) == ref._weighted(keys, wr, extra) == ({"a:1": 3.0, "b:1": 3.0, "c:1": 1.0}, 3)
+
+
+def test_keys_no_block_can_have_are_held_by_nobody():
+    index, ref = KVBlockIndex(), ReferenceKVIndex()
+    for index_ in (index, ref):
+        index_.block_stored("a:1", [1], None, [1, 2], BLOCK)
+    held = keys_of([1, 2])
+    w = TierWeights(index, WEIGHTS)
+    for keys in ([1 << 70], [-5], ["x"], [*held, 1 << 70], [*held, "x"]):
+        assert index.match(keys) == ref.match(keys), keys  # type: ignore[arg-type]
+        assert index.weighted_match(keys, w) == ref.weighted_match(keys, TierWeights(ref, WEIGHTS)), keys  # type: ignore[arg-type]
+        assert index.medium_match(keys, "gpu") == ref.medium_match(keys, "gpu"), keys  # type: ignore[arg-type]
