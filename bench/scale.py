@@ -10,7 +10,8 @@ In-process, without gRPC or a network (the scheduling library and the datastore 
   tracemalloc, entries held, and the process's RSS.
 - the precise (KV-event) index's lookups, side by side with the dict index it replaced
   (tests/unit/reference_kv_index.py) fed the same events: CPU µs per lookup of a held 128-block
-  prompt, a tier-weighted one, a prompt nobody holds, and a 128-block prefix all 100 endpoints hold.
+  prompt, a tier-weighted one, a prompt nobody holds, and a 128-block prefix all 100 endpoints hold
+  (plain, tier-weighted, and with a speculative holder of every block); not measured for --baseline.
 - the longest cyclic GC pause while scheduling with that index in memory (gc.callbacks timing),
   before and after `gc.freeze()` (what `epp serve` does once it has started).
 Read the ratios and the shape, not the absolute numbers: the machine's cores are shared.
@@ -155,7 +156,7 @@ TIER_WEIGHTS = {"gpu": 1.0, "cpu": 0.8}
 LOOKUPS = (("held by one endpoint", "held", False, False), ("held by one, tier-weighted", "held", True, False),
            ("held by nobody", "cold", False, False), ("prefix held by all {n}", "shared", False, False),
            ("prefix held by all {n}, tier-weighted", "shared", True, False),
-           ("prefix held by all {n}, speculative entries", "shared", True, True))  # fmt: skip
+           ("prefix held by all {n}, tier-weighted, speculative", "shared", True, True))  # fmt: skip
 
 
 def precise_lookups(prompts_n: int, endpoints: int, rounds: int, batch_us: float) -> dict[str, list[float]]:

@@ -8,7 +8,7 @@ from bench import scale
 def test_the_precise_lookups_part_times_both_indexes_on_each_kind_of_lookup():
     rows = scale.precise_lookups(prompts_n=12, endpoints=6, rounds=1, batch_us=10)
     assert list(rows) == ["held by one endpoint", "held by one, tier-weighted", "held by nobody", "prefix held by all 6",
-                          "prefix held by all 6, tier-weighted", "prefix held by all 6, speculative entries"]  # fmt: skip
+                          "prefix held by all 6, tier-weighted", "prefix held by all 6, tier-weighted, speculative"]  # fmt: skip
     assert [r[2] for r in rows.values()] == [1, 1, 0, 6, 6, 6]  # endpoints matched: the same answers from both
     assert all(r[0] > 0 and r[1] > 0 for r in rows.values())
 
