@@ -121,7 +121,7 @@ class LatencyCostScorer(LatencyConsumer):
         costs = self.cost_columns(request, cycle, endpoints)
         if costs is None or not costs.size:  # no predictions (predictInProduce off): no opinion
             return np.zeros(len(endpoints))
-        best = max(float(costs.min()), _FLOOR_S)
+        best = max(float(np.minimum.reduce(costs)), _FLOOR_S)
         return best / np.maximum(costs, _FLOOR_S)
 
     def explain(self, cycle: CycleState) -> dict[str, dict[str, float]]:

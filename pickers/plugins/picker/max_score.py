@@ -30,7 +30,7 @@ class MaxScorePicker(EndpointPicker):
         """`pick` on the totals as one array: the same endpoint for the same random draws."""
         if self.max_endpoints != 1 or not len(endpoints):
             return None  # ranked fallbacks: `pick`
-        best = totals.max()
+        best = np.maximum.reduce(totals)  # ndarray.max without its Python wrapper
         if best != best:
             return None  # a NaN total (the max is NaN then), compared as Python compares them: `pick`
         top = (totals == best).nonzero()[0]
