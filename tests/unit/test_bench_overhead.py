@@ -58,3 +58,19 @@ def test_the_guardrails_gateway_runs_the_default_config_with_both_admitters_and_
     assert [s.scorer.type for s in cfg.profiles[0].scorers] == ["queue-scorer", "kv-cache-utilization-scorer", "prefix-cache-scorer"]
     d, g = _measured("(d) epp", 0.0010), _measured("(g) epp + guardrails", 0.00105)
     assert guardrail_notes([d, g]) == ["(g) vs (d), guardrails on vs off: EPP cpu/req 1.05x, net of idle 1.05x"]
+
+
+def test_a_baseline_checkout_adds_each_epp_config_again_with_its_code_first_on_the_path(tmp_path):
+    import pytest
+
+    from bench.overhead import CONFIGS, with_baseline
+
+    (tmp_path / "extproc" / "cli").mkdir(parents=True)
+    picked = [c for c in CONFIGS if c[0][1] in "abdh"]
+    out = with_baseline(picked, str(tmp_path))
+    names = [n for n, _ in out]
+    assert names == [picked[0][0], picked[1][0], picked[2][0], picked[2][0] + " (baseline)", picked[3][0], picked[3][0] + " (baseline)"]
+    base = dict(out)[picked[2][0] + " (baseline)"]
+    assert base["extra_env"] == {"PYTHONPATH": str(tmp_path)} and base["epp_args"] == picked[2][1]["epp_args"]
+    with pytest.raises(SystemExit, match="not an llm-epp checkout"):
+        with_baseline(picked, str(tmp_path / "nowhere"))

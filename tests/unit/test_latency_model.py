@@ -211,3 +211,27 @@ def test_the_view_shows_the_fitted_values():
     assert v["prefill_tokens_per_s"] == pytest.approx(400, rel=0.1)
     assert v["tpot_base_ms"] == pytest.approx(60, rel=0.1)
     assert v["ttft_error_ms"] >= 0 and "last_ttft_ms" in v
+
+
+def test_the_coefficient_columns_follow_a_cold_endpoints_hardware_class_but_not_every_scrape(monkeypatch):
+    # Every scrape brings a new Metrics object. Only a change of hardware class (the cache config
+    # scraped at last) can give a cold endpoint another peer: only then is its column resolved again.
+    model, rng = LatencyModel(), random.Random(5)
+    warm, cold = endpoint("w", blocks=2000), endpoint("x")  # the cold one's cache config not scraped yet
+    feed(model, warm, CPU, 30, rng)
+    endpoints = (warm, cold)
+    values = model.coefficient_columns(endpoints)
+    prior_c1 = values[1, 1]
+    assert prior_c1 != pytest.approx(values[1, 0])  # the prior's rate, not the warm peer's
+    resolved: list[int] = []
+    real = LatencyModel._resolve
+    monkeypatch.setattr(LatencyModel, "_resolve", lambda self, c, i: (resolved.append(i), real(self, c, i))[1])
+    for _ in range(5):  # scrapes of the same class: nothing to resolve
+        cold.metrics = Metrics(waiting=rng.randrange(4))
+        warm.metrics = Metrics(block_size=16, num_gpu_blocks=2000, running=rng.randrange(8))
+        model.coefficient_columns(endpoints)
+    assert resolved == []
+    cold.metrics = Metrics(block_size=16, num_gpu_blocks=2000)  # now it is known to be of the warm one's class
+    values = model.coefficient_columns(endpoints)
+    assert resolved == [1]
+    assert values[1, 1] == pytest.approx(values[1, 0])  # the peer's fit predicts for it

@@ -100,12 +100,20 @@ class LatencyCostScorer(LatencyConsumer):
             missing = np.maximum(0.0, shared - matched) * block_tokens
             charged = np.where(room, np.maximum(0.0, u - np.round(missing * (1.0 - 1.0 / fanout))), u)
         c, batch = pc.coefficients, pc.batch  # the predictions' own (batch_of)
-        cost = c[0] + c[1] * (pc.queued + charged) + c[2] * batch  # ttft(e, charged)
-        if w:
-            cost += w * (c[1] * u) * batch  # the stall: prefill_seconds(e, u) x the batch
+        if charged is u:  # ttft(e, charged): the prediction's own
+            cost = pc.ttft_s + w * (c[1] * u) * batch if w else pc.ttft_s.copy()
+        else:
+            cost = c[0] + c[1] * (pc.queued + charged) + c[2] * batch
+            if w:
+                cost += w * (c[1] * u) * batch  # the stall: prefill_seconds(e, u) x the batch
         written = new_blocks * block_tokens
-        # where it fits, a shared prefix's copy serves the conversations after this one: its share, as above
-        cost += np.where(room, FOOTPRINT * (c[1] * np.minimum(charged, written)), c[1] * written)
+        # where it fits, a shared prefix's copy serves the conversations after this one: its share, as
+        # above (without a shared prefix, charged is u >= written: the footprint of what it writes)
+        if charged is u:
+            cw = c[1] * written
+            cost += np.where(room, FOOTPRINT * cw, cw)
+        else:
+            cost += np.where(room, FOOTPRINT * (c[1] * np.minimum(charged, written)), c[1] * written)
         cycle.data[self._key] = (columns.addresses, cost)
         return cost
 
@@ -113,7 +121,7 @@ class LatencyCostScorer(LatencyConsumer):
         costs = self.cost_columns(request, cycle, endpoints)
         if costs is None or not costs.size:  # no predictions (predictInProduce off): no opinion
             return np.zeros(len(endpoints))
-        best = max(float(costs.min()), _FLOOR_S)
+        best = max(float(np.minimum.reduce(costs)), _FLOOR_S)
         return best / np.maximum(costs, _FLOOR_S)
 
     def explain(self, cycle: CycleState) -> dict[str, dict[str, float]]:

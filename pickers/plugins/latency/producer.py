@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from pickers.framework.columns import EndpointColumns
+from pickers.framework.columns import EndpointColumns, filled
 from pickers.framework.endpoint import Endpoint
 from pickers.framework.params import ParameterError, Params
 from pickers.framework.request import CHARS_PER_TOKEN, InferenceRequest
@@ -94,12 +94,11 @@ class PredictionColumns:
     """LatencyPrediction for many endpoints at once: arrays aligned with `endpoints` (milliseconds)."""
 
     endpoints: Sequence[Endpoint]
+    ttft_s: np.ndarray  # predicted TTFT in seconds, as the cost scorer reads it
     ttft_ms: np.ndarray
     tpot_ms: np.ndarray
-    ttft_valid: np.ndarray
-    tpot_valid: np.ndarray
-    ttft_headroom_ms: np.ndarray
-    tpot_headroom_ms: np.ndarray
+    ttft_slo_ms: float  # the request's (0: none); validity and headroom are worked out when asked
+    tpot_bound: tuple[np.ndarray, np.ndarray] | None  # streamingMode: (valid, headroom); None: neutralized
     uncached: np.ndarray  # the request's prompt tokens each endpoint probably has to compute
     position: dict[str, int]  # address -> column (the EndpointColumns')
     # what the predictions were made from, for the cost scorer in the same cycle (nothing changes an
@@ -109,6 +108,22 @@ class PredictionColumns:
     batch: np.ndarray
     queued: np.ndarray
     materialized: bool = False  # put in the cycle's predictions dict already
+
+    @property
+    def ttft_valid(self) -> np.ndarray:
+        return self.ttft_ms < self.ttft_slo_ms
+
+    @property
+    def ttft_headroom_ms(self) -> np.ndarray:
+        return self.ttft_slo_ms - self.ttft_ms
+
+    @property
+    def tpot_valid(self) -> np.ndarray:
+        return np.ones(len(self.tpot_ms), dtype=bool) if self.tpot_bound is None else self.tpot_bound[0]
+
+    @property
+    def tpot_headroom_ms(self) -> np.ndarray:
+        return np.zeros(len(self.tpot_ms)) if self.tpot_bound is None else self.tpot_bound[1]
 
     def uncached_of(self, endpoint: Endpoint) -> int | None:
         """This endpoint's uncached tokens; None when it is not one of `endpoints`."""
@@ -247,23 +262,24 @@ class PredictedLatencyProducer(Plugin):
         u = self.uncached_columns(request, cycle, columns)
         batch = np.maximum(columns.running(), columns.in_flight())  # batch_of
         queued = columns.in_flight_prefill_tokens()
-        ttft = (c[0] + c[1] * (queued + u) + c[2] * batch) * 1000.0
+        ttft_s = c[0] + c[1] * (queued + u) + c[2] * batch
+        ttft = ttft_s * 1000.0
         tpot = (c[3] + c[4] * batch) * 1000.0
         n = columns.size
+        bound: tuple[np.ndarray, np.ndarray] | None = None  # neutralized, as llm-d does without streaming
         if self.streaming:
             buffer, role_label = self.slo_buffer, self.role_label
             tpot_ok, tpot_room = np.ones(n, dtype=bool), np.zeros(n)
+            bound = (tpot_ok, tpot_room)
             for i, (ep, t) in enumerate(zip(endpoints, tpot.tolist())):
                 if role_label and ep.labels.get(role_label) == "prefill":
                     continue  # neutralized on prefill endpoints, as llm-d does
-                bound = tpot_slo * buffer
+                limit = tpot_slo * buffer
                 tightest = ep.latency.min_tpot_slo
-                if tightest > 0.0 and tightest * buffer < bound:
-                    bound = tightest * buffer
-                tpot_ok[i], tpot_room[i] = t < bound, bound - t
-        else:  # neutralized, as llm-d does without streaming
-            tpot_ok, tpot_room = np.ones(n, dtype=bool), np.zeros(n)
-        return PredictionColumns(endpoints, ttft, tpot, ttft < ttft_slo, tpot_ok, ttft_slo - ttft, tpot_room, u, columns.position, c, batch, queued)
+                if tightest > 0.0 and tightest * buffer < limit:
+                    limit = tightest * buffer
+                tpot_ok[i], tpot_room[i] = t < limit, limit - t
+        return PredictionColumns(endpoints, ttft_s, ttft, tpot, ttft_slo, bound, u, columns.position, c, batch, queued)
 
     def uncached_columns(self, request: InferenceRequest, cycle: CycleState, columns: EndpointColumns) -> np.ndarray:
         """`uncached` as an array aligned with the columns' endpoints."""
@@ -273,8 +289,10 @@ class PredictedLatencyProducer(Plugin):
         pm = prefix_match(request, cycle, self.index, src.block_chars, src.max_blocks)
         bt = src.block_chars // CHARS_PER_TOKEN
         indexed = len(pm.hashes) * bt  # uncached_tokens over the matched blocks' column
-        matched = columns.scatter(pm.matched)
-        return np.maximum(0.0, indexed - matched * bt) + max(0, request.prompt_tokens - indexed)
+        whole = indexed + max(0, request.prompt_tokens - indexed)
+        if not pm.matched:
+            return filled(columns.size, float(whole))
+        return whole - columns.scatter(pm.matched) * bt  # a match is at most the indexed blocks
 
     def produce(self, request: InferenceRequest, cycle: CycleState, endpoints: Sequence[Endpoint]) -> None:
         if self.predict:  # as columns; the LatencyPrediction objects are made when a plugin asks for them

@@ -28,9 +28,12 @@ class MaxScorePicker(EndpointPicker):
 
     def pick_totals(self, request: InferenceRequest, endpoints: Sequence[Endpoint], totals: np.ndarray) -> list[Endpoint] | None:
         """`pick` on the totals as one array: the same endpoint for the same random draws."""
-        if self.max_endpoints != 1 or not len(endpoints) or np.isnan(totals).any():
-            return None  # ranked fallbacks, or NaN totals (compared as Python compares them): `pick`
-        top = np.flatnonzero(totals == totals.max())
-        if len(top) == 1:
+        if self.max_endpoints != 1 or not len(endpoints):
+            return None  # ranked fallbacks: `pick`
+        best = np.maximum.reduce(totals)  # ndarray.max without its Python wrapper
+        if best != best:
+            return None  # a NaN total (the max is NaN then), compared as Python compares them: `pick`
+        top = (totals == best).nonzero()[0]
+        if top.size == 1:
             return [endpoints[int(top[0])]]
         return [endpoints[self.rng.choice(top.tolist())]]

@@ -7,10 +7,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from pickers.framework.columns import filled
 from pickers.framework.endpoint import Endpoint
 from pickers.framework.request import InferenceRequest
 from pickers.framework.types import CycleState
 from pickers.plugins.base import Plugin
+
+_min, _max = np.minimum.reduce, np.maximum.reduce
 
 
 def min_max_low_is_best(values: Sequence[float]) -> list[float]:
@@ -30,9 +33,9 @@ class QueueScorer(Plugin):
         waiting = cycle.columns(endpoints).waiting()
         if not waiting.size:
             return waiting
-        lo, hi = waiting.min(), waiting.max()
+        lo, hi = _min(waiting), _max(waiting)  # the ufuncs' own reductions: ndarray.min's wrapper costs as much again
         if hi == lo:
-            return np.ones(waiting.size)
+            return filled(waiting.size, 1.0)
         return (hi - waiting) / (hi - lo)  # min_max_low_is_best on the column
 
 
