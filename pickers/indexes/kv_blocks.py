@@ -40,6 +40,8 @@ import struct
 import time
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import reduce
+from operator import add
 from typing import TypeVar
 
 import numpy as np
@@ -698,8 +700,9 @@ class KVBlockIndex:
         chain = 0
         addr, weight = self._addr, weights.__getitem__
         for e, run, second in self._runs(rows):
-            # (summed in order: the reference's sums, to the last bit)
-            scores[addr[e]] = sum(map(weight, self._run_media(rows[:run], second)))  # type: ignore[index]
+            # added one by one, in order: the reference's sums to the last bit (sum() compensates its
+            # rounding from Python 3.12 on, which a plain sequence of additions does not)
+            scores[addr[e]] = reduce(add, map(weight, self._run_media(rows[:run], second)), 0.0)  # type: ignore[index]
             chain = max(chain, run)
         return scores, chain
 
