@@ -94,9 +94,7 @@ class PredictionColumns:
     """LatencyPrediction for many endpoints at once: arrays aligned with `endpoints` (milliseconds)."""
 
     endpoints: Sequence[Endpoint]
-    ttft_s: np.ndarray  # predicted TTFT in seconds, as the cost scorer reads it
-    ttft_ms: np.ndarray
-    tpot_ms: np.ndarray
+    ttft_s: np.ndarray  # predicted TTFT in seconds, as the cost scorer reads it (milliseconds: `ttft_ms`)
     ttft_slo_ms: float  # the request's (0: none); validity and headroom are worked out when asked
     tpot_bound: tuple[np.ndarray, np.ndarray] | None  # streamingMode: (valid, headroom); None: neutralized
     uncached: np.ndarray  # the request's prompt tokens each endpoint probably has to compute
@@ -108,6 +106,16 @@ class PredictionColumns:
     batch: np.ndarray
     queued: np.ndarray
     materialized: bool = False  # put in the cycle's predictions dict already
+
+    @property
+    def ttft_ms(self) -> np.ndarray:
+        return self.ttft_s * 1000.0
+
+    @property
+    def tpot_ms(self) -> np.ndarray:
+        """Predicted TPOT (ms): made when asked, as the cost scorer does not read it."""
+        c = self.coefficients
+        return (c[3] + c[4] * self.batch) * 1000.0
 
     @property
     def ttft_valid(self) -> np.ndarray:
@@ -263,14 +271,13 @@ class PredictedLatencyProducer(Plugin):
         batch = np.maximum(columns.running(), columns.in_flight())  # batch_of
         queued = columns.in_flight_prefill_tokens()
         ttft_s = c[0] + c[1] * (queued + u) + c[2] * batch
-        ttft = ttft_s * 1000.0
-        tpot = (c[3] + c[4] * batch) * 1000.0
         n = columns.size
         bound: tuple[np.ndarray, np.ndarray] | None = None  # neutralized, as llm-d does without streaming
         if self.streaming:
             buffer, role_label = self.slo_buffer, self.role_label
             tpot_ok, tpot_room = np.ones(n, dtype=bool), np.zeros(n)
             bound = (tpot_ok, tpot_room)
+            tpot = (c[3] + c[4] * batch) * 1000.0
             for i, (ep, t) in enumerate(zip(endpoints, tpot.tolist())):
                 if role_label and ep.labels.get(role_label) == "prefill":
                     continue  # neutralized on prefill endpoints, as llm-d does
@@ -279,7 +286,7 @@ class PredictedLatencyProducer(Plugin):
                 if tightest > 0.0 and tightest * buffer < limit:
                     limit = tightest * buffer
                 tpot_ok[i], tpot_room[i] = t < limit, limit - t
-        return PredictionColumns(endpoints, ttft_s, ttft, tpot, ttft_slo, bound, u, columns.position, c, batch, queued)
+        return PredictionColumns(endpoints, ttft_s, ttft_slo, bound, u, columns.position, c, batch, queued)
 
     def uncached_columns(self, request: InferenceRequest, cycle: CycleState, columns: EndpointColumns) -> np.ndarray:
         """`uncached` as an array aligned with the columns' endpoints."""
