@@ -166,3 +166,35 @@ def test_queues_compacted_a_slice_per_record_still_agree_with_the_reference(seed
             ref.remove_endpoint(ENDPOINTS[0])
     assert compacted > 50  # the records above did run with a compaction under way
     assert new.size() == ref.size()
+
+
+def test_room_columns_agree_with_room_across_growth_a_new_default_capacity_and_removals() -> None:
+    # 40 endpoints (the per-endpoint rows grow past their first 17 columns), some with capacities of
+    # their own, some on the default; full ones with old and new blocks; ids of -1 for unknown addresses
+    index = ApproxPrefixIndex(default_capacity=8)
+    rng = np.random.default_rng(3)
+    addresses = [f"10.0.0.{i}:8000" for i in range(40)]
+
+    def record(some: list[str]) -> None:
+        for a in some:
+            i = addresses.index(a)
+            blocks = [int(x) for x in rng.choice(10_000, size=int(rng.integers(1, 12)), replace=False)]
+            index.record(a, blocks, capacity=(6 if i % 3 == 0 else None), now=100.0 + i)
+
+    def check(now: float, horizon: float) -> None:
+        asked = [*addresses, "10.9.9.9:1"]
+        blocks = rng.integers(0, 10, size=len(asked)).astype(np.float64)
+        got = index.room_columns(index.endpoint_ids(tuple(asked)), blocks, now, horizon)
+        want = [index.room(a, int(b), now, horizon) for a, b in zip(asked, blocks)]
+        assert got.tolist() == want
+
+    record(addresses[:10])
+    check(now=150.0, horizon=60.0)
+    record(addresses[10:])  # the rows grow: the first ten's, not recorded again, must be kept
+    check(now=150.0, horizon=60.0)
+    check(now=200.0, horizon=60.0)  # the early ones' blocks are past the horizon now
+    index.default_capacity = 20  # the endpoints on the default get more room
+    check(now=150.0, horizon=60.0)
+    index.remove_endpoint(addresses[5])
+    index.remove_endpoint(addresses[30])
+    check(now=150.0, horizon=60.0)

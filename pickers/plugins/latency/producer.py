@@ -127,11 +127,11 @@ class PredictionColumns:
 
     @property
     def tpot_valid(self) -> np.ndarray:
-        return np.ones(len(self.tpot_ms), dtype=bool) if self.tpot_bound is None else self.tpot_bound[0]
+        return np.ones(len(self.ttft_s), dtype=bool) if self.tpot_bound is None else self.tpot_bound[0]
 
     @property
     def tpot_headroom_ms(self) -> np.ndarray:
-        return np.zeros(len(self.tpot_ms)) if self.tpot_bound is None else self.tpot_bound[1]
+        return np.zeros(len(self.ttft_s)) if self.tpot_bound is None else self.tpot_bound[1]
 
     def uncached_of(self, endpoint: Endpoint) -> int | None:
         """This endpoint's uncached tokens; None when it is not one of `endpoints`."""
