@@ -60,6 +60,7 @@ class Sent:
     end: float = math.nan
     status: int | None = None  # None: no answer (lost)
     served_by: str = ""
+    error: str = ""  # why there was no answer: the client's exception
 
 
 @dataclass
@@ -115,7 +116,8 @@ class LoadRun:
                 if msg.headers.get(b"connection", b"").lower() == b"close":  # Envoy's local replies close
                     writer.close()
                     writer = None
-            except (OSError, TimeoutError, ParseError, ConnectionError):
+            except (OSError, TimeoutError, ParseError, ConnectionError) as e:
+                rec.error = f"{type(e).__name__}: {e}"
                 if writer is not None:
                     writer.close()
                 writer = None
@@ -180,6 +182,7 @@ class Result:
     isolated_s: float = math.nan  # fault -> the faulty part's last new request
     recovered_s: float = math.nan  # heal -> its first new request
     statuses: dict[int, int] = field(default_factory=dict)
+    lost_because: dict[str, int] = field(default_factory=dict)  # the client's error -> requests lost to it
 
     def row(self) -> list[str]:
         def s(v: float) -> str:
@@ -200,7 +203,11 @@ def _summary(name: str, sent: list[Sent]) -> Result:
             statuses[r.status] = statuses.get(r.status, 0) + 1
     failed = sum(1 for r in done if r.status is not None and r.status != 200)
     lost = sum(1 for r in done if r.status is None)
-    return Result(name, len(done), failed, lost, statuses=statuses)
+    because: dict[str, int] = {}
+    for r in done:
+        if r.status is None:
+            because[r.error] = because.get(r.error, 0) + 1
+    return Result(name, len(done), failed, lost, statuses=statuses, lost_because=because)
 
 
 def _access_log(stack: LocalStack) -> dict[str, dict[str, str]]:
