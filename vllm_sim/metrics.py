@@ -79,15 +79,17 @@ class SimMetrics:
         self._waiting.set_function(lambda: engine.num_waiting)
         self._kv_usage.set_function(lambda: engine.cache.usage)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, names: Iterable[str] = ()) -> bytes:
+        """The exposition; with `names`, only those series (the `name[]` query vLLM's prometheus_client honours)."""
+        return generate_latest(_Restricted(self.registry, names) if names else self.registry)  # type: ignore[arg-type]
 
     @staticmethod
-    def render_merged(all_metrics: Sequence[SimMetrics]) -> bytes:
+    def render_merged(all_metrics: Sequence[SimMetrics], names: Iterable[str] = ()) -> bytes:
         """One exposition of several engines' series (internal-LB data parallel: one API port)."""
         if len(all_metrics) == 1:
-            return all_metrics[0].render()
-        return generate_latest(_Merged([m.registry for m in all_metrics]))  # type: ignore[arg-type]
+            return all_metrics[0].render(names)
+        merged = _Merged([m.registry for m in all_metrics])
+        return generate_latest(_Restricted(merged, names) if names else merged)  # type: ignore[arg-type]
 
     # EngineObserver
     def on_scheduled(self, request: EngineRequest, now: float) -> None:
@@ -132,3 +134,20 @@ class _Merged:
                                                             family.unit)
                 merged.samples.extend(family.samples)
         return iter(families.values())
+
+
+class _Restricted:
+    """Only the samples named (prometheus_client's restricted registry, as `/metrics?name[]=...` serves
+    it): a family with none of them is left out."""
+
+    def __init__(self, source: CollectorRegistry | _Merged, names: Iterable[str]) -> None:
+        self._source = source
+        self._names = frozenset(names)
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._source.collect():
+            samples = [s for s in family.samples if s.name in self._names]
+            if samples:
+                kept = Metric(family.name, family.documentation, family.type, family.unit)
+                kept.samples = samples
+                yield kept

@@ -553,7 +553,7 @@ class SimServer:
         return web.Response(status=200)
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = SimMetrics.render_merged([rank.metrics for rank in self.ranks])
+        body = SimMetrics.render_merged([rank.metrics for rank in self.ranks], request.query.getall("name[]", ()))
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     # ---- simulator control -----------------------------------------------------------------

@@ -24,6 +24,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol
+from urllib.parse import urlencode
 
 import aiohttp
 import xxhash
@@ -54,13 +55,21 @@ class MetricsParseError(ScrapeError, ValueError):
     """A metrics body that does not carry the gauges a pick needs."""
 
 
+class HttpStatusError(ScrapeError):
+    """An answer other than 200."""
+
+    def __init__(self, status: int, url: str) -> None:  # url: the source's, without the series filter's query
+        super().__init__(f"HTTP {status} from {url}")
+        self.status = status
+
+
 # After a wanted metric's name: optional {labels} (quoted values may hold escaped quotes, braces and
 # commas), the value, an optional timestamp, then anything (an OpenMetrics exemplar). Each pattern is
 # matched on "\n" + text so the engine's literal-prefix search skips everything else (~8x faster than ^/M).
 _SAMPLE_TAIL = (
-    r"[ \t]*(?:\{((?:[^\"}\n]|\"(?:[^\"\\\n]|\\.)*\")*)\})?[ \t]*[ \t]([^ \t\r\n]+)(?:[ \t]+([^ \t\r\n#]+))?"
+    r"[ \t]*(?:\{((?:[^\"}\n]++|\"(?:[^\"\\\n]++|\\.)*+\")*+)\})?[ \t]*[ \t]([^ \t\r\n]+)(?:[ \t]+([^ \t\r\n#]+))?"
 )
-_LABEL = re.compile(r"[ \t]*([A-Za-z_][A-Za-z0-9_]*)[ \t]*=[ \t]*\"((?:[^\"\\\n]|\\.)*)\"[ \t]*,?")
+_LABEL = re.compile(r"[ \t]*([A-Za-z_][A-Za-z0-9_]*)[ \t]*=[ \t]*\"((?:[^\"\\\n]++|\\.)*+)\"[ \t]*,?")
 _ESCAPE = re.compile(r"\\(.)")
 _UNESCAPED = {"n": "\n", "\\": "\\", '"': '"'}
 _COUNTS = frozenset({"queued", "running"})
@@ -150,16 +159,31 @@ class MetricsParser:
         custom: dict[str, list[tuple[str, MetricSpec]]] = {}
         for c in engine.custom:
             custom.setdefault(c.spec.name, []).append((c.attribute_key, c.spec))
-        self._finder = SampleFinder([*roles, *custom])
+        self.names = tuple(sorted({*roles, *custom}))  # every metric name it reads
+        self._finder = SampleFinder(self.names)
         key = self._finder.key
         self._roles = {key(name): tuple(r) for name, r in roles.items()}
         self._custom = {key(name): tuple(c) for name, c in custom.items()}
         self._required = tuple(
             (role, spec) for role in ("queued", "running", "kv_usage") if (spec := getattr(engine, role)) is not None
         )
+        self._cache_infos: dict[str, tuple[int | None, int | None]] = {}  # see _cache_info
 
     def parse(self, text: str) -> Metrics:
         return self.parse_with_attributes(text)[0]
+
+    def _cache_info(self, label_text: str) -> tuple[int | None, int | None]:
+        """(blocks, block size) from a cache-info series' labels. The series carries the engine's whole
+        cache config (~40 labels, ~1 KB) and is the same scrape after scrape: read once per distinct text."""
+        known = self._cache_infos.get(label_text)
+        if known is None:
+            labels = labels_of(label_text)
+            known = (_int_label(labels, self.engine.cache_num_blocks_label), _int_label(labels, self.engine.cache_block_size_label))
+            if len(label_text) <= 8192:  # at most 1,024 of them kept (~1 KB each); a body's longer ones are read every time
+                if len(self._cache_infos) >= 1024:  # endpoints' configs come and go
+                    self._cache_infos.clear()
+                self._cache_infos[label_text] = known
+        return known
 
     def parse_with_attributes(self, text: str) -> tuple[Metrics, dict[str, float]]:
         """The metrics, and the custom metrics found (by attribute key; one not found is left out)."""
@@ -196,12 +220,11 @@ class MetricsParser:
                     if not spec.matches(labels):
                         continue
                 if role == "cache_info":
-                    labels = labels_of(label_text) if labels is None else labels
-                    blocks = _int_label(labels, engine.cache_num_blocks_label)
+                    blocks, size = self._cache_info(label_text or "")
                     if blocks is not None:  # one series per engine rank: the endpoint holds them all
                         num_blocks = blocks + (num_blocks or 0)
                     if block_size is None:
-                        block_size = _int_label(labels, engine.cache_block_size_label)
+                        block_size = size
                 elif role == "lora":
                     if value > lora_newest:  # the value is a timestamp: the newest series wins
                         lora_newest = value
@@ -456,7 +479,7 @@ class EndpointPoller:
             started = time.monotonic()
             error = await self.scrape_once(ep, session)
             if error is not None and not failing:
-                log.warning("%s %s (%s) failed: %s", self.what, ep.name, self.url(ep), error)
+                log.warning("%s %s (%s) failed: %s", self.what, ep.name, EndpointPoller.url(self, ep), error)
             elif error is None and failing:
                 log.info("%s %s works again", self.what, ep.name)
             failing = error is not None
@@ -468,20 +491,8 @@ class EndpointPoller:
 
     async def scrape_once(self, ep: Endpoint, session: aiohttp.ClientSession | HttpGetter) -> str | None:
         """Fetch from one endpoint and record the result. Returns the error, if any."""
-        url = self.url(ep)
         try:
-            if isinstance(session, HttpGetter):
-                self._urls[ep.address] = url
-                async with asyncio.timeout(self.timeout):
-                    status, body = await session.get(url)
-                if status != 200:
-                    raise ScrapeError(f"HTTP {status} from {url}")
-            else:
-                async with session.get(url, timeout=self._client_timeout) as resp:
-                    if resp.status != 200:
-                        raise ScrapeError(f"HTTP {resp.status} from {url}")
-                    body = await self._read(resp)
-            self.take(ep, body)
+            await self.fetch(ep, session)
         except asyncio.CancelledError:
             raise
         except TimeoutError:
@@ -494,6 +505,22 @@ class EndpointPoller:
             return None
         self.failed(ep, error)
         return error
+
+    async def fetch(self, ep: Endpoint, session: aiohttp.ClientSession | HttpGetter) -> None:
+        """GET `url(ep)` and `take` the body; raises on any failure."""
+        url = self.url(ep)
+        if isinstance(session, HttpGetter):
+            self._urls[ep.address] = url
+            async with asyncio.timeout(self.timeout):
+                status, body = await session.get(url)
+            if status != 200:
+                raise HttpStatusError(status, EndpointPoller.url(self, ep))
+        else:
+            async with session.get(url, timeout=self._client_timeout) as resp:
+                if resp.status != 200:
+                    raise HttpStatusError(resp.status, EndpointPoller.url(self, ep))
+                body = await self._read(resp)
+        self.take(ep, body)
 
     async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
         cap = self.source.max_bytes
@@ -540,6 +567,17 @@ class MetricsScraper(EndpointPoller):
         self._pool = PoolMetricsParser(extraction) if isinstance(extraction, PoolMetricsExtraction) else None
         engines = extraction.engines if isinstance(extraction, MetricsExtraction) else {}
         self._parsers = {name: MetricsParser(engine) for name, engine in engines.items()}
+        # With the source's series filter: per engine, the query that asks a Prometheus client library for
+        # only the series its parser reads (vLLM and SGLang serve /metrics with prometheus_client, which
+        # honours `name[]`; a server that does not sends the whole page, which parses the same). An
+        # endpoint that answers the filtered GET with a 4xx, or with a page that lacks the gauges, is
+        # asked for the whole page instead until it leaves the pool (`_whole_page`).
+        self._queries = (
+            {name: urlencode([("name[]", n) for n in parser.names]) for name, parser in self._parsers.items()}
+            if source.series_filter and self._pool is None
+            else {}
+        )
+        self._whole_page: set[str] = set()
         # per endpoint: the last body's length and xxh3 hash, the parser that read it, and what it read
         # (see `take`; a digest, not the body: 1,000 endpoints' bodies would be tens of MB)
         self._last: dict[str, tuple[int, int, Parser, Metrics, dict[str, float]]] = {}
@@ -549,6 +587,26 @@ class MetricsScraper(EndpointPoller):
             return self._pool
         assert isinstance(self.extraction, MetricsExtraction)
         return self._parsers[self.extraction.engine_for(ep.labels).name]
+
+    def url(self, ep: Endpoint) -> str:
+        url = super().url(ep)
+        if not self._queries or ep.address in self._whole_page:
+            return url
+        assert isinstance(self.extraction, MetricsExtraction)
+        query = self._queries[self.extraction.engine_for(ep.labels).name]
+        return f"{url}{'&' if '?' in url else '?'}{query}"
+
+    async def fetch(self, ep: Endpoint, session: aiohttp.ClientSession | HttpGetter) -> None:
+        if not self._queries or ep.address in self._whole_page:
+            return await super().fetch(ep, session)
+        try:
+            await super().fetch(ep, session)
+        except (HttpStatusError, MetricsParseError) as e:
+            if isinstance(e, HttpStatusError) and not 400 <= e.status < 500:
+                raise  # the server's trouble (5xx), not the filter's
+            log.info("%s: the series filter got %s; fetching its whole /metrics page from now on", ep.name, e)
+            self._whole_page.add(ep.address)
+            await super().fetch(ep, session)
 
     def take(self, ep: Endpoint, body: bytes) -> None:
         parser = self.parser_for(ep)
@@ -570,6 +628,7 @@ class MetricsScraper(EndpointPoller):
     def _forget_url(self, address: str) -> None:
         super()._forget_url(address)
         self._last.pop(address, None)
+        self._whole_page.discard(address)
 
     def failed(self, ep: Endpoint, error: str) -> None:
         self.datastore.record_scrape_error(ep.address, error)

@@ -99,6 +99,15 @@ def test_metrics_source_parameters_are_typed():
     assert cfg.plugin_parameters["metrics-data-source"]["interval"] == "1m30s"
 
 
+def test_the_series_filter_is_on_unless_turned_off():
+    assert DEFAULT_METRICS_SOURCE.series_filter
+    on = load(with_sources("- type: metrics-data-source\n- type: core-metrics-extractor\n", METRICS_SOURCE))
+    off = load(with_sources("- type: metrics-data-source\n  parameters: {seriesFilter: false}\n- type: core-metrics-extractor\n", METRICS_SOURCE))
+    assert on.data_layer.metrics is not None and on.data_layer.metrics.series_filter
+    assert off.data_layer.metrics is not None and not off.data_layer.metrics.series_filter
+    assert off.warnings == ()
+
+
 @pytest.mark.parametrize(
     ("params", "expected"),
     [
@@ -110,6 +119,7 @@ def test_metrics_source_parameters_are_typed():
         ("{interval: 5}", "plugins[1].parameters.interval: metrics-data-source: expected a duration like 500ms"),
         ("{interval: -1s}", "plugins[1].parameters.interval: metrics-data-source: expected a duration like 500ms"),
         ("{insecureSkipVerify: 'no'}", "plugins[1].parameters.insecureSkipVerify: metrics-data-source: expected true or false"),
+        ("{seriesFilter: 1}", "plugins[1].parameters.seriesFilter: metrics-data-source: expected true or false"),
         ("{scheme: https, clientCertPath: /c.pem}", "plugins[1].parameters.clientKeyPath: metrics-data-source: clientCertPath and clientKeyPath go together"),
         ("{timeout: 1s}", "plugins[1].parameters.timeout: metrics-data-source: unknown parameter"),
     ],

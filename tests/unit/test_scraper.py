@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -15,9 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from extproc.datalayer.datastore import Datastore
-from extproc.datalayer.scraper import MetricsParseError, MetricsParser, MetricsScraper, parse_vllm_metrics
+from extproc.datalayer.scraper import MetricsParseError, MetricsParser, MetricsScraper, SampleFinder, _SAMPLE_TAIL, labels_of, parse_vllm_metrics
 from extproc.devstack.ports import reserve_port
 from pickers.framework.endpoint import EndpointSpec
+from pickers.plugins.datalayer.extractors import DEFAULT_EXTRACTION
 from pickers.plugins.datalayer.sources import HttpSource
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -250,6 +252,52 @@ def test_parser_raises_only_metrics_parse_error(text: str) -> None:
     assert 0.0 <= m.kv_usage <= 1.0 and not math.isnan(m.kv_usage)
 
 
+# The sample pattern as it was written first, with backtracking quantifiers: the possessive ones in
+# extproc.datalayer.scraper (2.5x faster on vLLM's long cache-config labels) must find the same samples
+_BACKTRACKING_TAIL = (
+    r"[ \t]*(?:\{((?:[^\"}\n]|\"(?:[^\"\\\n]|\\.)*\")*)\})?[ \t]*[ \t]([^ \t\r\n]+)(?:[ \t]+([^ \t\r\n#]+))?"
+)
+_BACKTRACKING_LABEL = re.compile(r"[ \t]*([A-Za-z_][A-Za-z0-9_]*)[ \t]*=[ \t]*\"((?:[^\"\\\n]|\\.)*)\"[ \t]*,?")
+
+
+_SOUP = st.lists(_TOKENS_ALPHABET | st.sampled_from(["a", "b=", '="x"', '\\"', "} 1", "{a=\"1\"}", " 1", "\t2 3"]), max_size=12)
+_LINES = st.lists(st.tuples(st.sampled_from(["vllm:num_requests_waiting", "vllm:cache_config_info", " ", ""]), _SOUP), max_size=8)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(_SOUP.map("".join), _LINES.map(lambda lines: "\n".join(name + "".join(soup) for name, soup in lines))))
+def test_the_sample_pattern_finds_what_the_backtracking_one_finds(text: str) -> None:
+    finder = SampleFinder(["vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:cache_config_info"])
+    assert finder._pattern is not None
+    assert finder._pattern.pattern.endswith(_SAMPLE_TAIL)
+    old = re.compile(finder._pattern.pattern.removesuffix(_SAMPLE_TAIL) + _BACKTRACKING_TAIL)
+    assert [m.groups() for m in finder.samples(text)] == [m.groups() for m in old.finditer("\n" + text)]
+    for m in finder.samples(text):
+        if m.group(2):
+            assert labels_of(m.group(2)) == {k: _unescaped(v) for k, v in _BACKTRACKING_LABEL.findall(m.group(2))}
+
+
+def _unescaped(value: str) -> str:
+    return re.sub(r"\\(.)", lambda e: {"n": "\n", "\\": "\\", '"': '"'}.get(e.group(1), "\\" + e.group(1)), value)
+
+
+def test_each_cache_config_is_read_from_its_own_labels() -> None:
+    """The cache-info labels are read once per distinct text: a server whose config changes (or another
+    endpoint's) gets its own numbers, and a text too long to keep is read every time."""
+    parser = MetricsParser(DEFAULT_EXTRACTION.engines["vllm"])
+
+    def body(blocks: int, size: int, pad: int = 0) -> str:
+        info = f'vllm:cache_config_info{{block_size="{size}",num_gpu_blocks="{blocks}",x="{"y" * pad}"}} 1.0\n'
+        return MINIMAL + "\n" + info
+
+    assert (parser.parse(body(100, 16)).num_gpu_blocks, parser.parse(body(100, 16)).block_size) == (100, 16)
+    assert (parser.parse(body(200, 32)).num_gpu_blocks, parser.parse(body(200, 32)).block_size) == (200, 32)
+    assert parser.parse(body(100, 16)).num_gpu_blocks == 100
+    assert parser.parse(body(300, 64, pad=20_000)).num_gpu_blocks == 300
+    assert parser.parse(body(400, 64, pad=20_000)).num_gpu_blocks == 400
+    assert all(len(text) < 20_000 for text in parser._cache_infos)
+
+
 # -- scraper against real HTTP servers ------------------------------------------------------
 
 
@@ -262,12 +310,18 @@ class FakeVllm:
         self.hang = False
         self.hits = 0
         self.port = 0
+        self.queries: list[list[str]] = []  # each GET's name[] values
+        self.filtered: tuple[int, str] | None = None  # the answer to a GET with name[], when set
         self._runner: web.AppRunner | None = None
 
     async def _metrics(self, request: web.Request) -> web.Response:
         self.hits += 1
+        names = request.query.getall("name[]", [])
+        self.queries.append(names)
         if self.hang:
             await asyncio.Event().wait()
+        if names and self.filtered is not None:
+            return web.Response(status=self.filtered[0], text=self.filtered[1])
         return web.Response(status=self.status, text=self.body)
 
     async def start(self) -> None:
@@ -409,6 +463,75 @@ async def test_an_unchanged_body_is_not_parsed_again_but_its_metrics_are_fresh(s
     sim.body = MINIMAL  # back to the first bytes: parsed again (only the last body is remembered)
     await eventually(lambda: ep.metrics.waiting == 2)
     assert len(parsed) == 3
+
+
+VLLM_NAMES = sorted({
+    "vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc",
+    "vllm:cache_config_info", "vllm:lora_requests_info", "vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total",
+})  # fmt: skip
+
+
+async def test_the_scraper_asks_for_only_the_series_its_parser_reads(servers, running_scraper) -> None:
+    sim = await servers()
+    ds = Datastore()
+    ds.set_endpoints([sim.spec()])
+    running_scraper(ds)
+    await eventually(lambda: ds.candidates()[0].metrics.updated_at > 0 and sim.hits >= 3)
+    assert all(q == VLLM_NAMES for q in sim.queries), sim.queries[:3]  # every GET, not just the first
+    assert ds.candidates()[0].scrape_error is None
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [(400, "bad request"), (404, "not found"), (200, ""), (200, "# an old prometheus_client in multiprocess mode\n")],
+    ids=["400", "404", "empty", "no gauges"],
+)
+async def test_a_server_that_cannot_filter_is_asked_for_its_whole_page(servers, running_scraper, answer) -> None:
+    """A 4xx or a page without the gauges to the filtered GET: the same scrape fetches the whole page,
+    no error is recorded, and that endpoint is asked for its whole page from then on."""
+    sim = await servers()
+    sim.filtered = answer
+    ds = Datastore()
+    ds.set_endpoints([sim.spec()])
+    failures: list[str] = []
+    ds.on_scrape_failure(lambda ep, error: failures.append(error))
+    running_scraper(ds)
+    await eventually(lambda: sim.hits >= 5)
+    ep = ds.candidates()[0]
+    assert ep.metrics.running == 1 and ep.scrape_error is None and not failures
+    assert sim.queries[0] == VLLM_NAMES and all(q == [] for q in sim.queries[1:])
+
+
+async def test_a_server_error_to_the_filtered_get_is_the_servers_not_the_filters(servers, running_scraper) -> None:
+    sim = await servers()
+    sim.filtered = (503, "starting")
+    ds = Datastore()
+    ds.set_endpoints([sim.spec()])
+    running_scraper(ds)
+    await eventually(lambda: sim.hits >= 3)
+    assert ds.candidates()[0].scrape_error == f"HTTP 503 from http://{sim.spec().address}/metrics"
+    assert all(q == VLLM_NAMES for q in sim.queries)  # still filtered: a 5xx says nothing about the query
+    sim.filtered = None
+    await eventually(lambda: ds.candidates()[0].scrape_error is None)
+
+
+async def test_series_filter_off_fetches_the_whole_page(servers, running_scraper) -> None:
+    sim = await servers()
+    ds = Datastore()
+    ds.set_endpoints([sim.spec()])
+    running_scraper(ds, source=HttpSource("metrics-data-source", "/metrics"))
+    await eventually(lambda: sim.hits >= 3)
+    assert all(q == [] for q in sim.queries)
+
+
+async def test_the_filter_joins_a_configured_query(servers, running_scraper) -> None:
+    sim = await servers()
+    ds = Datastore()
+    ds.set_endpoints([sim.spec()])
+    scraper = running_scraper(ds, source=HttpSource("metrics-data-source", "/metrics?x=1", series_filter=True))
+    await eventually(lambda: sim.hits >= 2)
+    assert scraper.url(ds.candidates()[0]).startswith(f"http://{sim.spec().address}/metrics?x=1&name%5B%5D=")
+    assert sim.queries[0] == VLLM_NAMES
 
 
 async def test_a_redirect_is_an_error_with_its_status_not_followed(servers, running_scraper) -> None:

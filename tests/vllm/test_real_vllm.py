@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from openai import OpenAI
 
 from extproc.datalayer.datastore import Datastore
 from extproc.datalayer.kv_events import KV_EVENTS_PORT_LABEL, KVEventSubscriber
-from extproc.datalayer.scraper import parse_vllm_metrics
+from extproc.datalayer.scraper import MetricsScraper, parse_vllm_metrics
 from extproc.devstack.stack import LocalStack, StackOptions
 from pickers.framework.endpoint import EndpointSpec
 from pickers.indexes.kv_blocks import KVBlockIndex, request_keys
@@ -67,6 +68,26 @@ def test_the_scraper_parses_real_metrics(vllm_server: VllmServer):
     m = parse_vllm_metrics(vllm_server.metrics_text())
     assert m.block_size == BLOCK_SIZE and m.num_gpu_blocks and m.num_gpu_blocks >= 64
     assert 0.0 <= m.kv_usage <= 1.0 and m.waiting >= 0 and m.running >= 0
+
+
+def test_the_series_filter_asks_real_vllm_for_only_what_the_scraper_reads(vllm_server: VllmServer):
+    """metrics-data-source's seriesFilter (on by default): vLLM serves /metrics with prometheus_client,
+    which honours `name[]`; the page is a fraction of the whole one and reads the same."""
+    ds = Datastore()
+    ds.set_endpoints([EndpointSpec(name="real", host="127.0.0.1", port=vllm_server.port)])
+    ep = ds.candidates()[0]
+    scraper = MetricsScraper(ds)
+    url = scraper.url(ep)
+    assert "?name%5B%5D=" in url
+    with urllib.request.urlopen(url, timeout=10) as r:
+        filtered = r.read().decode()
+    whole = vllm_server.metrics_text()
+    served = {line.split("{")[0].split(" ")[0] for line in filtered.splitlines() if line and not line.startswith("#")}
+    parser = scraper.parser_for(ep)
+    assert {"vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", "vllm:cache_config_info"} <= served
+    assert served <= set(parser.names)
+    assert len(filtered) * 5 < len(whole), (len(filtered), len(whole))
+    assert parser.parse(filtered) == parser.parse(whole)  # an idle server: the same values
 
 
 async def test_real_events_are_decoded_and_indexed(vllm_server: VllmServer):

@@ -38,9 +38,12 @@ class HttpSource:
     # are); False for an exporter beside the model server, which is found at `port` alone
     endpoint_overrides: bool = True
     use_node_address: bool = False  # fetch from the endpoint's node IP (a DaemonSet), else its own IP
+    # ask for only the series the extractor reads (`?name[]=...`, which Prometheus client libraries
+    # honour); metrics-data-source's `seriesFilter`
+    series_filter: bool = False
 
 
-DEFAULT_METRICS_SOURCE = HttpSource("metrics-data-source", "/metrics")
+DEFAULT_METRICS_SOURCE = HttpSource("metrics-data-source", "/metrics", series_filter=True)
 DEFAULT_MODELS_SOURCE = HttpSource("models-data-source", "/v1/models")
 DCGM_PORT = 9400  # the DCGM exporter's default port
 DEFAULT_DCGM_SOURCE = HttpSource("dcgm-data-source", "/metrics", port=DCGM_PORT, endpoint_overrides=False)
@@ -96,7 +99,8 @@ class MetricsDataSource(DataSource):
 
     @classmethod
     def from_config(cls, name: str, p: Params, ctx: PluginContext) -> MetricsDataSource:
-        return cls(name, read_http_source(name, p, DEFAULT_METRICS_SOURCE.path, takes_port=True))
+        source = read_http_source(name, p, DEFAULT_METRICS_SOURCE.path, takes_port=True)
+        return cls(name, replace(source, series_filter=p.flag("seriesFilter", DEFAULT_METRICS_SOURCE.series_filter)))
 
 
 PEER_METRICS_MAX_BYTES = 8 << 20  # llm-d's cap on a peer cluster's metrics answer
