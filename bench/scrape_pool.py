@@ -2,14 +2,16 @@
 
 A server process answers `GET /metrics` on N loopback ports with vLLM 0.32's exposition
 (tests/fixtures/vllm-0.32-metrics.txt, ~50 KB) whose gauges and counters change on every answer, as
-under load, so every body is parsed; it honours `?name[]=` as vLLM's prometheus_client does. Each
+under load, so every body is parsed; like vLLM, it honours `name[]` at `/metrics/` (prometheus_client's
+app there), not at the exact `/metrics`. Each
 size is measured with the whole page (`seriesFilter: false`) and with the series filter (the default). This process runs the EPP's own `MetricsScraper` (its keep-alive
 HTTP client, the vLLM parser, the datastore's update) over N endpoints at the EPP's default 50 ms
 interval, on uvloop, for a few seconds per pool size, and prints:
 - scrapes/s done against the wanted N / interval, and this process's CPU per scrape and cores used;
 - the metrics' age seen by a pick (sampled every 20 ms over 64 endpoints) and the event loop's lag
   (a 10 ms ticker's lateness): what a pick waits behind the scraping;
-- the parts of one scrape in process: the parse of the 50 KB body, and the datastore's update.
+- the parts of one scrape in process: the parse of the page, and the rest of the scrape's work;
+- at a size that wants more than --max-scrape-rate's default (5,000 fetches/s), the scraper with it.
 The server shares the machine's cores: where it cannot keep up, scrapes/s fall short for both codes
 alike; CPU per scrape is this process's alone. --baseline CHECKOUT measures another checkout's
 scraper against the same server, each size right before this one's.
@@ -49,7 +51,7 @@ _CHANGING = re.compile(
 
 def only(text: str, names: frozenset[str]) -> str:
     """The exposition's samples of these names, with their families' HELP and TYPE lines: what
-    prometheus_client serves for `?name[]=...` (vLLM's /metrics)."""
+    prometheus_client serves for `?name[]=...` (vLLM's /metrics/)."""
     kept = []
     for line in text.splitlines(keepends=True):
         if line.startswith("#"):
@@ -91,7 +93,9 @@ class _Answers:
         self.turn = 0
 
     def next(self, target: str) -> bytes:
-        query = target.partition("?")[2]
+        path, _, query = target.partition("?")
+        if not path.endswith("/"):  # as vLLM: its exact /metrics ignores the query, /metrics/ honours it
+            query = ""
         answers = self._by_query.get(query)
         if answers is None:
             names = frozenset(v for k, v in parse_qsl(query) if k == "name[]")
@@ -136,9 +140,9 @@ def _run(coro):  # type: ignore[no-untyped-def]
     return uvloop.run(coro)
 
 
-async def scrape(ports: Sequence[int], seconds: float, series_filter: bool | None) -> dict[str, float]:
+async def scrape(ports: Sequence[int], seconds: float, series_filter: bool | None, max_rate: float | None = None) -> dict[str, float]:
     """The EPP's scraper over these ports for `seconds` (after one interval's warm-up); `series_filter`
-    None: the code's default source."""
+    None: the code's default source; `max_rate`: --max-scrape-rate."""
     from extproc.datalayer.datastore import Datastore
     from extproc.datalayer.scraper import MetricsScraper
     from pickers.framework.endpoint import EndpointSpec
@@ -153,7 +157,7 @@ async def scrape(ports: Sequence[int], seconds: float, series_filter: bool | Non
         from pickers.plugins.datalayer.sources import DEFAULT_METRICS_SOURCE
 
         source = replace(DEFAULT_METRICS_SOURCE, series_filter=series_filter)
-        scraper = MetricsScraper(ds, interval=INTERVAL, timeout=5.0, source=source)
+        scraper = MetricsScraper(ds, interval=INTERVAL, timeout=5.0, source=source, max_rate=max_rate)
     task = asyncio.create_task(scraper.run())
     eps = ds.candidates()
     ages: list[float] = []
@@ -217,8 +221,8 @@ def parts(series_filter: bool | None, rounds: int = 200) -> dict[str, float]:
     return {"parse_us": parse, "take_us": take, "bytes": sum(map(len, answers)) / len(answers)}
 
 
-def measure(ports: Sequence[int], seconds: float, series_filter: bool | None = None) -> dict[str, object]:
-    return {"run": _run(scrape(ports, seconds, series_filter)), "parts": parts(series_filter)}
+def measure(ports: Sequence[int], seconds: float, series_filter: bool | None = None, max_rate: float | None = None) -> dict[str, object]:
+    return {"run": _run(scrape(ports, seconds, series_filter, max_rate)), "parts": parts(series_filter)}
 
 
 def _baseline(path: str, ports: Sequence[int], seconds: float) -> dict[str, object]:
@@ -254,6 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         json.dump(measure(json.loads(args.json), seconds), sys.stdout)
         return 0
+    from pickers.plugins.datalayer.sources import DEFAULT_MAX_SCRAPE_RATE  # here: a --baseline child's code may not have it
+
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else ([10, 100] if args.quick else list(SIZES))
     rows = []
     for n in sizes:
@@ -266,6 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows.append(_row(f"{n:,} baseline", n, _baseline(args.baseline, ports, seconds)))
             rows.append(_row(f"{n:,} whole page", n, measure(ports, seconds, series_filter=False)))
             rows.append(_row(f"{n:,} series filter", n, measure(ports, seconds, series_filter=True)))
+            if n / INTERVAL > DEFAULT_MAX_SCRAPE_RATE:
+                rows.append(_row(f"{n:,} filter + rate cap", n, measure(ports, seconds, series_filter=True, max_rate=DEFAULT_MAX_SCRAPE_RATE)))
         finally:
             assert server.stdin is not None
             server.stdin.close()
@@ -274,10 +282,12 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{seconds:g} s per size on uvloop")  # fmt: skip
     print(table(["endpoints, page", "KB", "wanted /s", "scrapes /s", "CPU µs / scrape", "cores", "age p50 / p99 ms",
                  "loop lag p99 ms", "parse µs", "take µs"], rows))  # fmt: skip
-    print("  (whole page: seriesFilter false; series filter: the default, ?name[]= for the parser's series, which")
-    print("   the server honours as vLLM's prometheus_client does; KB: the page; CPU: this process's, the server's not")
+    print("  (whole page: seriesFilter false; series filter: the default, /metrics/?name[]= for the parser's series,")
+    print("   which the server honours as vLLM does; KB: the page; CPU: this process's, the server's not")
     print("   counted; age: now - the metrics' updated_at at a pick; parse: the vLLM parser on one page; take: a")
-    print("   scrape's work after the fetch: hash, parse, the datastore's update)")
+    print("   scrape's work after the fetch: hash, parse, the datastore's update; rate cap: --max-scrape-rate's")
+    print(f"   default {DEFAULT_MAX_SCRAPE_RATE:g}/s, where the pool wants more: each endpoint every endpoints/cap seconds;")
+    print("   the other rows run uncapped)")
     return 0
 
 

@@ -157,6 +157,7 @@ class SimServer:
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/metrics/", self._metrics)
         if self.config.control_port is None:
             self._add_control_routes(app)
         return app
@@ -553,7 +554,10 @@ class SimServer:
         return web.Response(status=200)
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = SimMetrics.render_merged([rank.metrics for rank in self.ranks], request.query.getall("name[]", ()))
+        # as vLLM: its exact /metrics (prometheus-fastapi-instrumentator's handler) ignores the query;
+        # /metrics/ (prometheus_client's ASGI app) serves only the series named by `name[]`
+        names = request.query.getall("name[]", ()) if request.path.endswith("/") else ()
+        body = SimMetrics.render_merged([rank.metrics for rank in self.ranks], names)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     # ---- simulator control -----------------------------------------------------------------

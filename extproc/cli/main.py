@@ -26,6 +26,7 @@ from extproc.handlers.request_stream import (
 from extproc.observability.logs import LOG_FORMATS
 from pickers.config.strategies import CONFIGS, DEFAULT_STRATEGY, STRATEGIES
 from pickers.framework.errors import ConfigError
+from pickers.plugins.datalayer.sources import DEFAULT_MAX_SCRAPE_RATE
 
 if TYPE_CHECKING:
     from extproc.observability.audit import AuditOptions
@@ -48,6 +49,17 @@ def _duration(text: str) -> float:
         return _positive_float(t)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a duration like 50ms, 2s or 0.5, got {text!r}") from None
+
+
+def _scrape_rate(text: str) -> float:
+    """Fetches a second, or 0 for no cap."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected fetches a second (a number, 0 for no cap), got {text!r}")
+    return value
 
 
 def _duration_or_off(text: str) -> float:
@@ -96,6 +108,10 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
         help="endpoints to return per request: the first is primary, the rest ordered fallbacks (default 1)",
     )  # fmt: skip
     p.add_argument("--refresh-metrics-interval", type=_duration, default=0.05, help="metrics scrape interval (default 50ms)")
+    p.add_argument("--max-scrape-rate", type=_scrape_rate, default=DEFAULT_MAX_SCRAPE_RATE, metavar="PER_SECOND",
+                   help="the most fetches a second each HTTP data source (metrics, /v1/models, DCGM) makes over all "
+                        "endpoints; past it each endpoint is polled every endpoints/rate seconds instead, so polling a "
+                        "large pool cannot take the whole event loop (default %(default)g; 0: no cap)")  # fmt: skip
     p.add_argument(
         "--metrics-staleness-threshold", type=_duration, default=2.0, help="metrics older than this are stale (default 2s)"
     )
@@ -429,6 +445,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config_reload_interval=args.config_reload_interval,
         max_endpoints=args.max_num_endpoints,
         refresh_metrics_interval=args.refresh_metrics_interval,
+        max_scrape_rate=args.max_scrape_rate,
         metrics_staleness_threshold=args.metrics_staleness_threshold,
         max_body_bytes=args.max_body_bytes,
         max_request_headers=args.max_request_headers,

@@ -68,8 +68,9 @@ class DcgmScraper(EndpointPoller):
         timeout: float = 1.0,
         source: HttpSource = DEFAULT_DCGM_SOURCE,
         session_factory: Callable[[], aiohttp.ClientSession] | None = None,
+        max_rate: float | None = None,
     ) -> None:
-        super().__init__(datastore, source, interval=interval, timeout=timeout, session_factory=session_factory)
+        super().__init__(datastore, source, interval=interval, timeout=timeout, session_factory=session_factory, max_rate=max_rate)
 
     def take(self, ep: Endpoint, body: bytes) -> None:
         value = parse_gpu_utilization(body.decode("utf-8", errors="replace"), ep.spec.pod_name)

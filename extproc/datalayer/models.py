@@ -54,8 +54,9 @@ class ModelsPoller(EndpointPoller):
         timeout: float = 1.0,
         source: HttpSource = DEFAULT_MODELS_SOURCE,
         session_factory: Callable[[], aiohttp.ClientSession] | None = None,
+        max_rate: float | None = None,
     ) -> None:
-        super().__init__(datastore, source, interval=interval, timeout=timeout, session_factory=session_factory)
+        super().__init__(datastore, source, interval=interval, timeout=timeout, session_factory=session_factory, max_rate=max_rate)
 
     def take(self, ep: Endpoint, body: bytes) -> None:
         self.datastore.update_served_models(ep.address, parse_models(body))

@@ -403,10 +403,15 @@ class EndpointPoller:
         interval: float,
         timeout: float,
         session_factory: Callable[[], aiohttp.ClientSession] | None = None,
+        max_rate: float | None = None,
     ) -> None:
         self.datastore = datastore
         self.source = source
         self.interval = interval
+        # the most fetches a second over all endpoints (--max-scrape-rate); None: no cap. Past it each
+        # endpoint's period stretches (see `period`), so the event loop never does nothing but poll.
+        self.max_rate = max_rate
+        self._capped = False  # the cap binds now (logged when that changes)
         self.timeout = timeout
         self._client_timeout = aiohttp.ClientTimeout(total=timeout)
         # Without a session factory (tests give one), the pollers' own keep-alive client
@@ -472,6 +477,23 @@ class EndpointPoller:
         if self._pollers.get(address) is task:
             del self._pollers[address]
 
+    def period(self) -> float:
+        """Seconds between two fetches from one endpoint: the interval, or with `max_rate` at least
+        endpoints / max_rate (logged when the cap starts and stops binding)."""
+        if self.max_rate is None:
+            return self.interval
+        stretched = len(self._pollers) / self.max_rate
+        capped = stretched > self.interval
+        if capped != self._capped:
+            self._capped = capped
+            if capped:
+                log.warning("%s %d endpoints every %gs would be %.0f fetches/s, over --max-scrape-rate %g: each endpoint "
+                            "every %.3gs instead", self.what, len(self._pollers), self.interval, len(self._pollers) / self.interval,
+                            self.max_rate, stretched)  # fmt: skip
+            else:
+                log.info("%s: %d endpoints, every %gs again (under --max-scrape-rate)", self.what, len(self._pollers), self.interval)
+        return stretched if capped else self.interval
+
     async def _poll(self, address: str, session: aiohttp.ClientSession | HttpGetter) -> None:
         failing = False
         first = True
@@ -483,9 +505,10 @@ class EndpointPoller:
             elif error is None and failing:
                 log.info("%s %s works again", self.what, ep.name)
             failing = error is not None
-            delay = self.interval - (time.monotonic() - started)
-            if first:  # spread endpoints that joined together over the interval
-                delay += random.uniform(0.0, self.interval)
+            period = self.period()
+            delay = period - (time.monotonic() - started)
+            if first:  # spread endpoints that joined together over the period
+                delay += random.uniform(0.0, period)
                 first = False
             await asyncio.sleep(max(0.0, delay))
 
@@ -561,17 +584,18 @@ class MetricsScraper(EndpointPoller):
         source: HttpSource = DEFAULT_METRICS_SOURCE,
         extraction: MetricsExtraction | PoolMetricsExtraction = DEFAULT_EXTRACTION,
         session_factory: Callable[[], aiohttp.ClientSession] | None = None,
+        max_rate: float | None = None,
     ) -> None:
-        super().__init__(datastore, source, interval=interval, timeout=timeout, session_factory=session_factory)
+        super().__init__(datastore, source, interval=interval, timeout=timeout, session_factory=session_factory, max_rate=max_rate)
         self.extraction = extraction
         self._pool = PoolMetricsParser(extraction) if isinstance(extraction, PoolMetricsExtraction) else None
         engines = extraction.engines if isinstance(extraction, MetricsExtraction) else {}
         self._parsers = {name: MetricsParser(engine) for name, engine in engines.items()}
         # With the source's series filter: per engine, the query that asks a Prometheus client library for
-        # only the series its parser reads (vLLM and SGLang serve /metrics with prometheus_client, which
-        # honours `name[]`; a server that does not sends the whole page, which parses the same). An
-        # endpoint that answers the filtered GET with a 4xx, or with a page that lacks the gauges, is
-        # asked for the whole page instead until it leaves the pool (`_whole_page`).
+        # only the series its parser reads (`url`; prometheus_client honours `name[]`, and a server that
+        # does not sends the whole page, which parses the same). An endpoint that answers the filtered
+        # GET with a 3xx or 4xx, or with a page that lacks the gauges, is asked for the whole page at the
+        # source's own URL instead, until it leaves the pool (`_whole_page`).
         self._queries = (
             {name: urlencode([("name[]", n) for n in parser.names]) for name, parser in self._parsers.items()}
             if source.series_filter and self._pool is None
@@ -589,12 +613,16 @@ class MetricsScraper(EndpointPoller):
         return self._parsers[self.extraction.engine_for(ep.labels).name]
 
     def url(self, ep: Endpoint) -> str:
+        """The source's URL; with the series filter, its path with a trailing slash and the filter's query
+        (vLLM answers its exact `/metrics` with a handler that ignores `name[]`, and `/metrics/` with
+        prometheus_client's, which honours it)."""
         url = super().url(ep)
         if not self._queries or ep.address in self._whole_page:
             return url
         assert isinstance(self.extraction, MetricsExtraction)
-        query = self._queries[self.extraction.engine_for(ep.labels).name]
-        return f"{url}{'&' if '?' in url else '?'}{query}"
+        filter_query = self._queries[self.extraction.engine_for(ep.labels).name]
+        path, _, query = url.partition("?")
+        return f"{path if path.endswith('/') else path + '/'}?{query + '&' if query else ''}{filter_query}"
 
     async def fetch(self, ep: Endpoint, session: aiohttp.ClientSession | HttpGetter) -> None:
         if not self._queries or ep.address in self._whole_page:
@@ -602,7 +630,7 @@ class MetricsScraper(EndpointPoller):
         try:
             await super().fetch(ep, session)
         except (HttpStatusError, MetricsParseError) as e:
-            if isinstance(e, HttpStatusError) and not 400 <= e.status < 500:
+            if isinstance(e, HttpStatusError) and not 300 <= e.status < 500:
                 raise  # the server's trouble (5xx), not the filter's
             log.info("%s: the series filter got %s; fetching its whole /metrics page from now on", ep.name, e)
             self._whole_page.add(ep.address)

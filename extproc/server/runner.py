@@ -66,6 +66,7 @@ from pickers.indexes.kv_blocks import IndexMetrics
 from pickers.indexes.prefix import ApproxPrefixIndex
 from pickers.latency.model import LatencyModel
 from pickers.plugins.base import PluginContext
+from pickers.plugins.datalayer.sources import DEFAULT_MAX_SCRAPE_RATE
 from pickers.plugins.producer.tokens import TokenProducer
 from pickers.plugins.scorer.affinity.precise_prefix import precise_indexes
 
@@ -108,6 +109,7 @@ class ServeOptions:
     config_reload_interval: float = RELOAD_INTERVAL  # seconds between looks at config_file for changes; 0: never reload
     max_endpoints: int = 1
     refresh_metrics_interval: float = 0.05
+    max_scrape_rate: float = DEFAULT_MAX_SCRAPE_RATE  # fetches/s per HTTP data source over all endpoints; 0: no cap
     metrics_staleness_threshold: float = 2.0
     max_body_bytes: int = DEFAULT_MAX_BODY
     # The gateway's request header limits (Envoy's max_headers_count, max_request_headers_kb), or lower:
@@ -664,15 +666,21 @@ class EppServer:
             if s.interval and abs(intervals[s.name] - s.interval) > 1e-9:
                 log.info("%s: interval %gs rounded to %gs (a multiple of the base tick)", s.name, s.interval, intervals[s.name])
         timeout = max(0.5, opts.metrics_staleness_threshold / 2)
+        rate = opts.max_scrape_rate or None
         pollers: dict[str, EndpointPoller] = {}
         if dl.metrics is not None:
             pollers["metrics-scraper"] = MetricsScraper(
-                self.datastore, interval=intervals[dl.metrics.name], timeout=timeout, source=dl.metrics, extraction=dl.extraction
-            )
+                self.datastore, interval=intervals[dl.metrics.name], timeout=timeout, source=dl.metrics, extraction=dl.extraction,
+                max_rate=rate,
+            )  # fmt: skip
         if dl.models is not None:
-            pollers["models-poller"] = ModelsPoller(self.datastore, interval=intervals[dl.models.name], timeout=timeout, source=dl.models)
+            pollers["models-poller"] = ModelsPoller(
+                self.datastore, interval=intervals[dl.models.name], timeout=timeout, source=dl.models, max_rate=rate
+            )
         if dl.dcgm is not None:
-            pollers["dcgm-scraper"] = DcgmScraper(self.datastore, interval=intervals[dl.dcgm.name], timeout=timeout, source=dl.dcgm)
+            pollers["dcgm-scraper"] = DcgmScraper(
+                self.datastore, interval=intervals[dl.dcgm.name], timeout=timeout, source=dl.dcgm, max_rate=rate
+            )
         return pollers
 
     def _add_ext_proc_port(self, server: grpc.aio.Server) -> int:

@@ -139,19 +139,21 @@ async def test_client_giving_up_on_a_non_streaming_request_aborts_it(
     assert s["running"] == 0 and s["kv_cache_usage_perc"] == 0.0
 
 
-async def test_metrics_honours_the_name_filter_as_vllms_prometheus_client_does(http: aiohttp.ClientSession, start_sim: StartSim) -> None:
-    """`/metrics?name[]=...` serves only those series (what the EPP's series filter asks for), and what
-    they say equals the whole page's."""
+async def test_metrics_slash_honours_the_name_filter_as_vllm_does(http: aiohttp.ClientSession, start_sim: StartSim) -> None:
+    """As vLLM 0.32: `/metrics/?name[]=...` (prometheus_client's app) serves only those series (what the
+    EPP's series filter asks for), saying what the whole page says; the exact `/metrics` ignores it."""
     from extproc.datalayer.scraper import parse_vllm_metrics
 
     sim = await start_sim()
     await complete(http, sim, tokens(1, 40), 2)
     names = ["vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", "vllm:prefix_cache_hits_total",
              "vllm:prefix_cache_queries_total", "vllm:cache_config_info"]  # fmt: skip
-    async with http.get(sim.url + "/metrics", params=[("name[]", n) for n in names]) as r:
+    async with http.get(sim.url + "/metrics/", params=[("name[]", n) for n in names]) as r:
         assert r.status == 200
         filtered = await r.text()
     whole = await scrape(http, sim)
+    async with http.get(sim.url + "/metrics", params=[("name[]", n) for n in names]) as r:
+        assert len(await r.text()) >= len(whole)  # the whole page
     served = {line.split("{")[0].split(" ")[0] for line in filtered.splitlines() if line and not line.startswith("#")}
     assert served == set(names)
     assert "vllm:e2e_request_latency_seconds" not in filtered and len(filtered) * 4 < len(whole)

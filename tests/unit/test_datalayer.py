@@ -5,6 +5,7 @@ extraction, llm-d's endpoints-file format, and an EPP started with a dataLayer c
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import ssl
 import time
@@ -39,7 +40,7 @@ from pickers.plugins.datalayer.extractors import (
     EngineMetrics,
     MetricSpec,
 )
-from pickers.plugins.datalayer.sources import HttpSource
+from pickers.plugins.datalayer.sources import DEFAULT_MAX_SCRAPE_RATE, HttpSource
 from pickers.plugins.filter.served_model import ServedModelFilter
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -539,3 +540,36 @@ def test_the_default_data_layer_is_not_printed(tmp_path, capsys):
 def test_loaded_config_keeps_the_typed_data_layer(tmp_path):
     cfg = load_config(_config(tmp_path / "e.yaml"), "t.yaml")
     assert cfg.data_layer.metrics is not None and cfg.data_layer.metrics.interval == pytest.approx(0.2)
+
+
+def test_the_scrape_rate_cap_stretches_every_endpoints_period_past_it(caplog):
+    """--max-scrape-rate: N endpoints every `interval` is N / interval fetches a second; past the cap each
+    endpoint is polled every N / cap seconds, logged once when the cap starts binding and when it stops."""
+    ds = Datastore()
+    scraper = MetricsScraper(ds, interval=0.05, max_rate=100.0)
+    scraper._pollers = {f"10.0.0.{i}:8000": None for i in range(4)}  # type: ignore[misc]  # 80 fetches/s: under the cap
+    assert scraper.period() == 0.05
+    scraper._pollers.update({f"10.0.1.{i}:8000": None for i in range(16)})  # type: ignore[misc]  # 20 endpoints: 400/s
+    with caplog.at_level(logging.INFO, logger="extproc.datalayer.scraper"):
+        assert scraper.period() == pytest.approx(0.2) and scraper.period() == pytest.approx(0.2)
+        scraper._pollers = {"10.0.0.1:8000": None}  # type: ignore[misc]
+        assert scraper.period() == 0.05
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2, messages
+    assert "20 endpoints every 0.05s would be 400 fetches/s, over --max-scrape-rate 100: each endpoint every 0.2s" in messages[0]
+    assert "every 0.05s again" in messages[1]
+    assert MetricsScraper(ds, interval=0.05).period() == 0.05  # no cap
+
+
+@pytest.mark.parametrize(("flag", "expected"), [(None, DEFAULT_MAX_SCRAPE_RATE), ("250", 250.0), ("0", None)])
+def test_the_scrape_rate_flag_reaches_every_poller(flag, expected):
+    args = cli.build_parser().parse_args(["serve", *(["--max-scrape-rate", flag] if flag else [])])
+    server = EppServer(ServeOptions(max_scrape_rate=args.max_scrape_rate))
+    assert server._data_pollers["metrics-scraper"].max_rate == expected
+
+
+@pytest.mark.parametrize("flag", ["-1", "fast", "inf", "nan"])
+def test_a_bad_scrape_rate_is_refused(flag, capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["serve", "--max-scrape-rate", flag])
+    assert "--max-scrape-rate: expected fetches a second (a number, 0 for no cap)" in capsys.readouterr().err

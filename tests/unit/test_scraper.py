@@ -310,23 +310,25 @@ class FakeVllm:
         self.hang = False
         self.hits = 0
         self.port = 0
-        self.queries: list[list[str]] = []  # each GET's name[] values
-        self.filtered: tuple[int, str] | None = None  # the answer to a GET with name[], when set
+        self.gets: list[tuple[str, list[str]]] = []  # each GET's path and name[] values
+        self.filtered: tuple[int, str] | None = None  # the answer to GET /metrics/, when set
         self._runner: web.AppRunner | None = None
 
     async def _metrics(self, request: web.Request) -> web.Response:
         self.hits += 1
-        names = request.query.getall("name[]", [])
-        self.queries.append(names)
+        self.gets.append((request.path, request.query.getall("name[]", [])))
         if self.hang:
             await asyncio.Event().wait()
-        if names and self.filtered is not None:
+        if request.path == "/metrics/" and self.filtered is not None:
             return web.Response(status=self.filtered[0], text=self.filtered[1])
         return web.Response(status=self.status, text=self.body)
 
-    async def start(self) -> None:
+    async def start(self, slash: bool = True) -> None:
+        """slash: also serve /metrics/ (where vLLM honours the series filter); the same page here."""
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
+        if slash:
+            app.router.add_get("/metrics/", self._metrics)
         self._runner = web.AppRunner(app, shutdown_timeout=0.1)
         await self._runner.setup()
         sock = socket.socket()
@@ -346,9 +348,9 @@ class FakeVllm:
 async def servers() -> AsyncIterator[Callable[[], asyncio.Future[FakeVllm]]]:
     started: list[FakeVllm] = []
 
-    async def make() -> FakeVllm:
+    async def make(slash: bool = True) -> FakeVllm:
         server = FakeVllm()
-        await server.start()
+        await server.start(slash)
         started.append(server)
         return server
 
@@ -477,19 +479,20 @@ async def test_the_scraper_asks_for_only_the_series_its_parser_reads(servers, ru
     ds.set_endpoints([sim.spec()])
     running_scraper(ds)
     await eventually(lambda: ds.candidates()[0].metrics.updated_at > 0 and sim.hits >= 3)
-    assert all(q == VLLM_NAMES for q in sim.queries), sim.queries[:3]  # every GET, not just the first
+    assert all(get == ("/metrics/", VLLM_NAMES) for get in sim.gets), sim.gets[:3]  # every GET, not just the first
     assert ds.candidates()[0].scrape_error is None
 
 
 @pytest.mark.parametrize(
     "answer",
-    [(400, "bad request"), (404, "not found"), (200, ""), (200, "# an old prometheus_client in multiprocess mode\n")],
-    ids=["400", "404", "empty", "no gauges"],
-)
+    [(400, "bad request"), (404, "not found"), (307, ""), (200, ""), (200, "# an old prometheus_client in multiprocess mode\n"), None],
+    ids=["400", "404", "redirect", "empty", "no gauges", "no /metrics/ route"],
+)  # fmt: skip
 async def test_a_server_that_cannot_filter_is_asked_for_its_whole_page(servers, running_scraper, answer) -> None:
-    """A 4xx or a page without the gauges to the filtered GET: the same scrape fetches the whole page,
-    no error is recorded, and that endpoint is asked for its whole page from then on."""
-    sim = await servers()
+    """A 3xx or 4xx, or a page without the gauges, to the filtered GET: the same scrape fetches the whole
+    page at the source's URL, no error is recorded, and that endpoint is asked for its whole page from
+    then on."""
+    sim = await servers(slash=answer is not None)
     sim.filtered = answer
     ds = Datastore()
     ds.set_endpoints([sim.spec()])
@@ -499,7 +502,8 @@ async def test_a_server_that_cannot_filter_is_asked_for_its_whole_page(servers, 
     await eventually(lambda: sim.hits >= 5)
     ep = ds.candidates()[0]
     assert ep.metrics.running == 1 and ep.scrape_error is None and not failures
-    assert sim.queries[0] == VLLM_NAMES and all(q == [] for q in sim.queries[1:])
+    filtered = [("/metrics/", VLLM_NAMES)] if answer is not None else []  # aiohttp answers the 404 itself
+    assert sim.gets[: len(filtered)] == filtered and all(get == ("/metrics", []) for get in sim.gets[len(filtered) :])
 
 
 async def test_a_server_error_to_the_filtered_get_is_the_servers_not_the_filters(servers, running_scraper) -> None:
@@ -510,7 +514,7 @@ async def test_a_server_error_to_the_filtered_get_is_the_servers_not_the_filters
     running_scraper(ds)
     await eventually(lambda: sim.hits >= 3)
     assert ds.candidates()[0].scrape_error == f"HTTP 503 from http://{sim.spec().address}/metrics"
-    assert all(q == VLLM_NAMES for q in sim.queries)  # still filtered: a 5xx says nothing about the query
+    assert all(get == ("/metrics/", VLLM_NAMES) for get in sim.gets)  # still filtered: a 5xx says nothing of the query
     sim.filtered = None
     await eventually(lambda: ds.candidates()[0].scrape_error is None)
 
@@ -521,7 +525,7 @@ async def test_series_filter_off_fetches_the_whole_page(servers, running_scraper
     ds.set_endpoints([sim.spec()])
     running_scraper(ds, source=HttpSource("metrics-data-source", "/metrics"))
     await eventually(lambda: sim.hits >= 3)
-    assert all(q == [] for q in sim.queries)
+    assert all(get == ("/metrics", []) for get in sim.gets)
 
 
 async def test_the_filter_joins_a_configured_query(servers, running_scraper) -> None:
@@ -530,8 +534,8 @@ async def test_the_filter_joins_a_configured_query(servers, running_scraper) -> 
     ds.set_endpoints([sim.spec()])
     scraper = running_scraper(ds, source=HttpSource("metrics-data-source", "/metrics?x=1", series_filter=True))
     await eventually(lambda: sim.hits >= 2)
-    assert scraper.url(ds.candidates()[0]).startswith(f"http://{sim.spec().address}/metrics?x=1&name%5B%5D=")
-    assert sim.queries[0] == VLLM_NAMES
+    assert scraper.url(ds.candidates()[0]).startswith(f"http://{sim.spec().address}/metrics/?x=1&name%5B%5D=")
+    assert sim.gets[0] == ("/metrics/", VLLM_NAMES)
 
 
 async def test_a_redirect_is_an_error_with_its_status_not_followed(servers, running_scraper) -> None:

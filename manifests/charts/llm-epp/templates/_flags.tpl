@@ -33,6 +33,7 @@ config-text: value
 config-reload-interval: value
 max-num-endpoints: value
 refresh-metrics-interval: value
+max-scrape-rate: value
 metrics-staleness-threshold: value
 max-body-bytes: value
 max-request-headers: value
