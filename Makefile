@@ -44,6 +44,7 @@ bench: setup
 	$(BIN)/python -m bench.replicas
 	$(BIN)/python -m bench.flow_control
 	$(BIN)/python -m bench.latency_model
+	$(BIN)/python -m bench.scrape_pool
 
 # The Python code of the protos we own (protos/README.md), regenerated and committed: grpcio-tools 1.74
 # writes code for protobuf >= 6.31.1 and grpcio >= 1.74 (as xds-protos' is), so it runs on every runtime
