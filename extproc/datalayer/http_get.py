@@ -110,6 +110,11 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def expire(self, answer: asyncio.Future[tuple[int, bytes]]) -> None:
+        """The GET's deadline passed: it fails with TimeoutError (if that answer is still awaited)."""
+        if answer is self._waiter and not answer.done():
+            answer.set_exception(TimeoutError("no complete answer within the timeout"))
+
     def _fail(self, error: Exception) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -260,22 +265,25 @@ class HttpGetter:
             target = self._targets[url] = _Target(parts.scheme, host, port, request)
         return target
 
-    async def get(self, url: str) -> tuple[int, bytes]:
-        """One GET; raises HttpGetError, OSError (connect), ssl.SSLError. Cancel it for a timeout: the
-        connection it used is then closed."""
+    async def get(self, url: str, timeout: float | None = None) -> tuple[int, bytes]:
+        """One GET; raises HttpGetError, OSError (connect), ssl.SSLError, and TimeoutError when the answer
+        is not complete `timeout` seconds after the call (one timer on the loop, not a timeout context
+        per fetch: the pollers make thousands a second). Cancelling it works too. Either way the
+        connection it used is closed."""
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         target = self._target(url)
         key = (target.scheme, target.host, target.port)
         conn = self._idle.pop(key, None)
         reused = conn is not None and not conn.closed
         if conn is None or conn.closed:
-            conn = await self._connect(target)
+            conn = await self._connect(target, deadline)
         try:
-            answer = await self._send(conn, target)
+            answer = await self._send(conn, target, deadline)
         except _ClosedUnanswered:
             if not reused:
                 raise
-            conn = await self._connect(target)  # the server had closed the idle connection: once more
-            answer = await self._send(conn, target)
+            conn = await self._connect(target, deadline)  # the server had closed the idle connection: once more
+            answer = await self._send(conn, target, deadline)
         if not conn.closed:
             old = self._idle.get(key)
             if old is not None:
@@ -283,26 +291,34 @@ class HttpGetter:
             self._idle[key] = conn
         return answer
 
-    async def _send(self, conn: _Connection, target: _Target) -> tuple[int, bytes]:
+    async def _send(self, conn: _Connection, target: _Target, deadline: float | None) -> tuple[int, bytes]:
         self._busy.add(conn)
+        answer = conn.send(target.request)
+        timer = None if deadline is None else asyncio.get_running_loop().call_at(deadline, conn.expire, answer)
         try:
-            return await conn.send(target.request)
+            return await answer
         except BaseException:
             conn.close()
             raise
         finally:
+            if timer is not None:
+                timer.cancel()
             self._busy.discard(conn)
 
-    async def _connect(self, target: _Target) -> _Connection:
+    async def _connect(self, target: _Target, deadline: float | None) -> _Connection:
         loop = asyncio.get_running_loop()
         ssl_arg: ssl.SSLContext | None = None
         if target.scheme == "https":
             ssl_arg = self.ssl_ctx if self.ssl_ctx is not None else ssl.create_default_context()
         cap = self.max_bytes
-        _, conn = await loop.create_connection(
-            lambda: _Connection(cap), target.host, target.port, ssl=ssl_arg,
-            server_hostname=target.host if ssl_arg is not None else None,
-        )  # fmt: skip
+        try:
+            async with asyncio.timeout_at(deadline):  # connects are rare: a kept-alive connection is reused
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(cap), target.host, target.port, ssl=ssl_arg,
+                    server_hostname=target.host if ssl_arg is not None else None,
+                )  # fmt: skip
+        except TimeoutError:
+            raise TimeoutError("no connection within the timeout") from None
         return conn
 
     def drop(self, url: str) -> None:

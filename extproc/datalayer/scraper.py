@@ -534,8 +534,7 @@ class EndpointPoller:
         url = self.url(ep)
         if isinstance(session, HttpGetter):
             self._urls[ep.address] = url
-            async with asyncio.timeout(self.timeout):
-                status, body = await session.get(url)
+            status, body = await session.get(url, self.timeout)
             if status != 200:
                 raise HttpStatusError(status, EndpointPoller.url(self, ep))
         else:

@@ -186,6 +186,30 @@ async def test_a_server_that_never_answers_is_cancelled_by_the_timeout_and_its_c
     assert srv.connections == 2
 
 
+async def test_a_server_that_never_answers_times_out_by_the_gets_own_timer(client: HttpGetter) -> None:
+    """get(url, timeout): TimeoutError on the kept-alive connection too (not only on a fresh one), that
+    connection closed, and the next GET answered on a new one; a GET answered in time leaves no timer."""
+    async with Server(lambda c, n: OK if (c, n) != (1, 2) else ...) as srv:
+        assert await get(client, srv.url) == (200, b"hello")
+        with pytest.raises(TimeoutError, match="no complete answer within the timeout"):  # not wait_for's
+            await asyncio.wait_for(client.get(srv.url, 0.2), 5)  # the second request on connection 1: never answered
+        assert await client.get(srv.url, 5.0) == (200, b"hello")
+    assert srv.connections == 2
+    loop = asyncio.get_running_loop()
+    assert not [h for h in getattr(loop, "_scheduled", []) if not h.cancelled() and "expire" in repr(h)]
+
+
+async def test_a_connect_that_hangs_times_out(client: HttpGetter, monkeypatch) -> None:
+    loop = asyncio.get_running_loop()
+
+    async def hang(*args, **kwargs):  # a SYN to a host that drops it
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(loop, "create_connection", hang)
+    with pytest.raises(TimeoutError, match="no connection within the timeout"):
+        await asyncio.wait_for(client.get("http://10.255.255.1:8000/metrics", 0.1), 5)
+
+
 async def test_a_refused_connection_is_an_os_error(client: HttpGetter) -> None:
     async with Server(lambda c, n: OK) as srv:
         url = srv.url
