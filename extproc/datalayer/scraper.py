@@ -290,7 +290,8 @@ class PoolMetricsParser:
 
     def __init__(self, extraction: PoolMetricsExtraction) -> None:
         self.specs = (extraction.kv_usage, extraction.queue)
-        self._finder = SampleFinder(spec.name for spec in self.specs)
+        self.names = tuple(sorted({spec.name for spec in self.specs}))  # every metric name it reads
+        self._finder = SampleFinder(self.names)
         self._keys = tuple(self._finder.key(spec.name) for spec in self.specs)
 
     def parse(self, text: str) -> Metrics:
@@ -324,6 +325,8 @@ class PoolMetricsParser:
 
 
 class Parser(Protocol):
+    names: tuple[str, ...]  # the metric names it reads (the series filter asks for these)
+
     def parse_with_attributes(self, text: str) -> tuple[Metrics, dict[str, float]]: ...
 
 
@@ -595,11 +598,10 @@ class MetricsScraper(EndpointPoller):
         # does not sends the whole page, which parses the same). An endpoint that answers the filtered
         # GET with a 3xx or 4xx, or with a page that lacks the gauges, is asked for the whole page at the
         # source's own URL instead, until it leaves the pool (`_whole_page`).
-        self._queries = (
-            {name: urlencode([("name[]", n) for n in parser.names]) for name, parser in self._parsers.items()}
-            if source.series_filter and self._pool is None
-            else {}
-        )
+        parsers: list[Parser] = [*self._parsers.values(), *([self._pool] if self._pool is not None else [])]
+        self._queries: dict[int, str] = (
+            {id(parser): urlencode([("name[]", n) for n in parser.names]) for parser in parsers} if source.series_filter else {}
+        )  # by id(parser)
         self._whole_page: set[str] = set()
         # per endpoint: the last body's length and xxh3 hash, the parser that read it, and what it read
         # (see `take`; a digest, not the body: 1,000 endpoints' bodies would be tens of MB)
@@ -618,8 +620,7 @@ class MetricsScraper(EndpointPoller):
         url = super().url(ep)
         if not self._queries or ep.address in self._whole_page:
             return url
-        assert isinstance(self.extraction, MetricsExtraction)
-        filter_query = self._queries[self.extraction.engine_for(ep.labels).name]
+        filter_query = self._queries[id(self.parser_for(ep))]
         path, _, query = url.partition("?")
         return f"{path if path.endswith('/') else path + '/'}?{query + '&' if query else ''}{filter_query}"
 

@@ -231,6 +231,19 @@ def test_the_parser_reads_the_pool_aggregates_as_floats_and_the_stock_fields_rou
     assert (m.kv_usage, m.waiting) == (0.25, 2)  # for the saturation detector and the views
 
 
+def test_the_series_filter_asks_a_peer_for_its_two_pool_gauges_only_where_the_source_says_so():
+    """multicluster-metrics-data-source fetches the whole page (llm-d's; it has no seriesFilter), a
+    metrics-data-source with the pool extractor asks for the two gauges as it does for an engine's."""
+    ds = Datastore()
+    ds.set_endpoints([EndpointSpec(name="peer", host="10.0.0.9", port=443)])
+    ep = ds.candidates()[0]
+    peer = MetricsScraper(ds, source=HttpSource("multicluster-metrics-data-source", "/metrics", "https"), extraction=PoolMetricsExtraction())
+    assert peer.url(ep) == "https://10.0.0.9:443/metrics"
+    filtered = MetricsScraper(ds, source=HttpSource("m", "/metrics", series_filter=True), extraction=PoolMetricsExtraction())
+    assert filtered.url(ep) == ("http://10.0.0.9:443/metrics/?name%5B%5D=llm_d_epp_average_kv_cache_utilization"
+                                "&name%5B%5D=llm_d_epp_average_queue_size")  # fmt: skip
+
+
 def test_the_parser_averages_several_series_unless_a_label_selects_one():
     text = POOL + 'llm_d_epp_average_queue_size{name="pool-b"} 5.6\nllm_d_epp_average_kv_cache_utilization{name="pool-b"} 0.75\n'
     assert PoolMetricsParser(PoolMetricsExtraction()).parse(text).pool_queue == pytest.approx(4.0)
