@@ -6,7 +6,8 @@ under load, so every body is parsed; like vLLM, it honours `name[]` at `/metrics
 app there), not at the exact `/metrics`. Each
 size is measured with the whole page (`seriesFilter: false`) and with the series filter (the default). This process runs the EPP's own `MetricsScraper` (its keep-alive
 HTTP client, the vLLM parser, the datastore's update) over N endpoints at the EPP's default 50 ms
-interval, on uvloop, for a few seconds per pool size, and prints:
+interval, on uvloop, for a few seconds per pool size (after `gc.freeze()`, as `epp serve` does once it
+has started), and prints:
 - scrapes/s done against the wanted N / interval, and this process's CPU per scrape and cores used;
 - the metrics' age seen by a pick (sampled every 20 ms over 64 endpoints) and the event loop's lag
   (a 10 ms ticker's lateness): what a pick waits behind the scraping;
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import random
@@ -177,12 +179,15 @@ async def scrape(ports: Sequence[int], seconds: float, series_filter: bool | Non
                 ages.append(ep.metrics_age(now))
 
     await asyncio.sleep(2 * INTERVAL)  # every poller started and connected
+    gc.collect()
+    gc.freeze()  # as `epp serve` does once it has started: what lives on leaves the cyclic GC's way
     cpu, wall, done = time.process_time(), time.monotonic(), updates[0]
     stop = wall + seconds
     await asyncio.gather(ticker(stop), sampler(stop))
     cpu, wall, done = time.process_time() - cpu, time.monotonic() - wall, updates[0] - done
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+    gc.unfreeze()
     ages = [a for a in ages if a != float("inf")]
     return {
         "scrapes_s": done / wall,

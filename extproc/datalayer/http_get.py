@@ -45,8 +45,9 @@ class _Target:
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; one request at a time. `answer` resolves to (status, body)."""
 
-    def __init__(self, cap: int | None) -> None:
+    def __init__(self, cap: int | None, loop: asyncio.AbstractEventLoop) -> None:
         self.cap = cap
+        self.loop = loop
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self._buf = bytearray()
@@ -101,7 +102,7 @@ class _Connection(asyncio.Protocol):
         self._reset()
         self._buf.clear()
         self._received = False
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._waiter = self.loop.create_future()
         self.transport.write(request)
         return self._waiter
 
@@ -242,6 +243,7 @@ class HttpGetter:
         self.max_bytes = max_bytes
         self._targets: dict[str, _Target] = {}
         self._idle: dict[tuple[str, str, int], _Connection] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop it runs on (one client per loop)
         self._busy: set[_Connection] = set()
 
     def _target(self, url: str) -> _Target:
@@ -270,7 +272,10 @@ class HttpGetter:
         is not complete `timeout` seconds after the call (one timer on the loop, not a timeout context
         per fetch: the pollers make thousands a second). Cancelling it works too. Either way the
         connection it used is closed."""
-        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        loop = self._loop
+        if loop is None:  # each asyncio.get_running_loop() is a getpid() on Python 3.11: once per client
+            loop = self._loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         target = self._target(url)
         key = (target.scheme, target.host, target.port)
         conn = self._idle.pop(key, None)
@@ -294,7 +299,7 @@ class HttpGetter:
     async def _send(self, conn: _Connection, target: _Target, deadline: float | None) -> tuple[int, bytes]:
         self._busy.add(conn)
         answer = conn.send(target.request)
-        timer = None if deadline is None else asyncio.get_running_loop().call_at(deadline, conn.expire, answer)
+        timer = None if deadline is None else conn.loop.call_at(deadline, conn.expire, answer)
         try:
             return await answer
         except BaseException:
@@ -307,6 +312,7 @@ class HttpGetter:
 
     async def _connect(self, target: _Target, deadline: float | None) -> _Connection:
         loop = asyncio.get_running_loop()
+        self._loop = loop
         ssl_arg: ssl.SSLContext | None = None
         if target.scheme == "https":
             ssl_arg = self.ssl_ctx if self.ssl_ctx is not None else ssl.create_default_context()
@@ -314,7 +320,7 @@ class HttpGetter:
         try:
             async with asyncio.timeout_at(deadline):  # connects are rare: a kept-alive connection is reused
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(cap), target.host, target.port, ssl=ssl_arg,
+                    lambda: _Connection(cap, loop), target.host, target.port, ssl=ssl_arg,
                     server_hostname=target.host if ssl_arg is not None else None,
                 )  # fmt: skip
         except TimeoutError:

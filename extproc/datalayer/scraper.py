@@ -391,6 +391,25 @@ def source_url(source: HttpSource, ep: Endpoint) -> str:
     return f"{source.scheme}://{spec.metrics_host or host}:{port}{spec.metrics_path or source.path}"
 
 
+async def _sleep(loop: asyncio.AbstractEventLoop, delay: float) -> None:
+    """asyncio.sleep on a loop already at hand: asyncio.sleep looks it up, a getpid() each time on
+    Python 3.11, and the pollers sleep thousands of times a second."""
+    if delay <= 0:
+        await asyncio.sleep(0)
+        return
+    woken = loop.create_future()
+    timer = loop.call_later(delay, _wake, woken)
+    try:
+        await woken
+    finally:
+        timer.cancel()
+
+
+def _wake(woken: asyncio.Future[None]) -> None:
+    if not woken.done():
+        woken.set_result(None)
+
+
 class EndpointPoller:
     """Fetches `source` from every endpoint in the datastore every `interval` seconds while `run()` runs.
 
@@ -498,6 +517,7 @@ class EndpointPoller:
         return stretched if capped else self.interval
 
     async def _poll(self, address: str, session: aiohttp.ClientSession | HttpGetter) -> None:
+        loop = asyncio.get_running_loop()
         failing = False
         first = True
         while (ep := self.datastore.get(address)) is not None:
@@ -513,7 +533,7 @@ class EndpointPoller:
             if first:  # spread endpoints that joined together over the period
                 delay += random.uniform(0.0, period)
                 first = False
-            await asyncio.sleep(max(0.0, delay))
+            await _sleep(loop, delay)
 
     async def scrape_once(self, ep: Endpoint, session: aiohttp.ClientSession | HttpGetter) -> str | None:
         """Fetch from one endpoint and record the result. Returns the error, if any."""

@@ -32,7 +32,7 @@ class BodyIdleWatch:
 
     def arm(self, task: asyncio.Task[object], seconds: float) -> None:
         """`task` waits for a body chunk for at most `seconds` from now."""
-        loop = asyncio.get_running_loop()
+        loop = task.get_loop()  # not asyncio.get_running_loop(): a getpid() each call on Python 3.11
         self._due[task] = loop.time() + seconds
         if self._timer is None:
             self._step = min(MAX_STEP, max(MIN_STEP, seconds / 8))

@@ -56,6 +56,13 @@ class RemoteDirector:
         # it (and recorded the refusal itself); gone when the request is routed, refused or abandoned
         self._asked: dict[int, str] = {}
         self.lost = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # kept: each lookup is a getpid() on Python 3.11
+
+    def _future(self) -> asyncio.Future[Any]:
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop.create_future()
 
     # -- what the parent sends ----------------------------------------------------------------
     def on_message(self, msg: Any) -> None:
@@ -94,7 +101,7 @@ class RemoteDirector:
         if self.lost:
             return stream.refuse(_restarting())
         ticket = next(self._tickets)
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        fut = self._future()
         self._waiting[ticket] = fut
         raw = stream.pending_body if self.send_body else None
         self._asked[id(request)] = "asked"
@@ -164,7 +171,7 @@ class RemoteDirector:
     async def _metadata(self, ticket: int, usage: Usage | None) -> Mapping[str, Mapping[str, float]] | None:
         if self.lost:
             return None
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        fut = self._future()
         self._waiting[ticket] = fut
         self._send(ipc.Report(ticket, usage))
         try:
