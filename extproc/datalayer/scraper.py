@@ -662,12 +662,12 @@ class MetricsScraper(EndpointPoller):
         last = self._last.get(ep.address)
         digest = xxhash.xxh3_64_intdigest(body)
         if last is not None and last[0] == len(body) and last[1] == digest and last[2] is parser:
-            # the same bytes as the last scrape (an idle server): the same values, read again now
+            # the same bytes as the last scrape (an idle server): the same values, read again now, in a
+            # new object (picks may hold the one the datastore had; a handed-out object is never changed)
             metrics, custom = copy.copy(last[3]), last[4]
         else:
             metrics, custom = parser.parse_with_attributes(body.decode("utf-8", errors="replace"))
-            self._last[ep.address] = (len(body), digest, parser, metrics, custom)
-            metrics = copy.copy(metrics)  # the kept one stays as parsed: picks may hold the datastore's
+            self._last[ep.address] = (len(body), digest, parser, metrics, custom)  # stamped below, before it is handed out
         metrics.updated_at = now
         self.datastore.update_metrics(ep.address, metrics)
         if custom:  # a custom metric not found keeps its last value (llm-d logs the error and goes on)
