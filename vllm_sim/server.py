@@ -302,7 +302,7 @@ class SimServer:
     async def _inject_fault(self, request: web.Request, handler: Any) -> web.StreamResponse:
         """Faults for reliability tests; /sim/* always works so a test can heal the server.
         error: every request (metrics too) gets 503. hang: requests are accepted and never answered.
-        garbage-metrics: /metrics serves text without vLLM's gauges, the API keeps working."""
+        garbage-metrics: /metrics (and /metrics/) serves text without vLLM's gauges, the API keeps working."""
         fault = self.fault
         if fault == "none" or request.path.startswith("/sim/"):
             return await handler(request)
@@ -310,7 +310,7 @@ class SimServer:
             return _json(api.ApiError("injected fault").body(), status=503)
         if fault == "hang":
             await asyncio.Event().wait()  # until the client goes away (handler cancellation)
-        if fault == "garbage-metrics" and request.path == "/metrics":
+        if fault == "garbage-metrics" and request.path in ("/metrics", "/metrics/"):
             return web.Response(text="\x00\x01 not prometheus {{{\nvllm:num_requests_waiting{ oops\n")
         return await handler(request)
 
