@@ -552,9 +552,9 @@ class EndpointPoller:
         self.failed(ep, error)
         return error
 
-    async def fetch(self, ep: Endpoint, session: aiohttp.ClientSession | HttpGetter) -> None:
-        """GET `url(ep)` and `take` the body; raises on any failure."""
-        url = self.url(ep)
+    async def fetch(self, ep: Endpoint, session: aiohttp.ClientSession | HttpGetter, url: str | None = None) -> None:
+        """GET `url` (default `url(ep)`) and `take` the body; raises on any failure."""
+        url = url or self.url(ep)
         if isinstance(session, HttpGetter):
             self._urls[ep.address] = url
             status, body = await session.get(url, self.timeout)
@@ -616,12 +616,12 @@ class MetricsScraper(EndpointPoller):
         # With the source's series filter: per engine, the query that asks a Prometheus client library for
         # only the series its parser reads (`url`; prometheus_client honours `name[]`, and a server that
         # does not sends the whole page, which parses the same). An endpoint that answers the filtered
-        # GET with a 3xx or 4xx, or with a page that lacks the gauges, is asked for the whole page at the
-        # source's own URL instead, until it leaves the pool (`_whole_page`).
+        # GET with a 3xx or 4xx, or with a page that lacks the gauges, and whose whole page at the source's
+        # own URL reads, is asked for the whole page from then on, until it leaves the pool (`_whole_page`).
         parsers: list[Parser] = [*self._parsers.values(), *([self._pool] if self._pool is not None else [])]
-        self._queries: dict[int, str] = (
-            {id(parser): urlencode([("name[]", n) for n in parser.names]) for parser in parsers} if source.series_filter else {}
-        )  # by id(parser)
+        self._queries: dict[Parser, str] = (
+            {parser: urlencode([("name[]", n) for n in parser.names]) for parser in parsers} if source.series_filter else {}
+        )
         self._whole_page: set[str] = set()
         # per endpoint: the last body's length and xxh3 hash, the parser that read it, and what it read
         # (see `take`; a digest, not the body: 1,000 endpoints' bodies would be tens of MB)
@@ -640,7 +640,7 @@ class MetricsScraper(EndpointPoller):
         url = super().url(ep)
         if not self._queries or ep.address in self._whole_page:
             return url
-        filter_query = self._queries[id(self.parser_for(ep))]
+        filter_query = self._queries[self.parser_for(ep)]
         path, _, query = url.partition("?")
         return f"{path if path.endswith('/') else path + '/'}?{query + '&' if query else ''}{filter_query}"
 
@@ -652,9 +652,11 @@ class MetricsScraper(EndpointPoller):
         except (HttpStatusError, MetricsParseError) as e:
             if isinstance(e, HttpStatusError) and not 300 <= e.status < 500:
                 raise  # the server's trouble (5xx), not the filter's
+            # the whole page; when it fails too, the filter was not to blame (a server starting, say): the
+            # error is that one, and the next scrape asks with the filter again
+            await super().fetch(ep, session, EndpointPoller.url(self, ep))
             log.info("%s: the series filter got %s; fetching its whole /metrics page from now on", ep.name, e)
             self._whole_page.add(ep.address)
-            await super().fetch(ep, session)
 
     def take(self, ep: Endpoint, body: bytes) -> None:
         parser = self.parser_for(ep)

@@ -506,6 +506,25 @@ async def test_a_server_that_cannot_filter_is_asked_for_its_whole_page(servers, 
     assert sim.gets[: len(filtered)] == filtered and all(get == ("/metrics", []) for get in sim.gets[len(filtered) :])
 
 
+async def test_when_the_whole_page_fails_too_the_filter_is_kept(servers, running_scraper) -> None:
+    """A server whose pages both lack the gauges (starting, say): the whole page's error is recorded and
+    the next scrape asks with the filter again; once the pages carry them, the filtered one is read."""
+    sim = await servers()
+    sim.body = "# no gauges yet\n"
+    ds = Datastore()
+    ds.set_endpoints([sim.spec()])
+    running_scraper(ds)
+    await eventually(lambda: sim.hits >= 6)
+    ep = ds.candidates()[0]
+    assert ep.scrape_error is not None and "no usable sample" in ep.scrape_error
+    assert sim.gets[:4] == [("/metrics/", VLLM_NAMES), ("/metrics", []), ("/metrics/", VLLM_NAMES), ("/metrics", [])]
+    sim.body = MINIMAL
+    await eventually(lambda: ds.candidates()[0].scrape_error is None)
+    sim.gets.clear()
+    await eventually(lambda: len(sim.gets) >= 2)
+    assert all(get == ("/metrics/", VLLM_NAMES) for get in sim.gets)
+
+
 async def test_a_server_error_to_the_filtered_get_is_the_servers_not_the_filters(servers, running_scraper) -> None:
     sim = await servers()
     sim.filtered = (503, "starting")
