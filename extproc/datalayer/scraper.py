@@ -443,6 +443,8 @@ class EndpointPoller:
         self._session: aiohttp.ClientSession | HttpGetter | None = None
         self._pollers: dict[str, asyncio.Task[None]] = {}
         self._urls: dict[str, str] = {}  # address -> the URL last fetched (to close its connection when it leaves)
+        # endpoints another process fetches for the datastore (a worker's share: extproc.server.scrape_shares)
+        self._delegated: frozenset[str] = frozenset()
         # Registered once, here: run() may be restarted by the supervisor and must not stack up
         # listeners. Outside run() the listener does nothing.
         datastore.on_membership_change(lambda added, removed: self._sync())
@@ -475,11 +477,18 @@ class EndpointPoller:
             await asyncio.gather(*pollers, return_exceptions=True)
             await session.close()
 
+    def delegate(self, addresses: frozenset[str]) -> None:
+        """Fetch from every endpoint but these from now on (others fetch them for the datastore)."""
+        self._delegated = addresses
+        self._sync()
+
     def _sync(self) -> None:
-        """Make the polling tasks match the datastore's membership."""
+        """Make the polling tasks match the datastore's membership, less the delegated endpoints."""
         if self._session is None:
             return
         wanted = {ep.address for ep in self.datastore.candidates()}
+        if self._delegated:
+            wanted -= self._delegated
         for address in list(self._pollers):
             if address not in wanted:
                 self._pollers.pop(address).cancel()

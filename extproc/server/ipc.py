@@ -7,18 +7,27 @@ response's first byte (`FirstByte`), its end (`Finish`), a refusal it answered i
 when the config has response reporters, asks for the end-of-body metadata (`Report` -> `Metadata`).
 The parent sends `Setup` (the config's request parsers, whether it reads bodies: at the start and after each reload) and
 `Evict` (flow control ended a routed request). Ids are the worker's, unique per connection.
+
+The metrics scraping is shared out too (extproc.server.scrape_shares): the parent sends each worker
+`Scrapes` (the metrics source, its extraction and the worker's share of the endpoints) whenever that
+share changes; the worker sends what its scraper read (`Scraped`, `ScrapedAttributes`) or the error
+(`ScrapeFailed`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import struct
+import types
 from collections.abc import Callable, Mapping, Sequence
 
 import msgspec
 
 from extproc.handlers.usage import Usage
+from pickers.framework.endpoint import EndpointSpec, Metrics
 from pickers.framework.errors import ErrorKind, RequestError
+from pickers.plugins.datalayer.extractors import MetricsExtraction
+from pickers.plugins.datalayer.sources import HttpSource
 from pickers.framework.request import InferenceRequest, MediaPart
 
 _LEN = struct.Struct(">I")
@@ -106,6 +115,27 @@ class Report(msgspec.Struct, tag=True, array_like=True):
     usage: Usage | None
 
 
+class Scraped(msgspec.Struct, tag=True, array_like=True):
+    """One endpoint's metrics, as the worker's scraper read them (`updated_at` on the shared monotonic clock)."""
+
+    address: str
+    metrics: Metrics
+
+
+class ScrapedAttributes(msgspec.Struct, tag=True, array_like=True):
+    """The custom metrics (customMetrics) the same scrape read: Datastore.update_attributes's arguments."""
+
+    address: str
+    producer: str
+    values: dict[str, float]
+    at: float
+
+
+class ScrapeFailed(msgspec.Struct, tag=True, array_like=True):
+    address: str
+    error: str
+
+
 # -- parent -> worker -------------------------------------------------------------------------
 class Picked(msgspec.Struct, tag=True, array_like=True):
     id: int
@@ -146,10 +176,29 @@ class Setup(msgspec.Struct, tag=True, array_like=True):
     send_body: bool  # a plugin reads request.body (token-producers, precise indexes): send `Pick.body`
 
 
-ToParent = Pick | FirstByte | Finish | Rejected | Report | Abandoned
-ToWorker = Picked | Refused | Evict | Metadata | Setup
+class Scrapes(msgspec.Struct, tag=True, array_like=True):
+    """The worker's share of the metrics scraping, whole (it replaces the last): how the parent's
+    metrics scraper is set up, and the endpoints this worker scrapes (none: it scrapes nothing)."""
 
-_encoder = msgspec.msgpack.Encoder()
+    interval: float
+    timeout: float
+    max_rate: float | None
+    source: HttpSource
+    extraction: MetricsExtraction
+    endpoints: list[EndpointSpec]
+
+
+ToParent = Pick | FirstByte | Finish | Rejected | Report | Abandoned | Scraped | ScrapedAttributes | ScrapeFailed
+ToWorker = Picked | Refused | Evict | Metadata | Setup | Scrapes
+
+
+def _encode_other(obj: object) -> object:
+    if isinstance(obj, types.MappingProxyType):  # the built-in engine mappings (read-only dicts)
+        return dict(obj)
+    raise NotImplementedError(f"cannot send a {type(obj).__name__} to another process")
+
+
+_encoder = msgspec.msgpack.Encoder(enc_hook=_encode_other)
 
 
 def encode(msg: msgspec.Struct) -> bytes:

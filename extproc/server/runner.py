@@ -66,6 +66,7 @@ from pickers.indexes.kv_blocks import IndexMetrics
 from pickers.indexes.prefix import ApproxPrefixIndex
 from pickers.latency.model import LatencyModel
 from pickers.plugins.base import PluginContext
+from pickers.plugins.datalayer.extractors import MetricsExtraction
 from pickers.plugins.datalayer.sources import DEFAULT_MAX_SCRAPE_RATE
 from pickers.plugins.producer.tokens import TokenProducer
 from pickers.plugins.scorer.affinity.precise_prefix import precise_indexes
@@ -714,6 +715,16 @@ class EppServer:
         body_readers = bool(self.director.token_producers) or bool(precise_indexes(self.scheduler.plugins))
         return ipc.Setup(ipc.parser_specs(self.parsers.specs), body_readers)
 
+    def _scrape_shares(self) -> Any:
+        """The metrics scraping shared out over the workers (extproc.server.scrape_shares); None without a
+        model-server metrics scraper (none configured, or the multicluster pool source, kept here)."""
+        from extproc.server.scrape_shares import ScrapeShares
+
+        scraper = self._data_pollers.get("metrics-scraper")
+        if not isinstance(scraper, MetricsScraper) or not isinstance(scraper.extraction, MetricsExtraction):
+            return None
+        return ScrapeShares(self.datastore, scraper)
+
     async def _start_workers(self) -> None:
         """The pick service on its unix socket, then the N workers; returns once each listens on the port."""
         from extproc.server.workers import PickService, WorkerOptions, WorkerPool, socket_path
@@ -722,7 +733,7 @@ class EppServer:
         if opts.grpc_port == 0:
             raise ConfigError("--workers N needs a --grpc-port number: the workers share it (SO_REUSEPORT), port 0 would give each its own", field="--grpc-port")
         key_pem, cert_pem = self._certificate() if opts.secure_serving else (b"", b"")
-        self.pick_service = service = PickService(self.director, socket_path(), self._worker_setup)
+        self.pick_service = service = PickService(self.director, socket_path(), self._worker_setup, self._scrape_shares())
         await service.start()
         limits = self.servicer.limits
         setup = self._worker_setup()

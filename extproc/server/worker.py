@@ -1,7 +1,9 @@
 """One worker process of `epp serve --workers N` (docs/scaling.md): the ext_proc gRPC server on the
 shared port (SO_REUSEPORT), the same servicer and RequestStream as one process runs, and a
 `RemoteDirector` that asks the parent for every pick over its unix socket (extproc.server.ipc) and
-tells it each response's first byte and end. No scheduling state lives here.
+tells it each response's first byte and end. No scheduling state lives here; the metrics scraper of
+the endpoints the parent assigns this worker runs here too (extproc.server.scrape_shares), and sends
+what it reads to the parent.
 
 Started by extproc.server.workers.WorkerPool as `python -m extproc.server.worker`, its options on stdin.
 """
@@ -27,6 +29,7 @@ from extproc.handlers.request_stream import Outcome, RequestLimits, RequestStrea
 from extproc.handlers.usage import Usage
 from extproc.server import ipc
 from extproc.server.memory import HeapTrimmer
+from extproc.server.scrape_shares import ScrapeShare
 from extproc.server.workers import WorkerOptions
 from pickers.config.parsers import ParserSpec
 from pickers.framework.errors import SHUTTING_DOWN, RequestError
@@ -200,18 +203,23 @@ async def serve(opts: WorkerOptions) -> None:
     def on_frame(frame: bytes) -> None:
         msg = ipc.worker_decoder.decode(frame)
         assert servicer is not None and director is not None
-        if type(msg) is ipc.Setup:
+        kind = type(msg)
+        if kind is ipc.Setup:
             servicer.parsers = _parsers(msg.specs)
             director.send_body = msg.send_body
+        elif kind is ipc.Scrapes:
+            share.assign(msg)
         else:
             director.on_message(msg)
 
     def on_lost() -> None:
         if director is not None:
             director.parent_lost()
+        share.stop()
         parent_gone.set()
 
     link = ipc.FrameProtocol(on_frame, on_lost)
+    share = ScrapeShare(link.send)  # this worker's share of the metrics scraping, as the parent assigns it
     await loop.create_unix_connection(lambda: link, opts.socket)
     director = RemoteDirector(link)
     director.send_body = opts.send_body
@@ -242,6 +250,7 @@ async def serve(opts: WorkerOptions) -> None:
         await server.stop(None)  # the parent's grace period bounds this: it kills what outlasts it
     gone.cancel()
     stopping.cancel()
+    await share.close()
     link.close()
 
 

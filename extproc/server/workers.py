@@ -1,9 +1,10 @@
 """The parent's side of `epp serve --workers N` (docs/scaling.md): N worker processes serve ext_proc
 on the one gRPC port (SO_REUSEPORT: the kernel spreads Envoy's connections over them) and do the
 per-message work (gRPC, protobuf, body parsing, usage reading); this process keeps every piece of
-scheduling state (datastore, discovery, scrapers, prefix and KV indexes, in-flight counts, flow
-control, latency model, metrics) and makes every pick with the one Director, so N workers route
-exactly as one process does.
+scheduling state (datastore, discovery, prefix and KV indexes, in-flight counts, flow control,
+latency model, metrics) and makes every pick with the one Director, so N workers route exactly as
+one process does. The workers also scrape the model servers' metrics, each a share of the endpoints
+(extproc.server.scrape_shares), and send what they read here.
 
 `PickService` answers the workers over a unix socket (extproc.server.ipc): a `Pick` becomes the
 parsed request's trip through `Director.prepare`, `admit` (flow control) and `route`; its `Finish`
@@ -36,6 +37,8 @@ from pickers.framework.errors import PROTOCOL, RequestError
 
 if TYPE_CHECKING:
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+    from extproc.server.scrape_shares import ScrapeShares
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +117,10 @@ class _Conn:
 class PickService:
     """The workers' one Director, over a unix socket."""
 
-    def __init__(self, director: Director, path: Path, setup: Callable[[], ipc.Setup]) -> None:
+    def __init__(self, director: Director, path: Path, setup: Callable[[], ipc.Setup], shares: ScrapeShares | None = None) -> None:
         self.director = director
         self.path = path
+        self.shares = shares  # the metrics scraping shared out over the workers; None: this process scrapes
         self._setup = setup  # the config serving's parsers, and whether a plugin of it reads request.body
         self._server: asyncio.AbstractServer | None = None
         self.conns: set[_Conn] = set()
@@ -147,7 +151,9 @@ class PickService:
 
     def view(self) -> list[dict[str, int]]:
         """Per worker: its pid, the picks it asked for, the requests it holds now (/debug/runtime)."""
-        return sorted(({"worker": c.index, "pid": c.pid, "picks": c.picks, "in_flight": len(c.routings)} for c in self.conns),
+        shares = self.shares
+        return sorted(({"worker": c.index, "pid": c.pid, "picks": c.picks, "in_flight": len(c.routings),
+                        "scraping": shares.scraping(c) if shares is not None else 0} for c in self.conns),
                       key=lambda v: v["worker"])  # fmt: skip
 
     def _accept(self) -> ipc.FrameProtocol:
@@ -161,6 +167,8 @@ class PickService:
             conn.index, conn.pid = int(index), int(pid or 0)
             self.conns.add(conn)
             conn.send(self._setup())
+            if self.shares is not None:
+                self.shares.joined(conn)
             return
         try:
             msg = ipc.parent_decoder.decode(frame)
@@ -178,6 +186,9 @@ class PickService:
             routing = conn.routings.get(msg.id)
             if routing is not None:
                 self.director.first_byte(routing, msg.end_of_stream)
+        elif kind is ipc.Scraped or kind is ipc.ScrapedAttributes or kind is ipc.ScrapeFailed:
+            if self.shares is not None:
+                self.shares.take(conn, msg)
         elif kind is ipc.Rejected:
             self._rejected(msg)
         elif kind is ipc.Abandoned:
@@ -189,6 +200,8 @@ class PickService:
 
     def _closed(self, conn: _Conn) -> None:
         self.conns.discard(conn)
+        if self.shares is not None and conn.index >= 0:
+            self.shares.left(conn)  # its share goes to the others (or back to this process)
         self._lost(conn)
 
     def _lost(self, conn: _Conn) -> None:

@@ -60,6 +60,35 @@ def test_both_workers_get_connections_and_the_metrics_count_each_request_once(wo
     assert connections >= 6  # one Envoy thread, several connections: the bound on streams, the turnover
 
 
+def _endpoints(stack) -> list[dict]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.epp_admin_port}/debug/endpoints", timeout=5) as r:
+        return json.loads(r.read())["endpoints"]
+
+
+def _scraped_by_workers(stack, pool: int) -> dict:
+    """/debug/runtime once the workers' shares of the metrics scraping cover the pool, every endpoint's
+    metrics fresh (scraped in the workers, recorded by the parent)."""
+    deadline = time.monotonic() + 30
+    while True:
+        view = _runtime(stack)
+        shares = [w["scraping"] for w in view["workers"]]
+        eps = _endpoints(stack)
+        if sum(shares) == pool and len(eps) == pool and all(e["healthy"] and e["last_scrape_age_s"] < 0.5 for e in eps):
+            return view
+        if time.monotonic() > deadline:
+            raise AssertionError(f"metrics not scraped by the workers: {view['workers']} {eps}")
+        time.sleep(0.1)
+
+
+def test_the_workers_scrape_the_pools_metrics_and_the_parent_records_them(workers_stack):
+    view = _scraped_by_workers(workers_stack, 3)
+    assert len(view["workers"]) == 2
+    first = {e["address"]: e["last_scrape_age_s"] for e in _endpoints(workers_stack)}
+    time.sleep(0.3)
+    again = _endpoints(workers_stack)
+    assert all(e["last_scrape_age_s"] < 0.3 for e in again), (first, again)  # kept fresh, not a one-off
+
+
 def test_a_killed_worker_is_started_again_and_the_pool_keeps_no_count_of_its_requests(workers_stack):
     view = _runtime(workers_stack)
     victim = view["workers"][0]
@@ -74,6 +103,7 @@ def test_a_killed_worker_is_started_again_and_the_pool_keeps_no_count_of_its_req
     else:
         raise AssertionError(f"worker not restarted: {view}")
     assert view["worker_restarts"][victim["worker"]] == 1
+    _scraped_by_workers(workers_stack, 3)  # its share of the scraping moved, and came back to it
     statuses = _burst(workers_stack, 100)
     assert statuses.count(200) == 100, {s: statuses.count(s) for s in set(statuses)}
     assert _runtime(workers_stack)["in_flight"] == 0
