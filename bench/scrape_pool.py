@@ -12,7 +12,11 @@ has started), and prints:
 - the metrics' age seen by a pick (sampled every 20 ms over 64 endpoints) and the event loop's lag
   (a 10 ms ticker's lateness): what a pick waits behind the scraping;
 - the parts of one scrape in process: the parse of the page, and the rest of the scrape's work;
-- at a size that wants more than --max-scrape-rate's default (5,000 fetches/s), the scraper with it.
+- at a size that wants more than --max-scrape-rate's default (5,000 fetches/s), the scraper with it;
+- with --workers 1,2 (default), the real `epp serve` over the same ports, once per worker count: scrapes/s,
+  the parent's and the workers' cores, and the metrics' age in the parent's datastore (/debug/endpoints).
+  With workers, each scrapes a share of the endpoints (extproc.server.scrape_shares) and the parent only
+  records what they read; `--workers 1` is one process scraping everything.
 The server shares the machine's cores: where it cannot keep up, scrapes/s fall short for both codes
 alike; CPU per scrape is this process's alone. --baseline CHECKOUT measures another checkout's
 scraper against the same server, each size right before this one's.
@@ -28,9 +32,12 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -131,7 +138,16 @@ async def _serve(count: int) -> None:
     ports = [s.sockets[0].getsockname()[1] for s in servers]
     sys.stdout.write(json.dumps(ports) + "\n")
     sys.stdout.flush()
-    await loop.run_in_executor(None, sys.stdin.read)  # until the parent closes our stdin
+    while await loop.run_in_executor(None, sys.stdin.readline):  # each line: how many answers so far; EOF: done
+        sys.stdout.write(f"{answers.turn}\n")
+        sys.stdout.flush()
+
+
+def _answered(server: subprocess.Popen[str]) -> int:
+    assert server.stdin is not None and server.stdout is not None
+    server.stdin.write("\n")
+    server.stdin.flush()
+    return int(server.stdout.readline())
 
 
 def _run(coro):  # type: ignore[no-untyped-def]
@@ -240,6 +256,64 @@ def _baseline(path: str, ports: Sequence[int], seconds: float) -> dict[str, obje
     return json.loads(done.stdout)
 
 
+def _get(url: str) -> object:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def serve_epp(server: subprocess.Popen[str], ports: Sequence[int], seconds: float, workers: int, workdir: Path) -> list[str]:
+    """`epp serve --workers N` (1: one process) over these ports with no traffic: what scraping them costs
+    the parent and its workers, and how old the parent's metrics are."""
+    from bench.common import cpu_seconds
+    from bench.overhead import tree_cpu_seconds
+    from extproc.devstack.ports import reserve_port
+
+    endpoints = workdir / f"endpoints-{len(ports)}.yaml"
+    endpoints.write_text(json.dumps({"endpoints": [{"address": "127.0.0.1", "port": p, "name": f"ep-{i}"} for i, p in enumerate(ports)]}))
+    reserved = [reserve_port() for _ in range(4)]
+    grpc, health, metrics, admin = (r.port for r in reserved)
+    for r in reserved:
+        r.close()
+    argv = [sys.executable, "-m", "extproc.cli", "serve", "--endpoints", str(endpoints), "--grpc-port", str(grpc),
+            "--grpc-health-port", str(health), "--metrics-port", str(metrics), "--admin-port", str(admin)]  # fmt: skip
+    if workers > 1:
+        argv += ["--workers", str(workers)]
+    log = workdir / f"epp-{len(ports)}-{workers}.log"
+    with open(log, "ab") as f:
+        epp = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    base = f"http://127.0.0.1:{admin}/debug"
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # up, every endpoint scraped once, and (workers) the scraping shared out
+            try:
+                eps = _get(f"{base}/endpoints")["endpoints"]  # type: ignore[index]
+                shares = [w["scraping"] for w in _get(f"{base}/runtime").get("workers", [])]  # type: ignore[union-attr]
+                if len(eps) == len(ports) and all(e["last_scrape_age_s"] is not None for e in eps) and (workers == 1 or sum(shares) == len(ports)):
+                    break
+            except OSError:
+                pass
+            if epp.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"epp serve --workers {workers} did not start scraping:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        time.sleep(1.0)  # settled: every poller at its period
+        wall, answered = time.monotonic(), _answered(server)
+        parent, total = cpu_seconds(epp.pid), tree_cpu_seconds(epp.pid)
+        time.sleep(seconds)
+        parent, total = cpu_seconds(epp.pid) - parent, tree_cpu_seconds(epp.pid) - total
+        answered, wall = _answered(server) - answered, time.monotonic() - wall
+        eps = _get(f"{base}/endpoints")["endpoints"]  # type: ignore[index]
+    finally:
+        epp.terminate()
+        try:
+            epp.wait(20)
+        except subprocess.TimeoutExpired:
+            epp.kill()
+    ages = [e["last_scrape_age_s"] * 1e3 for e in eps]
+    label = "one process" if workers == 1 else f"--workers {workers}"
+    return [f"{len(ports):,}, {label}", f"{len(ports) / INTERVAL:,.0f}", f"{answered / wall:,.0f}", f"{parent / wall:.2f}",
+            f"{(total - parent) / wall:.2f}", f"{percentile(ages, 50):.0f} / {percentile(ages, 99):.0f}"]  # fmt: skip
+
+
 def _row(label: str, n: int, m: dict[str, object]) -> list[str]:
     r: dict[str, float] = m["run"]  # type: ignore[assignment]
     p: dict[str, float] = m["parts"]  # type: ignore[assignment]
@@ -253,6 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--sizes", help="endpoint counts, comma-separated (default 10,100,1000)")
     ap.add_argument("--seconds", type=float, help="scraping time per size (default 6, --quick 3)")
     ap.add_argument("--baseline", metavar="CHECKOUT", help="also measure another checkout's scraper, each size right before this one's")
+    ap.add_argument("--workers", default="1,2", help="`epp serve` runs over each size with these worker counts (default 1,2; '' for none)")
     ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # the server child: N ports
     ap.add_argument("--json", help=argparse.SUPPRESS)  # a --baseline child: scrape these ports, print JSON
     args = ap.parse_args(argv)
@@ -267,6 +342,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else ([10, 100] if args.quick else list(SIZES))
     rows = []
+    served: list[list[str]] = []
+    worker_counts = [int(w) for w in args.workers.split(",") if w.strip()]
+    workdir = Path(tempfile.mkdtemp(prefix="bench-scrape-pool-"))
     for n in sizes:
         server = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--serve", str(n)],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
@@ -279,6 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows.append(_row(f"{n:,} series filter", n, measure(ports, seconds, series_filter=True)))
             if n / INTERVAL > DEFAULT_MAX_SCRAPE_RATE:
                 rows.append(_row(f"{n:,} filter + rate cap", n, measure(ports, seconds, series_filter=True, max_rate=DEFAULT_MAX_SCRAPE_RATE)))
+            for w in worker_counts:
+                served.append(serve_epp(server, ports, seconds, w, workdir))
         finally:
             assert server.stdin is not None
             server.stdin.close()
@@ -293,6 +373,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("   scrape's work after the fetch: hash, parse, the datastore's update; rate cap: --max-scrape-rate's")
     print(f"   default {DEFAULT_MAX_SCRAPE_RATE:g}/s, where the pool wants more: each endpoint every endpoints/cap seconds;")
     print("   the other rows run uncapped)")
+    if served:
+        print(f"\n`epp serve` over the same servers, no traffic, its defaults (series filter, --max-scrape-rate {DEFAULT_MAX_SCRAPE_RATE:g} per process):")
+        print(table(["endpoints, epp", "wanted /s", "scrapes /s", "parent cores", "workers' cores", "age p50 / p99 ms"], served))
+        print("  (scrapes/s: the servers' answers; cores: CPU seconds / wall seconds, the parent process alone and its")
+        print("   workers together; age: each endpoint's last scrape in the parent's datastore, /debug/endpoints, at the end)")
+    shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 

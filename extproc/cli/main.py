@@ -111,7 +111,8 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-scrape-rate", type=_scrape_rate, default=DEFAULT_MAX_SCRAPE_RATE, metavar="PER_SECOND",
                    help="the most fetches a second each HTTP data source (metrics, /v1/models, DCGM) makes over all "
                         "endpoints; past it each endpoint is polled every endpoints/rate seconds instead, so polling a "
-                        "large pool cannot take the whole event loop (default %(default)g; 0: no cap)")  # fmt: skip
+                        "large pool cannot take the whole event loop; per scraping process: with --workers each worker scrapes "
+                        "a share of the endpoints under it (default %(default)g; 0: no cap)")  # fmt: skip
     p.add_argument(
         "--metrics-staleness-threshold", type=_duration, default=2.0, help="metrics older than this are stale (default 2s)"
     )
