@@ -78,10 +78,11 @@ def _stack(tmp: Path, *audit_args: str, **kw):
 
 
 def _audit(path: Path, want: int, timeout: float = 20.0) -> list[dict]:
-    """The audit file's records once it holds `want` of them (the writer flushes every 0.1 s)."""
+    """The audit file's records once it holds `want` of them (the writer flushes every 0.1 s); a line
+    the writer is still writing (no newline yet) is not one."""
     deadline = time.monotonic() + timeout
     while True:
-        lines = path.read_text().splitlines() if path.exists() else []
+        lines = path.read_text().split("\n")[:-1] if path.exists() else []
         if len(lines) >= want or time.monotonic() > deadline:
             return [json.loads(x) for x in lines]
         time.sleep(0.05)
