@@ -5,7 +5,11 @@ no bookkeeping. It sends every request to one fixed destination, hands each body
 and writes the stream the way the EPP's servicer does (context.read/write, uvloop), and serves gRPC
 health on a second port for Envoy's health check.
 
-Run: python -m bench.noop_extproc --port 9002 --health-port 9003 --destination 127.0.0.1:8001
+`--burn-us N` makes it spend N microseconds of CPU in Python per request (at the request body's end,
+where the EPP picks): the same server with a request path as dear as the EPP's, so bench.overhead shows
+what that much Python per request costs at full load, apart from what the EPP does with it.
+
+Run: python -m bench.noop_extproc --port 9002 --health-port 9003 --destination 127.0.0.1:8001 [--burn-us 100]
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import argparse
 import asyncio
 import signal
 import sys
+import time
 from collections.abc import Sequence
 
 import grpc
@@ -27,8 +32,9 @@ DESTINATION_HEADER = "x-gateway-destination-endpoint"
 
 
 class NoopServicer(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, destination: str) -> None:
+    def __init__(self, destination: str, burn_us: float = 0.0) -> None:
         self.destination = destination.encode()
+        self.burn_s = burn_us / 1e6
 
     def _route(self) -> pb.CommonResponse:
         header = base_pb2.HeaderValue(key=DESTINATION_HEADER, raw_value=self.destination)
@@ -43,6 +49,8 @@ class NoopServicer(pb_grpc.ExternalProcessorServicer):
             if event == "request_headers":
                 await write(pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=self._route())))
             elif event == "request_body":
+                if self.burn_s and msg.request_body.end_of_stream:
+                    _burn(self.burn_s)
                 await write(_streamed(msg.request_body, request=True))
             elif event == "response_headers":
                 await write(pb.ProcessingResponse(response_headers=pb.HeadersResponse()))
@@ -54,6 +62,14 @@ class NoopServicer(pb_grpc.ExternalProcessorServicer):
                 await write(pb.ProcessingResponse(response_trailers=pb.TrailersResponse()))
 
 
+def _burn(seconds: float) -> None:
+    """Spend this much of the thread's CPU time (not wall time: a preempted loop does not count)."""
+    clock = time.thread_time
+    until = clock() + seconds
+    while clock() < until:
+        pass
+
+
 def _streamed(body: pb.HttpBody, *, request: bool) -> pb.ProcessingResponse:
     answer = pb.BodyResponse(
         response=pb.CommonResponse(
@@ -63,9 +79,9 @@ def _streamed(body: pb.HttpBody, *, request: bool) -> pb.ProcessingResponse:
     return pb.ProcessingResponse(request_body=answer) if request else pb.ProcessingResponse(response_body=answer)
 
 
-async def serve(port: int, health_port: int, destination: str, host: str = "127.0.0.1") -> None:
+async def serve(port: int, health_port: int, destination: str, host: str = "127.0.0.1", burn_us: float = 0.0) -> None:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_ExternalProcessorServicer_to_server(NoopServicer(destination), server)
+    pb_grpc.add_ExternalProcessorServicer_to_server(NoopServicer(destination, burn_us), server)
     server.add_insecure_port(f"{host}:{port}")
     health = health_aio.HealthServicer()
     health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
@@ -89,13 +105,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--port", type=int, required=True, help="ext_proc gRPC port")
     ap.add_argument("--health-port", type=int, required=True, help="gRPC health port")
     ap.add_argument("--destination", required=True, help="ip:port every request goes to")
+    ap.add_argument("--burn-us", type=float, default=0.0, help="CPU microseconds of Python to spend per request (default 0)")
     args = ap.parse_args(argv)
+    if args.burn_us < 0:
+        ap.error("--burn-us: must be >= 0")
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(args.port, args.health_port, args.destination, args.host))
+        asyncio.run(serve(args.port, args.health_port, args.destination, args.host, args.burn_us))
     else:
-        uvloop.run(serve(args.port, args.health_port, args.destination, args.host))
+        uvloop.run(serve(args.port, args.health_port, args.destination, args.host, args.burn_us))
     return 0
 
 

@@ -5,7 +5,9 @@ For each gateway -- (a) Envoy round-robin without ext_proc, (b) Envoy + a no-op 
 --strategy round-robin, (d) Envoy + EPP default, (e) the same with `--workers 2`, (f) (d) scraping the
 endpoints' metrics every second instead of every 50 ms, (g) (d) with guardrails: request-limits-admitter
 and content-check-admitter (bench.request_cost's policy) and the audit trail to a JSON-lines file, (h)
-Envoy + EPP best (the built-in default strategy) --
+Envoy + EPP best (the built-in default strategy), (i) the no-op server spending 100 us of CPU in Python
+per request (about what the EPP's request path costs in process, bench.request_cost --servicer): what
+that much Python costs at full load whatever it does --
 a closed-loop
 client measures requests/s at concurrency 32 and latency at concurrency 1 (small non-streaming
 completions), and every process's CPU seconds per request from /proc/<pid>/stat (the EPP's with its
@@ -73,6 +75,7 @@ class Measured:
 
 
 NOOP = "noop"  # run_all: replace the EPP with bench.noop_extproc on its ports
+NOOP_ARGS = "noop_args"  # ... with these flags
 GUARDRAILS = "guardrails"  # run_all: the default config plus admitters, and an audit file (docs/guardrails.md)
 CONFIGS: tuple[tuple[str, dict[str, object]], ...] = (
     ("(a) envoy direct, no EPP", {"epp": False}),
@@ -86,6 +89,10 @@ CONFIGS: tuple[tuple[str, dict[str, object]], ...] = (
     ("(g) envoy + EPP default + guardrails", {GUARDRAILS: True}),
     # `best`, what `epp serve` runs without a config since 2026-12-03: the latency model's cost per pick
     ("(h) envoy + EPP best (the built-in default)", {"epp_args": ("--strategy", "best")}),
+    # the no-op server with a request path as dear as the EPP's in process: what 100 us of Python per
+    # request costs at full load on this machine (the event loop and gRPC batch less as each request
+    # takes longer), apart from what the EPP does with it
+    ("(i) envoy + no-op ext_proc + 100 us of Python per request", {NOOP: True, NOOP_ARGS: ("--burn-us", "100")}),
 )
 
 
@@ -250,13 +257,14 @@ def run_all(configs: Sequence[tuple[str, dict[str, object]]], endpoints: Path, b
             workdir.mkdir(parents=True)  # LocalStack only creates it when it spawns its first process
             extra = dict(extra)
             noop = bool(extra.pop(NOOP, False))
+            noop_args = tuple(extra.pop(NOOP_ARGS, ()))  # type: ignore[arg-type]
             if extra.pop(GUARDRAILS, False):
                 extra["epp_args"] = guardrails_args(workdir)
             opts = StackOptions(workdir=workdir, endpoints_file=endpoints, model=MODEL, envoy_concurrency=s.envoy_concurrency, **extra)  # type: ignore[arg-type]
             stack = up.enter_context(LocalStack(opts))
             pid = stack.epp_proc.popen.pid if stack.epp_proc is not None else None
             if noop:
-                proc = _replace_with_noop(stack, workdir)
+                proc = _replace_with_noop(stack, workdir, noop_args)
                 up.callback(proc.stop)
                 pid = proc.popen.pid
             gateways.append(Live(name, stack, pid))
@@ -268,13 +276,13 @@ def run_all(configs: Sequence[tuple[str, dict[str, object]]], endpoints: Path, b
         return uvloop.run(measure_all(gateways, backend_pid, s))
 
 
-def _replace_with_noop(stack: LocalStack, workdir: Path) -> ManagedProcess:
+def _replace_with_noop(stack: LocalStack, workdir: Path, args: Sequence[str] = ()) -> ManagedProcess:
     """Stop the stack's EPP and serve its ports with the no-op ext_proc server; back once Envoy routes through it."""
     port, health = stack.epp_port, stack.epp_health_port
     stack.stop_epp()
     host, dest_port = stack.serving_endpoints[0]
     argv = [sys.executable, "-m", "bench.noop_extproc", "--port", str(port), "--health-port", str(health),
-            "--destination", f"{host}:{dest_port}"]  # fmt: skip
+            "--destination", f"{host}:{dest_port}", *args]  # fmt: skip
     log = workdir / "noop-extproc.log"
     with open(log, "ab") as f:
         popen = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -386,12 +394,13 @@ def worker_notes(results: Sequence[Measured]) -> list[str]:
         parent, total = cpu.get("epp-parent", 0.0), cpu.get("epp", 0.0)
         if not parent or total - parent < 0.2 * total:
             continue  # one process
-        workers = total - parent
-        # the idle rate (scrapers, timers) is the parent's: per second, not per request
-        parent = max(parent - m.epp_idle_cores * m.load.wall_s / max(m.load.ok, 1), 1e-6)
+        # the idle rate (the metrics scraping, shared out to the workers, and timers) is per second, not
+        # per request: off the workers' share (the parent's own idle timers are left in its share)
+        workers = max(total - parent - m.epp_idle_cores * m.load.wall_s / max(m.load.ok, 1), 1e-6)
+        parent = max(parent, 1e-6)
         notes.append(
-            f"{m.name}: parent {parent * 1000:.2f} ms/request net of idle (the picks: its one core tops out near {1 / parent:,.0f} req/s), "
-            f"workers {workers * 1000:.2f} ms/request together (one core each: {1 / workers:,.0f} req/s per worker); "
+            f"{m.name}: parent {parent * 1000:.2f} ms/request (the picks: its one core tops out near {1 / parent:,.0f} req/s), "
+            f"workers {workers * 1000:.2f} ms/request together net of idle (one core each: {1 / workers:,.0f} req/s per worker); "
             f"16 cores, 15 workers + the parent: about {min(1 / parent, 15 / workers):,.0f} req/s"
         )
     return notes
