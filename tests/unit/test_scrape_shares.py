@@ -40,6 +40,15 @@ def _pool(n: int) -> tuple[Datastore, MetricsScraper]:
     return ds, MetricsScraper(ds, interval=0.05, timeout=0.5, max_rate=5000.0)
 
 
+def _shared(n: int, workers: int) -> tuple[Datastore, MetricsScraper, ScrapeShares, list[FakeWorker]]:
+    ds, scraper = _pool(n)
+    shares = ScrapeShares(ds, scraper)
+    joined = [FakeWorker(i) for i in range(workers)]
+    for w in joined:
+        shares.joined(w)
+    return ds, scraper, shares, joined
+
+
 def test_every_endpoint_is_scraped_by_exactly_one_worker_and_the_parent_scrapes_none() -> None:
     ds, scraper = _pool(300)
     shares = ScrapeShares(ds, scraper)
@@ -59,11 +68,7 @@ def test_every_endpoint_is_scraped_by_exactly_one_worker_and_the_parent_scrapes_
 
 
 def test_a_worker_that_leaves_hands_on_only_its_own_share_and_the_last_one_hands_all_back() -> None:
-    ds, scraper = _pool(200)
-    shares = ScrapeShares(ds, scraper)
-    a, b, c = FakeWorker(0), FakeWorker(1), FakeWorker(2)
-    for w in (a, b, c):
-        shares.joined(w)
+    ds, scraper, shares, (a, b, c) = _shared(200, 3)
     a_before, b_before, c_lost = set(a.share), set(b.share), set(c.share)
     shares.left(c)
     assert a_before <= a.share and b_before <= b.share  # nobody else's endpoints moved
@@ -81,11 +86,7 @@ def test_a_worker_that_leaves_hands_on_only_its_own_share_and_the_last_one_hands
 
 
 def test_membership_and_spec_changes_reach_the_owners() -> None:
-    ds, scraper = _pool(20)
-    shares = ScrapeShares(ds, scraper)
-    a, b = FakeWorker(0), FakeWorker(1)
-    shares.joined(a)
-    shares.joined(b)
+    ds, scraper, shares, (a, b) = _shared(20, 2)
     new = EndpointSpec("late", "10.9.9.9", 8000)
     ds.set_endpoints([*(ep.spec for ep in ds.candidates()), new])
     assert new.address in (a.share | b.share) and new.address in scraper._delegated
@@ -100,11 +101,7 @@ def test_membership_and_spec_changes_reach_the_owners() -> None:
 
 
 def test_the_parent_records_only_what_the_endpoints_owner_scraped() -> None:
-    ds, scraper = _pool(10)
-    shares = ScrapeShares(ds, scraper)
-    a, b = FakeWorker(0), FakeWorker(1)
-    shares.joined(a)
-    shares.joined(b)
+    ds, scraper, shares, (a, b) = _shared(10, 2)
     address = next(iter(a.share))
     m = Metrics(waiting=3, running=2, kv_usage=0.25, updated_at=time.monotonic())
     decoded = ipc.parent_decoder.decode(ipc.encode(ipc.Scraped(address, m))[4:])
