@@ -29,12 +29,21 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
+LB_NAMESPACE = "envoy.lb"
 
 
 class NoopServicer(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, destination: str, burn_us: float = 0.0) -> None:
+    def __init__(self, destination: str, burn_us: float = 0.0, epp_answers: bool = False) -> None:
         self.destination = destination.encode()
         self.burn_s = burn_us / 1e6
+        self.epp_answers = epp_answers
+        # --epp-answers: the answer to the request's headers, built once but for its content-length (the
+        # EPP's for a request that keeps its request id: the destination and the body's length in
+        # headers, the route cache cleared, the destination in envoy.lb)
+        routed = pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=self._route()))
+        routed.request_headers.response.header_mutation.set_headers[0].append_action = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+        routed.dynamic_metadata.fields[LB_NAMESPACE].struct_value.fields[DESTINATION_HEADER].string_value = destination
+        self._routed = routed
 
     def _route(self) -> pb.CommonResponse:
         header = base_pb2.HeaderValue(key=DESTINATION_HEADER, raw_value=self.destination)
@@ -44,6 +53,9 @@ class NoopServicer(pb_grpc.ExternalProcessorServicer):
 
     async def Process(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
         read, write, eof = context.read, context.write, grpc.aio.EOF
+        if self.epp_answers:
+            await self._process_as_epp(read, write, eof)
+            return
         while (msg := await read()) is not eof:
             event = msg.WhichOneof("request")
             if event == "request_headers":
@@ -60,6 +72,37 @@ class NoopServicer(pb_grpc.ExternalProcessorServicer):
                 await write(pb.ProcessingResponse(request_trailers=pb.TrailersResponse()))
             elif event == "response_trailers":
                 await write(pb.ProcessingResponse(response_trailers=pb.TrailersResponse()))
+
+
+    async def _process_as_epp(self, read: object, write: object, eof: object) -> None:
+        """The EPP's order of answers: nothing for the request headers, the body held until its end, then
+        the routed headers answer and the body handed back; the response's headers and body answered as
+        they come."""
+        held: list[bytes] = []
+        while (msg := await read()) is not eof:  # type: ignore[operator]
+            event = msg.WhichOneof("request")
+            if event == "request_body":
+                body = msg.request_body
+                held.append(body.body)
+                if body.end_of_stream:
+                    if self.burn_s:
+                        _burn(self.burn_s)
+                    raw = b"".join(held)
+                    routed = pb.ProcessingResponse()
+                    routed.CopyFrom(self._routed)
+                    length = routed.request_headers.response.header_mutation.set_headers.add()
+                    length.header.key, length.header.raw_value = "content-length", str(len(raw)).encode()
+                    length.append_action = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+                    await write(routed)  # type: ignore[operator]
+                    await write(_streamed(pb.HttpBody(body=raw, end_of_stream=True), request=True))  # type: ignore[operator]
+            elif event == "response_headers":
+                await write(pb.ProcessingResponse(response_headers=pb.HeadersResponse()))  # type: ignore[operator]
+            elif event == "response_body":
+                await write(_streamed(msg.response_body, request=False))  # type: ignore[operator]
+            elif event == "request_trailers":
+                await write(pb.ProcessingResponse(request_trailers=pb.TrailersResponse()))  # type: ignore[operator]
+            elif event == "response_trailers":
+                await write(pb.ProcessingResponse(response_trailers=pb.TrailersResponse()))  # type: ignore[operator]
 
 
 def _burn(seconds: float) -> None:
@@ -79,9 +122,11 @@ def _streamed(body: pb.HttpBody, *, request: bool) -> pb.ProcessingResponse:
     return pb.ProcessingResponse(request_body=answer) if request else pb.ProcessingResponse(response_body=answer)
 
 
-async def serve(port: int, health_port: int, destination: str, host: str = "127.0.0.1", burn_us: float = 0.0) -> None:
+async def serve(
+    port: int, health_port: int, destination: str, host: str = "127.0.0.1", burn_us: float = 0.0, epp_answers: bool = False
+) -> None:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_ExternalProcessorServicer_to_server(NoopServicer(destination, burn_us), server)
+    pb_grpc.add_ExternalProcessorServicer_to_server(NoopServicer(destination, burn_us, epp_answers), server)
     server.add_insecure_port(f"{host}:{port}")
     health = health_aio.HealthServicer()
     health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
@@ -106,15 +151,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--health-port", type=int, required=True, help="gRPC health port")
     ap.add_argument("--destination", required=True, help="ip:port every request goes to")
     ap.add_argument("--burn-us", type=float, default=0.0, help="CPU microseconds of Python to spend per request (default 0)")
+    ap.add_argument(
+        "--epp-answers", action="store_true",
+        help="answer in the EPP's order and with its routed answer (headers answered at the body's end, envoy.lb metadata)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     if args.burn_us < 0:
         ap.error("--burn-us: must be >= 0")
+    served = serve(args.port, args.health_port, args.destination, args.host, args.burn_us, args.epp_answers)
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(args.port, args.health_port, args.destination, args.host, args.burn_us))
+        asyncio.run(served)
     else:
-        uvloop.run(serve(args.port, args.health_port, args.destination, args.host, args.burn_us))
+        uvloop.run(served)
     return 0
 
 

@@ -93,6 +93,9 @@ CONFIGS: tuple[tuple[str, dict[str, object]], ...] = (
     # request costs at full load on this machine (the event loop and gRPC batch less as each request
     # takes longer), apart from what the EPP does with it
     ("(i) envoy + no-op ext_proc + 100 us of Python per request", {NOOP: True, NOOP_ARGS: ("--burn-us", "100")}),
+    # the no-op server answering as the EPP does (the routed headers answer at the body's end, with the
+    # destination in envoy.lb): what the EPP's answers cost the transport, apart from its Python
+    ("(j) envoy + no-op ext_proc answering as the EPP", {NOOP: True, NOOP_ARGS: ("--epp-answers",)}),
 )
 
 
