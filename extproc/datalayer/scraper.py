@@ -66,10 +66,14 @@ class HttpStatusError(ScrapeError):
 # After a wanted metric's name: optional {labels} (quoted values may hold escaped quotes, braces and
 # commas), the value, an optional timestamp, then anything (an OpenMetrics exemplar). Each pattern is
 # matched on "\n" + text so the engine's literal-prefix search skips everything else (~8x faster than ^/M).
+# The label text and a quoted value are "unrolled loops" (plain characters, then each quoted part or
+# escape followed by plain characters again, all possessive): one step per label instead of one per
+# plain run and quoted value, half the time on vLLM's ~40 cache-config labels.
+_QUOTED = r"\"[^\"\\\n]*+(?:\\.[^\"\\\n]*+)*+\""
 _SAMPLE_TAIL = (
-    r"[ \t]*(?:\{((?:[^\"}\n]++|\"(?:[^\"\\\n]++|\\.)*+\")*+)\})?[ \t]*[ \t]([^ \t\r\n]+)(?:[ \t]+([^ \t\r\n#]+))?"
+    r"[ \t]*(?:\{([^\"}\n]*+(?:" + _QUOTED + r"[^\"}\n]*+)*+)\})?[ \t]*[ \t]([^ \t\r\n]+)(?:[ \t]+([^ \t\r\n#]+))?"
 )
-_LABEL = re.compile(r"[ \t]*([A-Za-z_][A-Za-z0-9_]*)[ \t]*=[ \t]*\"((?:[^\"\\\n]++|\\.)*+)\"[ \t]*,?")
+_LABEL = re.compile(r"[ \t]*([A-Za-z_][A-Za-z0-9_]*)[ \t]*=[ \t]*\"([^\"\\\n]*+(?:\\.[^\"\\\n]*+)*+)\"[ \t]*,?")
 _ESCAPE = re.compile(r"\\(.)")
 _UNESCAPED = {"n": "\n", "\\": "\\", '"': '"'}
 _COUNTS = frozenset({"queued", "running"})
