@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 
+from pickers.framework.columns import PoolColumns
 from pickers.framework.endpoint import (
     AttributeKey,
     Endpoint,
@@ -32,6 +33,7 @@ class Datastore:
         self.metrics_stale_after = metrics_stale_after
         self._by_address: dict[str, Endpoint] = {}
         self._candidates: tuple[Endpoint, ...] = ()
+        self._columns = PoolColumns(())  # the candidates' live columns (a pick reads them whole)
         self._listeners: list[MembershipListener] = []
         self._spec_listeners: list[SpecChangeListener] = []
         self._scrape_failure_listeners: list[ScrapeFailureListener] = []
@@ -67,6 +69,8 @@ class Datastore:
             new[addr] = ep
         self._by_address = new
         self._candidates = tuple(new.values())
+        self._columns.release()
+        self._columns = PoolColumns(self._candidates)
         self.synced = True
         if changed:
             for spec_listener in self._spec_listeners:

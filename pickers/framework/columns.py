@@ -13,19 +13,57 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pickers.framework.endpoint import Endpoint
+from pickers.framework.endpoint import Endpoint, Metrics
+
+
+class PoolColumns:
+    """The datastore's pool as live columns: one float64 row per endpoint of its candidates tuple,
+    written by the endpoints themselves whenever their metrics or in-flight counts are set (see
+    Endpoint), so that a pick over the whole pool copies arrays instead of gathering them (~35 µs a
+    column at 1,000 endpoints, ~1 µs as a copy)."""
+
+    __slots__ = ("endpoints", "waiting", "running", "kv_usage", "in_flight", "in_flight_prefill_tokens")
+
+    def __init__(self, endpoints: tuple[Endpoint, ...]) -> None:
+        self.endpoints = endpoints
+        n = len(endpoints)
+        self.waiting = np.fromiter((ep.metrics.waiting for ep in endpoints), np.float64, n)
+        self.running = np.fromiter((ep.metrics.running for ep in endpoints), np.float64, n)
+        self.kv_usage = np.fromiter((ep.metrics.kv_usage for ep in endpoints), np.float64, n)
+        self.in_flight = np.fromiter((ep.in_flight for ep in endpoints), np.float64, n)
+        self.in_flight_prefill_tokens = np.fromiter((ep.in_flight_prefill_tokens for ep in endpoints), np.float64, n)
+        for row, ep in enumerate(endpoints):
+            ep._columns = self
+            ep._row = row
+
+    def set_metrics(self, row: int, metrics: Metrics) -> None:
+        self.waiting[row] = metrics.waiting
+        self.running[row] = metrics.running
+        self.kv_usage[row] = metrics.kv_usage
+
+    def release(self) -> None:
+        """The pool changed: its endpoints no longer write here (those that stay get new columns)."""
+        for ep in self.endpoints:
+            if ep._columns is self:
+                ep._columns = None
 
 
 class EndpointColumns:
-    """The static columns of one candidates sequence, and gathers of its dynamic ones."""
+    """The static columns of one candidates sequence, and its dynamic ones: copies of the pool's live
+    columns when the sequence is the datastore's pool itself (see PoolColumns), else gathered."""
 
-    __slots__ = ("endpoints", "addresses", "position", "size")
+    __slots__ = ("endpoints", "addresses", "position", "size", "_live")
 
     def __init__(self, endpoints: Sequence[Endpoint]) -> None:
         self.endpoints = endpoints
         self.addresses: tuple[str, ...] = tuple(ep.spec.address for ep in endpoints)
         self.position: dict[str, int] = {a: i for i, a in enumerate(self.addresses)}
         self.size = len(self.addresses)
+        self._live: PoolColumns | None = None
+        if self.size:
+            live = endpoints[0]._columns
+            if isinstance(live, PoolColumns) and live.endpoints is endpoints:
+                self._live = live
 
     def scatter(self, values: dict[str, int] | dict[str, float], default: float = 0.0) -> np.ndarray:
         """A column from a sparse address -> value map (a prefix match): `default` where absent.
@@ -39,18 +77,28 @@ class EndpointColumns:
         return out
 
     def waiting(self) -> np.ndarray:
+        if (live := self._live) is not None:
+            return live.waiting.copy()
         return np.fromiter((ep.metrics.waiting for ep in self.endpoints), np.float64, self.size)
 
     def running(self) -> np.ndarray:
+        if (live := self._live) is not None:
+            return live.running.copy()
         return np.fromiter((ep.metrics.running for ep in self.endpoints), np.float64, self.size)
 
     def kv_usage(self) -> np.ndarray:
+        if (live := self._live) is not None:
+            return live.kv_usage.copy()
         return np.fromiter((ep.metrics.kv_usage for ep in self.endpoints), np.float64, self.size)
 
     def in_flight(self) -> np.ndarray:
+        if (live := self._live) is not None:
+            return live.in_flight.copy()
         return np.fromiter((ep.in_flight for ep in self.endpoints), np.float64, self.size)
 
     def in_flight_prefill_tokens(self) -> np.ndarray:
+        if (live := self._live) is not None:
+            return live.in_flight_prefill_tokens.copy()
         return np.fromiter((ep.in_flight_prefill_tokens for ep in self.endpoints), np.float64, self.size)
 
 

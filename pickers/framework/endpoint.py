@@ -9,7 +9,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from pickers.latency.model import EndpointLatency
 
@@ -25,6 +25,15 @@ class AttributeKey(NamedTuple):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.producer or 'any producer'})"
+
+
+class PoolColumnsLike(Protocol):
+    """What an endpoint writes its state into (pickers.framework.columns.PoolColumns)."""
+
+    in_flight: Any  # float64 arrays, one row per endpoint
+    in_flight_prefill_tokens: Any
+
+    def set_metrics(self, row: int, metrics: Metrics) -> None: ...
 
 
 _NO_ATTRIBUTES: Mapping[AttributeKey, float] = MappingProxyType({})
@@ -118,25 +127,94 @@ class Metrics:
     updated_at: float = 0.0  # time.monotonic() of the scrape; 0 = never scraped
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(slots=True, eq=False, init=False)
 class Endpoint:
-    """One serving endpoint (`ip:port`) and everything the picker knows about it."""
+    """One serving endpoint (`ip:port`) and everything the picker knows about it.
+
+    `metrics`, `in_flight` and `in_flight_prefill_tokens` are also kept in the datastore's pool
+    columns (pickers.framework.columns.PoolColumns) while the endpoint is in its pool: setting one
+    writes its column too, so a pick over the whole pool reads whole arrays instead of gathering them.
+    A Metrics object is never changed once it is set here (a new one replaces it)."""
 
     spec: EndpointSpec
-    metrics: Metrics = field(default_factory=Metrics)
-    in_flight: int = 0
-    in_flight_tokens: int = 0
-    in_flight_prefill_tokens: int = 0  # uncached prompt tokens of requests not past their first byte
+    _metrics: Metrics
+    _in_flight: int
+    in_flight_tokens: int
+    _in_flight_prefill_tokens: int  # uncached prompt tokens of requests not past their first byte
     # estimated output tokens of requests in flight (inflight-load-producer's addEstimatedOutputTokens)
-    in_flight_output_tokens: int = 0
-    scrape_error: str | None = None
-    served_models: ServedModels | None = None  # from /v1/models (models-data-source); None: not fetched
+    in_flight_output_tokens: int
+    scrape_error: str | None
+    served_models: ServedModels | None  # from /v1/models (models-data-source); None: not fetched
     # scalar attributes by (name, producer), swapped whole by the datastore; a producer's values stay
     # until it publishes new ones (as in llm-d), `attributes_updated_at[producer]` says when that was
-    attributes: Mapping[AttributeKey, float] = field(default_factory=lambda: _NO_ATTRIBUTES)
-    attributes_updated_at: Mapping[str, float] = field(default_factory=lambda: _NO_TIMES)  # producer -> time.monotonic()
+    attributes: Mapping[AttributeKey, float]
+    attributes_updated_at: Mapping[str, float]  # producer -> time.monotonic()
     # the latency model's fits for this endpoint (pickers.latency.model), fed by request control
-    latency: EndpointLatency = field(default_factory=EndpointLatency)
+    latency: EndpointLatency
+    # the pool columns this endpoint is row `_row` of (set by PoolColumns; None: in no pool's)
+    _columns: PoolColumnsLike | None
+    _row: int
+
+    def __init__(
+        self,
+        spec: EndpointSpec,
+        metrics: Metrics | None = None,
+        in_flight: int = 0,
+        in_flight_tokens: int = 0,
+        in_flight_prefill_tokens: int = 0,
+        in_flight_output_tokens: int = 0,
+        scrape_error: str | None = None,
+        served_models: ServedModels | None = None,
+        attributes: Mapping[AttributeKey, float] = _NO_ATTRIBUTES,
+        attributes_updated_at: Mapping[str, float] = _NO_TIMES,
+        latency: EndpointLatency | None = None,
+    ) -> None:
+        self.spec = spec
+        self._columns = None
+        self._row = 0
+        self._metrics = Metrics() if metrics is None else metrics
+        self._in_flight = in_flight
+        self.in_flight_tokens = in_flight_tokens
+        self._in_flight_prefill_tokens = in_flight_prefill_tokens
+        self.in_flight_output_tokens = in_flight_output_tokens
+        self.scrape_error = scrape_error
+        self.served_models = served_models
+        self.attributes = attributes
+        self.attributes_updated_at = attributes_updated_at
+        self.latency = EndpointLatency() if latency is None else latency
+
+    @property
+    def metrics(self) -> Metrics:
+        return self._metrics
+
+    @metrics.setter
+    def metrics(self, value: Metrics) -> None:
+        self._metrics = value
+        columns = self._columns
+        if columns is not None:
+            columns.set_metrics(self._row, value)
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @in_flight.setter
+    def in_flight(self, value: int) -> None:
+        self._in_flight = value
+        columns = self._columns
+        if columns is not None:
+            columns.in_flight[self._row] = value
+
+    @property
+    def in_flight_prefill_tokens(self) -> int:
+        return self._in_flight_prefill_tokens
+
+    @in_flight_prefill_tokens.setter
+    def in_flight_prefill_tokens(self, value: int) -> None:
+        self._in_flight_prefill_tokens = value
+        columns = self._columns
+        if columns is not None:
+            columns.in_flight_prefill_tokens[self._row] = value
 
     @property
     def address(self) -> str:

@@ -6,6 +6,8 @@ the batch; a full window lets requests go), and the config as llm-d's sample sha
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import asyncio
 import random
 from collections import Counter
@@ -38,7 +40,7 @@ BLOCK = 4  # tokens a block in these tests: 16 characters
 def endpoints(n: int, running: tuple[int, ...] = ()) -> list[Endpoint]:
     eps = [Endpoint(EndpointSpec(f"pod-{i}", f"10.0.0.{i}", 8000)) for i in range(n)]
     for ep, r in zip(eps, running):
-        ep.metrics.running = r
+        ep.metrics = replace(ep.metrics, running=r)  # a set Metrics is never changed in place
     return eps
 
 

@@ -5,6 +5,8 @@ the Director feeding the model from a request's life."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import json
 import random
 import time
@@ -263,7 +265,7 @@ def test_without_predictions_the_composite_fallback_scores_kv_queue_and_prefix()
     s = cfg.plugins["latency-scorer"]
     assert isinstance(s, LatencyScorer)
     a, b = ep(1, kv=0.2), ep(2, kv=0.8)
-    a.metrics.waiting, b.metrics.waiting = 0, 4
+    a.metrics, b.metrics = replace(a.metrics, waiting=0), replace(b.metrics, waiting=4)
     assert s.score(req(), CycleState(), [a, b]) == [pytest.approx(0.9), pytest.approx(0.1)]
 
 

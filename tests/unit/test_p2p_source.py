@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import random
 
 import pytest
@@ -109,7 +111,7 @@ def test_no_match_in_the_producer_sets_no_header():
 def test_equal_peers_share_pulls_by_inverse_waiting_queue():
     p = producer(held={A: 3, B: 3, C: 3})
     a, b, c = ep(A), ep(B), ep(C)
-    a.metrics.waiting, b.metrics.waiting, c.metrics.waiting = 12, 2, 7  # weights 1/13, 1/3, 1/8
+    a.metrics, b.metrics, c.metrics = (replace(e.metrics, waiting=w) for e, w in ((a, 12), (b, 2), (c, 7)))  # weights 1/13, 1/3, 1/8
     chooser = ep("10.0.0.9:8000")  # holds nothing: every pull is worth it
     rng = random.Random(7)
     picks = {A: 0, B: 0, C: 0}
