@@ -20,9 +20,10 @@ class PoolColumns:
     """The datastore's pool as live columns: one float64 row per endpoint of its candidates tuple,
     written by the endpoints themselves whenever their metrics or in-flight counts are set (see
     Endpoint), so that a pick over the whole pool copies arrays instead of gathering them (~35 µs a
-    column at 1,000 endpoints, ~1 µs as a copy)."""
+    column at 1,000 endpoints, ~1 µs as a copy); and how many of them have a scrape error, so a pick
+    over a healthy pool does not look at each (`failing_in`)."""
 
-    __slots__ = ("endpoints", "waiting", "running", "kv_usage", "in_flight", "in_flight_prefill_tokens")
+    __slots__ = ("endpoints", "waiting", "running", "kv_usage", "in_flight", "in_flight_prefill_tokens", "failing")
 
     def __init__(self, endpoints: tuple[Endpoint, ...]) -> None:
         self.endpoints = endpoints
@@ -32,6 +33,7 @@ class PoolColumns:
         self.kv_usage = np.fromiter((ep.metrics.kv_usage for ep in endpoints), np.float64, n)
         self.in_flight = np.fromiter((ep.in_flight for ep in endpoints), np.float64, n)
         self.in_flight_prefill_tokens = np.fromiter((ep.in_flight_prefill_tokens for ep in endpoints), np.float64, n)
+        self.failing = sum(ep.scrape_error is not None for ep in endpoints)  # kept by the endpoints' scrape_error
         for row, ep in enumerate(endpoints):
             ep._columns = self
             ep._row = row
@@ -46,6 +48,15 @@ class PoolColumns:
         for ep in self.endpoints:
             if ep._columns is self:
                 ep._columns = None
+
+
+def failing_in(endpoints: Sequence[Endpoint]) -> bool:
+    """Whether any of `endpoints` has a scrape error: the pool's count when they are the pool itself."""
+    if endpoints:
+        live = endpoints[0]._columns
+        if isinstance(live, PoolColumns) and live.endpoints is endpoints:
+            return live.failing > 0
+    return any(ep.scrape_error is not None for ep in endpoints)
 
 
 class EndpointColumns:

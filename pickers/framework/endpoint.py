@@ -32,6 +32,7 @@ class PoolColumnsLike(Protocol):
 
     in_flight: Any  # float64 arrays, one row per endpoint
     in_flight_prefill_tokens: Any
+    failing: int  # endpoints whose scrape_error is set
 
     def set_metrics(self, row: int, metrics: Metrics) -> None: ...
 
@@ -133,7 +134,8 @@ class Endpoint:
 
     `metrics`, `in_flight` and `in_flight_prefill_tokens` are also kept in the datastore's pool
     columns (pickers.framework.columns.PoolColumns) while the endpoint is in its pool: setting one
-    writes its column too, so a pick over the whole pool reads whole arrays instead of gathering them.
+    writes its column too, so a pick over the whole pool reads whole arrays instead of gathering them
+    (and setting `scrape_error` keeps the pool's count of failing endpoints).
     A Metrics object is never changed once it is set here (a new one replaces it)."""
 
     spec: EndpointSpec
@@ -143,7 +145,7 @@ class Endpoint:
     _in_flight_prefill_tokens: int  # uncached prompt tokens of requests not past their first byte
     # estimated output tokens of requests in flight (inflight-load-producer's addEstimatedOutputTokens)
     in_flight_output_tokens: int
-    scrape_error: str | None
+    _scrape_error: str | None
     served_models: ServedModels | None  # from /v1/models (models-data-source); None: not fetched
     # scalar attributes by (name, producer), swapped whole by the datastore; a producer's values stay
     # until it publishes new ones (as in llm-d), `attributes_updated_at[producer]` says when that was
@@ -177,7 +179,7 @@ class Endpoint:
         self.in_flight_tokens = in_flight_tokens
         self._in_flight_prefill_tokens = in_flight_prefill_tokens
         self.in_flight_output_tokens = in_flight_output_tokens
-        self.scrape_error = scrape_error
+        self._scrape_error = scrape_error
         self.served_models = served_models
         self.attributes = attributes
         self.attributes_updated_at = attributes_updated_at
@@ -193,6 +195,19 @@ class Endpoint:
         columns = self._columns
         if columns is not None:
             columns.set_metrics(self._row, value)
+
+    @property
+    def scrape_error(self) -> str | None:
+        """The last scrape's error; None once a scrape succeeds (or before any failed)."""
+        return self._scrape_error
+
+    @scrape_error.setter
+    def scrape_error(self, value: str | None) -> None:
+        was_failing = self._scrape_error is not None
+        self._scrape_error = value
+        columns = self._columns
+        if columns is not None and was_failing != (value is not None):
+            columns.failing += -1 if was_failing else 1
 
     @property
     def in_flight(self) -> int:

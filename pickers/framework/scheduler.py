@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from pickers.framework.columns import EndpointColumns
+from pickers.framework.columns import EndpointColumns, failing_in
 from pickers.framework.endpoint import Endpoint
 from pickers.framework.errors import ALL_FILTERED, NO_ENDPOINTS, RequestError
 from pickers.framework.request import InferenceRequest
@@ -250,7 +250,7 @@ class Scheduler:
     def _drop_unreachable(self, candidates: Sequence[Endpoint]) -> Sequence[Endpoint]:
         # An endpoint whose scrapes fail and whose metrics went stale is probably down: skip it
         # while any other endpoint remains, so one dead pod does not eat a share of the traffic.
-        if not any(ep.scrape_error is not None for ep in candidates):
+        if not failing_in(candidates):
             return candidates
         stale = self.metrics_stale_after
         healthy = [ep for ep in candidates if ep.scrape_error is None or ep.metrics_age() <= stale]

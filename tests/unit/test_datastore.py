@@ -52,11 +52,11 @@ def _columns(endpoints: object) -> dict[str, list[float]]:
 
 def test_the_pools_live_columns_follow_every_write_and_every_membership() -> None:
     """A pick over the whole pool copies the datastore's live columns instead of gathering them: after
-    any mix of scrapes, the request path's counts, direct writes and membership changes they hold what
-    a gather would read, and an endpoint that left writes into them no more."""
+    any mix of scrapes, scrape errors, the request path's counts, direct writes and membership changes
+    they hold what a gather would read, and the pool's count of failing endpoints is right."""
     import random
 
-    from pickers.framework.columns import EndpointColumns
+    from pickers.framework.columns import EndpointColumns, failing_in
     from pickers.framework.endpoint import Metrics
 
     rng = random.Random(3)
@@ -66,7 +66,7 @@ def test_the_pools_live_columns_follow_every_write_and_every_membership() -> Non
     for step in range(600):
         pool = ds.candidates()
         ep = pool[rng.randrange(len(pool))]
-        op = rng.randrange(7)
+        op = rng.randrange(9)
         if op == 0:
             ds.update_metrics(ep.address, Metrics(waiting=rng.randrange(50), running=rng.randrange(9), kv_usage=rng.random()))
         elif op == 1:
@@ -79,15 +79,22 @@ def test_the_pools_live_columns_follow_every_write_and_every_membership() -> Non
             ep.in_flight, ep.in_flight_prefill_tokens = rng.randrange(7), rng.randrange(3000)
         elif op == 5:
             ep.metrics = Metrics(waiting=rng.randrange(5), kv_usage=0.5)
+        elif op == 6:
+            ds.record_scrape_error(ep.address, "connection refused")
+        elif op == 7:
+            ep.scrape_error = rng.choice([None, "timed out"])
         else:  # membership: some leave, some join, the rest keep their state
             ds.set_endpoints(rng.sample(specs, rng.randrange(1, len(specs))))
         pool = ds.candidates()
         assert EndpointColumns(pool)._live is not None, step
         assert _columns(pool) == _gathered(pool), step
+        failing = sum(e.scrape_error is not None for e in pool)
+        assert (EndpointColumns(pool)._live.failing, failing_in(pool)) == (failing, failing > 0), step  # type: ignore[union-attr]
 
     pool = ds.candidates()
     subset = list(pool[:3])  # not the pool itself (a filter's or a subset hint's): gathered, as before
     assert EndpointColumns(subset)._live is None and _columns(subset) == _gathered(subset)
+    assert failing_in(subset) == any(e.scrape_error is not None for e in subset)
     ds.update_metrics(pool[0].address, Metrics(waiting=41))
     assert _columns(subset)["waiting"][0] == 41.0
 
