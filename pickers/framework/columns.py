@@ -50,12 +50,20 @@ class PoolColumns:
                 ep._columns = None
 
 
-def failing_in(endpoints: Sequence[Endpoint]) -> bool:
-    """Whether any of `endpoints` has a scrape error: the pool's count when they are the pool itself."""
+def pool_columns_of(endpoints: Sequence[Endpoint]) -> PoolColumns | None:
+    """The live columns whose pool is this very sequence (the datastore's candidates), else None."""
     if endpoints:
         live = endpoints[0]._columns
         if isinstance(live, PoolColumns) and live.endpoints is endpoints:
-            return live.failing > 0
+            return live
+    return None
+
+
+def failing_in(endpoints: Sequence[Endpoint]) -> bool:
+    """Whether any of `endpoints` has a scrape error: the pool's count when they are the pool itself."""
+    live = pool_columns_of(endpoints)
+    if live is not None:
+        return live.failing > 0
     return any(ep.scrape_error is not None for ep in endpoints)
 
 
@@ -70,11 +78,7 @@ class EndpointColumns:
         self.addresses: tuple[str, ...] = tuple(ep.spec.address for ep in endpoints)
         self.position: dict[str, int] = {a: i for i, a in enumerate(self.addresses)}
         self.size = len(self.addresses)
-        self._live: PoolColumns | None = None
-        if self.size:
-            live = endpoints[0]._columns
-            if isinstance(live, PoolColumns) and live.endpoints is endpoints:
-                self._live = live
+        self._live = pool_columns_of(endpoints)
 
     def scatter(self, values: dict[str, int] | dict[str, float], default: float = 0.0) -> np.ndarray:
         """A column from a sparse address -> value map (a prefix match): `default` where absent.
