@@ -80,6 +80,16 @@ class EndpointColumns:
         self.size = len(self.addresses)
         self._live = pool_columns_of(endpoints)
 
+    def _from_pool(self, name: str) -> np.ndarray | None:
+        """Column `name` copied from the pool's live arrays, or None where it must be gathered."""
+        live = self._live
+        if live is None:
+            return None
+        if live is not self.endpoints[0]._columns:  # the pool changed since: these columns no longer follow
+            self._live = None
+            return None
+        return getattr(live, name).copy()  # type: ignore[no-any-return]
+
     def scatter(self, values: dict[str, int] | dict[str, float], default: float = 0.0) -> np.ndarray:
         """A column from a sparse address -> value map (a prefix match): `default` where absent.
         O(entries), not O(candidates)."""
@@ -92,28 +102,28 @@ class EndpointColumns:
         return out
 
     def waiting(self) -> np.ndarray:
-        if (live := self._live) is not None:
-            return live.waiting.copy()
+        if (col := self._from_pool("waiting")) is not None:
+            return col
         return np.fromiter((ep.metrics.waiting for ep in self.endpoints), np.float64, self.size)
 
     def running(self) -> np.ndarray:
-        if (live := self._live) is not None:
-            return live.running.copy()
+        if (col := self._from_pool("running")) is not None:
+            return col
         return np.fromiter((ep.metrics.running for ep in self.endpoints), np.float64, self.size)
 
     def kv_usage(self) -> np.ndarray:
-        if (live := self._live) is not None:
-            return live.kv_usage.copy()
+        if (col := self._from_pool("kv_usage")) is not None:
+            return col
         return np.fromiter((ep.metrics.kv_usage for ep in self.endpoints), np.float64, self.size)
 
     def in_flight(self) -> np.ndarray:
-        if (live := self._live) is not None:
-            return live.in_flight.copy()
+        if (col := self._from_pool("in_flight")) is not None:
+            return col
         return np.fromiter((ep.in_flight for ep in self.endpoints), np.float64, self.size)
 
     def in_flight_prefill_tokens(self) -> np.ndarray:
-        if (live := self._live) is not None:
-            return live.in_flight_prefill_tokens.copy()
+        if (col := self._from_pool("in_flight_prefill_tokens")) is not None:
+            return col
         return np.fromiter((ep.in_flight_prefill_tokens for ep in self.endpoints), np.float64, self.size)
 
 

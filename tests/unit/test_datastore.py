@@ -4,7 +4,7 @@ listeners hear which endpoints changed (a new rank moves a KV-event subscription
 from __future__ import annotations
 
 from extproc.datalayer.datastore import Datastore
-from pickers.framework.endpoint import Endpoint, EndpointSpec
+from pickers.framework.endpoint import Endpoint, EndpointSpec, Metrics
 
 
 def test_a_new_rank_or_group_replaces_the_spec_and_keeps_the_state() -> None:
@@ -112,3 +112,22 @@ def test_an_endpoint_that_left_the_pool_no_longer_writes_its_columns() -> None:
     ds.release(ep_a, 0)  # a request that ends after its endpoint left (Director.finish does this)
     ep_a.in_flight = 5
     assert _columns(ds.candidates()) == _gathered(ds.candidates()) == _gathered([ep_b])
+
+
+def test_columns_held_across_a_membership_change_read_what_a_gather_reads() -> None:
+    """The scheduler keeps its columns per candidates sequence: columns of a pool that was (its
+    endpoints now write into the new pool's arrays) must not read the old arrays."""
+    from pickers.framework.columns import EndpointColumns
+
+    ds = Datastore()
+    specs = [EndpointSpec(f"e{i}", f"10.0.1.{i}", 8000) for i in range(6)]
+    ds.set_endpoints(specs[:4])
+    old_pool = ds.candidates()
+    held = EndpointColumns(old_pool)
+    assert held.in_flight().tolist() == [0.0] * 4
+    ds.set_endpoints(specs)  # everyone who stays writes into the new pool's columns from now on
+    ds.acquire(old_pool[1], 10, 5)
+    ds.update_metrics(old_pool[2].address, Metrics(waiting=7))
+    assert _columns(old_pool) == _gathered(old_pool)
+    assert held.in_flight().tolist() == [0.0, 1.0, 0.0, 0.0] and held.waiting().tolist() == [0.0, 0.0, 7.0, 0.0]
+    assert EndpointColumns(ds.candidates())._live is not None and _columns(ds.candidates()) == _gathered(ds.candidates())
