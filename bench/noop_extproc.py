@@ -64,15 +64,8 @@ class NoopServicer(pb_grpc.ExternalProcessorServicer):
                 if self.burn_s and msg.request_body.end_of_stream:
                     _burn(self.burn_s)
                 await write(_streamed(msg.request_body, request=True))
-            elif event == "response_headers":
-                await write(pb.ProcessingResponse(response_headers=pb.HeadersResponse()))
-            elif event == "response_body":
-                await write(_streamed(msg.response_body, request=False))
-            elif event == "request_trailers":
-                await write(pb.ProcessingResponse(request_trailers=pb.TrailersResponse()))
-            elif event == "response_trailers":
-                await write(pb.ProcessingResponse(response_trailers=pb.TrailersResponse()))
-
+            elif event in _PLAIN:
+                await write(_plain_answer(msg, event))
 
     async def _process_as_epp(self, read: object, write: object, eof: object) -> None:
         """The EPP's order of answers: nothing for the request headers, the body held until its end, then
@@ -95,14 +88,22 @@ class NoopServicer(pb_grpc.ExternalProcessorServicer):
                     length.append_action = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
                     await write(routed)  # type: ignore[operator]
                     await write(_streamed(pb.HttpBody(body=raw, end_of_stream=True), request=True))  # type: ignore[operator]
-            elif event == "response_headers":
-                await write(pb.ProcessingResponse(response_headers=pb.HeadersResponse()))  # type: ignore[operator]
-            elif event == "response_body":
-                await write(_streamed(msg.response_body, request=False))  # type: ignore[operator]
-            elif event == "request_trailers":
-                await write(pb.ProcessingResponse(request_trailers=pb.TrailersResponse()))  # type: ignore[operator]
-            elif event == "response_trailers":
-                await write(pb.ProcessingResponse(response_trailers=pb.TrailersResponse()))  # type: ignore[operator]
+            elif event in _PLAIN:  # the request headers are answered at the body's end
+                await write(_plain_answer(msg, event))  # type: ignore[operator]
+
+
+_PLAIN = frozenset({"response_headers", "response_body", "request_trailers", "response_trailers"})
+
+
+def _plain_answer(msg: pb.ProcessingRequest, event: str) -> pb.ProcessingResponse:
+    """The answer to a response-phase message or to trailers: both modes answer them alike."""
+    if event == "response_headers":
+        return pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+    if event == "response_body":
+        return _streamed(msg.response_body, request=False)
+    if event == "request_trailers":
+        return pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+    return pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
 
 
 def _burn(seconds: float) -> None:

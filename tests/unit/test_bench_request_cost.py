@@ -85,6 +85,7 @@ def test_the_no_op_server_answering_as_the_epp_writes_the_epps_answers_in_its_or
     assert plain.order[:2] == ["read request_headers", "write request_headers"]  # the plain no-op answers them at once
     routed_epp, routed = epp.answers[0], shaped.answers[0]
     assert routed.request_headers.response.clear_route_cache == routed_epp.request_headers.response.clear_route_cache
+
     def headers(answer: object) -> list[tuple[str, int]]:
         return [(o.header.key, o.append_action) for o in answer.request_headers.response.header_mutation.set_headers]  # type: ignore[attr-defined]
 
